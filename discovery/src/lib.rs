@@ -1,0 +1,7 @@
+//! fedgate-discovery owns what a gateway knows about services: the cluster sources (a
+//! directory of Kubernetes YAML, or a Kubernetes API server), the MCS export/import model and
+//! its semantics (conflicts, conditions, ClusterSetIPs, leases) and the exchange of exports
+//! with peer gateways over gRPC. It must not depend on the gateway or DNS crates: they read
+//! its immutable snapshots.
+
+pub mod model;

@@ -1,0 +1,3 @@
+fn main() {
+    println!("fedgate {}", env!("CARGO_PKG_VERSION"));
+}
