@@ -1,3 +1,4 @@
 //! fedgate, the gateway: composition root, CLI, configuration, admin HTTP and dashboard, and
 //! the data plane (front listeners, endpoint selection, health checks, the QUIC tunnel). It
 //! wires `fedgate-discovery` and `fedgate-dns` together; neither of them depends on it.
+pub mod admin;

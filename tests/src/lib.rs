@@ -1,2 +1,403 @@
-//! End-to-end test harness for fedgate: starts real gateway processes, network namespaces and
-//! real clients. The tests themselves live in `tests/tests/`.
+//! End-to-end test harness for fedgate: starts real gateway processes (the `fedgate` binary),
+//! real clients and, where a test needs them, network namespaces. The tests live in
+//! `tests/tests/`; `tests/README.md` explains the harness.
+//!
+//! Every wait is bounded (`eventually`), no test uses a fixed port on a shared address: each
+//! test takes its own `127.X.Y.0/24` block ([`AddrBlock`]) and gateways in it may then use the
+//! well-known ports.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Path of the `fedgate` binary under test: `$FEDGATE_BIN`, else the one built next to this
+/// test executable (`cargo build -p fedgate` runs before the suite; see scripts/test.sh).
+pub fn fedgate_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FEDGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test-exe> -> target/<profile>/fedgate
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile> directory");
+    let bin = dir.join("fedgate");
+    assert!(
+        bin.exists(),
+        "fedgate binary not found at {} — run `cargo build -p fedgate` first or set FEDGATE_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `fedgate` with arguments and returns (exit code, stdout, stderr).
+pub fn fedgate(args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new(fedgate_bin())
+        .args(args)
+        .output()
+        .with_context(|| format!("running fedgate {args:?}"))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// A private block of loopback addresses for one test: `127.<a>.<b>.1..=254`.
+#[derive(Clone, Copy, Debug)]
+pub struct AddrBlock {
+    a: u8,
+    b: u8,
+}
+
+impl AddrBlock {
+    /// A block no other test of this process uses, and unlikely to be used by another
+    /// process (derived from the pid).
+    pub fn unique() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        // 127.0.0.0/16 is left alone (127.0.0.1 is busy on most machines).
+        let a = 1 + (pid % 200) as u8;
+        let b = ((pid / 200 + n * 7) % 250) as u8;
+        Self { a, b }
+    }
+
+    pub fn ip(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(127, self.a, self.b, host)
+    }
+
+    pub fn addr(&self, host: u8, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip(host).into(), port)
+    }
+}
+
+/// Waits until `f` returns `Ok(Some(v))`, retrying every 50 ms for at most `timeout`.
+/// The last error is reported when time runs out.
+pub fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let start = Instant::now();
+    let mut last = String::from("condition never held");
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A minimal HTTP/1.0 GET; returns (status, body). Good enough for the admin endpoints.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.get(9..12).and_then(|c| c.parse().ok()).context("malformed HTTP response")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// GET a JSON debug view.
+pub fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
+    let (code, body) = http_get(addr, path)?;
+    if code != 200 {
+        bail!("GET {path} on {addr}: HTTP {code}: {body}");
+    }
+    serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
+}
+
+/// A development PKI made with `fedgate certs`.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// Creates a CA for `clusterset` in `dir/<name>`.
+    pub fn new(dir: &Path, name: &str, clusterset: &str) -> Result<Self> {
+        let dir = dir.join(name);
+        let (code, out, err) =
+            fedgate(&["certs", "ca", "--clusterset", clusterset, "--out", path_str(&dir)?])?;
+        if code != 0 {
+            bail!("fedgate certs ca failed ({code}): {out}{err}");
+        }
+        Ok(Self { dir })
+    }
+
+    /// Issues a gateway certificate for `cluster`; returns (cert, key, ca) paths.
+    pub fn issue(&self, cluster: &str, out: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+        self.issue_with(cluster, &[], out)
+    }
+
+    /// Like `issue`, with extra `fedgate certs issue` arguments (e.g. `--clusterset`).
+    pub fn issue_with(
+        &self,
+        cluster: &str,
+        extra: &[&str],
+        out: &Path,
+    ) -> Result<(PathBuf, PathBuf, PathBuf)> {
+        let mut args = vec!["certs", "issue", "--ca", path_str(&self.dir)?, "--cluster", cluster];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", path_str(out)?]);
+        let (code, o, e) = fedgate(&args)?;
+        if code != 0 {
+            bail!("fedgate certs issue failed ({code}): {o}{e}");
+        }
+        Ok((
+            out.join(format!("{cluster}.crt")),
+            out.join(format!("{cluster}.key")),
+            out.join("ca.crt"),
+        ))
+    }
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}
+
+/// What a gateway in a test needs to know about itself.
+#[derive(Clone, Debug)]
+pub struct GatewaySpec {
+    pub id: String,
+    pub clusterset: String,
+    pub region: String,
+    pub zone: String,
+    pub tunnel: SocketAddr,
+    pub admin: SocketAddr,
+    pub dns: SocketAddr,
+    pub vip_range: String,
+    /// (peer id, peer tunnel address)
+    pub peers: Vec<(String, SocketAddr)>,
+    pub lease: String,
+    /// Extra YAML appended under the top level (e.g. a `traffic:` block).
+    pub extra: String,
+}
+
+/// A running `fedgate run` process with its own directory (config, certs, cluster files).
+pub struct Gateway {
+    pub spec: GatewaySpec,
+    pub dir: PathBuf,
+    pub cluster_dir: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Gateway {
+    /// Writes the config for `spec` under `root/<id>` with certificates `(cert, key, ca)`.
+    pub fn prepare(
+        root: &Path,
+        spec: GatewaySpec,
+        tls: (PathBuf, PathBuf, PathBuf),
+    ) -> Result<Self> {
+        let dir = root.join(&spec.id);
+        let cluster_dir = dir.join("cluster");
+        std::fs::create_dir_all(&cluster_dir)?;
+        let peers: String = spec
+            .peers
+            .iter()
+            .map(|(id, addr)| format!("  - {{ id: {id}, address: \"{addr}\" }}\n"))
+            .collect();
+        let config = format!(
+            "cluster:\n  id: {id}\n  clusterset: {cs}\n  locality: {{ region: {region}, zone: {zone} }}\n\
+             discovery:\n  source: file\n  file: {{ dir: {cdir} }}\n  peerLeaseDuration: {lease}\n\
+             peers:\n{peers}\
+             tls: {{ cert: {cert}, key: {key}, ca: {ca} }}\n\
+             tunnel: {{ listen: \"{tunnel}\" }}\n\
+             dns: {{ listen: \"{dns}\", upstream: [system], ttl: 5s }}\n\
+             front: {{ mode: vip, clusterSetIPRange: {range}, stateDir: {state} }}\n\
+             admin: {{ listen: \"{admin}\" }}\n{extra}",
+            id = spec.id,
+            cs = spec.clusterset,
+            region = spec.region,
+            zone = spec.zone,
+            cdir = cluster_dir.display(),
+            lease = spec.lease,
+            cert = tls.0.display(),
+            key = tls.1.display(),
+            ca = tls.2.display(),
+            tunnel = spec.tunnel,
+            dns = spec.dns,
+            range = spec.vip_range,
+            state = dir.join("state").display(),
+            admin = spec.admin,
+            extra = spec.extra,
+        );
+        if spec.peers.is_empty() {
+            // `peers:` with no items is null in YAML; say it explicitly.
+            std::fs::write(dir.join("gateway.yaml"), config.replace("peers:\n", "peers: []\n"))?;
+        } else {
+            std::fs::write(dir.join("gateway.yaml"), config)?;
+        }
+        let log = dir.join("gateway.log");
+        Ok(Self { spec, dir, cluster_dir, child: None, log })
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("gateway.yaml")
+    }
+
+    /// Starts the process and waits until `/healthz` answers.
+    pub fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(fedgate_bin())
+            .args(["--log-level", "debug", "run", "--config"])
+            .arg(self.config_path())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawning fedgate run")?;
+        self.child = Some(child);
+        let admin = self.spec.admin;
+        let res = eventually("gateway /healthz", Duration::from_secs(20), || {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("gateway exited early with {status}");
+            }
+            Ok(http_get(admin, "/healthz").ok().filter(|(c, _)| *c == 200).map(|_| ()))
+        });
+        if let Err(e) = res {
+            bail!("{e:#}\n--- {} log ---\n{}", self.spec.id, self.log_text());
+        }
+        Ok(())
+    }
+
+    /// Sends SIGKILL (a crash, no drain) and reaps the process.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`) with `kill(1)`.
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let pid = self.child.as_ref().context("gateway not running")?.id();
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?;
+        if !st.success() {
+            bail!("kill -{sig} {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit by itself, for at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("gateway not running")?;
+        let status = eventually("gateway to exit", timeout, || Ok(child.try_wait()?))?;
+        self.child = None;
+        Ok(status)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Writes a file into this gateway's cluster directory (atomically: tmp + rename).
+    pub fn write_cluster_file(&self, name: &str, yaml: &str) -> Result<()> {
+        let tmp = self.cluster_dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.cluster_dir.join(name))?;
+        Ok(())
+    }
+
+    pub fn remove_cluster_file(&self, name: &str) -> Result<()> {
+        std::fs::remove_file(self.cluster_dir.join(name))?;
+        Ok(())
+    }
+
+    pub fn json(&self, path: &str) -> Result<serde_json::Value> {
+        get_json(self.spec.admin, path)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- log of gateway {} ---\n{}", self.spec.id, self.log_text());
+        }
+    }
+}
+
+/// Kubernetes YAML for a Service with ports `(name, port, targetPort)`, its EndpointSlice
+/// with `endpoints` (ip, ready) and, if `export`, a ServiceExport created at `created`.
+pub fn service_yaml(
+    ns: &str,
+    name: &str,
+    headless: bool,
+    ports: &[(&str, u16, u16)],
+    endpoints: &[(&str, bool)],
+    export_created: Option<&str>,
+) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: {ns} }}\nspec:\n"
+    );
+    if headless {
+        y.push_str("  clusterIP: None\n");
+    }
+    y.push_str("  ports:\n");
+    for (pname, port, target) in ports {
+        y.push_str(&format!(
+            "  - {{ name: {pname}, port: {port}, targetPort: {target}, protocol: TCP }}\n"
+        ));
+    }
+    y.push_str(&format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: {ns}\n  labels: {{ kubernetes.io/service-name: {name} }}\naddressType: IPv4\nports:\n"
+    ));
+    for (pname, _, target) in ports {
+        y.push_str(&format!("- {{ name: {pname}, port: {target}, protocol: TCP }}\n"));
+    }
+    y.push_str("endpoints:\n");
+    for (ip, ready) in endpoints {
+        y.push_str(&format!("- addresses: [\"{ip}\"]\n  conditions: {{ ready: {ready} }}\n"));
+    }
+    if let Some(created) = export_created {
+        y.push_str(&format!(
+            "---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata:\n  name: {name}\n  namespace: {ns}\n  creationTimestamp: \"{created}\"\n"
+        ));
+    }
+    y
+}
+
+/// Finds one service by namespace/name in a `/debug/imports` answer.
+pub fn find_import<'a>(
+    imports: &'a serde_json::Value,
+    ns: &str,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    imports.as_array()?.iter().find(|s| s["namespace"] == ns && s["name"] == name)
+}
+
+/// Cluster ids that contribute to an import in a `/debug/imports` answer.
+pub fn import_clusters(import: &serde_json::Value) -> Vec<String> {
+    import["clusters"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+}
+
+/// The conditions of a local export in a `/debug/exports` answer, by type.
+pub fn export_conditions(
+    exports: &serde_json::Value,
+    ns: &str,
+    name: &str,
+) -> Option<BTreeMap<String, serde_json::Value>> {
+    let e = exports.as_array()?.iter().find(|s| s["namespace"] == ns && s["name"] == name)?;
+    Some(
+        e["conditions"]
+            .as_array()?
+            .iter()
+            .filter_map(|c| Some((c["type"].as_str()?.to_owned(), c.clone())))
+            .collect(),
+    )
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine (idempotent, quick when warm).
+# Real clients and servers: dig (bind9-dnsutils), curl, iperf3, unbound, ip (iproute2), python3.
+set -euo pipefail
+
+packages=(bind9-dnsutils curl iperf3 iproute2 unbound python3 procps)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-test-deps: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "install-test-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The test suite starts its own unbound on loopback when it needs one; the packaged
+  # service must not hold port 53.
+  if command -v systemctl >/dev/null 2>&1; then systemctl disable --now unbound >/dev/null 2>&1 || true; fi
+fi
+echo "install-test-deps: ok (${packages[*]})"

@@ -1,0 +1,317 @@
+//! Three real gateway processes on loopback, file sources, generated certificates: exports
+//! propagate, conflicts are reported on every exporter, leases withdraw a dead peer's exports,
+//! and peers with the wrong certificate are refused.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use fedgate_e2e::*;
+
+const CLUSTERSET: &str = "e2e";
+const PROPAGATION: Duration = Duration::from_secs(2);
+
+struct Federation {
+    gateways: Vec<Gateway>,
+    _tmp: tempfile::TempDir,
+}
+
+/// Builds gateways `ids` in one address block, fully meshed, with certificates from one CA.
+fn federation(ids: &[&str], lease: &str) -> Result<Federation> {
+    let tmp = tempfile::tempdir()?;
+    let block = AddrBlock::unique();
+    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
+    let mut gateways = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let spec = spec_for(block, ids, i, lease);
+        let certs = tmp.path().join(format!("certs-{id}"));
+        let tls = pki.issue(id, &certs)?;
+        gateways.push(Gateway::prepare(tmp.path(), spec, tls)?);
+    }
+    for g in &mut gateways {
+        g.start()?;
+    }
+    Ok(Federation { gateways, _tmp: tmp })
+}
+
+fn spec_for(block: AddrBlock, ids: &[&str], i: usize, lease: &str) -> GatewaySpec {
+    let host = |i: usize| 10 + i as u8;
+    GatewaySpec {
+        id: ids[i].to_owned(),
+        clusterset: CLUSTERSET.to_owned(),
+        region: format!("region-{}", ids[i]),
+        zone: format!("zone-{}", ids[i]),
+        tunnel: block.addr(host(i), 15443),
+        admin: block.addr(host(i), 15000),
+        dns: block.addr(host(i), 10053),
+        // Each gateway allocates ClusterSetIPs from its own /24 of the block's neighbour range.
+        vip_range: format!("127.{}.{}.0/24", block.ip(1).octets()[1], 200 + i as u8),
+        peers: ids
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(j, id)| ((*id).to_owned(), block.addr(host(j), 15443)))
+            .collect(),
+        lease: lease.to_owned(),
+        extra: String::new(),
+    }
+}
+
+fn wait_import(g: &Gateway, ns: &str, name: &str, clusters: &[&str]) -> Result<serde_json::Value> {
+    let want: Vec<String> = clusters.iter().map(|s| s.to_string()).collect();
+    eventually(
+        &format!("{} to import {ns}/{name} from {clusters:?}", g.spec.id),
+        PROPAGATION,
+        || {
+            let imports = g.json("/debug/imports")?;
+            Ok(find_import(&imports, ns, name).filter(|i| import_clusters(i) == want).cloned())
+        },
+    )
+}
+
+fn wait_no_import(g: &Gateway, ns: &str, name: &str, timeout: Duration) -> Result<()> {
+    eventually(&format!("{} to drop {ns}/{name}", g.spec.id), timeout, || {
+        let imports = g.json("/debug/imports")?;
+        Ok(find_import(&imports, ns, name).is_none().then_some(()))
+    })
+}
+
+#[test]
+fn export_propagates_to_every_peer_and_is_withdrawn() -> Result<()> {
+    let fed = federation(&["alpha", "bravo", "charlie"], "15s")?;
+    let [a, b, c] = &fed.gateways[..] else { unreachable!() };
+    let yaml = service_yaml(
+        "shop",
+        "cart",
+        false,
+        &[("http", 80, 8080)],
+        &[("10.1.0.5", true), ("10.1.0.6", false)],
+        Some("2026-01-01T00:00:00Z"),
+    );
+    let t0 = Instant::now();
+    a.write_cluster_file("cart.yaml", &yaml)?;
+    for g in [b, c] {
+        let import = wait_import(g, "shop", "cart", &["alpha"])?;
+        assert_eq!(import["type"], "ClusterSetIP");
+        assert_eq!(import["ports"][0]["port"], 80);
+        assert_eq!(import["ips"].as_array().map(Vec::len), Some(1), "one ClusterSetIP: {import}");
+        let eps = import["clusters"]["alpha"]["endpoints"].as_array().context("endpoints")?;
+        assert_eq!(eps.len(), 2, "both endpoints travel, with readiness: {import}");
+        assert!(eps.iter().any(|e| e["address"] == "10.1.0.6" && e["ready"] == false));
+    }
+    eprintln!("export visible on both peers after {:?}", t0.elapsed());
+
+    // The exporter's own status says Valid and Exported, without conflict.
+    let conds = eventually("alpha's export status", PROPAGATION, || {
+        Ok(export_conditions(&a.json("/debug/exports")?, "shop", "cart")
+            .filter(|c| c.get("Ready").is_some_and(|r| r["status"] == "True")))
+    })?;
+    assert_eq!(conds["Valid"]["status"], "True");
+    assert_eq!(conds["Conflict"]["status"], "False");
+    assert_eq!(conds["Conflict"]["reason"], "NoConflicts");
+
+    // Removing the export (the Service stays) withdraws it everywhere.
+    let only_service = yaml.split("---\napiVersion: multicluster").next().unwrap().to_owned();
+    a.write_cluster_file("cart.yaml", &only_service)?;
+    for g in [a, b, c] {
+        wait_no_import(g, "shop", "cart", PROPAGATION)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn conflicting_exports_are_reported_on_every_exporter() -> Result<()> {
+    let fed = federation(&["alpha", "bravo", "charlie"], "15s")?;
+    let [a, b, c] = &fed.gateways[..] else { unreachable!() };
+    // alpha is oldest: ClusterSetIP with port http/80. bravo agrees. charlie is headless and
+    // uses port 80 under another name plus a port of its own.
+    let oldest = "2026-01-01T00:00:00Z";
+    a.write_cluster_file(
+        "db.yaml",
+        &service_yaml(
+            "data",
+            "db",
+            false,
+            &[("http", 80, 8080)],
+            &[("10.1.0.5", true)],
+            Some(oldest),
+        ),
+    )?;
+    b.write_cluster_file(
+        "db.yaml",
+        &service_yaml(
+            "data",
+            "db",
+            false,
+            &[("http", 80, 8080)],
+            &[("10.2.0.5", true)],
+            Some("2026-02-01T00:00:00Z"),
+        ),
+    )?;
+    c.write_cluster_file(
+        "db.yaml",
+        &service_yaml(
+            "data",
+            "db",
+            true,
+            &[("web", 80, 8080), ("admin", 9000, 9000)],
+            &[("10.3.0.5", true)],
+            Some("2026-03-01T00:00:00Z"),
+        ),
+    )?;
+    for g in [a, b, c] {
+        let import = wait_import(g, "data", "db", &["alpha", "bravo", "charlie"])?;
+        assert_eq!(import["type"], "ClusterSetIP", "oldest export's type wins on {}", g.spec.id);
+        assert_eq!(import["winner"], "alpha");
+        let conds = eventually("conflict condition", PROPAGATION, || {
+            let Some(conds) = export_conditions(&g.json("/debug/exports")?, "data", "db") else {
+                return Ok(None);
+            };
+            Ok(conds.get("Conflict").filter(|c| c["status"] == "True").map(|_| conds.clone()))
+        })?;
+        let conflict = &conds["Conflict"];
+        let reason = conflict["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("TypeConflict"), "{}: {conflict}", g.spec.id);
+        assert!(reason.contains("PortConflict"), "{}: {conflict}", g.spec.id);
+        let message = conflict["message"].as_str().unwrap_or_default();
+        assert!(message.contains("\"alpha\""), "message names the winner: {message}");
+        // The admin port exists only in charlie: traffic on it goes only there.
+        let admin_port = import["ports"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["port"] == 9000))
+            .with_context(|| format!("port 9000 in the union: {import}"))?;
+        assert_eq!(admin_port["clusters"], serde_json::json!(["charlie"]));
+    }
+    Ok(())
+}
+
+#[test]
+fn dead_peer_is_withdrawn_after_its_lease_and_restored_on_restart() -> Result<()> {
+    let mut fed = federation(&["alpha", "bravo", "charlie"], "2s")?;
+    let svc = |ip| {
+        service_yaml(
+            "web",
+            "front",
+            false,
+            &[("http", 80, 80)],
+            &[(ip, true)],
+            Some("2026-01-01T00:00:00Z"),
+        )
+    };
+    fed.gateways[0].write_cluster_file("front.yaml", &svc("10.1.0.9"))?;
+    fed.gateways[2].write_cluster_file("front.yaml", &svc("10.3.0.9"))?;
+    wait_import(&fed.gateways[1], "web", "front", &["alpha", "charlie"])?;
+
+    let killed = Instant::now();
+    fed.gateways[2].kill();
+    // Lease 2 s: withdrawn after it, but not long after.
+    wait_import(&fed.gateways[1], "web", "front", &["alpha"]).or_else(|_| {
+        eventually("withdrawal after the lease", Duration::from_secs(6), || {
+            let imports = fed.gateways[1].json("/debug/imports")?;
+            Ok(find_import(&imports, "web", "front")
+                .filter(|i| import_clusters(i) == ["alpha"])
+                .cloned())
+        })
+    })?;
+    eprintln!("charlie's export withdrawn {:?} after kill (lease 2s)", killed.elapsed());
+
+    fed.gateways[2].start()?;
+    wait_import(&fed.gateways[1], "web", "front", &["alpha", "charlie"]).or_else(|_| {
+        eventually("restore after reconnect", Duration::from_secs(10), || {
+            let imports = fed.gateways[1].json("/debug/imports")?;
+            Ok(find_import(&imports, "web", "front")
+                .filter(|i| import_clusters(i) == ["alpha", "charlie"])
+                .cloned())
+        })
+    })?;
+    Ok(())
+}
+
+/// A gateway at bravo's address that calls itself `bad_id` in `bad_clusterset` and presents
+/// `tls` is refused by alpha, and its exports never show up there.
+struct Impostor<'a> {
+    id: &'a str,
+    clusterset: &'a str,
+    tls: (PathBuf, PathBuf, PathBuf),
+}
+
+fn assert_refused(tmp: &Path, good: &Pki, bad: Impostor<'_>, why: &str) -> Result<()> {
+    let block = AddrBlock::unique();
+    let dir = tmp.join(why);
+    let alpha_spec = spec_for(block, &["alpha", "bravo"], 0, "15s");
+    let mut alpha = Gateway::prepare(&dir, alpha_spec, good.issue("alpha", &dir.join("a-certs"))?)?;
+    let mut bad_spec = spec_for(block, &["alpha", bad.id], 1, "15s");
+    bad_spec.clusterset = bad.clusterset.to_owned();
+    let mut impostor = Gateway::prepare(&dir, bad_spec, bad.tls)?;
+    impostor.write_cluster_file(
+        "x.yaml",
+        &service_yaml(
+            "ns",
+            "x",
+            false,
+            &[("p", 1, 1)],
+            &[("10.9.9.9", true)],
+            Some("2026-01-01T00:00:00Z"),
+        ),
+    )?;
+    alpha.start()?;
+    impostor.start()?;
+    // alpha keeps bravo disconnected and says why.
+    let peer = eventually(
+        &format!("alpha to reject the impostor ({why})"),
+        Duration::from_secs(10),
+        || {
+            let peers = alpha.json("/debug/peers")?;
+            let p = peers
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["cluster"] == "bravo"))
+                .cloned()
+                .context("bravo in /debug/peers")?;
+            Ok((p["connected"] == false && !p["last_error"].is_null()).then_some(p))
+        },
+    )?;
+    eprintln!("{why}: alpha says {}", peer["last_error"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let imports = alpha.json("/debug/imports")?;
+    assert!(
+        find_import(&imports, "ns", "x").is_none(),
+        "{why}: refused peer's export leaked: {imports}"
+    );
+    Ok(())
+}
+
+#[test]
+fn peers_with_wrong_certificates_are_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let good = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
+
+    // 1. The right name, from a CA alpha does not trust (a gateway of another PKI).
+    let other_ca = Pki::new(tmp.path(), "other-ca", CLUSTERSET)?;
+    let tls = other_ca.issue("bravo", &tmp.path().join("b1"))?;
+    assert_refused(
+        tmp.path(),
+        &good,
+        Impostor { id: "bravo", clusterset: CLUSTERSET, tls },
+        "foreign-ca",
+    )?;
+
+    // 2. Trusted CA, but the certificate names another clusterset.
+    let tls = good.issue_with("bravo", &["--clusterset", "elsewhere"], &tmp.path().join("b2"))?;
+    assert_refused(
+        tmp.path(),
+        &good,
+        Impostor { id: "bravo", clusterset: "elsewhere", tls },
+        "other-clusterset",
+    )?;
+
+    // 3. A valid certificate of this clusterset, but for another cluster than alpha expects
+    //    at that address.
+    let tls = good.issue("mallory", &tmp.path().join("b3"))?;
+    assert_refused(
+        tmp.path(),
+        &good,
+        Impostor { id: "mallory", clusterset: CLUSTERSET, tls },
+        "wrong-cluster-id",
+    )?;
+    Ok(())
+}
