@@ -4,4 +4,6 @@
 //! with peer gateways over gRPC. It must not depend on the gateway or DNS crates: they read
 //! its immutable snapshots.
 
+pub mod alloc;
+pub mod mcs;
 pub mod model;
