@@ -1,0 +1,299 @@
+//! Connection-level failover: a client connection tries the planned candidates in order —
+//! same tier first, then the next — within one connect budget, so a client never sees a
+//! failed connection while a healthy endpoint exists.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedgate_discovery::model::{ClusterId, Protocol};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::codec::{Status, StreamRequest};
+use super::listeners::Route;
+use super::metrics::{self, ConnectionGuard};
+use super::proxy::{self, BoxRecv, BoxSend, RESET_CODE_REFUSED};
+use super::{CANDIDATES_PER_TIER, Outstanding, Shared, Tunnel, select};
+
+/// Why a client connection could not be connected anywhere.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("service {0} is not imported (any more)")]
+    UnknownService(String),
+    #[error("no healthy endpoint for {0}")]
+    NoHealthyEndpoint(String),
+    #[error("all {attempts} connect attempts for {service} failed; last: {last}")]
+    AllFailed { service: String, attempts: usize, last: String },
+    #[error("connect budget for {service} spent after {attempts} attempts")]
+    BudgetSpent { service: String, attempts: usize },
+}
+
+impl ConnectError {
+    /// Bounded label for `fedgate_connections_total{result}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnectError::UnknownService(_) => "unknown_service",
+            ConnectError::NoHealthyEndpoint(_) => "no_healthy_endpoint",
+            ConnectError::AllFailed { .. } | ConnectError::BudgetSpent { .. } => "connect_failed",
+        }
+    }
+}
+
+/// Why one attempt failed, and whom to blame.
+#[derive(Debug)]
+pub(crate) enum AttemptError {
+    /// The endpoint refused or did not answer: counts towards its ejection.
+    Endpoint(String),
+    /// The cluster cannot serve now (tunnel down, draining, does not know the service):
+    /// skip its other endpoints for this connection, do not blame the endpoint.
+    Cluster(String),
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Endpoint(e) | AttemptError::Cluster(e) => f.write_str(e),
+        }
+    }
+}
+
+pub(crate) enum Upstream {
+    Tcp(TcpStream),
+    Tunnel(BoxSend, BoxRecv),
+}
+
+pub(crate) struct Connected {
+    pub upstream: Upstream,
+    pub cluster: ClusterId,
+    pub address: IpAddr,
+    pub best_tier: usize,
+    pub tier: usize,
+    pub attempt: usize,
+    pub _outstanding: Outstanding,
+}
+
+/// TCP connect with a timeout; refusals and timeouts blame the endpoint.
+pub(crate) async fn connect_tcp(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, AttemptError> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(AttemptError::Endpoint(format!("connect {addr}: {e}"))),
+        Err(_) => {
+            Err(AttemptError::Endpoint(format!("connect {addr}: timed out after {timeout:?}")))
+        }
+    }
+}
+
+/// Opens a tunnel stream to `cluster`, sends the request and waits for the status.
+pub(crate) async fn open_remote(
+    tunnel: &dyn Tunnel,
+    cluster: &ClusterId,
+    request: &StreamRequest,
+) -> Result<(BoxSend, BoxRecv), AttemptError> {
+    let header = request
+        .encode()
+        .map_err(|e| AttemptError::Cluster(format!("encoding tunnel request: {e}")))?;
+    let (mut send, mut recv) = tunnel
+        .open(cluster)
+        .await
+        .map_err(|e| AttemptError::Cluster(format!("opening tunnel stream to {cluster}: {e}")))?;
+    let exchange = async {
+        send.write_all(&header).await?;
+        send.flush().await?;
+        recv.read_u8().await
+    };
+    let refuse = |send: &mut BoxSend, recv: &mut BoxRecv| {
+        send.reset(RESET_CODE_REFUSED);
+        recv.stop(RESET_CODE_REFUSED);
+    };
+    match exchange.await {
+        Ok(b) => match Status::from_byte(b) {
+            Some(Status::Ok) => Ok((send, recv)),
+            Some(status) => {
+                refuse(&mut send, &mut recv);
+                let msg = format!("{cluster} answered {}", status.as_str());
+                match status {
+                    // The one endpoint we asked for failed there: blame it.
+                    Status::NoHealthyEndpoint if request.target.is_some() => {
+                        Err(AttemptError::Endpoint(msg))
+                    }
+                    _ => Err(AttemptError::Cluster(msg)),
+                }
+            }
+            None => {
+                refuse(&mut send, &mut recv);
+                Err(AttemptError::Cluster(format!("{cluster} answered unknown status {b:#04x}")))
+            }
+        },
+        Err(e) => {
+            refuse(&mut send, &mut recv);
+            Err(AttemptError::Cluster(format!("tunnel stream to {cluster}: {e}")))
+        }
+    }
+}
+
+/// Picks and connects an upstream for one client connection on `route`.
+pub(crate) async fn connect(
+    shared: &Arc<Shared>,
+    route: &Route,
+) -> Result<Connected, ConnectError> {
+    let service_name = route.key().to_string();
+    let snapshot = shared.snapshot.borrow().clone();
+    let Some(service) = snapshot.services.get(route.key()) else {
+        return Err(ConnectError::UnknownService(service_name));
+    };
+    let unreachable = shared.unreachable(&snapshot);
+    let only = match route {
+        Route::Endpoint { cluster, endpoint, .. } => Some((cluster, *endpoint)),
+        Route::Service { .. } => None,
+    };
+    let views = shared.rank(&snapshot, service, route.port(), &unreachable, only);
+    let order = select::plan(&views, CANDIDATES_PER_TIER, &mut rand::rng());
+    // The tier traffic would use if everything were healthy: the failover baseline.
+    let best_tier = views
+        .iter()
+        .filter(|v| {
+            !v.skipped.iter().any(|s| {
+                matches!(
+                    s,
+                    select::SkipReason::PortNotExposed
+                        | select::SkipReason::NoMatchingPort
+                        | select::SkipReason::NotTarget
+                )
+            })
+        })
+        .map(|v| v.tier)
+        .min();
+    let Some(best_tier) = best_tier.filter(|_| !order.is_empty()) else {
+        return Err(ConnectError::NoHealthyEndpoint(service_name));
+    };
+    let deadline = Instant::now() + shared.settings.connect_budget;
+    let mut skip: BTreeSet<ClusterId> = BTreeSet::new();
+    let mut attempts = 0;
+    let mut last = String::new();
+    for idx in order {
+        let v = &views[idx];
+        if skip.contains(&v.cluster) {
+            continue;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(ConnectError::BudgetSpent { service: service_name, attempts });
+        }
+        let timeout = (deadline - now).min(shared.settings.attempt_timeout);
+        attempts += 1;
+        let outstanding = shared.track(&v.cluster, v.address);
+        let result = if v.cluster == shared.settings.cluster {
+            match v.port {
+                Some(port) => {
+                    connect_tcp(SocketAddr::new(v.address, port), timeout).await.map(Upstream::Tcp)
+                }
+                None => Err(AttemptError::Endpoint("no endpoint port".to_owned())),
+            }
+        } else if let Some(tunnel) = &shared.tunnel {
+            let request = StreamRequest {
+                service: route.key().clone(),
+                port: route.port().port,
+                protocol: Protocol::Tcp,
+                target: Some(v.address),
+                source_cluster: Some(shared.settings.cluster.clone()),
+                trace_id: None,
+            };
+            match tokio::time::timeout(timeout, open_remote(tunnel.as_ref(), &v.cluster, &request))
+                .await
+            {
+                Ok(r) => r.map(|(s, r)| Upstream::Tunnel(s, r)),
+                Err(_) => Err(AttemptError::Endpoint(format!(
+                    "tunnel stream to {} timed out after {timeout:?}",
+                    v.cluster
+                ))),
+            }
+        } else {
+            Err(AttemptError::Cluster("no tunnel configured for remote endpoints".to_owned()))
+        };
+        match result {
+            Ok(upstream) => {
+                shared.record_success(&v.cluster, v.address);
+                return Ok(Connected {
+                    upstream,
+                    cluster: v.cluster.clone(),
+                    address: v.address,
+                    best_tier,
+                    tier: v.tier,
+                    attempt: attempts - 1,
+                    _outstanding: outstanding,
+                });
+            }
+            Err(AttemptError::Endpoint(e)) => {
+                tracing::debug!(cluster = %v.cluster, endpoint = %v.address, error = %e, "connect attempt failed; trying next candidate");
+                shared.record_failure(&v.cluster, v.address);
+                last = e;
+            }
+            Err(AttemptError::Cluster(e)) => {
+                tracing::debug!(cluster = %v.cluster, error = %e, "cluster cannot serve; skipping its endpoints");
+                skip.insert(v.cluster.clone());
+                last = e;
+            }
+        }
+    }
+    Err(ConnectError::AllFailed { service: service_name, attempts, last })
+}
+
+/// Serves one accepted client connection to completion.
+pub(crate) async fn serve_client(
+    shared: Arc<Shared>,
+    route: Arc<Route>,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
+    let span = tracing::debug_span!("conn", service = %route.key(), port = route.port().port, client = %peer);
+    async move {
+        let _active = shared.drain.active.enter();
+        let mut guard = ConnectionGuard::new(route.key().to_string());
+        let started = Instant::now();
+        match connect(&shared, &route).await {
+            Ok(c) => {
+                guard.set_target(c.cluster.as_str());
+                metrics::record_connect_duration(c.cluster.as_str(), started.elapsed());
+                if c.tier != c.best_tier || c.attempt > 0 {
+                    metrics::record_failover(&route.key().to_string(), c.best_tier, c.tier);
+                }
+                tracing::debug!(cluster = %c.cluster, endpoint = %c.address, tier = c.tier, attempt = c.attempt, "connected");
+                let bytes = guard.bytes.clone();
+                let r = match c.upstream {
+                    Upstream::Tcp(up) => proxy::splice_tcp(client, up, &bytes).await,
+                    Upstream::Tunnel(send, recv) => {
+                        proxy::splice_tunnel(client, send, recv, &bytes, true).await
+                    }
+                };
+                match r {
+                    Ok(()) => {
+                        guard.set_result("ok");
+                        tracing::debug!("closed");
+                    }
+                    Err(e) => {
+                        guard.set_result("reset");
+                        tracing::debug!(error = %e, "closed by reset or error");
+                    }
+                }
+            }
+            Err(e) => {
+                guard.set_result(e.reason());
+                tracing::warn!(error = %e, "client connection refused");
+                // A reset tells the client at once instead of an empty stream.
+                let _ = client.set_zero_linger();
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}

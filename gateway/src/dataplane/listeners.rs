@@ -1,0 +1,330 @@
+//! ClusterSetIP and endpoint-VIP listeners (front mode `vip`), added and removed as the import
+//! snapshot changes.
+//!
+//! Sockets are bound with `IP_FREEBIND`, so an address of a range that is local
+//! (127.0.0.0/8) or routed to `lo` (`ip route add local 242.1.0.0/16 dev lo`) binds before
+//! any interface carries it. Services are diffed by `Arc::ptr_eq`: an unchanged service costs
+//! one pointer comparison per snapshot.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use fedgate_discovery::model::{
+    ClusterId, EndpointVip, ImportSnapshot, ImportedService, Protocol, ServiceKey, ServicePort,
+    ServiceType,
+};
+use socket2::{Domain, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use super::{DataPlaneError, Shared, connect, metrics};
+
+/// How often binds that failed are retried.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
+const BACKLOG: i32 = 1024;
+
+/// Where connections accepted on one address go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// A ClusterSetIP service port: the best healthy endpoint in the clusterset.
+    Service { key: ServiceKey, port: ServicePort },
+    /// A headless service's remote endpoint: exactly that endpoint.
+    Endpoint { key: ServiceKey, cluster: ClusterId, endpoint: IpAddr, port: ServicePort },
+}
+
+impl Route {
+    pub fn key(&self) -> &ServiceKey {
+        match self {
+            Route::Service { key, .. } | Route::Endpoint { key, .. } => key,
+        }
+    }
+    pub fn port(&self) -> &ServicePort {
+        match self {
+            Route::Service { port, .. } | Route::Endpoint { port, .. } => port,
+        }
+    }
+}
+
+/// The listeners a ClusterSetIP service needs: each ClusterSetIP × each TCP port.
+pub fn service_routes(service: &ImportedService) -> Vec<(SocketAddr, Route)> {
+    if service.service_type != ServiceType::ClusterSetIP {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for ip in &service.ips {
+        for p in service.ports.iter().filter(|p| p.port.protocol == Protocol::Tcp) {
+            out.push((
+                SocketAddr::new(*ip, p.port.port),
+                Route::Service { key: service.key.clone(), port: p.port.clone() },
+            ));
+        }
+    }
+    out
+}
+
+/// The listeners of one endpoint VIP: the VIP × each TCP port of its service.
+pub fn vip_routes(
+    vip: IpAddr,
+    target: &EndpointVip,
+    service: Option<&ImportedService>,
+) -> Vec<(SocketAddr, Route)> {
+    let Some(service) = service else { return Vec::new() };
+    service
+        .ports
+        .iter()
+        .filter(|p| p.port.protocol == Protocol::Tcp)
+        .map(|p| {
+            (
+                SocketAddr::new(vip, p.port.port),
+                Route::Endpoint {
+                    key: target.key.clone(),
+                    cluster: target.cluster.clone(),
+                    endpoint: target.endpoint,
+                    port: p.port.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Binds a TCP listener with `IP_FREEBIND` and `SO_REUSEADDR`.
+pub fn bind_freebind(addr: SocketAddr) -> Result<TcpListener, DataPlaneError> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        match addr {
+            SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+            SocketAddr::V6(_) => {
+                socket.set_only_v6(true)?;
+                socket.set_freebind_v6(true)?
+            }
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(BACKLOG)?;
+        TcpListener::from_std(socket.into())
+    };
+    bind().map_err(|e| DataPlaneError::Bind(addr, e))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Owner {
+    Service(ServiceKey),
+    Vip(IpAddr),
+}
+
+struct Bound {
+    route: Arc<ArcSwap<Route>>,
+    task: JoinHandle<()>,
+}
+
+/// The set of bound listeners and what each serves.
+#[derive(Default)]
+pub struct Listeners {
+    bound: BTreeMap<SocketAddr, Bound>,
+    /// Binds that failed, retried every [`RETRY_INTERVAL`] and on every snapshot.
+    failed: BTreeMap<SocketAddr, Route>,
+    owned: BTreeMap<Owner, BTreeSet<SocketAddr>>,
+    services: BTreeMap<ServiceKey, Arc<ImportedService>>,
+    vips: BTreeMap<IpAddr, EndpointVip>,
+}
+
+impl Listeners {
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.bound.keys().copied().collect()
+    }
+
+    pub fn has_failed(&self) -> bool {
+        !self.failed.is_empty()
+    }
+
+    /// Brings the listeners in line with `snapshot`, touching only what changed.
+    pub(crate) fn reconcile(&mut self, snapshot: &ImportSnapshot, shared: &Arc<Shared>) {
+        let mut changed: BTreeSet<ServiceKey> = BTreeSet::new();
+        for key in self.services.keys() {
+            if !snapshot.services.contains_key(key) {
+                changed.insert(key.clone());
+            }
+        }
+        for (key, service) in &snapshot.services {
+            if !self.services.get(key).is_some_and(|old| Arc::ptr_eq(old, service)) {
+                changed.insert(key.clone());
+            }
+        }
+        for key in &changed {
+            let routes = match snapshot.services.get(key) {
+                Some(service) => {
+                    self.services.insert(key.clone(), service.clone());
+                    service_routes(service)
+                }
+                None => {
+                    self.services.remove(key);
+                    Vec::new()
+                }
+            };
+            self.apply(Owner::Service(key.clone()), routes, shared);
+        }
+        let old_vips = std::mem::take(&mut self.vips);
+        for (ip, old) in &old_vips {
+            if !snapshot.endpoint_vips.contains_key(ip) {
+                self.apply(Owner::Vip(*ip), Vec::new(), shared);
+            } else if snapshot.endpoint_vips.get(ip) == Some(old) && !changed.contains(&old.key) {
+                continue;
+            }
+        }
+        for (ip, vip) in &snapshot.endpoint_vips {
+            if old_vips.get(ip) == Some(vip) && !changed.contains(&vip.key) {
+                continue;
+            }
+            let routes = vip_routes(*ip, vip, snapshot.services.get(&vip.key).map(|s| &**s));
+            self.apply(Owner::Vip(*ip), routes, shared);
+        }
+        self.vips = snapshot.endpoint_vips.clone();
+        metrics::set_listeners(self.bound.len());
+    }
+
+    fn apply(&mut self, owner: Owner, routes: Vec<(SocketAddr, Route)>, shared: &Arc<Shared>) {
+        let old = self.owned.remove(&owner).unwrap_or_default();
+        let new: BTreeSet<SocketAddr> = routes.iter().map(|(a, _)| *a).collect();
+        for addr in old.difference(&new) {
+            self.close(*addr);
+        }
+        for (addr, route) in routes {
+            self.upsert(addr, route, shared);
+        }
+        if !new.is_empty() {
+            self.owned.insert(owner, new);
+        }
+    }
+
+    fn upsert(&mut self, addr: SocketAddr, route: Route, shared: &Arc<Shared>) {
+        if let Some(b) = self.bound.get(&addr) {
+            if **b.route.load() != route {
+                b.route.store(Arc::new(route));
+            }
+            return;
+        }
+        match bind_freebind(addr) {
+            Ok(listener) => {
+                self.failed.remove(&addr);
+                let route = Arc::new(ArcSwap::from_pointee(route));
+                let task = tokio::spawn(accept_loop(listener, route.clone(), shared.clone()));
+                tracing::debug!(%addr, "listener bound");
+                self.bound.insert(addr, Bound { route, task });
+            }
+            Err(e) => {
+                if !self.failed.contains_key(&addr) {
+                    tracing::warn!(error = %e, "listener not bound; retrying");
+                }
+                metrics::record_bind_error();
+                self.failed.insert(addr, route);
+            }
+        }
+    }
+
+    fn close(&mut self, addr: SocketAddr) {
+        self.failed.remove(&addr);
+        if let Some(b) = self.bound.remove(&addr) {
+            // Stops accepting; connections already accepted run in their own tasks.
+            b.task.abort();
+            tracing::debug!(%addr, "listener closed");
+        }
+    }
+
+    pub(crate) fn retry(&mut self, shared: &Arc<Shared>) {
+        let failed = std::mem::take(&mut self.failed);
+        for (addr, route) in failed {
+            self.upsert(addr, route, shared);
+        }
+        metrics::set_listeners(self.bound.len());
+    }
+
+    pub fn close_all(&mut self) {
+        let addrs: Vec<SocketAddr> = self.bound.keys().copied().collect();
+        for a in addrs {
+            self.close(a);
+        }
+        self.failed.clear();
+        metrics::set_listeners(0);
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        for b in self.bound.values() {
+            b.task.abort();
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, route: Arc<ArcSwap<Route>>, shared: Arc<Shared>) {
+    let mut draining = shared.drain.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            // Draining (or the data plane gone): stop accepting, drop the socket.
+            _ = draining.wait_for(|d| *d) => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let route = route.load_full();
+                tokio::spawn(connect::serve_client(shared.clone(), route, stream, peer));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::select::tests::{cid, ep, export, service};
+    use fedgate_discovery::model::Health;
+
+    #[test]
+    fn routes_table() {
+        let mut svc =
+            service(vec![export("east", vec![ep("10.0.0.1", None, Health::Healthy)])], &["east"]);
+        svc.ips = vec!["242.1.0.1".parse().unwrap(), "fd00::1".parse().unwrap()];
+        let mut udp = svc.ports[0].clone();
+        udp.port.protocol = Protocol::Udp;
+        udp.port.port = 53;
+        svc.ports.push(udp);
+        let addrs: Vec<String> = service_routes(&svc).iter().map(|(a, _)| a.to_string()).collect();
+        assert_eq!(addrs, vec!["242.1.0.1:80", "[fd00::1]:80"], "TCP ports only, every IP");
+        let mut headless = svc.clone();
+        headless.service_type = ServiceType::Headless;
+        assert!(service_routes(&headless).is_empty());
+        let vip = EndpointVip {
+            key: svc.key.clone(),
+            cluster: cid("west"),
+            endpoint: "10.2.0.1".parse().unwrap(),
+        };
+        let routes = vip_routes("242.2.0.9".parse().unwrap(), &vip, Some(&headless));
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].0.to_string(), "242.2.0.9:80");
+        assert!(
+            matches!(&routes[0].1, Route::Endpoint { endpoint, .. } if endpoint.to_string() == "10.2.0.1")
+        );
+        assert!(vip_routes("242.2.0.9".parse().unwrap(), &vip, None).is_empty());
+    }
+
+    #[tokio::test]
+    async fn freebind_binds_an_unassigned_loopback_address() {
+        // 127.0.0.0/8 is local; FREEBIND would also allow addresses not yet configured.
+        let l = bind_freebind("127.11.12.13:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        assert_eq!(addr.ip().to_string(), "127.11.12.13");
+        let taken = bind_freebind(addr);
+        assert!(taken.is_err() || cfg!(not(target_os = "linux")), "port in use must fail");
+    }
+}

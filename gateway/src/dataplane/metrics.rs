@@ -1,0 +1,242 @@
+//! Every metric the data plane records, declared in one place (STYLE rule 7).
+//!
+//! Labels stay low-cardinality: services, clusters, peers, results and tiers — never client
+//! addresses or endpoint IPs. Connections record through [`ConnectionGuard`], which fires on
+//! `Drop`, so a connection that ends by error, panic or cancellation is still counted once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+
+pub const CONNECTIONS_TOTAL: &str = "fedgate_connections_total";
+pub const BYTES_TOTAL: &str = "fedgate_bytes_total";
+pub const TUNNEL_STREAMS_TOTAL: &str = "fedgate_tunnel_streams_total";
+pub const ACTIVE_CONNECTIONS: &str = "fedgate_active_connections";
+pub const ENDPOINTS_HEALTHY: &str = "fedgate_endpoints_healthy";
+pub const ENDPOINTS_TOTAL: &str = "fedgate_endpoints";
+pub const ENDPOINT_EJECTIONS_TOTAL: &str = "fedgate_endpoint_ejections_total";
+pub const FAILOVERS_TOTAL: &str = "fedgate_failovers_total";
+pub const CONNECT_DURATION_SECONDS: &str = "fedgate_connect_duration_seconds";
+pub const LISTENERS: &str = "fedgate_listeners";
+pub const LISTENER_BIND_ERRORS_TOTAL: &str = "fedgate_listener_bind_errors_total";
+
+/// Registers help text for every data-plane metric with the installed recorder. Call once
+/// after the composition root installed its recorder; recording works without it.
+pub fn describe() {
+    describe_counter!(
+        CONNECTIONS_TOTAL,
+        "Client connections to imported services, by service, the cluster that served them \
+         (none when no endpoint could be reached) and result (ok, no_healthy_endpoint, \
+         connect_failed, reset, error)."
+    );
+    describe_counter!(
+        BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes proxied for client connections, by service, target cluster and direction \
+         (tx = client to endpoint, rx = endpoint to client)."
+    );
+    describe_counter!(
+        TUNNEL_STREAMS_TOTAL,
+        "Tunnel streams accepted from peer gateways, by peer and result (the status answered: \
+         ok, unknown_service, no_healthy_endpoint, forbidden, unsupported_version, malformed, \
+         draining)."
+    );
+    describe_gauge!(
+        ACTIVE_CONNECTIONS,
+        "Proxied connections open right now (client connections and accepted tunnel streams)."
+    );
+    describe_gauge!(
+        ENDPOINTS_HEALTHY,
+        "Local endpoints of an exported service whose active health check passes, by service."
+    );
+    describe_gauge!(
+        ENDPOINTS_TOTAL,
+        "Local endpoints of an exported service that are probed, by service."
+    );
+    describe_counter!(
+        ENDPOINT_EJECTIONS_TOTAL,
+        "Endpoints ejected by passive outlier detection after consecutive connect failures, by \
+         cluster."
+    );
+    describe_counter!(
+        FAILOVERS_TOTAL,
+        "Connections served by a worse failover tier than the best-ranked candidate, by service \
+         and tiers (from = the first candidate's tier, to = the tier that served)."
+    );
+    describe_histogram!(
+        CONNECT_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from accepting a client connection to an established upstream (all failover \
+         attempts included), by target cluster."
+    );
+    describe_gauge!(LISTENERS, "ClusterSetIP and endpoint-VIP listeners currently bound.");
+    describe_counter!(
+        LISTENER_BIND_ERRORS_TOTAL,
+        "Failed attempts to bind a ClusterSetIP or endpoint-VIP listener (retried)."
+    );
+}
+
+/// Records one proxied client connection when dropped: its result, byte counts and the
+/// active-connection gauge.
+pub struct ConnectionGuard {
+    service: String,
+    target_cluster: String,
+    result: &'static str,
+    pub(crate) bytes: Arc<ByteCounters>,
+}
+
+/// Byte counters the copy path updates; read by the guard when the connection ends.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    pub tx: AtomicU64,
+    pub rx: AtomicU64,
+}
+
+impl ConnectionGuard {
+    /// Starts counting a connection to `service`; the result is `error` until set.
+    pub fn new(service: String) -> Self {
+        gauge!(ACTIVE_CONNECTIONS).increment(1.0);
+        Self {
+            service,
+            target_cluster: "none".to_owned(),
+            result: "error",
+            bytes: Arc::new(ByteCounters::default()),
+        }
+    }
+
+    pub fn set_target(&mut self, cluster: &str) {
+        cluster.clone_into(&mut self.target_cluster);
+    }
+
+    pub fn set_result(&mut self, result: &'static str) {
+        self.result = result;
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        gauge!(ACTIVE_CONNECTIONS).decrement(1.0);
+        counter!(
+            CONNECTIONS_TOTAL,
+            "service" => self.service.clone(),
+            "target_cluster" => self.target_cluster.clone(),
+            "result" => self.result
+        )
+        .increment(1);
+        for (direction, n) in [
+            ("tx", self.bytes.tx.load(Ordering::Relaxed)),
+            ("rx", self.bytes.rx.load(Ordering::Relaxed)),
+        ] {
+            if n > 0 {
+                counter!(
+                    BYTES_TOTAL,
+                    "service" => self.service.clone(),
+                    "target_cluster" => self.target_cluster.clone(),
+                    "direction" => direction
+                )
+                .increment(n);
+            }
+        }
+    }
+}
+
+/// Records one accepted tunnel stream when dropped, with the status it was answered.
+pub struct StreamGuard {
+    peer: String,
+    result: &'static str,
+}
+
+impl StreamGuard {
+    pub fn new(peer: &str) -> Self {
+        gauge!(ACTIVE_CONNECTIONS).increment(1.0);
+        Self { peer: peer.to_owned(), result: "error" }
+    }
+
+    pub fn set_result(&mut self, result: &'static str) {
+        self.result = result;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        gauge!(ACTIVE_CONNECTIONS).decrement(1.0);
+        counter!(TUNNEL_STREAMS_TOTAL, "peer" => self.peer.clone(), "result" => self.result)
+            .increment(1);
+    }
+}
+
+pub fn record_failover(service: &str, from_tier: usize, to_tier: usize) {
+    counter!(
+        FAILOVERS_TOTAL,
+        "service" => service.to_owned(),
+        "from_tier" => from_tier.to_string(),
+        "to_tier" => to_tier.to_string()
+    )
+    .increment(1);
+}
+
+pub fn record_connect_duration(target_cluster: &str, elapsed: Duration) {
+    histogram!(CONNECT_DURATION_SECONDS, "target_cluster" => target_cluster.to_owned())
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn record_ejection(cluster: &str) {
+    counter!(ENDPOINT_EJECTIONS_TOTAL, "cluster" => cluster.to_owned()).increment(1);
+}
+
+pub fn set_endpoint_health(service: &str, healthy: usize, total: usize) {
+    gauge!(ENDPOINTS_HEALTHY, "service" => service.to_owned()).set(healthy as f64);
+    gauge!(ENDPOINTS_TOTAL, "service" => service.to_owned()).set(total as f64);
+}
+
+pub fn set_listeners(n: usize) {
+    gauge!(LISTENERS).set(n as f64);
+}
+
+pub fn record_bind_error() {
+    counter!(LISTENER_BIND_ERRORS_TOTAL).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    #[test]
+    fn connection_guard_records_result_and_bytes_on_drop() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            let mut guard = ConnectionGuard::new("ns/web".to_owned());
+            guard.set_target("west");
+            guard.set_result("ok");
+            guard.bytes.tx.store(10, Ordering::Relaxed);
+            guard.bytes.rx.store(20, Ordering::Relaxed);
+        });
+        let mut seen = Vec::new();
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            let labels: Vec<String> =
+                key.key().labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+            seen.push((key.key().name().to_owned(), labels.join(","), value));
+        }
+        assert!(seen.contains(&(
+            CONNECTIONS_TOTAL.to_owned(),
+            "service=ns/web,target_cluster=west,result=ok".to_owned(),
+            DebugValue::Counter(1)
+        )));
+        assert!(seen.contains(&(
+            BYTES_TOTAL.to_owned(),
+            "service=ns/web,target_cluster=west,direction=tx".to_owned(),
+            DebugValue::Counter(10)
+        )));
+        assert!(seen.contains(&(
+            BYTES_TOTAL.to_owned(),
+            "service=ns/web,target_cluster=west,direction=rx".to_owned(),
+            DebugValue::Counter(20)
+        )));
+    }
+}

@@ -1,0 +1,419 @@
+//! The data plane: ClusterSetIP listeners, endpoint selection with failover priority, health
+//! checks, connection-level failover and the tunnel stream protocol between gateways.
+//!
+//! Shape (STYLE rule 1): [`DataPlane::new`] builds everything and binds the listeners the
+//! first snapshot asks for; [`DataPlane::run`] serves until shutdown and then drains. The
+//! decisions live in pure modules ([`select`], [`codec`], [`health`]'s state machines); the
+//! I/O modules wrap them. See docs/endpoint-selection.md and docs/tunnel-protocol.md.
+
+pub mod acceptor;
+pub mod codec;
+pub mod connect;
+pub mod drain;
+pub mod health;
+pub mod listeners;
+pub mod metrics;
+pub mod proxy;
+pub mod select;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fedgate_discovery::model::{
+    ClusterId, ClusterState, HealthMap, ImportSnapshot, Locality, ServiceKey,
+};
+use futures::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use drain::{Drain, DrainOutcome};
+pub use health::{HealthChecker, HealthSettings, OutlierSettings};
+pub use proxy::{BoxRecv, BoxSend, TunnelRecv, TunnelSend};
+pub use select::{EndpointView, PriorityLabel, SkipReason};
+
+use health::Outliers;
+use select::EndpointState;
+
+/// Default bound on all connect attempts of one client connection (failover included).
+pub const DEFAULT_CONNECT_BUDGET: Duration = Duration::from_secs(3);
+/// Default bound on one connect attempt (TCP connect, or tunnel stream + status).
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default time an accepted tunnel stream has to deliver its request header.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default longest wait for open connections when draining (Istio's default).
+pub const DEFAULT_DRAIN_DURATION: Duration = Duration::from_secs(45);
+/// At most this many candidates of one tier are tried before moving to the next tier.
+pub const CANDIDATES_PER_TIER: usize = 8;
+
+/// Everything the data plane needs from the configuration; the composition root maps the
+/// validated `Config` onto it.
+#[derive(Clone, Debug)]
+pub struct DataPlaneSettings {
+    /// This gateway's cluster.
+    pub cluster: ClusterId,
+    /// This gateway's locality: the client locality for failover priority.
+    pub locality: Locality,
+    /// `traffic.failoverPriority` entries (`label` or `label=value`).
+    pub failover_priority: Vec<String>,
+    pub health: HealthSettings,
+    pub outliers: OutlierSettings,
+    /// `front.mode: vip`: bind ClusterSetIPs and endpoint VIPs. Off in `kube` mode.
+    pub vip_listeners: bool,
+    pub connect_budget: Duration,
+    pub attempt_timeout: Duration,
+    pub header_timeout: Duration,
+    pub drain_duration: Duration,
+}
+
+impl DataPlaneSettings {
+    /// Settings with every default (failover priority: region, cluster, zone).
+    pub fn new(cluster: ClusterId, locality: Locality) -> Self {
+        Self {
+            cluster,
+            locality,
+            failover_priority: vec![
+                fedgate_discovery::model::LABEL_REGION.to_owned(),
+                fedgate_discovery::model::LABEL_SOURCE_CLUSTER.to_owned(),
+                fedgate_discovery::model::LABEL_ZONE.to_owned(),
+            ],
+            health: HealthSettings::default(),
+            outliers: OutlierSettings::default(),
+            vip_listeners: true,
+            connect_budget: DEFAULT_CONNECT_BUDGET,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            drain_duration: DEFAULT_DRAIN_DURATION,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error("binding listener {0}: {1} (is the ClusterSetIP range local or routed to lo?)")]
+    Bind(SocketAddr, #[source] std::io::Error),
+}
+
+/// What the data plane needs from the QUIC tunnel; implemented for `fedgate_tunnel`'s
+/// `PeerHandle`, and by an in-memory loopback in tests.
+pub trait Tunnel: Send + Sync + 'static {
+    /// Opens a stream to `peer` (the tunnel writes the stream-kind byte).
+    fn open(&self, peer: &ClusterId) -> BoxFuture<'static, Result<(BoxSend, BoxRecv), String>>;
+    /// Tells peers this gateway is draining.
+    fn set_draining(&self, draining: bool);
+    /// Whether the connection to `peer` is up right now.
+    fn is_connected(&self, peer: &ClusterId) -> bool;
+}
+
+/// A tunnel stream a peer opened to us (its kind byte already consumed).
+pub struct Incoming {
+    pub peer: ClusterId,
+    pub send: BoxSend,
+    pub recv: BoxRecv,
+}
+
+/// Live state of endpoints: passive ejections and outstanding connections.
+#[derive(Debug, Default)]
+struct EndpointTable {
+    outliers: Outliers,
+    outstanding: HashMap<(ClusterId, IpAddr), u32>,
+}
+
+struct TableView<'a> {
+    table: &'a EndpointTable,
+    now: Instant,
+}
+
+impl EndpointState for TableView<'_> {
+    fn is_ejected(&self, cluster: &ClusterId, address: IpAddr) -> bool {
+        self.table.outliers.is_ejected(cluster, address, self.now)
+    }
+    fn outstanding(&self, cluster: &ClusterId, address: IpAddr) -> u32 {
+        self.table.outstanding.get(&(cluster.clone(), address)).copied().unwrap_or(0)
+    }
+}
+
+/// State every task of the data plane reads.
+pub(crate) struct Shared {
+    settings: DataPlaneSettings,
+    client_labels: BTreeMap<String, String>,
+    priority: Vec<PriorityLabel>,
+    snapshot: watch::Receiver<Arc<ImportSnapshot>>,
+    cluster: watch::Receiver<Arc<ClusterState>>,
+    health: watch::Receiver<Arc<HealthMap>>,
+    tunnel: Option<Arc<dyn Tunnel>>,
+    table: Mutex<EndpointTable>,
+    drain: Drain,
+}
+
+/// One outstanding connection to an endpoint, for least-outstanding balancing.
+pub(crate) struct Outstanding {
+    shared: Arc<Shared>,
+    key: (ClusterId, IpAddr),
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        let mut t = self.shared.lock_table();
+        if let Some(n) = t.outstanding.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.outstanding.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn lock_table(&self) -> MutexGuard<'_, EndpointTable> {
+        // A panic while holding the lock leaves counters that are still usable.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn track(self: &Arc<Self>, cluster: &ClusterId, address: IpAddr) -> Outstanding {
+        let key = (cluster.clone(), address);
+        *self.lock_table().outstanding.entry(key.clone()).or_default() += 1;
+        Outstanding { shared: self.clone(), key }
+    }
+
+    pub(crate) fn record_success(&self, cluster: &ClusterId, address: IpAddr) {
+        self.lock_table().outliers.record_success(cluster, address);
+    }
+
+    pub(crate) fn record_failure(&self, cluster: &ClusterId, address: IpAddr) {
+        let ejected = self.lock_table().outliers.record_failure(cluster, address, Instant::now());
+        if let Some(time) = ejected {
+            tracing::warn!(%cluster, endpoint = %address, ejection_secs = time.as_secs(), "endpoint ejected after consecutive connect failures");
+            metrics::record_ejection(cluster.as_str());
+        }
+    }
+
+    pub(crate) fn is_ejected(&self, cluster: &ClusterId, address: IpAddr) -> bool {
+        self.lock_table().outliers.is_ejected(cluster, address, Instant::now())
+    }
+
+    pub(crate) fn outstanding(&self, cluster: &ClusterId, address: IpAddr) -> u32 {
+        TableView { table: &self.lock_table(), now: Instant::now() }.outstanding(cluster, address)
+    }
+
+    /// Clusters that cannot take traffic: unreachable per the snapshot, or whose tunnel is
+    /// down right now.
+    fn unreachable(&self, snapshot: &ImportSnapshot) -> std::collections::BTreeSet<ClusterId> {
+        let mut out = snapshot.unreachable.clone();
+        if let Some(t) = &self.tunnel {
+            for cluster in snapshot.localities.keys() {
+                if *cluster != self.settings.cluster && !t.is_connected(cluster) {
+                    out.insert(cluster.clone());
+                }
+            }
+            for service in snapshot.services.values() {
+                for cluster in service.clusters.keys() {
+                    if *cluster != self.settings.cluster
+                        && !out.contains(cluster)
+                        && !t.is_connected(cluster)
+                    {
+                        out.insert(cluster.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Ranks the endpoints of one port of a service (see [`select::rank`]).
+    pub(crate) fn rank(
+        &self,
+        snapshot: &ImportSnapshot,
+        service: &fedgate_discovery::model::ImportedService,
+        port: &fedgate_discovery::model::ServicePort,
+        unreachable: &std::collections::BTreeSet<ClusterId>,
+        only: Option<(&ClusterId, IpAddr)>,
+    ) -> Vec<EndpointView> {
+        let health = self.health.borrow().clone();
+        let table = self.lock_table();
+        let view = TableView { table: &table, now: Instant::now() };
+        select::rank(&select::SelectionInput {
+            service,
+            port,
+            local_cluster: &self.settings.cluster,
+            client_labels: &self.client_labels,
+            priority: &self.priority,
+            localities: &snapshot.localities,
+            unreachable,
+            local_health: &health,
+            state: &view,
+            only,
+        })
+    }
+}
+
+/// One service port in `/debug/endpoints`.
+#[derive(Debug, Serialize)]
+pub struct DebugPort {
+    pub service: ServiceKey,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub name: Option<String>,
+    pub endpoints: Vec<EndpointView>,
+}
+
+/// `/debug/endpoints`: every imported service port with each endpoint's tier, health and why
+/// it would be skipped. Cheap to clone; hand it to the admin server.
+#[derive(Clone)]
+pub struct DebugHandle(Arc<Shared>);
+
+impl DebugHandle {
+    pub fn endpoints(&self) -> Vec<DebugPort> {
+        let shared = &self.0;
+        let snapshot = shared.snapshot.borrow().clone();
+        let unreachable = shared.unreachable(&snapshot);
+        let mut out = Vec::new();
+        for service in snapshot.services.values() {
+            for port in &service.ports {
+                out.push(DebugPort {
+                    service: service.key.clone(),
+                    port: port.port.port,
+                    protocol: port.port.protocol.as_str(),
+                    name: port.port.name.clone(),
+                    endpoints: shared.rank(&snapshot, service, &port.port, &unreachable, None),
+                });
+            }
+        }
+        out
+    }
+
+    /// [`endpoints`](Self::endpoints) as JSON, with the client locality and priority used.
+    pub fn debug_endpoints(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cluster": self.0.settings.cluster,
+            "clientLabels": self.0.client_labels,
+            "failoverPriority": self.0.priority,
+            "draining": self.0.drain.is_draining(),
+            "activeConnections": self.0.drain.active(),
+            "services": self.endpoints(),
+        })
+    }
+}
+
+/// The data plane of one gateway.
+pub struct DataPlane {
+    shared: Arc<Shared>,
+    health: HealthChecker,
+    listeners: listeners::Listeners,
+    incoming: Option<mpsc::Receiver<Incoming>>,
+}
+
+impl DataPlane {
+    /// Builds the data plane and binds the listeners of the current snapshot. Returns the
+    /// receiver of local endpoint health (it travels to peers with the exports).
+    pub fn new(
+        settings: DataPlaneSettings,
+        snapshot: watch::Receiver<Arc<ImportSnapshot>>,
+        cluster: watch::Receiver<Arc<ClusterState>>,
+        tunnel: Option<Arc<dyn Tunnel>>,
+    ) -> Result<(Self, watch::Receiver<Arc<HealthMap>>), DataPlaneError> {
+        let (health, health_rx) = HealthChecker::new(settings.health.clone(), cluster.clone());
+        let dp = Self::with_health(settings, snapshot, health, tunnel)?;
+        Ok((dp, health_rx))
+    }
+
+    /// Like [`new`](Self::new) with a health checker the caller built first (to hand its
+    /// receiver to discovery before the import snapshot exists).
+    pub fn with_health(
+        settings: DataPlaneSettings,
+        snapshot: watch::Receiver<Arc<ImportSnapshot>>,
+        health: HealthChecker,
+        tunnel: Option<Arc<dyn Tunnel>>,
+    ) -> Result<Self, DataPlaneError> {
+        let client_labels = settings.locality.labels_for(&settings.cluster);
+        let priority = PriorityLabel::parse_all(&settings.failover_priority);
+        let drain = Drain::new(drain::Active::default(), tunnel.clone());
+        let shared = Arc::new(Shared {
+            client_labels,
+            priority,
+            cluster: health.cluster_receiver(),
+            health: health.subscribe(),
+            snapshot,
+            tunnel,
+            table: Mutex::new(EndpointTable {
+                outliers: Outliers::new(settings.outliers.clone()),
+                outstanding: HashMap::new(),
+            }),
+            drain,
+            settings,
+        });
+        let mut listeners = listeners::Listeners::default();
+        if shared.settings.vip_listeners {
+            let snap = shared.snapshot.borrow().clone();
+            listeners.reconcile(&snap, &shared);
+        }
+        Ok(Self { shared, health, listeners, incoming: None })
+    }
+
+    /// Serves tunnel streams peers open to this gateway (from the tunnel endpoint).
+    pub fn serve_tunnel(&mut self, incoming: mpsc::Receiver<Incoming>) {
+        self.incoming = Some(incoming);
+    }
+
+    /// Addresses of the listeners bound right now.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.listeners.addresses()
+    }
+
+    pub fn drain_handle(&self) -> Drain {
+        self.shared.drain.clone()
+    }
+
+    pub fn debug_handle(&self) -> DebugHandle {
+        DebugHandle(self.shared.clone())
+    }
+
+    /// Serves until `shutdown`, then drains: stops accepting, waits for open connections
+    /// (at most `drain_duration`) and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> DrainOutcome {
+        let Self { shared, health, mut listeners, incoming } = self;
+        let tasks = CancellationToken::new();
+        let health_task = tokio::spawn(health.run(tasks.clone()));
+        let acceptor_task = incoming
+            .map(|rx| tokio::spawn(acceptor::serve_incoming(shared.clone(), rx, tasks.clone())));
+        if shared.settings.vip_listeners {
+            let mut snapshots = shared.snapshot.clone();
+            let mut draining = shared.drain.subscribe();
+            let mut retry = tokio::time::interval(listeners::RETRY_INTERVAL);
+            retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = draining.wait_for(|d| *d) => { let _ = r; break; }
+                    r = snapshots.changed() => {
+                        if r.is_err() {
+                            shutdown.cancelled().await;
+                            break;
+                        }
+                        let snap = snapshots.borrow_and_update().clone();
+                        listeners.reconcile(&snap, &shared);
+                    }
+                    _ = retry.tick(), if listeners.has_failed() => listeners.retry(&shared),
+                }
+            }
+            // Drain started elsewhere: keep serving existing connections until shutdown.
+            shutdown.cancelled().await;
+        } else {
+            shutdown.cancelled().await;
+        }
+        listeners.close_all();
+        let outcome = shared.drain.drain(shared.settings.drain_duration).await;
+        tracing::info!(?outcome, "data plane stopped");
+        tasks.cancel();
+        let _ = health_task.await;
+        if let Some(t) = acceptor_task {
+            let _ = t.await;
+        }
+        outcome
+    }
+}

@@ -1,0 +1,690 @@
+//! Endpoint selection as pure functions (docs/endpoint-selection.md).
+//!
+//! [`rank`] gives every endpoint of one service port its failover tier (Istio
+//! `failoverPriority`), its health and why it would be skipped; [`plan`] turns that into the
+//! ordered list of candidates a connection tries: best tier first, power-of-two-choices on
+//! outstanding connections inside a tier. No I/O and no clocks: callers pass the state in.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use fedgate_discovery::model::{
+    ClusterId, Endpoint, ExportedService, Health, HealthMap, ImportedService, LABEL_ZONE, Locality,
+    ServicePort,
+};
+use rand::Rng;
+use serde::Serialize;
+
+/// One entry of `traffic.failoverPriority`: a label key, compared with the client's value, or
+/// `key=value`, compared with the literal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PriorityLabel {
+    pub key: String,
+    pub value: Option<String>,
+}
+
+impl PriorityLabel {
+    /// Parses `key` or `key=value` (split at the first `=`).
+    pub fn parse(entry: &str) -> Self {
+        match entry.split_once('=') {
+            Some((k, v)) => Self { key: k.trim().to_owned(), value: Some(v.trim().to_owned()) },
+            None => Self { key: entry.trim().to_owned(), value: None },
+        }
+    }
+
+    pub fn parse_all<S: AsRef<str>>(entries: &[S]) -> Vec<Self> {
+        entries.iter().map(|e| Self::parse(e.as_ref())).collect()
+    }
+}
+
+/// The tier of an endpoint for a client, and the labels that matched (in order).
+///
+/// Counts the leading labels that match; a label counts only if every earlier one matched.
+/// A label missing on either side does not match. All N match → 0, none → N.
+pub fn tier(
+    priority: &[PriorityLabel],
+    client: &BTreeMap<String, String>,
+    endpoint: &BTreeMap<String, String>,
+) -> (usize, Vec<String>) {
+    let mut matched = Vec::new();
+    for label in priority {
+        let wanted = match &label.value {
+            Some(v) => Some(v),
+            None => client.get(&label.key),
+        };
+        match (wanted, endpoint.get(&label.key)) {
+            (Some(w), Some(e)) if w == e => matched.push(label.key.clone()),
+            _ => break,
+        }
+    }
+    (priority.len() - matched.len(), matched)
+}
+
+/// The labels of an endpoint as failover priority sees them: its cluster's locality, with the
+/// zone replaced by the endpoint's own when its EndpointSlice names one.
+pub fn endpoint_labels(
+    locality: Option<&Locality>,
+    cluster: &ClusterId,
+    endpoint: &Endpoint,
+) -> BTreeMap<String, String> {
+    let mut labels = match locality {
+        Some(l) => l.labels_for(cluster),
+        None => Locality::default().labels_for(cluster),
+    };
+    if let Some(zone) = &endpoint.zone {
+        labels.insert(LABEL_ZONE.to_owned(), zone.clone());
+    }
+    labels
+}
+
+/// Why an endpoint cannot take a connection now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// Its cluster does not expose the requested port (a port conflict).
+    PortNotExposed,
+    /// The endpoint has no port that serves the requested service port.
+    NoMatchingPort,
+    NotReady,
+    /// The exporting gateway's active health check fails.
+    Unhealthy,
+    /// Its cluster's exports are withdrawn or its tunnel is down.
+    ClusterUnreachable,
+    /// Passive outlier detection ejected it after connect failures.
+    Ejected,
+    /// The connection is for one exact endpoint (a headless endpoint VIP) and this is another.
+    NotTarget,
+}
+
+/// Live per-endpoint state the data plane keeps beside the snapshot.
+pub trait EndpointState {
+    fn is_ejected(&self, cluster: &ClusterId, address: IpAddr) -> bool;
+    fn outstanding(&self, cluster: &ClusterId, address: IpAddr) -> u32;
+}
+
+/// Everything [`rank`] looks at.
+pub struct SelectionInput<'a> {
+    pub service: &'a ImportedService,
+    /// The requested port (as imported).
+    pub port: &'a ServicePort,
+    pub local_cluster: &'a ClusterId,
+    /// The client's labels: this gateway's locality (`Locality::labels_for`).
+    pub client_labels: &'a BTreeMap<String, String>,
+    pub priority: &'a [PriorityLabel],
+    pub localities: &'a BTreeMap<ClusterId, Locality>,
+    pub unreachable: &'a BTreeSet<ClusterId>,
+    /// Health of local endpoints from this gateway's own probes (fresher than the snapshot).
+    pub local_health: &'a HealthMap,
+    pub state: &'a dyn EndpointState,
+    /// Restrict to one endpoint (headless endpoint VIPs).
+    pub only: Option<(&'a ClusterId, IpAddr)>,
+}
+
+/// One endpoint as selection sees it; serialized for `/debug/endpoints`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointView {
+    pub cluster: ClusterId,
+    pub address: IpAddr,
+    /// The port on the endpoint (resolved from the exporting cluster's service port).
+    pub port: Option<u16>,
+    pub tier: usize,
+    /// The failoverPriority labels that matched the client, in order.
+    pub matched_labels: Vec<String>,
+    pub health: Health,
+    pub ready: bool,
+    pub outstanding: u32,
+    pub healthy: bool,
+    /// Why it is not healthy for this port; empty when it is.
+    pub skipped: Vec<SkipReason>,
+}
+
+/// The exporting cluster's version of a service port: by name first, then protocol and port.
+pub fn exported_port<'a>(export: &'a ExportedService, port: &'a ServicePort) -> &'a ServicePort {
+    export
+        .ports
+        .iter()
+        .find(|p| p.name.is_some() && p.name == port.name && p.protocol == port.protocol)
+        .or_else(|| {
+            export.ports.iter().find(|p| p.protocol == port.protocol && p.port == port.port)
+        })
+        .unwrap_or(port)
+}
+
+/// Every endpoint of the service for the requested port, sorted by tier, then cluster and
+/// address, with health and skip reasons.
+pub fn rank(input: &SelectionInput<'_>) -> Vec<EndpointView> {
+    let exposing = input
+        .service
+        .ports
+        .iter()
+        .find(|p| p.port.protocol == input.port.protocol && p.port.port == input.port.port)
+        .map(|p| &p.clusters);
+    let mut out = Vec::new();
+    for (cluster, export) in &input.service.clusters {
+        let locality = input.localities.get(cluster);
+        let service_port = exported_port(export, input.port);
+        let exposed = exposing.is_some_and(|c| c.contains(cluster));
+        let reachable = !input.unreachable.contains(cluster);
+        for endpoint in &export.endpoints {
+            let labels = endpoint_labels(locality, cluster, endpoint);
+            let (tier, matched_labels) = tier(input.priority, input.client_labels, &labels);
+            let health = if cluster == input.local_cluster {
+                input
+                    .local_health
+                    .get(&(input.service.key.clone(), endpoint.address))
+                    .copied()
+                    .unwrap_or(endpoint.health)
+            } else {
+                endpoint.health
+            };
+            let port = endpoint.port_for(service_port);
+            let mut skipped = Vec::new();
+            if let Some((c, a)) = input.only
+                && (c != cluster || a != endpoint.address)
+            {
+                skipped.push(SkipReason::NotTarget);
+            }
+            if !exposed {
+                skipped.push(SkipReason::PortNotExposed);
+            }
+            if port.is_none() {
+                skipped.push(SkipReason::NoMatchingPort);
+            }
+            if !endpoint.ready {
+                skipped.push(SkipReason::NotReady);
+            }
+            if health == Health::Unhealthy {
+                skipped.push(SkipReason::Unhealthy);
+            }
+            if !reachable {
+                skipped.push(SkipReason::ClusterUnreachable);
+            }
+            if input.state.is_ejected(cluster, endpoint.address) {
+                skipped.push(SkipReason::Ejected);
+            }
+            out.push(EndpointView {
+                cluster: cluster.clone(),
+                address: endpoint.address,
+                port,
+                tier,
+                matched_labels,
+                health,
+                ready: endpoint.ready,
+                outstanding: input.state.outstanding(cluster, endpoint.address),
+                healthy: skipped.is_empty(),
+                skipped,
+            });
+        }
+    }
+    out.sort_by(|a, b| (a.tier, &a.cluster, a.address).cmp(&(b.tier, &b.cluster, b.address)));
+    out
+}
+
+/// Orders up to `limit` of `loads.len()` choices: each next one is the less loaded of two
+/// picked at random among those not yet taken (power of two choices). Returns indexes.
+pub fn p2c_order(loads: &[u32], limit: usize, rng: &mut impl Rng) -> Vec<usize> {
+    let mut left: Vec<usize> = (0..loads.len()).collect();
+    let mut out = Vec::with_capacity(limit.min(loads.len()));
+    while !left.is_empty() && out.len() < limit {
+        let pick = if left.len() == 1 {
+            0
+        } else {
+            let a = rng.random_range(0..left.len());
+            let mut b = rng.random_range(0..left.len() - 1);
+            if b >= a {
+                b += 1;
+            }
+            if loads[left[b]] < loads[left[a]] { b } else { a }
+        };
+        out.push(left.swap_remove(pick));
+    }
+    out
+}
+
+/// The order in which a connection tries endpoints: healthy ones only, best tier first; in
+/// each tier at most `per_tier` candidates, each picked by power of two random choices on
+/// outstanding connections among those not yet picked. Returns indexes into `views`.
+pub fn plan(views: &[EndpointView], per_tier: usize, rng: &mut impl Rng) -> Vec<usize> {
+    let mut order = Vec::new();
+    let mut i = 0;
+    while i < views.len() {
+        let tier = views[i].tier;
+        let mut group: Vec<usize> = Vec::new();
+        while i < views.len() && views[i].tier == tier {
+            if views[i].healthy {
+                group.push(i);
+            }
+            i += 1;
+        }
+        let loads: Vec<u32> = group.iter().map(|&g| views[g].outstanding).collect();
+        order.extend(p2c_order(&loads, per_tier, rng).into_iter().map(|k| group[k]));
+    }
+    order
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use fedgate_discovery::model::{
+        EndpointPort, ImportPort, LABEL_REGION, LABEL_SOURCE_CLUSTER, Protocol, ServiceKey,
+        ServiceType, SessionAffinity,
+    };
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    /// (what, priority, endpoint labels, expected tier)
+    type TierCase = (&'static str, Vec<PriorityLabel>, BTreeMap<String, String>, usize);
+
+    #[test]
+    fn tier_table() {
+        let p = PriorityLabel::parse_all(&["region", "cluster", "zone"]);
+        let client = labels(&[("region", "us"), ("cluster", "east"), ("zone", "a")]);
+        let cases: Vec<TierCase> = vec![
+            ("all match", p.clone(), client.clone(), 0),
+            (
+                "zone differs",
+                p.clone(),
+                labels(&[("region", "us"), ("cluster", "east"), ("zone", "b")]),
+                1,
+            ),
+            (
+                "cluster differs, zone same",
+                p.clone(),
+                labels(&[("region", "us"), ("cluster", "west"), ("zone", "a")]),
+                2,
+            ),
+            (
+                "region differs, rest same",
+                p.clone(),
+                labels(&[("region", "eu"), ("cluster", "east"), ("zone", "a")]),
+                3,
+            ),
+            ("endpoint lacks labels", p.clone(), labels(&[]), 3),
+            ("empty priority", vec![], labels(&[]), 0),
+            (
+                "literal matches",
+                PriorityLabel::parse_all(&["region=eu", "cluster"]),
+                labels(&[("region", "eu"), ("cluster", "east")]),
+                0,
+            ),
+            (
+                "literal misses even when client equal",
+                PriorityLabel::parse_all(&["region=eu", "cluster"]),
+                client.clone(),
+                2,
+            ),
+            (
+                "client lacks label",
+                PriorityLabel::parse_all(&["rack"]),
+                labels(&[("rack", "r1")]),
+                1,
+            ),
+        ];
+        for (what, priority, endpoint, want) in cases {
+            assert_eq!(tier(&priority, &client, &endpoint).0, want, "{what}");
+        }
+        let (_, matched) = tier(&p, &client, &labels(&[("region", "us"), ("cluster", "east")]));
+        assert_eq!(matched, vec!["region", "cluster"]);
+    }
+
+    #[test]
+    fn parse_priority_entries() {
+        assert_eq!(
+            PriorityLabel::parse("a=b=c"),
+            PriorityLabel { key: "a".into(), value: Some("b=c".into()) }
+        );
+        assert_eq!(PriorityLabel::parse("zone"), PriorityLabel { key: "zone".into(), value: None });
+    }
+
+    #[derive(Default)]
+    pub(crate) struct FakeState {
+        pub ejected: Vec<(ClusterId, IpAddr)>,
+        pub outstanding: HashMap<IpAddr, u32>,
+    }
+
+    impl EndpointState for FakeState {
+        fn is_ejected(&self, cluster: &ClusterId, address: IpAddr) -> bool {
+            self.ejected.iter().any(|(c, a)| c == cluster && *a == address)
+        }
+        fn outstanding(&self, _: &ClusterId, address: IpAddr) -> u32 {
+            self.outstanding.get(&address).copied().unwrap_or(0)
+        }
+    }
+
+    pub(crate) fn cid(s: &str) -> ClusterId {
+        ClusterId::new(s).unwrap()
+    }
+
+    pub(crate) fn ep(addr: &str, zone: Option<&str>, health: Health) -> Endpoint {
+        Endpoint {
+            address: addr.parse().unwrap(),
+            hostname: None,
+            ready: true,
+            zone: zone.map(str::to_owned),
+            ports: vec![EndpointPort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            health,
+        }
+    }
+
+    pub(crate) fn http_port() -> ServicePort {
+        ServicePort {
+            name: Some("http".into()),
+            protocol: Protocol::Tcp,
+            port: 80,
+            app_protocol: None,
+            target_port: None,
+        }
+    }
+
+    pub(crate) fn export(cluster: &str, endpoints: Vec<Endpoint>) -> Arc<ExportedService> {
+        Arc::new(ExportedService {
+            key: ServiceKey::new("shop", "web"),
+            cluster: cid(cluster),
+            service_type: ServiceType::ClusterSetIP,
+            ports: vec![http_port()],
+            session_affinity: SessionAffinity::None,
+            internal_traffic_policy: None,
+            traffic_distribution: None,
+            ip_families: vec![],
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            created: jiff::Timestamp::UNIX_EPOCH,
+            endpoints,
+        })
+    }
+
+    pub(crate) fn service(
+        exports: Vec<Arc<ExportedService>>,
+        exposing: &[&str],
+    ) -> ImportedService {
+        ImportedService {
+            key: ServiceKey::new("shop", "web"),
+            service_type: ServiceType::ClusterSetIP,
+            ports: vec![ImportPort {
+                port: http_port(),
+                clusters: exposing.iter().map(|c| cid(c)).collect(),
+            }],
+            session_affinity: SessionAffinity::None,
+            internal_traffic_policy: None,
+            traffic_distribution: None,
+            ip_families: vec![],
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            winner: exports[0].cluster.clone(),
+            clusters: exports.into_iter().map(|e| (e.cluster.clone(), e)).collect(),
+            conflicts: vec![],
+        }
+    }
+
+    pub(crate) fn localities() -> BTreeMap<ClusterId, Locality> {
+        let loc = |r: &str, z: &str| Locality {
+            region: Some(r.into()),
+            zone: Some(z.into()),
+            labels: BTreeMap::new(),
+        };
+        [
+            (cid("east"), loc("us", "us-a")),
+            (cid("east2"), loc("us", "us-b")),
+            (cid("west"), loc("eu", "eu-a")),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    fn default_priority() -> Vec<PriorityLabel> {
+        PriorityLabel::parse_all(&[LABEL_REGION, LABEL_SOURCE_CLUSTER, LABEL_ZONE])
+    }
+
+    struct Scenario {
+        what: &'static str,
+        service: ImportedService,
+        unreachable: Vec<&'static str>,
+        local_health: Vec<(&'static str, Health)>,
+        ejected: Vec<(&'static str, &'static str)>,
+        only: Option<(&'static str, &'static str)>,
+        /// The addresses a connection would try, in order (tiers fixed; p2c inside a tier
+        /// is tested separately, so each tier here has one healthy endpoint).
+        want: Vec<&'static str>,
+    }
+
+    #[test]
+    fn selection_scenarios() {
+        let local = cid("east");
+        let loc = localities();
+        let client = loc[&local].labels_for(&local);
+        let priority = default_priority();
+        let h = Health::Healthy;
+        let three = || {
+            service(
+                vec![
+                    export("east", vec![ep("10.0.0.1", None, h), ep("10.0.0.2", Some("us-z"), h)]),
+                    export("east2", vec![ep("10.1.0.1", None, h)]),
+                    export("west", vec![ep("10.2.0.1", None, h)]),
+                ],
+                &["east", "east2", "west"],
+            )
+        };
+        let scenarios = vec![
+            Scenario {
+                what: "all healthy: own zone, own cluster other zone, same region, other region",
+                service: three(),
+                unreachable: vec![],
+                local_health: vec![],
+                ejected: vec![],
+                only: None,
+                want: vec!["10.0.0.1", "10.0.0.2", "10.1.0.1", "10.2.0.1"],
+            },
+            Scenario {
+                what: "local probe says unhealthy though the snapshot says healthy",
+                service: three(),
+                unreachable: vec![],
+                local_health: vec![("10.0.0.1", Health::Unhealthy)],
+                ejected: vec![],
+                only: None,
+                want: vec!["10.0.0.2", "10.1.0.1", "10.2.0.1"],
+            },
+            Scenario {
+                what: "unreachable cluster and ejected endpoint are skipped",
+                service: three(),
+                unreachable: vec!["east2"],
+                local_health: vec![],
+                ejected: vec![("east", "10.0.0.2")],
+                only: None,
+                want: vec!["10.0.0.1", "10.2.0.1"],
+            },
+            Scenario {
+                what: "port exposed only by west (port conflict)",
+                service: service(three().clusters.into_values().collect(), &["west"]),
+                unreachable: vec![],
+                local_health: vec![],
+                ejected: vec![],
+                only: None,
+                want: vec!["10.2.0.1"],
+            },
+            Scenario {
+                what: "remote unhealthy and not ready; unknown health counts as healthy",
+                service: service(
+                    vec![
+                        export("east2", vec![ep("10.1.0.1", None, Health::Unhealthy)]),
+                        export(
+                            "west",
+                            vec![
+                                Endpoint { ready: false, ..ep("10.2.0.1", None, h) },
+                                ep("10.2.0.2", None, Health::Unknown),
+                            ],
+                        ),
+                    ],
+                    &["east2", "west"],
+                ),
+                unreachable: vec![],
+                local_health: vec![],
+                ejected: vec![],
+                only: None,
+                want: vec!["10.2.0.2"],
+            },
+            Scenario {
+                what: "endpoint VIP leads to exactly that endpoint",
+                service: three(),
+                unreachable: vec![],
+                local_health: vec![],
+                ejected: vec![],
+                only: Some(("west", "10.2.0.1")),
+                want: vec!["10.2.0.1"],
+            },
+            Scenario {
+                what: "endpoint VIP of an unhealthy endpoint: nothing",
+                service: three(),
+                unreachable: vec!["west"],
+                local_health: vec![],
+                ejected: vec![],
+                only: Some(("west", "10.2.0.1")),
+                want: vec![],
+            },
+        ];
+        for s in scenarios {
+            let unreachable: BTreeSet<ClusterId> = s.unreachable.iter().map(|c| cid(c)).collect();
+            let local_health: HealthMap = s
+                .local_health
+                .iter()
+                .map(|(a, h)| ((ServiceKey::new("shop", "web"), a.parse().unwrap()), *h))
+                .collect();
+            let state = FakeState {
+                ejected: s.ejected.iter().map(|(c, a)| (cid(c), a.parse().unwrap())).collect(),
+                outstanding: HashMap::new(),
+            };
+            let only_cluster = s.only.map(|(c, _)| cid(c));
+            let port = http_port();
+            let input = SelectionInput {
+                service: &s.service,
+                port: &port,
+                local_cluster: &local,
+                client_labels: &client,
+                priority: &priority,
+                localities: &loc,
+                unreachable: &unreachable,
+                local_health: &local_health,
+                state: &state,
+                only: only_cluster.as_ref().zip(s.only.map(|(_, a)| a.parse().unwrap())),
+            };
+            let views = rank(&input);
+            let got: Vec<String> = plan(&views, 8, &mut StdRng::seed_from_u64(1))
+                .into_iter()
+                .map(|i| views[i].address.to_string())
+                .collect();
+            assert_eq!(got, s.want, "{}", s.what);
+        }
+    }
+
+    #[test]
+    fn explain_says_why() {
+        let local = cid("east");
+        let loc = localities();
+        let client = loc[&local].labels_for(&local);
+        let priority = default_priority();
+        let svc = service(
+            vec![
+                export("east", vec![ep("10.0.0.1", None, Health::Healthy)]),
+                export(
+                    "west",
+                    vec![Endpoint {
+                        ready: false,
+                        ports: vec![],
+                        ..ep("10.2.0.1", None, Health::Unhealthy)
+                    }],
+                ),
+            ],
+            &["east"],
+        );
+        let mut port = http_port();
+        port.target_port = None;
+        let state = FakeState::default();
+        let unreachable = [cid("west")].into_iter().collect();
+        let views = rank(&SelectionInput {
+            service: &svc,
+            port: &port,
+            local_cluster: &local,
+            client_labels: &client,
+            priority: &priority,
+            localities: &loc,
+            unreachable: &unreachable,
+            local_health: &HealthMap::new(),
+            state: &state,
+            only: None,
+        });
+        assert_eq!(views[0].tier, 0);
+        assert_eq!(views[0].port, Some(8080));
+        assert!(views[0].healthy);
+        assert_eq!(views[0].matched_labels.len(), 3);
+        assert_eq!(views[1].tier, 3);
+        assert_eq!(
+            views[1].skipped,
+            vec![
+                SkipReason::PortNotExposed,
+                SkipReason::NotReady,
+                SkipReason::Unhealthy,
+                SkipReason::ClusterUnreachable
+            ]
+        );
+        // An endpoint without ports serves the service port itself.
+        assert_eq!(views[1].port, Some(80));
+        let json = serde_json::to_value(&views).unwrap();
+        assert_eq!(json[1]["skipped"][0], "port_not_exposed");
+    }
+
+    fn view(addr: &str, tier: usize, outstanding: u32, healthy: bool) -> EndpointView {
+        EndpointView {
+            cluster: cid("east"),
+            address: addr.parse().unwrap(),
+            port: Some(1),
+            tier,
+            matched_labels: vec![],
+            health: Health::Healthy,
+            ready: true,
+            outstanding,
+            healthy,
+            skipped: vec![],
+        }
+    }
+
+    #[test]
+    fn plan_prefers_less_loaded_and_caps_per_tier() {
+        let views = vec![
+            view("10.0.0.1", 0, 100, true),
+            view("10.0.0.2", 0, 0, true),
+            view("10.0.0.3", 1, 0, true),
+            view("10.0.0.4", 1, 0, false),
+        ];
+        // With two endpoints in tier 0, p2c always compares both: the idle one goes first.
+        for seed in 0..50 {
+            let order = plan(&views, 8, &mut StdRng::seed_from_u64(seed));
+            assert_eq!(order, vec![1, 0, 2], "seed {seed}");
+        }
+        assert_eq!(plan(&views, 1, &mut StdRng::seed_from_u64(3)), vec![1, 2]);
+        assert!(plan(&[], 8, &mut StdRng::seed_from_u64(3)).is_empty());
+    }
+
+    #[test]
+    fn p2c_spreads_load_over_equal_endpoints() {
+        let views: Vec<EndpointView> =
+            (1..=4).map(|i| view(&format!("10.0.0.{i}"), 0, 0, true)).collect();
+        let mut counts = [0usize; 4];
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..4000 {
+            counts[plan(&views, 1, &mut rng)[0]] += 1;
+        }
+        for c in counts {
+            assert!((700..1300).contains(&c), "{counts:?}");
+        }
+    }
+}
