@@ -2,3 +2,4 @@
 //! the data plane (front listeners, endpoint selection, health checks, the QUIC tunnel). It
 //! wires `fedgate-discovery` and `fedgate-dns` together; neither of them depends on it.
 pub mod admin;
+pub mod dataplane;
