@@ -1,0 +1,306 @@
+//! Scenario tables for what services publish.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use fedgate_discovery::model::{
+    ClusterId, Endpoint, EndpointPort, ExportedService, Health, ImportPort, ImportedService,
+    LocalService, Locality, Protocol, ServiceKey, ServicePort, ServiceType, SessionAffinity,
+};
+use hickory_proto::rr::RecordType;
+
+use super::*;
+use crate::tier::parse_priority;
+
+pub(crate) fn cid(s: &str) -> ClusterId {
+    ClusterId::new(s).expect("cluster id")
+}
+
+pub(crate) fn ep(ip: &str, hostname: Option<&str>, ready: bool, health: Health) -> Endpoint {
+    Endpoint {
+        address: ip.parse().expect("ip"),
+        hostname: hostname.map(str::to_owned),
+        ready,
+        zone: None,
+        ports: vec![EndpointPort { name: Some("http".into()), protocol: Protocol::Tcp, port: 8080 }],
+        health,
+    }
+}
+
+pub(crate) fn port(name: Option<&str>, p: u16) -> ServicePort {
+    ServicePort {
+        name: name.map(str::to_owned),
+        protocol: Protocol::Tcp,
+        port: p,
+        app_protocol: None,
+        target_port: None,
+    }
+}
+
+pub(crate) fn export(
+    key: &ServiceKey,
+    cluster: &str,
+    ty: ServiceType,
+    endpoints: Vec<Endpoint>,
+) -> Arc<ExportedService> {
+    Arc::new(ExportedService {
+        key: key.clone(),
+        cluster: cid(cluster),
+        service_type: ty,
+        ports: vec![port(Some("http"), 80)],
+        session_affinity: SessionAffinity::None,
+        internal_traffic_policy: None,
+        traffic_distribution: None,
+        ip_families: vec![],
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        created: jiff::Timestamp::UNIX_EPOCH,
+        endpoints,
+    })
+}
+
+pub(crate) fn import(
+    ns: &str,
+    name: &str,
+    ty: ServiceType,
+    ips: &[&str],
+    clusters: Vec<Arc<ExportedService>>,
+) -> ImportedService {
+    let key = ServiceKey::new(ns, name);
+    let all: BTreeSet<ClusterId> = clusters.iter().map(|c| c.cluster.clone()).collect();
+    ImportedService {
+        key,
+        service_type: ty,
+        ports: vec![
+            ImportPort { port: port(Some("http"), 80), clusters: all.clone() },
+            ImportPort { port: port(None, 81), clusters: all },
+        ],
+        session_affinity: SessionAffinity::None,
+        internal_traffic_policy: None,
+        traffic_distribution: None,
+        ip_families: vec![],
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        ips: ips.iter().map(|s| s.parse().expect("ip")).collect(),
+        winner: clusters.first().map_or_else(|| cid("east"), |c| c.cluster.clone()),
+        clusters: clusters.into_iter().map(|c| (c.cluster.clone(), c)).collect(),
+        conflicts: vec![],
+    }
+}
+
+struct World {
+    local: ClusterId,
+    client: BTreeMap<String, String>,
+    priority: Vec<crate::tier::PriorityLabel>,
+    localities: BTreeMap<ClusterId, Locality>,
+    unreachable: BTreeSet<ClusterId>,
+    vips: BTreeMap<(ClusterId, IpAddr), IpAddr>,
+}
+
+impl World {
+    fn new() -> Self {
+        let loc = |r: &str, z: &str| Locality {
+            region: Some(r.into()),
+            zone: Some(z.into()),
+            labels: BTreeMap::new(),
+        };
+        let localities: BTreeMap<ClusterId, Locality> = [
+            (cid("east"), loc("us", "us-a")),
+            (cid("east2"), loc("us", "us-b")),
+            (cid("west"), loc("eu", "eu-a")),
+        ]
+        .into_iter()
+        .collect();
+        let local = cid("east");
+        let client = localities[&local].labels_for(&local);
+        Self {
+            local,
+            client,
+            priority: parse_priority(&crate::settings::default_failover_priority()),
+            localities,
+            unreachable: BTreeSet::new(),
+            vips: BTreeMap::new(),
+        }
+    }
+
+    fn names(&self, svc: &ImportedService) -> NameMap {
+        let cx = ImportContext {
+            ttl: 5,
+            local_cluster: Some(&self.local),
+            client_labels: &self.client,
+            priority: &self.priority,
+            localities: &self.localities,
+            unreachable: &self.unreachable,
+            vips: &self.vips,
+        };
+        import_names(svc, &cx)
+    }
+}
+
+/// (name, type) → sorted rdata strings.
+fn flatten(map: &NameMap) -> BTreeMap<(String, String), Vec<String>> {
+    let mut out = BTreeMap::new();
+    for data in map.values() {
+        if data.rrsets.is_empty() {
+            out.insert((data.name.to_ascii(), "ENT".to_owned()), vec![]);
+        }
+        for (t, records) in &data.rrsets {
+            let mut v: Vec<String> = records.iter().map(|r| r.data.to_string()).collect();
+            v.sort();
+            out.insert((data.name.to_ascii(), RecordType::from(*t).to_string()), v);
+        }
+    }
+    out
+}
+
+fn get(map: &NameMap, name: &str, t: RecordType) -> Option<Vec<String>> {
+    flatten(map).get(&(name.to_owned(), t.to_string())).cloned()
+}
+
+#[test]
+fn clusterset_ip_service() {
+    let w = World::new();
+    let key = ServiceKey::new("ns", "web");
+    let svc = import(
+        "ns",
+        "web",
+        ServiceType::ClusterSetIP,
+        &["242.1.0.1", "fd00::1"],
+        vec![export(&key, "east", ServiceType::ClusterSetIP, vec![ep("10.0.0.1", None, true, Health::Healthy)])],
+    );
+    let names = w.names(&svc);
+    let flat = flatten(&names);
+    assert_eq!(get(&names, "web.ns.svc.clusterset.local.", RecordType::A), Some(vec!["242.1.0.1".into()]));
+    assert_eq!(get(&names, "web.ns.svc.clusterset.local.", RecordType::AAAA), Some(vec!["fd00::1".into()]));
+    assert_eq!(
+        get(&names, "_http._tcp.web.ns.svc.clusterset.local.", RecordType::SRV),
+        Some(vec!["0 100 80 web.ns.svc.clusterset.local.".into()])
+    );
+    assert!(flat.contains_key(&("_tcp.web.ns.svc.clusterset.local.".into(), "ENT".into())));
+    // Nothing per cluster, no SRV for the unnamed port.
+    assert!(flat.keys().all(|(n, _)| !n.starts_with("east.")), "{flat:?}");
+    assert_eq!(flat.len(), 4, "{flat:?}");
+}
+
+#[test]
+fn clusterset_ip_without_ip_publishes_nothing_and_bad_names_are_skipped() {
+    let w = World::new();
+    let svc = import("ns", "web", ServiceType::ClusterSetIP, &[], vec![]);
+    assert!(w.names(&svc).is_empty());
+    let svc = import("ns", "Bad_Name", ServiceType::ClusterSetIP, &["242.1.0.1"], vec![]);
+    assert!(w.names(&svc).is_empty());
+}
+
+#[test]
+fn headless_answers_best_healthy_tier_with_vips_for_remote() {
+    let mut w = World::new();
+    let key = ServiceKey::new("ns", "db");
+    w.vips.insert((cid("west"), "10.2.0.1".parse().expect("ip")), "242.2.0.1".parse().expect("ip"));
+    let east = vec![
+        ep("10.0.0.1", Some("db-0"), true, Health::Healthy),
+        ep("10.0.0.2", None, true, Health::Unknown),
+        ep("10.0.0.3", Some("db-2"), false, Health::Healthy),
+    ];
+    let west = vec![ep("10.2.0.1", Some("db-0"), true, Health::Healthy), ep("10.2.0.9", None, true, Health::Healthy)];
+    let svc = import(
+        "ns",
+        "db",
+        ServiceType::Headless,
+        &[],
+        vec![export(&key, "east", ServiceType::Headless, east), export(&key, "west", ServiceType::Headless, west)],
+    );
+    let names = w.names(&svc);
+    assert_eq!(
+        get(&names, "db.ns.svc.clusterset.local.", RecordType::A),
+        Some(vec!["10.0.0.1".into(), "10.0.0.2".into()])
+    );
+    assert_eq!(get(&names, "db-0.east.db.ns.svc.clusterset.local.", RecordType::A), Some(vec!["10.0.0.1".into()]));
+    assert_eq!(get(&names, "10-0-0-2.east.db.ns.svc.clusterset.local.", RecordType::A), Some(vec!["10.0.0.2".into()]));
+    assert_eq!(get(&names, "db-0.west.db.ns.svc.clusterset.local.", RecordType::A), Some(vec!["242.2.0.1".into()]));
+    // Not ready, or remote without a VIP: no name.
+    assert_eq!(get(&names, "db-2.east.db.ns.svc.clusterset.local.", RecordType::A), None);
+    assert_eq!(get(&names, "10-2-0-9.west.db.ns.svc.clusterset.local.", RecordType::A), None);
+    // `<clusterid>.<svc>...` does not exist.
+    assert!(flatten(&names).keys().all(|(n, _)| n != "east.db.ns.svc.clusterset.local."));
+    assert_eq!(
+        get(&names, "_http._tcp.db.ns.svc.clusterset.local.", RecordType::SRV),
+        Some(vec![
+            "0 100 8080 10-0-0-2.east.db.ns.svc.clusterset.local.".into(),
+            "0 100 8080 db-0.east.db.ns.svc.clusterset.local.".into(),
+        ])
+    );
+}
+
+#[test]
+fn headless_fails_over_when_local_endpoints_are_unhealthy_or_cluster_unreachable() {
+    let mut w = World::new();
+    let key = ServiceKey::new("ns", "db");
+    w.vips.insert((cid("east2"), "10.1.0.1".parse().expect("ip")), "242.2.0.2".parse().expect("ip"));
+    w.vips.insert((cid("west"), "10.2.0.1".parse().expect("ip")), "242.2.0.3".parse().expect("ip"));
+    let build = |local_health: Health| {
+        import(
+            "ns",
+            "db",
+            ServiceType::Headless,
+            &[],
+            vec![
+                export(&key, "east", ServiceType::Headless, vec![ep("10.0.0.1", None, true, local_health)]),
+                export(&key, "east2", ServiceType::Headless, vec![ep("10.1.0.1", None, true, Health::Healthy)]),
+                export(&key, "west", ServiceType::Headless, vec![ep("10.2.0.1", None, true, Health::Healthy)]),
+            ],
+        )
+    };
+    let a = |w: &World, h| get(&w.names(&build(h)), "db.ns.svc.clusterset.local.", RecordType::A);
+    assert_eq!(a(&w, Health::Healthy), Some(vec!["10.0.0.1".into()]));
+    // Same region, other cluster next.
+    assert_eq!(a(&w, Health::Unhealthy), Some(vec!["242.2.0.2".into()]));
+    w.unreachable.insert(cid("east2"));
+    assert_eq!(a(&w, Health::Unhealthy), Some(vec!["242.2.0.3".into()]));
+    w.unreachable.insert(cid("west"));
+    // Nothing healthy anywhere: the name does not exist.
+    assert_eq!(a(&w, Health::Unhealthy), None);
+}
+
+#[test]
+fn local_services() {
+    let key = ServiceKey::new("ns", "api");
+    let mut svc = LocalService {
+        key: key.clone(),
+        kube_type: "ClusterIP".into(),
+        cluster_ips: vec!["10.96.0.10".parse().expect("ip")],
+        ports: vec![port(Some("http"), 80)],
+        session_affinity: SessionAffinity::None,
+        internal_traffic_policy: None,
+        traffic_distribution: None,
+        ip_families: vec![],
+        endpoints: vec![ep("10.0.0.1", Some("api-0"), true, Health::Unknown)],
+    };
+    let names = local_names(&svc, 5);
+    assert_eq!(get(&names, "api.ns.svc.cluster.local.", RecordType::A), Some(vec!["10.96.0.10".into()]));
+    assert_eq!(
+        get(&names, "_http._tcp.api.ns.svc.cluster.local.", RecordType::SRV),
+        Some(vec!["0 100 80 api.ns.svc.cluster.local.".into()])
+    );
+    svc.cluster_ips.clear();
+    svc.endpoints.push(ep("10.0.0.2", None, false, Health::Unknown));
+    let names = local_names(&svc, 5);
+    assert_eq!(get(&names, "api.ns.svc.cluster.local.", RecordType::A), Some(vec!["10.0.0.1".into()]));
+    assert_eq!(get(&names, "api-0.api.ns.svc.cluster.local.", RecordType::A), Some(vec!["10.0.0.1".into()]));
+    assert_eq!(
+        get(&names, "_http._tcp.api.ns.svc.cluster.local.", RecordType::SRV),
+        Some(vec!["0 100 8080 api-0.api.ns.svc.cluster.local.".into()])
+    );
+    svc.kube_type = "ExternalName".into();
+    assert!(local_names(&svc, 5).is_empty());
+}
+
+#[test]
+fn static_names_and_soa() {
+    let names = static_names(7, 42);
+    assert_eq!(get(&names, "dns-version.clusterset.local.", RecordType::TXT), Some(vec!["1.0.0".into()]));
+    let soa = get(&names, "clusterset.local.", RecordType::SOA).expect("soa");
+    assert!(soa[0].contains(" 42 ") && soa[0].ends_with(" 7"), "{soa:?}");
+    assert!(get(&names, "cluster.local.", RecordType::SOA).is_some());
+    assert!(flatten(&names).contains_key(&("svc.cluster.local.".into(), "ENT".into())));
+}

@@ -1,0 +1,296 @@
+//! The DNS server: binds UDP and TCP at once, keeps the zones in step with discovery, and
+//! serves until shut down. UDP goes through the fast path first; TCP is hickory's server.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use fedgate_discovery::model::{ClusterState, ImportSnapshot};
+use hickory_proto::op::ResponseCode;
+use hickory_server::Server;
+use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::error::DnsError;
+use crate::forward::Forwarder;
+use crate::handler::{Handler, TcpHandler};
+use crate::metrics::{self, FastPathMetrics};
+use crate::names::Zone;
+use crate::settings::{resolve_upstreams, DnsSettings, RESOLV_CONF};
+use crate::table::Table;
+use crate::tier::parse_priority;
+use crate::wire;
+use crate::zone::ZoneWriter;
+
+/// Kernel receive buffer asked for on the UDP socket: absorbs bursts while workers are busy.
+const UDP_RECV_BUFFER: usize = 4 << 20;
+/// Responses queued per TCP connection inside hickory.
+const TCP_RESPONSE_BUFFER: usize = 32;
+/// Attempts to find a port free for both UDP and TCP when asked for port 0.
+const BIND_ATTEMPTS: usize = 16;
+
+/// The DNS server. `new` binds, `address` tells where, `run` serves.
+pub struct DnsServer {
+    settings: DnsSettings,
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+    address: SocketAddr,
+    table: Arc<Table>,
+    writer: ZoneWriter,
+    handler: Arc<Handler>,
+    imports_rx: watch::Receiver<Arc<ImportSnapshot>>,
+    cluster_rx: watch::Receiver<Arc<ClusterState>>,
+}
+
+fn bind_pair(listen: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener), DnsError> {
+    let attempts = if listen.port() == 0 { BIND_ATTEMPTS } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let tcp = bind_tcp(listen)?;
+        let addr = tcp.local_addr().map_err(|source| DnsError::Bind { proto: "tcp", addr: listen, source })?;
+        match bind_udp(addr) {
+            Ok(udp) => return Ok((udp, tcp)),
+            // Port 0: the port TCP got may be taken for UDP; try another.
+            Err(e) if listen.port() == 0 => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or(DnsError::Settings("no free port for dns".into())))
+}
+
+fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, DnsError> {
+    let err = |source| DnsError::Bind { proto: "tcp", addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP)).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(1024).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    Ok(socket.into())
+}
+
+fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, DnsError> {
+    let err = |source| DnsError::Bind { proto: "udp", addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(SockProtocol::UDP)).map_err(err)?;
+    // Best effort: the kernel caps it at net.core.rmem_max.
+    let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_RECV_BUFFER);
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    Ok(socket.into())
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on `settings.listen` (the same port for both; port 0 picks one),
+    /// reads the upstreams, and builds the zones from the current snapshots.
+    pub fn new(
+        settings: DnsSettings,
+        mut imports_rx: watch::Receiver<Arc<ImportSnapshot>>,
+        mut cluster_rx: watch::Receiver<Arc<ClusterState>>,
+    ) -> Result<Self, DnsError> {
+        if settings.ttl.as_secs() > u64::from(i32::MAX as u32) {
+            return Err(DnsError::Settings(format!("dns.ttl {:?} is too long", settings.ttl)));
+        }
+        let (udp, tcp) = bind_pair(settings.listen)?;
+        let address = tcp
+            .local_addr()
+            .map_err(|source| DnsError::Bind { proto: "tcp", addr: settings.listen, source })?;
+        let upstreams =
+            resolve_upstreams(&settings.upstream, || std::fs::read_to_string(RESOLV_CONF), address)?;
+        if upstreams.is_empty() {
+            tracing::warn!("no dns upstream: names outside clusterset.local and cluster.local get SERVFAIL");
+        }
+        // A fixed serial for the life of the process (see records::soa).
+        let serial = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| u32::try_from(d.as_secs() % u64::from(u32::MAX)).unwrap_or(1));
+        let table = Arc::new(Table::default());
+        let mut writer = ZoneWriter::new(
+            table.clone(),
+            settings.ttl_secs(),
+            serial,
+            parse_priority(&settings.failover_priority),
+            settings.local_labels.clone(),
+        );
+        let imports = imports_rx.borrow_and_update().clone();
+        writer.apply_imports(&imports);
+        let cluster = cluster_rx.borrow_and_update().clone();
+        writer.apply_cluster(&cluster);
+        metrics::zone_update("initial", table.len());
+        let soas = [writer.soa(Zone::ClusterSet).clone(), writer.soa(Zone::Cluster).clone()];
+        let forwarder = Forwarder::new(upstreams, settings.upstream_timeout, settings.cache_entries);
+        let handler = Arc::new(Handler::new(table.clone(), forwarder, soas));
+        tracing::info!(%address, names = table.len(), "dns server bound");
+        Ok(Self { settings, udp, tcp, address, table, writer, handler, imports_rx, cluster_rx })
+    }
+
+    /// The address bound (UDP and TCP share the port).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Names currently served (for readiness and tests).
+    pub fn names(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Serves until `shutdown` resolves, then stops taking queries and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DnsError> {
+        let address = self.address;
+        let udp = UdpSocket::from_std(self.udp)
+            .map_err(|source| DnsError::Socket { proto: "udp", addr: address, source })?;
+        let udp = Arc::new(udp);
+        let tcp = TcpListener::from_std(self.tcp)
+            .map_err(|source| DnsError::Socket { proto: "tcp", addr: address, source })?;
+
+        let mut server = Server::new(TcpHandler(self.handler.clone()));
+        server.register_listener(tcp, self.settings.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
+
+        let mut tasks = JoinSet::new();
+        let permits = Arc::new(Semaphore::new(self.settings.max_inflight.max(1)));
+        let fast = FastPathMetrics::new();
+        for _ in 0..self.settings.udp_workers.max(1) {
+            tasks.spawn(udp_worker(
+                udp.clone(),
+                self.table.clone(),
+                self.handler.clone(),
+                permits.clone(),
+                fast.clone(),
+            ));
+        }
+        tasks.spawn(update_zones(self.writer, self.table.clone(), self.imports_rx, self.cluster_rx));
+
+        let result = tokio::select! {
+            () = shutdown => Ok(()),
+            Some(done) = tasks.join_next() => match done {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(source)) => Err(DnsError::Socket { proto: "udp", addr: address, source }),
+                Err(e) => Err(DnsError::Socket { proto: "udp", addr: address, source: io::Error::other(e) }),
+            },
+        };
+        tasks.abort_all();
+        if let Err(error) = server.shutdown_gracefully().await {
+            tracing::debug!(%error, "dns tcp server stopped with an error");
+        }
+        tracing::info!(%address, "dns server stopped");
+        result
+    }
+}
+
+/// Applies snapshots as they come; ends when both senders are gone.
+async fn update_zones(
+    mut writer: ZoneWriter,
+    table: Arc<Table>,
+    mut imports_rx: watch::Receiver<Arc<ImportSnapshot>>,
+    mut cluster_rx: watch::Receiver<Arc<ClusterState>>,
+) -> io::Result<()> {
+    let (mut imports_open, mut cluster_open) = (true, true);
+    while imports_open || cluster_open {
+        tokio::select! {
+            changed = imports_rx.changed(), if imports_open => {
+                if changed.is_err() {
+                    imports_open = false;
+                    continue;
+                }
+                let snap = imports_rx.borrow_and_update().clone();
+                let stats = writer.apply_imports(&snap);
+                metrics::zone_update("imports", table.len());
+                tracing::debug!(version = snap.version, ?stats, "dns zone clusterset.local updated");
+            }
+            changed = cluster_rx.changed(), if cluster_open => {
+                if changed.is_err() {
+                    cluster_open = false;
+                    continue;
+                }
+                let state = cluster_rx.borrow_and_update().clone();
+                let stats = writer.apply_cluster(&state);
+                metrics::zone_update("cluster", table.len());
+                tracing::debug!(?stats, "dns zone cluster.local updated");
+            }
+        }
+    }
+    // Keep serving the last zones; nothing more will change them.
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    // ICMP errors of earlier sends surface on recv (ECONNREFUSED etc.): not the socket's fault.
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    ) || e.raw_os_error().is_some_and(|c| c == 113 /* EHOSTUNREACH */ || c == 90 /* EMSGSIZE */)
+}
+
+/// One UDP receive loop: fast path inline, everything else on a task of its own.
+async fn udp_worker(
+    socket: Arc<UdpSocket>,
+    table: Arc<Table>,
+    handler: Arc<Handler>,
+    permits: Arc<Semaphore>,
+    fast: FastPathMetrics,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 65_535];
+    let mut key = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(usize::from(wire::EDNS_PAYLOAD));
+    loop {
+        let (n, src) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) if is_transient(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        if src.port() == 0 {
+            continue;
+        }
+        let started = Instant::now();
+        let pkt = &buf[..n];
+        if let Some(q) = wire::parse_query(pkt, &mut key) {
+            let hit = table.with(&key, |entry| {
+                let entry = entry?;
+                let template = match entry.answers.iter().find(|(t, _)| *t == q.qtype) {
+                    Some((_, t)) => t.as_ref(),
+                    None if wire::is_data_type(q.qtype) => entry.nodata.as_deref()?,
+                    None => return None,
+                };
+                wire::assemble(template, pkt, &q, &mut out).then_some(entry.zone)
+            });
+            if let Some(zone) = hit {
+                if let Err(error) = socket.send_to(&out, src).await {
+                    tracing::debug!(%src, %error, "dns udp send failed");
+                }
+                fast.record(if zone == Zone::ClusterSet { 0 } else { 1 }, q.qtype, started.elapsed());
+                continue;
+            }
+        }
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let pkt = pkt.to_vec();
+                let socket = socket.clone();
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    if let Some(resp) = handler.handle_udp(pkt, src, started).await {
+                        if let Err(error) = socket.send_to(&resp, src).await {
+                            tracing::debug!(%src, %error, "dns udp send failed");
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                // Overloaded: answer at once rather than let the query vanish.
+                metrics::overloaded();
+                if let Some(resp) = wire::error_response(pkt, ResponseCode::ServFail) {
+                    let _ = socket.send_to(&resp, src).await;
+                }
+            }
+        }
+    }
+}
