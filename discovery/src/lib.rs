@@ -5,5 +5,7 @@
 //! its immutable snapshots.
 
 pub mod alloc;
+pub mod exports;
+pub mod imports;
 pub mod mcs;
 pub mod model;

@@ -1,0 +1,267 @@
+//! The local export set: which of this cluster's services are exported, with the health its
+//! checks observed stamped on their endpoints. One task owns it and publishes each real change
+//! as a new `Arc<ExportSet>` with a higher version; peers and the import set read that.
+//!
+//! Updates are incremental: a new cluster state or health map is diffed against the previous
+//! one by `Arc` pointer (services, exports) and by value (health entries), and only the
+//! services that differ are rebuilt. Unchanged services keep their `Arc`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+
+use crate::mcs::{self, LocalExportsOutcome, Validity};
+use crate::model::{ClusterId, ClusterState, ExportSet, HealthMap, Locality, ServiceKey};
+
+/// Validity of every local ServiceExport object, valid or not (the `Valid` condition).
+pub type ValidityMap = BTreeMap<ServiceKey, Validity>;
+
+/// The task that turns the local cluster state into the local export set.
+pub struct LocalExports {
+    cluster: ClusterId,
+    state_rx: watch::Receiver<Arc<ClusterState>>,
+    health_rx: watch::Receiver<Arc<HealthMap>>,
+    exports_tx: watch::Sender<Arc<ExportSet>>,
+    validity_tx: watch::Sender<Arc<ValidityMap>>,
+    state: Arc<ClusterState>,
+    health: Arc<HealthMap>,
+    outcome: LocalExportsOutcome,
+}
+
+impl LocalExports {
+    /// Builds the export set from the current values of both inputs at once, so subscribers
+    /// see it before `run` starts. The first version is the wall clock in milliseconds, so a
+    /// restarted gateway's versions keep growing for peers that still hold the old ones.
+    pub fn new(
+        cluster: ClusterId,
+        locality: Locality,
+        mut state_rx: watch::Receiver<Arc<ClusterState>>,
+        mut health_rx: watch::Receiver<Arc<HealthMap>>,
+    ) -> Self {
+        let state = Arc::clone(&state_rx.borrow_and_update());
+        let health = Arc::clone(&health_rx.borrow_and_update());
+        let outcome = mcs::compute_exports(&state, &cluster, &health, &BTreeMap::new());
+        let version = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2))
+            .max(1);
+        let set = ExportSet {
+            cluster: cluster.clone(),
+            locality,
+            version,
+            services: outcome.services.clone(),
+        };
+        let (exports_tx, _) = watch::channel(Arc::new(set));
+        let (validity_tx, _) = watch::channel(Arc::new(outcome.validity.clone()));
+        LocalExports {
+            cluster,
+            state_rx,
+            health_rx,
+            exports_tx,
+            validity_tx,
+            state,
+            health,
+            outcome,
+        }
+    }
+
+    /// The local export set, from now on.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ExportSet>> {
+        self.exports_tx.subscribe()
+    }
+
+    /// Validity of each local ServiceExport, from now on.
+    pub fn subscribe_validity(&self) -> watch::Receiver<Arc<ValidityMap>> {
+        self.validity_tx.subscribe()
+    }
+
+    /// Follows the inputs until the cluster source's sender is dropped. When the health
+    /// sender goes first, the last health map stays in force.
+    pub async fn run(mut self) {
+        let mut health_open = true;
+        loop {
+            tokio::select! {
+                changed = self.state_rx.changed() => {
+                    if changed.is_err() {
+                        tracing::debug!(cluster = %self.cluster, "cluster source closed, local exports stop");
+                        return;
+                    }
+                }
+                changed = self.health_rx.changed(), if health_open => {
+                    if changed.is_err() {
+                        health_open = false;
+                        continue;
+                    }
+                }
+            }
+            let state = Arc::clone(&self.state_rx.borrow_and_update());
+            let health = Arc::clone(&self.health_rx.borrow_and_update());
+            self.apply(state, health);
+        }
+    }
+
+    /// Applies new inputs; publishes what changed. Returns whether the export set changed.
+    fn apply(&mut self, state: Arc<ClusterState>, health: Arc<HealthMap>) -> bool {
+        let dirty = mcs::changed_local_keys(&self.state, &state, &self.health, &health);
+        self.state = state;
+        self.health = health;
+        if dirty.is_empty() {
+            return false;
+        }
+        let prev = std::mem::take(&mut self.outcome);
+        let before: Vec<_> = dirty.iter().map(|k| prev.services.get(k).cloned()).collect();
+        let validity_before: Vec<_> = dirty.iter().map(|k| prev.validity.get(k).copied()).collect();
+        self.outcome = mcs::update_exports(&self.state, &self.cluster, &self.health, prev, &dirty);
+        let exports_changed =
+            dirty.iter().zip(&before).any(|(k, old)| match (old, self.outcome.services.get(k)) {
+                (None, None) => false,
+                (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                _ => true,
+            });
+        let validity_changed = dirty
+            .iter()
+            .zip(&validity_before)
+            .any(|(k, old)| self.outcome.validity.get(k).copied() != *old);
+        if exports_changed {
+            let services = self.outcome.services.clone();
+            self.exports_tx.send_modify(|set| {
+                let next = ExportSet {
+                    cluster: set.cluster.clone(),
+                    locality: set.locality.clone(),
+                    version: set.version + 1,
+                    services,
+                };
+                tracing::debug!(
+                    cluster = %next.cluster,
+                    version = next.version,
+                    services = next.services.len(),
+                    changed = dirty.len(),
+                    "local export set changed"
+                );
+                *set = Arc::new(next);
+            });
+        }
+        if validity_changed {
+            let validity = Arc::new(self.outcome.validity.clone());
+            self.validity_tx.send_replace(validity);
+        }
+        exports_changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::{
+        Endpoint, Health, IpFamily, LocalService, Protocol, ServiceExportObject, ServicePort,
+        SessionAffinity,
+    };
+
+    fn service(name: &str, ips: &[&str]) -> Arc<LocalService> {
+        Arc::new(LocalService {
+            key: ServiceKey::new("ns", name),
+            kube_type: "ClusterIP".into(),
+            cluster_ips: vec!["10.96.0.1".parse().unwrap()],
+            ports: vec![ServicePort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: 80,
+                app_protocol: None,
+                target_port: None,
+            }],
+            session_affinity: SessionAffinity::None,
+            internal_traffic_policy: None,
+            traffic_distribution: None,
+            ip_families: vec![IpFamily::IPv4],
+            endpoints: ips
+                .iter()
+                .map(|ip| Endpoint {
+                    address: ip.parse().unwrap(),
+                    hostname: None,
+                    ready: true,
+                    zone: None,
+                    ports: Vec::new(),
+                    health: Health::Unknown,
+                })
+                .collect(),
+        })
+    }
+
+    fn export(name: &str) -> Arc<ServiceExportObject> {
+        Arc::new(ServiceExportObject {
+            key: ServiceKey::new("ns", name),
+            created: jiff::Timestamp::UNIX_EPOCH,
+            exported_labels: BTreeMap::new(),
+            exported_annotations: BTreeMap::new(),
+        })
+    }
+
+    async fn eventually<T>(rx: &mut watch::Receiver<T>, what: &str, f: impl Fn(&T) -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| f(v)))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .unwrap_or_else(|_| panic!("channel closed waiting for {what}"));
+    }
+
+    #[tokio::test]
+    async fn follows_state_and_health_incrementally() {
+        let mut state = ClusterState::default();
+        for i in 0..100 {
+            let name = format!("s{i}");
+            state.services.insert(ServiceKey::new("ns", &name), service(&name, &["10.0.0.1"]));
+            state.exports.insert(ServiceKey::new("ns", &name), export(&name));
+        }
+        state.exports.insert(ServiceKey::new("ns", "ghost"), export("ghost"));
+        let (state_tx, state_rx) = watch::channel(Arc::new(state.clone()));
+        let (health_tx, health_rx) = watch::channel(Arc::new(HealthMap::new()));
+        let task = LocalExports::new(
+            ClusterId::new("east").unwrap(),
+            Locality { region: Some("r1".into()), ..Locality::default() },
+            state_rx,
+            health_rx,
+        );
+        let mut exports = task.subscribe();
+        let mut validity = task.subscribe_validity();
+        let first = Arc::clone(&exports.borrow_and_update());
+        assert_eq!(first.services.len(), 100);
+        assert_eq!(first.locality.region.as_deref(), Some("r1"));
+        assert_eq!(
+            validity.borrow_and_update().get(&ServiceKey::new("ns", "ghost")),
+            Some(&Validity::NoService)
+        );
+        let handle = tokio::spawn(task.run());
+
+        // one endpoint's health changes: one new Arc, everything else shared, version + 1
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let s7 = ServiceKey::new("ns", "s7");
+        health_tx.send_replace(Arc::new(HealthMap::from([((s7.clone(), ip), Health::Healthy)])));
+        eventually(&mut exports, "health stamped", |s| s.version == first.version + 1).await;
+        let second = Arc::clone(&exports.borrow_and_update());
+        assert_eq!(second.services[&s7].endpoints[0].health, Health::Healthy);
+        let shared =
+            second.services.iter().filter(|(k, v)| Arc::ptr_eq(v, &first.services[*k])).count();
+        assert_eq!(shared, 99);
+
+        // a state that changes nothing exported publishes nothing
+        let mut same = state.clone();
+        same.services.insert(ServiceKey::new("ns", "unexported"), service("unexported", &[]));
+        state_tx.send_replace(Arc::new(same.clone()));
+        // the ghost's Service appears: it becomes valid and exported
+        same.services.insert(ServiceKey::new("ns", "ghost"), service("ghost", &["10.0.0.9"]));
+        state_tx.send_replace(Arc::new(same));
+        eventually(&mut exports, "ghost exported", |s| s.services.len() == 101).await;
+        assert_eq!(exports.borrow().version, first.version + 2);
+        eventually(&mut validity, "ghost valid", |v| {
+            v.get(&ServiceKey::new("ns", "ghost")) == Some(&Validity::Valid)
+        })
+        .await;
+
+        drop(state_tx);
+        tokio::time::timeout(Duration::from_secs(5), handle).await.unwrap().unwrap();
+    }
+}
