@@ -117,6 +117,12 @@ impl Drain {
     }
 }
 
+/// Resolves once `draining` turns true (or its sender is gone). Holds no borrow across
+/// awaits, so the futures that select on it stay `Send`.
+pub(crate) async fn until_draining(draining: &mut watch::Receiver<bool>) {
+    let _ = draining.wait_for(|d| *d).await.map(|_| ());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -266,7 +266,7 @@ async fn accept_loop(listener: TcpListener, route: Arc<ArcSwap<Route>>, shared: 
     loop {
         let accepted = tokio::select! {
             // Draining (or the data plane gone): stop accepting, drop the socket.
-            _ = draining.wait_for(|d| *d) => return,
+            _ = super::drain::until_draining(&mut draining) => return,
             r = listener.accept() => r,
         };
         match accepted {

@@ -389,7 +389,7 @@ impl DataPlane {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    r = draining.wait_for(|d| *d) => { let _ = r; break; }
+                    _ = drain::until_draining(&mut draining) => break,
                     r = snapshots.changed() => {
                         if r.is_err() {
                             shutdown.cancelled().await;
@@ -417,3 +417,6 @@ impl DataPlane {
         outcome
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,558 @@
+//! Data-plane tests on loopback with real sockets: echo servers as endpoints, random
+//! 127.x.y.z addresses as ClusterSetIPs, port 0 everywhere a port can be chosen.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedgate_discovery::model::{
+    ClusterId, ClusterState, Endpoint, EndpointPort, EndpointVip, ExportedService, Health,
+    ImportPort, ImportSnapshot, ImportedService, LocalService, Locality, Protocol,
+    ServiceExportObject, ServiceKey, ServicePort, ServiceType, SessionAffinity,
+};
+use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{Status, StreamRequest};
+use super::testing::LoopTunnel;
+use super::*;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn cid(s: &str) -> ClusterId {
+    ClusterId::new(s).unwrap()
+}
+
+fn key() -> ServiceKey {
+    ServiceKey::new("shop", "web")
+}
+
+/// Polls `f` until it is true or [`WAIT`] passed.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A random loopback address, so parallel tests never share one.
+fn random_loopback() -> IpAddr {
+    let mut rng = rand::rng();
+    IpAddr::from([
+        127,
+        rng.random_range(1..=254),
+        rng.random_range(0..=255),
+        rng.random_range(1..=254),
+    ])
+}
+
+/// A free port on `ip` (bound with port 0, then released).
+fn free_port(ip: IpAddr) -> u16 {
+    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// An endpoint that reads until EOF, then answers `<name>:<what it read>` and closes.
+async fn echo_server(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
+    let l = listeners::bind_freebind(SocketAddr::new(random_loopback(), 0)).unwrap();
+    echo_on(l, name)
+}
+
+fn echo_on(l: TcpListener, name: &'static str) -> (SocketAddr, JoinHandle<()>) {
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if s.read_to_end(&mut buf).await.is_ok() {
+                    let _ = s.write_all(format!("{name}:").as_bytes()).await;
+                    let _ = s.write_all(&buf).await;
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+fn port(n: u16) -> ServicePort {
+    ServicePort {
+        name: Some("http".into()),
+        protocol: Protocol::Tcp,
+        port: n,
+        app_protocol: None,
+        target_port: None,
+    }
+}
+
+fn endpoint(addr: SocketAddr) -> Endpoint {
+    Endpoint {
+        address: addr.ip(),
+        hostname: None,
+        ready: true,
+        zone: None,
+        ports: vec![EndpointPort {
+            name: Some("http".into()),
+            protocol: Protocol::Tcp,
+            port: addr.port(),
+        }],
+        health: Health::Unknown,
+    }
+}
+
+fn exported(cluster: &str, svc_port: u16, endpoints: &[SocketAddr]) -> Arc<ExportedService> {
+    Arc::new(ExportedService {
+        key: key(),
+        cluster: cid(cluster),
+        service_type: ServiceType::ClusterSetIP,
+        ports: vec![port(svc_port)],
+        session_affinity: SessionAffinity::None,
+        internal_traffic_policy: None,
+        traffic_distribution: None,
+        ip_families: vec![],
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        created: jiff::Timestamp::UNIX_EPOCH,
+        endpoints: endpoints.iter().copied().map(endpoint).collect(),
+    })
+}
+
+fn locality(region: &str, zone: &str) -> Locality {
+    Locality { region: Some(region.into()), zone: Some(zone.into()), labels: BTreeMap::new() }
+}
+
+/// An import of `shop/web` on `vip:svc_port` with the given clusters' endpoints.
+fn snapshot(
+    vip: IpAddr,
+    svc_port: u16,
+    clusters: &[(&str, &[SocketAddr])],
+    unreachable: &[&str],
+) -> ImportSnapshot {
+    let exports: BTreeMap<ClusterId, Arc<ExportedService>> =
+        clusters.iter().map(|(c, eps)| (cid(c), exported(c, svc_port, eps))).collect();
+    let service = ImportedService {
+        key: key(),
+        service_type: ServiceType::ClusterSetIP,
+        ports: vec![ImportPort {
+            port: port(svc_port),
+            clusters: exports.keys().cloned().collect(),
+        }],
+        session_affinity: SessionAffinity::None,
+        internal_traffic_policy: None,
+        traffic_distribution: None,
+        ip_families: vec![],
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        ips: vec![vip],
+        winner: exports.keys().next().cloned().unwrap_or_else(|| cid("east")),
+        clusters: exports,
+        conflicts: vec![],
+    };
+    ImportSnapshot {
+        version: 1,
+        local_cluster: Some(cid("east")),
+        services: [(key(), Arc::new(service))].into_iter().collect(),
+        localities: [
+            (cid("east"), locality("us", "us-a")),
+            (cid("north"), locality("us", "us-b")),
+            (cid("west"), locality("eu", "eu-a")),
+        ]
+        .into_iter()
+        .collect(),
+        unreachable: unreachable.iter().map(|c| cid(c)).collect(),
+        endpoint_vips: BTreeMap::new(),
+    }
+}
+
+/// The local cluster with `shop/web` (exported) served by `endpoints`.
+fn cluster_state(svc_port: u16, endpoints: &[SocketAddr]) -> ClusterState {
+    let svc = LocalService {
+        key: key(),
+        kube_type: "ClusterIP".into(),
+        cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+        ports: vec![port(svc_port)],
+        session_affinity: SessionAffinity::None,
+        internal_traffic_policy: None,
+        traffic_distribution: None,
+        ip_families: vec![],
+        endpoints: endpoints.iter().copied().map(endpoint).collect(),
+    };
+    let mut state = ClusterState::default();
+    state.services.insert(key(), Arc::new(svc));
+    state.exports.insert(
+        key(),
+        Arc::new(ServiceExportObject {
+            key: key(),
+            created: jiff::Timestamp::UNIX_EPOCH,
+            exported_labels: BTreeMap::new(),
+            exported_annotations: BTreeMap::new(),
+        }),
+    );
+    state
+}
+
+fn settings(cluster: &str, region: &str, zone: &str) -> DataPlaneSettings {
+    let mut s = DataPlaneSettings::new(cid(cluster), locality(region, zone));
+    s.health.interval = Duration::from_millis(50);
+    s.health.timeout = Duration::from_millis(200);
+    s.drain_duration = Duration::from_secs(5);
+    s
+}
+
+struct Running {
+    snapshots: watch::Sender<Arc<ImportSnapshot>>,
+    _cluster: watch::Sender<Arc<ClusterState>>,
+    _health: watch::Receiver<Arc<HealthMap>>,
+    drain: Drain,
+    debug: DebugHandle,
+    shutdown: CancellationToken,
+    task: JoinHandle<DrainOutcome>,
+}
+
+fn start(
+    settings: DataPlaneSettings,
+    snap: ImportSnapshot,
+    cluster: ClusterState,
+    tunnel: Option<Arc<dyn Tunnel>>,
+    incoming: Option<mpsc::Receiver<Incoming>>,
+) -> Running {
+    let (snapshots, snap_rx) = watch::channel(Arc::new(snap));
+    let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster));
+    let (mut dp, health) = DataPlane::new(settings, snap_rx, cluster_rx, tunnel).unwrap();
+    if let Some(rx) = incoming {
+        dp.serve_tunnel(rx);
+    }
+    let drain = dp.drain_handle();
+    let debug = dp.debug_handle();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(dp.run(shutdown.clone()));
+    Running { snapshots, _cluster: cluster_tx, _health: health, drain, debug, shutdown, task }
+}
+
+/// Connects, sends `msg`, half-closes and reads the whole answer.
+async fn request(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
+    let mut s = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await??;
+    s.write_all(msg.as_bytes()).await?;
+    s.shutdown().await?;
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await??;
+    Ok(out)
+}
+
+fn health_of(rx: &watch::Receiver<Arc<HealthMap>>, ip: IpAddr) -> Option<Health> {
+    rx.borrow().get(&(key(), ip)).copied()
+}
+
+#[tokio::test]
+async fn probes_fail_on_closed_port_and_recover() {
+    let (addr, server) = echo_server("a").await;
+    let state = cluster_state(80, &[addr]);
+    let (_tx, rx) = watch::channel(Arc::new(state));
+    let settings = HealthSettings {
+        interval: Duration::from_millis(30),
+        timeout: Duration::from_millis(200),
+        unhealthy_threshold: 2,
+        healthy_threshold: 1,
+    };
+    let (checker, health) = HealthChecker::new(settings, rx);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(checker.run(stop.clone()));
+    eventually("healthy", || health_of(&health, addr.ip()) == Some(Health::Healthy)).await;
+    server.abort();
+    let _ = server.await;
+    eventually("unhealthy after the port closed", || {
+        health_of(&health, addr.ip()) == Some(Health::Unhealthy)
+    })
+    .await;
+    let (_, _server) = echo_on(listeners::bind_freebind(addr).unwrap(), "a");
+    eventually("healthy again", || health_of(&health, addr.ip()) == Some(Health::Healthy)).await;
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn proxies_through_a_loopback_cluster_set_ip() {
+    let (a, _sa) = echo_server("a").await;
+    let vip = random_loopback();
+    let p = free_port(vip);
+    let dp = start(
+        settings("east", "us", "us-a"),
+        snapshot(vip, p, &[("east", &[a])], &[]),
+        cluster_state(p, &[a]),
+        None,
+        None,
+    );
+    let reply = request(SocketAddr::new(vip, p), "hello").await.unwrap();
+    assert_eq!(reply, "a:hello");
+    // A 1 MiB request crosses the copy path intact.
+    let big = "x".repeat(1 << 20);
+    assert_eq!(request(SocketAddr::new(vip, p), &big).await.unwrap().len(), (1 << 20) + 2);
+    let json = dp.debug.debug_endpoints();
+    assert_eq!(json["services"][0]["endpoints"][0]["tier"], 0);
+    assert_eq!(json["services"][0]["endpoints"][0]["healthy"], true);
+    dp.shutdown.cancel();
+    assert!(matches!(dp.task.await.unwrap(), DrainOutcome::Drained { .. }));
+}
+
+#[tokio::test]
+async fn fails_over_when_the_first_endpoint_refuses_and_follows_snapshots() {
+    let (b, _sb) = echo_server("b").await;
+    // An endpoint whose port is closed, in the best tier (own cluster, same zone).
+    let closed = SocketAddr::new(random_loopback(), 1);
+    let vip = random_loopback();
+    let p = free_port(vip);
+    // The closed endpoint is only in the import (the local probes do not know it), so the
+    // passive path has to find out.
+    let dp = start(
+        settings("east", "us", "us-a"),
+        snapshot(vip, p, &[("east", &[closed, b])], &[]),
+        cluster_state(p, &[b]),
+        None,
+        None,
+    );
+    let ejected = |dp: &Running| {
+        let json = dp.debug.debug_endpoints();
+        json["services"][0]["endpoints"].as_array().is_some_and(|eps| {
+            eps.iter()
+                .any(|e| e["skipped"].as_array().is_some_and(|s| s.iter().any(|r| r == "ejected")))
+        })
+    };
+    let mut i = 0;
+    while !ejected(&dp) {
+        // Every request succeeds, whichever endpoint p2c tried first.
+        assert_eq!(
+            request(SocketAddr::new(vip, p), &i.to_string()).await.unwrap(),
+            format!("b:{i}")
+        );
+        i += 1;
+        assert!(i < 200, "closed endpoint never ejected");
+    }
+    // The service goes away: its listener closes.
+    let mut empty = snapshot(vip, p, &[], &[]);
+    empty.services.clear();
+    dp.snapshots.send_replace(Arc::new(empty));
+    let target = SocketAddr::new(vip, p);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if TcpStream::connect(target).await.is_err() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "listener still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dp.shutdown.cancel();
+    dp.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn half_close_client_shuts_write_and_still_reads_reply() {
+    let (a, _sa) = echo_server("a").await;
+    let vip = random_loopback();
+    let p = free_port(vip);
+    let dp = start(
+        settings("east", "us", "us-a"),
+        snapshot(vip, p, &[("east", &[a])], &[]),
+        cluster_state(p, &[a]),
+        None,
+        None,
+    );
+    let mut s = TcpStream::connect(SocketAddr::new(vip, p)).await.unwrap();
+    s.write_all(b"part one, ").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"part two").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await.unwrap().unwrap();
+    assert_eq!(out, "a:part one, part two");
+    dp.shutdown.cancel();
+    dp.task.await.unwrap();
+}
+
+#[tokio::test]
+async fn drain_stops_accepting_and_resolves_when_the_last_connection_closes() {
+    let (a, _sa) = echo_server("a").await;
+    let vip = random_loopback();
+    let p = free_port(vip);
+    let dp = start(
+        settings("east", "us", "us-a"),
+        snapshot(vip, p, &[("east", &[a])], &[]),
+        cluster_state(p, &[a]),
+        None,
+        None,
+    );
+    let target = SocketAddr::new(vip, p);
+    let mut open = TcpStream::connect(target).await.unwrap();
+    open.write_all(b"still here").await.unwrap();
+    eventually("connection counted", || dp.drain.active() == 1).await;
+    let drain = dp.drain.clone();
+    let waiter = tokio::spawn(async move { drain.drain(Duration::from_secs(30)).await });
+    // New connections are refused once draining.
+    eventually("listener closed", || {
+        std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_err()
+    })
+    .await;
+    assert!(!waiter.is_finished());
+    // The open connection keeps working through the drain.
+    open.shutdown().await.unwrap();
+    let mut out = String::new();
+    open.read_to_string(&mut out).await.unwrap();
+    assert_eq!(out, "a:still here");
+    drop(open);
+    let outcome = tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap();
+    assert!(
+        matches!(outcome, DrainOutcome::Drained { waited } if waited < Duration::from_secs(5)),
+        "{outcome:?}"
+    );
+    dp.shutdown.cancel();
+    dp.task.await.unwrap();
+}
+
+/// Two gateways: `east` (client side, no local endpoints) and `west`, joined by the in-memory
+/// tunnel; `north` is a second remote cluster, draining.
+#[tokio::test]
+async fn proxies_to_a_remote_cluster_through_the_tunnel_and_fails_over_between_clusters() {
+    let (w, _sw) = echo_server("w").await;
+    let (n, _sn) = echo_server("n").await;
+    let vip = random_loopback();
+    let p = free_port(vip);
+    let snap = snapshot(vip, p, &[("north", &[n]), ("west", &[w])], &[]);
+
+    let (west_in_tx, west_in) = mpsc::channel(16);
+    let west = start(
+        settings("west", "eu", "eu-a"),
+        ImportSnapshot::default(),
+        cluster_state(p, &[w]),
+        None,
+        Some(west_in),
+    );
+    let (north_in_tx, north_in) = mpsc::channel(16);
+    let north = start(
+        settings("north", "us", "us-b"),
+        ImportSnapshot::default(),
+        cluster_state(p, &[n]),
+        None,
+        Some(north_in),
+    );
+
+    let tunnel = LoopTunnel::new(cid("east"));
+    tunnel.route(cid("west"), west_in_tx.clone());
+    tunnel.route(cid("north"), north_in_tx.clone());
+    let east = start(
+        settings("east", "us", "us-a"),
+        snap,
+        ClusterState::default(),
+        Some(tunnel.clone()),
+        None,
+    );
+    let target = SocketAddr::new(vip, p);
+
+    // north shares the region: tier 1 beats west (tier 3).
+    assert_eq!(request(target, "1").await.unwrap(), "n:1");
+    // north drains: it refuses new streams with DRAINING, east fails over to west.
+    north.drain.start();
+    assert_eq!(request(target, "2").await.unwrap(), "w:2");
+    // west's endpoint dies: nothing is healthy anywhere, the client gets a reset, not a hang.
+    west.drain.start();
+    assert!(request(target, "3").await.map(|r| r.is_empty()).unwrap_or(true));
+
+    // Garbage on a raw stream gets MALFORMED; a wrong version gets UNSUPPORTED_VERSION.
+    let (gw_tx, gw_in) = mpsc::channel(16);
+    let gw = start(
+        settings("west", "eu", "eu-a"),
+        ImportSnapshot::default(),
+        cluster_state(p, &[w]),
+        None,
+        Some(gw_in),
+    );
+    let raw = LoopTunnel::new(cid("east"));
+    raw.route(cid("west"), gw_tx);
+    let cases: Vec<(Vec<u8>, Status)> = vec![
+        (vec![1, 0, 3, 0xee, 0xff, 0x00], Status::Malformed),
+        (vec![9, 0, 0], Status::UnsupportedVersion),
+        (vec![1, 0xff, 0xff], Status::Malformed),
+        (
+            {
+                let mut r = StreamRequest::new(ServiceKey::new("shop", "nope"), p);
+                r.target = None;
+                r.encode().unwrap()
+            },
+            Status::UnknownService,
+        ),
+        (
+            {
+                let mut r = StreamRequest::new(key(), p);
+                r.target = Some("192.0.2.1".parse().unwrap());
+                r.encode().unwrap()
+            },
+            Status::Forbidden,
+        ),
+    ];
+    for (bytes, want) in cases {
+        let (mut send, mut recv) = raw.open(&cid("west")).await.unwrap();
+        send.write_all(&bytes).await.unwrap();
+        let got = tokio::time::timeout(WAIT, recv.read_u8()).await.unwrap().unwrap();
+        assert_eq!(Status::from_byte(got), Some(want), "{bytes:?}");
+    }
+    // A well-formed request without a target: west picks its endpoint, then bytes flow.
+    let (mut send, mut recv) = raw.open(&cid("west")).await.unwrap();
+    send.write_all(&StreamRequest::new(key(), p).encode().unwrap()).await.unwrap();
+    assert_eq!(recv.read_u8().await.unwrap(), Status::Ok as u8);
+    send.write_all(b"raw").await.unwrap();
+    send.shutdown().await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, recv.read_to_string(&mut out)).await.unwrap().unwrap();
+    assert_eq!(out, "w:raw");
+
+    for dp in [east, west, north, gw] {
+        dp.shutdown.cancel();
+        dp.task.await.unwrap();
+    }
+    drop(west_in_tx);
+    drop(north_in_tx);
+}
+
+#[tokio::test]
+async fn endpoint_vip_leads_to_exactly_that_remote_endpoint() {
+    let (w1, _s1) = echo_server("w1").await;
+    let (w2, _s2) = echo_server("w2").await;
+    let vip = random_loopback();
+    let p = free_port(vip);
+    let endpoint_vip = random_loopback();
+    let mut snap = snapshot(vip, p, &[("west", &[w1, w2])], &[]);
+    let mut svc = (*snap.services[&key()]).clone();
+    svc.service_type = ServiceType::Headless;
+    svc.ips.clear();
+    snap.services.insert(key(), Arc::new(svc));
+    snap.endpoint_vips
+        .insert(endpoint_vip, EndpointVip { key: key(), cluster: cid("west"), endpoint: w2.ip() });
+
+    let (west_tx, west_in) = mpsc::channel(16);
+    let west = start(
+        settings("west", "eu", "eu-a"),
+        ImportSnapshot::default(),
+        cluster_state(p, &[w1, w2]),
+        None,
+        Some(west_in),
+    );
+    let tunnel = LoopTunnel::new(cid("east"));
+    tunnel.route(cid("west"), west_tx);
+    let east =
+        start(settings("east", "us", "us-a"), snap, ClusterState::default(), Some(tunnel), None);
+    for i in 0..4 {
+        assert_eq!(
+            request(SocketAddr::new(endpoint_vip, p), &i.to_string()).await.unwrap(),
+            format!("w2:{i}")
+        );
+    }
+    // A headless service has no ClusterSetIP listener.
+    assert!(TcpStream::connect(SocketAddr::new(vip, p)).await.is_err());
+    for dp in [east, west] {
+        dp.shutdown.cancel();
+        dp.task.await.unwrap();
+    }
+}
