@@ -432,14 +432,16 @@ impl ImportSet {
         let mut peers_open = true;
         let mut validity_open = true;
         loop {
-            let changed = tokio::select! {
+            // What changed, and how many updates changed the snapshot.
+            let (changed, updates) = tokio::select! {
                 r = self.local_rx.changed() => {
                     if r.is_err() {
                         tracing::debug!("local export set closed, import set stops");
                         return;
                     }
                     let set = Arc::clone(&self.local_rx.borrow_and_update());
-                    self.state.set_exports(set)
+                    let changed = self.state.set_exports(set);
+                    (changed, u64::from(changed.snapshot))
                 }
                 r = self.validity_rx.changed(), if validity_open => {
                     if r.is_err() {
@@ -447,7 +449,7 @@ impl ImportSet {
                         continue;
                     }
                     let v = Arc::clone(&self.validity_rx.borrow_and_update());
-                    self.state.set_validity(v)
+                    (self.state.set_validity(v), 0)
                 }
                 update = self.peers_rx.recv(), if peers_open => {
                     let Some(update) = update else {
@@ -455,26 +457,27 @@ impl ImportSet {
                         continue;
                     };
                     let mut changed = self.state.apply_peer(update);
+                    let mut updates = u64::from(changed.snapshot);
                     for _ in 1..MAX_BATCH {
-                        match self.peers_rx.try_recv() {
-                            Ok(update) => changed = changed.or(self.state.apply_peer(update)),
-                            Err(_) => break,
-                        }
+                        let Ok(update) = self.peers_rx.try_recv() else { break };
+                        let one = self.state.apply_peer(update);
+                        updates += u64::from(one.snapshot);
+                        changed = changed.or(one);
                     }
-                    changed
+                    (changed, updates)
                 }
                 () = &mut grace, if !swept => {
                     swept = true;
                     // Releasing IPs nobody uses changes nothing a consumer sees.
                     self.state.release_unused();
-                    Changed::default()
+                    (Changed::default(), 0)
                 }
             };
-            self.publish(changed);
+            self.publish(changed, updates);
         }
     }
 
-    fn publish(&mut self, changed: Changed) {
+    fn publish(&mut self, changed: Changed, updates: u64) {
         self.state.persist();
         if changed.snapshot {
             let snapshot = self.state.snapshot();
@@ -484,7 +487,7 @@ impl ImportSet {
                 "import snapshot"
             );
             metrics::gauge!(METRIC_IMPORTED_SERVICES).set(snapshot.services.len() as f64);
-            metrics::counter!(METRIC_IMPORT_UPDATES).increment(1);
+            metrics::counter!(METRIC_IMPORT_UPDATES).increment(updates);
             self.snapshot_tx.send_replace(Arc::new(snapshot));
         }
         if changed.statuses {
@@ -819,6 +822,43 @@ mod tests {
             "import set, {N} services: initial merge {initial:?}; one endpoint change: diff+merge {apply:?}, with snapshot {update:?}"
         );
         assert!(apply < initial / 10, "incremental update {apply:?} vs initial {initial:?}");
+    }
+
+    #[test]
+    fn publishing_records_metrics() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            let (_local_tx, local_rx) = watch::channel(set(
+                "east",
+                1,
+                vec![exported("east", "a", 1, ServiceType::ClusterSetIP, &[])],
+            ));
+            let (_validity_tx, validity_rx) = watch::channel(Arc::new(ValidityMap::new()));
+            let (_peers_tx, peers_rx) = mpsc::channel(1);
+            let mut task = ImportSet::new(
+                cid("east"),
+                local_rx,
+                validity_rx,
+                peers_rx,
+                Allocator::open("242.1.0.0/16".parse().unwrap(), None).unwrap(),
+            );
+            let changed = task.state.apply_peer(PeerUpdate::Exports(set(
+                "west",
+                1,
+                vec![exported("west", "b", 1, ServiceType::ClusterSetIP, &[])],
+            )));
+            task.publish(changed, 1);
+        });
+        let values: BTreeMap<String, DebugValue> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(k, _, _, v)| (k.key().name().to_owned(), v))
+            .collect();
+        assert_eq!(values.get(METRIC_IMPORTED_SERVICES), Some(&DebugValue::Gauge(2.0.into())));
+        assert_eq!(values.get(METRIC_IMPORT_UPDATES), Some(&DebugValue::Counter(1)));
     }
 
     async fn eventually<T>(rx: &mut watch::Receiver<T>, what: &str, f: impl Fn(&T) -> bool) {

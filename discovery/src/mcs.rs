@@ -391,7 +391,7 @@ fn affinity_kind(a: &SessionAffinity) -> &'static str {
 /// A port as the clusterset sees it: `targetPort` only means something inside its own
 /// cluster, so it takes no part in merging.
 fn clusterset_port(p: &ServicePort) -> ServicePort {
-    ServicePort { target_port: None, ..p.clone() }
+    ServicePort { name: p.name.clone().filter(|n| !n.is_empty()), target_port: None, ..p.clone() }
 }
 
 fn same_ports(a: &[ServicePort], b: &[ServicePort]) -> bool {
@@ -427,10 +427,9 @@ fn merge_ports(
     for e in ordered {
         for p in &e.ports {
             let p = clusterset_port(p);
-            let by_name = p
-                .name
-                .as_ref()
-                .and_then(|n| merged.iter().position(|m| m.port.name.as_ref() == Some(n)));
+            // Names match first, the empty name included (KEP-1645: no two ports may share a
+            // name, "including unnamed/empty name").
+            let by_name = merged.iter().position(|m| m.port.name == p.name);
             if let Some(i) = by_name {
                 if merged[i].port == p {
                     merged[i].clusters.insert(e.cluster.clone());
@@ -828,6 +827,15 @@ mod tests {
                 want_ports: vec![(port(None, Protocol::Tcp, 80), vec!["c1", "c2"])],
                 want_conflicts: vec![("PortConflict", "c1", vec!["c2"])],
                 ..case("same protocol and port, other name: one port, both serve it, conflict")
+            },
+            MergeCase {
+                exports: vec![
+                    with_ports("c1", 1, vec![port(None, Protocol::Tcp, 80)]),
+                    with_ports("c2", 2, vec![port(Some(""), Protocol::Tcp, 81)]),
+                ],
+                want_ports: vec![(port(None, Protocol::Tcp, 80), vec!["c1"])],
+                want_conflicts: vec![("PortConflict", "c1", vec!["c2"])],
+                ..case("two unnamed ports share the empty name: the oldest wins")
             },
             MergeCase {
                 exports: vec![
