@@ -57,7 +57,8 @@ fn free_port(ip: IpAddr) -> u16 {
     std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
 }
 
-/// An endpoint that reads until EOF, then answers `<name>:<what it read>` and closes.
+/// An endpoint that reads until EOF, then answers `<name>:<what it read>` and closes; a
+/// request starting with `RST` makes it reset the connection instead.
 async fn echo_server(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
     let l = listeners::bind_freebind(SocketAddr::new(random_loopback(), 0)).unwrap();
     echo_on(l, name)
@@ -69,11 +70,22 @@ fn echo_on(l: TcpListener, name: &'static str) -> (SocketAddr, JoinHandle<()>) {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                if s.read_to_end(&mut buf).await.is_ok() {
-                    let _ = s.write_all(format!("{name}:").as_bytes()).await;
-                    let _ = s.write_all(&buf).await;
-                    let _ = s.shutdown().await;
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut chunk).await {
+                        Ok(0) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        Err(_) => return,
+                    }
+                    if buf.starts_with(b"RST") {
+                        // Abort: the client must see a reset, not a clean close.
+                        let _ = s.set_zero_linger();
+                        return;
+                    }
                 }
+                let _ = s.write_all(format!("{name}:").as_bytes()).await;
+                let _ = s.write_all(&buf).await;
+                let _ = s.shutdown().await;
             });
         }
     });
@@ -244,6 +256,16 @@ async fn request(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
+/// Sends `RST` (the echo server resets) and expects the connection to be reset, not closed.
+async fn assert_reset(addr: SocketAddr) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"RST").await.unwrap();
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.unwrap();
+    let err = r.expect_err("expected a reset, got a clean close");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}
+
 fn health_of(rx: &watch::Receiver<Arc<HealthMap>>, ip: IpAddr) -> Option<Health> {
     rx.borrow().get(&(key(), ip)).copied()
 }
@@ -369,6 +391,8 @@ async fn half_close_client_shuts_write_and_still_reads_reply() {
     let mut out = String::new();
     tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await.unwrap().unwrap();
     assert_eq!(out, "a:part one, part two");
+    // A reset by the endpoint reaches the client as a reset.
+    assert_reset(SocketAddr::new(vip, p)).await;
     dp.shutdown.cancel();
     dp.task.await.unwrap();
 }
@@ -555,4 +579,111 @@ async fn endpoint_vip_leads_to_exactly_that_remote_endpoint() {
         dp.shutdown.cancel();
         dp.task.await.unwrap();
     }
+}
+
+/// A test tunnel over one real QUIC connection (server-authenticated only; fedgate-tunnel adds
+/// mutual TLS and reconnects). Writes the stream-kind byte like the real tunnel.
+struct QuicTunnel {
+    peer: ClusterId,
+    conn: quinn::Connection,
+}
+
+impl Tunnel for QuicTunnel {
+    fn open(
+        &self,
+        peer: &ClusterId,
+    ) -> futures::future::BoxFuture<'static, Result<(BoxSend, BoxRecv), String>> {
+        let conn = (*peer == self.peer).then(|| self.conn.clone());
+        Box::pin(async move {
+            let conn = conn.ok_or("no such peer")?;
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(&[0x02]).await.map_err(|e| e.to_string())?;
+            Ok((Box::new(send) as BoxSend, Box::new(recv) as BoxRecv))
+        })
+    }
+    fn set_draining(&self, _: bool) {}
+    fn is_connected(&self, peer: &ClusterId) -> bool {
+        *peer == self.peer && self.conn.close_reason().is_none()
+    }
+}
+
+/// A QUIC connection on loopback: (client connection, server connection, endpoints).
+async fn quic_pair() -> (quinn::Connection, quinn::Connection, quinn::Endpoint, quinn::Endpoint) {
+    let ck = rcgen::generate_simple_self_signed(vec!["west.test".to_owned()]).unwrap();
+    let cert = ck.cert.der().clone();
+    let key = rustls_pki_types::PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der());
+    let server_cfg = quinn::ServerConfig::with_single_cert(vec![cert.clone()], key.into()).unwrap();
+    let server = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    client.set_default_client_config(
+        quinn::ClientConfig::with_root_certificates(Arc::new(roots)).unwrap(),
+    );
+    let connecting = client.connect(server.local_addr().unwrap(), "west.test").unwrap();
+    let (c, s) = tokio::join!(connecting, async { server.accept().await.unwrap().await });
+    (c.unwrap(), s.unwrap(), client, server)
+}
+
+#[tokio::test]
+async fn proxies_through_a_real_quic_stream_with_half_close_and_reset() {
+    let (w, _sw) = echo_server("w").await;
+    let vip = random_loopback();
+    let p = free_port(vip);
+    let (client_conn, server_conn, _ce, _se) = quic_pair().await;
+
+    let (west_tx, west_in) = mpsc::channel(16);
+    let west = start(
+        settings("west", "eu", "eu-a"),
+        ImportSnapshot::default(),
+        cluster_state(p, &[w]),
+        None,
+        Some(west_in),
+    );
+    // The acceptor side of the tunnel: consume the kind byte, hand the stream over.
+    let accept = tokio::spawn(async move {
+        while let Ok((send, mut recv)) = server_conn.accept_bi().await {
+            assert_eq!(recv.read_u8().await.unwrap(), 0x02);
+            let incoming =
+                Incoming { peer: cid("east"), send: Box::new(send), recv: Box::new(recv) };
+            if west_tx.send(incoming).await.is_err() {
+                return;
+            }
+        }
+    });
+    let tunnel = Arc::new(QuicTunnel { peer: cid("west"), conn: client_conn });
+    let east = start(
+        settings("east", "us", "us-a"),
+        snapshot(vip, p, &[("west", &[w])], &[]),
+        ClusterState::default(),
+        Some(tunnel),
+        None,
+    );
+    let target = SocketAddr::new(vip, p);
+
+    assert_eq!(request(target, "hello").await.unwrap(), "w:hello");
+    // 8 MiB through client → east → QUIC → west → endpoint and back (echoed).
+    let big = "q".repeat(8 << 20);
+    let started = std::time::Instant::now();
+    let reply = request(target, &big).await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(reply.len(), (8 << 20) + 2);
+    eprintln!(
+        "quic round trip of 2 x 8 MiB in {elapsed:?} ({:.0} MiB/s, debug build)",
+        16.0 / elapsed.as_secs_f64()
+    );
+    // The endpoint resets: the reset crosses the tunnel as RESET_STREAM and reaches the client.
+    assert_reset(target).await;
+    // Several connections at once, each its own stream.
+    let many: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(request(target, Box::leak(format!("c{i}").into_boxed_str()))))
+        .collect();
+    for (i, h) in many.into_iter().enumerate() {
+        assert_eq!(h.await.unwrap().unwrap(), format!("w:c{i}"));
+    }
+    for dp in [east, west] {
+        dp.shutdown.cancel();
+        dp.task.await.unwrap();
+    }
+    accept.abort();
 }
