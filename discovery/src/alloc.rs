@@ -211,7 +211,8 @@ impl Allocator {
 
     /// How many addresses the range can hand out.
     pub fn capacity(&self) -> u128 {
-        self.last - self.first + 1
+        // Saturates for a whole IPv6 space (::/0), which has one address more than u128 counts.
+        (self.last - self.first).saturating_add(1)
     }
 
     /// The IP held by `key`, if any.
@@ -396,6 +397,12 @@ mod tests {
         assert_eq!(b.capacity(), 2);
         let c = Allocator::open(net("fd00::/127"), None).unwrap();
         assert_eq!(c.capacity(), 2);
+        let mut whole = Allocator::open(net("::/0"), None).unwrap();
+        assert_eq!(whole.capacity(), u128::MAX);
+        assert!(whole.allocate(&svc("a")).unwrap().is_ipv6());
+        let mut v4 = Allocator::open(net("0.0.0.0/0"), None).unwrap();
+        assert_eq!(v4.capacity(), (1u128 << 32) - 2);
+        assert!(v4.allocate(&svc("a")).unwrap().is_ipv4());
     }
 
     #[test]
