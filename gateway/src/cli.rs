@@ -1,0 +1,333 @@
+//! The `fedgate` command line: `run`, `analyze`, `certs ca`, `certs issue`, `version`.
+//!
+//! Exit codes: 0 success, 1 invalid input (a bad config or certificate, or a gateway that
+//! failed), 2 usage errors (unknown flags, missing arguments: clap's own).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use fedgate_discovery::model::ClusterId;
+
+use crate::certs::{self, CertOptions, KeyType};
+use crate::config::{self, Config};
+use crate::logging::{self, LogFormat};
+
+/// Exit code of a successful command.
+pub const EXIT_OK: u8 = 0;
+/// Exit code when the input (config, certificates) is invalid or the gateway failed.
+pub const EXIT_INVALID: u8 = 1;
+/// Exit code of a usage error (bad flags or arguments).
+pub const EXIT_USAGE: u8 = 2;
+
+/// fedgate: a multi-cluster federation gateway (MCS API, DNS, QUIC tunnel).
+#[derive(Debug, Parser)]
+#[command(name = "fedgate", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// Log filter: a level (`debug`) or directives (`info,fedgate=debug`).
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Run(RunArgs),
+    /// Check config files and report every problem (syntax, values, cross-field rules,
+    /// certificates).
+    Analyze(AnalyzeArgs),
+    /// Make a development PKI: a clusterset CA and gateway certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The config file (YAML).
+    #[arg(long, short)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct AnalyzeArgs {
+    /// Config files to check.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a clusterset CA: writes ca.crt and ca.key (mode 0600) into --out.
+    Ca(CaArgs),
+    /// Issue a gateway certificate: writes <id>.crt, <id>.key (0600) and ca.crt into --out.
+    Issue(IssueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    /// Clusterset name, the SPIFFE trust domain.
+    #[arg(long)]
+    pub clusterset: String,
+    /// Directory to write into (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Lifetime, e.g. 365d, 8760h.
+    #[arg(long, value_parser = parse_validity, default_value = "365d")]
+    pub validity: Duration,
+    #[arg(long, value_enum, default_value_t = KeyType::EcdsaP256)]
+    pub key_type: KeyType,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct IssueArgs {
+    /// Directory holding ca.crt and ca.key.
+    #[arg(long)]
+    pub ca: PathBuf,
+    /// Cluster id the certificate is for.
+    #[arg(long)]
+    pub cluster: String,
+    /// Clusterset name; default: the one the CA certificate names.
+    #[arg(long)]
+    pub clusterset: Option<String>,
+    /// Directory to write into (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Lifetime, e.g. 90d, 2160h.
+    #[arg(long, value_parser = parse_validity, default_value = "90d")]
+    pub validity: Duration,
+    #[arg(long, value_enum, default_value_t = KeyType::EcdsaP256)]
+    pub key_type: KeyType,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn parse_validity(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+    if d.is_zero() {
+        return Err("must be longer than zero".to_owned());
+    }
+    Ok(d)
+}
+
+/// Parses the process arguments. On a usage error, prints it and returns exit code 2; for
+/// `--help` / `--version`, prints them and returns 0.
+pub fn parse_args() -> Result<Cli, ExitCode> {
+    parse_from(std::env::args_os())
+}
+
+/// [`parse_args`] over given arguments (the first is the program name).
+pub fn parse_from<I, T>(args: I) -> Result<Cli, ExitCode>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    Cli::try_parse_from(args).map_err(|e| {
+        // Printing can only fail when stdout/stderr are gone; the exit code still tells.
+        let _ = e.print();
+        ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { EXIT_OK })
+    })
+}
+
+/// Runs a parsed command line: installs logging, then runs the command. `run_gateway` is
+/// what `fedgate run` calls with the loaded config (the composition root).
+pub fn main_with(cli: Cli, run_gateway: impl FnOnce(Config) -> anyhow::Result<()>) -> ExitCode {
+    if let Err(e) = logging::init(cli.log_format, &cli.log_level) {
+        eprintln!("fedgate: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    ExitCode::from(execute(cli.command, run_gateway, &mut std::io::stdout()))
+}
+
+/// Runs one command, writing its output to `out`; returns the exit code.
+pub fn execute(
+    command: Command,
+    run_gateway: impl FnOnce(Config) -> anyhow::Result<()>,
+    out: &mut dyn Write,
+) -> u8 {
+    match command {
+        Command::Version => {
+            let _ = writeln!(out, "fedgate {}", env!("CARGO_PKG_VERSION"));
+            EXIT_OK
+        }
+        Command::Analyze(args) => analyze(&args.files, out),
+        Command::Run(args) => run(&args.config, run_gateway),
+        Command::Certs(CertsCommand::Ca(args)) => report(certs_ca(&args), out),
+        Command::Certs(CertsCommand::Issue(args)) => report(certs_issue(&args), out),
+    }
+}
+
+/// Prints `FILE: ok` for good files and every problem of the others; 1 if any had one.
+fn analyze(files: &[PathBuf], out: &mut dyn Write) -> u8 {
+    let mut code = EXIT_OK;
+    for file in files {
+        match config::load(file) {
+            Ok(_) => {
+                let _ = writeln!(out, "{}: ok", file.display());
+            }
+            Err(errors) => {
+                code = EXIT_INVALID;
+                for e in errors.iter() {
+                    let _ = writeln!(out, "{e}");
+                }
+            }
+        }
+    }
+    code
+}
+
+fn run(path: &Path, run_gateway: impl FnOnce(Config) -> anyhow::Result<()>) -> u8 {
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in errors.iter() {
+                eprintln!("{e}");
+            }
+            tracing::error!(file = %path.display(), problems = errors.len(), "invalid config, not starting");
+            return EXIT_INVALID;
+        }
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        cluster = %config.cluster.id,
+        config = %config.redacted_summary(),
+        "starting fedgate"
+    );
+    match run_gateway(config) {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "gateway failed");
+            EXIT_INVALID
+        }
+    }
+}
+
+fn report(result: Result<Vec<PathBuf>, certs::CertError>, out: &mut dyn Write) -> u8 {
+    match result {
+        Ok(paths) => {
+            for p in paths {
+                let _ = writeln!(out, "wrote {}", p.display());
+            }
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("fedgate: {e}");
+            EXIT_INVALID
+        }
+    }
+}
+
+fn certs_ca(args: &CaArgs) -> Result<Vec<PathBuf>, certs::CertError> {
+    let opts = CertOptions { key_type: args.key_type, ..CertOptions::new(args.validity) };
+    let ca = certs::create_ca(&args.clusterset, &opts)?;
+    certs::write_ca(&args.out, &ca, args.force)
+}
+
+fn certs_issue(args: &IssueArgs) -> Result<Vec<PathBuf>, certs::CertError> {
+    let cluster = ClusterId::new(&args.cluster)?;
+    let ca = certs::read_ca(&args.ca)?;
+    let opts = CertOptions { key_type: args.key_type, ..CertOptions::new(args.validity) };
+    let pair = certs::issue(&ca, args.clusterset.as_deref(), &cluster, &opts)?;
+    certs::write_issued(&args.out, &cluster, &pair, &ca.cert_pem, args.force)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(r: Result<Cli, ExitCode>) -> Option<ExitCode> {
+        r.err()
+    }
+
+    #[test]
+    fn usage_errors_are_exit_2_and_help_is_0() {
+        assert_eq!(code(parse_from(["fedgate", "bogus"])), Some(ExitCode::from(EXIT_USAGE)));
+        assert_eq!(code(parse_from(["fedgate", "run"])), Some(ExitCode::from(EXIT_USAGE)));
+        assert_eq!(code(parse_from(["fedgate", "analyze"])), Some(ExitCode::from(EXIT_USAGE)));
+        assert_eq!(
+            code(parse_from([
+                "fedgate",
+                "certs",
+                "ca",
+                "--clusterset",
+                "d",
+                "--out",
+                "x",
+                "--validity",
+                "0s"
+            ])),
+            Some(ExitCode::from(EXIT_USAGE))
+        );
+        assert_eq!(code(parse_from(["fedgate", "--help"])), Some(ExitCode::from(EXIT_OK)));
+    }
+
+    #[test]
+    fn arguments_parse() {
+        let cli = parse_from([
+            "fedgate",
+            "--log-format",
+            "json",
+            "certs",
+            "issue",
+            "--ca",
+            "pki",
+            "--cluster",
+            "east",
+            "--out",
+            "o",
+        ])
+        .expect("parses");
+        assert_eq!(cli.log_format, LogFormat::Json);
+        match cli.command {
+            Command::Certs(CertsCommand::Issue(a)) => {
+                assert_eq!(a.cluster, "east");
+                assert_eq!(a.validity, certs::DEFAULT_CERT_VALIDITY);
+                assert_eq!(a.key_type, KeyType::EcdsaP256);
+                assert_eq!(a.clusterset, None);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = parse_from([
+            "fedgate",
+            "certs",
+            "ca",
+            "--clusterset",
+            "demo",
+            "--out",
+            "o",
+            "--key-type",
+            "ed25519",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Certs(CertsCommand::Ca(a)) => {
+                assert_eq!(a.validity, certs::DEFAULT_CA_VALIDITY);
+                assert_eq!(a.key_type, KeyType::Ed25519);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn version_prints_the_crate_version() {
+        let mut out = Vec::new();
+        let code = execute(Command::Version, |_| Ok(()), &mut out);
+        assert_eq!(code, EXIT_OK);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            format!("fedgate {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}

@@ -1,0 +1,331 @@
+//! The gateway's configuration: a YAML file (schema in DESIGN.md, reference in
+//! `docs/configuration.md`), parsed into [`Config`].
+//!
+//! Parsing reports *every* problem, each as `file:line:col: field.path: message`: each
+//! top-level section is deserialized on its own from a span-aware YAML tree (see [`yaml`]),
+//! an offending node is dropped and the section retried, and then the semantic rules run
+//! over whatever did parse. [`parse`] is pure; [`load`] reads the file and also checks the
+//! files the config names (certificates, key, CA, file-source directory).
+
+mod check;
+mod types;
+mod yaml;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use types::*;
+
+use self::yaml::{DeError, Kind, Mark, Node};
+
+/// One problem in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file as named by the caller.
+    pub file: PathBuf,
+    /// 1-based line; 0 when the problem has no place in the file (it could not be read).
+    pub line: usize,
+    /// 1-based column; 0 when `line` is 0.
+    pub column: usize,
+    /// Dotted field path (`traffic.healthCheck.interval`, `peers[1].id`); empty for the
+    /// document as a whole.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a config file, in file order. Never empty.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigErrors {
+    pub fn iter(&self) -> impl Iterator<Item = &ConfigError> {
+        self.0.iter()
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Turns field paths into positions in the file: the node's own position if the field is
+/// in the file, else that of its nearest ancestor that is (a defaulted field points at its
+/// section, or at the top of the file).
+pub(crate) struct Locator {
+    file: PathBuf,
+    marks: BTreeMap<String, Mark>,
+}
+
+impl Locator {
+    pub(crate) fn error(&self, path: &str, message: impl Into<String>) -> ConfigError {
+        let mut probe = path;
+        let mark = loop {
+            if let Some(m) = self.marks.get(probe) {
+                break *m;
+            }
+            match probe.rfind(['.', '[']) {
+                Some(i) => probe = &probe[..i],
+                None => break Mark::START,
+            }
+        };
+        ConfigError {
+            file: self.file.clone(),
+            line: mark.line,
+            column: mark.column,
+            path: path.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn de_error(&self, e: DeError) -> ConfigError {
+        let (mark, path) = match e.at {
+            Some((_, mark, path)) => (mark, path),
+            None => (Mark::START, String::new()),
+        };
+        ConfigError {
+            file: self.file.clone(),
+            line: mark.line,
+            column: mark.column,
+            path,
+            message: e.message,
+        }
+    }
+}
+
+/// The top-level sections, in schema order.
+const SECTIONS: [&str; 9] =
+    ["cluster", "discovery", "peers", "tls", "tunnel", "dns", "front", "admin", "traffic"];
+
+/// What deserialized of each section; `None` when it had errors.
+#[derive(Default)]
+pub(crate) struct Sections {
+    pub cluster: Option<ClusterConfig>,
+    pub discovery: Option<DiscoveryConfig>,
+    /// Each peer that parsed, with its index in the file (entries with errors are left
+    /// out, so indexes can have gaps).
+    pub peers: Option<Vec<(usize, PeerConfig)>>,
+    /// Whether every peer entry parsed.
+    pub peers_clean: bool,
+    /// `cluster.id` when it is valid, even if the rest of `cluster` is not.
+    pub cluster_id: Option<fedgate_discovery::model::ClusterId>,
+    pub tls: Option<TlsConfig>,
+    pub tunnel: Option<TunnelConfig>,
+    pub dns: Option<DnsConfig>,
+    pub front: Option<FrontConfig>,
+    pub admin: Option<AdminConfig>,
+    pub traffic: Option<TrafficConfig>,
+}
+
+/// Parses a config file's text. `path_for_messages` names the file in errors, and its
+/// directory is the base of relative paths in the config. Checks syntax, types and the
+/// cross-field rules, but touches no file: see [`load`].
+pub fn parse(path_for_messages: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    parse_located(path_for_messages, text).map(|(config, _)| config)
+}
+
+/// Reads and parses the config file at `path`, then checks the files it names: the
+/// certificate (readable, unexpired, naming `spiffe://<clusterset>/cluster/<id>`), its key,
+/// the CA bundle, and the file source's directory.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: format!("cannot read config file: {e}"),
+        }])
+    })?;
+    let (config, locator) = parse_located(path, &text)?;
+    let errors = check::files(&config, &locator, jiff::Timestamp::now());
+    if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+}
+
+pub(crate) fn parse_located(path: &Path, text: &str) -> Result<(Config, Locator), ConfigErrors> {
+    let mut locator = Locator { file: path.to_owned(), marks: BTreeMap::new() };
+    let root = match yaml::parse(text) {
+        Ok(root) => root,
+        Err(e) => {
+            return Err(ConfigErrors(vec![ConfigError {
+                file: path.to_owned(),
+                line: e.mark.line,
+                column: e.mark.column,
+                path: String::new(),
+                message: e.message,
+            }]));
+        }
+    };
+    root.index_marks(&mut locator.marks);
+
+    let mut de_errors: Vec<DeError> = Vec::new();
+    let mut errors: Vec<ConfigError> = Vec::new();
+    let entries = match root.kind {
+        Kind::Map(entries) => entries,
+        _ => {
+            return Err(ConfigErrors(vec![
+                locator.error("", "expected a mapping of sections (cluster, peers, ...)"),
+            ]));
+        }
+    };
+    let mut present: BTreeMap<&'static str, Node> = BTreeMap::new();
+    for (key, value) in entries {
+        match SECTIONS.iter().find(|s| key.scalar() == Some(s)) {
+            Some(section) => {
+                present.insert(section, value);
+            }
+            None => {
+                let name = key.scalar().unwrap_or("?");
+                let expected = SECTIONS.map(|s| format!("`{s}`")).join(", ");
+                errors.push(ConfigError {
+                    file: path.to_owned(),
+                    line: key.mark.line,
+                    column: key.mark.column,
+                    path: key.path.clone(),
+                    message: format!("unknown field `{name}`, expected one of {expected}"),
+                });
+            }
+        }
+    }
+    let cluster_id = present
+        .get("cluster")
+        .and_then(|c| match &c.kind {
+            Kind::Map(entries) => entries.iter().find(|(k, _)| k.scalar() == Some("id")),
+            _ => None,
+        })
+        .and_then(|(_, v)| v.scalar())
+        .and_then(|id| fedgate_discovery::model::ClusterId::new(id).ok());
+    let mut take = |name: &str| -> Node {
+        present.remove(name).unwrap_or_else(|| Node::empty_map(usize::MAX, name))
+    };
+    let mut sections = Sections {
+        cluster: yaml::collect(take("cluster"), &mut de_errors),
+        discovery: yaml::collect(take("discovery"), &mut de_errors),
+        peers: None,
+        peers_clean: false,
+        cluster_id,
+        tls: yaml::collect(take("tls"), &mut de_errors),
+        tunnel: yaml::collect(take("tunnel"), &mut de_errors),
+        dns: yaml::collect(take("dns"), &mut de_errors),
+        front: yaml::collect(take("front"), &mut de_errors),
+        admin: yaml::collect(take("admin"), &mut de_errors),
+        traffic: yaml::collect(take("traffic"), &mut de_errors),
+    };
+    sections.peers = match present.remove("peers").map(Node::into_items) {
+        // Entries one by one, so one bad peer does not hide the checks of the others.
+        Some(Ok(items)) => {
+            let before = de_errors.len();
+            let peers: Vec<(usize, PeerConfig)> = items
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, item)| yaml::collect(item, &mut de_errors).map(|p| (i, p)))
+                .collect();
+            sections.peers_clean = de_errors.len() == before;
+            Some(peers)
+        }
+        Some(Err(node))
+            if node.scalar().is_some_and(|s| s.is_empty() || s == "~" || s == "null") =>
+        {
+            sections.peers_clean = true;
+            Some(Vec::new())
+        }
+        Some(Err(node)) => {
+            yaml::collect::<Vec<PeerConfig>>(node, &mut de_errors).map(|_| Vec::new())
+        }
+        None => {
+            errors.push(locator.error(
+                "",
+                "missing field `peers` (list the other gateways, or write `peers: []`)",
+            ));
+            None
+        }
+    };
+    errors.extend(de_errors.into_iter().map(|e| locator.de_error(e)));
+    for (path, message) in check::semantics(&sections) {
+        errors.push(locator.error(&path, message));
+    }
+
+    let base = path.parent().unwrap_or(Path::new(""));
+    match sections {
+        Sections {
+            cluster: Some(cluster),
+            discovery: Some(discovery),
+            peers: Some(peers),
+            peers_clean: true,
+            cluster_id: _,
+            tls: Some(tls),
+            tunnel: Some(tunnel),
+            dns: Some(dns),
+            front: Some(front),
+            admin: Some(admin),
+            traffic: Some(traffic),
+        } if errors.is_empty() => {
+            let peers = peers.into_iter().map(|(_, p)| p).collect();
+            let mut config =
+                Config { cluster, discovery, peers, tls, tunnel, dns, front, admin, traffic };
+            resolve_paths(&mut config, base);
+            Ok((config, locator))
+        }
+        _ => {
+            errors.sort_by_key(|e| (e.line, e.column));
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+/// Fills the defaults that depend on the cluster id and makes every path absolute or
+/// relative to the config file's directory.
+fn resolve_paths(config: &mut Config, base: &Path) {
+    let id = config.cluster.id.to_string();
+    let join = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
+    if config.tls.cert.as_os_str().is_empty() {
+        config.tls.cert = PathBuf::from(format!("{id}.crt"));
+    }
+    if config.tls.key.as_os_str().is_empty() {
+        config.tls.key = PathBuf::from(format!("{id}.key"));
+    }
+    config.tls.cert = join(&config.tls.cert);
+    config.tls.key = join(&config.tls.key);
+    if let CaSource::File(p) = &config.tls.ca {
+        config.tls.ca = CaSource::File(join(p));
+    }
+    if config.discovery.file.dir.as_os_str().is_empty() {
+        config.discovery.file.dir = Path::new(DEFAULT_FILE_DIR_PARENT).join(&id);
+    }
+    config.discovery.file.dir = join(&config.discovery.file.dir);
+    if let Some(k) = &config.discovery.kube.kubeconfig {
+        config.discovery.kube.kubeconfig = Some(join(k));
+    }
+    if let Some(s) = &config.front.state_dir {
+        config.front.state_dir = Some(join(s));
+    }
+}
+
+#[cfg(test)]
+mod tests;
