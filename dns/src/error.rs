@@ -7,14 +7,18 @@ use std::path::PathBuf;
 /// What can go wrong starting or running the DNS server.
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
-    #[error("cannot bind dns {proto} socket on {addr}: {source} (is another DNS server running there?)")]
+    #[error(
+        "cannot bind dns {proto} socket on {addr}: {source} (is another DNS server running there?)"
+    )]
     Bind {
         proto: &'static str,
         addr: SocketAddr,
         #[source]
         source: io::Error,
     },
-    #[error("cannot read {0}: {1} (configure dns.upstream with explicit addresses instead of `system`)")]
+    #[error(
+        "cannot read {0}: {1} (configure dns.upstream with explicit addresses instead of `system`)"
+    )]
     ResolvConf(PathBuf, #[source] io::Error),
     #[error("invalid dns settings: {0}")]
     Settings(String),

@@ -8,12 +8,12 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hickory_proto::op::{Edns, Message, ResponseCode};
 use hickory_proto::op::Query;
+use hickory_proto::op::{Edns, Message, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::time::{timeout_at, Instant};
+use tokio::time::{Instant, timeout_at};
 
 use crate::metrics;
 use crate::names::wire_key;
@@ -135,12 +135,7 @@ pub fn cache_ttl(message: &Message) -> Option<u32> {
             _ => None,
         })?
     } else {
-        message
-            .answers
-            .iter()
-            .chain(message.authorities.iter())
-            .map(|r| r.ttl)
-            .min()?
+        message.answers.iter().chain(message.authorities.iter()).map(|r| r.ttl).min()?
     };
     Some(ttl.min(MAX_CACHE_TTL))
 }
@@ -198,12 +193,11 @@ impl Forwarder {
             Ok(_) => "ok",
             Err(e) => e.reason(),
         });
-        if let Ok(message) = &result {
-            if let Some(ttl) = cache_ttl(message) {
-                if let Ok(mut cache) = self.cache.lock() {
-                    cache.insert(key, message.clone(), ttl, Instant::now());
-                }
-            }
+        if let Ok(message) = &result
+            && let Some(ttl) = cache_ttl(message)
+            && let Ok(mut cache) = self.cache.lock()
+        {
+            cache.insert(key, message.clone(), ttl, Instant::now());
         }
         result
     }
@@ -262,7 +256,11 @@ fn matches(q: &Question, id: u16, msg: &Message) -> bool {
 }
 
 /// One exchange with one upstream: UDP, then TCP when the answer was truncated.
-async fn exchange(upstream: SocketAddr, q: &Question, deadline: Instant) -> Result<Message, ForwardError> {
+async fn exchange(
+    upstream: SocketAddr,
+    q: &Question,
+    deadline: Instant,
+) -> Result<Message, ForwardError> {
     let id: u16 = rand::random();
     let bytes = query_bytes(q, id)?;
     let io = |e| ForwardError::Io(upstream, e);
@@ -300,7 +298,8 @@ async fn exchange_tcp(upstream: SocketAddr, q: &Question) -> Result<Message, For
     let io = |e| ForwardError::Io(upstream, e);
     let id: u16 = rand::random();
     let bytes = query_bytes(q, id)?;
-    let len = u16::try_from(bytes.len()).map_err(|_| ForwardError::Encode("query too long".into()))?;
+    let len =
+        u16::try_from(bytes.len()).map_err(|_| ForwardError::Encode("query too long".into()))?;
     let mut stream = TcpStream::connect(upstream).await.map_err(io)?;
     let mut out = Vec::with_capacity(bytes.len() + 2);
     out.extend_from_slice(&len.to_be_bytes());
@@ -310,7 +309,8 @@ async fn exchange_tcp(upstream: SocketAddr, q: &Question) -> Result<Message, For
     stream.read_exact(&mut len).await.map_err(io)?;
     let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
     stream.read_exact(&mut buf).await.map_err(io)?;
-    let msg = Message::from_vec(&buf).map_err(|e| ForwardError::BadResponse(upstream, e.to_string()))?;
+    let msg =
+        Message::from_vec(&buf).map_err(|e| ForwardError::BadResponse(upstream, e.to_string()))?;
     if !matches(q, id, &msg) {
         return Err(ForwardError::BadResponse(upstream, "id or question mismatch".into()));
     }
@@ -320,8 +320,8 @@ async fn exchange_tcp(upstream: SocketAddr, q: &Question) -> Result<Message, For
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::rr::rdata::{A, SOA};
     use hickory_proto::rr::Record;
+    use hickory_proto::rr::rdata::{A, SOA};
 
     fn answer(rcode: ResponseCode, ttls: &[u32], soa: Option<(u32, u32)>) -> Message {
         let name = Name::from_ascii("x.example.").expect("name");

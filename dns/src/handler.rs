@@ -16,7 +16,7 @@ use hickory_server::zone_handler::{MessageRequest, MessageResponseBuilder};
 
 use crate::forward::{Forwarder, Question};
 use crate::metrics;
-use crate::names::{wire_key, zone_of_key, Zone};
+use crate::names::{Zone, wire_key, zone_of_key};
 use crate::table::Table;
 use crate::wire::{self, EDNS_PAYLOAD, PLAIN_UDP_LIMIT};
 
@@ -150,7 +150,12 @@ impl Handler {
     }
 
     /// The whole UDP slow path for one datagram. `None`: send nothing (not a query at all).
-    pub async fn handle_udp(&self, pkt: Vec<u8>, src: SocketAddr, started: Instant) -> Option<Vec<u8>> {
+    pub async fn handle_udp(
+        &self,
+        pkt: Vec<u8>,
+        src: SocketAddr,
+        started: Instant,
+    ) -> Option<Vec<u8>> {
         let head: [u8; 12] = pkt.get(..12)?.try_into().ok()?;
         let request = match Request::from_bytes(pkt, src, Protocol::Udp) {
             Ok(request) => request,
@@ -163,10 +168,9 @@ impl Handler {
             return None;
         }
         let reply = self.reply(&request).await;
-        let limit = request
-            .edns
-            .as_ref()
-            .map_or(PLAIN_UDP_LIMIT as u16, |e| e.max_payload().clamp(PLAIN_UDP_LIMIT as u16, EDNS_PAYLOAD));
+        let limit = request.edns.as_ref().map_or(PLAIN_UDP_LIMIT as u16, |e| {
+            e.max_payload().clamp(PLAIN_UDP_LIMIT as u16, EDNS_PAYLOAD)
+        });
         let (bytes, rcode) = encode(&request, &reply, limit);
         metrics::slow_query(reply.zone, reply.qtype, rcode, started.elapsed());
         Some(bytes)
@@ -197,7 +201,8 @@ pub fn encode(req: &MessageRequest, reply: &Reply, limit: u16) -> (Vec<u8>, Resp
     buf.clear();
     let mut metadata = reply.metadata;
     metadata.truncation = true;
-    let response = MessageResponseBuilder::new(&req.queries, reply.edns.as_ref()).build_no_records(metadata);
+    let response =
+        MessageResponseBuilder::new(&req.queries, reply.edns.as_ref()).build_no_records(metadata);
     let mut encoder = BinEncoder::new(&mut buf);
     encoder.set_max_size(limit);
     match response.destructive_emit(&mut encoder) {

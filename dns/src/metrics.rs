@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Histogram, Unit};
+use metrics::{
+    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
+};
 
 pub const QUERIES: &str = "fedgate_dns_queries_total";
 pub const QUERY_DURATION: &str = "fedgate_dns_query_duration_seconds";
@@ -32,8 +35,14 @@ pub fn describe() {
     describe_counter!(CACHE_HITS, "Forwarded queries answered from the forwarding cache");
     describe_counter!(CACHE_MISSES, "Forwarded queries that had to go upstream");
     describe_counter!(TRUNCATED, "UDP answers sent truncated (TC) because they did not fit");
-    describe_counter!(OVERLOADED, "Queries answered SERVFAIL at once because too many slow-path queries were in flight");
-    describe_counter!(ZONE_UPDATES, "Snapshots applied to the DNS zones, by source (imports, cluster)");
+    describe_counter!(
+        OVERLOADED,
+        "Queries answered SERVFAIL at once because too many slow-path queries were in flight"
+    );
+    describe_counter!(
+        ZONE_UPDATES,
+        "Snapshots applied to the DNS zones, by source (imports, cluster)"
+    );
     describe_gauge!(ZONE_NAMES, "Owner names served in clusterset.local and cluster.local");
 }
 
@@ -90,7 +99,9 @@ impl FastPathMetrics {
             .collect();
         let other = zones
             .iter()
-            .map(|zone| counter!(QUERIES, "zone" => *zone, "qtype" => "other", "rcode" => "NOERROR"))
+            .map(
+                |zone| counter!(QUERIES, "zone" => *zone, "qtype" => "other", "rcode" => "NOERROR"),
+            )
             .collect();
         Self { queries, other, duration: histogram!(QUERY_DURATION, "path" => "fast") }
     }

@@ -5,14 +5,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use fedgate_discovery::model::{
-    ClusterId, Health, ImportedService, LocalService, Locality, Protocol, ServiceKey, ServiceType,
-    LABEL_ZONE,
+    ClusterId, Health, ImportedService, LABEL_ZONE, LocalService, Locality, Protocol, ServiceKey,
+    ServiceType,
 };
 use hickory_proto::rr::rdata::{A, AAAA, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-use crate::names::{host_label, is_dns_label, is_port_label, name_in, wire_key, Zone};
-use crate::tier::{tier, PriorityLabel};
+use crate::names::{Zone, host_label, is_dns_label, is_port_label, name_in, wire_key};
+use crate::tier::{PriorityLabel, tier};
 
 /// Version the MCS DNS specification we implement, served at `dns-version.clusterset.local`.
 pub const DNS_SPEC_VERSION: &str = "1.0.0";
@@ -101,7 +101,8 @@ impl Builder {
         let proto_label = format!("_{}", proto.as_str().to_ascii_lowercase());
         let mut labels = vec![port_label.as_str(), proto_label.as_str()];
         labels.extend_from_slice(base);
-        let (Some(name), Some(ent)) = (name_in(&labels, self.zone), name_in(&labels[1..], self.zone))
+        let (Some(name), Some(ent)) =
+            (name_in(&labels, self.zone), name_in(&labels[1..], self.zone))
         else {
             return;
         };
@@ -112,8 +113,11 @@ impl Builder {
 
 /// `<svc>.<ns>.svc` labels of a service, when both are valid DNS labels.
 fn service_labels(key: &ServiceKey) -> Option<[&str; 3]> {
-    (is_dns_label(&key.name) && is_dns_label(&key.namespace))
-        .then_some([key.name.as_str(), key.namespace.as_str(), "svc"])
+    (is_dns_label(&key.name) && is_dns_label(&key.namespace)).then_some([
+        key.name.as_str(),
+        key.namespace.as_str(),
+        "svc",
+    ])
 }
 
 /// One ready endpoint of a headless import as DNS sees it.
@@ -285,7 +289,8 @@ pub fn local_names(svc: &LocalService, ttl: u32) -> NameMap {
 /// pre-encoded negative answer to be rebuilt on each change.
 pub fn soa(zone: Zone, ttl: u32, serial: u32) -> Record {
     let apex = Name::from_ascii(zone.apex()).unwrap_or_else(|_| Name::root());
-    let mname = Name::from_ascii(format!("ns.dns.{}", zone.apex())).unwrap_or_else(|_| apex.clone());
+    let mname =
+        Name::from_ascii(format!("ns.dns.{}", zone.apex())).unwrap_or_else(|_| apex.clone());
     let rname =
         Name::from_ascii(format!("hostmaster.{}", zone.apex())).unwrap_or_else(|_| apex.clone());
     let ttl_i32 = i32::try_from(ttl).unwrap_or(i32::MAX);
@@ -308,10 +313,10 @@ pub fn static_names(ttl: u32, serial: u32) -> NameMap {
         if let Some(svc) = name_in(&["svc"], zone) {
             b.ent(&svc);
         }
-        if zone == Zone::ClusterSet {
-            if let Some(version) = name_in(&["dns-version"], zone) {
-                b.add(&version, RData::TXT(TXT::new(vec![DNS_SPEC_VERSION.to_owned()])));
-            }
+        if zone == Zone::ClusterSet
+            && let Some(version) = name_in(&["dns-version"], zone)
+        {
+            b.add(&version, RData::TXT(TXT::new(vec![DNS_SPEC_VERSION.to_owned()])));
         }
         out.append(&mut b.out);
     }

@@ -12,7 +12,7 @@ use hickory_proto::op::ResponseCode;
 use hickory_server::Server;
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::error::DnsError;
@@ -20,7 +20,7 @@ use crate::forward::Forwarder;
 use crate::handler::{Handler, TcpHandler};
 use crate::metrics::{self, FastPathMetrics};
 use crate::names::Zone;
-use crate::settings::{resolve_upstreams, DnsSettings, RESOLV_CONF};
+use crate::settings::{DnsSettings, RESOLV_CONF, resolve_upstreams};
 use crate::table::Table;
 use crate::tier::parse_priority;
 use crate::wire;
@@ -51,7 +51,11 @@ fn bind_pair(listen: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpLi
     let mut last = None;
     for _ in 0..attempts {
         let tcp = bind_tcp(listen)?;
-        let addr = tcp.local_addr().map_err(|source| DnsError::Bind { proto: "tcp", addr: listen, source })?;
+        let addr = tcp.local_addr().map_err(|source| DnsError::Bind {
+            proto: "tcp",
+            addr: listen,
+            source,
+        })?;
         match bind_udp(addr) {
             Ok(udp) => return Ok((udp, tcp)),
             // Port 0: the port TCP got may be taken for UDP; try another.
@@ -64,7 +68,8 @@ fn bind_pair(listen: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpLi
 
 fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, DnsError> {
     let err = |source| DnsError::Bind { proto: "tcp", addr, source };
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP)).map_err(err)?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP))
+        .map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
     socket.bind(&addr.into()).map_err(err)?;
     socket.listen(1024).map_err(err)?;
@@ -74,7 +79,8 @@ fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, DnsError> {
 
 fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, DnsError> {
     let err = |source| DnsError::Bind { proto: "udp", addr, source };
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(SockProtocol::UDP)).map_err(err)?;
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(SockProtocol::UDP))
+        .map_err(err)?;
     // Best effort: the kernel caps it at net.core.rmem_max.
     let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
     let _ = socket.set_send_buffer_size(UDP_RECV_BUFFER);
@@ -95,13 +101,20 @@ impl DnsServer {
             return Err(DnsError::Settings(format!("dns.ttl {:?} is too long", settings.ttl)));
         }
         let (udp, tcp) = bind_pair(settings.listen)?;
-        let address = tcp
-            .local_addr()
-            .map_err(|source| DnsError::Bind { proto: "tcp", addr: settings.listen, source })?;
-        let upstreams =
-            resolve_upstreams(&settings.upstream, || std::fs::read_to_string(RESOLV_CONF), address)?;
+        let address = tcp.local_addr().map_err(|source| DnsError::Bind {
+            proto: "tcp",
+            addr: settings.listen,
+            source,
+        })?;
+        let upstreams = resolve_upstreams(
+            &settings.upstream,
+            || std::fs::read_to_string(RESOLV_CONF),
+            address,
+        )?;
         if upstreams.is_empty() {
-            tracing::warn!("no dns upstream: names outside clusterset.local and cluster.local get SERVFAIL");
+            tracing::warn!(
+                "no dns upstream: names outside clusterset.local and cluster.local get SERVFAIL"
+            );
         }
         // A fixed serial for the life of the process (see records::soa).
         let serial = SystemTime::now()
@@ -121,7 +134,8 @@ impl DnsServer {
         writer.apply_cluster(&cluster);
         metrics::zone_update("initial", table.len());
         let soas = [writer.soa(Zone::ClusterSet).clone(), writer.soa(Zone::Cluster).clone()];
-        let forwarder = Forwarder::new(upstreams, settings.upstream_timeout, settings.cache_entries);
+        let forwarder =
+            Forwarder::new(upstreams, settings.upstream_timeout, settings.cache_entries);
         let handler = Arc::new(Handler::new(table.clone(), forwarder, soas));
         tracing::info!(%address, names = table.len(), "dns server bound");
         Ok(Self { settings, udp, tcp, address, table, writer, handler, imports_rx, cluster_rx })
@@ -140,11 +154,17 @@ impl DnsServer {
     /// Serves until `shutdown` resolves, then stops taking queries and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DnsError> {
         let address = self.address;
-        let udp = UdpSocket::from_std(self.udp)
-            .map_err(|source| DnsError::Socket { proto: "udp", addr: address, source })?;
+        let udp = UdpSocket::from_std(self.udp).map_err(|source| DnsError::Socket {
+            proto: "udp",
+            addr: address,
+            source,
+        })?;
         let udp = Arc::new(udp);
-        let tcp = TcpListener::from_std(self.tcp)
-            .map_err(|source| DnsError::Socket { proto: "tcp", addr: address, source })?;
+        let tcp = TcpListener::from_std(self.tcp).map_err(|source| DnsError::Socket {
+            proto: "tcp",
+            addr: address,
+            source,
+        })?;
 
         let mut server = Server::new(TcpHandler(self.handler.clone()));
         server.register_listener(tcp, self.settings.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
@@ -161,7 +181,12 @@ impl DnsServer {
                 fast.clone(),
             ));
         }
-        tasks.spawn(update_zones(self.writer, self.table.clone(), self.imports_rx, self.cluster_rx));
+        tasks.spawn(update_zones(
+            self.writer,
+            self.table.clone(),
+            self.imports_rx,
+            self.cluster_rx,
+        ));
 
         let result = tokio::select! {
             () = shutdown => Ok(()),
@@ -227,7 +252,9 @@ fn is_transient(e: &io::Error) -> bool {
             | io::ErrorKind::WouldBlock
             | io::ErrorKind::HostUnreachable
             | io::ErrorKind::NetworkUnreachable
-    ) || e.raw_os_error().is_some_and(|c| c == 113 /* EHOSTUNREACH */ || c == 90 /* EMSGSIZE */)
+    ) || e
+        .raw_os_error()
+        .is_some_and(|c| c == 113 /* EHOSTUNREACH */ || c == 90 /* EMSGSIZE */)
 }
 
 /// One UDP receive loop: fast path inline, everything else on a task of its own.
@@ -266,7 +293,11 @@ async fn udp_worker(
                 if let Err(error) = socket.send_to(&out, src).await {
                     tracing::debug!(%src, %error, "dns udp send failed");
                 }
-                fast.record(if zone == Zone::ClusterSet { 0 } else { 1 }, q.qtype, started.elapsed());
+                fast.record(
+                    if zone == Zone::ClusterSet { 0 } else { 1 },
+                    q.qtype,
+                    started.elapsed(),
+                );
                 continue;
             }
         }
@@ -276,10 +307,10 @@ async fn udp_worker(
                 let socket = socket.clone();
                 let handler = handler.clone();
                 tokio::spawn(async move {
-                    if let Some(resp) = handler.handle_udp(pkt, src, started).await {
-                        if let Err(error) = socket.send_to(&resp, src).await {
-                            tracing::debug!(%src, %error, "dns udp send failed");
-                        }
+                    if let Some(resp) = handler.handle_udp(pkt, src, started).await
+                        && let Err(error) = socket.send_to(&resp, src).await
+                    {
+                        tracing::debug!(%src, %error, "dns udp send failed");
                     }
                     drop(permit);
                 });

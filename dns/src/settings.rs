@@ -154,7 +154,8 @@ mod tests {
         )
         .expect("parse");
         assert_eq!(got, vec!["127.0.0.2:53".parse::<SocketAddr>().expect("addr")]);
-        let err = resolve_upstreams(&Upstream::System, || Err(std::io::ErrorKind::NotFound.into()), own);
+        let err =
+            resolve_upstreams(&Upstream::System, || Err(std::io::ErrorKind::NotFound.into()), own);
         assert!(matches!(err, Err(DnsError::ResolvConf(..))));
     }
 }

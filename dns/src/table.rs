@@ -51,6 +51,9 @@ impl Entry {
 
 type Shard = HashMap<Box<[u8]>, Arc<Entry>>;
 
+/// A change to the table: `Some` inserts or replaces the name, `None` removes it.
+pub type Change = (Vec<u8>, Option<Arc<Entry>>);
+
 /// The table. Cheap to share (`Arc<Table>`); one writer applies batches of changes.
 pub struct Table {
     shards: Vec<ArcSwap<Shard>>,
@@ -85,8 +88,8 @@ impl Table {
 
     /// Applies a batch: `Some` inserts or replaces, `None` removes. Each touched shard is
     /// copied once per batch.
-    pub fn apply(&self, changes: Vec<(Vec<u8>, Option<Arc<Entry>>)>) {
-        let mut by_shard: HashMap<usize, Vec<(Vec<u8>, Option<Arc<Entry>>)>> = HashMap::new();
+    pub fn apply(&self, changes: Vec<Change>) {
+        let mut by_shard: HashMap<usize, Vec<Change>> = HashMap::new();
         for change in changes {
             by_shard.entry(shard_of(&change.0)).or_default().push(change);
         }

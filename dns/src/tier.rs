@@ -63,11 +63,16 @@ mod tests {
     fn tiers_follow_leading_matches() {
         let prio = parse_priority(&["region".into(), "cluster".into(), "zone".into()]);
         let client = labels(&[("region", "us"), ("cluster", "east"), ("zone", "a")]);
-        let cases: &[(&str, &[(&str, &str)], usize)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], usize);
+        let cases: &[Case] = &[
             ("all match", &[("region", "us"), ("cluster", "east"), ("zone", "a")], 0),
             ("zone differs", &[("region", "us"), ("cluster", "east"), ("zone", "b")], 1),
             ("cluster differs", &[("region", "us"), ("cluster", "west"), ("zone", "a")], 2),
-            ("region differs, rest same", &[("region", "eu"), ("cluster", "east"), ("zone", "a")], 3),
+            (
+                "region differs, rest same",
+                &[("region", "eu"), ("cluster", "east"), ("zone", "a")],
+                3,
+            ),
             ("label missing on endpoint", &[("cluster", "east"), ("zone", "a")], 3),
             ("no labels", &[], 3),
         ];
@@ -95,6 +100,9 @@ mod tests {
         let prio = parse_priority(&["region".into()]);
         assert_eq!(tier(&prio, &labels(&[]), &labels(&[("region", "us")])), 1);
         assert_eq!(tier(&[], &labels(&[]), &labels(&[])), 0);
-        assert_eq!(PriorityLabel::parse(" k = v "), PriorityLabel { key: "k".into(), value: Some("v".into()) });
+        assert_eq!(
+            PriorityLabel::parse(" k = v "),
+            PriorityLabel { key: "k".into(), value: Some("v".into()) }
+        );
     }
 }

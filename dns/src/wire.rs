@@ -27,7 +27,8 @@ impl FastQuery {
     /// The largest response the client accepts over UDP.
     pub fn udp_limit(&self) -> usize {
         match self.edns {
-            Some((payload, _)) => usize::from(payload.max(PLAIN_UDP_LIMIT as u16)),
+            // Never more than we advertise: larger datagrams fragment (DNS Flag Day 2020).
+            Some((payload, _)) => usize::from(payload.clamp(PLAIN_UDP_LIMIT as u16, EDNS_PAYLOAD)),
             None => PLAIN_UDP_LIMIT,
         }
     }
@@ -173,8 +174,8 @@ pub fn encode_template(
 mod tests {
     use super::*;
     use hickory_proto::op::Edns;
-    use hickory_proto::rr::rdata::A;
     use hickory_proto::rr::RData;
+    use hickory_proto::rr::rdata::A;
 
     fn query(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
         let mut msg = Message::query();
@@ -208,7 +209,8 @@ mod tests {
     fn rejects_what_the_slow_path_must_see() {
         let mut key = Vec::new();
         let good = query("a.b.", RecordType::A, None);
-        let mut cases: Vec<(&str, Vec<u8>)> = vec![("empty", vec![]), ("short", good[..14].to_vec())];
+        let mut cases: Vec<(&str, Vec<u8>)> =
+            vec![("empty", vec![]), ("short", good[..14].to_vec())];
         let mut resp = good.clone();
         resp[2] |= 0x80;
         cases.push(("response", resp));
@@ -271,6 +273,7 @@ mod tests {
         assert!(!assemble(&template, &pkt, &q, &mut out));
         let pkt = query("x.local.", RecordType::A, Some(4096));
         let q = parse_query(&pkt, &mut key).expect("fast");
+        assert_eq!(q.udp_limit(), usize::from(EDNS_PAYLOAD));
         assert!(assemble(&template, &pkt, &q, &mut out));
     }
 }

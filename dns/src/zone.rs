@@ -13,9 +13,9 @@ use hickory_proto::rr::Record;
 
 use crate::names::Zone;
 use crate::records::{
-    import_names, local_names, namespace_ent, soa, static_names, ImportContext, NameMap,
+    ImportContext, NameMap, import_names, local_names, namespace_ent, soa, static_names,
 };
-use crate::table::{Entry, Table};
+use crate::table::{Change, Entry, Table};
 use crate::tier::PriorityLabel;
 
 type Vips = BTreeMap<(ClusterId, IpAddr), IpAddr>;
@@ -99,7 +99,7 @@ impl ZoneWriter {
         &self.soas[zone_index(zone)]
     }
 
-    fn diff(&self, old: &NameMap, new: &NameMap, changes: &mut Vec<(Vec<u8>, Option<Arc<Entry>>)>) {
+    fn diff(&self, old: &NameMap, new: &NameMap, changes: &mut Vec<Change>) {
         for (key, data) in new {
             if old.get(key) != Some(data) {
                 let zone = data.zone.unwrap_or(Zone::ClusterSet);
@@ -119,7 +119,7 @@ impl ZoneWriter {
         zone: Zone,
         namespace: &str,
         delta: isize,
-        changes: &mut Vec<(Vec<u8>, Option<Arc<Entry>>)>,
+        changes: &mut Vec<Change>,
     ) {
         let Some(ent) = namespace_ent(namespace, zone) else { return };
         let count = self.namespaces.entry((zone, namespace.to_owned())).or_insert(0);

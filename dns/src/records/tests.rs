@@ -23,7 +23,11 @@ pub(crate) fn ep(ip: &str, hostname: Option<&str>, ready: bool, health: Health) 
         hostname: hostname.map(str::to_owned),
         ready,
         zone: None,
-        ports: vec![EndpointPort { name: Some("http".into()), protocol: Protocol::Tcp, port: 8080 }],
+        ports: vec![EndpointPort {
+            name: Some("http".into()),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }],
         health,
     }
 }
@@ -167,12 +171,23 @@ fn clusterset_ip_service() {
         "web",
         ServiceType::ClusterSetIP,
         &["242.1.0.1", "fd00::1"],
-        vec![export(&key, "east", ServiceType::ClusterSetIP, vec![ep("10.0.0.1", None, true, Health::Healthy)])],
+        vec![export(
+            &key,
+            "east",
+            ServiceType::ClusterSetIP,
+            vec![ep("10.0.0.1", None, true, Health::Healthy)],
+        )],
     );
     let names = w.names(&svc);
     let flat = flatten(&names);
-    assert_eq!(get(&names, "web.ns.svc.clusterset.local.", RecordType::A), Some(vec!["242.1.0.1".into()]));
-    assert_eq!(get(&names, "web.ns.svc.clusterset.local.", RecordType::AAAA), Some(vec!["fd00::1".into()]));
+    assert_eq!(
+        get(&names, "web.ns.svc.clusterset.local.", RecordType::A),
+        Some(vec!["242.1.0.1".into()])
+    );
+    assert_eq!(
+        get(&names, "web.ns.svc.clusterset.local.", RecordType::AAAA),
+        Some(vec!["fd00::1".into()])
+    );
     assert_eq!(
         get(&names, "_http._tcp.web.ns.svc.clusterset.local.", RecordType::SRV),
         Some(vec!["0 100 80 web.ns.svc.clusterset.local.".into()])
@@ -202,22 +217,37 @@ fn headless_answers_best_healthy_tier_with_vips_for_remote() {
         ep("10.0.0.2", None, true, Health::Unknown),
         ep("10.0.0.3", Some("db-2"), false, Health::Healthy),
     ];
-    let west = vec![ep("10.2.0.1", Some("db-0"), true, Health::Healthy), ep("10.2.0.9", None, true, Health::Healthy)];
+    let west = vec![
+        ep("10.2.0.1", Some("db-0"), true, Health::Healthy),
+        ep("10.2.0.9", None, true, Health::Healthy),
+    ];
     let svc = import(
         "ns",
         "db",
         ServiceType::Headless,
         &[],
-        vec![export(&key, "east", ServiceType::Headless, east), export(&key, "west", ServiceType::Headless, west)],
+        vec![
+            export(&key, "east", ServiceType::Headless, east),
+            export(&key, "west", ServiceType::Headless, west),
+        ],
     );
     let names = w.names(&svc);
     assert_eq!(
         get(&names, "db.ns.svc.clusterset.local.", RecordType::A),
         Some(vec!["10.0.0.1".into(), "10.0.0.2".into()])
     );
-    assert_eq!(get(&names, "db-0.east.db.ns.svc.clusterset.local.", RecordType::A), Some(vec!["10.0.0.1".into()]));
-    assert_eq!(get(&names, "10-0-0-2.east.db.ns.svc.clusterset.local.", RecordType::A), Some(vec!["10.0.0.2".into()]));
-    assert_eq!(get(&names, "db-0.west.db.ns.svc.clusterset.local.", RecordType::A), Some(vec!["242.2.0.1".into()]));
+    assert_eq!(
+        get(&names, "db-0.east.db.ns.svc.clusterset.local.", RecordType::A),
+        Some(vec!["10.0.0.1".into()])
+    );
+    assert_eq!(
+        get(&names, "10-0-0-2.east.db.ns.svc.clusterset.local.", RecordType::A),
+        Some(vec!["10.0.0.2".into()])
+    );
+    assert_eq!(
+        get(&names, "db-0.west.db.ns.svc.clusterset.local.", RecordType::A),
+        Some(vec!["242.2.0.1".into()])
+    );
     // Not ready, or remote without a VIP: no name.
     assert_eq!(get(&names, "db-2.east.db.ns.svc.clusterset.local.", RecordType::A), None);
     assert_eq!(get(&names, "10-2-0-9.west.db.ns.svc.clusterset.local.", RecordType::A), None);
@@ -236,7 +266,8 @@ fn headless_answers_best_healthy_tier_with_vips_for_remote() {
 fn headless_fails_over_when_local_endpoints_are_unhealthy_or_cluster_unreachable() {
     let mut w = World::new();
     let key = ServiceKey::new("ns", "db");
-    w.vips.insert((cid("east2"), "10.1.0.1".parse().expect("ip")), "242.2.0.2".parse().expect("ip"));
+    w.vips
+        .insert((cid("east2"), "10.1.0.1".parse().expect("ip")), "242.2.0.2".parse().expect("ip"));
     w.vips.insert((cid("west"), "10.2.0.1".parse().expect("ip")), "242.2.0.3".parse().expect("ip"));
     let build = |local_health: Health| {
         import(
@@ -245,9 +276,24 @@ fn headless_fails_over_when_local_endpoints_are_unhealthy_or_cluster_unreachable
             ServiceType::Headless,
             &[],
             vec![
-                export(&key, "east", ServiceType::Headless, vec![ep("10.0.0.1", None, true, local_health)]),
-                export(&key, "east2", ServiceType::Headless, vec![ep("10.1.0.1", None, true, Health::Healthy)]),
-                export(&key, "west", ServiceType::Headless, vec![ep("10.2.0.1", None, true, Health::Healthy)]),
+                export(
+                    &key,
+                    "east",
+                    ServiceType::Headless,
+                    vec![ep("10.0.0.1", None, true, local_health)],
+                ),
+                export(
+                    &key,
+                    "east2",
+                    ServiceType::Headless,
+                    vec![ep("10.1.0.1", None, true, Health::Healthy)],
+                ),
+                export(
+                    &key,
+                    "west",
+                    ServiceType::Headless,
+                    vec![ep("10.2.0.1", None, true, Health::Healthy)],
+                ),
             ],
         )
     };
@@ -277,7 +323,10 @@ fn local_services() {
         endpoints: vec![ep("10.0.0.1", Some("api-0"), true, Health::Unknown)],
     };
     let names = local_names(&svc, 5);
-    assert_eq!(get(&names, "api.ns.svc.cluster.local.", RecordType::A), Some(vec!["10.96.0.10".into()]));
+    assert_eq!(
+        get(&names, "api.ns.svc.cluster.local.", RecordType::A),
+        Some(vec!["10.96.0.10".into()])
+    );
     assert_eq!(
         get(&names, "_http._tcp.api.ns.svc.cluster.local.", RecordType::SRV),
         Some(vec!["0 100 80 api.ns.svc.cluster.local.".into()])
@@ -285,8 +334,14 @@ fn local_services() {
     svc.cluster_ips.clear();
     svc.endpoints.push(ep("10.0.0.2", None, false, Health::Unknown));
     let names = local_names(&svc, 5);
-    assert_eq!(get(&names, "api.ns.svc.cluster.local.", RecordType::A), Some(vec!["10.0.0.1".into()]));
-    assert_eq!(get(&names, "api-0.api.ns.svc.cluster.local.", RecordType::A), Some(vec!["10.0.0.1".into()]));
+    assert_eq!(
+        get(&names, "api.ns.svc.cluster.local.", RecordType::A),
+        Some(vec!["10.0.0.1".into()])
+    );
+    assert_eq!(
+        get(&names, "api-0.api.ns.svc.cluster.local.", RecordType::A),
+        Some(vec!["10.0.0.1".into()])
+    );
     assert_eq!(
         get(&names, "_http._tcp.api.ns.svc.cluster.local.", RecordType::SRV),
         Some(vec!["0 100 8080 api-0.api.ns.svc.cluster.local.".into()])
@@ -298,7 +353,10 @@ fn local_services() {
 #[test]
 fn static_names_and_soa() {
     let names = static_names(7, 42);
-    assert_eq!(get(&names, "dns-version.clusterset.local.", RecordType::TXT), Some(vec!["1.0.0".into()]));
+    assert_eq!(
+        get(&names, "dns-version.clusterset.local.", RecordType::TXT),
+        Some(vec!["1.0.0".into()])
+    );
     let soa = get(&names, "clusterset.local.", RecordType::SOA).expect("soa");
     assert!(soa[0].contains(" 42 ") && soa[0].ends_with(" 7"), "{soa:?}");
     assert!(get(&names, "cluster.local.", RecordType::SOA).is_some());

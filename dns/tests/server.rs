@@ -1,0 +1,739 @@
+//! The DNS server against real sockets on loopback: a hickory-proto client over UDP and TCP,
+//! and real `dig`. Upstreams are tiny authorities started by the tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use fedgate_discovery::model::{
+    ClusterId, ClusterState, Endpoint, EndpointPort, EndpointVip, ExportedService, Health,
+    ImportPort, ImportSnapshot, ImportedService, LocalService, Locality, Protocol, ServiceKey,
+    ServicePort, ServiceType, SessionAffinity,
+};
+use fedgate_dns::{DnsServer, DnsSettings, Upstream};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, SOA, TXT};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{oneshot, watch};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------- model builders
+
+fn cid(s: &str) -> ClusterId {
+    ClusterId::new(s).expect("cluster id")
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+fn ep(addr: &str, hostname: Option<&str>, health: Health) -> Endpoint {
+    Endpoint {
+        address: ip(addr),
+        hostname: hostname.map(str::to_owned),
+        ready: true,
+        zone: None,
+        ports: vec![EndpointPort {
+            name: Some("http".into()),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }],
+        health,
+    }
+}
+
+fn sport(name: Option<&str>, port: u16) -> ServicePort {
+    ServicePort {
+        name: name.map(str::to_owned),
+        protocol: Protocol::Tcp,
+        port,
+        app_protocol: None,
+        target_port: None,
+    }
+}
+
+fn export(
+    key: &ServiceKey,
+    cluster: &str,
+    ty: ServiceType,
+    endpoints: Vec<Endpoint>,
+) -> Arc<ExportedService> {
+    Arc::new(ExportedService {
+        key: key.clone(),
+        cluster: cid(cluster),
+        service_type: ty,
+        ports: vec![sport(Some("http"), 80)],
+        session_affinity: SessionAffinity::None,
+        internal_traffic_policy: None,
+        traffic_distribution: None,
+        ip_families: vec![],
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        created: jiff::Timestamp::UNIX_EPOCH,
+        endpoints,
+    })
+}
+
+fn import(
+    key: &ServiceKey,
+    ty: ServiceType,
+    ips: &[&str],
+    clusters: Vec<Arc<ExportedService>>,
+) -> Arc<ImportedService> {
+    let all: BTreeSet<ClusterId> = clusters.iter().map(|c| c.cluster.clone()).collect();
+    Arc::new(ImportedService {
+        key: key.clone(),
+        service_type: ty,
+        ports: vec![ImportPort { port: sport(Some("http"), 80), clusters: all }],
+        session_affinity: SessionAffinity::None,
+        internal_traffic_policy: None,
+        traffic_distribution: None,
+        ip_families: vec![],
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        ips: ips.iter().map(|s| ip(s)).collect(),
+        winner: cid("east"),
+        clusters: clusters.into_iter().map(|c| (c.cluster.clone(), c)).collect(),
+        conflicts: vec![],
+    })
+}
+
+fn locality(region: &str, zone: &str) -> Locality {
+    Locality { region: Some(region.into()), zone: Some(zone.into()), labels: BTreeMap::new() }
+}
+
+/// The clusterset of the tests, seen from `east` (region us):
+/// - `web.shop` ClusterSetIP 242.1.0.1 / fd00:242::1, exported by west only;
+/// - `db.shop` headless: east 10.0.0.1 (db-0) + 10.0.0.2, west 10.2.0.1 (VIP 242.2.0.1);
+/// - `big.shop` headless with 100 local endpoints (truncation).
+fn snapshot(east_db_health: Health) -> ImportSnapshot {
+    let web = ServiceKey::new("shop", "web");
+    let db = ServiceKey::new("shop", "db");
+    let big = ServiceKey::new("shop", "big");
+    let mut services = BTreeMap::new();
+    services.insert(
+        web.clone(),
+        import(
+            &web,
+            ServiceType::ClusterSetIP,
+            &["242.1.0.1", "fd00:242::1"],
+            vec![export(
+                &web,
+                "west",
+                ServiceType::ClusterSetIP,
+                vec![ep("10.2.0.5", None, Health::Healthy)],
+            )],
+        ),
+    );
+    services.insert(
+        db.clone(),
+        import(
+            &db,
+            ServiceType::Headless,
+            &[],
+            vec![
+                export(
+                    &db,
+                    "east",
+                    ServiceType::Headless,
+                    vec![
+                        ep("10.0.0.1", Some("db-0"), east_db_health),
+                        ep("10.0.0.2", None, east_db_health),
+                    ],
+                ),
+                export(
+                    &db,
+                    "west",
+                    ServiceType::Headless,
+                    vec![ep("10.2.0.1", Some("db-0"), Health::Healthy)],
+                ),
+            ],
+        ),
+    );
+    let many: Vec<Endpoint> =
+        (1..=100).map(|i| ep(&format!("10.9.0.{i}"), None, Health::Healthy)).collect();
+    services.insert(
+        big.clone(),
+        import(
+            &big,
+            ServiceType::Headless,
+            &[],
+            vec![export(&big, "east", ServiceType::Headless, many)],
+        ),
+    );
+    let mut endpoint_vips = BTreeMap::new();
+    endpoint_vips.insert(
+        ip("242.2.0.1"),
+        EndpointVip { key: db.clone(), cluster: cid("west"), endpoint: ip("10.2.0.1") },
+    );
+    ImportSnapshot {
+        version: 1,
+        local_cluster: Some(cid("east")),
+        services,
+        localities: [(cid("east"), locality("us", "us-a")), (cid("west"), locality("eu", "eu-a"))]
+            .into_iter()
+            .collect(),
+        unreachable: BTreeSet::new(),
+        endpoint_vips,
+    }
+}
+
+/// `east`'s own Services: `api.shop` (ClusterIP 10.96.0.10) and `pods.shop` (headless).
+fn cluster_state() -> ClusterState {
+    let mut state = ClusterState::default();
+    let api = ServiceKey::new("shop", "api");
+    let pods = ServiceKey::new("shop", "pods");
+    let svc = |key: &ServiceKey, ips: Vec<IpAddr>, endpoints| {
+        Arc::new(LocalService {
+            key: key.clone(),
+            kube_type: "ClusterIP".into(),
+            cluster_ips: ips,
+            ports: vec![sport(Some("http"), 80)],
+            session_affinity: SessionAffinity::None,
+            internal_traffic_policy: None,
+            traffic_distribution: None,
+            ip_families: vec![],
+            endpoints,
+        })
+    };
+    state.services.insert(api.clone(), svc(&api, vec![ip("10.96.0.10")], vec![]));
+    state.services.insert(
+        pods.clone(),
+        svc(&pods, vec![], vec![ep("10.0.1.1", Some("pod-a"), Health::Unknown)]),
+    );
+    state
+}
+
+// ---------------------------------------------------------------- a tiny upstream authority
+
+/// Answers `www.example.test A 192.0.2.10` (TTL 60), `big.example.test TXT` (too big for
+/// UDP: TC, full over TCP), NXDOMAIN with SOA for the rest. Counts the questions it gets.
+struct FakeUpstream {
+    addr: SocketAddr,
+    queries: Arc<AtomicUsize>,
+}
+
+fn upstream_answer(req: &Message, udp: bool) -> Message {
+    let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+    resp.metadata.authoritative = true;
+    resp.metadata.recursion_desired = req.metadata.recursion_desired;
+    let Some(q) = req.queries.first() else {
+        resp.metadata.response_code = ResponseCode::FormErr;
+        return resp;
+    };
+    resp.add_query(q.clone());
+    let name = q.name.to_lowercase().to_ascii();
+    let zone = Name::from_ascii("example.test.").expect("name");
+    match (name.as_str(), q.query_type()) {
+        ("www.example.test.", RecordType::A) => {
+            resp.add_answer(Record::from_rdata(
+                q.name.clone(),
+                60,
+                RData::A(A::new(192, 0, 2, 10)),
+            ));
+        }
+        ("big.example.test.", RecordType::TXT) if udp => resp.metadata.truncation = true,
+        ("big.example.test.", RecordType::TXT) => {
+            for i in 0..40 {
+                let txt = TXT::new(vec![format!("{i:02}-{}", "x".repeat(60))]);
+                resp.add_answer(Record::from_rdata(q.name.clone(), 60, RData::TXT(txt)));
+            }
+        }
+        _ => {
+            resp.metadata.response_code = ResponseCode::NXDomain;
+            let soa = SOA::new(zone.clone(), zone.clone(), 1, 60, 60, 60, 30);
+            resp.add_authority(Record::from_rdata(zone, 30, RData::SOA(soa)));
+        }
+    }
+    resp
+}
+
+async fn start_upstream() -> FakeUpstream {
+    let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream udp");
+    let addr = udp.local_addr().expect("addr");
+    let tcp = TcpListener::bind(addr).await.expect("bind upstream tcp");
+    let queries = Arc::new(AtomicUsize::new(0));
+    let count = queries.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, src)) = udp.recv_from(&mut buf).await {
+            count.fetch_add(1, Ordering::SeqCst);
+            if let Ok(req) = Message::from_vec(&buf[..n]) {
+                let resp = upstream_answer(&req, true).to_vec().expect("encode");
+                let _ = udp.send_to(&resp, src).await;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = tcp.accept().await {
+            tokio::spawn(async move {
+                let mut len = [0u8; 2];
+                while stream.read_exact(&mut len).await.is_ok() {
+                    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    if stream.read_exact(&mut buf).await.is_err() {
+                        return;
+                    }
+                    let Ok(req) = Message::from_vec(&buf) else { return };
+                    let resp = upstream_answer(&req, false).to_vec().expect("encode");
+                    let mut out = (resp.len() as u16).to_be_bytes().to_vec();
+                    out.extend_from_slice(&resp);
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    FakeUpstream { addr, queries }
+}
+
+// ---------------------------------------------------------------- the server under test
+
+struct Running {
+    addr: SocketAddr,
+    imports_tx: watch::Sender<Arc<ImportSnapshot>>,
+    _cluster_tx: watch::Sender<Arc<ClusterState>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), fedgate_dns::DnsError>>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let done = tokio::time::timeout(WAIT, &mut self.task).await.expect("server stops in time");
+        done.expect("join").expect("server result");
+    }
+}
+
+async fn start(upstreams: Vec<SocketAddr>, upstream_timeout: Duration) -> Running {
+    let (imports_tx, imports_rx) = watch::channel(Arc::new(snapshot(Health::Healthy)));
+    let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster_state()));
+    let mut settings = DnsSettings::new("127.0.0.1:0".parse().expect("addr"));
+    settings.upstream = Upstream::Servers(upstreams);
+    settings.upstream_timeout = upstream_timeout;
+    let server = DnsServer::new(settings, imports_rx, cluster_rx).expect("dns server binds");
+    let addr = server.address();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    Running { addr, imports_tx, _cluster_tx: cluster_tx, stop: Some(stop), task }
+}
+
+// ---------------------------------------------------------------- clients
+
+fn request(name: &str, qtype: RecordType, edns: Option<u16>) -> Message {
+    let mut msg = Message::query();
+    msg.metadata.id = rand_id();
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(Name::from_ascii(name).expect("name"), qtype));
+    if let Some(payload) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(payload);
+        msg.set_edns(e);
+    }
+    msg
+}
+
+fn rand_id() -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(1);
+    (NEXT.fetch_add(7919, Ordering::Relaxed) % 65_536) as u16
+}
+
+async fn udp_raw(server: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind client");
+    socket.send_to(bytes, server).await.expect("send");
+    let mut buf = vec![0u8; 65_535];
+    match tokio::time::timeout(WAIT, socket.recv(&mut buf)).await {
+        Ok(Ok(n)) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+async fn udp(server: SocketAddr, msg: &Message) -> Message {
+    let bytes = udp_raw(server, &msg.to_vec().expect("encode")).await.expect("udp answer in time");
+    let resp = Message::from_vec(&bytes).expect("answer parses");
+    assert_eq!(resp.metadata.id, msg.metadata.id, "id echoed");
+    resp
+}
+
+async fn tcp(server: SocketAddr, msg: &Message) -> Message {
+    let mut stream = TcpStream::connect(server).await.expect("connect tcp");
+    let bytes = msg.to_vec().expect("encode");
+    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(&bytes);
+    stream.write_all(&out).await.expect("write");
+    let mut len = [0u8; 2];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut len))
+        .await
+        .expect("tcp answer in time")
+        .expect("read len");
+    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut buf).await.expect("read body");
+    Message::from_vec(&buf).expect("answer parses")
+}
+
+fn addrs(resp: &Message) -> Vec<String> {
+    let mut v: Vec<String> = resp.answers.iter().map(|r| r.data.to_string()).collect();
+    v.sort();
+    v
+}
+
+fn has_soa(resp: &Message) -> bool {
+    resp.authorities.iter().any(|r| r.record_type() == RecordType::SOA)
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn clusterset_ip_records_and_negative_answers() {
+    let s = start(vec![], Duration::from_millis(200)).await;
+    let a = udp(s.addr, &request("web.shop.svc.clusterset.local.", RecordType::A, None)).await;
+    assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+    assert!(a.metadata.authoritative);
+    assert_eq!(addrs(&a), vec!["242.1.0.1"]);
+    assert_eq!(a.answers[0].ttl, 5);
+    // Case-insensitive, question echoed as asked.
+    let a =
+        udp(s.addr, &request("WeB.Shop.SVC.ClusterSet.Local.", RecordType::A, Some(1232))).await;
+    assert_eq!(addrs(&a), vec!["242.1.0.1"]);
+    assert_eq!(a.queries[0].name.to_ascii(), "WeB.Shop.SVC.ClusterSet.Local.");
+    assert!(a.edns.is_some(), "OPT echoed");
+    let aaaa =
+        udp(s.addr, &request("web.shop.svc.clusterset.local.", RecordType::AAAA, None)).await;
+    assert_eq!(addrs(&aaaa), vec!["fd00:242::1"]);
+    let srv =
+        udp(s.addr, &request("_http._tcp.web.shop.svc.clusterset.local.", RecordType::SRV, None))
+            .await;
+    assert_eq!(addrs(&srv), vec!["0 100 80 web.shop.svc.clusterset.local."]);
+    let txt = udp(s.addr, &request("dns-version.clusterset.local.", RecordType::TXT, None)).await;
+    assert_eq!(addrs(&txt), vec!["1.0.0"]);
+
+    // NODATA: the name exists, the type does not.
+    for (name, qtype) in [
+        ("web.shop.svc.clusterset.local.", RecordType::TXT),
+        ("shop.svc.clusterset.local.", RecordType::A),
+        ("_tcp.web.shop.svc.clusterset.local.", RecordType::A),
+    ] {
+        for resp in [
+            udp(s.addr, &request(name, qtype, None)).await,
+            tcp(s.addr, &request(name, qtype, None)).await,
+        ] {
+            assert_eq!(resp.metadata.response_code, ResponseCode::NoError, "{name} {qtype}");
+            assert!(
+                resp.answers.is_empty() && has_soa(&resp) && resp.metadata.authoritative,
+                "{name} {qtype}"
+            );
+        }
+    }
+    // NXDOMAIN with SOA: `<clusterid>.<svc>` must not exist, nor unknown names.
+    for name in [
+        "west.web.shop.svc.clusterset.local.",
+        "east.db.shop.svc.clusterset.local.",
+        "nope.shop.svc.clusterset.local.",
+        "nope.clusterset.local.",
+    ] {
+        let resp = udp(s.addr, &request(name, RecordType::A, None)).await;
+        assert_eq!(resp.metadata.response_code, ResponseCode::NXDomain, "{name}");
+        assert!(has_soa(&resp) && resp.metadata.authoritative, "{name}");
+        assert_eq!(resp.authorities[0].ttl, 5);
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn headless_records_and_failover_on_new_snapshot() {
+    let s = start(vec![], Duration::from_millis(200)).await;
+    let name = "db.shop.svc.clusterset.local.";
+    let a = udp(s.addr, &request(name, RecordType::A, None)).await;
+    assert_eq!(addrs(&a), vec!["10.0.0.1", "10.0.0.2"], "local tier only");
+    let host =
+        udp(s.addr, &request("db-0.east.db.shop.svc.clusterset.local.", RecordType::A, None)).await;
+    assert_eq!(addrs(&host), vec!["10.0.0.1"]);
+    let generated =
+        udp(s.addr, &request("10-0-0-2.east.db.shop.svc.clusterset.local.", RecordType::A, None))
+            .await;
+    assert_eq!(addrs(&generated), vec!["10.0.0.2"]);
+    let remote =
+        udp(s.addr, &request("db-0.west.db.shop.svc.clusterset.local.", RecordType::A, None)).await;
+    assert_eq!(addrs(&remote), vec!["242.2.0.1"], "remote endpoints answer with their VIP");
+    let srv =
+        udp(s.addr, &request("_http._tcp.db.shop.svc.clusterset.local.", RecordType::SRV, None))
+            .await;
+    assert_eq!(
+        addrs(&srv),
+        vec![
+            "0 100 8080 10-0-0-2.east.db.shop.svc.clusterset.local.",
+            "0 100 8080 db-0.east.db.shop.svc.clusterset.local."
+        ]
+    );
+    // A and AAAA carry the same subset: no IPv6 endpoint, so NODATA.
+    let aaaa = udp(s.addr, &request(name, RecordType::AAAA, None)).await;
+    assert!(aaaa.answers.is_empty() && has_soa(&aaaa));
+
+    // Local endpoints turn unhealthy: the next tier (west, via its VIP) takes over.
+    s.imports_tx.send(Arc::new(snapshot(Health::Unhealthy))).expect("send snapshot");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let a = udp(s.addr, &request(name, RecordType::A, None)).await;
+        if addrs(&a) == vec!["242.2.0.1"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "failover not seen: {:?}", addrs(&a));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And back.
+    s.imports_tx.send(Arc::new(snapshot(Health::Healthy))).expect("send snapshot");
+    let deadline = Instant::now() + WAIT;
+    while addrs(&udp(s.addr, &request(name, RecordType::A, None)).await)
+        != vec!["10.0.0.1", "10.0.0.2"]
+    {
+        assert!(Instant::now() < deadline, "fail-back not seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A service withdrawn from the snapshot disappears.
+    let mut snap = snapshot(Health::Healthy);
+    snap.services.remove(&ServiceKey::new("shop", "web"));
+    s.imports_tx.send(Arc::new(snap)).expect("send snapshot");
+    let deadline = Instant::now() + WAIT;
+    while udp(s.addr, &request("web.shop.svc.clusterset.local.", RecordType::A, None))
+        .await
+        .metadata
+        .response_code
+        != ResponseCode::NXDomain
+    {
+        assert!(Instant::now() < deadline, "withdrawal not seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn cluster_local_answers_only_this_clusters_services() {
+    let s = start(vec![], Duration::from_millis(200)).await;
+    let a = udp(s.addr, &request("api.shop.svc.cluster.local.", RecordType::A, None)).await;
+    assert_eq!(addrs(&a), vec!["10.96.0.10"]);
+    assert!(a.metadata.authoritative);
+    let pods = udp(s.addr, &request("pods.shop.svc.cluster.local.", RecordType::A, None)).await;
+    assert_eq!(addrs(&pods), vec!["10.0.1.1"]);
+    let pod =
+        udp(s.addr, &request("pod-a.pods.shop.svc.cluster.local.", RecordType::A, None)).await;
+    assert_eq!(addrs(&pod), vec!["10.0.1.1"]);
+    // `web` is exported by west, not a Service here: NXDOMAIN in cluster.local.
+    let web = udp(s.addr, &request("web.shop.svc.cluster.local.", RecordType::A, None)).await;
+    assert_eq!(web.metadata.response_code, ResponseCode::NXDomain);
+    assert!(has_soa(&web));
+    assert_eq!(web.authorities[0].name.to_ascii(), "cluster.local.");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn forwards_other_names_with_a_cache() {
+    let up = start_upstream().await;
+    let s = start(vec![up.addr], Duration::from_secs(2)).await;
+    let a = udp(s.addr, &request("www.example.test.", RecordType::A, None)).await;
+    assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+    assert!(!a.metadata.authoritative && a.metadata.recursion_available);
+    assert_eq!(addrs(&a), vec!["192.0.2.10"]);
+    let again = tcp(s.addr, &request("WWW.example.test.", RecordType::A, None)).await;
+    assert_eq!(addrs(&again), vec!["192.0.2.10"]);
+    assert_eq!(up.queries.load(Ordering::SeqCst), 1, "second answer came from the cache");
+    let nx = udp(s.addr, &request("missing.example.test.", RecordType::A, None)).await;
+    assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+    assert!(has_soa(&nx));
+    // Upstream truncates over UDP: we retry over TCP upstream, then truncate to our client,
+    // whose TCP retry gets everything.
+    let big = udp(s.addr, &request("big.example.test.", RecordType::TXT, Some(1232))).await;
+    assert!(big.metadata.truncation && big.answers.is_empty());
+    let big = tcp(s.addr, &request("big.example.test.", RecordType::TXT, None)).await;
+    assert_eq!(big.answers.len(), 40);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn failing_upstream_gives_servfail_in_bounded_time() {
+    // Bound but never answers.
+    let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let s = start(vec![silent.local_addr().expect("addr")], Duration::from_millis(400)).await;
+    let started = Instant::now();
+    let queries: Vec<_> = (0..20)
+        .map(|i| {
+            let addr = s.addr;
+            tokio::spawn(async move {
+                udp(addr, &request(&format!("n{i}.example.test."), RecordType::A, None)).await
+            })
+        })
+        .collect();
+    for q in queries {
+        let resp = q.await.expect("join");
+        assert_eq!(resp.metadata.response_code, ResponseCode::ServFail);
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    drop(silent);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn large_answers_truncate_over_udp_and_come_whole_over_tcp() {
+    let s = start(vec![], Duration::from_millis(200)).await;
+    let name = "big.shop.svc.clusterset.local.";
+    for edns in [None, Some(4096)] {
+        let resp = udp(s.addr, &request(name, RecordType::A, edns)).await;
+        assert!(resp.metadata.truncation, "TC with edns {edns:?}");
+        assert!(resp.answers.is_empty());
+        assert_eq!(resp.queries.len(), 1);
+    }
+    let resp = tcp(s.addr, &request(name, RecordType::A, None)).await;
+    assert!(!resp.metadata.truncation);
+    assert_eq!(resp.answers.len(), 100);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn protocol_errors() {
+    let s = start(vec![], Duration::from_millis(200)).await;
+    // Unsupported opcode.
+    let mut status = request("web.shop.svc.clusterset.local.", RecordType::A, None);
+    status.metadata.op_code = OpCode::Status;
+    assert_eq!(udp(s.addr, &status).await.metadata.response_code, ResponseCode::NotImp);
+    // Unsupported class.
+    let mut chaos = request("web.shop.svc.clusterset.local.", RecordType::A, None);
+    chaos.queries[0].query_class = DNSClass::CH;
+    assert_eq!(udp(s.addr, &chaos).await.metadata.response_code, ResponseCode::Refused);
+    let mut chaos = request("version.bind.", RecordType::TXT, None);
+    chaos.queries[0].query_class = DNSClass::CH;
+    assert_eq!(tcp(s.addr, &chaos).await.metadata.response_code, ResponseCode::Refused);
+    // Zone transfers are refused.
+    let axfr = request("clusterset.local.", RecordType::AXFR, None);
+    assert_eq!(tcp(s.addr, &axfr).await.metadata.response_code, ResponseCode::Refused);
+    // EDNS version 1: BADVERS.
+    let mut v1 = request("web.shop.svc.clusterset.local.", RecordType::A, Some(1232));
+    if let Some(e) = v1.edns.as_mut() {
+        e.set_version(1);
+    }
+    let resp = udp(s.addr, &v1).await;
+    // BADVERS and BADSIG share the value 16; hickory decodes it as the latter.
+    assert_eq!(u16::from(resp.metadata.response_code), 16);
+    assert_eq!(resp.edns.as_ref().map(Edns::version), Some(0));
+    // Garbage after a valid header: FORMERR.
+    let garbage =
+        [0x12, 0x34, 0x01, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x3f, 0x61];
+    let resp = udp_raw(s.addr, &garbage).await.expect("formerr answer");
+    let resp = Message::from_vec(&resp).expect("parses");
+    assert_eq!(resp.metadata.id, 0x1234);
+    assert_eq!(resp.metadata.response_code, ResponseCode::FormErr);
+    // A name over 255 octets: FORMERR.
+    let mut long = vec![0xab, 0xcd, 0x01, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00];
+    for _ in 0..5 {
+        long.push(63);
+        long.extend(std::iter::repeat_n(b'a', 63));
+    }
+    long.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let resp = Message::from_vec(&udp_raw(s.addr, &long).await.expect("answer")).expect("parses");
+    assert_eq!(resp.metadata.response_code, ResponseCode::FormErr);
+    // Two questions: FORMERR.
+    let mut two = request("web.shop.svc.clusterset.local.", RecordType::A, None);
+    two.add_query(Query::query(
+        Name::from_ascii("db.shop.svc.clusterset.local.").expect("name"),
+        RecordType::A,
+    ));
+    assert_eq!(udp(s.addr, &two).await.metadata.response_code, ResponseCode::FormErr);
+    // Too short to be DNS, or a response: no answer at all (no reflection).
+    assert!(udp_raw(s.addr, &[1, 2, 3]).await.is_none());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn port_in_use_is_a_clear_error() {
+    let (_itx, irx) = watch::channel(Arc::new(ImportSnapshot::default()));
+    let (_ctx, crx) = watch::channel(Arc::new(ClusterState::default()));
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let mut settings = DnsSettings::new(taken.local_addr().expect("addr"));
+    settings.upstream = Upstream::Servers(vec![]);
+    let err = DnsServer::new(settings, irx, crx).err().expect("must fail");
+    let text = err.to_string();
+    assert!(text.contains("cannot bind dns udp socket") && text.contains("127.0.0.1"), "{text}");
+}
+
+// ---------------------------------------------------------------- real dig
+
+fn dig(server: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .arg(format!("@{}", server.ip()))
+        .arg("-p")
+        .arg(server.port().to_string())
+        .args(["+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .expect("`dig` must be installed for these tests (Debian: apt-get install bind9-dnsutils)");
+    assert!(out.status.success(), "dig {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn short(server: SocketAddr, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["+short"];
+    all.extend_from_slice(args);
+    let mut v: Vec<String> = dig(server, &all).lines().map(str::to_owned).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_sees_every_record_kind() {
+    let up = start_upstream().await;
+    let s = start(vec![up.addr], Duration::from_secs(2)).await;
+    let addr = s.addr;
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(short(addr, &["web.shop.svc.clusterset.local", "A"]), vec!["242.1.0.1"]);
+        assert_eq!(short(addr, &["web.shop.svc.clusterset.local", "AAAA"]), vec!["fd00:242::1"]);
+        assert_eq!(
+            short(addr, &["_http._tcp.web.shop.svc.clusterset.local", "SRV"]),
+            vec!["0 100 80 web.shop.svc.clusterset.local."]
+        );
+        assert_eq!(short(addr, &["dns-version.clusterset.local", "TXT"]), vec!["\"1.0.0\""]);
+        assert_eq!(short(addr, &["db.shop.svc.clusterset.local"]), vec!["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(short(addr, &["db-0.west.db.shop.svc.clusterset.local"]), vec!["242.2.0.1"]);
+        assert_eq!(short(addr, &["api.shop.svc.cluster.local"]), vec!["10.96.0.10"]);
+        assert_eq!(short(addr, &["www.example.test"]), vec!["192.0.2.10"]);
+        // Negative answers: status and SOA.
+        let nx = dig(addr, &["west.web.shop.svc.clusterset.local"]);
+        assert!(nx.contains("status: NXDOMAIN") && nx.contains("flags: qr aa rd ra"), "{nx}");
+        assert!(nx.contains("AUTHORITY: 1") && nx.contains("SOA"), "{nx}");
+        let nodata = dig(addr, &["web.shop.svc.clusterset.local", "MX"]);
+        assert!(
+            nodata.contains("status: NOERROR")
+                && nodata.contains("ANSWER: 0")
+                && nodata.contains("AUTHORITY: 1"),
+            "{nodata}"
+        );
+        let nxlocal = dig(addr, &["web.shop.svc.cluster.local"]);
+        assert!(nxlocal.contains("status: NXDOMAIN"), "{nxlocal}");
+        // Over TCP, and truncation with dig's automatic TCP retry.
+        assert_eq!(short(addr, &["+tcp", "web.shop.svc.clusterset.local"]), vec!["242.1.0.1"]);
+        let big = dig(addr, &["big.shop.svc.clusterset.local"]);
+        assert!(
+            big.contains("Truncated, retrying in TCP mode") && big.contains("ANSWER: 100"),
+            "{big}"
+        );
+        let ignored = dig(addr, &["+ignore", "+noedns", "big.shop.svc.clusterset.local"]);
+        assert!(
+            ignored.contains(" tc ")
+                || ignored.contains("flags: qr tc")
+                || ignored.contains("tc rd"),
+            "{ignored}"
+        );
+        // Mixed case and EDNS with the DO bit.
+        assert_eq!(short(addr, &["+dnssec", "WEB.shop.SVC.clusterset.LOCAL"]), vec!["242.1.0.1"]);
+    })
+    .await
+    .expect("dig checks");
+    s.stop().await;
+}
