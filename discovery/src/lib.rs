@@ -9,3 +9,4 @@ pub mod exports;
 pub mod imports;
 pub mod mcs;
 pub mod model;
+pub mod source;

@@ -1,0 +1,756 @@
+//! From the text of one file to objects and problems: split into YAML documents, read each
+//! document's `apiVersion`/`kind`/`metadata`, convert the kinds the source knows and report
+//! the rest with the line (and column) of the offending field, 1-based and relative to the
+//! file.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::{
+    self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor,
+};
+use serde_norway::Value;
+
+use crate::model::LocalService;
+
+use super::convert::{ConvertError, DEFAULT_NAMESPACE, ExportSpec, FieldPath, Seg, SliceEndpoints};
+use super::wire;
+
+/// A document the source could not use, or a warning about one it did.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// 1-based line in the file; 0 when the problem concerns the whole file (unreadable).
+    pub line: usize,
+    /// 1-based column; 0 when unknown.
+    pub column: usize,
+    /// The object concerned (`Service default/web`), when the document says which.
+    pub object: Option<String>,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if let Some(o) = &self.object {
+            write!(f, "{o}: ")?;
+        }
+        f.write_str(&self.reason)
+    }
+}
+
+/// The kinds the file source reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    ServiceExport,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::ServiceExport => "ServiceExport",
+        }
+    }
+}
+
+/// Identity of an object: last-good values and duplicates are keyed by it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+    }
+}
+
+/// A valid object, converted into the model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObjectValue {
+    /// Endpoints empty: they come from the EndpointSlices.
+    Service(LocalService),
+    EndpointSlice(SliceEndpoints),
+    ServiceExport(ExportSpec),
+}
+
+/// One valid object of a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Object {
+    pub id: ObjectRef,
+    pub file: PathBuf,
+    /// 1-based line where the object's document (or `kind: List` item) starts.
+    pub line: usize,
+    pub value: ObjectValue,
+}
+
+/// Everything parsing one file tells the loader.
+#[derive(Debug, Default)]
+pub(crate) struct ParsedFile {
+    pub objects: Vec<Object>,
+    pub problems: Vec<Problem>,
+    /// Objects whose document is bad: their last good value stays in force.
+    pub bad: Vec<ObjectRef>,
+    /// A document was too broken to say which object it is: every object the file held
+    /// before and no longer yields stays in force.
+    pub unidentified_bad: bool,
+}
+
+/// Parses every YAML document of `text` (the contents of `file`): valid objects of known
+/// kinds, and a problem for each bad document. Unknown kinds are skipped (debug log).
+pub fn parse_documents(file: &Path, text: &str) -> (Vec<Object>, Vec<Problem>) {
+    let parsed = parse_file(file, text);
+    (parsed.objects, parsed.problems)
+}
+
+pub(crate) fn parse_file(file: &Path, text: &str) -> ParsedFile {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut p = Parser { file, out: ParsedFile::default() };
+    for chunk in split_documents(text) {
+        let Some(doc_line) = first_content_line(&chunk) else { continue };
+        match serde_norway::from_str::<Value>(chunk.text) {
+            Ok(value) => p.object(&chunk, doc_line, &value, &[]),
+            Err(e) => {
+                let (line, column) = yaml_location(&e, &chunk).unwrap_or((doc_line, 0));
+                p.problem(line, column, None, format!("invalid YAML: {}", yaml_reason(&e, &chunk)));
+                p.out.unidentified_bad = true;
+            }
+        }
+    }
+    p.out
+}
+
+/// One YAML document of a file.
+struct Chunk<'a> {
+    text: &'a str,
+    /// 0-based index in the file of the chunk's first line.
+    line0: usize,
+}
+
+fn is_marker(line: &str, marker: &str) -> bool {
+    line.strip_prefix(marker).is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
+}
+
+/// Splits at `---` (the marker line starts the next document) and after `...`. Splitting
+/// before parsing keeps one broken document from hiding the ones after it.
+fn split_documents(text: &str) -> Vec<Chunk<'_>> {
+    let mut chunks = Vec::new();
+    let (mut start, mut start_line, mut offset) = (0, 0, 0);
+    for (idx, line) in text.split_inclusive('\n').enumerate() {
+        let body = line.trim_end_matches(['\n', '\r']);
+        if is_marker(body, "---") && offset > start {
+            chunks.push(Chunk { text: &text[start..offset], line0: start_line });
+            (start, start_line) = (offset, idx);
+        }
+        offset += line.len();
+        if is_marker(body, "...") {
+            chunks.push(Chunk { text: &text[start..offset], line0: start_line });
+            (start, start_line) = (offset, idx + 1);
+        }
+    }
+    if start < text.len() {
+        chunks.push(Chunk { text: &text[start..], line0: start_line });
+    }
+    chunks
+}
+
+/// The 1-based file line of the document's first content, `None` for an empty document
+/// (only comments, markers and directives).
+fn first_content_line(chunk: &Chunk<'_>) -> Option<usize> {
+    for (i, line) in chunk.text.lines().enumerate() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') || line.starts_with('%') || is_marker(line, "...") {
+            continue;
+        }
+        if is_marker(line, "---") {
+            let rest = line[3..].trim();
+            if rest.is_empty() || rest.starts_with('#') {
+                continue;
+            }
+        }
+        return Some(chunk.line0 + i + 1);
+    }
+    None
+}
+
+fn yaml_location(e: &serde_norway::Error, chunk: &Chunk<'_>) -> Option<(usize, usize)> {
+    e.location().map(|l| (l.line() + chunk.line0, l.column()))
+}
+
+/// The error text without its trailing position (reported apart) and with every other
+/// `line N` made relative to the file.
+fn yaml_reason(e: &serde_norway::Error, chunk: &Chunk<'_>) -> String {
+    let mut msg = e.to_string();
+    if let Some(l) = e.location() {
+        let suffix = format!(" at line {} column {}", l.line(), l.column());
+        if let Some(stripped) = msg.strip_suffix(&suffix) {
+            msg = stripped.to_owned();
+        }
+    }
+    shift_line_numbers(&msg, chunk.line0)
+}
+
+fn shift_line_numbers(msg: &str, by: usize) -> String {
+    if by == 0 {
+        return msg.to_owned();
+    }
+    let mut out = String::with_capacity(msg.len() + 8);
+    let mut rest = msg;
+    while let Some(pos) = rest.find("line ") {
+        let (head, tail) = rest.split_at(pos + "line ".len());
+        out.push_str(head);
+        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+        match tail[..digits].parse::<usize>() {
+            Ok(n) => out.push_str(&(n + by).to_string()),
+            Err(_) => out.push_str(&tail[..digits]),
+        }
+        rest = &tail[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+struct Parser<'f> {
+    file: &'f Path,
+    out: ParsedFile,
+}
+
+enum Class {
+    Known(Kind),
+    WrongVersion(Kind, &'static str),
+    Unknown,
+}
+
+fn classify(api_version: &str, kind: &str) -> Class {
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    match (group, kind) {
+        ("", "Service") if version == "v1" => Class::Known(Kind::Service),
+        ("", "Service") => Class::WrongVersion(Kind::Service, "v1"),
+        ("discovery.k8s.io", "EndpointSlice") if version == "v1" => {
+            Class::Known(Kind::EndpointSlice)
+        }
+        ("discovery.k8s.io", "EndpointSlice") => {
+            Class::WrongVersion(Kind::EndpointSlice, "discovery.k8s.io/v1")
+        }
+        ("multicluster.x-k8s.io", "ServiceExport") if matches!(version, "v1alpha1" | "v1beta1") => {
+            Class::Known(Kind::ServiceExport)
+        }
+        ("multicluster.x-k8s.io", "ServiceExport") => Class::WrongVersion(
+            Kind::ServiceExport,
+            "multicluster.x-k8s.io/v1alpha1 or multicluster.x-k8s.io/v1beta1",
+        ),
+        _ => Class::Unknown,
+    }
+}
+
+fn str_field<'v>(map: &'v serde_norway::Mapping, key: &str) -> Option<&'v str> {
+    map.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+fn fld(k: &'static str) -> Seg {
+    Seg::Key(k.into())
+}
+
+impl Parser<'_> {
+    fn problem(&mut self, line: usize, column: usize, object: Option<String>, reason: String) {
+        self.out.problems.push(Problem {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            object,
+            reason,
+        });
+    }
+
+    /// Handles one document (`prefix` empty) or one item of a `kind: List` document.
+    fn object(&mut self, chunk: &Chunk<'_>, doc_line: usize, value: &Value, prefix: &[Seg]) {
+        let at = |path: &[Seg]| -> (usize, usize) {
+            let mut full = prefix.to_vec();
+            full.extend_from_slice(path);
+            locate(chunk, &full).unwrap_or((doc_line, 0))
+        };
+        let Value::Mapping(map) = value else {
+            if matches!(value, Value::Null) && prefix.is_empty() {
+                return; // an empty document, e.g. `--- ~`
+            }
+            let (line, col) = at(&[]);
+            self.problem(
+                line,
+                col,
+                None,
+                "not a Kubernetes object (expected a mapping with apiVersion, kind and metadata)"
+                    .to_owned(),
+            );
+            self.out.unidentified_bad = true;
+            return;
+        };
+        let (line, col) = at(&[]);
+        let (Some(api_version), Some(kind)) =
+            (str_field(map, "apiVersion"), str_field(map, "kind"))
+        else {
+            let missing =
+                if str_field(map, "apiVersion").is_none() { "apiVersion" } else { "kind" };
+            self.problem(line, col, None, format!("missing {missing}"));
+            self.out.unidentified_bad = true;
+            return;
+        };
+
+        if api_version == "v1" && kind == "List" && prefix.is_empty() {
+            match map.get("items") {
+                Some(Value::Sequence(items)) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let (item_line, _) = at(&[fld("items"), Seg::Index(i)]);
+                        self.object(chunk, item_line, item, &[fld("items"), Seg::Index(i)]);
+                    }
+                }
+                None | Some(Value::Null) => {}
+                Some(_) => {
+                    let (l, c) = at(&[fld("items")]);
+                    self.problem(l, c, None, "items of a List must be a sequence".to_owned());
+                    self.out.unidentified_bad = true;
+                }
+            }
+            return;
+        }
+
+        let class = classify(api_version, kind);
+        let kind = match class {
+            Class::Unknown => {
+                tracing::debug!(
+                    file = %self.file.display(),
+                    line,
+                    api_version,
+                    kind,
+                    "file source ignores this kind"
+                );
+                return;
+            }
+            Class::Known(k) | Class::WrongVersion(k, _) => k,
+        };
+        let meta = map.get("metadata").and_then(Value::as_mapping);
+        let Some(name) = meta.and_then(|m| str_field(m, "name")) else {
+            let (l, c) = at(&[fld("metadata")]);
+            self.problem(l, c, None, format!("missing metadata.name of a {}", kind.as_str()));
+            self.out.unidentified_bad = true;
+            return;
+        };
+        let namespace = meta.and_then(|m| str_field(m, "namespace")).unwrap_or(DEFAULT_NAMESPACE);
+        let id = ObjectRef { kind, namespace: namespace.to_owned(), name: name.to_owned() };
+
+        if let Class::WrongVersion(_, expected) = class {
+            let (l, c) = at(&[fld("apiVersion")]);
+            self.problem(
+                l,
+                c,
+                Some(id.to_string()),
+                format!("unsupported apiVersion {api_version:?} (expected {expected})"),
+            );
+            self.out.bad.push(id);
+            return;
+        }
+
+        let converted = match kind {
+            Kind::Service => convert::<wire::Service, LocalService>(value).map(|s| {
+                let no_ip = map
+                    .get("spec")
+                    .and_then(|s| s.get("clusterIP").or_else(|| s.get("clusterIPs")))
+                    .is_none_or(Value::is_null);
+                (ObjectValue::Service(s), no_ip)
+            }),
+            Kind::EndpointSlice => convert::<wire::EndpointSlice, SliceEndpoints>(value)
+                .map(|s| (ObjectValue::EndpointSlice(s), false)),
+            Kind::ServiceExport => convert::<wire::ServiceExport, ExportSpec>(value)
+                .map(|s| (ObjectValue::ServiceExport(s), false)),
+        };
+        match converted {
+            Ok((value, no_cluster_ip)) => {
+                if no_cluster_ip
+                    && matches!(&value, ObjectValue::Service(s) if s.kube_type != "ExternalName")
+                {
+                    let (l, c) = at(&[fld("spec")]);
+                    self.problem(
+                        l,
+                        c,
+                        Some(id.to_string()),
+                        "warning, object loaded: spec.clusterIP is not set and nothing allocates \
+                         one in file mode, so the service has no cluster.local address (and the \
+                         model sees no clusterIP, as for a headless service); write `clusterIP: \
+                         <address>`, or `clusterIP: None` for a headless service"
+                            .to_owned(),
+                    );
+                }
+                self.out.objects.push(Object { id, file: self.file.to_path_buf(), line, value });
+            }
+            Err(e) => {
+                let (l, c) = at(&e.path.0);
+                self.problem(l, c, Some(id.to_string()), e.to_string());
+                self.out.bad.push(id);
+            }
+        }
+    }
+}
+
+/// Deserializes the wire type (errors carry the path of the field) and converts it.
+fn convert<W, M>(value: &Value) -> Result<M, ConvertError>
+where
+    W: DeserializeOwned,
+    M: TryFrom<W, Error = ConvertError>,
+{
+    let wire: W = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = FieldPath(
+            e.path()
+                .iter()
+                .filter_map(|seg| match seg {
+                    serde_path_to_error::Segment::Seq { index } => Some(Seg::Index(*index)),
+                    serde_path_to_error::Segment::Map { key } => Some(Seg::Key(key.clone().into())),
+                    _ => None,
+                })
+                .collect(),
+        );
+        ConvertError { path, reason: e.into_inner().to_string() }
+    })?;
+    M::try_from(wire)
+}
+
+const PROBE_FOUND: &str = "fedgate-file-source-probe-found";
+
+/// The (file line, column) of the node at `path` in the chunk, or of its closest existing
+/// ancestor. serde_norway marks an error with the position of the node being deserialized,
+/// so a visitor that fails on purpose at the node reveals where it is.
+fn locate(chunk: &Chunk<'_>, path: &[Seg]) -> Option<(usize, usize)> {
+    (0..=path.len()).rev().find_map(|len| {
+        let de = serde_norway::Deserializer::from_str(chunk.text);
+        match Probe(&path[..len]).deserialize(de) {
+            Err(e) if e.to_string().contains(PROBE_FOUND) => yaml_location(&e, chunk),
+            _ => None,
+        }
+    })
+}
+
+struct Probe<'p>(&'p [Seg]);
+
+impl<'de> DeserializeSeed<'de> for Probe<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Probe<'_> {
+    fn found_or_done<E: de::Error>(&self) -> Result<(), E> {
+        if self.0.is_empty() { Err(E::custom(PROBE_FOUND)) } else { Ok(()) }
+    }
+}
+
+impl<'de> Visitor<'de> for Probe<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML node")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.found_or_done()
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.found_or_done()
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.found_or_done()
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.found_or_done()
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.found_or_done()
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.found_or_done()
+    }
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        self.found_or_done()
+    }
+    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        self.deserialize(d)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Some((Seg::Key(want), rest)) = self.0.split_first() else {
+            self.found_or_done::<A::Error>()?;
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(());
+        };
+        while let Some(k) = map.next_key::<Value>()? {
+            if k.as_str() == Some(want.as_ref()) {
+                map.next_value_seed(Probe(rest))?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Some((Seg::Index(want), rest)) = self.0.split_first() else {
+            self.found_or_done::<A::Error>()?;
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(());
+        };
+        let mut i = 0;
+        loop {
+            let done = if i == *want {
+                seq.next_element_seed(Probe(rest))?.is_none()
+            } else {
+                seq.next_element::<IgnoredAny>()?.is_none()
+            };
+            if done {
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> (Vec<Object>, Vec<Problem>) {
+        parse_documents(Path::new("c.yaml"), text)
+    }
+
+    const SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+spec:
+  clusterIP: 10.96.0.1
+  ports:
+  - name: http
+    port: 80
+";
+
+    /// (name, text, expected problems as (line, column or 0 for any, reason fragment),
+    /// expected object ids).
+    #[allow(clippy::type_complexity)]
+    const CASES: &[(&str, &str, &[(usize, usize, &str)], &[&str])] = &[
+        ("one service", SERVICE, &[], &["Service shop/web"]),
+        (
+            "invalid yaml in the middle keeps the others",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.0.0.1}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: b\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: c}\nspec: {clusterIP: None}\n",
+            &[(9, 0, "invalid YAML")],
+            &["Service default/a", "Service default/c"],
+        ),
+        (
+            "bad indentation",
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n bad: x\n",
+            &[(5, 0, "invalid YAML")],
+            &[],
+        ),
+        (
+            "missing name",
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  namespace: x\nspec: {}\n",
+            &[(5, 3, "missing metadata.name")],
+            &[],
+        ),
+        (
+            "port out of range",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  clusterIP: 10.0.0.1\n  \
+             ports:\n  - port: 70000\n",
+            &[(7, 11, "spec.ports[0].port: port 70000 is out of range")],
+            &[],
+        ),
+        (
+            "port not a number",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  clusterIP: 10.0.0.1\n  \
+             ports:\n  - port: http\n",
+            &[(7, 11, "spec.ports[0].port: invalid type")],
+            &[],
+        ),
+        (
+            "bad cluster ip",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  clusterIP: 10.0.0.300\n",
+            &[(5, 14, "invalid IP address \"10.0.0.300\"")],
+            &[],
+        ),
+        (
+            "unknown protocol",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  clusterIP: 10.0.0.1\n  \
+             ports:\n  - port: 80\n    protocol: TPC\n",
+            &[(8, 15, "unknown protocol \"TPC\"")],
+            &[],
+        ),
+        (
+            "bad timestamp",
+            "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata:\n  \
+             name: a\n  creationTimestamp: yesterday\n",
+            &[(5, 22, "invalid creationTimestamp \"yesterday\"")],
+            &[],
+        ),
+        (
+            "bad endpoint address",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: a-1\n  \
+             labels: {kubernetes.io/service-name: a}\naddressType: IPv4\nendpoints:\n- \
+             addresses: [10.0.0.1]\n- addresses:\n  - 10.0.0.2\n  - nope\n",
+            &[(11, 5, "endpoints[1].addresses[1]: invalid IP address \"nope\"")],
+            &[],
+        ),
+        (
+            "address of the wrong family",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: a-1\n  \
+             labels: {kubernetes.io/service-name: a}\naddressType: IPv6\nendpoints:\n- \
+             addresses: [10.0.0.1]\n",
+            &[(8, 15, "does not match addressType")],
+            &[],
+        ),
+        (
+            "fqdn slice",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: a-1\n  \
+             labels: {kubernetes.io/service-name: a}\naddressType: FQDN\nendpoints: []\n",
+            &[(6, 14, "addressType: FQDN is not supported")],
+            &[],
+        ),
+        (
+            "slice without service label",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: a-1\n\
+             addressType: IPv4\n",
+            &[(4, 3, "missing label kubernetes.io/service-name")],
+            &[],
+        ),
+        (
+            "unknown kinds are ignored",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {a: b}\n---\n\
+             apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: k}\n",
+            &[],
+            &[],
+        ),
+        (
+            "missing apiVersion",
+            "# a comment\n\nkind: Service\nmetadata: {name: a}\n",
+            &[(3, 1, "missing apiVersion")],
+            &[],
+        ),
+        (
+            "unsupported version",
+            "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: a}\n",
+            &[(1, 13, "unsupported apiVersion")],
+            &[],
+        ),
+        (
+            "not a mapping",
+            "- a\n- b\n---\njust a string\n---\n~\n---\n# only a comment\n",
+            &[(1, 1, "not a Kubernetes object"), (4, 1, "not a Kubernetes object")],
+            &[],
+        ),
+        (
+            "missing cluster ip is a warning",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports: [{port: 80}]\n",
+            &[(5, 3, "warning, object loaded: spec.clusterIP is not set")],
+            &["Service default/a"],
+        ),
+        (
+            "list items",
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  \
+             metadata: {name: a}\n  spec: {clusterIP: None}\n- apiVersion: v1\n  kind: Service\n  \
+             metadata: {name: b}\n  spec: {clusterIP: None, type: Bogus}\n",
+            &[(11, 33, "unknown service type \"Bogus\"")],
+            &["Service default/a"],
+        ),
+        (
+            "duplicate key",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nkind: Service\n",
+            // serde_norway places this one at the start of the mapping
+            &[(1, 1, "duplicate entry with key \"kind\"")],
+            &[],
+        ),
+        (
+            "document end markers and crlf",
+            "apiVersion: v1\r\nkind: Service\r\nmetadata: {name: a}\r\nspec: {clusterIP: None}\r\n\
+             ...\r\n---\r\napiVersion: v1\r\nkind: Service\r\nmetadata: {name: 'B'}\r\n",
+            &[(9, 18, "invalid name \"B\"")],
+            &["Service default/a"],
+        ),
+    ];
+
+    #[test]
+    fn documents_become_objects_or_located_problems() {
+        for (name, text, want_problems, want_objects) in CASES {
+            let (objects, problems) = parse(text);
+            let ids: Vec<String> = objects.iter().map(|o| o.id.to_string()).collect();
+            assert_eq!(&ids, want_objects, "{name}: objects (problems: {problems:#?})");
+            assert_eq!(problems.len(), want_problems.len(), "{name}: {problems:#?}");
+            for (p, (line, column, fragment)) in problems.iter().zip(want_problems.iter()) {
+                assert_eq!(p.file, Path::new("c.yaml"), "{name}");
+                assert_eq!(p.line, *line, "{name}: line of {p}");
+                if *column != 0 {
+                    assert_eq!(p.column, *column, "{name}: column of {p}");
+                }
+                assert!(p.reason.contains(fragment), "{name}: {:?} lacks {fragment:?}", p.reason);
+            }
+        }
+    }
+
+    #[test]
+    fn objects_know_their_line() {
+        let text = format!("# header\n---\n{SERVICE}---\n\n{SERVICE}");
+        let (objects, problems) = parse(&text);
+        assert!(problems.is_empty(), "{problems:?}");
+        let lines: Vec<usize> = objects.iter().map(|o| o.line).collect();
+        assert_eq!(lines, vec![3, 15]);
+    }
+
+    #[test]
+    fn bad_documents_name_their_object() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: n}\nspec:\n  \
+                    type: Nope\n---\n{{{\n";
+        let parsed = parse_file(Path::new("c.yaml"), text);
+        assert_eq!(
+            parsed.bad,
+            vec![ObjectRef { kind: Kind::Service, namespace: "n".into(), name: "a".into() }]
+        );
+        assert!(parsed.unidentified_bad);
+        assert_eq!(parsed.problems[0].object.as_deref(), Some("Service n/a"));
+        assert_eq!(
+            parsed.problems[0].to_string(),
+            "c.yaml:5:9: Service n/a: spec.type: unknown service type \"Nope\" (expected ClusterIP, NodePort, LoadBalancer or ExternalName)"
+        );
+    }
+
+    #[test]
+    fn error_messages_count_lines_from_the_file() {
+        assert_eq!(
+            shift_line_numbers("x at line 2 column 1, y at line 10", 5),
+            "x at line 7 column 1, y at line 15"
+        );
+        assert_eq!(shift_line_numbers("no lines here", 3), "no lines here");
+        assert_eq!(shift_line_numbers("line x", 3), "line x");
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let inputs = [
+            "",
+            "---",
+            "\u{feff}apiVersion: v1",
+            "*alias",
+            "&a [*a]",
+            "!!binary x",
+            "? [a]\n: b",
+            "apiVersion: [v1]\nkind: {}\n",
+            "apiVersion: v1\nkind: Service\nmetadata: 5\n",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: [1]\n",
+            "apiVersion: v1\nkind: List\nitems: 7\n",
+            "%YAML 1.2\n---\na: b\n",
+            "\t\t\n",
+        ];
+        for input in inputs {
+            let _ = parse(input);
+        }
+    }
+}

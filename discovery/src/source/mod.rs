@@ -1,0 +1,5 @@
+//! Cluster sources: where a gateway learns the state of its own cluster (Services,
+//! EndpointSlices, ServiceExports). Each source publishes one immutable
+//! [`ClusterState`](crate::model::ClusterState) through a `tokio::sync::watch` channel.
+
+pub mod file;
