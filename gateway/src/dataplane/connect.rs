@@ -151,7 +151,7 @@ pub(crate) async fn connect(
     let Some(service) = snapshot.services.get(route.key()) else {
         return Err(ConnectError::UnknownService(service_name));
     };
-    let unreachable = shared.unreachable(&snapshot);
+    let unreachable = shared.unreachable(&snapshot, Some(service));
     let only = match route {
         Route::Endpoint { cluster, endpoint, .. } => Some((cluster, *endpoint)),
         Route::Service { .. } => None,

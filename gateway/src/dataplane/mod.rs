@@ -201,23 +201,30 @@ impl Shared {
         TableView { table: &self.lock_table(), now: Instant::now() }.outstanding(cluster, address)
     }
 
-    /// Clusters that cannot take traffic: unreachable per the snapshot, or whose tunnel is
-    /// down right now.
-    fn unreachable(&self, snapshot: &ImportSnapshot) -> std::collections::BTreeSet<ClusterId> {
+    /// Clusters that cannot take traffic: unreachable per the snapshot, or (when a tunnel is
+    /// configured) whose QUIC connection is down right now. Only the clusters of `service` are
+    /// checked against the tunnel, or every known cluster when `service` is `None`.
+    fn unreachable(
+        &self,
+        snapshot: &ImportSnapshot,
+        service: Option<&fedgate_discovery::model::ImportedService>,
+    ) -> std::collections::BTreeSet<ClusterId> {
         let mut out = snapshot.unreachable.clone();
         if let Some(t) = &self.tunnel {
-            for cluster in snapshot.localities.keys() {
-                if *cluster != self.settings.cluster && !t.is_connected(cluster) {
+            let mut check = |cluster: &ClusterId| {
+                if *cluster != self.settings.cluster
+                    && !out.contains(cluster)
+                    && !t.is_connected(cluster)
+                {
                     out.insert(cluster.clone());
                 }
-            }
-            for service in snapshot.services.values() {
-                for cluster in service.clusters.keys() {
-                    if *cluster != self.settings.cluster
-                        && !out.contains(cluster)
-                        && !t.is_connected(cluster)
-                    {
-                        out.insert(cluster.clone());
+            };
+            match service {
+                Some(s) => s.clusters.keys().for_each(&mut check),
+                None => {
+                    snapshot.localities.keys().for_each(&mut check);
+                    for s in snapshot.services.values() {
+                        s.clusters.keys().for_each(&mut check);
                     }
                 }
             }
@@ -271,7 +278,7 @@ impl DebugHandle {
     pub fn endpoints(&self) -> Vec<DebugPort> {
         let shared = &self.0;
         let snapshot = shared.snapshot.borrow().clone();
-        let unreachable = shared.unreachable(&snapshot);
+        let unreachable = shared.unreachable(&snapshot, None);
         let mut out = Vec::new();
         for service in snapshot.services.values() {
             for port in &service.ports {

@@ -266,6 +266,30 @@ async fn assert_reset(addr: SocketAddr) {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
 
+/// Counter values read through a local recorder. The debugging snapshot drains counters, so
+/// every read is accumulated here.
+struct Counters {
+    snapshotter: metrics_util::debugging::Snapshotter,
+    seen: std::cell::RefCell<Vec<(String, Vec<String>, u64)>>,
+}
+
+impl Counters {
+    /// The sum over the series of `name` whose labels include all of `labels` (`k=v`).
+    fn get(&self, name: &str, labels: &[&str]) -> u64 {
+        let mut seen = self.seen.borrow_mut();
+        for (k, _, _, v) in self.snapshotter.snapshot().into_vec() {
+            if let metrics_util::debugging::DebugValue::Counter(n) = v {
+                let l = k.key().labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+                seen.push((k.key().name().to_owned(), l, n));
+            }
+        }
+        seen.iter()
+            .filter(|(n, have, _)| n == name && labels.iter().all(|l| have.iter().any(|h| h == l)))
+            .map(|(.., v)| v)
+            .sum()
+    }
+}
+
 fn health_of(rx: &watch::Receiver<Arc<HealthMap>>, ip: IpAddr) -> Option<Health> {
     rx.borrow().get(&(key(), ip)).copied()
 }
@@ -337,6 +361,10 @@ async fn fails_over_when_the_first_endpoint_refuses_and_follows_snapshots() {
         None,
         None,
     );
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let counters = Counters { snapshotter: recorder.snapshotter(), seen: Default::default() };
+    // The test runtime is single-threaded: every task records into this recorder.
+    let _recorder = ::metrics::set_default_local_recorder(&recorder);
     let ejected = |dp: &Running| {
         let json = dp.debug.debug_endpoints();
         json["services"][0]["endpoints"].as_array().is_some_and(|eps| {
@@ -354,6 +382,14 @@ async fn fails_over_when_the_first_endpoint_refuses_and_follows_snapshots() {
         i += 1;
         assert!(i < 200, "closed endpoint never ejected");
     }
+    let total = i;
+    eventually("all connections recorded", || {
+        counters.get(metrics::CONNECTIONS_TOTAL, &["result=ok", "target_cluster=east"]) == total
+    })
+    .await;
+    assert_eq!(counters.get(metrics::ENDPOINT_EJECTIONS_TOTAL, &["cluster=east"]), 1);
+    // Same tier, so failovers are the connections whose first attempt hit the closed port.
+    assert!(counters.get(metrics::FAILOVERS_TOTAL, &["from_tier=0", "to_tier=0"]) >= 3);
     // The service goes away: its listener closes.
     let mut empty = snapshot(vip, p, &[], &[]);
     empty.services.clear();

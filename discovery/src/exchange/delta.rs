@@ -1,0 +1,267 @@
+//! Pure diffing and applying of export sets: what the server sends and the watcher applies.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::model::{ExportSet, ExportedService, Locality, ServiceKey};
+
+/// What changed between two export sets of one cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExportDelta {
+    /// The new locality, when it changed.
+    pub locality: Option<Locality>,
+    /// Services that are new or changed, in key order.
+    pub upserts: Vec<Arc<ExportedService>>,
+    /// Services that are gone.
+    pub removed: Vec<ServiceKey>,
+}
+
+impl ExportDelta {
+    pub fn is_empty(&self) -> bool {
+        self.locality.is_none() && self.upserts.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// The delta from `old` to `new`. A service whose `Arc` is the same is unchanged without
+/// looking inside it (the local export set keeps `Arc`s of unchanged services); a service
+/// with a new `Arc` but an equal value is unchanged too.
+pub fn diff_exports(old: &ExportSet, new: &ExportSet) -> ExportDelta {
+    let mut delta = ExportDelta::default();
+    if old.locality != new.locality {
+        delta.locality = Some(new.locality.clone());
+    }
+    for (key, svc) in &new.services {
+        match old.services.get(key) {
+            Some(prev) if Arc::ptr_eq(prev, svc) || prev == svc => {}
+            _ => delta.upserts.push(svc.clone()),
+        }
+    }
+    delta.removed =
+        old.services.keys().filter(|k| !new.services.contains_key(*k)).cloned().collect();
+    delta
+}
+
+/// Applies decoded upserts and removals to `base`, giving the set at `version`. Services
+/// whose value did not change keep their old `Arc`, so consumers diffing by pointer see only
+/// real changes.
+pub fn apply_delta(
+    base: &ExportSet,
+    version: u64,
+    locality: Option<Locality>,
+    upserts: Vec<ExportedService>,
+    removed: Vec<ServiceKey>,
+) -> ExportSet {
+    let mut services = base.services.clone();
+    for key in &removed {
+        services.remove(key);
+    }
+    for svc in upserts {
+        upsert(&mut services, svc);
+    }
+    ExportSet {
+        cluster: base.cluster.clone(),
+        locality: locality.unwrap_or_else(|| base.locality.clone()),
+        version,
+        services,
+    }
+}
+
+/// Replaces `fresh`'s services by the `Arc`s of `previous` where the value is equal, so a
+/// resync after a reconnect costs consumers nothing for unchanged services.
+pub fn reuse_unchanged(previous: Option<&ExportSet>, mut fresh: ExportSet) -> ExportSet {
+    if let Some(prev) = previous {
+        for (key, svc) in fresh.services.iter_mut() {
+            if let Some(old) = prev.services.get(key) {
+                if old == svc {
+                    *svc = old.clone();
+                }
+            }
+        }
+    }
+    fresh
+}
+
+fn upsert(services: &mut BTreeMap<ServiceKey, Arc<ExportedService>>, svc: ExportedService) {
+    match services.get(&svc.key) {
+        Some(old) if **old == svc => {}
+        _ => {
+            services.insert(svc.key.clone(), Arc::new(svc));
+        }
+    }
+}
+
+/// Builders of model values for tests (here and in other crates, with `test-util`).
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing {
+    use std::collections::BTreeMap;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Arc;
+
+    use crate::model::{
+        ClusterId, Endpoint, EndpointPort, ExportSet, ExportedService, Health, Locality, Protocol,
+        ServiceKey, ServicePort, ServiceType, SessionAffinity,
+    };
+
+    /// A ClusterSetIP service `namespace/name` of `cluster` with one TCP port 80 and
+    /// `endpoints` ready, healthy endpoints 10.x.y.z:8080.
+    pub fn service(
+        namespace: &str,
+        name: &str,
+        cluster: &str,
+        endpoints: usize,
+    ) -> ExportedService {
+        ExportedService {
+            key: ServiceKey::new(namespace, name),
+            cluster: ClusterId::new(cluster).expect("test cluster id is valid"),
+            service_type: ServiceType::ClusterSetIP,
+            ports: vec![ServicePort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: 80,
+                app_protocol: None,
+                target_port: None,
+            }],
+            session_affinity: SessionAffinity::None,
+            internal_traffic_policy: None,
+            traffic_distribution: None,
+            ip_families: Vec::new(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            created: jiff::Timestamp::from_second(1_700_000_000).expect("valid timestamp"),
+            endpoints: (0..endpoints)
+                .map(|i| Endpoint {
+                    address: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i as u32)),
+                    hostname: None,
+                    ready: true,
+                    zone: None,
+                    ports: vec![EndpointPort {
+                        name: Some("http".into()),
+                        protocol: Protocol::Tcp,
+                        port: 8080,
+                    }],
+                    health: Health::Healthy,
+                })
+                .collect(),
+        }
+    }
+
+    /// An export set of `cluster` at `version` with services `ns/svc-0 .. ns/svc-(n-1)`.
+    pub fn export_set(cluster: &str, version: u64, n: usize) -> ExportSet {
+        ExportSet {
+            cluster: ClusterId::new(cluster).expect("test cluster id is valid"),
+            locality: Locality {
+                region: Some("r1".into()),
+                zone: Some("z1".into()),
+                labels: BTreeMap::new(),
+            },
+            version,
+            services: (0..n)
+                .map(|i| {
+                    let s = service("ns", &format!("svc-{i}"), cluster, 2);
+                    (s.key.clone(), Arc::new(s))
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{export_set, service};
+    use super::*;
+    use crate::model::Health;
+
+    #[test]
+    fn diff_scenarios() {
+        let base = export_set("east", 1, 3);
+        let key = |i: usize| ServiceKey::new("ns", format!("svc-{i}"));
+
+        // (name, change to make, expected upserted keys, expected removed keys, locality?)
+        type Change = fn(&mut ExportSet);
+        let cases: Vec<(&str, Change, Vec<ServiceKey>, Vec<ServiceKey>, bool)> = vec![
+            ("nothing", |_| {}, vec![], vec![], false),
+            (
+                "new arc same value",
+                |s| {
+                    let k = ServiceKey::new("ns", "svc-0");
+                    let v = (*s.services[&k]).clone();
+                    s.services.insert(k, Arc::new(v));
+                },
+                vec![],
+                vec![],
+                false,
+            ),
+            (
+                "endpoint health changed",
+                |s| {
+                    let k = ServiceKey::new("ns", "svc-1");
+                    let mut v = (*s.services[&k]).clone();
+                    v.endpoints[0].health = Health::Unhealthy;
+                    s.services.insert(k, Arc::new(v));
+                },
+                vec![key(1)],
+                vec![],
+                false,
+            ),
+            (
+                "added",
+                |s| {
+                    let v = service("ns", "svc-9", "east", 1);
+                    s.services.insert(v.key.clone(), Arc::new(v));
+                },
+                vec![key(9)],
+                vec![],
+                false,
+            ),
+            (
+                "removed",
+                |s| {
+                    s.services.remove(&ServiceKey::new("ns", "svc-2"));
+                },
+                vec![],
+                vec![key(2)],
+                false,
+            ),
+            ("locality", |s| s.locality.zone = Some("z9".into()), vec![], vec![], true),
+        ];
+        for (name, change, upserts, removed, locality) in cases {
+            let mut new = base.clone();
+            new.version = 2;
+            change(&mut new);
+            let d = diff_exports(&base, &new);
+            let got: Vec<_> = d.upserts.iter().map(|s| s.key.clone()).collect();
+            assert_eq!(got, upserts, "{name}");
+            assert_eq!(d.removed, removed, "{name}");
+            assert_eq!(d.locality.is_some(), locality, "{name}");
+            // Applying the delta to the base gives the new set back.
+            let applied = apply_delta(
+                &base,
+                2,
+                d.locality.clone(),
+                d.upserts.iter().map(|s| (**s).clone()).collect(),
+                d.removed.clone(),
+            );
+            assert_eq!(applied, new, "{name}");
+            // Unchanged services keep their Arc.
+            for (k, v) in &applied.services {
+                if !upserts.contains(k) {
+                    assert!(Arc::ptr_eq(v, &base.services[k]), "{name}: {k} kept its Arc");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn resync_reuses_equal_services() {
+        let old = export_set("east", 4, 3);
+        let mut fresh = export_set("east", 5, 3);
+        let k = ServiceKey::new("ns", "svc-1");
+        let mut changed = (*fresh.services[&k]).clone();
+        changed.endpoints.pop();
+        fresh.services.insert(k.clone(), Arc::new(changed));
+        let out = reuse_unchanged(Some(&old), fresh);
+        for (key, svc) in &out.services {
+            assert_eq!(Arc::ptr_eq(svc, &old.services[key]), key != &k, "{key}");
+        }
+    }
+}
