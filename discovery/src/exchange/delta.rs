@@ -71,10 +71,10 @@ pub fn apply_delta(
 pub fn reuse_unchanged(previous: Option<&ExportSet>, mut fresh: ExportSet) -> ExportSet {
     if let Some(prev) = previous {
         for (key, svc) in fresh.services.iter_mut() {
-            if let Some(old) = prev.services.get(key) {
-                if old == svc {
-                    *svc = old.clone();
-                }
+            if let Some(old) = prev.services.get(key)
+                && old == svc
+            {
+                *svc = old.clone();
             }
         }
     }
@@ -178,7 +178,8 @@ mod tests {
 
         // (name, change to make, expected upserted keys, expected removed keys, locality?)
         type Change = fn(&mut ExportSet);
-        let cases: Vec<(&str, Change, Vec<ServiceKey>, Vec<ServiceKey>, bool)> = vec![
+        type Case = (&'static str, Change, Vec<ServiceKey>, Vec<ServiceKey>, bool);
+        let cases: Vec<Case> = vec![
             ("nothing", |_| {}, vec![], vec![], false),
             (
                 "new arc same value",
