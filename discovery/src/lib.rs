@@ -5,6 +5,7 @@
 //! its immutable snapshots.
 
 pub mod alloc;
+pub mod exchange;
 pub mod exports;
 pub mod imports;
 pub mod mcs;
