@@ -122,9 +122,18 @@ struct Bound {
     task: JoinHandle<()>,
 }
 
+/// Which listeners are bound and which wait for a retry, published after every change (for
+/// `/readyz` and `/debug/endpoints`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ListenerState {
+    pub bound: Vec<SocketAddr>,
+    pub failed: Vec<SocketAddr>,
+}
+
 /// The set of bound listeners and what each serves.
 #[derive(Default)]
 pub struct Listeners {
+    state: Arc<ArcSwap<ListenerState>>,
     bound: BTreeMap<SocketAddr, Bound>,
     /// Binds that failed, retried every [`RETRY_INTERVAL`] and on every snapshot.
     failed: BTreeMap<SocketAddr, Route>,
@@ -134,6 +143,19 @@ pub struct Listeners {
 }
 
 impl Listeners {
+    /// The live view of this set, updated after every change.
+    pub fn state(&self) -> Arc<ArcSwap<ListenerState>> {
+        self.state.clone()
+    }
+
+    fn publish(&self) {
+        metrics::set_listeners(self.bound.len());
+        self.state.store(Arc::new(ListenerState {
+            bound: self.bound.keys().copied().collect(),
+            failed: self.failed.keys().copied().collect(),
+        }));
+    }
+
     pub fn addresses(&self) -> Vec<SocketAddr> {
         self.bound.keys().copied().collect()
     }
@@ -184,7 +206,7 @@ impl Listeners {
             self.apply(Owner::Vip(*ip), routes, shared);
         }
         self.vips = snapshot.endpoint_vips.clone();
-        metrics::set_listeners(self.bound.len());
+        self.publish();
     }
 
     fn apply(&mut self, owner: Owner, routes: Vec<(SocketAddr, Route)>, shared: &Arc<Shared>) {
@@ -240,7 +262,7 @@ impl Listeners {
         for (addr, route) in failed {
             self.upsert(addr, route, shared);
         }
-        metrics::set_listeners(self.bound.len());
+        self.publish();
     }
 
     pub fn close_all(&mut self) {
@@ -249,7 +271,7 @@ impl Listeners {
             self.close(a);
         }
         self.failed.clear();
-        metrics::set_listeners(0);
+        self.publish();
     }
 }
 

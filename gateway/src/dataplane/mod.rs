@@ -23,6 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use fedgate_discovery::model::{
     ClusterId, ClusterState, HealthMap, ImportSnapshot, Locality, ServiceKey,
 };
@@ -149,6 +150,7 @@ pub(crate) struct Shared {
     tunnel: Option<Arc<dyn Tunnel>>,
     table: Mutex<EndpointTable>,
     drain: Drain,
+    listeners: Arc<ArcSwap<listeners::ListenerState>>,
 }
 
 /// One outstanding connection to an endpoint, for least-outstanding balancing.
@@ -275,6 +277,16 @@ pub struct DebugPort {
 pub struct DebugHandle(Arc<Shared>);
 
 impl DebugHandle {
+    /// Listeners bound and waiting for a retry right now.
+    pub fn listeners(&self) -> Arc<listeners::ListenerState> {
+        self.0.listeners.load_full()
+    }
+
+    /// True when every listener the imports ask for is bound (for `/readyz`).
+    pub fn listeners_ready(&self) -> bool {
+        self.0.listeners.load().failed.is_empty()
+    }
+
     pub fn endpoints(&self) -> Vec<DebugPort> {
         let shared = &self.0;
         let snapshot = shared.snapshot.borrow().clone();
@@ -302,6 +314,7 @@ impl DebugHandle {
             "failoverPriority": self.0.priority,
             "draining": self.0.drain.is_draining(),
             "activeConnections": self.0.drain.active(),
+            "listeners": *self.listeners(),
             "services": self.endpoints(),
         })
     }
@@ -340,7 +353,8 @@ impl DataPlane {
         let client_labels = settings.locality.labels_for(&settings.cluster);
         let priority = PriorityLabel::parse_all(&settings.failover_priority);
         let drain = Drain::new(drain::Active::default(), tunnel.clone());
-        let shared = Arc::new(Shared {
+        let shared = Shared {
+            listeners: Default::default(),
             client_labels,
             priority,
             cluster: health.cluster_receiver(),
@@ -353,8 +367,9 @@ impl DataPlane {
             }),
             drain,
             settings,
-        });
+        };
         let mut listeners = listeners::Listeners::default();
+        let shared = Arc::new(Shared { listeners: listeners.state(), ..shared });
         if shared.settings.vip_listeners {
             let snap = shared.snapshot.borrow().clone();
             listeners.reconcile(&snap, &shared);
@@ -370,6 +385,11 @@ impl DataPlane {
     /// Addresses of the listeners bound right now.
     pub fn addresses(&self) -> Vec<SocketAddr> {
         self.listeners.addresses()
+    }
+
+    /// Live listener state (bound / waiting for retry), for `/readyz`.
+    pub fn listener_state(&self) -> Arc<ArcSwap<listeners::ListenerState>> {
+        self.listeners.state()
     }
 
     pub fn drain_handle(&self) -> Drain {

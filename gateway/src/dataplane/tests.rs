@@ -341,6 +341,8 @@ async fn proxies_through_a_loopback_cluster_set_ip() {
     let json = dp.debug.debug_endpoints();
     assert_eq!(json["services"][0]["endpoints"][0]["tier"], 0);
     assert_eq!(json["services"][0]["endpoints"][0]["healthy"], true);
+    assert_eq!(json["listeners"]["bound"][0], SocketAddr::new(vip, p).to_string());
+    assert!(dp.debug.listeners_ready());
     dp.shutdown.cancel();
     assert!(matches!(dp.task.await.unwrap(), DrainOutcome::Drained { .. }));
 }
