@@ -333,4 +333,4 @@ pub fn namespace_ent(namespace: &str, zone: Zone) -> Option<NameData> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -164,21 +164,15 @@ impl ZoneWriter {
         let mut changes = Vec::new();
         for (key, svc) in &snap.services {
             let vips = vips_by_service.remove(key).unwrap_or_default();
-            let previous = self.imports.remove(key);
-            let rebuild = match &previous {
-                None => true,
-                Some(p) => {
-                    !Arc::ptr_eq(&p.svc, svc)
-                        || (svc.service_type == ServiceType::Headless
-                            && (globals_changed || p.vips != vips))
-                }
-            };
-            if !rebuild {
-                if let Some(p) = previous {
-                    self.imports.insert(key.clone(), p);
-                }
+            let unchanged = self.imports.get(key).is_some_and(|p| {
+                Arc::ptr_eq(&p.svc, svc)
+                    && (svc.service_type != ServiceType::Headless
+                        || (!globals_changed && p.vips == vips))
+            });
+            if unchanged {
                 continue;
             }
+            let previous = self.imports.remove(key);
             let cx = ImportContext {
                 ttl: self.ttl,
                 local_cluster: globals.local_cluster.as_ref(),
@@ -217,13 +211,10 @@ impl ZoneWriter {
         let mut stats = UpdateStats::default();
         let mut changes = Vec::new();
         for (key, svc) in &state.services {
-            let previous = match self.locals.remove(key) {
-                Some(p) if Arc::ptr_eq(&p.svc, svc) => {
-                    self.locals.insert(key.clone(), p);
-                    continue;
-                }
-                other => other,
-            };
+            if self.locals.get(key).is_some_and(|p| Arc::ptr_eq(&p.svc, svc)) {
+                continue;
+            }
+            let previous = self.locals.remove(key);
             let names = local_names(svc, self.ttl);
             let empty = NameMap::new();
             self.diff(previous.as_ref().map_or(&empty, |p| &p.names), &names, &mut changes);
@@ -245,5 +236,150 @@ impl ZoneWriter {
         stats.names_changed = changes.len();
         self.table.apply(changes);
         stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use fedgate_discovery::model::{Health, ServiceKey, ServiceType};
+
+    use super::*;
+    use crate::names::wire_key;
+    use crate::records::tests::{cid, ep, export, import};
+    use crate::tier::parse_priority;
+
+    fn writer() -> (Arc<Table>, ZoneWriter) {
+        let table = Arc::new(Table::default());
+        let prio = parse_priority(&crate::settings::default_failover_priority());
+        let w = ZoneWriter::new(table.clone(), 5, 1, prio, BTreeMap::new());
+        (table, w)
+    }
+
+    fn has(table: &Table, name: &str) -> bool {
+        let name = hickory_proto::rr::Name::from_ascii(name).expect("name");
+        table.get(&wire_key(&name)).is_some()
+    }
+
+    /// `n` ClusterSetIP services in 100 namespaces, plus one headless service `db.ns0`.
+    fn big_snapshot(n: usize) -> ImportSnapshot {
+        let mut snap = ImportSnapshot { local_cluster: Some(cid("east")), ..Default::default() };
+        for i in 0..n {
+            let ns = format!("ns{}", i % 100);
+            let name = format!("svc{i}");
+            let key = ServiceKey::new(&ns, &name);
+            let ip = format!("242.1.{}.{}", i / 250, i % 250 + 1);
+            let e = export(&key, "east", ServiceType::ClusterSetIP, vec![]);
+            snap.services.insert(
+                key,
+                Arc::new(import(&ns, &name, ServiceType::ClusterSetIP, &[&ip], vec![e])),
+            );
+        }
+        snap.services.insert(ServiceKey::new("ns0", "db"), Arc::new(headless(Health::Healthy)));
+        snap
+    }
+
+    fn headless(health: Health) -> ImportedService {
+        let key = ServiceKey::new("ns0", "db");
+        let eps = vec![ep("10.0.0.1", None, true, health), ep("10.0.0.2", None, true, health)];
+        import(
+            "ns0",
+            "db",
+            ServiceType::Headless,
+            &[],
+            vec![export(&key, "east", ServiceType::Headless, eps)],
+        )
+    }
+
+    #[test]
+    fn one_changed_service_rebuilds_one_service() {
+        let (table, mut w) = writer();
+        let snap = big_snapshot(10_000);
+        let started = Instant::now();
+        let stats = w.apply_imports(&snap);
+        let full = started.elapsed();
+        assert_eq!(stats.services_rebuilt, 10_001);
+        let names = table.len();
+        assert!(names > 30_000, "{names}");
+
+        // One endpoint of the headless service changes.
+        let mut next = snap.clone();
+        let db = ServiceKey::new("ns0", "db");
+        let mut changed = headless(Health::Healthy);
+        if let Some(c) = changed.clusters.get_mut(&cid("east")) {
+            let mut e = (**c).clone();
+            e.endpoints[1].ready = false;
+            *c = Arc::new(e);
+        }
+        next.services.insert(db, Arc::new(changed));
+        let started = Instant::now();
+        let stats = w.apply_imports(&next);
+        let incremental = started.elapsed();
+        assert_eq!(stats.services_rebuilt, 1);
+        assert_eq!(stats.services_removed, 0);
+        // The service's A set, SRV set and the gone per-host name.
+        assert!(stats.names_changed <= 3, "{stats:?}");
+        assert!(!has(&table, "10-0-0-2.east.db.ns0.svc.clusterset.local."));
+        assert!(has(&table, "10-0-0-1.east.db.ns0.svc.clusterset.local."));
+        eprintln!("10k services: full build {full:?}, one-endpoint update {incremental:?}");
+
+        // Same snapshot again: nothing to do.
+        assert_eq!(w.apply_imports(&next).services_rebuilt, 0);
+        // Reachability changes rebuild headless services only.
+        let mut unreachable = next.clone();
+        unreachable.unreachable.insert(cid("west"));
+        assert_eq!(w.apply_imports(&unreachable).services_rebuilt, 1);
+    }
+
+    #[test]
+    fn namespaces_exist_while_a_service_does() {
+        let (table, mut w) = writer();
+        let snap = big_snapshot(200);
+        w.apply_imports(&snap);
+        assert!(has(&table, "ns0.svc.clusterset.local."));
+        assert!(has(&table, "svc0.ns0.svc.clusterset.local."));
+        let mut fewer = snap.clone();
+        fewer.services.retain(|k, _| k.namespace != "ns0" || k.name == "svc0");
+        let stats = w.apply_imports(&fewer);
+        assert_eq!(stats.services_removed, 2);
+        assert!(has(&table, "ns0.svc.clusterset.local."));
+        assert!(!has(&table, "svc100.ns0.svc.clusterset.local."));
+        fewer.services.retain(|k, _| k.namespace != "ns0");
+        w.apply_imports(&fewer);
+        assert!(!has(&table, "ns0.svc.clusterset.local."));
+        assert!(has(&table, "ns1.svc.clusterset.local."));
+        // Static names survive everything.
+        w.apply_imports(&ImportSnapshot::default());
+        assert!(has(&table, "dns-version.clusterset.local."));
+        assert!(has(&table, "svc.clusterset.local."));
+        assert!(!has(&table, "ns1.svc.clusterset.local."));
+    }
+
+    #[test]
+    fn cluster_state_updates_are_incremental() {
+        let (table, mut w) = writer();
+        let mut state = ClusterState::default();
+        let key = ServiceKey::new("ns", "api");
+        let svc = LocalService {
+            key: key.clone(),
+            kube_type: "ClusterIP".into(),
+            cluster_ips: vec!["10.96.0.1".parse().expect("ip")],
+            ports: vec![],
+            session_affinity: Default::default(),
+            internal_traffic_policy: None,
+            traffic_distribution: None,
+            ip_families: vec![],
+            endpoints: vec![],
+        };
+        state.services.insert(key.clone(), Arc::new(svc.clone()));
+        assert_eq!(w.apply_cluster(&state).services_rebuilt, 1);
+        assert_eq!(w.apply_cluster(&state).services_rebuilt, 0);
+        assert!(has(&table, "api.ns.svc.cluster.local."));
+        assert!(!has(&table, "api.ns.svc.clusterset.local."));
+        state.services.clear();
+        assert_eq!(w.apply_cluster(&state).services_removed, 1);
+        assert!(!has(&table, "api.ns.svc.cluster.local."));
+        assert!(!has(&table, "ns.svc.cluster.local."));
     }
 }

@@ -737,3 +737,163 @@ async fn dig_sees_every_record_kind() {
     .expect("dig checks");
     s.stop().await;
 }
+
+// ---------------------------------------------------------------- randomized request path
+
+/// Bounded randomized run over the whole UDP request path (fast path, then the hickory slow
+/// path) with mutated queries and raw noise: nothing panics, every answer parses and carries
+/// the query's ID, responses are never answered.
+#[tokio::test]
+async fn randomized_requests_never_break_the_request_path() {
+    use fedgate_dns::forward::Forwarder;
+    use fedgate_dns::handler::Handler;
+    use fedgate_dns::names::Zone;
+    use fedgate_dns::table::Table;
+    use fedgate_dns::tier::parse_priority;
+    use fedgate_dns::wire;
+    use fedgate_dns::zone::ZoneWriter;
+    use rand::{Rng, SeedableRng};
+
+    let table = Arc::new(Table::default());
+    let prio = parse_priority(&fedgate_dns::settings::default_failover_priority());
+    let mut writer = ZoneWriter::new(table.clone(), 5, 1, prio, BTreeMap::new());
+    writer.apply_imports(&snapshot(Health::Healthy));
+    writer.apply_cluster(&cluster_state());
+    let soas = [writer.soa(Zone::ClusterSet).clone(), writer.soa(Zone::Cluster).clone()];
+    let handler =
+        Handler::new(table.clone(), Forwarder::new(vec![], Duration::from_millis(10), 16), soas);
+
+    let seed: u64 = rand::random();
+    eprintln!("randomized request seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let names = [
+        "web.shop.svc.clusterset.local.",
+        "db.shop.svc.clusterset.local.",
+        "_http._tcp.db.shop.svc.clusterset.local.",
+        "big.shop.svc.clusterset.local.",
+        "api.shop.svc.cluster.local.",
+        "x.example.test.",
+    ];
+    let qtypes = [
+        RecordType::A,
+        RecordType::AAAA,
+        RecordType::SRV,
+        RecordType::TXT,
+        RecordType::ANY,
+        RecordType::AXFR,
+    ];
+    let src: SocketAddr = "127.0.0.1:5353".parse().expect("addr");
+    let (mut key, mut out) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    let mut runs = 0u32;
+    while started.elapsed() < Duration::from_secs(3) && runs < 50_000 {
+        runs += 1;
+        let mut pkt = if rng.random_bool(0.2) {
+            let len = rng.random_range(0..300);
+            (0..len).map(|_| rng.random::<u8>()).collect::<Vec<u8>>()
+        } else {
+            let name = names[rng.random_range(0..names.len())];
+            let qtype = qtypes[rng.random_range(0..qtypes.len())];
+            let edns = rng.random_bool(0.5).then(|| rng.random_range(0..5000u16));
+            request(name, qtype, edns).to_vec().expect("encode")
+        };
+        for _ in 0..rng.random_range(0..4) {
+            match rng.random_range(0..3) {
+                0 if !pkt.is_empty() => {
+                    let i = rng.random_range(0..pkt.len());
+                    pkt[i] = rng.random();
+                }
+                1 if !pkt.is_empty() => pkt.truncate(rng.random_range(0..pkt.len())),
+                _ => pkt.push(rng.random()),
+            }
+        }
+        if let Some(q) = wire::parse_query(&pkt, &mut key) {
+            let fast = table.with(&key, |entry| {
+                let template = entry?.template(q.qtype)?;
+                Some(wire::assemble(template, &pkt, &q, &mut out))
+            });
+            if fast == Some(true) {
+                let msg = Message::from_vec(&out)
+                    .unwrap_or_else(|e| panic!("fast answer parses ({e}): {pkt:?}"));
+                assert_eq!(msg.metadata.id, u16::from_be_bytes([pkt[0], pkt[1]]));
+                assert!(out.len() <= q.udp_limit());
+            }
+        }
+        match handler.handle_udp(pkt.clone(), src, Instant::now()).await {
+            Some(resp) => {
+                assert!(pkt.len() >= 12 && pkt[2] & 0x80 == 0, "answered a non-query {pkt:?}");
+                assert_eq!(resp[..2], pkt[..2], "id echoed");
+                assert!(resp[2] & 0x80 != 0, "QR set");
+                let limit = 1232;
+                assert!(resp.len() <= limit, "udp answer of {} bytes", resp.len());
+                Message::from_vec(&resp)
+                    .unwrap_or_else(|e| panic!("slow answer parses ({e}): {pkt:?}"));
+            }
+            None => assert!(pkt.len() < 12 || pkt[2] & 0x80 != 0, "no answer to {pkt:?}"),
+        }
+    }
+    eprintln!("randomized requests: {runs} in {:?}", started.elapsed());
+    assert!(runs > 1_000);
+}
+
+// ---------------------------------------------------------------- metrics
+
+#[tokio::test]
+async fn metrics_count_queries_by_zone_type_and_rcode() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let up = start_upstream().await;
+    let s = start(vec![up.addr], Duration::from_secs(1)).await;
+    udp(s.addr, &request("web.shop.svc.clusterset.local.", RecordType::A, None)).await;
+    udp(s.addr, &request("web.shop.svc.clusterset.local.", RecordType::A, None)).await;
+    udp(s.addr, &request("nope.shop.svc.clusterset.local.", RecordType::A, None)).await;
+    tcp(s.addr, &request("api.shop.svc.cluster.local.", RecordType::SRV, None)).await;
+    udp(s.addr, &request("www.example.test.", RecordType::A, None)).await;
+    udp(s.addr, &request("www.example.test.", RecordType::A, None)).await;
+    s.stop().await;
+
+    let mut counters: BTreeMap<String, u64> = BTreeMap::new();
+    let mut histograms = 0usize;
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let k = key.key();
+        let mut labels: Vec<String> =
+            k.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+        labels.sort();
+        let id = format!("{}{{{}}}", k.name(), labels.join(","));
+        match value {
+            DebugValue::Counter(v) => {
+                counters.insert(id, v);
+            }
+            DebugValue::Histogram(v) => histograms += v.len(),
+            DebugValue::Gauge(_) => {}
+        }
+    }
+    let get = |id: &str| counters.get(id).copied().unwrap_or(0);
+    assert_eq!(
+        get("fedgate_dns_queries_total{qtype=A,rcode=NOERROR,zone=clusterset}"),
+        2,
+        "{counters:#?}"
+    );
+    assert_eq!(
+        get("fedgate_dns_queries_total{qtype=A,rcode=NXDOMAIN,zone=clusterset}"),
+        1,
+        "{counters:#?}"
+    );
+    assert_eq!(
+        get("fedgate_dns_queries_total{qtype=SRV,rcode=NOERROR,zone=cluster}"),
+        1,
+        "{counters:#?}"
+    );
+    assert_eq!(
+        get("fedgate_dns_queries_total{qtype=A,rcode=NOERROR,zone=forward}"),
+        2,
+        "{counters:#?}"
+    );
+    assert_eq!(get("fedgate_dns_cache_hits_total{}"), 1, "{counters:#?}");
+    assert_eq!(get("fedgate_dns_cache_misses_total{}"), 1, "{counters:#?}");
+    assert_eq!(get("fedgate_dns_forwarded_total{result=ok}"), 1, "{counters:#?}");
+    assert!(histograms >= 6, "latency samples: {histograms}");
+}
