@@ -2,6 +2,8 @@
 //! filtered by an `EnvFilter` directive. Only `main` calls [`init`]; library code never
 //! installs a global subscriber.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// The log line format (`--log-format`).
@@ -34,7 +36,10 @@ pub fn filter(directives: &str) -> Result<EnvFilter, LoggingError> {
 /// (`fedgate analyze`) stays clean.
 pub fn init(format: LogFormat, directives: &str) -> Result<(), LoggingError> {
     let filter = filter(directives)?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let result = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),

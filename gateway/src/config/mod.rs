@@ -303,7 +303,10 @@ pub(crate) fn parse_located(path: &Path, text: &str) -> Result<(Config, Locator)
 /// relative to the config file's directory.
 fn resolve_paths(config: &mut Config, base: &Path) {
     let id = config.cluster.id.to_string();
-    let join = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
+    // `components()` drops inner `.` segments: `./clusters/east` → `<base>/clusters/east`.
+    let join = |p: &Path| -> PathBuf {
+        if p.is_absolute() { p.components().collect() } else { base.join(p).components().collect() }
+    };
     if config.tls.cert.as_os_str().is_empty() {
         config.tls.cert = PathBuf::from(format!("{id}.crt"));
     }

@@ -98,7 +98,7 @@ traffic:
     assert_eq!(c.locality().region.as_deref(), Some("us-east"));
     assert_eq!(c.cluster.labels.get("rack").map(String::as_str), Some("7"));
     assert_eq!(c.discovery.source, SourceKind::Kube);
-    assert_eq!(c.discovery.file.dir, Path::new("/etc/fedgate/./clusters/east"));
+    assert_eq!(c.discovery.file.dir, Path::new("/etc/fedgate/clusters/east"));
     assert_eq!(
         c.peers[0].address.socket_addr().map(|a| a.to_string()).as_deref(),
         Some("10.0.0.2:15443")
@@ -504,4 +504,29 @@ fn the_example_config_parses() {
     };
     assert_eq!(c.cluster.id.as_str(), "east");
     assert_eq!(c.peers.len(), 1);
+}
+
+#[test]
+fn damaged_files_never_panic() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/gateway.yaml");
+    let text = std::fs::read_to_string(&path).expect("example exists");
+    let mut rejected = 0;
+    // Every prefix (cut anywhere, also inside multi-byte characters' neighbours).
+    for end in (0..text.len()).filter(|i| text.is_char_boundary(*i)) {
+        if parse(Path::new("cut.yaml"), &text[..end]).is_err() {
+            rejected += 1;
+        }
+    }
+    // Every line removed, and every line's indentation broken.
+    let lines: Vec<&str> = text.lines().collect();
+    for i in 0..lines.len() {
+        for variant in [String::new(), format!(" {}", lines[i]), format!("{}: [", lines[i])] {
+            let mut v = lines.clone();
+            v[i] = &variant;
+            if parse(Path::new("edit.yaml"), &v.join("\n")).is_err() {
+                rejected += 1;
+            }
+        }
+    }
+    assert!(rejected > 100, "most damaged variants are rejected ({rejected})");
 }
