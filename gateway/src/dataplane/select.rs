@@ -165,9 +165,20 @@ pub fn rank(input: &SelectionInput<'_>) -> Vec<EndpointView> {
         let service_port = exported_port(export, input.port);
         let exposed = exposing.is_some_and(|c| c.contains(cluster));
         let reachable = !input.unreachable.contains(cluster);
+        // Labels and tier are per cluster unless an endpoint names its own zone.
+        let cluster_labels = match locality {
+            Some(l) => l.labels_for(cluster),
+            None => Locality::default().labels_for(cluster),
+        };
+        let cluster_tier = tier(input.priority, input.client_labels, &cluster_labels);
         for endpoint in &export.endpoints {
-            let labels = endpoint_labels(locality, cluster, endpoint);
-            let (tier, matched_labels) = tier(input.priority, input.client_labels, &labels);
+            let (tier, matched_labels) = match &endpoint.zone {
+                Some(z) if cluster_labels.get(LABEL_ZONE) != Some(z) => {
+                    let labels = endpoint_labels(locality, cluster, endpoint);
+                    tier(input.priority, input.client_labels, &labels)
+                }
+                _ => cluster_tier.clone(),
+            };
             let health = if cluster == input.local_cluster {
                 input
                     .local_health
@@ -686,5 +697,48 @@ pub(crate) mod tests {
         for c in counts {
             assert!((700..1300).contains(&c), "{counts:?}");
         }
+    }
+
+    #[test]
+    fn rank_and_plan_cost_per_connection() {
+        // 3 clusters × 100 endpoints: what every new client connection pays.
+        let local = cid("east");
+        let loc = localities();
+        let client = loc[&local].labels_for(&local);
+        let priority = default_priority();
+        let eps = |prefix: u8| -> Vec<Endpoint> {
+            (0..100u8).map(|i| ep(&format!("10.{prefix}.0.{i}"), None, Health::Healthy)).collect()
+        };
+        let svc = service(
+            vec![export("east", eps(0)), export("east2", eps(1)), export("west", eps(2))],
+            &["east", "east2", "west"],
+        );
+        let state = FakeState::default();
+        let unreachable = BTreeSet::new();
+        let health = HealthMap::new();
+        let port = http_port();
+        let mut rng = StdRng::seed_from_u64(9);
+        let rounds = 200;
+        let started = std::time::Instant::now();
+        for _ in 0..rounds {
+            let views = rank(&SelectionInput {
+                service: &svc,
+                port: &port,
+                local_cluster: &local,
+                client_labels: &client,
+                priority: &priority,
+                localities: &loc,
+                unreachable: &unreachable,
+                local_health: &health,
+                state: &state,
+                only: None,
+            });
+            let order = plan(&views, 8, &mut rng);
+            assert_eq!(order.len(), 24);
+            assert_eq!(views[order[0]].tier, 0);
+        }
+        let per = started.elapsed() / rounds;
+        eprintln!("rank+plan over 300 endpoints: {per:?} per connection (debug build)");
+        assert!(per < std::time::Duration::from_millis(50), "{per:?}");
     }
 }
