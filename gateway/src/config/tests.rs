@@ -530,3 +530,27 @@ fn damaged_files_never_panic() {
     }
     assert!(rejected > 100, "most damaged variants are rejected ({rejected})");
 }
+
+#[tokio::test]
+async fn peer_addresses_resolve() {
+    let ip: PeerAddress = "10.0.0.2:15443".parse().expect("ip");
+    assert_eq!(ip.resolve().await.expect("no lookup"), ["10.0.0.2:15443".parse().expect("addr")]);
+    let v6: PeerAddress = "[fd00::2]:15443".parse().expect("v6");
+    assert_eq!(v6.host, "fd00::2");
+    assert_eq!(v6.to_string(), "[fd00::2]:15443");
+    let name: PeerAddress = "localhost:15443".parse().expect("name");
+    let addrs = name.resolve().await.expect("localhost resolves");
+    assert!(addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 15443), "{addrs:?}");
+    for bad in ["10.0.0.2", "10.0.0.2:0", "host:port", "Bad_Host:1", ":15443", "[fd00::2]"] {
+        assert!(bad.parse::<PeerAddress>().is_err(), "{bad:?} must be rejected");
+    }
+}
+
+#[test]
+fn peers_null_is_an_empty_list_and_a_map_is_an_error() {
+    assert!(parse_ok("cluster: { id: east }\npeers:\n").peers.is_empty());
+    assert_eq!(
+        errors("cluster: { id: east }\npeers: { west: 10.0.0.2:15443 }\n"),
+        ["east.yaml:2:8: peers: invalid type: map, expected a sequence"]
+    );
+}

@@ -508,6 +508,15 @@ impl PeerAddress {
     pub fn socket_addr(&self) -> Option<SocketAddr> {
         self.host.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, self.port))
     }
+
+    /// The socket addresses to try: the address itself for an IP, else a DNS lookup (done
+    /// on every call, so a peer that moves is found on the next reconnect).
+    pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        if let Some(addr) = self.socket_addr() {
+            return Ok(vec![addr]);
+        }
+        Ok(tokio::net::lookup_host((self.host.as_str(), self.port)).await?.collect())
+    }
 }
 
 impl FromStr for PeerAddress {
