@@ -36,6 +36,7 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::model::ClusterState;
 
@@ -140,9 +141,12 @@ impl FileSource {
     /// Watches the directory and publishes changes until `shutdown` is cancelled (or the
     /// future is dropped).
     pub async fn run(self, shutdown: CancellationToken) {
+        let span = tracing::info_span!("file_source", dir = %self.loader.dir().display());
+        self.serve(shutdown).instrument(span).await
+    }
+
+    async fn serve(self, shutdown: CancellationToken) {
         let FileSource { mut loader, state, problems, rescan_interval, debounce } = self;
-        let span = tracing::info_span!("file_source", dir = %loader.dir().display());
-        let _enter = span.enter();
         let (tx, mut events) = mpsc::unbounded_channel();
         let _watcher = start_watcher(loader.dir(), tx);
         let mut tick = tokio::time::interval_at(Instant::now() + rescan_interval, rescan_interval);

@@ -50,6 +50,17 @@ struct FileRecord {
     problems: Vec<Problem>,
 }
 
+impl FileRecord {
+    /// The services and exports this file's objects (held ones included) contribute to.
+    fn service_keys(&self) -> impl Iterator<Item = ServiceKey> + '_ {
+        self.objects.iter().chain(&self.held).map(|o| match &o.value {
+            ObjectValue::Service(s) => s.key.clone(),
+            ObjectValue::EndpointSlice(s) => s.service.clone(),
+            ObjectValue::ServiceExport(e) => e.key.clone(),
+        })
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Loader {
     dir: PathBuf,
@@ -90,6 +101,9 @@ impl Loader {
         let listed = list_files(&self.dir)
             .map_err(|source| SourceError::Dir { dir: self.dir.clone(), source })?;
         let mut changed = false;
+        // Services and exports whose value may differ: those named by an object of a file
+        // that changed (before or after). The others keep their Arc without a look.
+        let mut affected: HashSet<ServiceKey> = HashSet::new();
         let mut next = BTreeMap::new();
         for path in listed {
             let old = self.files.remove(&path);
@@ -101,22 +115,29 @@ impl Loader {
                 }
                 old => {
                     changed = true;
+                    if let Some(old) = &old {
+                        affected.extend(old.service_keys());
+                    }
                     if let Some(record) = load_file(&path, meta, old) {
+                        affected.extend(record.service_keys());
                         next.insert(path, record);
                     }
                 }
             }
         }
         // Whatever is left was deleted.
-        changed |= !self.files.is_empty();
+        for old in self.files.values() {
+            changed = true;
+            affected.extend(old.service_keys());
+        }
         self.files = next;
         if changed {
-            self.rebuild();
+            self.rebuild(&affected);
         }
         Ok(())
     }
 
-    fn rebuild(&mut self) {
+    fn rebuild(&mut self, affected: &HashSet<ServiceKey>) {
         let mut problems: Vec<Problem> =
             self.files.values().flat_map(|r| r.problems.iter().cloned()).collect();
         let mut seen: HashMap<&ObjectRef, (&Path, usize)> = HashMap::new();
@@ -162,6 +183,12 @@ impl Loader {
         let old = &self.state;
         let mut state = ClusterState::default();
         for (key, svc) in services {
+            if !affected.contains(key)
+                && let Some(prev) = old.services.get(key)
+            {
+                state.services.insert(key.clone(), Arc::clone(prev));
+                continue;
+            }
             let mut svc = svc.clone();
             if let Some(mut parts) = slices.remove(key) {
                 parts.sort_by_key(|(name, _)| *name);
@@ -177,6 +204,12 @@ impl Loader {
         for (key, (spec, mtime)) in exports {
             if spec.created.is_none() {
                 stamped.insert(key.clone());
+            }
+            if !affected.contains(key)
+                && let Some(prev) = old.exports.get(key)
+            {
+                state.exports.insert(key.clone(), Arc::clone(prev));
+                continue;
             }
             let first_seen = *self.first_seen.entry(key.clone()).or_insert(mtime);
             let export: ServiceExportObject = spec.clone().into_object(first_seen);
@@ -284,8 +317,14 @@ fn record(
         .collect();
     let held_names: HashSet<String> = held.iter().map(|o| o.id.to_string()).collect();
     for p in &mut parsed.problems {
-        if p.object.as_ref().is_some_and(|o| held_names.contains(o)) {
-            p.reason.push_str("; the last good version stays in force");
+        match &p.object {
+            Some(o) if held_names.contains(o) => {
+                p.reason.push_str("; the last good version stays in force");
+            }
+            None if !held.is_empty() => p.reason.push_str(
+                "; the objects this file held before stay in force until it parses again",
+            ),
+            _ => {}
         }
     }
     let mtime =
@@ -461,6 +500,7 @@ mod tests {
         assert_eq!(ip_of(&loader, "a"), Some(ip("10.0.0.1")));
         assert_eq!(loader.problems().len(), 1);
         assert!(loader.problems()[0].reason.starts_with("invalid YAML"));
+        assert!(loader.problems()[0].reason.ends_with("stay in force until it parses again"));
 
         write(tmp.path(), "a.yaml", "# emptied on purpose\n");
         loader.scan(&BTreeSet::new()).expect("scan");
@@ -610,6 +650,37 @@ mod tests {
         let loader = loaded(tmp.path());
         let p = &loader.problems()[0];
         assert_eq!((p.line, p.column, p.reason.as_str()), (2, 7, "file is not valid UTF-8"));
+    }
+
+    /// Figures for docs/file-source.md; slow in debug builds, hence ignored by default:
+    /// `cargo test -p fedgate-discovery --lib perf_ -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "measurement"]
+    fn perf_ten_thousand_services() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        for f in 0..1000 {
+            let mut text = String::new();
+            for i in 0..10 {
+                let n = f * 10 + i;
+                text.push_str(&format!("{}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{n}\n  labels: {{kubernetes.io/service-name: s{n}}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints:\n- addresses: [10.1.{}.{}]\n- addresses: [10.2.{}.{}]\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: s{n}}}\n---\n", svc(&format!("s{n}"), "10.0.0.1"), n / 256, n % 256, n / 256, n % 256));
+            }
+            fs::write(tmp.path().join(format!("f{f:04}.yaml")), text).expect("write");
+        }
+        let t = std::time::Instant::now();
+        let mut loader = loaded(tmp.path());
+        eprintln!("PERF full load of 10k services / 30k objects in 1000 files: {:?}", t.elapsed());
+        assert_eq!(loader.state().services.len(), 10_000);
+        let t = std::time::Instant::now();
+        loader.scan(&BTreeSet::new()).expect("scan");
+        eprintln!("PERF rescan, nothing changed: {:?}", t.elapsed());
+        write(tmp.path(), "f0007.yaml", &svc("s70", "10.0.0.2"));
+        let t = std::time::Instant::now();
+        loader.scan(&BTreeSet::new()).expect("scan");
+        eprintln!("PERF rescan, one file changed: {:?}", t.elapsed());
+        assert_eq!(loader.state().services[&key("s70")].cluster_ips, vec![ip("10.0.0.2")]);
+        // its slices and the other services of that file went with the old content
+        assert!(loader.state().services[&key("s70")].endpoints.is_empty());
+        assert_eq!(loader.state().services.len(), 9_991);
     }
 
     #[test]
