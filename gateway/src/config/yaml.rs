@@ -88,6 +88,15 @@ impl Node {
         Node { id, mark: Mark::START, path: path.to_owned(), kind: Kind::Map(Vec::new()) }
     }
 
+    /// Number of nodes in this subtree.
+    fn size(&self) -> usize {
+        1 + match &self.kind {
+            Kind::Scalar { .. } => 0,
+            Kind::Seq(items) => items.iter().map(Node::size).sum(),
+            Kind::Map(entries) => entries.iter().map(|(k, v)| k.size() + v.size()).sum(),
+        }
+    }
+
     fn is_null(&self) -> bool {
         matches!(&self.kind, Kind::Scalar { text, plain: true } if is_null_text(text))
     }
@@ -135,6 +144,13 @@ fn child_path(parent: &str, key: &str) -> String {
     if parent.is_empty() { key.to_owned() } else { format!("{parent}.{key}") }
 }
 
+/// Deepest nesting accepted. The config needs 4 levels; the limit keeps the recursive walks
+/// over the tree far from the stack's end whatever the input.
+const MAX_DEPTH: usize = 64;
+
+/// Most nodes all aliases together may copy.
+const MAX_ALIAS_NODES: usize = 10_000;
+
 enum Frame {
     Seq { start: Node, items: Vec<Node>, anchor: usize },
     Map { start: Node, entries: Vec<(Node, Node)>, pending_key: Option<Node>, anchor: usize },
@@ -145,6 +161,7 @@ pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut next_id = 0usize;
     let mut stack: Vec<Frame> = Vec::new();
     let mut anchors: BTreeMap<usize, Node> = BTreeMap::new();
+    let mut expanded = 0usize;
     let mut root: Option<Node> = None;
     let mut documents = 0usize;
 
@@ -181,6 +198,17 @@ pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
             }
             Event::Alias(anchor) => match anchors.get(&anchor) {
                 Some(node) => {
+                    // Aliases copy their anchor: bound the total so that nested aliases
+                    // ("billion laughs") cannot blow up memory.
+                    expanded += node.size();
+                    if expanded > MAX_ALIAS_NODES {
+                        return Err(SyntaxError {
+                            mark,
+                            message: format!(
+                                "yaml aliases expand to more than {MAX_ALIAS_NODES} nodes"
+                            ),
+                        });
+                    }
                     let mut node = node.clone();
                     node.mark = mark;
                     Some(node)
@@ -189,6 +217,12 @@ pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
                     return Err(SyntaxError { mark, message: "unknown yaml alias".to_owned() });
                 }
             },
+            Event::SequenceStart(..) | Event::MappingStart(..) if stack.len() >= MAX_DEPTH => {
+                return Err(SyntaxError {
+                    mark,
+                    message: format!("yaml nested deeper than {MAX_DEPTH} levels"),
+                });
+            }
             Event::SequenceStart(anchor, _) => {
                 let start = new_node(Kind::Seq(Vec::new()));
                 stack.push(Frame::Seq { start, items: Vec::new(), anchor });
@@ -623,6 +657,29 @@ mod tests {
         );
         let err = parse("a: 1\n---\na: 2\n").expect_err("two documents");
         assert_eq!(err.message, "expected a single yaml document, found several");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_crash() {
+        let deep = format!("a: {}{}\n", "[".repeat(100), "]".repeat(100));
+        let err = parse(&deep).expect_err("too deep");
+        assert_eq!(err.message, "yaml nested deeper than 64 levels");
+        // Far deeper input stops in the parser's own limit, still as an error.
+        let deeper = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(parse(&deeper).is_err());
+        let ok = format!("a: {}{}\n", "[".repeat(10), "]".repeat(10));
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn alias_bombs_are_refused() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            text.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        let err = parse(&text).expect_err("bomb");
+        assert_eq!(err.message, "yaml aliases expand to more than 10000 nodes");
     }
 
     #[test]
