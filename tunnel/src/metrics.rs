@@ -1,0 +1,35 @@
+//! Metrics of the tunnel, declared in one place.
+
+/// Handshakes refused because the peer's certificate failed verification, by `reason`
+/// (`unknown_ca`, `wrong_clusterset`, `wrong_cluster`, `unknown_peer`, `expired`,
+/// `no_certificate`, `other`).
+pub const PEER_HANDSHAKE_FAILURES_TOTAL: &str = "fedgate_peer_handshake_failures_total";
+/// QUIC connections to peers established, by `direction` (`dial`, `accept`).
+pub const PEER_CONNECTIONS_TOTAL: &str = "fedgate_peer_connections_total";
+/// Peers whose connection is up right now.
+pub const PEERS_CONNECTED: &str = "fedgate_peers_connected";
+/// Peer export sessions reset because of a bad or failed exchange, by `reason`.
+pub const PEER_SESSION_RESETS_TOTAL: &str = "fedgate_peer_session_resets_total";
+/// Peer leases that expired (their exports were withdrawn).
+pub const PEER_LEASE_EXPIRIES_TOTAL: &str = "fedgate_peer_lease_expiries_total";
+
+/// Registers the help text of every tunnel metric with the installed recorder.
+pub fn describe() {
+    metrics::describe_counter!(
+        PEER_HANDSHAKE_FAILURES_TOTAL,
+        "Peer handshakes refused because the peer's certificate failed verification, by reason."
+    );
+    metrics::describe_counter!(
+        PEER_CONNECTIONS_TOTAL,
+        "QUIC connections to peers established, by direction."
+    );
+    metrics::describe_gauge!(PEERS_CONNECTED, "Peers whose QUIC connection is up.");
+    metrics::describe_counter!(
+        PEER_SESSION_RESETS_TOTAL,
+        "Export exchange sessions with a peer reset after an error, by reason."
+    );
+    metrics::describe_counter!(
+        PEER_LEASE_EXPIRIES_TOTAL,
+        "Peer leases that expired: the peer was silent too long and its exports were withdrawn."
+    );
+}

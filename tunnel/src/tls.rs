@@ -1,0 +1,539 @@
+//! Mutual TLS for the tunnel: rustls configurations for quinn whose verifiers check the peer's
+//! chain against the CA bundle (webpki, through rustls) *and* its SPIFFE identity
+//! `spiffe://<clusterset>/cluster/<id>`: on the dialing side `<id>` must be the peer configured
+//! for that address, on the accepting side one of the configured peers.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use fedgate_discovery::model::ClusterId;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::identity::Identity;
+use crate::metrics::PEER_HANDSHAKE_FAILURES_TOTAL;
+
+/// The ALPN protocol of the tunnel.
+pub const ALPN: &[u8] = b"fedgate/1";
+/// How long the same rejection is not logged again (the peer keeps retrying).
+const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Why building the TLS configuration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("CA bundle certificate #{index} is not usable as a trust anchor: {source}")]
+    BadCa {
+        index: usize,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("building the peer certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error(
+        "the gateway certificate or key is not usable: {0} (does the key match the certificate?)"
+    )]
+    Identity(#[source] rustls::Error),
+    #[error("the gateway certificate does not name this gateway: {0}")]
+    OwnIdentity(Rejection),
+    #[error("QUIC needs TLS 1.3 with an AES-128-GCM suite: {0}")]
+    Quic(String),
+}
+
+/// Bounded reasons a peer's certificate is refused (the `reason` label of
+/// `fedgate_peer_handshake_failures_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// The chain does not verify against the CA bundle.
+    UnknownCa,
+    /// The SPIFFE id names another clusterset (trust domain).
+    WrongClusterset,
+    /// The SPIFFE id names another cluster than the peer configured for that address.
+    WrongCluster,
+    /// The SPIFFE id names a cluster that is not a configured peer.
+    UnknownPeer,
+    /// The certificate expired.
+    Expired,
+    /// The peer presented no certificate.
+    NoCertificate,
+    /// Anything else (no or several SPIFFE ids, malformed certificate, ...).
+    Other,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::UnknownCa => "unknown_ca",
+            RejectReason::WrongClusterset => "wrong_clusterset",
+            RejectReason::WrongCluster => "wrong_cluster",
+            RejectReason::UnknownPeer => "unknown_peer",
+            RejectReason::Expired => "expired",
+            RejectReason::NoCertificate => "no_certificate",
+            RejectReason::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refused peer certificate: the bounded reason and what exactly was wrong.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub detail: String,
+}
+
+impl Rejection {
+    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+        Self { reason, detail: detail.into() }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.detail, self.reason)
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+/// Which cluster ids a certificate may name.
+#[derive(Clone, Copy, Debug)]
+pub enum Expected<'a> {
+    /// Exactly this one (dialing a configured peer; or checking our own certificate).
+    Exactly(&'a ClusterId),
+    /// Any of these (accepting).
+    AnyOf(&'a [ClusterId]),
+}
+
+/// The SPIFFE id `spiffe://<clusterset>/cluster/<id>` of a cluster.
+pub fn spiffe_id(clusterset: &str, cluster: &ClusterId) -> String {
+    format!("spiffe://{clusterset}/cluster/{cluster}")
+}
+
+/// Checks the identity a (chain-verified) leaf certificate claims. Pure: no I/O, no clock.
+pub fn check_peer_identity(
+    leaf: &CertificateDer<'_>,
+    clusterset: &str,
+    expected: Expected<'_>,
+) -> Result<ClusterId, Rejection> {
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|e| Rejection::new(RejectReason::Other, format!("unparsable certificate: {e}")))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| Rejection::new(RejectReason::Other, format!("bad subjectAltName: {e}")))?;
+    let uris: Vec<&str> = san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let uri = match uris.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(Rejection::new(
+                RejectReason::Other,
+                "certificate has no spiffe:// URI SAN",
+            ));
+        }
+        many => {
+            return Err(Rejection::new(
+                RejectReason::Other,
+                format!("certificate has {} spiffe:// URI SANs, expected exactly one", many.len()),
+            ));
+        }
+    };
+    let rest = &uri["spiffe://".len()..];
+    let (trust_domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if trust_domain != clusterset {
+        return Err(Rejection::new(
+            RejectReason::WrongClusterset,
+            format!(
+                "certificate names clusterset {trust_domain:?} ({uri}), expected {clusterset:?}"
+            ),
+        ));
+    }
+    let id =
+        path.strip_prefix("cluster/").and_then(|id| ClusterId::new(id).ok()).ok_or_else(|| {
+            Rejection::new(
+                RejectReason::Other,
+                format!("{uri} is not of the form spiffe://<clusterset>/cluster/<id>"),
+            )
+        })?;
+    match expected {
+        Expected::Exactly(want) if &id != want => Err(Rejection::new(
+            RejectReason::WrongCluster,
+            format!("certificate names cluster \"{id}\", expected \"{want}\""),
+        )),
+        Expected::AnyOf(peers) if !peers.contains(&id) => Err(Rejection::new(
+            RejectReason::UnknownPeer,
+            format!("certificate names cluster \"{id}\", which is not a configured peer"),
+        )),
+        _ => Ok(id),
+    }
+}
+
+/// Maps a rustls chain-verification error to a bounded reason.
+fn classify(err: &rustls::Error) -> RejectReason {
+    match err {
+        rustls::Error::InvalidCertificate(e) => match e {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                RejectReason::UnknownCa
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                RejectReason::Expired
+            }
+            _ => RejectReason::Other,
+        },
+        rustls::Error::NoCertificatesPresented => RejectReason::NoCertificate,
+        _ => RejectReason::Other,
+    }
+}
+
+/// Where rejections go: a counter per reason, a rate-limited log line, and the last one
+/// (so the dialer can turn a failed handshake into `PeerRejected`).
+#[derive(Debug, Default)]
+pub struct RejectionSink {
+    last: Mutex<Option<Rejection>>,
+    logged: Mutex<HashMap<Rejection, Instant>>,
+    /// The dialing side logs through its own retry loop instead.
+    quiet: bool,
+}
+
+impl RejectionSink {
+    pub fn new(quiet: bool) -> Self {
+        Self { quiet, ..Self::default() }
+    }
+
+    /// Counts and (at most once a minute for the same rejection) logs `rejection`.
+    pub fn record(&self, side: &'static str, rejection: Rejection) {
+        metrics::counter!(PEER_HANDSHAKE_FAILURES_TOTAL, "reason" => rejection.reason.as_str())
+            .increment(1);
+        if !self.quiet {
+            let mut logged = self.logged.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            let due = logged
+                .get(&rejection)
+                .is_none_or(|at| now.duration_since(*at) >= REJECTION_LOG_INTERVAL);
+            if due {
+                logged.retain(|_, at| now.duration_since(*at) < REJECTION_LOG_INTERVAL);
+                logged.insert(rejection.clone(), now);
+                tracing::warn!(side, reason = %rejection.reason, detail = %rejection.detail, "peer certificate refused");
+            }
+        }
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(rejection);
+    }
+
+    /// The last rejection, taken.
+    pub fn take(&self) -> Option<Rejection> {
+        self.last.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// The accepting side's verifier: chain via webpki, then the SPIFFE id among the peers.
+#[derive(Debug)]
+struct PeerClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    clusterset: String,
+    peers: Vec<ClusterId>,
+    sink: Arc<RejectionSink>,
+}
+
+impl ClientCertVerifier for PeerClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner.verify_client_cert(end_entity, intermediates, now).map_err(|e| {
+            self.sink
+                .record("accept", Rejection::new(classify(&e), format!("certificate chain: {e}")));
+            e
+        })?;
+        check_peer_identity(end_entity, &self.clusterset, Expected::AnyOf(&self.peers)).map_err(
+            |r| {
+                self.sink.record("accept", r);
+                rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+            },
+        )?;
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The dialing side's verifier: chain via webpki (no DNS name check: the SPIFFE id is the
+/// name), then the SPIFFE id must be exactly the peer configured for the address.
+#[derive(Debug)]
+struct PeerServerVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    clusterset: String,
+    expected: ClusterId,
+    sink: Arc<RejectionSink>,
+}
+
+impl ServerCertVerifier for PeerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let chain = ParsedCertificate::try_from(end_entity).and_then(|parsed| {
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                &self.roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )
+        });
+        chain.map_err(|e| {
+            self.sink
+                .record("dial", Rejection::new(classify(&e), format!("certificate chain: {e}")));
+            e
+        })?;
+        check_peer_identity(end_entity, &self.clusterset, Expected::Exactly(&self.expected))
+            .map_err(|r| {
+                self.sink.record("dial", r);
+                rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+            })?;
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(identity: &Identity) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for (index, ca) in identity.ca.iter().enumerate() {
+        roots.add(ca.clone()).map_err(|source| TlsError::BadCa { index, source })?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Checks that our own certificate names `local` in `clusterset` (a clear start-up error
+/// instead of every peer refusing us).
+pub fn check_own_identity(
+    identity: &Identity,
+    clusterset: &str,
+    local: &ClusterId,
+) -> Result<(), TlsError> {
+    let leaf = identity.cert_chain.first().ok_or_else(|| {
+        TlsError::OwnIdentity(Rejection::new(
+            RejectReason::NoCertificate,
+            "the certificate chain is empty",
+        ))
+    })?;
+    check_peer_identity(leaf, clusterset, Expected::Exactly(local))
+        .map(|_| ())
+        .map_err(TlsError::OwnIdentity)
+}
+
+/// The QUIC server crypto: TLS 1.3, ALPN `fedgate/1`, client certificates required and
+/// checked against the CA bundle and `peers`.
+pub fn server_crypto(
+    identity: &Identity,
+    clusterset: &str,
+    peers: Vec<ClusterId>,
+    sink: Arc<RejectionSink>,
+) -> Result<QuicServerConfig, TlsError> {
+    let provider = provider();
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(roots(identity)?, provider.clone()).build()?;
+    let verifier =
+        Arc::new(PeerClientVerifier { inner, clusterset: clusterset.to_owned(), peers, sink });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Identity)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
+        .map_err(TlsError::Identity)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))
+}
+
+/// The QUIC client crypto for dialing `peer`: TLS 1.3, ALPN `fedgate/1`, our certificate,
+/// and the peer's certificate must name exactly `peer`.
+pub fn client_crypto(
+    identity: &Identity,
+    clusterset: &str,
+    peer: ClusterId,
+    sink: Arc<RejectionSink>,
+) -> Result<QuicClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(PeerServerVerifier {
+        roots: roots(identity)?,
+        provider: provider.clone(),
+        clusterset: clusterset.to_owned(),
+        expected: peer,
+        sink,
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Identity)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())
+        .map_err(TlsError::Identity)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestPki;
+
+    fn id(s: &str) -> ClusterId {
+        ClusterId::new(s).expect("valid id")
+    }
+
+    #[test]
+    fn identity_scenarios() {
+        let pki = TestPki::new("demo");
+        let other_set = TestPki::new("other");
+        let east = pki.issue("east").cert_chain[0].clone();
+        let foreign_set = other_set.issue("east").cert_chain[0].clone();
+        let two = pki
+            .issue_with_sans("east", &["spiffe://demo/cluster/east", "spiffe://demo/cluster/west"])
+            .cert_chain[0]
+            .clone();
+        let none = pki.issue_with_sans("east", &[]).cert_chain[0].clone();
+        let bad_path =
+            pki.issue_with_sans("east", &["spiffe://demo/node/east"]).cert_chain[0].clone();
+        let peers = [id("east"), id("south")];
+        let west = id("west");
+        let east_id = id("east");
+
+        let cases: Vec<(&str, &CertificateDer<'_>, Expected<'_>, Result<&str, RejectReason>)> = vec![
+            ("dial, right peer", &east, Expected::Exactly(&east_id), Ok("east")),
+            (
+                "dial, other cluster",
+                &east,
+                Expected::Exactly(&west),
+                Err(RejectReason::WrongCluster),
+            ),
+            ("accept, configured peer", &east, Expected::AnyOf(&peers), Ok("east")),
+            (
+                "accept, unknown peer",
+                &east,
+                Expected::AnyOf(&peers[1..]),
+                Err(RejectReason::UnknownPeer),
+            ),
+            (
+                "other clusterset",
+                &foreign_set,
+                Expected::AnyOf(&peers),
+                Err(RejectReason::WrongClusterset),
+            ),
+            ("two spiffe ids", &two, Expected::AnyOf(&peers), Err(RejectReason::Other)),
+            ("no spiffe id", &none, Expected::AnyOf(&peers), Err(RejectReason::Other)),
+            ("not a cluster path", &bad_path, Expected::AnyOf(&peers), Err(RejectReason::Other)),
+        ];
+        for (name, cert, expected, want) in cases {
+            let got = check_peer_identity(cert, "demo", expected);
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got.as_str(), want, "{name}"),
+                (Err(got), Err(want)) => assert_eq!(got.reason, want, "{name}: {got}"),
+                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+        }
+        let garbage = CertificateDer::from(vec![1u8, 2, 3]);
+        assert_eq!(
+            check_peer_identity(&garbage, "demo", Expected::AnyOf(&peers))
+                .expect_err("garbage")
+                .reason,
+            RejectReason::Other
+        );
+    }
+
+    #[test]
+    fn own_identity_must_name_us() {
+        let pki = TestPki::new("demo");
+        let identity = pki.issue("east");
+        check_own_identity(&identity, "demo", &id("east")).expect("names us");
+        let err = check_own_identity(&identity, "demo", &id("west")).expect_err("names east");
+        assert!(err.to_string().contains("expected \"west\""), "{err}");
+    }
+}
