@@ -55,6 +55,19 @@ fn version_and_usage_exit_codes() {
     let out = fedgate(&["--help"]);
     assert_eq!(code(&out), 0);
     assert!(stdout(&out).contains("analyze"));
+    // RUST_LOG is the default of --log-level; the flag wins over it.
+    let from_env = Command::new(env!("CARGO_BIN_EXE_fedgate"))
+        .arg("version")
+        .env("RUST_LOG", "fedgate=loud")
+        .output()
+        .expect("runs");
+    assert_eq!(code(&from_env), 2);
+    let flag_wins = Command::new(env!("CARGO_BIN_EXE_fedgate"))
+        .args(["--log-level", "debug", "version"])
+        .env("RUST_LOG", "fedgate=loud")
+        .output()
+        .expect("runs");
+    assert_eq!(code(&flag_wins), 0);
     let out = fedgate(&["--log-level", "fedgate=loud", "version"]);
     assert_eq!(code(&out), 2);
     assert!(stderr(&out).contains("invalid log level \"fedgate=loud\""), "{}", stderr(&out));
