@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -227,6 +227,11 @@ fn start_watcher(
 ) -> Option<RecommendedWatcher> {
     let handler = move |res: notify::Result<notify::Event>| match res {
         Ok(event) if is_noise(&event.kind) => {}
+        // Attribute changes (atime included, which our own reads may cause) rescan by stamp
+        // without forcing a re-read, so reading can never feed itself.
+        Ok(event) if matches!(event.kind, EventKind::Modify(ModifyKind::Metadata(_))) => {
+            let _ = tx.send(Vec::new());
+        }
         Ok(event) => {
             let _ = tx.send(event.paths);
         }

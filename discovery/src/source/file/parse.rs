@@ -112,9 +112,10 @@ pub fn parse_documents(file: &Path, text: &str) -> (Vec<Object>, Vec<Problem>) {
 
 pub(crate) fn parse_file(file: &Path, text: &str) -> ParsedFile {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut p = Parser { file, out: ParsedFile::default() };
+    let mut p = Parser { file, doc_line: 0, out: ParsedFile::default() };
     for chunk in split_documents(text) {
         let Some(doc_line) = first_content_line(&chunk) else { continue };
+        p.doc_line = doc_line;
         match serde_norway::from_str::<Value>(chunk.text) {
             Ok(value) => p.object(&chunk, doc_line, &value, &[]),
             Err(e) => {
@@ -219,6 +220,8 @@ fn shift_line_numbers(msg: &str, by: usize) -> String {
 
 struct Parser<'f> {
     file: &'f Path,
+    /// Start line of the document (or List item) being read.
+    doc_line: usize,
     out: ParsedFile,
 }
 
@@ -259,7 +262,12 @@ fn fld(k: &'static str) -> Seg {
 }
 
 impl Parser<'_> {
-    fn problem(&mut self, line: usize, column: usize, object: Option<String>, reason: String) {
+    /// Records a problem; when it points inside a document, the reason also names the line
+    /// where that document (or List item) starts.
+    fn problem(&mut self, line: usize, column: usize, object: Option<String>, mut reason: String) {
+        if line != self.doc_line {
+            reason.push_str(&format!(" (in the document starting at line {})", self.doc_line));
+        }
         self.out.problems.push(Problem {
             file: self.file.to_path_buf(),
             line,
@@ -271,6 +279,7 @@ impl Parser<'_> {
 
     /// Handles one document (`prefix` empty) or one item of a `kind: List` document.
     fn object(&mut self, chunk: &Chunk<'_>, doc_line: usize, value: &Value, prefix: &[Seg]) {
+        self.doc_line = doc_line;
         let at = |path: &[Seg]| -> (usize, usize) {
             let mut full = prefix.to_vec();
             full.extend_from_slice(path);
@@ -718,7 +727,7 @@ spec:
         assert_eq!(parsed.problems[0].object.as_deref(), Some("Service n/a"));
         assert_eq!(
             parsed.problems[0].to_string(),
-            "c.yaml:5:9: Service n/a: spec.type: unknown service type \"Nope\" (expected ClusterIP, NodePort, LoadBalancer or ExternalName)"
+            "c.yaml:5:9: Service n/a: spec.type: unknown service type \"Nope\" (expected ClusterIP, NodePort, LoadBalancer or ExternalName) (in the document starting at line 1)"
         );
     }
 
