@@ -8,7 +8,7 @@ use fedgate_discovery::model::{LABEL_REGION, LABEL_SOURCE_CLUSTER, LABEL_ZONE};
 use ipnet::IpNet;
 
 use super::{
-    CaSource, Config, ConfigError, FrontMode, Locator, MIN_CLUSTERSET_IPS, Sections, SourceKind,
+    CaSource, ConfigError, FileInputs, FrontMode, Locator, MIN_CLUSTERSET_IPS, Sections, SourceKind,
 };
 use crate::certs::{self, CertInfo};
 
@@ -175,9 +175,9 @@ fn read_pem(path: &Path, what: &str) -> Result<String, String> {
 }
 
 /// Checks the files the config names, as they are at `now`.
-pub(crate) fn files(config: &Config, loc: &Locator, now: jiff::Timestamp) -> Vec<ConfigError> {
+pub(crate) fn files(config: &FileInputs, loc: &Locator, now: jiff::Timestamp) -> Vec<ConfigError> {
     let mut out = Vec::new();
-    let expected = config.spiffe_id(&config.cluster.id);
+    let expected = certs::spiffe_id(&config.clusterset, config.id.as_str());
 
     let leaf: Option<CertInfo> = match read_pem(&config.tls.cert, "certificate") {
         Err(msg) => {

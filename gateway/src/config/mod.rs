@@ -147,7 +147,7 @@ pub(crate) struct Sections {
 /// directory is the base of relative paths in the config. Checks syntax, types and the
 /// cross-field rules, but touches no file: see [`load`].
 pub fn parse(path_for_messages: &Path, text: &str) -> Result<Config, ConfigErrors> {
-    parse_located(path_for_messages, text).map(|(config, _)| config)
+    parse_inner(path_for_messages, text).0.map_err(ConfigErrors)
 }
 
 /// Reads and parses the config file at `path`, then checks the files it names: the
@@ -163,23 +163,47 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             message: format!("cannot read config file: {e}"),
         }])
     })?;
-    let (config, locator) = parse_located(path, &text)?;
-    let errors = check::files(&config, &locator, jiff::Timestamp::now());
-    if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+    let (parsed, files) = parse_inner(path, &text);
+    // The files are checked even when other sections have errors: all problems at once.
+    let file_errors = match &files {
+        Some((inputs, locator)) => check::files(inputs, locator, jiff::Timestamp::now()),
+        None => Vec::new(),
+    };
+    match parsed {
+        Ok(config) if file_errors.is_empty() => Ok(config),
+        Ok(_) => Err(ConfigErrors(file_errors)),
+        Err(mut errors) => {
+            errors.extend(file_errors);
+            errors.sort_by(|a, b| (a.line, a.column, &a.path).cmp(&(b.line, b.column, &b.path)));
+            Err(ConfigErrors(errors))
+        }
+    }
 }
 
-pub(crate) fn parse_located(path: &Path, text: &str) -> Result<(Config, Locator), ConfigErrors> {
+/// What the file checks need, with paths resolved; there when `cluster`, `tls` and
+/// `discovery` parsed, even if other sections did not.
+pub(crate) struct FileInputs {
+    pub id: fedgate_discovery::model::ClusterId,
+    pub clusterset: String,
+    pub tls: TlsConfig,
+    pub discovery: DiscoveryConfig,
+}
+
+type Parsed = (Result<Config, Vec<ConfigError>>, Option<(FileInputs, Locator)>);
+
+fn parse_inner(path: &Path, text: &str) -> Parsed {
     let mut locator = Locator { file: path.to_owned(), marks: BTreeMap::new() };
     let root = match yaml::parse(text) {
         Ok(root) => root,
         Err(e) => {
-            return Err(ConfigErrors(vec![ConfigError {
+            let error = ConfigError {
                 file: path.to_owned(),
                 line: e.mark.line,
                 column: e.mark.column,
                 path: String::new(),
                 message: e.message,
-            }]));
+            };
+            return (Err(vec![error]), None);
         }
     };
     root.index_marks(&mut locator.marks);
@@ -189,9 +213,8 @@ pub(crate) fn parse_located(path: &Path, text: &str) -> Result<(Config, Locator)
     let entries = match root.kind {
         Kind::Map(entries) => entries,
         _ => {
-            return Err(ConfigErrors(vec![
-                locator.error("", "expected a mapping of sections (cluster, peers, ...)"),
-            ]));
+            let error = locator.error("", "expected a mapping of sections (cluster, peers, ...)");
+            return (Err(vec![error]), None);
         }
     };
     let mut present: BTreeMap<&'static str, Node> = BTreeMap::new();
@@ -272,62 +295,80 @@ pub(crate) fn parse_located(path: &Path, text: &str) -> Result<(Config, Locator)
     }
 
     let base = path.parent().unwrap_or(Path::new(""));
-    match sections {
+    let files = match (&sections.cluster, &sections.tls, &sections.discovery) {
+        (Some(cluster), Some(tls), Some(discovery)) => {
+            let mut inputs = FileInputs {
+                id: cluster.id.clone(),
+                clusterset: cluster.clusterset.clone(),
+                tls: tls.clone(),
+                discovery: discovery.clone(),
+            };
+            resolve_tls(&mut inputs.tls, &inputs.id, base);
+            resolve_discovery(&mut inputs.discovery, &inputs.id, base);
+            Some(inputs)
+        }
+        _ => None,
+    };
+    let result = match sections {
         Sections {
             cluster: Some(cluster),
-            discovery: Some(discovery),
+            discovery: Some(mut discovery),
             peers: Some(peers),
             peers_clean: true,
             cluster_id: _,
-            tls: Some(tls),
+            tls: Some(mut tls),
             tunnel: Some(tunnel),
             dns: Some(dns),
-            front: Some(front),
+            front: Some(mut front),
             admin: Some(admin),
             traffic: Some(traffic),
         } if errors.is_empty() => {
             let peers = peers.into_iter().map(|(_, p)| p).collect();
-            let mut config =
-                Config { cluster, discovery, peers, tls, tunnel, dns, front, admin, traffic };
-            resolve_paths(&mut config, base);
-            Ok((config, locator))
+            resolve_tls(&mut tls, &cluster.id, base);
+            resolve_discovery(&mut discovery, &cluster.id, base);
+            front.state_dir = front.state_dir.map(|p| join(base, &p));
+            Ok(Config { cluster, discovery, peers, tls, tunnel, dns, front, admin, traffic })
         }
         _ => {
             errors.sort_by_key(|e| (e.line, e.column));
-            Err(ConfigErrors(errors))
+            Err(errors)
         }
+    };
+    (result, files.map(|f| (f, locator)))
+}
+
+/// `p` resolved against the config file's directory. `components()` drops inner `.`
+/// segments: `./clusters/east` → `<base>/clusters/east`.
+fn join(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.components().collect() } else { base.join(p).components().collect() }
+}
+
+/// Fills the TLS file defaults (`<id>.crt`, `<id>.key`) and resolves the paths.
+fn resolve_tls(tls: &mut TlsConfig, id: &fedgate_discovery::model::ClusterId, base: &Path) {
+    if tls.cert.as_os_str().is_empty() {
+        tls.cert = PathBuf::from(format!("{id}.crt"));
+    }
+    if tls.key.as_os_str().is_empty() {
+        tls.key = PathBuf::from(format!("{id}.key"));
+    }
+    tls.cert = join(base, &tls.cert);
+    tls.key = join(base, &tls.key);
+    if let CaSource::File(p) = &tls.ca {
+        tls.ca = CaSource::File(join(base, p));
     }
 }
 
-/// Fills the defaults that depend on the cluster id and makes every path absolute or
-/// relative to the config file's directory.
-fn resolve_paths(config: &mut Config, base: &Path) {
-    let id = config.cluster.id.to_string();
-    // `components()` drops inner `.` segments: `./clusters/east` → `<base>/clusters/east`.
-    let join = |p: &Path| -> PathBuf {
-        if p.is_absolute() { p.components().collect() } else { base.join(p).components().collect() }
-    };
-    if config.tls.cert.as_os_str().is_empty() {
-        config.tls.cert = PathBuf::from(format!("{id}.crt"));
+/// Fills the file-source directory default (`clusters/<id>`) and resolves the paths.
+fn resolve_discovery(
+    d: &mut DiscoveryConfig,
+    id: &fedgate_discovery::model::ClusterId,
+    base: &Path,
+) {
+    if d.file.dir.as_os_str().is_empty() {
+        d.file.dir = Path::new(DEFAULT_FILE_DIR_PARENT).join(id.as_str());
     }
-    if config.tls.key.as_os_str().is_empty() {
-        config.tls.key = PathBuf::from(format!("{id}.key"));
-    }
-    config.tls.cert = join(&config.tls.cert);
-    config.tls.key = join(&config.tls.key);
-    if let CaSource::File(p) = &config.tls.ca {
-        config.tls.ca = CaSource::File(join(p));
-    }
-    if config.discovery.file.dir.as_os_str().is_empty() {
-        config.discovery.file.dir = Path::new(DEFAULT_FILE_DIR_PARENT).join(&id);
-    }
-    config.discovery.file.dir = join(&config.discovery.file.dir);
-    if let Some(k) = &config.discovery.kube.kubeconfig {
-        config.discovery.kube.kubeconfig = Some(join(k));
-    }
-    if let Some(s) = &config.front.state_dir {
-        config.front.state_dir = Some(join(s));
-    }
+    d.file.dir = join(base, &d.file.dir);
+    d.kube.kubeconfig = d.kube.kubeconfig.take().map(|k| join(base, &k));
 }
 
 #[cfg(test)]

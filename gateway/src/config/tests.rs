@@ -449,6 +449,23 @@ fn certificate_checks() {
 }
 
 #[test]
+fn file_problems_are_reported_beside_other_problems() {
+    let pki = Pki::new();
+    std::fs::remove_file(pki.dir.path().join("east.key")).expect("rm key");
+    let got = pki
+        .load(
+            "cluster:\n  id: east\n  clusterset: demo\npeers: []\ntraffic: { drainDuration: 5x }\n",
+        )
+        .expect_err("two problems");
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got[0].starts_with("east.yaml:1:1: tls.key: cannot read private key east.key: "),
+        "{got:?}"
+    );
+    assert_eq!(got[1], "east.yaml:5:27: traffic.drainDuration: invalid duration \"5x\"");
+}
+
+#[test]
 fn unreadable_config_file_is_an_error_naming_it() {
     let err = load(Path::new("/nonexistent/fedgate.yaml")).expect_err("no file");
     let msg = err.to_string();
