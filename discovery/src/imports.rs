@@ -653,6 +653,50 @@ mod tests {
     }
 
     #[test]
+    fn endpoint_vips_follow_endpoints_and_type_changes() {
+        let mut st = state();
+        let headless = |eps: &[&str]| {
+            PeerUpdate::Exports(set(
+                "west",
+                1,
+                vec![exported("west", "db", 1, ServiceType::Headless, eps)],
+            ))
+        };
+        st.apply_peer(headless(&["10.1.0.1", "10.1.0.2"]));
+        let first = st.snapshot().endpoint_vips;
+        let vip_of = |vips: &BTreeMap<IpAddr, EndpointVip>, ep: &str| {
+            let ep: IpAddr = ep.parse().unwrap();
+            vips.iter().find(|(_, v)| v.endpoint == ep).map(|(ip, _)| *ip)
+        };
+        let kept = vip_of(&first, "10.1.0.2").unwrap();
+        // one endpoint goes, one comes: the survivor keeps its vip, the gone one is released
+        st.apply_peer(headless(&["10.1.0.2", "10.1.0.3"]));
+        let second = st.snapshot().endpoint_vips;
+        assert_eq!(second.len(), 2);
+        assert_eq!(vip_of(&second, "10.1.0.2"), Some(kept));
+        assert_eq!(vip_of(&second, "10.1.0.1"), None);
+        assert_eq!(st.allocator().len(), 2);
+        // the local cluster's own endpoints of the same headless service get no vip
+        st.set_exports(set(
+            "east",
+            1,
+            vec![exported("east", "db", 2, ServiceType::Headless, &["10.0.0.9"])],
+        ));
+        assert_eq!(st.snapshot().endpoint_vips.len(), 2);
+        // the service turns ClusterSetIP: the vips go, a clusterset ip comes
+        st.set_exports(set("east", 2, vec![]));
+        st.apply_peer(PeerUpdate::Exports(set(
+            "west",
+            2,
+            vec![exported("west", "db", 1, ServiceType::ClusterSetIP, &["10.1.0.2"])],
+        )));
+        let third = st.snapshot();
+        assert!(third.endpoint_vips.is_empty());
+        assert_eq!(third.services[&key("db")].ips.len(), 1);
+        assert_eq!(st.allocator().len(), 1);
+    }
+
+    #[test]
     fn ignores_peers_claiming_the_local_id() {
         let mut st = state();
         let changed = st.apply_peer(PeerUpdate::Exports(set(
