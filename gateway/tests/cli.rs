@@ -139,7 +139,7 @@ fn certs_then_analyze_then_run() {
     let bad = east_dir.join("bad.yaml");
     std::fs::write(
         &bad,
-        "cluster: { id: east }\npeers:\n  - { id: east, address: x }\ntraffic:\n  drainDuration: 5x\n",
+        "cluster: { id: east, clusterset: demo }\npeers:\n  - { id: east, address: x }\ntraffic:\n  drainDuration: 5x\n",
     )
     .expect("write");
 
