@@ -5,15 +5,16 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fedgate_discovery::model::{ClusterState, ImportSnapshot};
 use hickory_proto::op::ResponseCode;
 use hickory_server::Server;
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
-use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::net::TcpListener;
+use tokio::runtime::Handle;
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::error::DnsError;
 use crate::forward::Forwarder;
@@ -30,6 +31,8 @@ use crate::zone::ZoneWriter;
 const UDP_RECV_BUFFER: usize = 4 << 20;
 /// Responses queued per TCP connection inside hickory.
 const TCP_RESPONSE_BUFFER: usize = 32;
+/// How often a blocked UDP receive loop wakes up to check for shutdown.
+const UDP_POLL: Duration = Duration::from_millis(100);
 /// Attempts to find a port free for both UDP and TCP when asked for port 0.
 const BIND_ATTEMPTS: usize = 16;
 
@@ -154,34 +157,40 @@ impl DnsServer {
     /// Serves until `shutdown` resolves, then stops taking queries and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DnsError> {
         let address = self.address;
-        let udp = UdpSocket::from_std(self.udp).map_err(|source| DnsError::Socket {
-            proto: "udp",
-            addr: address,
-            source,
-        })?;
-        let udp = Arc::new(udp);
-        let tcp = TcpListener::from_std(self.tcp).map_err(|source| DnsError::Socket {
-            proto: "tcp",
-            addr: address,
-            source,
-        })?;
-
+        let socket_err = |proto, source| DnsError::Socket { proto, addr: address, source };
+        let tcp = TcpListener::from_std(self.tcp).map_err(|e| socket_err("tcp", e))?;
         let mut server = Server::new(TcpHandler(self.handler.clone()));
         server.register_listener(tcp, self.settings.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
 
-        let mut tasks = JoinSet::new();
-        let permits = Arc::new(Semaphore::new(self.settings.max_inflight.max(1)));
-        let fast = FastPathMetrics::new();
-        for _ in 0..self.settings.udp_workers.max(1) {
-            tasks.spawn(udp_worker(
-                udp.clone(),
-                self.table.clone(),
-                self.handler.clone(),
-                permits.clone(),
-                fast.clone(),
-            ));
+        // UDP receive loops are OS threads doing blocking I/O: for the fast path that is much
+        // cheaper per datagram than async readiness; slow-path work goes to the runtime.
+        self.udp.set_nonblocking(false).map_err(|e| socket_err("udp", e))?;
+        self.udp.set_read_timeout(Some(UDP_POLL)).map_err(|e| socket_err("udp", e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<io::Result<()>>();
+        let worker = UdpWorker {
+            socket: Arc::new(self.udp),
+            table: self.table.clone(),
+            handler: self.handler.clone(),
+            permits: Arc::new(Semaphore::new(self.settings.max_inflight.max(1))),
+            fast: FastPathMetrics::new(),
+            runtime: Handle::current(),
+            stop: stop.clone(),
+        };
+        let workers = self.settings.udp_workers.max(1);
+        for i in 0..workers {
+            let worker = worker.clone();
+            let exit_tx = exit_tx.clone();
+            std::thread::Builder::new()
+                .name(format!("fedgate-dns-udp-{i}"))
+                .spawn(move || {
+                    let _ = exit_tx.send(worker.serve());
+                })
+                .map_err(|e| socket_err("udp", e))?;
         }
-        tasks.spawn(update_zones(
+        drop(exit_tx);
+
+        let updater = tokio::spawn(update_zones(
             self.writer,
             self.table.clone(),
             self.imports_rx,
@@ -190,16 +199,20 @@ impl DnsServer {
 
         let result = tokio::select! {
             () = shutdown => Ok(()),
-            Some(done) = tasks.join_next() => match done {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(source)) => Err(DnsError::Socket { proto: "udp", addr: address, source }),
-                Err(e) => Err(DnsError::Socket { proto: "udp", addr: address, source: io::Error::other(e) }),
+            Some(exit) = exit_rx.recv() => match exit {
+                Ok(()) => Ok(()),
+                Err(source) => Err(socket_err("udp", source)),
             },
         };
-        tasks.abort_all();
+        stop.store(true, Ordering::Relaxed);
+        updater.abort();
         if let Err(error) = server.shutdown_gracefully().await {
             tracing::debug!(%error, "dns tcp server stopped with an error");
         }
+        // The loops notice `stop` within one poll interval.
+        let _ =
+            tokio::time::timeout(UDP_POLL * 4, async { while exit_rx.recv().await.is_some() {} })
+                .await;
         tracing::info!(%address, "dns server stopped");
         result
     }
@@ -257,58 +270,68 @@ fn is_transient(e: &io::Error) -> bool {
         .is_some_and(|c| c == 113 /* EHOSTUNREACH */ || c == 90 /* EMSGSIZE */)
 }
 
-/// One UDP receive loop: fast path inline, everything else on a task of its own.
-async fn udp_worker(
-    socket: Arc<UdpSocket>,
+/// What a UDP receive thread needs.
+#[derive(Clone)]
+struct UdpWorker {
+    socket: Arc<std::net::UdpSocket>,
     table: Arc<Table>,
     handler: Arc<Handler>,
     permits: Arc<Semaphore>,
     fast: FastPathMetrics,
-) -> io::Result<()> {
-    let mut buf = vec![0u8; 65_535];
-    let mut key = Vec::with_capacity(256);
-    let mut out = Vec::with_capacity(usize::from(wire::EDNS_PAYLOAD));
-    loop {
-        let (n, src) = match socket.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) if is_transient(&e) => continue,
-            Err(e) => return Err(e),
-        };
-        if src.port() == 0 {
-            continue;
-        }
-        let started = Instant::now();
-        let pkt = &buf[..n];
-        if let Some(q) = wire::parse_query(pkt, &mut key) {
-            let hit = table.with(&key, |entry| {
-                let entry = entry?;
-                let template = match entry.answers.iter().find(|(t, _)| *t == q.qtype) {
-                    Some((_, t)) => t.as_ref(),
-                    None if wire::is_data_type(q.qtype) => entry.nodata.as_deref()?,
-                    None => return None,
-                };
-                wire::assemble(template, pkt, &q, &mut out).then_some(entry.zone)
-            });
-            if let Some(zone) = hit {
-                if let Err(error) = socket.send_to(&out, src).await {
-                    tracing::debug!(%src, %error, "dns udp send failed");
-                }
-                fast.record(
-                    if zone == Zone::ClusterSet { 0 } else { 1 },
-                    q.qtype,
-                    started.elapsed(),
-                );
+    runtime: Handle,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpWorker {
+    /// One UDP receive loop: fast path inline, everything else on a runtime task.
+    fn serve(self) -> io::Result<()> {
+        let mut buf = vec![0u8; 65_535];
+        let mut key = Vec::with_capacity(256);
+        let mut out = Vec::with_capacity(usize::from(wire::EDNS_PAYLOAD));
+        while !self.stop.load(Ordering::Relaxed) {
+            let (n, src) = match self.socket.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut || is_transient(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            if src.port() == 0 {
                 continue;
             }
+            let started = Instant::now();
+            let pkt = &buf[..n];
+            if let Some(q) = wire::parse_query(pkt, &mut key) {
+                let hit = self.table.with(&key, |entry| {
+                    let entry = entry?;
+                    let template = match entry.answers.iter().find(|(t, _)| *t == q.qtype) {
+                        Some((_, t)) => t.as_ref(),
+                        None if wire::is_data_type(q.qtype) => entry.nodata.as_deref()?,
+                        None => return None,
+                    };
+                    wire::assemble(template, pkt, &q, &mut out).then_some(entry.zone)
+                });
+                if let Some(zone) = hit {
+                    if let Err(error) = self.socket.send_to(&out, src) {
+                        tracing::debug!(%src, %error, "dns udp send failed");
+                    }
+                    let zone = if zone == Zone::ClusterSet { 0 } else { 1 };
+                    self.fast.record(zone, q.qtype, started.elapsed());
+                    continue;
+                }
+            }
+            self.slow(pkt, src, started);
         }
-        match permits.clone().try_acquire_owned() {
+        Ok(())
+    }
+
+    fn slow(&self, pkt: &[u8], src: SocketAddr, started: Instant) {
+        match self.permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 let pkt = pkt.to_vec();
-                let socket = socket.clone();
-                let handler = handler.clone();
-                tokio::spawn(async move {
+                let socket = self.socket.clone();
+                let handler = self.handler.clone();
+                self.runtime.spawn(async move {
                     if let Some(resp) = handler.handle_udp(pkt, src, started).await
-                        && let Err(error) = socket.send_to(&resp, src).await
+                        && let Err(error) = socket.send_to(&resp, src)
                     {
                         tracing::debug!(%src, %error, "dns udp send failed");
                     }
@@ -319,7 +342,7 @@ async fn udp_worker(
                 // Overloaded: answer at once rather than let the query vanish.
                 metrics::overloaded();
                 if let Some(resp) = wire::error_response(pkt, ResponseCode::ServFail) {
-                    let _ = socket.send_to(&resp, src).await;
+                    let _ = self.socket.send_to(&resp, src);
                 }
             }
         }

@@ -1,0 +1,83 @@
+//! A DNS server over a synthetic clusterset, for `bench/dns.sh`: `N` ClusterSetIP services
+//! `svc<i>.ns<i % 100>.svc.clusterset.local` (242.x.y.z). Serves until killed.
+//!
+//! `cargo run --release -p fedgate-dns --example bench_server -- 127.0.0.1:5300 10000`
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use fedgate_discovery::model::{
+    ClusterId, ClusterState, ExportedService, ImportPort, ImportSnapshot, ImportedService,
+    Protocol, ServiceKey, ServicePort, ServiceType, SessionAffinity,
+};
+use fedgate_dns::{DnsServer, DnsSettings, Upstream};
+use tokio::sync::watch;
+
+fn service(i: usize, cluster: &ClusterId) -> ImportedService {
+    let key = ServiceKey::new(format!("ns{}", i % 100), format!("svc{i}"));
+    let port = ServicePort {
+        name: Some("http".into()),
+        protocol: Protocol::Tcp,
+        port: 80,
+        app_protocol: None,
+        target_port: None,
+    };
+    let export = Arc::new(ExportedService {
+        key: key.clone(),
+        cluster: cluster.clone(),
+        service_type: ServiceType::ClusterSetIP,
+        ports: vec![port.clone()],
+        session_affinity: SessionAffinity::None,
+        internal_traffic_policy: None,
+        traffic_distribution: None,
+        ip_families: vec![],
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        created: jiff::Timestamp::UNIX_EPOCH,
+        endpoints: vec![],
+    });
+    let ip = format!("242.{}.{}.{}", 1 + i / 64_000, (i / 250) % 256, i % 250 + 1);
+    ImportedService {
+        key,
+        service_type: ServiceType::ClusterSetIP,
+        ports: vec![ImportPort { port, clusters: BTreeSet::from([cluster.clone()]) }],
+        session_affinity: SessionAffinity::None,
+        internal_traffic_policy: None,
+        traffic_distribution: None,
+        ip_families: vec![],
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        ips: vec![ip.parse().expect("generated ip")],
+        winner: cluster.clone(),
+        clusters: BTreeMap::from([(cluster.clone(), export)]),
+        conflicts: vec![],
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let listen: SocketAddr = args.next().unwrap_or_else(|| "127.0.0.1:5300".into()).parse()?;
+    let count: usize = args.next().unwrap_or_else(|| "10000".into()).parse()?;
+    let cluster = ClusterId::new("east")?;
+    let mut snap = ImportSnapshot { local_cluster: Some(cluster.clone()), ..Default::default() };
+    for i in 0..count {
+        let svc = service(i, &cluster);
+        snap.services.insert(svc.key.clone(), Arc::new(svc));
+    }
+    let (_imports_tx, imports_rx) = watch::channel(Arc::new(snap));
+    let (_cluster_tx, cluster_rx) = watch::channel(Arc::new(ClusterState::default()));
+    let mut settings = DnsSettings::new(listen);
+    settings.upstream = Upstream::Servers(vec![]);
+    let started = std::time::Instant::now();
+    let server = DnsServer::new(settings, imports_rx, cluster_rx)?;
+    println!(
+        "serving {} names on {} (built in {:?})",
+        server.names(),
+        server.address(),
+        started.elapsed()
+    );
+    server.run(std::future::pending()).await?;
+    Ok(())
+}
