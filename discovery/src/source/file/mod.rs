@@ -292,6 +292,28 @@ mod tests {
         start.elapsed()
     }
 
+    /// Writes a probe file until the running source reports it, so that later edits are
+    /// known to happen while the watch is in place (a 60 s rescan cannot be what saw it).
+    async fn wait_until_watching(dir: &Path, state: &mut watch::Receiver<Arc<ClusterState>>) {
+        for attempt in 1..=20 {
+            let probe = svc("probe", &format!("10.255.0.{attempt}"));
+            std::fs::write(dir.join("probe.yaml"), probe).expect("write probe");
+            let seen = tokio::time::timeout(
+                Duration::from_millis(300),
+                state.wait_for(|s| ip_of(s, "probe").is_some()),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+            if seen {
+                std::fs::remove_file(dir.join("probe.yaml")).expect("remove probe");
+                let gone = state.wait_for(|s| ip_of(s, "probe").is_none());
+                tokio::time::timeout(DEADLINE, gone).await.expect("probe removed").expect("alive");
+                return;
+            }
+        }
+        panic!("the file source never reported the probe file");
+    }
+
     #[test]
     fn new_rejects_unusable_directories() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -321,8 +343,7 @@ mod tests {
         let other = Arc::clone(&state.borrow().services[&ServiceKey::new("default", "other")]);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(source.run(shutdown.clone()));
-        // let the watcher start before editing
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_until_watching(tmp.path(), &mut state).await;
 
         // an edit in place
         std::fs::write(&path, svc("web", "10.0.0.2")).expect("write");
