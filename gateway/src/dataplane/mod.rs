@@ -13,6 +13,7 @@ pub mod drain;
 pub mod health;
 pub mod listeners;
 pub mod metrics;
+pub mod peers;
 pub mod proxy;
 pub mod select;
 #[cfg(any(test, feature = "test-util"))]
@@ -447,3 +448,5 @@ impl DataPlane {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tunnel_tests;

@@ -24,7 +24,7 @@ use super::*;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-fn cid(s: &str) -> ClusterId {
+pub(super) fn cid(s: &str) -> ClusterId {
     ClusterId::new(s).unwrap()
 }
 
@@ -33,7 +33,7 @@ fn key() -> ServiceKey {
 }
 
 /// Polls `f` until it is true or [`WAIT`] passed.
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+pub(super) async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !f() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
@@ -42,7 +42,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 /// A random loopback address, so parallel tests never share one.
-fn random_loopback() -> IpAddr {
+pub(super) fn random_loopback() -> IpAddr {
     let mut rng = rand::rng();
     IpAddr::from([
         127,
@@ -53,13 +53,13 @@ fn random_loopback() -> IpAddr {
 }
 
 /// A free port on `ip` (bound with port 0, then released).
-fn free_port(ip: IpAddr) -> u16 {
+pub(super) fn free_port(ip: IpAddr) -> u16 {
     std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
 }
 
 /// An endpoint that reads until EOF, then answers `<name>:<what it read>` and closes; a
 /// request starting with `RST` makes it reset the connection instead.
-async fn echo_server(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
+pub(super) async fn echo_server(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
     let l = listeners::bind_freebind(SocketAddr::new(random_loopback(), 0)).unwrap();
     echo_on(l, name)
 }
@@ -139,7 +139,7 @@ fn locality(region: &str, zone: &str) -> Locality {
 }
 
 /// An import of `shop/web` on `vip:svc_port` with the given clusters' endpoints.
-fn snapshot(
+pub(super) fn snapshot(
     vip: IpAddr,
     svc_port: u16,
     clusters: &[(&str, &[SocketAddr])],
@@ -182,7 +182,7 @@ fn snapshot(
 }
 
 /// The local cluster with `shop/web` (exported) served by `endpoints`.
-fn cluster_state(svc_port: u16, endpoints: &[SocketAddr]) -> ClusterState {
+pub(super) fn cluster_state(svc_port: u16, endpoints: &[SocketAddr]) -> ClusterState {
     let svc = LocalService {
         key: key(),
         kube_type: "ClusterIP".into(),
@@ -208,7 +208,7 @@ fn cluster_state(svc_port: u16, endpoints: &[SocketAddr]) -> ClusterState {
     state
 }
 
-fn settings(cluster: &str, region: &str, zone: &str) -> DataPlaneSettings {
+pub(super) fn settings(cluster: &str, region: &str, zone: &str) -> DataPlaneSettings {
     let mut s = DataPlaneSettings::new(cid(cluster), locality(region, zone));
     s.health.interval = Duration::from_millis(50);
     s.health.timeout = Duration::from_millis(200);
@@ -216,17 +216,17 @@ fn settings(cluster: &str, region: &str, zone: &str) -> DataPlaneSettings {
     s
 }
 
-struct Running {
-    snapshots: watch::Sender<Arc<ImportSnapshot>>,
-    _cluster: watch::Sender<Arc<ClusterState>>,
-    _health: watch::Receiver<Arc<HealthMap>>,
-    drain: Drain,
-    debug: DebugHandle,
-    shutdown: CancellationToken,
-    task: JoinHandle<DrainOutcome>,
+pub(super) struct Running {
+    pub(super) snapshots: watch::Sender<Arc<ImportSnapshot>>,
+    pub(super) _cluster: watch::Sender<Arc<ClusterState>>,
+    pub(super) _health: watch::Receiver<Arc<HealthMap>>,
+    pub(super) drain: Drain,
+    pub(super) debug: DebugHandle,
+    pub(super) shutdown: CancellationToken,
+    pub(super) task: JoinHandle<DrainOutcome>,
 }
 
-fn start(
+pub(super) fn start(
     settings: DataPlaneSettings,
     snap: ImportSnapshot,
     cluster: ClusterState,
@@ -247,7 +247,7 @@ fn start(
 }
 
 /// Connects, sends `msg`, half-closes and reads the whole answer.
-async fn request(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
+pub(super) async fn request(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
     let mut s = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await??;
     s.write_all(msg.as_bytes()).await?;
     s.shutdown().await?;
@@ -257,7 +257,7 @@ async fn request(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
 }
 
 /// Sends `RST` (the echo server resets) and expects the connection to be reset, not closed.
-async fn assert_reset(addr: SocketAddr) {
+pub(super) async fn assert_reset(addr: SocketAddr) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(b"RST").await.unwrap();
     let mut out = Vec::new();
