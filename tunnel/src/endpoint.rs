@@ -427,6 +427,8 @@ impl TunnelEndpoint {
                 withdrawn: false,
                 draining: false,
                 backoff: Backoff::default(),
+                delay: None,
+                up: false,
                 last_logged_error: None,
             };
             tasks.spawn(task.run().instrument(span));
@@ -691,6 +693,10 @@ struct PeerTask {
     withdrawn: bool,
     draining: bool,
     backoff: Backoff,
+    /// Wait this long before the next dial.
+    delay: Option<Duration>,
+    /// Whether the current connection counts as up (published, Reachability sent).
+    up: bool,
     last_logged_error: Option<String>,
 }
 
@@ -759,11 +765,14 @@ impl PeerTask {
             return self.accepted.recv().await;
         }
         loop {
+            if let Some(delay) = self.delay.take() {
+                tokio::time::sleep(delay).await;
+            }
             match self.try_dial().await {
                 Ok(conn) => return Some(conn),
                 Err(e) => {
                     self.note_error(&e);
-                    tokio::time::sleep(self.backoff.fail()).await;
+                    self.delay = Some(self.backoff.fail());
                 }
             }
         }
@@ -818,25 +827,13 @@ impl PeerTask {
     /// connection is returned to be served next).
     async fn serve_connection(&mut self, conn: quinn::Connection) -> Option<quinn::Connection> {
         let peer = self.peer.id.clone();
-        let direction = if self.dial.is_some() { "dial" } else { "accept" };
-        metrics::counter!(PEER_CONNECTIONS_TOTAL, "direction" => direction).increment(1);
-        metrics::gauge!(PEERS_CONNECTED).increment(1.0);
-        tracing::info!(direction, remote = %conn.remote_address(), "peer connected");
-        self.last_logged_error = None;
-        self.shared
-            .connections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(peer.clone(), conn.clone());
-        self.shared.update(&peer, |e| e.status.last_error = None);
-        let _ = self
-            .updates
-            .send(PeerUpdate::Reachability {
-                cluster: peer.clone(),
-                reachable: true,
-                draining: self.draining,
-            })
-            .await;
+        // The acceptor verified the peer's certificate before the handshake completed. The
+        // dialer's handshake completes before the acceptor has checked *our* certificate
+        // (TLS 1.3), so the dialer counts the peer up only with its first update.
+        self.up = false;
+        if self.dial.is_none() {
+            self.mark_up(&conn).await;
+        }
         let streams = tokio::spawn(accept_streams(
             conn.clone(),
             peer.clone(),
@@ -850,6 +847,16 @@ impl PeerTask {
         if replacement.is_some() {
             conn.close(VarInt::from_u32(CLOSE_REPLACED), b"replaced by a new connection");
         }
+        let reason = conn.close_reason();
+        if !self.up {
+            // Refused after the handshake (our certificate), or gone before any update.
+            if let Some(source) = reason {
+                self.note_error(&TunnelError::Handshake { peer, source });
+            }
+            self.delay = Some(self.backoff.fail());
+            return replacement;
+        }
+        self.up = false;
         {
             let mut conns = self.shared.connections.lock().unwrap_or_else(PoisonError::into_inner);
             if conns.get(&peer).is_some_and(|c| c.stable_id() == conn.stable_id()) {
@@ -857,7 +864,7 @@ impl PeerTask {
             }
         }
         metrics::gauge!(PEERS_CONNECTED).decrement(1.0);
-        let reason = conn.close_reason().map(|r| r.to_string());
+        let reason = reason.map(|r| r.to_string());
         tracing::info!(reason = reason.as_deref().unwrap_or("replaced"), "peer disconnected");
         self.shared.update(&peer, |e| {
             e.status.draining = false;
@@ -872,8 +879,39 @@ impl PeerTask {
             .await;
         if started.elapsed() >= BACKOFF_MAX {
             self.backoff.reset();
+        } else {
+            // A connection that keeps dying young is retried with backoff, not in a loop.
+            self.delay = Some(self.backoff.fail());
         }
         replacement
+    }
+
+    /// The connection works: publish it for data streams and tell the import set.
+    async fn mark_up(&mut self, conn: &quinn::Connection) {
+        if self.up {
+            return;
+        }
+        self.up = true;
+        let peer = self.peer.id.clone();
+        let direction = if self.dial.is_some() { "dial" } else { "accept" };
+        metrics::counter!(PEER_CONNECTIONS_TOTAL, "direction" => direction).increment(1);
+        metrics::gauge!(PEERS_CONNECTED).increment(1.0);
+        tracing::info!(direction, remote = %conn.remote_address(), "peer connected");
+        self.last_logged_error = None;
+        self.shared
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(peer.clone(), conn.clone());
+        self.shared.update(&peer, |e| e.status.last_error = None);
+        let _ = self
+            .updates
+            .send(PeerUpdate::Reachability {
+                cluster: peer,
+                reachable: true,
+                draining: self.draining,
+            })
+            .await;
     }
 
     /// Runs the watch of the peer's exports on `conn`, re-watching (full resync) after a
@@ -911,6 +949,7 @@ impl PeerTask {
                         Step::LeaseExpired => self.expire_lease().await,
                         Step::Event(Some(Ok(ev))) => {
                             retry.reset();
+                            self.mark_up(conn).await;
                             self.on_event(ev).await;
                         }
                         Step::Event(Some(Err(e))) => {
@@ -966,12 +1005,12 @@ impl PeerTask {
                 let _ = self.updates.send(PeerUpdate::Exports(set)).await;
             }
             PeerEvent::Heartbeat { .. } => {
-                if self.withdrawn {
-                    if let Some(set) = self.exports.clone() {
-                        tracing::info!("peer heard from again; restoring its exports");
-                        self.withdrawn = false;
-                        let _ = self.updates.send(PeerUpdate::Exports(set)).await;
-                    }
+                if self.withdrawn
+                    && let Some(set) = self.exports.clone()
+                {
+                    tracing::info!("peer heard from again; restoring its exports");
+                    self.withdrawn = false;
+                    let _ = self.updates.send(PeerUpdate::Exports(set)).await;
                 }
             }
         }
