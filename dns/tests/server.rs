@@ -897,3 +897,63 @@ async fn metrics_count_queries_by_zone_type_and_rcode() {
     assert_eq!(get("fedgate_dns_forwarded_total{result=ok}"), 1, "{counters:#?}");
     assert!(histograms >= 6, "latency samples: {histograms}");
 }
+
+// ---------------------------------------------------------------- load
+
+/// Concurrent bursts of fast-path, slow-path and forwarded queries: every one is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_query_is_answered_under_concurrent_load() {
+    let up = start_upstream().await;
+    let s = start(vec![up.addr], Duration::from_secs(2)).await;
+    const CLIENTS: usize = 8;
+    const ROUNDS: usize = 20;
+    const BURST: usize = 25;
+    let names = [
+        "web.shop.svc.clusterset.local.",
+        "nope.shop.svc.clusterset.local.",
+        "api.shop.svc.cluster.local.",
+        "www.example.test.",
+        "db.shop.svc.clusterset.local.",
+    ];
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let addr = s.addr;
+            tokio::spawn(async move {
+                let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+                let mut buf = vec![0u8; 4096];
+                let mut answered = 0usize;
+                for round in 0..ROUNDS {
+                    let mut ids = BTreeSet::new();
+                    for i in 0..BURST {
+                        let mut msg = request(names[(c + i) % names.len()], RecordType::A, None);
+                        msg.metadata.id = (round * BURST + i) as u16;
+                        ids.insert(msg.metadata.id);
+                        socket.send_to(&msg.to_vec().expect("encode"), addr).await.expect("send");
+                    }
+                    while !ids.is_empty() {
+                        let n = tokio::time::timeout(WAIT, socket.recv(&mut buf))
+                            .await
+                            .unwrap_or_else(|_| {
+                                panic!("client {c} round {round}: {} unanswered", ids.len())
+                            })
+                            .expect("recv");
+                        let resp = Message::from_vec(&buf[..n]).expect("parses");
+                        assert!(resp.metadata.response_code != ResponseCode::ServFail, "{resp:?}");
+                        if ids.remove(&resp.metadata.id) {
+                            answered += 1;
+                        }
+                    }
+                }
+                answered
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for c in clients {
+        total += c.await.expect("client");
+    }
+    assert_eq!(total, CLIENTS * ROUNDS * BURST);
+    eprintln!("{total} queries answered in {:?}", started.elapsed());
+    s.stop().await;
+}
