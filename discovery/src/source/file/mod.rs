@@ -148,7 +148,7 @@ impl FileSource {
     async fn serve(self, shutdown: CancellationToken) {
         let FileSource { mut loader, state, problems, rescan_interval, debounce } = self;
         let (tx, mut events) = mpsc::unbounded_channel();
-        let _watcher = start_watcher(loader.dir(), tx);
+        let mut watcher = start_watcher(loader.dir(), tx.clone());
         let mut tick = tokio::time::interval_at(Instant::now() + rescan_interval, rescan_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_error: Option<String> = None;
@@ -186,6 +186,9 @@ impl FileSource {
                 Ok(()) => {
                     if last_error.take().is_some() {
                         tracing::info!("cluster directory is readable again");
+                        // a removed and re-created directory needs a new watch
+                        drop(watcher.take());
+                        watcher = start_watcher(loader.dir(), tx.clone());
                     }
                     publish(&state, loader.state());
                     publish(&problems, loader.problems());
@@ -393,6 +396,30 @@ mod tests {
         let task = tokio::spawn(source.run(shutdown.clone()));
         wait_for(&mut state, |s| ip_of(s, "a").is_some()).await;
         drop(shutdown.drop_guard());
+        tokio::time::timeout(DEADLINE, task).await.expect("run stops").expect("no panic");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vanished_directory_keeps_the_last_state_and_recovers() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("cluster");
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::write(dir.join("a.yaml"), svc("a", "10.0.0.1")).expect("write");
+        let source = FileSource::new(&dir)
+            .expect("source")
+            .with_timing(Duration::from_millis(200), DEFAULT_DEBOUNCE);
+        let mut state = source.subscribe();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(source.run(shutdown.clone()));
+
+        std::fs::remove_dir_all(&dir).expect("rm -r");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(ip_of(&state.borrow(), "a"), Some(ip("10.0.0.1")), "kept while missing");
+
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::write(dir.join("a.yaml"), svc("a", "10.0.0.2")).expect("write");
+        wait_for(&mut state, |s| ip_of(s, "a") == Some(ip("10.0.0.2"))).await;
+        shutdown.cancel();
         tokio::time::timeout(DEADLINE, task).await.expect("run stops").expect("no panic");
     }
 
