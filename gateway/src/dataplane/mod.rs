@@ -330,9 +330,21 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    /// Builds the data plane and binds the listeners of the current snapshot. Returns the
-    /// receiver of local endpoint health (it travels to peers with the exports).
+    /// Builds the data plane and binds the listeners of the current snapshot. `peers` is the
+    /// QUIC tunnel's handle (`None`: no peers, local endpoints only). Returns the receiver of
+    /// local endpoint health (it travels to peers with the exports). Call inside a runtime.
     pub fn new(
+        settings: DataPlaneSettings,
+        snapshot: watch::Receiver<Arc<ImportSnapshot>>,
+        cluster: watch::Receiver<Arc<ClusterState>>,
+        peers: Option<fedgate_tunnel::PeerHandle>,
+    ) -> Result<(Self, watch::Receiver<Arc<HealthMap>>), DataPlaneError> {
+        let tunnel = peers.map(|p| peers::PeerTunnel::new(p) as Arc<dyn Tunnel>);
+        Self::with_tunnel(settings, snapshot, cluster, tunnel)
+    }
+
+    /// Like [`new`](Self::new) over any [`Tunnel`] (tests use an in-memory one).
+    pub fn with_tunnel(
         settings: DataPlaneSettings,
         snapshot: watch::Receiver<Arc<ImportSnapshot>>,
         cluster: watch::Receiver<Arc<ClusterState>>,
@@ -378,8 +390,14 @@ impl DataPlane {
         Ok(Self { shared, health, listeners, incoming: None })
     }
 
-    /// Serves tunnel streams peers open to this gateway (from the tunnel endpoint).
-    pub fn serve_tunnel(&mut self, incoming: mpsc::Receiver<Incoming>) {
+    /// Serves the data streams peers open to this gateway: the receiver whose sender was
+    /// given to `TunnelEndpoint::new` as `incoming_tunnel`.
+    pub fn serve_tunnel(&mut self, incoming: mpsc::Receiver<fedgate_tunnel::IncomingStream>) {
+        self.incoming = Some(peers::forward_incoming(incoming));
+    }
+
+    /// Like [`serve_tunnel`](Self::serve_tunnel) for streams of any [`Tunnel`].
+    pub fn serve_incoming(&mut self, incoming: mpsc::Receiver<Incoming>) {
         self.incoming = Some(incoming);
     }
 

@@ -28,7 +28,7 @@ pub(super) fn cid(s: &str) -> ClusterId {
     ClusterId::new(s).unwrap()
 }
 
-fn key() -> ServiceKey {
+pub(super) fn key() -> ServiceKey {
     ServiceKey::new("shop", "web")
 }
 
@@ -235,9 +235,9 @@ pub(super) fn start(
 ) -> Running {
     let (snapshots, snap_rx) = watch::channel(Arc::new(snap));
     let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster));
-    let (mut dp, health) = DataPlane::new(settings, snap_rx, cluster_rx, tunnel).unwrap();
+    let (mut dp, health) = DataPlane::with_tunnel(settings, snap_rx, cluster_rx, tunnel).unwrap();
     if let Some(rx) = incoming {
-        dp.serve_tunnel(rx);
+        dp.serve_incoming(rx);
     }
     let drain = dp.drain_handle();
     let debug = dp.debug_handle();

@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedgate_discovery::model::{ClusterState, ExportSet, ImportSnapshot, PeerUpdate};
+use fedgate_discovery::model::{ClusterState, ExportSet, Health, ImportSnapshot, PeerUpdate};
 use fedgate_tunnel::testing::TestPki;
 use fedgate_tunnel::{IncomingStream, PeerConfig, PeerHandle, TunnelEndpoint, TunnelSettings};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::peers::{PeerTunnel, forward_incoming};
+use super::peers::PeerTunnel;
 use super::tests::{
     assert_reset, cid, cluster_state, echo_server, eventually, free_port, random_loopback, request,
     settings, snapshot, start,
@@ -76,13 +76,24 @@ async fn proxies_between_two_gateways_over_the_mutual_tls_tunnel() {
     let (w, _sw) = echo_server("w").await;
     let vip = random_loopback();
     let p = free_port(vip);
-    let west = start(
+    // west through the public shape the composition root uses.
+    let (_west_snap, west_snap_rx) = watch::channel(Arc::new(ImportSnapshot::default()));
+    let (_west_cluster, west_cluster_rx) = watch::channel(Arc::new(cluster_state(p, &[w])));
+    let (mut west_dp, west_health) = DataPlane::new(
         settings("west", "eu", "eu-a"),
-        ImportSnapshot::default(),
-        cluster_state(p, &[w]),
-        Some(PeerTunnel::new(west_gw.handle.clone())),
-        Some(forward_incoming(west_gw.incoming)),
-    );
+        west_snap_rx,
+        west_cluster_rx,
+        Some(west_gw.handle.clone()),
+    )
+    .unwrap();
+    west_dp.serve_tunnel(west_gw.incoming);
+    let west_drain = west_dp.drain_handle();
+    let west_stop = CancellationToken::new();
+    let west_task = tokio::spawn(west_dp.run(west_stop.clone()));
+    eventually("west probes its endpoint", || {
+        west_health.borrow().get(&(super::tests::key(), w.ip())) == Some(&Health::Healthy)
+    })
+    .await;
     let east = start(
         settings("east", "us", "us-a"),
         snapshot(vip, p, &[("west", &[w])], &[]),
@@ -99,15 +110,15 @@ async fn proxies_between_two_gateways_over_the_mutual_tls_tunnel() {
     assert_reset(target).await;
 
     // west drains: it refuses new streams, and tells east.
-    west.drain.start();
+    west_drain.start();
     let r = request(target, "late").await;
     assert!(r.map(|s| s.is_empty()).unwrap_or(true), "a draining acceptor must not serve");
-    let outcome = west.drain.wait(Duration::from_secs(5)).await;
+    let outcome = west_drain.wait(Duration::from_secs(5)).await;
     assert!(matches!(outcome, DrainOutcome::Drained { .. }), "{outcome:?}");
 
-    for dp in [east, west] {
-        dp.shutdown.cancel();
-        dp.task.await.unwrap();
-    }
+    east.shutdown.cancel();
+    east.task.await.unwrap();
+    west_stop.cancel();
+    west_task.await.unwrap();
     stop.cancel();
 }
