@@ -1035,3 +1035,113 @@ impl PeerTask {
         });
     }
 }
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+    use crate::testing::TestPki;
+
+    fn id(s: &str) -> ClusterId {
+        ClusterId::new(s).expect("valid id")
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_resets() {
+        let mut b = Backoff::default();
+        let got: Vec<u64> = (0..8).map(|_| b.fail().as_millis() as u64).collect();
+        assert_eq!(got, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.fail(), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn settings_are_validated() {
+        let base =
+            TunnelSettings::new("127.0.0.1:0".parse().expect("addr"), "demo", id("east"), vec![]);
+        let peer = |p: &str| PeerConfig { id: id(p), address: "127.0.0.1:1".into() };
+        type Change = fn(&mut TunnelSettings);
+        let cases: Vec<(&str, Change, Option<&str>)> = vec![
+            ("defaults", |_| {}, None),
+            (
+                "self as peer",
+                |s| s.peers = vec![PeerConfig { id: id("east"), address: "x:1".into() }],
+                Some("own cluster id"),
+            ),
+            (
+                "peer twice",
+                |s| {
+                    let p = PeerConfig { id: id("west"), address: "x:1".into() };
+                    s.peers = vec![p.clone(), p];
+                },
+                Some("listed twice"),
+            ),
+            (
+                "lease too short",
+                |s| s.peer_lease_duration = Duration::from_millis(10),
+                Some("too short"),
+            ),
+        ];
+        for (name, change, want) in cases {
+            let mut s = base.clone();
+            s.peers.push(peer("zeta"));
+            change(&mut s);
+            match (validate(&s), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(w)) => assert!(e.to_string().contains(w), "{name}: {e}"),
+                (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+        }
+        assert_eq!(base.heartbeat_interval(), Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn port_in_use_fails_at_new() {
+        let pki = TestPki::new("demo");
+        let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let settings = TunnelSettings::new(addr, "demo", id("east"), vec![]);
+        let (_tx, rx) = watch::channel(Arc::new(
+            fedgate_discovery::exchange::delta::testing::export_set("east", 1, 0),
+        ));
+        let (utx, _urx) = mpsc::channel(1);
+        let (itx, _irx) = mpsc::channel(1);
+        let err = TunnelEndpoint::new(
+            settings.clone(),
+            pki.issue("east"),
+            rx.clone(),
+            utx.clone(),
+            itx.clone(),
+        )
+        .err()
+        .expect("port is taken");
+        assert!(matches!(err, TunnelError::Bind(a, _) if a == addr), "{err}");
+        // And a certificate for another cluster is refused before binding anything.
+        let mut settings = settings;
+        settings.listen = "127.0.0.1:0".parse().expect("addr");
+        let err = TunnelEndpoint::new(settings, pki.issue("west"), rx, utx, itx)
+            .err()
+            .expect("wrong identity");
+        assert_eq!(err.reason(), "tls", "{err}");
+    }
+
+    #[test]
+    fn identity_loads_from_pem_files_with_clear_errors() {
+        let pki = TestPki::new("demo");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key, ca) = pki.write_pem(dir.path(), "east").expect("write pem");
+        let identity = Identity::from_pem_files(&cert, &key, &ca).expect("loads");
+        assert_eq!(identity.cert_chain.len(), 1);
+        assert_eq!(identity.ca, vec![pki.ca_cert()]);
+        crate::tls::check_own_identity(&identity, "demo", &id("east")).expect("names east");
+
+        let missing = dir.path().join("missing.crt");
+        let err = Identity::from_pem_files(&missing, &key, &ca).expect_err("missing cert");
+        assert!(err.to_string().contains("missing.crt"), "{err}");
+        let err = Identity::from_pem_files(&cert, &cert, &ca).expect_err("cert is no key");
+        assert!(err.to_string().contains("private key"), "{err}");
+        let empty = dir.path().join("empty.crt");
+        std::fs::write(&empty, "").expect("write");
+        let err = Identity::from_pem_files(&cert, &key, &empty).expect_err("empty ca");
+        assert!(err.to_string().contains("holds no certificate"), "{err}");
+    }
+}
