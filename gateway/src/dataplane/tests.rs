@@ -725,3 +725,33 @@ async fn proxies_through_a_real_quic_stream_with_half_close_and_reset() {
     }
     accept.abort();
 }
+
+#[tokio::test]
+async fn listeners_follow_snapshots_incrementally() {
+    let (a, _sa) = echo_server("a").await;
+    let vip = random_loopback();
+    let (p1, p2) = (free_port(vip), free_port(vip));
+    let mut empty = snapshot(vip, p1, &[], &[]);
+    empty.services.clear();
+    let dp = start(settings("east", "us", "us-a"), empty, cluster_state(p1, &[a]), None, None);
+    assert!(dp.debug.listeners().bound.is_empty());
+    // The import appears: its ClusterSetIP port is bound.
+    dp.snapshots.send_replace(Arc::new(snapshot(vip, p1, &[("east", &[a])], &[])));
+    eventually("listener bound", || dp.debug.listeners().bound == vec![SocketAddr::new(vip, p1)])
+        .await;
+    assert_eq!(request(SocketAddr::new(vip, p1), "1").await.unwrap(), "a:1");
+    // An unrelated change (same service Arc) keeps the listener as it is.
+    let current = dp.snapshots.borrow().clone();
+    let mut next = (*current).clone();
+    next.version += 1;
+    next.unreachable.insert(cid("west"));
+    dp.snapshots.send_replace(Arc::new(next));
+    // The service's port changes: the old one closes, the new one opens.
+    dp.snapshots.send_replace(Arc::new(snapshot(vip, p2, &[("east", &[a])], &[])));
+    eventually("listener moved", || dp.debug.listeners().bound == vec![SocketAddr::new(vip, p2)])
+        .await;
+    assert_eq!(request(SocketAddr::new(vip, p2), "2").await.unwrap(), "a:2");
+    assert!(TcpStream::connect(SocketAddr::new(vip, p1)).await.is_err());
+    dp.shutdown.cancel();
+    dp.task.await.unwrap();
+}
