@@ -19,6 +19,10 @@ use super::metrics::{self, ConnectionGuard};
 use super::proxy::{self, BoxRecv, BoxSend, RESET_CODE_REFUSED};
 use super::{CANDIDATES_PER_TIER, Outstanding, Shared, Tunnel, select};
 
+/// Extra time a remote attempt gets over a local one: the stream round trip on top of the
+/// acceptor's own connect attempt.
+const REMOTE_ALLOWANCE: Duration = Duration::from_millis(500);
+
 /// Why a client connection could not be connected anywhere.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -208,6 +212,9 @@ pub(crate) async fn connect(
                 source_cluster: Some(shared.settings.cluster.clone()),
                 trace_id: None,
             };
+            // The acceptor spends up to one attempt connecting the target; leave it room
+            // to answer NO_HEALTHY_ENDPOINT so the failure is blamed on the right endpoint.
+            let timeout = (deadline - now).min(timeout + REMOTE_ALLOWANCE);
             match tokio::time::timeout(timeout, open_remote(tunnel.as_ref(), &v.cluster, &request))
                 .await
             {

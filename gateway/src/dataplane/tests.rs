@@ -309,6 +309,11 @@ async fn probes_fail_on_closed_port_and_recover() {
     let stop = CancellationToken::new();
     let task = tokio::spawn(checker.run(stop.clone()));
     eventually("healthy", || health_of(&health, addr.ip()) == Some(Health::Healthy)).await;
+    // Published on change only: steady probes publish nothing new.
+    let mut quiet = health.clone();
+    quiet.borrow_and_update();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!quiet.has_changed().unwrap(), "health republished without a change");
     server.abort();
     let _ = server.await;
     eventually("unhealthy after the port closed", || {
