@@ -11,7 +11,7 @@ use fedgate_discovery::model::{
     ClusterId, ClusterState, ExportedService, ImportPort, ImportSnapshot, ImportedService,
     Protocol, ServiceKey, ServicePort, ServiceType, SessionAffinity,
 };
-use fedgate_dns::{DnsServer, DnsSettings, Upstream};
+use fedgate_dns::{DnsServer, DnsSettings};
 use tokio::sync::watch;
 
 fn service(i: usize, cluster: &ClusterId) -> ImportedService {
@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
     let (_imports_tx, imports_rx) = watch::channel(Arc::new(snap));
     let (_cluster_tx, cluster_rx) = watch::channel(Arc::new(ClusterState::default()));
     let mut settings = DnsSettings::new(listen);
-    settings.upstream = Upstream::Servers(vec![]);
+    settings.upstream = vec![];
     let started = std::time::Instant::now();
     let server = DnsServer::new(settings, imports_rx, cluster_rx)?;
     println!(

@@ -26,13 +26,14 @@ pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Path of the system resolver configuration read for [`Upstream::System`].
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
-/// Where names outside our zones are forwarded.
+/// One entry of the upstream list: where names outside our zones are forwarded. Mirrors
+/// `dns.upstream` of the config (`system`, or an address).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Upstream {
     /// The `nameserver` lines of `/etc/resolv.conf`, port 53.
     System,
-    /// These servers, tried in order.
-    Servers(Vec<SocketAddr>),
+    /// This server.
+    Address(SocketAddr),
 }
 
 /// Settings of the DNS server.
@@ -40,8 +41,8 @@ pub enum Upstream {
 pub struct DnsSettings {
     /// UDP and TCP address to serve on (port 0 picks one, the same for both).
     pub listen: SocketAddr,
-    /// Where other names go.
-    pub upstream: Upstream,
+    /// Where other names go, tried in order (`System` expands in place).
+    pub upstream: Vec<Upstream>,
     /// TTL of our records and of negative answers.
     pub ttl: Duration,
     /// `traffic.failoverPriority`: ordered label keys, or `key=value` literals.
@@ -66,7 +67,7 @@ impl DnsSettings {
     pub fn new(listen: SocketAddr) -> Self {
         Self {
             listen,
-            upstream: Upstream::System,
+            upstream: vec![Upstream::System],
             ttl: DEFAULT_TTL,
             failover_priority: default_failover_priority(),
             local_labels: BTreeMap::new(),
@@ -89,21 +90,36 @@ pub fn default_failover_priority() -> Vec<String> {
     vec![LABEL_REGION.to_owned(), LABEL_SOURCE_CLUSTER.to_owned(), LABEL_ZONE.to_owned()]
 }
 
-/// The upstream servers to use, `System` resolved from resolv.conf text. Addresses equal to
-/// our own listen address are dropped (forwarding to ourselves would loop).
+/// The upstream servers to use, `System` expanded from resolv.conf text (read at most once).
+/// Duplicates and addresses equal to our own listen address are dropped (forwarding to
+/// ourselves would loop).
 pub fn resolve_upstreams(
-    upstream: &Upstream,
+    upstream: &[Upstream],
     resolv_conf: impl FnOnce() -> std::io::Result<String>,
     own: SocketAddr,
 ) -> Result<Vec<SocketAddr>, DnsError> {
-    let servers = match upstream {
-        Upstream::Servers(list) => list.clone(),
-        Upstream::System => {
-            let text = resolv_conf().map_err(|e| DnsError::ResolvConf(RESOLV_CONF.into(), e))?;
-            parse_resolv_conf(&text)
+    let mut system = None;
+    let mut resolv_conf = Some(resolv_conf);
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for entry in upstream {
+        let servers = match entry {
+            Upstream::Address(addr) => vec![*addr],
+            Upstream::System => {
+                if system.is_none() {
+                    let read = resolv_conf.take().map_or_else(|| Ok(String::new()), |f| f());
+                    let text = read.map_err(|e| DnsError::ResolvConf(RESOLV_CONF.into(), e))?;
+                    system = Some(parse_resolv_conf(&text));
+                }
+                system.clone().unwrap_or_default()
+            }
+        };
+        for server in servers {
+            if server != own && !out.contains(&server) {
+                out.push(server);
+            }
         }
-    };
-    Ok(servers.into_iter().filter(|s| *s != own).collect())
+    }
+    Ok(out)
 }
 
 /// The `nameserver` addresses of a resolv.conf, port 53. Unparseable lines are skipped (the
@@ -145,17 +161,27 @@ mod tests {
     }
 
     #[test]
-    fn own_address_is_not_an_upstream() {
+    fn upstream_lists() {
         let own: SocketAddr = "127.0.0.1:53".parse().expect("addr");
-        let got = resolve_upstreams(
-            &Upstream::System,
-            || Ok("nameserver 127.0.0.1\nnameserver 127.0.0.2\n".into()),
+        let conf = || Ok("nameserver 127.0.0.1\nnameserver 127.0.0.2\n".to_owned());
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let got = resolve_upstreams(&[Upstream::System], conf, own).expect("parse");
+        assert_eq!(got, vec![a("127.0.0.2:53")], "own address dropped");
+        let list = [
+            Upstream::Address(a("10.0.0.1:5353")),
+            Upstream::System,
+            Upstream::Address(a("127.0.0.2:53")),
+            Upstream::System,
+        ];
+        let got = resolve_upstreams(&list, conf, own).expect("parse");
+        assert_eq!(got, vec![a("10.0.0.1:5353"), a("127.0.0.2:53")], "in order, no duplicates");
+        let got = resolve_upstreams(&[Upstream::Address(a("10.0.0.1:53"))], || unreachable!(), own);
+        assert_eq!(got.expect("no read"), vec![a("10.0.0.1:53")]);
+        let err = resolve_upstreams(
+            &[Upstream::System],
+            || Err(std::io::ErrorKind::NotFound.into()),
             own,
-        )
-        .expect("parse");
-        assert_eq!(got, vec!["127.0.0.2:53".parse::<SocketAddr>().expect("addr")]);
-        let err =
-            resolve_upstreams(&Upstream::System, || Err(std::io::ErrorKind::NotFound.into()), own);
+        );
         assert!(matches!(err, Err(DnsError::ResolvConf(..))));
     }
 }

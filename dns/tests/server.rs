@@ -317,7 +317,7 @@ async fn start(upstreams: Vec<SocketAddr>, upstream_timeout: Duration) -> Runnin
     let (imports_tx, imports_rx) = watch::channel(Arc::new(snapshot(Health::Healthy)));
     let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster_state()));
     let mut settings = DnsSettings::new("127.0.0.1:0".parse().expect("addr"));
-    settings.upstream = Upstream::Servers(upstreams);
+    settings.upstream = upstreams.into_iter().map(Upstream::Address).collect();
     settings.upstream_timeout = upstream_timeout;
     let server = DnsServer::new(settings, imports_rx, cluster_rx).expect("dns server binds");
     let addr = server.address();
@@ -657,7 +657,7 @@ async fn port_in_use_is_a_clear_error() {
     let (_ctx, crx) = watch::channel(Arc::new(ClusterState::default()));
     let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     let mut settings = DnsSettings::new(taken.local_addr().expect("addr"));
-    settings.upstream = Upstream::Servers(vec![]);
+    settings.upstream = vec![];
     let err = DnsServer::new(settings, irx, crx).err().expect("must fail");
     let text = err.to_string();
     assert!(text.contains("cannot bind dns udp socket") && text.contains("127.0.0.1"), "{text}");
