@@ -760,3 +760,55 @@ async fn listeners_follow_snapshots_incrementally() {
     dp.shutdown.cancel();
     dp.task.await.unwrap();
 }
+
+#[tokio::test]
+async fn acceptor_answers_random_garbage_with_an_error_status_or_a_reset() {
+    let (w, _sw) = echo_server("w").await;
+    let p = 8080;
+    let (tx, rx) = mpsc::channel(16);
+    let west = start(
+        settings("west", "eu", "eu-a"),
+        ImportSnapshot::default(),
+        cluster_state(p, &[w]),
+        None,
+        Some(rx),
+    );
+    let tunnel = LoopTunnel::new(cid("east"));
+    tunnel.route(cid("west"), tx);
+    let mut rng = rand::rng();
+    for round in 0..300 {
+        let len = rng.random_range(0..64);
+        let mut bytes: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        if round % 2 == 0 && !bytes.is_empty() {
+            // Half the rounds get past the version check to reach the field decoder.
+            bytes[0] = codec::VERSION;
+        }
+        let (mut send, mut recv) = tunnel.open(&cid("west")).await.unwrap();
+        send.write_all(&bytes).await.unwrap();
+        send.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, recv.read_to_end(&mut answer)).await.unwrap().unwrap();
+        match answer.as_slice() {
+            // The stream ended inside the header: nobody to answer, just closed.
+            [] => {}
+            [b] => {
+                let status = Status::from_byte(*b);
+                assert!(
+                    matches!(status, Some(s) if s != Status::Ok),
+                    "{bytes:?} answered {status:?}"
+                );
+            }
+            more => panic!("{bytes:?} answered {more:?}"),
+        }
+    }
+    eventually("every garbage stream finished", || west.drain.active() == 0).await;
+    // The acceptor still serves well-formed requests.
+    let (mut send, mut recv) = tunnel.open(&cid("west")).await.unwrap();
+    send.write_all(&StreamRequest::new(key(), p).encode().unwrap()).await.unwrap();
+    send.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, recv.read_to_end(&mut out)).await.unwrap().unwrap();
+    assert_eq!(out, b"\x00w:");
+    west.shutdown.cancel();
+    west.task.await.unwrap();
+}
