@@ -19,8 +19,9 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Entries in the cache of forwarded answers.
 pub const DEFAULT_CACHE_ENTRIES: usize = 10_000;
 /// Slow-path queries (forwarded or unusual) in flight at once; beyond it clients get SERVFAIL
-/// at once rather than silence.
-pub const DEFAULT_MAX_INFLIGHT: usize = 4_096;
+/// at once rather than silence. Each forwarded query holds one UDP socket, so this also
+/// bounds file descriptors.
+pub const DEFAULT_MAX_INFLIGHT: usize = 1_024;
 /// How long an idle TCP client connection is kept.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Path of the system resolver configuration read for [`Upstream::System`].

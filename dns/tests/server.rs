@@ -314,11 +314,20 @@ impl Running {
 }
 
 async fn start(upstreams: Vec<SocketAddr>, upstream_timeout: Duration) -> Running {
+    start_with(upstreams, upstream_timeout, fedgate_dns::settings::DEFAULT_MAX_INFLIGHT).await
+}
+
+async fn start_with(
+    upstreams: Vec<SocketAddr>,
+    upstream_timeout: Duration,
+    max_inflight: usize,
+) -> Running {
     let (imports_tx, imports_rx) = watch::channel(Arc::new(snapshot(Health::Healthy)));
     let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster_state()));
     let mut settings = DnsSettings::new("127.0.0.1:0".parse().expect("addr"));
     settings.upstream = upstreams.into_iter().map(Upstream::Address).collect();
     settings.upstream_timeout = upstream_timeout;
+    settings.max_inflight = max_inflight;
     let server = DnsServer::new(settings, imports_rx, cluster_rx).expect("dns server binds");
     let addr = server.address();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -955,5 +964,30 @@ async fn every_query_is_answered_under_concurrent_load() {
     }
     assert_eq!(total, CLIENTS * ROUNDS * BURST);
     eprintln!("{total} queries answered in {:?}", started.elapsed());
+    s.stop().await;
+}
+
+/// With the slow path saturated (one slot, held by a query to a silent upstream), further
+/// slow-path queries get SERVFAIL at once and fast-path queries are still answered.
+#[tokio::test]
+async fn overload_answers_servfail_instead_of_dropping() {
+    let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let s = start_with(vec![silent.local_addr().expect("addr")], Duration::from_secs(3), 1).await;
+    let addr = s.addr;
+    let hold = tokio::spawn(async move {
+        udp(addr, &request("hold.example.test.", RecordType::A, None)).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    for i in 0..5 {
+        let resp = udp(s.addr, &request(&format!("n{i}.example.test."), RecordType::A, None)).await;
+        assert_eq!(resp.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(resp.queries.len(), 1, "question echoed");
+    }
+    assert!(started.elapsed() < Duration::from_secs(1), "immediate: {:?}", started.elapsed());
+    let fast = udp(s.addr, &request("web.shop.svc.clusterset.local.", RecordType::A, None)).await;
+    assert_eq!(addrs(&fast), vec!["242.1.0.1"]);
+    assert_eq!(hold.await.expect("join").metadata.response_code, ResponseCode::ServFail);
+    drop(silent);
     s.stop().await;
 }
