@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedgate_discovery::model::{ClusterId, Protocol};
+use fedgate_discovery::model::{ClusterId, Protocol, SessionAffinity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -145,10 +145,12 @@ pub(crate) async fn open_remote(
     }
 }
 
-/// Picks and connects an upstream for one client connection on `route`.
+/// Picks and connects an upstream for one client connection on `route`. `client` is the
+/// client's address, for `sessionAffinity: ClientIP`.
 pub(crate) async fn connect(
     shared: &Arc<Shared>,
     route: &Route,
+    client: Option<IpAddr>,
 ) -> Result<Connected, ConnectError> {
     let service_name = route.key().to_string();
     let snapshot = shared.snapshot.borrow().clone();
@@ -161,7 +163,12 @@ pub(crate) async fn connect(
         Route::Service { .. } => None,
     };
     let views = shared.rank(&snapshot, service, route.port(), &unreachable, only);
-    let order = select::plan(&views, CANDIDATES_PER_TIER, &mut rand::rng());
+    let order = match (&service.session_affinity, client) {
+        (SessionAffinity::ClientIP { .. }, Some(ip)) => {
+            select::plan_sticky(&views, CANDIDATES_PER_TIER, ip)
+        }
+        _ => select::plan(&views, CANDIDATES_PER_TIER, &mut rand::rng()),
+    };
     // The tier traffic would use if everything were healthy: the failover baseline.
     let best_tier = views
         .iter()
@@ -267,7 +274,7 @@ pub(crate) async fn serve_client(
         let _active = shared.drain.active.enter();
         let mut guard = ConnectionGuard::new(route.key().to_string());
         let started = Instant::now();
-        match connect(&shared, &route).await {
+        match connect(&shared, &route, Some(peer.ip())).await {
             Ok(c) => {
                 guard.set_target(c.cluster.as_str());
                 metrics::record_connect_duration(c.cluster.as_str(), started.elapsed());

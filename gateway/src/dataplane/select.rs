@@ -273,6 +273,34 @@ pub fn plan(views: &[EndpointView], per_tier: usize, rng: &mut impl Rng) -> Vec<
     order
 }
 
+/// Like [`plan`] for services with `sessionAffinity: ClientIP`: inside each tier the
+/// candidates are ordered by rendezvous hashing of (client IP, endpoint), so a client keeps
+/// its endpoint while that endpoint stays healthy, and only the clients of an endpoint that
+/// goes away move.
+pub fn plan_sticky(views: &[EndpointView], per_tier: usize, client: IpAddr) -> Vec<usize> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let score = |v: &EndpointView| {
+        let mut h = DefaultHasher::new();
+        (client, &v.cluster, v.address).hash(&mut h);
+        h.finish()
+    };
+    let mut order = Vec::new();
+    let mut i = 0;
+    while i < views.len() {
+        let tier = views[i].tier;
+        let mut group: Vec<(u64, usize)> = Vec::new();
+        while i < views.len() && views[i].tier == tier {
+            if views[i].healthy {
+                group.push((score(&views[i]), i));
+            }
+            i += 1;
+        }
+        group.sort_unstable_by(|a, b| b.cmp(a));
+        order.extend(group.into_iter().take(per_tier).map(|(_, idx)| idx));
+    }
+    order
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -683,6 +711,31 @@ pub(crate) mod tests {
         }
         assert_eq!(plan(&views, 1, &mut StdRng::seed_from_u64(3)), vec![1, 2]);
         assert!(plan(&[], 8, &mut StdRng::seed_from_u64(3)).is_empty());
+    }
+
+    #[test]
+    fn sticky_plan_keeps_clients_on_their_endpoint() {
+        let mut views: Vec<EndpointView> =
+            (1..=5).map(|i| view(&format!("10.0.0.{i}"), 0, i, true)).collect();
+        views.push(view("10.0.1.1", 1, 0, true));
+        let clients: Vec<IpAddr> = (1..=50).map(|i| IpAddr::from([192, 168, 0, i])).collect();
+        let first: Vec<usize> = clients.iter().map(|c| plan_sticky(&views, 8, *c)[0]).collect();
+        // Deterministic, and spread over the tier-0 endpoints.
+        for (c, f) in clients.iter().zip(&first) {
+            assert_eq!(plan_sticky(&views, 8, *c)[0], *f);
+            assert!(*f < 5);
+        }
+        assert!(first.iter().collect::<BTreeSet<_>>().len() >= 3, "{first:?}");
+        // Endpoint 0 becomes unhealthy: only its clients move, the tier-1 one stays last.
+        views[0].healthy = false;
+        for (c, f) in clients.iter().zip(&first) {
+            let order = plan_sticky(&views, 8, *c);
+            if *f != 0 {
+                assert_eq!(order[0], *f);
+            }
+            assert_eq!(order.last(), Some(&5));
+            assert!(!order.contains(&0));
+        }
     }
 
     #[test]
