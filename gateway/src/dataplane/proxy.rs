@@ -11,8 +11,9 @@ use tokio::net::TcpStream;
 
 use super::metrics::ByteCounters;
 
-/// Size of each direction's copy buffer (allocated once per connection).
-pub const BUFFER_SIZE: usize = 128 * 1024;
+/// Size of each direction's copy buffer, allocated once per connection: 2 × 64 KiB per
+/// proxied connection keeps 10 000 connections near 1.3 GiB at worst.
+pub const BUFFER_SIZE: usize = 64 * 1024;
 
 /// QUIC application error code on a stream reset because the TCP side reset or failed.
 pub const RESET_CODE_ABORTED: u32 = 1;
