@@ -191,11 +191,9 @@ impl Listeners {
             self.apply(Owner::Service(key.clone()), routes, shared);
         }
         let old_vips = std::mem::take(&mut self.vips);
-        for (ip, old) in &old_vips {
+        for ip in old_vips.keys() {
             if !snapshot.endpoint_vips.contains_key(ip) {
                 self.apply(Owner::Vip(*ip), Vec::new(), shared);
-            } else if snapshot.endpoint_vips.get(ip) == Some(old) && !changed.contains(&old.key) {
-                continue;
             }
         }
         for (ip, vip) in &snapshot.endpoint_vips {
