@@ -739,6 +739,15 @@ impl PeerTask {
         }
     }
 
+    /// Sends `update` to the import set; gives up when shutting down (the reader may be gone
+    /// or no longer reading).
+    async fn emit(&self, update: PeerUpdate) {
+        tokio::select! {
+            _ = self.updates.send(update) => {}
+            _ = self.shutdown.cancelled() => {}
+        }
+    }
+
     fn lease_deadline(&self) -> Option<Instant> {
         match (&self.exports, self.last_seen) {
             (Some(_), Some(seen)) if !self.withdrawn => {
@@ -755,7 +764,7 @@ impl PeerTask {
         self.withdrawn = true;
         metrics::counter!(PEER_LEASE_EXPIRIES_TOTAL).increment(1);
         tracing::warn!(lease = ?self.settings.peer_lease_duration, "peer silent past its lease; withdrawing its exports");
-        let _ = self.updates.send(PeerUpdate::Withdrawn(self.peer.id.clone())).await;
+        self.emit(PeerUpdate::Withdrawn(self.peer.id.clone())).await;
         self.shared.update(&self.peer.id, |e| e.status.exports_withdrawn = true);
     }
 
@@ -873,9 +882,7 @@ impl PeerTask {
             }
         });
         self.draining = false;
-        let _ = self
-            .updates
-            .send(PeerUpdate::Reachability { cluster: peer, reachable: false, draining: false })
+        self.emit(PeerUpdate::Reachability { cluster: peer, reachable: false, draining: false })
             .await;
         if started.elapsed() >= BACKOFF_MAX {
             self.backoff.reset();
@@ -904,14 +911,12 @@ impl PeerTask {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(peer.clone(), conn.clone());
         self.shared.update(&peer, |e| e.status.last_error = None);
-        let _ = self
-            .updates
-            .send(PeerUpdate::Reachability {
-                cluster: peer,
-                reachable: true,
-                draining: self.draining,
-            })
-            .await;
+        self.emit(PeerUpdate::Reachability {
+            cluster: peer,
+            reachable: true,
+            draining: self.draining,
+        })
+        .await;
     }
 
     /// Runs the watch of the peer's exports on `conn`, re-watching (full resync) after a
@@ -1002,7 +1007,7 @@ impl PeerTask {
                 );
                 self.exports = Some(set.clone());
                 self.withdrawn = false;
-                let _ = self.updates.send(PeerUpdate::Exports(set)).await;
+                self.emit(PeerUpdate::Exports(set)).await;
             }
             PeerEvent::Heartbeat { .. } => {
                 if self.withdrawn
@@ -1010,21 +1015,19 @@ impl PeerTask {
                 {
                     tracing::info!("peer heard from again; restoring its exports");
                     self.withdrawn = false;
-                    let _ = self.updates.send(PeerUpdate::Exports(set)).await;
+                    self.emit(PeerUpdate::Exports(set)).await;
                 }
             }
         }
         if draining != self.draining {
             self.draining = draining;
             tracing::info!(draining, "peer draining state changed");
-            let _ = self
-                .updates
-                .send(PeerUpdate::Reachability {
-                    cluster: self.peer.id.clone(),
-                    reachable: true,
-                    draining,
-                })
-                .await;
+            self.emit(PeerUpdate::Reachability {
+                cluster: self.peer.id.clone(),
+                reachable: true,
+                draining,
+            })
+            .await;
         }
         let version = self.exports.as_ref().map(|s| s.version);
         self.shared.update(&self.peer.id, |e| {

@@ -85,8 +85,17 @@ fn start_with(
     identity: Identity,
     exports: ExportSet,
 ) -> Result<Gateway, crate::TunnelError> {
+    start_with_capacity(settings, identity, exports, 1024)
+}
+
+fn start_with_capacity(
+    settings: TunnelSettings,
+    identity: Identity,
+    exports: ExportSet,
+    capacity: usize,
+) -> Result<Gateway, crate::TunnelError> {
     let (local, local_rx) = watch::channel(Arc::new(exports));
-    let (updates_tx, updates) = mpsc::channel(1024);
+    let (updates_tx, updates) = mpsc::channel(capacity);
     let (incoming_tx, incoming) = mpsc::channel(16);
     let me = settings.local.clone();
     let endpoint = TunnelEndpoint::new(settings, identity, local_rx, updates_tx, incoming_tx)?;
@@ -713,6 +722,33 @@ async fn bad_messages_from_one_peer_reset_only_its_session() {
     conn.close(0u32.into(), b"bye");
     rogue.abort();
     server.abort();
+    east.stop().await;
+    west.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_stalled_reader() {
+    let pki = TestPki::new("demo");
+    let west = start(&pki, "west", loopback(), &[("east", unused())], Duration::from_secs(3), 1);
+    let settings = TunnelSettings::new(
+        loopback(),
+        "demo",
+        id("east"),
+        vec![PeerConfig { id: id("west"), address: west.address.to_string() }],
+    );
+    // East's reader takes nothing: its one-slot channel fills with the first update.
+    let east = start_with_capacity(settings, pki.issue("east"), export_set("east", 1, 1), 1)
+        .expect("tunnel starts");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !east.handle.is_connected(&id("west")) {
+        assert!(tokio::time::Instant::now() < deadline, "east never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // More updates are due (a delta from west) while the channel is full.
+    let mut v2 = (**west.local.borrow()).clone();
+    v2.version = 2;
+    west.local.send_replace(Arc::new(v2));
+    tokio::time::sleep(Duration::from_millis(200)).await;
     east.stop().await;
     west.stop().await;
 }
