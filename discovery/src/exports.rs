@@ -167,6 +167,7 @@ mod tests {
             key: ServiceKey::new("ns", name),
             kube_type: "ClusterIP".into(),
             cluster_ips: vec!["10.96.0.1".parse().unwrap()],
+            headless: false,
             ports: vec![ServicePort {
                 name: Some("http".into()),
                 protocol: Protocol::Tcp,

@@ -1136,6 +1136,7 @@ mod tests {
             key: ServiceKey::new("shop", name),
             kube_type: "ClusterIP".into(),
             cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+            headless: false,
             ports: vec![http()],
             session_affinity: SessionAffinity::None,
             internal_traffic_policy: None,
@@ -1196,7 +1197,10 @@ mod tests {
             },
             Case {
                 name: "clusterIP None: headless",
-                service: Some(local_service("a", |s| s.cluster_ips.clear())),
+                service: Some(local_service("a", |s| {
+                    s.cluster_ips.clear();
+                    s.headless = true;
+                })),
                 export: true,
                 want: Some(Validity::Valid),
                 want_type: Some(ServiceType::Headless),
@@ -1213,6 +1217,7 @@ mod tests {
                 service: Some(local_service("a", |s| {
                     s.kube_type = "ExternalName".into();
                     s.cluster_ips.clear();
+                    s.headless = true;
                 })),
                 export: true,
                 want: Some(Validity::InvalidServiceType),

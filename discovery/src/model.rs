@@ -279,8 +279,11 @@ pub struct LocalService {
     pub key: ServiceKey,
     /// `ClusterIP`, `NodePort`, `LoadBalancer` or `ExternalName` (Kubernetes spelling).
     pub kube_type: String,
-    /// `spec.clusterIP`; `None` for headless (`clusterIP: None`) services.
+    /// `spec.clusterIP(s)`; empty for headless services, and for file-mode Services that
+    /// name no clusterIP (they have no cluster.local address but are not headless).
     pub cluster_ips: Vec<IpAddr>,
+    /// `clusterIP: None`: DNS answers with the endpoints, the import is `Headless`.
+    pub headless: bool,
     pub ports: Vec<ServicePort>,
     pub session_affinity: SessionAffinity,
     pub internal_traffic_policy: Option<String>,
@@ -292,7 +295,7 @@ pub struct LocalService {
 
 impl LocalService {
     pub fn is_headless(&self) -> bool {
-        self.cluster_ips.is_empty() && self.kube_type != "ExternalName"
+        self.headless
     }
 }
 

@@ -365,6 +365,7 @@ mod tests {
             key: key.clone(),
             kube_type: "ClusterIP".into(),
             cluster_ips: vec!["10.96.0.1".parse().expect("ip")],
+            headless: false,
             ports: vec![],
             session_affinity: Default::default(),
             internal_traffic_policy: None,

@@ -193,6 +193,7 @@ fn cluster_state() -> ClusterState {
         Arc::new(LocalService {
             key: key.clone(),
             kube_type: "ClusterIP".into(),
+            headless: ips.is_empty(),
             cluster_ips: ips,
             ports: vec![sport(Some("http"), 80)],
             session_affinity: SessionAffinity::None,

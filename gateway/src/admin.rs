@@ -15,7 +15,6 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Query parameters of a debug request (e.g. `?service=ns/name` to narrow a view).
@@ -36,7 +35,7 @@ pub enum AdminError {
 #[derive(Clone)]
 pub struct AdminState {
     /// True once discovery has synced and every listener is bound.
-    pub ready: watch::Receiver<bool>,
+    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Renders `/metrics`; `None` when no recorder is installed (in-process tests).
     pub metrics: Option<PrometheusHandle>,
     /// Views under `/debug/<name>`, e.g. `exports`, `imports`, `endpoints`, `peers`.
@@ -87,7 +86,7 @@ async fn dashboard(State(state): State<AdminState>) -> Html<&'static str> {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    if *state.ready.borrow() {
+    if (state.ready)() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (
@@ -131,7 +130,9 @@ mod tests {
 
     #[tokio::test]
     async fn serves_views_readiness_and_404s() {
-        let (ready_tx, ready) = watch::channel(false);
+        let ready_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ready_flag.clone();
+        let ready = Arc::new(move || flag.load(std::sync::atomic::Ordering::Relaxed));
         let mut views: BTreeMap<&'static str, DebugView> = BTreeMap::new();
         views.insert(
             "imports",
@@ -154,7 +155,7 @@ mod tests {
         };
         assert_eq!(get("/healthz").await.0, 200);
         assert_eq!(get("/readyz").await.0, 503);
-        ready_tx.send(true).unwrap();
+        ready_flag.store(true, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(get("/readyz").await.0, 200);
         let (code, body) = get("/debug/imports").await;
         assert_eq!(code, 200);

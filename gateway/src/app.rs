@@ -1,12 +1,355 @@
-//! Composition root. Placeholder created by the config/CLI part so `fedgate run` links; the
-//! lead replaces this file with the real wiring.
+//! Composition root: builds every part from a validated [`Config`], binds every socket before
+//! anything is spawned, and returns a [`Bound`] gateway with its addresses and a shutdown
+//! handle. `main` and the in-process tests start the gateway through the same [`build`].
+//!
+//! Data flow (DESIGN.md): file source → local exports (+ health from the data plane) → peers
+//! over QUIC; peers' exports → import set → DNS zones and the data plane's routing.
 
-use crate::config::Config;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Builds and runs the gateway from a validated config until it is shut down.
-pub fn run_from_config(cfg: Config) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "not wired yet: the gateway for cluster {} cannot start in this build",
-        cfg.cluster.id
-    )
+use anyhow::Context;
+use fedgate_discovery::alloc::Allocator;
+use fedgate_discovery::exports::LocalExports;
+use fedgate_discovery::imports::{self, ImportSet};
+use fedgate_discovery::model::{ImportSnapshot, ImportedService};
+use fedgate_discovery::source::file::FileSource;
+use fedgate_dns::{DnsServer, DnsSettings};
+use fedgate_tunnel::{Identity, PeerConfig, TunnelEndpoint, TunnelSettings};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{AdminServer, AdminState, DebugView, Query};
+use crate::config::{CaSource, Config, FrontMode, SourceKind, Upstream};
+use crate::dataplane::health::HealthSettings;
+use crate::dataplane::peers::PeerTunnel;
+use crate::dataplane::{DataPlane, DataPlaneSettings, HealthChecker};
+
+/// Capacity of the channel from peer sessions to the import set.
+const PEER_UPDATE_CHANNEL: usize = 1024;
+/// Capacity of the channel of incoming data streams from the tunnel to the data plane.
+const INCOMING_STREAM_CHANNEL: usize = 1024;
+/// Name of the ClusterSetIP allocation file inside `front.stateDir`.
+const ALLOCATION_FILE: &str = "clusterset-ips.json";
+
+/// A gateway whose sockets are all bound; [`Bound::run`] serves until shut down.
+pub struct Bound {
+    pub admin: SocketAddr,
+    pub tunnel: SocketAddr,
+    pub dns: SocketAddr,
+    /// Cancelling it starts the drain (like SIGTERM).
+    pub shutdown: CancellationToken,
+    parts: Parts,
+}
+
+struct Parts {
+    source: FileSource,
+    local_exports: LocalExports,
+    imports: ImportSet,
+    tunnel: TunnelEndpoint,
+    dns: DnsServer,
+    dataplane: DataPlane,
+    admin: AdminServer,
+}
+
+/// Builds the gateway: loads identity and cluster state, binds the tunnel, DNS, admin and
+/// front listeners. Nothing runs yet. Must be called inside a tokio runtime.
+pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<Bound> {
+    if cfg.discovery.source != SourceKind::File {
+        anyhow::bail!(
+            "discovery.source {:?} is not supported by this build yet; use `file`",
+            cfg.discovery.source
+        );
+    }
+    if cfg.front.mode != FrontMode::Vip {
+        anyhow::bail!(
+            "front.mode {:?} is not supported by this build yet; use `vip`",
+            cfg.front.mode
+        );
+    }
+    let ca = match &cfg.tls.ca {
+        CaSource::File(p) => p.clone(),
+        CaSource::System => anyhow::bail!(
+            "tls.ca: system is not supported for the peer tunnel: give the clusterset's CA bundle"
+        ),
+    };
+    let identity = Identity::from_pem_files(&cfg.tls.cert, &cfg.tls.key, &ca)
+        .context("loading the gateway identity (tls.cert, tls.key, tls.ca)")?;
+    let id = cfg.cluster.id.clone();
+    let locality = cfg.locality();
+
+    // Cluster state and the health of local endpoints.
+    let source = FileSource::new(&cfg.discovery.file.dir)
+        .with_context(|| format!("discovery.file.dir {}", cfg.discovery.file.dir.display()))?;
+    let cluster_rx = source.subscribe();
+    let health_settings = HealthSettings {
+        interval: cfg.traffic.health_check.interval,
+        timeout: cfg.traffic.health_check.timeout,
+        unhealthy_threshold: cfg.traffic.health_check.unhealthy_threshold,
+        healthy_threshold: cfg.traffic.health_check.healthy_threshold,
+    };
+    let (checker, health_rx) = HealthChecker::new(health_settings.clone(), cluster_rx.clone());
+
+    // Local exports, then the tunnel that carries them, then the import set it feeds.
+    let local_exports =
+        LocalExports::new(id.clone(), locality.clone(), cluster_rx.clone(), health_rx);
+    let (peer_tx, peer_rx) = mpsc::channel(PEER_UPDATE_CHANNEL);
+    let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_STREAM_CHANNEL);
+    let mut tunnel_settings = TunnelSettings::new(
+        cfg.tunnel.listen,
+        cfg.cluster.clusterset.clone(),
+        id.clone(),
+        cfg.peers
+            .iter()
+            .map(|p| PeerConfig { id: p.id.clone(), address: p.address.to_string() })
+            .collect(),
+    );
+    tunnel_settings.peer_lease_duration = cfg.discovery.peer_lease_duration;
+    let tunnel = TunnelEndpoint::new(
+        tunnel_settings,
+        identity,
+        local_exports.subscribe(),
+        peer_tx,
+        incoming_tx,
+    )?;
+    let peers = tunnel.handle();
+
+    let state_file = cfg.front.state_dir.as_ref().map(|d| d.join(ALLOCATION_FILE));
+    if let Some(dir) = &cfg.front.state_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating front.stateDir {}", dir.display()))?;
+    }
+    let alloc = Allocator::open(cfg.front.cluster_set_ip_range, state_file)?;
+    let imports = ImportSet::new(
+        id.clone(),
+        local_exports.subscribe(),
+        local_exports.subscribe_validity(),
+        peer_rx,
+        alloc,
+    );
+    let import_rx = imports.subscribe();
+
+    // DNS and the data plane read the import snapshot.
+    let priority: Vec<String> =
+        cfg.traffic.failover_priority.iter().map(|p| p.to_string()).collect();
+    let mut dns_settings = DnsSettings::new(cfg.dns.listen);
+    dns_settings.ttl = cfg.dns.ttl;
+    dns_settings.failover_priority = priority.clone();
+    dns_settings.local_labels = cfg.cluster.labels.clone();
+    dns_settings.upstream = cfg
+        .dns
+        .upstream
+        .iter()
+        .map(|u| match u {
+            Upstream::System => fedgate_dns::Upstream::System,
+            Upstream::Address(a) => fedgate_dns::Upstream::Address(*a),
+        })
+        .collect();
+    let dns = DnsServer::new(dns_settings, import_rx.clone(), cluster_rx.clone())?;
+
+    let mut dp_settings = DataPlaneSettings::new(id.clone(), locality);
+    dp_settings.failover_priority = priority;
+    dp_settings.health = health_settings;
+    dp_settings.drain_duration = cfg.traffic.drain_duration;
+    dp_settings.vip_listeners = true;
+    let mut dataplane = DataPlane::with_health(
+        dp_settings,
+        import_rx.clone(),
+        checker,
+        Some(PeerTunnel::new(peers.clone())),
+    )?;
+    dataplane.serve_tunnel(incoming_rx);
+
+    // Admin: one closure per view over the latest snapshots.
+    let debug = dataplane.debug_handle();
+    let mut views: BTreeMap<&'static str, DebugView> = BTreeMap::new();
+    let rx = import_rx.clone();
+    views.insert("imports", Arc::new(move |q: &Query| imports_view(&rx.borrow(), q)));
+    let status_rx = imports.subscribe_status();
+    views.insert(
+        "exports",
+        Arc::new(move |_: &Query| {
+            let statuses = status_rx.borrow();
+            Value::Array(
+                statuses
+                    .values()
+                    .map(|s| {
+                        json!({
+                            "namespace": s.key.namespace,
+                            "name": s.key.name,
+                            "cluster": s.cluster,
+                            "conditions": s.conditions,
+                        })
+                    })
+                    .collect(),
+            )
+        }),
+    );
+    let d = debug.clone();
+    views.insert("endpoints", Arc::new(move |_: &Query| d.debug_endpoints()));
+    let peer_status = peers.status();
+    views.insert("peers", Arc::new(move |_: &Query| json!(**peer_status.borrow())));
+    let problems = source.problems();
+    views.insert("problems", Arc::new(move |_: &Query| json!(**problems.borrow())));
+    let summary: Value = serde_json::from_str(&cfg.redacted_summary()).unwrap_or(Value::Null);
+    views.insert("config", Arc::new(move |_: &Query| summary.clone()));
+    let admin_state = AdminState {
+        ready: Arc::new(move || debug.listeners_ready()),
+        metrics,
+        views: Arc::new(views),
+        dashboard: crate::dashboard::PAGE,
+    };
+    let admin = AdminServer::new(cfg.admin.listen, admin_state).await?;
+
+    Ok(Bound {
+        admin: admin.address(),
+        tunnel: tunnel.address(),
+        dns: dns.address(),
+        shutdown: CancellationToken::new(),
+        parts: Parts { source, local_exports, imports, tunnel, dns, dataplane, admin },
+    })
+}
+
+impl Bound {
+    /// Serves until `shutdown` is cancelled, then drains the data plane (new connections are
+    /// refused, peers are told, open connections finish or `drainDuration` passes) and stops
+    /// the rest.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let Parts { source, local_exports, imports, tunnel, dns, dataplane, admin } = self.parts;
+        let rest = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(source.run(rest.clone()));
+        tasks.spawn(local_exports.run());
+        tasks.spawn(imports.run());
+        tasks.spawn(tunnel.run(rest.clone()));
+        let r = rest.clone();
+        tasks.spawn(async move {
+            if let Err(e) = dns.run(r.cancelled_owned()).await {
+                tracing::error!(error = %e, "dns server failed");
+            }
+        });
+        let r = rest.clone();
+        tasks.spawn(async move {
+            if let Err(e) = admin.run(r).await {
+                tracing::error!(error = %e, "admin server failed");
+            }
+        });
+        tracing::info!(
+            admin = %self.admin,
+            tunnel = %self.tunnel,
+            dns = %self.dns,
+            "fedgate gateway running"
+        );
+        let outcome = dataplane.run(self.shutdown.clone()).await;
+        tracing::info!(?outcome, "data plane drained; stopping");
+        rest.cancel();
+        let stop = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(5), stop).await.is_err() {
+            tracing::warn!("some tasks did not stop within 5s; exiting anyway");
+        }
+        Ok(())
+    }
+}
+
+/// Builds a runtime, starts the gateway and serves until SIGTERM/SIGINT (drain) or a second
+/// signal (exit at once). Called by `main` with the installed Prometheus recorder.
+pub fn run_from_config(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fedgate")
+        .build()
+        .context("building the tokio runtime")?;
+    runtime.block_on(async move {
+        describe_metrics();
+        let bound = build(cfg, metrics).await?;
+        let shutdown = bound.shutdown.clone();
+        let serve = tokio::spawn(bound.run());
+        tokio::select! {
+            r = serve => return r.context("gateway task panicked")?,
+            () = signal() => {}
+        }
+        tracing::info!("signal received: draining (a second signal exits at once)");
+        shutdown.cancel();
+        // The drain finishes on its own; a second signal cuts it short.
+        signal().await;
+        tracing::warn!("second signal: exiting without waiting for the drain");
+        std::process::exit(130)
+    })
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        // Without signal handlers the gateway can still be stopped by SIGKILL.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn describe_metrics() {
+    crate::dataplane::metrics::describe();
+    fedgate_dns::metrics::describe();
+    fedgate_tunnel::metrics::describe();
+    imports::describe_metrics();
+}
+
+/// `/debug/imports`: every import as flat JSON; `?service=ns/name` or `?namespace=ns` narrow
+/// it, `?summary=1` answers only counts (cheap to poll).
+fn imports_view(snapshot: &Arc<ImportSnapshot>, q: &Query) -> Value {
+    let matches = |s: &ImportedService| {
+        q.get("namespace").is_none_or(|ns| &s.key.namespace == ns)
+            && q.get("service").is_none_or(|k| *k == s.key.to_string())
+    };
+    let selected = snapshot.services.values().filter(|s| matches(s));
+    if q.get("summary").is_some_and(|v| v == "1" || v == "true") {
+        let mut count = 0usize;
+        let mut endpoints = 0usize;
+        for s in selected {
+            count += 1;
+            endpoints += s.clusters.values().map(|c| c.endpoints.len()).sum::<usize>();
+        }
+        return json!({ "version": snapshot.version, "services": count, "endpoints": endpoints });
+    }
+    Value::Array(selected.map(|s| import_json(s)).collect())
+}
+
+fn import_json(s: &ImportedService) -> Value {
+    json!({
+        "namespace": s.key.namespace,
+        "name": s.key.name,
+        "type": s.service_type.as_str(),
+        "ips": s.ips,
+        "ports": s.ports.iter().map(|p| json!({
+            "name": p.port.name,
+            "protocol": p.port.protocol.as_str(),
+            "port": p.port.port,
+            "appProtocol": p.port.app_protocol,
+            "clusters": p.clusters,
+        })).collect::<Vec<_>>(),
+        "sessionAffinity": s.session_affinity,
+        "winner": s.winner,
+        "conflicts": s.conflicts,
+        "clusters": s.clusters.iter().map(|(id, e)| (id.to_string(), json!({
+            "created": e.created,
+            "type": e.service_type.as_str(),
+            "endpoints": e.endpoints.iter().map(|ep| json!({
+                "address": ep.address,
+                "hostname": ep.hostname,
+                "ready": ep.ready,
+                "zone": ep.zone,
+                "health": ep.health,
+            })).collect::<Vec<_>>(),
+        }))).collect::<serde_json::Map<String, Value>>(),
+    })
 }

@@ -2,9 +2,11 @@
 //! the data plane (front listeners, endpoint selection, health checks, the QUIC tunnel). It
 //! wires `fedgate-discovery` and `fedgate-dns` together; neither of them depends on it.
 pub mod admin;
+pub mod app;
 pub mod certs;
 pub mod cli;
 pub mod config;
-pub mod logging;
-pub mod app;
+pub mod dashboard;
 pub mod dataplane;
+pub mod logging;
+pub mod metrics;

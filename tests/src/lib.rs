@@ -254,7 +254,12 @@ impl Gateway {
     pub fn start(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(fedgate_bin())
-            .args(["--log-level", "debug", "run", "--config"])
+            .args([
+                "--log-level",
+                "info,fedgate=debug,fedgate_discovery=debug,fedgate_tunnel=debug",
+                "run",
+                "--config",
+            ])
             .arg(self.config_path())
             .stdout(log.try_clone()?)
             .stderr(log)

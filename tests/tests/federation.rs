@@ -85,7 +85,7 @@ fn export_propagates_to_every_peer_and_is_withdrawn() -> Result<()> {
         "cart",
         false,
         &[("http", 80, 8080)],
-        &[("10.1.0.5", true), ("10.1.0.6", false)],
+        &[("127.250.0.5", true), ("127.250.0.6", false)],
         Some("2026-01-01T00:00:00Z"),
     );
     let t0 = Instant::now();
@@ -97,7 +97,7 @@ fn export_propagates_to_every_peer_and_is_withdrawn() -> Result<()> {
         assert_eq!(import["ips"].as_array().map(Vec::len), Some(1), "one ClusterSetIP: {import}");
         let eps = import["clusters"]["alpha"]["endpoints"].as_array().context("endpoints")?;
         assert_eq!(eps.len(), 2, "both endpoints travel, with readiness: {import}");
-        assert!(eps.iter().any(|e| e["address"] == "10.1.0.6" && e["ready"] == false));
+        assert!(eps.iter().any(|e| e["address"] == "127.250.0.6" && e["ready"] == false));
     }
     eprintln!("export visible on both peers after {:?}", t0.elapsed());
 
@@ -133,7 +133,7 @@ fn conflicting_exports_are_reported_on_every_exporter() -> Result<()> {
             "db",
             false,
             &[("http", 80, 8080)],
-            &[("10.1.0.5", true)],
+            &[("127.250.0.5", true)],
             Some(oldest),
         ),
     )?;
@@ -144,7 +144,7 @@ fn conflicting_exports_are_reported_on_every_exporter() -> Result<()> {
             "db",
             false,
             &[("http", 80, 8080)],
-            &[("10.2.0.5", true)],
+            &[("127.250.0.5", true)],
             Some("2026-02-01T00:00:00Z"),
         ),
     )?;
@@ -155,7 +155,7 @@ fn conflicting_exports_are_reported_on_every_exporter() -> Result<()> {
             "db",
             true,
             &[("web", 80, 8080), ("admin", 9000, 9000)],
-            &[("10.3.0.5", true)],
+            &[("127.250.0.5", true)],
             Some("2026-03-01T00:00:00Z"),
         ),
     )?;
@@ -198,8 +198,8 @@ fn dead_peer_is_withdrawn_after_its_lease_and_restored_on_restart() -> Result<()
             Some("2026-01-01T00:00:00Z"),
         )
     };
-    fed.gateways[0].write_cluster_file("front.yaml", &svc("10.1.0.9"))?;
-    fed.gateways[2].write_cluster_file("front.yaml", &svc("10.3.0.9"))?;
+    fed.gateways[0].write_cluster_file("front.yaml", &svc("127.250.0.9"))?;
+    fed.gateways[2].write_cluster_file("front.yaml", &svc("127.250.0.9"))?;
     wait_import(&fed.gateways[1], "web", "front", &["alpha", "charlie"])?;
 
     let killed = Instant::now();
@@ -250,7 +250,7 @@ fn assert_refused(tmp: &Path, good: &Pki, bad: Impostor<'_>, why: &str) -> Resul
             "x",
             false,
             &[("p", 1, 1)],
-            &[("10.9.9.9", true)],
+            &[("127.250.9.9", true)],
             Some("2026-01-01T00:00:00Z"),
         ),
     )?;

@@ -315,6 +315,7 @@ fn local_services() {
         key: key.clone(),
         kube_type: "ClusterIP".into(),
         cluster_ips: vec!["10.96.0.10".parse().expect("ip")],
+        headless: false,
         ports: vec![port(Some("http"), 80)],
         session_affinity: SessionAffinity::None,
         internal_traffic_policy: None,
@@ -332,6 +333,7 @@ fn local_services() {
         Some(vec!["0 100 80 api.ns.svc.cluster.local.".into()])
     );
     svc.cluster_ips.clear();
+    svc.headless = true;
     svc.endpoints.push(ep("10.0.0.2", None, false, Health::Unknown));
     let names = local_names(&svc, 5);
     assert_eq!(

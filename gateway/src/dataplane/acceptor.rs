@@ -210,6 +210,7 @@ mod tests {
             key: key.clone(),
             kube_type: "ClusterIP".into(),
             cluster_ips: vec!["10.96.0.1".parse().unwrap()],
+            headless: false,
             ports: vec![http_port()],
             session_affinity: SessionAffinity::None,
             internal_traffic_policy: None,

@@ -187,6 +187,7 @@ pub(super) fn cluster_state(svc_port: u16, endpoints: &[SocketAddr]) -> ClusterS
         key: key(),
         kube_type: "ClusterIP".into(),
         cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+        headless: false,
         ports: vec![port(svc_port)],
         session_affinity: SessionAffinity::None,
         internal_traffic_policy: None,

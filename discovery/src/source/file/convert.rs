@@ -296,6 +296,7 @@ impl TryFrom<wire::Service> for LocalService {
             key,
             kube_type: kube_type.to_owned(),
             cluster_ips,
+            headless,
             ports,
             session_affinity,
             internal_traffic_policy,
@@ -753,6 +754,7 @@ spec:
             key: ServiceKey::new("shop", "web"),
             kube_type: "LoadBalancer".into(),
             cluster_ips: vec![ip("10.96.0.1"), ip("fd00::1")],
+            headless: false,
             ports: vec![
                 ServicePort {
                     name: Some("http".into()),

@@ -366,35 +366,17 @@ impl Parser<'_> {
         }
 
         let converted = match kind {
-            Kind::Service => convert::<wire::Service, LocalService>(value).map(|s| {
-                let no_ip = map
-                    .get("spec")
-                    .and_then(|s| s.get("clusterIP").or_else(|| s.get("clusterIPs")))
-                    .is_none_or(Value::is_null);
-                (ObjectValue::Service(s), no_ip)
-            }),
+            Kind::Service => {
+                convert::<wire::Service, LocalService>(value).map(ObjectValue::Service)
+            }
             Kind::EndpointSlice => convert::<wire::EndpointSlice, SliceEndpoints>(value)
-                .map(|s| (ObjectValue::EndpointSlice(s), false)),
-            Kind::ServiceExport => convert::<wire::ServiceExport, ExportSpec>(value)
-                .map(|s| (ObjectValue::ServiceExport(s), false)),
+                .map(ObjectValue::EndpointSlice),
+            Kind::ServiceExport => {
+                convert::<wire::ServiceExport, ExportSpec>(value).map(ObjectValue::ServiceExport)
+            }
         };
         match converted {
-            Ok((value, no_cluster_ip)) => {
-                if no_cluster_ip
-                    && matches!(&value, ObjectValue::Service(s) if s.kube_type != "ExternalName")
-                {
-                    let (l, c) = at(&[fld("spec")]);
-                    self.problem(
-                        l,
-                        c,
-                        Some(id.to_string()),
-                        "warning, object loaded: spec.clusterIP is not set and nothing allocates \
-                         one in file mode, so the service has no cluster.local address (and the \
-                         model sees no clusterIP, as for a headless service); write `clusterIP: \
-                         <address>`, or `clusterIP: None` for a headless service"
-                            .to_owned(),
-                    );
-                }
+            Ok(value) => {
                 self.out.objects.push(Object { id, file: self.file.to_path_buf(), line, value });
             }
             Err(e) => {
@@ -658,9 +640,9 @@ spec:
             &[],
         ),
         (
-            "missing cluster ip is a warning",
+            "missing cluster ip: loaded, no problem (no cluster.local address, not headless)",
             "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports: [{port: 80}]\n",
-            &[(5, 3, "warning, object loaded: spec.clusterIP is not set")],
+            &[],
             &["Service default/a"],
         ),
         (

@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Export propagation and memory benchmark for fedgate (issue 2).
+
+Runs real `fedgate run` processes (release build) on loopback with file sources and prints:
+  1. time from writing an export file on gateway A to the services appearing in A's own
+     imports (baseline: file watch + parse + merge, no network) and in peer B's imports
+     (the same plus the gRPC-over-QUIC exchange), for batches of 1, 1 000 and 10 000 services;
+  2. p50/p99 of single-service propagation A -> B while 10 000 services are loaded;
+  3. resident memory of a gateway importing 10 000 services x 10 endpoints from each of
+     3 peers (30 000 service exports, 300 000 endpoints), and of an idle gateway as baseline.
+Targets (issue 2): p99 propagation < 1 s at 10 000 services; < 200 MB resident.
+
+Usage: python3 bench/propagation.py [--quick]   (needs root only for nothing; loopback only)
+"""
+import json, os, resource, shutil, statistics, subprocess, sys, tempfile, time, urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "fedgate")
+QUICK = "--quick" in sys.argv
+SIZES = [1, 1000] if QUICK else [1, 1000, 10000]
+SINGLE_RUNS = 20 if QUICK else 50
+MEM_SERVICES = 1000 if QUICK else 10000
+
+
+def sh(*args):
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+
+
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 1 << 20)), hard))
+    except ValueError:
+        pass
+
+
+class Gateway:
+    def __init__(self, root, cid, host, peers, ca):
+        self.id, self.host = cid, host
+        self.dir = os.path.join(root, cid)
+        self.cluster = os.path.join(self.dir, "cluster")
+        os.makedirs(self.cluster)
+        sh(BIN, "certs", "issue", "--ca", ca, "--cluster", cid, "--out", self.dir)
+        peer_lines = "".join(f'  - {{ id: {p}, address: "127.77.0.{h}:15443" }}\n' for p, h in peers)
+        cfg = f"""cluster: {{ id: {cid}, clusterset: bench, locality: {{ region: r-{cid}, zone: z-{cid} }} }}
+discovery: {{ source: file, file: {{ dir: ./cluster }}, peerLeaseDuration: 15s }}
+peers:
+{peer_lines or '  []'}
+tls: {{ cert: {cid}.crt, key: {cid}.key, ca: ca.crt }}
+tunnel: {{ listen: "127.77.0.{host}:15443" }}
+dns: {{ listen: "127.77.0.{host}:10053", upstream: ["127.0.0.1:9"] }}
+front: {{ mode: vip, clusterSetIPRange: 127.{80 + host}.0.0/16 }}
+admin: {{ listen: "127.77.0.{host}:15000" }}
+# Endpoints are loopback addresses nobody listens on; probe them rarely so that 100 000
+# probe targets per peer do not dominate the CPU of this 2-core benchmark.
+traffic: {{ healthCheck: {{ interval: 30s, timeout: 1s }} }}
+"""
+        if not peer_lines:
+            cfg = cfg.replace("peers:\n  []", "peers: []")
+        with open(os.path.join(self.dir, "gateway.yaml"), "w") as f:
+            f.write(cfg)
+        self.log = open(os.path.join(self.dir, "log"), "w")
+        self.proc = subprocess.Popen([BIN, "--log-level", "warn", "run", "--config", "gateway.yaml"],
+                                     cwd=self.dir, stdout=self.log, stderr=self.log, preexec_fn=raise_nofile)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                self.get("/healthz", raw=True)
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"gateway {cid} did not start; see {self.dir}/log")
+
+    def get(self, path, raw=False):
+        with urllib.request.urlopen(f"http://127.77.0.{self.host}:15000{path}", timeout=30) as r:
+            body = r.read()
+        return body if raw else json.loads(body)
+
+    def count(self, query):
+        return self.get(f"/debug/imports?summary=1&{query}")
+
+    def rss_mb(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+    def write(self, name, text):
+        tmp = os.path.join(self.cluster, "." + name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.rename(tmp, os.path.join(self.cluster, name))
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def services_yaml(ns, n, endpoints=1, prefix="s"):
+    out = []
+    for i in range(n):
+        name = f"{prefix}{i}"
+        eps = "".join(
+            f'- addresses: ["127.{100 + e}.{(i >> 8) & 255}.{(i & 255) + 1}"]\n  conditions: {{ ready: true }}\n'
+            for e in range(endpoints))
+        out.append(f"""apiVersion: v1
+kind: Service
+metadata: {{ name: {name}, namespace: {ns} }}
+spec:
+  clusterIP: 10.96.{(i >> 8) & 255}.{i & 255}
+  ports: [ {{ name: http, port: 80, targetPort: 8080 }} ]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{ name: {name}-1, namespace: {ns}, labels: {{ kubernetes.io/service-name: {name} }} }}
+addressType: IPv4
+ports: [ {{ name: http, port: 8080, protocol: TCP }} ]
+endpoints:
+{eps}---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {{ name: {name}, namespace: {ns}, creationTimestamp: "2026-01-01T00:00:00Z" }}
+""")
+    return "---\n".join(out)
+
+
+def wait_count(gw, query, want, start, timeout=120):
+    while True:
+        if gw.count(query)["services"] >= want:
+            return time.perf_counter() - start
+        if time.perf_counter() - start > timeout:
+            raise RuntimeError(f"{gw.id}: {query} never reached {want}")
+        time.sleep(0.005)
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def main():
+    print("building fedgate (release)...", flush=True)
+    sh("cargo", "build", "--release", "-q", "-p", "fedgate")
+    raise_nofile()
+    tmp = tempfile.mkdtemp(prefix="fedgate-bench-")
+    ca = os.path.join(tmp, "ca")
+    sh(BIN, "certs", "ca", "--clusterset", "bench", "--out", ca)
+    gws = []
+    try:
+        a = Gateway(tmp, "a", 10, [("b", 11)], ca); gws.append(a)
+        b = Gateway(tmp, "b", 11, [("a", 10)], ca); gws.append(b)
+        time.sleep(1)
+        rows = []
+        for n in SIZES:
+            ns = f"bench-{n}"
+            text = services_yaml(ns, n)
+            start = time.perf_counter()
+            a.write(f"{ns}.yaml", text)
+            local = wait_count(a, f"namespace={ns}", n, start)
+            remote = wait_count(b, f"namespace={ns}", n, start)
+            rows.append((n, local, remote))
+        print("\n## Export propagation (batch written as one file; time until all N are imported)\n")
+        print("| services | A's own imports (baseline) | peer B's imports | B / baseline |")
+        print("|---:|---:|---:|---:|")
+        for n, l, r in rows:
+            print(f"| {n} | {l * 1000:.0f} ms | {r * 1000:.0f} ms | {r / l:.2f}x |")
+
+        loaded = b.count("")["services"]
+        singles_local, singles_remote = [], []
+        for i in range(SINGLE_RUNS):
+            start = time.perf_counter()
+            a.write(f"probe-{i}.yaml", services_yaml("probe", 1, prefix=f"p{i}-"))
+            singles_local.append(wait_count(a, f"service=probe/p{i}-0", 1, start))
+            singles_remote.append(wait_count(b, f"service=probe/p{i}-0", 1, start))
+        print(f"\n## Single-service propagation with {loaded} services loaded ({SINGLE_RUNS} runs)\n")
+        print("| where | p50 | p99 | max | target |")
+        print("|---|---:|---:|---:|---|")
+        for name, xs in (("A's own imports (baseline)", singles_local), ("peer B's imports", singles_remote)):
+            print(f"| {name} | {pct(xs, 50) * 1000:.0f} ms | {pct(xs, 99) * 1000:.0f} ms | {max(xs) * 1000:.0f} ms | p99 < 1000 ms |")
+        for g in gws:
+            g.stop()
+        gws.clear()
+
+        # Memory: M imports MEM_SERVICES x 10 endpoints from each of 3 peers.
+        peers = [("p1", 21), ("p2", 22), ("p3", 23)]
+        m = Gateway(tmp, "m", 20, peers, ca); gws.append(m)
+        idle_rss = m.rss_mb()[0]
+        text = services_yaml("mem", MEM_SERVICES, endpoints=10)
+        for pid, host in peers:
+            others = [("m", 20)] + [(q, h) for q, h in peers if q != pid]
+            g = Gateway(tmp, pid, host, others, ca); gws.append(g)
+            g.write("mem.yaml", text)
+        start = time.perf_counter()
+        deadline = start + 300
+        while True:
+            s = m.count("namespace=mem")
+            if s["services"] == MEM_SERVICES and s["endpoints"] == MEM_SERVICES * 30:
+                break
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"memory run did not converge: {s}")
+            time.sleep(0.2)
+        converge = time.perf_counter() - start
+        time.sleep(2)
+        rss, hwm = m.rss_mb()
+        prss, phwm = gws[1].rss_mb()
+        print(f"\n## Resident memory ({MEM_SERVICES} services x 10 endpoints exported by each of 3 peers)\n")
+        print("| process | RSS | peak RSS | target |")
+        print("|---|---:|---:|---|")
+        print(f"| gateway M, idle, nothing imported (baseline) | {idle_rss:.0f} MB | | |")
+        print(f"| gateway M, {MEM_SERVICES} imports / {MEM_SERVICES * 30} endpoints | {rss:.0f} MB | {hwm:.0f} MB | < 200 MB |")
+        print(f"| peer p1 (exports {MEM_SERVICES} x 10, imports the others) | {prss:.0f} MB | {phwm:.0f} MB | |")
+        print(f"\nM converged {converge:.1f} s after the peers started.")
+    finally:
+        for g in gws:
+            g.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
