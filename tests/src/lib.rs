@@ -406,3 +406,4 @@ pub fn export_conditions(
             .collect(),
     )
 }
+pub mod netns;

@@ -1,0 +1,512 @@
+//! Network namespaces for end-to-end traffic tests: one namespace per cluster, joined by a
+//! veth pair, each running its own `fedgate run` and its own backends (real Python servers).
+//!
+//! Everything here needs root and `ip`, `curl`, `python3`; [`require_tools`] fails the test
+//! with a clear message when one is missing (the tests must fail, never skip, in CI).
+//! Addresses live only inside namespaces this process created: `10.250.<n>.1/2` on the veth
+//! pair, `127.x` on each namespace's own `lo`. Every namespace is deleted and every process
+//! started in it killed when its guard drops, also on panic.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Gateway, GatewaySpec, eventually, fedgate_bin};
+
+/// Asserts that the tests can run here: root, and `ip`, `curl`, `python3` on `PATH`.
+/// Panics (fails the test) with a message naming what is missing.
+pub fn require_tools() {
+    let uid = Command::new("id").arg("-u").output().map(|o| o.stdout).unwrap_or_default();
+    assert_eq!(
+        String::from_utf8_lossy(&uid).trim(),
+        "0",
+        "network-namespace tests must run as root (they create namespaces and veth pairs)"
+    );
+    for (tool, arg) in [("ip", "-V"), ("curl", "--version"), ("python3", "--version")] {
+        let ok = Command::new(tool)
+            .arg(arg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "`{tool}` is required by the network-namespace tests but is not runnable");
+    }
+}
+
+/// Runs a command to completion; fails with its output when it exits non-zero.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The real path of `python3` (pyenv shims would put a shell between our pid and Python).
+fn python3() -> Result<String> {
+    let p = run(Command::new("python3").args(["-c", "import sys; print(sys.executable)"]))?;
+    Ok(p.trim().to_owned())
+}
+
+/// A network namespace this process created; deleted (with every process in it) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `name` with `lo` up.
+    pub fn create(name: &str) -> Result<Self> {
+        run(Command::new("ip").args(["netns", "add", name]))?;
+        let ns = Self { name: name.to_owned() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command that runs `program` inside this namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// Pids of the processes that live in this namespace.
+    fn pids(&self) -> Vec<u32> {
+        run(Command::new("ip").args(["netns", "pids", &self.name]))
+            .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Only processes that this test started live in its namespace.
+        for pid in self.pids() {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Two namespaces `a` and `b` joined by a veth pair: `a` has `10.250.<n>.1/24`, `b` `.2`.
+pub struct Pair {
+    pub a: Netns,
+    pub b: Netns,
+    pub a_ip: Ipv4Addr,
+    pub b_ip: Ipv4Addr,
+    python: String,
+    tmp: tempfile::TempDir,
+}
+
+impl Pair {
+    pub fn new() -> Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let a = Netns::create(&format!("fg-{pid}-{n}-a"))?;
+        let b = Netns::create(&format!("fg-{pid}-{n}-b"))?;
+        // Interface names: at most 15 bytes; created straight inside the namespaces.
+        let (va, vb) = (format!("fg{pid}x{n}a"), format!("fg{pid}x{n}b"));
+        run(Command::new("ip").args([
+            "link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns",
+            &b.name,
+        ]))?;
+        let subnet = (pid.wrapping_add(n) % 250) as u8;
+        let a_ip = Ipv4Addr::new(10, 250, subnet, 1);
+        let b_ip = Ipv4Addr::new(10, 250, subnet, 2);
+        for (ns, dev, ip) in [(&a, &va, a_ip), (&b, &vb, b_ip)] {
+            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", dev])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        let tmp = tempfile::tempdir()?;
+        std::fs::write(tmp.path().join("fgtool.py"), FGTOOL)?;
+        Ok(Self { a, b, a_ip, b_ip, python: python3()?, tmp })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Starts `fgtool.py <args>` inside `ns`; its stdout is read line by line.
+    pub fn tool(&self, ns: &Netns, args: &[&str]) -> Result<NsProc> {
+        let mut cmd = ns.command(&self.python);
+        cmd.arg("-u").arg(self.tmp.path().join("fgtool.py")).args(args);
+        NsProc::spawn(cmd, &format!("fgtool {args:?} in {}", ns.name))
+    }
+
+    /// Starts a server (`http`, `echo` or `sink`) in `ns` and waits for its `READY` line.
+    pub fn server(&self, ns: &Netns, args: &[&str]) -> Result<NsProc> {
+        let mut p = self.tool(ns, args)?;
+        let line = p.line(Duration::from_secs(10))?;
+        if line != "READY" {
+            bail!("{}: expected READY, got {line:?}", p.what);
+        }
+        Ok(p)
+    }
+}
+
+/// A process started in a namespace, killed on drop; stdout arrives as lines on a channel.
+pub struct NsProc {
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    pub what: String,
+}
+
+impl NsProc {
+    fn spawn(mut cmd: Command, what: &str) -> Result<Self> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("spawning {what}"))?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let stdin = child.stdin.take();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self { child: Some(child), stdin, lines, what: what.to_owned() })
+    }
+
+    /// The next stdout line, waiting at most `timeout`.
+    pub fn line(&mut self, timeout: Duration) -> Result<String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(l) => Ok(l),
+            Err(RecvTimeoutError::Timeout) => bail!("{}: no output within {timeout:?}", self.what),
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = self.child.as_mut().and_then(|c| c.wait().ok());
+                bail!("{}: output ended (exit {status:?})", self.what)
+            }
+        }
+    }
+
+    /// Writes one line to the process's stdin.
+    pub fn send(&mut self, line: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("stdin closed")?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let child = self.child.as_mut().context("process already reaped")?;
+        let status =
+            eventually(&format!("{} to exit", self.what), timeout, || Ok(child.try_wait()?))?;
+        self.child = None;
+        Ok(status)
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NsProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A gateway whose process runs inside a namespace. The config comes from
+/// [`Gateway::prepare`]; admin listens on `127.0.0.1` inside the namespace and is queried with
+/// `ip netns exec <ns> curl`.
+pub struct NsGateway {
+    pub gw: Gateway,
+    ns: String,
+    child: Option<Child>,
+}
+
+impl NsGateway {
+    /// Writes the config and starts `fedgate run` in `ns`, waiting until `/healthz` answers.
+    pub fn start(
+        ns: &Netns,
+        root: &Path,
+        spec: GatewaySpec,
+        tls: (PathBuf, PathBuf, PathBuf),
+    ) -> Result<Self> {
+        let gw = Gateway::prepare(root, spec, tls)?;
+        let log_path = gw.dir.join("gateway.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let child = ns
+            .command(fedgate_bin())
+            .args([
+                "--log-level",
+                "info,fedgate=debug,fedgate_discovery=debug,fedgate_tunnel=debug",
+                "run",
+                "--config",
+            ])
+            .arg(gw.config_path())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawning fedgate run in a namespace")?;
+        let mut me = Self { gw, ns: ns.name.clone(), child: Some(child) };
+        let res = eventually("gateway /healthz", Duration::from_secs(20), || {
+            if let Some(status) = me.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("gateway exited early with {status}");
+            }
+            Ok(me.get("/healthz").ok().map(|_| ()))
+        });
+        if let Err(e) = res {
+            bail!("{e:#}\n--- {} log ---\n{}", me.gw.spec.id, me.gw.log_text());
+        }
+        Ok(me)
+    }
+
+    /// GET on the admin server (HTTP errors fail).
+    pub fn get(&self, path: &str) -> Result<String> {
+        let url = format!("http://{}{path}", self.gw.spec.admin);
+        run(Command::new("ip").args(["netns", "exec", &self.ns, "curl", "-sSf", "-m", "3", &url]))
+    }
+
+    pub fn json(&self, path: &str) -> Result<serde_json::Value> {
+        let body = self.get(path)?;
+        serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
+    }
+
+    /// Sends a signal by name (`ip netns exec` execs the gateway, so the pid is fedgate's).
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let pid = self.child.as_ref().context("gateway not running")?.id();
+        run(Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()))?;
+        Ok(())
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("gateway not running"),
+        }
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let child = self.child.as_mut().context("gateway not running")?;
+        let status = eventually("gateway to exit", timeout, || Ok(child.try_wait()?))?;
+        self.child = None;
+        Ok(status)
+    }
+}
+
+impl Drop for NsGateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- log of gateway {} ---\n{}", self.gw.spec.id, self.gw.log_text());
+        }
+    }
+}
+
+/// A spec for a gateway in a namespace: tunnel on the veth address, admin and DNS on
+/// `127.0.0.1`, ClusterSetIPs from `127.2.0.0/24` on the namespace's own `lo`.
+pub fn ns_spec(
+    id: &str,
+    clusterset: &str,
+    tunnel_ip: Ipv4Addr,
+    peers: &[(&str, Ipv4Addr)],
+    extra: &str,
+) -> GatewaySpec {
+    let local = |port| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    GatewaySpec {
+        id: id.to_owned(),
+        clusterset: clusterset.to_owned(),
+        region: format!("region-{id}"),
+        zone: format!("zone-{id}"),
+        tunnel: SocketAddr::new(tunnel_ip.into(), 15443),
+        admin: local(15000),
+        dns: local(10053),
+        vip_range: "127.2.0.0/24".to_owned(),
+        peers: peers
+            .iter()
+            .map(|(p, ip)| ((*p).to_owned(), SocketAddr::new((*ip).into(), 15443)))
+            .collect(),
+        lease: "5s".to_owned(),
+        extra: extra.to_owned(),
+    }
+}
+
+/// Waits (bounded) until `gw` imports `ns/name` from exactly `clusters`; returns its first
+/// ClusterSetIP.
+pub fn wait_vip(
+    gw: &NsGateway,
+    ns: &str,
+    name: &str,
+    clusters: &[&str],
+    timeout: Duration,
+) -> Result<String> {
+    let want: Vec<String> = clusters.iter().map(|s| s.to_string()).collect();
+    eventually(
+        &format!("{} to import {ns}/{name} from {clusters:?}", gw.gw.spec.id),
+        timeout,
+        || {
+            let imports = gw.json("/debug/imports")?;
+            Ok(crate::find_import(&imports, ns, name)
+                .filter(|i| crate::import_clusters(i) == want)
+                .and_then(|i| i["ips"][0].as_str().map(str::to_owned)))
+        },
+    )
+}
+
+/// Elapsed time helper for reports.
+pub fn secs(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64()
+}
+
+/// Python helpers run inside the namespaces: servers (`http`, `echo`, `sink`) print `READY`
+/// once listening; clients print one line per result.
+const FGTOOL: &str = r#"
+import hashlib, http.server, json, os, socket, socketserver, struct, sys, threading, time, urllib.request
+
+def serve(handler_cls, host, port):
+    class S(socketserver.ThreadingTCPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+    srv = S((host, int(port)), handler_cls)
+    print("READY", flush=True)
+    srv.serve_forever()
+
+class Echo(socketserver.BaseRequestHandler):
+    # Echoes every chunk at once; closes after the client's EOF.
+    def handle(self):
+        while True:
+            data = self.request.recv(65536)
+            if not data:
+                break
+            self.request.sendall(data)
+
+class Sink(socketserver.BaseRequestHandler):
+    # Reads until the client half-closes, then answers "<bytes> <sha256>" and closes.
+    def handle(self):
+        h = hashlib.sha256()
+        n = 0
+        while True:
+            data = self.request.recv(1 << 20)
+            if not data:
+                break
+            h.update(data)
+            n += len(data)
+        self.request.sendall(("%d %s\n" % (n, h.hexdigest())).encode())
+
+def http_server(host, port, directory):
+    class H(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=directory, **kw)
+        def log_message(self, *a):
+            pass
+    class S(http.server.ThreadingHTTPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+    srv = S((host, int(port)), H)
+    print("READY", flush=True)
+    srv.serve_forever()
+
+def http_loop(url, count, pause_at):
+    # One new connection per request; before request `pause_at` print PAUSE and wait for a line.
+    for i in range(int(count)):
+        if i == int(pause_at):
+            print("PAUSE", flush=True)
+            sys.stdin.readline()
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                print("ok %d %s" % (i, r.read().decode().strip()), flush=True)
+        except Exception as e:
+            print("err %d %r" % (i, e), flush=True)
+    print("DONE", flush=True)
+
+def send(host, port, total):
+    # Streams `total` bytes (1 MiB random block, each chunk tagged with its index), half-closes,
+    # then reads the sink's answer. Prints JSON.
+    total = int(total)
+    block = os.urandom(1 << 20)
+    h = hashlib.sha256()
+    s = socket.create_connection((host, int(port)), timeout=30)
+    t0 = time.monotonic()
+    sent, i = 0, 0
+    while sent < total:
+        chunk = struct.pack("<Q", i) + block[8:]
+        chunk = chunk[: total - sent]
+        s.sendall(chunk)
+        h.update(chunk)
+        sent += len(chunk)
+        i += 1
+    s.shutdown(socket.SHUT_WR)
+    reply = b""
+    while True:
+        data = s.recv(4096)
+        if not data:
+            break
+        reply += data
+    s.close()
+    print(json.dumps({"sent": sent, "sha256": h.hexdigest(), "reply": reply.decode().strip(),
+                      "secs": time.monotonic() - t0}), flush=True)
+
+def hold(host, port):
+    # Opens one connection and keeps it: "ping" on stdin -> round trip, "close" -> close.
+    s = socket.create_connection((host, int(port)), timeout=10)
+    def roundtrip(msg):
+        s.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            data = s.recv(4096)
+            if not data:
+                return False
+            got += data
+        return got == msg
+    print("OPEN" if roundtrip(b"hello\n") else "FAIL", flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "ping":
+            print("PONG" if roundtrip(b"ping\n") else "FAIL", flush=True)
+        elif cmd == "close":
+            s.shutdown(socket.SHUT_WR)
+            rest = s.recv(4096)
+            s.close()
+            print("CLOSED %d" % len(rest), flush=True)
+            return
+
+cmd, args = sys.argv[1], sys.argv[2:]
+if cmd == "echo":
+    serve(Echo, *args)
+elif cmd == "sink":
+    serve(Sink, *args)
+elif cmd == "http":
+    http_server(*args)
+elif cmd == "http-loop":
+    http_loop(*args)
+elif cmd == "send":
+    send(*args)
+elif cmd == "hold":
+    hold(*args)
+else:
+    sys.exit("unknown command " + cmd)
+"#;

@@ -1,0 +1,222 @@
+//! Traffic across network namespaces: one namespace per cluster joined by a veth pair (the
+//! tunnel port is reachable only across it), one `fedgate run` in each, backends as real
+//! Python servers. Clients run inside cluster `alpha`'s namespace and reach services through
+//! alpha's ClusterSetIPs. Needs root, `ip`, `curl` and `python3` (fails otherwise).
+//!
+//! `FEDGATE_NETNS_BYTES` overrides the size of the bulk transfer (default 1 GiB).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fedgate_e2e::netns::*;
+use fedgate_e2e::*;
+
+const CLUSTERSET: &str = "netns";
+const PROPAGATION: Duration = Duration::from_secs(15);
+const EXPORTED_AT: &str = "2026-01-01T00:00:00Z";
+/// Backends of alpha listen on 127.0.1.1 in alpha's namespace, bravo's on 127.0.2.1 in bravo's.
+const A_BACKEND: &str = "127.0.1.1";
+const B_BACKEND: &str = "127.0.2.1";
+
+struct Clusters {
+    net: Pair,
+    a: NsGateway,
+    b: NsGateway,
+}
+
+/// Two namespaces, a PKI, and gateways `alpha` (in `a`) and `bravo` (in `b`) peered over the
+/// veth pair. `extra_a` is appended to alpha's config.
+fn clusters(extra_a: &str) -> Result<Clusters> {
+    require_tools();
+    let net = Pair::new()?;
+    let root = net.dir().to_path_buf();
+    let pki = Pki::new(&root, "ca", CLUSTERSET)?;
+    let tls_a = pki.issue("alpha", &root.join("certs-alpha"))?;
+    let tls_b = pki.issue("bravo", &root.join("certs-bravo"))?;
+    let spec_a = ns_spec("alpha", CLUSTERSET, net.a_ip, &[("bravo", net.b_ip)], extra_a);
+    let spec_b = ns_spec("bravo", CLUSTERSET, net.b_ip, &[("alpha", net.a_ip)], "");
+    let a = NsGateway::start(&net.a, &root, spec_a, tls_a)?;
+    let b = NsGateway::start(&net.b, &root, spec_b, tls_b)?;
+    Ok(Clusters { net, a, b })
+}
+
+/// Exports `ns/name` (port 80 -> `target`) from `gw` with one ready endpoint `ip`.
+fn export(gw: &NsGateway, ns: &str, name: &str, ip: &str, target: u16) -> Result<()> {
+    gw.gw.write_cluster_file(
+        &format!("{name}.yaml"),
+        &service_yaml(ns, name, false, &[("tcp", 80, target)], &[(ip, true)], Some(EXPORTED_AT)),
+    )
+}
+
+/// An HTTP backend in `ns` serving `/cluster.txt` = `cluster`.
+fn http_backend(net: &Pair, ns: &Netns, cluster: &str, ip: &str, port: u16) -> Result<NsProc> {
+    let dir = net.dir().join(format!("www-{cluster}"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("cluster.txt"), format!("{cluster}\n"))?;
+    net.server(ns, &["http", ip, &port.to_string(), dir.to_str().context("utf-8 path")?])
+}
+
+/// `curl` inside alpha's namespace; returns the body.
+fn curl_in(ns: &Netns, url: &str) -> Result<String> {
+    Ok(run(ns.command("curl").args(["-sS", "-m", "5", url]))?.trim().to_owned())
+}
+
+#[test]
+fn curl_through_alpha_reaches_bravo_local_wins_failover_and_back() -> Result<()> {
+    let c = clusters("")?;
+    let (net, a, b) = (&c.net, &c.a, &c.b);
+
+    // 1. A service only bravo has: curl in alpha's namespace reaches it through the tunnel.
+    let _b_only = http_backend(net, &net.b, "bravo-only", B_BACKEND, 8081)?;
+    export(b, "demo", "remote", B_BACKEND, 8081)?;
+    let vip = wait_vip(a, "demo", "remote", &["bravo"], PROPAGATION)?;
+    let url = format!("http://{vip}/cluster.txt");
+    let body =
+        eventually("curl through alpha to bravo", PROPAGATION, || Ok(curl_in(&net.a, &url).ok()))?;
+    assert_eq!(body, "bravo-only");
+    // The backend itself is not reachable from alpha's namespace: only the tunnel carries it.
+    assert!(
+        curl_in(&net.a, &format!("http://{B_BACKEND}:8080/cluster.txt")).is_err(),
+        "bravo's backend must not be reachable directly from alpha's namespace"
+    );
+
+    // 2. Backends in both clusters: traffic stays in alpha.
+    let mut a_web = http_backend(net, &net.a, "alpha", A_BACKEND, 8080)?;
+    let _b_web = http_backend(net, &net.b, "bravo", B_BACKEND, 8080)?;
+    export(a, "demo", "web", A_BACKEND, 8080)?;
+    export(b, "demo", "web", B_BACKEND, 8080)?;
+    let vip = wait_vip(a, "demo", "web", &["alpha", "bravo"], PROPAGATION)?;
+    let url = format!("http://{vip}/cluster.txt");
+    eventually("alpha's web VIP to answer from alpha", PROPAGATION, || {
+        Ok(curl_in(&net.a, &url).ok().filter(|b| b == "alpha"))
+    })?;
+
+    // 3. 200 sequential connections; before number 50 alpha's backend is killed.
+    const TOTAL: usize = 200;
+    const KILL_AT: usize = 50;
+    let mut client =
+        net.tool(&net.a, &["http-loop", &url, &TOTAL.to_string(), &KILL_AT.to_string()])?;
+    let mut answers = Vec::with_capacity(TOTAL);
+    let started = Instant::now();
+    loop {
+        let line = client.line(Duration::from_secs(30))?;
+        match line.as_str() {
+            "DONE" => break,
+            "PAUSE" => {
+                a_web.kill();
+                client.send("go")?;
+            }
+            _ => answers.push(line),
+        }
+    }
+    let elapsed = started.elapsed();
+    let failed: Vec<&String> = answers.iter().filter(|l| !l.starts_with("ok ")).collect();
+    assert!(failed.is_empty(), "failed client connections: {failed:?}");
+    assert_eq!(answers.len(), TOTAL);
+    let cluster_of = |l: &String| l.rsplit(' ').next().unwrap_or_default().to_owned();
+    let before: Vec<String> = answers[..KILL_AT].iter().map(cluster_of).collect();
+    let after: Vec<String> = answers[KILL_AT..].iter().map(cluster_of).collect();
+    assert!(before.iter().all(|c| c == "alpha"), "with both up, alpha serves: {before:?}");
+    assert!(after.iter().all(|c| c == "bravo"), "alpha's backend down, bravo serves: {after:?}");
+    eprintln!("{TOTAL} connections, 0 failed, failover at #{KILL_AT}, {elapsed:?}");
+
+    // 4. Alpha's backend comes back: traffic returns to alpha (health check + ejection bound).
+    let _a_web = http_backend(net, &net.a, "alpha", A_BACKEND, 8080)?;
+    let restored = Instant::now();
+    eventually("traffic back in alpha", Duration::from_secs(30), || {
+        Ok(curl_in(&net.a, &url).ok().filter(|b| b == "alpha"))
+    })?;
+    eprintln!("traffic back in alpha {:?} after restoring its backend", restored.elapsed());
+    // And it stays there.
+    for _ in 0..10 {
+        assert_eq!(curl_in(&net.a, &url)?, "alpha");
+    }
+    Ok(())
+}
+
+#[test]
+fn half_close_gets_reply_and_bulk_transfer_is_byte_exact() -> Result<()> {
+    let c = clusters("")?;
+    let (net, a, b) = (&c.net, &c.a, &c.b);
+    let _sink = net.server(&net.b, &["sink", B_BACKEND, "9000"])?;
+    export(b, "demo", "sink", B_BACKEND, 9000)?;
+    let vip = wait_vip(a, "demo", "sink", &["bravo"], PROPAGATION)?;
+
+    // Half-close: the sink answers only after the client's FIN has crossed the tunnel.
+    let small = eventually("half-closed transfer through alpha", PROPAGATION, || {
+        let mut p = net.tool(&net.a, &["send", &vip, "80", "100000"])?;
+        let v: serde_json::Value = serde_json::from_str(&p.line(Duration::from_secs(20))?)?;
+        Ok((!v["reply"].as_str().unwrap_or_default().is_empty()).then_some(v))
+    })?;
+    assert_eq!(
+        small["reply"].as_str(),
+        Some(format!("100000 {}", small["sha256"].as_str().unwrap_or("?")).as_str()),
+        "reply after half-close: {small}"
+    );
+
+    // Bulk: 1 GiB from alpha's namespace through the tunnel into bravo's sink.
+    let bytes: u64 =
+        std::env::var("FEDGATE_NETNS_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 30);
+    let mut p = net.tool(&net.a, &["send", &vip, "80", &bytes.to_string()])?;
+    let line = p.line(Duration::from_secs(600))?;
+    let v: serde_json::Value = serde_json::from_str(&line).with_context(|| line.clone())?;
+    let secs = v["secs"].as_f64().unwrap_or(0.0);
+    assert_eq!(v["sent"].as_u64(), Some(bytes));
+    let want = format!("{bytes} {}", v["sha256"].as_str().unwrap_or("?"));
+    assert_eq!(v["reply"].as_str(), Some(want.as_str()), "byte-exact at the sink: {v}");
+    eprintln!(
+        "{bytes} bytes through the tunnel in {secs:.1} s ({:.0} MiB/s), sha256 equal on both sides",
+        bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_exits_when_the_open_connection_closes_not_at_drain_duration() -> Result<()> {
+    let drain = Duration::from_secs(30);
+    let mut c = clusters("traffic:\n  drainDuration: 30s\n")?;
+    let net = &c.net;
+    let _echo = net.server(&net.b, &["echo", B_BACKEND, "7000"])?;
+    export(&c.b, "demo", "echo", B_BACKEND, 7000)?;
+    let vip = wait_vip(&c.a, "demo", "echo", &["bravo"], PROPAGATION)?;
+
+    let mut hold = eventually("a connection through alpha", PROPAGATION, || {
+        let mut p = net.tool(&net.a, &["hold", &vip, "80"])?;
+        Ok((p.line(Duration::from_secs(10)).ok().as_deref() == Some("OPEN")).then_some(p))
+    })?;
+    c.a.signal("TERM")?;
+    let termed = Instant::now();
+    // While the connection is open the gateway keeps running and keeps carrying it.
+    for _ in 0..3 {
+        hold.send("ping")?;
+        assert_eq!(hold.line(Duration::from_secs(5))?, "PONG", "open connection still served");
+        assert!(c.a.try_wait()?.is_none(), "gateway exited while a connection was open");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // New connections are refused during the drain.
+    let probe = format!("import socket; socket.create_connection(('{vip}', 80), 2)");
+    let refused = net.a.command("python3").args(["-c", &probe]).output()?;
+    assert!(!refused.status.success(), "the draining gateway must not accept new connections");
+    assert!(c.a.try_wait()?.is_none(), "gateway exited while a connection was open");
+
+    hold.send("close")?;
+    let closed_line = hold.line(Duration::from_secs(5))?;
+    assert!(closed_line.starts_with("CLOSED"), "{closed_line}");
+    let closed = Instant::now();
+    let status = match c.a.wait_exit(Duration::from_secs(10)) {
+        Ok(s) => s,
+        Err(e) => bail!("{e:#}\n--- alpha log ---\n{}", c.a.gw.log_text()),
+    };
+    let after_close = closed.elapsed();
+    eprintln!(
+        "exit {status} {after_close:?} after the last connection closed, {:?} after SIGTERM \
+         (drainDuration {drain:?})",
+        termed.elapsed()
+    );
+    if !status.success() {
+        bail!("gateway exited with {status}:\n{}", c.a.gw.log_text());
+    }
+    assert!(after_close < Duration::from_secs(5), "exit follows the close: {after_close:?}");
+    assert!(termed.elapsed() < drain / 2, "exit long before drainDuration");
+    Ok(())
+}
