@@ -268,17 +268,21 @@ pub fn run_from_config(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow
         describe_metrics();
         let bound = build(cfg, metrics).await?;
         let shutdown = bound.shutdown.clone();
-        let serve = tokio::spawn(bound.run());
+        let mut serve = tokio::spawn(bound.run());
         tokio::select! {
-            r = serve => return r.context("gateway task panicked")?,
+            r = &mut serve => return r.context("gateway task panicked")?,
             () = signal() => {}
         }
         tracing::info!("signal received: draining (a second signal exits at once)");
         shutdown.cancel();
-        // The drain finishes on its own; a second signal cuts it short.
-        signal().await;
-        tracing::warn!("second signal: exiting without waiting for the drain");
-        std::process::exit(130)
+        // The drain finishes on its own (exit as soon as it has); a second signal cuts it short.
+        tokio::select! {
+            r = &mut serve => r.context("gateway task panicked")?,
+            () = signal() => {
+                tracing::warn!("second signal: exiting without waiting for the drain");
+                std::process::exit(130)
+            }
+        }
     })
 }
 
