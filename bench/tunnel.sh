@@ -1,0 +1,314 @@
+#!/usr/bin/env bash
+# Tunnel benchmark (issue 3 item 9): one TCP stream (iperf3) and 1 KB request/response
+# latency, each through four paths on loopback, in one invocation:
+#   direct     client -> server
+#   fedgate    client -> gateway A (ClusterSetIP) -> QUIC mTLS -> gateway B -> server
+#   stunnel    client -> stunnel4 client -> mutual TLS -> stunnel4 server -> server
+#   haproxy    client -> haproxy -> TLS (client cert, verify required both ways) -> haproxy -> server
+# plus CPU seconds per GB moved (utime+stime of both proxy processes, from /proc/<pid>/stat).
+# Targets: fedgate throughput >= 1.2x stunnel; fedgate added p99 <= haproxy added p99.
+# Baselines come from Debian packages (iperf3, stunnel4, haproxy; installed when missing).
+# All proxies use the same ECDSA P-256 certificates from `fedgate certs`.
+#
+#   bench/tunnel.sh                              # 10 s iperf3 per path, 20000 round trips
+#   DURATION=5 ROUNDS=5000 REPEAT=3 bench/tunnel.sh
+#   PROFILE=1 bench/tunnel.sh                    # + perf profile of both gateways under iperf3
+#   FEDGATE_BIN=target/release/fedgate bench/tunnel.sh   # skip the cargo build
+set -euo pipefail
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-20000}
+REPEAT=${REPEAT:-1}
+PROFILE=${PROFILE:-0}
+root=$(cd "$(dirname "$0")/.." && pwd)
+here=$root/bench/tunnel
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [[ ${KEEP:-0} == 1 ]]; then echo "kept $work" >&2; else rm -rf "$work" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
+
+need=()
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || need+=(stunnel4)
+command -v haproxy >/dev/null || need+=(haproxy)
+if ((${#need[@]})); then
+  echo "installing ${need[*]} (Debian packages)"
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >"$work/apt.log" 2>&1; then
+    apt-get update -q >>"$work/apt.log" 2>&1
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >>"$work/apt.log" 2>&1 ||
+      { cat "$work/apt.log" >&2; echo "could not install ${need[*]}" >&2; exit 1; }
+  fi
+fi
+STUNNEL=$(command -v stunnel4 || command -v stunnel)
+
+if [[ -n ${FEDGATE_BIN:-} ]]; then
+  bin=$(realpath "$FEDGATE_BIN")
+else
+  echo "building fedgate (release)"
+  (cd "$root" && cargo build --release -q -p fedgate)
+  bin=$root/target/release/fedgate
+fi
+
+free_tcp() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+tck=$(getconf CLK_TCK)
+# utime+stime (clock ticks) of the given pids, summed over all their threads.
+cpu_ticks() {
+  local t=0 pid f
+  for pid in "$@"; do
+    f=$(sed 's/.*) //' "/proc/$pid/stat")
+    t=$((t + $(echo "$f" | awk '{print $12 + $13}')))
+  done
+  echo "$t"
+}
+wait_tcp() { # host port what
+  for _ in $(seq 1 150); do
+    python3 -c "import socket,sys; socket.create_connection(('$1',$2),timeout=0.5).close()" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "$3 did not come up on $1:$2" >&2
+  exit 1
+}
+
+# --- servers -------------------------------------------------------------------------------
+SRV=127.0.1.22
+IPERF_PORT=$(free_tcp); ECHO_PORT=$(free_tcp)
+iperf3 -s -B "$SRV" -p "$IPERF_PORT" >"$work/iperf3-server.log" 2>&1 & pids+=($!)
+python3 "$here/echo.py" "$SRV" "$ECHO_PORT" & pids+=($!)
+wait_tcp "$SRV" "$IPERF_PORT" iperf3
+wait_tcp "$SRV" "$ECHO_PORT" echo
+
+# --- PKI (shared by every proxy) -----------------------------------------------------------
+"$bin" certs ca --clusterset bench --out "$work/certs" >/dev/null
+for c in a b; do "$bin" certs issue --ca "$work/certs" --cluster "$c" --out "$work/certs" >/dev/null; done
+C=$work/certs
+for c in a b; do cat "$C/$c.crt" "$C/$c.key" >"$C/$c.pem"; done
+
+# --- fedgate A -> QUIC -> fedgate B --------------------------------------------------------
+A=127.0.0.21; B=127.0.0.22
+TUN_A=$(free_udp); TUN_B=$(free_udp)
+gateway() { # id ip tunnel-port peer-id peer-ip peer-port vip-octet
+  local d=$work/$1
+  mkdir -p "$d/cluster"
+  cat >"$d/gateway.yaml" <<YAML
+cluster: { id: $1, clusterset: bench, locality: { region: r-$1, zone: z-$1 } }
+discovery: { source: file, file: { dir: ./cluster }, peerLeaseDuration: 15s }
+peers: [ { id: $4, address: "$5:$6" } ]
+tls: { cert: $C/$1.crt, key: $C/$1.key, ca: $C/ca.crt }
+tunnel: { listen: "$2:$3" }
+dns: { listen: "$2:$(free_udp)", upstream: [ "127.0.0.1:9" ], ttl: 5s }
+front: { mode: vip, clusterSetIPRange: 127.2.$7.0/24 }
+admin: { listen: "$2:$(free_tcp)" }
+traffic: { healthCheck: { interval: 5s, timeout: 1s, unhealthyThreshold: 2, healthyThreshold: 1 } }
+YAML
+}
+gateway a "$A" "$TUN_A" b "$B" "$TUN_B" 21
+gateway b "$B" "$TUN_B" a "$A" "$TUN_A" 22
+cat >"$work/b/cluster/bench.yaml" <<YAML
+apiVersion: v1
+kind: Service
+metadata: { name: bench, namespace: bench }
+spec:
+  type: ClusterIP
+  ports:
+  - { name: iperf, port: $IPERF_PORT, protocol: TCP }
+  - { name: echo, port: $ECHO_PORT, protocol: TCP }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: bench-b, namespace: bench, labels: { kubernetes.io/service-name: bench } }
+addressType: IPv4
+ports:
+- { name: iperf, port: $IPERF_PORT, protocol: TCP }
+- { name: echo, port: $ECHO_PORT, protocol: TCP }
+endpoints:
+- { addresses: ["$SRV"], conditions: { ready: true } }
+---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: { name: bench, namespace: bench }
+YAML
+for g in a b; do
+  (cd "$work/$g" && RUST_LOG=${FEDGATE_LOG:-warn} exec "$bin" run --config gateway.yaml) >"$work/$g.log" 2>&1 &
+  pids+=($!)
+  eval "PID_${g^^}=$!"
+done
+admin_a=$(awk -F'"' '/^admin:/ {print $2}' "$work/a/gateway.yaml")
+VIP=""
+for _ in $(seq 1 150); do
+  VIP=$(curl -sf "http://$admin_a/debug/imports" 2>/dev/null | python3 -c '
+import json, sys
+for s in json.load(sys.stdin):
+    if s.get("name") == "bench" or "bench" in json.dumps(s.get("key", "")):
+        if s.get("ips"):
+            print(s["ips"][0]); break' 2>/dev/null || true)
+  [[ -n $VIP ]] && break
+  sleep 0.2
+done
+[[ -n $VIP ]] || { echo "gateway a never imported bench/bench; logs:" >&2; tail -n 20 "$work"/a.log "$work"/b.log >&2; exit 1; }
+for _ in $(seq 1 100); do
+  python3 "$here/rr.py" "$VIP" "$ECHO_PORT" 10 0 >/dev/null 2>&1 && break
+  sleep 0.2
+done
+python3 "$here/rr.py" "$VIP" "$ECHO_PORT" 10 0 >/dev/null || { echo "no echo through fedgate ($VIP)" >&2; tail -n 20 "$work"/a.log "$work"/b.log >&2; exit 1; }
+
+# --- stunnel4 two-hop mutual TLS -----------------------------------------------------------
+S1=127.0.0.31; S2=127.0.0.32
+SI1=$(free_tcp); SE1=$(free_tcp); SI2=$(free_tcp); SE2=$(free_tcp)
+cat >"$work/stunnel-client.conf" <<CONF
+foreground = yes
+pid =
+[iperf]
+client = yes
+accept = $S1:$SI1
+connect = $S2:$SI2
+cert = $C/a.crt
+key = $C/a.key
+CAfile = $C/ca.crt
+verifyChain = yes
+[echo]
+client = yes
+accept = $S1:$SE1
+connect = $S2:$SE2
+cert = $C/a.crt
+key = $C/a.key
+CAfile = $C/ca.crt
+verifyChain = yes
+CONF
+cat >"$work/stunnel-server.conf" <<CONF
+foreground = yes
+pid =
+[iperf]
+accept = $S2:$SI2
+connect = $SRV:$IPERF_PORT
+cert = $C/b.crt
+key = $C/b.key
+CAfile = $C/ca.crt
+verifyChain = yes
+requireCert = yes
+[echo]
+accept = $S2:$SE2
+connect = $SRV:$ECHO_PORT
+cert = $C/b.crt
+key = $C/b.key
+CAfile = $C/ca.crt
+verifyChain = yes
+requireCert = yes
+CONF
+"$STUNNEL" "$work/stunnel-server.conf" >"$work/stunnel-server.log" 2>&1 & pids+=($!); PID_S2=$!
+"$STUNNEL" "$work/stunnel-client.conf" >"$work/stunnel-client.log" 2>&1 & pids+=($!); PID_S1=$!
+wait_tcp "$S1" "$SE1" "stunnel client"
+wait_tcp "$S2" "$SE2" "stunnel server"
+
+# --- haproxy two-hop TLS (client certificate, verify required both ways) -------------------
+H1=127.0.0.41; H2=127.0.0.42
+HI1=$(free_tcp); HE1=$(free_tcp); HI2=$(free_tcp); HE2=$(free_tcp)
+haproxy_defaults='global
+  maxconn 1000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s'
+cat >"$work/haproxy-client.cfg" <<CONF
+$haproxy_defaults
+listen iperf
+  bind $H1:$HI1
+  server s $H2:$HI2 ssl crt $C/a.pem ca-file $C/ca.crt verify required
+listen echo
+  bind $H1:$HE1
+  server s $H2:$HE2 ssl crt $C/a.pem ca-file $C/ca.crt verify required
+CONF
+cat >"$work/haproxy-server.cfg" <<CONF
+$haproxy_defaults
+listen iperf
+  bind $H2:$HI2 ssl crt $C/b.pem ca-file $C/ca.crt verify required
+  server s $SRV:$IPERF_PORT
+listen echo
+  bind $H2:$HE2 ssl crt $C/b.pem ca-file $C/ca.crt verify required
+  server s $SRV:$ECHO_PORT
+CONF
+haproxy -db -f "$work/haproxy-server.cfg" >"$work/haproxy-server.log" 2>&1 & pids+=($!); PID_H2=$!
+haproxy -db -f "$work/haproxy-client.cfg" >"$work/haproxy-client.log" 2>&1 & pids+=($!); PID_H1=$!
+wait_tcp "$H1" "$HE1" "haproxy client"
+wait_tcp "$H2" "$HE2" "haproxy server"
+
+# --- runs ----------------------------------------------------------------------------------
+# path -> "host iperf-port echo-port proxy-pids"
+declare -A target=(
+  [direct]="$SRV $IPERF_PORT $ECHO_PORT"
+  [fedgate]="$VIP $IPERF_PORT $ECHO_PORT $PID_A $PID_B"
+  [stunnel]="$S1 $SI1 $SE1 $PID_S1 $PID_S2"
+  [haproxy]="$H1 $HI1 $HE1 $PID_H1 $PID_H2"
+)
+paths=(direct fedgate stunnel haproxy)
+echo "iperf3 ${DURATION}s x $REPEAT per path, $ROUNDS x 1 KB round trips per path (fedgate VIP $VIP)"
+for p in "${paths[@]}"; do
+  read -r host iport eport ppids <<<"${target[$p]}"
+  # shellcheck disable=SC2086
+  for r in $(seq 1 "$REPEAT"); do
+    t0=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
+    iperf3 -c "$host" -p "$iport" -t "$DURATION" -J >"$work/iperf.$p.$r.json" ||
+      { echo "iperf3 through $p failed" >&2; cat "$work/iperf.$p.$r.json" >&2; exit 1; }
+    t1=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
+    python3 - "$work/iperf.$p.$r.json" "$((t1 - t0))" "$tck" >>"$work/tput.$p" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+s = j["end"]["sum_received"]
+print(s["bits_per_second"] / 1e9, s["bytes"], int(sys.argv[2]) / int(sys.argv[3]))
+PY
+    printf '  %-8s run %d: %s\n' "$p" "$r" "$(tail -n1 "$work/tput.$p" | awk '{printf "%.2f Gb/s, %.2f GB, proxy CPU %.2f s", $1, $2/1e9, $3}')"
+  done
+  python3 "$here/rr.py" "$host" "$eport" "$ROUNDS" 1000 >"$work/lat.$p" ||
+    { echo "latency run through $p failed" >&2; exit 1; }
+  printf '  %-8s latency: p50 %s us, p99 %s us\n' "$p" "$(awk '{print $1}' "$work/lat.$p")" "$(awk '{print $2}' "$work/lat.$p")"
+done
+
+python3 - "$work" "$DURATION" "$ROUNDS" "$REPEAT" <<'PY'
+import statistics, sys
+work, duration, rounds, repeat = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+paths = ["direct", "fedgate", "stunnel", "haproxy"]
+row = {}
+for p in paths:
+    runs = [tuple(map(float, l.split())) for l in open(f"{work}/tput.{p}")]
+    gbps = statistics.median(r[0] for r in runs)
+    gb = sum(r[1] for r in runs) / 1e9
+    cpu = sum(r[2] for r in runs)
+    p50, p99, mean, _ = map(float, open(f"{work}/lat.{p}").read().split())
+    row[p] = dict(gbps=gbps, cpu_per_gb=(cpu / gb if p != "direct" and gb else None), p50=p50, p99=p99)
+d99 = row["direct"]["p99"]
+print()
+print(f"| path | Gb/s (1 stream, median of {repeat}) | x stunnel | x haproxy | p50 us | p99 us | added p99 us | proxy CPU s/GB |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for p in paths:
+    r = row[p]
+    cpu = f"{r['cpu_per_gb']:.2f}" if r["cpu_per_gb"] is not None else "-"
+    added = f"{r['p99'] - d99:+.1f}" if p != "direct" else "-"
+    print(f"| {p} | {r['gbps']:.2f} | {r['gbps'] / row['stunnel']['gbps']:.2f} | {r['gbps'] / row['haproxy']['gbps']:.2f} "
+          f"| {r['p50']:.1f} | {r['p99']:.1f} | {added} | {cpu} |")
+f, s, h = row["fedgate"], row["stunnel"], row["haproxy"]
+ok_t = f["gbps"] >= 1.2 * s["gbps"]
+ok_l = (f["p99"] - d99) <= (h["p99"] - d99)
+print()
+print(f"target throughput >= 1.2x stunnel: {'PASS' if ok_t else 'FAIL'} ({f['gbps'] / s['gbps']:.2f}x)")
+print(f"target added p99 <= haproxy's:     {'PASS' if ok_l else 'FAIL'} (fedgate {f['p99'] - d99:+.1f} us, haproxy {h['p99'] - d99:+.1f} us)")
+print(f"(iperf3 -t {duration}; {rounds} round trips of 1024 B over one connection; CPU = utime+stime of both proxy processes during the iperf3 runs)")
+PY
+
+if [[ $PROFILE == 1 ]]; then
+  command -v perf >/dev/null || { echo "perf not found (apt-get install linux-perf)" >&2; exit 0; }
+  echo
+  echo "profiling both gateways during one more ${DURATION}s iperf3 run through fedgate"
+  perf record -q -F 999 -g -o "$work/perf.data" -p "$PID_A,$PID_B" -- sleep "$((DURATION + 1))" >/dev/null 2>&1 &
+  perf_pid=$!
+  sleep 0.5
+  iperf3 -c "$VIP" -p "$IPERF_PORT" -t "$DURATION" >/dev/null
+  wait "$perf_pid" || true
+  perf report -i "$work/perf.data" --no-children --sort comm,dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 15
+  echo
+  perf report -i "$work/perf.data" --no-children --sort sym --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 40
+fi
