@@ -103,6 +103,20 @@ impl Drop for Netns {
     }
 }
 
+/// Deletes namespaces `fg-<pid>-...` left by an earlier test process that died without
+/// running its guards (SIGKILL, timeout), together with the processes it started in them.
+fn reap_stale_namespaces() {
+    let Ok(list) = run(Command::new("ip").args(["netns", "list"])) else { return };
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let mut parts = name.split('-');
+        let (Some("fg"), Some(pid)) = (parts.next(), parts.next()) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            drop(Netns { name: name.to_owned() });
+        }
+    }
+}
+
 /// Two namespaces `a` and `b` joined by a veth pair: `a` has `10.250.<n>.1/24`, `b` `.2`.
 pub struct Pair {
     pub a: Netns,
@@ -115,6 +129,7 @@ pub struct Pair {
 
 impl Pair {
     pub fn new() -> Result<Self> {
+        reap_stale_namespaces();
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
@@ -430,9 +445,11 @@ def http_server(host, port, directory):
     print("READY", flush=True)
     srv.serve_forever()
 
-def http_loop(url, count, pause_at):
-    # One new connection per request; before request `pause_at` print PAUSE and wait for a line.
+def http_loop(url, count, pause_at, interval_ms):
+    # One new connection per request, `interval_ms` apart; before request `pause_at` print
+    # PAUSE and wait for a line on stdin.
     for i in range(int(count)):
+        time.sleep(int(interval_ms) / 1000)
         if i == int(pause_at):
             print("PAUSE", flush=True)
             sys.stdin.readline()

@@ -61,6 +61,18 @@ fn curl_in(ns: &Netns, url: &str) -> Result<String> {
     Ok(run(ns.command("curl").args(["-sS", "-m", "5", url]))?.trim().to_owned())
 }
 
+/// Alpha's own endpoint `ip` of service `name` in a `/debug/endpoints` answer.
+fn local_endpoint(debug: &serde_json::Value, name: &str, ip: &str) -> Result<serde_json::Value> {
+    let services = debug["services"].as_array().context("services in /debug/endpoints")?;
+    services
+        .iter()
+        .filter(|s| s["service"]["name"] == name)
+        .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+        .find(|e| e["cluster"] == "alpha" && e["address"] == ip)
+        .cloned()
+        .with_context(|| format!("alpha endpoint {ip} of {name} in {debug}"))
+}
+
 #[test]
 fn curl_through_alpha_reaches_bravo_local_wins_failover_and_back() -> Result<()> {
     let c = clusters("")?;
@@ -91,11 +103,12 @@ fn curl_through_alpha_reaches_bravo_local_wins_failover_and_back() -> Result<()>
         Ok(curl_in(&net.a, &url).ok().filter(|b| b == "alpha"))
     })?;
 
-    // 3. 200 sequential connections; before number 50 alpha's backend is killed.
+    // 3. 200 sequential connections, 20 ms apart (the 150 after the kill span the health
+    // checker's detection, ~2 s); before number 50 alpha's backend is killed (SIGKILL).
     const TOTAL: usize = 200;
     const KILL_AT: usize = 50;
-    let mut client =
-        net.tool(&net.a, &["http-loop", &url, &TOTAL.to_string(), &KILL_AT.to_string()])?;
+    let args = ["http-loop", &url, &TOTAL.to_string(), &KILL_AT.to_string(), "20"];
+    let mut client = net.tool(&net.a, &args)?;
     let mut answers = Vec::with_capacity(TOTAL);
     let started = Instant::now();
     loop {
@@ -119,6 +132,13 @@ fn curl_through_alpha_reaches_bravo_local_wins_failover_and_back() -> Result<()>
     assert!(before.iter().all(|c| c == "alpha"), "with both up, alpha serves: {before:?}");
     assert!(after.iter().all(|c| c == "bravo"), "alpha's backend down, bravo serves: {after:?}");
     eprintln!("{TOTAL} connections, 0 failed, failover at #{KILL_AT}, {elapsed:?}");
+    // Alpha's own endpoint is now out of the candidates (probe failures or passive ejection).
+    let skipped =
+        eventually("alpha's dead endpoint to be skipped", Duration::from_secs(10), || {
+            let view = local_endpoint(&a.json("/debug/endpoints")?, "web", A_BACKEND)?;
+            Ok((view["healthy"] == false).then(|| view["skipped"].clone()))
+        })?;
+    eprintln!("alpha's killed endpoint skipped for {skipped}");
 
     // 4. Alpha's backend comes back: traffic returns to alpha (health check + ejection bound).
     let _a_web = http_backend(net, &net.a, "alpha", A_BACKEND, 8080)?;
@@ -142,17 +162,23 @@ fn half_close_gets_reply_and_bulk_transfer_is_byte_exact() -> Result<()> {
     export(b, "demo", "sink", B_BACKEND, 9000)?;
     let vip = wait_vip(a, "demo", "sink", &["bravo"], PROPAGATION)?;
 
-    // Half-close: the sink answers only after the client's FIN has crossed the tunnel.
-    let small = eventually("half-closed transfer through alpha", PROPAGATION, || {
-        let mut p = net.tool(&net.a, &["send", &vip, "80", "100000"])?;
-        let v: serde_json::Value = serde_json::from_str(&p.line(Duration::from_secs(20))?)?;
-        Ok((!v["reply"].as_str().unwrap_or_default().is_empty()).then_some(v))
-    })?;
-    assert_eq!(
-        small["reply"].as_str(),
-        Some(format!("100000 {}", small["sha256"].as_str().unwrap_or("?")).as_str()),
-        "reply after half-close: {small}"
-    );
+    // Half-close: the sink answers only after the client's FIN has crossed the tunnel. The
+    // same through a sink in alpha's own namespace (the local proxy path).
+    let _local_sink = net.server(&net.a, &["sink", A_BACKEND, "9000"])?;
+    export(a, "demo", "local-sink", A_BACKEND, 9000)?;
+    let local_vip = wait_vip(a, "demo", "local-sink", &["alpha"], PROPAGATION)?;
+    for (what, vip) in [("through the tunnel", &vip), ("to alpha's own backend", &local_vip)] {
+        let small = eventually(&format!("half-closed transfer {what}"), PROPAGATION, || {
+            let mut p = net.tool(&net.a, &["send", vip, "80", "100000"])?;
+            let v: serde_json::Value = serde_json::from_str(&p.line(Duration::from_secs(20))?)?;
+            Ok((!v["reply"].as_str().unwrap_or_default().is_empty()).then_some(v))
+        })?;
+        assert_eq!(
+            small["reply"].as_str(),
+            Some(format!("100000 {}", small["sha256"].as_str().unwrap_or("?")).as_str()),
+            "reply after half-close {what}: {small}"
+        );
+    }
 
     // Bulk: 1 GiB from alpha's namespace through the tunnel into bravo's sink.
     let bytes: u64 =
