@@ -100,7 +100,7 @@ def services_yaml(ns, n, endpoints=1, prefix="s"):
     for i in range(n):
         name = f"{prefix}{i}"
         eps = "".join(
-            f'- addresses: ["127.{100 + e}.{(i >> 8) & 255}.{(i & 255) + 1}"]\n  conditions: {{ ready: true }}\n'
+            f'- addresses: ["127.{100 + e}.{(i >> 8) & 255}.{i & 255}"]\n  conditions: {{ ready: true }}\n'
             for e in range(endpoints))
         out.append(f"""apiVersion: v1
 kind: Service

@@ -14,7 +14,7 @@ use anyhow::Context;
 use fedgate_discovery::alloc::Allocator;
 use fedgate_discovery::exports::LocalExports;
 use fedgate_discovery::imports::{self, ImportSet};
-use fedgate_discovery::model::{ImportSnapshot, ImportedService};
+use fedgate_discovery::model::{ImportSnapshot, ImportedService, ServiceKey};
 use fedgate_discovery::source::file::FileSource;
 use fedgate_dns::{DnsServer, DnsSettings};
 use fedgate_tunnel::{Identity, PeerConfig, TunnelEndpoint, TunnelSettings};
@@ -311,11 +311,23 @@ fn describe_metrics() {
 /// `/debug/imports`: every import as flat JSON; `?service=ns/name` or `?namespace=ns` narrow
 /// it, `?summary=1` answers only counts (cheap to poll).
 fn imports_view(snapshot: &Arc<ImportSnapshot>, q: &Query) -> Value {
-    let matches = |s: &ImportedService| {
-        q.get("namespace").is_none_or(|ns| &s.key.namespace == ns)
-            && q.get("service").is_none_or(|k| *k == s.key.to_string())
-    };
-    let selected = snapshot.services.values().filter(|s| matches(s));
+    // Lookups go through the ordered map (namespace, then name) so that polling one service
+    // or one namespace costs O(log n + k), not a walk over every import.
+    let selected: Box<dyn Iterator<Item = &Arc<ImportedService>>> =
+        if let Some((ns, name)) = q.get("service").and_then(|k| k.split_once('/')) {
+            Box::new(snapshot.services.get(&ServiceKey::new(ns, name)).into_iter())
+        } else if let Some(ns) = q.get("namespace") {
+            let ns = ns.clone();
+            Box::new(
+                snapshot
+                    .services
+                    .range(ServiceKey::new(ns.clone(), "")..)
+                    .take_while(move |(k, _)| k.namespace == ns)
+                    .map(|(_, s)| s),
+            )
+        } else {
+            Box::new(snapshot.services.values())
+        };
     if q.get("summary").is_some_and(|v| v == "1" || v == "true") {
         let mut count = 0usize;
         let mut endpoints = 0usize;

@@ -5,7 +5,7 @@
 //! the gateway accepts, so a closed port fails it (the Istio 1.12 lesson). The checker
 //! publishes a [`HealthMap`] only when some endpoint's health changed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -245,47 +245,60 @@ impl HealthChecker {
         let mut seen: BTreeMap<ServiceKey, Arc<LocalService>> = BTreeMap::new();
         let mut map = HealthMap::new();
         let mut cluster_open = true;
+        // The cluster state last reconciled: probe results wake this loop far more often than
+        // the cluster changes, and a walk over 10k services per probe result is what made
+        // single-service propagation slow at scale.
+        let mut reconciled: Option<Arc<ClusterState>> = None;
+        // Services whose endpoint health changed since the last publish (for the gauges).
+        let mut touched: BTreeSet<ServiceKey> = BTreeSet::new();
         loop {
             let state = self.cluster.borrow_and_update().clone();
             let mut changed = false;
-            // Services gone or no longer exported.
-            let gone: Vec<ServiceKey> = seen
-                .keys()
-                .filter(|k| !state.services.contains_key(*k) || !state.exports.contains_key(*k))
-                .cloned()
-                .collect();
-            for key in gone {
-                seen.remove(&key);
-                changed |= self.forget(&key, None, &mut targets, &mut counters, &mut map);
-                metrics::set_endpoint_health(&key.to_string(), 0, 0);
-            }
-            for (key, service) in &state.services {
-                if !state.exports.contains_key(key) {
-                    continue;
+            if reconciled.as_ref().is_some_and(|r| Arc::ptr_eq(r, &state)) {
+                // Nothing to reconcile; go straight to waiting.
+            } else {
+                reconciled = Some(state.clone());
+                // Services gone or no longer exported.
+                let gone: Vec<ServiceKey> = seen
+                    .keys()
+                    .filter(|k| !state.services.contains_key(*k) || !state.exports.contains_key(*k))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    seen.remove(&key);
+                    changed |= self.forget(&key, None, &mut targets, &mut counters, &mut map);
+                    metrics::set_endpoint_health(&key.to_string(), 0, 0);
                 }
-                if seen.get(key).is_some_and(|old| Arc::ptr_eq(old, service)) {
-                    continue;
-                }
-                seen.insert(key.clone(), service.clone());
-                let wanted: BTreeMap<_, _> = service_targets(service).into_iter().collect();
-                changed |= self.forget(key, Some(&wanted), &mut targets, &mut counters, &mut map);
-                for (tkey, addr) in wanted {
-                    if targets.get(&tkey).is_some_and(|t| t.addr == addr) {
+                for (key, service) in &state.services {
+                    if !state.exports.contains_key(key) {
                         continue;
                     }
-                    let task = tokio::spawn(probe_loop(
-                        tkey.clone(),
-                        addr,
-                        self.settings.clone(),
-                        results_tx.clone(),
-                    ));
-                    if let Some(old) = targets.insert(tkey, Target { addr, task }) {
-                        old.task.abort();
+                    if seen.get(key).is_some_and(|old| Arc::ptr_eq(old, service)) {
+                        continue;
                     }
+                    seen.insert(key.clone(), service.clone());
+                    let wanted: BTreeMap<_, _> = service_targets(service).into_iter().collect();
+                    changed |=
+                        self.forget(key, Some(&wanted), &mut targets, &mut counters, &mut map);
+                    for (tkey, addr) in wanted {
+                        if targets.get(&tkey).is_some_and(|t| t.addr == addr) {
+                            continue;
+                        }
+                        let task = tokio::spawn(probe_loop(
+                            tkey.clone(),
+                            addr,
+                            self.settings.clone(),
+                            results_tx.clone(),
+                        ));
+                        if let Some(old) = targets.insert(tkey, Target { addr, task }) {
+                            old.task.abort();
+                        }
+                    }
+                    touched.insert(key.clone());
                 }
             }
             if changed {
-                self.publish(&map);
+                self.publish(&map, &mut touched);
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -304,6 +317,7 @@ impl HealthChecker {
                             let after = counter.observe(ok, &self.settings);
                             if before != after {
                                 tracing::info!(service = %tkey.0, endpoint = %addr, health = ?after, "endpoint health changed");
+                                touched.insert(tkey.0.clone());
                                 map.insert(tkey, after);
                                 changed = true;
                             }
@@ -311,7 +325,7 @@ impl HealthChecker {
                         next = results.try_recv().ok();
                     }
                     if changed {
-                        self.publish(&map);
+                        self.publish(&map, &mut touched);
                     }
                 }
             }
@@ -347,16 +361,17 @@ impl HealthChecker {
         changed
     }
 
-    fn publish(&self, map: &HealthMap) {
-        let mut per_service: BTreeMap<&ServiceKey, (usize, usize)> = BTreeMap::new();
-        for ((key, _), health) in map {
-            let e = per_service.entry(key).or_default();
-            e.1 += 1;
-            if *health == Health::Healthy {
-                e.0 += 1;
+    /// Publishes the map and refreshes the health gauges of the `touched` services only.
+    fn publish(&self, map: &HealthMap, touched: &mut BTreeSet<ServiceKey>) {
+        for key in std::mem::take(touched) {
+            let (mut healthy, mut total) = (0, 0);
+            for (_, health) in map
+                .range((key.clone(), IpAddr::from([0, 0, 0, 0]))..)
+                .take_while(|((k, _), _)| *k == key)
+            {
+                total += 1;
+                healthy += usize::from(*health == Health::Healthy);
             }
-        }
-        for (key, (healthy, total)) in per_service {
             metrics::set_endpoint_health(&key.to_string(), healthy, total);
         }
         self.tx.send_replace(Arc::new(map.clone()));
