@@ -17,6 +17,7 @@ import json, os, resource, shutil, statistics, subprocess, sys, tempfile, time, 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "fedgate")
 QUICK = "--quick" in sys.argv
+MEMORY_ONLY = "--memory-only" in sys.argv
 SIZES = [1, 1000] if QUICK else [1, 1000, 10000]
 SINGLE_RUNS = 20 if QUICK else 50
 MEM_SERVICES = 1000 if QUICK else 10000
@@ -146,54 +147,73 @@ def main():
     sh(BIN, "certs", "ca", "--clusterset", "bench", "--out", ca)
     gws = []
     try:
-        a = Gateway(tmp, "a", 10, [("b", 11)], ca); gws.append(a)
-        b = Gateway(tmp, "b", 11, [("a", 10)], ca); gws.append(b)
-        time.sleep(1)
-        rows = []
-        for n in SIZES:
-            ns = f"bench-{n}"
-            text = services_yaml(ns, n)
-            start = time.perf_counter()
-            a.write(f"{ns}.yaml", text)
-            local = wait_count(a, f"namespace={ns}", n, start)
-            remote = wait_count(b, f"namespace={ns}", n, start)
-            rows.append((n, local, remote))
-        print("\n## Export propagation (batch written as one file; time until all N are imported)\n")
-        print("| services | A's own imports (baseline) | peer B's imports | B / baseline |")
-        print("|---:|---:|---:|---:|")
-        for n, l, r in rows:
-            print(f"| {n} | {l * 1000:.0f} ms | {r * 1000:.0f} ms | {r / l:.2f}x |")
-
-        loaded = b.count("")["services"]
-        singles_local, singles_remote = [], []
-        for i in range(SINGLE_RUNS):
-            start = time.perf_counter()
-            a.write(f"probe-{i}.yaml", services_yaml("probe", 1, prefix=f"p{i}-"))
-            singles_local.append(wait_count(a, f"service=probe/p{i}-0", 1, start))
-            singles_remote.append(wait_count(b, f"service=probe/p{i}-0", 1, start))
-        print(f"\n## Single-service propagation with {loaded} services loaded ({SINGLE_RUNS} runs)\n")
-        print("| where | p50 | p99 | max | target |")
-        print("|---|---:|---:|---:|---|")
-        for name, xs in (("A's own imports (baseline)", singles_local), ("peer B's imports", singles_remote)):
-            print(f"| {name} | {pct(xs, 50) * 1000:.0f} ms | {pct(xs, 99) * 1000:.0f} ms | {max(xs) * 1000:.0f} ms | p99 < 1000 ms |")
+        if not MEMORY_ONLY:
+            propagation(tmp, ca, gws)
+        memory(tmp, ca, gws)
+    finally:
         for g in gws:
             g.stop()
-        gws.clear()
+        shutil.rmtree(tmp, ignore_errors=True)
 
-        # Memory: M imports MEM_SERVICES x 10 endpoints from each of 3 peers.
-        peers = [("p1", 21), ("p2", 22), ("p3", 23)]
-        m = Gateway(tmp, "m", 20, peers, ca); gws.append(m)
-        idle_rss = m.rss_mb()[0]
-        text = services_yaml("mem", MEM_SERVICES, endpoints=10)
-        for pid, host in peers:
-            others = [("m", 20)] + [(q, h) for q, h in peers if q != pid]
-            g = Gateway(tmp, pid, host, others, ca); gws.append(g)
-            g.write("mem.yaml", text)
+
+def propagation(tmp, ca, gws):
+    a = Gateway(tmp, "a", 10, [("b", 11)], ca); gws.append(a)
+    b = Gateway(tmp, "b", 11, [("a", 10)], ca); gws.append(b)
+    time.sleep(1)
+    rows = []
+    for n in SIZES:
+        ns = f"bench-{n}"
+        text = services_yaml(ns, n)
         start = time.perf_counter()
-        deadline = start + 300
+        a.write(f"{ns}.yaml", text)
+        local = wait_count(a, f"namespace={ns}", n, start)
+        remote = wait_count(b, f"namespace={ns}", n, start)
+        rows.append((n, local, remote))
+    print("\n## Export propagation (batch written as one file; time until all N are imported)\n")
+    print("| services | A's own imports (baseline) | peer B's imports | B / baseline |")
+    print("|---:|---:|---:|---:|")
+    for n, l, r in rows:
+        print(f"| {n} | {l * 1000:.0f} ms | {r * 1000:.0f} ms | {r / l:.2f}x |")
+
+    loaded = b.count("")["services"]
+    singles_local, singles_remote = [], []
+    for i in range(SINGLE_RUNS):
+        start = time.perf_counter()
+        a.write(f"probe-{i}.yaml", services_yaml("probe", 1, prefix=f"p{i}-"))
+        singles_local.append(wait_count(a, f"service=probe/p{i}-0", 1, start))
+        singles_remote.append(wait_count(b, f"service=probe/p{i}-0", 1, start))
+    print(f"\n## Single-service propagation with {loaded} services loaded ({SINGLE_RUNS} runs)\n")
+    print("| where | p50 | p99 | max | target |")
+    print("|---|---:|---:|---:|---|")
+    for name, xs in (("A's own imports (baseline)", singles_local), ("peer B's imports", singles_remote)):
+        print(f"| {name} | {pct(xs, 50) * 1000:.0f} ms | {pct(xs, 99) * 1000:.0f} ms | {max(xs) * 1000:.0f} ms | p99 < 1000 ms |")
+    for g in gws:
+        g.stop()
+    gws.clear()
+
+
+def memory(tmp, ca, gws):
+    """M imports from 3 peers: (a) 10 000 services x 10 endpoints in all, a third from each
+    peer (100 000 endpoints); (b) the same 10 000 x 10 exported by every peer (300 000)."""
+    rows = []
+    for label, split in (("10k services x 10 endpoints, a third from each peer", True),
+                         ("10k services x 10 endpoints from each of the 3 peers", False)):
+        peers = [("p1", 21), ("p2", 22), ("p3", 23)]
+        m = Gateway(tmp + f"/{split}", "m", 20, peers, ca); gws.append(m)
+        idle_rss = m.rss_mb()[0]
+        per_peer = -(-MEM_SERVICES // 3) if split else MEM_SERVICES
+        for n, (pid, host) in enumerate(peers):
+            others = [("m", 20)] + [(q, h) for q, h in peers if q != pid]
+            g = Gateway(tmp + f"/{split}", pid, host, others, ca); gws.append(g)
+            prefix = f"x{n}-" if split else "s"
+            g.write("mem.yaml", services_yaml("mem", per_peer, endpoints=10, prefix=prefix))
+        want_services = per_peer * 3 if split else MEM_SERVICES
+        want_endpoints = per_peer * 3 * 10
+        start = time.perf_counter()
+        deadline = start + 400
         while True:
             s = m.count("namespace=mem")
-            if s["services"] == MEM_SERVICES and s["endpoints"] == MEM_SERVICES * 30:
+            if s["services"] == want_services and s["endpoints"] == want_endpoints:
                 break
             if time.perf_counter() > deadline:
                 raise RuntimeError(f"memory run did not converge: {s}")
@@ -201,18 +221,16 @@ def main():
         converge = time.perf_counter() - start
         time.sleep(2)
         rss, hwm = m.rss_mb()
-        prss, phwm = gws[1].rss_mb()
-        print(f"\n## Resident memory ({MEM_SERVICES} services x 10 endpoints exported by each of 3 peers)\n")
-        print("| process | RSS | peak RSS | target |")
-        print("|---|---:|---:|---|")
-        print(f"| gateway M, idle, nothing imported (baseline) | {idle_rss:.0f} MB | | |")
-        print(f"| gateway M, {MEM_SERVICES} imports / {MEM_SERVICES * 30} endpoints | {rss:.0f} MB | {hwm:.0f} MB | < 200 MB |")
-        print(f"| peer p1 (exports {MEM_SERVICES} x 10, imports the others) | {prss:.0f} MB | {phwm:.0f} MB | |")
-        print(f"\nM converged {converge:.1f} s after the peers started.")
-    finally:
+        prss, _ = gws[-1].rss_mb()
+        rows.append((label, want_services, want_endpoints, idle_rss, rss, hwm, prss, converge))
         for g in gws:
             g.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        gws.clear()
+    print("\n## Resident memory of gateway M importing from 3 peers\n")
+    print("| scenario | imports | endpoints | M idle (baseline) | M RSS | M peak | a peer's RSS | converged | target |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for label, sv, ep, idle, rss, hwm, prss, conv in rows:
+        print(f"| {label} | {sv} | {ep} | {idle:.0f} MB | {rss:.0f} MB | {hwm:.0f} MB | {prss:.0f} MB | {conv:.1f} s | < 200 MB |")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,15 @@ pids=()
 cleanup() { echo; echo "==> stopping"; kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
-echo "==> starting backends (python3 http.server) on 127.0.1.11-13:8081"
+echo "==> starting backends (python3 http.server) on 127.0.1.11-13:8081 and 127.0.1.13:8082"
 for i in 11 12 13; do
   d=$run/www-$i; mkdir -p "$d"
   case $i in 11) c=east;; 12) c=west;; 13) c=north;; esac
   echo "hello from $c" > "$d/index.html"
   python3 -m http.server 8081 --bind 127.0.1.$i --directory "$d" >/dev/null 2>&1 & pids+=($!)
 done
+# The headless "db" service of north (port 8082).
+python3 -m http.server 8082 --bind 127.0.1.13 --directory "$run/www-13" >/dev/null 2>&1 & pids+=($!)
 
 echo "==> starting gateways east, west, north"
 for c in east west north; do
@@ -41,6 +43,8 @@ cat <<MSG
 
 fedgate demo is running (logs in $run/*.log). Try:
   dig @127.0.0.11 -p 5353 echo.demo.svc.clusterset.local +short
+  dig @127.0.0.11 -p 5353 echo.demo.svc.cluster.local +short      # east's own Service only
+  dig @127.0.0.11 -p 5353 db.demo.svc.clusterset.local +short     # headless: a VIP per remote endpoint
   curl -s http://\$(dig @127.0.0.11 -p 5353 echo.demo.svc.clusterset.local +short)/
   curl -s http://127.0.0.11:15000/debug/imports | python3 -m json.tool
   dashboard: http://127.0.0.11:15000/

@@ -290,7 +290,13 @@ impl TryFrom<wire::Service> for LocalService {
             }
         };
         let traffic_distribution = non_empty(spec.traffic_distribution);
-        let ip_families = ip_families(spec.ip_families, &cluster_ips)?;
+        let mut ip_families = ip_families(spec.ip_families, &cluster_ips)?;
+        if ip_families.is_empty() && !external {
+            // As the API server does in a single-stack IPv4 cluster: a headless Service (or a
+            // file-mode one without a clusterIP) still has a family, so it does not conflict
+            // with the ClusterIP exports of the same service.
+            ip_families.push(IpFamily::IPv4);
+        }
 
         Ok(LocalService {
             key,
@@ -811,7 +817,8 @@ spec:
             ("headless", "metadata: {name: a}\nspec: {clusterIP: None}", |s| {
                 assert!(s.cluster_ips.is_empty());
                 assert!(s.is_headless());
-                assert!(s.ip_families.is_empty());
+                // The API server's default family for a headless Service (single-stack IPv4).
+                assert_eq!(s.ip_families, vec![IpFamily::IPv4]);
             }),
             ("headless via clusterIPs", "metadata: {name: a}\nspec: {clusterIPs: [None]}", |s| {
                 assert!(s.is_headless());
@@ -839,6 +846,7 @@ spec:
                 |s| {
                     assert_eq!(s.kube_type, "ExternalName");
                     assert!(!s.is_headless());
+                    assert!(s.ip_families.is_empty());
                     assert_eq!(s.internal_traffic_policy, None);
                 },
             ),
