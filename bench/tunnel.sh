@@ -13,6 +13,7 @@
 #   bench/tunnel.sh                              # 10 s iperf3 per path, 20000 round trips
 #   DURATION=5 ROUNDS=5000 REPEAT=3 bench/tunnel.sh
 #   PROFILE=1 bench/tunnel.sh                    # + perf profile of both gateways under iperf3
+#   PROFILE=1 PERF_CALLGRAPH=dwarf PERF_FREQ=199 PERF_OUT=/tmp/fg.data bench/tunnel.sh  # keep it
 #   FEDGATE_BIN=target/release/fedgate bench/tunnel.sh   # skip the cargo build
 set -euo pipefail
 
@@ -65,6 +66,8 @@ cpu_ticks() {
   done
   echo "$t"
 }
+# Datagrams the kernel dropped for a full UDP receive buffer (this network namespace).
+udp_drops() { awk '/^Udp:/ { if (h) { print $6; exit } h = 1 }' /proc/net/snmp; }
 wait_tcp() { # host port what
   for _ in $(seq 1 150); do
     python3 -c "import socket,sys; socket.create_connection(('$1',$2),timeout=0.5).close()" 2>/dev/null && return 0
@@ -252,16 +255,18 @@ for p in "${paths[@]}"; do
   # shellcheck disable=SC2086
   for r in $(seq 1 "$REPEAT"); do
     t0=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
+    d0=$(udp_drops)
     iperf3 -c "$host" -p "$iport" -t "$DURATION" -J >"$work/iperf.$p.$r.json" ||
       { echo "iperf3 through $p failed" >&2; cat "$work/iperf.$p.$r.json" >&2; exit 1; }
     t1=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
+    drops=$(($(udp_drops) - d0))
     python3 - "$work/iperf.$p.$r.json" "$((t1 - t0))" "$tck" >>"$work/tput.$p" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))
 s = j["end"]["sum_received"]
 print(s["bits_per_second"] / 1e9, s["bytes"], int(sys.argv[2]) / int(sys.argv[3]))
 PY
-    printf '  %-8s run %d: %s\n' "$p" "$r" "$(tail -n1 "$work/tput.$p" | awk '{printf "%.2f Gb/s, %.2f GB, proxy CPU %.2f s", $1, $2/1e9, $3}')"
+    printf '  %-8s run %d: %s\n' "$p" "$r" "$(tail -n1 "$work/tput.$p" | awk '{printf "%.2f Gb/s, %.2f GB, proxy CPU %.2f s", $1, $2/1e9, $3}'), UDP rcvbuf drops $drops"
   done
   python3 "$here/rr.py" "$host" "$eport" "$ROUNDS" 1000 >"$work/lat.$p" ||
     { echo "latency run through $p failed" >&2; exit 1; }
@@ -303,12 +308,13 @@ if [[ $PROFILE == 1 ]]; then
   command -v perf >/dev/null || { echo "perf not found (apt-get install linux-perf)" >&2; exit 0; }
   echo
   echo "profiling both gateways during one more ${DURATION}s iperf3 run through fedgate"
-  perf record -q -F 999 -g -o "$work/perf.data" -p "$PID_A,$PID_B" -- sleep "$((DURATION + 1))" >/dev/null 2>&1 &
+  perf record -q -F "${PERF_FREQ:-999}" --call-graph "${PERF_CALLGRAPH:-fp}" -o "$work/perf.data" -p "$PID_A,$PID_B" -- sleep "$((DURATION + 1))" >/dev/null 2>&1 &
   perf_pid=$!
   sleep 0.5
   iperf3 -c "$VIP" -p "$IPERF_PORT" -t "$DURATION" >/dev/null
   wait "$perf_pid" || true
-  perf report -i "$work/perf.data" --no-children --sort comm,dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 15
+  [[ -n ${PERF_OUT:-} ]] && cp "$work/perf.data" "$PERF_OUT"
+  perf report -i "$work/perf.data" --no-children --sort comm,dso --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 15
   echo
   perf report -i "$work/perf.data" --no-children --sort sym --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 40
 fi
