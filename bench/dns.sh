@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# QPS of fedgate-dns against unbound and NSD on clusterset.local names (issue 4 target:
-# >= 1.0x unbound and >= 0.7x NSD). All three serve the same N A records on loopback and are
-# measured by dnsperf with the same query file. Needs: dnsperf, unbound, nsd (Debian packages
-# of the same names); servers missing are skipped with a note.
+# Issue 4 DNS benchmark: fedgate-dns against unbound (local-data), NSD and Knot serving the
+# same N clusterset.local A records on loopback, all measured in one invocation by dnsperf with
+# the same query file:
+#   1. maximum QPS (DURATION s, CLIENTS clients, OUTSTANDING queries in flight),
+#   2. latency at a fixed rate (RATE qps for LAT_DURATION s; avg/p50/p99/max from dnsperf -v),
+#   3. lost forwarded queries: FWD_N names outside fedgate's zones, forwarded by fedgate to an
+#      upstream unbound on loopback that answers them from local-data with TTL 0 (so fedgate
+#      caches nothing and every query is a real upstream round trip), driven at FWD_RATE qps
+#      for LAT_DURATION s; lost and SERVFAIL must both be 0.
+# Targets: fedgate >= 1.0x unbound and >= 0.7x NSD on max QPS; 0 lost forwarded queries.
+# Prints one markdown table plus the forwarded-queries line. Loopback only, about 2 minutes.
+# Needs dnsperf, dig (bind9-dnsutils), unbound; nsd and knot (knotd) are measured when
+# installed (Debian packages nsd, knot), skipped with a note otherwise.
 #
-#   bench/dns.sh                 # N=10000 services, 10 s per server
-#   N=1000 DURATION=5 bench/dns.sh
+#   bench/dns.sh                         # N=10000, 10 s runs, 20 000 qps fixed rate
+#   N=1000 DURATION=5 LAT_DURATION=5 bench/dns.sh
 set -euo pipefail
 
 N=${N:-10000}
 DURATION=${DURATION:-10}
 CLIENTS=${CLIENTS:-2}
 OUTSTANDING=${OUTSTANDING:-200}
+RATE=${RATE:-20000}
+LAT_DURATION=${LAT_DURATION:-10}
+FWD_N=${FWD_N:-1000}
+FWD_RATE=${FWD_RATE:-5000}
+THREADS=2 # worker threads of every server
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 pids=()
@@ -22,53 +36,30 @@ cleanup() {
 }
 trap cleanup EXIT
 
-command -v dnsperf >/dev/null || { echo "dnsperf is required (apt-get install dnsperf)" >&2; exit 1; }
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# The same addresses bench_server generates.
-ip_of() { echo "242.$((1 + $1 / 64000)).$((($1 / 250) % 256)).$(($1 % 250 + 1))"; }
-
-echo "generating $N names"
-: >"$work/queries"; : >"$work/zone.body"; : >"$work/unbound.data"
-for ((i = 0; i < N; i++)); do
-  name="svc$i.ns$((i % 100)).svc.clusterset.local."
-  ip=$(ip_of "$i")
-  echo "$name A" >>"$work/queries"
-  echo "$name 5 IN A $ip" >>"$work/zone.body"
-  echo "local-data: \"$name 5 IN A $ip\"" >>"$work/unbound.data"
+for tool in dnsperf dig unbound python3; do
+  command -v "$tool" >/dev/null || { echo "$tool is required (see the header of $0)" >&2; exit 1; }
 done
 
-wait_for() { # port name
-  for _ in $(seq 1 100); do
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+echo "generating $N names and $FWD_N forwarded names" >&2
+python3 "$root/bench/dns/gen.py" "$work" "$N" "$FWD_N"
+
+wait_for() { # port label
+  for _ in $(seq 1 150); do
     if dig +time=1 +tries=1 @127.0.0.1 -p "$1" svc0.ns0.svc.clusterset.local A +short 2>/dev/null | grep -q 242; then return 0; fi
     sleep 0.2
   done
-  echo "$2 did not come up" >&2
+  echo "$2 did not come up (log: $(cat "$work/$2.log" 2>/dev/null | tail -3))" >&2
   return 1
 }
 
-run_perf() { # port label
-  local out qps
-  out=$(dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -l "$DURATION" -c "$CLIENTS" -q "$OUTSTANDING" 2>&1)
-  qps=$(echo "$out" | awk '/Queries per second/ {print $4}')
-  lost=$(echo "$out" | awk '/Queries lost/ {print $3}')
-  printf '%-10s %12s qps   lost %s\n' "$2" "$qps" "$lost" | tee -a "$work/results"
-  echo "$qps" >"$work/qps.$2"
-}
+servers=()
+declare -A port_of
 
-# fedgate-dns
-echo "building fedgate-dns bench_server (release)"
-(cd "$root" && cargo build --release -q -p fedgate-dns --example bench_server)
+# unbound: the clusterset names as local-data, plus the forwarded names (TTL 0) for fedgate.
 port=$(free_port)
-"$root/target/release/examples/bench_server" "127.0.0.1:$port" "$N" >"$work/fedgate.log" 2>&1 &
-pids+=($!)
-wait_for "$port" fedgate
-run_perf "$port" fedgate
-
-# unbound
-if command -v unbound >/dev/null; then
-  port=$(free_port)
-  cat >"$work/unbound.conf" <<CONF
+cat >"$work/unbound.conf" <<CONF
 server:
   interface: 127.0.0.1
   port: $port
@@ -80,34 +71,39 @@ server:
   use-syslog: no
   logfile: ""
   verbosity: 0
-  num-threads: 2
+  num-threads: $THREADS
   access-control: 127.0.0.0/8 allow
   local-zone: "clusterset.local." static
+  local-zone: "fwd.example." static
   include: "$work/unbound.data"
 remote-control:
   control-enable: no
 CONF
-  unbound -c "$work/unbound.conf" >"$work/unbound.log" 2>&1 &
-  pids+=($!)
-  wait_for "$port" unbound && run_perf "$port" unbound
-else
-  echo "unbound not installed: skipped (apt-get install unbound)"
-fi
+unbound -c "$work/unbound.conf" >"$work/unbound.log" 2>&1 &
+pids+=($!)
+wait_for "$port" unbound
+upstream_port=$port
+port_of[unbound]=$port
+servers+=(unbound)
+
+# fedgate-dns (release bench_server), forwarding names outside its zones to unbound.
+echo "building fedgate-dns bench_server (release)" >&2
+(cd "$root" && cargo build --release -q -p fedgate-dns --example bench_server)
+port=$(free_port)
+"$root/target/release/examples/bench_server" "127.0.0.1:$port" "$N" "127.0.0.1:$upstream_port" \
+  >"$work/fedgate.log" 2>&1 &
+pids+=($!)
+wait_for "$port" fedgate
+port_of[fedgate]=$port
+servers=(fedgate "${servers[@]}")
 
 # NSD
 if command -v nsd >/dev/null; then
   port=$(free_port)
-  {
-    echo '$ORIGIN clusterset.local.'
-    echo '@ 5 IN SOA ns.dns.clusterset.local. hostmaster.clusterset.local. 1 5 5 3600 5'
-    echo '@ 5 IN NS ns.dns.clusterset.local.'
-    echo 'ns.dns 5 IN A 127.0.0.1'
-    cat "$work/zone.body"
-  } >"$work/clusterset.zone"
   cat >"$work/nsd.conf" <<CONF
 server:
   ip-address: 127.0.0.1@$port
-  server-count: 2
+  server-count: $THREADS
   username: ""
   chroot: ""
   database: ""
@@ -126,12 +122,60 @@ zone:
 CONF
   nsd -d -c "$work/nsd.conf" >"$work/nsd.out" 2>&1 &
   pids+=($!)
-  wait_for "$port" nsd && run_perf "$port" nsd
+  wait_for "$port" nsd && { port_of[nsd]=$port; servers+=(nsd); }
 else
-  echo "nsd not installed: skipped (apt-get install nsd)"
+  echo "nsd not installed: skipped (apt-get install nsd)" >&2
 fi
 
-echo
-ratio() { [ -s "$work/qps.$1" ] && [ -s "$work/qps.$2" ] && python3 -c "print(f'fedgate/$2: {float(open(\"$work/qps.$1\").read())/float(open(\"$work/qps.$2\").read()):.2f}x')"; }
-ratio fedgate unbound || true
-ratio fedgate nsd || true
+# Knot: foreground, own rundir/storage in the work dir, no journal, no timers database use.
+if command -v knotd >/dev/null; then
+  port=$(free_port)
+  mkdir -p "$work/knot"
+  cat >"$work/knot.conf" <<CONF
+server:
+  rundir: "$work/knot"
+  listen: 127.0.0.1@$port
+  udp-workers: $THREADS
+  tcp-workers: 1
+  background-workers: 1
+database:
+  storage: "$work/knot"
+log:
+  - target: stderr
+    any: warning
+template:
+  - id: default
+    storage: "$work"
+    semantic-checks: off
+    journal-content: none
+    zonefile-sync: -1
+    zonefile-load: whole
+zone:
+  - domain: clusterset.local
+    file: "$work/clusterset.zone"
+CONF
+  knotd -c "$work/knot.conf" >"$work/knot.log" 2>&1 &
+  pids+=($!)
+  wait_for "$port" knot && { port_of[knot]=$port; servers+=(knot); }
+else
+  echo "knotd not installed: skipped (apt-get install knot)" >&2
+fi
+
+
+# Max QPS, then latency at a fixed rate, per server, one after the other.
+for s in "${servers[@]}"; do
+  p=${port_of[$s]}
+  echo "$s: max qps ($DURATION s)" >&2
+  dnsperf -s 127.0.0.1 -p "$p" -d "$work/queries" -l "$DURATION" -c "$CLIENTS" -q "$OUTSTANDING" \
+    >"$work/max.$s" 2>&1 || true
+  echo "$s: latency at $RATE qps ($LAT_DURATION s)" >&2
+  dnsperf -s 127.0.0.1 -p "$p" -d "$work/queries" -l "$LAT_DURATION" -c "$CLIENTS" -q "$OUTSTANDING" \
+    -Q "$RATE" -v >"$work/lat.$s" 2>&1 || true
+done
+
+echo "fedgate: forwarded names at $FWD_RATE qps ($LAT_DURATION s)" >&2
+dnsperf -s 127.0.0.1 -p "${port_of[fedgate]}" -d "$work/fwd.queries" -l "$LAT_DURATION" \
+  -c "$CLIENTS" -q "$OUTSTANDING" -Q "$FWD_RATE" -v >"$work/fwd" 2>&1 || true
+
+echo >&2
+python3 "$root/bench/dns/report.py" "$work" "$N" "$RATE" "$FWD_N" "$FWD_RATE" "${servers[@]}"

@@ -1,7 +1,10 @@
 //! A DNS server over a synthetic clusterset, for `bench/dns.sh`: `N` ClusterSetIP services
 //! `svc<i>.ns<i % 100>.svc.clusterset.local` (242.x.y.z). Serves until killed.
 //!
-//! `cargo run --release -p fedgate-dns --example bench_server -- 127.0.0.1:5300 10000`
+//! `cargo run --release -p fedgate-dns --example bench_server -- 127.0.0.1:5300 10000 [UPSTREAM]`
+//!
+//! With `UPSTREAM` (an `ip:port`), names outside the zones are forwarded there; without it,
+//! nothing is forwarded.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -11,7 +14,7 @@ use fedgate_discovery::model::{
     ClusterId, ClusterState, ExportedService, ImportPort, ImportSnapshot, ImportedService,
     Protocol, ServiceKey, ServicePort, ServiceType, SessionAffinity,
 };
-use fedgate_dns::{DnsServer, DnsSettings};
+use fedgate_dns::{DnsServer, DnsSettings, Upstream};
 use tokio::sync::watch;
 
 fn service(i: usize, cluster: &ClusterId) -> ImportedService {
@@ -60,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let listen: SocketAddr = args.next().unwrap_or_else(|| "127.0.0.1:5300".into()).parse()?;
     let count: usize = args.next().unwrap_or_else(|| "10000".into()).parse()?;
+    let upstream: Option<SocketAddr> = args.next().map(|a| a.parse()).transpose()?;
     let cluster = ClusterId::new("east")?;
     let mut snap = ImportSnapshot { local_cluster: Some(cluster.clone()), ..Default::default() };
     for i in 0..count {
@@ -69,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
     let (_imports_tx, imports_rx) = watch::channel(Arc::new(snap));
     let (_cluster_tx, cluster_rx) = watch::channel(Arc::new(ClusterState::default()));
     let mut settings = DnsSettings::new(listen);
-    settings.upstream = vec![];
+    settings.upstream = upstream.map(Upstream::Address).into_iter().collect();
     let started = std::time::Instant::now();
     let server = DnsServer::new(settings, imports_rx, cluster_rx)?;
     println!(
