@@ -2,23 +2,26 @@
 # Issue 4 DNS benchmark: fedgate-dns against unbound (local-data), NSD and Knot serving the
 # same N clusterset.local A records on loopback, all measured in one invocation by dnsperf with
 # the same query file:
-#   1. maximum QPS (DURATION s, CLIENTS clients, OUTSTANDING queries in flight),
+#   1. maximum QPS (ROUNDS rounds of DURATION s per server, servers interleaved so that load
+#      from elsewhere on the machine hits all of them alike; CLIENTS clients, OUTSTANDING
+#      queries in flight; the median round counts),
 #   2. latency at a fixed rate (RATE qps for LAT_DURATION s; avg/p50/p99/max from dnsperf -v),
 #   3. lost forwarded queries: FWD_N names outside fedgate's zones, forwarded by fedgate to an
 #      upstream unbound on loopback that answers them from local-data with TTL 0 (so fedgate
 #      caches nothing and every query is a real upstream round trip), driven at FWD_RATE qps
 #      for LAT_DURATION s; lost and SERVFAIL must both be 0.
 # Targets: fedgate >= 1.0x unbound and >= 0.7x NSD on max QPS; 0 lost forwarded queries.
-# Prints one markdown table plus the forwarded-queries line. Loopback only, about 2 minutes.
+# Prints one markdown table plus the forwarded-queries line. Loopback only, about 2 minutes with the defaults.
 # Needs dnsperf, dig (bind9-dnsutils), unbound; nsd and knot (knotd) are measured when
 # installed (Debian packages nsd, knot), skipped with a note otherwise.
 #
-#   bench/dns.sh                         # N=10000, 10 s runs, 20 000 qps fixed rate
-#   N=1000 DURATION=5 LAT_DURATION=5 bench/dns.sh
+#   bench/dns.sh                         # N=10000, 3 x 5 s max-QPS rounds, 20 000 qps for 10 s
+#   N=1000 ROUNDS=1 DURATION=2 LAT_DURATION=2 bench/dns.sh
 set -euo pipefail
 
 N=${N:-10000}
-DURATION=${DURATION:-10}
+DURATION=${DURATION:-5}
+ROUNDS=${ROUNDS:-3}
 CLIENTS=${CLIENTS:-2}
 OUTSTANDING=${OUTSTANDING:-200}
 RATE=${RATE:-20000}
@@ -162,15 +165,18 @@ else
 fi
 
 
-# Max QPS, then latency at a fixed rate, per server, one after the other.
+# Max QPS: rounds with the servers interleaved; then latency at a fixed rate, per server.
+for ((r = 1; r <= ROUNDS; r++)); do
+  for s in "${servers[@]}"; do
+    echo "$s: max qps, round $r/$ROUNDS ($DURATION s)" >&2
+    dnsperf -s 127.0.0.1 -p "${port_of[$s]}" -d "$work/queries" -l "$DURATION" -c "$CLIENTS" \
+      -q "$OUTSTANDING" >"$work/max.$s.$r" 2>&1 || true
+  done
+done
 for s in "${servers[@]}"; do
-  p=${port_of[$s]}
-  echo "$s: max qps ($DURATION s)" >&2
-  dnsperf -s 127.0.0.1 -p "$p" -d "$work/queries" -l "$DURATION" -c "$CLIENTS" -q "$OUTSTANDING" \
-    >"$work/max.$s" 2>&1 || true
   echo "$s: latency at $RATE qps ($LAT_DURATION s)" >&2
-  dnsperf -s 127.0.0.1 -p "$p" -d "$work/queries" -l "$LAT_DURATION" -c "$CLIENTS" -q "$OUTSTANDING" \
-    -Q "$RATE" -v >"$work/lat.$s" 2>&1 || true
+  dnsperf -s 127.0.0.1 -p "${port_of[$s]}" -d "$work/queries" -l "$LAT_DURATION" -c "$CLIENTS" \
+    -q "$OUTSTANDING" -Q "$RATE" -v >"$work/lat.$s" 2>&1 || true
 done
 
 echo "fedgate: forwarded names at $FWD_RATE qps ($LAT_DURATION s)" >&2
@@ -178,4 +184,4 @@ dnsperf -s 127.0.0.1 -p "${port_of[fedgate]}" -d "$work/fwd.queries" -l "$LAT_DU
   -c "$CLIENTS" -q "$OUTSTANDING" -Q "$FWD_RATE" -v >"$work/fwd" 2>&1 || true
 
 echo >&2
-python3 "$root/bench/dns/report.py" "$work" "$N" "$RATE" "$FWD_N" "$FWD_RATE" "${servers[@]}"
+python3 "$root/bench/dns/report.py" "$work" "$N" "$RATE" "$FWD_N" "$FWD_RATE" "$ROUNDS" "${servers[@]}"
