@@ -10,7 +10,8 @@ Runs real `fedgate run` processes (release build) on loopback with file sources 
      3 peers (30 000 service exports, 300 000 endpoints), and of an idle gateway as baseline.
 Targets (issue 2): p99 propagation < 1 s at 10 000 services; < 200 MB resident.
 
-Usage: python3 bench/propagation.py [--quick]   (needs root only for nothing; loopback only)
+Usage: python3 bench/propagation.py [--quick] [--memory-only | --propagation-only]
+(loopback only; no root needed)
 """
 import json, os, resource, shutil, statistics, subprocess, sys, tempfile, time, urllib.request
 
@@ -18,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "fedgate")
 QUICK = "--quick" in sys.argv
 MEMORY_ONLY = "--memory-only" in sys.argv
+PROPAGATION_ONLY = "--propagation-only" in sys.argv
 SIZES = [1, 1000] if QUICK else [1, 1000, 10000]
 SINGLE_RUNS = 20 if QUICK else 50
 MEM_SERVICES = 1000 if QUICK else 10000
@@ -149,7 +151,8 @@ def main():
     try:
         if not MEMORY_ONLY:
             propagation(tmp, ca, gws)
-        memory(tmp, ca, gws)
+        if not PROPAGATION_ONLY:
+            memory(tmp, ca, gws)
     finally:
         for g in gws:
             g.stop()

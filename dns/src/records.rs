@@ -67,9 +67,6 @@ impl Builder {
         let entry = self.entry(name);
         let set = entry.rrsets.entry(u16::from(record.record_type())).or_default();
         if !set.contains(&record) {
-            // Most sets hold one or two records of ~270 bytes: grow exactly instead of to
-            // Vec's default capacity of 4 (10 MB per 10 000 names otherwise).
-            set.reserve_exact(1);
             set.push(record);
         }
     }
@@ -84,6 +81,17 @@ impl Builder {
     /// An empty non-terminal: exists (NODATA), holds nothing.
     fn ent(&mut self, name: &Name) {
         self.entry(name);
+    }
+
+    /// The built names, record sets trimmed to their length: most hold one or two records
+    /// of ~270 bytes, and Vec's growth would keep room for four (10 MB per 10 000 names).
+    fn finish(mut self) -> NameMap {
+        for data in self.out.values_mut() {
+            for set in data.rrsets.values_mut() {
+                set.shrink_to_fit();
+            }
+        }
+        self.out
     }
 
     fn entry(&mut self, name: &Name) -> &mut NameData {
@@ -140,10 +148,10 @@ struct HeadlessEndpoint<'a> {
 pub fn import_names(svc: &ImportedService, cx: &ImportContext<'_>) -> NameMap {
     let mut b = Builder::new(Zone::ClusterSet, cx.ttl);
     let Some(base) = service_labels(&svc.key) else {
-        return b.out;
+        return b.finish();
     };
     let Some(svc_name) = name_in(&base, Zone::ClusterSet) else {
-        return b.out;
+        return b.finish();
     };
     match svc.service_type {
         ServiceType::ClusterSetIP => {
@@ -152,7 +160,7 @@ pub fn import_names(svc: &ImportedService, cx: &ImportContext<'_>) -> NameMap {
             }
             if svc.ips.is_empty() {
                 // No ClusterSetIP allocated (yet): the name does not resolve.
-                return b.out;
+                return b.finish();
             }
             for port in &svc.ports {
                 if let Some(name) = &port.port.name {
@@ -162,7 +170,7 @@ pub fn import_names(svc: &ImportedService, cx: &ImportContext<'_>) -> NameMap {
         }
         ServiceType::Headless => headless_import(&mut b, svc, cx, &base, &svc_name),
     }
-    b.out
+    b.finish()
 }
 
 fn headless_import(
@@ -250,13 +258,13 @@ fn headless_import(
 pub fn local_names(svc: &LocalService, ttl: u32) -> NameMap {
     let mut b = Builder::new(Zone::Cluster, ttl);
     if svc.kube_type == "ExternalName" {
-        return b.out;
+        return b.finish();
     }
     let Some(base) = service_labels(&svc.key) else {
-        return b.out;
+        return b.finish();
     };
     let Some(svc_name) = name_in(&base, Zone::Cluster) else {
-        return b.out;
+        return b.finish();
     };
     if !svc.is_headless() {
         for ip in &svc.cluster_ips {
@@ -267,7 +275,7 @@ pub fn local_names(svc: &LocalService, ttl: u32) -> NameMap {
                 b.srv(name, port.protocol, &base, port.port, &svc_name);
             }
         }
-        return b.out;
+        return b.finish();
     }
     for ep in svc.endpoints.iter().filter(|e| e.ready) {
         b.add_ip(&svc_name, ep.address);
@@ -283,7 +291,7 @@ pub fn local_names(svc: &LocalService, ttl: u32) -> NameMap {
             }
         }
     }
-    b.out
+    b.finish()
 }
 
 /// The SOA record of a zone, used at the apex and in the authority section of negative
