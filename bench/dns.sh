@@ -12,8 +12,7 @@
 #      for LAT_DURATION s; lost and SERVFAIL must both be 0.
 # Targets: fedgate >= 1.0x unbound and >= 0.7x NSD on max QPS; 0 lost forwarded queries.
 # Prints one markdown table plus the forwarded-queries line. Loopback only, about 2 minutes with the defaults.
-# Needs dnsperf, dig (bind9-dnsutils), unbound; nsd and knot (knotd) are measured when
-# installed (Debian packages nsd, knot), skipped with a note otherwise.
+# Installs dnsperf, dig (bind9-dnsutils), unbound, nsd and knot from Debian when missing.
 #
 #   bench/dns.sh                         # N=10000, 3 x 5 s max-QPS rounds, 20 000 qps for 10 s
 #   N=1000 ROUNDS=1 DURATION=2 LAT_DURATION=2 bench/dns.sh
@@ -28,6 +27,22 @@ RATE=${RATE:-20000}
 LAT_DURATION=${LAT_DURATION:-10}
 FWD_N=${FWD_N:-1000}
 FWD_RATE=${FWD_RATE:-5000}
+
+# Install the baselines and the load generator from Debian when missing (root needed then).
+need=()
+for pkg_cmd in dnsperf:dnsperf bind9-dnsutils:dig unbound:unbound nsd:nsd knot:knotd; do
+  command -v "${pkg_cmd#*:}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pkg_cmd#*:}" ] || need+=("${pkg_cmd%%:*}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]} (Debian)" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 ||
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }
+  # The packaged services must not hold port 53; the script runs its own instances.
+  if command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --now unbound nsd knot >/dev/null 2>&1 || true
+  fi
+fi
 THREADS=2 # worker threads of every server
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)

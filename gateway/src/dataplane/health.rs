@@ -211,6 +211,9 @@ struct Target {
 }
 
 /// Probes the local endpoints of exported services and publishes their health.
+/// How long probe results are collected before one health publish.
+const PUBLISH_BATCH_WINDOW: Duration = Duration::from_millis(50);
+
 pub struct HealthChecker {
     settings: HealthSettings,
     cluster: watch::Receiver<Arc<ClusterState>>,
@@ -308,6 +311,7 @@ impl HealthChecker {
                     }
                 }
                 Some(first) = results.recv() => {
+                    let batch_until = tokio::time::Instant::now() + PUBLISH_BATCH_WINDOW;
                     let mut changed = false;
                     let mut next = Some(first);
                     while let Some((tkey, addr, ok)) = next {
@@ -322,7 +326,16 @@ impl HealthChecker {
                                 changed = true;
                             }
                         }
-                        next = results.try_recv().ok();
+                        // Collect the results of a probe round for a moment before publishing:
+                        // thousands of endpoints changing together must become a few export
+                        // versions, not hundreds that every peer, zone and listener set re-reads.
+                        next = match results.try_recv() {
+                            Ok(r) => Some(r),
+                            Err(_) => tokio::time::timeout_at(batch_until, results.recv())
+                                .await
+                                .ok()
+                                .flatten(),
+                        };
                     }
                     if changed {
                         self.publish(&map, &mut touched);
