@@ -7,6 +7,7 @@
 pub mod alloc;
 pub mod exchange;
 pub mod exports;
+pub mod failover;
 pub mod imports;
 pub mod mcs;
 pub mod model;

@@ -1,58 +1,17 @@
-//! Failover priority tiers (Istio `failoverPriority` semantics), as DNS applies them to
-//! headless clusterset answers. The data plane has its own copy of this rule; this one stays
-//! pure and table-tested so the two can be compared by their tests.
+//! Failover priority tiers as DNS applies them to headless clusterset answers: the same rule
+//! as the data plane's, from `fedgate_discovery::failover`.
 
-use std::collections::BTreeMap;
-
-/// One entry of `failoverPriority`: a label key, or `key=value` to compare the endpoint's label
-/// with a literal instead of the client's value.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PriorityLabel {
-    pub key: String,
-    pub value: Option<String>,
-}
-
-impl PriorityLabel {
-    pub fn parse(entry: &str) -> Self {
-        match entry.split_once('=') {
-            Some((key, value)) => {
-                Self { key: key.trim().to_owned(), value: Some(value.trim().to_owned()) }
-            }
-            None => Self { key: entry.trim().to_owned(), value: None },
-        }
-    }
-}
+pub use fedgate_discovery::failover::{PriorityLabel, tier};
 
 /// Parses a whole `failoverPriority` list.
 pub fn parse_priority(entries: &[String]) -> Vec<PriorityLabel> {
-    entries.iter().map(|e| PriorityLabel::parse(e)).collect()
-}
-
-/// The tier of an endpoint for a client: 0 when every label matches, N when the first does not.
-/// A label counts only while every earlier label matched. A label missing on either side does
-/// not match.
-pub fn tier(
-    priority: &[PriorityLabel],
-    client: &BTreeMap<String, String>,
-    endpoint: &BTreeMap<String, String>,
-) -> usize {
-    let matched = priority
-        .iter()
-        .take_while(|label| {
-            let Some(have) = endpoint.get(&label.key) else {
-                return false;
-            };
-            match &label.value {
-                Some(literal) => have == literal,
-                None => client.get(&label.key) == Some(have),
-            }
-        })
-        .count();
-    priority.len() - matched
+    PriorityLabel::parse_all(entries)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

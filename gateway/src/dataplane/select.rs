@@ -15,50 +15,7 @@ use fedgate_discovery::model::{
 use rand::Rng;
 use serde::Serialize;
 
-/// One entry of `traffic.failoverPriority`: a label key, compared with the client's value, or
-/// `key=value`, compared with the literal.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct PriorityLabel {
-    pub key: String,
-    pub value: Option<String>,
-}
-
-impl PriorityLabel {
-    /// Parses `key` or `key=value` (split at the first `=`).
-    pub fn parse(entry: &str) -> Self {
-        match entry.split_once('=') {
-            Some((k, v)) => Self { key: k.trim().to_owned(), value: Some(v.trim().to_owned()) },
-            None => Self { key: entry.trim().to_owned(), value: None },
-        }
-    }
-
-    pub fn parse_all<S: AsRef<str>>(entries: &[S]) -> Vec<Self> {
-        entries.iter().map(|e| Self::parse(e.as_ref())).collect()
-    }
-}
-
-/// The tier of an endpoint for a client, and the labels that matched (in order).
-///
-/// Counts the leading labels that match; a label counts only if every earlier one matched.
-/// A label missing on either side does not match. All N match → 0, none → N.
-pub fn tier(
-    priority: &[PriorityLabel],
-    client: &BTreeMap<String, String>,
-    endpoint: &BTreeMap<String, String>,
-) -> (usize, Vec<String>) {
-    let mut matched = Vec::new();
-    for label in priority {
-        let wanted = match &label.value {
-            Some(v) => Some(v),
-            None => client.get(&label.key),
-        };
-        match (wanted, endpoint.get(&label.key)) {
-            (Some(w), Some(e)) if w == e => matched.push(label.key.clone()),
-            _ => break,
-        }
-    }
-    (priority.len() - matched.len(), matched)
-}
+pub use fedgate_discovery::failover::{PriorityLabel, tier_with_matches};
 
 /// The labels of an endpoint as failover priority sees them: its cluster's locality, with the
 /// zone replaced by the endpoint's own when its EndpointSlice names one.
@@ -170,12 +127,12 @@ pub fn rank(input: &SelectionInput<'_>) -> Vec<EndpointView> {
             Some(l) => l.labels_for(cluster),
             None => Locality::default().labels_for(cluster),
         };
-        let cluster_tier = tier(input.priority, input.client_labels, &cluster_labels);
+        let cluster_tier = tier_with_matches(input.priority, input.client_labels, &cluster_labels);
         for endpoint in &export.endpoints {
             let (tier, matched_labels) = match &endpoint.zone {
                 Some(z) if cluster_labels.get(LABEL_ZONE) != Some(z) => {
                     let labels = endpoint_labels(locality, cluster, endpoint);
-                    tier(input.priority, input.client_labels, &labels)
+                    tier_with_matches(input.priority, input.client_labels, &labels)
                 }
                 _ => cluster_tier.clone(),
             };
@@ -366,9 +323,10 @@ pub(crate) mod tests {
             ),
         ];
         for (what, priority, endpoint, want) in cases {
-            assert_eq!(tier(&priority, &client, &endpoint).0, want, "{what}");
+            assert_eq!(tier_with_matches(&priority, &client, &endpoint).0, want, "{what}");
         }
-        let (_, matched) = tier(&p, &client, &labels(&[("region", "us"), ("cluster", "east")]));
+        let (_, matched) =
+            tier_with_matches(&p, &client, &labels(&[("region", "us"), ("cluster", "east")]));
         assert_eq!(matched, vec!["region", "cluster"]);
     }
 
