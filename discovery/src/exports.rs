@@ -158,8 +158,7 @@ mod tests {
 
     use super::*;
     use crate::model::{
-        Endpoint, Health, IpFamily, LocalService, Protocol, ServiceExportObject, ServicePort,
-        SessionAffinity,
+        Endpoint, Health, IpFamily, LocalService, ServiceExportObject, ServicePort, SessionAffinity,
     };
 
     fn service(name: &str, ips: &[&str]) -> Arc<LocalService> {
@@ -168,13 +167,7 @@ mod tests {
             kube_type: "ClusterIP".into(),
             cluster_ips: vec!["10.96.0.1".parse().unwrap()],
             headless: false,
-            ports: vec![ServicePort {
-                name: Some("http".into()),
-                protocol: Protocol::Tcp,
-                port: 80,
-                app_protocol: None,
-                target_port: None,
-            }],
+            ports: vec![ServicePort::tcp(Some("http"), 80)],
             session_affinity: SessionAffinity::None,
             internal_traffic_policy: None,
             traffic_distribution: None,

@@ -503,9 +503,7 @@ mod tests {
     use crate::mcs::Validity;
 
     use super::*;
-    use crate::model::{
-        ConditionStatus, Endpoint, Health, IpFamily, Protocol, ServicePort, SessionAffinity,
-    };
+    use crate::model::{ConditionStatus, Endpoint, Health, IpFamily, ServicePort, SessionAffinity};
 
     fn cid(s: &str) -> ClusterId {
         ClusterId::new(s).unwrap()
@@ -537,13 +535,7 @@ mod tests {
             key: key(name),
             cluster: cid(cluster),
             service_type,
-            ports: vec![ServicePort {
-                name: Some("http".into()),
-                protocol: Protocol::Tcp,
-                port: 80,
-                app_protocol: None,
-                target_port: None,
-            }],
+            ports: vec![ServicePort::tcp(Some("http"), 80)],
             session_affinity: SessionAffinity::None,
             internal_traffic_policy: None,
             traffic_distribution: None,

@@ -175,6 +175,20 @@ pub struct ServicePort {
     pub target_port: Option<TargetPort>,
 }
 
+impl ServicePort {
+    /// A TCP port with no appProtocol and no targetPort (the endpoint port of the same name,
+    /// else the same number, serves it).
+    pub fn tcp(name: Option<&str>, port: u16) -> Self {
+        Self {
+            name: name.map(str::to_owned),
+            protocol: Protocol::Tcp,
+            port,
+            app_protocol: None,
+            target_port: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum TargetPort {
     Number(u16),

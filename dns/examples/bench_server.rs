@@ -12,20 +12,14 @@ use std::sync::Arc;
 
 use fedgate_discovery::model::{
     ClusterId, ClusterState, ExportedService, ImportPort, ImportSnapshot, ImportedService,
-    Protocol, ServiceKey, ServicePort, ServiceType, SessionAffinity,
+    ServiceKey, ServicePort, ServiceType, SessionAffinity,
 };
 use fedgate_dns::{DnsServer, DnsSettings, Upstream};
 use tokio::sync::watch;
 
 fn service(i: usize, cluster: &ClusterId) -> ImportedService {
     let key = ServiceKey::new(format!("ns{}", i % 100), format!("svc{i}"));
-    let port = ServicePort {
-        name: Some("http".into()),
-        protocol: Protocol::Tcp,
-        port: 80,
-        app_protocol: None,
-        target_port: None,
-    };
+    let port = ServicePort::tcp(Some("http"), 80);
     let export = Arc::new(ExportedService {
         key: key.clone(),
         cluster: cluster.clone(),

@@ -374,13 +374,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn http_port() -> ServicePort {
-        ServicePort {
-            name: Some("http".into()),
-            protocol: Protocol::Tcp,
-            port: 80,
-            app_protocol: None,
-            target_port: None,
-        }
+        ServicePort::tcp(Some("http"), 80)
     }
 
     pub(crate) fn export(cluster: &str, endpoints: Vec<Endpoint>) -> Arc<ExportedService> {
