@@ -9,6 +9,7 @@ pub mod exchange;
 pub mod exports;
 pub mod failover;
 pub mod imports;
+pub mod kube;
 pub mod mcs;
 pub mod model;
 pub mod source;
