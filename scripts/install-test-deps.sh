@@ -21,4 +21,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   # service must not hold port 53.
   if command -v systemctl >/dev/null 2>&1; then systemctl disable --now unbound >/dev/null 2>&1 || true; fi
 fi
+# kube-apiserver, etcd and kubectl for the Kubernetes e2e tests (docs/testing-kube.md).
+bash "$(dirname "$0")/build-kube.sh"
 echo "install-test-deps: ok (${packages[*]})"

@@ -406,4 +406,5 @@ pub fn export_conditions(
             .collect(),
     )
 }
+pub mod kube;
 pub mod netns;

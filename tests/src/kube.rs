@@ -1,0 +1,700 @@
+//! A real Kubernetes control plane per simulated cluster: `etcd` + `kube-apiserver`, built from
+//! the Go module proxy by `scripts/build-kube.sh` (wrapper module `tests/kube`, see
+//! docs/testing-kube.md), driven with the real `kubectl`.
+//!
+//! [`KubeCluster::start`] makes everything a cluster needs in its own temporary directory — a CA
+//! and the apiserver's serving certificate, a service-account signing key, a static token file
+//! whose only token maps to a `system:masters` user, an etcd data directory — starts etcd and the
+//! apiserver on free loopback ports, waits (bounded) for `/readyz` and writes a kubeconfig. The
+//! processes are killed and the directory removed when the value drops; both logs are printed
+//! when a test panics.
+//!
+//! There is no controller-manager or scheduler: Services do not get EndpointSlices by themselves
+//! (tests create them, which is what the discovery code reads), namespaces are never finalized
+//! after a delete, and Pods are never scheduled.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+
+/// Environment variable naming the directory holding `kube-apiserver`, `etcd` and `kubectl`
+/// (default: `~/.cache/fedgate/kube/<version>/bin`, where `scripts/build-kube.sh` builds them).
+pub const BIN_DIR_ENV: &str = "FEDGATE_KUBE_BIN_DIR";
+
+/// The Service CIDR every test cluster allocates ClusterIPs from (nothing routes it).
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+
+/// How long a cluster may take to become ready. A cold start takes a few seconds; the bound is
+/// generous because the tests share two cores with builds.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How often a start is retried when a port picked as free was taken before etcd or the
+/// apiserver bound it.
+const START_ATTEMPTS: u32 = 3;
+
+/// The name of the user the token authenticates (group `system:masters`).
+pub const ADMIN_USER: &str = "fedgate-admin";
+
+/// The wrapper module that pins the versions (`tests/kube/go.mod`).
+fn go_mod_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("kube").join("go.mod")
+}
+
+/// The version of a module `require`d in a go.mod text (`module vX.Y.Z`, inside or outside a
+/// `require ( ... )` block).
+fn required_version(go_mod: &str, module: &str) -> Option<String> {
+    go_mod.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        let first = words.next()?;
+        let (name, version) = if first == "require" {
+            (words.next()?, words.next()?)
+        } else {
+            (first, words.next()?)
+        };
+        (name == module && version.starts_with('v')).then(|| version.to_owned())
+    })
+}
+
+/// The Kubernetes release the harness runs (e.g. `v1.37.2`), from `tests/kube/go.mod`.
+pub fn kube_version() -> Result<String> {
+    let path = go_mod_path();
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    required_version(&text, "k8s.io/kubernetes")
+        .with_context(|| format!("{} requires no k8s.io/kubernetes version", path.display()))
+}
+
+/// Where the binaries are: `$FEDGATE_KUBE_BIN_DIR`, else the build script's cache directory.
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
+        return Ok(PathBuf::from(dir));
+    }
+    let cache = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache"),
+    };
+    Ok(cache.join("fedgate").join("kube").join(kube_version()?).join("bin"))
+}
+
+/// The path of one of the built binaries; fails, saying how to build it, when it is missing.
+pub fn kube_binary(name: &str) -> Result<PathBuf> {
+    binary_in(&bin_dir()?, name)
+}
+
+fn binary_in(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: run scripts/build-kube.sh (builds kube-apiserver, etcd and kubectl \
+             with Go >= 1.26; or set {BIN_DIR_ENV} to a directory holding them)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (bound to port 0, then released). Another
+/// process may take it before ours binds it; [`KubeCluster::start`] retries on that.
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// The error lines (klog `E`/`F`, etcd `"level":"error"`/`"fatal"`) and the last `n` lines of
+/// a log file: the whole apiserver log is long, and its fatal line is not always the last one.
+fn log_summary(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let errors: Vec<&str> = lines.iter().copied().filter(|l| is_error_line(l)).collect();
+    let mut out = String::new();
+    if !errors.is_empty() {
+        out.push_str("(error lines)\n");
+        out.push_str(&errors[errors.len().saturating_sub(n)..].join("\n"));
+        out.push_str("\n(last lines)\n");
+    }
+    out.push_str(&lines[lines.len().saturating_sub(n)..].join("\n"));
+    out
+}
+
+fn is_error_line(line: &str) -> bool {
+    let klog = matches!(line.as_bytes(), [b'E' | b'F', d, ..] if d.is_ascii_digit());
+    klog || line.contains(r#""level":"error""#) || line.contains(r#""level":"fatal""#)
+}
+
+/// The certificates and keys of one cluster, as PEM.
+struct ClusterPki {
+    ca_pem: String,
+    serving_cert_pem: String,
+    serving_key_pem: String,
+    service_account_key_pem: String,
+    service_account_public_pem: String,
+}
+
+impl ClusterPki {
+    fn new(name: &str) -> Result<Self> {
+        let ca_key = KeyPair::generate().context("generating the CA key")?;
+        let mut ca_params = CertificateParams::default();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, format!("fedgate-test {name} CA"));
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(ca_params, ca_key).context("self-signing the CA")?;
+
+        let key = KeyPair::generate().context("generating the apiserver key")?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+        params.key_usages =
+            vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.subject_alt_names = vec![
+            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            // The first address of SERVICE_CIDR: the `kubernetes` Service's ClusterIP.
+            SanType::IpAddress(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1))),
+        ];
+        for dns in [
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ] {
+            params.subject_alt_names.push(SanType::DnsName(dns.try_into()?));
+        }
+        let cert = params.signed_by(&key, &ca).context("signing the apiserver certificate")?;
+
+        let sa_key = KeyPair::generate().context("generating the service-account key")?;
+        Ok(Self {
+            ca_pem: ca.pem(),
+            serving_cert_pem: cert.pem(),
+            serving_key_pem: key.serialize_pem(),
+            service_account_key_pem: sa_key.serialize_pem(),
+            service_account_public_pem: sa_key.public_key_pem(),
+        })
+    }
+}
+
+/// A running etcd + kube-apiserver pair for one simulated cluster.
+pub struct KubeCluster {
+    name: String,
+    // Declared before `dir` so the processes die before their directory is removed.
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+    server_url: String,
+    api_addr: SocketAddr,
+    token: String,
+    ca_pem: String,
+    kubeconfig: PathBuf,
+    kubectl: PathBuf,
+    started_in: Duration,
+    dir: tempfile::TempDir,
+}
+
+impl KubeCluster {
+    /// Starts etcd and kube-apiserver for a cluster called `name` (used in file, user and
+    /// context names; any short `[a-z0-9-]` string) and waits until the apiserver is ready.
+    pub fn start(name: &str) -> Result<KubeCluster> {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            bail!("cluster name {name:?} must be non-empty ASCII letters, digits and '-'");
+        }
+        let etcd_bin = kube_binary("etcd")?;
+        let apiserver_bin = kube_binary("kube-apiserver")?;
+        let kubectl = kube_binary("kubectl")?;
+        let started = Instant::now();
+
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("fedgate-kube-{name}-"))
+            .tempdir()
+            .context("creating the cluster's temporary directory")?;
+        let pki = ClusterPki::new(name)?;
+        let files = ClusterFiles::write(dir.path(), &pki)?;
+        let token = format!("{:032x}", rand::random::<u128>());
+        std::fs::write(
+            &files.tokens,
+            format!("{token},{ADMIN_USER},{ADMIN_USER},\"system:masters\"\n"),
+        )?;
+
+        let mut cluster = KubeCluster {
+            name: name.to_owned(),
+            etcd: None,
+            apiserver: None,
+            server_url: String::new(),
+            api_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            token,
+            ca_pem: pki.ca_pem,
+            kubeconfig: dir.path().join("kubeconfig"),
+            kubectl,
+            started_in: Duration::ZERO,
+            dir,
+        };
+        let mut attempt = 1;
+        loop {
+            match cluster.launch(&etcd_bin, &apiserver_bin, &files) {
+                Ok(()) => break,
+                Err(e) if attempt < START_ATTEMPTS && cluster.port_collision() => {
+                    eprintln!("kube cluster {name}: a port was taken, retrying: {e:#}");
+                    cluster.stop();
+                    attempt += 1;
+                }
+                Err(e) => {
+                    let logs = cluster.logs(80);
+                    cluster.stop();
+                    bail!("starting kube cluster {name}: {e:#}\n{logs}");
+                }
+            }
+        }
+        cluster.write_kubeconfig(&files.ca)?;
+        cluster.started_in = started.elapsed();
+        Ok(cluster)
+    }
+
+    /// One try at starting etcd, then the apiserver, on freshly picked ports.
+    fn launch(
+        &mut self,
+        etcd_bin: &Path,
+        apiserver_bin: &Path,
+        files: &ClusterFiles,
+    ) -> Result<()> {
+        let etcd_client = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let etcd_peer = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let api = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let dir = self.dir.path().to_path_buf();
+        let etcd_url = format!("http://{etcd_client}");
+        let peer_url = format!("http://{etcd_peer}");
+
+        let etcd = Command::new(etcd_bin)
+            .arg(format!("--name={}", self.name))
+            // etcd makes the directory itself (0700) and refuses one with wider permissions.
+            .arg(format!("--data-dir={}", dir.join("etcd-data").display()))
+            .arg(format!("--listen-client-urls={etcd_url}"))
+            .arg(format!("--advertise-client-urls={etcd_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster={}={peer_url}", self.name))
+            .arg("--initial-cluster-state=new")
+            // Test data is thrown away: no fsync makes writes (and start-up) much faster.
+            .arg("--unsafe-no-fsync")
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(log_file(&dir.join("etcd.log"))?)
+            .stderr(log_file(&dir.join("etcd.log"))?)
+            .spawn()
+            .with_context(|| format!("spawning {}", etcd_bin.display()))?;
+        self.etcd = Some(etcd);
+        self.wait_ready("etcd /health", || {
+            crate::http_get(etcd_client, "/health")
+                .is_ok_and(|(code, body)| code == 200 && body.contains("true"))
+        })?;
+
+        let apiserver = Command::new(apiserver_bin)
+            .arg(format!("--etcd-servers={etcd_url}"))
+            .arg(format!("--secure-port={}", api.port()))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--cert-dir={}", dir.display()))
+            .arg(format!("--tls-cert-file={}", files.serving_cert.display()))
+            .arg(format!("--tls-private-key-file={}", files.serving_key.display()))
+            .arg(format!("--client-ca-file={}", files.ca.display()))
+            .arg(format!("--token-auth-file={}", files.tokens.display()))
+            .arg("--authorization-mode=RBAC")
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            // Verification keys: the apiserver reads public keys (PKIX) from this file.
+            .arg(format!("--service-account-key-file={}", files.service_account_public.display()))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                files.service_account_key.display()
+            ))
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            // No controller-manager creates the `default` ServiceAccount, so the ServiceAccount
+            // admission plugin would refuse every Pod.
+            .arg("--disable-admission-plugins=ServiceAccount")
+            // Start-up: API priority and fairness bootstraps its own objects and controllers,
+            // which one test client does not need.
+            .arg("--enable-priority-and-fairness=false")
+            .arg("--profiling=false")
+            // The endpoint reconciler refuses a loopback advertise address; without it the
+            // `kubernetes` Service simply has no endpoints.
+            .arg("--endpoint-reconciler-type=none")
+            .arg("--v=1")
+            .stdin(Stdio::null())
+            .stdout(log_file(&dir.join("kube-apiserver.log"))?)
+            .stderr(log_file(&dir.join("kube-apiserver.log"))?)
+            .spawn()
+            .with_context(|| format!("spawning {}", apiserver_bin.display()))?;
+        self.apiserver = Some(apiserver);
+        self.api_addr = api;
+        self.server_url = format!("https://{api}");
+        let ca_pem = self.ca_pem.clone();
+        self.wait_ready("kube-apiserver /readyz", || {
+            https_get(api, &ca_pem, "/readyz", "").is_ok_and(|(code, _)| code == 200)
+        })
+    }
+
+    /// Polls `ready` every 50 ms for at most [`READY_TIMEOUT`]; fails at once when etcd or the
+    /// apiserver exits (the crate's `eventually` would retry that until the timeout).
+    fn wait_ready(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            self.check_alive()?;
+            if ready() {
+                return Ok(());
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                bail!("timed out after {READY_TIMEOUT:?} waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Fails when etcd or the apiserver has exited.
+    fn check_alive(&mut self) -> Result<()> {
+        for (what, child) in [("etcd", &mut self.etcd), ("kube-apiserver", &mut self.apiserver)] {
+            if let Some(status) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("{what} exited with {status}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a log says a port was taken (the start is then retried on other ports).
+    fn port_collision(&self) -> bool {
+        ["etcd.log", "kube-apiserver.log"].iter().any(|f| {
+            std::fs::read_to_string(self.dir.path().join(f))
+                .is_ok_and(|t| t.contains("address already in use"))
+        })
+    }
+
+    fn write_kubeconfig(&self, ca: &Path) -> Result<()> {
+        let name = &self.name;
+        let yaml = format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters:\n- name: {name}\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\n\
+             users:\n- name: {ADMIN_USER}\n  user:\n    token: {token}\n\
+             contexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {ADMIN_USER}\n\
+             current-context: {name}\n",
+            server = self.server_url,
+            ca = ca.display(),
+            token = self.token,
+        );
+        std::fs::write(&self.kubeconfig, yaml)
+            .with_context(|| format!("writing {}", self.kubeconfig.display()))
+    }
+
+    /// The cluster's name as given to [`start`](Self::start) (also the kubeconfig context).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A kubeconfig (server, CA file, token) for this cluster.
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn server_url(&self) -> &str {
+        &self.server_url
+    }
+
+    /// The bearer token of a `system:masters` user.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The CA certificate (PEM) that signed the apiserver's serving certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The cluster's temporary directory (logs, certificates, kubeconfig).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// How long [`start`](Self::start) took, from key generation to a ready apiserver.
+    pub fn started_in(&self) -> Duration {
+        self.started_in
+    }
+
+    /// Runs the real `kubectl --kubeconfig <this cluster> <args>` and returns its output,
+    /// whatever its exit status.
+    pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        self.kubectl_with_stdin(args, None)
+    }
+
+    /// Like [`kubectl`](Self::kubectl) but fails with stderr when kubectl exits non-zero;
+    /// returns stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        check_output(&format!("kubectl {}", args.join(" ")), self.kubectl(args)?)
+    }
+
+    /// `kubectl apply -f -` with `yaml` on stdin; returns kubectl's stdout.
+    pub fn apply_yaml(&self, yaml: &str) -> Result<String> {
+        let out = self.kubectl_with_stdin(&["apply", "-f", "-"], Some(yaml))?;
+        check_output("kubectl apply", out)
+    }
+
+    fn kubectl_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+        let mut cmd = Command::new(&self.kubectl);
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig).arg("--request-timeout=30s").args(args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        if let Some(text) = stdin {
+            let mut pipe = child.stdin.take().context("kubectl stdin")?;
+            pipe.write_all(text.as_bytes()).context("writing to kubectl's stdin")?;
+        }
+        child.wait_with_output().with_context(|| format!("waiting for {cmd:?}"))
+    }
+
+    /// An HTTPS GET on the apiserver with this cluster's token; returns (status, body).
+    pub fn get(&self, path: &str) -> Result<(u16, String)> {
+        self.get_with_token(path, &self.token)
+    }
+
+    /// An HTTPS GET on the apiserver with any bearer token (empty: none), verifying the
+    /// serving certificate against [`ca_pem`](Self::ca_pem); returns (status, body).
+    pub fn get_with_token(&self, path: &str, token: &str) -> Result<(u16, String)> {
+        https_get(self.api_addr, &self.ca_pem, path, token)
+    }
+
+    /// The logs of etcd and the apiserver (last `lines` lines of each).
+    pub fn logs(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for f in ["etcd.log", "kube-apiserver.log"] {
+            let path = self.dir.path().join(f);
+            out.push_str(&format!(
+                "--- {} of cluster {} ({}) ---\n{}\n",
+                f,
+                self.name,
+                path.display(),
+                log_summary(&path, lines)
+            ));
+        }
+        out
+    }
+
+    fn stop(&mut self) {
+        for child in [self.apiserver.take(), self.etcd.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for KubeCluster {
+    fn drop(&mut self) {
+        // Neither process forks, so killing the two children is killing the whole cluster.
+        // They stay in the test's process group so that a Ctrl-C in a terminal reaches them too.
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs(80));
+        }
+    }
+}
+
+/// The files one cluster's processes read.
+struct ClusterFiles {
+    ca: PathBuf,
+    serving_cert: PathBuf,
+    serving_key: PathBuf,
+    service_account_key: PathBuf,
+    service_account_public: PathBuf,
+    tokens: PathBuf,
+}
+
+impl ClusterFiles {
+    fn write(dir: &Path, pki: &ClusterPki) -> Result<Self> {
+        let files = Self {
+            ca: dir.join("ca.crt"),
+            serving_cert: dir.join("apiserver.crt"),
+            serving_key: dir.join("apiserver.key"),
+            service_account_key: dir.join("service-account.key"),
+            service_account_public: dir.join("service-account.pub"),
+            tokens: dir.join("tokens.csv"),
+        };
+        for (path, pem) in [
+            (&files.ca, &pki.ca_pem),
+            (&files.serving_cert, &pki.serving_cert_pem),
+            (&files.serving_key, &pki.serving_key_pem),
+            (&files.service_account_key, &pki.service_account_key_pem),
+            (&files.service_account_public, &pki.service_account_public_pem),
+        ] {
+            std::fs::write(path, pem).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(files)
+    }
+}
+
+fn log_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+fn check_output(what: &str, out: Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A one-shot HTTP/1.1 GET over TLS (rustls, ring) trusting only `ca_pem`.
+fn https_get(addr: SocketAddr, ca_pem: &str, path: &str, token: &str) -> Result<(u16, String)> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.context("parsing the CA PEM")?).context("adding the CA")?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(Arc::new(config), ServerName::from(addr.ip()))
+        .context("TLS client")?;
+    let sock = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {addr}"))?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    sock.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let auth =
+        if token.is_empty() { String::new() } else { format!("Authorization: Bearer {token}\r\n") };
+    write!(tls, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+        .with_context(|| format!("GET {path} on {addr}"))?;
+    let mut buf = Vec::new();
+    match tls.read_to_end(&mut buf) {
+        Ok(_) => {}
+        // A peer that closes without close_notify after a complete response is fine here.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => {}
+        Err(e) => return Err(e).with_context(|| format!("reading GET {path} from {addr}")),
+    }
+    parse_response(&String::from_utf8_lossy(&buf))
+        .with_context(|| format!("GET {path} on {addr}: malformed HTTP response"))
+}
+
+/// (status, body) of an HTTP/1.1 response; a chunked body is de-chunked.
+fn parse_response(text: &str) -> Option<(u16, String)> {
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    if !chunked {
+        return Some((status, body.to_owned()));
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let (size_line, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size_line.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some((status, out));
+        }
+        out.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn required_version_reads_go_mod_forms() {
+        let go_mod = "module x\n\ngo 1.26.0\n\nrequire (\n\tgo.etcd.io/etcd/server/v3 v3.7.3\n\t\
+                      k8s.io/kubernetes v1.37.2\n)\n\nrequire k8s.io/api v0.37.2 // indirect\n\
+                      replace (\n\tk8s.io/api => k8s.io/api v0.37.2\n)\n";
+        let cases = [
+            ("k8s.io/kubernetes", Some("v1.37.2")),
+            ("go.etcd.io/etcd/server/v3", Some("v3.7.3")),
+            ("k8s.io/api", Some("v0.37.2")),
+            ("k8s.io/client-go", None),
+            ("module", None),
+        ];
+        for (module, want) in cases {
+            assert_eq!(required_version(go_mod, module).as_deref(), want, "{module}");
+        }
+    }
+
+    #[test]
+    fn the_wrapper_module_pins_a_kubernetes_release() {
+        let v = kube_version().expect("tests/kube/go.mod names a version");
+        assert!(v.starts_with("v1."), "{v}");
+    }
+
+    #[test]
+    fn error_lines_of_klog_and_etcd() {
+        let cases = [
+            ("E1126 02:28:27.220758   22039 run.go:72] \"command failed\"", true),
+            ("F1126 02:28:27.220758   22039 server.go:1] fatal", true),
+            ("I1126 02:28:27.132117   22039 options.go:261] external host", false),
+            ("Error: something", false),
+            (r#"{"level":"error","msg":"x"}"#, true),
+            (r#"{"level":"warn","msg":"x"}"#, false),
+            ("", false),
+        ];
+        for (line, want) in cases {
+            assert_eq!(is_error_line(line), want, "{line}");
+        }
+    }
+
+    #[test]
+    fn parse_response_plain_and_chunked() {
+        let cases = [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", Some((200, "ok"))),
+            ("HTTP/1.1 401 Unauthorized\r\n\r\n{}", Some((401, "{}"))),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
+                Some((200, "abcde")),
+            ),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", None),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", None),
+            ("garbage", None),
+            ("HTTP/1.1 abc\r\n\r\n", None),
+        ];
+        for (text, want) in cases {
+            let got = parse_response(text);
+            assert_eq!(got.as_ref().map(|(c, b)| (*c, b.as_str())), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_missing_binary_says_how_to_build_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = binary_in(dir.path(), "kube-apiserver").expect_err("no binary there");
+        let msg = err.to_string();
+        assert!(msg.contains("run scripts/build-kube.sh"), "{msg}");
+        assert!(msg.contains(BIN_DIR_ENV), "{msg}");
+        std::fs::write(dir.path().join("etcd"), "").expect("writing a file");
+        assert_eq!(binary_in(dir.path(), "etcd").expect("present"), dir.path().join("etcd"));
+    }
+
+    #[test]
+    fn start_refuses_bad_names() {
+        for name in ["", "a b", "a/b", "ä"] {
+            let err = KubeCluster::start(name).err().expect("refused");
+            assert!(err.to_string().contains("cluster name"), "{name:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The kube harness itself: two real clusters (etcd + kube-apiserver each) started at once,
+//! driven with the real kubectl. What one cluster stores the other never sees, and the
+//! apiserver refuses tokens it did not issue.
+
+use anyhow::{Context, Result};
+use fedgate_e2e::kube::{KubeCluster, kube_version};
+use fedgate_e2e::service_yaml;
+
+/// `kubectl get <args> -o json`, parsed.
+fn get_json(cluster: &KubeCluster, args: &[&str]) -> Result<serde_json::Value> {
+    let mut all = vec!["get"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-o", "json"]);
+    let out = cluster.kubectl_ok(&all)?;
+    serde_json::from_str(&out).with_context(|| format!("kubectl {all:?}: not JSON: {out}"))
+}
+
+#[test]
+fn two_clusters_store_separately_and_refuse_foreign_tokens() -> Result<()> {
+    let (east, west) = std::thread::scope(|s| {
+        let east = s.spawn(|| KubeCluster::start("east"));
+        let west = s.spawn(|| KubeCluster::start("west"));
+        (east.join().expect("east start thread"), west.join().expect("west start thread"))
+    });
+    let (east, west) = (east?, west?);
+    eprintln!(
+        "kube clusters ready: east in {:.2?}, west in {:.2?} (started concurrently)",
+        east.started_in(),
+        west.started_in()
+    );
+    assert_ne!(east.server_url(), west.server_url());
+    assert_ne!(east.token(), west.token());
+
+    // The binaries are the release the wrapper module pins.
+    let version = east.kubectl_ok(&["version", "-o", "json"])?;
+    let version: serde_json::Value = serde_json::from_str(&version)?;
+    let want = kube_version()?;
+    assert_eq!(version["serverVersion"]["gitVersion"], want.as_str(), "{version}");
+    assert_eq!(version["clientVersion"]["gitVersion"], want.as_str(), "{version}");
+
+    // Write through kubectl into east, read back. The apiserver refuses loopback endpoint
+    // addresses; these are TEST-NET-1 documentation addresses, data only: nothing connects.
+    east.kubectl_ok(&["create", "namespace", "shop"])?;
+    let applied = east.apply_yaml(&service_yaml(
+        "shop",
+        "cart",
+        false,
+        &[("http", 80, 8080)],
+        &[("192.0.2.10", true), ("192.0.2.11", false)],
+        None,
+    ))?;
+    assert!(applied.contains("service/cart created"), "{applied}");
+    assert!(applied.contains("endpointslice.discovery.k8s.io/cart-1 created"), "{applied}");
+
+    let svc = get_json(&east, &["service", "cart", "-n", "shop"])?;
+    assert_eq!(svc["spec"]["ports"][0]["port"], 80, "{svc}");
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], 8080, "{svc}");
+    let cluster_ip = svc["spec"]["clusterIP"].as_str().context("a ClusterIP is allocated")?;
+    assert!(cluster_ip.starts_with("10.96."), "ClusterIP {cluster_ip} from the service CIDR");
+
+    let slices = get_json(
+        &east,
+        &["endpointslices", "-n", "shop", "-l", "kubernetes.io/service-name=cart"],
+    )?;
+    let items = slices["items"].as_array().context("items")?;
+    assert_eq!(items.len(), 1, "{slices}");
+    let endpoints = items[0]["endpoints"].as_array().context("endpoints")?;
+    let seen: Vec<(String, bool)> = endpoints
+        .iter()
+        .map(|e| {
+            (
+                e["addresses"][0].as_str().unwrap_or_default().to_owned(),
+                e["conditions"]["ready"].as_bool().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [("192.0.2.10".to_owned(), true), ("192.0.2.11".to_owned(), false)],
+        "{slices}"
+    );
+
+    // West has none of it.
+    let missing = west.kubectl(&["get", "namespace", "shop"])?;
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("NotFound") || stderr.contains("not found"), "{stderr}");
+    let services = get_json(&west, &["services", "-A"])?;
+    let names: Vec<&str> = services["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .flat_map(|i| i["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(names, ["kubernetes"], "west only has its own apiserver Service");
+    let west_slices = get_json(&west, &["endpointslices", "-A"])?;
+    assert!(
+        west_slices["items"]
+            .as_array()
+            .context("items")?
+            .iter()
+            .all(|i| i["metadata"]["namespace"] != "shop"),
+        "{west_slices}"
+    );
+
+    // Tokens: its own works, a wrong one and the other cluster's are 401, none is anonymous
+    // (authenticated as system:anonymous, then forbidden by RBAC).
+    let (code, _) = east.get("/api/v1/namespaces")?;
+    assert_eq!(code, 200);
+    for token in ["wrong-token", west.token()] {
+        let (code, body) = east.get_with_token("/api/v1/namespaces", token)?;
+        assert_eq!(code, 401, "token {token:?}: {body}");
+    }
+    let (code, body) = east.get_with_token("/api/v1/namespaces", "")?;
+    assert_eq!(code, 403, "{body}");
+    let refused = east.kubectl(&["--token=wrong-token", "get", "namespaces"])?;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("Unauthorized"), "{stderr}");
+    Ok(())
+}
