@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian machine (idempotent, quick when warm).
-# Real clients and servers: dig (bind9-dnsutils), curl, iperf3, unbound, ip (iproute2), python3.
+# Real clients and servers: dig (bind9-dnsutils), curl, iperf3, unbound, ip (iproute2), python3;
+# Debian's Chromium (+ chromedriver) for the dashboard's browser test, driven by playwright-core
+# from tests/browser (npm ci below; it never downloads a browser of its own).
 set -euo pipefail
 
-packages=(bind9-dnsutils curl iperf3 iproute2 unbound python3 procps)
+packages=(bind9-dnsutils curl iperf3 iproute2 unbound python3 procps chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,6 +22,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   # The test suite starts its own unbound on loopback when it needs one; the packaged
   # service must not hold port 53.
   if command -v systemctl >/dev/null 2>&1; then systemctl disable --now unbound >/dev/null 2>&1 || true; fi
+fi
+
+# The browser test's node modules, pinned by tests/browser/package-lock.json (node >= 20).
+browser_dir="$(cd "$(dirname "$0")/.." && pwd)/tests/browser"
+if [ ! -f "$browser_dir/node_modules/playwright-core/package.json" ]; then
+  command -v npm >/dev/null 2>&1 || { echo "install-test-deps: need node >= 20 and npm (tests/browser)" >&2; exit 1; }
+  echo "install-test-deps: npm ci in tests/browser"
+  (cd "$browser_dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund >/dev/null)
 fi
 # kube-apiserver, etcd and kubectl for the Kubernetes e2e tests (docs/testing-kube.md).
 bash "$(dirname "$0")/build-kube.sh"

@@ -1,0 +1,221 @@
+// The fedgate dashboard in a real browser: headless Debian Chromium (driven by playwright-core,
+// which never downloads a browser of its own) opens a gateway's admin page, waits for every
+// cluster of the federation, keeps traffic flowing to a service, fails a backend (a command,
+// e.g. `fedgate demo fail east/east-1`) and waits — bounded — for the failover to show up in
+// the page's failover list. A screenshot is kept either way. Exit code 0 = seen, 1 = not.
+//
+//   node dashboard.mjs --url http://127.0.0.11:15000/ --clusters east,west,north \
+//     --service demo/echo --traffic http://242.1.0.1:8080/ \
+//     --fail '["fedgate","demo","fail","east/east-1","--dir","/tmp/demo"]'
+//
+// Options (all but --url and --clusters optional):
+//   --url URL            the dashboard (a gateway's admin `/`)
+//   --clusters a,b,c     cluster ids that must appear (elements with data-cluster="<id>")
+//   --service NS/NAME    the service whose failover must appear (default demo/echo)
+//   --traffic URL        HTTP GET sent every 100 ms while waiting for the failover
+//   --fail JSON          argv (JSON array) of the command that makes the failover happen
+//   --artifacts DIR      where screenshots go (default $FEDGATE_ARTIFACTS or
+//                        <repo>/target/test-artifacts/browser)
+//   --chromium PATH      the browser (default $CHROMIUM or /usr/bin/chromium)
+//   --timeout-ms N       how long the failover may take to appear (default 10000)
+
+import { execFile } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+function fail(msg) {
+  console.error(`dashboard.mjs: ${msg}`);
+  process.exit(2);
+}
+
+const { values: opts } = parseArgs({
+  options: {
+    url: { type: 'string' },
+    clusters: { type: 'string' },
+    service: { type: 'string', default: 'demo/echo' },
+    traffic: { type: 'string' },
+    fail: { type: 'string' },
+    artifacts: { type: 'string' },
+    chromium: { type: 'string' },
+    'timeout-ms': { type: 'string', default: '10000' },
+  },
+});
+if (!opts.url) fail('--url is required (a gateway admin URL, e.g. http://127.0.0.11:15000/)');
+if (!opts.clusters) fail('--clusters is required (e.g. east,west,north)');
+const clusters = opts.clusters.split(',').filter(Boolean);
+const failoverTimeout = Number(opts['timeout-ms']);
+if (!Number.isFinite(failoverTimeout) || failoverTimeout <= 0) fail('--timeout-ms must be a positive number');
+let failArgv = null;
+if (opts.fail) {
+  try {
+    failArgv = JSON.parse(opts.fail);
+  } catch (e) {
+    fail(`--fail must be a JSON array of strings: ${e.message}`);
+  }
+  if (!Array.isArray(failArgv) || failArgv.length === 0 || !failArgv.every((a) => typeof a === 'string')) {
+    fail('--fail must be a non-empty JSON array of strings');
+  }
+}
+const chromiumPath = opts.chromium ?? process.env.CHROMIUM ?? '/usr/bin/chromium';
+if (!existsSync(chromiumPath)) {
+  fail(`no browser at ${chromiumPath}: install Debian's chromium (apt-get install chromium; scripts/install-test-deps.sh does)`);
+}
+const artifacts = resolve(opts.artifacts ?? process.env.FEDGATE_ARTIFACTS ?? join(here, '..', '..', 'target', 'test-artifacts', 'browser'));
+mkdirSync(artifacts, { recursive: true });
+
+let chromium;
+try {
+  ({ chromium } = await import('playwright-core'));
+} catch (e) {
+  fail(`cannot load playwright-core (run \`npm ci\` in ${here}): ${e.message}`);
+}
+
+const log = (msg) => console.log(`[${new Date().toISOString()}] ${msg}`);
+
+function run(argv) {
+  return new Promise((res, rej) => {
+    execFile(argv[0], argv.slice(1), { timeout: 20000 }, (err, stdout, stderr) => {
+      if (err) rej(new Error(`${argv.join(' ')} failed: ${err.message}\n${stdout}${stderr}`));
+      else res(`${stdout}${stderr}`.trim());
+    });
+  });
+}
+
+// Sends one GET every 100 ms until stopped; counts answers and failures.
+function startTraffic(url) {
+  const stats = { ok: 0, failed: 0, lastError: null, answers: new Map() };
+  let stopped = false;
+  const loop = (async () => {
+    while (!stopped) {
+      try {
+        const r = await fetch(url, { signal: AbortSignal.timeout(2000) });
+        const body = (await r.text()).trim();
+        if (r.ok) {
+          stats.ok += 1;
+          stats.answers.set(body, (stats.answers.get(body) ?? 0) + 1);
+        } else {
+          stats.failed += 1;
+          stats.lastError = `HTTP ${r.status}`;
+        }
+      } catch (e) {
+        stats.failed += 1;
+        stats.lastError = e.cause?.message ?? e.message;
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  })();
+  return { stats, stop: async () => { stopped = true; await loop; } };
+}
+
+// Failover entries for `service` in the page's failover list.
+async function failoverEntries(page, service) {
+  return page.evaluate((svc) => {
+    const list = document.querySelector('[data-testid="failovers"]');
+    if (!list) return null;
+    const entries = [...list.querySelectorAll('[data-testid="failover"], li, tbody tr')];
+    return entries.filter((e) => e.textContent.includes(svc)).map((e) => e.textContent.replace(/\s+/g, ' ').trim());
+  }, service);
+}
+
+const profile = mkdtempSync(join(tmpdir(), 'fedgate-chromium-'));
+const pageErrors = [];
+let context;
+let page;
+let traffic;
+let exitCode = 1;
+try {
+  // A fresh profile, and no background traffic of Chromium's own (this network refuses it).
+  context = await chromium.launchPersistentContext(profile, {
+    executablePath: chromiumPath,
+    headless: true,
+    viewport: { width: 1400, height: 1000 },
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+  });
+  page = context.pages()[0] ?? (await context.newPage());
+  page.on('pageerror', (e) => pageErrors.push(e.message));
+  page.on('console', (m) => {
+    if (m.type() === 'error') pageErrors.push(`console: ${m.text()}`);
+  });
+
+  const t0 = Date.now();
+  log(`opening ${opts.url} in ${chromiumPath}`);
+  await page.goto(opts.url, { waitUntil: 'load', timeout: 15000 });
+  for (const id of clusters) {
+    await page.locator(`[data-cluster="${id}"]`).first().waitFor({ state: 'visible', timeout: 15000 });
+  }
+  log(`all ${clusters.length} clusters (${clusters.join(', ')}) on the page after ${Date.now() - t0} ms`);
+  const clusterTexts = await page.evaluate(() =>
+    [...document.querySelectorAll('[data-cluster]')].map((e) => `${e.dataset.cluster}: ${e.textContent.replace(/\s+/g, ' ').trim()}`));
+  for (const t of clusterTexts) log(`  ${t}`);
+
+  if (failArgv) {
+    const before = await failoverEntries(page, opts.service);
+    if (before === null) throw new Error('no failover list on the page (an element with data-testid="failovers")');
+    log(`failover entries for ${opts.service} before: ${before.length}`);
+    if (opts.traffic) {
+      traffic = startTraffic(opts.traffic);
+      // Traffic flows before the failure, so the page has something to compare with.
+      const start = Date.now();
+      while (traffic.stats.ok < 3 && Date.now() - start < 5000) await new Promise((r) => setTimeout(r, 100));
+      if (traffic.stats.ok === 0) throw new Error(`no answer from ${opts.traffic}: ${traffic.stats.lastError}`);
+    }
+    log(`failing: ${failArgv.join(' ')}`);
+    const out = await run(failArgv);
+    if (out) log(`  ${out.split('\n').join('\n  ')}`);
+    const failedAt = Date.now();
+    let after = before;
+    while (Date.now() - failedAt < failoverTimeout) {
+      after = (await failoverEntries(page, opts.service)) ?? [];
+      if (after.length > before.length) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    if (after.length <= before.length) {
+      throw new Error(`no failover of ${opts.service} on the page within ${failoverTimeout} ms of the failure`
+        + (traffic ? ` (traffic: ${traffic.stats.ok} ok, ${traffic.stats.failed} failed, last error ${traffic.stats.lastError})` : ''));
+    }
+    log(`failover on the page ${Date.now() - failedAt} ms after the failure: ${after[0]}`);
+    if (traffic) {
+      // Let the page show the traffic after the failover too.
+      await new Promise((r) => setTimeout(r, 1200));
+      await traffic.stop();
+      const answers = [...traffic.stats.answers].map(([a, n]) => `${n}x ${a}`).join('; ');
+      log(`traffic: ${traffic.stats.ok} ok, ${traffic.stats.failed} failed (${answers})`);
+      traffic = null;
+    }
+  }
+  if (pageErrors.length) throw new Error(`errors in the page: ${pageErrors.join(' | ')}`);
+  const shot = join(artifacts, 'dashboard-failover.png');
+  await page.screenshot({ path: shot, fullPage: true });
+  console.log(`screenshot: ${shot}`);
+  exitCode = 0;
+} catch (e) {
+  console.error(`dashboard.mjs: FAILED: ${e.message}`);
+  if (pageErrors.length) console.error(`page errors: ${pageErrors.join(' | ')}`);
+  if (page) {
+    const shot = join(artifacts, 'dashboard-failure.png');
+    try {
+      await page.screenshot({ path: shot, fullPage: true });
+      console.error(`screenshot of the failure: ${shot}`);
+    } catch (se) {
+      console.error(`no screenshot: ${se.message}`);
+    }
+  }
+} finally {
+  if (traffic) await traffic.stop();
+  if (context) await context.close().catch(() => {});
+  rmSync(profile, { recursive: true, force: true });
+}
+process.exit(exitCode);
