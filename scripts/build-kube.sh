@@ -2,8 +2,9 @@
 # Builds the real Kubernetes binaries the e2e tests run -- kube-apiserver, kubectl and etcd --
 # from the Go module proxy, through the wrapper module in tests/kube (see docs/testing-kube.md).
 #
-# Output: $FEDGATE_KUBE_BIN_DIR, default ~/.cache/fedgate/kube/<k8s version>/bin/{kube-apiserver,etcd,kubectl}
-# Idempotent: a stamp (hash of go.mod, go.sum, this script and the Go version) next to the binaries
+# Output: $FEDGATE_KUBE_BIN_DIR, default ~/.cache/fedgate/kube/<k8s version>/bin/{kube-apiserver,etcd,kubectl,helm}
+# (helm from its own module, tests/kube/helm, for the deploy tests' `helm lint`/`helm template`).
+# Idempotent: stamps (hash of go.mod, go.sum, this script and the Go version) next to the binaries
 # makes a warm run return at once; after a change the Go build cache makes the rebuild incremental.
 # A cold build compiles ~2,400 packages: about 11 minutes on 2 cores. Progress is printed.
 set -euo pipefail
@@ -37,64 +38,101 @@ for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
   ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 
-go_version=$(go env GOVERSION)
-stamp=$(cat "$mod_dir/go.mod" "$mod_dir/go.sum" "$0" <(echo "$go_version $ldflags") | sha256sum | cut -d' ' -f1)
-stamp_file="$bin_dir/.stamp"
+helm_dir="$mod_dir/helm"
+helm_version=$(awk '$1 == "helm.sh/helm/v3" && $2 ~ /^v/ { print $2; exit }' "$helm_dir/go.mod")
+[ -n "$helm_version" ] || die "no helm.sh/helm/v3 requirement in $helm_dir/go.mod"
+# As helm's Makefile: the Kubernetes version `helm template`/`helm lint` assume by default is
+# that of the client-go helm is built with.
+helm_k8s_minor=$(awk '$1 == "k8s.io/client-go" { v = $2; sub(/^v0\./, "", v); sub(/\..*/, "", v); print v; exit }' "$helm_dir/go.mod")
+helm_ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  helm_ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$helm_k8s_minor"
+done
 
+go_version=$(go env GOVERSION)
+stamp_of() { cat "$1/go.mod" "$1/go.sum" "$0" <(echo "$go_version $2") | sha256sum | cut -d' ' -f1; }
+kube_stamp=$(stamp_of "$mod_dir" "$ldflags")
+helm_stamp=$(stamp_of "$helm_dir" "$helm_ldflags")
+
+# up_to_date <stamp file> <stamp> <binaries...>
 up_to_date() {
-  [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] || return 1
-  for b in "${binaries[@]}"; do [ -x "$bin_dir/$b" ] || return 1; done
+  local file=$1 want=$2
+  shift 2
+  [ -f "$bin_dir/$file" ] && [ "$(cat "$bin_dir/$file")" = "$want" ] || return 1
+  for b in "$@"; do [ -x "$bin_dir/$b" ] || return 1; done
 }
 
-if up_to_date; then
-  log "up to date: kube-apiserver/kubectl $kube_version, etcd $etcd_version in $bin_dir"
+kube_ok=0 helm_ok=0
+up_to_date .stamp-kube "$kube_stamp" "${binaries[@]}" && kube_ok=1
+up_to_date .stamp-helm "$helm_stamp" helm && helm_ok=1
+if [ $kube_ok = 1 ] && [ $helm_ok = 1 ]; then
+  log "up to date: kube-apiserver/kubectl $kube_version, etcd $etcd_version, helm $helm_version in $bin_dir"
   exit 0
 fi
 
-log "building kube-apiserver + kubectl $kube_version and etcd $etcd_version with $go_version into $bin_dir"
-log "(a cold build compiles ~2,400 packages, about 11 minutes on 2 cores; re-runs are incremental)"
 mkdir -p "$bin_dir"
 out=$(mktemp -d "$bin_dir/.build.XXXXXX")
 trap 'rm -rf "$out"' EXIT
-
-cd "$mod_dir"
 export CGO_ENABLED=0
 export GOFLAGS="-mod=readonly -buildvcs=false"
 
-pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/server/v3)
-log "downloading modules (cached in $(go env GOMODCACHE))"
-go mod download
-total=$(go list -deps "${pkgs[@]}" | wc -l)
-log "compiling up to $total packages (only changed ones are recompiled)"
+# compile <module dir> <ldflags> <packages...>: one `go build` into $out. `go build -v` names each
+# package as it is compiled; they are counted as progress. One invocation per module shares the
+# package graph and keeps both cores busy.
+compile() {
+  local dir=$1 flags=$2
+  shift 2
+  (
+    cd "$dir"
+    log "downloading modules of $(basename "$dir") (cached in $(go env GOMODCACHE))"
+    go mod download
+    local total start status
+    total=$(go list -deps "$@" | wc -l)
+    start=$(date +%s)
+    log "compiling up to $total packages (only changed ones are recompiled)"
+    set +e
+    nice -n 10 go build -v -trimpath -ldflags "$flags" -o "$out/" "$@" 2>&1 |
+      awk -v total="$total" -v start="$start" '
+        /^[a-z0-9.-]+(\/[^ ]*)?$/ && !/:/ {
+          n++
+          if (n % 100 == 0) {
+            cmd = "date +%s"; cmd | getline now; close(cmd)
+            printf "build-kube: compiled %d/%d packages (%ds)\n", n, total, now - start
+            fflush()
+          }
+          next
+        }
+        { print; fflush() }'
+    status=${PIPESTATUS[0]}
+    set -e
+    [ "$status" -eq 0 ] || die "go build in $dir failed (exit $status); output above"
+    log "compiled in $(( $(date +%s) - start ))s"
+  )
+}
 
-start=$(date +%s)
-# `go build -v` names each package as it is compiled; count them as progress. One invocation for
-# all three commands shares the package graph and keeps both cores busy.
-set +e
-nice -n 10 go build -v -trimpath -ldflags "$ldflags" -o "$out/" "${pkgs[@]}" 2>&1 |
-  awk -v total="$total" -v start="$start" '
-    /^[a-z0-9.-]+(\/[^ ]*)?$/ && !/:/ {
-      n++
-      if (n % 100 == 0) {
-        cmd = "date +%s"; cmd | getline now; close(cmd)
-        printf "build-kube: compiled %d/%d packages (%ds)\n", n, total, now - start
-        fflush()
-      }
-      next
-    }
-    { print; fflush() }'
-status=${PIPESTATUS[0]}
-set -e
-[ "$status" -eq 0 ] || die "go build failed (exit $status); output above"
+if [ $kube_ok = 0 ]; then
+  log "building kube-apiserver + kubectl $kube_version and etcd $etcd_version with $go_version into $bin_dir"
+  log "(a cold build compiles ~2,400 packages, about 11 minutes on 2 cores; re-runs are incremental)"
+  compile "$mod_dir" "$ldflags" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/server/v3
+  # The etcd server module root is etcd's main package: go names its binary after the module
+  # ("v3" suffix dropped), i.e. "server".
+  mv "$out/server" "$out/etcd"
+  for b in "${binaries[@]}"; do
+    [ -x "$out/$b" ] || die "go build produced no $b"
+    mv -f "$out/$b" "$bin_dir/$b"
+  done
+  echo "$kube_stamp" > "$bin_dir/.stamp-kube"
+  "$bin_dir/kube-apiserver" --version
+  "$bin_dir/etcd" --version | head -1
+fi
 
-# The etcd server module root is etcd's main package: go names its binary after the module ("v3"
-# suffix dropped), i.e. "server".
-mv "$out/server" "$out/etcd"
-for b in "${binaries[@]}"; do
-  [ -x "$out/$b" ] || die "go build produced no $b"
-  mv -f "$out/$b" "$bin_dir/$b"
-done
-echo "$stamp" > "$stamp_file"
-log "done in $(( $(date +%s) - start ))s: $(cd "$bin_dir" && ls -1 "${binaries[@]}" | tr '\n' ' ')"
-"$bin_dir/kube-apiserver" --version
-"$bin_dir/etcd" --version | head -1
+if [ $helm_ok = 0 ]; then
+  log "building helm $helm_version (module tests/kube/helm) into $bin_dir"
+  compile "$helm_dir" "$helm_ldflags" helm.sh/helm/v3/cmd/helm
+  [ -x "$out/helm" ] || die "go build produced no helm"
+  mv -f "$out/helm" "$bin_dir/helm"
+  echo "$helm_stamp" > "$bin_dir/.stamp-helm"
+  "$bin_dir/helm" version --short
+fi
+log "done: $(cd "$bin_dir" && ls -1 "${binaries[@]}" helm | tr '\n' ' ')"

@@ -1,4 +1,4 @@
-//! The `fedgate` command line: `run`, `analyze`, `certs ca`, `certs issue`, `version`.
+//! The `fedgate` command line: `run`, `analyze`, `certs ca`, `certs issue`, `demo`, `version`.
 //!
 //! Exit codes: 0 success, 1 invalid input (a bad config or certificate, or a gateway that
 //! failed), 2 usage errors (unknown flags, missing arguments: clap's own).
@@ -46,6 +46,9 @@ pub enum Command {
     /// Make a development PKI: a clusterset CA and gateway certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Run a three-cluster federation on this machine (no root, no Kubernetes) and fail or
+    /// restore its parts: `fedgate demo`, `fedgate demo fail east/east-1`.
+    Demo(crate::demo::DemoArgs),
     /// Print the version.
     Version,
 }
@@ -164,6 +167,7 @@ pub fn execute(
         }
         Command::Analyze(args) => analyze(&args.files, out),
         Command::Run(args) => run(&args.config, run_gateway),
+        Command::Demo(args) => crate::demo::execute(args, run_gateway, out),
         Command::Certs(CertsCommand::Ca(args)) => report(certs_ca(&args), out),
         Command::Certs(CertsCommand::Issue(args)) => report(certs_issue(&args), out),
     }
@@ -188,7 +192,8 @@ fn analyze(files: &[PathBuf], out: &mut dyn Write) -> u8 {
     code
 }
 
-fn run(path: &Path, run_gateway: impl FnOnce(Config) -> anyhow::Result<()>) -> u8 {
+/// `fedgate run`: loads the config and runs the gateway; returns the exit code.
+pub(crate) fn run(path: &Path, run_gateway: impl FnOnce(Config) -> anyhow::Result<()>) -> u8 {
     let config = match config::load(path) {
         Ok(c) => c,
         Err(errors) => {

@@ -8,5 +8,6 @@ pub mod cli;
 pub mod config;
 pub mod dashboard;
 pub mod dataplane;
+pub mod demo;
 pub mod logging;
 pub mod metrics;

@@ -104,6 +104,23 @@ fn binary_in(dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Runs the built `helm` (v3, from `tests/kube/helm`) with `args`; its cache, config and data
+/// directories are put under `home` so tests never share or touch `~/.cache/helm`.
+pub fn helm(home: &Path, args: &[&str]) -> Result<Output> {
+    let mut cmd = Command::new(kube_binary("helm")?);
+    cmd.args(args)
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .stdin(Stdio::null());
+    cmd.output().with_context(|| format!("running {cmd:?}"))
+}
+
+/// Like [`helm`] but fails with its output when helm exits non-zero; returns stdout.
+pub fn helm_ok(home: &Path, args: &[&str]) -> Result<String> {
+    check_output(&format!("helm {}", args.join(" ")), helm(home, args)?)
+}
+
 /// A port on 127.0.0.1 that was free a moment ago (bound to port 0, then released). Another
 /// process may take it before ours binds it; [`KubeCluster::start`] retries on that.
 fn free_port() -> Result<u16> {

@@ -3,7 +3,7 @@
 //! apiserver refuses tokens it did not issue.
 
 use anyhow::{Context, Result};
-use fedgate_e2e::kube::{KubeCluster, kube_version};
+use fedgate_e2e::kube::{KubeCluster, helm_ok, kube_version};
 use fedgate_e2e::service_yaml;
 
 /// `kubectl get <args> -o json`, parsed.
@@ -117,5 +117,31 @@ fn two_clusters_store_separately_and_refuse_foreign_tokens() -> Result<()> {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("Unauthorized"), "{stderr}");
+    Ok(())
+}
+
+/// The built helm renders a chart that the real apiserver accepts: `helm create`, `helm lint`,
+/// `helm template`, then `kubectl apply` of the result.
+#[test]
+fn helm_renders_a_chart_the_apiserver_accepts() -> Result<()> {
+    let cluster = KubeCluster::start("helm")?;
+    let work = tempfile::tempdir()?;
+    let home = work.path().join("helm-home");
+    let chart = work.path().join("demo");
+    let chart = chart.to_str().context("UTF-8 temp path")?;
+
+    let version = helm_ok(&home, &["version", "--short"])?;
+    assert!(version.starts_with("v3."), "{version}");
+    helm_ok(&home, &["create", chart])?;
+    let lint = helm_ok(&home, &["lint", chart])?;
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    let rendered = helm_ok(&home, &["template", "demo", chart, "--namespace", "default"])?;
+    assert!(rendered.contains("kind: Deployment"), "{rendered}");
+
+    let applied = cluster.apply_yaml(&rendered)?;
+    assert!(applied.contains("deployment.apps/demo created"), "{applied}");
+    assert!(applied.contains("service/demo created"), "{applied}");
+    let deployment = get_json(&cluster, &["deployment", "demo", "-n", "default"])?;
+    assert_eq!(deployment["spec"]["replicas"], 1, "{deployment}");
     Ok(())
 }
