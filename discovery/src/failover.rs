@@ -29,20 +29,38 @@ impl PriorityLabel {
     }
 }
 
+/// One priority label compared on its own: what the endpoint needs (the client's value, or
+/// the literal of a `key=value` entry), what it has, and whether they are equal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LabelComparison<'a> {
+    pub wanted: Option<&'a str>,
+    pub actual: Option<&'a str>,
+    pub matched: bool,
+}
+
+/// Compares one label of the priority list; a label missing on either side does not match.
+pub fn compare<'a>(
+    label: &'a PriorityLabel,
+    client: &'a BTreeMap<String, String>,
+    endpoint: &'a BTreeMap<String, String>,
+) -> LabelComparison<'a> {
+    let wanted = match &label.value {
+        Some(v) => Some(v.as_str()),
+        None => client.get(&label.key).map(String::as_str),
+    };
+    let actual = endpoint.get(&label.key).map(String::as_str);
+    let matched = matches!((wanted, actual), (Some(w), Some(e)) if w == e);
+    LabelComparison { wanted, actual, matched }
+}
+
 /// How many leading labels of `priority` match; a label counts only if every earlier one
 /// matched, and a label missing on either side does not match.
 fn leading_matches<'p>(
     priority: &'p [PriorityLabel],
-    client: &BTreeMap<String, String>,
-    endpoint: &BTreeMap<String, String>,
+    client: &'p BTreeMap<String, String>,
+    endpoint: &'p BTreeMap<String, String>,
 ) -> impl Iterator<Item = &'p PriorityLabel> {
-    priority.iter().take_while(move |label| {
-        let wanted = match &label.value {
-            Some(v) => Some(v),
-            None => client.get(&label.key),
-        };
-        matches!((wanted, endpoint.get(&label.key)), (Some(w), Some(e)) if w == e)
-    })
+    priority.iter().take_while(move |label| compare(label, client, endpoint).matched)
 }
 
 /// The tier of an endpoint for a client: all N labels match → 0, none → N.

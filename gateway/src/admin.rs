@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 /// Query parameters of a debug request (e.g. `?service=ns/name` to narrow a view).
 pub type Query = BTreeMap<String, String>;
 
-/// Produces the JSON of one debug view from the latest snapshots.
+/// Produces the JSON of one debug view from the latest snapshots. An answer
+/// `{"error": "...", "code": "not_found" | "bad_request"}` is sent with HTTP 404 / 400.
 pub type DebugView = Arc<dyn Fn(&Query) -> serde_json::Value + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +118,16 @@ async fn debug_view(
     QueryParams(query): QueryParams<Query>,
 ) -> Response {
     match state.views.get(view.as_str()) {
-        Some(f) => axum::Json(f(&query)).into_response(),
+        Some(f) => {
+            let value = f(&query);
+            // A view answers a bad query with `{"error": ..., "code": ...}`.
+            let status = match value.get("code").and_then(|c| c.as_str()) {
+                Some("not_found") if value.get("error").is_some() => StatusCode::NOT_FOUND,
+                Some("bad_request") if value.get("error").is_some() => StatusCode::BAD_REQUEST,
+                _ => StatusCode::OK,
+            };
+            (status, axum::Json(value)).into_response()
+        }
         None => {
             (StatusCode::NOT_FOUND, format!("no debug view {view:?}; see /debug\n")).into_response()
         }
@@ -137,6 +147,13 @@ mod tests {
         views.insert(
             "imports",
             Arc::new(|q: &Query| serde_json::json!({"services": 3, "q": q.get("service")})),
+        );
+        views.insert(
+            "explain",
+            Arc::new(|q: &Query| match q.get("service") {
+                Some(_) => serde_json::json!({"error": "no such service", "code": "not_found"}),
+                None => serde_json::json!({"error": "service= is required", "code": "bad_request"}),
+            }),
         );
         let state = AdminState {
             ready,
@@ -163,6 +180,10 @@ mod tests {
         let (_, body) = get("/debug/imports?service=ns/a").await;
         assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["q"], "ns/a");
         assert_eq!(get("/debug/nope").await.0, 404);
+        assert_eq!(get("/debug/explain?service=a/b").await.0, 404);
+        let (code, body) = get("/debug/explain").await;
+        assert_eq!(code, 400);
+        assert!(body.contains("service= is required"), "{body}");
         assert_eq!(get("/metrics").await.0, 404);
         assert!(get("/").await.1.contains("dash"));
         shutdown.cancel();

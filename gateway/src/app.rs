@@ -196,6 +196,14 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     views.insert("peers", Arc::new(move |_: &Query| json!(**peer_status.borrow())));
     let problems = source.problems();
     views.insert("problems", Arc::new(move |_: &Query| json!(**problems.borrow())));
+    crate::dashboard::register_views(
+        &mut views,
+        &debug,
+        id.clone(),
+        import_rx.clone(),
+        peers.status(),
+        cfg.discovery.peer_lease_duration,
+    );
     let summary: Value = serde_json::from_str(&cfg.redacted_summary()).unwrap_or(Value::Null);
     views.insert("config", Arc::new(move |_: &Query| summary.clone()));
     let admin_state = AdminState {

@@ -51,6 +51,12 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Print the version.
     Version,
+    /// Show a running gateway's clusters, imports, endpoints, conflicts, traffic and
+    /// failovers as tables.
+    Status(crate::status::StatusArgs),
+    /// Explain which tier and endpoints a new connection to NAMESPACE/NAME would get from a
+    /// running gateway, and why.
+    Explain(crate::status::ExplainArgs),
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +176,8 @@ pub fn execute(
         Command::Demo(args) => crate::demo::execute(args, run_gateway, out),
         Command::Certs(CertsCommand::Ca(args)) => report(certs_ca(&args), out),
         Command::Certs(CertsCommand::Issue(args)) => report(certs_issue(&args), out),
+        Command::Status(args) => crate::status::run_status(&args, out),
+        Command::Explain(args) => crate::status::run_explain(&args, out),
     }
 }
 

@@ -1,5 +1,243 @@
 //! The live dashboard served at the admin `/`: one self-contained page (no external assets)
-//! that polls the JSON debug views.
+//! that polls the JSON debug views every second, and the views only it needs
+//! (`/debug/clusters`, `/debug/traffic`, `/debug/failovers`, `/debug/probes`,
+//! `/debug/explain`). docs/dashboard.md lists the views, their JSON and the page's element ids.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedgate_discovery::model::{ClusterId, ImportSnapshot, PeerStatus};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::admin::{DebugView, Query};
+use crate::dataplane::DebugHandle;
+use crate::dataplane::inspect::ExplainQuery;
+use crate::explain::{self, ExplainError};
 
 /// The dashboard page, embedded in the binary.
 pub const PAGE: &str = include_str!("dashboard.html");
+
+/// One cluster of the clusterset as this gateway sees it (`/debug/clusters`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterRow {
+    pub id: ClusterId,
+    /// This gateway's own cluster.
+    pub local: bool,
+    /// Configured as a peer.
+    pub peer: bool,
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    /// `local`, `up`, `down`, `draining`, `withdrawn` (lease expired), `unknown` (known from
+    /// imports but not a configured peer).
+    pub status: &'static str,
+    pub address: Option<String>,
+    pub rtt_ms: Option<f64>,
+    /// Seconds since the peer was last heard from: the lease runs from then.
+    pub lease_age_secs: Option<f64>,
+    /// Seconds left before its exports are withdrawn if it stays silent.
+    pub lease_remaining_secs: Option<f64>,
+    pub exports_version: Option<u64>,
+    pub last_error: Option<String>,
+    /// Imported services this cluster exports endpoints for.
+    pub services: usize,
+    pub endpoints: usize,
+}
+
+/// The cluster list: this cluster, every configured peer and every cluster the imports name.
+/// Pure.
+pub fn clusters(
+    local: &ClusterId,
+    snapshot: &ImportSnapshot,
+    peers: &[PeerStatus],
+    lease: Duration,
+) -> Vec<ClusterRow> {
+    let mut ids: BTreeSet<ClusterId> = snapshot.localities.keys().cloned().collect();
+    ids.insert(local.clone());
+    ids.extend(peers.iter().map(|p| p.cluster.clone()));
+    let mut services: BTreeMap<&ClusterId, (usize, usize)> = BTreeMap::new();
+    for s in snapshot.services.values() {
+        for (c, e) in &s.clusters {
+            let entry = services.entry(c).or_default();
+            entry.0 += 1;
+            entry.1 += e.endpoints.len();
+        }
+    }
+    ids.into_iter()
+        .map(|id| {
+            let peer = peers.iter().find(|p| p.cluster == id);
+            let locality = snapshot.localities.get(&id);
+            let status = match peer {
+                _ if id == *local => "local",
+                Some(p) if p.draining => "draining",
+                Some(p) if p.exports_withdrawn => "withdrawn",
+                Some(p) if p.connected => "up",
+                Some(_) => "down",
+                None => "unknown",
+            };
+            let (svc, eps) = services.get(&id).copied().unwrap_or_default();
+            ClusterRow {
+                local: id == *local,
+                peer: peer.is_some(),
+                region: locality.and_then(|l| l.region.clone()),
+                zone: locality.and_then(|l| l.zone.clone()),
+                status,
+                address: peer.map(|p| p.address.clone()),
+                rtt_ms: peer.and_then(|p| p.rtt_ms),
+                lease_age_secs: peer.and_then(|p| p.last_seen_secs),
+                lease_remaining_secs: peer
+                    .and_then(|p| p.last_seen_secs)
+                    .map(|s| (lease.as_secs_f64() - s).max(0.0)),
+                exports_version: peer.and_then(|p| p.exports_version),
+                last_error: peer.and_then(|p| p.last_error.clone()),
+                services: svc,
+                endpoints: eps,
+                id,
+            }
+        })
+        .collect()
+}
+
+/// Parses the query of `/debug/explain`: `service=ns/name`, optional `port=N`, `client=IP`.
+pub fn explain_query(q: &Query) -> Result<ExplainQuery, ExplainError> {
+    let service = explain::parse_service(q.get("service").map(String::as_str).unwrap_or(""))?;
+    let port = match q.get("port").filter(|p| !p.is_empty()) {
+        Some(p) => Some(p.parse::<u16>().map_err(|_| ExplainError::BadPort(p.clone()))?),
+        None => None,
+    };
+    let client = match q.get("client").filter(|c| !c.is_empty()) {
+        Some(c) => Some(c.parse::<IpAddr>().map_err(|_| ExplainError::BadClient(c.clone()))?),
+        None => None,
+    };
+    Ok(ExplainQuery { service, port, client })
+}
+
+/// The JSON error answer of a view; the admin server turns `code` into the HTTP status.
+pub fn error_json(e: &ExplainError) -> Value {
+    json!({ "error": e.to_string(), "code": e.code() })
+}
+
+/// Registers the dashboard's views (see the module doc) next to the composition root's.
+pub fn register_views(
+    views: &mut BTreeMap<&'static str, DebugView>,
+    debug: &DebugHandle,
+    local: ClusterId,
+    imports: watch::Receiver<Arc<ImportSnapshot>>,
+    peers: watch::Receiver<Arc<Vec<PeerStatus>>>,
+    lease: Duration,
+) {
+    let p = peers.clone();
+    views.insert(
+        "clusters",
+        Arc::new(move |_: &Query| {
+            let snapshot = imports.borrow().clone();
+            let peers = p.borrow().clone();
+            json!(clusters(&local, &snapshot, &peers, lease))
+        }),
+    );
+    let d = debug.clone();
+    views.insert("traffic", Arc::new(move |_: &Query| json!(d.traffic())));
+    let d = debug.clone();
+    views.insert("failovers", Arc::new(move |_: &Query| json!(d.failovers())));
+    let d = debug.clone();
+    views.insert("probes", Arc::new(move |_: &Query| json!(d.probes())));
+    let d = debug.clone();
+    views.insert(
+        "explain",
+        Arc::new(move |q: &Query| {
+            let peers = peers.borrow().clone();
+            match explain_query(q).and_then(|query| d.explain(&query, &peers)) {
+                Ok(e) => json!(e),
+                Err(e) => error_json(&e),
+            }
+        }),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedgate_discovery::model::{Locality, ServiceKey};
+
+    fn cid(s: &str) -> ClusterId {
+        ClusterId::new(s).unwrap()
+    }
+
+    fn peer(id: &str, connected: bool, draining: bool, withdrawn: bool) -> PeerStatus {
+        PeerStatus {
+            cluster: cid(id),
+            address: format!("{id}:15443"),
+            connected,
+            draining,
+            rtt_ms: connected.then_some(0.5),
+            last_seen_secs: Some(4.0),
+            exports_version: Some(3),
+            exports_withdrawn: withdrawn,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn cluster_list_statuses() {
+        let mut snapshot = ImportSnapshot::default();
+        let loc =
+            Locality { region: Some("r".into()), zone: Some("z".into()), ..Default::default() };
+        snapshot.localities.insert(cid("east"), loc.clone());
+        snapshot.localities.insert(cid("far"), loc);
+        let peers = vec![
+            peer("west", true, false, false),
+            peer("north", false, false, false),
+            peer("south", true, true, false),
+            peer("gone", false, false, true),
+        ];
+        let rows = clusters(&cid("east"), &snapshot, &peers, Duration::from_secs(15));
+        let status: Vec<(&str, &str)> = rows.iter().map(|r| (r.id.as_str(), r.status)).collect();
+        assert_eq!(
+            status,
+            vec![
+                ("east", "local"),
+                ("far", "unknown"),
+                ("gone", "withdrawn"),
+                ("north", "down"),
+                ("south", "draining"),
+                ("west", "up"),
+            ]
+        );
+        let west = rows.iter().find(|r| r.id.as_str() == "west").unwrap();
+        assert_eq!(west.lease_remaining_secs, Some(11.0));
+        assert_eq!(west.rtt_ms, Some(0.5));
+        assert_eq!(rows[0].region.as_deref(), Some("r"));
+        assert!(rows[0].local && !rows[0].peer);
+    }
+
+    #[test]
+    fn explain_query_table() {
+        let q = |pairs: &[(&str, &str)]| -> Query {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        };
+        assert_eq!(
+            explain_query(&q(&[("service", "shop/web"), ("port", "80")])),
+            Ok(ExplainQuery {
+                service: ServiceKey::new("shop", "web"),
+                port: Some(80),
+                client: None
+            })
+        );
+        assert_eq!(
+            explain_query(&q(&[("service", "shop/web"), ("client", "10.0.0.1"), ("port", "")]))
+                .map(|e| (e.port, e.client)),
+            Ok((None, Some("10.0.0.1".parse().unwrap())))
+        );
+        assert_eq!(explain_query(&q(&[])).unwrap_err().code(), "bad_request");
+        assert_eq!(
+            explain_query(&q(&[("service", "shop/web"), ("port", "http")])),
+            Err(ExplainError::BadPort("http".into()))
+        );
+        let e = explain_query(&q(&[("service", "shop/web"), ("client", "x")])).unwrap_err();
+        assert_eq!(error_json(&e)["code"], "bad_request");
+    }
+}

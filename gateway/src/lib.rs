@@ -9,5 +9,7 @@ pub mod config;
 pub mod dashboard;
 pub mod dataplane;
 pub mod demo;
+pub mod explain;
 pub mod logging;
 pub mod metrics;
+pub mod status;

@@ -277,6 +277,7 @@ pub(crate) async fn serve_client(
         match connect(&shared, &route, Some(peer.ip())).await {
             Ok(c) => {
                 guard.set_target(c.cluster.as_str());
+                let _flow = shared.record_connected(&route, &c, guard.bytes.clone());
                 metrics::record_connect_duration(c.cluster.as_str(), started.elapsed());
                 if c.tier != c.best_tier || c.attempt > 0 {
                     metrics::record_failover(&route.key().to_string(), c.best_tier, c.tier);
@@ -302,6 +303,7 @@ pub(crate) async fn serve_client(
             }
             Err(e) => {
                 guard.set_result(e.reason());
+                shared.activity.refused(route.key().to_string(), e.reason());
                 tracing::warn!(error = %e, "client connection refused");
                 // A reset tells the client at once instead of an empty stream.
                 let _ = client.set_zero_linger();

@@ -7,12 +7,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use fedgate_discovery::model::{
     ClusterId, ClusterState, Health, HealthMap, LocalService, Protocol, ServiceKey,
 };
+use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -159,10 +160,29 @@ impl Outliers {
     }
 
     pub fn is_ejected(&self, cluster: &ClusterId, address: IpAddr, now: Instant) -> bool {
+        self.ejected_for(cluster, address, now).is_some()
+    }
+
+    /// How much longer the endpoint stays ejected; `None` when it is not ejected.
+    pub fn ejected_for(
+        &self,
+        cluster: &ClusterId,
+        address: IpAddr,
+        now: Instant,
+    ) -> Option<Duration> {
         self.entries
             .get(&(cluster.clone(), address))
             .and_then(|e| e.ejected_until)
-            .is_some_and(|until| now < until)
+            .filter(|until| now < *until)
+            .map(|until| until - now)
+    }
+
+    /// Every endpoint ejected at `now`, with the time it stays ejected.
+    pub fn ejections(&self, now: Instant) -> Vec<((ClusterId, IpAddr), Duration)> {
+        self.entries
+            .iter()
+            .filter_map(|(k, e)| e.ejected_until.filter(|u| now < *u).map(|u| (k.clone(), u - now)))
+            .collect()
     }
 }
 
@@ -202,8 +222,66 @@ fn service_targets(service: &LocalService) -> Vec<((ServiceKey, IpAddr), SocketA
 
 /// Connects once to `addr`; passes only when the endpoint itself accepted the connection.
 pub async fn probe(addr: SocketAddr, timeout: Duration) -> bool {
-    matches!(tokio::time::timeout(timeout, TcpStream::connect(addr)).await, Ok(Ok(_)))
+    probe_detail(addr, timeout).await.is_ok()
 }
+
+/// Like [`probe`], with why it failed (`connection refused`, `timed out after 500ms`).
+pub async fn probe_detail(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("timed out after {timeout:?}")),
+    }
+}
+
+/// The last probe of one local endpoint (for the dashboard's endpoint table).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastProbe {
+    /// The address probed (endpoint address and port).
+    pub target: SocketAddr,
+    /// Wall-clock time the probe finished.
+    pub at: jiff::Timestamp,
+    pub ok: bool,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    /// The endpoint's health after this result (thresholds applied).
+    pub health: Health,
+}
+
+/// The last probe of every probed local endpoint: written by the checker on each result,
+/// read by the admin views. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeLog(Arc<Mutex<HashMap<(ServiceKey, IpAddr), LastProbe>>>);
+
+impl ProbeLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(ServiceKey, IpAddr), LastProbe>> {
+        // Entries are whole values; a panic elsewhere cannot leave one half-written.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, key: (ServiceKey, IpAddr), probe: LastProbe) {
+        self.lock().insert(key, probe);
+    }
+
+    fn forget(&self, key: &(ServiceKey, IpAddr)) {
+        self.lock().remove(key);
+    }
+
+    /// The last probe of one endpoint of `service`.
+    pub fn get(&self, service: &ServiceKey, address: IpAddr) -> Option<LastProbe> {
+        self.lock().get(&(service.clone(), address)).cloned()
+    }
+
+    /// Every endpoint's last probe, ordered by service and address.
+    pub fn snapshot(&self) -> BTreeMap<(ServiceKey, IpAddr), LastProbe> {
+        self.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// One probe's outcome as the probe task reports it: which endpoint, the address probed, and
+/// why it failed if it did.
+type ProbeResult = ((ServiceKey, IpAddr), SocketAddr, Result<(), String>);
 
 struct Target {
     addr: SocketAddr,
@@ -218,6 +296,7 @@ pub struct HealthChecker {
     settings: HealthSettings,
     cluster: watch::Receiver<Arc<ClusterState>>,
     tx: watch::Sender<Arc<HealthMap>>,
+    probes: ProbeLog,
 }
 
 impl HealthChecker {
@@ -226,7 +305,12 @@ impl HealthChecker {
         cluster: watch::Receiver<Arc<ClusterState>>,
     ) -> (Self, watch::Receiver<Arc<HealthMap>>) {
         let (tx, rx) = watch::channel(Arc::new(HealthMap::new()));
-        (Self { settings, cluster, tx }, rx)
+        (Self { settings, cluster, tx, probes: ProbeLog::default() }, rx)
+    }
+
+    /// The last probe of every endpoint, as it happens.
+    pub fn probe_log(&self) -> ProbeLog {
+        self.probes.clone()
     }
 
     /// A receiver of the published health (also what `new` returned).
@@ -241,8 +325,7 @@ impl HealthChecker {
 
     /// Probes until `shutdown`; follows the cluster state, service by service.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let (results_tx, mut results) =
-            mpsc::channel::<((ServiceKey, IpAddr), SocketAddr, bool)>(1024);
+        let (results_tx, mut results) = mpsc::channel::<ProbeResult>(1024);
         let mut targets: BTreeMap<(ServiceKey, IpAddr), Target> = BTreeMap::new();
         let mut counters: HashMap<(ServiceKey, IpAddr), ProbeCounter> = HashMap::new();
         let mut seen: BTreeMap<ServiceKey, Arc<LocalService>> = BTreeMap::new();
@@ -314,11 +397,18 @@ impl HealthChecker {
                     let batch_until = tokio::time::Instant::now() + PUBLISH_BATCH_WINDOW;
                     let mut changed = false;
                     let mut next = Some(first);
-                    while let Some((tkey, addr, ok)) = next {
+                    while let Some((tkey, addr, result)) = next {
                         if targets.get(&tkey).is_some_and(|t| t.addr == addr) {
                             let counter = counters.entry(tkey.clone()).or_default();
                             let before = counter.health;
-                            let after = counter.observe(ok, &self.settings);
+                            let after = counter.observe(result.is_ok(), &self.settings);
+                            self.probes.record(tkey.clone(), LastProbe {
+                                target: addr,
+                                at: jiff::Timestamp::now(),
+                                ok: result.is_ok(),
+                                error: result.err(),
+                                health: after,
+                            });
                             if before != after {
                                 tracing::info!(service = %tkey.0, endpoint = %addr, health = ?after, "endpoint health changed");
                                 touched.insert(tkey.0.clone());
@@ -369,6 +459,7 @@ impl HealthChecker {
                 old.task.abort();
             }
             counters.remove(&t);
+            self.probes.forget(&t);
             changed |= map.remove(&t).is_some();
         }
         changed
@@ -395,14 +486,14 @@ async fn probe_loop(
     key: (ServiceKey, IpAddr),
     addr: SocketAddr,
     settings: HealthSettings,
-    results: mpsc::Sender<((ServiceKey, IpAddr), SocketAddr, bool)>,
+    results: mpsc::Sender<ProbeResult>,
 ) {
     let mut tick = tokio::time::interval(settings.interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let ok = probe(addr, settings.timeout).await;
-        if results.send((key.clone(), addr, ok)).await.is_err() {
+        let result = probe_detail(addr, settings.timeout).await;
+        if results.send((key.clone(), addr, result)).await.is_err() {
             return;
         }
     }
@@ -471,6 +562,16 @@ mod tests {
         assert!(o.entries.is_empty(), "fully forgiven entries are dropped");
         let other: IpAddr = "10.0.0.2".parse().unwrap();
         assert!(!o.is_ejected(&c, other, t0));
+        assert!(o.ejections(t0).is_empty());
+        o.record_failure(&c, other, t0);
+        o.record_failure(&c, other, t0);
+        o.record_failure(&c, other, t0);
+        assert_eq!(
+            o.ejected_for(&c, other, t0 + Duration::from_secs(2)),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(o.ejections(t0), vec![((c.clone(), other), Duration::from_secs(5))]);
+        assert_eq!(o.ejected_for(&c, other, t0 + Duration::from_secs(5)), None);
     }
 
     #[tokio::test]
@@ -480,5 +581,7 @@ mod tests {
         assert!(probe(open, Duration::from_millis(500)).await);
         drop(listener);
         assert!(!probe(open, Duration::from_millis(500)).await);
+        let err = probe_detail(open, Duration::from_millis(500)).await.unwrap_err();
+        assert!(err.contains("refused"), "{err}");
     }
 }

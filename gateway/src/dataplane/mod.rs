@@ -7,10 +7,12 @@
 //! I/O modules wrap them. See docs/endpoint-selection.md and docs/tunnel-protocol.md.
 
 pub mod acceptor;
+pub mod activity;
 pub mod codec;
 pub mod connect;
 pub mod drain;
 pub mod health;
+pub mod inspect;
 pub mod listeners;
 pub mod metrics;
 pub mod peers;
@@ -152,6 +154,10 @@ pub(crate) struct Shared {
     table: Mutex<EndpointTable>,
     drain: Drain,
     listeners: Arc<ArcSwap<listeners::ListenerState>>,
+    /// Traffic and failovers for the dashboard (`/debug/traffic`, `/debug/failovers`).
+    activity: Arc<activity::Activity>,
+    /// Last probe of each local endpoint (`/debug/probes`, explain).
+    probes: health::ProbeLog,
 }
 
 /// One outstanding connection to an endpoint, for least-outstanding balancing.
@@ -379,6 +385,8 @@ impl DataPlane {
                 outstanding: HashMap::new(),
             }),
             drain,
+            activity: Arc::default(),
+            probes: health.probe_log(),
             settings,
         };
         let mut listeners = listeners::Listeners::default();
