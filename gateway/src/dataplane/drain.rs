@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
-use super::Tunnel;
+use super::{Tunnel, metrics};
 
 /// Counts open connections; wakes waiters when the count drops to zero.
 #[derive(Clone, Debug, Default)]
@@ -75,6 +75,8 @@ pub struct Drain {
 
 impl Drain {
     pub(crate) fn new(active: Active, tunnel: Option<Arc<dyn Tunnel>>) -> Self {
+        // Exported as 0 from the start, so a dashboard sees the series before any drain.
+        metrics::set_draining(false);
         Self { draining: Arc::new(watch::channel(false).0), active, tunnel }
     }
 
@@ -83,6 +85,7 @@ impl Drain {
     pub fn start(&self) {
         if !self.draining.send_replace(true) {
             tracing::info!(active = self.active.count(), "data plane draining");
+            metrics::set_draining(true);
             if let Some(t) = &self.tunnel {
                 t.set_draining(true);
             }

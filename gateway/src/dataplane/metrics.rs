@@ -20,6 +20,9 @@ pub const ENDPOINTS_HEALTHY: &str = "fedgate_endpoints_healthy";
 pub const ENDPOINTS_TOTAL: &str = "fedgate_endpoints";
 pub const ENDPOINT_EJECTIONS_TOTAL: &str = "fedgate_endpoint_ejections_total";
 pub const FAILOVERS_TOTAL: &str = "fedgate_failovers_total";
+pub const DRAINING: &str = "fedgate_draining";
+pub const PEER_UP: &str = "fedgate_peer_up";
+pub const PEER_RTT_SECONDS: &str = "fedgate_peer_rtt_seconds";
 pub const CONNECT_DURATION_SECONDS: &str = "fedgate_connect_duration_seconds";
 pub const LISTENERS: &str = "fedgate_listeners";
 pub const LISTENER_BIND_ERRORS_TOTAL: &str = "fedgate_listener_bind_errors_total";
@@ -66,6 +69,22 @@ pub fn describe() {
         FAILOVERS_TOTAL,
         "Connections served by a worse failover tier than the best-ranked candidate, by service \
          and tiers (from = the first candidate's tier, to = the tier that served)."
+    );
+    describe_gauge!(
+        DRAINING,
+        "1 while this gateway drains (after SIGTERM: new connections refused, open ones \
+         finishing, peers told), else 0."
+    );
+    describe_gauge!(
+        PEER_UP,
+        "1 when the QUIC connection to a peer is up and the peer has not announced draining, \
+         else 0, by peer."
+    );
+    describe_gauge!(
+        PEER_RTT_SECONDS,
+        Unit::Seconds,
+        "Round-trip time of the QUIC connection to a peer (quinn's smoothed estimate), by peer; \
+         keeps its last value while the peer is down (read it with fedgate_peer_up)."
     );
     describe_histogram!(
         CONNECT_DURATION_SECONDS,
@@ -177,6 +196,18 @@ pub fn record_failover(service: &str, from_tier: usize, to_tier: usize) {
         "to_tier" => to_tier.to_string()
     )
     .increment(1);
+}
+
+pub fn set_draining(draining: bool) {
+    gauge!(DRAINING).set(if draining { 1.0 } else { 0.0 });
+}
+
+/// Sets the peer gauges from one peer's status: up, and the RTT while connected.
+pub fn set_peer(peer: &str, up: bool, rtt: Option<Duration>) {
+    gauge!(PEER_UP, "peer" => peer.to_owned()).set(if up { 1.0 } else { 0.0 });
+    if let Some(rtt) = rtt {
+        gauge!(PEER_RTT_SECONDS, "peer" => peer.to_owned()).set(rtt.as_secs_f64());
+    }
 }
 
 pub fn record_connect_duration(target_cluster: &str, elapsed: Duration) {

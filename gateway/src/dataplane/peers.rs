@@ -3,13 +3,14 @@
 //! acceptor's input.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use fedgate_discovery::model::{ClusterId, PeerStatus};
 use fedgate_tunnel::{IncomingStream, PeerHandle};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 
-use super::{BoxRecv, BoxSend, Incoming, Tunnel};
+use super::{BoxRecv, BoxSend, Incoming, Tunnel, metrics};
 
 /// [`Tunnel`] over the QUIC endpoint's `PeerHandle`.
 pub struct PeerTunnel {
@@ -18,9 +19,41 @@ pub struct PeerTunnel {
 }
 
 impl PeerTunnel {
+    /// Wraps `handle`, and keeps the peer gauges (`fedgate_peer_up`, `fedgate_peer_rtt_seconds`)
+    /// in step with its status until the tunnel is gone. Needs a Tokio runtime.
     pub fn new(handle: PeerHandle) -> Arc<Self> {
         let status = handle.status();
+        tokio::spawn(record_peer_gauges(status.clone()));
         Arc::new(Self { handle, status })
+    }
+}
+
+/// What the peer gauges show for one peer: (peer, up, RTT while connected). Up means
+/// connected and not draining, as for [`Tunnel::is_connected`].
+fn peer_gauges(status: &[PeerStatus]) -> Vec<(&str, bool, Option<Duration>)> {
+    status
+        .iter()
+        .map(|s| {
+            let rtt = s
+                .rtt_ms
+                .filter(|ms| s.connected && ms.is_finite() && *ms >= 0.0)
+                .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+            (s.cluster.as_str(), s.connected && !s.draining, rtt)
+        })
+        .collect()
+}
+
+/// Sets the peer gauges on every status update (the tunnel republishes RTTs periodically);
+/// ends when the tunnel drops its status sender.
+async fn record_peer_gauges(mut status: watch::Receiver<Arc<Vec<PeerStatus>>>) {
+    loop {
+        let current = status.borrow_and_update().clone();
+        for (peer, up, rtt) in peer_gauges(&current) {
+            metrics::set_peer(peer, up, rtt);
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -59,4 +92,40 @@ pub fn forward_incoming(mut streams: mpsc::Receiver<IncomingStream>) -> mpsc::Re
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(cluster: &str, connected: bool, draining: bool, rtt_ms: Option<f64>) -> PeerStatus {
+        PeerStatus {
+            cluster: ClusterId::new(cluster).expect("valid cluster id"),
+            address: "127.0.0.1:15443".to_owned(),
+            connected,
+            draining,
+            rtt_ms,
+            last_seen_secs: None,
+            exports_version: None,
+            exports_withdrawn: false,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn peer_gauges_follow_connection_draining_and_rtt() {
+        let cases = [
+            ("up with rtt", status("west", true, false, Some(1.5)), true, Some(1_500_000)),
+            ("up, no rtt yet", status("west", true, false, None), true, None),
+            ("draining", status("west", true, true, Some(2.0)), false, Some(2_000_000)),
+            ("down: stale rtt ignored", status("west", false, false, Some(3.0)), false, None),
+            ("nonsense rtt", status("west", true, false, Some(f64::NAN)), true, None),
+            ("negative rtt", status("west", true, false, Some(-1.0)), true, None),
+        ];
+        for (what, s, up, rtt_ns) in cases {
+            let got = peer_gauges(std::slice::from_ref(&s));
+            let want = vec![("west", up, rtt_ns.map(Duration::from_nanos))];
+            assert_eq!(got, want, "{what}");
+        }
+    }
 }
