@@ -121,11 +121,18 @@ pub fn helm_ok(home: &Path, args: &[&str]) -> Result<String> {
     check_output(&format!("helm {}", args.join(" ")), helm(home, args)?)
 }
 
-/// A port on 127.0.0.1 that was free a moment ago (bound to port 0, then released). Another
-/// process may take it before ours binds it; [`KubeCluster::start`] retries on that.
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// `N` distinct ports on 127.0.0.1 that were free a moment ago: all are bound to port 0 at the
+/// same time (so the kernel cannot hand out one twice), then released. Another process may
+/// take one before ours binds it; [`KubeCluster::start`] retries on that.
+fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0"))
+        .collect::<Result<Vec<_>>>()?;
+    let mut ports = [0; N];
+    for (port, l) in ports.iter_mut().zip(&listeners) {
+        *port = l.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// The error lines (klog `E`/`F`, etcd `"level":"error"`/`"fatal"`) and the last `n` lines of
@@ -285,9 +292,10 @@ impl KubeCluster {
         apiserver_bin: &Path,
         files: &ClusterFiles,
     ) -> Result<()> {
-        let etcd_client = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-        let etcd_peer = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-        let api = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let [client_port, peer_port, api_port] = free_ports::<3>()?;
+        let etcd_client = SocketAddr::from((Ipv4Addr::LOCALHOST, client_port));
+        let etcd_peer = SocketAddr::from((Ipv4Addr::LOCALHOST, peer_port));
+        let api = SocketAddr::from((Ipv4Addr::LOCALHOST, api_port));
         let dir = self.dir.path().to_path_buf();
         let etcd_url = format!("http://{etcd_client}");
         let peer_url = format!("http://{etcd_peer}");
@@ -705,6 +713,13 @@ mod tests {
         assert!(msg.contains(BIN_DIR_ENV), "{msg}");
         std::fs::write(dir.path().join("etcd"), "").expect("writing a file");
         assert_eq!(binary_in(dir.path(), "etcd").expect("present"), dir.path().join("etcd"));
+    }
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let ports = free_ports::<3>().expect("free ports");
+        assert!(ports.iter().all(|p| *p != 0), "{ports:?}");
+        assert!(ports[0] != ports[1] && ports[1] != ports[2] && ports[0] != ports[2], "{ports:?}");
     }
 
     #[test]
