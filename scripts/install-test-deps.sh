@@ -33,4 +33,11 @@ if [ ! -f "$browser_dir/node_modules/playwright-core/package.json" ]; then
 fi
 # kube-apiserver, etcd and kubectl for the Kubernetes e2e tests (docs/testing-kube.md).
 bash "$(dirname "$0")/build-kube.sh"
-echo "install-test-deps: ok (${packages[*]})"
+
+# cargo-fuzz (fuzz/run.sh): pinned; built from crates.io only when absent or another version.
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -q "cargo-fuzz $CARGO_FUZZ_VERSION"; then
+  echo "install-test-deps: installing cargo-fuzz $CARGO_FUZZ_VERSION"
+  cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked --quiet
+fi
+echo "install-test-deps: ok (${packages[*]} cargo-fuzz)"

@@ -21,3 +21,6 @@ cargo build -p fedgate --bins
 
 step "cargo test"
 cargo test --workspace --all-features
+
+step "fuzzing the DNS request path (bounded: FUZZ_SECONDS per target)"
+bash fuzz/run.sh

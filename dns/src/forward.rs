@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use hickory_proto::op::Query;
-use hickory_proto::op::{Edns, Message, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -117,6 +117,15 @@ impl Cache {
     }
 }
 
+/// Whether an upstream's rcode is an answer to pass on to the client: NOERROR and NXDOMAIN.
+/// Anything else says the upstream failed (SERVFAIL, REFUSED, NOTIMP), did not understand us
+/// (FORMERR) or is about our exchange with it, not the name (extended rcodes from its EDNS such
+/// as BADVERS or BADCOOKIE, which a client without EDNS would read as NOERROR): the next
+/// upstream is tried, and the client gets SERVFAIL when none answers.
+pub fn relayable(rcode: ResponseCode) -> bool {
+    matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain)
+}
+
 /// How long an upstream answer may be cached: the smallest TTL in it, for negative answers
 /// the SOA's (RFC 2308), never more than [`MAX_CACHE_TTL`]. `None`: do not cache.
 pub fn cache_ttl(message: &Message) -> Option<u32> {
@@ -217,12 +226,10 @@ impl Forwarder {
             let left = (self.upstreams.len() - i) as u32;
             let share = deadline.saturating_duration_since(now) / left.max(1);
             match exchange(*upstream, q, now + share).await {
-                Ok(message) => match message.metadata.response_code {
-                    ResponseCode::ServFail | ResponseCode::Refused | ResponseCode::NotImp => {
-                        last = ForwardError::Upstream(*upstream, message.metadata.response_code);
-                    }
-                    _ => return Ok(message),
-                },
+                Ok(message) if relayable(message.metadata.response_code) => return Ok(message),
+                Ok(message) => {
+                    last = ForwardError::Upstream(*upstream, message.metadata.response_code);
+                }
                 Err(e) => {
                     tracing::debug!(upstream = %upstream, error = %e, "upstream dns query failed");
                     last = e;
@@ -248,10 +255,39 @@ fn query_bytes(q: &Question, id: u16) -> Result<Vec<u8>, ForwardError> {
     msg.to_vec().map_err(|e| ForwardError::Encode(e.to_string()))
 }
 
+/// Why an upstream datagram was not taken as the answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// Not a response to this query (unparseable, other ID or question): a stray or a
+    /// spoofing attempt; keep waiting.
+    NotOurs,
+    /// Our answer, but it would not survive being relayed: re-encoded it does not parse
+    /// (e.g. a zero-length record outside an UPDATE). Relaying it would hand the client
+    /// garbage; the upstream counts as failed.
+    Unrelayable(String),
+}
+
+/// Parses an upstream's datagram and keeps it only if it answers `q` sent with `id` (a
+/// response, opcode QUERY, our ID and exactly our question: name compared
+/// case-insensitively, type, class) and re-encodes to a message that parses again.
+pub fn accept_answer(q: &Question, id: u16, bytes: &[u8]) -> Result<Message, Rejected> {
+    let msg = Message::from_vec(bytes).map_err(|_| Rejected::NotOurs)?;
+    if msg.metadata.message_type != MessageType::Response
+        || msg.metadata.op_code != OpCode::Query
+        || !matches(q, id, &msg)
+    {
+        return Err(Rejected::NotOurs);
+    }
+    let again = msg.to_vec().map_err(|e| Rejected::Unrelayable(e.to_string()))?;
+    Message::from_vec(&again).map_err(|e| Rejected::Unrelayable(e.to_string()))?;
+    Ok(msg)
+}
+
 fn matches(q: &Question, id: u16, msg: &Message) -> bool {
     msg.metadata.id == id
         && msg.queries.len() == 1
         && msg.queries[0].query_type() == q.qtype
+        && msg.queries[0].query_class() == q.qclass
         && msg.queries[0].name.eq_ignore_root(&q.name)
 }
 
@@ -280,9 +316,12 @@ async fn exchange(
             Ok(Ok(n)) => n,
         };
         // Ignore strays and spoofing attempts: only our ID and question count.
-        match Message::from_vec(&buf[..n]) {
-            Ok(msg) if matches(q, id, &msg) => break msg,
-            _ => continue,
+        match accept_answer(q, id, &buf[..n]) {
+            Ok(msg) => break msg,
+            Err(Rejected::NotOurs) => continue,
+            Err(Rejected::Unrelayable(why)) => {
+                return Err(ForwardError::BadResponse(upstream, why));
+            }
         }
     };
     if !message.metadata.truncation {
@@ -309,12 +348,13 @@ async fn exchange_tcp(upstream: SocketAddr, q: &Question) -> Result<Message, For
     stream.read_exact(&mut len).await.map_err(io)?;
     let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
     stream.read_exact(&mut buf).await.map_err(io)?;
-    let msg =
-        Message::from_vec(&buf).map_err(|e| ForwardError::BadResponse(upstream, e.to_string()))?;
-    if !matches(q, id, &msg) {
-        return Err(ForwardError::BadResponse(upstream, "id or question mismatch".into()));
-    }
-    Ok(msg)
+    accept_answer(q, id, &buf).map_err(|rejected| {
+        let why = match rejected {
+            Rejected::NotOurs => "does not parse, or id or question mismatch".into(),
+            Rejected::Unrelayable(why) => why,
+        };
+        ForwardError::BadResponse(upstream, why)
+    })
 }
 
 #[cfg(test)]
@@ -349,6 +389,82 @@ mod tests {
         ];
         for (name, msg, want) in cases {
             assert_eq!(cache_ttl(&msg), want, "{name}");
+        }
+    }
+
+    fn question() -> Question {
+        Question {
+            name: Name::from_ascii("www.example.com.").expect("name"),
+            qtype: RecordType::A,
+            qclass: DNSClass::IN,
+            dnssec_ok: false,
+            checking_disabled: false,
+        }
+    }
+
+    #[test]
+    fn accepts_only_our_relayable_answer() {
+        let mut ours = Message::query();
+        ours.metadata.id = 0x1234;
+        ours.metadata.message_type = MessageType::Response;
+        ours.add_query(Query::query(
+            Name::from_ascii("WWW.example.com.").expect("n"),
+            RecordType::A,
+        ));
+        let good = ours.to_vec().expect("encode");
+        let mut other_id = ours.clone();
+        other_id.metadata.id = 1;
+        let mut query = ours.clone();
+        query.metadata.message_type = MessageType::Query;
+        let mut aaaa = ours.clone();
+        aaaa.queries[0].query_type = RecordType::AAAA;
+        let mut chaos = ours.clone();
+        chaos.queries[0].query_class = DNSClass::CH;
+        // Found by the forward_response fuzz target: opcode UPDATE, where a zero-length CNAME
+        // of class 256 parses; relayed in our QUERY answer it made the client's answer
+        // unparseable. Not an answer to our query.
+        let zero_length: &[u8] = &[
+            18, 52, 173, 128, 0, 1, 0, 1, 0, 0, 0, 0, 3, 119, 119, 119, 7, 101, 120, 97, 109, 112,
+            108, 101, 3, 99, 111, 109, 0, 0, 1, 0, 1, 192, 12, 0, 5, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+            0, 0, 0, 30, 0, 6, 3, 119, 59, 98, 192, 16,
+        ];
+        let cases: [(&str, Vec<u8>, Option<bool>); 7] = [
+            ("ours", good.clone(), None),
+            ("garbage", vec![0x12, 0x34, 0xFF], Some(true)),
+            ("other id", other_id.to_vec().expect("encode"), Some(true)),
+            ("a query, not a response", query.to_vec().expect("encode"), Some(true)),
+            ("other type", aaaa.to_vec().expect("encode"), Some(true)),
+            ("other class", chaos.to_vec().expect("encode"), Some(true)),
+            ("opcode update, zero-length record", zero_length.to_vec(), Some(true)),
+        ];
+        for (name, bytes, rejected) in cases {
+            let got = accept_answer(&question(), 0x1234, &bytes);
+            match rejected {
+                None => assert!(got.is_ok(), "{name}: {got:?}"),
+                Some(true) => assert_eq!(got.err(), Some(Rejected::NotOurs), "{name}"),
+                Some(false) => {
+                    assert!(matches!(got, Err(Rejected::Unrelayable(_))), "{name}: {got:?}")
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn only_answers_about_the_name_are_relayed() {
+        let cases = [
+            (ResponseCode::NoError, true),
+            (ResponseCode::NXDomain, true),
+            (ResponseCode::ServFail, false),
+            (ResponseCode::Refused, false),
+            (ResponseCode::NotImp, false),
+            (ResponseCode::FormErr, false),
+            (ResponseCode::BADVERS, false),
+            // Found by the forward_response fuzz target: extended rcode 3328 (EDNS high bits
+            // 208) was relayed to a client without EDNS as NOERROR.
+            (ResponseCode::Unknown(3328), false),
+        ];
+        for (rcode, want) in cases {
+            assert_eq!(relayable(rcode), want, "{rcode:?}");
         }
     }
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Header, HeaderCounts, Message, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, Record, RecordType};
 use hickory_proto::serialize::binary::BinEncoder;
 use hickory_server::net::runtime::Time;
@@ -14,7 +14,7 @@ use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageRequest, MessageResponseBuilder};
 
-use crate::forward::{Forwarder, Question};
+use crate::forward::{ForwardError, Forwarder, Question};
 use crate::metrics;
 use crate::names::{Zone, wire_key, zone_of_key};
 use crate::table::Table;
@@ -31,6 +31,40 @@ pub struct Reply {
     /// Metrics label: clusterset, cluster, forward or none.
     pub zone: &'static str,
     pub qtype: u16,
+}
+
+impl Reply {
+    /// An empty NOERROR answer to `req`: our EDNS (when the client used it) with the
+    /// client's DO bit, RA set, RD/CD copied.
+    pub fn for_request(req: &MessageRequest) -> Self {
+        let mut metadata = Metadata::response_from_request(&req.metadata);
+        metadata.recursion_available = true;
+        let edns = req.edns.as_ref().map(|e| {
+            let mut ours = Edns::new();
+            ours.set_max_payload(EDNS_PAYLOAD);
+            ours.set_version(0);
+            ours.set_dnssec_ok(e.flags().dnssec_ok);
+            ours
+        });
+        Reply {
+            metadata,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+            edns,
+            zone: "none",
+            qtype: 0,
+        }
+    }
+
+    /// Takes an upstream's answer (already matched to the question) as ours: its rcode and
+    /// records; our header flags and EDNS stay.
+    pub fn relay(&mut self, msg: Message) {
+        self.metadata.response_code = msg.metadata.response_code;
+        self.answers = msg.answers;
+        self.authorities = msg.authorities;
+        self.additionals = msg.additionals;
+    }
 }
 
 /// Shared state of the slow path.
@@ -54,24 +88,7 @@ impl Handler {
 
     /// Decides the answer to a parsed request.
     pub async fn reply(&self, req: &MessageRequest) -> Reply {
-        let mut metadata = Metadata::response_from_request(&req.metadata);
-        metadata.recursion_available = true;
-        let edns = req.edns.as_ref().map(|e| {
-            let mut ours = Edns::new();
-            ours.set_max_payload(EDNS_PAYLOAD);
-            ours.set_version(0);
-            ours.set_dnssec_ok(e.flags().dnssec_ok);
-            ours
-        });
-        let mut reply = Reply {
-            metadata,
-            answers: Vec::new(),
-            authorities: Vec::new(),
-            additionals: Vec::new(),
-            edns,
-            zone: "none",
-            qtype: 0,
-        };
+        let mut reply = Reply::for_request(req);
         let fail = |mut reply: Reply, code| {
             reply.metadata.response_code = code;
             reply
@@ -113,11 +130,11 @@ impl Handler {
                     checking_disabled: req.metadata.checking_disabled,
                 };
                 match self.forwarder.forward(&question).await {
-                    Ok(msg) => {
-                        reply.metadata.response_code = msg.metadata.response_code;
-                        reply.answers = msg.answers;
-                        reply.authorities = msg.authorities;
-                        reply.additionals = msg.additionals;
+                    Ok(msg) => reply.relay(msg),
+                    // Nowhere to forward to: as an authority-only server, refuse names
+                    // outside our zones (RFC 8906 3.1.4) rather than claim a failure.
+                    Err(ForwardError::NoUpstream) => {
+                        reply.metadata.response_code = ResponseCode::Refused;
                     }
                     Err(error) => {
                         tracing::debug!(name = %name, %error, "forwarding failed");

@@ -9,10 +9,13 @@
 //! pre-encoded responses ([`wire`]), everything else goes through hickory ([`handler`]).
 
 pub mod error;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fixture;
 pub mod forward;
 pub mod handler;
 pub mod metrics;
 pub mod names;
+pub mod path;
 pub mod records;
 pub mod server;
 pub mod settings;

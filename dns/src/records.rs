@@ -8,7 +8,7 @@ use fedgate_discovery::model::{
     ClusterId, Health, ImportedService, LABEL_ZONE, LocalService, Locality, Protocol, ServiceKey,
     ServiceType,
 };
-use hickory_proto::rr::rdata::{A, AAAA, SOA, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 use crate::names::{Zone, host_label, is_dns_label, is_port_label, name_in, wire_key};
@@ -312,15 +312,28 @@ pub fn soa(zone: Zone, ttl: u32, serial: u32) -> Record {
     )
 }
 
-/// Names that exist independent of any service: each zone's apex (SOA) and `svc` empty
-/// non-terminal, and `dns-version.clusterset.local`.
-pub fn static_names(ttl: u32, serial: u32) -> NameMap {
+/// The name server of a zone, named by its SOA (`ns.dns.<zone>`) and its apex NS record.
+pub fn nameserver(zone: Zone) -> Option<Name> {
+    name_in(&["ns", "dns"], zone)
+}
+
+/// Names that exist independent of any service: each zone's apex (SOA and NS) and `svc`
+/// empty non-terminal, `dns-version.clusterset.local`, and `ns.dns.<zone>` (with the address
+/// `ns_address`, when the server listens on a specific one; an empty name otherwise).
+pub fn static_names(ttl: u32, serial: u32, ns_address: Option<IpAddr>) -> NameMap {
     let mut out = NameMap::new();
     for zone in Zone::ALL {
         let mut b = Builder::new(zone, ttl);
         let soa = soa(zone, ttl, serial);
         let apex = soa.name.clone();
         b.add(&apex, soa.data);
+        if let Some(ns) = nameserver(zone) {
+            b.add(&apex, RData::NS(NS(ns.clone())));
+            match ns_address {
+                Some(ip) => b.add_ip(&ns, ip),
+                None => b.ent(&ns),
+            }
+        }
         if let Some(svc) = name_in(&["svc"], zone) {
             b.ent(&svc);
         }

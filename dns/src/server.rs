@@ -6,7 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use fedgate_discovery::model::{ClusterState, ImportSnapshot};
 use hickory_proto::op::ResponseCode;
@@ -17,13 +17,12 @@ use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::error::DnsError;
-use crate::forward::Forwarder;
 use crate::handler::{Handler, TcpHandler};
 use crate::metrics::{self, FastPathMetrics};
 use crate::names::Zone;
+use crate::path::{RequestPath, answer_fast};
 use crate::settings::{DnsSettings, RESOLV_CONF, resolve_upstreams};
 use crate::table::Table;
-use crate::tier::parse_priority;
 use crate::wire;
 use crate::zone::ZoneWriter;
 
@@ -119,27 +118,11 @@ impl DnsServer {
                 "no dns upstream: names outside clusterset.local and cluster.local get SERVFAIL"
             );
         }
-        // A fixed serial for the life of the process (see records::soa).
-        let serial = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| u32::try_from(d.as_secs() % u64::from(u32::MAX)).unwrap_or(1));
-        let table = Arc::new(Table::default());
-        let mut writer = ZoneWriter::new(
-            table.clone(),
-            settings.ttl_secs(),
-            serial,
-            parse_priority(&settings.failover_priority),
-            settings.local_labels.clone(),
-        );
         let imports = imports_rx.borrow_and_update().clone();
-        writer.apply_imports(&imports);
         let cluster = cluster_rx.borrow_and_update().clone();
-        writer.apply_cluster(&cluster);
+        let (table, writer, handler) =
+            RequestPath::new(&settings, upstreams, &imports, &cluster).into_parts();
         metrics::zone_update("initial", table.len());
-        let soas = [writer.soa(Zone::ClusterSet).clone(), writer.soa(Zone::Cluster).clone()];
-        let forwarder =
-            Forwarder::new(upstreams, settings.upstream_timeout, settings.cache_entries);
-        let handler = Arc::new(Handler::new(table.clone(), forwarder, soas));
         tracing::info!(%address, names = table.len(), "dns server bound");
         Ok(Self { settings, udp, tcp, address, table, writer, handler, imports_rx, cluster_rx })
     }
@@ -299,24 +282,13 @@ impl UdpWorker {
             }
             let started = Instant::now();
             let pkt = &buf[..n];
-            if let Some(q) = wire::parse_query(pkt, &mut key) {
-                let hit = self.table.with(&key, |entry| {
-                    let entry = entry?;
-                    let template = match entry.answers.iter().find(|(t, _)| *t == q.qtype) {
-                        Some((_, t)) => t.as_ref(),
-                        None if wire::is_data_type(q.qtype) => entry.nodata.as_deref()?,
-                        None => return None,
-                    };
-                    wire::assemble(template, pkt, &q, &mut out).then_some(entry.zone)
-                });
-                if let Some(zone) = hit {
-                    if let Err(error) = self.socket.send_to(&out, src) {
-                        tracing::debug!(%src, %error, "dns udp send failed");
-                    }
-                    let zone = if zone == Zone::ClusterSet { 0 } else { 1 };
-                    self.fast.record(zone, q.qtype, started.elapsed());
-                    continue;
+            if let Some((zone, qtype)) = answer_fast(&self.table, pkt, &mut key, &mut out) {
+                if let Err(error) = self.socket.send_to(&out, src) {
+                    tracing::debug!(%src, %error, "dns udp send failed");
                 }
+                let zone = if zone == Zone::ClusterSet { 0 } else { 1 };
+                self.fast.record(zone, qtype, started.elapsed());
+                continue;
             }
             self.slow(pkt, src, started);
         }

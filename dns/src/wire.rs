@@ -89,12 +89,37 @@ pub fn parse_query(pkt: &[u8], key: &mut Vec<u8>) -> Option<FastQuery> {
             return None;
         }
         let rdlen = usize::from(u16::from_be_bytes([opt[9], opt[10]]));
-        if pkt.len() != question_end + 11 + rdlen {
+        if pkt.len() != question_end + 11 + rdlen || !plain_edns_options(&pkt[question_end + 11..])
+        {
             return None;
         }
         Some((u16::from_be_bytes([opt[3], opt[4]]), opt[7] & 0x80 != 0))
     };
     Some(FastQuery { qtype, question_end, edns })
+}
+
+/// EDNS option code of Client Subnet (RFC 7871), whose contents hickory parses.
+const OPTION_CLIENT_SUBNET: u16 = 8;
+
+/// True when the OPT RDATA is a well-formed sequence of options (code, length, data, each
+/// exactly inside the RDATA) none of which has contents the slow path would parse (Client
+/// Subnet). Anything else goes to the slow path, which answers FORMERR where it must; the
+/// fast path must never answer a query the slow path rejects (found by fuzzing: an option
+/// longer than the RDATA was answered from the fast path, FORMERR from the slow path).
+fn plain_edns_options(mut rdata: &[u8]) -> bool {
+    while !rdata.is_empty() {
+        let (Some(code), Some(len)) = (u16_at(rdata, 0), u16_at(rdata, 2)) else {
+            return false;
+        };
+        let Some(rest) = rdata.get(4 + usize::from(len)..) else {
+            return false;
+        };
+        if code == OPTION_CLIENT_SUBNET {
+            return false;
+        }
+        rdata = rest;
+    }
+    true
 }
 
 /// True for query types a NODATA answer can be given to from the fast path: ordinary data
@@ -234,9 +259,22 @@ mod tests {
         let n = v1.len();
         v1[n - 5] = 1; // EDNS version
         cases.push(("edns version 1", v1));
+        let with_options = |options: &[u8]| {
+            let mut pkt = query("a.b.", RecordType::A, Some(1232));
+            let n = pkt.len();
+            pkt[n - 2..].copy_from_slice(&(options.len() as u16).to_be_bytes());
+            pkt.extend_from_slice(options);
+            pkt
+        };
+        // From the request_path fuzz target: option 26 claims 24 bytes, the RDATA has 8 left.
+        cases.push(("option overruns the rdata", with_options(&[0, 26, 0, 24, 1, 2, 3, 4])));
+        cases.push(("half an option header", with_options(&[0, 10, 0])));
+        cases.push(("client subnet", with_options(&[0, 8, 0, 4, 0, 1, 0, 0])));
         for (name, pkt) in cases {
             assert!(parse_query(&pkt, &mut key).is_none(), "{name}");
         }
+        let cookie = with_options(&[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+        assert!(parse_query(&cookie, &mut key).is_some(), "a client cookie stays on the fast path");
     }
 
     #[test]

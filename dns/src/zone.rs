@@ -75,6 +75,7 @@ impl ZoneWriter {
         serial: u32,
         priority: Vec<PriorityLabel>,
         extra_labels: BTreeMap<String, String>,
+        ns_address: Option<IpAddr>,
     ) -> Self {
         let soas = [soa(Zone::ClusterSet, ttl, serial), soa(Zone::Cluster, ttl, serial)];
         let writer = Self {
@@ -89,7 +90,7 @@ impl ZoneWriter {
             globals: None,
         };
         let mut changes = Vec::new();
-        writer.diff(&NameMap::new(), &static_names(ttl, serial), &mut changes);
+        writer.diff(&NameMap::new(), &static_names(ttl, serial, ns_address), &mut changes);
         writer.table.apply(changes);
         writer
     }
@@ -253,7 +254,7 @@ mod tests {
     fn writer() -> (Arc<Table>, ZoneWriter) {
         let table = Arc::new(Table::default());
         let prio = parse_priority(&crate::settings::default_failover_priority());
-        let w = ZoneWriter::new(table.clone(), 5, 1, prio, BTreeMap::new());
+        let w = ZoneWriter::new(table.clone(), 5, 1, prio, BTreeMap::new(), None);
         (table, w)
     }
 

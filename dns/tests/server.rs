@@ -766,7 +766,7 @@ async fn randomized_requests_never_break_the_request_path() {
 
     let table = Arc::new(Table::default());
     let prio = parse_priority(&fedgate_dns::settings::default_failover_priority());
-    let mut writer = ZoneWriter::new(table.clone(), 5, 1, prio, BTreeMap::new());
+    let mut writer = ZoneWriter::new(table.clone(), 5, 1, prio, BTreeMap::new(), None);
     writer.apply_imports(&snapshot(Health::Healthy));
     writer.apply_cluster(&cluster_state());
     let soas = [writer.soa(Zone::ClusterSet).clone(), writer.soa(Zone::Cluster).clone()];

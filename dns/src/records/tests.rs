@@ -354,7 +354,7 @@ fn local_services() {
 
 #[test]
 fn static_names_and_soa() {
-    let names = static_names(7, 42);
+    let names = static_names(7, 42, Some("127.0.0.53".parse().expect("ip")));
     assert_eq!(
         get(&names, "dns-version.clusterset.local.", RecordType::TXT),
         Some(vec!["1.0.0".into()])
@@ -363,4 +363,12 @@ fn static_names_and_soa() {
     assert!(soa[0].contains(" 42 ") && soa[0].ends_with(" 7"), "{soa:?}");
     assert!(get(&names, "cluster.local.", RecordType::SOA).is_some());
     assert!(flatten(&names).contains_key(&("svc.cluster.local.".into(), "ENT".into())));
+    for zone in ["clusterset.local.", "cluster.local."] {
+        let ns = format!("ns.dns.{zone}");
+        assert_eq!(get(&names, zone, RecordType::NS), Some(vec![ns.clone()]));
+        assert_eq!(get(&names, &ns, RecordType::A), Some(vec!["127.0.0.53".into()]));
+    }
+    // Listening on every address: the name server's name exists, without an address.
+    let names = static_names(7, 42, None);
+    assert!(flatten(&names).contains_key(&("ns.dns.cluster.local.".into(), "ENT".into())));
 }
