@@ -473,7 +473,14 @@ impl KubeCluster {
 
     fn kubectl_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
         let mut cmd = Command::new(&self.kubectl);
-        cmd.arg("--kubeconfig").arg(&self.kubeconfig).arg("--request-timeout=30s").args(args);
+        // Own discovery cache: the default (~/.kube/cache, keyed by host:port) would be shared
+        // with earlier clusters that had the same port and other CRDs.
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("kubectl-cache"))
+            .arg("--request-timeout=30s")
+            .args(args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
         let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
