@@ -20,6 +20,7 @@
 //   --timeout-ms N       how long the failover may take to appear (default 10000)
 
 import { execFile } from 'node:child_process';
+import http from 'node:http';
 import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -86,6 +87,23 @@ function run(argv) {
   });
 }
 
+// One GET on a connection of its own (no keep-alive: every request is a new connection to
+// the ClusterSetIP, so each one is routed, counted and can fail over); resolves to
+// [status, body].
+function getOnce(url) {
+  return new Promise((res, rej) => {
+    const req = http.get(url, { agent: false, timeout: 2000 }, (r) => {
+      let body = '';
+      r.setEncoding('utf8');
+      r.on('data', (c) => { body += c; });
+      r.on('end', () => res([r.statusCode, body.trim()]));
+      r.on('error', rej);
+    });
+    req.on('timeout', () => req.destroy(new Error('timed out after 2 s')));
+    req.on('error', rej);
+  });
+}
+
 // Sends one GET every 100 ms until stopped; counts answers and failures.
 function startTraffic(url) {
   const stats = { ok: 0, failed: 0, lastError: null, answers: new Map() };
@@ -93,18 +111,17 @@ function startTraffic(url) {
   const loop = (async () => {
     while (!stopped) {
       try {
-        const r = await fetch(url, { signal: AbortSignal.timeout(2000) });
-        const body = (await r.text()).trim();
-        if (r.ok) {
+        const [status, body] = await getOnce(url);
+        if (status === 200) {
           stats.ok += 1;
           stats.answers.set(body, (stats.answers.get(body) ?? 0) + 1);
         } else {
           stats.failed += 1;
-          stats.lastError = `HTTP ${r.status}`;
+          stats.lastError = `HTTP ${status}`;
         }
       } catch (e) {
         stats.failed += 1;
-        stats.lastError = e.cause?.message ?? e.message;
+        stats.lastError = e.message;
       }
       await new Promise((r) => setTimeout(r, 100));
     }
@@ -112,14 +129,35 @@ function startTraffic(url) {
   return { stats, stop: async () => { stopped = true; await loop; } };
 }
 
-// Failover entries for `service` in the page's failover list.
+// Failover entries for `service` in the page's failover list (docs/dashboard.md: entries
+// `li[data-testid="failover"][data-service="ns/name"]`; repeats of one event are merged and
+// counted, so an entry's text changes when it happens again).
 async function failoverEntries(page, service) {
   return page.evaluate((svc) => {
     const list = document.querySelector('[data-testid="failovers"]');
     if (!list) return null;
-    const entries = [...list.querySelectorAll('[data-testid="failover"], li, tbody tr')];
-    return entries.filter((e) => e.textContent.includes(svc)).map((e) => e.textContent.replace(/\s+/g, ' ').trim());
+    return [...list.querySelectorAll('[data-testid="failover"]')]
+      .filter((e) => e.dataset.service === svc && e.textContent.includes(svc))
+      .map((e) => e.textContent.replace(/\s+/g, ' ').trim());
   }, service);
+}
+
+// True once every cluster card shows the wanted status (`local` for the page's own
+// gateway, `up` for peers).
+async function clusterStatuses(page) {
+  return page.evaluate(() => Object.fromEntries(
+    [...document.querySelectorAll('[data-cluster]')].map((e) => [e.dataset.cluster, e.dataset.status])));
+}
+
+async function waitFor(what, timeoutMs, check) {
+  const start = Date.now();
+  let last;
+  for (;;) {
+    last = await check();
+    if (last.ok) return Date.now() - start;
+    if (Date.now() - start > timeoutMs) throw new Error(`${what} not seen within ${timeoutMs} ms (last: ${last.seen})`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }
 
 const profile = mkdtempSync(join(tmpdir(), 'fedgate-chromium-'));
@@ -146,8 +184,16 @@ try {
   });
   page = context.pages()[0] ?? (await context.newPage());
   page.on('pageerror', (e) => pageErrors.push(e.message));
+  // Failed requests are reported with their URL below; the browser's own favicon probe
+  // is no request of the page.
   page.on('console', (m) => {
-    if (m.type() === 'error') pageErrors.push(`console: ${m.text()}`);
+    if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) pageErrors.push(`console: ${m.text()}`);
+  });
+  page.on('response', (r) => {
+    if (r.status() >= 400 && new URL(r.url()).pathname !== '/favicon.ico') pageErrors.push(`HTTP ${r.status()} for ${r.url()}`);
+  });
+  page.on('requestfailed', (r) => {
+    if (new URL(r.url()).pathname !== '/favicon.ico') pageErrors.push(`request failed: ${r.url()} (${r.failure()?.errorText})`);
   });
 
   const t0 = Date.now();
@@ -157,6 +203,13 @@ try {
     await page.locator(`[data-cluster="${id}"]`).first().waitFor({ state: 'visible', timeout: 15000 });
   }
   log(`all ${clusters.length} clusters (${clusters.join(', ')}) on the page after ${Date.now() - t0} ms`);
+  // The page's own cluster is `local`, every other one `up` (connected, not draining).
+  await waitFor('every cluster local or up', 15000, async () => {
+    const st = await clusterStatuses(page);
+    const ok = clusters.every((c) => st[c] === 'local' || st[c] === 'up')
+      && clusters.filter((c) => st[c] === 'local').length === 1;
+    return { ok, seen: JSON.stringify(st) };
+  });
   const clusterTexts = await page.evaluate(() =>
     [...document.querySelectorAll('[data-cluster]')].map((e) => `${e.dataset.cluster}: ${e.textContent.replace(/\s+/g, ' ').trim()}`));
   for (const t of clusterTexts) log(`  ${t}`);
@@ -177,16 +230,34 @@ try {
     if (out) log(`  ${out.split('\n').join('\n  ')}`);
     const failedAt = Date.now();
     let after = before;
+    const isNew = (entries) => entries.some((e) => !before.includes(e));
     while (Date.now() - failedAt < failoverTimeout) {
       after = (await failoverEntries(page, opts.service)) ?? [];
-      if (after.length > before.length) break;
+      if (isNew(after)) break;
       await new Promise((r) => setTimeout(r, 100));
     }
-    if (after.length <= before.length) {
+    if (!isNew(after)) {
       throw new Error(`no failover of ${opts.service} on the page within ${failoverTimeout} ms of the failure`
         + (traffic ? ` (traffic: ${traffic.stats.ok} ok, ${traffic.stats.failed} failed, last error ${traffic.stats.lastError})` : ''));
     }
-    log(`failover on the page ${Date.now() - failedAt} ms after the failure: ${after[0]}`);
+    log(`failover on the page ${Date.now() - failedAt} ms after the failure: ${after.find((e) => !before.includes(e))}`);
+
+    // The explain view agrees: a new connection to the service would fail over.
+    await page.selectOption('[data-testid="explain-service"]', opts.service);
+    const explained = await waitFor(`explain view of ${opts.service} saying failover`, failoverTimeout, async () => {
+      const seen = await page.evaluate((svc) => {
+        const r = document.querySelector('[data-testid="explain-result"]');
+        return {
+          service: r?.dataset.service ?? null,
+          failover: !!document.querySelector('[data-testid="explain-failover"]'),
+          summary: document.querySelector('[data-testid="explain-summary"]')?.textContent ?? null,
+          error: document.querySelector('[data-testid="explain-error"]')?.textContent ?? null,
+        };
+      }, opts.service);
+      return { ok: seen.service === opts.service && seen.failover, seen: JSON.stringify(seen) };
+    });
+    const summary = await page.textContent('[data-testid="explain-summary"]');
+    log(`explain view says failover after ${explained} ms: ${summary?.trim()}`);
     if (traffic) {
       // Let the page show the traffic after the failover too.
       await new Promise((r) => setTimeout(r, 1200));
