@@ -41,7 +41,7 @@ pub struct ExplainArgs {
 pub fn run_status(args: &StatusArgs, out: &mut dyn std::io::Write) -> u8 {
     match AdminClient::new(&args.admin).and_then(|c| StatusData::fetch(&c)) {
         Ok(d) => {
-            let _ = write!(out, "{}", render_status(&d));
+            let _ = write!(out, "{}", render_status(&d, jiff::Timestamp::now()));
             EXIT_OK
         }
         Err(e) => {
@@ -224,8 +224,21 @@ fn section(out: &mut String, title: &str, t: Table, empty: bool) {
     }
 }
 
-/// `fedgate status` output. Pure.
-pub fn render_status(d: &StatusData) -> String {
+/// How long before `now` the timestamp `at` (RFC 3339 text) was: `2.5s ago`, or `at` itself
+/// when it does not parse.
+fn ago(at: &Value, now: jiff::Timestamp) -> String {
+    let text = text(at);
+    match text.parse::<jiff::Timestamp>() {
+        Ok(t) => {
+            let ms = now.as_millisecond().saturating_sub(t.as_millisecond()).max(0);
+            format!("{:.1}s ago", ms as f64 / 1000.0)
+        }
+        Err(_) => text,
+    }
+}
+
+/// `fedgate status` output at `now`. Pure.
+pub fn render_status(d: &StatusData, now: jiff::Timestamp) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -332,11 +345,11 @@ pub fn render_status(d: &StatusData) -> String {
             let probe = probe
                 .map(|r| {
                     let lp = &r["lastProbe"];
-                    let at = text(&lp["at"]);
+                    let at = ago(&lp["at"], now);
                     if lp["ok"] == true {
-                        format!("ok at {at}")
+                        format!("ok {at}")
                     } else {
-                        format!("failed at {at}: {}", text(&lp["error"]))
+                        format!("failed {at}: {}", text(&lp["error"]))
                     }
                 })
                 .unwrap_or_default();
@@ -384,7 +397,7 @@ pub fn render_status(d: &StatusData) -> String {
     for f in items(&d.failovers) {
         let from: Vec<String> = items(&f["fromClusters"]).iter().map(text).collect();
         t.add_row(vec![
-            text(&f["last"]),
+            ago(&f["last"], now),
             format!("{}:{}", text(&f["service"]), text(&f["port"])),
             format!("tier {} ({})", text(&f["fromTier"]), from.join(", ")),
             format!(
@@ -601,7 +614,8 @@ mod tests {
 
     #[test]
     fn status_tables_carry_every_fact() {
-        let out = render_status(&data());
+        let now: jiff::Timestamp = "2026-11-26T02:00:03Z".parse().unwrap();
+        let out = render_status(&data(), now);
         for want in [
             "fedgate cluster east in clusterset demo",
             "0.42 ms",
@@ -610,7 +624,7 @@ mod tests {
             "0/1 ready",
             "1/1 ready",
             "PortConflict",
-            "failed at 2026-11-26T02:00:00Z: connection refused",
+            "failed 3.0s ago: connection refused",
             "2.0 KiB",
             "refused: no_healthy_endpoint",
             "tier 0 (east)",
@@ -629,7 +643,8 @@ mod tests {
         let widths: Vec<usize> = clusters.iter().map(|l| l.chars().count()).collect();
         assert!(widths.len() >= 4 && widths.iter().all(|w| *w == widths[0]), "{clusters:#?}");
         let empty = StatusData { failovers: json!([]), ..data() };
-        assert!(render_status(&empty).contains("RECENT FAILOVERS\n  (none)"));
+        assert!(render_status(&empty, now).contains("RECENT FAILOVERS\n  (none)"));
+        assert!(out.contains("│ 2.0s ago "), "failover age:\n{out}");
     }
 
     #[test]
