@@ -571,23 +571,42 @@ impl Drop for Backend {
     }
 }
 
-/// An upstream DNS server that answers every query NXDOMAIN (the question echoed), so
-/// forwarded queries have a real answer without leaving the machine.
+/// An upstream DNS server that answers every query with one A record, 192.0.2.1 (TTL 60 s,
+/// so the gateway's forwarding cache keeps it): forwarded queries get a real answer without
+/// leaving the machine.
 fn fake_upstream(addr: SocketAddr) -> Result<SocketAddr> {
     let sock = UdpSocket::bind(addr).with_context(|| format!("binding fake upstream {addr}"))?;
     let bound = sock.local_addr()?;
     std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
         while let Ok((n, from)) = sock.recv_from(&mut buf) {
-            if n < 12 {
-                continue;
+            if let Some(answer) = answer_a(&buf[..n]) {
+                let _ = sock.send_to(&answer, from);
             }
-            buf[2] |= 0x80; // QR: a response
-            buf[3] = 0x80 | 3; // RA, NXDOMAIN
-            let _ = sock.send_to(&buf[..n], from);
         }
     });
     Ok(bound)
+}
+
+/// The answer to a one-question query: the header and question echoed, one A record.
+fn answer_a(query: &[u8]) -> Option<Vec<u8>> {
+    // The question: QNAME labels up to the root label, then QTYPE and QCLASS.
+    let mut end = 12;
+    loop {
+        let len = usize::from(*query.get(end)?);
+        end += 1 + len;
+        if len == 0 {
+            break;
+        }
+    }
+    end += 4;
+    let mut out = query.get(..end)?.to_vec();
+    out[2] |= 0x80; // QR: a response
+    out[3] = 0x80; // RA, NOERROR
+    out[6..12].copy_from_slice(&[0, 1, 0, 0, 0, 0]); // one answer, no authority, no additional
+    // Name: a pointer to the question's name; A, IN, TTL 60, 4 bytes of address.
+    out.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1]);
+    Some(out)
 }
 
 /// One request through `addr`; the backend's answer.
@@ -758,7 +777,10 @@ fn every_dashboard_metric_is_exported_by_a_running_gateway() -> Result<()> {
     assert!(nx.contains("status: NXDOMAIN"), "dig nope: {nx}");
     dig(dns, "web.shop.svc.cluster.local", "SRV")?;
     let fwd = dig(dns, "example.test", "A")?;
-    assert!(fwd.contains("status: NXDOMAIN"), "forwarded to the fake upstream: {fwd}");
+    assert!(fwd.contains("192.0.2.1"), "forwarded to the fake upstream: {fwd}");
+    // Asked again: answered from the forwarding cache.
+    let cached = dig(dns, "example.test", "A")?;
+    assert!(cached.contains("192.0.2.1"), "from the forwarding cache: {cached}");
 
     // A dead peer: its lease expires on the others.
     charlie.kill();
