@@ -39,6 +39,12 @@ pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// generous because the tests share two cores with builds.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Bound on one readiness probe: a port taken by a stranger may accept and never answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bound on each read and write of [`KubeCluster::get`].
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often a start is retried when a port picked as free was taken before etcd or the
 /// apiserver bound it.
 const START_ATTEMPTS: u32 = 3;
@@ -124,7 +130,7 @@ pub fn helm_ok(home: &Path, args: &[&str]) -> Result<String> {
 /// `N` distinct ports on 127.0.0.1 that were free a moment ago: all are bound to port 0 at the
 /// same time (so the kernel cannot hand out one twice), then released. Another process may
 /// take one before ours binds it; [`KubeCluster::start`] retries on that.
-fn free_ports<const N: usize>() -> Result<[u16; N]> {
+pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
     let listeners = (0..N)
         .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0"))
         .collect::<Result<Vec<_>>>()?;
@@ -231,6 +237,15 @@ impl KubeCluster {
     /// Starts etcd and kube-apiserver for a cluster called `name` (used in file, user and
     /// context names; any short `[a-z0-9-]` string) and waits until the apiserver is ready.
     pub fn start(name: &str) -> Result<KubeCluster> {
+        Self::start_with_ports(name, free_ports::<3>)
+    }
+
+    /// [`start`](Self::start) with the ports chosen by `pick` — `[etcd client, etcd peer,
+    /// apiserver]`, called once per attempt. For tests of the port-collision retry itself.
+    pub fn start_with_ports(
+        name: &str,
+        mut pick: impl FnMut() -> Result<[u16; 3]>,
+    ) -> Result<KubeCluster> {
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
             bail!("cluster name {name:?} must be non-empty ASCII letters, digits and '-'");
         }
@@ -266,11 +281,12 @@ impl KubeCluster {
         };
         let mut attempt = 1;
         loop {
-            match cluster.launch(&etcd_bin, &apiserver_bin, &files) {
+            match cluster.launch(&etcd_bin, &apiserver_bin, &files, pick()?) {
                 Ok(()) => break,
-                Err(e) if attempt < START_ATTEMPTS && cluster.port_collision() => {
+                Err(e) if attempt < START_ATTEMPTS && cluster.port_collision().is_some() => {
                     eprintln!("kube cluster {name}: a port was taken, retrying: {e:#}");
                     cluster.stop();
+                    cluster.set_aside_attempt(attempt)?;
                     attempt += 1;
                 }
                 Err(e) => {
@@ -291,8 +307,8 @@ impl KubeCluster {
         etcd_bin: &Path,
         apiserver_bin: &Path,
         files: &ClusterFiles,
+        [client_port, peer_port, api_port]: [u16; 3],
     ) -> Result<()> {
-        let [client_port, peer_port, api_port] = free_ports::<3>()?;
         let etcd_client = SocketAddr::from((Ipv4Addr::LOCALHOST, client_port));
         let etcd_peer = SocketAddr::from((Ipv4Addr::LOCALHOST, peer_port));
         let api = SocketAddr::from((Ipv4Addr::LOCALHOST, api_port));
@@ -320,7 +336,7 @@ impl KubeCluster {
             .with_context(|| format!("spawning {}", etcd_bin.display()))?;
         self.etcd = Some(etcd);
         self.wait_ready("etcd /health", || {
-            crate::http_get(etcd_client, "/health")
+            http_get(etcd_client, "/health", PROBE_TIMEOUT)
                 .is_ok_and(|(code, body)| code == 200 && body.contains("true"))
         })?;
 
@@ -364,7 +380,7 @@ impl KubeCluster {
         self.server_url = format!("https://{api}");
         let ca_pem = self.ca_pem.clone();
         self.wait_ready("kube-apiserver /readyz", || {
-            https_get(api, &ca_pem, "/readyz", "").is_ok_and(|(code, _)| code == 200)
+            https_get(api, &ca_pem, "/readyz", "", PROBE_TIMEOUT).is_ok_and(|(code, _)| code == 200)
         })
     }
 
@@ -394,11 +410,31 @@ impl KubeCluster {
         Ok(())
     }
 
+    /// After a failed attempt: keeps its logs as `<log>.<attempt>` and drops etcd's data, whose
+    /// stored member address names the old peer port.
+    fn set_aside_attempt(&self, attempt: u32) -> Result<()> {
+        let dir = self.dir.path();
+        for f in ["etcd.log", "kube-apiserver.log"] {
+            let path = dir.join(f);
+            if path.exists() {
+                std::fs::rename(&path, dir.join(format!("{f}.{attempt}")))
+                    .with_context(|| format!("renaming {}", path.display()))?;
+            }
+        }
+        let data = dir.join("etcd-data");
+        if data.exists() {
+            std::fs::remove_dir_all(&data)
+                .with_context(|| format!("removing {}", data.display()))?;
+        }
+        Ok(())
+    }
+
     /// Whether a log says a port was taken (the start is then retried on other ports).
-    fn port_collision(&self) -> bool {
-        ["etcd.log", "kube-apiserver.log"].iter().any(|f| {
-            std::fs::read_to_string(self.dir.path().join(f))
-                .is_ok_and(|t| t.contains("address already in use"))
+    fn port_collision(&self) -> Option<String> {
+        ["etcd.log", "kube-apiserver.log"].iter().find_map(|f| {
+            let text = std::fs::read_to_string(self.dir.path().join(f)).ok()?;
+            let line = text.lines().find(|l| l.contains("address already in use"))?;
+            Some(line.chars().take(300).collect())
         })
     }
 
@@ -499,7 +535,7 @@ impl KubeCluster {
     /// An HTTPS GET on the apiserver with any bearer token (empty: none), verifying the
     /// serving certificate against [`ca_pem`](Self::ca_pem); returns (status, body).
     pub fn get_with_token(&self, path: &str, token: &str) -> Result<(u16, String)> {
-        https_get(self.api_addr, &self.ca_pem, path, token)
+        https_get(self.api_addr, &self.ca_pem, path, token, REQUEST_TIMEOUT)
     }
 
     /// The logs of etcd and the apiserver (last `lines` lines of each).
@@ -592,7 +628,13 @@ fn check_output(what: &str, out: Output) -> Result<String> {
 }
 
 /// A one-shot HTTP/1.1 GET over TLS (rustls, ring) trusting only `ca_pem`.
-fn https_get(addr: SocketAddr, ca_pem: &str, path: &str, token: &str) -> Result<(u16, String)> {
+fn https_get(
+    addr: SocketAddr,
+    ca_pem: &str,
+    path: &str,
+    token: &str,
+    timeout: Duration,
+) -> Result<(u16, String)> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.context("parsing the CA PEM")?).context("adding the CA")?;
@@ -605,10 +647,7 @@ fn https_get(addr: SocketAddr, ca_pem: &str, path: &str, token: &str) -> Result<
         .with_no_client_auth();
     let conn = rustls::ClientConnection::new(Arc::new(config), ServerName::from(addr.ip()))
         .context("TLS client")?;
-    let sock = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connecting to {addr}"))?;
-    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
-    sock.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let sock = connect(addr, timeout)?;
     let mut tls = rustls::StreamOwned::new(conn, sock);
     let auth =
         if token.is_empty() { String::new() } else { format!("Authorization: Bearer {token}\r\n") };
@@ -621,6 +660,26 @@ fn https_get(addr: SocketAddr, ca_pem: &str, path: &str, token: &str) -> Result<
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => {}
         Err(e) => return Err(e).with_context(|| format!("reading GET {path} from {addr}")),
     }
+    parse_response(&String::from_utf8_lossy(&buf))
+        .with_context(|| format!("GET {path} on {addr}: malformed HTTP response"))
+}
+
+/// A connection with `timeout` on connect, each read and each write.
+fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let sock = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.set_write_timeout(Some(timeout))?;
+    Ok(sock)
+}
+
+/// A one-shot plain HTTP/1.1 GET (etcd's client URL); returns (status, body).
+fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    let mut sock = connect(addr, timeout)?;
+    write!(sock, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+        .with_context(|| format!("GET {path} on {addr}"))?;
+    let mut buf = Vec::new();
+    sock.read_to_end(&mut buf).with_context(|| format!("reading GET {path} from {addr}"))?;
     parse_response(&String::from_utf8_lossy(&buf))
         .with_context(|| format!("GET {path} on {addr}: malformed HTTP response"))
 }

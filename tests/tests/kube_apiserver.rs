@@ -3,7 +3,9 @@
 //! apiserver refuses tokens it did not issue.
 
 use anyhow::{Context, Result};
-use fedgate_e2e::kube::{KubeCluster, helm_ok, kube_version};
+use std::net::TcpListener;
+
+use fedgate_e2e::kube::{KubeCluster, free_ports, helm_ok, kube_version};
 use fedgate_e2e::service_yaml;
 
 /// `kubectl get <args> -o json`, parsed.
@@ -143,5 +145,43 @@ fn helm_renders_a_chart_the_apiserver_accepts() -> Result<()> {
     assert!(applied.contains("service/demo created"), "{applied}");
     let deployment = get_json(&cluster, &["deployment", "demo", "-n", "default"])?;
     assert_eq!(deployment["spec"]["replicas"], 1, "{deployment}");
+    Ok(())
+}
+
+/// A port picked as free but taken before etcd or the apiserver binds it: the start is retried
+/// on new ports (up to 3 attempts), and fails with the bind error when every attempt collides.
+#[test]
+fn a_taken_port_is_retried_on_new_ports() -> Result<()> {
+    let busy = TcpListener::bind("127.0.0.1:0")?;
+    let busy_port = busy.local_addr()?.port();
+
+    // First attempt: the apiserver's port is taken; the second gets free ports.
+    let mut calls = 0;
+    let mut pick = || {
+        calls += 1;
+        let [client, peer, api] = free_ports::<3>()?;
+        Ok(if calls == 1 { [client, peer, busy_port] } else { [client, peer, api] })
+    };
+    let cluster = KubeCluster::start_with_ports("retry", &mut pick)?;
+    assert_eq!(calls, 2, "one retry");
+    assert_ne!(cluster.server_url(), format!("https://127.0.0.1:{busy_port}"));
+    let (code, _) = cluster.get("/readyz")?;
+    assert_eq!(code, 200);
+    drop(cluster);
+
+    // Every attempt: etcd's client port is taken.
+    let mut calls = 0;
+    let mut pick = || {
+        calls += 1;
+        let [_, peer, api] = free_ports::<3>()?;
+        Ok([busy_port, peer, api])
+    };
+    let err = KubeCluster::start_with_ports("collide", &mut pick)
+        .err()
+        .context("a start whose etcd port is always taken must fail")?;
+    assert_eq!(calls, 3, "three attempts");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("etcd exited"), "{msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{busy_port}: bind: address already in use")), "{msg}");
     Ok(())
 }
