@@ -138,7 +138,7 @@ async function failoverEntries(page, service) {
     if (!list) return null;
     return [...list.querySelectorAll('[data-testid="failover"]')]
       .filter((e) => e.dataset.service === svc && e.textContent.includes(svc))
-      .map((e) => e.textContent.replace(/\s+/g, ' ').trim());
+      .map((e) => e.innerText.replace(/\s+/g, ' ').trim());
   }, service);
 }
 
@@ -211,7 +211,7 @@ try {
     return { ok, seen: JSON.stringify(st) };
   });
   const clusterTexts = await page.evaluate(() =>
-    [...document.querySelectorAll('[data-cluster]')].map((e) => `${e.dataset.cluster}: ${e.textContent.replace(/\s+/g, ' ').trim()}`));
+    [...document.querySelectorAll('[data-cluster]')].map((e) => `${e.dataset.cluster}: ${e.innerText.replace(/\s+/g, ' ').trim()}`));
   for (const t of clusterTexts) log(`  ${t}`);
 
   if (failArgv) {
@@ -263,7 +263,8 @@ try {
       await new Promise((r) => setTimeout(r, 1200));
       await traffic.stop();
       const answers = [...traffic.stats.answers].map(([a, n]) => `${n}x ${a}`).join('; ');
-      log(`traffic: ${traffic.stats.ok} ok, ${traffic.stats.failed} failed (${answers})`);
+      const why = traffic.stats.failed ? `; last failure: ${traffic.stats.lastError}` : '';
+      log(`traffic: ${traffic.stats.ok} ok, ${traffic.stats.failed} failed (${answers}${why})`);
       traffic = null;
     }
   }
