@@ -658,6 +658,12 @@ async fn protocol_errors() {
     assert_eq!(udp(s.addr, &two).await.metadata.response_code, ResponseCode::FormErr);
     // Too short to be DNS, or a response: no answer at all (no reflection).
     assert!(udp_raw(s.addr, &[1, 2, 3]).await.is_none());
+    // No upstream at all: names outside our zones are refused at once, over UDP and TCP.
+    let outside = request("www.example.org.", RecordType::A, None);
+    let started = Instant::now();
+    assert_eq!(udp(s.addr, &outside).await.metadata.response_code, ResponseCode::Refused);
+    assert_eq!(tcp(s.addr, &outside).await.metadata.response_code, ResponseCode::Refused);
+    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
     s.stop().await;
 }
 
