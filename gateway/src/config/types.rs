@@ -358,11 +358,14 @@ pub struct AdminConfig {
     /// TCP address of the admin HTTP server.
     #[serde(with = "socket_addr")]
     pub listen: SocketAddr,
+    /// URL of a `fedgate demo` control API (`http://HOST:PORT`); when set, the dashboard
+    /// shows fail/restore buttons for the demo's gateways and backends. Demo use only.
+    pub demo_control: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: DEFAULT_ADMIN_LISTEN }
+        Self { listen: DEFAULT_ADMIN_LISTEN, demo_control: None }
     }
 }
 
