@@ -15,6 +15,8 @@
 #   PROFILE=1 bench/tunnel.sh                    # + perf profile of both gateways under iperf3
 #   PROFILE=1 PERF_CALLGRAPH=dwarf PERF_FREQ=199 PERF_OUT=/tmp/fg.data bench/tunnel.sh  # keep it
 #   FEDGATE_BIN=target/release/fedgate bench/tunnel.sh   # skip the cargo build
+# fedgate runs twice: with the default tunnel.maxUdpPayloadSize (1452, a 1500-byte Ethernet
+# path) and with 8952 (jumbo frames; loopback allows it), "fedgate-jumbo".
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -87,14 +89,12 @@ wait_tcp "$SRV" "$ECHO_PORT" echo
 
 # --- PKI (shared by every proxy) -----------------------------------------------------------
 "$bin" certs ca --clusterset bench --out "$work/certs" >/dev/null
-for c in a b; do "$bin" certs issue --ca "$work/certs" --cluster "$c" --out "$work/certs" >/dev/null; done
+for c in a b c d; do "$bin" certs issue --ca "$work/certs" --cluster "$c" --out "$work/certs" >/dev/null; done
 C=$work/certs
 for c in a b; do cat "$C/$c.crt" "$C/$c.key" >"$C/$c.pem"; done
 
 # --- fedgate A -> QUIC -> fedgate B --------------------------------------------------------
-A=127.0.0.21; B=127.0.0.22
-TUN_A=$(free_udp); TUN_B=$(free_udp)
-gateway() { # id ip tunnel-port peer-id peer-ip peer-port vip-octet
+gateway() { # id ip tunnel-port peer-id peer-ip peer-port vip-octet [maxUdpPayloadSize]
   local d=$work/$1
   mkdir -p "$d/cluster"
   cat >"$d/gateway.yaml" <<YAML
@@ -102,16 +102,21 @@ cluster: { id: $1, clusterset: bench, locality: { region: r-$1, zone: z-$1 } }
 discovery: { source: file, file: { dir: ./cluster }, peerLeaseDuration: 15s }
 peers: [ { id: $4, address: "$5:$6" } ]
 tls: { cert: $C/$1.crt, key: $C/$1.key, ca: $C/ca.crt }
-tunnel: { listen: "$2:$3" }
+tunnel: { listen: "$2:$3", maxUdpPayloadSize: ${8:-1452} }
 dns: { listen: "$2:$(free_udp)", upstream: [ "127.0.0.1:9" ], ttl: 5s }
 front: { mode: vip, clusterSetIPRange: 127.2.$7.0/24 }
 admin: { listen: "$2:$(free_tcp)" }
 traffic: { healthCheck: { interval: 5s, timeout: 1s, unhealthyThreshold: 2, healthyThreshold: 1 } }
 YAML
 }
-gateway a "$A" "$TUN_A" b "$B" "$TUN_B" 21
-gateway b "$B" "$TUN_B" a "$A" "$TUN_A" 22
-cat >"$work/b/cluster/bench.yaml" <<YAML
+# pair NAME-A NAME-B IP-A IP-B VIP-OCTET-A VIP-OCTET-B MAX-UDP-PAYLOAD: two gateways, B exports
+# bench/bench (the servers), A imports it; sets VIP to its ClusterSetIP on A and PIDS_PAIR.
+pair() {
+  local a=$1 b=$2 ipa=$3 ipb=$4 ta tb g
+  ta=$(free_udp); tb=$(free_udp)
+  gateway "$a" "$ipa" "$ta" "$b" "$ipb" "$tb" "$5" "$7"
+  gateway "$b" "$ipb" "$tb" "$a" "$ipa" "$ta" "$6" "$7"
+  cat >"$work/$b/cluster/bench.yaml" <<YAML
 apiVersion: v1
 kind: Service
 metadata: { name: bench, namespace: bench }
@@ -135,29 +140,39 @@ apiVersion: multicluster.x-k8s.io/v1alpha1
 kind: ServiceExport
 metadata: { name: bench, namespace: bench }
 YAML
-for g in a b; do
-  (cd "$work/$g" && RUST_LOG=${FEDGATE_LOG:-warn} exec "$bin" run --config gateway.yaml) >"$work/$g.log" 2>&1 &
-  pids+=($!)
-  eval "PID_${g^^}=$!"
-done
-admin_a=$(awk -F'"' '/^admin:/ {print $2}' "$work/a/gateway.yaml")
-VIP=""
-for _ in $(seq 1 150); do
-  VIP=$(curl -sf "http://$admin_a/debug/imports" 2>/dev/null | python3 -c '
+  PIDS_PAIR=""
+  for g in "$a" "$b"; do
+    (cd "$work/$g" && RUST_LOG=${FEDGATE_LOG:-warn} exec "$bin" run --config gateway.yaml) >"$work/$g.log" 2>&1 &
+    pids+=($!)
+    PIDS_PAIR="$PIDS_PAIR $!"
+  done
+  local admin_a
+  admin_a=$(awk -F'"' '/^admin:/ {print $2}' "$work/$a/gateway.yaml")
+  VIP=""
+  for _ in $(seq 1 150); do
+    VIP=$(curl -sf "http://$admin_a/debug/imports" 2>/dev/null | python3 -c '
 import json, sys
 for s in json.load(sys.stdin):
     if s.get("name") == "bench" or "bench" in json.dumps(s.get("key", "")):
         if s.get("ips"):
             print(s["ips"][0]); break' 2>/dev/null || true)
-  [[ -n $VIP ]] && break
-  sleep 0.2
-done
-[[ -n $VIP ]] || { echo "gateway a never imported bench/bench; logs:" >&2; tail -n 20 "$work"/a.log "$work"/b.log >&2; exit 1; }
-for _ in $(seq 1 100); do
-  python3 "$here/rr.py" "$VIP" "$ECHO_PORT" 10 0 >/dev/null 2>&1 && break
-  sleep 0.2
-done
-python3 "$here/rr.py" "$VIP" "$ECHO_PORT" 10 0 >/dev/null || { echo "no echo through fedgate ($VIP)" >&2; tail -n 20 "$work"/a.log "$work"/b.log >&2; exit 1; }
+    [[ -n $VIP ]] && break
+    sleep 0.2
+  done
+  [[ -n $VIP ]] || { echo "gateway $a never imported bench/bench; logs:" >&2; tail -n 20 "$work/$a.log" "$work/$b.log" >&2; exit 1; }
+  for _ in $(seq 1 100); do
+    python3 "$here/rr.py" "$VIP" "$ECHO_PORT" 10 0 >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  python3 "$here/rr.py" "$VIP" "$ECHO_PORT" 10 0 >/dev/null || { echo "no echo through fedgate ($VIP)" >&2; tail -n 20 "$work/$a.log" "$work/$b.log" >&2; exit 1; }
+}
+# Default MTU ceiling (1452, what a 1500-byte Ethernet path allows) ...
+pair a b 127.0.0.21 127.0.0.22 21 22 1452
+VIP_FG=$VIP; PIDS_FG=$PIDS_PAIR
+# ... and the jumbo-frame setting (tunnel.maxUdpPayloadSize 8952), which loopback allows.
+pair c d 127.0.0.23 127.0.0.24 23 24 8952
+VIP_J=$VIP; PIDS_J=$PIDS_PAIR
+PID_A=${PIDS_FG% *}; PID_A=${PID_A# }; PID_B=${PIDS_FG##* }
 
 # --- stunnel4 two-hop mutual TLS -----------------------------------------------------------
 S1=127.0.0.31; S2=127.0.0.32
@@ -244,12 +259,13 @@ wait_tcp "$H2" "$HE2" "haproxy server"
 # path -> "host iperf-port echo-port proxy-pids"
 declare -A target=(
   [direct]="$SRV $IPERF_PORT $ECHO_PORT"
-  [fedgate]="$VIP $IPERF_PORT $ECHO_PORT $PID_A $PID_B"
+  [fedgate]="$VIP_FG $IPERF_PORT $ECHO_PORT $PIDS_FG"
+  [fedgate-jumbo]="$VIP_J $IPERF_PORT $ECHO_PORT $PIDS_J"
   [stunnel]="$S1 $SI1 $SE1 $PID_S1 $PID_S2"
   [haproxy]="$H1 $HI1 $HE1 $PID_H1 $PID_H2"
 )
-paths=(direct fedgate stunnel haproxy)
-echo "iperf3 ${DURATION}s x $REPEAT per path, $ROUNDS x 1 KB round trips per path (fedgate VIP $VIP)"
+paths=(direct fedgate fedgate-jumbo stunnel haproxy)
+echo "iperf3 ${DURATION}s x $REPEAT per path, $ROUNDS x 1 KB round trips per path (fedgate VIPs $VIP_FG, $VIP_J)"
 for p in "${paths[@]}"; do
   read -r host iport eport ppids <<<"${target[$p]}"
   # shellcheck disable=SC2086
@@ -276,7 +292,7 @@ done
 python3 - "$work" "$DURATION" "$ROUNDS" "$REPEAT" <<'PY'
 import statistics, sys
 work, duration, rounds, repeat = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-paths = ["direct", "fedgate", "stunnel", "haproxy"]
+paths = ["direct", "fedgate", "fedgate-jumbo", "stunnel", "haproxy"]
 row = {}
 for p in paths:
     runs = [tuple(map(float, l.split())) for l in open(f"{work}/tput.{p}")]
@@ -295,12 +311,14 @@ for p in paths:
     added = f"{r['p99'] - d99:+.1f}" if p != "direct" else "-"
     print(f"| {p} | {r['gbps']:.2f} | {r['gbps'] / row['stunnel']['gbps']:.2f} | {r['gbps'] / row['haproxy']['gbps']:.2f} "
           f"| {r['p50']:.1f} | {r['p99']:.1f} | {added} | {cpu} |")
-f, s, h = row["fedgate"], row["stunnel"], row["haproxy"]
-ok_t = f["gbps"] >= 1.2 * s["gbps"]
-ok_l = (f["p99"] - d99) <= (h["p99"] - d99)
+s, h = row["stunnel"], row["haproxy"]
 print()
-print(f"target throughput >= 1.2x stunnel: {'PASS' if ok_t else 'FAIL'} ({f['gbps'] / s['gbps']:.2f}x)")
-print(f"target added p99 <= haproxy's:     {'PASS' if ok_l else 'FAIL'} (fedgate {f['p99'] - d99:+.1f} us, haproxy {h['p99'] - d99:+.1f} us)")
+for name in ["fedgate", "fedgate-jumbo"]:
+    f = row[name]
+    ok_t = f["gbps"] >= 1.2 * s["gbps"]
+    ok_l = (f["p99"] - d99) <= (h["p99"] - d99)
+    print(f"{name}: target throughput >= 1.2x stunnel: {'PASS' if ok_t else 'FAIL'} ({f['gbps'] / s['gbps']:.2f}x); "
+          f"target added p99 <= haproxy's: {'PASS' if ok_l else 'FAIL'} ({f['p99'] - d99:+.1f} us vs {h['p99'] - d99:+.1f} us)")
 print(f"(iperf3 -t {duration}; {rounds} round trips of 1024 B over one connection; CPU = utime+stime of both proxy processes during the iperf3 runs)")
 PY
 
@@ -308,10 +326,10 @@ if [[ $PROFILE == 1 ]]; then
   command -v perf >/dev/null || { echo "perf not found (apt-get install linux-perf)" >&2; exit 0; }
   echo
   echo "profiling both gateways during one more ${DURATION}s iperf3 run through fedgate"
-  perf record -q -F "${PERF_FREQ:-999}" --call-graph "${PERF_CALLGRAPH:-fp}" -o "$work/perf.data" -p "$PID_A,$PID_B" -- sleep "$((DURATION + 1))" >/dev/null 2>&1 &
+  perf record -q -F "${PERF_FREQ:-999}" --call-graph "${PERF_CALLGRAPH:-fp}" -o "$work/perf.data" -p "${PROFILE_PIDS:-$PID_A,$PID_B}" -- sleep "$((DURATION + 1))" >/dev/null 2>&1 &
   perf_pid=$!
   sleep 0.5
-  iperf3 -c "$VIP" -p "$IPERF_PORT" -t "$DURATION" >/dev/null
+  iperf3 -c "${PROFILE_VIP:-$VIP_FG}" -p "$IPERF_PORT" -t "$DURATION" >/dev/null
   wait "$perf_pid" || true
   [[ -n ${PERF_OUT:-} ]] && cp "$work/perf.data" "$PERF_OUT"
   perf report -i "$work/perf.data" --no-children --sort comm,dso --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 15

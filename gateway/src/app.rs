@@ -110,6 +110,13 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             .collect(),
     );
     tunnel_settings.peer_lease_duration = cfg.discovery.peer_lease_duration;
+    tunnel_settings.max_udp_payload = cfg.tunnel.max_udp_payload_size;
+    // Watched: a rotated certificate or CA bundle is used by new handshakes without restart.
+    tunnel_settings.identity_files = Some(fedgate_tunnel::IdentityFiles {
+        cert: cfg.tls.cert.clone(),
+        key: cfg.tls.key.clone(),
+        ca: ca.clone(),
+    });
     let tunnel = TunnelEndpoint::new(
         tunnel_settings,
         identity,
@@ -195,7 +202,24 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     let peer_status = peers.status();
     views.insert("peers", Arc::new(move |_: &Query| json!(**peer_status.borrow())));
     let problems = source.problems();
-    views.insert("problems", Arc::new(move |_: &Query| json!(**problems.borrow())));
+    let listener_problems = debug.clone();
+    views.insert(
+        "problems",
+        Arc::new(move |_: &Query| {
+            // Cluster-source file problems, then front listeners waiting for a bind retry.
+            let mut all: Vec<Value> = problems.borrow().iter().map(|p| json!(p)).collect();
+            all.extend(listener_problems.listener_problems().iter().map(|p| {
+                json!({
+                    "kind": "listener",
+                    "object": format!("listener {} ({})", p.address, p.service),
+                    "reason": p.reason,
+                    "attempts": p.attempts,
+                    "backoffMs": p.backoff_ms,
+                })
+            }));
+            Value::Array(all)
+        }),
+    );
     crate::dashboard::register_views(
         &mut views,
         &debug,

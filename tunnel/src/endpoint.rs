@@ -31,9 +31,10 @@ use crate::io::QuicIo;
 use crate::metrics::{
     PEER_CONNECTIONS_TOTAL, PEER_LEASE_EXPIRIES_TOTAL, PEER_SESSION_RESETS_TOTAL, PEERS_CONNECTED,
 };
+use crate::reload::{IdentityFiles, IdentityWatcher, ReloadError, ReloadStatus};
 use crate::tls::{
-    Expected, RejectReason, Rejection, RejectionSink, TlsError, check_own_identity,
-    check_peer_identity, client_crypto, server_crypto,
+    Credentials, Expected, RejectReason, Rejection, RejectionSink, TlsError, check_peer_identity,
+    client_crypto, server_crypto,
 };
 
 /// First byte of a control stream (HTTP/2 carrying the gRPC export exchange follows).
@@ -53,8 +54,18 @@ pub const DEFAULT_STREAM_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
 pub const DEFAULT_CONNECTION_RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
 /// Concurrent bidirectional streams a peer may open (≈ proxied connections per peer).
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 4096;
-/// SO_RCVBUF / SO_SNDBUF asked for (best effort: the kernel caps it at rmem_max/wmem_max).
+/// SO_RCVBUF / SO_SNDBUF asked for. With CAP_NET_ADMIN it is forced past
+/// `net.core.rmem_max`/`wmem_max` (SO_RCVBUFFORCE); without, the kernel caps it there.
 pub const DEFAULT_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+/// Upper bound of path MTU discovery, in bytes of UDP payload: quinn's default, which fits
+/// a 1500-byte Ethernet path with IPv6 headers. Jumbo-frame networks (and loopback) can raise
+/// it to 8952 (`tunnel.maxUdpPayloadSize`).
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1452;
+/// Smallest UDP payload QUIC allows (RFC 9000 §14).
+pub const MIN_UDP_PAYLOAD: u16 = 1200;
+/// Largest payload of one UDP send, GSO batch included (65535 − IPv4 and UDP headers): a GSO
+/// batch larger than this fails with EMSGSIZE, which quinn-udp drops silently.
+const MAX_GSO_BYTES: usize = 65_507;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -98,6 +109,11 @@ pub struct TunnelSettings {
     pub connection_receive_window: u32,
     pub max_concurrent_streams: u32,
     pub socket_buffer: usize,
+    /// Upper bound of path MTU discovery (UDP payload bytes, 1200..=65507).
+    pub max_udp_payload: u16,
+    /// Where the identity was loaded from: watched and reloaded on change. `None`: the
+    /// identity given to [`TunnelEndpoint::new`] stays for the endpoint's life.
+    pub identity_files: Option<IdentityFiles>,
 }
 
 impl TunnelSettings {
@@ -120,6 +136,8 @@ impl TunnelSettings {
             connection_receive_window: DEFAULT_CONNECTION_RECEIVE_WINDOW,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             socket_buffer: DEFAULT_SOCKET_BUFFER,
+            max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
+            identity_files: None,
         }
     }
 
@@ -136,6 +154,8 @@ pub enum TunnelError {
     Bind(SocketAddr, #[source] io::Error),
     #[error("tunnel TLS: {0}")]
     Tls(#[from] TlsError),
+    #[error("{0}")]
+    Reload(#[from] Box<ReloadError>),
     #[error("invalid tunnel settings: {0}")]
     Settings(String),
     #[error("no connection to peer {0} (its tunnel is down)")]
@@ -172,6 +192,7 @@ impl TunnelError {
         match self {
             TunnelError::Bind(..) => "bind",
             TunnelError::Tls(_) => "tls",
+            TunnelError::Reload(e) => e.reason(),
             TunnelError::Settings(_) => "settings",
             TunnelError::NotConnected(_) => "not_connected",
             TunnelError::OpenStream { .. } => "open_stream",
@@ -292,6 +313,9 @@ pub struct TunnelEndpoint {
     /// Client configurations of the peers we dial (lower id dials), with their rejection sinks.
     dial_configs: HashMap<ClusterId, (quinn::ClientConfig, Arc<RejectionSink>)>,
     accept_sink: Arc<RejectionSink>,
+    credentials: Arc<Credentials>,
+    watcher: Option<IdentityWatcher>,
+    reload_status: watch::Receiver<ReloadStatus>,
 }
 
 impl TunnelEndpoint {
@@ -305,31 +329,49 @@ impl TunnelEndpoint {
         incoming_tunnel: mpsc::Sender<IncomingStream>,
     ) -> Result<Self, TunnelError> {
         validate(&settings)?;
-        check_own_identity(&identity, &settings.clusterset, &settings.local)?;
+        let credentials = Credentials::new(&identity, &settings.clusterset, &settings.local)?;
+        let watcher = match &settings.identity_files {
+            Some(files) => {
+                Some(IdentityWatcher::new(files.clone(), credentials.clone()).map_err(Box::new)?)
+            }
+            None => None,
+        };
+        let reload_status = match &watcher {
+            Some(w) => w.status(),
+            None => watch::channel(ReloadStatus::default()).1,
+        };
         let transport = Arc::new(transport_config(&settings)?);
         let peer_ids: Vec<ClusterId> = settings.peers.iter().map(|p| p.id.clone()).collect();
 
         let accept_sink = Arc::new(RejectionSink::new(false));
-        let crypto = server_crypto(&identity, &settings.clusterset, peer_ids, accept_sink.clone())?;
+        let crypto = server_crypto(&credentials, peer_ids, accept_sink.clone())?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(transport.clone());
 
         let mut dial_configs = HashMap::new();
         for peer in settings.peers.iter().filter(|p| settings.local < p.id) {
             let sink = Arc::new(RejectionSink::new(true));
-            let crypto =
-                client_crypto(&identity, &settings.clusterset, peer.id.clone(), sink.clone())?;
+            let crypto = client_crypto(&credentials, peer.id.clone(), sink.clone())?;
             let mut config = quinn::ClientConfig::new(Arc::new(crypto));
             config.transport_config(transport.clone());
             dial_configs.insert(peer.id.clone(), (config, sink));
         }
 
         let socket = bind_udp(settings.listen, settings.socket_buffer)?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)
+            .map_err(|e| TunnelError::Bind(settings.listen, e))?;
+        let socket = GsoCapped::new(socket, settings.max_udp_payload);
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        // What we tell peers we accept, and how large quinn's receive buffers are cut.
+        endpoint_config
+            .max_udp_payload_size(settings.max_udp_payload.max(1472))
+            .map_err(|e| TunnelError::Settings(format!("maxUdpPayloadSize: {e}")))?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
             Some(server_config),
             socket,
-            Arc::new(quinn::TokioRuntime),
+            runtime,
         )
         .map_err(|e| TunnelError::Bind(settings.listen, e))?;
         let address = endpoint.local_addr().map_err(|e| TunnelError::Bind(settings.listen, e))?;
@@ -371,7 +413,20 @@ impl TunnelEndpoint {
             incoming_tunnel,
             dial_configs,
             accept_sink,
+            credentials,
+            watcher,
+            reload_status,
         })
+    }
+
+    /// The certificate and CA bundle new handshakes use (replaced on reload).
+    pub fn credentials(&self) -> Arc<Credentials> {
+        self.credentials.clone()
+    }
+
+    /// Outcomes of identity reloads (stays at the default without `identity_files`).
+    pub fn reload_status(&self) -> watch::Receiver<ReloadStatus> {
+        self.reload_status.clone()
     }
 
     /// The UDP address actually bound.
@@ -407,6 +462,9 @@ impl TunnelEndpoint {
 
         let mut accepted = HashMap::new();
         let mut tasks = tokio::task::JoinSet::new();
+        if let Some(watcher) = self.watcher.take() {
+            tasks.spawn(watcher.run(shutdown.clone()));
+        }
         for peer in self.settings.peers.clone() {
             let (tx, rx) = mpsc::channel(4);
             accepted.insert(peer.id.clone(), tx);
@@ -474,6 +532,12 @@ fn validate(settings: &TunnelSettings) -> Result<(), TunnelError> {
             return Err(TunnelError::Settings(format!("peer {} is listed twice", p.id)));
         }
     }
+    if !(MIN_UDP_PAYLOAD..=MAX_GSO_BYTES as u16).contains(&settings.max_udp_payload) {
+        return Err(TunnelError::Settings(format!(
+            "maxUdpPayloadSize {} is out of range ({MIN_UDP_PAYLOAD}..={MAX_GSO_BYTES})",
+            settings.max_udp_payload
+        )));
+    }
     if settings.peer_lease_duration < Duration::from_millis(300) {
         return Err(TunnelError::Settings(format!(
             "peerLeaseDuration {:?} is too short (at least 300ms)",
@@ -491,6 +555,9 @@ fn transport_config(settings: &TunnelSettings) -> Result<quinn::TransportConfig,
         .max_concurrent_bidi_streams(VarInt::from_u32(settings.max_concurrent_streams))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(settings.keep_alive_interval));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(settings.max_udp_payload);
+    t.mtu_discovery_config(Some(mtu));
     let idle = quinn::IdleTimeout::try_from(settings.idle_timeout).map_err(|_| {
         TunnelError::Settings(format!("idle timeout {:?} is too large", settings.idle_timeout))
     })?;
@@ -498,20 +565,94 @@ fn transport_config(settings: &TunnelSettings) -> Result<quinn::TransportConfig,
     Ok(t)
 }
 
-/// Binds the UDP socket with large buffers (best effort) so bulk transfers do not drop.
+/// Binds the UDP socket with large buffers so bulk transfers do not drop: a datagram dropped
+/// for a full receive buffer is a congestion event that halves the sending rate.
 fn bind_udp(listen: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, TunnelError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let bind = |e| TunnelError::Bind(listen, e);
     let socket =
         Socket::new(Domain::for_address(listen), Type::DGRAM, Some(Protocol::UDP)).map_err(bind)?;
-    if let Err(e) = socket.set_recv_buffer_size(buffer) {
-        tracing::debug!(error = %e, "could not raise SO_RCVBUF");
-    }
-    if let Err(e) = socket.set_send_buffer_size(buffer) {
-        tracing::debug!(error = %e, "could not raise SO_SNDBUF");
-    }
+    grow_buffers(&socket, buffer);
     socket.bind(&listen.into()).map_err(bind)?;
     Ok(socket.into())
+}
+
+/// Asks for `want` bytes of receive and send buffer: forced past `net.core.rmem_max` /
+/// `wmem_max` when the process has CAP_NET_ADMIN, else as much as those limits allow. Logs
+/// what was granted when it is less, with the sysctl to raise.
+fn grow_buffers(socket: &socket2::Socket, want: usize) {
+    use rustix::net::sockopt;
+    if sockopt::set_socket_recv_buffer_size_force(socket, want).is_err()
+        && let Err(e) = socket.set_recv_buffer_size(want)
+    {
+        tracing::debug!(error = %e, "could not raise SO_RCVBUF");
+    }
+    if sockopt::set_socket_send_buffer_size_force(socket, want).is_err()
+        && let Err(e) = socket.set_send_buffer_size(want)
+    {
+        tracing::debug!(error = %e, "could not raise SO_SNDBUF");
+    }
+    // Linux reports twice the size asked for (bookkeeping overhead included).
+    let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+    if granted < want {
+        tracing::info!(
+            granted,
+            wanted = want,
+            "UDP receive buffer is smaller than asked for; bulk transfers may drop datagrams \
+             (raise net.core.rmem_max, or run with CAP_NET_ADMIN)"
+        );
+    }
+}
+
+/// GSO batch size for a path MTU of at most `max_udp_payload`: quinn sends up to 10 datagrams
+/// of the current MTU in one `sendmsg`, and a batch over 64 KiB fails (EMSGSIZE, dropped
+/// without a trace), which MTU discovery then mistakes for a black hole. Pure.
+pub fn gso_segments(max_udp_payload: u16, socket_max: usize) -> usize {
+    (MAX_GSO_BYTES / usize::from(max_udp_payload.max(1))).clamp(1, socket_max.max(1))
+}
+
+/// The runtime's UDP socket with GSO batches capped so they never exceed 64 KiB at the
+/// largest MTU discovery may reach (quinn 0.11 does not cap them itself).
+#[derive(Debug)]
+struct GsoCapped {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    transmit_segments: usize,
+}
+
+impl GsoCapped {
+    fn new(inner: Arc<dyn quinn::AsyncUdpSocket>, max_udp_payload: u16) -> Arc<Self> {
+        let transmit_segments = gso_segments(max_udp_payload, inner.max_transmit_segments());
+        Arc::new(Self { inner, transmit_segments })
+    }
+}
+
+impl quinn::AsyncUdpSocket for GsoCapped {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+    fn max_transmit_segments(&self) -> usize {
+        self.transmit_segments
+    }
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
 }
 
 /// The peer a connection's verified certificate names.
@@ -1058,6 +1199,24 @@ mod unit_tests {
     }
 
     #[test]
+    fn gso_batches_stay_under_64_kib() {
+        // (max payload, what the socket allows, segments per sendmsg)
+        let cases = [
+            (1452, 64, 45),
+            (1452, 1, 1),
+            (8952, 64, 7),
+            (16_384, 64, 3),
+            (65_507, 64, 1),
+            (1200, 10, 10),
+        ];
+        for (payload, socket, want) in cases {
+            let got = gso_segments(payload, socket);
+            assert_eq!(got, want, "payload {payload}, socket {socket}");
+            assert!(got * usize::from(payload) <= MAX_GSO_BYTES || got == 1);
+        }
+    }
+
+    #[test]
     fn settings_are_validated() {
         let base =
             TunnelSettings::new("127.0.0.1:0".parse().expect("addr"), "demo", id("east"), vec![]);
@@ -1078,6 +1237,9 @@ mod unit_tests {
                 },
                 Some("listed twice"),
             ),
+            ("jumbo payload", |s| s.max_udp_payload = 8952, None),
+            ("payload below QUIC's minimum", |s| s.max_udp_payload = 1000, Some("out of range")),
+            ("payload above UDP's maximum", |s| s.max_udp_payload = 65_508, Some("out of range")),
             (
                 "lease too short",
                 |s| s.peer_lease_duration = Duration::from_millis(10),

@@ -3,12 +3,13 @@
 //! cluster (`spiffe://<clusterset>/cluster/<id>`). One connection per peer pair carries the
 //! export exchange (gRPC from `fedgate_discovery::exchange` on control streams) and the data
 //! plane's tunnel streams. It holds each peer's exports under a lease and reports them as
-//! `PeerUpdate`s. It depends on discovery (model and exchange) and never on the gateway.
+//! `PeerUpdate`s, and reloads its certificate and CA bundle when their files change. It depends on discovery (model and exchange) and never on the gateway.
 
 pub mod endpoint;
 pub mod identity;
 pub mod io;
 pub mod metrics;
+pub mod reload;
 pub mod tls;
 
 #[cfg(any(test, feature = "test-util"))]
@@ -21,4 +22,5 @@ pub use endpoint::{
     IncomingStream, PeerConfig, PeerHandle, TunnelEndpoint, TunnelError, TunnelSettings,
 };
 pub use identity::{Identity, IdentityError};
+pub use reload::{IdentityFiles, ReloadStatus};
 pub use tls::{ALPN, RejectReason, Rejection};

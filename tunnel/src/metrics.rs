@@ -13,6 +13,10 @@ pub const PEER_SESSION_RESETS_TOTAL: &str = "fedgate_peer_session_resets_total";
 /// Peer leases that expired (their exports were withdrawn).
 pub const PEER_LEASE_EXPIRIES_TOTAL: &str = "fedgate_peer_lease_expiries_total";
 
+/// Reloads of the tunnel identity files, by `result` (`ok`, `read`: a file did not parse,
+/// `refused`: the new certificate/key/CA did not check out; the old identity stays).
+pub const TLS_RELOADS_TOTAL: &str = "fedgate_tls_reloads_total";
+
 /// Registers the help text of every tunnel metric with the installed recorder.
 pub fn describe() {
     metrics::describe_counter!(
@@ -27,6 +31,11 @@ pub fn describe() {
     metrics::describe_counter!(
         PEER_SESSION_RESETS_TOTAL,
         "Export exchange sessions with a peer reset after an error, by reason."
+    );
+    metrics::describe_counter!(
+        TLS_RELOADS_TOTAL,
+        "Reloads of the tunnel certificate, key and CA files after they changed, by result \
+         (ok, read, refused); on an error the previous identity stays in use."
     );
     metrics::describe_counter!(
         PEER_LEASE_EXPIRIES_TOTAL,

@@ -16,8 +16,8 @@ use crate::endpoint::{KIND_CONTROL, TunnelSettings};
 use crate::identity::Identity;
 use crate::metrics::PEER_HANDSHAKE_FAILURES_TOTAL;
 use crate::testing::TestPki;
-use crate::tls::{RejectionSink, client_crypto};
-use crate::{IncomingStream, PeerConfig, PeerHandle, TunnelEndpoint};
+use crate::tls::{Credentials, RejectionSink, client_crypto};
+use crate::{IdentityFiles, IncomingStream, PeerConfig, PeerHandle, ReloadStatus, TunnelEndpoint};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -36,6 +36,7 @@ struct Gateway {
     local: watch::Sender<Arc<ExportSet>>,
     updates: mpsc::Receiver<PeerUpdate>,
     incoming: mpsc::Receiver<IncomingStream>,
+    reload: watch::Receiver<ReloadStatus>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -101,9 +102,10 @@ fn start_with_capacity(
     let endpoint = TunnelEndpoint::new(settings, identity, local_rx, updates_tx, incoming_tx)?;
     let address = endpoint.address();
     let handle = endpoint.handle();
+    let reload = endpoint.reload_status();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(endpoint.run(shutdown.clone()));
-    Ok(Gateway { id: me, address, handle, local, updates, incoming, shutdown, task })
+    Ok(Gateway { id: me, address, handle, local, updates, incoming, reload, shutdown, task })
 }
 
 /// Starts gateway `me` of `pki` with `services` exports, knowing `peers` (id, address).
@@ -123,6 +125,11 @@ fn start(
     );
     settings.peer_lease_duration = lease;
     start_with(settings, pki.issue(me), export_set(me, 1, services)).expect("tunnel starts")
+}
+
+/// Credentials of a correct identity for `me`.
+fn credentials(pki: &TestPki, me: &str) -> Arc<Credentials> {
+    Credentials::new(&pki.issue(me), pki.clusterset(), &id(me)).expect("credentials")
 }
 
 /// An address nobody listens on (the acceptor side never dials, so it never matters).
@@ -426,9 +433,11 @@ async fn refused_handshakes() {
                 // Our own start-up check refuses a certificate that does not name us; dial
                 // with it anyway, bypassing that check, to see the peer refuse it.
                 assert_eq!(e.reason(), "tls", "{}: {e}", case.name);
+                let credentials =
+                    Credentials::without_identity_check(&case.identity, "demo", &id(case.me))
+                        .expect("credentials");
                 let crypto = client_crypto(
-                    &case.identity,
-                    "demo",
+                    &credentials,
                     id(case.peer_id),
                     Arc::new(RejectionSink::new(true)),
                 )
@@ -552,7 +561,7 @@ async fn garbage_on_streams_resets_only_that_stream() {
     // A rogue but authenticated peer ("south") sends garbage on control and unknown kinds.
     let sink = Arc::new(RejectionSink::new(true));
     let crypto =
-        client_crypto(&pki.issue("south"), "demo", id("west"), sink).expect("client crypto");
+        client_crypto(&credentials(&pki, "south"), id("west"), sink).expect("client crypto");
     let mut client = quinn::Endpoint::client(loopback()).expect("client endpoint");
     client.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let conn = client.connect(west.address, "west").expect("connect").await.expect("handshake");
@@ -667,7 +676,7 @@ async fn bad_messages_from_one_peer_reset_only_its_session() {
     // "south" dials west properly, then serves a bad exchange on west's control streams.
     let sink = Arc::new(RejectionSink::new(true));
     let crypto =
-        client_crypto(&pki.issue("south"), "demo", id("west"), sink).expect("client crypto");
+        client_crypto(&credentials(&pki, "south"), id("west"), sink).expect("client crypto");
     let mut client = quinn::Endpoint::client(loopback()).expect("client endpoint");
     client.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let conn = client.connect(west.address, "west").expect("connect").await.expect("handshake");
@@ -750,5 +759,170 @@ async fn shutdown_does_not_wait_for_a_stalled_reader() {
     west.local.send_replace(Arc::new(v2));
     tokio::time::sleep(Duration::from_millis(200)).await;
     east.stop().await;
+    west.stop().await;
+}
+
+/// Publishes `version` of a Kubernetes-Secret-like directory: the files live in
+/// `dir/..<version>/`, `dir/..data` points there and `dir/<file>` → `..data/<file>`. Switching
+/// versions replaces `..data` atomically (a new symlink renamed over it), as the kubelet does.
+fn publish_secret(dir: &std::path::Path, version: &str) {
+    let link = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(format!("..{version}"), &link).expect("symlink ..data_tmp");
+    std::fs::rename(&link, dir.join("..data")).expect("swap ..data");
+    for f in ["west.crt", "west.key", "ca.crt"] {
+        let file = dir.join(f);
+        if std::fs::symlink_metadata(&file).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{f}"), &file).expect("file symlink");
+        }
+    }
+}
+
+/// Dials `address` as `me` (expecting `peer`), returns the connection and the leaf
+/// certificate the peer presented.
+async fn dial_as(
+    credentials: &Arc<Credentials>,
+    peer: &str,
+    address: SocketAddr,
+) -> (quinn::Endpoint, quinn::Connection, rustls_pki_types::CertificateDer<'static>) {
+    let crypto = client_crypto(credentials, id(peer), Arc::new(RejectionSink::new(true)))
+        .expect("client crypto");
+    let mut client = quinn::Endpoint::client(loopback()).expect("client endpoint");
+    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = tokio::time::timeout(WAIT, client.connect(address, peer).expect("connect"))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    let leaf = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().cloned())
+        .expect("the peer presented a certificate");
+    (client, conn, leaf)
+}
+
+/// Whether the peer refused the connection after the handshake (TLS 1.3 finishes the client
+/// before the server has checked its certificate): closed by the peer within a second.
+async fn refused_after_handshake(conn: &quinn::Connection) -> bool {
+    match tokio::time::timeout(Duration::from_secs(1), conn.closed()).await {
+        Ok(reason) => !matches!(reason, quinn::ConnectionError::LocallyClosed),
+        Err(_) => false,
+    }
+}
+
+async fn wait_reload(
+    status: &mut watch::Receiver<ReloadStatus>,
+    what: &str,
+    pred: impl FnMut(&ReloadStatus) -> bool,
+) {
+    let done = tokio::time::timeout(WAIT, status.wait_for(pred)).await.map(|r| r.is_ok());
+    assert!(matches!(done, Ok(true)), "timed out waiting for {what}: {:?}", *status.borrow());
+}
+
+#[tokio::test]
+async fn identity_files_reload_without_restart() {
+    let pki = TestPki::new("demo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let version = |v: &str| {
+        let d = root.join(format!("..{v}"));
+        std::fs::create_dir(&d).expect("version dir");
+        d
+    };
+    let v1 = version("v1");
+    pki.write_pem(&v1, "west").expect("v1 files");
+    publish_secret(root, "v1");
+    let files = IdentityFiles {
+        cert: root.join("west.crt"),
+        key: root.join("west.key"),
+        ca: root.join("ca.crt"),
+    };
+    let mut settings = TunnelSettings::new(
+        loopback(),
+        "demo",
+        id("west"),
+        vec![
+            PeerConfig { id: id("east"), address: unused().to_string() },
+            PeerConfig { id: id("north"), address: unused().to_string() },
+        ],
+    );
+    settings.identity_files = Some(files.clone());
+    let identity = files.load().expect("v1 loads");
+    let v1_leaf = identity.cert_chain[0].clone();
+    let west = start_with(settings, identity, export_set("west", 1, 1)).expect("starts");
+    let mut status = west.reload.clone();
+
+    // A long-lived connection from north, made with the first identity.
+    let (_north_client, north, leaf) =
+        dial_as(&credentials(&pki, "north"), "west", west.address).await;
+    assert_eq!(leaf, v1_leaf);
+
+    // 1. The Secret gets a new certificate from the same CA: new handshakes present it.
+    let v2 = version("v2");
+    pki.write_pem(&v2, "west").expect("v2 files");
+    let v2_leaf =
+        Identity::from_pem_files(&v2.join("west.crt"), &v2.join("west.key"), &v2.join("ca.crt"))
+            .expect("v2 loads")
+            .cert_chain[0]
+            .clone();
+    assert_ne!(v2_leaf, v1_leaf);
+    publish_secret(root, "v2");
+    wait_reload(&mut status, "the v2 reload", |s| s.reloads == 1).await;
+    let (_c, east, leaf) = dial_as(&credentials(&pki, "east"), "west", west.address).await;
+    assert_eq!(leaf, v2_leaf, "a new handshake presents the new certificate");
+    assert!(!refused_after_handshake(&east).await, "east still accepted");
+    assert!(
+        north.close_reason().is_none(),
+        "the existing connection stays up: {:?}",
+        north.close_reason()
+    );
+
+    // 2. A peer with a certificate of a new CA is refused until the bundle trusts that CA.
+    let new_ca = pki.foreign_ca();
+    let mut rotated = new_ca.issue("east");
+    rotated.ca = vec![pki.ca_cert()];
+    let rotated = Credentials::new(&rotated, "demo", &id("east")).expect("credentials");
+    let (_c, conn, _) = dial_as(&rotated, "west", west.address).await;
+    assert!(refused_after_handshake(&conn).await, "a CA not in the bundle is refused");
+    let v3 = version("v3");
+    for f in ["west.crt", "west.key"] {
+        std::fs::copy(v2.join(f), v3.join(f)).expect("copy");
+    }
+    std::fs::write(v3.join("ca.crt"), format!("{}{}", pki.ca_pem(), new_ca.ca_pem()))
+        .expect("bundle");
+    publish_secret(root, "v3");
+    wait_reload(&mut status, "the v3 reload", |s| s.reloads == 2).await;
+    let (_c, conn, leaf) = dial_as(&rotated, "west", west.address).await;
+    assert!(!refused_after_handshake(&conn).await, "the new CA is trusted after the reload");
+    assert_eq!(leaf, v2_leaf);
+
+    // 3. A broken certificate file keeps the current identity and names the file.
+    let v4 = version("v4");
+    for f in ["west.key", "ca.crt"] {
+        std::fs::copy(v3.join(f), v4.join(f)).expect("copy");
+    }
+    std::fs::write(v4.join("west.crt"), "-----BEGIN CERTIFICATE-----\ngarbage\n").expect("garbage");
+    publish_secret(root, "v4");
+    wait_reload(&mut status, "the failed reload", |s| s.failures >= 1).await;
+    let error = status.borrow().last_error.clone().expect("an error");
+    assert!(error.contains(&files.cert.display().to_string()), "{error}");
+    assert_eq!(status.borrow().reloads, 2);
+    let (_c, conn, leaf) = dial_as(&credentials(&pki, "east"), "west", west.address).await;
+    assert_eq!(leaf, v2_leaf, "the last good certificate stays");
+    assert!(!refused_after_handshake(&conn).await);
+
+    // 4. A certificate that names another cluster is refused too.
+    let v5 = version("v5");
+    pki.write_pem(&v5, "south").expect("v5 files");
+    std::fs::rename(v5.join("south.crt"), v5.join("west.crt")).expect("rename");
+    std::fs::rename(v5.join("south.key"), v5.join("west.key")).expect("rename");
+    publish_secret(root, "v5");
+    wait_reload(&mut status, "the refused reload", |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("expected \"west\""))
+    })
+    .await;
+    let (_c, _conn, leaf) = dial_as(&credentials(&pki, "east"), "west", west.address).await;
+    assert_eq!(leaf, v2_leaf);
+    assert!(north.close_reason().is_none(), "north's connection outlived four reloads");
     west.stop().await;
 }

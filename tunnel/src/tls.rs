@@ -2,18 +2,25 @@
 //! chain against the CA bundle (webpki, through rustls) *and* its SPIFFE identity
 //! `spiffe://<clusterset>/cluster/<id>`: on the dialing side `<id>` must be the peer configured
 //! for that address, on the accepting side one of the configured peers.
+//!
+//! The certificate, key and CA bundle live in [`Credentials`], swapped atomically when the
+//! files change ([`crate::reload`]): every new handshake, either side, reads the current
+//! ones; established connections keep what they negotiated.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use fedgate_discovery::model::ClusterId;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
 };
@@ -249,11 +256,11 @@ impl RejectionSink {
     }
 }
 
-/// The accepting side's verifier: chain via webpki, then the SPIFFE id among the peers.
+/// The accepting side's verifier: chain via webpki (against the current CA bundle), then the
+/// SPIFFE id among the peers.
 #[derive(Debug)]
 struct PeerClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    clusterset: String,
+    credentials: Arc<Credentials>,
     peers: Vec<ClusterId>,
     sink: Arc<RejectionSink>,
 }
@@ -265,8 +272,10 @@ impl ClientCertVerifier for PeerClientVerifier {
     fn client_auth_mandatory(&self) -> bool {
         true
     }
+    /// No CA names are sent: the bundle can change under a live config, and a gateway has
+    /// exactly one certificate to offer anyway.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &[]
     }
     fn verify_client_cert(
         &self,
@@ -274,17 +283,21 @@ impl ClientCertVerifier for PeerClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now).map_err(|e| {
-            self.sink
-                .record("accept", Rejection::new(classify(&e), format!("certificate chain: {e}")));
-            e
-        })?;
-        check_peer_identity(end_entity, &self.clusterset, Expected::AnyOf(&self.peers)).map_err(
-            |r| {
-                self.sink.record("accept", r);
-                rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+        let current = self.credentials.current.load();
+        current.client_verifier.verify_client_cert(end_entity, intermediates, now).map_err(
+            |e| {
+                self.sink.record(
+                    "accept",
+                    Rejection::new(classify(&e), format!("certificate chain: {e}")),
+                );
+                e
             },
         )?;
+        check_peer_identity(end_entity, &self.credentials.clusterset, Expected::AnyOf(&self.peers))
+            .map_err(|r| {
+                self.sink.record("accept", r);
+                rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+            })?;
         Ok(ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -293,7 +306,12 @@ impl ClientCertVerifier for PeerClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.credentials.provider.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -301,10 +319,15 @@ impl ClientCertVerifier for PeerClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.credentials.provider.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.credentials.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -312,9 +335,7 @@ impl ClientCertVerifier for PeerClientVerifier {
 /// name), then the SPIFFE id must be exactly the peer configured for the address.
 #[derive(Debug)]
 struct PeerServerVerifier {
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-    clusterset: String,
+    credentials: Arc<Credentials>,
     expected: ClusterId,
     sink: Arc<RejectionSink>,
 }
@@ -328,13 +349,14 @@ impl ServerCertVerifier for PeerServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let roots = self.credentials.current.load().roots.clone();
         let chain = ParsedCertificate::try_from(end_entity).and_then(|parsed| {
             rustls::client::verify_server_cert_signed_by_trust_anchor(
                 &parsed,
-                &self.roots,
+                &roots,
                 intermediates,
                 now,
-                self.provider.signature_verification_algorithms.all,
+                self.credentials.provider.signature_verification_algorithms.all,
             )
         });
         chain.map_err(|e| {
@@ -342,11 +364,15 @@ impl ServerCertVerifier for PeerServerVerifier {
                 .record("dial", Rejection::new(classify(&e), format!("certificate chain: {e}")));
             e
         })?;
-        check_peer_identity(end_entity, &self.clusterset, Expected::Exactly(&self.expected))
-            .map_err(|r| {
-                self.sink.record("dial", r);
-                rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
-            })?;
+        check_peer_identity(
+            end_entity,
+            &self.credentials.clusterset,
+            Expected::Exactly(&self.expected),
+        )
+        .map_err(|r| {
+            self.sink.record("dial", r);
+            rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+        })?;
         Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -359,7 +385,7 @@ impl ServerCertVerifier for PeerServerVerifier {
             message,
             cert,
             dss,
-            &self.provider.signature_verification_algorithms,
+            &self.credentials.provider.signature_verification_algorithms,
         )
     }
     fn verify_tls13_signature(
@@ -372,11 +398,11 @@ impl ServerCertVerifier for PeerServerVerifier {
             message,
             cert,
             dss,
-            &self.provider.signature_verification_algorithms,
+            &self.credentials.provider.signature_verification_algorithms,
         )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.credentials.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -410,52 +436,155 @@ pub fn check_own_identity(
         .map_err(TlsError::OwnIdentity)
 }
 
+/// What the handshakes of both sides use right now.
+struct Current {
+    key: Arc<CertifiedKey>,
+    roots: Arc<RootCertStore>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+    /// What it was built from, to tell a changed identity from a rewritten unchanged one.
+    source: Identity,
+}
+
+/// The gateway's certificate, key and CA bundle, replaceable while the tunnel runs: the
+/// resolvers and verifiers of every QUIC config built from it read the latest on each
+/// handshake.
+pub struct Credentials {
+    provider: Arc<CryptoProvider>,
+    clusterset: String,
+    local: ClusterId,
+    current: ArcSwap<Current>,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("clusterset", &self.clusterset)
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// Checks `identity` (it must name `local` in `clusterset`, its key must match, the CA
+    /// bundle must be usable) and holds it.
+    pub fn new(
+        identity: &Identity,
+        clusterset: &str,
+        local: &ClusterId,
+    ) -> Result<Arc<Self>, TlsError> {
+        check_own_identity(identity, clusterset, local)?;
+        Self::unchecked(identity, clusterset, local)
+    }
+
+    /// Like [`new`](Self::new) without checking that the certificate names `local` (tests
+    /// present such certificates on purpose, to see peers refuse them).
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn without_identity_check(
+        identity: &Identity,
+        clusterset: &str,
+        local: &ClusterId,
+    ) -> Result<Arc<Self>, TlsError> {
+        Self::unchecked(identity, clusterset, local)
+    }
+
+    fn unchecked(
+        identity: &Identity,
+        clusterset: &str,
+        local: &ClusterId,
+    ) -> Result<Arc<Self>, TlsError> {
+        let provider = provider();
+        let current = build_current(identity, &provider)?;
+        Ok(Arc::new(Self {
+            provider,
+            clusterset: clusterset.to_owned(),
+            local: local.clone(),
+            current: ArcSwap::from_pointee(current),
+        }))
+    }
+
+    /// Replaces the identity for new handshakes. Returns `Ok(false)` when nothing changed; on
+    /// an error the current identity stays.
+    pub fn update(&self, identity: &Identity) -> Result<bool, TlsError> {
+        let old = self.current.load();
+        if old.source.cert_chain == identity.cert_chain
+            && old.source.key.secret_der() == identity.key.secret_der()
+            && old.source.ca == identity.ca
+        {
+            return Ok(false);
+        }
+        check_own_identity(identity, &self.clusterset, &self.local)?;
+        let next = build_current(identity, &self.provider)?;
+        self.current.store(Arc::new(next));
+        Ok(true)
+    }
+
+    /// The certificate chain new handshakes present (leaf first).
+    pub fn cert_chain(&self) -> Vec<CertificateDer<'static>> {
+        self.current.load().key.cert.clone()
+    }
+}
+
+fn build_current(identity: &Identity, provider: &Arc<CryptoProvider>) -> Result<Current, TlsError> {
+    let key =
+        CertifiedKey::from_der(identity.cert_chain.clone(), identity.key.clone_key(), provider)
+            .map_err(TlsError::Identity)?;
+    let roots = roots(identity)?;
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+    Ok(Current { key: Arc::new(key), roots, client_verifier, source: identity.clone() })
+}
+
+/// Presents the current certificate, server and client side alike.
+#[derive(Debug)]
+struct CurrentCert(Arc<Credentials>);
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current.load().key.clone())
+    }
+}
+
+impl ResolvesClientCert for CurrentCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current.load().key.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// The QUIC server crypto: TLS 1.3, ALPN `fedgate/1`, client certificates required and
-/// checked against the CA bundle and `peers`.
+/// checked against the current CA bundle and `peers`.
 pub fn server_crypto(
-    identity: &Identity,
-    clusterset: &str,
+    credentials: &Arc<Credentials>,
     peers: Vec<ClusterId>,
     sink: Arc<RejectionSink>,
 ) -> Result<QuicServerConfig, TlsError> {
-    let provider = provider();
-    let inner =
-        WebPkiClientVerifier::builder_with_provider(roots(identity)?, provider.clone()).build()?;
-    let verifier =
-        Arc::new(PeerClientVerifier { inner, clusterset: clusterset.to_owned(), peers, sink });
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let verifier = Arc::new(PeerClientVerifier { credentials: credentials.clone(), peers, sink });
+    let mut tls = rustls::ServerConfig::builder_with_provider(credentials.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Identity)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())
-        .map_err(TlsError::Identity)?;
+        .with_cert_resolver(Arc::new(CurrentCert(credentials.clone())));
     tls.alpn_protocols = vec![ALPN.to_vec()];
     QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))
 }
 
-/// The QUIC client crypto for dialing `peer`: TLS 1.3, ALPN `fedgate/1`, our certificate,
-/// and the peer's certificate must name exactly `peer`.
+/// The QUIC client crypto for dialing `peer`: TLS 1.3, ALPN `fedgate/1`, our current
+/// certificate, and the peer's certificate must name exactly `peer`.
 pub fn client_crypto(
-    identity: &Identity,
-    clusterset: &str,
+    credentials: &Arc<Credentials>,
     peer: ClusterId,
     sink: Arc<RejectionSink>,
 ) -> Result<QuicClientConfig, TlsError> {
-    let provider = provider();
-    let verifier = Arc::new(PeerServerVerifier {
-        roots: roots(identity)?,
-        provider: provider.clone(),
-        clusterset: clusterset.to_owned(),
-        expected: peer,
-        sink,
-    });
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let verifier =
+        Arc::new(PeerServerVerifier { credentials: credentials.clone(), expected: peer, sink });
+    let mut tls = rustls::ClientConfig::builder_with_provider(credentials.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Identity)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())
-        .map_err(TlsError::Identity)?;
+        .with_client_cert_resolver(Arc::new(CurrentCert(credentials.clone())));
     tls.alpn_protocols = vec![ALPN.to_vec()];
     QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))
 }

@@ -83,6 +83,18 @@ pub(crate) fn semantics(s: &Sections) -> Vec<(String, String)> {
         err("discovery.peerLeaseDuration", "must be longer than zero".to_owned());
     }
 
+    if let Some(tunnel) = &s.tunnel
+        && !(1200..=65_507).contains(&tunnel.max_udp_payload_size)
+    {
+        err(
+            "tunnel.maxUdpPayloadSize",
+            format!(
+                "{} is out of range: QUIC needs at least 1200, UDP allows at most 65507",
+                tunnel.max_udp_payload_size
+            ),
+        );
+    }
+
     if let Some(dns) = &s.dns {
         if dns.upstream.is_empty() {
             err("dns.upstream", "must name at least one upstream (`system` or ip:port)".to_owned());

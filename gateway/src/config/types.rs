@@ -238,11 +238,17 @@ pub struct TunnelConfig {
     /// UDP address of the QUIC listener (data and control traffic).
     #[serde(with = "socket_addr")]
     pub listen: SocketAddr,
+    /// Largest UDP payload (bytes) path MTU discovery may reach: 1452 fits 1500-byte
+    /// Ethernet; 8952 suits jumbo-frame networks and loopback. 1200..=65507.
+    pub max_udp_payload_size: u16,
 }
 
 impl Default for TunnelConfig {
     fn default() -> Self {
-        Self { listen: DEFAULT_TUNNEL_LISTEN }
+        Self {
+            listen: DEFAULT_TUNNEL_LISTEN,
+            max_udp_payload_size: fedgate_tunnel::endpoint::DEFAULT_MAX_UDP_PAYLOAD,
+        }
     }
 }
 

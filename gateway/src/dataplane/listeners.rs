@@ -5,6 +5,12 @@
 //! (127.0.0.0/8) or routed to `lo` (`ip route add local 242.1.0.0/16 dev lo`) binds before
 //! any interface carries it. Services are diffed by `Arc::ptr_eq`: an unchanged service costs
 //! one pointer comparison per snapshot.
+//!
+//! A listener of the first snapshot that cannot bind fails start-up (STYLE rule 1: the
+//! operator sees the error at once). One asked for later (a new import at runtime) cannot
+//! stop a running gateway: it is reported in [`ListenerState::failed`] (`/debug/problems`,
+//! `/readyz`), counted (`fedgate_listener_bind_errors_total`, `fedgate_listeners_failed`) and
+//! retried with exponential backoff from [`RETRY_MIN`] to [`RETRY_MAX`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -19,11 +25,16 @@ use fedgate_discovery::model::{
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::{DataPlaneError, Shared, connect, metrics};
 
-/// How often binds that failed are retried.
-pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the data plane looks for failed binds that are due for a retry.
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
+/// First delay before a failed bind is retried; it doubles after every failure...
+pub const RETRY_MIN: Duration = Duration::from_secs(1);
+/// ...up to this.
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
 const BACKLOG: i32 = 1024;
 
 /// Where connections accepted on one address go.
@@ -123,11 +134,43 @@ struct Bound {
 }
 
 /// Which listeners are bound and which wait for a retry, published after every change (for
-/// `/readyz` and `/debug/endpoints`).
+/// `/readyz`, `/debug/endpoints` and `/debug/problems`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ListenerState {
     pub bound: Vec<SocketAddr>,
     pub failed: Vec<SocketAddr>,
+    /// Why each of `failed` is not bound, in the same order.
+    pub problems: Vec<ListenerProblem>,
+}
+
+/// A listener that could not be bound and waits for its next attempt.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerProblem {
+    pub address: SocketAddr,
+    /// The service the listener serves (`namespace/name`).
+    pub service: String,
+    /// The last bind error.
+    pub reason: String,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// The backoff chosen after the last failure: the next attempt comes this long after it.
+    pub backoff_ms: u64,
+}
+
+/// The delay after the `attempts`-th failed bind: [`RETRY_MIN`] doubled per failure, capped
+/// at [`RETRY_MAX`].
+pub fn retry_delay(attempts: u32) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(16);
+    RETRY_MIN.saturating_mul(1 << doublings).min(RETRY_MAX)
+}
+
+/// A bind that failed: what it should serve, the error and when to try again.
+struct Failed {
+    route: Route,
+    error: std::io::Error,
+    attempts: u32,
+    next: Instant,
 }
 
 /// The set of bound listeners and what each serves.
@@ -135,8 +178,8 @@ pub struct ListenerState {
 pub struct Listeners {
     state: Arc<ArcSwap<ListenerState>>,
     bound: BTreeMap<SocketAddr, Bound>,
-    /// Binds that failed, retried every [`RETRY_INTERVAL`] and on every snapshot.
-    failed: BTreeMap<SocketAddr, Route>,
+    /// Binds that failed, retried with backoff.
+    failed: BTreeMap<SocketAddr, Failed>,
     owned: BTreeMap<Owner, BTreeSet<SocketAddr>>,
     services: BTreeMap<ServiceKey, Arc<ImportedService>>,
     vips: BTreeMap<IpAddr, EndpointVip>,
@@ -150,10 +193,31 @@ impl Listeners {
 
     fn publish(&self) {
         metrics::set_listeners(self.bound.len());
+        metrics::set_listeners_failed(self.failed.len());
         self.state.store(Arc::new(ListenerState {
             bound: self.bound.keys().copied().collect(),
             failed: self.failed.keys().copied().collect(),
+            problems: self
+                .failed
+                .iter()
+                .map(|(address, f)| ListenerProblem {
+                    address: *address,
+                    service: f.route.key().to_string(),
+                    reason: f.error.to_string(),
+                    attempts: f.attempts,
+                    backoff_ms: retry_delay(f.attempts).as_millis() as u64,
+                })
+                .collect(),
         }));
+    }
+
+    /// The first bind that failed, as the error that stops start-up (the set is emptied, so
+    /// nothing is retried behind the caller's back).
+    pub(crate) fn take_startup_failure(&mut self) -> Option<DataPlaneError> {
+        let addr = *self.failed.keys().next()?;
+        let failed = self.failed.remove(&addr)?;
+        self.close_all();
+        Some(DataPlaneError::Bind(addr, failed.error))
     }
 
     pub fn addresses(&self) -> Vec<SocketAddr> {
@@ -228,20 +292,37 @@ impl Listeners {
             }
             return;
         }
+        if let Some(f) = self.failed.get_mut(&addr) {
+            // Waiting for its retry: only the route may have changed.
+            f.route = route;
+            return;
+        }
+        self.bind(addr, route, 0, shared);
+    }
+
+    /// Binds `addr`, or records the failure (the `attempts + 1`-th) with its next retry time.
+    fn bind(&mut self, addr: SocketAddr, route: Route, attempts: u32, shared: &Arc<Shared>) {
         match bind_freebind(addr) {
             Ok(listener) => {
-                self.failed.remove(&addr);
+                if attempts > 0 {
+                    tracing::info!(%addr, attempts, "listener bound after failed attempts");
+                }
                 let route = Arc::new(ArcSwap::from_pointee(route));
                 let task = tokio::spawn(accept_loop(listener, route.clone(), shared.clone()));
                 tracing::debug!(%addr, "listener bound");
                 self.bound.insert(addr, Bound { route, task });
             }
-            Err(e) => {
-                if !self.failed.contains_key(&addr) {
-                    tracing::warn!(error = %e, "listener not bound; retrying");
+            Err(DataPlaneError::Bind(_, error)) => {
+                let attempts = attempts + 1;
+                let delay = retry_delay(attempts);
+                if attempts == 1 {
+                    tracing::warn!(%addr, service = %route.key(), %error, retry_in = ?delay, "listener not bound; retrying with backoff");
+                } else {
+                    tracing::debug!(%addr, %error, attempts, retry_in = ?delay, "listener still not bound");
                 }
                 metrics::record_bind_error();
-                self.failed.insert(addr, route);
+                self.failed
+                    .insert(addr, Failed { route, error, attempts, next: Instant::now() + delay });
             }
         }
     }
@@ -255,10 +336,18 @@ impl Listeners {
         }
     }
 
+    /// Retries the failed binds whose backoff has passed.
     pub(crate) fn retry(&mut self, shared: &Arc<Shared>) {
-        let failed = std::mem::take(&mut self.failed);
-        for (addr, route) in failed {
-            self.upsert(addr, route, shared);
+        let now = Instant::now();
+        let due: Vec<SocketAddr> =
+            self.failed.iter().filter(|(_, f)| f.next <= now).map(|(a, _)| *a).collect();
+        if due.is_empty() {
+            return;
+        }
+        for addr in due {
+            if let Some(f) = self.failed.remove(&addr) {
+                self.bind(addr, f.route, f.attempts, shared);
+            }
         }
         self.publish();
     }
@@ -307,6 +396,7 @@ async fn accept_loop(listener: TcpListener, route: Arc<ArcSwap<Route>>, shared: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::DataPlane;
     use crate::dataplane::select::tests::{cid, ep, export, service};
     use fedgate_discovery::model::Health;
 
@@ -336,6 +426,76 @@ mod tests {
             matches!(&routes[0].1, Route::Endpoint { endpoint, .. } if endpoint.to_string() == "10.2.0.1")
         );
         assert!(vip_routes("242.2.0.9".parse().unwrap(), &vip, None).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_cannot_bind_at_start_up_fails_start_up() {
+        use crate::dataplane::tests::{cluster_state, random_loopback, settings, snapshot};
+        let vip = random_loopback();
+        let taken = std::net::TcpListener::bind((vip, 0)).unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let (_s, snap) = tokio::sync::watch::channel(Arc::new(snapshot(vip, port, &[], &[])));
+        let (_c, cluster) = tokio::sync::watch::channel(Arc::new(cluster_state(port, &[])));
+        let err = DataPlane::with_tunnel(settings("east", "us", "us-a"), snap, cluster, None)
+            .err()
+            .expect("the ClusterSetIP port is taken");
+        let DataPlaneError::Bind(addr, _) = &err;
+        assert_eq!(*addr, SocketAddr::new(vip, port));
+        assert!(err.to_string().contains(&format!("binding listener {vip}:{port}")), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_listener_added_later_that_cannot_bind_is_reported_and_retried() {
+        use crate::dataplane::tests::{
+            cluster_state, eventually_within, random_loopback, settings, snapshot, start,
+        };
+        let vip = random_loopback();
+        let free = std::net::TcpListener::bind((vip, 0)).unwrap();
+        let first = free.local_addr().unwrap().port();
+        drop(free);
+        let dp = start(
+            settings("east", "us", "us-a"),
+            snapshot(vip, first, &[], &[]),
+            cluster_state(first, &[]),
+            None,
+            None,
+        );
+        assert!(dp.debug.listeners_ready());
+        // A new import whose port another process holds: reported, not ready, not fatal.
+        let taken = std::net::TcpListener::bind((vip, 0)).unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let mut next = snapshot(vip, port, &[], &[]);
+        next.version = 2;
+        dp.snapshots.send_replace(Arc::new(next));
+        let addr = SocketAddr::new(vip, port);
+        eventually_within("the failed bind reported", Duration::from_secs(5), || {
+            dp.debug.listener_problems().iter().any(|p| p.address == addr)
+        })
+        .await;
+        let problem = dp.debug.listener_problems()[0].clone();
+        assert_eq!(problem.service, "shop/web");
+        assert!(problem.reason.contains("in use"), "{problem:?}");
+        assert_eq!(problem.backoff_ms, RETRY_MIN.as_millis() as u64);
+        assert!(!dp.debug.listeners_ready());
+        assert_eq!(dp.debug.listeners().failed, vec![addr]);
+        // Once the port is free the retry binds it.
+        drop(taken);
+        eventually_within("bound after a retry", RETRY_MIN * 4, || {
+            dp.debug.listeners().bound.contains(&addr)
+        })
+        .await;
+        assert!(dp.debug.listener_problems().is_empty());
+        assert!(dp.debug.listeners_ready());
+        dp.shutdown.cancel();
+        dp.task.await.unwrap();
+    }
+
+    #[test]
+    fn retry_delay_doubles_to_the_cap() {
+        let got: Vec<u64> = (1..=9).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(got, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(retry_delay(0), RETRY_MIN);
+        assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
     }
 
     #[tokio::test]

@@ -26,6 +26,7 @@ pub const PEER_RTT_SECONDS: &str = "fedgate_peer_rtt_seconds";
 pub const CONNECT_DURATION_SECONDS: &str = "fedgate_connect_duration_seconds";
 pub const LISTENERS: &str = "fedgate_listeners";
 pub const LISTENER_BIND_ERRORS_TOTAL: &str = "fedgate_listener_bind_errors_total";
+pub const LISTENERS_FAILED: &str = "fedgate_listeners_failed";
 
 /// Registers help text for every data-plane metric with the installed recorder. Call once
 /// after the composition root installed its recorder; recording works without it.
@@ -96,6 +97,11 @@ pub fn describe() {
     describe_counter!(
         LISTENER_BIND_ERRORS_TOTAL,
         "Failed attempts to bind a ClusterSetIP or endpoint-VIP listener (retried)."
+    );
+    describe_gauge!(
+        LISTENERS_FAILED,
+        "ClusterSetIP and endpoint-VIP listeners that could not be bound and wait for a retry \
+         with backoff (details on /debug/problems)."
     );
 }
 
@@ -226,6 +232,10 @@ pub fn set_endpoint_health(service: &str, healthy: usize, total: usize) {
 
 pub fn set_listeners(n: usize) {
     gauge!(LISTENERS).set(n as f64);
+}
+
+pub fn set_listeners_failed(n: usize) {
+    gauge!(LISTENERS_FAILED).set(n as f64);
 }
 
 pub fn record_bind_error() {

@@ -289,6 +289,12 @@ impl DebugHandle {
         self.0.listeners.load_full()
     }
 
+    /// Listeners that could not be bound and wait for a retry, with the reason (for
+    /// `/debug/problems`).
+    pub fn listener_problems(&self) -> Vec<listeners::ListenerProblem> {
+        self.0.listeners.load().problems.clone()
+    }
+
     /// True when every listener the imports ask for is bound (for `/readyz`).
     pub fn listeners_ready(&self) -> bool {
         self.0.listeners.load().failed.is_empty()
@@ -394,6 +400,10 @@ impl DataPlane {
         if shared.settings.vip_listeners {
             let snap = shared.snapshot.borrow().clone();
             listeners.reconcile(&snap, &shared);
+            // A listener of the first snapshot that cannot bind fails start-up.
+            if let Some(e) = listeners.take_startup_failure() {
+                return Err(e);
+            }
         }
         Ok(Self { shared, health, listeners, incoming: None })
     }

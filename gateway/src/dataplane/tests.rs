@@ -33,8 +33,13 @@ pub(super) fn key() -> ServiceKey {
 }
 
 /// Polls `f` until it is true or [`WAIT`] passed.
-pub(super) async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
+pub(super) async fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_within(what, WAIT, f).await
+}
+
+/// Polls `f` until it is true or `wait` passed.
+pub(super) async fn eventually_within(what: &str, wait: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + wait;
     while !f() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
