@@ -14,6 +14,8 @@
 //   --service NS/NAME    the service whose failover must appear (default demo/echo)
 //   --traffic URL        HTTP GET sent every 100 ms while waiting for the failover
 //   --fail JSON          argv (JSON array) of the command that makes the failover happen
+//   --restore JSON       argv of the command that undoes it; then the explain view must go
+//                        back to the best tier (no failover) within 20 s
 //   --artifacts DIR      where screenshots go (default $FEDGATE_ARTIFACTS or
 //                        <repo>/target/test-artifacts/browser)
 //   --chromium PATH      the browser (default $CHROMIUM or /usr/bin/chromium)
@@ -41,6 +43,7 @@ const { values: opts } = parseArgs({
     service: { type: 'string', default: 'demo/echo' },
     traffic: { type: 'string' },
     fail: { type: 'string' },
+    restore: { type: 'string' },
     artifacts: { type: 'string' },
     chromium: { type: 'string' },
     'timeout-ms': { type: 'string', default: '10000' },
@@ -51,17 +54,22 @@ if (!opts.clusters) fail('--clusters is required (e.g. east,west,north)');
 const clusters = opts.clusters.split(',').filter(Boolean);
 const failoverTimeout = Number(opts['timeout-ms']);
 if (!Number.isFinite(failoverTimeout) || failoverTimeout <= 0) fail('--timeout-ms must be a positive number');
-let failArgv = null;
-if (opts.fail) {
+function argvOption(name) {
+  if (!opts[name]) return null;
+  let argv;
   try {
-    failArgv = JSON.parse(opts.fail);
+    argv = JSON.parse(opts[name]);
   } catch (e) {
-    fail(`--fail must be a JSON array of strings: ${e.message}`);
+    fail(`--${name} must be a JSON array of strings: ${e.message}`);
   }
-  if (!Array.isArray(failArgv) || failArgv.length === 0 || !failArgv.every((a) => typeof a === 'string')) {
-    fail('--fail must be a non-empty JSON array of strings');
+  if (!Array.isArray(argv) || argv.length === 0 || !argv.every((a) => typeof a === 'string')) {
+    fail(`--${name} must be a non-empty JSON array of strings`);
   }
+  return argv;
 }
+const failArgv = argvOption('fail');
+const restoreArgv = argvOption('restore');
+if (restoreArgv && !failArgv) fail('--restore needs --fail');
 const chromiumPath = opts.chromium ?? process.env.CHROMIUM ?? '/usr/bin/chromium';
 if (!existsSync(chromiumPath)) {
   fail(`no browser at ${chromiumPath}: install Debian's chromium (apt-get install chromium; scripts/install-test-deps.sh does)`);
@@ -258,6 +266,29 @@ try {
     });
     const summary = await page.textContent('[data-testid="explain-summary"]');
     log(`explain view says failover after ${explained} ms: ${summary?.trim()}`);
+    const shot = join(artifacts, 'dashboard-failover.png');
+    await page.screenshot({ path: shot, fullPage: true });
+    console.log(`screenshot: ${shot}`);
+
+    if (restoreArgv) {
+      log(`restoring: ${restoreArgv.join(' ')}`);
+      const out = await run(restoreArgv);
+      if (out) log(`  ${out.split('\n').join('\n  ')}`);
+      // Back on the best tier once the endpoint is healthy and its ejection has run out.
+      const back = await waitFor(`explain view of ${opts.service} back on the best tier`, 20000, async () => {
+        const seen = await page.evaluate(() => ({
+          failover: !!document.querySelector('[data-testid="explain-failover"]'),
+          tier: document.querySelector('[data-testid="explain-tier"]')?.textContent ?? null,
+          summary: document.querySelector('[data-testid="explain-summary"]')?.textContent ?? null,
+        }));
+        return { ok: !seen.failover && seen.tier !== null && seen.tier !== 'none', seen: JSON.stringify(seen) };
+      });
+      const summary = await page.textContent('[data-testid="explain-summary"]');
+      log(`explain view back on the best tier ${back} ms after the restore: ${summary?.trim()}`);
+      const restored = join(artifacts, 'dashboard-restored.png');
+      await page.screenshot({ path: restored, fullPage: true });
+      console.log(`screenshot: ${restored}`);
+    }
     if (traffic) {
       // Let the page show the traffic after the failover too.
       await new Promise((r) => setTimeout(r, 1200));
@@ -269,9 +300,11 @@ try {
     }
   }
   if (pageErrors.length) throw new Error(`errors in the page: ${pageErrors.join(' | ')}`);
-  const shot = join(artifacts, 'dashboard-failover.png');
-  await page.screenshot({ path: shot, fullPage: true });
-  console.log(`screenshot: ${shot}`);
+  if (!failArgv) {
+    const shot = join(artifacts, 'dashboard.png');
+    await page.screenshot({ path: shot, fullPage: true });
+    console.log(`screenshot: ${shot}`);
+  }
   exitCode = 0;
 } catch (e) {
   console.error(`dashboard.mjs: FAILED: ${e.message}`);

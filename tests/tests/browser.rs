@@ -3,8 +3,10 @@
 //! `tests/browser/dashboard.mjs` (playwright-core), opens east's dashboard, finds the three
 //! clusters, keeps requests flowing to `demo/echo`, fails east's echo backend with
 //! `fedgate demo fail east/east-1` and waits a few seconds at most for the failover to
-//! appear on the page. Screenshots are kept under `target/test-artifacts/browser/` (or
-//! `$FEDGATE_ARTIFACTS`). Chromium, node and npm missing make the test fail, not skip.
+//! appear on the page (the failover list, and the explain view's verdict), then restores the
+//! backend and waits for the explain view to return to the best tier. Screenshots are kept
+//! under `target/test-artifacts/browser/` (or `$FEDGATE_ARTIFACTS`). Chromium, node and npm
+//! missing make the test fail, not skip.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -218,14 +220,11 @@ fn dashboard_shows_the_clusters_and_a_failover_in_chromium() -> Result<()> {
         .and_then(|p| p["port"].as_u64())
         .with_context(|| format!("echo's http port: {echo}"))?;
 
-    let fail = serde_json::json!([
-        fedgate_bin().to_str().context("non-UTF-8 binary path")?,
-        "demo",
-        "fail",
-        "east/east-1",
-        "--base-ip",
-        base.to_string(),
-    ]);
+    let bin = fedgate_bin();
+    let bin = bin.to_str().context("non-UTF-8 binary path")?;
+    let demo_cmd = |action: &str| {
+        serde_json::json!([bin, "demo", action, "east/east-1", "--base-ip", base.to_string()])
+    };
     let artifacts = artifacts_dir();
     let mut node = Command::new("node");
     node.arg(browser_dir().join("dashboard.mjs"))
@@ -233,7 +232,8 @@ fn dashboard_shows_the_clusters_and_a_failover_in_chromium() -> Result<()> {
         .args(["--clusters", "east,west,north"])
         .args(["--service", "demo/echo"])
         .args(["--traffic", &format!("http://{vip}:{port}/")])
-        .args(["--fail", &fail.to_string()])
+        .args(["--fail", &demo_cmd("fail").to_string()])
+        .args(["--restore", &demo_cmd("restore").to_string()])
         .args(["--timeout-ms", "10000"])
         .arg("--chromium")
         .arg(&chromium)
@@ -248,10 +248,13 @@ fn dashboard_shows_the_clusters_and_a_failover_in_chromium() -> Result<()> {
             demo.output()
         );
     }
-    let shot = artifacts.join("dashboard-failover.png");
-    let size = std::fs::metadata(&shot).with_context(|| format!("{}", shot.display()))?.len();
-    assert!(size > 10_000, "screenshot {} is only {size} bytes", shot.display());
+    for name in ["dashboard-failover.png", "dashboard-restored.png"] {
+        let shot = artifacts.join(name);
+        let size = std::fs::metadata(&shot).with_context(|| format!("{}", shot.display()))?.len();
+        assert!(size > 10_000, "screenshot {} is only {size} bytes", shot.display());
+    }
     assert!(out.contains("failover on the page"), "{out}");
+    assert!(out.contains("back on the best tier"), "{out}");
 
     let status = demo.stop()?;
     assert!(status.success(), "fedgate demo exited with {status}:\n{}", demo.output());
