@@ -124,8 +124,13 @@ impl Demo {
         Ok(out.trim().to_owned())
     }
 
+    /// `fedgate demo state`, finding the demo through its state dir (`control.addr`).
     fn state(&self) -> Result<serde_json::Value> {
-        let text = self.control(&["demo", "state"])?;
+        let dir = self.dir.to_str().context("utf-8 path")?;
+        let (code, text, err) = fedgate(&["demo", "state", "--dir", dir])?;
+        if code != 0 {
+            bail!("fedgate demo state exited {code}: {text}{err}");
+        }
         serde_json::from_str(&text).with_context(|| format!("state is not JSON: {text}"))
     }
 
@@ -312,11 +317,13 @@ fn demo_serves_dns_and_traffic_fails_over_and_back_and_stops_cleanly() -> Result
     let traffic = Traffic::start(url);
 
     // East's backend fails: north (same region) answers, no request fails.
+    let mut phases = vec![("fail east/east-1", traffic.count())];
     let out = demo.control(&["demo", "fail", "east/east-1"])?;
     assert!(out.contains("east/east-1: backend stopped"), "{out}");
     traffic.wait_for(traffic.count(), "hello from north (north-1)", FAILOVER)?;
     // North's whole cluster goes away: west answers.
     let t0 = Instant::now();
+    phases.push(("fail north", traffic.count()));
     let out = demo.control(&["demo", "fail", "north"])?;
     assert!(out.contains("north: gateway stopped"), "{out}");
     traffic.wait_for(traffic.count(), "hello from west (west-1)", FAILOVER)?;
@@ -328,14 +335,26 @@ fn demo_serves_dns_and_traffic_fails_over_and_back_and_stops_cleanly() -> Result
     assert_eq!(state["clusters"][0]["backends"][0]["up"], false, "{state}");
 
     // Restores bring the traffic back, step by step.
+    phases.push(("restore north", traffic.count()));
     let out = demo.control(&["demo", "restore", "north"])?;
     assert!(out.contains("north: gateway restarted and ready"), "{out}");
     traffic.wait_for(traffic.count(), "hello from north (north-1)", FAILOVER)?;
+    phases.push(("restore east/east-1", traffic.count()));
     let out = demo.control(&["demo", "restore", "east/east-1"])?;
     assert!(out.contains("serving again"), "{out}");
     traffic.wait_for(traffic.count(), "hello from east (east-1)", FAILOVER)?;
     let answers = traffic.finish();
-    let failed: Vec<&String> = answers.iter().filter_map(|r| r.as_ref().err()).collect();
+    let failed: Vec<String> = answers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().err().map(|e| format!("#{i}: {e}")))
+        .collect();
+    if !failed.is_empty() {
+        eprintln!("answers, phases starting at {phases:?}:");
+        for (i, a) in answers.iter().enumerate() {
+            eprintln!("  #{i} {a:?}");
+        }
+    }
     eprintln!("{} requests through the VIP, {} failed", answers.len(), failed.len());
     assert!(failed.is_empty(), "failed requests during failover: {failed:?}");
     let new_pids = gateway_pids(&demo.state()?)?;

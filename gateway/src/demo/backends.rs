@@ -1,14 +1,21 @@
 //! The demo's backends, built in: on one loopback address each, an HTTP server answering
 //! `hello from <cluster> (<backend>)` and a TCP echo that prefixes every line with
-//! `<cluster> (<backend>): `. Stopping a backend closes its listeners and its open
-//! connections, so the gateways' TCP probes really fail (a closed port, not a slow answer).
+//! `<cluster> (<backend>): `. Stopping a backend closes its listeners at once, so the
+//! gateways' TCP probes really fail (a closed port, not a slow answer); HTTP requests already
+//! accepted are answered (within [`CLOSE_GRACE`]), echo connections are closed.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::http::header;
-use axum::response::IntoResponse;
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderName, HeaderValue, Request, Response, header};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -18,6 +25,8 @@ use super::DemoError;
 
 /// How long a stopping backend waits for its tasks before aborting them.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long HTTP requests accepted before a stop may take to finish.
+pub const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// Largest read of the TCP echo.
 const ECHO_BUFFER: usize = 16 * 1024;
 
@@ -68,33 +77,26 @@ impl Backend {
         let tcp = TcpListener::bind(self.tcp).await.map_err(|e| DemoError::Bind(self.tcp, e))?;
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let body = format!("hello from {} ({})\n", self.cluster, self.name);
-        let cluster = self.cluster.clone();
-        let app = Router::new().fallback(move || {
-            let body = body.clone();
-            let cluster = cluster.clone();
-            async move {
-                ([(header::HeaderName::from_static("x-demo-cluster"), cluster)], body)
-                    .into_response()
-            }
-        });
-        let http_stop = stop.clone();
-        tasks.spawn(async move {
-            let serve = axum::serve(http, app)
-                .with_graceful_shutdown(async move { http_stop.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::warn!(error = %e, "demo HTTP backend failed");
-            }
-        });
-        let prefix = format!("{} ({}): ", self.cluster, self.name).into_bytes();
-        tasks.spawn(echo_accept(tcp, prefix, stop.clone()));
+        let hello = Hello {
+            body: Bytes::from(format!("hello from {} ({})\n", self.cluster, self.name)),
+            cluster: HeaderValue::from_str(&self.cluster).unwrap_or(HeaderValue::from_static("?")),
+        };
+        tasks.spawn(accept(http, stop.clone(), CLOSE_GRACE, move |stream| {
+            serve_hello(stream, hello.clone())
+        }));
+        let prefix: Arc<[u8]> = format!("{} ({}): ", self.cluster, self.name).into_bytes().into();
+        tasks.spawn(accept(tcp, stop.clone(), Duration::ZERO, move |stream| {
+            let prefix = prefix.clone();
+            async move { echo(stream, &prefix).await }
+        }));
         tracing::debug!(cluster = %self.cluster, backend = %self.name, http = %self.http, tcp = %self.tcp, "backend up");
         self.running = Some(Running { stop, tasks });
         Ok(())
     }
 
-    /// Closes the listeners and every open connection. Stopping a stopped backend does
-    /// nothing.
+    /// Closes the listeners at once (new connections are refused), lets HTTP requests
+    /// already accepted finish for [`CLOSE_GRACE`], and closes every connection still open.
+    /// Stopping a stopped backend does nothing.
     pub async fn stop(&mut self) {
         let Some(mut running) = self.running.take() else { return };
         running.stop.cancel();
@@ -110,36 +112,83 @@ impl Backend {
     }
 }
 
-/// Accepts echo connections until `stop`; each connection ends with it too.
-async fn echo_accept(listener: TcpListener, prefix: Vec<u8>, stop: CancellationToken) {
+/// What the HTTP backend answers.
+#[derive(Clone)]
+struct Hello {
+    body: Bytes,
+    cluster: HeaderValue,
+}
+
+/// One HTTP/1.1 exchange per connection (no keep-alive, so a stopped backend leaves no idle
+/// connection behind).
+async fn serve_hello(stream: TcpStream, hello: Hello) -> std::io::Result<()> {
+    let service = service_fn(move |_req: Request<Incoming>| {
+        let hello = hello.clone();
+        async move {
+            let mut resp = Response::new(Body::from(hello.body));
+            resp.headers_mut().insert(HeaderName::from_static("x-demo-cluster"), hello.cluster);
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+        .map_err(std::io::Error::other)
+}
+
+/// Accepts connections until `stop`, each served by `handle`. On stop the listener closes at
+/// once; connections still open get `grace` to finish, then are closed.
+async fn accept<F, Fut>(listener: TcpListener, stop: CancellationToken, grace: Duration, handle: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = std::io::Result<()>> + Send + 'static,
+{
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let prefix = prefix.clone();
-                    let stop = stop.clone();
+                    let conn = handle(stream);
                     conns.spawn(async move {
-                        tokio::select! {
-                            () = stop.cancelled() => {}
-                            r = echo(stream, &prefix) => {
-                                if let Err(e) = r {
-                                    tracing::debug!(error = %e, "demo echo connection ended");
-                                }
-                            }
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "demo backend connection ended");
                         }
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "demo echo accept failed");
+                    tracing::warn!(error = %e, "demo backend accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
-    drop(listener);
+    // Connections the kernel completed but nobody accepted yet would be reset by the close:
+    // take them (plain non-blocking accepts) and serve them like the others.
+    match listener.into_std() {
+        Ok(std_listener) => {
+            while let Ok((stream, _)) = std_listener.accept() {
+                let stream =
+                    stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream));
+                if let Ok(stream) = stream {
+                    let conn = handle(stream);
+                    conns.spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "demo backend connection ended");
+                        }
+                    });
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "demo backend listener closed"),
+    }
+    let _ = tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
     conns.abort_all();
     while conns.join_next().await.is_some() {}
 }
@@ -228,6 +277,25 @@ mod tests {
         b.start().await.expect("restart on the same addresses");
         assert!(http_get(http).await.expect("http again").ends_with("hello from east (east-1)\n"));
         b.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_request_already_connected_when_the_backend_stops_is_still_answered() {
+        let (http, tcp) = (free_addr().await, free_addr().await);
+        let mut b = Backend::new("west", "west-1", http, tcp);
+        // Whether the accept loop took the connection before the stop or not, it is answered.
+        for round in 0..20 {
+            b.start().await.expect("start");
+            let mut s = TcpStream::connect(http).await.expect("connect");
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+            b.stop().await;
+            let mut out = String::new();
+            tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut out))
+                .await
+                .expect("answered in time")
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert!(out.ends_with("hello from west (west-1)\n"), "round {round}: {out:?}");
+        }
     }
 
     #[tokio::test]

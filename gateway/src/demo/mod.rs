@@ -94,16 +94,30 @@ pub struct FailArgs {
 #[derive(Debug, Args)]
 pub struct ControlArgs {
     /// The demo's control API; default: `<base-ip>:15080`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dir")]
     pub control: Option<SocketAddr>,
+    /// The demo's state dir: the control API's address is read from its `control.addr`.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
     /// The `--base-ip` the demo was started with.
     #[arg(long, default_value_t = layout::DEFAULT_BASE_IP)]
     pub base_ip: Ipv4Addr,
 }
 
+/// The file in the state dir that holds the control API's address.
+pub const CONTROL_ADDR_FILE: &str = "control.addr";
+
 impl ControlArgs {
-    fn address(&self) -> SocketAddr {
-        self.control.unwrap_or(SocketAddr::from((self.base_ip, layout::CONTROL_PORT)))
+    fn address(&self) -> Result<SocketAddr, DemoError> {
+        if let Some(addr) = self.control {
+            return Ok(addr);
+        }
+        let Some(dir) = &self.dir else {
+            return Ok(SocketAddr::from((self.base_ip, layout::CONTROL_PORT)));
+        };
+        let path = dir.join(CONTROL_ADDR_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| DemoError::Io(path.clone(), e))?;
+        text.trim().parse().map_err(|_| DemoError::ControlFile(path, text.trim().to_owned()))
     }
 }
 
@@ -146,6 +160,8 @@ pub enum DemoError {
     UnknownTarget(String),
     #[error("the demo answered {status}: {message}")]
     Refused { status: u16, message: String },
+    #[error("{0}: {1:?} is not an address (the demo writes ip:port there)")]
+    ControlFile(PathBuf, String),
     #[error("parent process {0} is gone")]
     ParentGone(u32),
     #[error("cannot start the async runtime: {0}")]
@@ -210,7 +226,7 @@ fn client(
         // Refuse bad syntax before talking to anyone.
         control::Target::parse(t)?;
     }
-    let addr = control.address();
+    let addr = control.address()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -235,4 +251,70 @@ fn client(
         None => writeln!(out, "{}", serde_json::to_string_pretty(&value).unwrap_or(text)),
     };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Command, parse_from};
+
+    fn demo(args: &[&str]) -> DemoArgs {
+        let argv = ["fedgate", "demo"].iter().chain(args).copied();
+        match parse_from(argv).expect("parses").command {
+            Command::Demo(d) => d,
+            other => panic!("not demo: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn start_and_control_arguments_parse() {
+        let d = demo(&[]);
+        assert!(d.action.is_none());
+        assert_eq!(d.start.base_ip, layout::DEFAULT_BASE_IP);
+        assert_eq!(d.start.dns_port, 5353);
+        assert_eq!(d.start.timeout, Duration::from_secs(60));
+        let d = demo(&["--base-ip", "127.5.6.11", "--dns-port", "5400", "--no-backends"]);
+        assert_eq!(d.start.base_ip, Ipv4Addr::new(127, 5, 6, 11));
+        assert!(d.start.no_backends);
+        match demo(&["fail", "north", "--crash", "--base-ip", "127.5.6.11"]).action {
+            Some(DemoCommand::Fail(f)) => {
+                assert_eq!(f.target.target, "north");
+                assert!(f.crash);
+                assert_eq!(
+                    f.target.control.address().expect("address"),
+                    "127.5.6.11:15080".parse().expect("addr")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Usage errors: no target, --write-only without --dir, --control with --dir.
+        for bad in [
+            &["demo", "fail"][..],
+            &["demo", "--write-only"],
+            &["demo", "state", "--control", "127.0.0.1:1", "--dir", "x"],
+        ] {
+            let argv = std::iter::once("fedgate").chain(bad.iter().copied());
+            assert!(parse_from(argv).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_control_address_comes_from_the_state_dir() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let args = |dir: &std::path::Path| ControlArgs {
+            control: None,
+            dir: Some(dir.to_owned()),
+            base_ip: layout::DEFAULT_BASE_IP,
+        };
+        let err = args(tmp.path()).address().expect_err("no file yet");
+        assert!(err.to_string().contains("control.addr"), "{err}");
+        std::fs::write(tmp.path().join(CONTROL_ADDR_FILE), "127.9.9.11:15080\n").expect("write");
+        assert_eq!(
+            args(tmp.path()).address().expect("reads"),
+            "127.9.9.11:15080".parse().expect("a")
+        );
+        std::fs::write(tmp.path().join(CONTROL_ADDR_FILE), "nonsense").expect("write");
+        let err = args(tmp.path()).address().expect_err("bad file");
+        assert!(err.to_string().contains("\"nonsense\" is not an address"), "{err}");
+    }
 }

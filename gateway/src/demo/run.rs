@@ -144,6 +144,9 @@ async fn serve(
     let origins = layout.clusters.iter().map(|c| format!("http://{}", c.admin())).collect();
     let control = ControlServer::new(layout.control, origins).await?;
     let control_addr = control.address()?;
+    let addr_file = dir.join(super::CONTROL_ADDR_FILE);
+    std::fs::write(&addr_file, format!("{control_addr}\n"))
+        .map_err(|e| DemoError::Io(addr_file.clone(), e))?;
 
     let mut gateways = BTreeMap::new();
     for c in &layout.clusters {
