@@ -8,7 +8,8 @@
 # makes a warm run return at once; after a change the Go build cache makes the rebuild incremental.
 # A cold build compiles ~2,400 packages: about 11 minutes on 2 cores. Progress is printed.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$self")/.."
 repo=$(pwd)
 mod_dir="$repo/tests/kube"
 
@@ -50,7 +51,7 @@ for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
 done
 
 go_version=$(go env GOVERSION)
-stamp_of() { cat "$1/go.mod" "$1/go.sum" "$0" <(echo "$go_version $2") | sha256sum | cut -d' ' -f1; }
+stamp_of() { cat "$1/go.mod" "$1/go.sum" "$self" <(echo "$go_version $2") | sha256sum | cut -d' ' -f1; }
 kube_stamp=$(stamp_of "$mod_dir" "$ldflags")
 helm_stamp=$(stamp_of "$helm_dir" "$helm_ldflags")
 
