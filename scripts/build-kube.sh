@@ -63,6 +63,11 @@ up_to_date() {
   for b in "$@"; do [ -x "$bin_dir/$b" ] || return 1; done
 }
 
+# One build at a time per output directory: a second run waits, then finds it up to date.
+mkdir -p "$bin_dir"
+exec 9>"$bin_dir/.lock"
+flock 9 || die "cannot lock $bin_dir/.lock"
+
 kube_ok=0 helm_ok=0
 up_to_date .stamp-kube "$kube_stamp" "${binaries[@]}" && kube_ok=1
 up_to_date .stamp-helm "$helm_stamp" helm && helm_ok=1
@@ -71,7 +76,6 @@ if [ $kube_ok = 1 ] && [ $helm_ok = 1 ]; then
   exit 0
 fi
 
-mkdir -p "$bin_dir"
 out=$(mktemp -d "$bin_dir/.build.XXXXXX")
 trap 'rm -rf "$out"' EXIT
 export CGO_ENABLED=0
