@@ -467,6 +467,23 @@ mod tests {
     }
 
     #[test]
+    fn recording_cost_per_connection() {
+        // What every proxied connection pays for the dashboard: one open and one close.
+        let a = Arc::new(Activity::default());
+        let rounds = 100_000u32;
+        let started = std::time::Instant::now();
+        for i in 0..rounds {
+            let service = format!("ns/s{}", i % 100);
+            let g = a.open(service, "east".into(), Arc::new(ByteCounters::default()));
+            drop(g);
+        }
+        let per = started.elapsed() / rounds;
+        eprintln!("activity open+close: {per:?} per connection (debug build, 100 services)");
+        assert_eq!(a.flows().iter().map(|f| f.connections).sum::<u64>(), u64::from(rounds));
+        assert!(per < std::time::Duration::from_micros(100), "{per:?}");
+    }
+
+    #[test]
     fn flows_count_live_and_closed_bytes() {
         let a = Arc::new(Activity::default());
         let b1 = Arc::new(ByteCounters::default());
