@@ -28,7 +28,7 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 
-/// Environment variable naming the directory holding `kube-apiserver`, `etcd` and `kubectl`
+/// Environment variable naming the directory holding `kube-apiserver`, `etcd`, `kubectl`, `helm`
 /// (default: `~/.cache/fedgate/kube/<version>/bin`, where `scripts/build-kube.sh` builds them).
 pub const BIN_DIR_ENV: &str = "FEDGATE_KUBE_BIN_DIR";
 
@@ -102,7 +102,7 @@ fn binary_in(dir: &Path, name: &str) -> Result<PathBuf> {
     let path = dir.join(name);
     if !path.is_file() {
         bail!(
-            "{} not found: run scripts/build-kube.sh (builds kube-apiserver, etcd and kubectl \
+            "{} not found: run scripts/build-kube.sh (builds kube-apiserver, etcd, kubectl and helm \
              with Go >= 1.26; or set {BIN_DIR_ENV} to a directory holding them)",
             path.display()
         );
