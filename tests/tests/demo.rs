@@ -339,6 +339,17 @@ fn demo_serves_dns_and_traffic_fails_over_and_back_and_stops_cleanly() -> Result
     let out = demo.control(&["demo", "restore", "north"])?;
     assert!(out.contains("north: gateway restarted and ready"), "{out}");
     traffic.wait_for(traffic.count(), "hello from north (north-1)", FAILOVER)?;
+    // A crash (SIGKILL) instead of a stop: peers notice through attempt timeouts and the
+    // QUIC idle timeout; connections wait a little longer but still do not fail.
+    phases.push(("fail north --crash", traffic.count()));
+    let out = demo.control(&["demo", "fail", "north", "--crash"])?;
+    assert!(out.contains("north: gateway killed"), "{out}");
+    let t0 = Instant::now();
+    traffic.wait_for(traffic.count(), "hello from west (west-1)", FAILOVER)?;
+    eprintln!("north crashed -> west serving within {:?}", t0.elapsed());
+    phases.push(("restore north again", traffic.count()));
+    demo.control(&["demo", "restore", "north"])?;
+    traffic.wait_for(traffic.count(), "hello from north (north-1)", FAILOVER)?;
     phases.push(("restore east/east-1", traffic.count()));
     let out = demo.control(&["demo", "restore", "east/east-1"])?;
     assert!(out.contains("serving again"), "{out}");
@@ -359,6 +370,22 @@ fn demo_serves_dns_and_traffic_fails_over_and_back_and_stops_cleanly() -> Result
     assert!(failed.is_empty(), "failed requests during failover: {failed:?}");
     let new_pids = gateway_pids(&demo.state()?)?;
     assert_ne!(new_pids["north"], pids["north"], "north's gateway is a new process");
+
+    // The control API lets the gateways' dashboards call it (CORS), and nobody else.
+    let control = format!("http://{}:15080/demo/fail", demo.base);
+    for (origin, allowed) in [
+        (format!("http://{}:15000", block.ip(12)), true),
+        ("http://evil.example".to_owned(), false),
+    ] {
+        let out = Command::new("curl")
+            .args(["-sS", "-m", "5", "-i", "-X", "OPTIONS", &control, "-H"])
+            .arg(format!("Origin: {origin}"))
+            .args(["-H", "Access-Control-Request-Method: POST"])
+            .output()?;
+        let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        let want = format!("access-control-allow-origin: {origin}");
+        assert_eq!(head.contains(&want), allowed, "preflight from {origin}: {head}");
+    }
 
     // A bad target is refused with a clear message.
     let (code, _, err) = fedgate(&["demo", "fail", "mars", "--base-ip", &demo.base.to_string()])?;
