@@ -16,6 +16,8 @@ mod_dir="$repo/tests/kube"
 log() { printf 'build-kube: %s\n' "$*"; }
 die() { printf 'build-kube: error: %s\n' "$*" >&2; exit 1; }
 
+# The official Go install's usual place, for shells whose PATH lacks it.
+command -v go >/dev/null 2>&1 || [ ! -x /usr/local/go/bin/go ] || PATH="$PATH:/usr/local/go/bin"
 command -v go >/dev/null 2>&1 || die "go not found on PATH (install Go >= 1.26 from go.dev or the distribution)"
 [ -f "$mod_dir/go.mod" ] || die "missing $mod_dir/go.mod"
 
