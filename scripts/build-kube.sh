@@ -131,7 +131,7 @@ if [ $kube_ok = 0 ]; then
   done
   echo "$kube_stamp" > "$bin_dir/.stamp-kube"
   "$bin_dir/kube-apiserver" --version
-  "$bin_dir/etcd" --version | head -1
+  "$bin_dir/etcd" --version | sed -n 1p # reads all: head would SIGPIPE etcd (pipefail)
 fi
 
 if [ $helm_ok = 0 ]; then
