@@ -297,6 +297,15 @@ fn demo_serves_dns_and_traffic_fails_over_and_back_and_stops_cleanly() -> Result
         assert!(gateway_alive(*pid), "gateway {id} (pid {pid}) runs");
     }
 
+    // A second demo on the same addresses fails at once, naming the address in use.
+    let other = tempfile::tempdir()?;
+    let other_dir = other.path().to_str().context("utf-8 path")?;
+    let base = demo.base.to_string();
+    let (code, _, err) = fedgate(&["demo", "--base-ip", &base, "--dir", other_dir])?;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("already in use"), "{err}");
+    assert!(err.contains("is another demo running?"), "{err}");
+
     // DNS: the ClusterSetIP from east's range, the headless service's endpoints.
     let east = block.ip(11);
     let vip = dig(east, &["echo.demo.svc.clusterset.local"])?;
