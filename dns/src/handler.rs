@@ -3,16 +3,16 @@
 
 use std::iter;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, Message, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, Record, RecordType};
-use hickory_proto::serialize::binary::BinEncoder;
+use hickory_proto::serialize::binary::{BinDecoder, BinEncoder};
 use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::{MessageRequest, MessageResponseBuilder};
+use hickory_server::zone_handler::{MessageRequest, MessageResponseBuilder, Queries};
 
 use crate::forward::{ForwardError, Forwarder, Question};
 use crate::metrics;
@@ -31,6 +31,10 @@ pub struct Reply {
     /// Metrics label: clusterset, cluster, forward or none.
     pub zone: &'static str,
     pub qtype: u16,
+    /// Whether the client's question section goes back in the answer. hickory copies it
+    /// verbatim, so a question that cannot be copied safely (see [`question_echoable`]) is
+    /// left out (FORMERR with no question).
+    pub echo_question: bool,
 }
 
 impl Reply {
@@ -54,6 +58,7 @@ impl Reply {
             edns,
             zone: "none",
             qtype: 0,
+            echo_question: true,
         }
     }
 
@@ -93,6 +98,10 @@ impl Handler {
             reply.metadata.response_code = code;
             reply
         };
+        if !question_echoable(req.queries.as_bytes()) {
+            reply.echo_question = false;
+            return fail(reply, ResponseCode::FormErr);
+        }
         if req.edns.as_ref().is_some_and(|e| e.version() > 0) {
             return fail(reply, ResponseCode::BADVERS);
         }
@@ -194,12 +203,48 @@ impl Handler {
     }
 }
 
+/// Whether a question section as the client sent it (hickory's `Queries::as_bytes`) can be
+/// copied into an answer unchanged: every name written out label by label. A compression
+/// pointer in the question can only point into the header (nothing else precedes it), and
+/// copied into our answer it would point into *our* header, which no client can parse (found
+/// by the request_path fuzz target). Such queries get FORMERR without the question.
+pub fn question_echoable(raw: &[u8]) -> bool {
+    let mut at = 0usize;
+    while at < raw.len() {
+        loop {
+            let Some(&len) = raw.get(at) else { return false };
+            if len & 0xC0 != 0 {
+                return false;
+            }
+            at += 1 + usize::from(len);
+            if len == 0 {
+                break;
+            }
+        }
+        at += 4; // type and class
+    }
+    at == raw.len()
+}
+
+/// An empty question section, for answers that must not echo the client's. (Reading zero
+/// questions from nothing does not fail; `None` would mean hickory changed.)
+static NO_QUERIES: LazyLock<Option<Queries>> =
+    LazyLock::new(|| Queries::read(&mut BinDecoder::new(&[]), 0).ok());
+
+/// The question section an answer carries: the client's, or none when it must not be echoed.
+fn echoed_queries<'a>(client: &'a Queries, reply: &Reply) -> Option<&'a Queries> {
+    if reply.echo_question { Some(client) } else { NO_QUERIES.as_ref() }
+}
+
 /// Encodes a reply for UDP within `limit` bytes. When the records do not fit, the answer is
 /// sent empty with TC set (RFC 2181 9: no partial RRsets), so the client retries over TCP.
 pub fn encode(req: &MessageRequest, reply: &Reply, limit: u16) -> (Vec<u8>, ResponseCode) {
     let mut buf = Vec::with_capacity(usize::from(limit));
+    let Some(queries) = echoed_queries(&req.queries, reply) else {
+        return header_only(reply.metadata, buf);
+    };
     let full = {
-        let response = MessageResponseBuilder::new(&req.queries, reply.edns.as_ref()).build(
+        let response = MessageResponseBuilder::new(queries, reply.edns.as_ref()).build(
             reply.metadata,
             reply.answers.iter(),
             reply.authorities.iter(),
@@ -219,7 +264,7 @@ pub fn encode(req: &MessageRequest, reply: &Reply, limit: u16) -> (Vec<u8>, Resp
     let mut metadata = reply.metadata;
     metadata.truncation = true;
     let response =
-        MessageResponseBuilder::new(&req.queries, reply.edns.as_ref()).build_no_records(metadata);
+        MessageResponseBuilder::new(queries, reply.edns.as_ref()).build_no_records(metadata);
     let mut encoder = BinEncoder::new(&mut buf);
     encoder.set_max_size(limit);
     match response.destructive_emit(&mut encoder) {
@@ -227,13 +272,18 @@ pub fn encode(req: &MessageRequest, reply: &Reply, limit: u16) -> (Vec<u8>, Resp
         Err(_) => {
             let mut servfail = reply.metadata;
             servfail.response_code = ResponseCode::ServFail;
-            let header = Header { metadata: servfail, counts: HeaderCounts::default() };
-            buf.clear();
-            let mut encoder = BinEncoder::new(&mut buf);
-            let _ = encoder.emit_all(iter::once(&header));
-            (buf, ResponseCode::ServFail)
+            header_only(servfail, buf)
         }
     }
+}
+
+/// A header-only answer (no sections), e.g. when not even the question could be encoded.
+fn header_only(metadata: Metadata, mut buf: Vec<u8>) -> (Vec<u8>, ResponseCode) {
+    let header = Header { metadata, counts: HeaderCounts::default() };
+    buf.clear();
+    let mut encoder = BinEncoder::new(&mut buf);
+    let _ = encoder.emit_all(iter::once(&header));
+    (buf, metadata.response_code)
 }
 
 /// The TCP side: hickory's server hands us parsed requests.
@@ -248,7 +298,8 @@ impl RequestHandler for TcpHandler {
     ) -> ResponseInfo {
         let started = Instant::now();
         let reply = self.0.reply(request).await;
-        let response = MessageResponseBuilder::new(&request.queries, reply.edns.as_ref()).build(
+        let queries = echoed_queries(&request.queries, &reply).unwrap_or(&request.queries);
+        let response = MessageResponseBuilder::new(queries, reply.edns.as_ref()).build(
             reply.metadata,
             reply.answers.iter(),
             reply.authorities.iter(),
@@ -266,5 +317,43 @@ impl RequestHandler for TcpHandler {
         };
         metrics::slow_query(reply.zone, reply.qtype, info.response_code, started.elapsed());
         info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn questions_that_can_be_echoed() {
+        let plain: &[u8] = b"\x03web\x05local\x00\x00\x01\x00\x01";
+        let cases: [(&str, &[u8], bool); 6] = [
+            ("plain", plain, true),
+            ("no question", b"", true),
+            ("pointer into the header", b"\x03web\xc0\x02\x00\x01\x00\x01", false),
+            ("extended label type", b"\x43web\x00\x00\x01\x00\x01", false),
+            ("cut in a name", b"\x03we", false),
+            ("cut in type/class", b"\x00\x00\x01", false),
+        ];
+        for (name, raw, want) in cases {
+            assert_eq!(question_echoable(raw), want, "{name}");
+        }
+    }
+
+    /// Found by the request_path fuzz target: hickory copies the question verbatim, so a
+    /// qname compressed onto the header came back pointing at our own header (unparseable).
+    #[tokio::test]
+    async fn compressed_question_gets_formerr_without_question() {
+        let path = crate::fixture::request_path();
+        let pkt: &[u8] = &[
+            121, 233, 1, 32, 0, 1, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 37, 2, 2, 2,
+            2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2,
+            2, 192, 2, 2, 2, 2, 0, 0, 0, 0, 0, 145,
+        ];
+        let answer = path.answer_udp(pkt).await.expect("answered");
+        let msg = hickory_proto::op::Message::from_vec(&answer).expect("answer parses");
+        assert_eq!(msg.metadata.response_code, ResponseCode::FormErr);
+        assert!(msg.queries.is_empty());
+        assert_eq!(msg.metadata.id, 0x79e9);
     }
 }

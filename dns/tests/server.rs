@@ -658,6 +658,24 @@ async fn protocol_errors() {
     assert_eq!(udp(s.addr, &two).await.metadata.response_code, ResponseCode::FormErr);
     // Too short to be DNS, or a response: no answer at all (no reflection).
     assert!(udp_raw(s.addr, &[1, 2, 3]).await.is_none());
+    // A question compressed onto the header (found by fuzzing; hickory echoes questions
+    // verbatim): FORMERR without the question, over UDP and TCP, and the answer parses.
+    let compressed: &[u8] =
+        &[0x55, 0x66, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'w', b'e', b'b', 0xC0, 2, 0, 1, 0, 1];
+    let resp =
+        Message::from_vec(&udp_raw(s.addr, compressed).await.expect("answer")).expect("parses");
+    assert_eq!((resp.metadata.response_code, resp.queries.len()), (ResponseCode::FormErr, 0));
+    let mut stream = TcpStream::connect(s.addr).await.expect("connect tcp");
+    let mut framed = (compressed.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(compressed);
+    stream.write_all(&framed).await.expect("write");
+    let mut len = [0u8; 2];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut len)).await.expect("in time").expect("len");
+    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut buf).await.expect("read body");
+    let resp = Message::from_vec(&buf).expect("tcp answer parses");
+    assert_eq!((resp.metadata.response_code, resp.queries.len()), (ResponseCode::FormErr, 0));
+    assert_eq!(resp.metadata.id, 0x5566);
     // No upstream at all: names outside our zones are refused at once, over UDP and TCP.
     let outside = request("www.example.org.", RecordType::A, None);
     let started = Instant::now();
