@@ -13,6 +13,7 @@
 #   bench/tunnel.sh                              # 10 s iperf3 per path, 20000 round trips
 #   DURATION=5 ROUNDS=5000 REPEAT=3 bench/tunnel.sh
 #   PROFILE=1 bench/tunnel.sh                    # + perf profile of both gateways under iperf3
+#   PROFILE=1 PROFILE_PATH=fedgate-jumbo bench/tunnel.sh   # ... of the jumbo-MTU pair
 #   PROFILE=1 PERF_CALLGRAPH=dwarf PERF_FREQ=199 PERF_OUT=/tmp/fg.data bench/tunnel.sh  # keep it
 #   FEDGATE_BIN=target/release/fedgate bench/tunnel.sh   # skip the cargo build
 # fedgate runs twice: with the default tunnel.maxUdpPayloadSize (1452, a 1500-byte Ethernet
@@ -172,7 +173,6 @@ VIP_FG=$VIP; PIDS_FG=$PIDS_PAIR
 # ... and the jumbo-frame setting (tunnel.maxUdpPayloadSize 8952), which loopback allows.
 pair c d 127.0.0.23 127.0.0.24 23 24 8952
 VIP_J=$VIP; PIDS_J=$PIDS_PAIR
-PID_A=${PIDS_FG% *}; PID_A=${PID_A# }; PID_B=${PIDS_FG##* }
 
 # --- stunnel4 two-hop mutual TLS -----------------------------------------------------------
 S1=127.0.0.31; S2=127.0.0.32
@@ -325,11 +325,13 @@ PY
 if [[ $PROFILE == 1 ]]; then
   command -v perf >/dev/null || { echo "perf not found (apt-get install linux-perf)" >&2; exit 0; }
   echo
-  echo "profiling both gateways during one more ${DURATION}s iperf3 run through fedgate"
-  perf record -q -F "${PERF_FREQ:-999}" --call-graph "${PERF_CALLGRAPH:-fp}" -o "$work/perf.data" -p "${PROFILE_PIDS:-$PID_A,$PID_B}" -- sleep "$((DURATION + 1))" >/dev/null 2>&1 &
+  if [[ ${PROFILE_PATH:-fedgate} == fedgate-jumbo ]]; then prof_vip=$VIP_J; prof_pids=$PIDS_J; else prof_vip=$VIP_FG; prof_pids=$PIDS_FG; fi
+  prof_pids=$(echo $prof_pids | tr ' ' ',')
+  echo "profiling both gateways during one more ${DURATION}s iperf3 run through ${PROFILE_PATH:-fedgate}"
+  perf record -q -F "${PERF_FREQ:-999}" --call-graph "${PERF_CALLGRAPH:-fp}" -o "$work/perf.data" -p "$prof_pids" -- sleep "$((DURATION + 1))" >/dev/null 2>&1 &
   perf_pid=$!
   sleep 0.5
-  iperf3 -c "${PROFILE_VIP:-$VIP_FG}" -p "$IPERF_PORT" -t "$DURATION" >/dev/null
+  iperf3 -c "$prof_vip" -p "$IPERF_PORT" -t "$DURATION" >/dev/null
   wait "$perf_pid" || true
   [[ -n ${PERF_OUT:-} ]] && cp "$work/perf.data" "$PERF_OUT"
   perf report -i "$work/perf.data" --no-children --sort comm,dso --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 15
