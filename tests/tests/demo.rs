@@ -428,3 +428,36 @@ fn gateways_exit_when_the_demo_is_killed() -> Result<()> {
     })?;
     Ok(())
 }
+
+#[test]
+fn a_start_up_that_times_out_names_what_did_not_come_up_and_leaves_nothing_running() -> Result<()> {
+    let block = AddrBlock::unique();
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("state");
+    let dir_str = dir.to_str().context("utf-8 path")?;
+    let base = block.ip(11).to_string();
+    let started = Instant::now();
+    let (code, out, err) =
+        fedgate(&["demo", "--base-ip", &base, "--dir", dir_str, "--timeout", "1ms"])?;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("timed out after 1ms waiting for gateway east to be ready"),
+        "the error names the gateway: {err}"
+    );
+    assert!(err.contains("gateway.log"), "and where its log is: {err}");
+    assert!(out.contains("stopped;"), "the demo stopped what it started: {out}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    // No gateway of this demo is left (their command lines name the state dir).
+    let left: Vec<String> = std::fs::read_dir("/proc")?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+            (cmd.contains(dir_str) && gateway_alive(pid)).then_some(cmd)
+        })
+        .collect();
+    assert!(left.is_empty(), "gateways left running: {left:?}");
+    Ok(())
+}
