@@ -223,6 +223,19 @@ fn curl(url: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// Sends one line to a TCP echo and reads one line back.
+fn echo_line(addr: &str, line: &str) -> Result<String> {
+    use std::io::Write;
+    let addr: std::net::SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    writeln!(s, "{line}")?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply).with_context(|| format!("reading from {addr}"))?;
+    Ok(reply.trim_end().to_owned())
+}
+
 /// Requests in a loop, 100 ms apart, each answer (or error) recorded in order.
 struct Traffic {
     answers: Arc<Mutex<Vec<Result<String, String>>>>,
@@ -319,6 +332,13 @@ fn demo_serves_dns_and_traffic_fails_over_and_back_and_stops_cleanly() -> Result
     assert_eq!(db0.len(), 1, "{db0:?}");
     let srv = dig(east, &["SRV", "_http._tcp.echo.demo.svc.clusterset.local"])?;
     assert!(srv.iter().any(|l| l.ends_with("echo.demo.svc.clusterset.local.")), "{srv:?}");
+    // cluster.local: east's own Service only (its ClusterIP from the file source).
+    assert_eq!(dig(east, &["echo.demo.svc.cluster.local"])?, ["10.96.0.10"]);
+
+    // TCP: the echo port of the same VIP, and north's headless db-0 through its own VIP
+    // (east has no db endpoint: the connection crosses the tunnel).
+    assert_eq!(echo_line(&format!("{vip}:9000"), "hi")?, "east (east-1): hi");
+    assert_eq!(echo_line(&format!("{}:5432", db0[0]), "select 1")?, "north (db-0): select 1");
 
     // Traffic: east's own backend answers first.
     let url = format!("http://{vip}:8080/");
