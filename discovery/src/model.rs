@@ -20,8 +20,9 @@ pub const LABEL_REGION: &str = "topology.kubernetes.io/region";
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// Label put on EndpointSlices of an import: the import's name.
 pub const LABEL_SERVICE_NAME: &str = "multicluster.kubernetes.io/service-name";
-/// Value of `endpointslice.kubernetes.io/managed-by` on slices fedgate writes.
-pub const MANAGED_BY: &str = "fedgate.io/gateway";
+/// Value of `endpointslice.kubernetes.io/managed-by` on slices fedgate writes (a label value:
+/// no `/`, which the API server refuses there).
+pub const MANAGED_BY: &str = "gateway.fedgate.io";
 
 /// A cluster's id (KEP-2149): an RFC 1123 DNS label, unique and stable in the clusterset.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -14,6 +14,7 @@ use anyhow::Context;
 use fedgate_discovery::alloc::Allocator;
 use fedgate_discovery::exports::LocalExports;
 use fedgate_discovery::imports::{self, ImportSet};
+use fedgate_discovery::kube::{self as kube, ClusterSource, KubeSource, KubeWriter};
 use fedgate_discovery::model::{ImportSnapshot, ImportedService, ServiceKey};
 use fedgate_discovery::source::file::FileSource;
 use fedgate_dns::{DnsServer, DnsSettings};
@@ -34,6 +35,8 @@ use crate::dataplane::{DataPlane, DataPlaneSettings, HealthChecker};
 const PEER_UPDATE_CHANNEL: usize = 1024;
 /// Capacity of the channel of incoming data streams from the tunnel to the data plane.
 const INCOMING_STREAM_CHANNEL: usize = 1024;
+/// The shortest time the kube writer waits for peers after start before deleting objects.
+const DELETION_GRACE_MIN: Duration = Duration::from_secs(30);
 /// Name of the ClusterSetIP allocation file inside `front.stateDir`.
 const ALLOCATION_FILE: &str = "clusterset-ips.json";
 
@@ -48,7 +51,11 @@ pub struct Bound {
 }
 
 struct Parts {
-    source: FileSource,
+    source: ClusterSource,
+    /// `discovery.source: kube`: writes conditions, ServiceImports and slices back.
+    writer: Option<KubeWriter>,
+    /// `front.mode: kube`: the gateway ports of derived Services.
+    front: Option<futures::future::BoxFuture<'static, ()>>,
     local_exports: LocalExports,
     imports: ImportSet,
     tunnel: TunnelEndpoint,
@@ -60,18 +67,10 @@ struct Parts {
 /// Builds the gateway: loads identity and cluster state, binds the tunnel, DNS, admin and
 /// front listeners. Nothing runs yet. Must be called inside a tokio runtime.
 pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<Bound> {
-    if cfg.discovery.source != SourceKind::File {
-        anyhow::bail!(
-            "discovery.source {:?} is not supported by this build yet; use `file`",
-            cfg.discovery.source
-        );
-    }
-    if cfg.front.mode != FrontMode::Vip {
-        anyhow::bail!(
-            "front.mode {:?} is not supported by this build yet; use `vip`",
-            cfg.front.mode
-        );
-    }
+    let kube_client = match cfg.discovery.source {
+        SourceKind::Kube => Some(connect_kube(&cfg).await?),
+        SourceKind::File => None,
+    };
     let ca = match &cfg.tls.ca {
         CaSource::File(p) => p.clone(),
         CaSource::System => anyhow::bail!(
@@ -84,8 +83,16 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     let locality = cfg.locality();
 
     // Cluster state and the health of local endpoints.
-    let source = FileSource::new(&cfg.discovery.file.dir)
-        .with_context(|| format!("discovery.file.dir {}", cfg.discovery.file.dir.display()))?;
+    let source =
+        match &kube_client {
+            Some((client, exports)) => {
+                ClusterSource::Kube(Box::new(KubeSource::new(client.clone(), exports.clone())))
+            }
+            None => ClusterSource::File(FileSource::new(&cfg.discovery.file.dir).with_context(
+                || format!("discovery.file.dir {}", cfg.discovery.file.dir.display()),
+            )?),
+        };
+    let synced = source.synced();
     let cluster_rx = source.subscribe();
     let health_settings = HealthSettings {
         interval: cfg.traffic.health_check.interval,
@@ -140,6 +147,26 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         alloc,
     );
     let import_rx = imports.subscribe();
+    let front_kube = match cfg.front.mode {
+        FrontMode::Vip => None,
+        FrontMode::Kube => Some(kube::writer::FrontSettings {
+            pod_ip: cfg.front.kube.pod_ip.context(
+                "front.mode: kube needs the gateway pod's IP: set POD_IP (the Deployment takes it \
+                 from the downward API), `fedgate run --pod-ip` or front.kube.podIP",
+            )?,
+            ports: cfg.front.kube.first_port..=cfg.front.kube.last_port,
+        }),
+    };
+    let writer = kube_client.map(|(client, exports)| {
+        let settings = kube::WriterSettings {
+            cluster: id.clone(),
+            front: front_kube.clone(),
+            peers: cfg.peers.iter().map(|p| p.id.clone()).collect(),
+            // a peer that does not come back within this is withdrawn anyway
+            deletion_grace: (cfg.discovery.peer_lease_duration * 2).max(DELETION_GRACE_MIN),
+        };
+        KubeWriter::new(client, settings, exports, import_rx.clone(), imports.subscribe_status())
+    });
 
     // DNS and the data plane read the import snapshot.
     let priority: Vec<String> =
@@ -163,7 +190,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     dp_settings.failover_priority = priority;
     dp_settings.health = health_settings;
     dp_settings.drain_duration = cfg.traffic.drain_duration;
-    dp_settings.vip_listeners = true;
+    dp_settings.vip_listeners = cfg.front.mode == FrontMode::Vip;
     let mut dataplane = DataPlane::with_health(
         dp_settings,
         import_rx.clone(),
@@ -171,6 +198,12 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         Some(PeerTunnel::new(peers.clone())),
     )?;
     dataplane.serve_tunnel(incoming_rx);
+    let front = match (&writer, &front_kube) {
+        (Some(w), Some(f)) => {
+            Some(Box::pin(dataplane.front_listeners(f.pod_ip, w.front_routes())) as _)
+        }
+        _ => None,
+    };
 
     // Admin: one closure per view over the latest snapshots.
     let debug = dataplane.debug_handle();
@@ -207,7 +240,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         "problems",
         Arc::new(move |_: &Query| {
             // Cluster-source file problems, then front listeners waiting for a bind retry.
-            let mut all: Vec<Value> = problems.borrow().iter().map(|p| json!(p)).collect();
+            let mut all: Vec<Value> = problems.to_json();
             all.extend(listener_problems.listener_problems().iter().map(|p| {
                 json!({
                     "kind": "listener",
@@ -231,7 +264,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     let summary: Value = serde_json::from_str(&cfg.redacted_summary()).unwrap_or(Value::Null);
     views.insert("config", Arc::new(move |_: &Query| summary.clone()));
     let admin_state = AdminState {
-        ready: Arc::new(move || debug.listeners_ready()),
+        ready: Arc::new(move || *synced.borrow() && debug.listeners_ready()),
         metrics,
         views: Arc::new(views),
         dashboard: crate::dashboard::PAGE,
@@ -243,7 +276,17 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         tunnel: tunnel.address(),
         dns: dns.address(),
         shutdown: CancellationToken::new(),
-        parts: Parts { source, local_exports, imports, tunnel, dns, dataplane, admin },
+        parts: Parts {
+            source,
+            writer,
+            front,
+            local_exports,
+            imports,
+            tunnel,
+            dns,
+            dataplane,
+            admin,
+        },
     })
 }
 
@@ -252,10 +295,17 @@ impl Bound {
     /// refused, peers are told, open connections finish or `drainDuration` passes) and stops
     /// the rest.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Parts { source, local_exports, imports, tunnel, dns, dataplane, admin } = self.parts;
+        let Parts { source, writer, front, local_exports, imports, tunnel, dns, dataplane, admin } =
+            self.parts;
         let rest = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tasks.spawn(source.run(rest.clone()));
+        if let Some(writer) = writer {
+            tasks.spawn(writer.run(rest.clone()));
+        }
+        if let Some(front) = front {
+            tasks.spawn(front);
+        }
         tasks.spawn(local_exports.run());
         tasks.spawn(imports.run());
         tasks.spawn(tunnel.run(rest.clone()));
@@ -316,6 +366,28 @@ pub fn run_from_config(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow
             }
         }
     })
+}
+
+/// `discovery.source: kube`: the client and the ServiceExport version the API server serves;
+/// the ClusterProperty `cluster.clusterset.k8s.io` (KEP-2149), when there is one, must name
+/// `cluster.id`.
+async fn connect_kube(cfg: &Config) -> anyhow::Result<(kube::Client, kube::ApiResource)> {
+    let client = kube::client(cfg.discovery.kube.kubeconfig.as_deref()).await?;
+    let exports = kube::export_resource(&client).await?;
+    // The gateway certificate names cluster.id (checked with the config), so a ClusterProperty
+    // that says otherwise is a misconfiguration to fix, not a value to switch to.
+    if let Some(id) = kube::cluster_id(&client).await?
+        && id != cfg.cluster.id
+    {
+        anyhow::bail!(
+            "the ClusterProperty {} says this cluster is \"{id}\" but cluster.id is \"{}\": \
+             make them agree (the gateway certificate must name the same id)",
+            kube::CLUSTER_ID_PROPERTY,
+            cfg.cluster.id
+        );
+    }
+    tracing::info!(exports = %exports.api_version, "connected to the Kubernetes API server");
+    Ok((client, exports))
 }
 
 /// Waits for SIGTERM or SIGINT.

@@ -51,6 +51,9 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Print the version.
     Version,
+    /// Write the CRDs (ServiceExport, ServiceImport, ClusterProperty) generated from the Rust
+    /// types into deploy/crds/ (or --out); --check only compares.
+    Crdgen(crate::crdgen::CrdgenArgs),
     /// Show a running gateway's clusters, imports, endpoints, conflicts, traffic and
     /// failovers as tables.
     Status(crate::status::StatusArgs),
@@ -64,6 +67,9 @@ pub struct RunArgs {
     /// The config file (YAML).
     #[arg(long, short)]
     pub config: PathBuf,
+    /// The gateway pod's IP for `front.mode: kube` (overrides front.kube.podIP).
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -172,7 +178,13 @@ pub fn execute(
             EXIT_OK
         }
         Command::Analyze(args) => analyze(&args.files, out),
-        Command::Run(args) => run(&args.config, run_gateway),
+        Command::Crdgen(args) => crate::crdgen::execute(&args, out),
+        Command::Run(args) => run(&args.config, |mut cfg: Config| {
+            if let Some(ip) = args.pod_ip {
+                cfg.front.kube.pod_ip = Some(ip);
+            }
+            run_gateway(cfg)
+        }),
         Command::Demo(args) => crate::demo::execute(args, run_gateway, out),
         Command::Certs(CertsCommand::Ca(args)) => report(certs_ca(&args), out),
         Command::Certs(CertsCommand::Issue(args)) => report(certs_issue(&args), out),

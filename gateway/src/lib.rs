@@ -6,6 +6,7 @@ pub mod app;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod crdgen;
 pub mod dashboard;
 pub mod dataplane;
 pub mod demo;

@@ -20,6 +20,9 @@ pub const MCS_STORAGE_VERSION: &str = "v1beta1";
 pub const MCS_LEGACY_VERSION: &str = "v1alpha1";
 /// API group of KEP-2149's ClusterProperty.
 pub const ABOUT_GROUP: &str = "about.k8s.io";
+/// The approval the API server requires on CRDs of the protected group `about.k8s.io` (the
+/// KEP-2149 API review, as in the upstream about-api CRD).
+pub const ABOUT_API_APPROVAL: &str = "https://github.com/kubernetes/enhancements/pull/3084";
 /// Name of the ClusterProperty that holds the cluster id (KEP-2149).
 pub const CLUSTER_ID_PROPERTY: &str = "cluster.clusterset.k8s.io";
 
@@ -137,6 +140,7 @@ macro_rules! mcs_version {
                 group = "multicluster.x-k8s.io",
                 version = $version,
                 kind = "ServiceExport",
+                doc = "ServiceExport declares that the Service with the same name and namespace as this export should be consumable from other clusters.",
                 namespaced,
                 status = "ServiceExportStatus",
                 shortname = "svcex",
@@ -162,6 +166,7 @@ macro_rules! mcs_version {
                 group = "multicluster.x-k8s.io",
                 version = $version,
                 kind = "ServiceImport",
+                doc = "ServiceImport describes a service imported from clusters in a ClusterSet.",
                 namespaced,
                 status = "ServiceImportStatus",
                 shortname = "svcim",
@@ -218,6 +223,7 @@ mcs_version!(v1beta1, "v1beta1");
     group = "about.k8s.io",
     version = "v1alpha1",
     kind = "ClusterProperty",
+    doc = "ClusterProperty is a name/value pair of metadata about the cluster (KEP-2149).",
     shortname = "clusterproperty",
     printcolumn(name = "value", type_ = "string", json_path = ".spec.value"),
     printcolumn(name = "age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -251,6 +257,26 @@ pub fn crds() -> Result<Vec<(&'static str, CustomResourceDefinition)>, CrdError>
     )
     .map_err(|source| CrdError { kind: "ServiceImport", source })?;
     let (mut export, mut import) = (export, import);
+    // `spec` is optional in the MCS API (a bare ServiceExport is the common case).
+    for crd in [&mut export, &mut import] {
+        for version in &mut crd.spec.versions {
+            if let Some(schema) =
+                version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut())
+                && let Some(required) = schema.required.as_mut()
+            {
+                required.retain(|r| r != "spec");
+                if required.is_empty() {
+                    schema.required = None;
+                }
+            }
+        }
+    }
+    // about.k8s.io is a protected group: the API server wants the KEP's approval named.
+    let mut cluster_property = ClusterProperty::crd();
+    cluster_property.metadata.annotations = Some(BTreeMap::from([(
+        "api-approved.kubernetes.io".to_owned(),
+        ABOUT_API_APPROVAL.to_owned(),
+    )]));
     // v1alpha1 first, as in the upstream manifests
     for crd in [&mut export, &mut import] {
         crd.spec.versions.sort_by(|a, b| a.name.cmp(&b.name));
@@ -258,7 +284,7 @@ pub fn crds() -> Result<Vec<(&'static str, CustomResourceDefinition)>, CrdError>
     Ok(vec![
         ("multicluster.x-k8s.io_serviceexports.yaml", export),
         ("multicluster.x-k8s.io_serviceimports.yaml", import),
-        ("about.k8s.io_clusterproperties.yaml", ClusterProperty::crd()),
+        ("about.k8s.io_clusterproperties.yaml", cluster_property),
     ])
 }
 
@@ -292,6 +318,14 @@ mod tests {
             assert_eq!(crd.spec.scope, "Namespaced");
         }
         assert_eq!(crds[2].1.spec.scope, "Cluster");
+        for (_, crd) in &crds[..2] {
+            let json = serde_json::to_value(crd).expect("json");
+            let required = &json["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["required"];
+            assert!(
+                !required.as_array().is_some_and(|r| r.iter().any(|v| v == "spec")),
+                "{required}"
+            );
+        }
     }
 
     #[test]

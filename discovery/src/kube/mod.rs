@@ -7,6 +7,7 @@
 //! source's conversion, and the writer builds them from model snapshots with pure functions
 //! ([`writer::desired`], [`writer::plan`]) that the I/O only carries out.
 
+pub mod any;
 pub mod convert;
 pub mod crd;
 pub mod source;
@@ -14,12 +15,14 @@ pub mod writer;
 
 use std::path::{Path, PathBuf};
 
-use kube::api::ApiResource;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, CustomResourceExt};
+use kube::{Api, CustomResourceExt};
 
 use crate::model::{ClusterId, InvalidClusterId};
 
+pub use ::kube::Client;
+pub use ::kube::api::ApiResource;
+pub use any::{ClusterSource, Problems};
 pub use crd::{CLUSTER_ID_PROPERTY, MCS_GROUP};
 pub use source::{KubeProblem, KubeSource};
 pub use writer::{FIELD_MANAGER, KubeWriter, WriterSettings};

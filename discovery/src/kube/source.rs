@@ -396,7 +396,11 @@ impl KubeSource {
                 }
                 next = events.next().now_or_never().flatten();
             }
-            if store.rebuild(&affected) {
+            let changed = store.rebuild(&affected);
+            // Nothing is published before every kind has been listed once: a Service seen
+            // before its EndpointSlices would be exported (and written back) without
+            // endpoints for a moment after every restart.
+            if listed.len() == 3 && (changed || !*synced.borrow()) {
                 state.send_replace(Arc::clone(store.state()));
             }
             let now = store.problems();

@@ -6,7 +6,7 @@
 //!   exported labels/annotations, `status.clusters`).
 //! - Per import and source cluster, EndpointSlices labelled
 //!   `multicluster.kubernetes.io/service-name`, `multicluster.kubernetes.io/source-cluster` and
-//!   `endpointslice.kubernetes.io/managed-by: fedgate.io/gateway` (one address family and port
+//!   `endpointslice.kubernetes.io/managed-by: gateway.fedgate.io` (one address family and port
 //!   set per slice, at most [`MAX_ENDPOINTS_PER_SLICE`] endpoints).
 //! - In `front.mode: kube`, a derived selector-less Service per ClusterSetIP import whose
 //!   EndpointSlice points at the gateway pod on a port the gateway serves that import on;
@@ -90,11 +90,13 @@ pub enum Action {
 
 /// The pure diff: apply what is new or different from what was last applied (`None`: exists
 /// in the cluster, content unknown, e.g. after a restart), delete what is owned and no longer
-/// wanted. Derived Services come first (ServiceImports need their ClusterIPs), deletions
-/// last.
+/// wanted (only when `deletions` is true: right after a restart, peers' exports have not
+/// arrived yet and their objects must not go). Derived Services come first (ServiceImports
+/// need their ClusterIPs), deletions last.
 pub fn plan(
     desired: &BTreeMap<ObjRef, DesiredObject>,
     applied: &BTreeMap<ObjRef, Option<DesiredObject>>,
+    deletions: bool,
 ) -> Vec<Action> {
     let mut out: Vec<Action> = desired
         .iter()
@@ -102,7 +104,11 @@ pub fn plan(
         .map(|(r, d)| Action::Apply(r.clone(), d.clone()))
         .collect();
     out.sort_by_key(|a| action_ref(a).kind);
-    out.extend(applied.keys().filter(|r| !desired.contains_key(*r)).cloned().map(Action::Delete));
+    if deletions {
+        out.extend(
+            applied.keys().filter(|r| !desired.contains_key(*r)).cloned().map(Action::Delete),
+        );
+    }
     out
 }
 
@@ -172,6 +178,12 @@ pub struct WriterSettings {
     pub cluster: ClusterId,
     /// `front.mode: kube`: derived Services point at this gateway pod.
     pub front: Option<FrontSettings>,
+    /// The configured peers. After a restart nothing is deleted until each of them has sent
+    /// its exports (or [`deletion_grace`](Self::deletion_grace) passed): their objects must
+    /// not go just because their exports have not arrived yet.
+    pub peers: BTreeSet<ClusterId>,
+    /// The longest deletions wait for the peers after start.
+    pub deletion_grace: Duration,
 }
 
 /// `front.mode: kube`.
@@ -634,13 +646,24 @@ impl KubeWriter {
                 }
             }
         }
+        let grace_end = tokio::time::Instant::now() + self.settings.deletion_grace;
+        let mut deletions = false;
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.snapshots.mark_unchanged();
             self.statuses.mark_unchanged();
-            self.reconcile(&mut written).await;
+            if !deletions {
+                let snapshot = self.snapshots.borrow();
+                let heard = self.settings.peers.iter().all(|p| snapshot.localities.contains_key(p));
+                deletions = heard || tokio::time::Instant::now() >= grace_end;
+                if deletions {
+                    tracing::debug!(every_peer_heard = heard, "deleting stale objects from now on");
+                }
+            }
+            self.reconcile(&mut written, deletions).await;
             tokio::select! {
+                _ = tokio::time::sleep_until(grace_end), if !deletions => {}
                 _ = shutdown.cancelled() => break,
                 r = self.snapshots.changed() => if r.is_err() { break },
                 r = self.statuses.changed() => if r.is_err() { break },
@@ -729,7 +752,7 @@ impl KubeWriter {
         Ok(())
     }
 
-    async fn reconcile(&mut self, written: &mut Written) {
+    async fn reconcile(&mut self, written: &mut Written, deletions: bool) {
         self.write_statuses(written).await;
         let snapshot = Arc::clone(&self.snapshots.borrow());
         let front = self.settings.front.clone();
@@ -765,7 +788,7 @@ impl KubeWriter {
                 next.insert(key.clone(), (Arc::clone(import), objects));
             }
             written.per_import = next;
-            let actions = plan(&desired_all, &written.applied);
+            let actions = plan(&desired_all, &written.applied, deletions);
             if actions.is_empty() {
                 break;
             }
@@ -1080,7 +1103,7 @@ mod tests {
             (r(WriteKind::Service, "unknown"), None),
             (r(WriteKind::EndpointSlice, "gone"), Some(d(9))),
         ]);
-        let got: Vec<String> = plan(&desired, &applied)
+        let got: Vec<String> = plan(&desired, &applied, true)
             .iter()
             .map(|a| match a {
                 Action::Apply(r, _) => format!("apply {}", r.name),
@@ -1089,10 +1112,12 @@ mod tests {
             .collect();
         // Services first, then ServiceImports, then slices; deletions last
         assert_eq!(got, ["apply unknown", "apply new", "apply changed", "delete gone"]);
-        assert!(
-            plan(&desired, &desired.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect())
-                .is_empty()
-        );
+        let all_applied = desired.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
+        assert!(plan(&desired, &all_applied, true).is_empty());
+        // during the grace after a restart, nothing is deleted
+        let held = plan(&desired, &applied, false);
+        assert!(held.iter().all(|a| matches!(a, Action::Apply(..))), "{held:?}");
+        assert_eq!(held.len(), 3);
     }
 
     #[test]

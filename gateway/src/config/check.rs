@@ -132,6 +132,15 @@ pub(crate) fn semantics(s: &Sections) -> Vec<(String, String)> {
                 ),
             );
         }
+        if front.kube.first_port == 0 || front.kube.first_port > front.kube.last_port {
+            err(
+                "front.kube.firstPort",
+                format!(
+                    "ports {}-{} are not a range of ports (1-65535, firstPort <= lastPort)",
+                    front.kube.first_port, front.kube.last_port
+                ),
+            );
+        }
         if front.mode == FrontMode::Kube
             && let Some(discovery) = &s.discovery
             && discovery.source != SourceKind::Kube

@@ -571,3 +571,22 @@ fn peers_null_is_an_empty_list_and_a_map_is_an_error() {
         ["east.yaml:2:8: peers: invalid type: map, expected a sequence"]
     );
 }
+
+#[test]
+fn front_kube_settings_parse_and_ports_must_form_a_range() {
+    let c = parse_ok(
+        "cluster: { id: east }\npeers: []\ndiscovery: { source: kube }\nfront: { mode: kube, kube: { podIP: 10.0.0.5, firstPort: 21000, lastPort: 21009 } }\n",
+    );
+    assert_eq!(c.front.kube.pod_ip, Some("10.0.0.5".parse().expect("ip")));
+    assert_eq!((c.front.kube.first_port, c.front.kube.last_port), (21000, 21009));
+    let d = parse_ok("cluster: { id: east }\npeers: []\n");
+    assert_eq!(d.front.kube.pod_ip, None);
+    assert_eq!((d.front.kube.first_port, d.front.kube.last_port), (20000, 29999));
+    let e = errors(
+        "cluster: { id: east }\npeers: []\nfront: { kube: { firstPort: 30000, lastPort: 20000 } }\n",
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("front.kube.firstPort: ports 30000-20000 are not a range"), "{e:?}");
+    let e = errors("cluster: { id: east }\npeers: []\nfront: { kube: { podIP: not-an-ip } }\n");
+    assert!(e[0].contains("front.kube.podIP"), "{e:?}");
+}

@@ -328,6 +328,38 @@ pub struct FrontConfig {
     /// Directory where ClusterSetIP allocations persist across restarts; none = kept in
     /// memory only (imports may get new IPs after a restart).
     pub state_dir: Option<PathBuf>,
+    /// Settings of `front.mode: kube`.
+    pub kube: FrontKubeConfig,
+}
+
+/// First gateway port handed to import ports in `front.mode: kube`.
+pub const DEFAULT_FRONT_KUBE_FIRST_PORT: u16 = 20000;
+/// Last gateway port handed to import ports in `front.mode: kube`.
+pub const DEFAULT_FRONT_KUBE_LAST_PORT: u16 = 29999;
+
+/// `front.kube`: how the gateway pod serves derived Services.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct FrontKubeConfig {
+    /// The gateway pod's IP, the endpoint of every derived Service; none = `fedgate run
+    /// --pod-ip` / the `POD_IP` environment variable (the Deployment sets it from the
+    /// downward API).
+    #[serde(rename = "podIP")]
+    pub pod_ip: Option<IpAddr>,
+    /// First port of the gateway pod handed to an import port.
+    pub first_port: u16,
+    /// Last port of the gateway pod handed to an import port.
+    pub last_port: u16,
+}
+
+impl Default for FrontKubeConfig {
+    fn default() -> Self {
+        Self {
+            pod_ip: None,
+            first_port: DEFAULT_FRONT_KUBE_FIRST_PORT,
+            last_port: DEFAULT_FRONT_KUBE_LAST_PORT,
+        }
+    }
 }
 
 impl Default for FrontConfig {
@@ -336,6 +368,7 @@ impl Default for FrontConfig {
             mode: FrontMode::Vip,
             cluster_set_ip_range: default_clusterset_ip_range(),
             state_dir: None,
+            kube: FrontKubeConfig::default(),
         }
     }
 }

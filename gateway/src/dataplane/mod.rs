@@ -11,6 +11,7 @@ pub mod activity;
 pub mod codec;
 pub mod connect;
 pub mod drain;
+pub mod front;
 pub mod health;
 pub mod inspect;
 pub mod listeners;
@@ -431,6 +432,16 @@ impl DataPlane {
 
     pub fn drain_handle(&self) -> Drain {
         self.shared.drain.clone()
+    }
+
+    /// `front.mode: kube`: serves, on `ip`, the gateway ports the kube writer allocated to
+    /// import ports (`routes`), until draining starts. Spawn the returned future.
+    pub fn front_listeners(
+        &self,
+        ip: IpAddr,
+        routes: watch::Receiver<front::FrontRoutes>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        front::serve(self.shared.clone(), ip, routes)
     }
 
     pub fn debug_handle(&self) -> DebugHandle {

@@ -1,0 +1,120 @@
+//! `front.mode: kube`: the gateway pod's side of the derived Services. The kube writer hands
+//! each TCP port of a ClusterSetIP import a port of the gateway pod
+//! ([`fedgate_discovery::kube::writer::FrontPorts`]) and points the import's derived Service at
+//! `<pod IP>:<that port>`; kube-proxy sends the ClusterIP's traffic there, and this module
+//! accepts it and hands each connection to the same endpoint selection and failover as a
+//! ClusterSetIP listener in `vip` mode.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use fedgate_discovery::kube::writer::FrontKey;
+use fedgate_discovery::model::ImportSnapshot;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::listeners::{Route, bind_freebind};
+use super::{Shared, connect, drain};
+
+/// The gateway ports the kube writer allocated, and which import port each serves.
+pub type FrontRoutes = Arc<BTreeMap<u16, FrontKey>>;
+
+/// How long to wait before binding a port that failed again.
+const REBIND_DELAY: Duration = Duration::from_secs(1);
+
+/// The route of a gateway port: the import's service port, from the current snapshot.
+pub fn route_for(snapshot: &ImportSnapshot, k: &FrontKey) -> Option<Route> {
+    let service = snapshot.services.get(&k.key)?;
+    let port =
+        service.ports.iter().find(|p| p.port.port == k.port && p.port.protocol == k.protocol)?;
+    Some(Route::Service { key: k.key.clone(), port: port.port.clone() })
+}
+
+struct Bound {
+    route: Arc<ArcSwap<Route>>,
+    task: JoinHandle<()>,
+}
+
+/// Binds `ip:<port>` for every allocated port and serves connections until draining starts.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    mut routes: watch::Receiver<FrontRoutes>,
+) {
+    let mut bound: BTreeMap<u16, Bound> = BTreeMap::new();
+    let mut snapshots = shared.snapshot.clone();
+    let mut draining = shared.drain.subscribe();
+    loop {
+        let current = routes.borrow_and_update().clone();
+        let snapshot = snapshots.borrow_and_update().clone();
+        bound.retain(|port, b| {
+            let keep = current.contains_key(port);
+            if !keep {
+                b.task.abort();
+                tracing::debug!(port, "front port closed");
+            }
+            keep
+        });
+        let mut failed = false;
+        for (port, k) in current.iter() {
+            let Some(route) = route_for(&snapshot, k) else { continue };
+            if let Some(b) = bound.get(port) {
+                if **b.route.load() != route {
+                    b.route.store(Arc::new(route));
+                }
+                continue;
+            }
+            let addr = SocketAddr::new(ip, *port);
+            match bind_freebind(addr) {
+                Ok(listener) => {
+                    tracing::debug!(%addr, service = %k.key, "front port bound");
+                    let route = Arc::new(ArcSwap::from_pointee(route));
+                    let task = tokio::spawn(accept_loop(listener, route.clone(), shared.clone()));
+                    bound.insert(*port, Bound { route, task });
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, service = %k.key, error = %e, "front port not bound; retrying");
+                    failed = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = drain::until_draining(&mut draining) => break,
+            r = routes.changed() => if r.is_err() { break },
+            r = snapshots.changed() => if r.is_err() { break },
+            _ = tokio::time::sleep(REBIND_DELAY), if failed => {}
+        }
+    }
+    for (_, b) in bound {
+        b.task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, route: Arc<ArcSwap<Route>>, shared: Arc<Shared>) {
+    let mut draining = shared.drain.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            _ = drain::until_draining(&mut draining) => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(connect::serve_client(
+                    shared.clone(),
+                    route.load_full(),
+                    stream,
+                    peer,
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "front accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

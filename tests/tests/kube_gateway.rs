@@ -1,0 +1,448 @@
+//! fedgate against real kube-apiservers: the kube source reads Services, EndpointSlices and
+//! ServiceExports; the writer puts conditions on ServiceExports and ServiceImports plus
+//! per-cluster EndpointSlices into every member cluster, reconciles in place across a restart
+//! (same uids), removes what a lapsed lease withdrew, and in `front.mode: kube` derives a
+//! Service whose endpoint is the gateway, which carries real connections. The gateways run as
+//! the ServiceAccount of deploy/manifests (kubeconfig impersonation), so its RBAC is what is
+//! tested.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use fedgate_e2e::kube::KubeCluster;
+use fedgate_e2e::netns::{Netns, require_tools, run};
+use fedgate_e2e::*;
+use serde_json::Value;
+
+const CLUSTERSET: &str = "kube-e2e";
+const WAIT: Duration = Duration::from_secs(20);
+const SA: &str = "system:serviceaccount:fedgate-system:fedgate";
+const IMPORTS: &str = "serviceimports.v1beta1.multicluster.x-k8s.io";
+const EXPORTS: &str = "serviceexports.v1beta1.multicluster.x-k8s.io";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// CRDs, the namespace, ServiceAccount and RBAC of deploy/, and a kubeconfig that acts as
+/// that ServiceAccount.
+fn prepare_cluster(c: &KubeCluster) -> Result<PathBuf> {
+    let crds = repo().join("deploy/crds");
+    c.kubectl_ok(&["apply", "--server-side", "-f", &crds.to_string_lossy()])?;
+    c.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=30s", "crd", "--all"])?;
+    for f in ["00-namespace.yaml", "01-serviceaccount.yaml", "02-rbac.yaml"] {
+        let path = repo().join("deploy/manifests").join(f);
+        c.kubectl_ok(&["apply", "-f", &path.to_string_lossy()])?;
+    }
+    let admin = std::fs::read_to_string(c.kubeconfig_path())?;
+    let token_line = format!("    token: {}\n", c.token());
+    if !admin.contains(&token_line) {
+        bail!("unexpected kubeconfig layout:\n{admin}");
+    }
+    let as_sa = admin.replace(&token_line, &format!("{token_line}    as: {SA}\n"));
+    let path = c.dir().join("kubeconfig-fedgate-sa");
+    std::fs::write(&path, as_sa)?;
+    Ok(path)
+}
+
+/// Turns a file-source gateway config into a kube-source one.
+fn use_kube(g: &Gateway, kubeconfig: &Path, config_id: &str, front: Option<&str>) -> Result<()> {
+    let text = std::fs::read_to_string(g.config_path())?;
+    let file = format!("source: file\n  file: {{ dir: {} }}", g.cluster_dir.display());
+    if !text.contains(&file) {
+        bail!("unexpected gateway config layout:\n{text}");
+    }
+    let mut text = text
+        .replace(
+            &file,
+            &format!("source: kube\n  kube: {{ kubeconfig: {} }}", kubeconfig.display()),
+        )
+        .replace(&format!("  id: {}\n", g.spec.id), &format!("  id: {config_id}\n"));
+    if let Some(front) = front {
+        text =
+            text.replace("front: { mode: vip,", &format!("front: {{ mode: kube, kube: {front},"));
+    }
+    std::fs::write(g.config_path(), text)?;
+    Ok(())
+}
+
+/// Endpoint addresses the API server accepts (it refuses loopback ones) that lead nowhere but
+/// into a namespace of this test: a veth pair with `10.251.<k>.1/29` on the host side and
+/// `.2`, `.3` inside the namespace `fg-<pid>-kube<tag>` (deleted with the guard).
+struct EndpointNet {
+    ns: Netns,
+    host: Ipv4Addr,
+    inside: [Ipv4Addr; 2],
+}
+
+fn endpoint_net(tag: u8) -> Result<EndpointNet> {
+    require_tools();
+    let pid = std::process::id();
+    let ns = Netns::create(&format!("fg-{pid}-kube{tag}"))?;
+    let k = ((pid % 120) as u8) * 2 + tag;
+    let host_if = format!("fgk{}h{tag}", pid % 100_000);
+    let host = Ipv4Addr::new(10, 251, k, 1);
+    let inside = [Ipv4Addr::new(10, 251, k, 2), Ipv4Addr::new(10, 251, k, 3)];
+    let ip = |args: &[&str]| run(std::process::Command::new("ip").args(args));
+    ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+    ip(&["addr", "add", &format!("{host}/29"), "dev", &host_if])?;
+    ip(&["link", "set", &host_if, "up"])?;
+    for addr in inside {
+        ns.ip(&["addr", "add", &format!("{addr}/29"), "dev", "eth0"])?;
+    }
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    Ok(EndpointNet { ns, host, inside })
+}
+
+fn get_json(c: &KubeCluster, args: &[&str]) -> Result<Option<Value>> {
+    let mut full = vec!["get"];
+    full.extend_from_slice(args);
+    full.extend_from_slice(&["-o", "json", "--ignore-not-found"]);
+    let out = c.kubectl_ok(&full)?;
+    if out.trim().is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::from_str(&out).with_context(|| format!("kubectl {full:?}: {out}"))?))
+}
+
+fn conditions(export: &Value) -> Vec<(String, String, String)> {
+    export["status"]["conditions"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+                    (s("type"), s("status"), s("reason"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn uid(v: &Value) -> String {
+    v["metadata"]["uid"].as_str().unwrap_or_default().to_owned()
+}
+
+/// fedgate's EndpointSlices for import `name` in `c` (label-selected), by source cluster.
+fn imported_slices(c: &KubeCluster, ns: &str, name: &str) -> Result<Vec<Value>> {
+    let sel = format!(
+        "multicluster.kubernetes.io/service-name={name},endpointslice.kubernetes.io/managed-by=gateway.fedgate.io"
+    );
+    let list = get_json(c, &["endpointslices", "-n", ns, "-l", &sel])?.unwrap_or_default();
+    Ok(list["items"].as_array().cloned().unwrap_or_default())
+}
+
+fn start_both(names: [&'static str; 2]) -> Result<(KubeCluster, KubeCluster)> {
+    let handles = names.map(|n| std::thread::spawn(move || KubeCluster::start(n)));
+    let [a, b] = handles;
+    let a = a.join().map_err(|_| anyhow::anyhow!("start panicked"))??;
+    let b = b.join().map_err(|_| anyhow::anyhow!("start panicked"))??;
+    eprintln!("apiservers ready in {:?} and {:?}", a.started_in(), b.started_in());
+    Ok((a, b))
+}
+
+#[test]
+fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> Result<()> {
+    let (east_k, west_k) = start_both(["east", "west"])?;
+    let east_kc = prepare_cluster(&east_k)?;
+    let west_kc = prepare_cluster(&west_k)?;
+    for c in [&east_k, &west_k] {
+        c.kubectl_ok(&["create", "namespace", "shop"])?;
+    }
+    // west's id comes from its ClusterProperty (KEP-2149), not from its config.
+    west_k.apply_yaml(
+        "apiVersion: about.k8s.io/v1alpha1\nkind: ClusterProperty\nmetadata: { name: cluster.clusterset.k8s.io }\nspec: { value: west }\n",
+    )?;
+
+    let net = endpoint_net(0)?;
+    let [ep_ready, ep_unready] = net.inside.map(|a| a.to_string());
+    let tmp = tempfile::tempdir()?;
+    let block = AddrBlock::unique();
+    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
+    let ids = ["east", "west"];
+    let mut gws = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let host = |i: usize| 10 + i as u8;
+        let spec = GatewaySpec {
+            id: (*id).to_owned(),
+            clusterset: CLUSTERSET.to_owned(),
+            region: "r1".to_owned(),
+            zone: format!("z-{id}"),
+            tunnel: block.addr(host(i), 15443),
+            admin: block.addr(host(i), 15000),
+            dns: block.addr(host(i), 10053),
+            vip_range: format!("127.{}.{}.0/24", block.ip(1).octets()[1], 200 + i as u8),
+            peers: vec![(ids[1 - i].to_owned(), block.addr(host(1 - i), 15443))],
+            lease: "3s".to_owned(),
+            extra: String::new(),
+        };
+        let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
+        gws.push(Gateway::prepare(tmp.path(), spec, tls)?);
+    }
+    use_kube(&gws[0], &east_kc, "east", None)?;
+    use_kube(&gws[1], &west_kc, "west", None)?;
+    for g in &mut gws {
+        g.start()?;
+    }
+
+    // east exports shop/web; a second export is broken (an exported label key without a name)
+    east_k.apply_yaml(&service_yaml(
+        "shop",
+        "web",
+        false,
+        &[("http", 80, 8080)],
+        &[(&ep_ready, true), (&ep_unready, false)],
+        None,
+    ))?;
+    east_k.apply_yaml(
+        "apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\nmetadata: { name: web, namespace: shop }\n---\n\
+         apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: { name: bad, namespace: shop }\nspec: { exportedLabels: { 'x/': v } }\n",
+    )?;
+
+    let t0 = std::time::Instant::now();
+    let export = eventually("east's ServiceExport conditions", WAIT, || {
+        let e = get_json(&east_k, &[EXPORTS, "-n", "shop", "web", "--show-managed-fields"])?
+            .context("export exists")?;
+        let c = conditions(&e);
+        Ok(c.contains(&("Ready".into(), "True".into(), "Exported".into())).then_some(e))
+    })?;
+    eprintln!("ServiceExport conditions written after {:?}", t0.elapsed());
+    let c = conditions(&export);
+    assert!(c.contains(&("Valid".into(), "True".into(), "Valid".into())), "{c:?}");
+    assert!(c.contains(&("Conflict".into(), "False".into(), "NoConflicts".into())), "{c:?}");
+    let managers: Vec<&str> = export["metadata"]["managedFields"]
+        .as_array()
+        .map(|m| m.iter().filter_map(|f| f["manager"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(managers.contains(&"fedgate"), "status written by field manager fedgate: {managers:?}");
+
+    // the broken export is a problem of east's source; the good one is not held back
+    let problems = east_gw_problems(&gws[0])?;
+    assert!(problems.iter().any(|p| p["object"] == "ServiceExport shop/bad"), "{problems:?}");
+
+    // a ServiceImport and east's EndpointSlice in both clusters (exporters import too)
+    for (k, ips_from) in [(&west_k, &gws[1]), (&east_k, &gws[0])] {
+        let si = eventually("ServiceImport shop/web", WAIT, || {
+            get_json(k, &[IMPORTS, "-n", "shop", "web"])
+        })?;
+        assert_eq!(si["spec"]["type"], "ClusterSetIP");
+        assert_eq!(si["spec"]["ports"][0]["port"], 80);
+        assert_eq!(si["status"]["clusters"], serde_json::json!([{"cluster": "east"}]), "{si}");
+        let gw_import = find_import(&ips_from.json("/debug/imports")?, "shop", "web").cloned();
+        assert_eq!(
+            si["spec"]["ips"],
+            gw_import.context("gateway import")?["ips"],
+            "the gateway's ClusterSetIP"
+        );
+        let slices = eventually("east's slice", WAIT, || {
+            let s = imported_slices(k, "shop", "web")?;
+            Ok((s.len() == 1).then_some(s))
+        })?;
+        let labels = &slices[0]["metadata"]["labels"];
+        assert_eq!(labels["multicluster.kubernetes.io/source-cluster"], "east");
+        let addrs: Vec<&str> = slices[0]["endpoints"]
+            .as_array()
+            .context("endpoints")?
+            .iter()
+            .filter_map(|e| e["addresses"][0].as_str())
+            .collect();
+        assert_eq!(addrs, [ep_ready.as_str(), ep_unready.as_str()]);
+        assert_eq!(slices[0]["ports"][0]["port"], 8080);
+    }
+
+    // east's gateway dies: when its lease (3 s) lapses, west removes east's import and slices
+    gws[0].kill();
+    let t_kill = std::time::Instant::now();
+    eventually("west to drop the import after east's lease", WAIT, || {
+        let gone = get_json(&west_k, &[IMPORTS, "-n", "shop", "web"])?.is_none()
+            && imported_slices(&west_k, "shop", "web")?.is_empty();
+        Ok(gone.then_some(()))
+    })
+    .with_context(|| gws[1].log_text())?;
+    eprintln!(
+        "east's objects removed from west {:?} after east died (lease 3 s)",
+        t_kill.elapsed()
+    );
+
+    // east comes back and everything returns
+    gws[0].start()?;
+    eventually("import back on west", WAIT, || get_json(&west_k, &[IMPORTS, "-n", "shop", "web"]))?;
+
+    // a restart reconciles in place: same objects, same uids, conditions not rewritten
+    let export_before = get_json(&east_k, &[EXPORTS, "-n", "shop", "web"])?.context("export")?;
+    let si_before =
+        eventually("east's import", WAIT, || get_json(&east_k, &[IMPORTS, "-n", "shop", "web"]))?;
+    let slice_before = imported_slices(&east_k, "shop", "web")?;
+    assert_eq!(slice_before.len(), 1);
+    gws[0].kill();
+    gws[0].start()?;
+    eventually("east ready again", WAIT, || {
+        Ok((http_get(gws[0].spec.admin, "/readyz")?.0 == 200).then_some(()))
+    })?;
+    eventually("east's writer listed its objects", WAIT, || {
+        let log = gws[0].log_text();
+        Ok((log.matches("listed existing objects; reconciling in place").count() >= 3)
+            .then_some(()))
+    })?;
+    // past the 3 s lease (the earliest deletions may run): nothing was deleted or recreated
+    std::thread::sleep(Duration::from_secs(4));
+    let si_after = get_json(&east_k, &[IMPORTS, "-n", "shop", "web"])?
+        .with_context(|| format!("import after restart\n{}", gws[0].log_text()))?;
+    let slice_after = imported_slices(&east_k, "shop", "web")?;
+    let export_after = get_json(&east_k, &[EXPORTS, "-n", "shop", "web"])?.context("export")?;
+    assert_eq!(uid(&si_before), uid(&si_after), "ServiceImport kept its uid");
+    assert_eq!(slice_after.len(), 1);
+    assert_eq!(uid(&slice_before[0]), uid(&slice_after[0]), "EndpointSlice kept its uid");
+    assert_eq!(
+        export_before["status"], export_after["status"],
+        "conditions (and their lastTransitionTime) unchanged by the restart"
+    );
+
+    // deleting the ServiceExport removes the import everywhere
+    east_k.kubectl_ok(&["delete", EXPORTS, "-n", "shop", "web"])?;
+    for k in [&west_k, &east_k] {
+        eventually("import gone after unexport", WAIT, || {
+            let gone = get_json(k, &[IMPORTS, "-n", "shop", "web"])?.is_none()
+                && imported_slices(k, "shop", "web")?.is_empty();
+            Ok(gone.then_some(()))
+        })?;
+    }
+    Ok(())
+}
+
+fn east_gw_problems(g: &Gateway) -> Result<Vec<Value>> {
+    eventually("a source problem", WAIT, || {
+        let p = g.json("/debug/problems")?;
+        let list = p.as_array().cloned().unwrap_or_default();
+        Ok((!list.is_empty()).then_some(list))
+    })
+}
+
+/// A TCP echo server (python3, inside the endpoint namespace): `python3 -c ECHO <ip> <port>`.
+const ECHO: &str = "import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(16)
+def serve(c):
+    while True:
+        d = c.recv(1024)
+        if not d: break
+        c.sendall(d)
+    c.close()
+while True:
+    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+";
+
+#[test]
+fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() -> Result<()> {
+    let net = endpoint_net(1)?;
+    let k = KubeCluster::start("front")?;
+    let kc = prepare_cluster(&k)?;
+    k.kubectl_ok(&["create", "namespace", "shop"])?;
+    let tmp = tempfile::tempdir()?;
+    let block = AddrBlock::unique();
+    let backend = SocketAddr::new(net.inside[0].into(), 18080);
+    // killed with the namespace (the guard kills every process in it)
+    let _echo = net
+        .ns
+        .command("python3")
+        .args(["-c", ECHO, &backend.ip().to_string(), "18080"])
+        .spawn()
+        .context("starting the echo server in the endpoint namespace")?;
+    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
+    let spec = GatewaySpec {
+        id: "solo".to_owned(),
+        clusterset: CLUSTERSET.to_owned(),
+        region: "r1".to_owned(),
+        zone: "z1".to_owned(),
+        tunnel: block.addr(10, 15443),
+        admin: block.addr(10, 15000),
+        dns: block.addr(10, 10053),
+        vip_range: format!("127.{}.{}.0/24", block.ip(1).octets()[1], 210),
+        peers: vec![],
+        lease: "15s".to_owned(),
+        extra: String::new(),
+    };
+    let tls = pki.issue("solo", &tmp.path().join("certs"))?;
+    let mut g = Gateway::prepare(tmp.path(), spec, tls)?;
+    // the gateway "pod" IP: the host side of the veth (the API server refuses loopback)
+    let pod_ip: Ipv4Addr = net.host;
+    let front = format!("{{ podIP: {pod_ip}, firstPort: 21000, lastPort: 21009 }}");
+    use_kube(&g, &kc, "solo", Some(&front))?;
+
+    // a ClusterProperty that names another cluster stops the gateway with a clear error
+    let prop = "apiVersion: about.k8s.io/v1alpha1\nkind: ClusterProperty\n\
+                metadata: { name: cluster.clusterset.k8s.io }\nspec: { value: VALUE }\n";
+    k.apply_yaml(&prop.replace("VALUE", "someone-else"))?;
+    let err = g.start().expect_err("a mismatching ClusterProperty is refused");
+    let err = format!("{err:#}");
+    assert!(err.contains("cluster.clusterset.k8s.io says this cluster is"), "{err}");
+    assert!(err.contains("someone-else"), "{err}");
+    k.apply_yaml(&prop.replace("VALUE", "solo"))?;
+    g.kill();
+    g.start()?;
+
+    k.apply_yaml(&service_yaml(
+        "shop",
+        "echo",
+        false,
+        &[("tcp", 7, 18080)],
+        &[(&backend.ip().to_string(), true)],
+        None,
+    ))?;
+    k.apply_yaml("apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\nmetadata: { name: echo, namespace: shop }\n")?;
+
+    // the derived Service: selector-less, port 80... here 7 → the gateway port 21000
+    let svc = eventually("derived Service", WAIT, || {
+        let list = get_json(
+            &k,
+            &["services", "-n", "shop", "-l", "app.kubernetes.io/managed-by=fedgate"],
+        )?
+        .unwrap_or_default();
+        Ok(list["items"].as_array().and_then(|i| i.first().cloned()))
+    })?;
+    assert!(svc["spec"].get("selector").is_none(), "selector-less: {svc}");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 7);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], 21000);
+    let cluster_ip = svc["spec"]["clusterIP"].as_str().context("clusterIP")?.to_owned();
+    let name = svc["metadata"]["name"].as_str().context("name")?.to_owned();
+    let slice = eventually("the derived Service's slice", WAIT, || {
+        get_json(&k, &["endpointslices", "-n", "shop", &name])
+    })?;
+    assert_eq!(slice["metadata"]["labels"]["kubernetes.io/service-name"], name.as_str());
+    assert_eq!(slice["endpoints"][0]["addresses"][0], pod_ip.to_string());
+    assert_eq!(slice["ports"][0]["port"], 21000);
+
+    // the ServiceImport's ClusterSetIP is the derived Service's ClusterIP
+    let si = eventually("ServiceImport with the ClusterIP", WAIT, || {
+        Ok(get_json(&k, &[IMPORTS, "-n", "shop", "echo"])?
+            .filter(|si| si["spec"]["ips"] == serde_json::json!([cluster_ip])))
+    })?;
+    assert_eq!(si["spec"]["type"], "ClusterSetIP");
+
+    // kube-proxy would send ClusterIP:7 to <pod IP>:21000; the gateway carries it to the backend
+    let gw_port = SocketAddr::new(pod_ip.into(), 21000);
+    let reply = eventually("echo through the gateway port", WAIT, || {
+        let Ok(mut s) = TcpStream::connect_timeout(&gw_port, Duration::from_secs(1)) else {
+            return Ok(None);
+        };
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(b"ping through fedgate")?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        Ok((n > 0).then(|| String::from_utf8_lossy(&buf[..n]).into_owned()))
+    })?;
+    assert_eq!(reply, "ping through fedgate");
+
+    // unexport: the derived Service, its slice and the ServiceImport go
+    k.kubectl_ok(&["delete", EXPORTS, "-n", "shop", "echo"])?;
+    eventually("derived objects removed", WAIT, || {
+        let gone = get_json(&k, &["services", "-n", "shop", &name])?.is_none()
+            && get_json(&k, &["endpointslices", "-n", "shop", &name])?.is_none()
+            && get_json(&k, &[IMPORTS, "-n", "shop", "echo"])?.is_none();
+        Ok(gone.then_some(()))
+    })?;
+    Ok(())
+}
