@@ -616,13 +616,12 @@ pub fn gso_segments(max_udp_payload: u16, socket_max: usize) -> usize {
 #[derive(Debug)]
 struct GsoCapped {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
-    transmit_segments: usize,
+    max_udp_payload: u16,
 }
 
 impl GsoCapped {
     fn new(inner: Arc<dyn quinn::AsyncUdpSocket>, max_udp_payload: u16) -> Arc<Self> {
-        let transmit_segments = gso_segments(max_udp_payload, inner.max_transmit_segments());
-        Arc::new(Self { inner, transmit_segments })
+        Arc::new(Self { inner, max_udp_payload })
     }
 }
 
@@ -645,7 +644,8 @@ impl quinn::AsyncUdpSocket for GsoCapped {
         self.inner.local_addr()
     }
     fn max_transmit_segments(&self) -> usize {
-        self.transmit_segments
+        // Asked every time: quinn-udp turns GSO off at run time when the kernel refuses it.
+        gso_segments(self.max_udp_payload, self.inner.max_transmit_segments())
     }
     fn max_receive_segments(&self) -> usize {
         self.inner.max_receive_segments()
