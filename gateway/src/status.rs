@@ -19,6 +19,9 @@ pub struct StatusArgs {
     /// The gateway's admin address (`admin.listen`): http://HOST:PORT or HOST:PORT.
     #[arg(long, default_value = DEFAULT_ADMIN)]
     pub admin: String,
+    /// Show only the services of this namespace (clusters are always shown).
+    #[arg(long, short)]
+    pub namespace: Option<String>,
 }
 
 /// `fedgate explain` arguments.
@@ -39,7 +42,13 @@ pub struct ExplainArgs {
 
 /// `fedgate status`: prints the tables; exit 1 when the gateway cannot be read.
 pub fn run_status(args: &StatusArgs, out: &mut dyn std::io::Write) -> u8 {
-    match AdminClient::new(&args.admin).and_then(|c| StatusData::fetch(&c)) {
+    let data = AdminClient::new(&args.admin)
+        .and_then(|c| StatusData::fetch(&c, args.namespace.as_deref()))
+        .map(|d| match &args.namespace {
+            Some(ns) => d.only_namespace(ns),
+            None => d,
+        });
+    match data {
         Ok(d) => {
             let _ = write!(out, "{}", render_status(&d, jiff::Timestamp::now()));
             EXIT_OK
@@ -167,17 +176,52 @@ pub struct StatusData {
 }
 
 impl StatusData {
-    pub fn fetch(client: &AdminClient) -> Result<Self, StatusError> {
+    /// Fetches every view; with `namespace`, the imports of that namespace only.
+    pub fn fetch(client: &AdminClient, namespace: Option<&str>) -> Result<Self, StatusError> {
+        let imports = match namespace {
+            Some(ns) => format!("/debug/imports?namespace={}", query_escape(ns)),
+            None => "/debug/imports".to_owned(),
+        };
         Ok(Self {
             config: client.get("/debug/config")?,
             clusters: client.get("/debug/clusters")?,
-            imports: client.get("/debug/imports")?,
+            imports: client.get(&imports)?,
             endpoints: client.get("/debug/endpoints")?,
             probes: client.get("/debug/probes")?,
             traffic: client.get("/debug/traffic")?,
             failovers: client.get("/debug/failovers")?,
         })
     }
+
+    /// Keeps only what concerns services of `namespace` (clusters stay). Pure.
+    pub fn only_namespace(mut self, namespace: &str) -> Self {
+        let prefix = format!("{namespace}/");
+        let by_name = |v: &Value| text(v).starts_with(&prefix);
+        let retain = |v: &mut Value, keep: &dyn Fn(&Value) -> bool| {
+            if let Some(items) = v.as_array_mut() {
+                items.retain(|x| keep(x));
+            }
+        };
+        retain(&mut self.imports, &|s| s["namespace"] == namespace);
+        retain(&mut self.endpoints["services"], &|p| p["service"]["namespace"] == namespace);
+        retain(&mut self.probes["probes"], &|p| p["service"]["namespace"] == namespace);
+        retain(&mut self.traffic["flows"], &|f| by_name(&f["service"]));
+        retain(&mut self.traffic["refused"], &|f| by_name(&f["service"]));
+        retain(&mut self.failovers, &|f| by_name(&f["service"]));
+        self
+    }
+}
+
+/// Percent-encodes a query value (namespaces are DNS labels, but say what we send).
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn table(header: &[&str]) -> Table {
@@ -539,7 +583,13 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         match parse_from(["fedgate", "status"]).expect("parses").command {
-            Command::Status(a) => assert_eq!(a.admin, DEFAULT_ADMIN),
+            Command::Status(a) => {
+                assert_eq!((a.admin.as_str(), a.namespace), (DEFAULT_ADMIN, None))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match parse_from(["fedgate", "status", "-n", "shop"]).expect("parses").command {
+            Command::Status(a) => assert_eq!(a.namespace.as_deref(), Some("shop")),
             other => panic!("unexpected {other:?}"),
         }
         assert!(parse_from(["fedgate", "explain"]).is_err(), "the service is required");
@@ -642,6 +692,12 @@ mod tests {
             .collect();
         let widths: Vec<usize> = clusters.iter().map(|l| l.chars().count()).collect();
         assert!(widths.len() >= 4 && widths.iter().all(|w| *w == widths[0]), "{clusters:#?}");
+        let other = render_status(&data().only_namespace("other"), now);
+        assert!(other.contains("SERVICES (imports per cluster)\n  (none)"), "{other}");
+        assert!(other.contains("TRAFFIC\n  (none)") && other.contains("0.42 ms"), "{other}");
+        let shop = render_status(&data().only_namespace("shop"), now);
+        assert_eq!(shop, out, "everything is in shop");
+        assert_eq!(query_escape("a b/c"), "a%20b%2Fc");
         let empty = StatusData { failovers: json!([]), ..data() };
         assert!(render_status(&empty, now).contains("RECENT FAILOVERS\n  (none)"));
         assert!(out.contains("│ 2.0s ago "), "failover age:\n{out}");
