@@ -293,6 +293,10 @@ fn explain_traffic_failovers_and_cli_tables() -> Result<()> {
         "bravo up with an RTT:\n{out}"
     );
     eprintln!("{out}");
+    let (code, other, err) = fedgate(&["status", "--admin", &admin, "--namespace", "other"])?;
+    assert_eq!(code, 0, "{other}{err}");
+    assert!(other.contains("SERVICES (imports per cluster)\n  (none)"), "{other}");
+    assert!(other.contains("RECENT FAILOVERS\n  (none)") && other.contains("bravo"), "{other}");
     let (code, out, err) = fedgate(&["explain", "shop/web", "--admin", &admin])?;
     assert_eq!(code, 0, "{out}{err}");
     for want in ["chosen tier: 2", "failover: yes", "refused", "candidate", "skipped", "p2c"] {
