@@ -66,6 +66,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> wire::EndpointSlice {
             slice
                 .endpoints
                 .iter()
+                .flatten()
                 .map(|e| wire::Endpoint {
                     addresses: Some(e.addresses.clone()),
                     hostname: e.hostname.clone(),
