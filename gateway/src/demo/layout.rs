@@ -221,7 +221,9 @@ impl Layout {
              \x20 mode: vip\n\
              \x20 clusterSetIPRange: {range}\n\
              \x20 stateDir: ./state\n\
-             admin: {{ listen: \"{admin}\" }}    # dashboard, /metrics, /debug/*\n\
+             admin:\n\
+             \x20 listen: \"{admin}\"           # dashboard, /metrics, /debug/*\n\
+             \x20 demoControl: \"http://{control}\"   # the dashboard's fail/restore buttons\n\
              traffic:\n\
              \x20 failoverPriority:               # same region first, then this cluster, then zone\n\
              \x20   - topology.kubernetes.io/region\n\
@@ -238,6 +240,7 @@ impl Layout {
             dns_port = c.dns_port,
             range = c.vip_range,
             admin = c.admin(),
+            control = self.control,
         )
     }
 }
