@@ -446,3 +446,84 @@ fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() 
     })?;
     Ok(())
 }
+
+/// The CRDs of deploy/crds with only `v1alpha1` served (and stored): a cluster that has not
+/// moved to `v1beta1` yet.
+fn v1alpha1_only_crds(c: &KubeCluster) -> Result<()> {
+    for file in
+        ["multicluster.x-k8s.io_serviceexports.yaml", "multicluster.x-k8s.io_serviceimports.yaml"]
+    {
+        let path = repo().join("deploy/crds").join(file);
+        let json = c.kubectl_ok(&[
+            "create",
+            "--dry-run=client",
+            "-o",
+            "json",
+            "-f",
+            &path.to_string_lossy(),
+        ])?;
+        let mut crd: Value = serde_json::from_str(&json)?;
+        let versions = crd["spec"]["versions"].as_array_mut().context("versions")?;
+        versions.retain(|v| v["name"] == "v1alpha1");
+        versions[0]["storage"] = Value::Bool(true);
+        c.apply_yaml(&crd.to_string())?;
+    }
+    c.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=30s", "crd", "--all"])?;
+    Ok(())
+}
+
+#[test]
+fn a_cluster_serving_only_v1alpha1_is_read_and_written_in_v1alpha1() -> Result<()> {
+    let k = KubeCluster::start("alpha")?;
+    v1alpha1_only_crds(&k)?;
+    for f in ["00-namespace.yaml", "01-serviceaccount.yaml", "02-rbac.yaml"] {
+        k.kubectl_ok(&["apply", "-f", &repo().join("deploy/manifests").join(f).to_string_lossy()])?;
+    }
+    let kc = {
+        let admin = std::fs::read_to_string(k.kubeconfig_path())?;
+        let token_line = format!("    token: {}\n", k.token());
+        let path = k.dir().join("kubeconfig-fedgate-sa");
+        std::fs::write(&path, admin.replace(&token_line, &format!("{token_line}    as: {SA}\n")))?;
+        path
+    };
+    k.kubectl_ok(&["create", "namespace", "shop"])?;
+    k.apply_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: { name: api, namespace: shop }\nspec: { ports: [ { name: http, port: 80 } ] }\n---\n\
+         apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: { name: api, namespace: shop }\n",
+    )?;
+    let tmp = tempfile::tempdir()?;
+    let block = AddrBlock::unique();
+    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
+    let spec = GatewaySpec {
+        id: "alpha".to_owned(),
+        clusterset: CLUSTERSET.to_owned(),
+        region: "r1".to_owned(),
+        zone: "z1".to_owned(),
+        tunnel: block.addr(10, 15443),
+        admin: block.addr(10, 15000),
+        dns: block.addr(10, 10053),
+        vip_range: format!("127.{}.{}.0/24", block.ip(1).octets()[1], 220),
+        peers: vec![],
+        lease: "15s".to_owned(),
+        extra: String::new(),
+    };
+    let tls = pki.issue("alpha", &tmp.path().join("certs"))?;
+    let mut g = Gateway::prepare(tmp.path(), spec, tls)?;
+    use_kube(&g, &kc, "alpha", None)?;
+    g.start()?;
+    assert!(g.log_text().contains("exports=multicluster.x-k8s.io/v1alpha1"), "{}", g.log_text());
+
+    let alpha_exports = "serviceexports.v1alpha1.multicluster.x-k8s.io";
+    eventually("v1alpha1 ServiceExport conditions", WAIT, || {
+        let e = get_json(&k, &[alpha_exports, "-n", "shop", "api"])?.context("export")?;
+        Ok(conditions(&e)
+            .contains(&("Ready".into(), "True".into(), "Exported".into()))
+            .then_some(()))
+    })?;
+    let si = eventually("v1alpha1 ServiceImport", WAIT, || {
+        get_json(&k, &["serviceimports.v1alpha1.multicluster.x-k8s.io", "-n", "shop", "api"])
+    })?;
+    assert_eq!(si["apiVersion"], "multicluster.x-k8s.io/v1alpha1");
+    assert_eq!(si["status"]["clusters"], serde_json::json!([{"cluster": "alpha"}]));
+    Ok(())
+}

@@ -267,11 +267,13 @@ impl FrontPorts {
 
 /// The objects of one import: its derived Service and slice (front kube), its ServiceImport,
 /// and its per-cluster EndpointSlices. `derived_ips` are the ClusterIPs the derived Service
-/// got (front kube; empty until known).
+/// got (front kube; empty until known); `import_api_version` is the served ServiceImport
+/// version (`multicluster.x-k8s.io/v1beta1`, or `v1alpha1` on older clusters).
 pub fn desired(
     import: &ImportedService,
     front: Option<(&FrontSettings, &FrontPorts)>,
     derived_ips: &[String],
+    import_api_version: &str,
 ) -> Vec<(ObjRef, DesiredObject)> {
     let key = &import.key;
     let mut out = Vec::new();
@@ -304,7 +306,7 @@ pub fn desired(
         }
     }
 
-    out.push(service_import(import, &ips));
+    out.push(service_import(import, &ips, import_api_version));
     for (cluster, export) in &import.clusters {
         let exposed: Vec<&ServicePort> =
             import.ports.iter().filter(|p| p.clusters.contains(cluster)).map(|p| &p.port).collect();
@@ -313,7 +315,11 @@ pub fn desired(
     out
 }
 
-fn service_import(import: &ImportedService, ips: &[String]) -> (ObjRef, DesiredObject) {
+fn service_import(
+    import: &ImportedService,
+    ips: &[String],
+    api_version: &str,
+) -> (ObjRef, DesiredObject) {
     let key = &import.key;
     let mut labels: serde_json::Map<String, Value> =
         import.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
@@ -354,13 +360,13 @@ fn service_import(import: &ImportedService, ips: &[String]) -> (ObjRef, DesiredO
         metadata["annotations"] = json!(import.annotations);
     }
     let body = json!({
-        "apiVersion": format!("{}/{}", crd::MCS_GROUP, crd::MCS_STORAGE_VERSION),
+        "apiVersion": api_version,
         "kind": "ServiceImport",
         "metadata": metadata,
         "spec": spec,
     });
     let status = json!({
-        "apiVersion": format!("{}/{}", crd::MCS_GROUP, crd::MCS_STORAGE_VERSION),
+        "apiVersion": api_version,
         "kind": "ServiceImport",
         "status": {
             "clusters": import.clusters.keys().map(|c| json!({"cluster": c.as_str()})).collect::<Vec<_>>(),
@@ -782,7 +788,12 @@ impl KubeWriter {
                     {
                         objects
                     }
-                    _ => desired(import, front.as_ref().map(|f| (f, &written.ports)), &ips),
+                    _ => desired(
+                        import,
+                        front.as_ref().map(|f| (f, &written.ports)),
+                        &ips,
+                        &self.imports.api_version,
+                    ),
                 };
                 desired_all.extend(objects.iter().cloned());
                 next.insert(key.clone(), (Arc::clone(import), objects));
@@ -926,6 +937,8 @@ mod tests {
     use super::*;
     use crate::model::{ConflictInfo, ExportedService, ImportPort, Protocol, TargetPort};
 
+    const V1BETA1: &str = "multicluster.x-k8s.io/v1beta1";
+
     fn cid(s: &str) -> ClusterId {
         ClusterId::new(s).expect("cluster id")
     }
@@ -1000,7 +1013,7 @@ mod tests {
             ("east", vec![ep("10.1.0.1", Some(8080)), ep("10.1.0.2", Some(8080))]),
             ("west", vec![ep("10.2.0.1", None)]),
         ]);
-        let objs = desired(&imp, None, &[]);
+        let objs = desired(&imp, None, &[], V1BETA1);
         let si = by_kind(&objs, WriteKind::ServiceImport);
         assert_eq!(si.len(), 1);
         let body = &si[0].body;
@@ -1037,7 +1050,7 @@ mod tests {
         eps.push(ep("fd00::1", Some(8080)));
         eps.push(ep("10.9.0.1", Some(9090)));
         let imp = import(&[("east", eps)]);
-        let objs = desired(&imp, None, &[]);
+        let objs = desired(&imp, None, &[], V1BETA1);
         let slices = by_kind(&objs, WriteKind::EndpointSlice);
         let shape: Vec<(String, u64, usize)> = slices
             .iter()
@@ -1191,7 +1204,7 @@ mod tests {
         ports.reconcile(&snap, &settings.ports);
 
         // before the derived Service has a ClusterIP the ServiceImport has no ips
-        let objs = desired(&imp, Some((&settings, &ports)), &[]);
+        let objs = desired(&imp, Some((&settings, &ports)), &[], V1BETA1);
         let svc = by_kind(&objs, WriteKind::Service);
         assert_eq!(svc.len(), 1);
         assert_eq!(
@@ -1209,7 +1222,7 @@ mod tests {
         assert_eq!(gw_slice.body["ports"][0]["port"], 20000);
         assert!(by_kind(&objs, WriteKind::ServiceImport)[0].body["spec"].get("ips").is_none());
 
-        let objs = desired(&imp, Some((&settings, &ports)), &["10.96.0.50".to_owned()]);
+        let objs = desired(&imp, Some((&settings, &ports)), &["10.96.0.50".to_owned()], V1BETA1);
         assert_eq!(
             by_kind(&objs, WriteKind::ServiceImport)[0].body["spec"]["ips"],
             json!(["10.96.0.50"])
