@@ -410,6 +410,7 @@ fn describe_metrics() {
     fedgate_dns::metrics::describe();
     fedgate_tunnel::metrics::describe();
     imports::describe_metrics();
+    kube::metrics::describe();
 }
 
 /// `/debug/imports`: every import as flat JSON; `?service=ns/name` or `?namespace=ns` narrow

@@ -219,9 +219,23 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
         .unwrap_or_default();
     assert!(managers.contains(&"fedgate"), "status written by field manager fedgate: {managers:?}");
 
+    // the writes are counted
+    let (_, metrics) = http_get(gws[0].spec.admin, "/metrics")?;
+    let status_writes = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("fedgate_kube_writes_total{")
+                && l.contains("kind=\"ServiceExport\"")
+                && l.contains("result=\"ok\"")
+        })
+        .with_context(|| format!("no ServiceExport status writes in /metrics:\n{metrics}"))?;
+    assert!(status_writes.contains("op=\"status\""), "{status_writes}");
+
     // the broken export is a problem of east's source; the good one is not held back
     let problems = east_gw_problems(&gws[0])?;
     assert!(problems.iter().any(|p| p["object"] == "ServiceExport shop/bad"), "{problems:?}");
+    let (_, metrics) = http_get(gws[0].spec.admin, "/metrics")?;
+    assert!(metrics.contains("fedgate_kube_source_problems 1"), "{metrics}");
 
     // a ServiceImport and east's EndpointSlice in both clusters (exporters import too)
     for (k, ips_from) in [(&west_k, &gws[1]), (&east_k, &gws[0])] {

@@ -10,6 +10,7 @@
 pub mod any;
 pub mod convert;
 pub mod crd;
+pub mod metrics;
 pub mod source;
 pub mod writer;
 

@@ -405,6 +405,7 @@ impl KubeSource {
             }
             let now = store.problems();
             if **problems.borrow() != now {
+                metrics::gauge!(super::metrics::METRIC_SOURCE_PROBLEMS).set(now.len() as f64);
                 problems.send_replace(Arc::new(now));
             }
             if listed.len() == 3 && !*synced.borrow() {

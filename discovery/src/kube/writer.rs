@@ -65,6 +65,17 @@ pub enum WriteKind {
     EndpointSlice,
 }
 
+impl WriteKind {
+    /// The Kubernetes kind (a bounded metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteKind::Service => "Service",
+            WriteKind::ServiceImport => "ServiceImport",
+            WriteKind::EndpointSlice => "EndpointSlice",
+        }
+    }
+}
+
 /// One object the writer owns.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjRef {
@@ -827,6 +838,7 @@ impl KubeWriter {
                     Ok::<_, kube::Error>(obj)
                 }
                 .await;
+                super::metrics::record_write(r.kind.as_str(), "apply", result.is_ok());
                 match result {
                     Ok(obj) => {
                         written.failed.remove(&r);
@@ -865,7 +877,10 @@ impl KubeWriter {
             }
             Action::Delete(r) => {
                 let api = self.api(r.kind, &r.namespace);
-                match api.delete(&r.name, &DeleteParams::default()).await {
+                let result = api.delete(&r.name, &DeleteParams::default()).await;
+                let gone = matches!(&result, Err(kube::Error::Api(e)) if e.code == 404);
+                super::metrics::record_write(r.kind.as_str(), "delete", result.is_ok() || gone);
+                match result {
                     Ok(_) => {
                         tracing::debug!(kind = ?r.kind, namespace = %r.namespace, name = %r.name, "deleted");
                         written.applied.remove(&r);
@@ -906,7 +921,9 @@ impl KubeWriter {
             });
             let api: Api<DynamicObject> =
                 Api::namespaced_with(self.client.clone(), &key.namespace, &self.exports);
-            match api.patch_status(&key.name, &pp, &Patch::Apply(&patch)).await {
+            let result = api.patch_status(&key.name, &pp, &Patch::Apply(&patch)).await;
+            super::metrics::record_write("ServiceExport", "status", result.is_ok());
+            match result {
                 Ok(_) => {
                     tracing::debug!(service = %key, "ServiceExport conditions written");
                     written.conditions.insert(key.clone(), conditions);
