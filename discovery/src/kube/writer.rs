@@ -51,8 +51,10 @@ pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
 pub const LABEL_KUBE_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Annotation on a derived Service naming the import it stands for (`namespace/name`).
 pub const ANNOTATION_DERIVED_FOR: &str = "fedgate.io/derived-for";
-/// How long the writer gathers further changes before writing.
+/// How long the inputs must stay unchanged before the writer writes.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
+/// The longest the writer waits for its inputs to settle.
+pub const MAX_SETTLE: Duration = Duration::from_secs(1);
 /// How often objects that failed to write (e.g. namespace missing) are tried again.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -668,8 +670,9 @@ impl KubeWriter {
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            self.snapshots.mark_unchanged();
-            self.statuses.mark_unchanged();
+            if !self.settle(&shutdown).await {
+                break;
+            }
             if !deletions {
                 let snapshot = self.snapshots.borrow();
                 let heard = self.settings.peers.iter().all(|p| snapshot.localities.contains_key(p));
@@ -691,12 +694,29 @@ impl KubeWriter {
                     }
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(DEBOUNCE) => {}
-            }
         }
         tracing::debug!("kube writer stopped");
+    }
+
+    /// Waits until neither the import snapshot nor the statuses changed for [`DEBOUNCE`] (at
+    /// most [`MAX_SETTLE`]): a burst of updates, e.g. the start-up order of validity, local
+    /// exports and peers' exports, is written once, in its final state, instead of flapping
+    /// conditions through a transient one. False when shutting down.
+    async fn settle(&mut self, shutdown: &CancellationToken) -> bool {
+        let deadline = tokio::time::Instant::now() + MAX_SETTLE;
+        loop {
+            self.snapshots.mark_unchanged();
+            self.statuses.mark_unchanged();
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(DEBOUNCE) => return true,
+                r = self.snapshots.changed() => if r.is_err() { return false },
+                r = self.statuses.changed() => if r.is_err() { return false },
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return true;
+            }
+        }
     }
 
     fn api(&self, kind: WriteKind, namespace: &str) -> Api<DynamicObject> {
