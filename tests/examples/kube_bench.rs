@@ -13,7 +13,7 @@
 //!    --output-watch-events -o json`, one process per kind) B's ServiceImports and fedgate
 //!    EndpointSlices and A's ServiceExports until every import, slice (all endpoints) and
 //!    `Ready=True` condition is there;
-//! 4. deletes the N ServiceExports (one collection delete) and waits until B's imports and
+//! 4. deletes the N ServiceExports (`kubectl delete --all`: one DELETE each) and waits until B's imports and
 //!    slices are gone.
 //!
 //! It prints times, per-service latency percentiles (from the export's ADDED event on A to the
@@ -707,7 +707,7 @@ fn main() -> Result<()> {
         );
     }
     println!();
-    println!("== delete the {n} ServiceExports (one collection delete) ==");
+    println!("== delete the {n} ServiceExports (kubectl delete --all: one DELETE each) ==");
     println!("{:<58} {:>9.2}", "kubectl delete serviceexports --all", delete.as_secs_f64());
     println!(
         "{:<58} {:>9.2}",
