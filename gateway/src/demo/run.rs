@@ -359,6 +359,16 @@ where
 {
     let mut last = String::from("no answer yet");
     loop {
+        // The deadline is checked before each attempt, so a start-up limit shorter than the
+        // gateways' start fails however fast they come up (and a loaded machine cannot make
+        // `--timeout 1ms` succeed).
+        if Instant::now() >= deadline {
+            let log = demo.lock().await.gateways.get(c.id).map(|g| g.log.display().to_string());
+            return Err(DemoError::Timeout {
+                what: format!("{what}: {last} (log: {})", log.unwrap_or_default()),
+                after: timeout,
+            });
+        }
         match check().await {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => {}
@@ -376,13 +386,6 @@ where
                     tail: g.log_tail(15),
                 });
             }
-        }
-        if Instant::now() >= deadline {
-            let log = demo.lock().await.gateways.get(c.id).map(|g| g.log.display().to_string());
-            return Err(DemoError::Timeout {
-                what: format!("{what}: {last} (log: {})", log.unwrap_or_default()),
-                after: timeout,
-            });
         }
         tokio::time::sleep(POLL).await;
     }
