@@ -34,16 +34,55 @@ pub fn fedgate_bin() -> PathBuf {
     bin
 }
 
-/// Runs `fedgate` with arguments and returns (exit code, stdout, stderr).
+/// The longest one [`fedgate`] command may run before the test fails.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs `fedgate` with arguments and returns (exit code, stdout, stderr). A command still
+/// running after [`COMMAND_LIMIT`] is killed and fails the call with what it printed so far.
 pub fn fedgate(args: &[&str]) -> Result<(i32, String, String)> {
-    let out = Command::new(fedgate_bin())
+    let mut child = Command::new(fedgate_bin())
         .args(args)
-        .output()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .with_context(|| format!("running fedgate {args:?}"))?;
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut text);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&text).into_owned());
+        });
+        rx
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > COMMAND_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let grace = Duration::from_secs(2);
+            bail!(
+                "fedgate {args:?} still running after {COMMAND_LIMIT:?}; killed it. stdout:\n{}\nstderr:\n{}",
+                stdout.recv_timeout(grace).unwrap_or_default(),
+                stderr.recv_timeout(grace).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // A grandchild that inherited a pipe can keep it open; don't wait for it forever.
+    let limit = Duration::from_secs(10);
     Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        status.code().unwrap_or(-1),
+        stdout.recv_timeout(limit).unwrap_or_default(),
+        stderr.recv_timeout(limit).unwrap_or_default(),
     ))
 }
 
