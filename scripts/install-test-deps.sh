@@ -32,17 +32,9 @@ if [ ! -f "$browser_dir/node_modules/playwright-core/package.json" ]; then
   echo "install-test-deps: npm ci in tests/browser"
   (cd "$browser_dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund >/dev/null)
 fi
-# kube-apiserver, etcd and kubectl for the Kubernetes e2e tests (docs/testing-kube.md).
+# kube-apiserver, etcd, kubectl and helm for the Kubernetes e2e and deploy tests
+# (docs/testing-kube.md).
 bash "$(dirname "$0")/build-kube.sh"
-# helm for the chart test (tests/tests/deploy.rs), built from the Go module proxy into a
-# versioned cache dir; ~8 min cold on 2 cores, nothing when present.
-HELM_VERSION=v3.22.0
-helm_bin="${XDG_CACHE_HOME:-$HOME/.cache}/fedgate/helm/$HELM_VERSION/bin"
-if [ ! -x "$helm_bin/helm" ]; then
-  echo "install-test-deps: building helm $HELM_VERSION into $helm_bin (go install)"
-  GOBIN="$helm_bin" GOFLAGS=-mod=mod CGO_ENABLED=0 nice -n 10 go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-fi
-
 # cargo-fuzz (fuzz/run.sh): pinned; built from crates.io only when absent or another version.
 CARGO_FUZZ_VERSION=0.13.2
 if ! cargo fuzz --version 2>/dev/null | grep -q "cargo-fuzz $CARGO_FUZZ_VERSION"; then

@@ -2,7 +2,7 @@
 //! a real apply; the Deployment has its probes, requests and hardening; the ServiceAccount's
 //! RBAC allows exactly what the gateway does (checked with `kubectl auth can-i` as that
 //! ServiceAccount); the shipped gateway config passes `fedgate analyze`; the Helm chart renders
-//! the same objects as the manifests (when `helm` is on PATH or in $FEDGATE_HELM).
+//! the same objects as the manifests (built by scripts/build-kube.sh, or $FEDGATE_HELM).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -169,24 +169,13 @@ fn crds_and_manifests_apply_to_a_real_apiserver() -> Result<()> {
     Ok(())
 }
 
-/// The helm release scripts/install-test-deps.sh builds.
-const HELM_VERSION: &str = "v3.22.0";
-
-/// `helm`: $FEDGATE_HELM, else where scripts/install-test-deps.sh builds it
-/// (`${XDG_CACHE_HOME:-~/.cache}/fedgate/helm/<version>/bin`), else PATH.
-fn helm() -> Option<PathBuf> {
+/// `helm`: $FEDGATE_HELM, else the one scripts/build-kube.sh builds beside kube-apiserver
+/// (from the pinned module `tests/kube/helm`).
+fn helm() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("FEDGATE_HELM") {
-        return Some(PathBuf::from(p));
+        return Ok(PathBuf::from(p));
     }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_default();
-    let built = cache.join("fedgate/helm").join(HELM_VERSION).join("bin/helm");
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("helm")).collect::<Vec<_>>())
-        .unwrap_or_default();
-    std::iter::once(built).chain(on_path).find(|p| p.is_file())
+    fedgate_e2e::kube::kube_binary("helm")
 }
 
 /// (kind, name) of every object in a multi-document YAML text.
@@ -221,12 +210,8 @@ fn objects(yaml: &str) -> BTreeSet<(String, String)> {
 
 #[test]
 fn helm_chart_lints_and_renders_the_manifests() -> Result<()> {
-    let Some(helm) = helm() else {
-        panic!(
-            "helm not found: run scripts/install-test-deps.sh (it builds helm {HELM_VERSION} \
-             from the Go module proxy) or set FEDGATE_HELM"
-        );
-    };
+    // Fails, naming scripts/build-kube.sh, when helm was not built.
+    let helm = helm()?;
     let chart = repo().join("deploy/helm/fedgate");
     let run = |args: &[&str]| -> Result<String> {
         let out = std::process::Command::new(&helm).args(args).output()?;
