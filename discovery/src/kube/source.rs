@@ -31,6 +31,10 @@ use crate::model::MANAGED_BY;
 
 /// Label key the EndpointSlice controller (and fedgate) put on slices to say who manages them.
 pub const LABEL_SLICE_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+/// How long the source keeps taking watch events after the first of a batch before it
+/// publishes: one state per 50 ms at most during a burst, 50 ms added to a lone change (the
+/// file source debounces 100 ms).
+const PUBLISH_COALESCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// One object the source could not use, and why.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -377,24 +381,38 @@ impl KubeSource {
             let Some(first) = first else { break };
             let mut affected = Vec::new();
             let mut next = Some(first);
-            // Take every event that is already there before publishing once.
-            while let Some((kind, ev)) = next.take() {
-                match ev {
-                    Ok(ev) => {
-                        if failing.remove(&kind) {
-                            tracing::info!(kind = kind.as_str(), "watch recovered");
+            // Take every event that arrives within PUBLISH_COALESCE of the first before
+            // publishing once: objects created one by one (kubectl apply of a big file)
+            // would otherwise publish a new state per object, and every consumer's O(n)
+            // work per state made a burst O(n²).
+            let deadline = tokio::time::Instant::now() + PUBLISH_COALESCE;
+            loop {
+                while let Some((kind, ev)) = next.take() {
+                    match ev {
+                        Ok(ev) => {
+                            if failing.remove(&kind) {
+                                tracing::info!(kind = kind.as_str(), "watch recovered");
+                            }
+                            if handle(&mut store, kind, ev, &mut affected) {
+                                listed.insert(kind);
+                            }
                         }
-                        if handle(&mut store, kind, ev, &mut affected) {
-                            listed.insert(kind);
+                        Err(e) => {
+                            if failing.insert(kind) {
+                                tracing::warn!(kind = kind.as_str(), error = %e, "watch failed; retrying with backoff");
+                            }
                         }
                     }
-                    Err(e) => {
-                        if failing.insert(kind) {
-                            tracing::warn!(kind = kind.as_str(), error = %e, "watch failed; retrying with backoff");
-                        }
-                    }
+                    next = events.next().now_or_never().flatten();
                 }
-                next = events.next().now_or_never().flatten();
+                next = tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => None,
+                    _ = shutdown.cancelled() => None,
+                    ev = events.next() => ev,
+                };
+                if next.is_none() {
+                    break;
+                }
             }
             let changed = store.rebuild(&affected);
             // Nothing is published before every kind has been listed once: a Service seen
