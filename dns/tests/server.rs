@@ -2,17 +2,14 @@
 //! and real `dig`. Upstreams are tiny authorities started by the tests.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use fedgate_discovery::model::{
-    ClusterId, ClusterState, Endpoint, EndpointPort, EndpointVip, ExportedService, Health,
-    ImportPort, ImportSnapshot, ImportedService, LocalService, Locality, Protocol, ServiceKey,
-    ServicePort, ServiceType, SessionAffinity,
-};
+use fedgate_discovery::model::{ClusterState, Health, ImportSnapshot, ServiceKey};
+use fedgate_dns::fixture::{cluster_state, snapshot};
 use fedgate_dns::{DnsServer, DnsSettings, Upstream};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, SOA, TXT};
@@ -23,193 +20,8 @@ use tokio::sync::{oneshot, watch};
 
 const WAIT: Duration = Duration::from_secs(5);
 
-// ---------------------------------------------------------------- model builders
-
-fn cid(s: &str) -> ClusterId {
-    ClusterId::new(s).expect("cluster id")
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("ip")
-}
-
-fn ep(addr: &str, hostname: Option<&str>, health: Health) -> Endpoint {
-    Endpoint {
-        address: ip(addr),
-        hostname: hostname.map(str::to_owned),
-        ready: true,
-        zone: None,
-        ports: vec![EndpointPort {
-            name: Some("http".into()),
-            protocol: Protocol::Tcp,
-            port: 8080,
-        }],
-        health,
-    }
-}
-
-fn sport(name: Option<&str>, port: u16) -> ServicePort {
-    ServicePort {
-        name: name.map(str::to_owned),
-        protocol: Protocol::Tcp,
-        port,
-        app_protocol: None,
-        target_port: None,
-    }
-}
-
-fn export(
-    key: &ServiceKey,
-    cluster: &str,
-    ty: ServiceType,
-    endpoints: Vec<Endpoint>,
-) -> Arc<ExportedService> {
-    Arc::new(ExportedService {
-        key: key.clone(),
-        cluster: cid(cluster),
-        service_type: ty,
-        ports: vec![sport(Some("http"), 80)],
-        session_affinity: SessionAffinity::None,
-        internal_traffic_policy: None,
-        traffic_distribution: None,
-        ip_families: vec![],
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        created: jiff::Timestamp::UNIX_EPOCH,
-        endpoints,
-    })
-}
-
-fn import(
-    key: &ServiceKey,
-    ty: ServiceType,
-    ips: &[&str],
-    clusters: Vec<Arc<ExportedService>>,
-) -> Arc<ImportedService> {
-    let all: BTreeSet<ClusterId> = clusters.iter().map(|c| c.cluster.clone()).collect();
-    Arc::new(ImportedService {
-        key: key.clone(),
-        service_type: ty,
-        ports: vec![ImportPort { port: sport(Some("http"), 80), clusters: all }],
-        session_affinity: SessionAffinity::None,
-        internal_traffic_policy: None,
-        traffic_distribution: None,
-        ip_families: vec![],
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        ips: ips.iter().map(|s| ip(s)).collect(),
-        winner: cid("east"),
-        clusters: clusters.into_iter().map(|c| (c.cluster.clone(), c)).collect(),
-        conflicts: vec![],
-    })
-}
-
-fn locality(region: &str, zone: &str) -> Locality {
-    Locality { region: Some(region.into()), zone: Some(zone.into()), labels: BTreeMap::new() }
-}
-
-/// The clusterset of the tests, seen from `east` (region us):
-/// - `web.shop` ClusterSetIP 242.1.0.1 / fd00:242::1, exported by west only;
-/// - `db.shop` headless: east 10.0.0.1 (db-0) + 10.0.0.2, west 10.2.0.1 (VIP 242.2.0.1);
-/// - `big.shop` headless with 100 local endpoints (truncation).
-fn snapshot(east_db_health: Health) -> ImportSnapshot {
-    let web = ServiceKey::new("shop", "web");
-    let db = ServiceKey::new("shop", "db");
-    let big = ServiceKey::new("shop", "big");
-    let mut services = BTreeMap::new();
-    services.insert(
-        web.clone(),
-        import(
-            &web,
-            ServiceType::ClusterSetIP,
-            &["242.1.0.1", "fd00:242::1"],
-            vec![export(
-                &web,
-                "west",
-                ServiceType::ClusterSetIP,
-                vec![ep("10.2.0.5", None, Health::Healthy)],
-            )],
-        ),
-    );
-    services.insert(
-        db.clone(),
-        import(
-            &db,
-            ServiceType::Headless,
-            &[],
-            vec![
-                export(
-                    &db,
-                    "east",
-                    ServiceType::Headless,
-                    vec![
-                        ep("10.0.0.1", Some("db-0"), east_db_health),
-                        ep("10.0.0.2", None, east_db_health),
-                    ],
-                ),
-                export(
-                    &db,
-                    "west",
-                    ServiceType::Headless,
-                    vec![ep("10.2.0.1", Some("db-0"), Health::Healthy)],
-                ),
-            ],
-        ),
-    );
-    let many: Vec<Endpoint> =
-        (1..=100).map(|i| ep(&format!("10.9.0.{i}"), None, Health::Healthy)).collect();
-    services.insert(
-        big.clone(),
-        import(
-            &big,
-            ServiceType::Headless,
-            &[],
-            vec![export(&big, "east", ServiceType::Headless, many)],
-        ),
-    );
-    let mut endpoint_vips = BTreeMap::new();
-    endpoint_vips.insert(
-        ip("242.2.0.1"),
-        EndpointVip { key: db.clone(), cluster: cid("west"), endpoint: ip("10.2.0.1") },
-    );
-    ImportSnapshot {
-        version: 1,
-        local_cluster: Some(cid("east")),
-        services,
-        localities: [(cid("east"), locality("us", "us-a")), (cid("west"), locality("eu", "eu-a"))]
-            .into_iter()
-            .collect(),
-        unreachable: BTreeSet::new(),
-        endpoint_vips,
-    }
-}
-
-/// `east`'s own Services: `api.shop` (ClusterIP 10.96.0.10) and `pods.shop` (headless).
-fn cluster_state() -> ClusterState {
-    let mut state = ClusterState::default();
-    let api = ServiceKey::new("shop", "api");
-    let pods = ServiceKey::new("shop", "pods");
-    let svc = |key: &ServiceKey, ips: Vec<IpAddr>, endpoints| {
-        Arc::new(LocalService {
-            key: key.clone(),
-            kube_type: "ClusterIP".into(),
-            headless: ips.is_empty(),
-            cluster_ips: ips,
-            ports: vec![sport(Some("http"), 80)],
-            session_affinity: SessionAffinity::None,
-            internal_traffic_policy: None,
-            traffic_distribution: None,
-            ip_families: vec![],
-            endpoints,
-        })
-    };
-    state.services.insert(api.clone(), svc(&api, vec![ip("10.96.0.10")], vec![]));
-    state.services.insert(
-        pods.clone(),
-        svc(&pods, vec![], vec![ep("10.0.1.1", Some("pod-a"), Health::Unknown)]),
-    );
-    state
-}
+// The clusterset the tests serve (web.shop, db.shop, big.shop, cluster.local's api.shop and
+// pods.shop) is `fedgate_dns::fixture`, the one the fuzz targets use.
 
 // ---------------------------------------------------------------- a tiny upstream authority
 
