@@ -35,7 +35,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,7 +46,6 @@ use fedgate_e2e::*;
 use serde_json::Value;
 
 const CLUSTERSET: &str = "kube-bench";
-const SA: &str = "system:serviceaccount:fedgate-system:fedgate";
 const IMPORTS: &str = "serviceimports.v1beta1.multicluster.x-k8s.io";
 const EXPORTS: &str = "serviceexports.v1beta1.multicluster.x-k8s.io";
 const NS: &str = "bench";
@@ -86,27 +85,10 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// CRDs, namespace, ServiceAccount and RBAC of deploy/, and a kubeconfig acting as that
-/// ServiceAccount (as tests/tests/kube_gateway.rs does).
+/// deploy/'s CRDs, namespace, ServiceAccount and RBAC, a kubeconfig acting as that
+/// ServiceAccount, and the bench's namespaces.
 fn prepare_cluster(c: &KubeCluster) -> Result<PathBuf> {
-    let crds = repo().join("deploy/crds");
-    c.kubectl_ok(&["apply", "--server-side", "-f", &crds.to_string_lossy()])?;
-    c.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=30s", "crd", "--all"])?;
-    for f in ["00-namespace.yaml", "01-serviceaccount.yaml", "02-rbac.yaml"] {
-        let path = repo().join("deploy/manifests").join(f);
-        c.kubectl_ok(&["apply", "-f", &path.to_string_lossy()])?;
-    }
-    let admin = std::fs::read_to_string(c.kubeconfig_path())?;
-    let token_line = format!("    token: {}\n", c.token());
-    if !admin.contains(&token_line) {
-        bail!("unexpected kubeconfig layout:\n{admin}");
-    }
-    let path = c.dir().join("kubeconfig-fedgate-sa");
-    std::fs::write(&path, admin.replace(&token_line, &format!("{token_line}    as: {SA}\n")))?;
+    let path = c.prepare_for_gateway()?;
     for ns in [NS, "warm", "floor"] {
         c.kubectl_ok(&["create", "namespace", ns])?;
     }

@@ -233,6 +233,9 @@ pub struct KubeCluster {
     dir: tempfile::TempDir,
 }
 
+/// The ServiceAccount `deploy/manifests` runs the gateway as.
+pub const GATEWAY_SERVICE_ACCOUNT: &str = "system:serviceaccount:fedgate-system:fedgate";
+
 impl KubeCluster {
     /// Starts etcd and kube-apiserver for a cluster called `name` (used in file, user and
     /// context names; any short `[a-z0-9-]` string) and waits until the apiserver is ready.
@@ -499,6 +502,31 @@ impl KubeCluster {
     /// returns stdout.
     pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
         check_output(&format!("kubectl {}", args.join(" ")), self.kubectl(args)?)
+    }
+
+    /// Prepares the cluster for a gateway as `deploy/` installs one: applies the CRDs (waits
+    /// until they are established), the namespace, ServiceAccount and RBAC, and writes a
+    /// kubeconfig that acts as that ServiceAccount ([`GATEWAY_SERVICE_ACCOUNT`]), so a gateway
+    /// started with it gets exactly the RBAC of `deploy/manifests`. Returns its path.
+    pub fn prepare_for_gateway(&self) -> Result<PathBuf> {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let crds = repo.join("deploy/crds");
+        self.kubectl_ok(&["apply", "--server-side", "-f", &crds.to_string_lossy()])?;
+        self.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=30s", "crd", "--all"])?;
+        for f in ["00-namespace.yaml", "01-serviceaccount.yaml", "02-rbac.yaml"] {
+            let path = repo.join("deploy/manifests").join(f);
+            self.kubectl_ok(&["apply", "-f", &path.to_string_lossy()])?;
+        }
+        let admin = std::fs::read_to_string(self.kubeconfig_path())?;
+        let token_line = format!("    token: {}\n", self.token());
+        if !admin.contains(&token_line) {
+            bail!("unexpected kubeconfig layout:\n{admin}");
+        }
+        let as_sa =
+            admin.replace(&token_line, &format!("{token_line}    as: {GATEWAY_SERVICE_ACCOUNT}\n"));
+        let path = self.dir().join("kubeconfig-fedgate-sa");
+        std::fs::write(&path, as_sa)?;
+        Ok(path)
     }
 
     /// `kubectl apply -f -` with `yaml` on stdin; returns kubectl's stdout.

@@ -19,33 +19,12 @@ use serde_json::Value;
 
 const CLUSTERSET: &str = "kube-e2e";
 const WAIT: Duration = Duration::from_secs(20);
-const SA: &str = "system:serviceaccount:fedgate-system:fedgate";
+const SA: &str = fedgate_e2e::kube::GATEWAY_SERVICE_ACCOUNT;
 const IMPORTS: &str = "serviceimports.v1beta1.multicluster.x-k8s.io";
 const EXPORTS: &str = "serviceexports.v1beta1.multicluster.x-k8s.io";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// CRDs, the namespace, ServiceAccount and RBAC of deploy/, and a kubeconfig that acts as
-/// that ServiceAccount.
-fn prepare_cluster(c: &KubeCluster) -> Result<PathBuf> {
-    let crds = repo().join("deploy/crds");
-    c.kubectl_ok(&["apply", "--server-side", "-f", &crds.to_string_lossy()])?;
-    c.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=30s", "crd", "--all"])?;
-    for f in ["00-namespace.yaml", "01-serviceaccount.yaml", "02-rbac.yaml"] {
-        let path = repo().join("deploy/manifests").join(f);
-        c.kubectl_ok(&["apply", "-f", &path.to_string_lossy()])?;
-    }
-    let admin = std::fs::read_to_string(c.kubeconfig_path())?;
-    let token_line = format!("    token: {}\n", c.token());
-    if !admin.contains(&token_line) {
-        bail!("unexpected kubeconfig layout:\n{admin}");
-    }
-    let as_sa = admin.replace(&token_line, &format!("{token_line}    as: {SA}\n"));
-    let path = c.dir().join("kubeconfig-fedgate-sa");
-    std::fs::write(&path, as_sa)?;
-    Ok(path)
 }
 
 /// Turns a file-source gateway config into a kube-source one.
@@ -147,8 +126,8 @@ fn start_both(names: [&'static str; 2]) -> Result<(KubeCluster, KubeCluster)> {
 #[test]
 fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> Result<()> {
     let (east_k, west_k) = start_both(["east", "west"])?;
-    let east_kc = prepare_cluster(&east_k)?;
-    let west_kc = prepare_cluster(&west_k)?;
+    let east_kc = east_k.prepare_for_gateway()?;
+    let west_kc = west_k.prepare_for_gateway()?;
     for c in [&east_k, &west_k] {
         c.kubectl_ok(&["create", "namespace", "shop"])?;
     }
@@ -354,7 +333,7 @@ while True:
 fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() -> Result<()> {
     let net = endpoint_net(1)?;
     let k = KubeCluster::start("front")?;
-    let kc = prepare_cluster(&k)?;
+    let kc = k.prepare_for_gateway()?;
     k.kubectl_ok(&["create", "namespace", "shop"])?;
     let tmp = tempfile::tempdir()?;
     let block = AddrBlock::unique();
