@@ -474,20 +474,13 @@ fn main() -> Result<()> {
     let ids = ["a", "b"];
     let mut gws = Vec::new();
     for (i, id) in ids.iter().enumerate() {
-        let host = |i: usize| 10 + i as u8;
         let spec = GatewaySpec {
-            id: (*id).to_owned(),
-            clusterset: CLUSTERSET.to_owned(),
             region: "r1".to_owned(),
             zone: format!("z-{id}"),
-            tunnel: block.addr(host(i), 15443),
-            admin: block.addr(host(i), 15000),
-            dns: block.addr(host(i), 10053),
             vip_range: format!("127.{}.{}.0/20", block.ip(1).octets()[1], 192 + 16 * i as u8),
-            peers: vec![(ids[1 - i].to_owned(), block.addr(host(1 - i), 15443))],
-            lease: "15s".to_owned(),
             // endpoints lead nowhere: probe them rarely (as bench/propagation.py does)
             extra: "traffic: { healthCheck: { interval: 30s, timeout: 1s } }\n".to_owned(),
+            ..GatewaySpec::mesh(block, CLUSTERSET, &ids, i)
         };
         let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
         let g = Gateway::prepare(tmp.path(), spec, tls)?;

@@ -226,6 +226,34 @@ pub struct GatewaySpec {
     pub extra: String,
 }
 
+impl GatewaySpec {
+    /// Gateway `i` of a full mesh of `ids` in `block`: host `10 + i` (tunnel :15443, admin
+    /// :15000, DNS :10053), region `region-<id>`, zone `zone-<id>`, ClusterSetIPs from
+    /// `127.<block>.<200 + i>.0/24`, every other id as a peer, a 15 s lease, no extra YAML.
+    /// Tests override what they need with struct update syntax.
+    pub fn mesh(block: AddrBlock, clusterset: &str, ids: &[&str], i: usize) -> Self {
+        let host = |i: usize| 10 + i as u8;
+        GatewaySpec {
+            id: ids[i].to_owned(),
+            clusterset: clusterset.to_owned(),
+            region: format!("region-{}", ids[i]),
+            zone: format!("zone-{}", ids[i]),
+            tunnel: block.addr(host(i), 15443),
+            admin: block.addr(host(i), 15000),
+            dns: block.addr(host(i), 10053),
+            vip_range: format!("127.{}.{}.0/24", block.ip(1).octets()[1], 200 + i as u8),
+            peers: ids
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(j, id)| ((*id).to_owned(), block.addr(host(j), 15443)))
+                .collect(),
+            lease: "15s".to_owned(),
+            extra: String::new(),
+        }
+    }
+}
+
 /// A running `fedgate run` process with its own directory (config, certs, cluster files).
 pub struct Gateway {
     pub spec: GatewaySpec,

@@ -173,19 +173,10 @@ fn pair(upstream_a: Option<SocketAddr>, block: AddrBlock) -> Result<Pair> {
     let ids = ["alpha", "bravo"];
     let mut gateways = Vec::new();
     for (i, id) in ids.iter().enumerate() {
-        let host = |i: usize| 10 + i as u8;
         let spec = GatewaySpec {
-            id: (*id).to_owned(),
-            clusterset: CLUSTERSET.to_owned(),
-            region: format!("region-{id}"),
-            zone: format!("zone-{id}"),
-            tunnel: block.addr(host(i), 15443),
-            admin: block.addr(host(i), 15000),
-            dns: block.addr(host(i), 53),
-            vip_range: vip_range(block, i),
-            peers: vec![(ids[1 - i].to_owned(), block.addr(host(1 - i), 15443))],
-            lease: "15s".to_owned(),
+            dns: block.addr(10 + i as u8, 53),
             extra: HEALTH.to_owned(),
+            ..GatewaySpec::mesh(block, CLUSTERSET, &ids, i)
         };
         let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
         let g = Gateway::prepare(tmp.path(), spec, tls)?;
@@ -208,10 +199,6 @@ fn pair(upstream_a: Option<SocketAddr>, block: AddrBlock) -> Result<Pair> {
 }
 
 /// Gateway `i`'s ClusterSetIP range: its own /24 next to the block.
-fn vip_range(block: AddrBlock, i: usize) -> String {
-    format!("127.{}.{}.0/24", block.ip(1).octets()[1], 200 + i)
-}
-
 fn in_range(ip: &str, block: AddrBlock, i: usize) -> bool {
     let prefix = format!("127.{}.{}.", block.ip(1).octets()[1], 200 + i);
     ip.starts_with(&prefix)

@@ -35,26 +35,7 @@ fn federation(ids: &[&str], lease: &str) -> Result<Federation> {
 }
 
 fn spec_for(block: AddrBlock, ids: &[&str], i: usize, lease: &str) -> GatewaySpec {
-    let host = |i: usize| 10 + i as u8;
-    GatewaySpec {
-        id: ids[i].to_owned(),
-        clusterset: CLUSTERSET.to_owned(),
-        region: format!("region-{}", ids[i]),
-        zone: format!("zone-{}", ids[i]),
-        tunnel: block.addr(host(i), 15443),
-        admin: block.addr(host(i), 15000),
-        dns: block.addr(host(i), 10053),
-        // Each gateway allocates ClusterSetIPs from its own /24 of the block's neighbour range.
-        vip_range: format!("127.{}.{}.0/24", block.ip(1).octets()[1], 200 + i as u8),
-        peers: ids
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(j, id)| ((*id).to_owned(), block.addr(host(j), 15443)))
-            .collect(),
-        lease: lease.to_owned(),
-        extra: String::new(),
-    }
+    GatewaySpec { lease: lease.to_owned(), ..GatewaySpec::mesh(block, CLUSTERSET, ids, i) }
 }
 
 fn wait_import(g: &Gateway, ns: &str, name: &str, clusters: &[&str]) -> Result<serde_json::Value> {

@@ -670,28 +670,14 @@ fn every_dashboard_metric_is_exported_by_a_running_gateway() -> Result<()> {
     let upstream = fake_upstream(block.addr(250, 0))?;
     let pki = Pki::new(tmp.path(), "ca", "grafana")?;
     let ids = ["alpha", "bravo", "charlie"];
-    let host = |i: usize| 10 + i as u8;
     let mut gateways = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let spec = GatewaySpec {
-            id: (*id).to_owned(),
-            clusterset: "grafana".to_owned(),
-            region: format!("region-{id}"),
-            zone: format!("zone-{id}"),
-            tunnel: block.addr(host(i), 15443),
-            admin: block.addr(host(i), 15000),
-            dns: block.addr(host(i), 10053),
-            vip_range: format!("127.{}.{}.0/24", block.ip(1).octets()[1], 200 + i as u8),
-            peers: ids
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(j, p)| ((*p).to_owned(), block.addr(host(j), 15443)))
-                .collect(),
             lease: "2s".to_owned(),
             // Probes rarely, so a backend that goes away is found by passive outlier
             // detection (connect failures) first.
             extra: "traffic:\n  healthCheck: { interval: 60s, timeout: 500ms }\n".to_owned(),
+            ..GatewaySpec::mesh(block, "grafana", &ids, i)
         };
         let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
         let g = Gateway::prepare(tmp.path(), spec, tls)?;

@@ -144,19 +144,11 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
     let ids = ["east", "west"];
     let mut gws = Vec::new();
     for (i, id) in ids.iter().enumerate() {
-        let host = |i: usize| 10 + i as u8;
         let spec = GatewaySpec {
-            id: (*id).to_owned(),
-            clusterset: CLUSTERSET.to_owned(),
             region: "r1".to_owned(),
             zone: format!("z-{id}"),
-            tunnel: block.addr(host(i), 15443),
-            admin: block.addr(host(i), 15000),
-            dns: block.addr(host(i), 10053),
-            vip_range: format!("127.{}.{}.0/24", block.ip(1).octets()[1], 200 + i as u8),
-            peers: vec![(ids[1 - i].to_owned(), block.addr(host(1 - i), 15443))],
             lease: "3s".to_owned(),
-            extra: String::new(),
+            ..GatewaySpec::mesh(block, CLUSTERSET, &ids, i)
         };
         let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
         gws.push(Gateway::prepare(tmp.path(), spec, tls)?);
