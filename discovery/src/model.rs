@@ -480,6 +480,9 @@ pub struct PeerStatus {
     pub draining: bool,
     /// Round-trip time of the QUIC connection, when connected.
     pub rtt_ms: Option<f64>,
+    /// Largest UDP payload the QUIC connection uses now (path MTU discovery), when connected.
+    #[serde(default)]
+    pub path_mtu: Option<u16>,
     /// Seconds since we last heard from the peer (the lease runs from then).
     pub last_seen_secs: Option<f64>,
     /// Version of the peer's export set we hold.

@@ -174,6 +174,7 @@ mod tests {
             connected,
             draining,
             rtt_ms: connected.then_some(0.5),
+            path_mtu: connected.then_some(1452),
             last_seen_secs: Some(4.0),
             exports_version: Some(3),
             exports_withdrawn: withdrawn,

@@ -582,6 +582,7 @@ mod tests {
             connected,
             draining,
             rtt_ms: None,
+            path_mtu: None,
             last_seen_secs: Some(20.0),
             exports_version: None,
             exports_withdrawn: withdrawn,

@@ -194,6 +194,18 @@ fn half_close_gets_reply_and_bulk_transfer_is_byte_exact() -> Result<()> {
         "{bytes} bytes through the tunnel in {secs:.1} s ({:.0} MiB/s), sha256 equal on both sides",
         bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)
     );
+
+    // Path MTU discovery (default upper bound 8952) settled within what the 1500-byte veth
+    // carries (1472 bytes of UDP payload over IPv4), and above QUIC's 1200-byte floor: the
+    // jumbo probes were lost without losing the transfer.
+    let peers = a.json("/debug/peers")?;
+    let mtu = peers
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["cluster"] == "bravo"))
+        .and_then(|p| p["path_mtu"].as_u64())
+        .with_context(|| format!("alpha's /debug/peers has no path_mtu for bravo: {peers}"))?;
+    eprintln!("path MTU alpha -> bravo over the 1500-byte veth: {mtu}");
+    assert!((1200..=1472).contains(&mtu), "path MTU {mtu} on a 1500-byte veth");
     Ok(())
 }
 

@@ -57,10 +57,10 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 4096;
 /// SO_RCVBUF / SO_SNDBUF asked for. With CAP_NET_ADMIN it is forced past
 /// `net.core.rmem_max`/`wmem_max` (SO_RCVBUFFORCE); without, the kernel caps it there.
 pub const DEFAULT_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
-/// Upper bound of path MTU discovery, in bytes of UDP payload: quinn's default, which fits
-/// a 1500-byte Ethernet path with IPv6 headers. Jumbo-frame networks (and loopback) can raise
-/// it to 8952 (`tunnel.maxUdpPayloadSize`).
-pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1452;
+/// Upper bound of path MTU discovery, in bytes of UDP payload: a 9000-byte jumbo-frame path
+/// with IPv6 headers. Discovery settles lower by itself where the path is smaller (≤ 1472 on
+/// 1500-byte Ethernet); 1452 (`tunnel.maxUdpPayloadSize`) pins such a path.
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 8952;
 /// Smallest UDP payload QUIC allows (RFC 9000 §14).
 pub const MIN_UDP_PAYLOAD: u16 = 1200;
 /// Largest payload of one UDP send, GSO batch included (65535 − IPv4 and UDP headers): a GSO
@@ -252,6 +252,7 @@ impl Shared {
                 let conn = connections.get(id);
                 s.connected = conn.is_some();
                 s.rtt_ms = conn.map(|c| c.rtt().as_secs_f64() * 1000.0);
+                s.path_mtu = conn.map(|c| c.stats().path.current_mtu);
                 s.last_seen_secs = e.last_seen.map(|t| now.duration_since(t).as_secs_f64());
                 s
             })
@@ -361,7 +362,7 @@ impl TunnelEndpoint {
         let runtime = Arc::new(quinn::TokioRuntime);
         let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)
             .map_err(|e| TunnelError::Bind(settings.listen, e))?;
-        let socket = GsoCapped::new(socket, settings.max_udp_payload);
+        let socket = GsoCapped::new(socket);
         let mut endpoint_config = quinn::EndpointConfig::default();
         // What we tell peers we accept, and how large quinn's receive buffers are cut.
         endpoint_config
@@ -386,6 +387,7 @@ impl TunnelEndpoint {
                     connected: false,
                     draining: false,
                     rtt_ms: None,
+                    path_mtu: None,
                     last_seen_secs: None,
                     exports_version: None,
                     exports_withdrawn: false,
@@ -604,24 +606,25 @@ fn grow_buffers(socket: &socket2::Socket, want: usize) {
     }
 }
 
-/// GSO batch size for a path MTU of at most `max_udp_payload`: quinn sends up to 10 datagrams
-/// of the current MTU in one `sendmsg`, and a batch over 64 KiB fails (EMSGSIZE, dropped
-/// without a trace), which MTU discovery then mistakes for a black hole. Pure.
-pub fn gso_segments(max_udp_payload: u16, socket_max: usize) -> usize {
-    (MAX_GSO_BYTES / usize::from(max_udp_payload.max(1))).clamp(1, socket_max.max(1))
+/// Byte ranges of `len` bytes of datagrams of `segment` bytes (the last may be shorter), cut
+/// into sends of at most [`MAX_GSO_BYTES`] that keep datagram boundaries: quinn batches up to
+/// 10 datagrams of the current MTU in one GSO send, and a batch over 64 KiB fails (EMSGSIZE,
+/// dropped without a trace), which MTU discovery then mistakes for a black hole. Pure.
+pub fn gso_chunks(len: usize, segment: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let step = (MAX_GSO_BYTES / segment.max(1)).max(1) * segment.max(1);
+    (0..len).step_by(step).map(move |start| start..(start + step).min(len))
 }
 
-/// The runtime's UDP socket with GSO batches capped so they never exceed 64 KiB at the
-/// largest MTU discovery may reach (quinn 0.11 does not cap them itself).
+/// The runtime's UDP socket with GSO batches cut to at most 64 KiB, whatever MTU discovery
+/// reaches (quinn 0.11 does not cut them itself).
 #[derive(Debug)]
 struct GsoCapped {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
-    max_udp_payload: u16,
 }
 
 impl GsoCapped {
-    fn new(inner: Arc<dyn quinn::AsyncUdpSocket>, max_udp_payload: u16) -> Arc<Self> {
-        Arc::new(Self { inner, max_udp_payload })
+    fn new(inner: Arc<dyn quinn::AsyncUdpSocket>) -> Arc<Self> {
+        Arc::new(Self { inner })
     }
 }
 
@@ -630,7 +633,29 @@ impl quinn::AsyncUdpSocket for GsoCapped {
         self.inner.clone().create_io_poller()
     }
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
-        self.inner.try_send(transmit)
+        let segment = match transmit.segment_size {
+            Some(segment) if transmit.contents.len() > MAX_GSO_BYTES => segment,
+            _ => return self.inner.try_send(transmit),
+        };
+        for (i, range) in gso_chunks(transmit.contents.len(), segment).enumerate() {
+            let contents = &transmit.contents[range];
+            let part = quinn::udp::Transmit {
+                destination: transmit.destination,
+                ecn: transmit.ecn,
+                contents,
+                segment_size: (contents.len() > segment).then_some(segment),
+                src_ip: transmit.src_ip,
+            };
+            match self.inner.try_send(&part) {
+                Ok(()) => {}
+                // Nothing sent yet: quinn retries the whole batch when the socket is writable.
+                Err(e) if i == 0 => return Err(e),
+                // Part of the batch is out: the rest counts as lost on the wire (QUIC resends
+                // it); reporting WouldBlock would make quinn send the first part twice.
+                Err(_) => return Ok(()),
+            }
+        }
+        Ok(())
     }
     fn poll_recv(
         &self,
@@ -644,8 +669,7 @@ impl quinn::AsyncUdpSocket for GsoCapped {
         self.inner.local_addr()
     }
     fn max_transmit_segments(&self) -> usize {
-        // Asked every time: quinn-udp turns GSO off at run time when the kernel refuses it.
-        gso_segments(self.max_udp_payload, self.inner.max_transmit_segments())
+        self.inner.max_transmit_segments()
     }
     fn max_receive_segments(&self) -> usize {
         self.inner.max_receive_segments()
@@ -1199,20 +1223,25 @@ mod unit_tests {
     }
 
     #[test]
-    fn gso_batches_stay_under_64_kib() {
-        // (max payload, what the socket allows, segments per sendmsg)
-        let cases = [
-            (1452, 64, 45),
-            (1452, 1, 1),
-            (8952, 64, 7),
-            (16_384, 64, 3),
-            (65_507, 64, 1),
-            (1200, 10, 10),
+    fn gso_sends_stay_under_64_kib_and_keep_datagram_boundaries() {
+        // (bytes in quinn's batch, segment size, expected send lengths)
+        let cases: [(usize, usize, &[usize]); 6] = [
+            (10 * 1452, 1452, &[14_520]),
+            (10 * 8952, 8952, &[7 * 8952, 3 * 8952]),
+            (9 * 8952 + 100, 8952, &[7 * 8952, 2 * 8952 + 100]),
+            (10 * 16_384, 16_384, &[3 * 16_384, 3 * 16_384, 3 * 16_384, 16_384]),
+            (2 * 65_507, 65_507, &[65_507, 65_507]),
+            (0, 1452, &[]),
         ];
-        for (payload, socket, want) in cases {
-            let got = gso_segments(payload, socket);
-            assert_eq!(got, want, "payload {payload}, socket {socket}");
-            assert!(got * usize::from(payload) <= MAX_GSO_BYTES || got == 1);
+        for (len, segment, want) in cases {
+            let got: Vec<_> = gso_chunks(len, segment).collect();
+            let lens: Vec<usize> = got.iter().map(|r| r.len()).collect();
+            assert_eq!(lens, want, "{len} bytes of {segment}-byte datagrams");
+            for r in &got {
+                assert!(r.len() <= MAX_GSO_BYTES);
+                assert_eq!(r.start % segment, 0, "a send starts on a datagram boundary");
+            }
+            assert_eq!(got.last().map_or(0, |r| r.end), len, "every byte is sent once");
         }
     }
 

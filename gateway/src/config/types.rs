@@ -92,7 +92,9 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ClusterConfig {
-    /// The cluster id (KEP-2149): an RFC 1123 label, unique in the clusterset. Required.
+    /// The cluster id (KEP-2149): an RFC 1123 label, unique in the clusterset. Required with
+    /// `discovery.source: file`; with `kube` the ClusterProperty `cluster.clusterset.k8s.io`
+    /// provides it when the config leaves it out.
     pub id: ClusterId,
     /// The clusterset's name, also the SPIFFE trust domain of gateway certificates.
     #[serde(default = "default_clusterset")]
@@ -103,6 +105,32 @@ pub struct ClusterConfig {
     /// Extra labels of this cluster that `traffic.failoverPriority` may name.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+/// `cluster` as the file spells it: `id` may be left out (with `discovery.source: kube` the
+/// ClusterProperty provides it). Becomes a [`ClusterConfig`] once the id is known.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct ClusterSection {
+    #[serde(default)]
+    pub id: Option<ClusterId>,
+    #[serde(default = "default_clusterset")]
+    pub clusterset: String,
+    #[serde(default)]
+    pub locality: LocalityConfig,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl ClusterSection {
+    pub(crate) fn with_id(self, id: ClusterId) -> ClusterConfig {
+        ClusterConfig {
+            id,
+            clusterset: self.clusterset,
+            locality: self.locality,
+            labels: self.labels,
+        }
+    }
 }
 
 /// `cluster.locality`.
@@ -238,8 +266,8 @@ pub struct TunnelConfig {
     /// UDP address of the QUIC listener (data and control traffic).
     #[serde(with = "socket_addr")]
     pub listen: SocketAddr,
-    /// Largest UDP payload (bytes) path MTU discovery may reach: 1452 fits 1500-byte
-    /// Ethernet; 8952 suits jumbo-frame networks and loopback. 1200..=65507.
+    /// Largest UDP payload (bytes) path MTU discovery may reach (default 8952, jumbo
+    /// frames; a 1500-byte path settles at <= 1472 by itself). 1200..=65507.
     pub max_udp_payload_size: u16,
 }
 

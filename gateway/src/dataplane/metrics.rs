@@ -23,6 +23,7 @@ pub const FAILOVERS_TOTAL: &str = "fedgate_failovers_total";
 pub const DRAINING: &str = "fedgate_draining";
 pub const PEER_UP: &str = "fedgate_peer_up";
 pub const PEER_RTT_SECONDS: &str = "fedgate_peer_rtt_seconds";
+pub const PEER_PATH_MTU_BYTES: &str = "fedgate_peer_path_mtu_bytes";
 pub const CONNECT_DURATION_SECONDS: &str = "fedgate_connect_duration_seconds";
 pub const LISTENERS: &str = "fedgate_listeners";
 pub const LISTENER_BIND_ERRORS_TOTAL: &str = "fedgate_listener_bind_errors_total";
@@ -86,6 +87,13 @@ pub fn describe() {
         Unit::Seconds,
         "Round-trip time of the QUIC connection to a peer (quinn's smoothed estimate), by peer; \
          keeps its last value while the peer is down (read it with fedgate_peer_up)."
+    );
+    describe_gauge!(
+        PEER_PATH_MTU_BYTES,
+        Unit::Bytes,
+        "Largest UDP payload the QUIC connection to a peer uses now, as found by path MTU \
+         discovery (up to tunnel.maxUdpPayloadSize), by peer; keeps its last value while the \
+         peer is down."
     );
     describe_histogram!(
         CONNECT_DURATION_SECONDS,
@@ -208,11 +216,14 @@ pub fn set_draining(draining: bool) {
     gauge!(DRAINING).set(if draining { 1.0 } else { 0.0 });
 }
 
-/// Sets the peer gauges from one peer's status: up, and the RTT while connected.
-pub fn set_peer(peer: &str, up: bool, rtt: Option<Duration>) {
+/// Sets the peer gauges from one peer's status: up, and the RTT and path MTU while connected.
+pub fn set_peer(peer: &str, up: bool, rtt: Option<Duration>, path_mtu: Option<u16>) {
     gauge!(PEER_UP, "peer" => peer.to_owned()).set(if up { 1.0 } else { 0.0 });
     if let Some(rtt) = rtt {
         gauge!(PEER_RTT_SECONDS, "peer" => peer.to_owned()).set(rtt.as_secs_f64());
+    }
+    if let Some(mtu) = path_mtu {
+        gauge!(PEER_PATH_MTU_BYTES, "peer" => peer.to_owned()).set(f64::from(mtu));
     }
 }
 

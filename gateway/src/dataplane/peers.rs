@@ -19,7 +19,8 @@ pub struct PeerTunnel {
 }
 
 impl PeerTunnel {
-    /// Wraps `handle`, and keeps the peer gauges (`fedgate_peer_up`, `fedgate_peer_rtt_seconds`)
+    /// Wraps `handle`, and keeps the peer gauges (`fedgate_peer_up`, `fedgate_peer_rtt_seconds`,
+    /// `fedgate_peer_path_mtu_bytes`)
     /// in step with its status until the tunnel is gone. Needs a Tokio runtime.
     pub fn new(handle: PeerHandle) -> Arc<Self> {
         let status = handle.status();
@@ -28,17 +29,27 @@ impl PeerTunnel {
     }
 }
 
-/// What the peer gauges show for one peer: (peer, up, RTT while connected). Up means
-/// connected and not draining, as for [`Tunnel::is_connected`].
-fn peer_gauges(status: &[PeerStatus]) -> Vec<(&str, bool, Option<Duration>)> {
+/// What the peer gauges show for one peer. Up means connected and not draining, as for
+/// [`Tunnel::is_connected`]; RTT and path MTU only while connected.
+#[derive(Debug, PartialEq)]
+struct PeerGauge<'a> {
+    peer: &'a str,
+    up: bool,
+    rtt: Option<Duration>,
+    path_mtu: Option<u16>,
+}
+
+fn peer_gauges(status: &[PeerStatus]) -> Vec<PeerGauge<'_>> {
     status
         .iter()
-        .map(|s| {
-            let rtt = s
+        .map(|s| PeerGauge {
+            peer: s.cluster.as_str(),
+            up: s.connected && !s.draining,
+            rtt: s
                 .rtt_ms
                 .filter(|ms| s.connected && ms.is_finite() && *ms >= 0.0)
-                .map(|ms| Duration::from_secs_f64(ms / 1000.0));
-            (s.cluster.as_str(), s.connected && !s.draining, rtt)
+                .map(|ms| Duration::from_secs_f64(ms / 1000.0)),
+            path_mtu: s.path_mtu.filter(|_| s.connected),
         })
         .collect()
 }
@@ -48,8 +59,8 @@ fn peer_gauges(status: &[PeerStatus]) -> Vec<(&str, bool, Option<Duration>)> {
 async fn record_peer_gauges(mut status: watch::Receiver<Arc<Vec<PeerStatus>>>) {
     loop {
         let current = status.borrow_and_update().clone();
-        for (peer, up, rtt) in peer_gauges(&current) {
-            metrics::set_peer(peer, up, rtt);
+        for g in peer_gauges(&current) {
+            metrics::set_peer(g.peer, g.up, g.rtt, g.path_mtu);
         }
         if status.changed().await.is_err() {
             return;
@@ -105,6 +116,7 @@ mod tests {
             connected,
             draining,
             rtt_ms,
+            path_mtu: connected.then_some(1452),
             last_seen_secs: None,
             exports_version: None,
             exports_withdrawn: false,
@@ -124,7 +136,12 @@ mod tests {
         ];
         for (what, s, up, rtt_ns) in cases {
             let got = peer_gauges(std::slice::from_ref(&s));
-            let want = vec![("west", up, rtt_ns.map(Duration::from_nanos))];
+            let want = vec![PeerGauge {
+                peer: "west",
+                up,
+                rtt: rtt_ns.map(Duration::from_nanos),
+                path_mtu: s.connected.then_some(1452),
+            }];
             assert_eq!(got, want, "{what}");
         }
     }
