@@ -9,6 +9,10 @@
 //! processes are killed and the directory removed when the value drops; both logs are printed
 //! when a test panics.
 //!
+//! [`KubeCluster::start_in`] runs both processes inside a network namespace instead (a cluster
+//! of its own network, see tests/tests/kube_netns.rs): they listen on the namespace's
+//! `127.0.0.1`, and `kubectl` and the harness's requests reach them through `ip netns exec`.
+//!
 //! There is no controller-manager or scheduler: Services do not get EndpointSlices by themselves
 //! (tests create them, which is what the discovery code reads), namespaces are never finalized
 //! after a delete, and Pods are never scheduled.
@@ -27,6 +31,8 @@ use rcgen::{
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
+
+use crate::netns::Netns;
 
 /// Environment variable naming the directory holding `kube-apiserver`, `etcd`, `kubectl`, `helm`
 /// (default: `~/.cache/fedgate/kube/<version>/bin`, where `scripts/build-kube.sh` builds them).
@@ -48,6 +54,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a start is retried when a port picked as free was taken before etcd or the
 /// apiserver bound it.
 const START_ATTEMPTS: u32 = 3;
+
+/// Ports of etcd (client, peer) and the apiserver inside a namespace of
+/// [`KubeCluster::start_in`]: the namespace is the cluster's alone, so the well-known ports are
+/// free there.
+pub const NETNS_PORTS: [u16; 3] = [2379, 2380, 6443];
 
 /// The name of the user the token authenticates (group `system:masters`).
 pub const ADMIN_USER: &str = "fedgate-admin";
@@ -230,6 +241,8 @@ pub struct KubeCluster {
     kubeconfig: PathBuf,
     kubectl: PathBuf,
     started_in: Duration,
+    /// The network namespace both processes run in (`None`: the host's).
+    netns: Option<String>,
     dir: tempfile::TempDir,
 }
 
@@ -247,6 +260,24 @@ impl KubeCluster {
     /// apiserver]`, called once per attempt. For tests of the port-collision retry itself.
     pub fn start_with_ports(
         name: &str,
+        pick: impl FnMut() -> Result<[u16; 3]>,
+    ) -> Result<KubeCluster> {
+        Self::start_impl(name, None, pick)
+    }
+
+    /// Starts etcd and kube-apiserver inside the network namespace `ns`, on the namespace's
+    /// `127.0.0.1` ([`NETNS_PORTS`]): only processes in `ns` can reach them.
+    /// [`kubectl`](Self::kubectl) and [`get`](Self::get) run through `ip netns exec`; the
+    /// kubeconfig (server `https://127.0.0.1:6443`) works for any process started in `ns`.
+    /// The processes also die with the namespace's guard. Needs root (and `curl` for the
+    /// harness's own requests).
+    pub fn start_in(ns: &Netns, name: &str) -> Result<KubeCluster> {
+        Self::start_impl(name, Some(ns.name.clone()), || Ok(NETNS_PORTS))
+    }
+
+    fn start_impl(
+        name: &str,
+        netns: Option<String>,
         mut pick: impl FnMut() -> Result<[u16; 3]>,
     ) -> Result<KubeCluster> {
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
@@ -280,6 +311,7 @@ impl KubeCluster {
             kubeconfig: dir.path().join("kubeconfig"),
             kubectl,
             started_in: Duration::ZERO,
+            netns,
             dir,
         };
         let mut attempt = 1;
@@ -319,7 +351,8 @@ impl KubeCluster {
         let etcd_url = format!("http://{etcd_client}");
         let peer_url = format!("http://{etcd_peer}");
 
-        let etcd = Command::new(etcd_bin)
+        let etcd = self
+            .command(etcd_bin)
             .arg(format!("--name={}", self.name))
             // etcd makes the directory itself (0700) and refuses one with wider permissions.
             .arg(format!("--data-dir={}", dir.join("etcd-data").display()))
@@ -338,12 +371,17 @@ impl KubeCluster {
             .spawn()
             .with_context(|| format!("spawning {}", etcd_bin.display()))?;
         self.etcd = Some(etcd);
+        let netns = self.netns.clone();
         self.wait_ready("etcd /health", || {
-            http_get(etcd_client, "/health", PROBE_TIMEOUT)
-                .is_ok_and(|(code, body)| code == 200 && body.contains("true"))
+            let health = match &netns {
+                None => http_get(etcd_client, "/health", PROBE_TIMEOUT),
+                Some(ns) => curl_in(ns, &format!("{etcd_url}/health"), None, "", PROBE_TIMEOUT),
+            };
+            health.is_ok_and(|(code, body)| code == 200 && body.contains("true"))
         })?;
 
-        let apiserver = Command::new(apiserver_bin)
+        let apiserver = self
+            .command(apiserver_bin)
             .arg(format!("--etcd-servers={etcd_url}"))
             .arg(format!("--secure-port={}", api.port()))
             .arg("--bind-address=127.0.0.1")
@@ -381,10 +419,33 @@ impl KubeCluster {
         self.apiserver = Some(apiserver);
         self.api_addr = api;
         self.server_url = format!("https://{api}");
-        let ca_pem = self.ca_pem.clone();
+        let target = self.api_target();
         self.wait_ready("kube-apiserver /readyz", || {
-            https_get(api, &ca_pem, "/readyz", "", PROBE_TIMEOUT).is_ok_and(|(code, _)| code == 200)
+            target.get("/readyz", "", PROBE_TIMEOUT).is_ok_and(|(code, _)| code == 200)
         })
+    }
+
+    /// `program` as a command: run directly, or through `ip netns exec` (which execs it, so
+    /// the child's pid is the program's own and killing the child kills it).
+    fn command(&self, program: &Path) -> Command {
+        match &self.netns {
+            None => Command::new(program),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+        }
+    }
+
+    /// How the harness reaches the apiserver: directly, or with curl inside the namespace.
+    fn api_target(&self) -> ApiTarget {
+        ApiTarget {
+            addr: self.api_addr,
+            ca_pem: self.ca_pem.clone(),
+            ca_file: self.dir.path().join("ca.crt"),
+            netns: self.netns.clone(),
+        }
     }
 
     /// Polls `ready` every 50 ms for at most [`READY_TIMEOUT`]; fails at once when etcd or the
@@ -467,7 +528,7 @@ impl KubeCluster {
         &self.kubeconfig
     }
 
-    /// `https://127.0.0.1:<port>`.
+    /// `https://127.0.0.1:<port>` (for [`start_in`](Self::start_in): inside the namespace).
     pub fn server_url(&self) -> &str {
         &self.server_url
     }
@@ -485,6 +546,11 @@ impl KubeCluster {
     /// The cluster's temporary directory (logs, certificates, kubeconfig).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The network namespace the cluster runs in ([`start_in`](Self::start_in)), if any.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 
     /// How long [`start`](Self::start) took, from key generation to a ready apiserver.
@@ -535,8 +601,14 @@ impl KubeCluster {
         check_output("kubectl apply", out)
     }
 
+    /// `kubectl create -f -` with `yaml` on stdin (fails if an object exists); returns stdout.
+    pub fn create_yaml(&self, yaml: &str) -> Result<String> {
+        let out = self.kubectl_with_stdin(&["create", "-f", "-"], Some(yaml))?;
+        check_output("kubectl create", out)
+    }
+
     fn kubectl_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
-        let mut cmd = Command::new(&self.kubectl);
+        let mut cmd = self.command(&self.kubectl);
         // Own discovery cache: the default (~/.kube/cache, keyed by host:port) would be shared
         // with earlier clusters that had the same port and other CRDs.
         cmd.arg("--kubeconfig")
@@ -563,7 +635,7 @@ impl KubeCluster {
     /// An HTTPS GET on the apiserver with any bearer token (empty: none), verifying the
     /// serving certificate against [`ca_pem`](Self::ca_pem); returns (status, body).
     pub fn get_with_token(&self, path: &str, token: &str) -> Result<(u16, String)> {
-        https_get(self.api_addr, &self.ca_pem, path, token, REQUEST_TIMEOUT)
+        self.api_target().get(path, token, REQUEST_TIMEOUT)
     }
 
     /// The logs of etcd and the apiserver (last `lines` lines of each).
@@ -600,6 +672,69 @@ impl Drop for KubeCluster {
             eprintln!("{}", self.logs(80));
         }
     }
+}
+
+/// Turns the file-source config [`Gateway::prepare`](crate::Gateway::prepare) wrote for `g`
+/// into a kube-source one reading the cluster through `kubeconfig` (the rest of the config is
+/// unchanged).
+pub fn use_kube_source(g: &crate::Gateway, kubeconfig: &Path) -> Result<()> {
+    let path = g.config_path();
+    let text = std::fs::read_to_string(&path)?;
+    let file = format!("source: file\n  file: {{ dir: {} }}", g.cluster_dir.display());
+    if !text.contains(&file) {
+        bail!("unexpected gateway config layout in {}:\n{text}", path.display());
+    }
+    let kube = format!("source: kube\n  kube: {{ kubeconfig: {} }}", kubeconfig.display());
+    std::fs::write(&path, text.replace(&file, &kube))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Where the apiserver is and how to reach it.
+struct ApiTarget {
+    addr: SocketAddr,
+    ca_pem: String,
+    ca_file: PathBuf,
+    netns: Option<String>,
+}
+
+impl ApiTarget {
+    /// An HTTPS GET verified against the cluster CA: in-process from the host, or with
+    /// `curl` inside the cluster's namespace.
+    fn get(&self, path: &str, token: &str, timeout: Duration) -> Result<(u16, String)> {
+        match &self.netns {
+            None => https_get(self.addr, &self.ca_pem, path, token, timeout),
+            Some(ns) => {
+                let url = format!("https://{}{path}", self.addr);
+                curl_in(ns, &url, Some(&self.ca_file), token, timeout)
+            }
+        }
+    }
+}
+
+/// A GET with `curl` inside namespace `ns` (HTTPS verified against `ca` when given, with a
+/// bearer `token` unless empty); returns (status, body). A failed connection is an error.
+fn curl_in(
+    ns: &str,
+    url: &str,
+    ca: Option<&Path>,
+    token: &str,
+    timeout: Duration,
+) -> Result<(u16, String)> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "curl", "-sS", "-m"])
+        .arg(format!("{:.1}", timeout.as_secs_f64()))
+        .args(["-w", "\n%{http_code}"]);
+    if let Some(ca) = ca {
+        cmd.arg("--cacert").arg(ca);
+    }
+    if !token.is_empty() {
+        cmd.arg("-H").arg(format!("Authorization: Bearer {token}"));
+    }
+    cmd.arg(url).stdin(Stdio::null());
+    let out = check_output(&format!("curl {url} in netns {ns}"), cmd.output()?)?;
+    let (body, code) = out.rsplit_once('\n').context("curl printed no status line")?;
+    let code = code.trim().parse().with_context(|| format!("curl status line {code:?}"))?;
+    Ok((code, body.to_owned()))
 }
 
 /// The files one cluster's processes read.

@@ -266,34 +266,57 @@ impl NsGateway {
         spec: GatewaySpec,
         tls: (PathBuf, PathBuf, PathBuf),
     ) -> Result<Self> {
+        let mut me = Self::prepare(ns, root, spec, tls)?;
+        me.launch()?;
+        Ok(me)
+    }
+
+    /// Writes the config for a gateway in `ns` without starting it: a test may edit
+    /// [`Gateway::config_path`] before [`launch`](Self::launch).
+    pub fn prepare(
+        ns: &Netns,
+        root: &Path,
+        spec: GatewaySpec,
+        tls: (PathBuf, PathBuf, PathBuf),
+    ) -> Result<Self> {
         let gw = Gateway::prepare(root, spec, tls)?;
-        let log_path = gw.dir.join("gateway.log");
+        Ok(Self { gw, ns: ns.name.clone(), child: None })
+    }
+
+    /// Starts `fedgate run` in the namespace (again, after [`wait_exit`](Self::wait_exit)),
+    /// waiting until `/healthz` answers. The log is appended to `gateway.log`.
+    pub fn launch(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("gateway {} is already running", self.gw.spec.id);
+        }
+        let log_path = self.gw.dir.join("gateway.log");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-        let child = ns
-            .command(fedgate_bin())
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns]).arg(fedgate_bin());
+        let child = cmd
             .args([
                 "--log-level",
                 "info,fedgate=debug,fedgate_discovery=debug,fedgate_tunnel=debug",
                 "run",
                 "--config",
             ])
-            .arg(gw.config_path())
+            .arg(self.gw.config_path())
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(Stdio::null())
             .spawn()
             .context("spawning fedgate run in a namespace")?;
-        let mut me = Self { gw, ns: ns.name.clone(), child: Some(child) };
+        self.child = Some(child);
         let res = eventually("gateway /healthz", Duration::from_secs(20), || {
-            if let Some(status) = me.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("gateway exited early with {status}");
             }
-            Ok(me.get("/healthz").ok().map(|_| ()))
+            Ok(self.get("/healthz").ok().map(|_| ()))
         });
         if let Err(e) = res {
-            bail!("{e:#}\n--- {} log ---\n{}", me.gw.spec.id, me.gw.log_text());
+            bail!("{e:#}\n--- {} log ---\n{}", self.gw.spec.id, self.gw.log_text());
         }
-        Ok(me)
+        Ok(())
     }
 
     /// GET on the admin server (HTTP errors fail).
