@@ -249,6 +249,9 @@ impl Drop for NsProc {
     }
 }
 
+/// The log level of a gateway in a namespace: fedgate's own crates at debug.
+pub const LOG_LEVEL: &str = "info,fedgate=debug,fedgate_discovery=debug,fedgate_tunnel=debug";
+
 /// A gateway whose process runs inside a namespace. The config comes from
 /// [`Gateway::prepare`]; admin listens on `127.0.0.1` inside the namespace and is queried with
 /// `ip netns exec <ns> curl`.
@@ -256,6 +259,7 @@ pub struct NsGateway {
     pub gw: Gateway,
     ns: String,
     child: Option<Child>,
+    log_level: String,
 }
 
 impl NsGateway {
@@ -280,7 +284,7 @@ impl NsGateway {
         tls: (PathBuf, PathBuf, PathBuf),
     ) -> Result<Self> {
         let gw = Gateway::prepare(root, spec, tls)?;
-        Ok(Self { gw, ns: ns.name.clone(), child: None })
+        Ok(Self { gw, ns: ns.name.clone(), child: None, log_level: LOG_LEVEL.to_owned() })
     }
 
     /// Starts `fedgate run` in the namespace (again, after [`wait_exit`](Self::wait_exit)),
@@ -294,12 +298,7 @@ impl NsGateway {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns]).arg(fedgate_bin());
         let child = cmd
-            .args([
-                "--log-level",
-                "info,fedgate=debug,fedgate_discovery=debug,fedgate_tunnel=debug",
-                "run",
-                "--config",
-            ])
+            .args(["--log-level", &self.log_level, "run", "--config"])
             .arg(self.gw.config_path())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -317,6 +316,12 @@ impl NsGateway {
             bail!("{e:#}\n--- {} log ---\n{}", self.gw.spec.id, self.gw.log_text());
         }
         Ok(())
+    }
+
+    /// The `--log-level` of the next [`launch`](Self::launch) (default [`LOG_LEVEL`]), e.g.
+    /// with `quinn_proto=debug` added to see why packets were dropped.
+    pub fn set_log_level(&mut self, level: &str) {
+        self.log_level = level.to_owned();
     }
 
     /// GET on the admin server (HTTP errors fail).

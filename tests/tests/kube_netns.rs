@@ -169,6 +169,7 @@ fn peer_log_lines(log: &str, from_line: usize) -> String {
                 || l.contains("peer connection failed")
                 || l.contains("handshake")
                 || l.contains("draining")
+                || l.contains("quinn_proto")
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -328,6 +329,8 @@ fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unex
         let tls = pki.issue(id, &root.join(format!("certs-{id}")))?;
         let spec = ns_spec(id, CLUSTERSET, ip, &[(peer, peer_ip)], "");
         let mut gw = NsGateway::prepare(ns, &root, spec, tls)?;
+        // quinn's debug lines say why a restarted gateway drops or answers a peer's packets
+        gw.set_log_level(&format!("{LOG_LEVEL},quinn_proto=debug"));
         use_kube_source(&gw.gw, kc)?;
         gw.launch()?;
         gateways.push(gw);
