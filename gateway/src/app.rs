@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminServer, AdminState, DebugView, Query};
-use crate::config::{CaSource, Config, FrontMode, SourceKind, Upstream};
+use crate::config::{self, CaSource, Config, FrontMode, SourceKind, Upstream};
 use crate::dataplane::health::HealthSettings;
 use crate::dataplane::peers::PeerTunnel;
 use crate::dataplane::{DataPlane, DataPlaneSettings, HealthChecker};
@@ -368,26 +368,41 @@ pub fn run_from_config(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow
     })
 }
 
-/// `discovery.source: kube`: the client and the ServiceExport version the API server serves;
-/// the ClusterProperty `cluster.clusterset.k8s.io` (KEP-2149), when there is one, must name
-/// `cluster.id`.
+/// `discovery.source: kube`: the client and the ServiceExport version the API server serves.
+/// (The cluster id was settled before, by [`resolve_cluster_id`].)
 async fn connect_kube(cfg: &Config) -> anyhow::Result<(kube::Client, kube::ApiResource)> {
     let client = kube::client(cfg.discovery.kube.kubeconfig.as_deref()).await?;
     let exports = kube::export_resource(&client).await?;
-    // The gateway certificate names cluster.id (checked with the config), so a ClusterProperty
-    // that says otherwise is a misconfiguration to fix, not a value to switch to.
-    if let Some(id) = kube::cluster_id(&client).await?
-        && id != cfg.cluster.id
-    {
-        anyhow::bail!(
-            "the ClusterProperty {} says this cluster is \"{id}\" but cluster.id is \"{}\": \
-             make them agree (the gateway certificate must name the same id)",
-            kube::CLUSTER_ID_PROPERTY,
-            cfg.cluster.id
-        );
-    }
     tracing::info!(exports = %exports.api_version, "connected to the Kubernetes API server");
     Ok((client, exports))
+}
+
+/// The complete config of `fedgate run`. With `discovery.source: kube` the cluster's
+/// ClusterProperties (KEP-2149) are read once: `cluster.clusterset.k8s.io` is the cluster id
+/// (else the config's `cluster.id`; both and different, or neither, is an error), and
+/// `clusterset.k8s.io`, when present, must be `cluster.clusterset`. Blocking: it runs before
+/// the gateway's runtime exists.
+pub fn resolve_cluster_id(loaded: config::Loaded) -> anyhow::Result<Config> {
+    if loaded.discovery().source != SourceKind::Kube {
+        return match loaded {
+            config::Loaded::Complete(cfg) => Ok(*cfg),
+            // The loader allows a missing id only with the kube source.
+            config::Loaded::NeedsClusterId(_) => anyhow::bail!("cluster.id is not set"),
+        };
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building a runtime to read the ClusterProperties")?;
+    let kubeconfig = loaded.discovery().kube.kubeconfig.clone();
+    let found = runtime.block_on(async move {
+        let client = kube::client(kubeconfig.as_deref()).await?;
+        kube::identity::read_properties(&client).await
+    })?;
+    let (id, from) = kube::identity::resolve(loaded.configured_id(), loaded.clusterset(), &found)?;
+    let cfg = loaded.with_cluster_id(&id).map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(cluster = %id, from = from.as_str(), "cluster id");
+    Ok(cfg)
 }
 
 /// Waits for SIGTERM or SIGINT.

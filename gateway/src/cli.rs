@@ -198,8 +198,16 @@ fn analyze(files: &[PathBuf], out: &mut dyn Write) -> u8 {
     let mut code = EXIT_OK;
     for file in files {
         match config::load(file) {
-            Ok(_) => {
+            Ok(config::Loaded::Complete(_)) => {
                 let _ = writeln!(out, "{}: ok", file.display());
+            }
+            Ok(config::Loaded::NeedsClusterId(_)) => {
+                let _ = writeln!(
+                    out,
+                    "{}: ok (cluster.id left to the ClusterProperty {}, read by `fedgate run`)",
+                    file.display(),
+                    fedgate_discovery::kube::CLUSTER_ID_PROPERTY
+                );
             }
             Err(errors) => {
                 code = EXIT_INVALID;
@@ -214,13 +222,22 @@ fn analyze(files: &[PathBuf], out: &mut dyn Write) -> u8 {
 
 /// `fedgate run`: loads the config and runs the gateway; returns the exit code.
 pub(crate) fn run(path: &Path, run_gateway: impl FnOnce(Config) -> anyhow::Result<()>) -> u8 {
-    let config = match config::load(path) {
+    let loaded = match config::load(path) {
         Ok(c) => c,
         Err(errors) => {
             for e in errors.iter() {
                 eprintln!("{e}");
             }
             tracing::error!(file = %path.display(), problems = errors.len(), "invalid config, not starting");
+            return EXIT_INVALID;
+        }
+    };
+    // With the kube source the cluster id may come from the cluster's ClusterProperty.
+    let config = match crate::app::resolve_cluster_id(loaded) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fedgate: {e:#}");
+            tracing::error!(file = %path.display(), error = format!("{e:#}"), "cannot settle the cluster id, not starting");
             return EXIT_INVALID;
         }
     };

@@ -138,6 +138,7 @@ fn crds_and_manifests_apply_to_a_real_apiserver() -> Result<()> {
         &["patch", "serviceimports.multicluster.x-k8s.io", "-n", "shop"],
         &["delete", "serviceimports.multicluster.x-k8s.io", "-n", "shop"],
         &["get", "clusterproperties.about.k8s.io/cluster.clusterset.k8s.io"],
+        &["get", "clusterproperties.about.k8s.io/clusterset.k8s.io"],
     ];
     for a in allowed {
         assert!(can_i(&c, a)?, "the gateway's ServiceAccount must be allowed: {a:?}");
@@ -149,6 +150,8 @@ fn crds_and_manifests_apply_to_a_real_apiserver() -> Result<()> {
         &["patch", "serviceexports.multicluster.x-k8s.io", "-n", "shop"],
         &["create", "pods", "-n", "shop"],
         &["get", "clusterproperties.about.k8s.io/other"],
+        &["list", "clusterproperties.about.k8s.io"],
+        &["watch", "clusterproperties.about.k8s.io"],
         &["update", "services", "-n", "shop"],
     ];
     for a in denied {
@@ -233,5 +236,34 @@ fn helm_chart_lints_and_renders_the_manifests() -> Result<()> {
     // the chart installs into the release namespace (helm install --create-namespace)
     want.remove(&("Namespace".to_owned(), NS.to_owned()));
     assert_eq!(objects(&rendered), want, "helm template renders the objects of deploy/manifests");
+    assert!(rendered.contains("\n      id: cluster-1\n"), "{rendered}");
+
+    // an empty clusterId leaves cluster.id out: the ClusterProperty provides it, and the
+    // config is still valid
+    let no_id = run(&[
+        "template",
+        "fedgate",
+        &chart.to_string_lossy(),
+        "--namespace",
+        NS,
+        "--set",
+        "clusterId=",
+        "--show-only",
+        "templates/configmap.yaml",
+    ])?;
+    let config = no_id
+        .split_once("config.yaml: |\n")
+        .map(|(_, c)| c)
+        .context("config.yaml in the ConfigMap")?;
+    let config: String =
+        config.lines().map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l))).collect();
+    assert!(config.starts_with("cluster:\n  clusterset: clusterset\n"), "{config}");
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("config.yaml");
+    std::fs::write(&path, &config)?;
+    // the certificate files are not there: those are the only problems
+    let (_, out, err) = fedgate(&["analyze", &path.to_string_lossy()])?;
+    assert!(!out.is_empty(), "{err}");
+    assert!(out.lines().all(|l| l.contains(": tls.")), "only certificate problems:\n{out}{err}");
     Ok(())
 }

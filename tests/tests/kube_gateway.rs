@@ -27,8 +27,14 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Turns a file-source gateway config into a kube-source one.
-fn use_kube(g: &Gateway, kubeconfig: &Path, config_id: &str, front: Option<&str>) -> Result<()> {
+/// Turns a file-source gateway config into a kube-source one; `config_id: None` leaves
+/// `cluster.id` out (the ClusterProperty provides it).
+fn use_kube(
+    g: &Gateway,
+    kubeconfig: &Path,
+    config_id: Option<&str>,
+    front: Option<&str>,
+) -> Result<()> {
     let text = std::fs::read_to_string(g.config_path())?;
     let file = format!("source: file\n  file: {{ dir: {} }}", g.cluster_dir.display());
     if !text.contains(&file) {
@@ -39,7 +45,10 @@ fn use_kube(g: &Gateway, kubeconfig: &Path, config_id: &str, front: Option<&str>
             &file,
             &format!("source: kube\n  kube: {{ kubeconfig: {} }}", kubeconfig.display()),
         )
-        .replace(&format!("  id: {}\n", g.spec.id), &format!("  id: {config_id}\n"));
+        .replace(
+            &format!("  id: {}\n", g.spec.id),
+            &config_id.map(|id| format!("  id: {id}\n")).unwrap_or_default(),
+        );
     if let Some(front) = front {
         text =
             text.replace("front: { mode: vip,", &format!("front: {{ mode: kube, kube: {front},"));
@@ -131,7 +140,7 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
     for c in [&east_k, &west_k] {
         c.kubectl_ok(&["create", "namespace", "shop"])?;
     }
-    // west's id comes from its ClusterProperty (KEP-2149), not from its config.
+    // west's id comes from its ClusterProperty (KEP-2149): its config has no cluster.id.
     west_k.apply_yaml(
         "apiVersion: about.k8s.io/v1alpha1\nkind: ClusterProperty\nmetadata: { name: cluster.clusterset.k8s.io }\nspec: { value: west }\n",
     )?;
@@ -153,8 +162,9 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
         let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
         gws.push(Gateway::prepare(tmp.path(), spec, tls)?);
     }
-    use_kube(&gws[0], &east_kc, "east", None)?;
-    use_kube(&gws[1], &west_kc, "west", None)?;
+    use_kube(&gws[0], &east_kc, Some("east"), None)?;
+    use_kube(&gws[1], &west_kc, None, None)?;
+    assert!(!std::fs::read_to_string(gws[1].config_path())?.contains("  id: "));
     for g in &mut gws {
         g.start()?;
     }
@@ -237,6 +247,35 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
         assert_eq!(addrs, [ep_ready.as_str(), ep_unready.as_str()]);
         assert_eq!(slices[0]["ports"][0]["port"], 8080);
     }
+
+    // west federates under the id its ClusterProperty gave it: its export reaches east
+    // labelled `west`
+    west_k.apply_yaml(&service_yaml(
+        "shop",
+        "api",
+        false,
+        &[("http", 81, 8081)],
+        &[(&ep_ready, true)],
+        None,
+    ))?;
+    west_k.apply_yaml(
+        "apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\nmetadata: { name: api, namespace: shop }\n",
+    )?;
+    let si = eventually("west's export imported in east", WAIT, || {
+        get_json(&east_k, &[IMPORTS, "-n", "shop", "api"])
+    })?;
+    assert_eq!(si["status"]["clusters"], serde_json::json!([{"cluster": "west"}]), "{si}");
+    let slices = eventually("west's slice in east", WAIT, || {
+        let s = imported_slices(&east_k, "shop", "api")?;
+        Ok((s.len() == 1).then_some(s))
+    })?;
+    assert_eq!(
+        slices[0]["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"],
+        "west"
+    );
+    let west_import = find_import(&gws[0].json("/debug/imports")?, "shop", "api").cloned();
+    let clusters = west_import.context("east's import of west's api")?["clusters"].clone();
+    assert!(clusters.get("west").is_some(), "{clusters}");
 
     // east's gateway dies: when its lease (3 s) lapses, west removes east's import and slices
     gws[0].kill();
@@ -356,7 +395,21 @@ fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() 
     // the gateway "pod" IP: the host side of the veth (the API server refuses loopback)
     let pod_ip: Ipv4Addr = net.host;
     let front = format!("{{ podIP: {pod_ip}, firstPort: 21000, lastPort: 21009 }}");
-    use_kube(&g, &kc, "solo", Some(&front))?;
+    use_kube(&g, &kc, None, Some(&front))?;
+
+    // no cluster.id in the config and no ClusterProperty: refused, naming both ways out
+    let err = g.start().expect_err("no cluster id anywhere is refused");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains(
+            "no cluster id: the config has no cluster.id and the cluster has no ClusterProperty \
+             cluster.clusterset.k8s.io: set cluster.id in the config, or create the ClusterProperty"
+        ),
+        "{err}"
+    );
+    g.kill();
+    let text = std::fs::read_to_string(g.config_path())?;
+    std::fs::write(g.config_path(), text.replacen("cluster:\n", "cluster:\n  id: solo\n", 1))?;
 
     // a ClusterProperty that names another cluster stops the gateway with a clear error
     let prop = "apiVersion: about.k8s.io/v1alpha1\nkind: ClusterProperty\n\
@@ -364,8 +417,13 @@ fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() 
     k.apply_yaml(&prop.replace("VALUE", "someone-else"))?;
     let err = g.start().expect_err("a mismatching ClusterProperty is refused");
     let err = format!("{err:#}");
-    assert!(err.contains("cluster.clusterset.k8s.io says this cluster is"), "{err}");
-    assert!(err.contains("someone-else"), "{err}");
+    assert!(
+        err.contains(
+            "the ClusterProperty cluster.clusterset.k8s.io says this cluster is \"someone-else\" \
+             but cluster.id is \"solo\""
+        ),
+        "{err}"
+    );
     k.apply_yaml(&prop.replace("VALUE", "solo"))?;
     g.kill();
     g.start()?;
@@ -495,7 +553,7 @@ fn a_cluster_serving_only_v1alpha1_is_read_and_written_in_v1alpha1() -> Result<(
     };
     let tls = pki.issue("alpha", &tmp.path().join("certs"))?;
     let mut g = Gateway::prepare(tmp.path(), spec, tls)?;
-    use_kube(&g, &kc, "alpha", None)?;
+    use_kube(&g, &kc, Some("alpha"), None)?;
     g.start()?;
     assert!(g.log_text().contains("exports=multicluster.x-k8s.io/v1alpha1"), "{}", g.log_text());
 

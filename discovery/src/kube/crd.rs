@@ -25,6 +25,9 @@ pub const ABOUT_GROUP: &str = "about.k8s.io";
 pub const ABOUT_API_APPROVAL: &str = "https://github.com/kubernetes/enhancements/pull/3084";
 /// Name of the ClusterProperty that holds the cluster id (KEP-2149).
 pub const CLUSTER_ID_PROPERTY: &str = "cluster.clusterset.k8s.io";
+/// Name of the ClusterProperty that names the clusterset the cluster is a member of
+/// (KEP-2149).
+pub const CLUSTERSET_PROPERTY: &str = "clusterset.k8s.io";
 
 /// A `metav1.Condition`, as the MCS API puts on `status.conditions` (same schema and
 /// validation as the upstream CRDs).

@@ -1,7 +1,8 @@
 //! Kubernetes: the kube cluster source (watch Services, EndpointSlices, ServiceExports), the
 //! writer (ServiceExport conditions, ServiceImports, per-cluster EndpointSlices and, in
 //! `front.mode: kube`, derived Services), the CRD types, and the small API look-ups around them
-//! (which MCS version is served, the KEP-2149 cluster id). See `docs/kubernetes.md`.
+//! (which MCS version is served, the KEP-2149 cluster id: [`identity`]). See
+//! `docs/kubernetes.md`.
 //!
 //! Kubernetes types stop here: the source converts them into [`crate::model`] through the file
 //! source's conversion, and the writer builds them from model snapshots with pure functions
@@ -10,21 +11,21 @@
 pub mod any;
 pub mod convert;
 pub mod crd;
+pub mod identity;
 pub mod metrics;
 pub mod source;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
 
+use kube::CustomResourceExt;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, CustomResourceExt};
-
-use crate::model::{ClusterId, InvalidClusterId};
 
 pub use ::kube::Client;
 pub use ::kube::api::ApiResource;
 pub use any::{ClusterSource, Problems};
-pub use crd::{CLUSTER_ID_PROPERTY, MCS_GROUP};
+pub use crd::{CLUSTER_ID_PROPERTY, CLUSTERSET_PROPERTY, MCS_GROUP};
+pub use identity::{ClusterProperties, IdSource, IdentityError};
 pub use source::{KubeProblem, KubeSource};
 pub use writer::{FIELD_MANAGER, KubeWriter, WriterSettings};
 
@@ -60,8 +61,6 @@ pub enum KubeError {
         #[source]
         source: kube::Error,
     },
-    #[error("ClusterProperty {CLUSTER_ID_PROPERTY}: {0}")]
-    ClusterId(#[source] InvalidClusterId),
 }
 
 impl KubeError {
@@ -73,7 +72,6 @@ impl KubeError {
             KubeError::Client(_) => "client",
             KubeError::NoMcsCrds => "no_mcs_crds",
             KubeError::Api { .. } => "api",
-            KubeError::ClusterId(_) => "invalid_cluster_id",
         }
     }
 }
@@ -122,20 +120,5 @@ pub fn import_resource(exports: &ApiResource) -> ApiResource {
         crd::v1alpha1::ServiceImport::api_resource()
     } else {
         crd::v1beta1::ServiceImport::api_resource()
-    }
-}
-
-/// The cluster id from the ClusterProperty `cluster.clusterset.k8s.io` (KEP-2149); `None`
-/// when the CRD or the object does not exist.
-pub async fn cluster_id(client: &Client) -> Result<Option<ClusterId>, KubeError> {
-    let api: Api<crd::ClusterProperty> = Api::all(client.clone());
-    match api.get_opt(CLUSTER_ID_PROPERTY).await {
-        Ok(Some(p)) => ClusterId::new(p.spec.value.trim()).map(Some).map_err(KubeError::ClusterId),
-        Ok(None) => Ok(None),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
-        Err(source) => Err(KubeError::Api {
-            what: format!("reading ClusterProperty {CLUSTER_ID_PROPERTY}"),
-            source,
-        }),
     }
 }

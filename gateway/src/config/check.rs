@@ -198,9 +198,19 @@ fn read_pem(path: &Path, what: &str) -> Result<String, String> {
 /// Checks the files the config names, as they are at `now`.
 pub(crate) fn files(config: &FileInputs, loc: &Locator, now: jiff::Timestamp) -> Vec<ConfigError> {
     let mut out = Vec::new();
-    let expected = certs::spiffe_id(&config.clusterset, config.id.as_str());
+    // Without the id (kube source, id from the ClusterProperty) the certificate must name some
+    // cluster of the clusterset; the exact id is checked once it is known.
+    let (want, any_cluster) = match &config.id {
+        Some(id) => (certs::spiffe_id(&config.clusterset, id.as_str()), false),
+        None => (certs::spiffe_id(&config.clusterset, ""), true),
+    };
+    let names_it = |s: &String| if any_cluster { s.starts_with(&want) } else { *s == want };
+    let expected = if any_cluster { format!("{want}<cluster id>") } else { want.clone() };
+    // A path still empty is a default named after the id: checked once the id is known.
+    let pending = |p: &Path| p.as_os_str().is_empty();
 
     let leaf: Option<CertInfo> = match read_pem(&config.tls.cert, "certificate") {
+        _ if pending(&config.tls.cert) => None,
         Err(msg) => {
             out.push(loc.error("tls.cert", msg));
             None
@@ -223,7 +233,7 @@ pub(crate) fn files(config: &FileInputs, loc: &Locator, now: jiff::Timestamp) ->
                         format!("certificate {file} is not valid before {}", info.not_before),
                     ));
                 }
-                if !info.spiffe_ids.contains(&expected) {
+                if !info.spiffe_ids.iter().any(names_it) {
                     let found = if info.spiffe_ids.is_empty() {
                         "no spiffe:// URI SAN".to_owned()
                     } else {
@@ -240,6 +250,7 @@ pub(crate) fn files(config: &FileInputs, loc: &Locator, now: jiff::Timestamp) ->
     };
 
     match read_pem(&config.tls.key, "private key") {
+        _ if pending(&config.tls.key) => {}
         Err(msg) => out.push(loc.error("tls.key", msg)),
         Ok(pem) => match &leaf {
             Some(info) => match certs::key_matches(info, &pem) {

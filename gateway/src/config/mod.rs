@@ -6,6 +6,13 @@
 //! an offending node is dropped and the section retried, and then the semantic rules run
 //! over whatever did parse. [`parse`] is pure; [`load`] reads the file and also checks the
 //! files the config names (certificates, key, CA, file-source directory).
+//!
+//! With `discovery.source: kube`, `cluster.id` may be left out: the cluster id is then the
+//! ClusterProperty `cluster.clusterset.k8s.io` (KEP-2149), which only the gateway can read.
+//! [`load`] returns such a config as [`Loaded::NeedsClusterId`] (its kubeconfig resolved, so
+//! the caller can read the ClusterProperty), and [`PendingConfig::with_cluster_id`] finishes
+//! it: the id goes in as a default before anything is derived from it (TLS file names, the
+//! certificate's SPIFFE id, the peer-is-own-id check), exactly as if the file had named it.
 
 mod check;
 mod types;
@@ -16,6 +23,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use types::*;
+
+use fedgate_discovery::model::ClusterId;
 
 use self::yaml::{DeError, Kind, Mark, Node};
 
@@ -126,15 +135,16 @@ const SECTIONS: [&str; 9] =
 /// What deserialized of each section; `None` when it had errors.
 #[derive(Default)]
 pub(crate) struct Sections {
-    pub cluster: Option<ClusterConfig>,
+    pub cluster: Option<ClusterSection>,
     pub discovery: Option<DiscoveryConfig>,
     /// Each peer that parsed, with its index in the file (entries with errors are left
     /// out, so indexes can have gaps).
     pub peers: Option<Vec<(usize, PeerConfig)>>,
     /// Whether every peer entry parsed.
     pub peers_clean: bool,
-    /// `cluster.id` when it is valid, even if the rest of `cluster` is not.
-    pub cluster_id: Option<fedgate_discovery::model::ClusterId>,
+    /// `cluster.id` when it is valid, even if the rest of `cluster` is not; else the id the
+    /// caller supplied (from the ClusterProperty).
+    pub cluster_id: Option<ClusterId>,
     pub tls: Option<TlsConfig>,
     pub tunnel: Option<TunnelConfig>,
     pub dns: Option<DnsConfig>,
@@ -143,17 +153,121 @@ pub(crate) struct Sections {
     pub traffic: Option<TrafficConfig>,
 }
 
+/// A config file that parsed and passed its checks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Loaded {
+    /// Everything is known.
+    Complete(Box<Config>),
+    /// `discovery.source: kube` without `cluster.id`: the id is to be read from the
+    /// ClusterProperty `cluster.clusterset.k8s.io`, then given to
+    /// [`PendingConfig::with_cluster_id`].
+    NeedsClusterId(PendingConfig),
+}
+
+/// A config still waiting for its cluster id (see [`Loaded::NeedsClusterId`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingConfig {
+    path: PathBuf,
+    text: String,
+    /// Whether the files the config names are checked too ([`load`]) or not ([`parse_loaded`]).
+    check_files: bool,
+    /// `cluster.clusterset`.
+    pub clusterset: String,
+    /// `discovery`, paths resolved: the kubeconfig to read the ClusterProperty with.
+    pub discovery: DiscoveryConfig,
+}
+
+impl PendingConfig {
+    /// The complete config with `id` as `cluster.id`; every default and check that depends
+    /// on the id uses it (errors name the config file, as for an id written in it).
+    pub fn with_cluster_id(&self, id: &ClusterId) -> Result<Config, ConfigErrors> {
+        let checks = Checks { files: self.check_files, pending: false };
+        match finish(&self.path, &self.text, Some(id), checks)? {
+            Loaded::Complete(config) => Ok(*config),
+            // Unreachable with an id given; reported rather than assumed.
+            Loaded::NeedsClusterId(_) => Err(ConfigErrors(vec![ConfigError {
+                file: self.path.clone(),
+                line: 0,
+                column: 0,
+                path: "cluster.id".to_owned(),
+                message: "still unknown after the ClusterProperty was read".to_owned(),
+            }])),
+        }
+    }
+}
+
+impl Loaded {
+    /// `discovery` (paths resolved).
+    pub fn discovery(&self) -> &DiscoveryConfig {
+        match self {
+            Loaded::Complete(c) => &c.discovery,
+            Loaded::NeedsClusterId(p) => &p.discovery,
+        }
+    }
+
+    /// `cluster.clusterset`.
+    pub fn clusterset(&self) -> &str {
+        match self {
+            Loaded::Complete(c) => &c.cluster.clusterset,
+            Loaded::NeedsClusterId(p) => &p.clusterset,
+        }
+    }
+
+    /// The config file's own `cluster.id`, if it has one.
+    pub fn configured_id(&self) -> Option<&ClusterId> {
+        match self {
+            Loaded::Complete(c) => Some(&c.cluster.id),
+            Loaded::NeedsClusterId(_) => None,
+        }
+    }
+
+    /// The complete config with `id` as its cluster id: a complete config must already name
+    /// it (the caller compared them), a pending one takes it.
+    pub fn with_cluster_id(self, id: &ClusterId) -> Result<Config, ConfigErrors> {
+        match self {
+            Loaded::Complete(c) => Ok(*c),
+            Loaded::NeedsClusterId(p) => p.with_cluster_id(id),
+        }
+    }
+}
+
 /// Parses a config file's text. `path_for_messages` names the file in errors, and its
 /// directory is the base of relative paths in the config. Checks syntax, types and the
-/// cross-field rules, but touches no file: see [`load`].
+/// cross-field rules, but touches no file: see [`load`]. `cluster.id` is required here
+/// whatever the source (a kube-source config without it: [`parse_loaded`]).
 pub fn parse(path_for_messages: &Path, text: &str) -> Result<Config, ConfigErrors> {
-    parse_inner(path_for_messages, text).0.map_err(ConfigErrors)
+    match finish(path_for_messages, text, None, Checks { files: false, pending: false })? {
+        Loaded::Complete(config) => Ok(*config),
+        // `pending: false` reports a missing id instead.
+        Loaded::NeedsClusterId(p) => Err(ConfigErrors(vec![ConfigError {
+            file: p.path,
+            line: 0,
+            column: 0,
+            path: "cluster".to_owned(),
+            message: MISSING_ID_KUBE.to_owned(),
+        }])),
+    }
 }
+
+/// [`parse`], but a kube-source config without `cluster.id` is [`Loaded::NeedsClusterId`].
+pub fn parse_loaded(path_for_messages: &Path, text: &str) -> Result<Loaded, ConfigErrors> {
+    finish(path_for_messages, text, None, Checks { files: false, pending: true })
+}
+
+/// The message of a missing `cluster.id` with the file source.
+const MISSING_ID_FILE: &str = "missing field `id` (required with discovery.source: file; with \
+     `kube` the ClusterProperty cluster.clusterset.k8s.io may provide it)";
+/// The message of a missing `cluster.id` where nothing can read the ClusterProperty.
+const MISSING_ID_KUBE: &str = "missing field `id` (only `fedgate run` reads it from the \
+     ClusterProperty cluster.clusterset.k8s.io)";
 
 /// Reads and parses the config file at `path`, then checks the files it names: the
 /// certificate (readable, unexpired, naming `spiffe://<clusterset>/cluster/<id>`), its key,
-/// the CA bundle, and the file source's directory.
-pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+/// the CA bundle, and the file source's directory. A kube-source config without `cluster.id`
+/// is [`Loaded::NeedsClusterId`]; its certificate is then only checked to name some cluster of
+/// the clusterset until the id is known, and files named after the id (the default
+/// `tls.cert`/`tls.key`) are checked by [`PendingConfig::with_cluster_id`].
+pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: path.to_owned(),
@@ -163,14 +277,45 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             message: format!("cannot read config file: {e}"),
         }])
     })?;
-    let (parsed, files) = parse_inner(path, &text);
+    finish(path, &text, None, Checks { files: true, pending: true })
+}
+
+/// What [`finish`] does besides parsing.
+#[derive(Clone, Copy)]
+struct Checks {
+    /// Check the files the config names.
+    files: bool,
+    /// A kube-source config without `cluster.id` is pending rather than an error.
+    pending: bool,
+}
+
+/// Parses `text` with `default_id` standing in for a missing `cluster.id`, and checks what
+/// `checks` asks for.
+fn finish(
+    path: &Path,
+    text: &str,
+    default_id: Option<&ClusterId>,
+    checks: Checks,
+) -> Result<Loaded, ConfigErrors> {
+    let (parsed, files) = parse_inner(path, text, default_id, checks.pending);
     // The files are checked even when other sections have errors: all problems at once.
     let file_errors = match &files {
-        Some((inputs, locator)) => check::files(inputs, locator, jiff::Timestamp::now()),
-        None => Vec::new(),
+        Some((inputs, locator)) if checks.files => {
+            check::files(inputs, locator, jiff::Timestamp::now())
+        }
+        _ => Vec::new(),
     };
     match parsed {
-        Ok(config) if file_errors.is_empty() => Ok(config),
+        Ok(outcome) if file_errors.is_empty() => Ok(match outcome {
+            Outcome::Complete(config) => Loaded::Complete(config),
+            Outcome::Pending { clusterset, discovery } => Loaded::NeedsClusterId(PendingConfig {
+                path: path.to_owned(),
+                text: text.to_owned(),
+                check_files: checks.files,
+                clusterset,
+                discovery,
+            }),
+        }),
         Ok(_) => Err(ConfigErrors(file_errors)),
         Err(mut errors) => {
             errors.extend(file_errors);
@@ -180,18 +325,31 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     }
 }
 
+/// What parsing found: a complete config, or (kube source, no id) what is needed to read the
+/// ClusterProperty.
+enum Outcome {
+    Complete(Box<Config>),
+    Pending { clusterset: String, discovery: DiscoveryConfig },
+}
+
 /// What the file checks need, with paths resolved; there when `cluster`, `tls` and
 /// `discovery` parsed, even if other sections did not.
 pub(crate) struct FileInputs {
-    pub id: fedgate_discovery::model::ClusterId,
+    /// `None` while the id is still to come from the ClusterProperty.
+    pub id: Option<ClusterId>,
     pub clusterset: String,
     pub tls: TlsConfig,
     pub discovery: DiscoveryConfig,
 }
 
-type Parsed = (Result<Config, Vec<ConfigError>>, Option<(FileInputs, Locator)>);
+type Parsed = (Result<Outcome, Vec<ConfigError>>, Option<(FileInputs, Locator)>);
 
-fn parse_inner(path: &Path, text: &str) -> Parsed {
+fn parse_inner(
+    path: &Path,
+    text: &str,
+    default_id: Option<&ClusterId>,
+    allow_pending: bool,
+) -> Parsed {
     let mut locator = Locator { file: path.to_owned(), marks: BTreeMap::new() };
     let root = match yaml::parse(text) {
         Ok(root) => root,
@@ -243,7 +401,8 @@ fn parse_inner(path: &Path, text: &str) -> Parsed {
             _ => None,
         })
         .and_then(|(_, v)| v.scalar())
-        .and_then(|id| fedgate_discovery::model::ClusterId::new(id).ok());
+        .and_then(|id| ClusterId::new(id).ok())
+        .or_else(|| default_id.cloned());
     let mut take = |name: &str| -> Node {
         present.remove(name).unwrap_or_else(|| Node::empty_map(usize::MAX, name))
     };
@@ -293,18 +452,30 @@ fn parse_inner(path: &Path, text: &str) -> Parsed {
     for (path, message) in check::semantics(&sections) {
         errors.push(locator.error(&path, message));
     }
+    // The id: the file's, else the caller's; only the kube source may still be without one.
+    let id: Option<ClusterId> =
+        sections.cluster.as_ref().and_then(|c| c.id.clone()).or_else(|| default_id.cloned());
+    if let (Some(_), Some(discovery), None) = (&sections.cluster, &sections.discovery, &id) {
+        match discovery.source {
+            SourceKind::File => errors.push(locator.error("cluster", MISSING_ID_FILE)),
+            SourceKind::Kube if !allow_pending => {
+                errors.push(locator.error("cluster", MISSING_ID_KUBE))
+            }
+            SourceKind::Kube => {}
+        }
+    }
 
     let base = path.parent().unwrap_or(Path::new(""));
     let files = match (&sections.cluster, &sections.tls, &sections.discovery) {
         (Some(cluster), Some(tls), Some(discovery)) => {
             let mut inputs = FileInputs {
-                id: cluster.id.clone(),
+                id: id.clone(),
                 clusterset: cluster.clusterset.clone(),
                 tls: tls.clone(),
                 discovery: discovery.clone(),
             };
-            resolve_tls(&mut inputs.tls, &inputs.id, base);
-            resolve_discovery(&mut inputs.discovery, &inputs.id, base);
+            resolve_tls(&mut inputs.tls, inputs.id.as_ref(), base);
+            resolve_discovery(&mut inputs.discovery, inputs.id.as_ref(), base);
             Some(inputs)
         }
         _ => None,
@@ -322,13 +493,30 @@ fn parse_inner(path: &Path, text: &str) -> Parsed {
             front: Some(mut front),
             admin: Some(admin),
             traffic: Some(traffic),
-        } if errors.is_empty() => {
-            let peers = peers.into_iter().map(|(_, p)| p).collect();
-            resolve_tls(&mut tls, &cluster.id, base);
-            resolve_discovery(&mut discovery, &cluster.id, base);
-            front.state_dir = front.state_dir.map(|p| join(base, &p));
-            Ok(Config { cluster, discovery, peers, tls, tunnel, dns, front, admin, traffic })
-        }
+        } if errors.is_empty() => match id {
+            Some(id) => {
+                let peers = peers.into_iter().map(|(_, p)| p).collect();
+                resolve_tls(&mut tls, Some(&id), base);
+                resolve_discovery(&mut discovery, Some(&id), base);
+                front.state_dir = front.state_dir.map(|p| join(base, &p));
+                let cluster = cluster.with_id(id);
+                Ok(Outcome::Complete(Box::new(Config {
+                    cluster,
+                    discovery,
+                    peers,
+                    tls,
+                    tunnel,
+                    dns,
+                    front,
+                    admin,
+                    traffic,
+                })))
+            }
+            None => {
+                resolve_discovery(&mut discovery, None, base);
+                Ok(Outcome::Pending { clusterset: cluster.clusterset, discovery })
+            }
+        },
         _ => {
             errors.sort_by_key(|e| (e.line, e.column));
             Err(errors)
@@ -343,31 +531,38 @@ fn join(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() { p.components().collect() } else { base.join(p).components().collect() }
 }
 
-/// Fills the TLS file defaults (`<id>.crt`, `<id>.key`) and resolves the paths.
-fn resolve_tls(tls: &mut TlsConfig, id: &fedgate_discovery::model::ClusterId, base: &Path) {
-    if tls.cert.as_os_str().is_empty() {
-        tls.cert = PathBuf::from(format!("{id}.crt"));
+/// Fills the TLS file defaults (`<id>.crt`, `<id>.key`) and resolves the paths. Without an id
+/// yet, a path left to its default stays empty (checked once the id is known).
+fn resolve_tls(tls: &mut TlsConfig, id: Option<&ClusterId>, base: &Path) {
+    if let Some(id) = id {
+        if tls.cert.as_os_str().is_empty() {
+            tls.cert = PathBuf::from(format!("{id}.crt"));
+        }
+        if tls.key.as_os_str().is_empty() {
+            tls.key = PathBuf::from(format!("{id}.key"));
+        }
     }
-    if tls.key.as_os_str().is_empty() {
-        tls.key = PathBuf::from(format!("{id}.key"));
+    for p in [&mut tls.cert, &mut tls.key] {
+        if !p.as_os_str().is_empty() {
+            *p = join(base, p);
+        }
     }
-    tls.cert = join(base, &tls.cert);
-    tls.key = join(base, &tls.key);
     if let CaSource::File(p) = &tls.ca {
         tls.ca = CaSource::File(join(base, p));
     }
 }
 
-/// Fills the file-source directory default (`clusters/<id>`) and resolves the paths.
-fn resolve_discovery(
-    d: &mut DiscoveryConfig,
-    id: &fedgate_discovery::model::ClusterId,
-    base: &Path,
-) {
-    if d.file.dir.as_os_str().is_empty() {
+/// Fills the file-source directory default (`clusters/<id>`) and resolves the paths. Without
+/// an id (kube source only) a defaulted directory stays empty: the kube source has none.
+fn resolve_discovery(d: &mut DiscoveryConfig, id: Option<&ClusterId>, base: &Path) {
+    if d.file.dir.as_os_str().is_empty()
+        && let Some(id) = id
+    {
         d.file.dir = Path::new(DEFAULT_FILE_DIR_PARENT).join(id.as_str());
     }
-    d.file.dir = join(base, &d.file.dir);
+    if !d.file.dir.as_os_str().is_empty() {
+        d.file.dir = join(base, &d.file.dir);
+    }
     d.kube.kubeconfig = d.kube.kubeconfig.take().map(|k| join(base, &k));
 }
 

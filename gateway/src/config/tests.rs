@@ -195,7 +195,9 @@ fn every_error_class_names_file_line_column_and_path() {
         (
             "missing cluster id",
             "cluster:\n  clusterset: demo\npeers: []\n",
-            &["east.yaml:2:3: cluster: missing field `id`"],
+            &[
+                "east.yaml:2:3: cluster: missing field `id` (required with discovery.source: file; with `kube` the ClusterProperty cluster.clusterset.k8s.io may provide it)",
+            ],
         ),
         (
             "missing peers",
@@ -379,10 +381,31 @@ impl Pki {
     fn load(&self, text: &str) -> Result<Config, Vec<String>> {
         let path = self.dir.path().join("east.yaml");
         std::fs::write(&path, text).expect("write config");
-        load(&path).map_err(|e| {
-            let prefix = format!("{}/", self.dir.path().display());
+        let prefix = format!("{}/", self.dir.path().display());
+        let strip = |e: ConfigErrors| -> Vec<String> {
             e.iter().map(|e| e.to_string().replace(&prefix, "")).collect()
-        })
+        };
+        match load(&path).map_err(strip)? {
+            Loaded::Complete(c) => Ok(*c),
+            Loaded::NeedsClusterId(_) => panic!("config without cluster.id: use load_pending"),
+        }
+    }
+
+    /// `load` of a kube-source config without `cluster.id`, finished with `id`.
+    fn load_pending(&self, text: &str, id: &str) -> Result<Config, Vec<String>> {
+        let path = self.dir.path().join("east.yaml");
+        std::fs::write(&path, text).expect("write config");
+        let prefix = format!("{}/", self.dir.path().display());
+        let strip = |e: ConfigErrors| -> Vec<String> {
+            e.iter().map(|e| e.to_string().replace(&prefix, "")).collect()
+        };
+        match load(&path).map_err(strip)? {
+            Loaded::Complete(c) => panic!("expected a pending id, got {c:?}"),
+            Loaded::NeedsClusterId(p) => {
+                let id = fedgate_discovery::model::ClusterId::new(id).expect("id");
+                p.with_cluster_id(&id).map_err(strip)
+            }
+        }
     }
 }
 
@@ -463,6 +486,129 @@ fn file_problems_are_reported_beside_other_problems() {
         "{got:?}"
     );
     assert_eq!(got[1], "east.yaml:5:27: traffic.drainDuration: invalid duration \"5x\"");
+}
+
+#[test]
+fn the_cluster_id_may_be_left_to_the_cluster_property_only_with_the_kube_source() {
+    // (name, config, Ok(pending?) or Err(first error))
+    let table: &[(&str, &str, Result<bool, &str>)] = &[
+        ("file source with id", "cluster: { id: east }\npeers: []\n", Ok(false)),
+        (
+            "file source without id",
+            "cluster: { clusterset: demo }\npeers: []\n",
+            Err(
+                "east.yaml:1:10: cluster: missing field `id` (required with discovery.source: file; with `kube` the ClusterProperty cluster.clusterset.k8s.io may provide it)",
+            ),
+        ),
+        (
+            "file source, no cluster section",
+            "peers: []\n",
+            Err("east.yaml:1:1: cluster: missing field `id` (required with discovery.source: file"),
+        ),
+        (
+            "kube source without id",
+            "cluster: { clusterset: demo }\ndiscovery: { source: kube }\npeers: []\n",
+            Ok(true),
+        ),
+        ("kube source, no cluster section", "discovery: { source: kube }\npeers: []\n", Ok(true)),
+        (
+            "kube source with id",
+            "cluster: { id: east }\ndiscovery: { source: kube }\npeers: []\n",
+            Ok(false),
+        ),
+        (
+            "kube source, invalid id",
+            "cluster: { id: -east }\ndiscovery: { source: kube }\npeers: []\n",
+            Err(
+                "east.yaml:1:16: cluster.id: invalid cluster id \"-east\": must start and end with a letter or digit (an RFC 1123 label)",
+            ),
+        ),
+        (
+            "kube source, id too long",
+            "cluster: { id: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa }\ndiscovery: { source: kube }\npeers: []\n",
+            Err("east.yaml:1:16: cluster.id: invalid cluster id"),
+        ),
+        (
+            "kube source without id, other errors still reported",
+            "cluster: { colour: red }\ndiscovery: { source: kube }\npeers: []\n",
+            Err("east.yaml:1:12: cluster.colour: unknown field `colour`"),
+        ),
+    ];
+    for (name, text, want) in table {
+        let got = parse_loaded(Path::new("east.yaml"), text);
+        match (got, want) {
+            (Ok(Loaded::Complete(_)), Ok(false)) | (Ok(Loaded::NeedsClusterId(_)), Ok(true)) => {}
+            (Err(e), Err(prefix)) => {
+                let first = e.iter().next().map(ToString::to_string).unwrap_or_default();
+                assert!(first.starts_with(prefix), "case {name:?}: {first}");
+            }
+            (got, want) => panic!("case {name:?}: got {got:?}, want {want:?}"),
+        }
+    }
+    // `parse` wants a complete config whatever the source
+    let err = parse(Path::new("east.yaml"), "discovery: { source: kube }\npeers: []\n")
+        .expect_err("no id");
+    assert_eq!(
+        err.to_string(),
+        "east.yaml:1:1: cluster: missing field `id` (only `fedgate run` reads it from the ClusterProperty cluster.clusterset.k8s.io)"
+    );
+}
+
+#[test]
+fn a_pending_id_fills_every_default_derived_from_it() {
+    let text = "cluster: { clusterset: demo }\ndiscovery: { source: kube }\npeers:\n  - { id: west, address: 10.0.0.2:15443 }\n";
+    let Ok(Loaded::NeedsClusterId(p)) = parse_loaded(Path::new("/etc/fedgate/g.yaml"), text) else {
+        panic!("pending expected");
+    };
+    assert_eq!(p.clusterset, "demo");
+    let east = fedgate_discovery::model::ClusterId::new("east").expect("id");
+    let c = p.with_cluster_id(&east).expect("complete");
+    assert_eq!(c.cluster.id, east);
+    assert_eq!(c.tls.cert, Path::new("/etc/fedgate/east.crt"));
+    assert_eq!(c.tls.key, Path::new("/etc/fedgate/east.key"));
+    assert_eq!(c.spiffe_id(&c.cluster.id), "spiffe://demo/cluster/east");
+    // the id from the cluster is checked like a written one: not one of the peers
+    let west = fedgate_discovery::model::ClusterId::new("west").expect("id");
+    let err = p.with_cluster_id(&west).expect_err("own id is a peer");
+    assert_eq!(
+        err.to_string(),
+        "/etc/fedgate/g.yaml:4:11: peers[0].id: peer id \"west\" is this gateway's own cluster.id"
+    );
+}
+
+#[test]
+fn a_pending_id_defers_the_checks_of_files_named_after_it() {
+    let pki = Pki::new();
+    let kube = "cluster:\n  clusterset: demo\ndiscovery: { source: kube }\npeers: []\n";
+    // east.crt names spiffe://demo/cluster/east: fine once the id is east...
+    let c = pki.load_pending(kube, "east").expect("east");
+    assert_eq!(c.tls.cert, pki.dir.path().join("east.crt"));
+    // ...but a ClusterProperty naming another cluster finds no west.crt/west.key
+    let err = pki.load_pending(kube, "west").expect_err("no west files");
+    assert_eq!(err.len(), 2, "{err:?}");
+    assert!(
+        err[0].starts_with("east.yaml:1:1: tls.cert: cannot read certificate west.crt"),
+        "{err:?}"
+    );
+    // an explicit certificate for east used while the cluster says west
+    let explicit = "cluster:\n  clusterset: demo\ndiscovery: { source: kube }\npeers: []\ntls: { cert: east.crt, key: east.key }\n";
+    let err = pki.load_pending(explicit, "west").expect_err("cert names east");
+    assert_eq!(
+        err,
+        [
+            "east.yaml:5:14: tls.cert: certificate east.crt names spiffe://demo/cluster/east, expected SAN URI spiffe://demo/cluster/west"
+        ]
+    );
+    // before the id is known, the certificate must at least belong to the clusterset
+    pki.issue("east", "other", None);
+    let path = pki.dir.path().join("east.yaml");
+    std::fs::write(&path, explicit).expect("write");
+    let err = load(&path).expect_err("wrong clusterset");
+    let msg = err.to_string().replace(&format!("{}/", pki.dir.path().display()), "");
+    assert_eq!(
+        msg,
+        "east.yaml:5:14: tls.cert: certificate east.crt names spiffe://other/cluster/east, expected SAN URI spiffe://demo/cluster/<cluster id>"
+    );
 }
 
 #[test]
