@@ -337,11 +337,17 @@ fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unex
     }
     let [mut east_gw, mut west_gw]: [NsGateway; 2] =
         gateways.try_into().map_err(|_| anyhow!("two gateways"))?;
-    for gw in [&east_gw, &west_gw] {
-        eventually(&format!("{} ready", gw.gw.spec.id), WAIT, || {
-            Ok(gw.get("/readyz").ok().map(|_| ()))
+    // Ready, and federated: the figure below is propagation, not the first handshake.
+    for (gw, peer) in [(&east_gw, WEST), (&west_gw, EAST)] {
+        eventually(&format!("{} ready with {peer} connected", gw.gw.spec.id), WAIT, || {
+            let ready = gw.get("/readyz").is_ok();
+            Ok((ready && peer_connected(gw, peer)?).then_some(()))
         })?;
     }
+    eprintln!(
+        "gateways ready and connected {:.2} s after the start",
+        started.elapsed().as_secs_f64()
+    );
 
     // East's backend, on a "pod" address of namespace `a` that `b` has no route to.
     net.a.ip(&["addr", "add", &format!("{POD_EAST}/32"), "dev", "lo"])?;
