@@ -13,11 +13,12 @@
 #   bench/tunnel.sh                              # 10 s iperf3 per path, 20000 round trips
 #   DURATION=5 ROUNDS=5000 REPEAT=3 bench/tunnel.sh
 #   PROFILE=1 bench/tunnel.sh                    # + perf profile of both gateways under iperf3
-#   PROFILE=1 PROFILE_PATH=fedgate-jumbo bench/tunnel.sh   # ... of the jumbo-MTU pair
+#   PROFILE=1 PROFILE_PATH=fedgate-1452 bench/tunnel.sh    # ... of the pair pinned to 1452
 #   PROFILE=1 PERF_CALLGRAPH=dwarf PERF_FREQ=199 PERF_OUT=/tmp/fg.data bench/tunnel.sh  # keep it
 #   FEDGATE_BIN=target/release/fedgate bench/tunnel.sh   # skip the cargo build
-# fedgate runs twice: with the default tunnel.maxUdpPayloadSize (1452, a 1500-byte Ethernet
-# path) and with 8952 (jumbo frames; loopback allows it), "fedgate-jumbo".
+# fedgate runs twice: with the defaults (path MTU discovery up to tunnel.maxUdpPayloadSize
+# 8952; loopback carries it, as a jumbo-frame network does), and pinned to 1452 bytes, what a
+# 1500-byte Ethernet path allows, "fedgate-1452". Each pair prints the path MTU it settled on.
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -103,7 +104,7 @@ cluster: { id: $1, clusterset: bench, locality: { region: r-$1, zone: z-$1 } }
 discovery: { source: file, file: { dir: ./cluster }, peerLeaseDuration: 15s }
 peers: [ { id: $4, address: "$5:$6" } ]
 tls: { cert: $C/$1.crt, key: $C/$1.key, ca: $C/ca.crt }
-tunnel: { listen: "$2:$3", maxUdpPayloadSize: ${8:-1452} }
+tunnel: { listen: "$2:$3"${8:+, maxUdpPayloadSize: $8} }
 dns: { listen: "$2:$(free_udp)", upstream: [ "127.0.0.1:9" ], ttl: 5s }
 front: { mode: vip, clusterSetIPRange: 127.2.$7.0/24 }
 admin: { listen: "$2:$(free_tcp)" }
@@ -160,6 +161,7 @@ for s in json.load(sys.stdin):
     [[ -n $VIP ]] && break
     sleep 0.2
   done
+  ADMIN_PAIR=$admin_a
   [[ -n $VIP ]] || { echo "gateway $a never imported bench/bench; logs:" >&2; tail -n 20 "$work/$a.log" "$work/$b.log" >&2; exit 1; }
   for _ in $(seq 1 100); do
     python3 "$here/rr.py" "$VIP" "$ECHO_PORT" 10 0 >/dev/null 2>&1 && break
@@ -167,12 +169,12 @@ for s in json.load(sys.stdin):
   done
   python3 "$here/rr.py" "$VIP" "$ECHO_PORT" 10 0 >/dev/null || { echo "no echo through fedgate ($VIP)" >&2; tail -n 20 "$work/$a.log" "$work/$b.log" >&2; exit 1; }
 }
-# Default MTU ceiling (1452, what a 1500-byte Ethernet path allows) ...
-pair a b 127.0.0.21 127.0.0.22 21 22 1452
-VIP_FG=$VIP; PIDS_FG=$PIDS_PAIR
-# ... and the jumbo-frame setting (tunnel.maxUdpPayloadSize 8952), which loopback allows.
-pair c d 127.0.0.23 127.0.0.24 23 24 8952
-VIP_J=$VIP; PIDS_J=$PIDS_PAIR
+# Defaults (path MTU discovery up to 8952) ...
+pair a b 127.0.0.21 127.0.0.22 21 22 ""
+VIP_FG=$VIP; PIDS_FG=$PIDS_PAIR; ADMIN_FG=$ADMIN_PAIR
+# ... and pinned to a 1500-byte Ethernet path (tunnel.maxUdpPayloadSize 1452).
+pair c d 127.0.0.23 127.0.0.24 23 24 1452
+VIP_J=$VIP; PIDS_J=$PIDS_PAIR; ADMIN_J=$ADMIN_PAIR
 
 # --- stunnel4 two-hop mutual TLS -----------------------------------------------------------
 S1=127.0.0.31; S2=127.0.0.32
@@ -260,11 +262,11 @@ wait_tcp "$H2" "$HE2" "haproxy server"
 declare -A target=(
   [direct]="$SRV $IPERF_PORT $ECHO_PORT"
   [fedgate]="$VIP_FG $IPERF_PORT $ECHO_PORT $PIDS_FG"
-  [fedgate-jumbo]="$VIP_J $IPERF_PORT $ECHO_PORT $PIDS_J"
+  [fedgate-1452]="$VIP_J $IPERF_PORT $ECHO_PORT $PIDS_J"
   [stunnel]="$S1 $SI1 $SE1 $PID_S1 $PID_S2"
   [haproxy]="$H1 $HI1 $HE1 $PID_H1 $PID_H2"
 )
-paths=(direct fedgate fedgate-jumbo stunnel haproxy)
+paths=(direct fedgate fedgate-1452 stunnel haproxy)
 echo "iperf3 ${DURATION}s x $REPEAT per path, $ROUNDS x 1 KB round trips per path (fedgate VIPs $VIP_FG, $VIP_J)"
 for p in "${paths[@]}"; do
   read -r host iport eport ppids <<<"${target[$p]}"
@@ -292,7 +294,7 @@ done
 python3 - "$work" "$DURATION" "$ROUNDS" "$REPEAT" <<'PY'
 import statistics, sys
 work, duration, rounds, repeat = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-paths = ["direct", "fedgate", "fedgate-jumbo", "stunnel", "haproxy"]
+paths = ["direct", "fedgate", "fedgate-1452", "stunnel", "haproxy"]
 row = {}
 for p in paths:
     runs = [tuple(map(float, l.split())) for l in open(f"{work}/tput.{p}")]
@@ -313,7 +315,7 @@ for p in paths:
           f"| {r['p50']:.1f} | {r['p99']:.1f} | {added} | {cpu} |")
 s, h = row["stunnel"], row["haproxy"]
 print()
-for name in ["fedgate", "fedgate-jumbo"]:
+for name in ["fedgate", "fedgate-1452"]:
     f = row[name]
     ok_t = f["gbps"] >= 1.2 * s["gbps"]
     ok_l = (f["p99"] - d99) <= (h["p99"] - d99)
@@ -322,10 +324,14 @@ for name in ["fedgate", "fedgate-jumbo"]:
 print(f"(iperf3 -t {duration}; {rounds} round trips of 1024 B over one connection; CPU = utime+stime of both proxy processes during the iperf3 runs)")
 PY
 
+# The datagram size each pair's QUIC connection settled on (path MTU discovery).
+path_mtu() { curl -sf "http://$1/debug/peers" | python3 -c 'import json,sys; print(",".join(str(p.get("path_mtu")) for p in json.load(sys.stdin)))'; }
+echo "path MTU in use (UDP payload bytes): fedgate $(path_mtu "$ADMIN_FG"), fedgate-1452 $(path_mtu "$ADMIN_J")"
+
 if [[ $PROFILE == 1 ]]; then
   command -v perf >/dev/null || { echo "perf not found (apt-get install linux-perf)" >&2; exit 0; }
   echo
-  if [[ ${PROFILE_PATH:-fedgate} == fedgate-jumbo ]]; then prof_vip=$VIP_J; prof_pids=$PIDS_J; else prof_vip=$VIP_FG; prof_pids=$PIDS_FG; fi
+  if [[ ${PROFILE_PATH:-fedgate} == fedgate-1452 ]]; then prof_vip=$VIP_J; prof_pids=$PIDS_J; else prof_vip=$VIP_FG; prof_pids=$PIDS_FG; fi
   prof_pids=$(echo $prof_pids | tr ' ' ',')
   echo "profiling both gateways during one more ${DURATION}s iperf3 run through ${PROFILE_PATH:-fedgate}"
   perf record -q -F "${PERF_FREQ:-999}" --call-graph "${PERF_CALLGRAPH:-fp}" -o "$work/perf.data" -p "$prof_pids" -- sleep "$((DURATION + 1))" >/dev/null 2>&1 &

@@ -208,6 +208,59 @@ fn dead_peer_is_withdrawn_after_its_lease_and_restored_on_restart() -> Result<()
     Ok(())
 }
 
+/// `fedgate_peer_disconnects_total{reason="..."}` on `g` (0 when not exported yet).
+fn disconnects(g: &Gateway, reason: &str) -> Result<f64> {
+    let (_, text) = http_get(g.spec.admin, "/metrics")?;
+    let label = format!("reason=\"{reason}\"");
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("fedgate_peer_disconnects_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum())
+}
+
+#[test]
+fn a_crashed_and_restarted_peer_is_redialed_through_a_stateless_reset() -> Result<()> {
+    // alpha dials bravo (the lower id dials). bravo crashes (SIGKILL: no CONNECTION_CLOSE)
+    // and comes back on the same port with the same key: its reset key is derived from that
+    // key, so alpha's next keep-alive on the dead connection gets a stateless reset alpha
+    // accepts, instead of silence until the 5 s idle timeout.
+    let mut fed = federation(&["alpha", "bravo"], "30s")?;
+    eventually("alpha connected to bravo", PROPAGATION, || {
+        let peers = fed.gateways[0].json("/debug/peers")?;
+        Ok(peers[0]["connected"].as_bool().filter(|c| *c).map(|_| ()))
+    })?;
+    let before = disconnects(&fed.gateways[0], "reset")?;
+    fed.gateways[1].kill();
+    let killed = Instant::now();
+    fed.gateways[1].start()?;
+    let restarted = killed.elapsed();
+    eventually("alpha to drop the dead connection", Duration::from_secs(15), || {
+        let n: f64 = ["reset", "timed_out", "closed", "other"]
+            .iter()
+            .map(|r| disconnects(&fed.gateways[0], r))
+            .sum::<Result<f64>>()?;
+        Ok((n > before).then_some(()))
+    })?;
+    let dropped = killed.elapsed();
+    eventually("alpha reconnected to bravo", Duration::from_secs(15), || {
+        let peers = fed.gateways[0].json("/debug/peers")?;
+        Ok(peers[0]["connected"].as_bool().filter(|c| *c).map(|_| ()))
+    })?;
+    eprintln!(
+        "bravo SIGKILLed and restarted in {restarted:?}; alpha dropped the dead connection \
+         after {dropped:?} and was connected again after {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(
+        disconnects(&fed.gateways[0], "reset")?,
+        before + 1.0,
+        "alpha learned of bravo's restart from a stateless reset, not a timeout\n{}",
+        fed.gateways[0].log_text()
+    );
+    Ok(())
+}
+
 /// A gateway at bravo's address that calls itself `bad_id` in `bad_clusterset` and presents
 /// `tls` is refused by alpha, and its exports never show up there.
 struct Impostor<'a> {

@@ -6,6 +6,11 @@
 pub const PEER_HANDSHAKE_FAILURES_TOTAL: &str = "fedgate_peer_handshake_failures_total";
 /// QUIC connections to peers established, by `direction` (`dial`, `accept`).
 pub const PEER_CONNECTIONS_TOTAL: &str = "fedgate_peer_connections_total";
+/// QUIC connections to peers that ended, by `reason` (`closed`: the peer closed it,
+/// `reset`: a stateless reset, i.e. the peer restarted and no longer knows the connection,
+/// `timed_out`: nothing heard for the idle timeout, `replaced`: a newer connection took over,
+/// `local`: this gateway closed it, `other`).
+pub const PEER_DISCONNECTS_TOTAL: &str = "fedgate_peer_disconnects_total";
 /// Peers whose connection is up right now.
 pub const PEERS_CONNECTED: &str = "fedgate_peers_connected";
 /// Peer export sessions reset because of a bad or failed exchange, by `reason`.
@@ -26,6 +31,11 @@ pub fn describe() {
     metrics::describe_counter!(
         PEER_CONNECTIONS_TOTAL,
         "QUIC connections to peers established, by direction."
+    );
+    metrics::describe_counter!(
+        PEER_DISCONNECTS_TOTAL,
+        "QUIC connections to peers that ended, by reason (closed, reset: the peer restarted, \
+         timed_out, replaced, local, other)."
     );
     metrics::describe_gauge!(PEERS_CONNECTED, "Peers whose QUIC connection is up.");
     metrics::describe_counter!(
