@@ -37,6 +37,8 @@ pub struct ClusterRow {
     pub status: &'static str,
     pub address: Option<String>,
     pub rtt_ms: Option<f64>,
+    /// UDP payload size the QUIC connection uses now (path MTU discovery).
+    pub path_mtu: Option<u16>,
     /// Seconds since the peer was last heard from: the lease runs from then.
     pub lease_age_secs: Option<f64>,
     /// Seconds left before its exports are withdrawn if it stays silent.
@@ -88,6 +90,7 @@ pub fn clusters(
                 status,
                 address: peer.map(|p| p.address.clone()),
                 rtt_ms: peer.and_then(|p| p.rtt_ms),
+                path_mtu: peer.and_then(|p| p.path_mtu),
                 lease_age_secs: peer.and_then(|p| p.last_seen_secs),
                 lease_remaining_secs: peer
                     .and_then(|p| p.last_seen_secs)
@@ -211,6 +214,7 @@ mod tests {
         let west = rows.iter().find(|r| r.id.as_str() == "west").unwrap();
         assert_eq!(west.lease_remaining_secs, Some(11.0));
         assert_eq!(west.rtt_ms, Some(0.5));
+        assert_eq!(west.path_mtu, Some(1452));
         assert_eq!(rows[0].region.as_deref(), Some("r"));
         assert!(rows[0].local && !rows[0].peer);
     }

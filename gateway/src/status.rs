@@ -297,6 +297,7 @@ pub fn render_status(d: &StatusData, now: jiff::Timestamp) -> String {
         "REGION",
         "ZONE",
         "RTT",
+        "MTU",
         "LEASE AGE",
         "LEASE LEFT",
         "SERVICES",
@@ -310,6 +311,7 @@ pub fn render_status(d: &StatusData, now: jiff::Timestamp) -> String {
             text(&c["region"]),
             text(&c["zone"]),
             c["rttMs"].as_f64().map(|r| format!("{r:.2} ms")).unwrap_or_default(),
+            text(&c["pathMtu"]),
             secs(&c["leaseAgeSecs"]),
             secs(&c["leaseRemainingSecs"]),
             text(&c["services"]),
@@ -628,7 +630,7 @@ mod tests {
             config: json!({"cluster": {"id": "east", "clusterset": "demo"}}),
             clusters: json!([
                 {"id": "east", "status": "local", "region": "us", "zone": "a", "services": 1, "endpoints": 1},
-                {"id": "west", "status": "up", "rttMs": 0.42, "leaseAgeSecs": 1.0,
+                {"id": "west", "status": "up", "rttMs": 0.42, "pathMtu": 8952, "leaseAgeSecs": 1.0,
                  "leaseRemainingSecs": 14.0, "services": 1, "endpoints": 1}
             ]),
             imports: json!([{
@@ -669,6 +671,7 @@ mod tests {
         for want in [
             "fedgate cluster east in clusterset demo",
             "0.42 ms",
+            "8952",
             "14.0s",
             "east (winner)",
             "0/1 ready",
