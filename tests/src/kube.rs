@@ -732,8 +732,13 @@ fn curl_in(
     }
     cmd.arg(url).stdin(Stdio::null());
     let out = check_output(&format!("curl {url} in netns {ns}"), cmd.output()?)?;
-    let (body, code) = out.rsplit_once('\n').context("curl printed no status line")?;
-    let code = code.trim().parse().with_context(|| format!("curl status line {code:?}"))?;
+    curl_status_and_body(&out).with_context(|| format!("curl {url} in netns {ns}: {out:?}"))
+}
+
+/// (status, body) from what `curl -w '\n%{http_code}'` printed: the body, a newline, the code.
+fn curl_status_and_body(out: &str) -> Result<(u16, String)> {
+    let (body, code) = out.rsplit_once('\n').context("no status line")?;
+    let code = code.trim().parse().with_context(|| format!("status line {code:?}"))?;
     Ok((code, body.to_owned()))
 }
 
@@ -930,6 +935,22 @@ mod tests {
         for (text, want) in cases {
             let got = parse_response(text);
             assert_eq!(got.as_ref().map(|(c, b)| (*c, b.as_str())), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn curl_output_splits_into_status_and_body() {
+        let cases = [
+            ("ok\n200", Some((200, "ok"))),
+            ("{\"a\":1}\nline two\n401", Some((401, "{\"a\":1}\nline two"))),
+            ("\n403", Some((403, ""))),
+            ("no status", None),
+            ("body\nabc", None),
+            ("", None),
+        ];
+        for (out, want) in cases {
+            let got = curl_status_and_body(out).ok();
+            assert_eq!(got.as_ref().map(|(c, b)| (*c, b.as_str())), want, "{out:?}");
         }
     }
 
