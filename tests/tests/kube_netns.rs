@@ -140,6 +140,25 @@ fn curl_in(ns: &Netns, url: &str) -> Result<String> {
     Ok(run(ns.command("curl").args(["-sS", "-m", "5", url]))?.trim().to_owned())
 }
 
+/// The listening sockets of namespace `ns` that are reachable over its veth address `veth`
+/// (bound to it or to a wildcard), as `proto address`.
+fn exposed_on_veth(ns: &Netns, veth: std::net::Ipv4Addr) -> Result<Vec<String>> {
+    let out = run(ns.command("ss").arg("-Htuln"))?;
+    let mut exposed = Vec::new();
+    for line in out.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let [proto, _state, _recv, _send, local, ..] = cols[..] else {
+            bail!("unexpected `ss -Htuln` line in {}: {line:?}", ns.name);
+        };
+        let (host, _port) = local.rsplit_once(':').context("ss local address")?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host == veth.to_string() || matches!(host, "0.0.0.0" | "*" | "::") {
+            exposed.push(format!("{proto} {local}"));
+        }
+    }
+    Ok(exposed)
+}
+
 /// Whether `peer` shows as connected in `gw`'s `/debug/peers`.
 fn peer_connected(gw: &NsGateway, peer: &str) -> Result<bool> {
     let peers = gw.json("/debug/peers")?;
@@ -357,6 +376,12 @@ fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unex
     std::fs::write(www.join("cluster.txt"), "east\n")?;
     let www = www.to_str().context("utf-8 path")?;
     let _backend = net.server(&net.a, &["http", POD_EAST, &BACKEND_PORT.to_string(), www])?;
+
+    // Of everything listening in a cluster's namespace (etcd, apiserver, gateway admin, DNS,
+    // ClusterSetIPs, the backend), only the tunnel's UDP port is on the veth.
+    for (ns, ip) in [(&net.a, net.a_ip), (&net.b, net.b_ip)] {
+        assert_eq!(exposed_on_veth(ns, ip)?, [format!("udp {ip}:15443")], "{}", ns.name);
+    }
 
     // 1. kubectl creates Service + EndpointSlice + ServiceExport in east; west imports it.
     let export_yaml = "---\napiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\n\
