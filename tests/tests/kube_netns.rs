@@ -10,9 +10,9 @@
 //! kubectl creates a Service, EndpointSlice and ServiceExport in east; west gets the
 //! ServiceImport and EndpointSlice (the time is printed), west's DNS answers with west's
 //! ClusterSetIP and curl in `b` reaches east's backend through the tunnel; conflicting exports
-//! in both clusters get `Conflict=True` on both; a restart of gateway west changes no uid
-//! (and the time until its peer is connected again is printed); deleting east's export removes
-//! the import and slices from west. Needs root, `ip`, `curl`, `python3`, `dig` and the kube
+//! in both clusters get `Conflict=True` on both; restarts of gateway west (SIGTERM, SIGKILL)
+//! and east (SIGKILL) change no uid in either cluster (the time until the peers are connected
+//! again is printed); deleting east's export removes the import and slices from west. Needs root, `ip`, `curl`, `python3`, `dig` and the kube
 //! binaries of scripts/build-kube.sh (fails, saying what to install, otherwise).
 
 use std::path::PathBuf;
