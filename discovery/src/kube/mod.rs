@@ -13,6 +13,7 @@ pub mod convert;
 pub mod crd;
 pub mod identity;
 pub mod metrics;
+pub mod queue;
 pub mod source;
 pub mod writer;
 

@@ -15,14 +15,18 @@
 //! Everything is written with server-side apply under one field manager ([`FIELD_MANAGER`]),
 //! with names that depend only on the import, so a restarted gateway re-applies the same
 //! objects in place (same uid) and deletes only what is no longer wanted. The decisions are
-//! pure ([`desired`], [`plan`], [`merge_conditions`], [`FrontPorts`]); [`KubeWriter`] carries
-//! them out.
+//! pure ([`desired`], [`plan`], [`merge_conditions`], [`FrontPorts`], the schedule in
+//! [`super::queue`], [`Settle`]); [`KubeWriter`] carries them out, up to
+//! [`MAX_WRITES_IN_FLIGHT`] requests at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -40,6 +44,7 @@ use crate::model::{
 };
 
 use super::crd;
+use super::queue::{MAX_WRITES_IN_FLIGHT, WriteQueue};
 use super::source::LABEL_SLICE_MANAGED_BY;
 use super::{KubeError, LABEL_MANAGED_BY, MANAGED_BY_FEDGATE};
 
@@ -58,10 +63,13 @@ pub const MAX_SETTLE: Duration = Duration::from_secs(1);
 /// How often objects that failed to write (e.g. namespace missing) are tried again.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The kinds the writer owns.
+/// The kinds the writer writes, in the order their writes are sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum WriteKind {
-    /// Derived Services first: ServiceImports need their ClusterIPs.
+    /// The `status.conditions` of a local ServiceExport (not owned: only its status is
+    /// written, never listed or deleted). First: what a user waits for after exporting.
+    ServiceExport,
+    /// Derived Services before ServiceImports: ServiceImports need their ClusterIPs.
     Service,
     ServiceImport,
     EndpointSlice,
@@ -71,6 +79,7 @@ impl WriteKind {
     /// The Kubernetes kind (a bounded metric label).
     pub fn as_str(self) -> &'static str {
         match self {
+            WriteKind::ServiceExport => "ServiceExport",
             WriteKind::Service => "Service",
             WriteKind::ServiceImport => "ServiceImport",
             WriteKind::EndpointSlice => "EndpointSlice",
@@ -87,8 +96,10 @@ pub struct ObjRef {
 }
 
 /// What one owned object should look like: the applied body, and for kinds with a status
-/// subresource the applied status.
-#[derive(Clone, Debug, PartialEq)]
+/// subresource the applied status. Shared (`Arc`) between the writer's passes: an unchanged
+/// import keeps its objects, and comparing an object with itself is a pointer comparison
+/// (`Arc`'s `PartialEq` for `Eq` types).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredObject {
     pub body: Value,
     pub status: Option<Value>,
@@ -97,8 +108,20 @@ pub struct DesiredObject {
 /// One step of bringing the cluster in line.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    Apply(ObjRef, DesiredObject),
+    Apply(ObjRef, Arc<DesiredObject>),
     Delete(ObjRef),
+    /// Apply these conditions to the status of the ServiceExport `ObjRef`
+    /// ([`WriteKind::ServiceExport`]).
+    Conditions(ObjRef, Vec<crd::Condition>),
+}
+
+impl Action {
+    /// The object the action writes.
+    pub fn target(&self) -> &ObjRef {
+        match self {
+            Action::Apply(r, _) | Action::Delete(r) | Action::Conditions(r, _) => r,
+        }
+    }
 }
 
 /// The pure diff: apply what is new or different from what was last applied (`None`: exists
@@ -107,8 +130,8 @@ pub enum Action {
 /// arrived yet and their objects must not go). Derived Services come first (ServiceImports
 /// need their ClusterIPs), deletions last.
 pub fn plan(
-    desired: &BTreeMap<ObjRef, DesiredObject>,
-    applied: &BTreeMap<ObjRef, Option<DesiredObject>>,
+    desired: &BTreeMap<ObjRef, Arc<DesiredObject>>,
+    applied: &BTreeMap<ObjRef, Option<Arc<DesiredObject>>>,
     deletions: bool,
 ) -> Vec<Action> {
     let mut out: Vec<Action> = desired
@@ -116,19 +139,13 @@ pub fn plan(
         .filter(|(r, d)| applied.get(*r).is_none_or(|a| a.as_ref() != Some(*d)))
         .map(|(r, d)| Action::Apply(r.clone(), d.clone()))
         .collect();
-    out.sort_by_key(|a| action_ref(a).kind);
+    out.sort_by_key(|a| a.target().kind);
     if deletions {
         out.extend(
             applied.keys().filter(|r| !desired.contains_key(*r)).cloned().map(Action::Delete),
         );
     }
     out
-}
-
-fn action_ref(a: &Action) -> &ObjRef {
-    match a {
-        Action::Apply(r, _) | Action::Delete(r) => r,
-    }
 }
 
 /// 32-bit FNV-1a: a short, stable (across builds and releases) suffix for generated names.
@@ -604,12 +621,15 @@ pub struct KubeWriter {
 }
 
 /// The objects of one import.
-type Objects = Vec<(ObjRef, DesiredObject)>;
+type Objects = Vec<(ObjRef, Arc<DesiredObject>)>;
 
-/// What the writer believes is in the cluster.
+/// What the writer believes the cluster holds once every queued and in-flight write is
+/// answered (a write is recorded when it is queued; a failed one is taken back, so the next
+/// pass sends it again).
 #[derive(Default)]
 struct Written {
-    applied: BTreeMap<ObjRef, Option<DesiredObject>>,
+    /// Owned objects: their last written content, `None` = exists, content unknown.
+    applied: BTreeMap<ObjRef, Option<Arc<DesiredObject>>>,
     /// Conditions this writer put on each local ServiceExport.
     conditions: BTreeMap<ServiceKey, Vec<crd::Condition>>,
     /// Conditions found on ServiceExports at start-up (their transition times carry over).
@@ -618,8 +638,41 @@ struct Written {
     per_import: BTreeMap<ServiceKey, (Arc<ImportedService>, Objects)>,
     derived_ips: BTreeMap<ServiceKey, Vec<String>>,
     ports: FrontPorts,
-    /// Objects whose last write failed; retried every [`RETRY_INTERVAL`].
+    /// Objects whose last write failed: written again on the next pass, and a pass is run
+    /// every [`RETRY_INTERVAL`] while there are any.
     failed: BTreeSet<ObjRef>,
+}
+
+/// When the writer's inputs have settled: [`DEBOUNCE`] after the last change, at most
+/// [`MAX_SETTLE`] after the first one since the last pass. Pure: the loop feeds it the times.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settle {
+    first: Option<tokio::time::Instant>,
+    last: Option<tokio::time::Instant>,
+}
+
+impl Settle {
+    /// An input changed at `now`.
+    pub fn changed(&mut self, now: tokio::time::Instant) {
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+    }
+
+    /// When the next pass is due; `None` when nothing changed since the last one.
+    pub fn due(&self) -> Option<tokio::time::Instant> {
+        Some((self.last? + DEBOUNCE).min(self.first? + MAX_SETTLE))
+    }
+
+    /// A pass starts: later changes count towards the next one.
+    pub fn reset(&mut self) {
+        *self = Settle::default();
+    }
+}
+
+/// The answer to one request.
+struct Answer {
+    action: Action,
+    result: Result<Option<DynamicObject>, kube::Error>,
 }
 
 impl KubeWriter {
@@ -650,6 +703,9 @@ impl KubeWriter {
         self.serve(shutdown).instrument(span).await
     }
 
+    /// The loop: inputs that settled ([`Settle`]) start a pass, which diffs and queues writes
+    /// ([`WriteQueue`]); up to [`MAX_WRITES_IN_FLIGHT`] requests run while the next changes
+    /// are already being taken in.
     async fn serve(mut self, shutdown: CancellationToken) {
         let mut written = Written::default();
         // The owned objects that exist now; retried until the API server answers.
@@ -667,30 +723,62 @@ impl KubeWriter {
         }
         let grace_end = tokio::time::Instant::now() + self.settings.deletion_grace;
         let mut deletions = false;
+        let mut grace_over = false;
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut queue = WriteQueue::new(MAX_WRITES_IN_FLIGHT);
+        let mut running: FuturesUnordered<BoxFuture<'static, Answer>> = FuturesUnordered::new();
+        let mut settle = Settle::default();
+        // the first pass, once the inputs have settled after start
+        settle.changed(tokio::time::Instant::now());
+        self.snapshots.mark_unchanged();
+        self.statuses.mark_unchanged();
         loop {
-            if !self.settle(&shutdown).await {
-                break;
+            while let Some(action) = queue.pop() {
+                running.push(self.send(action));
             }
-            if !deletions {
-                let snapshot = self.snapshots.borrow();
-                let heard = self.settings.peers.iter().all(|p| snapshot.localities.contains_key(p));
-                deletions = heard || tokio::time::Instant::now() >= grace_end;
-                if deletions {
-                    tracing::debug!(every_peer_heard = heard, "deleting stale objects from now on");
-                }
-            }
-            self.reconcile(&mut written, deletions).await;
+            let due = settle.due();
             tokio::select! {
-                _ = tokio::time::sleep_until(grace_end), if !deletions => {}
                 _ = shutdown.cancelled() => break,
-                r = self.snapshots.changed() => if r.is_err() { break },
-                r = self.statuses.changed() => if r.is_err() { break },
+                Some(answer) = running.next() => {
+                    queue.finish(answer.action.target());
+                    if self.complete(answer, &mut written, &queue) {
+                        // a derived Service's ClusterIPs: its ServiceImport carries them next
+                        settle.changed(tokio::time::Instant::now());
+                    }
+                }
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    settle.reset();
+                    if !deletions {
+                        let snapshot = self.snapshots.borrow();
+                        let heard =
+                            self.settings.peers.iter().all(|p| snapshot.localities.contains_key(p));
+                        deletions = heard || tokio::time::Instant::now() >= grace_end;
+                        if deletions {
+                            tracing::debug!(every_peer_heard = heard, "deleting stale objects from now on");
+                        }
+                    }
+                    self.snapshots.mark_unchanged();
+                    self.statuses.mark_unchanged();
+                    queue.begin_pass();
+                    self.plan_pass(&mut written, &mut queue, deletions);
+                    tracing::trace!(queued = queue.queued(), in_flight = queue.in_flight(), superseded = queue.superseded(), "pass planned");
+                }
+                _ = tokio::time::sleep_until(grace_end), if !deletions && !grace_over => {
+                    grace_over = true;
+                    settle.changed(tokio::time::Instant::now());
+                }
+                r = self.snapshots.changed() => {
+                    if r.is_err() { break }
+                    settle.changed(tokio::time::Instant::now());
+                }
+                r = self.statuses.changed() => {
+                    if r.is_err() { break }
+                    settle.changed(tokio::time::Instant::now());
+                }
                 _ = retry.tick() => {
-                    if written.failed.is_empty() { continue }
-                    for r in std::mem::take(&mut written.failed) {
-                        written.applied.remove(&r);
+                    if !written.failed.is_empty() {
+                        settle.changed(tokio::time::Instant::now());
                     }
                 }
             }
@@ -698,29 +786,9 @@ impl KubeWriter {
         tracing::debug!("kube writer stopped");
     }
 
-    /// Waits until neither the import snapshot nor the statuses changed for [`DEBOUNCE`] (at
-    /// most [`MAX_SETTLE`]): a burst of updates, e.g. the start-up order of validity, local
-    /// exports and peers' exports, is written once, in its final state, instead of flapping
-    /// conditions through a transient one. False when shutting down.
-    async fn settle(&mut self, shutdown: &CancellationToken) -> bool {
-        let deadline = tokio::time::Instant::now() + MAX_SETTLE;
-        loop {
-            self.snapshots.mark_unchanged();
-            self.statuses.mark_unchanged();
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(DEBOUNCE) => return true,
-                r = self.snapshots.changed() => if r.is_err() { return false },
-                r = self.statuses.changed() => if r.is_err() { return false },
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return true;
-            }
-        }
-    }
-
     fn api(&self, kind: WriteKind, namespace: &str) -> Api<DynamicObject> {
         let res = match kind {
+            WriteKind::ServiceExport => self.exports.clone(),
             WriteKind::Service => ApiResource::erase::<Service>(&()),
             WriteKind::EndpointSlice => ApiResource::erase::<EndpointSlice>(&()),
             WriteKind::ServiceImport => self.imports.clone(),
@@ -789,8 +857,10 @@ impl KubeWriter {
         Ok(())
     }
 
-    async fn reconcile(&mut self, written: &mut Written, deletions: bool) {
-        self.write_statuses(written).await;
+    /// One pass: diffs what the inputs want against [`Written`] and queues the difference,
+    /// recording it in `written` as if done (an answer that says otherwise takes it back).
+    fn plan_pass(&mut self, written: &mut Written, queue: &mut WriteQueue, deletions: bool) {
+        self.plan_statuses(written, queue);
         let snapshot = Arc::clone(&self.snapshots.borrow());
         let front = self.settings.front.clone();
         if let Some(f) = &front {
@@ -805,66 +875,134 @@ impl KubeWriter {
                 written.per_import.clear();
             }
         }
-        // Two rounds in front kube mode: derived Services get ClusterIPs in the first, the
-        // ServiceImports carry them in the second.
-        for _ in 0..if front.is_some() { 2 } else { 1 } {
-            let mut desired_all = BTreeMap::new();
-            let mut next = BTreeMap::new();
-            for (key, import) in &snapshot.services {
-                let ips = written.derived_ips.get(key).cloned().unwrap_or_default();
-                let objects = match written.per_import.remove(key) {
-                    Some((prev, objects))
-                        if Arc::ptr_eq(&prev, import)
-                            && (front.is_none() || ips_in(&objects, &ips)) =>
-                    {
-                        objects
-                    }
-                    _ => desired(
-                        import,
-                        front.as_ref().map(|f| (f, &written.ports)),
-                        &ips,
-                        &self.imports.api_version,
-                    ),
-                };
-                desired_all.extend(objects.iter().cloned());
-                next.insert(key.clone(), (Arc::clone(import), objects));
+        // In front kube mode a ServiceImport carries its derived Service's ClusterIPs once
+        // the Service's apply has answered with them (a later pass: see `complete`).
+        let mut desired_all = BTreeMap::new();
+        let mut next = BTreeMap::new();
+        for (key, import) in &snapshot.services {
+            let ips = written.derived_ips.get(key).cloned().unwrap_or_default();
+            let objects = match written.per_import.remove(key) {
+                Some((prev, objects))
+                    if Arc::ptr_eq(&prev, import)
+                        && (front.is_none() || ips_in(&objects, &ips)) =>
+                {
+                    objects
+                }
+                _ => desired(
+                    import,
+                    front.as_ref().map(|f| (f, &written.ports)),
+                    &ips,
+                    &self.imports.api_version,
+                )
+                .into_iter()
+                .map(|(r, d)| (r, Arc::new(d)))
+                .collect(),
+            };
+            desired_all.extend(objects.iter().cloned());
+            next.insert(key.clone(), (Arc::clone(import), objects));
+        }
+        written.per_import = next;
+        // a failed object that is neither wanted nor known to exist needs no retry
+        written.failed.retain(|r| {
+            r.kind == WriteKind::ServiceExport
+                || desired_all.contains_key(r)
+                || written.applied.contains_key(r)
+        });
+        for action in plan(&desired_all, &written.applied, deletions) {
+            match &action {
+                Action::Apply(r, d) => {
+                    written.applied.insert(r.clone(), Some(d.clone()));
+                }
+                Action::Delete(r) => {
+                    written.applied.remove(r);
+                }
+                Action::Conditions(..) => {}
             }
-            written.per_import = next;
-            let actions = plan(&desired_all, &written.applied, deletions);
-            if actions.is_empty() {
-                break;
-            }
-            let mut new_ips = false;
-            for action in actions {
-                new_ips |= self.execute(action, written).await;
-            }
-            if !new_ips {
-                break;
-            }
+            queue.push(action);
         }
     }
 
-    /// Applies or deletes one object; true when a derived Service's ClusterIPs became known.
-    async fn execute(&self, action: Action, written: &mut Written) -> bool {
-        match action {
-            Action::Apply(r, d) => {
-                let api = self.api(r.kind, &r.namespace);
-                let pp = PatchParams::apply(FIELD_MANAGER).force();
-                let result = async {
-                    let obj = api.patch(&r.name, &pp, &Patch::Apply(&d.body)).await?;
-                    if let Some(status) = &d.status {
-                        api.patch_status(&r.name, &pp, &Patch::Apply(status)).await?;
+    /// Queues the conditions of this cluster's ServiceExports that differ from those written
+    /// (or whose last write failed).
+    fn plan_statuses(&self, written: &mut Written, queue: &mut WriteQueue) {
+        let statuses = Arc::clone(&self.statuses.borrow());
+        let now = jiff::Timestamp::now();
+        for (key, status) in statuses.iter() {
+            if status.cluster != self.settings.cluster {
+                continue;
+            }
+            if let Some(listed) = written.listed.remove(key) {
+                written.conditions.insert(key.clone(), listed);
+            }
+            let r = ObjRef {
+                kind: WriteKind::ServiceExport,
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+            };
+            let prev = written.conditions.get(key).cloned().unwrap_or_default();
+            if conditions_match(&prev, &status.conditions) && !written.failed.contains(&r) {
+                continue;
+            }
+            let conditions = merge_conditions(&prev, &status.conditions, now);
+            written.conditions.insert(key.clone(), conditions.clone());
+            queue.push(Action::Conditions(r, conditions));
+        }
+        written.conditions.retain(|k, _| statuses.contains_key(k));
+        written.failed.retain(|r| {
+            r.kind != WriteKind::ServiceExport
+                || statuses.contains_key(&ServiceKey::new(r.namespace.clone(), r.name.clone()))
+        });
+    }
+
+    /// The request of one action (an apply of a kind with a status is two requests, in order).
+    fn send(&self, action: Action) -> BoxFuture<'static, Answer> {
+        let r = action.target();
+        let api = self.api(r.kind, &r.namespace);
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let export_version = self.exports.api_version.clone();
+        Box::pin(async move {
+            let result = match &action {
+                Action::Apply(r, d) => {
+                    async {
+                        let obj = api.patch(&r.name, &pp, &Patch::Apply(&d.body)).await?;
+                        if let Some(status) = &d.status {
+                            api.patch_status(&r.name, &pp, &Patch::Apply(status)).await?;
+                        }
+                        Ok(Some(obj))
                     }
-                    Ok::<_, kube::Error>(obj)
+                    .await
                 }
-                .await;
+                Action::Delete(r) => {
+                    api.delete(&r.name, &DeleteParams::default()).await.map(|_| None)
+                }
+                Action::Conditions(r, conditions) => {
+                    let patch = json!({
+                        "apiVersion": export_version,
+                        "kind": "ServiceExport",
+                        "status": {"conditions": conditions},
+                    });
+                    api.patch_status(&r.name, &pp, &Patch::Apply(&patch)).await.map(|_| None)
+                }
+            };
+            Answer { action, result }
+        })
+    }
+
+    /// Records an answer; true when a derived Service's ClusterIPs became known (its
+    /// ServiceImport must be written again).
+    fn complete(&self, answer: Answer, written: &mut Written, queue: &WriteQueue) -> bool {
+        let Answer { action, result } = answer;
+        let requeued = queue.is_queued(action.target());
+        match action {
+            Action::Apply(r, _) => {
                 super::metrics::record_write(r.kind.as_str(), "apply", result.is_ok());
                 match result {
                     Ok(obj) => {
                         written.failed.remove(&r);
-                        written.applied.insert(r.clone(), Some(d));
                         tracing::debug!(kind = ?r.kind, namespace = %r.namespace, name = %r.name, "applied");
-                        if r.kind == WriteKind::Service {
+                        if r.kind == WriteKind::Service
+                            && let Some(obj) = obj
+                        {
                             let ips: Vec<String> = obj.data["spec"]["clusterIPs"]
                                 .as_array()
                                 .map(|a| {
@@ -890,79 +1028,65 @@ impl KubeWriter {
                         if written.failed.insert(r.clone()) {
                             tracing::warn!(kind = ?r.kind, namespace = %r.namespace, name = %r.name, error = %e, "write failed; retrying later");
                         }
-                        // Unknown state: re-apply on the next pass.
-                        written.applied.remove(&r);
+                        // Unknown state: written again on the next pass (unless a newer
+                        // state is already queued).
+                        if !requeued {
+                            written.applied.remove(&r);
+                        }
                     }
                 }
             }
             Action::Delete(r) => {
-                let api = self.api(r.kind, &r.namespace);
-                let result = api.delete(&r.name, &DeleteParams::default()).await;
                 let gone = matches!(&result, Err(kube::Error::Api(e)) if e.code == 404);
                 super::metrics::record_write(r.kind.as_str(), "delete", result.is_ok() || gone);
                 match result {
                     Ok(_) => {
+                        written.failed.remove(&r);
                         tracing::debug!(kind = ?r.kind, namespace = %r.namespace, name = %r.name, "deleted");
-                        written.applied.remove(&r);
                     }
-                    Err(kube::Error::Api(e)) if e.code == 404 => {
-                        written.applied.remove(&r);
+                    Err(_) if gone => {
+                        written.failed.remove(&r);
                     }
                     Err(e) => {
-                        tracing::warn!(kind = ?r.kind, namespace = %r.namespace, name = %r.name, error = %e, "delete failed; retrying later");
-                        written.failed.insert(r);
+                        if written.failed.insert(r.clone()) {
+                            tracing::warn!(kind = ?r.kind, namespace = %r.namespace, name = %r.name, error = %e, "delete failed; retrying later");
+                        }
+                        // Still there: deleted again by the next pass.
+                        if !requeued {
+                            written.applied.insert(r, None);
+                        }
+                    }
+                }
+            }
+            Action::Conditions(r, _) => {
+                super::metrics::record_write("ServiceExport", "status", result.is_ok());
+                let key = ServiceKey::new(r.namespace.clone(), r.name.clone());
+                match result {
+                    Ok(_) => {
+                        written.failed.remove(&r);
+                        tracing::debug!(service = %key, "ServiceExport conditions written");
+                    }
+                    // The export was deleted meanwhile: nothing to report on.
+                    Err(kube::Error::Api(e)) if e.code == 404 => {
+                        written.failed.remove(&r);
+                        if !requeued {
+                            written.conditions.remove(&key);
+                        }
+                    }
+                    Err(e) => {
+                        if written.failed.insert(r) {
+                            tracing::warn!(service = %key, error = %e, "writing ServiceExport conditions failed; retrying");
+                        }
                     }
                 }
             }
         }
         false
     }
-
-    async fn write_statuses(&self, written: &mut Written) {
-        let statuses = Arc::clone(&self.statuses.borrow());
-        let now = jiff::Timestamp::now();
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        for (key, status) in statuses.iter() {
-            if status.cluster != self.settings.cluster {
-                continue;
-            }
-            if let Some(listed) = written.listed.remove(key) {
-                written.conditions.insert(key.clone(), listed);
-            }
-            let prev = written.conditions.get(key).cloned().unwrap_or_default();
-            if conditions_match(&prev, &status.conditions) {
-                continue;
-            }
-            let conditions = merge_conditions(&prev, &status.conditions, now);
-            let patch = json!({
-                "apiVersion": self.exports.api_version,
-                "kind": "ServiceExport",
-                "status": {"conditions": conditions},
-            });
-            let api: Api<DynamicObject> =
-                Api::namespaced_with(self.client.clone(), &key.namespace, &self.exports);
-            let result = api.patch_status(&key.name, &pp, &Patch::Apply(&patch)).await;
-            super::metrics::record_write("ServiceExport", "status", result.is_ok());
-            match result {
-                Ok(_) => {
-                    tracing::debug!(service = %key, "ServiceExport conditions written");
-                    written.conditions.insert(key.clone(), conditions);
-                }
-                // The export was deleted meanwhile: nothing to report on.
-                Err(kube::Error::Api(e)) if e.code == 404 => {
-                    written.conditions.remove(key);
-                }
-                Err(e) => {
-                    tracing::warn!(service = %key, error = %e, "writing ServiceExport conditions failed; retrying on the next change");
-                }
-            }
-        }
-        written.conditions.retain(|k, _| statuses.contains_key(k));
-    }
 }
 
 /// Whether a front-kube import's ServiceImport already carries `ips`.
-fn ips_in(objects: &[(ObjRef, DesiredObject)], ips: &[String]) -> bool {
+fn ips_in(objects: &[(ObjRef, Arc<DesiredObject>)], ips: &[String]) -> bool {
     objects.iter().filter(|(r, _)| r.kind == WriteKind::ServiceImport).all(|(_, d)| {
         let have = d.body["spec"]["ips"].as_array().cloned().unwrap_or_default();
         have.iter().filter_map(|v| v.as_str()).eq(ips.iter().map(String::as_str))
@@ -1140,7 +1264,7 @@ mod tests {
     #[test]
     fn plan_applies_changes_and_deletes_what_is_gone() {
         let r = |kind, name: &str| ObjRef { kind, namespace: "shop".into(), name: name.into() };
-        let d = |v: i32| DesiredObject { body: json!({ "v": v }), status: None };
+        let d = |v: i32| Arc::new(DesiredObject { body: json!({ "v": v }), status: None });
         let desired = BTreeMap::from([
             (r(WriteKind::EndpointSlice, "same"), d(1)),
             (r(WriteKind::EndpointSlice, "changed"), d(2)),
@@ -1158,6 +1282,7 @@ mod tests {
             .map(|a| match a {
                 Action::Apply(r, _) => format!("apply {}", r.name),
                 Action::Delete(r) => format!("delete {}", r.name),
+                Action::Conditions(r, _) => format!("conditions {}", r.name),
             })
             .collect();
         // Services first, then ServiceImports, then slices; deletions last
@@ -1201,6 +1326,26 @@ mod tests {
             "Ready flipped (rounded to seconds)"
         );
         assert!(conditions_match(&second, &want));
+    }
+
+    #[test]
+    fn a_pass_waits_for_quiet_inputs_but_not_forever() {
+        let t0 = tokio::time::Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        let mut s = Settle::default();
+        assert_eq!(s.due(), None, "nothing changed");
+        s.changed(t0);
+        assert_eq!(s.due(), Some(t0 + DEBOUNCE));
+        // each change within the quiet period moves the pass back...
+        s.changed(t0 + ms(80));
+        assert_eq!(s.due(), Some(t0 + ms(80) + DEBOUNCE));
+        // ...up to MAX_SETTLE after the first change
+        for i in 1..=20 {
+            s.changed(t0 + ms(90 * i));
+        }
+        assert_eq!(s.due(), Some(t0 + MAX_SETTLE));
+        s.reset();
+        assert_eq!(s.due(), None);
     }
 
     #[test]
