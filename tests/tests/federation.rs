@@ -258,6 +258,30 @@ fn a_crashed_and_restarted_peer_is_redialed_through_a_stateless_reset() -> Resul
         "alpha learned of bravo's restart from a stateless reset, not a timeout\n{}",
         fed.gateways[0].log_text()
     );
+
+    // A graceful restart (SIGTERM: bravo drains, closes, exits; 0.5 s later it starts again).
+    // alpha sees the close at once and redials; its Initials hit the closed port, and their
+    // resends start from the last connection's RTT (3 × at least 10 ms, doubling), not from
+    // 333 ms (1 s, 2 s, 4 s).
+    let closed_before = disconnects(&fed.gateways[0], "closed")?;
+    let stopping = Instant::now();
+    fed.gateways[1].signal("TERM")?;
+    fed.gateways[1].wait_exit(Duration::from_secs(20))?;
+    // Down for a while, as a gateway that reconnects to its API server first would be.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    fed.gateways[1].start()?;
+    eventually("alpha reconnected to bravo after its restart", Duration::from_secs(15), || {
+        let peers = fed.gateways[0].json("/debug/peers")?;
+        let up = peers[0]["connected"].as_bool() == Some(true);
+        Ok((up && disconnects(&fed.gateways[0], "closed")? > closed_before).then_some(()))
+    })?;
+    eprintln!(
+        "bravo stopped (SIGTERM) in {:?}, started again; alpha connected {:?} after the new \
+         process was spawned",
+        started - stopping,
+        started.elapsed()
+    );
     Ok(())
 }
 
