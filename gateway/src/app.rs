@@ -56,6 +56,8 @@ struct Parts {
     writer: Option<KubeWriter>,
     /// `front.mode: kube`: the gateway ports of derived Services.
     front: Option<futures::future::BoxFuture<'static, ()>>,
+    /// `discovery.source: kube`: reads the ClusterProperties again, reports a change.
+    identity: Option<kube::identity::IdentityGuard>,
     local_exports: LocalExports,
     imports: ImportSet,
     tunnel: TunnelEndpoint,
@@ -157,6 +159,13 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             ports: cfg.front.kube.first_port..=cfg.front.kube.last_port,
         }),
     };
+    let identity = kube_client.as_ref().map(|(client, _)| {
+        kube::identity::IdentityGuard::new(
+            client.clone(),
+            id.clone(),
+            cfg.cluster.clusterset.clone(),
+        )
+    });
     let writer = kube_client.map(|(client, exports)| {
         let settings = kube::WriterSettings {
             cluster: id.clone(),
@@ -236,11 +245,18 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     views.insert("peers", Arc::new(move |_: &Query| json!(**peer_status.borrow())));
     let problems = source.problems();
     let listener_problems = debug.clone();
+    let identity_problems = identity.as_ref().map(|g| g.problems());
     views.insert(
         "problems",
         Arc::new(move |_: &Query| {
-            // Cluster-source file problems, then front listeners waiting for a bind retry.
+            // Cluster-source file problems, a ClusterProperty changed since start-up, then
+            // front listeners waiting for a bind retry.
             let mut all: Vec<Value> = problems.to_json();
+            if let Some(rx) = &identity_problems {
+                all.extend(rx.borrow().iter().map(|reason| {
+                    json!({"kind": "clusterProperty", "object": "ClusterProperty", "reason": reason})
+                }));
+            }
             all.extend(listener_problems.listener_problems().iter().map(|p| {
                 json!({
                     "kind": "listener",
@@ -280,6 +296,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             source,
             writer,
             front,
+            identity,
             local_exports,
             imports,
             tunnel,
@@ -295,8 +312,18 @@ impl Bound {
     /// refused, peers are told, open connections finish or `drainDuration` passes) and stops
     /// the rest.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Parts { source, writer, front, local_exports, imports, tunnel, dns, dataplane, admin } =
-            self.parts;
+        let Parts {
+            source,
+            writer,
+            front,
+            identity,
+            local_exports,
+            imports,
+            tunnel,
+            dns,
+            dataplane,
+            admin,
+        } = self.parts;
         let rest = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tasks.spawn(source.run(rest.clone()));
@@ -305,6 +332,9 @@ impl Bound {
         }
         if let Some(front) = front {
             tasks.spawn(front);
+        }
+        if let Some(identity) = identity {
+            tasks.spawn(identity.run(rest.clone()));
         }
         tasks.spawn(local_exports.run());
         tasks.spawn(imports.run());

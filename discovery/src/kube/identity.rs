@@ -6,9 +6,16 @@
 //! config's `cluster.id`; both present and different is refused (the gateway certificate names
 //! one id, and KEP-2149 makes the id immutable while the cluster is a member), neither present
 //! is refused with both ways to fix it. [`read_properties`] is the one API read around it,
-//! done once at start-up.
+//! done at start-up; while the gateway runs, [`IdentityGuard`] reads the properties again
+//! every [`RECHECK_INTERVAL`] and reports a changed value ([`drift`]) as a problem and a warning,
+//! keeping the running id (nothing restarts: the certificate names the old id).
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use kube::Api;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::KubeError;
 use super::crd::{CLUSTER_ID_PROPERTY, CLUSTERSET_PROPERTY, ClusterProperty};
@@ -132,12 +139,113 @@ pub async fn read_properties(client: &kube::Client) -> Result<ClusterProperties,
     Ok(ClusterProperties { cluster_id, clusterset })
 }
 
+/// How often a running gateway reads the ClusterProperties again: a GET of each per minute.
+pub const RECHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What is wrong with the ClusterProperties found now for a gateway running as `running` in
+/// `clusterset` (KEP-2149 forbids changing them while the cluster is a member); empty when
+/// they agree (or are absent: a property removed later changes nothing for the gateway).
+pub fn drift(running: &ClusterId, clusterset: &str, found: &ClusterProperties) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(id) = &found.cluster_id
+        && id != running.as_str()
+    {
+        out.push(format!(
+            "the ClusterProperty {CLUSTER_ID_PROPERTY} now says \"{id}\" but this gateway runs as \
+             \"{running}\" (read at start-up; KEP-2149 forbids changing it while the cluster is a \
+             member): restore it, or restart the gateway with a certificate for the new id"
+        ));
+    }
+    if let Some(set) = &found.clusterset
+        && set != clusterset
+    {
+        out.push(format!(
+            "the ClusterProperty {CLUSTERSET_PROPERTY} now says clusterset \"{set}\" but this \
+             gateway runs in \"{clusterset}\": restore it, or restart the gateway configured for \
+             the new clusterset"
+        ));
+    }
+    out
+}
+
+/// Reads the ClusterProperties again every [`RECHECK_INTERVAL`] while the gateway runs and
+/// publishes what [`drift`] finds (a failed read keeps the last finding).
+pub struct IdentityGuard {
+    client: kube::Client,
+    running: ClusterId,
+    clusterset: String,
+    problems: watch::Sender<Arc<Vec<String>>>,
+}
+
+impl IdentityGuard {
+    pub fn new(client: kube::Client, running: ClusterId, clusterset: String) -> Self {
+        let (problems, _) = watch::channel(Arc::new(Vec::new()));
+        Self { client, running, clusterset, problems }
+    }
+
+    /// The current findings (for `/debug/problems`).
+    pub fn problems(&self) -> watch::Receiver<Arc<Vec<String>>> {
+        self.problems.subscribe()
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(RECHECK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is now: start-up just read them
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let found = match read_properties(&self.client).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the ClusterProperties again failed");
+                    continue;
+                }
+            };
+            let now = drift(&self.running, &self.clusterset, &found);
+            if **self.problems.borrow() != now {
+                for p in &now {
+                    tracing::warn!(problem = %p, "ClusterProperty changed while running; keeping the running identity");
+                }
+                self.problems.send_replace(Arc::new(now));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn id(s: &str) -> ClusterId {
         ClusterId::new(s).expect("id")
+    }
+
+    #[test]
+    fn a_changed_property_is_reported_and_an_absent_one_is_not() {
+        let props = |id: Option<&str>, set: Option<&str>| ClusterProperties {
+            cluster_id: id.map(str::to_owned),
+            clusterset: set.map(str::to_owned),
+        };
+        let east = id("east");
+        assert!(drift(&east, "prod", &props(Some("east"), Some("prod"))).is_empty());
+        assert!(drift(&east, "prod", &props(None, None)).is_empty(), "removed later: no change");
+        let got = drift(&east, "prod", &props(Some("west"), Some("staging")));
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got[0].starts_with(
+                "the ClusterProperty cluster.clusterset.k8s.io now says \"west\" but this gateway runs as \"east\""
+            ),
+            "{got:?}"
+        );
+        assert!(
+            got[1].starts_with(
+                "the ClusterProperty clusterset.k8s.io now says clusterset \"staging\" but this gateway runs in \"prod\""
+            ),
+            "{got:?}"
+        );
     }
 
     #[test]
