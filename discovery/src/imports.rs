@@ -503,7 +503,7 @@ mod tests {
     use crate::mcs::Validity;
 
     use super::*;
-    use crate::model::{ConditionStatus, Endpoint, Health, IpFamily, ServicePort, SessionAffinity};
+    use crate::model::{ConditionStatus, Endpoint, Health, IpFamily, ServicePort};
 
     fn cid(s: &str) -> ClusterId {
         ClusterId::new(s).unwrap()
@@ -532,18 +532,15 @@ mod tests {
         endpoints: &[&str],
     ) -> Arc<ExportedService> {
         Arc::new(ExportedService {
-            key: key(name),
-            cluster: cid(cluster),
-            service_type,
-            ports: vec![ServicePort::tcp(Some("http"), 80)],
-            session_affinity: SessionAffinity::None,
-            internal_traffic_policy: None,
-            traffic_distribution: None,
             ip_families: vec![IpFamily::IPv4],
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
             created: jiff::Timestamp::from_second(1_700_000_000 + created).unwrap(),
-            endpoints: endpoints.iter().map(|ip| ep(ip)).collect(),
+            ..crate::exchange::delta::testing::exported(
+                key(name),
+                cluster,
+                service_type,
+                vec![ServicePort::tcp(Some("http"), 80)],
+                endpoints.iter().map(|ip| ep(ip)).collect(),
+            )
         })
     }
 

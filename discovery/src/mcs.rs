@@ -703,18 +703,15 @@ mod tests {
         f: impl FnOnce(&mut ExportedService),
     ) -> Arc<ExportedService> {
         let mut e = ExportedService {
-            key: key(),
-            cluster: cid(cluster),
-            service_type: ServiceType::ClusterSetIP,
-            ports: vec![http()],
-            session_affinity: SessionAffinity::None,
-            internal_traffic_policy: None,
-            traffic_distribution: None,
             ip_families: vec![IpFamily::IPv4],
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
             created: ts(created),
-            endpoints: Vec::new(),
+            ..crate::exchange::delta::testing::exported(
+                key(),
+                cluster,
+                ServiceType::ClusterSetIP,
+                vec![http()],
+                Vec::new(),
+            )
         };
         f(&mut e);
         Arc::new(e)

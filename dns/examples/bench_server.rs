@@ -10,9 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use fedgate_discovery::exchange::delta::testing::exported;
 use fedgate_discovery::model::{
-    ClusterId, ClusterState, ExportedService, ImportPort, ImportSnapshot, ImportedService,
-    ServiceKey, ServicePort, ServiceType, SessionAffinity,
+    ClusterId, ClusterState, ImportPort, ImportSnapshot, ImportedService, ServiceKey, ServicePort,
+    ServiceType, SessionAffinity,
 };
 use fedgate_dns::{DnsServer, DnsSettings, Upstream};
 use tokio::sync::watch;
@@ -20,20 +21,13 @@ use tokio::sync::watch;
 fn service(i: usize, cluster: &ClusterId) -> ImportedService {
     let key = ServiceKey::new(format!("ns{}", i % 100), format!("svc{i}"));
     let port = ServicePort::tcp(Some("http"), 80);
-    let export = Arc::new(ExportedService {
-        key: key.clone(),
-        cluster: cluster.clone(),
-        service_type: ServiceType::ClusterSetIP,
-        ports: vec![port.clone()],
-        session_affinity: SessionAffinity::None,
-        internal_traffic_policy: None,
-        traffic_distribution: None,
-        ip_families: vec![],
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        created: jiff::Timestamp::UNIX_EPOCH,
-        endpoints: vec![],
-    });
+    let export = Arc::new(exported(
+        key.clone(),
+        cluster.as_str(),
+        ServiceType::ClusterSetIP,
+        vec![port.clone()],
+        vec![],
+    ));
     let ip = format!("242.{}.{}.{}", 1 + i / 64_000, (i / 250) % 256, i % 250 + 1);
     ImportedService {
         key,

@@ -102,6 +102,33 @@ pub mod testing {
         ServiceKey, ServicePort, ServiceType, SessionAffinity,
     };
 
+    /// An export with the given identity, type, ports and endpoints, and every other field at
+    /// its default: no session affinity, traffic policy or distribution, IP families, labels
+    /// or annotations; created at the Unix epoch. Tests set what matters to them with struct
+    /// update syntax (`ExportedService { created, ..exported(..) }`).
+    pub fn exported(
+        key: ServiceKey,
+        cluster: &str,
+        service_type: ServiceType,
+        ports: Vec<ServicePort>,
+        endpoints: Vec<Endpoint>,
+    ) -> ExportedService {
+        ExportedService {
+            key,
+            cluster: ClusterId::new(cluster).expect("test cluster id is valid"),
+            service_type,
+            ports,
+            session_affinity: SessionAffinity::None,
+            internal_traffic_policy: None,
+            traffic_distribution: None,
+            ip_families: Vec::new(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            created: jiff::Timestamp::UNIX_EPOCH,
+            endpoints,
+        }
+    }
+
     /// A ClusterSetIP service `namespace/name` of `cluster` with one TCP port 80 and
     /// `endpoints` ready, healthy endpoints 10.x.y.z:8080.
     pub fn service(
@@ -110,32 +137,29 @@ pub mod testing {
         cluster: &str,
         endpoints: usize,
     ) -> ExportedService {
+        let endpoints = (0..endpoints)
+            .map(|i| Endpoint {
+                address: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i as u32)),
+                hostname: None,
+                ready: true,
+                zone: None,
+                ports: vec![EndpointPort {
+                    name: Some("http".into()),
+                    protocol: Protocol::Tcp,
+                    port: 8080,
+                }],
+                health: Health::Healthy,
+            })
+            .collect();
         ExportedService {
-            key: ServiceKey::new(namespace, name),
-            cluster: ClusterId::new(cluster).expect("test cluster id is valid"),
-            service_type: ServiceType::ClusterSetIP,
-            ports: vec![ServicePort::tcp(Some("http"), 80)],
-            session_affinity: SessionAffinity::None,
-            internal_traffic_policy: None,
-            traffic_distribution: None,
-            ip_families: Vec::new(),
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
             created: jiff::Timestamp::from_second(1_700_000_000).expect("valid timestamp"),
-            endpoints: (0..endpoints)
-                .map(|i| Endpoint {
-                    address: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i as u32)),
-                    hostname: None,
-                    ready: true,
-                    zone: None,
-                    ports: vec![EndpointPort {
-                        name: Some("http".into()),
-                        protocol: Protocol::Tcp,
-                        port: 8080,
-                    }],
-                    health: Health::Healthy,
-                })
-                .collect(),
+            ..exported(
+                ServiceKey::new(namespace, name),
+                cluster,
+                ServiceType::ClusterSetIP,
+                vec![ServicePort::tcp(Some("http"), 80)],
+                endpoints,
+            )
         }
     }
 

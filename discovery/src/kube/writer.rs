@@ -1125,18 +1125,15 @@ mod tests {
 
     fn export(cluster: &str, endpoints: Vec<Endpoint>) -> Arc<ExportedService> {
         Arc::new(ExportedService {
-            key: ServiceKey::new("shop", "web"),
-            cluster: cid(cluster),
-            service_type: ServiceType::ClusterSetIP,
-            ports: vec![ServicePort::tcp(Some("http"), 80)],
-            session_affinity: SessionAffinity::None,
             internal_traffic_policy: Some("Cluster".into()),
-            traffic_distribution: None,
             ip_families: vec![IpFamily::IPv4],
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
-            created: jiff::Timestamp::UNIX_EPOCH,
-            endpoints,
+            ..crate::exchange::delta::testing::exported(
+                ServiceKey::new("shop", "web"),
+                cluster,
+                ServiceType::ClusterSetIP,
+                vec![ServicePort::tcp(Some("http"), 80)],
+                endpoints,
+            )
         })
     }
 

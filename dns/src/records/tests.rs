@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use fedgate_discovery::exchange::delta::testing::exported;
 use fedgate_discovery::model::{
     ClusterId, Endpoint, EndpointPort, ExportedService, Health, ImportPort, ImportedService,
     LocalService, Locality, Protocol, ServiceKey, ServicePort, ServiceType, SessionAffinity,
@@ -48,20 +49,7 @@ pub(crate) fn export(
     ty: ServiceType,
     endpoints: Vec<Endpoint>,
 ) -> Arc<ExportedService> {
-    Arc::new(ExportedService {
-        key: key.clone(),
-        cluster: cid(cluster),
-        service_type: ty,
-        ports: vec![port(Some("http"), 80)],
-        session_affinity: SessionAffinity::None,
-        internal_traffic_policy: None,
-        traffic_distribution: None,
-        ip_families: vec![],
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        created: jiff::Timestamp::UNIX_EPOCH,
-        endpoints,
-    })
+    Arc::new(exported(key.clone(), cluster, ty, vec![port(Some("http"), 80)], endpoints))
 }
 
 pub(crate) fn import(

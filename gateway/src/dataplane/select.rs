@@ -261,6 +261,7 @@ pub fn plan_sticky(views: &[EndpointView], per_tier: usize, client: IpAddr) -> V
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use fedgate_discovery::exchange::delta::testing::exported;
     use fedgate_discovery::model::{
         EndpointPort, ImportPort, LABEL_REGION, LABEL_SOURCE_CLUSTER, Protocol, ServiceKey,
         ServiceType, SessionAffinity,
@@ -378,20 +379,13 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn export(cluster: &str, endpoints: Vec<Endpoint>) -> Arc<ExportedService> {
-        Arc::new(ExportedService {
-            key: ServiceKey::new("shop", "web"),
-            cluster: cid(cluster),
-            service_type: ServiceType::ClusterSetIP,
-            ports: vec![http_port()],
-            session_affinity: SessionAffinity::None,
-            internal_traffic_policy: None,
-            traffic_distribution: None,
-            ip_families: vec![],
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
-            created: jiff::Timestamp::UNIX_EPOCH,
+        Arc::new(exported(
+            ServiceKey::new("shop", "web"),
+            cluster,
+            ServiceType::ClusterSetIP,
+            vec![http_port()],
             endpoints,
-        })
+        ))
     }
 
     pub(crate) fn service(

@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedgate_discovery::exchange::delta::testing as discovery_testing;
 use fedgate_discovery::model::{
     ClusterId, ClusterState, Endpoint, EndpointPort, EndpointVip, ExportedService, Health,
     ImportPort, ImportSnapshot, ImportedService, LocalService, Locality, Protocol,
@@ -123,20 +124,13 @@ fn endpoint(addr: SocketAddr) -> Endpoint {
 }
 
 fn exported(cluster: &str, svc_port: u16, endpoints: &[SocketAddr]) -> Arc<ExportedService> {
-    Arc::new(ExportedService {
-        key: key(),
-        cluster: cid(cluster),
-        service_type: ServiceType::ClusterSetIP,
-        ports: vec![port(svc_port)],
-        session_affinity: SessionAffinity::None,
-        internal_traffic_policy: None,
-        traffic_distribution: None,
-        ip_families: vec![],
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        created: jiff::Timestamp::UNIX_EPOCH,
-        endpoints: endpoints.iter().copied().map(endpoint).collect(),
-    })
+    Arc::new(discovery_testing::exported(
+        key(),
+        cluster,
+        ServiceType::ClusterSetIP,
+        vec![port(svc_port)],
+        endpoints.iter().copied().map(endpoint).collect(),
+    ))
 }
 
 fn locality(region: &str, zone: &str) -> Locality {
