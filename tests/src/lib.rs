@@ -160,6 +160,21 @@ pub fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
     serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
 }
 
+/// The samples of series `name` in a Prometheus text exposition (a gateway's `/metrics`)
+/// whose labels include every `key="value"` of `labels`: each sample's line and value.
+pub fn metric_samples<'a>(
+    text: &'a str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Vec<(&'a str, f64)> {
+    let prefix = format!("{name}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| Some((l, l.rsplit_once(' ')?.1.parse().ok()?)))
+        .collect()
+}
+
 /// A development PKI made with `fedgate certs`.
 pub struct Pki {
     pub dir: PathBuf,
@@ -475,3 +490,25 @@ pub fn export_conditions(
 }
 pub mod kube;
 pub mod netns;
+
+#[cfg(test)]
+mod metric_tests {
+    use super::metric_samples;
+
+    #[test]
+    fn samples_match_name_and_every_label() {
+        let text = "# HELP fedgate_x_total x\n\
+            fedgate_x_total{reason=\"reset\",peer=\"b\"} 2\n\
+            fedgate_x_total{reason=\"closed\",peer=\"b\"} 1\n\
+            fedgate_x_total_other{reason=\"reset\"} 9\n\
+            fedgate_x_total{reason=\"reset\",peer=\"c\"} 3\n";
+        let sum = |labels: &[(&str, &str)]| -> f64 {
+            metric_samples(text, "fedgate_x_total", labels).iter().map(|(_, v)| v).sum()
+        };
+        assert_eq!(sum(&[("reason", "reset")]), 5.0);
+        assert_eq!(sum(&[("reason", "reset"), ("peer", "c")]), 3.0);
+        assert_eq!(sum(&[]), 6.0);
+        assert_eq!(sum(&[("reason", "timed_out")]), 0.0);
+        assert_eq!(metric_samples(text, "fedgate_x_total", &[("peer", "b")]).len(), 2);
+    }
+}

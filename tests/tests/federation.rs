@@ -211,11 +211,9 @@ fn dead_peer_is_withdrawn_after_its_lease_and_restored_on_restart() -> Result<()
 /// `fedgate_peer_disconnects_total{reason="..."}` on `g` (0 when not exported yet).
 fn disconnects(g: &Gateway, reason: &str) -> Result<f64> {
     let (_, text) = http_get(g.spec.admin, "/metrics")?;
-    let label = format!("reason=\"{reason}\"");
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("fedgate_peer_disconnects_total{") && l.contains(&label))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+    Ok(metric_samples(&text, "fedgate_peer_disconnects_total", &[("reason", reason)])
+        .iter()
+        .map(|(_, v)| v)
         .sum())
 }
 

@@ -202,14 +202,13 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
 
     // the writes are counted
     let (_, metrics) = http_get(gws[0].spec.admin, "/metrics")?;
-    let status_writes = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("fedgate_kube_writes_total{")
-                && l.contains("kind=\"ServiceExport\"")
-                && l.contains("result=\"ok\"")
-        })
-        .with_context(|| format!("no ServiceExport status writes in /metrics:\n{metrics}"))?;
+    let (status_writes, _) = *metric_samples(
+        &metrics,
+        "fedgate_kube_writes_total",
+        &[("kind", "ServiceExport"), ("result", "ok")],
+    )
+    .first()
+    .with_context(|| format!("no ServiceExport status writes in /metrics:\n{metrics}"))?;
     assert!(status_writes.contains("op=\"status\""), "{status_writes}");
 
     // the broken export is a problem of east's source; the good one is not held back

@@ -171,10 +171,9 @@ fn peer_connected(gw: &NsGateway, peer: &str) -> Result<bool> {
 /// The `fedgate_kube_writes_total` series of `gw` with `op="delete"`.
 fn delete_writes(gw: &NsGateway) -> Result<Vec<String>> {
     let metrics = gw.get("/metrics")?;
-    Ok(metrics
-        .lines()
-        .filter(|l| l.starts_with("fedgate_kube_writes_total{") && l.contains("op=\"delete\""))
-        .map(str::to_owned)
+    Ok(metric_samples(&metrics, "fedgate_kube_writes_total", &[("op", "delete")])
+        .into_iter()
+        .map(|(line, _)| line.to_owned())
         .collect())
 }
 
