@@ -613,17 +613,21 @@ mod tests {
     }
 
     fn run(w: &World) -> Explanation {
+        run_with(w, &priority(), jiff::Timestamp::from_second(100).unwrap())
+    }
+
+    /// [`run`] with another failover priority and clock.
+    fn run_with(w: &World, prio: &[PriorityLabel], now: jiff::Timestamp) -> Explanation {
         let local = cid("east");
         let loc = localities();
         let client = loc[&local].labels_for(&local);
-        let prio = priority();
         let port = http_port();
         explain(&ExplainInput {
             local_cluster: &local,
             service: &w.service,
             port: &port,
             client_labels: &client,
-            priority: &prio,
+            priority: prio,
             localities: &loc,
             unreachable: &w.unreachable,
             local_health: &w.local_health,
@@ -632,7 +636,7 @@ mod tests {
             peers: &w.peers,
             client: w.client,
             per_tier: 8,
-            now: jiff::Timestamp::from_second(100).unwrap(),
+            now,
         })
     }
 
@@ -887,28 +891,10 @@ mod tests {
             assert_eq!(x.tier, e.failover_priority.len() - matched, "{}", x.address);
         }
         // Literal entries compare with the value, not the client.
-        let local = cid("east");
-        let loc = localities();
-        let client = loc[&local].labels_for(&local);
         let prio = PriorityLabel::parse_all(&[&format!("{LABEL_REGION}=eu")]);
         let w = world(three());
-        let port = http_port();
-        let e = explain(&ExplainInput {
-            local_cluster: &local,
-            service: &w.service,
-            port: &port,
-            client_labels: &client,
-            priority: &prio,
-            localities: &loc,
-            unreachable: &w.unreachable,
-            local_health: &w.local_health,
-            state: &w.state,
-            probes: &w.probes,
-            peers: &w.peers,
-            client: None,
-            per_tier: 8,
-            now: jiff::Timestamp::UNIX_EPOCH,
-        });
+        assert_eq!(w.client, None);
+        let e = run_with(&w, &prio, jiff::Timestamp::UNIX_EPOCH);
         assert_eq!(e.decision.chosen_tier, Some(0));
         assert_eq!(e.decision.candidates[0].cluster, cid("west"));
         assert_eq!(
