@@ -570,6 +570,18 @@ impl KubeCluster {
         check_output(&format!("kubectl {}", args.join(" ")), self.kubectl(args)?)
     }
 
+    /// `kubectl get <args> -o json`: the object (or list), `None` when it does not exist.
+    pub fn get_json(&self, args: &[&str]) -> Result<Option<serde_json::Value>> {
+        let mut full = vec!["get"];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["-o", "json", "--ignore-not-found"]);
+        let out = self.kubectl_ok(&full)?;
+        if out.trim().is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(serde_json::from_str(&out).with_context(|| format!("kubectl {full:?}: {out}"))?))
+    }
+
     /// Prepares the cluster for a gateway as `deploy/` installs one: applies the CRDs (waits
     /// until they are established), the namespace, ServiceAccount and RBAC, and writes a
     /// kubeconfig that acts as that ServiceAccount ([`GATEWAY_SERVICE_ACCOUNT`]), so a gateway

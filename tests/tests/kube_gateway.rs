@@ -85,17 +85,6 @@ fn endpoint_net(tag: u8) -> Result<EndpointNet> {
     Ok(EndpointNet { ns, host, inside })
 }
 
-fn get_json(c: &KubeCluster, args: &[&str]) -> Result<Option<Value>> {
-    let mut full = vec!["get"];
-    full.extend_from_slice(args);
-    full.extend_from_slice(&["-o", "json", "--ignore-not-found"]);
-    let out = c.kubectl_ok(&full)?;
-    if out.trim().is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(serde_json::from_str(&out).with_context(|| format!("kubectl {full:?}: {out}"))?))
-}
-
 fn conditions(export: &Value) -> Vec<(String, String, String)> {
     export["status"]["conditions"]
         .as_array()
@@ -119,7 +108,7 @@ fn imported_slices(c: &KubeCluster, ns: &str, name: &str) -> Result<Vec<Value>> 
     let sel = format!(
         "multicluster.kubernetes.io/service-name={name},endpointslice.kubernetes.io/managed-by=gateway.fedgate.io"
     );
-    let list = get_json(c, &["endpointslices", "-n", ns, "-l", &sel])?.unwrap_or_default();
+    let list = c.get_json(&["endpointslices", "-n", ns, "-l", &sel])?.unwrap_or_default();
     Ok(list["items"].as_array().cloned().unwrap_or_default())
 }
 
@@ -185,7 +174,8 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
 
     let t0 = std::time::Instant::now();
     let export = eventually("east's ServiceExport conditions", WAIT, || {
-        let e = get_json(&east_k, &[EXPORTS, "-n", "shop", "web", "--show-managed-fields"])?
+        let e = east_k
+            .get_json(&[EXPORTS, "-n", "shop", "web", "--show-managed-fields"])?
             .context("export exists")?;
         let c = conditions(&e);
         Ok(c.contains(&("Ready".into(), "True".into(), "Exported".into())).then_some(e))
@@ -220,7 +210,7 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
     // a ServiceImport and east's EndpointSlice in both clusters (exporters import too)
     for (k, ips_from) in [(&west_k, &gws[1]), (&east_k, &gws[0])] {
         let si = eventually("ServiceImport shop/web", WAIT, || {
-            get_json(k, &[IMPORTS, "-n", "shop", "web"])
+            k.get_json(&[IMPORTS, "-n", "shop", "web"])
         })?;
         assert_eq!(si["spec"]["type"], "ClusterSetIP");
         assert_eq!(si["spec"]["ports"][0]["port"], 80);
@@ -261,7 +251,7 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
         "apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\nmetadata: { name: api, namespace: shop }\n",
     )?;
     let si = eventually("west's export imported in east", WAIT, || {
-        get_json(&east_k, &[IMPORTS, "-n", "shop", "api"])
+        east_k.get_json(&[IMPORTS, "-n", "shop", "api"])
     })?;
     assert_eq!(si["status"]["clusters"], serde_json::json!([{"cluster": "west"}]), "{si}");
     let slices = eventually("west's slice in east", WAIT, || {
@@ -280,7 +270,7 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
     gws[0].kill();
     let t_kill = std::time::Instant::now();
     eventually("west to drop the import after east's lease", WAIT, || {
-        let gone = get_json(&west_k, &[IMPORTS, "-n", "shop", "web"])?.is_none()
+        let gone = west_k.get_json(&[IMPORTS, "-n", "shop", "web"])?.is_none()
             && imported_slices(&west_k, "shop", "web")?.is_empty();
         Ok(gone.then_some(()))
     })
@@ -292,12 +282,12 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
 
     // east comes back and everything returns
     gws[0].start()?;
-    eventually("import back on west", WAIT, || get_json(&west_k, &[IMPORTS, "-n", "shop", "web"]))?;
+    eventually("import back on west", WAIT, || west_k.get_json(&[IMPORTS, "-n", "shop", "web"]))?;
 
     // a restart reconciles in place: same objects, same uids, conditions not rewritten
-    let export_before = get_json(&east_k, &[EXPORTS, "-n", "shop", "web"])?.context("export")?;
+    let export_before = east_k.get_json(&[EXPORTS, "-n", "shop", "web"])?.context("export")?;
     let si_before =
-        eventually("east's import", WAIT, || get_json(&east_k, &[IMPORTS, "-n", "shop", "web"]))?;
+        eventually("east's import", WAIT, || east_k.get_json(&[IMPORTS, "-n", "shop", "web"]))?;
     let slice_before = imported_slices(&east_k, "shop", "web")?;
     assert_eq!(slice_before.len(), 1);
     gws[0].kill();
@@ -312,10 +302,11 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
     })?;
     // past the 3 s lease (the earliest deletions may run): nothing was deleted or recreated
     std::thread::sleep(Duration::from_secs(4));
-    let si_after = get_json(&east_k, &[IMPORTS, "-n", "shop", "web"])?
+    let si_after = east_k
+        .get_json(&[IMPORTS, "-n", "shop", "web"])?
         .with_context(|| format!("import after restart\n{}", gws[0].log_text()))?;
     let slice_after = imported_slices(&east_k, "shop", "web")?;
-    let export_after = get_json(&east_k, &[EXPORTS, "-n", "shop", "web"])?.context("export")?;
+    let export_after = east_k.get_json(&[EXPORTS, "-n", "shop", "web"])?.context("export")?;
     assert_eq!(uid(&si_before), uid(&si_after), "ServiceImport kept its uid");
     assert_eq!(slice_after.len(), 1);
     assert_eq!(uid(&slice_before[0]), uid(&slice_after[0]), "EndpointSlice kept its uid");
@@ -329,7 +320,7 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
     east_k.kubectl_ok(&["delete", EXPORTS, "-n", "shop", "web"])?;
     for k in [&west_k, &east_k] {
         eventually("import gone after unexport", WAIT, || {
-            let gone = get_json(k, &[IMPORTS, "-n", "shop", "web"])?.is_none()
+            let gone = k.get_json(&[IMPORTS, "-n", "shop", "web"])?.is_none()
                 && imported_slices(k, "shop", "web")?.is_empty();
             Ok(gone.then_some(()))
         })?;
@@ -377,17 +368,10 @@ fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() 
         .context("starting the echo server in the endpoint namespace")?;
     let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
     let spec = GatewaySpec {
-        id: "solo".to_owned(),
-        clusterset: CLUSTERSET.to_owned(),
         region: "r1".to_owned(),
         zone: "z1".to_owned(),
-        tunnel: block.addr(10, 15443),
-        admin: block.addr(10, 15000),
-        dns: block.addr(10, 10053),
         vip_range: format!("127.{}.{}.0/24", block.ip(1).octets()[1], 210),
-        peers: vec![],
-        lease: "15s".to_owned(),
-        extra: String::new(),
+        ..GatewaySpec::mesh(block, CLUSTERSET, &["solo"], 0)
     };
     let tls = pki.issue("solo", &tmp.path().join("certs"))?;
     let mut g = Gateway::prepare(tmp.path(), spec, tls)?;
@@ -439,11 +423,9 @@ fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() 
 
     // the derived Service: selector-less, port 80... here 7 → the gateway port 21000
     let svc = eventually("derived Service", WAIT, || {
-        let list = get_json(
-            &k,
-            &["services", "-n", "shop", "-l", "app.kubernetes.io/managed-by=fedgate"],
-        )?
-        .unwrap_or_default();
+        let list = k
+            .get_json(&["services", "-n", "shop", "-l", "app.kubernetes.io/managed-by=fedgate"])?
+            .unwrap_or_default();
         Ok(list["items"].as_array().and_then(|i| i.first().cloned()))
     })?;
     assert!(svc["spec"].get("selector").is_none(), "selector-less: {svc}");
@@ -452,7 +434,7 @@ fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() 
     let cluster_ip = svc["spec"]["clusterIP"].as_str().context("clusterIP")?.to_owned();
     let name = svc["metadata"]["name"].as_str().context("name")?.to_owned();
     let slice = eventually("the derived Service's slice", WAIT, || {
-        get_json(&k, &["endpointslices", "-n", "shop", &name])
+        k.get_json(&["endpointslices", "-n", "shop", &name])
     })?;
     assert_eq!(slice["metadata"]["labels"]["kubernetes.io/service-name"], name.as_str());
     assert_eq!(slice["endpoints"][0]["addresses"][0], pod_ip.to_string());
@@ -460,7 +442,7 @@ fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() 
 
     // the ServiceImport's ClusterSetIP is the derived Service's ClusterIP
     let si = eventually("ServiceImport with the ClusterIP", WAIT, || {
-        Ok(get_json(&k, &[IMPORTS, "-n", "shop", "echo"])?
+        Ok(k.get_json(&[IMPORTS, "-n", "shop", "echo"])?
             .filter(|si| si["spec"]["ips"] == serde_json::json!([cluster_ip])))
     })?;
     assert_eq!(si["spec"]["type"], "ClusterSetIP");
@@ -482,9 +464,9 @@ fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() 
     // unexport: the derived Service, its slice and the ServiceImport go
     k.kubectl_ok(&["delete", EXPORTS, "-n", "shop", "echo"])?;
     eventually("derived objects removed", WAIT, || {
-        let gone = get_json(&k, &["services", "-n", "shop", &name])?.is_none()
-            && get_json(&k, &["endpointslices", "-n", "shop", &name])?.is_none()
-            && get_json(&k, &[IMPORTS, "-n", "shop", "echo"])?.is_none();
+        let gone = k.get_json(&["services", "-n", "shop", &name])?.is_none()
+            && k.get_json(&["endpointslices", "-n", "shop", &name])?.is_none()
+            && k.get_json(&[IMPORTS, "-n", "shop", "echo"])?.is_none();
         Ok(gone.then_some(()))
     })?;
     Ok(())
@@ -538,17 +520,10 @@ fn a_cluster_serving_only_v1alpha1_is_read_and_written_in_v1alpha1() -> Result<(
     let block = AddrBlock::unique();
     let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
     let spec = GatewaySpec {
-        id: "alpha".to_owned(),
-        clusterset: CLUSTERSET.to_owned(),
         region: "r1".to_owned(),
         zone: "z1".to_owned(),
-        tunnel: block.addr(10, 15443),
-        admin: block.addr(10, 15000),
-        dns: block.addr(10, 10053),
         vip_range: format!("127.{}.{}.0/24", block.ip(1).octets()[1], 220),
-        peers: vec![],
-        lease: "15s".to_owned(),
-        extra: String::new(),
+        ..GatewaySpec::mesh(block, CLUSTERSET, &["alpha"], 0)
     };
     let tls = pki.issue("alpha", &tmp.path().join("certs"))?;
     let mut g = Gateway::prepare(tmp.path(), spec, tls)?;
@@ -558,13 +533,13 @@ fn a_cluster_serving_only_v1alpha1_is_read_and_written_in_v1alpha1() -> Result<(
 
     let alpha_exports = "serviceexports.v1alpha1.multicluster.x-k8s.io";
     eventually("v1alpha1 ServiceExport conditions", WAIT, || {
-        let e = get_json(&k, &[alpha_exports, "-n", "shop", "api"])?.context("export")?;
+        let e = k.get_json(&[alpha_exports, "-n", "shop", "api"])?.context("export")?;
         Ok(conditions(&e)
             .contains(&("Ready".into(), "True".into(), "Exported".into()))
             .then_some(()))
     })?;
     let si = eventually("v1alpha1 ServiceImport", WAIT, || {
-        get_json(&k, &["serviceimports.v1alpha1.multicluster.x-k8s.io", "-n", "shop", "api"])
+        k.get_json(&["serviceimports.v1alpha1.multicluster.x-k8s.io", "-n", "shop", "api"])
     })?;
     assert_eq!(si["apiVersion"], "multicluster.x-k8s.io/v1alpha1");
     assert_eq!(si["status"]["clusters"], serde_json::json!([{"cluster": "alpha"}]));

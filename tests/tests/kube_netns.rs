@@ -55,23 +55,12 @@ fn control_plane(ns: &Netns, name: &str) -> Result<(KubeCluster, PathBuf)> {
     Ok((k, kc))
 }
 
-fn get_json(c: &KubeCluster, args: &[&str]) -> Result<Option<Value>> {
-    let mut full = vec!["get"];
-    full.extend_from_slice(args);
-    full.extend_from_slice(&["-o", "json", "--ignore-not-found"]);
-    let out = c.kubectl_ok(&full)?;
-    if out.trim().is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(serde_json::from_str(&out).with_context(|| format!("kubectl {full:?}: {out}"))?))
-}
-
 /// fedgate's EndpointSlices for import `name` in `c` (label-selected).
 fn imported_slices(c: &KubeCluster, name: &str) -> Result<Vec<Value>> {
     let sel = format!(
         "multicluster.kubernetes.io/service-name={name},endpointslice.kubernetes.io/managed-by={SLICE_MANAGER}"
     );
-    let list = get_json(c, &["endpointslices", "-n", "shop", "-l", &sel])?.unwrap_or_default();
+    let list = c.get_json(&["endpointslices", "-n", "shop", "-l", &sel])?.unwrap_or_default();
     Ok(list["items"].as_array().cloned().unwrap_or_default())
 }
 
@@ -206,7 +195,7 @@ struct RestartCheck<'a> {
 /// The uids of the ServiceImport and fedgate's EndpointSlices of `shop/web` in `k`, checking
 /// that they say what east exports.
 fn import_uids(k: &KubeCluster) -> Result<Vec<String>> {
-    let si = get_json(k, &[IMPORTS, "-n", "shop", "web"])?.context("ServiceImport shop/web")?;
+    let si = k.get_json(&[IMPORTS, "-n", "shop", "web"])?.context("ServiceImport shop/web")?;
     let slices = imported_slices(k, "web")?;
     if let Some(problem) = import_mismatch(&si, &slices) {
         bail!("{}: {problem}", k.name());
@@ -402,7 +391,7 @@ fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unex
     wait_vip(&west_gw, "shop", "web", &[EAST], WAIT)?;
     let in_west_gateway = created.elapsed();
     let (si, _) = eventually("west's ServiceImport and EndpointSlice for shop/web", WAIT, || {
-        let Some(si) = get_json(&west_k, &[IMPORTS, "-n", "shop", "web"])? else {
+        let Some(si) = west_k.get_json(&[IMPORTS, "-n", "shop", "web"])? else {
             bail!("no ServiceImport shop/web in west yet");
         };
         let slices = imported_slices(&west_k, "web")?;
@@ -429,7 +418,7 @@ fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unex
         "the ServiceImport's ips are gateway west's ClusterSetIP"
     );
     eventually("east's export Ready", WAIT, || {
-        let e = get_json(&east_k, &[EXPORTS, "-n", "shop", "web"])?.context("export")?;
+        let e = east_k.get_json(&[EXPORTS, "-n", "shop", "web"])?.context("export")?;
         Ok(condition(&e, "Ready").filter(|c| c.0 == "True" && c.1 == "Exported").map(|_| ()))
     })?;
 
@@ -462,7 +451,7 @@ fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unex
     for k in [&east_k, &west_k] {
         let c =
             eventually(&format!("Conflict=True on {}'s ServiceExport", k.name()), WAIT, || {
-                let e = get_json(k, &[EXPORTS, "-n", "shop", "web"])?.context("export")?;
+                let e = k.get_json(&[EXPORTS, "-n", "shop", "web"])?.context("export")?;
                 Ok(condition(&e, "Conflict").filter(|c| c.0 == "True"))
             })?;
         // The apiserver gives a selector-less headless Service both IP families
@@ -474,22 +463,22 @@ fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unex
         "FIGURE Conflict=True on both ServiceExports {:.2} s after west's export",
         conflicted.elapsed().as_secs_f64()
     );
-    let west_svc = get_json(&west_k, &["services", "-n", "shop", "web"])?.context("service")?;
+    let west_svc = west_k.get_json(&["services", "-n", "shop", "web"])?.context("service")?;
     assert_eq!(west_svc["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]), "{west_svc}");
-    let si = get_json(&west_k, &[IMPORTS, "-n", "shop", "web"])?.context("import")?;
+    let si = west_k.get_json(&[IMPORTS, "-n", "shop", "web"])?.context("import")?;
     assert_eq!(si["spec"]["type"], "ClusterSetIP", "the oldest export's type wins");
     // West withdraws its export: the conflict clears, the import is east's alone again.
     west_k.kubectl_ok(&["delete", EXPORTS, "-n", "shop", "web"])?;
     for k in [&east_k, &west_k] {
         let cleared = || -> Result<Option<()>> {
-            let e = get_json(k, &[EXPORTS, "-n", "shop", "web"])?;
+            let e = k.get_json(&[EXPORTS, "-n", "shop", "web"])?;
             let Some(e) = e else { return Ok(Some(())) };
             Ok(condition(&e, "Conflict").filter(|c| c.0 == "False").map(|_| ()))
         };
         eventually(&format!("{}'s Conflict to clear", k.name()), WAIT, cleared)?;
     }
     let (si, _) = eventually("west's import back to east's alone", WAIT, || {
-        let Some(si) = get_json(&west_k, &[IMPORTS, "-n", "shop", "web"])? else {
+        let Some(si) = west_k.get_json(&[IMPORTS, "-n", "shop", "web"])? else {
             bail!("no ServiceImport");
         };
         let slices = imported_slices(&west_k, "web")?;
@@ -513,7 +502,7 @@ fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unex
     east_k.kubectl_ok(&["delete", EXPORTS, "-n", "shop", "web"])?;
     for k in [&west_k, &east_k] {
         eventually(&format!("{}'s import and slices to go", k.name()), WAIT, || {
-            let gone = get_json(k, &[IMPORTS, "-n", "shop", "web"])?.is_none()
+            let gone = k.get_json(&[IMPORTS, "-n", "shop", "web"])?.is_none()
                 && imported_slices(k, "web")?.is_empty();
             Ok(gone.then_some(()))
         })?;
