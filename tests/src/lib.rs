@@ -160,6 +160,17 @@ pub fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
     serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
 }
 
+/// Fails the test (never skips it) when `tool` is not on `PATH`, naming the Debian package
+/// that has it.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(found, "`{tool}` not found: install Debian's {package} (scripts/install-test-deps.sh)");
+}
+
 /// The samples of series `name` in a Prometheus text exposition (a gateway's `/metrics`)
 /// whose labels include every `key="value"` of `labels`: each sample's line and value.
 pub fn metric_samples<'a>(

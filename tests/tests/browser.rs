@@ -50,17 +50,6 @@ fn chromium() -> Result<PathBuf> {
     Ok(path)
 }
 
-fn require_tool(name: &str, package: &str) -> Result<()> {
-    let ok = Command::new(name)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    ensure!(ok, "`{name}` not found: install Debian's `{package}` (scripts/install-test-deps.sh)");
-    Ok(())
-}
-
 /// Runs `cmd` to completion within `timeout`; (success, stdout + stderr).
 fn run_bounded(mut cmd: Command, what: &str, timeout: Duration) -> Result<(bool, String)> {
     let dir = tempfile::tempdir()?;
@@ -196,8 +185,8 @@ impl Drop for Demo {
 #[test]
 fn dashboard_shows_the_clusters_and_a_failover_in_chromium() -> Result<()> {
     let chromium = chromium()?;
-    require_tool("node", "nodejs")?;
-    require_tool("npm", "npm")?;
+    require_tool("node", "nodejs");
+    require_tool("npm", "npm");
     ensure_node_modules()?;
 
     let tmp = tempfile::tempdir()?;

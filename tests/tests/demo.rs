@@ -22,15 +22,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const FAILOVER: Duration = Duration::from_secs(20);
 const NOBODY: u32 = 65534;
 
-fn require(tool: &str, package: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(found, "`{tool}` not found: install {package} (scripts/install-test-deps.sh)");
-}
-
 fn euid() -> Result<u32> {
     let out = Command::new("id").arg("-u").output().context("running id -u")?;
     String::from_utf8_lossy(&out.stdout).trim().parse().context("parsing id -u")
@@ -49,8 +40,8 @@ struct Demo {
 impl Demo {
     /// Starts the demo on `block` (gateways at .11-.13) as an unprivileged user.
     fn start(block: AddrBlock) -> Result<Self> {
-        require("dig", "bind9-dnsutils");
-        require("curl", "curl");
+        require_tool("dig", "bind9-dnsutils");
+        require_tool("curl", "curl");
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().join("state");
         std::fs::create_dir(&dir)?;
@@ -58,7 +49,7 @@ impl Demo {
         let bin = fedgate_bin();
         let args = ["demo", "--base-ip", &base.to_string(), "--timeout", "80s", "--dir"];
         let mut cmd = if euid()? == 0 {
-            require("setpriv", "util-linux");
+            require_tool("setpriv", "util-linux");
             use std::os::unix::fs::PermissionsExt;
             // nobody must reach the state dir through the (root-owned, 0700) temp dir.
             std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711))?;

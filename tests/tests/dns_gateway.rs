@@ -58,18 +58,9 @@ impl Dig {
     }
 }
 
-fn require(tool: &str, package: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(found, "`{tool}` not found: install {package} (scripts/install-test-deps.sh)");
-}
-
 /// Runs `dig @server` with one try and a short timeout; returns what it printed.
 fn dig_text(server: SocketAddr, args: &[&str]) -> Result<String> {
-    require("dig", "bind9-dnsutils");
+    require_tool("dig", "bind9-dnsutils");
     let out = Command::new("dig")
         .arg(format!("@{}", server.ip()))
         .args(["-p", &server.port().to_string(), "+tries=1", "+time=2"])
@@ -518,7 +509,7 @@ struct Unbound {
 
 impl Unbound {
     fn start(addr: SocketAddr) -> Result<Self> {
-        require("unbound", "unbound");
+        require_tool("unbound", "unbound");
         let dir = tempfile::tempdir()?;
         let conf = dir.path().join("unbound.conf");
         std::fs::write(

@@ -16,7 +16,6 @@
 //! binaries of scripts/build-kube.sh (fails, saying what to install, otherwise).
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -39,12 +38,6 @@ const POD_EAST: &str = "10.244.0.10";
 const POD_WEST: &str = "10.244.1.10";
 const BACKEND_PORT: u16 = 8080;
 const SLICE_MANAGER: &str = "gateway.fedgate.io";
-
-/// Fails (never skips) when `dig` is missing.
-fn require_dig() {
-    let ok = Command::new("dig").arg("-v").output().is_ok_and(|o| o.status.success());
-    assert!(ok, "`dig` is required (Debian: bind9-dnsutils; scripts/install-test-deps.sh)");
-}
 
 /// A control plane in `ns`, prepared for a gateway (deploy/'s CRDs and RBAC), with namespace
 /// `shop`; returns it and the kubeconfig that acts as the gateway's ServiceAccount.
@@ -272,7 +265,7 @@ fn restart(c: &RestartCheck, gw: &mut NsGateway, other: &NsGateway, signal: &str
 fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unexport() -> Result<()>
 {
     require_tools();
-    require_dig();
+    require_tool("dig", "bind9-dnsutils");
     let started = Instant::now();
     let net = Pair::new()?;
 
