@@ -361,9 +361,8 @@ impl TunnelEndpoint {
 
         let socket = bind_udp(settings.listen, settings.socket_buffer)?;
         let runtime = Arc::new(quinn::TokioRuntime);
-        let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)
-            .map_err(|e| TunnelError::Bind(settings.listen, e))?;
-        let socket = GsoCapped::new(socket);
+        let socket =
+            TunnelSocket::new(socket).map_err(|e| TunnelError::Bind(settings.listen, e))?;
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key(&identity)));
         // Connection ids signed with a key of the identity too: the restarted gateway must
         // recognise its predecessor's ids as its own to answer them with a stateless reset.
@@ -680,27 +679,55 @@ pub fn gso_chunks(len: usize, segment: usize) -> impl Iterator<Item = std::ops::
     (0..len).step_by(step).map(move |start| start..(start + step).min(len))
 }
 
-/// The runtime's UDP socket with GSO batches cut to at most 64 KiB, whatever MTU discovery
-/// reaches (quinn 0.11 does not cut them itself).
+/// The tunnel's UDP socket for quinn: quinn-udp's batched, GSO/GRO-aware I/O on a tokio
+/// socket, like quinn's own tokio adapter, with two differences:
+/// - GSO batches over 64 KiB are cut into whole-datagram sends (quinn 0.11 does not cut
+///   them, whatever MTU discovery reaches);
+/// - a receive batch that leaves slots empty drained the socket, so its readiness is cleared
+///   at once (tokio does the same after a short TCP read) instead of after one more
+///   `recvmmsg` that returns `EAGAIN`: one syscall less per datagram burst, which is one per
+///   request and per response of a request/response exchange.
 #[derive(Debug)]
-struct GsoCapped {
-    inner: Arc<dyn quinn::AsyncUdpSocket>,
+struct TunnelSocket {
+    io: tokio::net::UdpSocket,
+    state: quinn::udp::UdpSocketState,
 }
 
-impl GsoCapped {
-    fn new(inner: Arc<dyn quinn::AsyncUdpSocket>) -> Arc<Self> {
-        Arc::new(Self { inner })
+impl TunnelSocket {
+    /// Takes over a bound, non-blocking-capable socket; needs a tokio runtime.
+    fn new(socket: std::net::UdpSocket) -> io::Result<Arc<Self>> {
+        let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+        socket.set_nonblocking(true)?;
+        Ok(Arc::new(Self { io: tokio::net::UdpSocket::from_std(socket)?, state }))
+    }
+
+    fn send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
+        self.io
+            .try_io(tokio::io::Interest::WRITABLE, || self.state.send((&self.io).into(), transmit))
     }
 }
 
-impl quinn::AsyncUdpSocket for GsoCapped {
+/// quinn's wait for the socket to take more datagrams.
+#[derive(Debug)]
+struct Writable(Arc<TunnelSocket>);
+
+impl quinn::UdpPoller for Writable {
+    fn poll_writable(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.0.io.poll_send_ready(cx)
+    }
+}
+
+impl quinn::AsyncUdpSocket for TunnelSocket {
     fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
-        self.inner.clone().create_io_poller()
+        Box::pin(Writable(self))
     }
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
         let segment = match transmit.segment_size {
             Some(segment) if transmit.contents.len() > MAX_GSO_BYTES => segment,
-            _ => return self.inner.try_send(transmit),
+            _ => return self.send(transmit),
         };
         for (i, range) in gso_chunks(transmit.contents.len(), segment).enumerate() {
             let contents = &transmit.contents[range];
@@ -711,7 +738,7 @@ impl quinn::AsyncUdpSocket for GsoCapped {
                 segment_size: (contents.len() > segment).then_some(segment),
                 src_ip: transmit.src_ip,
             };
-            match self.inner.try_send(&part) {
+            match self.send(&part) {
                 Ok(()) => {}
                 // Nothing sent yet: quinn retries the whole batch when the socket is writable.
                 Err(e) if i == 0 => return Err(e),
@@ -728,19 +755,40 @@ impl quinn::AsyncUdpSocket for GsoCapped {
         bufs: &mut [io::IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> std::task::Poll<io::Result<usize>> {
-        self.inner.poll_recv(cx, bufs, meta)
+        let slots = bufs.len().min(quinn::udp::BATCH_SIZE);
+        loop {
+            std::task::ready!(self.io.poll_recv_ready(cx))?;
+            // `try_io` clears the readiness it observed (not a newer one) when the closure
+            // reports WouldBlock, so a short batch is reported that way and kept aside.
+            let mut short = None;
+            let r = self.io.try_io(tokio::io::Interest::READABLE, || {
+                let n = self.state.recv((&self.io).into(), bufs, meta)?;
+                if n < slots {
+                    short = Some(n);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match (r, short) {
+                (_, Some(n)) => return std::task::Poll::Ready(Ok(n)),
+                (Ok(n), None) => return std::task::Poll::Ready(Ok(n)),
+                // As quinn's adapter: any error (EAGAIN, or one an ICMP message left on the
+                // socket) means waiting for the socket again.
+                (Err(_), None) => {}
+            }
+        }
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
+        self.io.local_addr()
     }
     fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
+        self.state.max_gso_segments()
     }
     fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
+        self.state.gro_segments()
     }
     fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
+        self.state.may_fragment()
     }
 }
 
@@ -1292,6 +1340,67 @@ mod unit_tests {
 
     fn id(s: &str) -> ClusterId {
         ClusterId::new(s).expect("valid id")
+    }
+
+    /// Lengths of the datagrams one `poll_recv` returns (`None`: it would wait).
+    fn poll_recv_once(socket: &TunnelSocket) -> Option<Vec<usize>> {
+        use quinn::AsyncUdpSocket;
+        let mut storage = vec![[0u8; 2048]; quinn::udp::BATCH_SIZE];
+        let mut bufs: Vec<io::IoSliceMut<'_>> =
+            storage.iter_mut().map(|b| io::IoSliceMut::new(b)).collect();
+        let mut meta = vec![quinn::udp::RecvMeta::default(); bufs.len()];
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match socket.poll_recv(&mut cx, &mut bufs, &mut meta) {
+            std::task::Poll::Ready(n) => {
+                Some(meta[..n.expect("recv")].iter().map(|m| m.len).collect())
+            }
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    /// Waits (bounded) until the socket has datagrams and returns them.
+    async fn recv(socket: &TunnelSocket) -> Vec<usize> {
+        let wait = async {
+            loop {
+                if let Some(got) = poll_recv_once(socket) {
+                    return got;
+                }
+                socket.io.readable().await.expect("readable");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("a datagram was left unread")
+    }
+
+    #[tokio::test]
+    async fn a_short_receive_batch_clears_readiness_without_stranding_datagrams() {
+        let socket = TunnelSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let to = socket.io.local_addr().unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Distinct sizes, so GRO cannot merge them: one message per datagram.
+        let send = |sizes: std::ops::Range<usize>| {
+            for size in sizes {
+                sender.send_to(&vec![7u8; size], to).unwrap();
+            }
+        };
+        // One datagram: a short batch, after which nothing more is reported (the saved
+        // `recvmmsg` shows in `perf trace`, docs/benchmarks.md).
+        send(100..101);
+        assert_eq!(recv(&socket).await, vec![100]);
+        assert_eq!(poll_recv_once(&socket), None);
+        // A new datagram after the clear is still seen (the next edge re-arms the socket).
+        send(200..201);
+        assert_eq!(recv(&socket).await, vec![200]);
+        // More than a batch queued: the full batch keeps the readiness, so the rest comes
+        // with the very next poll, without waiting for another datagram.
+        let batch = quinn::udp::BATCH_SIZE;
+        send(300..300 + batch + 8);
+        let first = recv(&socket).await;
+        assert_eq!(first, (300..300 + batch).collect::<Vec<_>>());
+        let rest = poll_recv_once(&socket).expect("the rest without waiting");
+        assert_eq!(rest, (300 + batch..300 + batch + 8).collect::<Vec<_>>());
+        assert_eq!(poll_recv_once(&socket), None);
     }
 
     #[test]

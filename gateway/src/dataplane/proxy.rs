@@ -16,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::ReadHalf;
 
 use super::metrics::ByteCounters;
 
@@ -187,11 +188,13 @@ pub async fn splice_tunnel(
 ) -> io::Result<()> {
     let (from_tcp, to_tcp) =
         if tcp_is_client { (&bytes.tx, &bytes.rx) } else { (&bytes.rx, &bytes.tx) };
-    // Both directions use the socket through `&TcpStream` (readiness + try_read/try_write),
-    // so neither needs a split handle or a lock.
+    let mut tcp = tcp;
+    // Borrowed halves (no lock): reads go through `AsyncRead`, whose short read clears the
+    // socket's readiness, writes through `&TcpStream` (readiness + try_write_vectored).
+    let (mut reader, writer) = tcp.split();
     let r = tokio::try_join!(
-        tcp_to_stream(&tcp, &mut send, from_tcp),
-        stream_to_tcp(&mut recv, &tcp, to_tcp),
+        tcp_to_stream(&mut reader, &mut send, from_tcp),
+        stream_to_tcp(&mut recv, writer.as_ref(), to_tcp),
     );
     if r.is_err() {
         let _ = tcp.set_zero_linger();
@@ -202,22 +205,29 @@ pub async fn splice_tunnel(
 }
 
 /// TCP → stream until TCP EOF, which finishes the stream.
-async fn tcp_to_stream(tcp: &TcpStream, send: &mut BoxSend, count: &AtomicU64) -> io::Result<()> {
+///
+/// The buffer is taken only once the socket is readable; the read itself goes through
+/// `AsyncRead`, because tokio treats a read that does not fill the buffer as proof the socket
+/// is drained and clears its readiness. `readable()` + `try_read` instead waits for the
+/// `EAGAIN` of one more `recvfrom`: one syscall per request of a request/response exchange.
+async fn tcp_to_stream(
+    tcp: &mut ReadHalf<'_>,
+    send: &mut BoxSend,
+    count: &AtomicU64,
+) -> io::Result<()> {
     let mut buf = BytesMut::new();
     loop {
-        tcp.readable().await?;
+        tcp.as_ref().readable().await?;
         if buf.capacity() - buf.len() < MIN_READ {
             // Reuses the allocation when quinn has released every chunk cut from it.
             buf.reserve(BUFFER_SIZE);
         }
-        match tcp.try_read_buf(&mut buf) {
-            Ok(0) => return send.shutdown().await,
-            Ok(n) => {
+        match tcp.read_buf(&mut buf).await? {
+            0 => return send.shutdown().await,
+            n => {
                 count.fetch_add(n as u64, Ordering::Relaxed);
                 send.write_chunk(buf.split().freeze()).await?;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
         }
     }
 }
