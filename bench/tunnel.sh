@@ -286,9 +286,13 @@ print(s["bits_per_second"] / 1e9, s["bytes"], int(sys.argv[2]) / int(sys.argv[3]
 PY
     printf '  %-8s run %d: %s\n' "$p" "$r" "$(tail -n1 "$work/tput.$p" | awk '{printf "%.2f Gb/s, %.2f GB, proxy CPU %.2f s", $1, $2/1e9, $3}'), UDP rcvbuf drops $drops"
   done
+  t0=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
   python3 "$here/rr.py" "$host" "$eport" "$ROUNDS" 1000 >"$work/lat.$p" ||
     { echo "latency run through $p failed" >&2; exit 1; }
-  printf '  %-8s latency: p50 %s us, p99 %s us\n' "$p" "$(awk '{print $1}' "$work/lat.$p")" "$(awk '{print $2}' "$work/lat.$p")"
+  t1=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
+  # Proxy CPU per round trip (warm-up included in both the ticks and the count).
+  python3 -c "print($((t1 - t0)) / $tck / ($ROUNDS + 1000) * 1e6)" >>"$work/rrcpu.$p"
+  printf '  %-8s latency: p50 %s us, p99 %s us, proxy CPU %.1f us per round trip\n' "$p" "$(awk '{print $1}' "$work/lat.$p")" "$(awk '{print $2}' "$work/lat.$p")" "$(tail -n1 "$work/rrcpu.$p")"
 done
 
 python3 - "$work" "$DURATION" "$ROUNDS" "$REPEAT" <<'PY'
@@ -302,17 +306,20 @@ for p in paths:
     gb = sum(r[1] for r in runs) / 1e9
     cpu = sum(r[2] for r in runs)
     p50, p99, mean, _ = map(float, open(f"{work}/lat.{p}").read().split())
-    row[p] = dict(gbps=gbps, cpu_per_gb=(cpu / gb if p != "direct" and gb else None), p50=p50, p99=p99)
+    rr_cpu = statistics.median(float(l) for l in open(f"{work}/rrcpu.{p}"))
+    row[p] = dict(gbps=gbps, cpu_per_gb=(cpu / gb if p != "direct" and gb else None), p50=p50, p99=p99,
+                  rr_cpu=(rr_cpu if p != "direct" else None))
 d99 = row["direct"]["p99"]
 print()
-print(f"| path | Gb/s (1 stream, median of {repeat}) | x stunnel | x haproxy | p50 us | p99 us | added p99 us | proxy CPU s/GB |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
+print(f"| path | Gb/s (1 stream, median of {repeat}) | x stunnel | x haproxy | p50 us | p99 us | added p99 us | proxy CPU s/GB | proxy CPU us/round trip |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for p in paths:
     r = row[p]
     cpu = f"{r['cpu_per_gb']:.2f}" if r["cpu_per_gb"] is not None else "-"
+    rr_cpu = f"{r['rr_cpu']:.1f}" if r["rr_cpu"] is not None else "-"
     added = f"{r['p99'] - d99:+.1f}" if p != "direct" else "-"
     print(f"| {p} | {r['gbps']:.2f} | {r['gbps'] / row['stunnel']['gbps']:.2f} | {r['gbps'] / row['haproxy']['gbps']:.2f} "
-          f"| {r['p50']:.1f} | {r['p99']:.1f} | {added} | {cpu} |")
+          f"| {r['p50']:.1f} | {r['p99']:.1f} | {added} | {cpu} | {rr_cpu} |")
 s, h = row["stunnel"], row["haproxy"]
 print()
 for name in ["fedgate", "fedgate-1452"]:
@@ -321,7 +328,7 @@ for name in ["fedgate", "fedgate-1452"]:
     ok_l = (f["p99"] - d99) <= (h["p99"] - d99)
     print(f"{name}: target throughput >= 1.2x stunnel: {'PASS' if ok_t else 'FAIL'} ({f['gbps'] / s['gbps']:.2f}x); "
           f"target added p99 <= haproxy's: {'PASS' if ok_l else 'FAIL'} ({f['p99'] - d99:+.1f} us vs {h['p99'] - d99:+.1f} us)")
-print(f"(iperf3 -t {duration}; {rounds} round trips of 1024 B over one connection; CPU = utime+stime of both proxy processes during the iperf3 runs)")
+print(f"(iperf3 -t {duration}; {rounds} round trips of 1024 B over one connection; CPU = utime+stime of both proxy processes during the iperf3 runs, and during the round trips)")
 PY
 
 # The datagram size each pair's QUIC connection settled on (path MTU discovery).
