@@ -694,7 +694,7 @@ struct TunnelSocket {
 }
 
 impl TunnelSocket {
-    /// Takes over a bound, non-blocking-capable socket; needs a tokio runtime.
+    /// Takes over a bound socket (switched to non-blocking); needs a tokio runtime.
     fn new(socket: std::net::UdpSocket) -> io::Result<Arc<Self>> {
         let state = quinn::udp::UdpSocketState::new((&socket).into())?;
         socket.set_nonblocking(true)?;

@@ -180,7 +180,7 @@ pub async fn splice_tcp(
 /// counts as `tx`. TCP EOF finishes the stream, stream FIN shuts the TCP write side; an error
 /// on either side resets the stream and the TCP connection.
 pub async fn splice_tunnel(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     mut send: BoxSend,
     mut recv: BoxRecv,
     bytes: &ByteCounters,
@@ -188,7 +188,6 @@ pub async fn splice_tunnel(
 ) -> io::Result<()> {
     let (from_tcp, to_tcp) =
         if tcp_is_client { (&bytes.tx, &bytes.rx) } else { (&bytes.rx, &bytes.tx) };
-    let mut tcp = tcp;
     // Borrowed halves (no lock): reads go through `AsyncRead`, whose short read clears the
     // socket's readiness, writes through `&TcpStream` (readiness + try_write_vectored).
     let (mut reader, writer) = tcp.split();
