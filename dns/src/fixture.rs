@@ -11,11 +11,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use fedgate_discovery::exchange::delta::testing::exported;
+use fedgate_discovery::exchange::delta::testing::{endpoint, exported};
 use fedgate_discovery::model::{
-    ClusterId, ClusterState, Endpoint, EndpointPort, EndpointVip, ExportedService, Health,
-    ImportPort, ImportSnapshot, ImportedService, LocalService, Locality, Protocol, ServiceKey,
-    ServicePort, ServiceType, SessionAffinity,
+    ClusterId, ClusterState, Endpoint, EndpointVip, ExportedService, Health, ImportPort,
+    ImportSnapshot, ImportedService, LocalService, Locality, Protocol, ServiceKey, ServicePort,
+    ServiceType, SessionAffinity,
 };
 
 fn cid(s: &str) -> ClusterId {
@@ -27,18 +27,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn ep(addr: &str, hostname: Option<&str>, health: Health) -> Endpoint {
-    Endpoint {
-        address: ip(addr),
-        hostname: hostname.map(str::to_owned),
-        ready: true,
-        zone: None,
-        ports: vec![EndpointPort {
-            name: Some("http".into()),
-            protocol: Protocol::Tcp,
-            port: 8080,
-        }],
-        health,
-    }
+    Endpoint { hostname: hostname.map(str::to_owned), ..endpoint(ip(addr), 8080, health) }
 }
 
 fn sport(name: Option<&str>, port: u16) -> ServicePort {

@@ -129,6 +129,20 @@ pub mod testing {
         }
     }
 
+    /// A ready endpoint at `address` with one TCP port named `http`, no hostname or zone.
+    /// Tests set what matters to them with struct update syntax
+    /// (`Endpoint { zone, ..endpoint(..) }`).
+    pub fn endpoint(address: IpAddr, port: u16, health: Health) -> Endpoint {
+        Endpoint {
+            address,
+            hostname: None,
+            ready: true,
+            zone: None,
+            ports: vec![EndpointPort { name: Some("http".into()), protocol: Protocol::Tcp, port }],
+            health,
+        }
+    }
+
     /// A ClusterSetIP service `namespace/name` of `cluster` with one TCP port 80 and
     /// `endpoints` ready, healthy endpoints 10.x.y.z:8080.
     pub fn service(
@@ -138,17 +152,8 @@ pub mod testing {
         endpoints: usize,
     ) -> ExportedService {
         let endpoints = (0..endpoints)
-            .map(|i| Endpoint {
-                address: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i as u32)),
-                hostname: None,
-                ready: true,
-                zone: None,
-                ports: vec![EndpointPort {
-                    name: Some("http".into()),
-                    protocol: Protocol::Tcp,
-                    port: 8080,
-                }],
-                health: Health::Healthy,
+            .map(|i| {
+                endpoint(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i as u32)), 8080, Health::Healthy)
             })
             .collect();
         ExportedService {

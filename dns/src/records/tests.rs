@@ -4,10 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use fedgate_discovery::exchange::delta::testing::exported;
+use fedgate_discovery::exchange::delta::testing::{endpoint, exported};
 use fedgate_discovery::model::{
-    ClusterId, Endpoint, EndpointPort, ExportedService, Health, ImportPort, ImportedService,
-    LocalService, Locality, Protocol, ServiceKey, ServicePort, ServiceType, SessionAffinity,
+    ClusterId, Endpoint, ExportedService, Health, ImportPort, ImportedService, LocalService,
+    Locality, Protocol, ServiceKey, ServicePort, ServiceType, SessionAffinity,
 };
 use hickory_proto::rr::RecordType;
 
@@ -20,16 +20,9 @@ pub(crate) fn cid(s: &str) -> ClusterId {
 
 pub(crate) fn ep(ip: &str, hostname: Option<&str>, ready: bool, health: Health) -> Endpoint {
     Endpoint {
-        address: ip.parse().expect("ip"),
         hostname: hostname.map(str::to_owned),
         ready,
-        zone: None,
-        ports: vec![EndpointPort {
-            name: Some("http".into()),
-            protocol: Protocol::Tcp,
-            port: 8080,
-        }],
-        health,
+        ..endpoint(ip.parse().expect("ip"), 8080, health)
     }
 }
 

@@ -263,8 +263,7 @@ pub(crate) mod tests {
     use super::*;
     use fedgate_discovery::exchange::delta::testing::exported;
     use fedgate_discovery::model::{
-        EndpointPort, ImportPort, LABEL_REGION, LABEL_SOURCE_CLUSTER, Protocol, ServiceKey,
-        ServiceType, SessionAffinity,
+        ImportPort, LABEL_REGION, LABEL_SOURCE_CLUSTER, ServiceKey, ServiceType, SessionAffinity,
     };
     use rand::SeedableRng;
     use rand::rngs::StdRng;
@@ -361,16 +360,12 @@ pub(crate) mod tests {
 
     pub(crate) fn ep(addr: &str, zone: Option<&str>, health: Health) -> Endpoint {
         Endpoint {
-            address: addr.parse().unwrap(),
-            hostname: None,
-            ready: true,
             zone: zone.map(str::to_owned),
-            ports: vec![EndpointPort {
-                name: Some("http".into()),
-                protocol: Protocol::Tcp,
-                port: 8080,
-            }],
-            health,
+            ..fedgate_discovery::exchange::delta::testing::endpoint(
+                addr.parse().unwrap(),
+                8080,
+                health,
+            )
         }
     }
 

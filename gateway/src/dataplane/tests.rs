@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use fedgate_discovery::exchange::delta::testing as discovery_testing;
 use fedgate_discovery::model::{
-    ClusterId, ClusterState, Endpoint, EndpointPort, EndpointVip, ExportedService, Health,
-    ImportPort, ImportSnapshot, ImportedService, LocalService, Locality, Protocol,
-    ServiceExportObject, ServiceKey, ServicePort, ServiceType, SessionAffinity,
+    ClusterId, ClusterState, Endpoint, EndpointVip, ExportedService, Health, ImportPort,
+    ImportSnapshot, ImportedService, LocalService, Locality, Protocol, ServiceExportObject,
+    ServiceKey, ServicePort, ServiceType, SessionAffinity,
 };
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -109,18 +109,7 @@ fn port(n: u16) -> ServicePort {
 }
 
 fn endpoint(addr: SocketAddr) -> Endpoint {
-    Endpoint {
-        address: addr.ip(),
-        hostname: None,
-        ready: true,
-        zone: None,
-        ports: vec![EndpointPort {
-            name: Some("http".into()),
-            protocol: Protocol::Tcp,
-            port: addr.port(),
-        }],
-        health: Health::Unknown,
-    }
+    discovery_testing::endpoint(addr.ip(), addr.port(), Health::Unknown)
 }
 
 fn exported(cluster: &str, svc_port: u16, endpoints: &[SocketAddr]) -> Arc<ExportedService> {
