@@ -58,8 +58,8 @@ else
   bin=$root/target/release/fedgate
 fi
 
-free_tcp() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-free_udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/tunnel/common.sh
+. "$here/common.sh"
 tck=$(getconf CLK_TCK)
 # utime+stime (clock ticks) of the given pids, summed over all their threads.
 cpu_ticks() {
@@ -96,21 +96,6 @@ C=$work/certs
 for c in a b; do cat "$C/$c.crt" "$C/$c.key" >"$C/$c.pem"; done
 
 # --- fedgate A -> QUIC -> fedgate B --------------------------------------------------------
-gateway() { # id ip tunnel-port peer-id peer-ip peer-port vip-octet [maxUdpPayloadSize]
-  local d=$work/$1
-  mkdir -p "$d/cluster"
-  cat >"$d/gateway.yaml" <<YAML
-cluster: { id: $1, clusterset: bench, locality: { region: r-$1, zone: z-$1 } }
-discovery: { source: file, file: { dir: ./cluster }, peerLeaseDuration: 15s }
-peers: [ { id: $4, address: "$5:$6" } ]
-tls: { cert: $C/$1.crt, key: $C/$1.key, ca: $C/ca.crt }
-tunnel: { listen: "$2:$3"${8:+, maxUdpPayloadSize: $8} }
-dns: { listen: "$2:$(free_udp)", upstream: [ "127.0.0.1:9" ], ttl: 5s }
-front: { mode: vip, clusterSetIPRange: 127.2.$7.0/24 }
-admin: { listen: "$2:$(free_tcp)" }
-traffic: { healthCheck: { interval: 5s, timeout: 1s, unhealthyThreshold: 2, healthyThreshold: 1 } }
-YAML
-}
 # pair NAME-A NAME-B IP-A IP-B VIP-OCTET-A VIP-OCTET-B MAX-UDP-PAYLOAD: two gateways, B exports
 # bench/bench (the servers), A imports it; sets VIP to its ClusterSetIP on A and PIDS_PAIR.
 pair() {
@@ -118,30 +103,7 @@ pair() {
   ta=$(free_udp); tb=$(free_udp)
   gateway "$a" "$ipa" "$ta" "$b" "$ipb" "$tb" "$5" "$7"
   gateway "$b" "$ipb" "$tb" "$a" "$ipa" "$ta" "$6" "$7"
-  cat >"$work/$b/cluster/bench.yaml" <<YAML
-apiVersion: v1
-kind: Service
-metadata: { name: bench, namespace: bench }
-spec:
-  type: ClusterIP
-  ports:
-  - { name: iperf, port: $IPERF_PORT, protocol: TCP }
-  - { name: echo, port: $ECHO_PORT, protocol: TCP }
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: { name: bench-b, namespace: bench, labels: { kubernetes.io/service-name: bench } }
-addressType: IPv4
-ports:
-- { name: iperf, port: $IPERF_PORT, protocol: TCP }
-- { name: echo, port: $ECHO_PORT, protocol: TCP }
-endpoints:
-- { addresses: ["$SRV"], conditions: { ready: true } }
----
-apiVersion: multicluster.x-k8s.io/v1alpha1
-kind: ServiceExport
-metadata: { name: bench, namespace: bench }
-YAML
+  bench_export "$work/$b"
   PIDS_PAIR=""
   for g in "$a" "$b"; do
     (cd "$work/$g" && RUST_LOG=${FEDGATE_LOG:-warn} exec "$bin" run --config gateway.yaml) >"$work/$g.log" 2>&1 &

@@ -15,11 +15,11 @@
 set -euo pipefail
 ROUNDS=${ROUNDS:-10000}; ITER=${ITER:-5}
 here=$(cd "$(dirname "$0")" && pwd); root=$(cd "$here/../.." && pwd)
-work=$(mktemp -d /tmp/lat2.XXXX); pids=()
+work=$(mktemp -d /tmp/rr-compare.XXXX); pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-free_tcp() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-free_udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/tunnel/common.sh
+. "$here/common.sh"
 SRV=127.0.1.22; ECHO_PORT=$(free_tcp)
 python3 "$here/echo.py" "$SRV" "$ECHO_PORT" & pids+=($!)
 IPERF_PORT=$(free_tcp); iperf3 -s -B "$SRV" -p "$IPERF_PORT" >/dev/null 2>&1 & pids+=($!)
@@ -27,18 +27,6 @@ bin0=${FEDGATE_BIN:-$root/target/release/fedgate}
 "$bin0" certs ca --clusterset bench --out "$work/certs" >/dev/null
 for c in a b c d e f g h i j; do "$bin0" certs issue --ca "$work/certs" --cluster "$c" --out "$work/certs" >/dev/null; done
 C=$work/certs; for c in a b; do cat "$C/$c.crt" "$C/$c.key" >"$C/$c.pem"; done
-gateway() { local d=$work/$1; mkdir -p "$d/cluster"; cat >"$d/gateway.yaml" <<YAML
-cluster: { id: $1, clusterset: bench, locality: { region: r-$1, zone: z-$1 } }
-discovery: { source: file, file: { dir: ./cluster }, peerLeaseDuration: 15s }
-peers: [ { id: $4, address: "$5:$6" } ]
-tls: { cert: $C/$1.crt, key: $C/$1.key, ca: $C/ca.crt }
-tunnel: { listen: "$2:$3"${8:+, maxUdpPayloadSize: $8} }
-dns: { listen: "$2:$(free_udp)", upstream: [ "127.0.0.1:9" ], ttl: 5s }
-front: { mode: vip, clusterSetIPRange: 127.2.$7.0/24 }
-admin: { listen: "$2:$(free_tcp)" }
-traffic: { healthCheck: { interval: 5s, timeout: 1s, unhealthyThreshold: 2, healthyThreshold: 1 } }
-YAML
-}
 declare -A HOST PIDS IP
 ids=(a b c d e f g h i j); n=0
 for spec in ${PAIRS:-base=$bin0,}; do
@@ -46,23 +34,7 @@ for spec in ${PAIRS:-base=$bin0,}; do
   a=${ids[$((2*n))]}; b=${ids[$((2*n+1))]}; ipa=127.0.0.$((50+2*n)); ipb=127.0.0.$((51+2*n))
   ta=$(free_udp); tb=$(free_udp)
   gateway $a $ipa $ta $b $ipb $tb $((50+2*n)) "$payload"; gateway $b $ipb $tb $a $ipa $ta $((51+2*n)) "$payload"
-  cat >"$work/$b/cluster/bench.yaml" <<YAML
-apiVersion: v1
-kind: Service
-metadata: { name: bench, namespace: bench }
-spec: { type: ClusterIP, ports: [ { name: echo, port: $ECHO_PORT, protocol: TCP }, { name: iperf, port: $IPERF_PORT, protocol: TCP } ] }
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: { name: bench-b, namespace: bench, labels: { kubernetes.io/service-name: bench } }
-addressType: IPv4
-ports: [ { name: echo, port: $ECHO_PORT, protocol: TCP }, { name: iperf, port: $IPERF_PORT, protocol: TCP } ]
-endpoints: [ { addresses: ["$SRV"], conditions: { ready: true } } ]
----
-apiVersion: multicluster.x-k8s.io/v1alpha1
-kind: ServiceExport
-metadata: { name: bench, namespace: bench }
-YAML
+  bench_export "$work/$b"
   PP=""; for g in $a $b; do (cd $work/$g && exec env ${envs//:/ } RUST_LOG=warn "$bin" run --config gateway.yaml) >$work/$g.log 2>&1 & pids+=($!); PP="$PP $!"; done
   adm=$(awk -F'"' '/^admin:/ {print $2}' $work/$a/gateway.yaml); VIP=""
   for _ in $(seq 150); do VIP=$(curl -sf http://$adm/debug/imports 2>/dev/null | python3 -c 'import json,sys
@@ -90,9 +62,17 @@ CONF
 sed -e "s|bind $H1:$HE1|bind $H2:$HE2 ssl crt $C/b.pem ca-file $C/ca.crt verify required|" -e "s|server s $H2:$HE2.*|server s $SRV:$ECHO_PORT|" -e "s|bind $H1:$HI1|bind $H2:$HI2 ssl crt $C/b.pem ca-file $C/ca.crt verify required|" -e "s|server s $H2:$HI2.*|server s $SRV:$IPERF_PORT|" $work/h1.cfg >$work/h2.cfg
 haproxy -db -f $work/h2.cfg >/dev/null 2>&1 & pids+=($!); PIDS[haproxy]="$!"; haproxy -db -f $work/h1.cfg >/dev/null 2>&1 & pids+=($!); PIDS[haproxy]="${PIDS[haproxy]} $!"
 sleep 1
-HOST[direct]="$SRV $ECHO_PORT"; PIDS[direct]="$$"; IP[haproxy]="$H1 $HI1"; IP[direct]="$SRV $IPERF_PORT"
+HOST[direct]="$SRV $ECHO_PORT"; PIDS[direct]="$$"; IP[direct]="$SRV $IPERF_PORT"
+HOST[haproxy]="$H1 $HE1"; IP[haproxy]="$H1 $HI1"
+# Context switches and CPU ns of the given pids, summed over all their threads.
 csw() { local t=0 p f; for p in "$@"; do for f in /proc/$p/task/*/status; do t=$((t + $(awk '/ctxt_switches/ {s+=$2} END {print s}' $f))); done; done; echo $t; }
-cpu_ns() { local t=0 p f; for p in "$@"; do for f in /proc/$p/task/*/schedstat; do t=$((t + $(cut -d' ' -f1 $f))); done; done; echo $t; }; HOST[haproxy]="$H1 $HE1"
+cpu_ns() { local t=0 p f; for p in "$@"; do for f in /proc/$p/task/*/schedstat; do t=$((t + $(cut -d' ' -f1 $f))); done; done; echo $t; }
+# pre_iperf NAME: with PRE_IPERF=SECONDS, an iperf3 run through path NAME first.
+pre_iperf() {
+  [[ -n ${PRE_IPERF:-} ]] || return 0
+  set -- ${IP[$1]}
+  iperf3 -c $1 -p $2 -t $PRE_IPERF >/dev/null || echo "iperf3 through $1:$2 failed"
+}
 names=(direct haproxy); for spec in ${PAIRS:-base=}; do names+=(${spec%%=*}); done
 if [[ -n ${SEQ:-} ]]; then
   for nm in $SEQ; do set -- ${IP[$nm]}
@@ -103,20 +83,20 @@ if [[ -n ${SEQ:-} ]]; then
 fi
 if [[ -n ${SYSC:-} ]]; then
   for nm in $SYSC; do pp=$(echo ${PIDS[$nm]} | tr ' ' ',')
-  if [[ -n ${PRE_IPERF:-} ]]; then set -- ${IP[$nm]}; iperf3 -c $1 -p $2 -t $PRE_IPERF >/dev/null || echo "iperf $nm failed"; fi
+  pre_iperf $nm
   perf trace -s -p $pp -o /tmp/sysc.$nm -- sleep 4 >/dev/null 2>&1 & sleep 0.5
   python3 $here/rr.py ${HOST[$nm]} 10000 0; sleep 4; done; exit 0
 fi
 if [[ -n ${PROF:-} ]]; then
   pp=$(echo ${PIDS[$PROF]} | tr ' ' ',')
-  if [[ -n ${PRE_IPERF:-} ]]; then set -- ${IP[$PROF]}; iperf3 -c $1 -p $2 -t $PRE_IPERF >/dev/null || echo "iperf failed"; fi
+  pre_iperf $PROF
   perf record -q -F 2999 -g -o ${PERF_OUT:-/tmp/rr-perf.data} -p $pp -- sleep 6 >/dev/null 2>&1 & sleep 0.3
   python3 $here/rr.py ${HOST[$PROF]} 30000 0; sleep 6; exit 0
 fi
 for it in $(seq $ITER); do for nm in "${names[@]}"; do
-  if [[ -n ${PRE_IPERF:-} ]]; then set -- ${IP[$nm]}; iperf3 -c $1 -p $2 -t $PRE_IPERF >/dev/null || echo "iperf $nm failed"; fi
+  pre_iperf $nm
   c0=$(cpu_ns ${PIDS[$nm]}); s0=$(csw ${PIDS[$nm]})
-  python3 $here/rr.py ${HOST[$nm]} $ROUNDS 500 | awk -v n=$nm -v c0=$c0 -v c1="$(cpu_ns ${PIDS[$nm]} 2>/dev/null)" '{printf "%s %s %s\n", n, $1, $2}' >> $work/res
+  python3 $here/rr.py ${HOST[$nm]} $ROUNDS 500 | awk -v n=$nm '{print n, $1, $2}' >> $work/res
   c1=$(cpu_ns ${PIDS[$nm]}); s1=$(csw ${PIDS[$nm]}); echo "$nm $(( (c1-c0)/ (ROUNDS+500) )) $(( (s1-s0)*100/ (ROUNDS+500) ))" >> $work/cpu
 done; done
 python3 - $work/res <<'PY'

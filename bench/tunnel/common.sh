@@ -1,0 +1,51 @@
+# Shared by bench/tunnel.sh and bench/tunnel/rr-compare.sh (sourced): free ports, a
+# gateway's config, and the exported bench Service. Uses the caller's $work (scratch dir), $C
+# (certificates from `fedgate certs`), $SRV, $IPERF_PORT and $ECHO_PORT (the servers).
+
+free_tcp() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+gateway() { # id ip tunnel-port peer-id peer-ip peer-port vip-octet [maxUdpPayloadSize]
+  local d=$work/$1
+  mkdir -p "$d/cluster"
+  cat >"$d/gateway.yaml" <<YAML
+cluster: { id: $1, clusterset: bench, locality: { region: r-$1, zone: z-$1 } }
+discovery: { source: file, file: { dir: ./cluster }, peerLeaseDuration: 15s }
+peers: [ { id: $4, address: "$5:$6" } ]
+tls: { cert: $C/$1.crt, key: $C/$1.key, ca: $C/ca.crt }
+tunnel: { listen: "$2:$3"${8:+, maxUdpPayloadSize: $8} }
+dns: { listen: "$2:$(free_udp)", upstream: [ "127.0.0.1:9" ], ttl: 5s }
+front: { mode: vip, clusterSetIPRange: 127.2.$7.0/24 }
+admin: { listen: "$2:$(free_tcp)" }
+traffic: { healthCheck: { interval: 5s, timeout: 1s, unhealthyThreshold: 2, healthyThreshold: 1 } }
+YAML
+}
+
+# bench_export DIR: the bench/bench Service (iperf and echo ports), its EndpointSlice (the
+# servers at $SRV) and its ServiceExport, into the gateway directory DIR.
+bench_export() {
+  cat >"$1/cluster/bench.yaml" <<YAML
+apiVersion: v1
+kind: Service
+metadata: { name: bench, namespace: bench }
+spec:
+  type: ClusterIP
+  ports:
+  - { name: iperf, port: $IPERF_PORT, protocol: TCP }
+  - { name: echo, port: $ECHO_PORT, protocol: TCP }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: bench-b, namespace: bench, labels: { kubernetes.io/service-name: bench } }
+addressType: IPv4
+ports:
+- { name: iperf, port: $IPERF_PORT, protocol: TCP }
+- { name: echo, port: $ECHO_PORT, protocol: TCP }
+endpoints:
+- { addresses: ["$SRV"], conditions: { ready: true } }
+---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: { name: bench, namespace: bench }
+YAML
+}
