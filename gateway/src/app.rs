@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminServer, AdminState, DebugView, Query};
 use crate::config::{self, CaSource, Config, FrontMode, SourceKind, Upstream};
+use crate::data_thread::DataThread;
 use crate::dataplane::health::HealthSettings;
 use crate::dataplane::peers::PeerTunnel;
 use crate::dataplane::{DataPlane, DataPlaneSettings, HealthChecker};
@@ -64,6 +65,8 @@ struct Parts {
     dns: DnsServer,
     dataplane: DataPlane,
     admin: AdminServer,
+    /// Runs the tunnel's packet work, the listeners and the proxied connections.
+    data: DataThread,
 }
 
 /// Builds the gateway: loads identity and cluster state, binds the tunnel, DNS, admin and
@@ -81,6 +84,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     };
     let identity = Identity::from_pem_files(&cfg.tls.cert, &cfg.tls.key, &ca)
         .context("loading the gateway identity (tls.cert, tls.key, tls.ca)")?;
+    let data = DataThread::start()?;
     let id = cfg.cluster.id.clone();
     let locality = cfg.locality();
 
@@ -120,6 +124,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     );
     tunnel_settings.peer_lease_duration = cfg.discovery.peer_lease_duration;
     tunnel_settings.max_udp_payload = cfg.tunnel.max_udp_payload_size;
+    tunnel_settings.runtime = Some(data.handle().clone());
     // Watched: a rotated certificate or CA bundle is used by new handshakes without restart.
     tunnel_settings.identity_files = Some(fedgate_tunnel::IdentityFiles {
         cert: cfg.tls.cert.clone(),
@@ -200,13 +205,19 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     dp_settings.health = health_settings;
     dp_settings.drain_duration = cfg.traffic.drain_duration;
     dp_settings.vip_listeners = cfg.front.mode == FrontMode::Vip;
-    let mut dataplane = DataPlane::with_health(
-        dp_settings,
-        import_rx.clone(),
-        checker,
-        Some(PeerTunnel::new(peers.clone())),
-    )?;
-    dataplane.serve_tunnel(incoming_rx);
+    // Entered: the listeners of the first snapshot, their accept loops and the stream
+    // forwarder belong to the data-plane thread.
+    let dataplane = {
+        let _in = data.handle().enter();
+        let mut dataplane = DataPlane::with_health(
+            dp_settings,
+            import_rx.clone(),
+            checker,
+            Some(PeerTunnel::new(peers.clone())),
+        )?;
+        dataplane.serve_tunnel(incoming_rx);
+        dataplane
+    };
     let front = match (&writer, &front_kube) {
         (Some(w), Some(f)) => {
             Some(Box::pin(dataplane.front_listeners(f.pod_ip, w.front_routes())) as _)
@@ -303,6 +314,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             dns,
             dataplane,
             admin,
+            data,
         },
     })
 }
@@ -323,6 +335,7 @@ impl Bound {
             dns,
             dataplane,
             admin,
+            data,
         } = self.parts;
         let rest = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -331,7 +344,7 @@ impl Bound {
             tasks.spawn(writer.run(rest.clone()));
         }
         if let Some(front) = front {
-            tasks.spawn(front);
+            tasks.spawn_on(front, data.handle());
         }
         if let Some(identity) = identity {
             tasks.spawn(identity.run(rest.clone()));
@@ -357,14 +370,19 @@ impl Bound {
             dns = %self.dns,
             "fedgate gateway running"
         );
-        let outcome = dataplane.run(self.shutdown.clone()).await;
-        tracing::info!(?outcome, "data plane drained; stopping");
+        let served = data.handle().spawn(dataplane.run(self.shutdown.clone())).await;
+        match &served {
+            Ok(outcome) => tracing::info!(?outcome, "data plane drained; stopping"),
+            Err(e) => tracing::error!(error = %e, "the data plane failed; stopping"),
+        }
         rest.cancel();
         let stop = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(Duration::from_secs(5), stop).await.is_err() {
             tracing::warn!("some tasks did not stop within 5s; exiting anyway");
         }
-        Ok(())
+        // Joins the thread: its sockets are closed when `run` returns.
+        drop(data);
+        served.map(drop).context("the data plane task panicked")
     }
 }
 

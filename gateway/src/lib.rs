@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod crdgen;
 pub mod dashboard;
+pub mod data_thread;
 pub mod dataplane;
 pub mod demo;
 pub mod explain;

@@ -115,6 +115,10 @@ pub struct TunnelSettings {
     /// Where the identity was loaded from: watched and reloaded on change. `None`: the
     /// identity given to [`TunnelEndpoint::new`] stays for the endpoint's life.
     pub identity_files: Option<IdentityFiles>,
+    /// The runtime that reads the UDP socket, runs quinn's endpoint and connection tasks and
+    /// accepts peers' tunnel streams: the gateway's data-plane thread. `None`: the runtime
+    /// [`TunnelEndpoint::new`] is called on.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl TunnelSettings {
@@ -139,6 +143,7 @@ impl TunnelSettings {
             socket_buffer: DEFAULT_SOCKET_BUFFER,
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             identity_files: None,
+            runtime: None,
         }
     }
 
@@ -360,9 +365,15 @@ impl TunnelEndpoint {
         }
 
         let socket = bind_udp(settings.listen, settings.socket_buffer)?;
-        let runtime = Arc::new(quinn::TokioRuntime);
+        let runtime: Arc<dyn quinn::Runtime> = match &settings.runtime {
+            Some(handle) => Arc::new(crate::runtime::Pinned(handle.clone())),
+            None => Arc::new(quinn::TokioRuntime),
+        };
+        // The socket registers with the reactor of the runtime that polls it.
+        let entered = settings.runtime.as_ref().map(|h| h.enter());
         let socket =
             TunnelSocket::new(socket).map_err(|e| TunnelError::Bind(settings.listen, e))?;
+        drop(entered);
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key(&identity)));
         // Connection ids signed with a key of the identity too: the restarted gateway must
         // recognise its predecessor's ids as its own to answer them with a stateless reset.
@@ -688,14 +699,14 @@ pub fn gso_chunks(len: usize, segment: usize) -> impl Iterator<Item = std::ops::
 ///   `recvmmsg` that returns `EAGAIN`: one syscall less per datagram burst, which is one per
 ///   request and per response of a request/response exchange.
 #[derive(Debug)]
-struct TunnelSocket {
+pub(crate) struct TunnelSocket {
     io: tokio::net::UdpSocket,
     state: quinn::udp::UdpSocketState,
 }
 
 impl TunnelSocket {
     /// Takes over a bound socket (switched to non-blocking); needs a tokio runtime.
-    fn new(socket: std::net::UdpSocket) -> io::Result<Arc<Self>> {
+    pub(crate) fn new(socket: std::net::UdpSocket) -> io::Result<Arc<Self>> {
         let state = quinn::udp::UdpSocketState::new((&socket).into())?;
         socket.set_nonblocking(true)?;
         Ok(Arc::new(Self { io: tokio::net::UdpSocket::from_std(socket)?, state }))
@@ -1133,12 +1144,15 @@ impl PeerTask {
         if self.dial.is_none() {
             self.mark_up(&conn).await;
         }
-        let streams = tokio::spawn(accept_streams(
-            conn.clone(),
-            peer.clone(),
-            self.control_tx.clone(),
-            self.incoming_tunnel.clone(),
-        ));
+        let streams = crate::runtime::spawn_on(
+            self.settings.runtime.as_ref(),
+            accept_streams(
+                conn.clone(),
+                peer.clone(),
+                self.control_tx.clone(),
+                self.incoming_tunnel.clone(),
+            ),
+        );
         let started = Instant::now();
         let replacement = self.exchange(&conn).await;
 

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod io;
 pub mod metrics;
 pub mod reload;
+pub mod runtime;
 pub mod tls;
 
 #[cfg(any(test, feature = "test-util"))]

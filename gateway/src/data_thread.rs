@@ -1,0 +1,101 @@
+//! The data-plane thread: one OS thread running a current-thread tokio runtime that carries
+//! all of a gateway's traffic: the tunnel's UDP socket, quinn's endpoint and connection tasks,
+//! the ClusterSetIP listeners and every proxied connection. The rest of the gateway
+//! (discovery, the export exchange, DNS, admin) stays on the multi-thread runtime.
+//!
+//! Why: a packet passes three tasks (quinn's endpoint task, its connection task, the proxy
+//! task). On the multi-thread runtime they were spread over both workers, so packets woke the
+//! other worker through a futex: 3.4 futex calls per proxied 1 KB round trip, 17.6 syscalls
+//! in all. On this thread the hand-offs are queue pushes: no futex calls, 13.8 syscalls, and
+//! iperf3 through the tunnel moves a GB with 7 % less CPU (docs/benchmarks.md, session 5).
+//! quinn drives each peer connection from one task anyway, so a second data thread would
+//! only bring the cross-thread hand-offs back.
+
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+/// How long the thread waits for its tasks to finish dropping when the gateway stops.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Owns the data-plane thread; dropping it stops the runtime and joins the thread.
+pub struct DataThread {
+    handle: Handle,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DataThread {
+    /// Starts the thread (named `fedgate-data`) with its runtime.
+    pub fn start() -> anyhow::Result<Self> {
+        // Sockets and timers only: signals and child processes are the main runtime's (their
+        // driver would check for orphaned children at every wake-up of this thread).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .context("building the data-plane runtime")?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("fedgate-data".to_owned())
+            .spawn(move || {
+                // Spawned tasks run while the thread waits here.
+                let _ = runtime.block_on(stopped);
+                runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
+            })
+            .context("starting the data-plane thread")?;
+        Ok(Self { handle, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// Spawns onto the data-plane runtime; [`Handle::enter`] makes sockets created outside a
+    /// task register with it.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+}
+
+impl Drop for DataThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the data-plane thread panicked");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_run_on_the_data_thread_and_drop_stops_it() {
+        let data = DataThread::start().expect("data thread");
+        let (tx, rx) = std::sync::mpsc::channel();
+        data.handle().spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            tx.send(std::thread::current().name().map(str::to_owned)).expect("send");
+        });
+        let name = rx.recv_timeout(Duration::from_secs(5)).expect("the task ran");
+        assert_eq!(name.as_deref(), Some("fedgate-data"));
+
+        // A task still pending when the thread stops is dropped, not leaked: its channel closes.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        data.handle().spawn(async move {
+            let _keep = tx;
+            std::future::pending::<()>().await;
+        });
+        drop(data);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+        );
+    }
+}
