@@ -9,6 +9,10 @@
 #   PRE_IPERF=3  an iperf3 run of that many seconds through each path before its round trips
 #   SYSC="name ..."  instead: syscall counts (perf trace -s) of those paths over 10 000 round
 #                    trips, written to /tmp/sysc.NAME
+#   IPERF="name ..." instead: ITER interleaved iperf3 runs (IPERF_SECS, 5) through those paths,
+#                    printing Gb/s and the proxies' CPU seconds per GB
+#   STAT="name ..."  instead: perf stat (task clock, context switches, migrations) of those
+#                    paths around 10 000 round trips, written to /tmp/stat.NAME
 #   PROF=name        instead: perf record of that path over 30 000 round trips (PERF_OUT)
 #   SEQ="name ..."   instead: round trips before and after one iperf3 run, in sequence
 # Needs haproxy, iperf3 and, for SYSC/PROF, perf (Debian: haproxy iperf3 linux-perf).
@@ -87,10 +91,24 @@ if [[ -n ${SYSC:-} ]]; then
   perf trace -s -p $pp -o /tmp/sysc.$nm -- sleep 4 >/dev/null 2>&1 & sleep 0.5
   python3 $here/rr.py ${HOST[$nm]} 10000 0; sleep 4; done; exit 0
 fi
+if [[ -n ${IPERF:-} ]]; then
+  for it in $(seq $ITER); do for nm in $IPERF; do set -- ${IP[$nm]}
+    c0=$(cpu_ns ${PIDS[$nm]})
+    gbps=$(iperf3 -c $1 -p $2 -t ${IPERF_SECS:-5} -J | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9, 2))')
+    c1=$(cpu_ns ${PIDS[$nm]})
+    echo "$nm $gbps Gb/s, proxies' CPU s per GB $(python3 -c "print(round(($c1-$c0)/1e9/($gbps*${IPERF_SECS:-5}/8), 2))")"
+  done; done; exit 0
+fi
+if [[ -n ${STAT:-} ]]; then
+  for nm in $STAT; do pp=$(echo ${PIDS[$nm]} | tr ' ' ',')
+  pre_iperf $nm
+  perf stat -e task-clock,user_time,system_time,context-switches,cpu-migrations -p $pp -o /tmp/stat.$nm -- sleep 5 >/dev/null 2>&1 & sleep 0.3
+  python3 $here/rr.py ${HOST[$nm]} 10000 0; wait $!; echo "== $nm"; grep -E "clock|_time|switch|migr" /tmp/stat.$nm; done; exit 0
+fi
 if [[ -n ${PROF:-} ]]; then
   pp=$(echo ${PIDS[$PROF]} | tr ' ' ',')
   pre_iperf $PROF
-  perf record -q -F 2999 -g -o ${PERF_OUT:-/tmp/rr-perf.data} -p $pp -- sleep 6 >/dev/null 2>&1 & sleep 0.3
+  perf record -q -F ${PERF_FREQ:-2999} ${PERF_G:--g} -o ${PERF_OUT:-/tmp/rr-perf.data} -p $pp -- sleep 6 >/dev/null 2>&1 & sleep 0.3
   python3 $here/rr.py ${HOST[$PROF]} 30000 0; sleep 6; exit 0
 fi
 for it in $(seq $ITER); do for nm in "${names[@]}"; do
