@@ -2,6 +2,8 @@
 //! all of a gateway's traffic: the tunnel's UDP socket, quinn's endpoint and connection tasks,
 //! the ClusterSetIP listeners and every proxied connection. The rest of the gateway
 //! (discovery, the export exchange, DNS, admin) stays on the multi-thread runtime.
+//! `traffic.dataPlaneThreads` above 1 makes it a multi-thread runtime of that many workers
+//! instead, for many concurrent connections on a machine with cores to spare.
 //!
 //! Why: a packet passes three tasks (quinn's endpoint task, its connection task, the proxy
 //! task). On the multi-thread runtime they were spread over both workers, so packets woke the
@@ -29,15 +31,21 @@ pub struct DataThread {
 }
 
 impl DataThread {
-    /// Starts the thread (named `fedgate-data`) with its runtime.
-    pub fn start() -> anyhow::Result<Self> {
+    /// Starts the thread (named `fedgate-data`) with its runtime: a current-thread runtime
+    /// for `threads == 1`, else a multi-thread runtime of `threads` workers (the thread then
+    /// only waits for the stop).
+    pub fn start(threads: usize) -> anyhow::Result<Self> {
+        let mut builder = if threads > 1 {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(threads).thread_name("fedgate-data");
+            b
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+        };
         // Sockets and timers only: signals and child processes are the main runtime's (their
         // driver would check for orphaned children at every wake-up of this thread).
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .context("building the data-plane runtime")?;
+        let runtime =
+            builder.enable_io().enable_time().build().context("building the data-plane runtime")?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -77,7 +85,13 @@ mod tests {
 
     #[test]
     fn tasks_run_on_the_data_thread_and_drop_stops_it() {
-        let data = DataThread::start().expect("data thread");
+        for threads in [1, 3] {
+            runs_tasks_and_stops(threads);
+        }
+    }
+
+    fn runs_tasks_and_stops(threads: usize) {
+        let data = DataThread::start(threads).expect("data thread");
         let (tx, rx) = std::sync::mpsc::channel();
         data.handle().spawn(async move {
             tokio::time::sleep(Duration::from_millis(5)).await;

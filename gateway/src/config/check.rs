@@ -8,7 +8,8 @@ use fedgate_discovery::model::{LABEL_REGION, LABEL_SOURCE_CLUSTER, LABEL_ZONE};
 use ipnet::IpNet;
 
 use super::{
-    CaSource, ConfigError, FileInputs, FrontMode, Locator, MIN_CLUSTERSET_IPS, Sections, SourceKind,
+    CaSource, ConfigError, FileInputs, FrontMode, Locator, MAX_DATA_PLANE_THREADS,
+    MIN_CLUSTERSET_IPS, Sections, SourceKind,
 };
 use crate::certs::{self, CertInfo};
 
@@ -186,6 +187,15 @@ pub(crate) fn semantics(s: &Sections) -> Vec<(String, String)> {
         }
         if hc.healthy_threshold == 0 {
             err("traffic.healthCheck.healthyThreshold", "must be at least 1".to_owned());
+        }
+        if !(1..=MAX_DATA_PLANE_THREADS).contains(&traffic.data_plane_threads) {
+            err(
+                "traffic.dataPlaneThreads",
+                format!(
+                    "{} is out of range (1..={MAX_DATA_PLANE_THREADS})",
+                    traffic.data_plane_threads
+                ),
+            );
         }
     }
     out

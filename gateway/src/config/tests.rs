@@ -57,6 +57,7 @@ fn defaults_are_the_documented_constants() {
     assert_eq!(c.traffic.health_check.unhealthy_threshold, 2);
     assert_eq!(c.traffic.health_check.healthy_threshold, 1);
     assert_eq!(c.traffic.drain_duration, Duration::from_secs(45));
+    assert_eq!(c.traffic.data_plane_threads, 1);
 }
 
 #[test]
@@ -92,6 +93,7 @@ traffic:
     [ topology.kubernetes.io/region, multicluster.kubernetes.io/source-cluster, tier=gold ]
   healthCheck: { interval: 2s, timeout: 500ms, unhealthyThreshold: 3, healthyThreshold: 2 }
   drainDuration: 1m 30s
+  dataPlaneThreads: 4
 "#;
     let c = parse_ok(text);
     assert_eq!(c.cluster.clusterset, "demo");
@@ -123,6 +125,7 @@ traffic:
         PriorityLabel { key: "tier".into(), value: Some("gold".into()) }
     );
     assert_eq!(c.traffic.drain_duration, Duration::from_secs(90));
+    assert_eq!(c.traffic.data_plane_threads, 4);
     assert_eq!(c.spiffe_id(&c.cluster.id), "spiffe://demo/cluster/east");
     // The summary is one line of JSON naming the values in config spelling.
     let summary = c.redacted_summary();
@@ -238,6 +241,11 @@ fn every_error_class_names_file_line_column_and_path() {
             "timeout over interval",
             "cluster: { id: east }\npeers: []\ntraffic:\n  healthCheck: { interval: 1s, timeout: 2s }\n",
             &["east.yaml:4:41: traffic.healthCheck.timeout: 2s is longer than interval 1s"],
+        ),
+        (
+            "no data-plane thread",
+            "cluster: { id: east }\npeers: []\ntraffic: { dataPlaneThreads: 0 }\n",
+            &["east.yaml:3:30: traffic.dataPlaneThreads: 0 is out of range (1..=256)"],
         ),
         (
             "kube front without kube source",

@@ -50,6 +50,10 @@ pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 2;
 pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 1;
 /// The longest a draining gateway waits for open connections: 45 seconds.
 pub const DEFAULT_DRAIN_DURATION: Duration = Duration::from_secs(45);
+/// Threads that carry traffic when `traffic.dataPlaneThreads` is not set: one.
+pub const DEFAULT_DATA_PLANE_THREADS: usize = 1;
+/// The most `traffic.dataPlaneThreads` may ask for.
+pub const MAX_DATA_PLANE_THREADS: usize = 256;
 /// Directory of the file source, relative to the config file, when `discovery.file.dir` is
 /// not set: `clusters/<cluster.id>`.
 pub const DEFAULT_FILE_DIR_PARENT: &str = "clusters";
@@ -447,6 +451,9 @@ pub struct TrafficConfig {
     /// On shutdown, the longest time to wait for open connections to finish.
     #[serde(with = "duration")]
     pub drain_duration: Duration,
+    /// Threads that carry traffic (the tunnel's packet work, the listeners, the proxied
+    /// connections). 1: one thread, no hand-offs between threads; more: a pool of that many.
+    pub data_plane_threads: usize,
 }
 
 impl Default for TrafficConfig {
@@ -458,6 +465,7 @@ impl Default for TrafficConfig {
                 .collect(),
             health_check: HealthCheckConfig::default(),
             drain_duration: DEFAULT_DRAIN_DURATION,
+            data_plane_threads: DEFAULT_DATA_PLANE_THREADS,
         }
     }
 }
