@@ -3,14 +3,15 @@
 # loopback, in one invocation: 1 KB round trips (rr.py) through each path in ITER interleaved
 # rounds, printing per path the medians of p50 and p99, the proxies' CPU per round trip
 # (schedstat of every thread) and context switches per round trip.
-#   PAIRS="name=BINARY,MAX_UDP_PAYLOAD,ENV=VAL:ENV2=VAL ..."  one fedgate pair per entry
+#   PAIRS="name=BINARY,MAX_UDP_PAYLOAD,ENV=VAL:ENV2=VAL,DATA_PLANE_THREADS ..."  one fedgate
+#   pair per entry (empty fields: the defaults)
 #   PAIRS="old=/tmp/fedgate-old, new=target/release/fedgate," ITER=8 bench/tunnel/rr-compare.sh
 #   PAIRS="w1=target/release/fedgate,,TOKIO_WORKER_THREADS=1" bench/tunnel/rr-compare.sh
 #   PRE_IPERF=3  an iperf3 run of that many seconds through each path before its round trips
 #   SYSC="name ..."  instead: syscall counts (perf trace -s) of those paths over 10 000 round
 #                    trips, written to /tmp/sysc.NAME
 #   IPERF="name ..." instead: ITER interleaved iperf3 runs (IPERF_SECS, 5) through those paths,
-#                    printing Gb/s and the proxies' CPU seconds per GB
+#                    printing Gb/s and the proxies' CPU seconds per GB (IPERF_P streams, 1)
 #   STAT="name ..."  instead: perf stat (task clock, context switches, migrations) of those
 #                    paths around 10 000 round trips, written to /tmp/stat.NAME
 #   PROF=name        instead: perf record of that path over 30 000 round trips (PERF_OUT)
@@ -34,10 +35,10 @@ C=$work/certs; for c in a b; do cat "$C/$c.crt" "$C/$c.key" >"$C/$c.pem"; done
 declare -A HOST PIDS IP
 ids=(a b c d e f g h i j); n=0
 for spec in ${PAIRS:-base=$bin0,}; do
-  name=${spec%%=*}; rest=${spec#*=}; IFS=, read -r bin payload envs <<<"$rest"; bin=$(realpath "$bin")
+  name=${spec%%=*}; rest=${spec#*=}; IFS=, read -r bin payload envs threads <<<"$rest"; bin=$(realpath "$bin")
   a=${ids[$((2*n))]}; b=${ids[$((2*n+1))]}; ipa=127.0.0.$((50+2*n)); ipb=127.0.0.$((51+2*n))
   ta=$(free_udp); tb=$(free_udp)
-  gateway $a $ipa $ta $b $ipb $tb $((50+2*n)) "$payload"; gateway $b $ipb $tb $a $ipa $ta $((51+2*n)) "$payload"
+  gateway $a $ipa $ta $b $ipb $tb $((50+2*n)) "$payload" "$threads"; gateway $b $ipb $tb $a $ipa $ta $((51+2*n)) "$payload" "$threads"
   bench_export "$work/$b"
   PP=""; for g in $a $b; do (cd $work/$g && exec env ${envs//:/ } RUST_LOG=warn "$bin" run --config gateway.yaml) >$work/$g.log 2>&1 & pids+=($!); PP="$PP $!"; done
   adm=$(awk -F'"' '/^admin:/ {print $2}' $work/$a/gateway.yaml); VIP=""
@@ -94,7 +95,7 @@ fi
 if [[ -n ${IPERF:-} ]]; then
   for it in $(seq $ITER); do for nm in $IPERF; do set -- ${IP[$nm]}
     c0=$(cpu_ns ${PIDS[$nm]})
-    gbps=$(iperf3 -c $1 -p $2 -t ${IPERF_SECS:-5} -J | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9, 2))')
+    gbps=$(iperf3 -c $1 -p $2 -t ${IPERF_SECS:-5} -P ${IPERF_P:-1} -J | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9, 2))')
     c1=$(cpu_ns ${PIDS[$nm]})
     echo "$nm $gbps Gb/s, proxies' CPU s per GB $(python3 -c "print(round(($c1-$c0)/1e9/($gbps*${IPERF_SECS:-5}/8), 2))")"
   done; done; exit 0
