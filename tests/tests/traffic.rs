@@ -156,7 +156,9 @@ fn curl_through_alpha_reaches_bravo_local_wins_failover_and_back() -> Result<()>
 
 #[test]
 fn half_close_gets_reply_and_bulk_transfer_is_byte_exact() -> Result<()> {
-    let c = clusters("")?;
+    // alpha carries traffic on a pool of two data-plane threads, bravo on its default one:
+    // both ends of the tunnel and both local proxy paths are covered.
+    let c = clusters("traffic:\n  dataPlaneThreads: 2\n")?;
     let (net, a, b) = (&c.net, &c.a, &c.b);
     let _sink = net.server(&net.b, &["sink", B_BACKEND, "9000"])?;
     export(b, "demo", "sink", B_BACKEND, 9000)?;
