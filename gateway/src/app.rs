@@ -382,7 +382,7 @@ impl Bound {
         }
         // Joins the thread: its sockets are closed when `run` returns.
         drop(data);
-        served.map(drop).context("the data plane task panicked")
+        served.map(drop).context("the data plane task failed")
     }
 }
 

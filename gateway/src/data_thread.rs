@@ -9,9 +9,10 @@
 //! task). On the multi-thread runtime they were spread over both workers, so packets woke the
 //! other worker through a futex: 3.4 futex calls per proxied 1 KB round trip, 17.6 syscalls
 //! in all. On this thread the hand-offs are queue pushes: no futex calls, 13.8 syscalls, and
-//! iperf3 through the tunnel moves a GB with 7 % less CPU (docs/benchmarks.md, session 5).
-//! quinn drives each peer connection from one task anyway, so a second data thread would
-//! only bring the cross-thread hand-offs back.
+//! iperf3 through the tunnel moves a GB with 7–12 % less CPU (two measurements,
+//! docs/benchmarks.md, session 5). quinn drives each peer connection from one task anyway;
+//! on two cores a pool of two data-plane workers used more CPU per GB than the old shared
+//! runtime, hence one thread by default.
 
 use std::thread::JoinHandle;
 use std::time::Duration;
