@@ -358,6 +358,7 @@ impl Bound {
                 tracing::error!(error = %e, "dns server failed");
             }
         });
+        tasks.spawn(data.load().run(rest.clone()));
         let r = rest.clone();
         tasks.spawn(async move {
             if let Err(e) = admin.run(r).await {

@@ -23,6 +23,8 @@ use tokio::sync::oneshot;
 
 /// How long the thread waits for its tasks to finish dropping when the gateway stops.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often [`DataLoad::run`] samples the busy time into `fedgate_dataplane_busy_ratio`.
+pub const LOAD_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Owns the data-plane thread; dropping it stops the runtime and joins the thread.
 pub struct DataThread {
@@ -65,6 +67,54 @@ impl DataThread {
     pub fn handle(&self) -> &Handle {
         &self.handle
     }
+
+    /// The sampler of how busy the data-plane threads are.
+    pub fn load(&self) -> DataLoad {
+        DataLoad { handle: self.handle.clone() }
+    }
+}
+
+/// Reads the data-plane runtime's busy time (tokio's per-worker time spent polling tasks).
+#[derive(Clone, Debug)]
+pub struct DataLoad {
+    handle: Handle,
+}
+
+impl DataLoad {
+    /// Worker threads of the data-plane runtime.
+    pub fn threads(&self) -> usize {
+        self.handle.metrics().num_workers()
+    }
+
+    /// Time all its workers have spent running tasks since start.
+    pub fn busy(&self) -> Duration {
+        let metrics = self.handle.metrics();
+        (0..metrics.num_workers()).map(|w| metrics.worker_total_busy_duration(w)).sum()
+    }
+
+    /// Sets `fedgate_dataplane_busy_ratio` every [`LOAD_SAMPLE_INTERVAL`] until `stop`.
+    pub async fn run(self, stop: tokio_util::sync::CancellationToken) {
+        let threads = self.threads();
+        let mut tick = tokio::time::interval(LOAD_SAMPLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = (tokio::time::Instant::now(), self.busy());
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = (tokio::time::Instant::now(), self.busy());
+            let ratio = busy_ratio(now.1.saturating_sub(last.1), now.0 - last.0, threads);
+            crate::dataplane::metrics::set_dataplane_load(ratio, threads);
+            last = now;
+        }
+    }
+}
+
+/// Busy time over `wall` time of `threads` threads, between 0 and 1. Pure.
+pub fn busy_ratio(busy: Duration, wall: Duration, threads: usize) -> f64 {
+    let capacity = wall.as_secs_f64() * threads.max(1) as f64;
+    if capacity <= 0.0 { 0.0 } else { (busy.as_secs_f64() / capacity).clamp(0.0, 1.0) }
 }
 
 impl Drop for DataThread {
@@ -88,6 +138,43 @@ mod tests {
     fn tasks_run_on_the_data_thread_and_drop_stops_it() {
         for threads in [1, 3] {
             runs_tasks_and_stops(threads);
+        }
+    }
+
+    #[test]
+    fn busy_ratio_is_busy_time_over_the_threads_wall_time() {
+        let ms = Duration::from_millis;
+        for (busy, wall, threads, want) in [
+            (ms(0), ms(1000), 1, 0.0),
+            (ms(250), ms(1000), 1, 0.25),
+            (ms(1000), ms(1000), 2, 0.5),
+            (ms(1500), ms(1000), 1, 1.0), // a late sample: never above 1
+            (ms(10), ms(0), 1, 0.0),      // no time passed
+            (ms(500), ms(1000), 0, 0.5),  // no workers reported: counted as one
+        ] {
+            assert_eq!(busy_ratio(busy, wall, threads), want, "{busy:?} {wall:?} {threads}");
+        }
+    }
+
+    #[test]
+    fn load_counts_the_time_tasks_run() {
+        for threads in [1, 2] {
+            let data = DataThread::start(threads).expect("data thread");
+            let load = data.load();
+            assert_eq!(load.threads(), threads);
+            let before = load.busy();
+            data.handle().spawn(async {
+                let start = std::time::Instant::now();
+                while start.elapsed() < Duration::from_millis(30) {
+                    std::hint::spin_loop();
+                }
+            });
+            // tokio hands a worker's busy time over when the worker parks.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while load.busy() - before < Duration::from_millis(25) {
+                assert!(std::time::Instant::now() < deadline, "busy {:?}", load.busy() - before);
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
 

@@ -28,6 +28,8 @@ pub const CONNECT_DURATION_SECONDS: &str = "fedgate_connect_duration_seconds";
 pub const LISTENERS: &str = "fedgate_listeners";
 pub const LISTENER_BIND_ERRORS_TOTAL: &str = "fedgate_listener_bind_errors_total";
 pub const LISTENERS_FAILED: &str = "fedgate_listeners_failed";
+pub const DATAPLANE_BUSY_RATIO: &str = "fedgate_dataplane_busy_ratio";
+pub const DATAPLANE_THREADS: &str = "fedgate_dataplane_threads";
 
 /// Registers help text for every data-plane metric with the installed recorder. Call once
 /// after the composition root installed its recorder; recording works without it.
@@ -111,6 +113,13 @@ pub fn describe() {
         "ClusterSetIP and endpoint-VIP listeners that could not be bound and wait for a retry \
          with backoff (details on /debug/problems)."
     );
+    describe_gauge!(
+        DATAPLANE_BUSY_RATIO,
+        "Share of the data-plane threads' time spent running tasks over the last second \
+         (tunnel packets, listeners, proxied connections): 1 means saturated; raise \
+         traffic.dataPlaneThreads or give the gateway more CPU."
+    );
+    describe_gauge!(DATAPLANE_THREADS, "Threads that carry traffic (traffic.dataPlaneThreads).");
 }
 
 /// Records one proxied client connection when dropped: its result, byte counts and the
@@ -251,6 +260,11 @@ pub fn set_listeners_failed(n: usize) {
 
 pub fn record_bind_error() {
     counter!(LISTENER_BIND_ERRORS_TOTAL).increment(1);
+}
+
+pub fn set_dataplane_load(busy_ratio: f64, threads: usize) {
+    gauge!(DATAPLANE_BUSY_RATIO).set(busy_ratio);
+    gauge!(DATAPLANE_THREADS).set(threads as f64);
 }
 
 #[cfg(test)]
