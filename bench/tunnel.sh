@@ -189,31 +189,7 @@ wait_tcp "$S2" "$SE2" "stunnel server"
 # --- haproxy two-hop TLS (client certificate, verify required both ways) -------------------
 H1=127.0.0.41; H2=127.0.0.42
 HI1=$(free_tcp); HE1=$(free_tcp); HI2=$(free_tcp); HE2=$(free_tcp)
-haproxy_defaults='global
-  maxconn 1000
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 120s
-  timeout server 120s'
-cat >"$work/haproxy-client.cfg" <<CONF
-$haproxy_defaults
-listen iperf
-  bind $H1:$HI1
-  server s $H2:$HI2 ssl crt $C/a.pem ca-file $C/ca.crt verify required
-listen echo
-  bind $H1:$HE1
-  server s $H2:$HE2 ssl crt $C/a.pem ca-file $C/ca.crt verify required
-CONF
-cat >"$work/haproxy-server.cfg" <<CONF
-$haproxy_defaults
-listen iperf
-  bind $H2:$HI2 ssl crt $C/b.pem ca-file $C/ca.crt verify required
-  server s $SRV:$IPERF_PORT
-listen echo
-  bind $H2:$HE2 ssl crt $C/b.pem ca-file $C/ca.crt verify required
-  server s $SRV:$ECHO_PORT
-CONF
+haproxy_configs
 haproxy -db -f "$work/haproxy-server.cfg" >"$work/haproxy-server.log" 2>&1 & pids+=($!); PID_H2=$!
 haproxy -db -f "$work/haproxy-client.cfg" >"$work/haproxy-client.log" 2>&1 & pids+=($!); PID_H1=$!
 wait_tcp "$H1" "$HE1" "haproxy client"

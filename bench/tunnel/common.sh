@@ -1,5 +1,5 @@
 # Shared by bench/tunnel.sh and bench/tunnel/rr-compare.sh (sourced): free ports, a
-# gateway's config, and the exported bench Service. Uses the caller's $work (scratch dir), $C
+# gateway's config, the exported bench Service and the haproxy chain's two configs. Uses the caller's $work (scratch dir), $C
 # (certificates from `fedgate certs`), $SRV, $IPERF_PORT and $ECHO_PORT (the servers).
 
 free_tcp() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -48,4 +48,36 @@ apiVersion: multicluster.x-k8s.io/v1alpha1
 kind: ServiceExport
 metadata: { name: bench, namespace: bench }
 YAML
+}
+
+# haproxy_configs: the two-hop haproxy chain's configs, $work/haproxy-client.cfg (plain TCP on
+# $H1, TLS with client certificate a to $H2) and $work/haproxy-server.cfg (TLS on $H2 with
+# client certificates verified, plain TCP to the servers at $SRV), for the iperf and echo
+# ports ($HI1/$HI2, $HE1/$HE2).
+haproxy_configs() {
+  local defaults='global
+  maxconn 1000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s'
+  cat >"$work/haproxy-client.cfg" <<CONF
+$defaults
+listen iperf
+  bind $H1:$HI1
+  server s $H2:$HI2 ssl crt $C/a.pem ca-file $C/ca.crt verify required
+listen echo
+  bind $H1:$HE1
+  server s $H2:$HE2 ssl crt $C/a.pem ca-file $C/ca.crt verify required
+CONF
+  cat >"$work/haproxy-server.cfg" <<CONF
+$defaults
+listen iperf
+  bind $H2:$HI2 ssl crt $C/b.pem ca-file $C/ca.crt verify required
+  server s $SRV:$IPERF_PORT
+listen echo
+  bind $H2:$HE2 ssl crt $C/b.pem ca-file $C/ca.crt verify required
+  server s $SRV:$ECHO_PORT
+CONF
 }

@@ -49,23 +49,9 @@ for s in json.load(sys.stdin):
   HOST[$name]="$VIP $ECHO_PORT"; IP[$name]="$VIP $IPERF_PORT"; PIDS[$name]="$PP"; n=$((n+1))
 done
 H1=127.0.0.41; H2=127.0.0.42; HE1=$(free_tcp); HE2=$(free_tcp); HI1=$(free_tcp); HI2=$(free_tcp)
-cat >$work/h1.cfg <<CONF
-global
-  maxconn 1000
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 120s
-  timeout server 120s
-listen iperf
-  bind $H1:$HI1
-  server s $H2:$HI2 ssl crt $C/a.pem ca-file $C/ca.crt verify required
-listen echo
-  bind $H1:$HE1
-  server s $H2:$HE2 ssl crt $C/a.pem ca-file $C/ca.crt verify required
-CONF
-sed -e "s|bind $H1:$HE1|bind $H2:$HE2 ssl crt $C/b.pem ca-file $C/ca.crt verify required|" -e "s|server s $H2:$HE2.*|server s $SRV:$ECHO_PORT|" -e "s|bind $H1:$HI1|bind $H2:$HI2 ssl crt $C/b.pem ca-file $C/ca.crt verify required|" -e "s|server s $H2:$HI2.*|server s $SRV:$IPERF_PORT|" $work/h1.cfg >$work/h2.cfg
-haproxy -db -f $work/h2.cfg >/dev/null 2>&1 & pids+=($!); PIDS[haproxy]="$!"; haproxy -db -f $work/h1.cfg >/dev/null 2>&1 & pids+=($!); PIDS[haproxy]="${PIDS[haproxy]} $!"
+haproxy_configs
+haproxy -db -f $work/haproxy-server.cfg >/dev/null 2>&1 & pids+=($!); PIDS[haproxy]="$!"
+haproxy -db -f $work/haproxy-client.cfg >/dev/null 2>&1 & pids+=($!); PIDS[haproxy]="${PIDS[haproxy]} $!"
 sleep 1
 HOST[direct]="$SRV $ECHO_PORT"; PIDS[direct]="$$"; IP[direct]="$SRV $IPERF_PORT"
 HOST[haproxy]="$H1 $HE1"; IP[haproxy]="$H1 $HI1"

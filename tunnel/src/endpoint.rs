@@ -781,8 +781,7 @@ impl quinn::AsyncUdpSocket for TunnelSocket {
                 Ok(n)
             });
             match (r, short) {
-                (_, Some(n)) => return std::task::Poll::Ready(Ok(n)),
-                (Ok(n), None) => return std::task::Poll::Ready(Ok(n)),
+                (_, Some(n)) | (Ok(n), None) => return std::task::Poll::Ready(Ok(n)),
                 // As quinn's adapter: any error (EAGAIN, or one an ICMP message left on the
                 // socket) means waiting for the socket again.
                 (Err(_), None) => {}
