@@ -45,8 +45,8 @@ impl DataThread {
         } else {
             tokio::runtime::Builder::new_current_thread()
         };
-        // Sockets and timers only: signals and child processes are the main runtime's (their
-        // driver would check for orphaned children at every wake-up of this thread).
+        // Sockets and timers. (With tokio's `signal` and `process` features on, `enable_io`
+        // brings their drivers too; signals are still handled on the main runtime.)
         let runtime =
             builder.enable_io().enable_time().build().context("building the data-plane runtime")?;
         let handle = runtime.handle().clone();
