@@ -1110,10 +1110,18 @@ impl PeerTask {
             transport.initial_rtt(rtt);
             config.transport_config(Arc::new(transport));
         }
-        let connecting = self
-            .endpoint
-            .connect_with(config, addr, peer.as_str())
-            .map_err(|e| connect_err(e.to_string()))?;
+        // quinn instruments the connection's driver task with the span current at this call
+        // and enters it at every poll. Here that would be this task's `peer` span, which is
+        // enabled at the default `info` level, so every packet would pay the subscriber's
+        // enter, exit and filter calls. The call runs in a task of its own, outside any span,
+        // as accepted connections' calls do (docs/decisions.md, session 6).
+        let endpoint = self.endpoint.clone();
+        let server_name = peer.clone();
+        let connecting =
+            tokio::spawn(async move { endpoint.connect_with(config, addr, server_name.as_str()) })
+                .await
+                .map_err(|e| connect_err(format!("the dial task failed: {e}")))?
+                .map_err(|e| connect_err(e.to_string()))?;
         connecting.await.map_err(|source| match sink.take() {
             Some(reason) => TunnelError::PeerRejected { peer: peer.clone(), reason },
             None => TunnelError::Handshake { peer: peer.clone(), source },
