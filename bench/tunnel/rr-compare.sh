@@ -40,7 +40,7 @@ for spec in ${PAIRS:-base=$bin0,}; do
   ta=$(free_udp); tb=$(free_udp)
   gateway $a $ipa $ta $b $ipb $tb $((50+2*n)) "$payload" "$threads"; gateway $b $ipb $tb $a $ipa $ta $((51+2*n)) "$payload" "$threads"
   bench_export "$work/$b"
-  PP=""; for g in $a $b; do (cd $work/$g && exec env ${envs//:/ } RUST_LOG=warn "$bin" run --config gateway.yaml) >$work/$g.log 2>&1 & pids+=($!); PP="$PP $!"; done
+  PP=""; for g in $a $b; do (cd $work/$g && exec env RUST_LOG=warn ${envs//:/ } "$bin" run --config gateway.yaml) >$work/$g.log 2>&1 & pids+=($!); PP="$PP $!"; done
   adm=$(awk -F'"' '/^admin:/ {print $2}' $work/$a/gateway.yaml); VIP=""
   for _ in $(seq 150); do VIP=$(curl -sf http://$adm/debug/imports 2>/dev/null | python3 -c 'import json,sys
 for s in json.load(sys.stdin):
