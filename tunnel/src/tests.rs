@@ -926,3 +926,79 @@ async fn identity_files_reload_without_restart() {
     assert!(north.close_reason().is_none(), "north's connection outlived four reloads");
     west.stop().await;
 }
+
+/// Counts enters of spans named `peer` (the peer task's span).
+struct PeerSpanEnters(Arc<std::sync::atomic::AtomicUsize>);
+
+impl<S> tracing_subscriber::Layer<S> for PeerSpanEnters
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_enter(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if ctx.span(id).is_some_and(|span| span.name() == "peer") {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// quinn enters the span current at `connect_with` at every poll of the connection's driver,
+/// so the dial must not run inside the peer task's `info` span: round trips on a data stream
+/// of a dialed connection do not enter it (docs/decisions.md, session 6).
+#[tokio::test]
+async fn dialed_connection_driver_runs_outside_the_peer_span() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tracing_subscriber::layer::SubscriberExt;
+    const ROUNDS: usize = 200;
+
+    // A current-thread runtime: every task, quinn's drivers included, runs on this thread,
+    // under this thread's default subscriber (every span enabled).
+    let enters = Arc::new(AtomicUsize::new(0));
+    let _subscriber = tracing::subscriber::set_default(
+        tracing_subscriber::registry().with(PeerSpanEnters(enters.clone())),
+    );
+    let pki = TestPki::new("demo");
+    let lease = Duration::from_millis(1500);
+    // west accepts (higher id), east dials.
+    let mut west = start(&pki, "west", loopback(), &[("east", unused())], lease, 1);
+    let mut east = start(&pki, "east", loopback(), &[("west", west.address)], lease, 1);
+    east.wait_for("west reachable", |u| {
+        matches!(u, PeerUpdate::Reachability { cluster, reachable: true, .. } if cluster.as_str() == "west")
+    })
+    .await;
+    assert!(enters.load(Ordering::Relaxed) > 0, "the peer task's span is seen by the counter");
+
+    let (mut send, mut recv) = east.handle.open_stream(&west.id).await.expect("open stream");
+    send.write_all(b"x").await.expect("first byte");
+    let mut s =
+        tokio::time::timeout(WAIT, west.incoming.recv()).await.expect("in time").expect("stream");
+    let echo = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        let mut first = [0u8; 1];
+        s.recv.read_exact(&mut first).await.expect("first byte");
+        while let Some(n) = s.recv.read(&mut buf).await.expect("read") {
+            s.send.write_all(&buf[..n]).await.expect("echo");
+        }
+        s.send.finish().expect("finish");
+    });
+
+    let request = [7u8; 1024];
+    let mut reply = [0u8; 1024];
+    let before = enters.load(Ordering::Relaxed);
+    for _ in 0..ROUNDS {
+        send.write_all(&request).await.expect("request");
+        recv.read_exact(&mut reply).await.expect("reply");
+        assert_eq!(reply, request);
+    }
+    let during = enters.load(Ordering::Relaxed) - before;
+    // Heartbeats may wake the peer task a few times; a driver inside the span enters it at
+    // least once per packet (two or more per round trip).
+    assert!(
+        during < ROUNDS / 4,
+        "the peer span was entered {during} times in {ROUNDS} round trips"
+    );
+
+    send.finish().expect("finish");
+    tokio::time::timeout(WAIT, echo).await.expect("echo ends").expect("echo task");
+    east.stop().await;
+    west.stop().await;
+}
