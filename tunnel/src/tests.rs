@@ -951,7 +951,12 @@ async fn dialed_connection_driver_runs_outside_the_peer_span() {
     const ROUNDS: usize = 200;
 
     // A current-thread runtime: every task, quinn's drivers included, runs on this thread,
-    // under this thread's default subscriber (every span enabled).
+    // under this thread's default subscriber (every span enabled). While a single dispatcher
+    // exists, tracing-core decides a new callsite's interest by asking the default of the
+    // thread that first hits it: another test's thread (no subscriber) would cache the `peer`
+    // span as disabled for everyone. A second, idle dispatcher makes every callsite ask all
+    // live dispatchers.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
     let enters = Arc::new(AtomicUsize::new(0));
     let _subscriber = tracing::subscriber::set_default(
         tracing_subscriber::registry().with(PeerSpanEnters(enters.clone())),
