@@ -137,19 +137,29 @@ fn unused() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9))
 }
 
+/// Gateways west (accepts: higher id) and east (dials west) of `pki`, with that many exported
+/// services each, returned once east has seen west reachable.
+async fn connected_pair(
+    pki: &TestPki,
+    lease: Duration,
+    west_services: usize,
+    east_services: usize,
+) -> (Gateway, Gateway) {
+    let west = start(pki, "west", loopback(), &[("east", unused())], lease, west_services);
+    let mut east = start(pki, "east", loopback(), &[("west", west.address)], lease, east_services);
+    east.wait_for("west reachable", |u| {
+        matches!(u, PeerUpdate::Reachability { cluster, reachable: true, .. } if cluster.as_str() == "west")
+    })
+    .await;
+    (west, east)
+}
+
 #[tokio::test]
 async fn two_gateways_exchange_exports_streams_and_draining() {
     let pki = TestPki::new("demo");
     // Heartbeats every 500 ms; generous so a loaded CI machine does not miss a lease.
     let lease = Duration::from_millis(1500);
-    // west accepts (higher id), east dials.
-    let mut west = start(&pki, "west", loopback(), &[("east", unused())], lease, 3);
-    let mut east = start(&pki, "east", loopback(), &[("west", west.address)], lease, 2);
-
-    east.wait_for("west reachable", |u| {
-        matches!(u, PeerUpdate::Reachability { cluster, reachable: true, .. } if cluster.as_str() == "west")
-    })
-    .await;
+    let (mut west, mut east) = connected_pair(&pki, lease, 3, 2).await;
     let got = east.wait_exports("west", 1).await;
     assert_eq!(*got, export_set("west", 1, 3), "full sync east <- west");
     let at_west = west.wait_exports("east", 1).await;
@@ -962,14 +972,7 @@ async fn dialed_connection_driver_runs_outside_the_peer_span() {
         tracing_subscriber::registry().with(PeerSpanEnters(enters.clone())),
     );
     let pki = TestPki::new("demo");
-    let lease = Duration::from_millis(1500);
-    // west accepts (higher id), east dials.
-    let mut west = start(&pki, "west", loopback(), &[("east", unused())], lease, 1);
-    let mut east = start(&pki, "east", loopback(), &[("west", west.address)], lease, 1);
-    east.wait_for("west reachable", |u| {
-        matches!(u, PeerUpdate::Reachability { cluster, reachable: true, .. } if cluster.as_str() == "west")
-    })
-    .await;
+    let (mut west, east) = connected_pair(&pki, Duration::from_millis(1500), 1, 1).await;
     assert!(enters.load(Ordering::Relaxed) > 0, "the peer task's span is seen by the counter");
 
     let (mut send, mut recv) = east.handle.open_stream(&west.id).await.expect("open stream");
