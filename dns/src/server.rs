@@ -30,8 +30,8 @@ use crate::zone::ZoneWriter;
 const UDP_RECV_BUFFER: usize = 4 << 20;
 /// Responses queued per TCP connection inside hickory.
 const TCP_RESPONSE_BUFFER: usize = 32;
-/// How often a blocked UDP receive loop wakes up to check for shutdown.
-const UDP_POLL: Duration = Duration::from_millis(100);
+/// How long `run` waits, after shutdown, for the UDP receive threads to exit.
+const UDP_EXIT_WAIT: Duration = Duration::from_millis(400);
 /// Attempts to find a port free for both UDP and TCP when asked for port 0.
 const BIND_ATTEMPTS: usize = 16;
 
@@ -146,9 +146,9 @@ impl DnsServer {
         server.register_listener(tcp, self.settings.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
 
         // UDP receive loops are OS threads doing blocking I/O: for the fast path that is much
-        // cheaper per datagram than async readiness; slow-path work goes to the runtime.
+        // cheaper per datagram than async readiness; slow-path work goes to the runtime. They
+        // block without a timeout (an idle server never wakes up); shutdown wakes them.
         self.udp.set_nonblocking(false).map_err(|e| socket_err("udp", e))?;
-        self.udp.set_read_timeout(Some(UDP_POLL)).map_err(|e| socket_err("udp", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<io::Result<()>>();
         let worker = UdpWorker {
@@ -188,13 +188,15 @@ impl DnsServer {
             },
         };
         stop.store(true, Ordering::Relaxed);
+        wake_receivers(&worker.socket);
+        drop(worker);
         updater.abort();
         if let Err(error) = server.shutdown_gracefully().await {
             tracing::debug!(%error, "dns tcp server stopped with an error");
         }
-        // The loops notice `stop` within one poll interval.
+        // Every loop has been woken; each sends its exit (and drops its socket) at once.
         let _ =
-            tokio::time::timeout(UDP_POLL * 4, async { while exit_rx.recv().await.is_some() {} })
+            tokio::time::timeout(UDP_EXIT_WAIT, async { while exit_rx.recv().await.is_some() {} })
                 .await;
         tracing::info!(%address, "dns server stopped");
         result
@@ -238,6 +240,17 @@ async fn update_zones(
     Ok(())
 }
 
+/// Wakes every thread blocked receiving on `socket`. `shutdown(SHUT_RD)` marks the socket
+/// closed for reading and wakes its waiters even though a UDP socket is not connected (Linux
+/// then returns `ENOTCONN`, which is expected here); every receive after it returns at once.
+fn wake_receivers(socket: &std::net::UdpSocket) {
+    match socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Read) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+        Err(error) => tracing::warn!(%error, "dns udp socket: shutdown for reading failed"),
+    }
+}
+
 fn is_transient(e: &io::Error) -> bool {
     // ICMP errors of earlier sends surface on recv (ECONNREFUSED etc.): not the socket's fault.
     matches!(
@@ -271,10 +284,15 @@ impl UdpWorker {
         let mut buf = vec![0u8; 65_535];
         let mut key = Vec::with_capacity(256);
         let mut out = Vec::with_capacity(usize::from(wire::EDNS_PAYLOAD));
-        while !self.stop.load(Ordering::Relaxed) {
-            let (n, src) = match self.socket.recv_from(&mut buf) {
+        loop {
+            let received = self.socket.recv_from(&mut buf);
+            // After shutdown the receive returns at once, with 0 bytes or an error.
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let (n, src) = match received {
                 Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::TimedOut || is_transient(&e) => continue,
+                Err(e) if is_transient(&e) => continue,
                 Err(e) => return Err(e),
             };
             if src.port() == 0 {
@@ -292,7 +310,6 @@ impl UdpWorker {
             }
             self.slow(pkt, src, started);
         }
-        Ok(())
     }
 
     fn slow(&self, pkt: &[u8], src: SocketAddr, started: Instant) {
