@@ -16,6 +16,8 @@
 #                    paths around 10 000 round trips, written to /tmp/stat.NAME
 #   PROF=name        instead: perf record of that path over 30 000 round trips (PERF_OUT)
 #   SEQ="name ..."   instead: round trips before and after one iperf3 run, in sequence
+#   IDLE=SECONDS     instead: context switches per second of every path's threads (by thread
+#                    name, both proxies summed) over that many idle seconds
 # Needs haproxy, iperf3 and, for SYSC/PROF, perf (Debian: haproxy iperf3 linux-perf).
 set -euo pipefail
 ROUNDS=${ROUNDS:-10000}; ITER=${ITER:-5}
@@ -65,6 +67,17 @@ pre_iperf() {
   iperf3 -c $1 -p $2 -t $PRE_IPERF >/dev/null || echo "iperf3 through $1:$2 failed"
 }
 names=(direct haproxy); for spec in ${PAIRS:-base=}; do names+=(${spec%%=*}); done
+if [[ -n ${IDLE:-} ]]; then
+  sleep 3
+  snap() { local p f; for p in $(for nm in "${names[@]}"; do [[ $nm == direct ]] || echo ${PIDS[$nm]}; done); do
+    for f in /proc/$p/task/*; do echo "$p/${f##*/} $(tr ' ' _ <$f/comm) $(awk '/ctxt_switches/ {s+=$2} END {print s}' $f/status)"; done; done | sort; }
+  snap >$work/idle0; sleep $IDLE; snap >$work/idle1
+  for nm in "${names[@]}"; do [[ $nm == direct ]] && continue
+    for p in ${PIDS[$nm]}; do grep "^$p/" $work/idle0; done | sort >$work/i0
+    for p in ${PIDS[$nm]}; do grep "^$p/" $work/idle1; done | sort >$work/i1
+    join $work/i0 $work/i1 | awk -v n=$nm -v s=$IDLE '{t[$2]+=($5-$3)/s; all+=($5-$3)/s} END {printf "%-10s %6.1f wake-ups/s:", n, all; for (k in t) printf " %s %.1f", k, t[k]; print ""}'
+  done; exit 0
+fi
 if [[ -n ${SEQ:-} ]]; then
   for nm in $SEQ; do set -- ${IP[$nm]}
     for i in 1 2; do echo "$nm pre $(python3 $here/rr.py ${HOST[$nm]} 10000 500)"; done
