@@ -68,9 +68,17 @@ fn upstream_answer(req: &Message, udp: bool) -> Message {
 }
 
 async fn start_upstream() -> FakeUpstream {
-    let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream udp");
-    let addr = udp.local_addr().expect("addr");
-    let tcp = TcpListener::bind(addr).await.expect("bind upstream tcp");
+    // The port UDP gets may be taken for TCP (another test's connection): try another.
+    let mut attempts = 0;
+    let (udp, tcp, addr) = loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream udp");
+        let addr = udp.local_addr().expect("addr");
+        match TcpListener::bind(addr).await {
+            Ok(tcp) => break (udp, tcp, addr),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts < 16 => attempts += 1,
+            Err(e) => panic!("bind upstream tcp on {addr}: {e}"),
+        }
+    };
     let queries = Arc::new(AtomicUsize::new(0));
     let count = queries.clone();
     tokio::spawn(async move {
