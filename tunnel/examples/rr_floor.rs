@@ -1,0 +1,819 @@
+//! How much of a 1 KB request/response over the tunnel is quinn's async layer, and how much
+//! is QUIC itself. Five ways of doing the same round trips between two threads on loopback,
+//! in interleaved rounds, in one process:
+//!
+//! - `tunnel`: two real `TunnelEndpoint`s (quinn over tokio, mutual TLS with a `TestPki`),
+//!   each on a current-thread runtime of its own, as the gateway's data-plane thread runs
+//!   them. The echo task runs on west's runtime and the client on east's, so no extra
+//!   thread is involved; the stream is read with `read_chunks` and written with
+//!   `write_chunk`, as the proxy does.
+//! - `proto-tokio`: the same TLS configuration and quinn-proto state machine without quinn:
+//!   one task per side on a current-thread runtime feeds each datagram from a tokio UDP
+//!   socket into the connection, sends its transmits, and keeps one timer at its next
+//!   deadline. What a hand-written driver in the gateway would be.
+//! - `proto-udp`: `proto-tokio` with its datagrams going through quinn-udp, as quinn's do
+//!   (ECN, destination address and GRO control messages, `recvmmsg`/`sendmsg`). A real
+//!   driver needs them (ECN for congestion control, GRO and GSO for bulk transfer).
+//! - `proto`: the same driver without tokio: a blocking socket per thread (timers served at
+//!   a 2 ms receive timeout). The least a driver around quinn-proto could cost.
+//! - `udp`: the datagrams alone: a 1 KB UDP ping-pong between the two threads, no QUIC.
+//!
+//! `tunnel` − `proto-udp` is what quinn's tasks, channels and locks cost per round trip;
+//! `proto-udp` − `proto-tokio` is the control messages; `proto` − `udp` is QUIC itself
+//! (packet protection, frames, ACKs).
+//!
+//! Prints each round, then per mode the medians over the rounds of p50 and p99 latency and of
+//! the process's CPU per round trip (all threads, from `/proc/self/task/*/schedstat`), and the
+//! median per-round differences between neighbouring modes.
+//!
+//! ```text
+//! cargo run --release -p fedgate-tunnel --features test-util --example rr_floor -- 20 10000
+//! ```
+//! Arguments: rounds (default 10), round trips per round (default 10 000).
+
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::{Bytes, BytesMut};
+use fedgate_discovery::exchange::delta::testing::export_set;
+use fedgate_discovery::model::ClusterId;
+use fedgate_tunnel::testing::TestPki;
+use fedgate_tunnel::tls::{self, Credentials, RejectionSink};
+use fedgate_tunnel::{PeerConfig, TunnelEndpoint, TunnelSettings};
+use quinn::udp::{RecvMeta, UdpSocketState};
+use quinn_proto::{
+    ClientConfig, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, EndpointConfig, Event,
+    ServerConfig, StreamEvent, TransportConfig,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+const MSG: usize = 1024;
+const WARMUP: usize = 500;
+
+fn id(s: &str) -> anyhow::Result<ClusterId> {
+    ClusterId::new(s).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// CPU nanoseconds of every thread of this process so far.
+fn cpu_ns() -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
+        total += stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// One round's result: sorted latencies and CPU per round trip.
+struct Round {
+    lat: Vec<Duration>,
+    cpu_ns: u64,
+}
+
+impl Round {
+    fn pct(&self, p: f64) -> f64 {
+        let i = ((self.lat.len() as f64 * p).ceil() as usize).clamp(1, self.lat.len()) - 1;
+        self.lat[i].as_secs_f64() * 1e6
+    }
+}
+
+/// Runs `n` round trips with `one` (which does one and returns when the reply is in) after a
+/// warm-up, timing each.
+async fn measure(
+    n: usize,
+    mut one: impl AsyncFnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Round> {
+    for _ in 0..WARMUP {
+        one().await?;
+    }
+    let mut lat = Vec::with_capacity(n);
+    let cpu0 = cpu_ns()?;
+    for _ in 0..n {
+        let t = Instant::now();
+        one().await?;
+        lat.push(t.elapsed());
+    }
+    let cpu = cpu_ns()? - cpu0;
+    lat.sort();
+    Ok(Round { lat, cpu_ns: cpu / n as u64 })
+}
+
+/// A client whose round trips run on a runtime thread of its own (as the gateway's data-plane
+/// thread): asked for a round of `n` round trips, it measures them there and sends the result
+/// back.
+struct RemoteClient {
+    go: std_mpsc::SyncSender<usize>,
+    done: std_mpsc::Receiver<anyhow::Result<Round>>,
+}
+
+impl RemoteClient {
+    fn round(&self, n: usize) -> anyhow::Result<Round> {
+        self.go.send(n).context("client thread ended")?;
+        self.done.recv().context("client thread ended")?
+    }
+}
+
+/// Serves `RemoteClient` rounds with `one` until the client is dropped. Waiting for the next
+/// round blocks, so it happens on a blocking-pool thread; the round itself runs on this
+/// runtime's thread alone.
+async fn serve_rounds(
+    go: std_mpsc::Receiver<usize>,
+    done: std_mpsc::SyncSender<anyhow::Result<Round>>,
+    mut one: impl AsyncFnMut() -> anyhow::Result<()>,
+) {
+    let go = Arc::new(std::sync::Mutex::new(go));
+    loop {
+        let rx = go.clone();
+        let next = tokio::task::spawn_blocking(move || rx.lock().ok()?.recv().ok());
+        let Ok(Some(n)) = next.await else { return };
+        if done.send(measure(n, &mut one).await).is_err() {
+            return;
+        }
+    }
+}
+
+// ------------------------------------------------------------------ tunnel: quinn + tokio
+
+fn tunnel_pair(pki: &Arc<TestPki>, stop: &CancellationToken) -> anyhow::Result<RemoteClient> {
+    // west accepts and echoes on its own thread.
+    let (west_tx, west_rx) = std_mpsc::channel::<anyhow::Result<SocketAddr>>();
+    {
+        let pki = pki.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            let rt = match rt {
+                Ok(rt) => rt,
+                Err(e) => return drop(west_tx.send(Err(e.into()))),
+            };
+            rt.block_on(async move {
+                let made = (|| {
+                    let settings = TunnelSettings::new(
+                        "127.0.0.1:0".parse()?,
+                        pki.clusterset(),
+                        id("west")?,
+                        vec![PeerConfig { id: id("east")?, address: "127.0.0.1:9".into() }],
+                    );
+                    let (keep, exports) = watch::channel(Arc::new(export_set("west", 1, 1)));
+                    let (updates_tx, mut updates) = mpsc::channel(64);
+                    tokio::spawn(async move { while updates.recv().await.is_some() {} });
+                    let (incoming_tx, incoming) = mpsc::channel(4);
+                    let endpoint = TunnelEndpoint::new(
+                        settings,
+                        pki.issue("west"),
+                        exports,
+                        updates_tx,
+                        incoming_tx,
+                    )?;
+                    Ok::<_, anyhow::Error>((endpoint, incoming, keep))
+                })();
+                let (endpoint, mut incoming, _keep) = match made {
+                    Ok(x) => x,
+                    Err(e) => return drop(west_tx.send(Err(e))),
+                };
+                let _ = west_tx.send(Ok(endpoint.address()));
+                tokio::spawn(endpoint.run(stop.clone()));
+                // Echo every stream: chunks back as they come.
+                while let Some(mut stream) = incoming.recv().await {
+                    tokio::spawn(async move {
+                        let mut chunks: Vec<Bytes> = vec![Bytes::new(); 16];
+                        while let Ok(Some(n)) = stream.recv.read_chunks(&mut chunks).await {
+                            for c in chunks[..n].iter_mut() {
+                                if stream.send.write_chunk(std::mem::take(c)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+        });
+    }
+    let west = west_rx.recv().context("west thread died")??;
+
+    // east dials and runs the rounds on its own thread.
+    let (go_tx, go_rx) = std_mpsc::sync_channel::<usize>(1);
+    let (done_tx, done_rx) = std_mpsc::sync_channel::<anyhow::Result<Round>>(1);
+    let (ready_tx, ready_rx) = oneshot::channel::<anyhow::Result<()>>();
+    {
+        let pki = pki.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return drop(ready_tx.send(Err(e.into()))),
+            };
+            rt.block_on(async move {
+                let setup = async {
+                    let settings = TunnelSettings::new(
+                        "127.0.0.1:0".parse()?,
+                        pki.clusterset(),
+                        id("east")?,
+                        vec![PeerConfig { id: id("west")?, address: west.to_string() }],
+                    );
+                    let (keep, exports) = watch::channel(Arc::new(export_set("east", 1, 1)));
+                    let (updates_tx, mut updates) = mpsc::channel(64);
+                    tokio::spawn(async move { while updates.recv().await.is_some() {} });
+                    let (incoming_tx, _incoming) = mpsc::channel(4);
+                    let endpoint = TunnelEndpoint::new(
+                        settings,
+                        pki.issue("east"),
+                        exports,
+                        updates_tx,
+                        incoming_tx,
+                    )?;
+                    let handle = endpoint.handle();
+                    tokio::spawn(endpoint.run(stop.clone()));
+                    let west_id = id("west")?;
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while !handle.is_connected(&west_id) {
+                        anyhow::ensure!(Instant::now() < deadline, "east never connected");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let (send, recv) = handle.open_stream(&west_id).await?;
+                    Ok::<_, anyhow::Error>((send, recv, keep))
+                };
+                let (mut send, mut recv, _keep) = match setup.await {
+                    Ok(x) => x,
+                    Err(e) => return drop(ready_tx.send(Err(e))),
+                };
+                let _ = ready_tx.send(Ok(()));
+                let request = Bytes::from(vec![0x5a; MSG]);
+                let mut chunks: Vec<Bytes> = vec![Bytes::new(); 16];
+                serve_rounds(go_rx, done_tx, async || {
+                    send.write_chunk(request.clone()).await?;
+                    let mut got = 0;
+                    while got < MSG {
+                        let k = recv.read_chunks(&mut chunks).await?.context("stream ended")?;
+                        got += chunks[..k].iter().map(Bytes::len).sum::<usize>();
+                    }
+                    Ok(())
+                })
+                .await;
+            });
+        });
+    }
+    ready_rx.blocking_recv().context("east thread died")??;
+    Ok(RemoteClient { go: go_tx, done: done_rx })
+}
+
+// ------------------------------------------------------------------ proto: quinn-proto direct
+
+fn transport() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t
+}
+
+/// The QUIC state of one side, whatever drives its socket: a quinn-proto endpoint and its
+/// one connection and stream.
+struct Quic {
+    endpoint: quinn_proto::Endpoint,
+    server: Option<Arc<ServerConfig>>,
+    conn: Option<(ConnectionHandle, quinn_proto::Connection)>,
+    stream: Option<quinn_proto::StreamId>,
+    tx: Vec<u8>,
+}
+
+impl Quic {
+    fn new(server: Option<ServerConfig>) -> Self {
+        let server = server.map(Arc::new);
+        let endpoint = quinn_proto::Endpoint::new(
+            Arc::new(EndpointConfig::default()),
+            server.clone(),
+            false,
+            None,
+        );
+        Self { endpoint, server, conn: None, stream: None, tx: Vec::new() }
+    }
+
+    /// Feeds one received datagram in.
+    fn feed(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        meta: (Option<IpAddr>, Option<EcnCodepoint>),
+        data: &[u8],
+        send: &mut impl FnMut(&[u8], &quinn_proto::Transmit) -> io::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut resp = Vec::new();
+        let (local_ip, ecn) = meta;
+        match self.endpoint.handle(now, from, local_ip, ecn, BytesMut::from(data), &mut resp) {
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                match self.endpoint.accept(incoming, now, &mut resp, self.server.clone()) {
+                    Ok(c) => self.conn = Some(c),
+                    Err(e) => anyhow::bail!("accept: {}", e.cause),
+                }
+            }
+            Some(DatagramEvent::ConnectionEvent(_, ev)) => {
+                if let Some((_, conn)) = self.conn.as_mut() {
+                    conn.handle_event(ev);
+                }
+            }
+            Some(DatagramEvent::Response(t)) => send(&resp[..t.size], &t)?,
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn next_timeout(&mut self) -> Option<Instant> {
+        self.conn.as_mut().and_then(|(_, c)| c.poll_timeout())
+    }
+
+    fn on_timeout(&mut self, now: Instant) {
+        if let Some((_, conn)) = self.conn.as_mut()
+            && conn.poll_timeout().is_some_and(|t| t <= now)
+        {
+            conn.handle_timeout(now);
+        }
+    }
+
+    /// Sends everything the connection has to send.
+    fn flush(
+        &mut self,
+        send: &mut impl FnMut(&[u8], &quinn_proto::Transmit) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let Some((handle, conn)) = self.conn.as_mut() else { return Ok(()) };
+        let now = Instant::now();
+        loop {
+            self.tx.clear();
+            let Some(t) = conn.poll_transmit(now, 1, &mut self.tx) else { break };
+            send(&self.tx[..t.size], &t)?;
+        }
+        while let Some(ev) = conn.poll_endpoint_events() {
+            if let Some(ev) = self.endpoint.handle_event(*handle, ev) {
+                conn.handle_event(ev);
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends what the stream has to `out`; returns how many bytes (0 when none yet).
+    fn read(&mut self, out: &mut Vec<u8>) -> anyhow::Result<usize> {
+        let (Some((_, conn)), Some(id)) = (self.conn.as_mut(), self.stream) else { return Ok(0) };
+        let mut stream = conn.recv_stream(id);
+        let mut chunks = match stream.read(true) {
+            Ok(c) => c,
+            Err(e) => anyhow::bail!("read: {e}"),
+        };
+        let mut n = 0;
+        let result = loop {
+            match chunks.next(usize::MAX) {
+                Ok(Some(c)) => {
+                    n += c.bytes.len();
+                    out.extend_from_slice(&c.bytes);
+                }
+                Ok(None) | Err(quinn_proto::ReadError::Blocked) => break Ok(n),
+                Err(e) => break Err(anyhow::anyhow!("read: {e}")),
+            }
+        };
+        let _ = chunks.finalize();
+        result
+    }
+
+    fn write(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        let (Some((_, conn)), Some(id)) = (self.conn.as_mut(), self.stream) else {
+            anyhow::bail!("no stream")
+        };
+        let n = conn.send_stream(id).write(data).map_err(|e| anyhow::anyhow!("write: {e}"))?;
+        anyhow::ensure!(n == data.len(), "short write {n} of {}", data.len());
+        Ok(())
+    }
+
+    /// Handles application events (accepts the peer's stream); true once the handshake is done.
+    fn connected(&mut self) -> bool {
+        let Some((_, conn)) = self.conn.as_mut() else { return false };
+        while let Some(ev) = conn.poll() {
+            if let Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) = ev
+                && let Some(id) = conn.streams().accept(Dir::Bi)
+            {
+                self.stream = Some(id);
+            }
+        }
+        !conn.is_handshaking()
+    }
+
+    fn connect(&mut self, client: ClientConfig, to: SocketAddr) -> anyhow::Result<()> {
+        let c = self.endpoint.connect(Instant::now(), client, to, "west").context("connect")?;
+        self.conn = Some(c);
+        Ok(())
+    }
+
+    fn open(&mut self) -> anyhow::Result<()> {
+        let stream = self.conn.as_mut().and_then(|(_, c)| c.streams().open(Dir::Bi));
+        self.stream = Some(stream.context("no stream credit")?);
+        Ok(())
+    }
+}
+
+/// `proto`: a blocking socket per side; timers are served at each 2 ms receive timeout.
+struct StdSide {
+    sock: UdpSocket,
+    quic: Quic,
+    rx: Vec<u8>,
+}
+
+impl StdSide {
+    fn new(server: Option<ServerConfig>) -> io::Result<Self> {
+        let sock = UdpSocket::bind("127.0.0.1:0")?;
+        sock.set_read_timeout(Some(Duration::from_millis(2)))?;
+        Ok(Self { sock, quic: Quic::new(server), rx: vec![0; 65536] })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let sock = &self.sock;
+        self.quic.flush(&mut |b, t| sock.send_to(b, t.destination).map(drop))
+    }
+
+    fn turn(&mut self) -> anyhow::Result<()> {
+        let received = self.sock.recv_from(&mut self.rx);
+        let now = Instant::now();
+        match received {
+            Ok((n, from)) => {
+                let sock = &self.sock;
+                self.quic.feed(now, from, (None, None), &self.rx[..n], &mut |b, t| {
+                    sock.send_to(b, t.destination).map(drop)
+                })?;
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.quic.on_timeout(now);
+        Ok(())
+    }
+}
+
+/// `proto-tokio`: what a hand-written driver in the gateway would be: one task per side on a
+/// current-thread runtime, a tokio UDP socket and one timer reset to the connection's next
+/// deadline. With `udp_state` (`proto-udp`), datagrams go through quinn-udp as quinn's do
+/// (ECN, destination address and GRO control messages, `recvmmsg`); without it, plain
+/// `recv_from` / `send_to`. A send that would block drops the datagram (QUIC resends it;
+/// round trips of 1 KB never fill the socket buffer).
+struct TokioSide {
+    sock: tokio::net::UdpSocket,
+    udp_state: Option<UdpSocketState>,
+    quic: Quic,
+    rx: Vec<u8>,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl TokioSide {
+    fn new(server: Option<ServerConfig>, quinn_udp: bool) -> io::Result<Self> {
+        let std = UdpSocket::bind("127.0.0.1:0")?;
+        std.set_nonblocking(true)?;
+        let udp_state = quinn_udp.then(|| UdpSocketState::new((&std).into())).transpose()?;
+        Ok(Self {
+            sock: tokio::net::UdpSocket::from_std(std)?,
+            udp_state,
+            quic: Quic::new(server),
+            rx: vec![0; 65536],
+            timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+        })
+    }
+
+    fn send<'a>(
+        sock: &'a tokio::net::UdpSocket,
+        state: Option<&'a UdpSocketState>,
+    ) -> impl FnMut(&[u8], &quinn_proto::Transmit) -> io::Result<()> + 'a {
+        move |contents, t| {
+            let sent = match state {
+                Some(state) => sock.try_io(tokio::io::Interest::WRITABLE, || {
+                    state.send(
+                        sock.into(),
+                        &quinn::udp::Transmit {
+                            destination: t.destination,
+                            ecn: t.ecn.and_then(|e| quinn::udp::EcnCodepoint::from_bits(e as u8)),
+                            contents,
+                            segment_size: t.segment_size,
+                            src_ip: t.src_ip,
+                        },
+                    )
+                }),
+                None => sock.try_send_to(contents, t.destination).map(drop),
+            };
+            match sent {
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.quic.flush(&mut Self::send(&self.sock, self.udp_state.as_ref()))
+    }
+
+    async fn turn(&mut self) -> anyhow::Result<()> {
+        let deadline =
+            self.quic.next_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        if self.timer.deadline().into_std() != deadline {
+            self.timer.as_mut().reset(deadline.into());
+        }
+        let state = self.udp_state.as_ref();
+        let received = tokio::select! {
+            biased;
+            received = recv_datagram(&self.sock, state, &mut self.rx) => Some(received?),
+            () = self.timer.as_mut() => None,
+        };
+        let now = Instant::now();
+        if let Some((n, from, local_ip, ecn)) = received {
+            let send = &mut Self::send(&self.sock, self.udp_state.as_ref());
+            self.quic.feed(now, from, (local_ip, ecn), &self.rx[..n], send)?;
+        }
+        self.quic.on_timeout(now);
+        Ok(())
+    }
+}
+
+/// One datagram into `rx`: (bytes, source, destination address, ECN).
+async fn recv_datagram(
+    sock: &tokio::net::UdpSocket,
+    state: Option<&UdpSocketState>,
+    rx: &mut [u8],
+) -> io::Result<(usize, SocketAddr, Option<IpAddr>, Option<EcnCodepoint>)> {
+    let Some(state) = state else {
+        let (n, from) = sock.recv_from(rx).await?;
+        return Ok((n, from, None, None));
+    };
+    loop {
+        sock.readable().await?;
+        let mut meta = [RecvMeta::default()];
+        let got = sock.try_io(tokio::io::Interest::READABLE, || {
+            state.recv(sock.into(), &mut [IoSliceMut::new(rx)], &mut meta)
+        });
+        match got {
+            Ok(_) => {
+                let ecn = meta[0].ecn.and_then(|e| EcnCodepoint::from_bits(e as u8));
+                return Ok((meta[0].len, meta[0].addr, meta[0].dst_ip, ecn));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn proto_configs(pki: &TestPki) -> anyhow::Result<(ServerConfig, ClientConfig)> {
+    let sink = Arc::new(RejectionSink::new(true));
+    let west = Credentials::new(&pki.issue("west"), pki.clusterset(), &id("west")?)?;
+    let east = Credentials::new(&pki.issue("east"), pki.clusterset(), &id("east")?)?;
+    let mut server = ServerConfig::with_crypto(Arc::new(tls::server_crypto(
+        &west,
+        vec![id("east")?],
+        sink.clone(),
+    )?));
+    server.transport_config(Arc::new(transport()));
+    let mut client = ClientConfig::new(Arc::new(tls::client_crypto(&east, id("west")?, sink)?));
+    client.transport_config(Arc::new(transport()));
+    Ok((server, client))
+}
+
+struct ProtoClient {
+    side: StdSide,
+    request: Vec<u8>,
+    got: Vec<u8>,
+}
+
+impl ProtoClient {
+    fn one(&mut self) -> anyhow::Result<()> {
+        self.got.clear();
+        self.side.quic.write(&self.request)?;
+        self.side.flush()?;
+        while self.got.len() < MSG {
+            self.side.turn()?;
+            self.side.quic.read(&mut self.got)?;
+            self.side.flush()?;
+        }
+        Ok(())
+    }
+}
+
+fn proto_pair(pki: &TestPki, stop: &CancellationToken) -> anyhow::Result<ProtoClient> {
+    let (server, client) = proto_configs(pki)?;
+    // west: accepts, echoes whatever the stream brings, on its own thread.
+    let mut west = StdSide::new(Some(server))?;
+    let west_addr = west.sock.local_addr()?;
+    let stop = stop.clone();
+    std::thread::spawn(move || {
+        let mut buf = Vec::with_capacity(MSG * 4);
+        while !stop.is_cancelled() {
+            if west.turn().is_err() {
+                return;
+            }
+            let _ = west.quic.connected();
+            buf.clear();
+            if matches!(west.quic.read(&mut buf), Ok(n) if n > 0) && west.quic.write(&buf).is_err()
+            {
+                return;
+            }
+            if west.flush().is_err() {
+                return;
+            }
+        }
+    });
+    // east: dials, opens the stream; the round trips run on the caller's thread.
+    let mut east = StdSide::new(None)?;
+    east.quic.connect(client, west_addr)?;
+    east.flush()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !east.quic.connected() {
+        anyhow::ensure!(Instant::now() < deadline, "proto handshake did not finish");
+        east.turn()?;
+        east.flush()?;
+    }
+    east.quic.open()?;
+    Ok(ProtoClient { side: east, request: vec![0x5a; MSG], got: Vec::with_capacity(MSG * 4) })
+}
+
+/// `proto-tokio`: both sides on current-thread runtimes of their own threads; east measures
+/// each round there, like the `tunnel` client.
+fn proto_tokio_pair(
+    pki: &TestPki,
+    stop: &CancellationToken,
+    quinn_udp: bool,
+) -> anyhow::Result<RemoteClient> {
+    let (server, client) = proto_configs(pki)?;
+    let (addr_tx, addr_rx) = std_mpsc::channel::<anyhow::Result<SocketAddr>>();
+    let stop_west = stop.clone();
+    std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => return drop(addr_tx.send(Err(e.into()))),
+        };
+        rt.block_on(async move {
+            let mut west = match TokioSide::new(Some(server), quinn_udp) {
+                Ok(w) => w,
+                Err(e) => return drop(addr_tx.send(Err(e.into()))),
+            };
+            let _ = addr_tx.send(west.sock.local_addr().map_err(Into::into));
+            let mut buf = Vec::with_capacity(MSG * 4);
+            while !stop_west.is_cancelled() {
+                if west.turn().await.is_err() {
+                    return;
+                }
+                let _ = west.quic.connected();
+                buf.clear();
+                if matches!(west.quic.read(&mut buf), Ok(n) if n > 0)
+                    && west.quic.write(&buf).is_err()
+                {
+                    return;
+                }
+                if west.flush().is_err() {
+                    return;
+                }
+            }
+        });
+    });
+    let west_addr = addr_rx.recv().context("west thread died")??;
+
+    let (go_tx, go_rx) = std_mpsc::sync_channel::<usize>(1);
+    let (done_tx, done_rx) = std_mpsc::sync_channel::<anyhow::Result<Round>>(1);
+    let (ready_tx, ready_rx) = std_mpsc::channel::<anyhow::Result<()>>();
+    std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => return drop(ready_tx.send(Err(e.into()))),
+        };
+        rt.block_on(async move {
+            let setup = async {
+                let mut east = TokioSide::new(None, quinn_udp)?;
+                east.quic.connect(client, west_addr)?;
+                east.flush()?;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !east.quic.connected() {
+                    anyhow::ensure!(Instant::now() < deadline, "proto handshake did not finish");
+                    tokio::time::timeout(Duration::from_millis(50), east.turn()).await.ok();
+                    east.flush()?;
+                }
+                east.quic.open()?;
+                Ok::<_, anyhow::Error>(east)
+            };
+            let mut east = match setup.await {
+                Ok(e) => e,
+                Err(e) => return drop(ready_tx.send(Err(e))),
+            };
+            let _ = ready_tx.send(Ok(()));
+            let request = vec![0x5a; MSG];
+            let mut got = Vec::with_capacity(MSG * 4);
+            serve_rounds(go_rx, done_tx, async || {
+                got.clear();
+                east.quic.write(&request)?;
+                east.flush()?;
+                while got.len() < MSG {
+                    east.turn().await?;
+                    east.quic.read(&mut got)?;
+                    east.flush()?;
+                }
+                Ok(())
+            })
+            .await;
+        });
+    });
+    ready_rx.recv().context("east thread died")??;
+    Ok(RemoteClient { go: go_tx, done: done_rx })
+}
+
+// ------------------------------------------------------------------ udp: datagrams only
+
+fn udp_pair(stop: &CancellationToken) -> anyhow::Result<(UdpSocket, SocketAddr)> {
+    let server = UdpSocket::bind("127.0.0.1:0")?;
+    server.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let addr = server.local_addr()?;
+    let stop = stop.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stop.is_cancelled() {
+            if let Ok((n, from)) = server.recv_from(&mut buf) {
+                let _ = server.send_to(&buf[..n], from);
+            }
+        }
+    });
+    let client = UdpSocket::bind("127.0.0.1:0")?;
+    client.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok((client, addr))
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let rounds: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(10);
+    let n: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(10_000);
+    let pki = Arc::new(TestPki::new("floor"));
+    let stop = CancellationToken::new();
+
+    let tunnel = tunnel_pair(&pki, &stop)?;
+    let mut proto = proto_pair(&pki, &stop)?;
+    let proto_tokio = proto_tokio_pair(&pki, &stop, false)?;
+    let proto_udp = proto_tokio_pair(&pki, &stop, true)?;
+    let (udp, udp_server) = udp_pair(&stop)?;
+    let request = [0x5au8; MSG];
+    let mut reply = [0u8; 2048];
+    // Runs the blocking modes' rounds on this thread (their futures never wait).
+    let local = tokio::runtime::Builder::new_current_thread().build()?;
+
+    let names = ["udp", "proto", "proto-tokio", "proto-udp", "tunnel"];
+    let mut results: Vec<Vec<Round>> = names.iter().map(|_| Vec::new()).collect();
+    for r in 0..rounds {
+        for (i, name) in names.iter().enumerate() {
+            let round = match *name {
+                "udp" => local.block_on(measure(n, async || {
+                    udp.send_to(&request, udp_server)?;
+                    let (got, _) = udp.recv_from(&mut reply)?;
+                    anyhow::ensure!(got == MSG, "udp echo of {got} bytes");
+                    Ok(())
+                }))?,
+                "proto" => local.block_on(measure(n, async || proto.one()))?,
+                "proto-tokio" => proto_tokio.round(n)?,
+                "proto-udp" => proto_udp.round(n)?,
+                _ => tunnel.round(n)?,
+            };
+            println!(
+                "round {} {name:7} p50 {:6.1} us  p99 {:6.1} us  CPU {:5.1} us per round trip",
+                r + 1,
+                round.pct(0.50),
+                round.pct(0.99),
+                round.cpu_ns as f64 / 1e3
+            );
+            results[i].push(round);
+        }
+    }
+    stop.cancel();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("\n| mode | p50 µs | p99 µs | CPU µs per round trip (whole process) |");
+    println!("|---|---:|---:|---:|");
+    for (name, rounds) in names.iter().zip(&results) {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} |",
+            median(rounds.iter().map(|r| r.pct(0.50)).collect()),
+            median(rounds.iter().map(|r| r.pct(0.99)).collect()),
+            median(rounds.iter().map(|r| r.cpu_ns as f64 / 1e3).collect()),
+        );
+    }
+    println!(
+        "({rounds} interleaved rounds of {n} round trips of {MSG} B after {WARMUP} warm-up; medians)"
+    );
+    // Each pair of neighbours compared round by round (same moment on the machine).
+    println!("\n| difference | p50 µs | p99 µs | CPU µs | rounds with more CPU |");
+    println!("|---|---:|---:|---:|---:|");
+    for w in (0..names.len()).collect::<Vec<_>>().windows(2).rev() {
+        let (low, high) = (&results[w[0]], &results[w[1]]);
+        let diff = |f: &dyn Fn(&Round) -> f64| {
+            median(high.iter().zip(low).map(|(h, l)| f(h) - f(l)).collect())
+        };
+        let more = high.iter().zip(low).filter(|(h, l)| h.cpu_ns > l.cpu_ns).count();
+        println!(
+            "| {} − {} | {:+.1} | {:+.1} | {:+.1} | {more} of {rounds} |",
+            names[w[1]],
+            names[w[0]],
+            diff(&|r| r.pct(0.50)),
+            diff(&|r| r.pct(0.99)),
+            diff(&|r| r.cpu_ns as f64 / 1e3),
+        );
+    }
+    Ok(())
+}
