@@ -11,9 +11,10 @@
 //!   one task per side on a current-thread runtime feeds each datagram from a tokio UDP
 //!   socket into the connection, sends its transmits, and keeps one timer at its next
 //!   deadline. What a hand-written driver in the gateway would be.
-//! - `proto-udp`: `proto-tokio` with its datagrams going through quinn-udp, as quinn's do
-//!   (ECN, destination address and GRO control messages, `recvmmsg`/`sendmsg`). A real
-//!   driver needs them (ECN for congestion control, GRO and GSO for bulk transfer).
+//! - `proto-udp`: `proto-tokio` with its datagrams going through quinn-udp, as the gateway's
+//!   `TunnelSocket` does (ECN, destination address and GRO control messages, `recvmmsg` /
+//!   `sendmsg`, readiness cleared by a short batch). A real driver needs them (ECN for
+//!   congestion control, GRO and GSO for bulk transfer).
 //! - `proto`: the same driver without tokio: a blocking socket per thread (timers served at
 //!   a 2 ms receive timeout). The least a driver around quinn-proto could cost.
 //! - `udp`: the datagrams alone: a 1 KB UDP ping-pong between the two threads, no QUIC.
@@ -514,44 +515,64 @@ impl TokioSide {
             self.timer.as_mut().reset(deadline.into());
         }
         let state = self.udp_state.as_ref();
+        let mut meta = [RecvMeta::default(); SLOTS];
         let received = tokio::select! {
             biased;
-            received = recv_datagram(&self.sock, state, &mut self.rx) => Some(received?),
-            () = self.timer.as_mut() => None,
+            n = recv_datagrams(&self.sock, state, &mut self.rx, &mut meta) => n?,
+            () = self.timer.as_mut() => 0,
         };
         let now = Instant::now();
-        if let Some((n, from, local_ip, ecn)) = received {
-            let send = &mut Self::send(&self.sock, self.udp_state.as_ref());
-            self.quic.feed(now, from, (local_ip, ecn), &self.rx[..n], send)?;
+        let slot = self.rx.len() / SLOTS;
+        let send = &mut Self::send(&self.sock, self.udp_state.as_ref());
+        for (m, data) in meta.iter().zip(self.rx.chunks(slot)).take(received) {
+            let ecn = m.ecn.and_then(|e| EcnCodepoint::from_bits(e as u8));
+            // With GRO one slot holds several datagrams, `stride` bytes apart.
+            for datagram in data[..m.len].chunks(m.stride.max(1)) {
+                self.quic.feed(now, m.addr, (m.dst_ip, ecn), datagram, send)?;
+            }
         }
         self.quic.on_timeout(now);
         Ok(())
     }
 }
 
-/// One datagram into `rx`: (bytes, source, destination address, ECN).
-async fn recv_datagram(
+/// Slots per receive: the data lands in the two halves of `rx`.
+const SLOTS: usize = 2;
+
+/// Receives into the slots of `rx`; returns how many slots were filled (their metadata in
+/// `meta`). With quinn-udp it does what the gateway's `TunnelSocket` does: a batch that
+/// leaves a slot empty drained the socket, so its readiness is cleared at once instead of
+/// after one more `recvmmsg` returning `EAGAIN`. The plain mode reads one datagram with
+/// `recv_from` and pays that extra call.
+async fn recv_datagrams(
     sock: &tokio::net::UdpSocket,
     state: Option<&UdpSocketState>,
     rx: &mut [u8],
-) -> io::Result<(usize, SocketAddr, Option<IpAddr>, Option<EcnCodepoint>)> {
+    meta: &mut [RecvMeta; SLOTS],
+) -> io::Result<usize> {
     let Some(state) = state else {
-        let (n, from) = sock.recv_from(rx).await?;
-        return Ok((n, from, None, None));
+        let (len, addr) = sock.recv_from(rx).await?;
+        meta[0] = RecvMeta { addr, len, stride: len, ..RecvMeta::default() };
+        return Ok(1);
     };
+    let slot = rx.len() / SLOTS;
     loop {
         sock.readable().await?;
-        let mut meta = [RecvMeta::default()];
+        let (first, second) = rx.split_at_mut(slot);
+        let mut bufs = [IoSliceMut::new(first), IoSliceMut::new(&mut second[..slot])];
+        let mut short = None;
         let got = sock.try_io(tokio::io::Interest::READABLE, || {
-            state.recv(sock.into(), &mut [IoSliceMut::new(rx)], &mut meta)
-        });
-        match got {
-            Ok(_) => {
-                let ecn = meta[0].ecn.and_then(|e| EcnCodepoint::from_bits(e as u8));
-                return Ok((meta[0].len, meta[0].addr, meta[0].dst_ip, ecn));
+            let n = state.recv(sock.into(), &mut bufs, meta)?;
+            if n < SLOTS {
+                short = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Ok(n)
+        });
+        match (got, short) {
+            (_, Some(n)) | (Ok(n), None) => return Ok(n),
+            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => {}
+            (Err(e), None) => return Err(e),
         }
     }
 }
