@@ -30,7 +30,8 @@
 //! ```text
 //! cargo run --release -p fedgate-tunnel --features test-util --example rr_floor -- 20 10000
 //! ```
-//! Arguments: rounds (default 10), round trips per round (default 10 000).
+//! Arguments: rounds (default 10), round trips per round (default 10 000), and the modes to
+//! run, comma-separated (default all; one mode alone is what to profile).
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -761,6 +762,16 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(10);
     let n: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(10_000);
+    let all = ["udp", "proto", "proto-tokio", "proto-udp", "tunnel"];
+    let names: Vec<&str> = match args.next() {
+        Some(list) => {
+            let picked: Vec<&str> =
+                all.iter().copied().filter(|m| list.split(',').any(|p| p == *m)).collect();
+            anyhow::ensure!(!picked.is_empty(), "no known mode in {list:?}; modes: {all:?}");
+            picked
+        }
+        None => all.to_vec(),
+    };
     let pki = Arc::new(TestPki::new("floor"));
     let stop = CancellationToken::new();
 
@@ -774,7 +785,6 @@ fn main() -> anyhow::Result<()> {
     // Runs the blocking modes' rounds on this thread (their futures never wait).
     let local = tokio::runtime::Builder::new_current_thread().build()?;
 
-    let names = ["udp", "proto", "proto-tokio", "proto-udp", "tunnel"];
     let mut results: Vec<Vec<Round>> = names.iter().map(|_| Vec::new()).collect();
     for r in 0..rounds {
         for (i, name) in names.iter().enumerate() {
