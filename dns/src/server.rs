@@ -187,7 +187,7 @@ impl DnsServer {
                 Err(source) => Err(socket_err("udp", source)),
             },
         };
-        stop.store(true, Ordering::Relaxed);
+        stop.store(true, Ordering::Release);
         wake_receivers(&worker.socket);
         drop(worker);
         updater.abort();
@@ -287,7 +287,7 @@ impl UdpWorker {
         loop {
             let received = self.socket.recv_from(&mut buf);
             // After shutdown the receive returns at once, with 0 bytes or an error.
-            if self.stop.load(Ordering::Relaxed) {
+            if self.stop.load(Ordering::Acquire) {
                 return Ok(());
             }
             let (n, src) = match received {
