@@ -33,6 +33,7 @@
 //! Arguments: rounds (default 10), round trips per round (default 10 000), and the modes to
 //! run, comma-separated (default all; one mode alone is what to profile).
 
+use std::future::Future;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -42,16 +43,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use fedgate_discovery::exchange::delta::testing::export_set;
-use fedgate_discovery::model::ClusterId;
+use fedgate_discovery::model::{ClusterId, ExportSet};
 use fedgate_tunnel::testing::TestPki;
 use fedgate_tunnel::tls::{self, Credentials, RejectionSink};
-use fedgate_tunnel::{PeerConfig, TunnelEndpoint, TunnelSettings};
+use fedgate_tunnel::{IncomingStream, PeerConfig, TunnelEndpoint, TunnelSettings};
 use quinn::udp::{RecvMeta, UdpSocketState};
 use quinn_proto::{
     ClientConfig, ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, EndpointConfig, Event,
     ServerConfig, StreamEvent, TransportConfig,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 const MSG: usize = 1024;
@@ -139,128 +140,109 @@ async fn serve_rounds(
     }
 }
 
+/// Runs `body` on a current-thread runtime on a thread of its own, as the gateway runs its
+/// data plane. The runtime is built here, so failing to build it is the caller's error.
+fn runtime_thread<F: Future<Output = ()> + 'static>(
+    body: impl FnOnce() -> F + Send + 'static,
+) -> io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::spawn(move || runtime.block_on(body()));
+    Ok(())
+}
+
 // ------------------------------------------------------------------ tunnel: quinn + tokio
+
+/// Gateway `me`'s tunnel endpoint with the one peer `peer` at `peer_address`, on the current
+/// runtime. Also returns its incoming streams and the exports sender, which must stay alive.
+fn tunnel_endpoint(
+    pki: &TestPki,
+    me: &str,
+    peer: &str,
+    peer_address: String,
+) -> anyhow::Result<(TunnelEndpoint, mpsc::Receiver<IncomingStream>, watch::Sender<Arc<ExportSet>>)>
+{
+    let settings = TunnelSettings::new(
+        "127.0.0.1:0".parse()?,
+        pki.clusterset(),
+        id(me)?,
+        vec![PeerConfig { id: id(peer)?, address: peer_address }],
+    );
+    let (keep, exports) = watch::channel(Arc::new(export_set(me, 1, 1)));
+    let (updates_tx, mut updates) = mpsc::channel(64);
+    tokio::spawn(async move { while updates.recv().await.is_some() {} });
+    let (incoming_tx, incoming) = mpsc::channel(4);
+    let endpoint = TunnelEndpoint::new(settings, pki.issue(me), exports, updates_tx, incoming_tx)?;
+    Ok((endpoint, incoming, keep))
+}
 
 fn tunnel_pair(pki: &Arc<TestPki>, stop: &CancellationToken) -> anyhow::Result<RemoteClient> {
     // west accepts and echoes on its own thread.
     let (west_tx, west_rx) = std_mpsc::channel::<anyhow::Result<SocketAddr>>();
-    {
-        let pki = pki.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
-            let rt = match rt {
-                Ok(rt) => rt,
-                Err(e) => return drop(west_tx.send(Err(e.into()))),
-            };
-            rt.block_on(async move {
-                let made = (|| {
-                    let settings = TunnelSettings::new(
-                        "127.0.0.1:0".parse()?,
-                        pki.clusterset(),
-                        id("west")?,
-                        vec![PeerConfig { id: id("east")?, address: "127.0.0.1:9".into() }],
-                    );
-                    let (keep, exports) = watch::channel(Arc::new(export_set("west", 1, 1)));
-                    let (updates_tx, mut updates) = mpsc::channel(64);
-                    tokio::spawn(async move { while updates.recv().await.is_some() {} });
-                    let (incoming_tx, incoming) = mpsc::channel(4);
-                    let endpoint = TunnelEndpoint::new(
-                        settings,
-                        pki.issue("west"),
-                        exports,
-                        updates_tx,
-                        incoming_tx,
-                    )?;
-                    Ok::<_, anyhow::Error>((endpoint, incoming, keep))
-                })();
-                let (endpoint, mut incoming, _keep) = match made {
-                    Ok(x) => x,
-                    Err(e) => return drop(west_tx.send(Err(e))),
-                };
-                let _ = west_tx.send(Ok(endpoint.address()));
-                tokio::spawn(endpoint.run(stop.clone()));
-                // Echo every stream: chunks back as they come.
-                while let Some(mut stream) = incoming.recv().await {
-                    tokio::spawn(async move {
-                        let mut chunks: Vec<Bytes> = vec![Bytes::new(); 16];
-                        while let Ok(Some(n)) = stream.recv.read_chunks(&mut chunks).await {
-                            for c in chunks[..n].iter_mut() {
-                                if stream.send.write_chunk(std::mem::take(c)).await.is_err() {
-                                    return;
-                                }
-                            }
+    let (pki_west, stop_west) = (pki.clone(), stop.clone());
+    runtime_thread(move || async move {
+        // west's own peer address is never dialed.
+        let made = tunnel_endpoint(&pki_west, "west", "east", "127.0.0.1:9".into());
+        let (endpoint, mut incoming, _keep) = match made {
+            Ok(x) => x,
+            Err(e) => return drop(west_tx.send(Err(e))),
+        };
+        let _ = west_tx.send(Ok(endpoint.address()));
+        tokio::spawn(endpoint.run(stop_west));
+        // Echo every stream: chunks back as they come.
+        while let Some(mut stream) = incoming.recv().await {
+            tokio::spawn(async move {
+                let mut chunks: Vec<Bytes> = vec![Bytes::new(); 16];
+                while let Ok(Some(n)) = stream.recv.read_chunks(&mut chunks).await {
+                    for c in chunks[..n].iter_mut() {
+                        if stream.send.write_chunk(std::mem::take(c)).await.is_err() {
+                            return;
                         }
-                    });
+                    }
                 }
             });
-        });
-    }
+        }
+    })?;
     let west = west_rx.recv().context("west thread died")??;
 
     // east dials and runs the rounds on its own thread.
     let (go_tx, go_rx) = std_mpsc::sync_channel::<usize>(1);
     let (done_tx, done_rx) = std_mpsc::sync_channel::<anyhow::Result<Round>>(1);
-    let (ready_tx, ready_rx) = oneshot::channel::<anyhow::Result<()>>();
-    {
-        let pki = pki.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => return drop(ready_tx.send(Err(e.into()))),
-            };
-            rt.block_on(async move {
-                let setup = async {
-                    let settings = TunnelSettings::new(
-                        "127.0.0.1:0".parse()?,
-                        pki.clusterset(),
-                        id("east")?,
-                        vec![PeerConfig { id: id("west")?, address: west.to_string() }],
-                    );
-                    let (keep, exports) = watch::channel(Arc::new(export_set("east", 1, 1)));
-                    let (updates_tx, mut updates) = mpsc::channel(64);
-                    tokio::spawn(async move { while updates.recv().await.is_some() {} });
-                    let (incoming_tx, _incoming) = mpsc::channel(4);
-                    let endpoint = TunnelEndpoint::new(
-                        settings,
-                        pki.issue("east"),
-                        exports,
-                        updates_tx,
-                        incoming_tx,
-                    )?;
-                    let handle = endpoint.handle();
-                    tokio::spawn(endpoint.run(stop.clone()));
-                    let west_id = id("west")?;
-                    let deadline = Instant::now() + Duration::from_secs(10);
-                    while !handle.is_connected(&west_id) {
-                        anyhow::ensure!(Instant::now() < deadline, "east never connected");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    let (send, recv) = handle.open_stream(&west_id).await?;
-                    Ok::<_, anyhow::Error>((send, recv, keep))
-                };
-                let (mut send, mut recv, _keep) = match setup.await {
-                    Ok(x) => x,
-                    Err(e) => return drop(ready_tx.send(Err(e))),
-                };
-                let _ = ready_tx.send(Ok(()));
-                let request = Bytes::from(vec![0x5a; MSG]);
-                let mut chunks: Vec<Bytes> = vec![Bytes::new(); 16];
-                serve_rounds(go_rx, done_tx, async || {
-                    send.write_chunk(request.clone()).await?;
-                    let mut got = 0;
-                    while got < MSG {
-                        let k = recv.read_chunks(&mut chunks).await?.context("stream ended")?;
-                        got += chunks[..k].iter().map(Bytes::len).sum::<usize>();
-                    }
-                    Ok(())
-                })
-                .await;
-            });
-        });
-    }
-    ready_rx.blocking_recv().context("east thread died")??;
+    let (ready_tx, ready_rx) = std_mpsc::channel::<anyhow::Result<()>>();
+    let (pki, stop) = (pki.clone(), stop.clone());
+    runtime_thread(move || async move {
+        let setup = async {
+            let (endpoint, _incoming, keep) =
+                tunnel_endpoint(&pki, "east", "west", west.to_string())?;
+            let handle = endpoint.handle();
+            tokio::spawn(endpoint.run(stop));
+            let west_id = id("west")?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !handle.is_connected(&west_id) {
+                anyhow::ensure!(Instant::now() < deadline, "east never connected");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let (send, recv) = handle.open_stream(&west_id).await?;
+            Ok::<_, anyhow::Error>((send, recv, keep))
+        };
+        let (mut send, mut recv, _keep) = match setup.await {
+            Ok(x) => x,
+            Err(e) => return drop(ready_tx.send(Err(e))),
+        };
+        let _ = ready_tx.send(Ok(()));
+        let request = Bytes::from(vec![0x5a; MSG]);
+        let mut chunks: Vec<Bytes> = vec![Bytes::new(); 16];
+        serve_rounds(go_rx, done_tx, async || {
+            send.write_chunk(request.clone()).await?;
+            let mut got = 0;
+            while got < MSG {
+                let k = recv.read_chunks(&mut chunks).await?.context("stream ended")?;
+                got += chunks[..k].iter().map(Bytes::len).sum::<usize>();
+            }
+            Ok(())
+        })
+        .await;
+    })?;
+    ready_rx.recv().context("east thread died")??;
     Ok(RemoteClient { go: go_tx, done: done_rx })
 }
 
@@ -384,6 +366,17 @@ impl Quic {
         };
         let n = conn.send_stream(id).write(data).map_err(|e| anyhow::anyhow!("write: {e}"))?;
         anyhow::ensure!(n == data.len(), "short write {n} of {}", data.len());
+        Ok(())
+    }
+
+    /// The echo side's step: accepts the peer's stream, sends back whatever it brought.
+    /// Errors only when writing back fails.
+    fn echo(&mut self, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+        let _ = self.connected();
+        buf.clear();
+        if matches!(self.read(buf), Ok(n) if n > 0) {
+            self.write(buf)?;
+        }
         Ok(())
     }
 
@@ -622,16 +615,7 @@ fn proto_pair(pki: &TestPki, stop: &CancellationToken) -> anyhow::Result<ProtoCl
     std::thread::spawn(move || {
         let mut buf = Vec::with_capacity(MSG * 4);
         while !stop.is_cancelled() {
-            if west.turn().is_err() {
-                return;
-            }
-            let _ = west.quic.connected();
-            buf.clear();
-            if matches!(west.quic.read(&mut buf), Ok(n) if n > 0) && west.quic.write(&buf).is_err()
-            {
-                return;
-            }
-            if west.flush().is_err() {
+            if west.turn().is_err() || west.quic.echo(&mut buf).is_err() || west.flush().is_err() {
                 return;
             }
         }
@@ -660,80 +644,61 @@ fn proto_tokio_pair(
     let (server, client) = proto_configs(pki)?;
     let (addr_tx, addr_rx) = std_mpsc::channel::<anyhow::Result<SocketAddr>>();
     let stop_west = stop.clone();
-    std::thread::spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
+    runtime_thread(move || async move {
+        let mut west = match TokioSide::new(Some(server), quinn_udp) {
+            Ok(w) => w,
             Err(e) => return drop(addr_tx.send(Err(e.into()))),
         };
-        rt.block_on(async move {
-            let mut west = match TokioSide::new(Some(server), quinn_udp) {
-                Ok(w) => w,
-                Err(e) => return drop(addr_tx.send(Err(e.into()))),
-            };
-            let _ = addr_tx.send(west.sock.local_addr().map_err(Into::into));
-            let mut buf = Vec::with_capacity(MSG * 4);
-            while !stop_west.is_cancelled() {
-                if west.turn().await.is_err() {
-                    return;
-                }
-                let _ = west.quic.connected();
-                buf.clear();
-                if matches!(west.quic.read(&mut buf), Ok(n) if n > 0)
-                    && west.quic.write(&buf).is_err()
-                {
-                    return;
-                }
-                if west.flush().is_err() {
-                    return;
-                }
+        let _ = addr_tx.send(west.sock.local_addr().map_err(Into::into));
+        let mut buf = Vec::with_capacity(MSG * 4);
+        while !stop_west.is_cancelled() {
+            if west.turn().await.is_err()
+                || west.quic.echo(&mut buf).is_err()
+                || west.flush().is_err()
+            {
+                return;
             }
-        });
-    });
+        }
+    })?;
     let west_addr = addr_rx.recv().context("west thread died")??;
 
     let (go_tx, go_rx) = std_mpsc::sync_channel::<usize>(1);
     let (done_tx, done_rx) = std_mpsc::sync_channel::<anyhow::Result<Round>>(1);
     let (ready_tx, ready_rx) = std_mpsc::channel::<anyhow::Result<()>>();
-    std::thread::spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => return drop(ready_tx.send(Err(e.into()))),
+    runtime_thread(move || async move {
+        let setup = async {
+            let mut east = TokioSide::new(None, quinn_udp)?;
+            east.quic.connect(client, west_addr)?;
+            east.flush()?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !east.quic.connected() {
+                anyhow::ensure!(Instant::now() < deadline, "proto handshake did not finish");
+                tokio::time::timeout(Duration::from_millis(50), east.turn()).await.ok();
+                east.flush()?;
+            }
+            east.quic.open()?;
+            Ok::<_, anyhow::Error>(east)
         };
-        rt.block_on(async move {
-            let setup = async {
-                let mut east = TokioSide::new(None, quinn_udp)?;
-                east.quic.connect(client, west_addr)?;
+        let mut east = match setup.await {
+            Ok(e) => e,
+            Err(e) => return drop(ready_tx.send(Err(e))),
+        };
+        let _ = ready_tx.send(Ok(()));
+        let request = vec![0x5a; MSG];
+        let mut got = Vec::with_capacity(MSG * 4);
+        serve_rounds(go_rx, done_tx, async || {
+            got.clear();
+            east.quic.write(&request)?;
+            east.flush()?;
+            while got.len() < MSG {
+                east.turn().await?;
+                east.quic.read(&mut got)?;
                 east.flush()?;
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while !east.quic.connected() {
-                    anyhow::ensure!(Instant::now() < deadline, "proto handshake did not finish");
-                    tokio::time::timeout(Duration::from_millis(50), east.turn()).await.ok();
-                    east.flush()?;
-                }
-                east.quic.open()?;
-                Ok::<_, anyhow::Error>(east)
-            };
-            let mut east = match setup.await {
-                Ok(e) => e,
-                Err(e) => return drop(ready_tx.send(Err(e))),
-            };
-            let _ = ready_tx.send(Ok(()));
-            let request = vec![0x5a; MSG];
-            let mut got = Vec::with_capacity(MSG * 4);
-            serve_rounds(go_rx, done_tx, async || {
-                got.clear();
-                east.quic.write(&request)?;
-                east.flush()?;
-                while got.len() < MSG {
-                    east.turn().await?;
-                    east.quic.read(&mut got)?;
-                    east.flush()?;
-                }
-                Ok(())
-            })
-            .await;
-        });
-    });
+            }
+            Ok(())
+        })
+        .await;
+    })?;
     ready_rx.recv().context("east thread died")??;
     Ok(RemoteClient { go: go_tx, done: done_rx })
 }
