@@ -68,8 +68,25 @@ async fn idle_udp_threads_sleep_and_shutdown_ends_them() {
     let resp = query(addr).await;
     assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
     assert!(!resp.answers.is_empty(), "web.shop has an address: {resp:?}");
-    let before = dns_threads();
+    // A thread shows its name once it has started and set it: wait for both, then for both to
+    // be blocked (two snapshots 50 ms apart alike).
+    let mut before = dns_threads();
+    for _ in 0..500 {
+        if before.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        before = dns_threads();
+    }
     assert_eq!(before.len(), 2, "two UDP receive threads: {before:?}");
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = dns_threads();
+        if now == before {
+            break;
+        }
+        before = now;
+    }
 
     // Idle for a second: no thread wakes up (a 100 ms receive timeout woke each ten times).
     tokio::time::sleep(Duration::from_secs(1)).await;
