@@ -124,6 +124,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     );
     tunnel_settings.peer_lease_duration = cfg.discovery.peer_lease_duration;
     tunnel_settings.max_udp_payload = cfg.tunnel.max_udp_payload_size;
+    tunnel_settings.socket_buffer = cfg.tunnel.socket_buffer_size as usize;
     tunnel_settings.runtime = Some(data.handle().clone());
     // Watched: a rotated certificate or CA bundle is used by new handshakes without restart.
     tunnel_settings.identity_files = Some(fedgate_tunnel::IdentityFiles {

@@ -172,15 +172,15 @@ pub fn require_tool(tool: &str, package: &str) {
 }
 
 /// The samples of series `name` in a Prometheus text exposition (a gateway's `/metrics`)
-/// whose labels include every `key="value"` of `labels`: each sample's line and value.
+/// whose labels include every `key="value"` of `labels` (a series without labels matches
+/// an empty `labels`): each sample's line and value.
 pub fn metric_samples<'a>(
     text: &'a str,
     name: &str,
     labels: &[(&str, &str)],
 ) -> Vec<(&'a str, f64)> {
-    let prefix = format!("{name}{{");
     text.lines()
-        .filter(|l| l.starts_with(&prefix))
+        .filter(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(['{', ' '])))
         .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
         .filter_map(|l| Some((l, l.rsplit_once(' ')?.1.parse().ok()?)))
         .collect()

@@ -27,6 +27,12 @@ struct Clusters {
 /// Two namespaces, a PKI, and gateways `alpha` (in `a`) and `bravo` (in `b`) peered over the
 /// veth pair. `extra_a` is appended to alpha's config.
 fn clusters(extra_a: &str) -> Result<Clusters> {
+    clusters_with(extra_a, "")
+}
+
+/// As [`clusters`], with `tunnel_a` (e.g. `socketBufferSize: 65536`) added to alpha's
+/// `tunnel` block.
+fn clusters_with(extra_a: &str, tunnel_a: &str) -> Result<Clusters> {
     require_tools();
     let net = Pair::new()?;
     let root = net.dir().to_path_buf();
@@ -35,7 +41,17 @@ fn clusters(extra_a: &str) -> Result<Clusters> {
     let tls_b = pki.issue("bravo", &root.join("certs-bravo"))?;
     let spec_a = ns_spec("alpha", CLUSTERSET, net.a_ip, &[("bravo", net.b_ip)], extra_a);
     let spec_b = ns_spec("bravo", CLUSTERSET, net.b_ip, &[("alpha", net.a_ip)], "");
-    let a = NsGateway::start(&net.a, &root, spec_a, tls_a)?;
+    let mut a = NsGateway::prepare(&net.a, &root, spec_a, tls_a)?;
+    if !tunnel_a.is_empty() {
+        let path = a.gw.config_path();
+        let listen = format!("listen: \"{}\"", a.gw.spec.tunnel);
+        let text = std::fs::read_to_string(&path)?;
+        if !text.contains(&listen) {
+            bail!("no `{listen}` in alpha's config:\n{text}");
+        }
+        std::fs::write(&path, text.replace(&listen, &format!("{listen}, {tunnel_a}")))?;
+    }
+    a.launch()?;
     let b = NsGateway::start(&net.b, &root, spec_b, tls_b)?;
     Ok(Clusters { net, a, b })
 }
@@ -208,6 +224,49 @@ fn half_close_gets_reply_and_bulk_transfer_is_byte_exact() -> Result<()> {
         .with_context(|| format!("alpha's /debug/peers has no path_mtu for bravo: {peers}"))?;
     eprintln!("path MTU alpha -> bravo over the 1500-byte veth: {mtu}");
     assert!((1200..=1472).contains(&mtu), "path MTU {mtu} on a 1500-byte veth");
+    Ok(())
+}
+
+/// A send buffer that fills. Alpha's UDP socket gets 64 KiB of buffer and its veth a token
+/// bucket of 100 Mbit/s whose queue (4 MB) holds far more than that, so alpha's sends find
+/// the buffer full again and again, and quinn waits for it to drain (the gateway registers
+/// write interest for its UDP socket only during those waits). The transfer must complete
+/// byte-exact: a wait that is never woken stalls it.
+#[test]
+fn a_full_udp_send_buffer_is_waited_out_and_nothing_is_lost() -> Result<()> {
+    require_tool("tc", "iproute2");
+    let c = clusters_with("", "socketBufferSize: 65536")?;
+    let (net, a, b) = (&c.net, &c.a, &c.b);
+    let links = net.a.ip(&["-o", "link", "show", "type", "veth"])?;
+    let dev = links
+        .split(": ")
+        .nth(1)
+        .and_then(|d| d.split('@').next())
+        .with_context(|| format!("no veth in alpha's namespace: {links}"))?;
+    let tbf = ["qdisc", "add", "dev", dev, "root", "tbf", "rate", "100mbit", "burst", "64kb"];
+    run(net.a.command("tc").args(tbf).args(["limit", "4mb"]))?;
+    let _sink = net.server(&net.b, &["sink", B_BACKEND, "9000"])?;
+    export(b, "demo", "sink", B_BACKEND, 9000)?;
+    let vip = wait_vip(a, "demo", "sink", &["bravo"], PROPAGATION)?;
+
+    let bytes: u64 = 24 << 20;
+    let mut p = net.tool(&net.a, &["send", &vip, "80", &bytes.to_string()])?;
+    let line = p.line(Duration::from_secs(120))?;
+    let v: serde_json::Value = serde_json::from_str(&line).with_context(|| line.clone())?;
+    assert_eq!(v["sent"].as_u64(), Some(bytes));
+    let want = format!("{bytes} {}", v["sha256"].as_str().unwrap_or("?"));
+    assert_eq!(v["reply"].as_str(), Some(want.as_str()), "byte-exact at the sink: {v}");
+
+    let metrics = a.get("/metrics")?;
+    let full: f64 = metric_samples(&metrics, "fedgate_tunnel_socket_full_total", &[])
+        .iter()
+        .map(|(_, v)| v)
+        .sum();
+    eprintln!(
+        "{bytes} bytes at 100 Mbit/s in {:.1} s; alpha's send buffer was full {full} times",
+        v["secs"].as_f64().unwrap_or(0.0)
+    );
+    assert!(full > 0.0, "the send buffer never filled, so the wait was not exercised");
     Ok(())
 }
 

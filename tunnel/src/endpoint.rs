@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use futures::StreamExt;
 use hyper_util::rt::TokioIo;
 use quinn::VarInt;
 use rustls_pki_types::CertificateDer;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -690,8 +692,15 @@ pub fn gso_chunks(len: usize, segment: usize) -> impl Iterator<Item = std::ops::
     (0..len).step_by(step).map(move |start| start..(start + step).min(len))
 }
 
-/// The tunnel's UDP socket for quinn: quinn-udp's batched, GSO/GRO-aware I/O on a tokio
-/// socket, like quinn's own tokio adapter, with two differences:
+/// The tunnel's UDP socket for quinn: quinn-udp's batched, GSO/GRO-aware I/O on a socket
+/// registered with tokio's reactor, like quinn's own tokio adapter, with three differences:
+/// - the socket is registered for readability only. The kernel reports a UDP socket
+///   writable again each time one of its datagrams is freed, which on loopback happens inside
+///   the `sendmsg` itself: with write interest registered (as `tokio::net::UdpSocket` always
+///   does), every datagram sent cost one more `epoll_wait` round of the reactor, and on a
+///   real network card a wake-up at transmit completion. Only when a send finds the buffer
+///   full does quinn wait for writability, through a duplicate of the descriptor registered
+///   for write interest until it reports writable (`Writable`);
 /// - GSO batches over 64 KiB are cut into whole-datagram sends (quinn 0.11 does not cut
 ///   them, whatever MTU discovery reaches);
 /// - a receive batch that leaves slots empty drained the socket, so its readiness is cleared
@@ -700,8 +709,10 @@ pub fn gso_chunks(len: usize, segment: usize) -> impl Iterator<Item = std::ops::
 ///   request and per response of a request/response exchange.
 #[derive(Debug)]
 pub(crate) struct TunnelSocket {
-    io: tokio::net::UdpSocket,
+    io: AsyncFd<std::net::UdpSocket>,
     state: quinn::udp::UdpSocketState,
+    /// The last send found the buffer full: senders wait for writability first.
+    full: AtomicBool,
 }
 
 impl TunnelSocket {
@@ -709,31 +720,71 @@ impl TunnelSocket {
     pub(crate) fn new(socket: std::net::UdpSocket) -> io::Result<Arc<Self>> {
         let state = quinn::udp::UdpSocketState::new((&socket).into())?;
         socket.set_nonblocking(true)?;
-        Ok(Arc::new(Self { io: tokio::net::UdpSocket::from_std(socket)?, state }))
+        let io = register(socket, tokio::io::Interest::READABLE)?;
+        Ok(Arc::new(Self { io, state, full: AtomicBool::new(false) }))
     }
 
     fn send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
-        self.io
-            .try_io(tokio::io::Interest::WRITABLE, || self.state.send((&self.io).into(), transmit))
+        let sent = self.state.send(self.io.get_ref().into(), transmit);
+        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            && !self.full.swap(true, Ordering::Relaxed)
+        {
+            metrics::counter!(crate::metrics::SOCKET_FULL_TOTAL).increment(1);
+        }
+        sent
     }
 }
 
-/// quinn's wait for the socket to take more datagrams.
+/// Registers a descriptor with the current runtime's reactor for `interest` only.
+///
+/// tokio 1.54 deprecated the safe constructor in favour of an `unsafe` one whose contract is
+/// that the descriptor stays open and the same while the `AsyncFd` lives. Both types passed
+/// here own their descriptor and close it only when dropped, after the `AsyncFd` has
+/// deregistered it, so the contract holds; the workspace forbids `unsafe`.
+#[allow(deprecated)]
+fn register<T: std::os::fd::AsRawFd>(
+    inner: T,
+    interest: tokio::io::Interest,
+) -> io::Result<AsyncFd<T>> {
+    AsyncFd::with_interest(inner, interest)
+}
+
+/// quinn's wait for the socket to take more datagrams, which quinn asks before every send.
+/// Ready at once unless the last send found the buffer full; then a duplicate descriptor of
+/// the socket is registered for write interest while the wait lasts and dropped
+/// (deregistered) as soon as it reports writable, so that no write-space event reaches the
+/// reactor otherwise.
 #[derive(Debug)]
-struct Writable(Arc<TunnelSocket>);
+struct Writable {
+    socket: Arc<TunnelSocket>,
+    waiting: Option<AsyncFd<std::os::fd::OwnedFd>>,
+}
 
 impl quinn::UdpPoller for Writable {
     fn poll_writable(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context,
     ) -> std::task::Poll<io::Result<()>> {
-        self.0.io.poll_send_ready(cx)
+        use std::os::fd::AsFd;
+        let this = self.get_mut();
+        if this.waiting.is_none() && !this.socket.full.load(Ordering::Relaxed) {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        if this.waiting.is_none() {
+            let fd = this.socket.io.get_ref().as_fd().try_clone_to_owned()?;
+            this.waiting = Some(register(fd, tokio::io::Interest::WRITABLE)?);
+        }
+        let waiting = this.waiting.as_ref().expect("registered above");
+        drop(std::task::ready!(waiting.poll_write_ready(cx))?);
+        this.waiting = None;
+        this.socket.full.store(false, Ordering::Relaxed);
+        std::task::Poll::Ready(Ok(()))
     }
 }
 
 impl quinn::AsyncUdpSocket for TunnelSocket {
     fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
-        Box::pin(Writable(self))
+        Box::pin(Writable { socket: self, waiting: None })
     }
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
         let segment = match transmit.segment_size {
@@ -768,12 +819,12 @@ impl quinn::AsyncUdpSocket for TunnelSocket {
     ) -> std::task::Poll<io::Result<usize>> {
         let slots = bufs.len().min(quinn::udp::BATCH_SIZE);
         loop {
-            std::task::ready!(self.io.poll_recv_ready(cx))?;
+            let mut ready = std::task::ready!(self.io.poll_read_ready(cx))?;
             // `try_io` clears the readiness it observed (not a newer one) when the closure
             // reports WouldBlock, so a short batch is reported that way and kept aside.
             let mut short = None;
-            let r = self.io.try_io(tokio::io::Interest::READABLE, || {
-                let n = self.state.recv((&self.io).into(), bufs, meta)?;
+            let r = ready.try_io(|io| {
+                let n = self.state.recv(io.get_ref().into(), bufs, meta)?;
                 if n < slots {
                     short = Some(n);
                     return Err(io::ErrorKind::WouldBlock.into());
@@ -781,15 +832,15 @@ impl quinn::AsyncUdpSocket for TunnelSocket {
                 Ok(n)
             });
             match (r, short) {
-                (_, Some(n)) | (Ok(n), None) => return std::task::Poll::Ready(Ok(n)),
+                (_, Some(n)) | (Ok(Ok(n)), None) => return std::task::Poll::Ready(Ok(n)),
                 // As quinn's adapter: any error (EAGAIN, or one an ICMP message left on the
                 // socket) means waiting for the socket again.
-                (Err(_), None) => {}
+                (Ok(Err(_)) | Err(_), None) => {}
             }
         }
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.io.local_addr()
+        self.io.get_ref().local_addr()
     }
     fn max_transmit_segments(&self) -> usize {
         self.state.max_gso_segments()
@@ -1386,7 +1437,7 @@ mod unit_tests {
                 if let Some(got) = poll_recv_once(socket) {
                     return got;
                 }
-                socket.io.readable().await.expect("readable");
+                socket.io.readable().await.expect("readable").retain_ready();
             }
         };
         tokio::time::timeout(Duration::from_secs(10), wait)
@@ -1397,7 +1448,7 @@ mod unit_tests {
     #[tokio::test]
     async fn a_short_receive_batch_clears_readiness_without_stranding_datagrams() {
         let socket = TunnelSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
-        let to = socket.io.local_addr().unwrap();
+        let to = socket.io.get_ref().local_addr().unwrap();
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         // Distinct sizes, so GRO cannot merge them: one message per datagram.
         let send = |sizes: std::ops::Range<usize>| {
@@ -1422,6 +1473,28 @@ mod unit_tests {
         let rest = poll_recv_once(&socket).expect("the rest without waiting");
         assert_eq!(rest, (300 + batch..300 + batch + 8).collect::<Vec<_>>());
         assert_eq!(poll_recv_once(&socket), None);
+    }
+
+    #[tokio::test]
+    async fn write_interest_is_registered_only_while_a_full_buffer_is_waited_out() {
+        use quinn::UdpPoller;
+        let socket = TunnelSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let mut poller = Writable { socket: socket.clone(), waiting: None };
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // Nothing found the buffer full: ready without registering anything.
+        let ready = std::pin::Pin::new(&mut poller).poll_writable(&mut cx);
+        assert!(matches!(ready, std::task::Poll::Ready(Ok(()))));
+        assert!(poller.waiting.is_none());
+        // After a full buffer the wait registers a duplicate descriptor for write interest;
+        // the socket has room, so the reactor reports it writable and the registration goes.
+        socket.full.store(true, Ordering::Relaxed);
+        let wait = std::future::poll_fn(|cx| std::pin::Pin::new(&mut poller).poll_writable(cx));
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("a socket with room is reported writable")
+            .expect("writable");
+        assert!(poller.waiting.is_none(), "registration dropped once writable");
+        assert!(!socket.full.load(Ordering::Relaxed));
     }
 
     #[test]

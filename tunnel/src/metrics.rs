@@ -18,6 +18,10 @@ pub const PEER_SESSION_RESETS_TOTAL: &str = "fedgate_peer_session_resets_total";
 /// Peer leases that expired (their exports were withdrawn).
 pub const PEER_LEASE_EXPIRIES_TOTAL: &str = "fedgate_peer_lease_expiries_total";
 
+/// Times a send found the tunnel's UDP send buffer full (quinn then waits until it drains):
+/// the network interface or its queue is slower than the data plane.
+pub const SOCKET_FULL_TOTAL: &str = "fedgate_tunnel_socket_full_total";
+
 /// Reloads of the tunnel identity files, by `result` (`ok`, `read`: a file did not parse,
 /// `refused`: the new certificate/key/CA did not check out; the old identity stays).
 pub const TLS_RELOADS_TOTAL: &str = "fedgate_tls_reloads_total";
@@ -46,6 +50,10 @@ pub fn describe() {
         TLS_RELOADS_TOTAL,
         "Reloads of the tunnel certificate, key and CA files after they changed, by result \
          (ok, read, refused); on an error the previous identity stays in use."
+    );
+    metrics::describe_counter!(
+        SOCKET_FULL_TOTAL,
+        "Times a send found the tunnel's UDP send buffer full and waited for it to drain."
     );
     metrics::describe_counter!(
         PEER_LEASE_EXPIRIES_TOTAL,

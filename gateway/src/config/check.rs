@@ -13,6 +13,10 @@ use super::{
 };
 use crate::certs::{self, CertInfo};
 
+/// Bounds of `tunnel.socketBufferSize`: 64 KiB (a few dozen datagrams) to 1 GiB.
+const SOCKET_BUFFER_MIN: u32 = 64 * 1024;
+const SOCKET_BUFFER_MAX: u32 = 1024 * 1024 * 1024;
+
 /// Usable addresses of a ClusterSetIP range: all but the first (network / subnet-router
 /// anycast) and the last (broadcast), for IPv4 and IPv6 alike.
 pub(crate) fn usable_addresses(net: &IpNet) -> u128 {
@@ -92,6 +96,18 @@ pub(crate) fn semantics(s: &Sections) -> Vec<(String, String)> {
             format!(
                 "{} is out of range: QUIC needs at least 1200, UDP allows at most 65507",
                 tunnel.max_udp_payload_size
+            ),
+        );
+    }
+
+    if let Some(tunnel) = &s.tunnel
+        && !(SOCKET_BUFFER_MIN..=SOCKET_BUFFER_MAX).contains(&tunnel.socket_buffer_size)
+    {
+        err(
+            "tunnel.socketBufferSize",
+            format!(
+                "{} is out of range ({SOCKET_BUFFER_MIN}..={SOCKET_BUFFER_MAX} bytes)",
+                tunnel.socket_buffer_size
             ),
         );
     }

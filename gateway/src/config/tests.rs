@@ -36,6 +36,7 @@ fn defaults_are_the_documented_constants() {
     assert_eq!(c.tls.key, Path::new("/etc/fedgate/east.key"));
     assert_eq!(c.tls.ca, CaSource::File("/etc/fedgate/ca.crt".into()));
     assert_eq!(c.tunnel.listen.to_string(), "0.0.0.0:15443");
+    assert_eq!(c.tunnel.socket_buffer_size, 8 * 1024 * 1024);
     assert_eq!(c.dns.listen.to_string(), "0.0.0.0:53");
     assert_eq!(c.dns.upstream, vec![Upstream::System]);
     assert_eq!(c.dns.ttl, Duration::from_secs(5));
@@ -156,6 +157,13 @@ fn every_error_class_names_file_line_column_and_path() {
             "bad duration",
             "cluster: { id: east }\npeers: []\ntraffic:\n  healthCheck:\n    interval: 5x\n",
             &["east.yaml:5:15: traffic.healthCheck.interval: invalid duration \"5x\""],
+        ),
+        (
+            "socket buffer too small",
+            "cluster: { id: east }\npeers: []\ntunnel: { socketBufferSize: 4096 }\n",
+            &[
+                "east.yaml:3:29: tunnel.socketBufferSize: 4096 is out of range (65536..=1073741824 bytes)",
+            ],
         ),
         (
             "bad CIDR",

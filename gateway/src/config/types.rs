@@ -273,6 +273,9 @@ pub struct TunnelConfig {
     /// Largest UDP payload (bytes) path MTU discovery may reach (default 8952, jumbo
     /// frames; a 1500-byte path settles at <= 1472 by itself). 1200..=65507.
     pub max_udp_payload_size: u16,
+    /// Receive and send buffer (bytes each) asked for the UDP socket (default 8 MiB),
+    /// 65536..=1073741824.
+    pub socket_buffer_size: u32,
 }
 
 impl Default for TunnelConfig {
@@ -280,6 +283,7 @@ impl Default for TunnelConfig {
         Self {
             listen: DEFAULT_TUNNEL_LISTEN,
             max_udp_payload_size: fedgate_tunnel::endpoint::DEFAULT_MAX_UDP_PAYLOAD,
+            socket_buffer_size: fedgate_tunnel::endpoint::DEFAULT_SOCKET_BUFFER as u32,
         }
     }
 }
