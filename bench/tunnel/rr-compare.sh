@@ -9,7 +9,7 @@
 #   PAIRS="w1=target/release/fedgate,,TOKIO_WORKER_THREADS=1" bench/tunnel/rr-compare.sh
 #   PRE_IPERF=3  an iperf3 run of that many seconds through each path before its round trips
 #   SYSC="name ..."  instead: syscall counts (perf trace -s) of those paths over 10 000 round
-#                    trips, written to /tmp/sysc.NAME
+#                    trips, written to /tmp/sysc.NAME (SYSC_TRACE="": every call, with times)
 #   IPERF="name ..." instead: ITER interleaved iperf3 runs (IPERF_SECS, 5) through those paths,
 #                    printing Gb/s and the proxies' CPU seconds per GB (IPERF_P streams, 1)
 #   STAT="name ..."  instead: perf stat (task clock, context switches, migrations) of those
@@ -20,6 +20,9 @@
 #                    name, both proxies summed) over that many idle seconds
 # Needs haproxy, iperf3 and, for SYSC/PROF, perf (Debian: haproxy iperf3 linux-perf).
 set -euo pipefail
+for tool in haproxy iperf3; do
+  command -v $tool >/dev/null || { echo "rr-compare.sh: $tool not found (Debian: apt-get install haproxy iperf3; bench/tunnel.sh installs them)" >&2; exit 1; }
+done
 ROUNDS=${ROUNDS:-10000}; ITER=${ITER:-5}
 here=$(cd "$(dirname "$0")" && pwd); root=$(cd "$here/../.." && pwd)
 work=$(mktemp -d /tmp/rr-compare.XXXX); pids=()
@@ -88,7 +91,7 @@ fi
 if [[ -n ${SYSC:-} ]]; then
   for nm in $SYSC; do pp=$(echo ${PIDS[$nm]} | tr ' ' ',')
   pre_iperf $nm
-  perf trace -s -p $pp -o /tmp/sysc.$nm -- sleep 4 >/dev/null 2>&1 & sleep 0.5
+  perf trace ${SYSC_TRACE--s} -p $pp -o /tmp/sysc.$nm -- sleep 4 >/dev/null 2>&1 & sleep 0.5
   python3 $here/rr.py ${HOST[$nm]} 10000 0; sleep 4; done; exit 0
 fi
 if [[ -n ${IPERF:-} ]]; then
