@@ -227,11 +227,13 @@ fn half_close_gets_reply_and_bulk_transfer_is_byte_exact() -> Result<()> {
     Ok(())
 }
 
-/// A send buffer that fills. Alpha's UDP socket gets 64 KiB of buffer and its veth a token
-/// bucket of 100 Mbit/s whose queue (4 MB) holds far more than that, so alpha's sends find
-/// the buffer full again and again, and quinn waits for it to drain (the gateway registers
-/// write interest for its UDP socket only during those waits). The transfer must complete
-/// byte-exact: a wait that is never woken stalls it.
+/// A send buffer that fills. Alpha's UDP socket gets 64 KiB of buffer. A first transfer
+/// over the bare veth grows QUIC's congestion window far past that. Then alpha's veth gets a
+/// token bucket of 100 Mbit/s with a 16 MB queue, and a datagram counts against the buffer
+/// until it leaves that queue. The second transfer starts with the large window, so alpha's
+/// sends find the buffer full again and again, and quinn waits for it to drain (the gateway
+/// registers write interest for its UDP socket only during those waits). Both transfers
+/// must complete byte-exact: a wait that is never woken stalls the second one.
 #[test]
 fn a_full_udp_send_buffer_is_waited_out_and_nothing_is_lost() -> Result<()> {
     require_tool("tc", "iproute2");
@@ -243,30 +245,37 @@ fn a_full_udp_send_buffer_is_waited_out_and_nothing_is_lost() -> Result<()> {
         .nth(1)
         .and_then(|d| d.split('@').next())
         .with_context(|| format!("no veth in alpha's namespace: {links}"))?;
-    let tbf = ["qdisc", "add", "dev", dev, "root", "tbf", "rate", "100mbit", "burst", "64kb"];
-    run(net.a.command("tc").args(tbf).args(["limit", "4mb"]))?;
     let _sink = net.server(&net.b, &["sink", B_BACKEND, "9000"])?;
     export(b, "demo", "sink", B_BACKEND, 9000)?;
     let vip = wait_vip(a, "demo", "sink", &["bravo"], PROPAGATION)?;
+    let full_count = || -> Result<u64> {
+        let metrics = a.get("/metrics")?;
+        Ok(metric_samples(&metrics, "fedgate_tunnel_socket_full_total", &[])
+            .first()
+            .map_or(0, |(_, v)| *v as u64))
+    };
+    let bytes: u64 = 16 << 20;
+    let transfer = || -> Result<f64> {
+        let mut p = net.tool(&net.a, &["send", &vip, "80", &bytes.to_string()])?;
+        let line = p.line(Duration::from_secs(120))?;
+        let v: serde_json::Value = serde_json::from_str(&line).with_context(|| line.clone())?;
+        assert_eq!(v["sent"].as_u64(), Some(bytes));
+        let want = format!("{bytes} {}", v["sha256"].as_str().unwrap_or("?"));
+        assert_eq!(v["reply"].as_str(), Some(want.as_str()), "byte-exact at the sink: {v}");
+        Ok(v["secs"].as_f64().unwrap_or(0.0))
+    };
 
-    let bytes: u64 = 24 << 20;
-    let mut p = net.tool(&net.a, &["send", &vip, "80", &bytes.to_string()])?;
-    let line = p.line(Duration::from_secs(120))?;
-    let v: serde_json::Value = serde_json::from_str(&line).with_context(|| line.clone())?;
-    assert_eq!(v["sent"].as_u64(), Some(bytes));
-    let want = format!("{bytes} {}", v["sha256"].as_str().unwrap_or("?"));
-    assert_eq!(v["reply"].as_str(), Some(want.as_str()), "byte-exact at the sink: {v}");
-
-    let metrics = a.get("/metrics")?;
-    let full: f64 = metric_samples(&metrics, "fedgate_tunnel_socket_full_total", &[])
-        .iter()
-        .map(|(_, v)| v)
-        .sum();
+    let fast = transfer()?;
+    let before = full_count()?;
+    let tbf = ["qdisc", "add", "dev", dev, "root", "tbf", "rate", "100mbit", "burst", "64kb"];
+    run(net.a.command("tc").args(tbf).args(["limit", "16mb"]))?;
+    let slow = transfer()?;
+    let full = full_count()? - before;
     eprintln!(
-        "{bytes} bytes at 100 Mbit/s in {:.1} s; alpha's send buffer was full {full} times",
-        v["secs"].as_f64().unwrap_or(0.0)
+        "{bytes} bytes over the bare veth in {fast:.1} s, then at 100 Mbit/s in {slow:.1} s; \
+         alpha's send buffer was full {full} times"
     );
-    assert!(full > 0.0, "the send buffer never filled, so the wait was not exercised");
+    assert!(full > 0, "the send buffer never filled, so the wait was not exercised");
     Ok(())
 }
 
