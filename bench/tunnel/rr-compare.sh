@@ -14,6 +14,8 @@
 #                    printing Gb/s and the proxies' CPU seconds per GB (IPERF_P streams, 1)
 #   STAT="name ..."  instead: perf stat (task clock, context switches, migrations) of those
 #                    paths around 10 000 round trips, written to /tmp/stat.NAME
+#   SCHED="name ..." instead: perf sched latency (wake-up to run delay per task) over 10 000
+#                    round trips through those paths, system-wide, data in /tmp/sched.NAME
 #   PROF=name        instead: perf record of that path over 30 000 round trips (PERF_OUT)
 #   SEQ="name ..."   instead: round trips before and after one iperf3 run, in sequence
 #   IDLE=SECONDS     instead: context switches per second of every path's threads (by thread
@@ -107,6 +109,12 @@ if [[ -n ${STAT:-} ]]; then
   pre_iperf $nm
   perf stat -e task-clock,user_time,system_time,context-switches,cpu-migrations -p $pp -o /tmp/stat.$nm -- sleep 5 >/dev/null 2>&1 & sleep 0.3
   python3 $here/rr.py ${HOST[$nm]} 10000 0; wait $!; echo "== $nm"; grep -E "clock|_time|switch|migr" /tmp/stat.$nm; done; exit 0
+fi
+if [[ -n ${SCHED:-} ]]; then
+  for nm in $SCHED; do
+  perf sched record -q -o /tmp/sched.$nm -- sleep 3 >/dev/null 2>&1 & sleep 0.3
+  python3 $here/rr.py ${HOST[$nm]} 10000 0 >/dev/null; wait $!
+  echo "== $nm"; perf sched latency -i /tmp/sched.$nm 2>/dev/null | grep -E "Task|fedgate-data|haproxy|python3"; done; exit 0
 fi
 if [[ -n ${PROF:-} ]]; then
   pp=$(echo ${PIDS[$PROF]} | tr ' ' ',')
