@@ -123,6 +123,8 @@ pub struct Pair {
     pub b: Netns,
     pub a_ip: Ipv4Addr,
     pub b_ip: Ipv4Addr,
+    /// The veth's name inside `a` (e.g. for `tc qdisc … dev`).
+    pub a_dev: String,
     python: String,
     tmp: tempfile::TempDir,
 }
@@ -150,7 +152,7 @@ impl Pair {
         }
         let tmp = tempfile::tempdir()?;
         std::fs::write(tmp.path().join("fgtool.py"), FGTOOL)?;
-        Ok(Self { a, b, a_ip, b_ip, python: python3()?, tmp })
+        Ok(Self { a, b, a_ip, b_ip, a_dev: va, python: python3()?, tmp })
     }
 
     pub fn dir(&self) -> &Path {

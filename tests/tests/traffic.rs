@@ -72,6 +72,18 @@ fn http_backend(net: &Pair, ns: &Netns, cluster: &str, ip: &str, port: u16) -> R
     net.server(ns, &["http", ip, &port.to_string(), dir.to_str().context("utf-8 path")?])
 }
 
+/// Sends `bytes` from alpha's namespace to the sink behind `vip`:80 and checks that the sink
+/// got all of them, byte-exact (length and sha256 on both sides). Returns the seconds taken.
+fn send_to_sink(net: &Pair, vip: &str, bytes: u64, timeout: Duration) -> Result<f64> {
+    let mut p = net.tool(&net.a, &["send", vip, "80", &bytes.to_string()])?;
+    let line = p.line(timeout)?;
+    let v: serde_json::Value = serde_json::from_str(&line).with_context(|| line.clone())?;
+    assert_eq!(v["sent"].as_u64(), Some(bytes));
+    let want = format!("{bytes} {}", v["sha256"].as_str().unwrap_or("?"));
+    assert_eq!(v["reply"].as_str(), Some(want.as_str()), "byte-exact at the sink: {v}");
+    Ok(v["secs"].as_f64().unwrap_or(0.0))
+}
+
 /// `curl` inside alpha's namespace; returns the body.
 fn curl_in(ns: &Netns, url: &str) -> Result<String> {
     Ok(run(ns.command("curl").args(["-sS", "-m", "5", url]))?.trim().to_owned())
@@ -201,13 +213,7 @@ fn half_close_gets_reply_and_bulk_transfer_is_byte_exact() -> Result<()> {
     // Bulk: 1 GiB from alpha's namespace through the tunnel into bravo's sink.
     let bytes: u64 =
         std::env::var("FEDGATE_NETNS_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 30);
-    let mut p = net.tool(&net.a, &["send", &vip, "80", &bytes.to_string()])?;
-    let line = p.line(Duration::from_secs(600))?;
-    let v: serde_json::Value = serde_json::from_str(&line).with_context(|| line.clone())?;
-    let secs = v["secs"].as_f64().unwrap_or(0.0);
-    assert_eq!(v["sent"].as_u64(), Some(bytes));
-    let want = format!("{bytes} {}", v["sha256"].as_str().unwrap_or("?"));
-    assert_eq!(v["reply"].as_str(), Some(want.as_str()), "byte-exact at the sink: {v}");
+    let secs = send_to_sink(net, &vip, bytes, Duration::from_secs(600))?;
     eprintln!(
         "{bytes} bytes through the tunnel in {secs:.1} s ({:.0} MiB/s), sha256 equal on both sides",
         bytes as f64 / (1 << 20) as f64 / secs.max(1e-9)
@@ -239,12 +245,6 @@ fn a_full_udp_send_buffer_is_waited_out_and_nothing_is_lost() -> Result<()> {
     require_tool("tc", "iproute2");
     let c = clusters_with("", "socketBufferSize: 65536")?;
     let (net, a, b) = (&c.net, &c.a, &c.b);
-    let links = net.a.ip(&["-o", "link", "show", "type", "veth"])?;
-    let dev = links
-        .split(": ")
-        .nth(1)
-        .and_then(|d| d.split('@').next())
-        .with_context(|| format!("no veth in alpha's namespace: {links}"))?;
     let _sink = net.server(&net.b, &["sink", B_BACKEND, "9000"])?;
     export(b, "demo", "sink", B_BACKEND, 9000)?;
     let vip = wait_vip(a, "demo", "sink", &["bravo"], PROPAGATION)?;
@@ -255,20 +255,12 @@ fn a_full_udp_send_buffer_is_waited_out_and_nothing_is_lost() -> Result<()> {
             .map_or(0, |(_, v)| *v as u64))
     };
     let bytes: u64 = 16 << 20;
-    let transfer = || -> Result<f64> {
-        let mut p = net.tool(&net.a, &["send", &vip, "80", &bytes.to_string()])?;
-        let line = p.line(Duration::from_secs(120))?;
-        let v: serde_json::Value = serde_json::from_str(&line).with_context(|| line.clone())?;
-        assert_eq!(v["sent"].as_u64(), Some(bytes));
-        let want = format!("{bytes} {}", v["sha256"].as_str().unwrap_or("?"));
-        assert_eq!(v["reply"].as_str(), Some(want.as_str()), "byte-exact at the sink: {v}");
-        Ok(v["secs"].as_f64().unwrap_or(0.0))
-    };
+    let transfer = || send_to_sink(net, &vip, bytes, Duration::from_secs(120));
 
     let fast = transfer()?;
     let before = full_count()?;
-    let tbf = ["qdisc", "add", "dev", dev, "root", "tbf", "rate", "100mbit", "burst", "64kb"];
-    run(net.a.command("tc").args(tbf).args(["limit", "16mb"]))?;
+    let tbf = ["qdisc", "add", "dev", &net.a_dev, "root", "tbf", "rate", "100mbit", "burst"];
+    run(net.a.command("tc").args(tbf).args(["64kb", "limit", "16mb"]))?;
     let slow = transfer()?;
     let full = full_count()? - before;
     eprintln!(

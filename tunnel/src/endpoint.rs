@@ -767,14 +767,16 @@ impl quinn::UdpPoller for Writable {
     ) -> std::task::Poll<io::Result<()>> {
         use std::os::fd::AsFd;
         let this = self.get_mut();
-        if this.waiting.is_none() && !this.socket.full.load(Ordering::Relaxed) {
-            return std::task::Poll::Ready(Ok(()));
-        }
-        if this.waiting.is_none() {
-            let fd = this.socket.io.get_ref().as_fd().try_clone_to_owned()?;
-            this.waiting = Some(register(fd, tokio::io::Interest::WRITABLE)?);
-        }
-        let waiting = this.waiting.as_ref().expect("registered above");
+        let waiting = match &mut this.waiting {
+            Some(waiting) => waiting,
+            None if !this.socket.full.load(Ordering::Relaxed) => {
+                return std::task::Poll::Ready(Ok(()));
+            }
+            None => {
+                let fd = this.socket.io.get_ref().as_fd().try_clone_to_owned()?;
+                this.waiting.insert(register(fd, tokio::io::Interest::WRITABLE)?)
+            }
+        };
         drop(std::task::ready!(waiting.poll_write_ready(cx))?);
         this.waiting = None;
         this.socket.full.store(false, Ordering::Relaxed);
@@ -1488,6 +1490,9 @@ mod unit_tests {
         // After a full buffer the wait registers a duplicate descriptor for write interest;
         // the socket has room, so the reactor reports it writable and the registration goes.
         socket.full.store(true, Ordering::Relaxed);
+        let first = std::pin::Pin::new(&mut poller).poll_writable(&mut cx);
+        assert!(first.is_pending(), "the new registration waits for the reactor's report");
+        assert!(poller.waiting.is_some(), "write interest registered while waiting");
         let wait = std::future::poll_fn(|cx| std::pin::Pin::new(&mut poller).poll_writable(cx));
         tokio::time::timeout(Duration::from_secs(10), wait)
             .await
