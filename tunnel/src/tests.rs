@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::endpoint::{KIND_CONTROL, TunnelSettings};
+use crate::endpoint::{KIND_CONTROL, KIND_DATA, TunnelSettings};
 use crate::identity::Identity;
 use crate::metrics::PEER_HANDSHAKE_FAILURES_TOTAL;
 use crate::testing::TestPki;
@@ -1008,5 +1008,141 @@ async fn dialed_connection_driver_runs_outside_the_peer_span() {
     send.finish().expect("finish");
     tokio::time::timeout(WAIT, echo).await.expect("echo ends").expect("echo task");
     east.stop().await;
+    west.stop().await;
+}
+
+/// The vendored quinn's direct paths (vendor/README.md): the endpoint task does a connection's
+/// work for its datagrams when the connection's driver is idle, and a write that fits in one
+/// datagram is transmitted by the writer. Writes of every size, small ones (sent by the writer)
+/// interleaved with large ones (left to the driver), on concurrent streams both ways, on a
+/// two-worker runtime where the endpoint, the drivers and the writers run on either thread:
+/// every byte arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_write_sizes_arrive_in_order_on_concurrent_streams() {
+    const STREAMS: usize = 4;
+    const BYTES: usize = 2 << 20;
+    // Deterministic write sizes from 1 byte to 40 KB (an xorshift), and the byte at `offset`
+    // of stream `stream`.
+    fn sizes(stream: usize) -> impl Iterator<Item = usize> {
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ stream as u64;
+        std::iter::from_fn(move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Three of four writes fit in one datagram.
+            Some(if x.is_multiple_of(4) {
+                1 + (x >> 8) as usize % 40_000
+            } else {
+                1 + (x >> 8) as usize % 1200
+            })
+        })
+    }
+    fn byte(stream: usize, offset: usize) -> u8 {
+        (offset.wrapping_mul(31) ^ stream.wrapping_mul(131) ^ (offset >> 11)) as u8
+    }
+
+    let pki = TestPki::new("demo");
+    let (mut west, east) = connected_pair(&pki, Duration::from_secs(5), 0, 0).await;
+    // West echoes every stream back with writes of its own mixed sizes.
+    let echo = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..STREAMS {
+            let mut s = west.incoming.recv().await.expect("stream");
+            tasks.push(tokio::spawn(async move {
+                let mut sizes = sizes(99);
+                let mut pending = Vec::new();
+                loop {
+                    let want = sizes.next().expect("endless");
+                    match s.recv.read_chunk(want, true).await.expect("read") {
+                        Some(chunk) => pending.extend_from_slice(&chunk.bytes),
+                        None => break,
+                    }
+                    if pending.len() >= want {
+                        s.send
+                            .write_chunk(bytes::Bytes::from(std::mem::take(&mut pending)))
+                            .await
+                            .expect("echo");
+                    }
+                }
+                s.send.write_all(&pending).await.expect("echo rest");
+                s.send.finish().expect("finish");
+            }));
+        }
+        for t in tasks {
+            t.await.expect("echo task");
+        }
+        west
+    });
+
+    let mut clients = Vec::new();
+    for stream in 0..STREAMS {
+        let (mut send, mut recv) = east.handle.open_stream(&id("west")).await.expect("open stream");
+        clients.push(tokio::spawn(async move {
+            let writer = async {
+                let mut offset = 0;
+                for (n, size) in sizes(stream).enumerate() {
+                    let len = size.min(BYTES - offset);
+                    let data: Vec<u8> = (offset..offset + len).map(|o| byte(stream, o)).collect();
+                    if n % 2 == 0 {
+                        send.write_chunk(bytes::Bytes::from(data)).await.expect("write_chunk");
+                    } else {
+                        send.write_all(&data).await.expect("write_all");
+                    }
+                    offset += len;
+                    if offset == BYTES {
+                        break;
+                    }
+                }
+                send.finish().expect("finish");
+            };
+            let reader = async {
+                let mut got = Vec::with_capacity(BYTES);
+                while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.expect("read back")
+                {
+                    got.extend_from_slice(&chunk.bytes);
+                }
+                got
+            };
+            let ((), got) = tokio::join!(writer, reader);
+            assert_eq!(got.len(), BYTES, "stream {stream}: length");
+            if let Some(at) = (0..BYTES).find(|&o| got[o] != byte(stream, o)) {
+                panic!("stream {stream}: first wrong byte at offset {at}");
+            }
+        }));
+    }
+    for c in clients {
+        tokio::time::timeout(Duration::from_secs(60), c).await.expect("in time").expect("client");
+    }
+    let west = tokio::time::timeout(WAIT, echo).await.expect("echo in time").expect("echo");
+    east.stop().await;
+    west.stop().await;
+}
+
+/// The vendored quinn's direct send (vendor/README.md): on a current-thread runtime, where no
+/// other task can run before the writer yields, a write that fits in one datagram has been
+/// sent by the time `write_all` returns, while the connection's driver task was idle; a write
+/// larger than a datagram is left to the driver task (sent once the writer yields). Upstream
+/// quinn leaves both to the driver.
+#[tokio::test(flavor = "current_thread")]
+async fn a_small_write_is_sent_before_the_writer_yields() {
+    let pki = TestPki::new("demo");
+    let west = start(&pki, "west", loopback(), &[("east", unused())], Duration::from_secs(5), 0);
+    let (_client, conn, _) = dial_as(&credentials(&pki, "east"), "west", west.address).await;
+    let (mut send, _recv) = conn.open_bi().await.expect("open stream");
+    let sent = |conn: &quinn::Connection| conn.stats().udp_tx.datagrams;
+    // Let the handshake's last packets and ACKs settle, so that the driver waits idle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let before = sent(&conn);
+    send.write_all(&[KIND_DATA; 100]).await.expect("small write");
+    assert!(sent(&conn) > before, "the 100-byte write went out in the writer's task");
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = sent(&conn);
+    send.write_all(&vec![0u8; 64 * 1024]).await.expect("large write");
+    assert_eq!(sent(&conn), before, "a 64 KiB write is left to the driver task");
+    tokio::task::yield_now().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(sent(&conn) > before, "the driver sent the 64 KiB");
     west.stop().await;
 }
