@@ -713,6 +713,10 @@ pub(crate) struct TunnelSocket {
     state: quinn::udp::UdpSocketState,
     /// The last send found the buffer full: senders wait for writability first.
     full: AtomicBool,
+    /// The runtime whose reactor `io` is registered with. The write-interest duplicate goes
+    /// to the same one: with the vendored quinn a writer task sends, and the export
+    /// exchange's writers run on the gateway's main runtime, not the data-plane one.
+    runtime: tokio::runtime::Handle,
 }
 
 impl TunnelSocket {
@@ -721,7 +725,8 @@ impl TunnelSocket {
         let state = quinn::udp::UdpSocketState::new((&socket).into())?;
         socket.set_nonblocking(true)?;
         let io = register(socket, tokio::io::Interest::READABLE)?;
-        Ok(Arc::new(Self { io, state, full: AtomicBool::new(false) }))
+        let runtime = tokio::runtime::Handle::current();
+        Ok(Arc::new(Self { io, state, full: AtomicBool::new(false), runtime }))
     }
 
     fn send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
@@ -774,6 +779,7 @@ impl quinn::UdpPoller for Writable {
             }
             None => {
                 let fd = this.socket.io.get_ref().as_fd().try_clone_to_owned()?;
+                let _reactor = this.socket.runtime.enter();
                 this.waiting.insert(register(fd, tokio::io::Interest::WRITABLE)?)
             }
         };

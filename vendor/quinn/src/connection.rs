@@ -1207,6 +1207,12 @@ impl State {
         datagrams: &mut dyn Iterator<Item = proto::ConnectionEvent>,
         cx: &mut Context,
     ) -> Poll<Result<(), io::Error>> {
+        if self.inner.is_drained() {
+            // fedgate patch: finished by `drive_inline`, which then woke the driver only to
+            // complete. The endpoint may have dropped the channel meanwhile; polling it would
+            // replace the connection's error with "endpoint driver future was dropped".
+            return Poll::Ready(Ok(()));
+        }
         if let Err(e) = self.process_conn_events(shared, cx) {
             self.terminate(e, shared);
             return Poll::Ready(Ok(()));
