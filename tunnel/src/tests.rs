@@ -1011,12 +1011,14 @@ async fn dialed_connection_driver_runs_outside_the_peer_span() {
     west.stop().await;
 }
 
-/// The vendored quinn's direct paths (vendor/README.md): the endpoint task does a connection's
-/// work for its datagrams when the connection's driver is idle, and a write that fits in one
-/// datagram is transmitted by the writer. Writes of every size, small ones (sent by the writer)
-/// interleaved with large ones (left to the driver), on concurrent streams both ways, on a
-/// two-worker runtime where the endpoint, the drivers and the writers run on either thread:
-/// every byte arrives, in order.
+/// An integrity check of the vendored quinn's direct paths (vendor/README.md): the endpoint
+/// task does a connection's work for its datagrams when the connection's driver is idle, and
+/// a write that fits in one datagram is transmitted by the writer. Writes of every size, small
+/// ones (sent by the writer) interleaved with large ones (left to the driver), on concurrent
+/// streams both ways, on a two-worker runtime where the endpoint, the drivers and the writers
+/// run on either thread: every byte arrives, in order. (It does not show that the direct
+/// paths are taken: with the writer's send turned off the data still flows, flushed by other
+/// sends. `a_small_write_is_sent_before_the_writer_yields` shows that.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_write_sizes_arrive_in_order_on_concurrent_streams() {
     const STREAMS: usize = 4;
