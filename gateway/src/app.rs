@@ -84,7 +84,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     };
     let identity = Identity::from_pem_files(&cfg.tls.cert, &cfg.tls.key, &ca)
         .context("loading the gateway identity (tls.cert, tls.key, tls.ca)")?;
-    let data = DataThread::start(cfg.traffic.data_plane_threads)?;
+    let data = DataThread::start(cfg.traffic.data_plane_threads, cfg.traffic.busy_poll)?;
     let id = cfg.cluster.id.clone();
     let locality = cfg.locality();
 

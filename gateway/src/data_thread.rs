@@ -15,21 +15,101 @@
 //! cores a pool of two data-plane workers used more CPU per GB than the old shared runtime, hence
 //! one thread by default.
 
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 /// How long the thread waits for its tasks to finish dropping when the gateway stops.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often [`DataLoad::run`] samples the busy time into `fedgate_dataplane_busy_ratio`.
 pub const LOAD_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
+thread_local! {
+    /// Reads that moved bytes on this thread ([`mark_activity`]); only its changes matter.
+    static ACTIVITY: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Records that the data plane read bytes on this thread (a proxied connection or tunnel
+/// stream); the busy poller keeps polling for `traffic.busyPoll` after the last such mark.
+/// One thread-local increment: free when busy polling is off.
+pub fn mark_activity() {
+    ACTIVITY.with(|a| a.set(a.get().wrapping_add(1)));
+}
+
+fn activity() -> u64 {
+    ACTIVITY.with(Cell::get)
+}
+
+/// Wakes the sleeping busy poller when the thread comes back from a blocking wait.
+#[derive(Default)]
+struct Poller {
+    asleep: AtomicBool,
+    wake: Notify,
+    /// Wall time of the busy poll's rounds that moved no bytes, left out of the busy ratio
+    /// ([`traffic_busy`]).
+    polled_ns: AtomicU64,
+}
+
+impl Poller {
+    /// tokio's `on_thread_unpark` hook: runs on the data thread, in its runtime's context,
+    /// after every blocking wait (never after the zero-timeout polls of a busy poll).
+    fn unparked(&self) {
+        if self.asleep.swap(false, Ordering::Relaxed) {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Busy polling (`traffic.busyPoll`). A thread that blocks in `epoll_wait` while its CPU has
+/// nothing else to run lets the CPU idle; a virtual CPU then halts, and the next packet waits
+/// for the hypervisor to wake it: about 25 µs per wake on the benchmark VM, twice per proxied
+/// round trip (docs/benchmarks.md, session 10). While the data plane moved bytes within the
+/// last `window`, this task keeps the thread awake instead: it yields to tokio, which then
+/// polls its driver with a zero timeout and runs what that woke, and then calls
+/// `sched_yield`, which hands the CPU to any other runnable thread on it (the client or
+/// server this gateway proxies for, on a shared machine) and returns at once if there is none.
+/// After `window` without bytes it sleeps until the thread next wakes from a blocking wait,
+/// and goes back to sleep at once if that wake moved no bytes (a timer). An idle gateway
+/// therefore costs one extra task poll per wake-up; a busy one, the polling while it waits.
+async fn busy_poll_task(window: Duration, poller: Arc<Poller>) {
+    loop {
+        let seen = activity();
+        poller.asleep.store(true, Ordering::Relaxed);
+        poller.wake.notified().await;
+        // The tasks the wake-up scheduled ran before this one.
+        if activity() == seen {
+            continue;
+        }
+        let (mut seen, mut last) = (activity(), Instant::now());
+        let mut prev = last;
+        loop {
+            tokio::task::yield_now().await;
+            let now = Instant::now();
+            if activity() != seen {
+                (seen, last) = (activity(), now);
+            } else if now.duration_since(last) >= window {
+                break;
+            } else {
+                // A round that moved no bytes: all of it was polling.
+                let ns = u64::try_from((now - prev).as_nanos()).unwrap_or(u64::MAX);
+                poller.polled_ns.fetch_add(ns, Ordering::Relaxed);
+            }
+            prev = now;
+            std::thread::yield_now();
+        }
+    }
+}
+
 /// Owns the data-plane thread; dropping it stops the runtime and joins the thread.
 pub struct DataThread {
     handle: Handle,
+    poller: Option<Arc<Poller>>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -37,8 +117,10 @@ pub struct DataThread {
 impl DataThread {
     /// Starts the thread (named `fedgate-data`) with its runtime: a current-thread runtime
     /// for `threads == 1`, else a multi-thread runtime of `threads` workers (the thread then
-    /// only waits for the stop).
-    pub fn start(threads: usize) -> anyhow::Result<Self> {
+    /// only waits for the stop). A non-zero `busy_poll` (one thread only; the config check
+    /// refuses it with more) makes the thread poll for that long after the data plane last
+    /// moved bytes before it sleeps: [`busy_poll`].
+    pub fn start(threads: usize, busy_poll: Duration) -> anyhow::Result<Self> {
         let mut builder = if threads > 1 {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(threads).thread_name("fedgate-data");
@@ -48,9 +130,17 @@ impl DataThread {
         };
         // Sockets and timers. (With tokio's `signal` and `process` features on, `enable_io`
         // brings their drivers too; signals are still handled on the main runtime.)
-        let runtime =
-            builder.enable_io().enable_time().build().context("building the data-plane runtime")?;
+        builder.enable_io().enable_time();
+        let poller = (threads == 1 && !busy_poll.is_zero()).then(|| Arc::new(Poller::default()));
+        if let Some(poller) = &poller {
+            let poller = poller.clone();
+            builder.on_thread_unpark(move || poller.unparked());
+        }
+        let runtime = builder.build().context("building the data-plane runtime")?;
         let handle = runtime.handle().clone();
+        if let Some(poller) = &poller {
+            handle.spawn(busy_poll_task(busy_poll, poller.clone()));
+        }
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("fedgate-data".to_owned())
@@ -60,7 +150,7 @@ impl DataThread {
                 runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
             })
             .context("starting the data-plane thread")?;
-        Ok(Self { handle, stop: Some(stop), thread: Some(thread) })
+        Ok(Self { handle, poller, stop: Some(stop), thread: Some(thread) })
     }
 
     /// Spawns onto the data-plane runtime; [`Handle::enter`] makes sockets created outside a
@@ -71,14 +161,16 @@ impl DataThread {
 
     /// The sampler of how busy the data-plane threads are.
     pub fn load(&self) -> DataLoad {
-        DataLoad { handle: self.handle.clone() }
+        DataLoad { handle: self.handle.clone(), poller: self.poller.clone() }
     }
 }
 
-/// Reads the data-plane runtime's busy time (tokio's per-worker time spent polling tasks).
-#[derive(Clone, Debug)]
+/// Reads the data-plane runtime's busy time (tokio's per-worker time spent polling tasks,
+/// less the busy poll's).
+#[derive(Clone)]
 pub struct DataLoad {
     handle: Handle,
+    poller: Option<Arc<Poller>>,
 }
 
 impl DataLoad {
@@ -87,10 +179,19 @@ impl DataLoad {
         self.handle.metrics().num_workers()
     }
 
-    /// Time all its workers have spent running tasks since start.
+    /// Time all its workers have spent running tasks since start, the busy poll's included
+    /// (see [`traffic_busy`]).
     pub fn busy(&self) -> Duration {
         let metrics = self.handle.metrics();
         (0..metrics.num_workers()).map(|w| metrics.worker_total_busy_duration(w)).sum()
+    }
+
+    /// Time the busy poll has spent polling without moving bytes (`traffic.busyPoll`) since
+    /// start.
+    pub fn polled(&self) -> Duration {
+        self.poller
+            .as_ref()
+            .map_or(Duration::ZERO, |p| Duration::from_nanos(p.polled_ns.load(Ordering::Relaxed)))
     }
 
     /// Sets `fedgate_dataplane_busy_ratio` every [`LOAD_SAMPLE_INTERVAL`] until `stop`.
@@ -98,18 +199,29 @@ impl DataLoad {
         let threads = self.threads();
         let mut tick = tokio::time::interval(LOAD_SAMPLE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last = (tokio::time::Instant::now(), self.busy());
+        let mut last = (tokio::time::Instant::now(), self.busy(), self.polled());
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let now = (tokio::time::Instant::now(), self.busy());
-            let ratio = busy_ratio(now.1.saturating_sub(last.1), now.0 - last.0, threads);
-            crate::dataplane::metrics::set_dataplane_load(ratio, threads);
+            let now = (tokio::time::Instant::now(), self.busy(), self.polled());
+            let (busy, polled) = (now.1.saturating_sub(last.1), now.2.saturating_sub(last.2));
+            let ratio = busy_ratio(traffic_busy(busy, polled), now.0 - last.0, threads);
+            let polling = busy_ratio(polled, now.0 - last.0, threads);
+            crate::dataplane::metrics::set_dataplane_load(ratio, polling, threads);
             last = now;
         }
     }
+}
+
+/// The part of an interval's busy time spent on traffic: tokio's busy time less the busy
+/// poll's rounds that moved no bytes. Those rounds' wall time includes tokio's zero-timeout
+/// driver polls, which tokio does not count as busy, so the difference may go below zero: it
+/// is clamped per interval, so that a long poll cannot hide the work of later intervals.
+/// Pure.
+pub fn traffic_busy(busy: Duration, polled: Duration) -> Duration {
+    busy.saturating_sub(polled)
 }
 
 /// Busy time over `wall` time of `threads` threads, between 0 and 1. Pure.
@@ -160,7 +272,7 @@ mod tests {
     #[test]
     fn load_counts_the_time_tasks_run() {
         for threads in [1, 2] {
-            let data = DataThread::start(threads).expect("data thread");
+            let data = DataThread::start(threads, Duration::ZERO).expect("data thread");
             let load = data.load();
             assert_eq!(load.threads(), threads);
             let before = load.busy();
@@ -179,8 +291,69 @@ mod tests {
         }
     }
 
+    /// Time the busy poll spends polling during `wall` from now.
+    fn polled_during(load: &DataLoad, wall: Duration) -> Duration {
+        let before = load.polled();
+        std::thread::sleep(wall);
+        load.polled() - before
+    }
+
+    #[test]
+    fn busy_polling_follows_moved_bytes_and_sleeps_after_the_window() {
+        use std::io::Write;
+        let window = Duration::from_millis(300);
+        let data = DataThread::start(1, window).expect("data thread");
+        let load = data.load();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        server.set_nonblocking(true).expect("nonblocking");
+        let (read_tx, read_rx) = std::sync::mpsc::channel();
+        // A reader that marks each read, as the proxy does, and a timer that wakes the thread
+        // every 5 ms without moving bytes.
+        data.handle().spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut server = tokio::net::TcpStream::from_std(server).expect("register");
+            let mut buf = [0u8; 64];
+            while server.read(&mut buf).await.expect("read") > 0 {
+                mark_activity();
+                read_tx.send(()).expect("send");
+            }
+        });
+        data.handle().spawn(async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let ms = Duration::from_millis;
+
+        // Timer wake-ups alone never start a poll: the thread sleeps between them.
+        let idle = polled_during(&load, ms(200));
+        assert_eq!(idle, Duration::ZERO, "timer wake-ups only, yet the thread polled");
+
+        // A read starts one: the thread keeps polling although nothing else happens. (How
+        // much CPU that takes depends on the machine's load: it yields to every other
+        // runnable thread.)
+        client.write_all(b"x").expect("write");
+        read_rx.recv_timeout(Duration::from_secs(5)).expect("the byte was read");
+        let polling = polled_during(&load, ms(150));
+        assert!(polling > Duration::ZERO, "no polling within the window after a read");
+        // While it polls, its time is not counted as busy (tokio counts part of it).
+        let (busy, polled) = (load.busy(), load.polled());
+        std::thread::sleep(ms(50));
+        let (busy, polled) = (load.busy() - busy, load.polled() - polled);
+        assert!(busy > Duration::ZERO, "tokio counted none of the polling as busy");
+        assert_eq!(traffic_busy(busy, polled), Duration::ZERO, "{busy:?} busy, {polled:?} polled");
+
+        // After the window without reads it sleeps again, timer wake-ups notwithstanding.
+        std::thread::sleep(window);
+        let after = polled_during(&load, ms(200));
+        assert_eq!(after, Duration::ZERO, "still polling past the window");
+    }
+
     fn runs_tasks_and_stops(threads: usize) {
-        let data = DataThread::start(threads).expect("data thread");
+        let data = DataThread::start(threads, Duration::ZERO).expect("data thread");
         let (tx, rx) = std::sync::mpsc::channel();
         data.handle().spawn(async move {
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -8,7 +8,7 @@ use fedgate_discovery::model::{LABEL_REGION, LABEL_SOURCE_CLUSTER, LABEL_ZONE};
 use ipnet::IpNet;
 
 use super::{
-    CaSource, ConfigError, FileInputs, FrontMode, Locator, MAX_DATA_PLANE_THREADS,
+    CaSource, ConfigError, FileInputs, FrontMode, Locator, MAX_BUSY_POLL, MAX_DATA_PLANE_THREADS,
     MIN_CLUSTERSET_IPS, Sections, SourceKind,
 };
 use crate::certs::{self, CertInfo};
@@ -211,6 +211,21 @@ pub(crate) fn semantics(s: &Sections) -> Vec<(String, String)> {
                     "{} is out of range (1..={MAX_DATA_PLANE_THREADS})",
                     traffic.data_plane_threads
                 ),
+            );
+        }
+        if traffic.busy_poll > MAX_BUSY_POLL {
+            err(
+                "traffic.busyPoll",
+                format!(
+                    "{} is longer than {}",
+                    humantime::format_duration(traffic.busy_poll),
+                    humantime::format_duration(MAX_BUSY_POLL)
+                ),
+            );
+        } else if !traffic.busy_poll.is_zero() && traffic.data_plane_threads > 1 {
+            err(
+                "traffic.busyPoll",
+                format!("needs traffic.dataPlaneThreads: 1 (it is {})", traffic.data_plane_threads),
             );
         }
     }

@@ -59,6 +59,13 @@ fn defaults_are_the_documented_constants() {
     assert_eq!(c.traffic.health_check.healthy_threshold, 1);
     assert_eq!(c.traffic.drain_duration, Duration::from_secs(45));
     assert_eq!(c.traffic.data_plane_threads, 1);
+    assert_eq!(c.traffic.busy_poll, Duration::ZERO);
+}
+
+#[test]
+fn busy_poll_takes_a_duration() {
+    let c = parse_ok("cluster: { id: east }\npeers: []\ntraffic: { busyPoll: 200us }\n");
+    assert_eq!(c.traffic.busy_poll, Duration::from_micros(200));
 }
 
 #[test]
@@ -254,6 +261,21 @@ fn every_error_class_names_file_line_column_and_path() {
             "no data-plane thread",
             "cluster: { id: east }\npeers: []\ntraffic: { dataPlaneThreads: 0 }\n",
             &["east.yaml:3:30: traffic.dataPlaneThreads: 0 is out of range (1..=256)"],
+        ),
+        (
+            "busy poll too long",
+            "cluster: { id: east }\npeers: []\ntraffic: { busyPoll: 1s }\n",
+            &["east.yaml:3:22: traffic.busyPoll: 1s is longer than 10ms"],
+        ),
+        (
+            "busy poll with a thread pool",
+            "cluster: { id: east }\npeers: []\ntraffic: { busyPoll: 100us, dataPlaneThreads: 2 }\n",
+            &["east.yaml:3:22: traffic.busyPoll: needs traffic.dataPlaneThreads: 1 (it is 2)"],
+        ),
+        (
+            "busy poll not a duration",
+            "cluster: { id: east }\npeers: []\ntraffic: { busyPoll: fast }\n",
+            &["east.yaml:3:22: traffic.busyPoll: invalid duration \"fast\""],
         ),
         (
             "kube front without kube source",

@@ -54,6 +54,9 @@ pub const DEFAULT_DRAIN_DURATION: Duration = Duration::from_secs(45);
 pub const DEFAULT_DATA_PLANE_THREADS: usize = 1;
 /// The most `traffic.dataPlaneThreads` may ask for.
 pub const MAX_DATA_PLANE_THREADS: usize = 256;
+/// The longest `traffic.busyPoll`: 10 ms. Waits longer than that are not what busy polling is
+/// for; a thread polling through them only burns a core.
+pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 /// Directory of the file source, relative to the config file, when `discovery.file.dir` is
 /// not set: `clusters/<cluster.id>`.
 pub const DEFAULT_FILE_DIR_PARENT: &str = "clusters";
@@ -458,6 +461,10 @@ pub struct TrafficConfig {
     /// Threads that carry traffic (the tunnel's packet work, the listeners, the proxied
     /// connections). 1: one thread, no hand-offs between threads; more: a pool of that many.
     pub data_plane_threads: usize,
+    /// How long the data-plane thread keeps polling after it last moved bytes, instead of
+    /// sleeping in `epoll_wait` (0: never). Trades CPU for latency; one data-plane thread only.
+    #[serde(with = "duration")]
+    pub busy_poll: Duration,
 }
 
 impl Default for TrafficConfig {
@@ -470,6 +477,7 @@ impl Default for TrafficConfig {
             health_check: HealthCheckConfig::default(),
             drain_duration: DEFAULT_DRAIN_DURATION,
             data_plane_threads: DEFAULT_DATA_PLANE_THREADS,
+            busy_poll: Duration::ZERO,
         }
     }
 }

@@ -30,6 +30,7 @@ pub const LISTENER_BIND_ERRORS_TOTAL: &str = "fedgate_listener_bind_errors_total
 pub const LISTENERS_FAILED: &str = "fedgate_listeners_failed";
 pub const DATAPLANE_BUSY_RATIO: &str = "fedgate_dataplane_busy_ratio";
 pub const DATAPLANE_THREADS: &str = "fedgate_dataplane_threads";
+pub const DATAPLANE_BUSY_POLL_RATIO: &str = "fedgate_dataplane_busy_poll_ratio";
 
 /// Registers help text for every data-plane metric with the installed recorder. Call once
 /// after the composition root installed its recorder; recording works without it.
@@ -120,6 +121,11 @@ pub fn describe() {
          traffic.dataPlaneThreads or give the gateway more CPU."
     );
     describe_gauge!(DATAPLANE_THREADS, "Threads that carry traffic (traffic.dataPlaneThreads).");
+    describe_gauge!(
+        DATAPLANE_BUSY_POLL_RATIO,
+        "Share of the data-plane thread's time spent busy polling over the last second \
+         (traffic.busyPoll; left out of fedgate_dataplane_busy_ratio)."
+    );
 }
 
 /// Records one proxied client connection when dropped: its result, byte counts and the
@@ -262,8 +268,9 @@ pub fn record_bind_error() {
     counter!(LISTENER_BIND_ERRORS_TOTAL).increment(1);
 }
 
-pub fn set_dataplane_load(busy_ratio: f64, threads: usize) {
+pub fn set_dataplane_load(busy_ratio: f64, busy_poll_ratio: f64, threads: usize) {
     gauge!(DATAPLANE_BUSY_RATIO).set(busy_ratio);
+    gauge!(DATAPLANE_BUSY_POLL_RATIO).set(busy_poll_ratio);
     gauge!(DATAPLANE_THREADS).set(threads as f64);
 }
 

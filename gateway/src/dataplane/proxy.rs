@@ -125,6 +125,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
+            crate::data_thread::mark_activity();
             let c = if self.reads_are_tx { &self.bytes.tx } else { &self.bytes.rx };
             c.fetch_add(n, Ordering::Relaxed);
         }
@@ -140,6 +141,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
+            crate::data_thread::mark_activity();
             let c = if self.reads_are_tx { &self.bytes.rx } else { &self.bytes.tx };
             c.fetch_add(*n as u64, Ordering::Relaxed);
         }
@@ -224,6 +226,7 @@ async fn tcp_to_stream(
         match tcp.read_buf(&mut buf).await? {
             0 => return send.shutdown().await,
             n => {
+                crate::data_thread::mark_activity();
                 count.fetch_add(n as u64, Ordering::Relaxed);
                 send.write_chunk(buf.split().freeze()).await?;
             }
@@ -239,6 +242,7 @@ async fn stream_to_tcp(recv: &mut BoxRecv, tcp: &TcpStream, count: &AtomicU64) -
         if n == 0 {
             return socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write);
         }
+        crate::data_thread::mark_activity();
         let written = write_all_vectored(tcp, &mut chunks[..n]).await?;
         count.fetch_add(written as u64, Ordering::Relaxed);
     }
