@@ -271,6 +271,55 @@ fn a_full_udp_send_buffer_is_waited_out_and_nothing_is_lost() -> Result<()> {
     Ok(())
 }
 
+/// `traffic.busyPoll` on alpha. Round trips through the tunnel, a few milliseconds apart
+/// (inside the 10 ms window, so alpha polls through the gaps), are all answered; alpha shows
+/// the polling in `fedgate_dataplane_busy_poll_ratio`; once the connection closes the ratio
+/// goes back to 0: the thread sleeps again.
+#[test]
+fn a_busy_polling_gateway_carries_round_trips_and_stops_polling_when_they_end() -> Result<()> {
+    let c = clusters("traffic:\n  busyPoll: 10ms\n")?;
+    let net = &c.net;
+    let _echo = net.server(&net.b, &["echo", B_BACKEND, "7000"])?;
+    export(&c.b, "demo", "echo", B_BACKEND, 7000)?;
+    let vip = wait_vip(&c.a, "demo", "echo", &["bravo"], PROPAGATION)?;
+    let mut hold = eventually("a connection through alpha", PROPAGATION, || {
+        let mut p = net.tool(&net.a, &["hold", &vip, "80"])?;
+        Ok((p.line(Duration::from_secs(10)).ok().as_deref() == Some("OPEN")).then_some(p))
+    })?;
+    let polling = || -> Result<f64> {
+        let metrics = c.a.get("/metrics")?;
+        metric_samples(&metrics, "fedgate_dataplane_busy_poll_ratio", &[])
+            .first()
+            .map(|(_, v)| *v)
+            .context("alpha has no fedgate_dataplane_busy_poll_ratio")
+    };
+
+    // 3.5 s of round trips: the gauge is sampled every second.
+    let start = Instant::now();
+    let (mut trips, mut most) = (0, 0.0_f64);
+    while start.elapsed() < Duration::from_millis(3500) {
+        hold.send("ping")?;
+        assert_eq!(hold.line(Duration::from_secs(5))?, "PONG", "round trip {trips}");
+        trips += 1;
+        if trips % 50 == 0 {
+            most = most.max(polling()?);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    most = most.max(polling()?);
+    hold.send("close")?;
+    let closed = hold.line(Duration::from_secs(5))?;
+    assert_eq!(closed, "CLOSED 0", "half-close through a polling gateway");
+    eprintln!("{trips} round trips through busy-polling alpha; busy-poll ratio up to {most:.2}");
+    assert!(most > 0.0, "alpha never reported busy polling during {trips} round trips");
+
+    // After the window without bytes the thread sleeps: the next samples read 0.
+    eventually("alpha stops polling", Duration::from_secs(10), || {
+        Ok((polling()? == 0.0).then_some(()))
+    })?;
+    Ok(())
+}
+
 #[test]
 fn sigterm_exits_when_the_open_connection_closes_not_at_drain_duration() -> Result<()> {
     let drain = Duration::from_secs(30);
