@@ -19,6 +19,8 @@
 # fedgate runs twice: with the defaults (path MTU discovery up to tunnel.maxUdpPayloadSize
 # 8952; loopback carries it, as a jumbo-frame network does), and pinned to 1452 bytes, what a
 # 1500-byte Ethernet path allows, "fedgate-1452". Each pair prints the path MTU it settled on.
+# A third pair, "fedgate-busypoll", runs the defaults plus traffic.busyPoll: 200us (off by
+# default; it trades CPU for latency, docs/configuration.md).
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -92,18 +94,18 @@ wait_tcp "$SRV" "$ECHO_PORT" echo
 
 # --- PKI (shared by every proxy) -----------------------------------------------------------
 "$bin" certs ca --clusterset bench --out "$work/certs" >/dev/null
-for c in a b c d; do "$bin" certs issue --ca "$work/certs" --cluster "$c" --out "$work/certs" >/dev/null; done
+for c in a b c d e f; do "$bin" certs issue --ca "$work/certs" --cluster "$c" --out "$work/certs" >/dev/null; done
 C=$work/certs
 for c in a b; do cat "$C/$c.crt" "$C/$c.key" >"$C/$c.pem"; done
 
 # --- fedgate A -> QUIC -> fedgate B --------------------------------------------------------
-# pair NAME-A NAME-B IP-A IP-B VIP-OCTET-A VIP-OCTET-B MAX-UDP-PAYLOAD: two gateways, B exports
+# pair NAME-A NAME-B IP-A IP-B VIP-OCTET-A VIP-OCTET-B MAX-UDP-PAYLOAD [BUSY-POLL]: two gateways, B exports
 # bench/bench (the servers), A imports it; sets VIP to its ClusterSetIP on A and PIDS_PAIR.
 pair() {
   local a=$1 b=$2 ipa=$3 ipb=$4 ta tb g
   ta=$(free_udp); tb=$(free_udp)
-  gateway "$a" "$ipa" "$ta" "$b" "$ipb" "$tb" "$5" "$7"
-  gateway "$b" "$ipb" "$tb" "$a" "$ipa" "$ta" "$6" "$7"
+  gateway "$a" "$ipa" "$ta" "$b" "$ipb" "$tb" "$5" "$7" "" "${8:-}"
+  gateway "$b" "$ipb" "$tb" "$a" "$ipa" "$ta" "$6" "$7" "" "${8:-}"
   bench_export "$work/$b"
   PIDS_PAIR=""
   for g in "$a" "$b"; do
@@ -138,6 +140,9 @@ VIP_FG=$VIP; PIDS_FG=$PIDS_PAIR; ADMIN_FG=$ADMIN_PAIR
 # ... and pinned to a 1500-byte Ethernet path (tunnel.maxUdpPayloadSize 1452).
 pair c d 127.0.0.23 127.0.0.24 23 24 1452
 VIP_J=$VIP; PIDS_J=$PIDS_PAIR; ADMIN_J=$ADMIN_PAIR
+# ... and the defaults with busy polling.
+pair e f 127.0.0.25 127.0.0.26 25 26 "" 200us
+VIP_BP=$VIP; PIDS_BP=$PIDS_PAIR; ADMIN_BP=$ADMIN_PAIR
 
 # --- stunnel4 two-hop mutual TLS -----------------------------------------------------------
 S1=127.0.0.31; S2=127.0.0.32
@@ -202,11 +207,12 @@ declare -A target=(
   [direct]="$SRV $IPERF_PORT $ECHO_PORT"
   [fedgate]="$VIP_FG $IPERF_PORT $ECHO_PORT $PIDS_FG"
   [fedgate-1452]="$VIP_J $IPERF_PORT $ECHO_PORT $PIDS_J"
+  [fedgate-busypoll]="$VIP_BP $IPERF_PORT $ECHO_PORT $PIDS_BP"
   [stunnel]="$S1 $SI1 $SE1 $PID_S1 $PID_S2"
   [haproxy]="$H1 $HI1 $HE1 $PID_H1 $PID_H2"
 )
-paths=(direct fedgate fedgate-1452 stunnel haproxy)
-echo "iperf3 ${DURATION}s x $REPEAT per path, then $LAT_REPEAT rounds of $ROUNDS x 1 KB round trips through every path (fedgate VIPs $VIP_FG, $VIP_J)"
+paths=(direct fedgate fedgate-1452 fedgate-busypoll stunnel haproxy)
+echo "iperf3 ${DURATION}s x $REPEAT per path, then $LAT_REPEAT rounds of $ROUNDS x 1 KB round trips through every path (fedgate VIPs $VIP_FG, $VIP_J, $VIP_BP)"
 for p in "${paths[@]}"; do
   read -r host iport eport ppids <<<"${target[$p]}"
   # shellcheck disable=SC2086
@@ -223,7 +229,7 @@ j = json.load(open(sys.argv[1]))
 s = j["end"]["sum_received"]
 print(s["bits_per_second"] / 1e9, s["bytes"], int(sys.argv[2]) / int(sys.argv[3]))
 PY
-    printf '  %-8s run %d: %s\n' "$p" "$r" "$(tail -n1 "$work/tput.$p" | awk '{printf "%.2f Gb/s, %.2f GB, proxy CPU %.2f s", $1, $2/1e9, $3}'), UDP rcvbuf drops $drops"
+    printf '  %-16s run %d: %s\n' "$p" "$r" "$(tail -n1 "$work/tput.$p" | awk '{printf "%.2f Gb/s, %.2f GB, proxy CPU %.2f s", $1, $2/1e9, $3}'), UDP rcvbuf drops $drops"
   done
 done
 # Latency: LAT_REPEAT rounds, the paths interleaved inside each round, so that a noisy moment
@@ -239,14 +245,14 @@ for r in $(seq 1 "$LAT_REPEAT"); do
     t1=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
     # Proxy CPU per round trip (warm-up included in both the ticks and the count).
     python3 -c "print($((t1 - t0)) / $tck / ($ROUNDS + 500) * 1e6)" >>"$work/rrcpu.$p"
-    printf '  %-12s latency round %d: p50 %s us, p99 %s us, proxy CPU %.1f us per round trip\n' "$p" "$r" "$(tail -n1 "$work/lat.$p" | awk '{print $1}')" "$(tail -n1 "$work/lat.$p" | awk '{print $2}')" "$(tail -n1 "$work/rrcpu.$p")"
+    printf '  %-16s latency round %d: p50 %s us, p99 %s us, proxy CPU %.1f us per round trip\n' "$p" "$r" "$(tail -n1 "$work/lat.$p" | awk '{print $1}')" "$(tail -n1 "$work/lat.$p" | awk '{print $2}')" "$(tail -n1 "$work/rrcpu.$p")"
   done
 done
 
 python3 - "$work" "$DURATION" "$ROUNDS" "$REPEAT" "$LAT_REPEAT" <<'PY'
 import statistics, sys
 work, duration, rounds, repeat, lat_repeat = sys.argv[1:6]
-paths = ["direct", "fedgate", "fedgate-1452", "stunnel", "haproxy"]
+paths = ["direct", "fedgate", "fedgate-1452", "fedgate-busypoll", "stunnel", "haproxy"]
 row = {}
 for p in paths:
     runs = [tuple(map(float, l.split())) for l in open(f"{work}/tput.{p}")]
@@ -273,7 +279,7 @@ for p in paths:
           f"| {r['p50']:.1f} | {r['p99']:.1f} | {added_s} | {cpu} | {rr_cpu} |")
 s, h = row["stunnel"], row["haproxy"]
 print()
-for name in ["fedgate", "fedgate-1452"]:
+for name in ["fedgate", "fedgate-1452", "fedgate-busypoll"]:
     f = row[name]
     ok_t = f["gbps"] >= 1.2 * s["gbps"]
     fa, ha = statistics.median(added[name]), statistics.median(added["haproxy"])
@@ -287,7 +293,7 @@ PY
 
 # The datagram size each pair's QUIC connection settled on (path MTU discovery).
 path_mtu() { curl -sf "http://$1/debug/peers" | python3 -c 'import json,sys; print(",".join(str(p.get("path_mtu")) for p in json.load(sys.stdin)))'; }
-echo "path MTU in use (UDP payload bytes): fedgate $(path_mtu "$ADMIN_FG"), fedgate-1452 $(path_mtu "$ADMIN_J")"
+echo "path MTU in use (UDP payload bytes): fedgate $(path_mtu "$ADMIN_FG"), fedgate-1452 $(path_mtu "$ADMIN_J"), fedgate-busypoll $(path_mtu "$ADMIN_BP")"
 
 if [[ $PROFILE == 1 ]]; then
   command -v perf >/dev/null || { echo "perf not found (apt-get install linux-perf)" >&2; exit 0; }

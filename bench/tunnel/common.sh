@@ -5,7 +5,7 @@
 free_tcp() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 free_udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-gateway() { # id ip tunnel-port peer-id peer-ip peer-port vip-octet [maxUdpPayloadSize] [dataPlaneThreads]
+gateway() { # id ip tunnel-port peer-id peer-ip peer-port vip-octet [maxUdpPayloadSize] [dataPlaneThreads] [busyPoll]
   local d=$work/$1
   mkdir -p "$d/cluster"
   cat >"$d/gateway.yaml" <<YAML
@@ -17,7 +17,7 @@ tunnel: { listen: "$2:$3"${8:+, maxUdpPayloadSize: $8} }
 dns: { listen: "$2:$(free_udp)", upstream: [ "127.0.0.1:9" ], ttl: 5s }
 front: { mode: vip, clusterSetIPRange: 127.2.$7.0/24 }
 admin: { listen: "$2:$(free_tcp)" }
-traffic: { healthCheck: { interval: 5s, timeout: 1s, unhealthyThreshold: 2, healthyThreshold: 1 }${9:+, dataPlaneThreads: $9} }
+traffic: { healthCheck: { interval: 5s, timeout: 1s, unhealthyThreshold: 2, healthyThreshold: 1 }${9:+, dataPlaneThreads: $9}${10:+, busyPoll: ${10}} }
 YAML
 }
 
@@ -62,6 +62,7 @@ defaults
   timeout connect 5s
   timeout client 120s
   timeout server 120s'
+  [[ -z ${HAPROXY_GLOBAL:-} ]] || defaults=${defaults/maxconn 1000/maxconn 1000$'\n'  $HAPROXY_GLOBAL}
   cat >"$work/haproxy-client.cfg" <<CONF
 $defaults
 listen iperf

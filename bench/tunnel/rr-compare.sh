@@ -3,10 +3,11 @@
 # loopback, in one invocation: 1 KB round trips (rr.py) through each path in ITER interleaved
 # rounds, printing per path the medians of p50 and p99, the proxies' CPU per round trip
 # (schedstat of every thread) and context switches per round trip.
-#   PAIRS="name=BINARY,MAX_UDP_PAYLOAD,ENV=VAL:ENV2=VAL,DATA_PLANE_THREADS ..."  one fedgate
+#   PAIRS="name=BINARY,MAX_UDP_PAYLOAD,ENV=VAL:ENV2=VAL,DATA_PLANE_THREADS,BUSY_POLL ..."  one fedgate
 #   pair per entry (empty fields: the defaults)
 #   PAIRS="old=/tmp/fedgate-old, new=target/release/fedgate," ITER=8 bench/tunnel/rr-compare.sh
 #   PAIRS="w1=target/release/fedgate,,TOKIO_WORKER_THREADS=1" bench/tunnel/rr-compare.sh
+#   RR_GAP=MICROSECONDS  idle time between round trips (default 0: back to back)
 #   PRE_IPERF=3  an iperf3 run of that many seconds through each path before its round trips
 #   SYSC="name ..."  instead: syscall counts (perf trace -s) of those paths over 10 000 round
 #                    trips, written to /tmp/sysc.NAME (SYSC_TRACE="": every call, with times)
@@ -42,10 +43,10 @@ C=$work/certs; for c in a b; do cat "$C/$c.crt" "$C/$c.key" >"$C/$c.pem"; done
 declare -A HOST PIDS IP
 ids=(a b c d e f g h i j); n=0
 for spec in ${PAIRS:-base=$bin0,}; do
-  name=${spec%%=*}; rest=${spec#*=}; IFS=, read -r bin payload envs threads <<<"$rest"; bin=$(realpath "$bin")
+  name=${spec%%=*}; rest=${spec#*=}; IFS=, read -r bin payload envs threads busy <<<"$rest"; bin=$(realpath "$bin")
   a=${ids[$((2*n))]}; b=${ids[$((2*n+1))]}; ipa=127.0.0.$((50+2*n)); ipb=127.0.0.$((51+2*n))
   ta=$(free_udp); tb=$(free_udp)
-  gateway $a $ipa $ta $b $ipb $tb $((50+2*n)) "$payload" "$threads"; gateway $b $ipb $tb $a $ipa $ta $((51+2*n)) "$payload" "$threads"
+  gateway $a $ipa $ta $b $ipb $tb $((50+2*n)) "$payload" "$threads" "$busy"; gateway $b $ipb $tb $a $ipa $ta $((51+2*n)) "$payload" "$threads" "$busy"
   bench_export "$work/$b"
   PP=""; for g in $a $b; do (cd $work/$g && exec env RUST_LOG=warn ${envs//:/ } "$bin" run --config gateway.yaml) >$work/$g.log 2>&1 & pids+=($!); PP="$PP $!"; done
   adm=$(awk -F'"' '/^admin:/ {print $2}' $work/$a/gateway.yaml); VIP=""
@@ -125,7 +126,7 @@ fi
 for it in $(seq $ITER); do for nm in "${names[@]}"; do
   pre_iperf $nm
   c0=$(cpu_ns ${PIDS[$nm]}); s0=$(csw ${PIDS[$nm]})
-  python3 $here/rr.py ${HOST[$nm]} $ROUNDS 500 | awk -v n=$nm '{print n, $1, $2}' >> $work/res
+  python3 $here/rr.py ${HOST[$nm]} $ROUNDS 500 ${RR_GAP:-0} | awk -v n=$nm '{print n, $1, $2}' >> $work/res
   c1=$(cpu_ns ${PIDS[$nm]}); s1=$(csw ${PIDS[$nm]}); echo "$nm $(( (c1-c0)/ (ROUNDS+500) )) $(( (s1-s0)*100/ (ROUNDS+500) ))" >> $work/cpu
 done; done
 python3 - $work/res <<'PY'

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """1 KB request/response latency over one TCP connection against an echo server.
-Usage: rr.py HOST PORT [ROUNDS] [WARMUP] -> prints "p50_us p99_us mean_us rounds"."""
+Usage: rr.py HOST PORT [ROUNDS] [WARMUP] [GAP_US] -> prints "p50_us p99_us mean_us rounds".
+GAP_US: idle time between the end of one round trip and the start of the next (default 0)."""
 import socket
 import sys
 import time
@@ -12,6 +13,7 @@ def main() -> None:
     host, port = sys.argv[1], int(sys.argv[2])
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 20000
     warmup = int(sys.argv[4]) if len(sys.argv) > 4 else 1000
+    gap = int(sys.argv[5]) / 1e6 if len(sys.argv) > 5 else 0.0
     s = socket.create_connection((host, port), timeout=10)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     req = bytes(range(256)) * (SIZE // 256)
@@ -31,6 +33,8 @@ def main() -> None:
         t1 = clock()
         if i >= warmup:
             samples.append(t1 - t0)
+        if gap:
+            time.sleep(gap)
     if buf != req:
         sys.exit("echo mismatch")
     s.close()
