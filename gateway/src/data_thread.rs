@@ -350,6 +350,17 @@ mod tests {
         std::thread::sleep(window);
         let after = polled_during(&load, ms(200));
         assert_eq!(after, Duration::ZERO, "still polling past the window");
+
+        // Stopping the thread while it polls: the poll is a task like any other.
+        client.write_all(b"y").expect("write");
+        read_rx.recv_timeout(Duration::from_secs(5)).expect("the byte was read");
+        assert!(polled_during(&load, ms(20)) > Duration::ZERO, "polling again");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(data);
+            done_tx.send(()).expect("send");
+        });
+        done_rx.recv_timeout(Duration::from_secs(5)).expect("the thread stops while polling");
     }
 
     fn runs_tasks_and_stops(threads: usize) {
