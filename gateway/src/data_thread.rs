@@ -14,6 +14,9 @@
 //! docs/benchmarks.md, session 5). quinn drives each peer connection from one task anyway; on two
 //! cores a pool of two data-plane workers used more CPU per GB than the old shared runtime, hence
 //! one thread by default.
+//!
+//! With `traffic.busyPoll` the thread polls for a while after traffic instead of sleeping at
+//! once ([`busy_poll_task`]): lower latency where idle CPUs halt, for CPU.
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -31,11 +34,12 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 pub const LOAD_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 thread_local! {
-    /// Reads that moved bytes on this thread ([`mark_activity`]); only its changes matter.
+    /// Reads and writes that moved bytes on this thread ([`mark_activity`]); only its changes
+    /// matter.
     static ACTIVITY: Cell<u64> = const { Cell::new(0) };
 }
 
-/// Records that the data plane read bytes on this thread (a proxied connection or tunnel
+/// Records that the data plane moved bytes on this thread (a proxied connection or tunnel
 /// stream); the busy poller keeps polling for `traffic.busyPoll` after the last such mark.
 /// One thread-local increment: free when busy polling is off.
 pub fn mark_activity() {
@@ -68,7 +72,7 @@ impl Poller {
 
 /// Busy polling (`traffic.busyPoll`). A thread that blocks in `epoll_wait` while its CPU has
 /// nothing else to run lets the CPU idle; a virtual CPU then halts, and the next packet waits
-/// for the hypervisor to wake it: about 25 µs per wake on the benchmark VM, twice per proxied
+/// for the hypervisor to wake it: about 20–30 µs per wake on the benchmark VM, twice per proxied
 /// round trip (docs/benchmarks.md, session 10). While the data plane moved bytes within the
 /// last `window`, this task keeps the thread awake instead: it yields to tokio, which then
 /// polls its driver with a zero timeout and runs what that woke, and then calls
@@ -119,7 +123,7 @@ impl DataThread {
     /// for `threads == 1`, else a multi-thread runtime of `threads` workers (the thread then
     /// only waits for the stop). A non-zero `busy_poll` (one thread only; the config check
     /// refuses it with more) makes the thread poll for that long after the data plane last
-    /// moved bytes before it sleeps: [`busy_poll`].
+    /// moved bytes before it sleeps: [`busy_poll_task`].
     pub fn start(threads: usize, busy_poll: Duration) -> anyhow::Result<Self> {
         let mut builder = if threads > 1 {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -165,8 +169,8 @@ impl DataThread {
     }
 }
 
-/// Reads the data-plane runtime's busy time (tokio's per-worker time spent polling tasks,
-/// less the busy poll's).
+/// Reads the data-plane runtime's busy time (tokio's per-worker time spent polling tasks) and
+/// the busy poll's polling time.
 #[derive(Clone)]
 pub struct DataLoad {
     handle: Handle,
