@@ -62,6 +62,7 @@ defaults
   timeout connect 5s
   timeout client 120s
   timeout server 120s'
+  # HAPROXY_GLOBAL: one more global line (e.g. busy-polling), for rr-compare.sh experiments.
   [[ -z ${HAPROXY_GLOBAL:-} ]] || defaults=${defaults/maxconn 1000/maxconn 1000$'\n'  $HAPROXY_GLOBAL}
   cat >"$work/haproxy-client.cfg" <<CONF
 $defaults

@@ -8,6 +8,7 @@
 #   PAIRS="old=/tmp/fedgate-old, new=target/release/fedgate," ITER=8 bench/tunnel/rr-compare.sh
 #   PAIRS="w1=target/release/fedgate,,TOKIO_WORKER_THREADS=1" bench/tunnel/rr-compare.sh
 #   RR_GAP=MICROSECONDS  idle time between round trips (default 0: back to back)
+#   HAPROXY_GLOBAL="busy-polling"  one more line for the haproxy configs' global section
 #   PRE_IPERF=3  an iperf3 run of that many seconds through each path before its round trips
 #   SYSC="name ..."  instead: syscall counts (perf trace -s) of those paths over 10 000 round
 #                    trips, written to /tmp/sysc.NAME (SYSC_TRACE="": every call, with times)
