@@ -265,5 +265,42 @@ fn helm_chart_lints_and_renders_the_manifests() -> Result<()> {
     let (_, out, err) = fedgate(&["analyze", &path.to_string_lossy()])?;
     assert!(!out.is_empty(), "{err}");
     assert!(out.lines().all(|l| l.contains(": tls.")), "only certificate problems:\n{out}{err}");
+
+    // `traffic` values become the config's traffic section, checked like any config: a
+    // valid one adds no problem, an invalid one is named
+    for (set, problem) in [
+        ("traffic.busyPoll=200us,traffic.drainDuration=30s", None),
+        ("traffic.busyPoll=1s", Some("traffic.busyPoll: 1s is longer than 10ms")),
+    ] {
+        let rendered = run(&[
+            "template",
+            "fedgate",
+            &chart.to_string_lossy(),
+            "--namespace",
+            NS,
+            "--set",
+            set,
+            "--show-only",
+            "templates/configmap.yaml",
+        ])?;
+        let config: String = rendered
+            .split_once("config.yaml: |\n")
+            .map(|(_, c)| c)
+            .context("config.yaml in the ConfigMap")?
+            .lines()
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        assert!(config.contains("\ntraffic:\n  busyPoll: "), "{set}: {config}");
+        std::fs::write(&path, &config)?;
+        let (_, out, err) = fedgate(&["analyze", &path.to_string_lossy()])?;
+        let others: Vec<&str> = out.lines().filter(|l| !l.contains(": tls.")).collect();
+        match problem {
+            None => assert!(others.is_empty(), "{set}: only certificate problems:\n{out}{err}"),
+            Some(p) => assert!(
+                others.len() == 1 && others[0].contains(p),
+                "{set}: want {p:?}:\n{out}{err}"
+            ),
+        }
+    }
     Ok(())
 }
