@@ -238,25 +238,29 @@ fn helm_chart_lints_and_renders_the_manifests() -> Result<()> {
     assert_eq!(objects(&rendered), want, "helm template renders the objects of deploy/manifests");
     assert!(rendered.contains("\n      id: cluster-1\n"), "{rendered}");
 
+    // The gateway config the chart renders with `--set <set>`.
+    let config_with = |set: &str| -> Result<String> {
+        let rendered = run(&[
+            "template",
+            "fedgate",
+            &chart.to_string_lossy(),
+            "--namespace",
+            NS,
+            "--set",
+            set,
+            "--show-only",
+            "templates/configmap.yaml",
+        ])?;
+        let config = rendered
+            .split_once("config.yaml: |\n")
+            .map(|(_, c)| c)
+            .context("config.yaml in the ConfigMap")?;
+        Ok(config.lines().map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l))).collect())
+    };
+
     // an empty clusterId leaves cluster.id out: the ClusterProperty provides it, and the
     // config is still valid
-    let no_id = run(&[
-        "template",
-        "fedgate",
-        &chart.to_string_lossy(),
-        "--namespace",
-        NS,
-        "--set",
-        "clusterId=",
-        "--show-only",
-        "templates/configmap.yaml",
-    ])?;
-    let config = no_id
-        .split_once("config.yaml: |\n")
-        .map(|(_, c)| c)
-        .context("config.yaml in the ConfigMap")?;
-    let config: String =
-        config.lines().map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l))).collect();
+    let config = config_with("clusterId=")?;
     assert!(config.starts_with("cluster:\n  clusterset: clusterset\n"), "{config}");
     let tmp = tempfile::tempdir()?;
     let path = tmp.path().join("config.yaml");
@@ -272,24 +276,7 @@ fn helm_chart_lints_and_renders_the_manifests() -> Result<()> {
         ("traffic.busyPoll=200us,traffic.drainDuration=30s", None),
         ("traffic.busyPoll=1s", Some("traffic.busyPoll: 1s is longer than 10ms")),
     ] {
-        let rendered = run(&[
-            "template",
-            "fedgate",
-            &chart.to_string_lossy(),
-            "--namespace",
-            NS,
-            "--set",
-            set,
-            "--show-only",
-            "templates/configmap.yaml",
-        ])?;
-        let config: String = rendered
-            .split_once("config.yaml: |\n")
-            .map(|(_, c)| c)
-            .context("config.yaml in the ConfigMap")?
-            .lines()
-            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
-            .collect();
+        let config = config_with(set)?;
         assert!(config.contains("\ntraffic:\n  busyPoll: "), "{set}: {config}");
         std::fs::write(&path, &config)?;
         let (_, out, err) = fedgate(&["analyze", &path.to_string_lossy()])?;

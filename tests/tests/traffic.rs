@@ -85,6 +85,21 @@ fn send_to_sink(net: &Pair, vip: &str, bytes: u64, timeout: Duration) -> Result<
 }
 
 /// `curl` inside alpha's namespace; returns the body.
+/// An echo server in bravo, exported, and one connection to it held open through alpha's
+/// ClusterSetIP (`fgtool hold`: "ping" → "PONG", "close" → "CLOSED <bytes after FIN>").
+/// Returns the server (stops when dropped), the held connection and the ClusterSetIP.
+fn echo_held_through_alpha(c: &Clusters) -> Result<(NsProc, NsProc, String)> {
+    let net = &c.net;
+    let echo = net.server(&net.b, &["echo", B_BACKEND, "7000"])?;
+    export(&c.b, "demo", "echo", B_BACKEND, 7000)?;
+    let vip = wait_vip(&c.a, "demo", "echo", &["bravo"], PROPAGATION)?;
+    let hold = eventually("a connection through alpha", PROPAGATION, || {
+        let mut p = net.tool(&net.a, &["hold", &vip, "80"])?;
+        Ok((p.line(Duration::from_secs(10)).ok().as_deref() == Some("OPEN")).then_some(p))
+    })?;
+    Ok((echo, hold, vip))
+}
+
 fn curl_in(ns: &Netns, url: &str) -> Result<String> {
     Ok(run(ns.command("curl").args(["-sS", "-m", "5", url]))?.trim().to_owned())
 }
@@ -278,14 +293,7 @@ fn a_full_udp_send_buffer_is_waited_out_and_nothing_is_lost() -> Result<()> {
 #[test]
 fn a_busy_polling_gateway_carries_round_trips_and_stops_polling_when_they_end() -> Result<()> {
     let c = clusters("traffic:\n  busyPoll: 10ms\n")?;
-    let net = &c.net;
-    let _echo = net.server(&net.b, &["echo", B_BACKEND, "7000"])?;
-    export(&c.b, "demo", "echo", B_BACKEND, 7000)?;
-    let vip = wait_vip(&c.a, "demo", "echo", &["bravo"], PROPAGATION)?;
-    let mut hold = eventually("a connection through alpha", PROPAGATION, || {
-        let mut p = net.tool(&net.a, &["hold", &vip, "80"])?;
-        Ok((p.line(Duration::from_secs(10)).ok().as_deref() == Some("OPEN")).then_some(p))
-    })?;
+    let (_echo, mut hold, _) = echo_held_through_alpha(&c)?;
     let polling = || -> Result<f64> {
         let metrics = c.a.get("/metrics")?;
         metric_samples(&metrics, "fedgate_dataplane_busy_poll_ratio", &[])
@@ -324,15 +332,8 @@ fn a_busy_polling_gateway_carries_round_trips_and_stops_polling_when_they_end() 
 fn sigterm_exits_when_the_open_connection_closes_not_at_drain_duration() -> Result<()> {
     let drain = Duration::from_secs(30);
     let mut c = clusters("traffic:\n  drainDuration: 30s\n")?;
+    let (_echo, mut hold, vip) = echo_held_through_alpha(&c)?;
     let net = &c.net;
-    let _echo = net.server(&net.b, &["echo", B_BACKEND, "7000"])?;
-    export(&c.b, "demo", "echo", B_BACKEND, 7000)?;
-    let vip = wait_vip(&c.a, "demo", "echo", &["bravo"], PROPAGATION)?;
-
-    let mut hold = eventually("a connection through alpha", PROPAGATION, || {
-        let mut p = net.tool(&net.a, &["hold", &vip, "80"])?;
-        Ok((p.line(Duration::from_secs(10)).ok().as_deref() == Some("OPEN")).then_some(p))
-    })?;
     c.a.signal("TERM")?;
     let termed = Instant::now();
     // While the connection is open the gateway keeps running and keeps carrying it.
