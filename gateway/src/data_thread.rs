@@ -16,7 +16,7 @@
 //! one thread by default.
 //!
 //! With `traffic.busyPoll` the thread polls for a while after traffic instead of sleeping at
-//! once ([`busy_poll_task`]): lower latency where idle CPUs halt, for CPU.
+//! once (`busy_poll_task`): lower latency where idle CPUs halt, for CPU.
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -123,7 +123,7 @@ impl DataThread {
     /// for `threads == 1`, else a multi-thread runtime of `threads` workers (the thread then
     /// only waits for the stop). A non-zero `busy_poll` (one thread only; the config check
     /// refuses it with more) makes the thread poll for that long after the data plane last
-    /// moved bytes before it sleeps: [`busy_poll_task`].
+    /// moved bytes before it sleeps (`busy_poll_task`).
     pub fn start(threads: usize, busy_poll: Duration) -> anyhow::Result<Self> {
         let mut builder = if threads > 1 {
             let mut b = tokio::runtime::Builder::new_multi_thread();
