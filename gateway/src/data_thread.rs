@@ -94,9 +94,9 @@ async fn busy_poll_task(window: Duration, poller: Arc<Poller>) {
         let mut prev = last;
         loop {
             tokio::task::yield_now().await;
-            let now = Instant::now();
-            if activity() != seen {
-                (seen, last) = (activity(), now);
+            let (now, moved) = (Instant::now(), activity());
+            if moved != seen {
+                (seen, last) = (moved, now);
             } else if now.duration_since(last) >= window {
                 break;
             } else {
