@@ -6,11 +6,24 @@
 //! (the same service tends to get the same IP on every gateway and after a lost state file),
 //! collisions probe linearly, and every assignment is persisted to a small JSON file (written
 //! atomically: temp file + rename) that is reloaded at start.
+//!
+//! When the range is full, a key that asks for an address *waits*: it joins a queue, and the
+//! moment any address frees (a release, an expired reservation) the first waiting key gets it,
+//! without waiting for its own import to change. The queue is ordered: keys that held an
+//! address before (a reservation that ran out, an entry of the state file released unused)
+//! come first, then every other key, oldest first ([`Allocator::waiting`]).
+//!
+//! A key can give its address up *reserved* instead of free ([`Allocator::reserve`]): the
+//! import set does so when a peer's lease expires, so that a service that only went away with
+//! its cluster gets the same address back when the cluster returns. A reserved address is given
+//! to nobody else until the reservation is released or expires ([`Allocator::expire`]); other
+//! keys take free addresses, or wait. The rules are documented in docs/mcs-semantics.md.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -71,10 +84,11 @@ impl std::fmt::Display for AllocKey {
 #[derive(Debug, thiserror::Error)]
 pub enum AllocError {
     #[error(
-        "clusterset ip range {range} is exhausted ({used} addresses in use), cannot allocate for \
-         {key}; widen front.clusterSetIPRange"
+        "clusterset ip range {range} is exhausted ({used} addresses in use, {reserved} of them \
+         reserved for imports of withdrawn clusters): {key} waits for a free address; widen \
+         front.clusterSetIPRange or remove imports"
     )]
-    Exhausted { range: IpNet, used: usize, key: AllocKey },
+    Exhausted { range: IpNet, used: usize, reserved: usize, key: AllocKey },
     #[error("cannot read clusterset ip state file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error(
@@ -116,6 +130,35 @@ struct StateEntry {
     key: AllocKey,
 }
 
+/// How many keys that held an address before are remembered (for their place in the waiting
+/// queue and their old address); the oldest are forgotten first.
+const MAX_REMEMBERED: usize = 4096;
+
+/// Where a waiting key stands in the queue: keys that held an address before go first, then
+/// the others, each group oldest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WaitPlace {
+    /// Whether the key held an address before (served first when one frees).
+    pub held_before: bool,
+    /// When the key started waiting (a counter: smaller is older).
+    pub since: u64,
+}
+
+impl WaitPlace {
+    /// The queue's sort key: held-before first, then oldest first.
+    fn order(self) -> (bool, u64) {
+        (!self.held_before, self.since)
+    }
+}
+
+/// An address given up by a key that may come back for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub ip: IpAddr,
+    /// After this instant the address is free again.
+    pub until: Instant,
+}
+
 /// Allocator of IPs from one range. Not shared: the import set task owns it.
 #[derive(Debug)]
 pub struct Allocator {
@@ -123,8 +166,26 @@ pub struct Allocator {
     /// Offsets (from the network address) that may be handed out: `first..=last`.
     first: u128,
     last: u128,
+    /// Keys that hold an address.
     by_key: BTreeMap<AllocKey, IpAddr>,
+    /// Every address taken, held or reserved.
     by_ip: BTreeMap<IpAddr, AllocKey>,
+    /// Keys whose address is reserved for them (not in `by_key`).
+    reserved: BTreeMap<AllocKey, Reservation>,
+    /// Keys waiting for an address, in queue order, and the same by key.
+    queue: BTreeMap<(bool, u64), AllocKey>,
+    waiting: BTreeMap<AllocKey, WaitPlace>,
+    /// Waiting keys by service (a service's endpoint keys are cancelled together).
+    waiting_by_service: BTreeMap<ServiceKey, BTreeSet<AllocKey>>,
+    next_since: u64,
+    /// Keys that held an address before and have none now: the address, and when it was
+    /// remembered (for forgetting the oldest).
+    remembered: BTreeMap<AllocKey, (u64, IpAddr)>,
+    remembered_order: BTreeMap<u64, AllocKey>,
+    /// Waiting keys that got an address when one freed, for the owner to pick up.
+    granted: Vec<AllocKey>,
+    /// Keys that started waiting since the owner last asked.
+    newly_waiting: Vec<AllocKey>,
     state_file: Option<PathBuf>,
     dirty: bool,
     /// Entries of the state file that were dropped on load (outside the range, duplicated).
@@ -151,6 +212,15 @@ impl Allocator {
             last,
             by_key: BTreeMap::new(),
             by_ip: BTreeMap::new(),
+            reserved: BTreeMap::new(),
+            queue: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            waiting_by_service: BTreeMap::new(),
+            next_since: 0,
+            remembered: BTreeMap::new(),
+            remembered_order: BTreeMap::new(),
+            granted: Vec::new(),
+            newly_waiting: Vec::new(),
             state_file,
             dirty: false,
             dropped_on_load: 0,
@@ -200,7 +270,7 @@ impl Allocator {
         self.range
     }
 
-    /// How many addresses are in use.
+    /// How many keys hold an address (reserved addresses not counted).
     pub fn len(&self) -> usize {
         self.by_key.len()
     }
@@ -209,18 +279,23 @@ impl Allocator {
         self.by_key.is_empty()
     }
 
+    /// How many addresses are taken: held or reserved.
+    pub fn in_use(&self) -> usize {
+        self.by_ip.len()
+    }
+
     /// How many addresses the range can hand out.
     pub fn capacity(&self) -> u128 {
         // Saturates for a whole IPv6 space (::/0), which has one address more than u128 counts.
         (self.last - self.first).saturating_add(1)
     }
 
-    /// The IP held by `key`, if any.
+    /// The IP held by `key`, if any (a reserved address is not held).
     pub fn get(&self, key: &AllocKey) -> Option<IpAddr> {
         self.by_key.get(key).copied()
     }
 
-    /// Who holds `ip`, if anyone.
+    /// Who holds or has reserved `ip`, if anyone.
     pub fn holder(&self, ip: IpAddr) -> Option<&AllocKey> {
         self.by_ip.get(&ip)
     }
@@ -230,49 +305,218 @@ impl Allocator {
         self.by_key.keys()
     }
 
-    /// The IP of `key`: the one it already holds, else its preferred slot, else the next free
-    /// one after it.
+    /// The reservation of `key`, if its address is reserved for it.
+    pub fn reservation(&self, key: &AllocKey) -> Option<Reservation> {
+        self.reserved.get(key).copied()
+    }
+
+    /// Every reservation.
+    pub fn reservations(&self) -> impl Iterator<Item = (&AllocKey, &Reservation)> {
+        self.reserved.iter()
+    }
+
+    /// The keys waiting for an address, first in line first.
+    pub fn waiting(&self) -> impl Iterator<Item = (&AllocKey, WaitPlace)> {
+        self.queue.values().map(|k| (k, self.waiting[k]))
+    }
+
+    /// How many keys wait for an address.
+    pub fn waiting_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The waiting keys of one service (its ClusterSetIP, its endpoints' VIPs).
+    pub fn waiting_of(&self, service: &ServiceKey) -> impl Iterator<Item = &AllocKey> {
+        self.waiting_by_service.get(service).into_iter().flatten()
+    }
+
+    /// The IP of `key`: the one it holds or has reserved, else the one it held before if that
+    /// is free, else its preferred slot, else the next free one after it. With no free address
+    /// the key joins the waiting queue (keeping its place if it was there) and gets an address
+    /// as soon as one frees ([`Allocator::take_granted`]).
     pub fn allocate(&mut self, key: &AllocKey) -> Result<IpAddr, AllocError> {
         if let Some(ip) = self.by_key.get(key) {
             return Ok(*ip);
         }
-        let capacity = self.capacity();
-        if self.by_key.len() as u128 >= capacity {
+        if let Some(r) = self.reserved.remove(key) {
+            self.by_key.insert(key.clone(), r.ip);
+            self.dirty = true;
+            return Ok(r.ip);
+        }
+        // The queue is served the moment an address frees, so while keys wait there is no free
+        // address: a newcomer cannot jump the queue.
+        if !self.has_free() {
+            self.enqueue(key);
             return Err(AllocError::Exhausted {
                 range: self.range,
-                used: self.by_key.len(),
+                used: self.by_ip.len(),
+                reserved: self.reserved.len(),
                 key: key.clone(),
             });
         }
+        Ok(self.assign(key))
+    }
+
+    /// Give `key`'s address back to the range (its own or its reservation), or take it out of
+    /// the waiting queue. An address that frees goes at once to the first waiting key. Returns
+    /// the IP it held.
+    pub fn release(&mut self, key: &AllocKey) -> Option<IpAddr> {
+        self.dequeue(key);
+        let ip = match self.by_key.remove(key) {
+            Some(ip) => ip,
+            None => self.reserved.remove(key)?.ip,
+        };
+        self.by_ip.remove(&ip);
+        self.dirty = true;
+        self.grant();
+        Some(ip)
+    }
+
+    /// Keep `key`'s address for it until `until` instead of releasing it: nobody else gets it
+    /// meanwhile, and [`Allocator::allocate`] gives it back to `key`. Returns the IP.
+    pub fn reserve(&mut self, key: &AllocKey, until: Instant) -> Option<IpAddr> {
+        self.dequeue(key);
+        let ip = self.by_key.remove(key)?;
+        self.reserved.insert(key.clone(), Reservation { ip, until });
+        Some(ip)
+    }
+
+    /// When the next reservation runs out, if any.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.reserved.values().map(|r| r.until).min()
+    }
+
+    /// Frees the addresses of reservations that ran out by `now` (their keys are remembered
+    /// as having held one); returns how many.
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let gone: Vec<AllocKey> =
+            self.reserved.iter().filter(|(_, r)| r.until <= now).map(|(k, _)| k.clone()).collect();
+        for key in &gone {
+            if let Some(r) = self.reserved.remove(key) {
+                self.by_ip.remove(&r.ip);
+                self.remember(key, r.ip);
+                self.dirty = true;
+            }
+        }
+        if !gone.is_empty() {
+            self.grant();
+        }
+        gone.len()
+    }
+
+    /// Release every key holding an address for which `keep` says false (they are remembered
+    /// as having held one); returns how many were released. Reservations are not touched.
+    pub fn retain(&mut self, mut keep: impl FnMut(&AllocKey) -> bool) -> usize {
+        let gone: Vec<AllocKey> = self.by_key.keys().filter(|k| !keep(k)).cloned().collect();
+        for key in &gone {
+            if let Some(ip) = self.by_key.remove(key) {
+                self.by_ip.remove(&ip);
+                self.remember(key, ip);
+                self.dirty = true;
+            }
+        }
+        if !gone.is_empty() {
+            self.grant();
+        }
+        gone.len()
+    }
+
+    /// Waiting keys that got an address since the last call, in the order they got it.
+    pub fn take_granted(&mut self) -> Vec<AllocKey> {
+        std::mem::take(&mut self.granted)
+    }
+
+    /// Keys that started waiting since the last call, in the order they did.
+    pub fn take_newly_waiting(&mut self) -> Vec<AllocKey> {
+        std::mem::take(&mut self.newly_waiting)
+    }
+
+    fn has_free(&self) -> bool {
+        (self.by_ip.len() as u128) < self.capacity()
+    }
+
+    /// Gives free addresses to waiting keys, first in line first.
+    fn grant(&mut self) {
+        while self.has_free() {
+            let Some((_, key)) = self.queue.pop_first() else { break };
+            self.forget_waiting(&key);
+            self.assign(&key);
+            self.granted.push(key);
+        }
+    }
+
+    /// Takes a free address for `key` (there must be one): its old one if free, else its
+    /// preferred slot or the next free one after it.
+    fn assign(&mut self, key: &AllocKey) -> IpAddr {
+        self.dequeue(key);
+        if let Some((seq, old)) = self.remembered.remove(key) {
+            self.remembered_order.remove(&seq);
+            if !self.by_ip.contains_key(&old) {
+                return self.insert(key, old);
+            }
+        }
+        let capacity = self.capacity();
         let mut slot = fnv1a(key.hash_input().as_bytes()) as u128 % capacity;
-        // At most len()+1 probes: there is a free slot among any len()+1 consecutive ones.
+        // At most in_use()+1 probes: there is a free slot among any in_use()+1 consecutive ones.
         loop {
             let ip = self.ip_at(self.first + slot);
-            if let std::collections::btree_map::Entry::Vacant(slot) = self.by_ip.entry(ip) {
-                slot.insert(key.clone());
-                self.by_key.insert(key.clone(), ip);
-                self.dirty = true;
-                return Ok(ip);
+            if !self.by_ip.contains_key(&ip) {
+                return self.insert(key, ip);
             }
             slot = if slot + 1 >= capacity { 0 } else { slot + 1 };
         }
     }
 
-    /// Give `key`'s IP back to the range. Returns the IP it held.
-    pub fn release(&mut self, key: &AllocKey) -> Option<IpAddr> {
-        let ip = self.by_key.remove(key)?;
-        self.by_ip.remove(&ip);
+    fn insert(&mut self, key: &AllocKey, ip: IpAddr) -> IpAddr {
+        self.by_ip.insert(ip, key.clone());
+        self.by_key.insert(key.clone(), ip);
         self.dirty = true;
-        Some(ip)
+        ip
     }
 
-    /// Release every key for which `keep` says false; returns how many were released.
-    pub fn retain(&mut self, mut keep: impl FnMut(&AllocKey) -> bool) -> usize {
-        let gone: Vec<AllocKey> = self.by_key.keys().filter(|k| !keep(k)).cloned().collect();
-        for key in &gone {
-            self.release(key);
+    fn enqueue(&mut self, key: &AllocKey) {
+        if self.waiting.contains_key(key) {
+            return;
         }
-        gone.len()
+        let place =
+            WaitPlace { held_before: self.remembered.contains_key(key), since: self.next_since };
+        self.next_since += 1;
+        self.queue.insert(place.order(), key.clone());
+        self.waiting.insert(key.clone(), place);
+        self.waiting_by_service.entry(key.service_key().clone()).or_default().insert(key.clone());
+        self.newly_waiting.push(key.clone());
+    }
+
+    fn dequeue(&mut self, key: &AllocKey) {
+        if let Some(place) = self.waiting.get(key) {
+            self.queue.remove(&place.order());
+            self.forget_waiting(key);
+        }
+    }
+
+    /// Removes `key` from the indexes of waiting keys (not from the queue).
+    fn forget_waiting(&mut self, key: &AllocKey) {
+        self.waiting.remove(key);
+        let service = key.service_key();
+        if let Some(set) = self.waiting_by_service.get_mut(service) {
+            set.remove(key);
+            if set.is_empty() {
+                self.waiting_by_service.remove(service);
+            }
+        }
+    }
+
+    fn remember(&mut self, key: &AllocKey, ip: IpAddr) {
+        let seq = self.next_since;
+        self.next_since += 1;
+        if let Some((old, _)) = self.remembered.insert(key.clone(), (seq, ip)) {
+            self.remembered_order.remove(&old);
+        }
+        self.remembered_order.insert(seq, key.clone());
+        while self.remembered.len() > MAX_REMEMBERED {
+            let Some((_, k)) = self.remembered_order.pop_first() else { break };
+            self.remembered.remove(&k);
+        }
     }
 
     /// Whether there are changes not yet written to the state file.
@@ -431,6 +675,197 @@ mod tests {
         assert_eq!(a.release(&svc("b")), Some(b_ip));
         assert_eq!(a.release(&svc("b")), None);
         assert_eq!(a.allocate(&svc("c")).unwrap(), b_ip);
+    }
+
+    /// Runs a scenario on a /29 (6 usable addresses) and checks every expectation. Steps:
+    /// `+a` allocate a (must get an address), `+a=b` (must get the address b had), `+a!` (must
+    /// wait), `-a` release a, `~a` reserve a's address (for 60 s), `expire` (120 s later),
+    /// `granted a b` (keys given an address since the last check, in order), `queue a b` (the
+    /// waiting queue, first in line first), `fresh a b` (keys that started waiting since the
+    /// last check).
+    fn run_scenario(name: &str, steps: &[&str]) {
+        let mut a = Allocator::open(net("10.0.0.0/29"), None).unwrap();
+        let t0 = Instant::now();
+        let mut ips: BTreeMap<String, IpAddr> = BTreeMap::new();
+        let names = |keys: Vec<AllocKey>| -> Vec<String> {
+            keys.iter().map(|k| k.service_key().name.clone()).collect()
+        };
+        for (i, step) in steps.iter().enumerate() {
+            let at = format!("scenario {name:?}, step {i} ({step:?})");
+            let (op, rest) = step.split_once(' ').unwrap_or((step, ""));
+            let list: Vec<String> = rest.split_whitespace().map(str::to_owned).collect();
+            match op {
+                "expire" => {
+                    a.expire(t0 + std::time::Duration::from_secs(120));
+                }
+                "granted" => {
+                    let got = a.take_granted();
+                    for k in &got {
+                        ips.insert(k.service_key().name.clone(), a.get(k).expect("granted ip"));
+                    }
+                    assert_eq!(names(got), list, "{at}");
+                }
+                "queue" => {
+                    let q: Vec<String> =
+                        a.waiting().map(|(k, _)| k.service_key().name.clone()).collect();
+                    assert_eq!(q, list, "{at}");
+                }
+                "fresh" => assert_eq!(names(a.take_newly_waiting()), list, "{at}"),
+                _ if op.starts_with('+') && op.ends_with('!') => {
+                    let k = &op[1..op.len() - 1];
+                    let err = a.allocate(&svc(k)).expect_err(&at);
+                    assert_eq!(err.reason(), "exhausted", "{at}");
+                    assert!(err.to_string().contains(&format!("default/{k} waits")), "{at}: {err}");
+                }
+                _ if op.starts_with('+') => {
+                    let (k, same_as) = op[1..].split_once('=').unwrap_or((&op[1..], ""));
+                    let ip = a.allocate(&svc(k)).unwrap_or_else(|e| panic!("{at}: {e}"));
+                    if !same_as.is_empty() {
+                        assert_eq!(Some(&ip), ips.get(same_as), "{at}: not {same_as}'s address");
+                    }
+                    ips.insert(k.to_owned(), ip);
+                }
+                _ if op.starts_with('-') => {
+                    a.release(&svc(&op[1..]));
+                }
+                _ if op.starts_with('~') => {
+                    let k = svc(&op[1..]);
+                    let ip = a.reserve(&k, t0 + std::time::Duration::from_secs(60));
+                    assert_eq!(ip, ips.get(&op[1..]).copied(), "{at}");
+                    assert_eq!(a.get(&k), None, "{at}: a reserved address is not held");
+                    assert_eq!(a.holder(ip.expect("reserved")), Some(&k), "{at}");
+                }
+                _ => panic!("{at}: unknown step"),
+            }
+            // invariants: no address twice, nobody waits while an address is free
+            let held: BTreeSet<IpAddr> = a.by_key.values().copied().collect();
+            let reserved: BTreeSet<IpAddr> = a.reserved.values().map(|r| r.ip).collect();
+            assert_eq!(held.len(), a.by_key.len(), "{at}: an address held twice");
+            assert!(held.is_disjoint(&reserved), "{at}: a reserved address is held");
+            assert_eq!(held.len() + reserved.len(), a.in_use(), "{at}");
+            assert!(a.waiting_len() == 0 || a.in_use() == 6, "{at}: waits while free");
+        }
+    }
+
+    #[test]
+    fn allocation_scenarios() {
+        let fill = ["+s0", "+s1", "+s2", "+s3", "+s4", "+s5"];
+        let with_fill = |rest: &[&'static str]| -> Vec<&'static str> {
+            fill.iter().copied().chain(rest.iter().copied()).collect()
+        };
+        let scenarios: Vec<(&str, Vec<&str>)> = vec![
+            (
+                "exhaustion: the extra keys wait, oldest first, and asking again keeps the place",
+                with_fill(&["+s6!", "+s7!", "+s6!", "queue s6 s7", "fresh s6 s7", "+s7!", "fresh"]),
+            ),
+            (
+                "a release goes at once to the first waiting key, with the freed address",
+                with_fill(&[
+                    "+s6!",
+                    "+s7!",
+                    "-s2",
+                    "granted s6",
+                    "+s6=s2",
+                    "queue s7",
+                    "-s0",
+                    "granted s7",
+                    "+s7=s0",
+                    "queue",
+                    "+s8!",
+                    "queue s8",
+                ]),
+            ),
+            (
+                "a waiting key that is released leaves the queue",
+                with_fill(&["+s6!", "+s7!", "-s6", "queue s7", "-s1", "granted s7"]),
+            ),
+            (
+                "a reserved address comes back to its key, even when the range is full",
+                with_fill(&["~s3", "+n0!", "+s3=s3", "queue n0", "granted"]),
+            ),
+            (
+                "newcomers take free addresses, never reserved ones, then wait",
+                with_fill(&[
+                    "~s0", "~s1", "-s2", "-s3", "+n0", "+n1", "+n2!", "+s0=s0", "+s1=s1",
+                    "queue n2",
+                ]),
+            ),
+            (
+                "an expired reservation frees its address for the first waiting key",
+                with_fill(&["~s4", "+n0!", "expire", "granted n0", "+n0=s4"]),
+            ),
+            (
+                "a key whose reservation ran out is served before keys that never had one",
+                with_fill(&[
+                    "~s4",
+                    "+n0!",
+                    "expire",
+                    "granted n0",
+                    "+s4!",
+                    "+n1!",
+                    "queue s4 n1",
+                    "-s5",
+                    "granted s4",
+                    "queue n1",
+                ]),
+            ),
+            (
+                "a key that held an address before gets the same one back when it is free",
+                with_fill(&["~s4", "expire", "+s4=s4"]),
+            ),
+            (
+                "releasing a reservation frees the address for the queue",
+                with_fill(&["~s1", "+n0!", "-s1", "granted n0", "+n0=s1"]),
+            ),
+        ];
+        for (name, steps) in scenarios {
+            run_scenario(name, &steps);
+        }
+    }
+
+    #[test]
+    fn retained_out_keys_are_remembered_as_having_held_an_address() {
+        let mut a = Allocator::open(net("10.0.0.0/29"), None).unwrap();
+        for i in 0..6 {
+            a.allocate(&svc(&format!("s{i}"))).unwrap();
+        }
+        let s0 = a.get(&svc("s0")).unwrap();
+        assert_eq!(a.retain(|k| *k != svc("s0")), 1);
+        // the free address went nowhere (nobody waited); a newcomer takes it
+        a.allocate(&svc("n0")).unwrap();
+        a.allocate(&svc("n1")).unwrap_err();
+        a.allocate(&svc("s0")).unwrap_err();
+        let queue: Vec<(&AllocKey, WaitPlace)> = a.waiting().collect();
+        assert_eq!(queue[0].0, &svc("s0"), "{queue:?}");
+        assert!(queue[0].1.held_before && !queue[1].1.held_before);
+        a.release(&svc("n0"));
+        assert_eq!(a.take_granted(), vec![svc("s0")]);
+        assert_eq!(a.get(&svc("s0")), Some(s0));
+    }
+
+    #[test]
+    fn waiting_keys_are_listed_per_service_and_reservations_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ips.json");
+        let mut a = Allocator::open(net("10.0.0.0/30"), Some(path.clone())).unwrap();
+        let key = ServiceKey::new("db", "cassandra");
+        let c = ClusterId::new("west").unwrap();
+        let e1 = AllocKey::endpoint(&key, &c, "10.1.0.1".parse().unwrap());
+        let e2 = AllocKey::endpoint(&key, &c, "10.1.0.2".parse().unwrap());
+        let s_ip = a.allocate(&svc("a")).unwrap();
+        a.allocate(&e1).unwrap();
+        a.allocate(&e2).unwrap_err();
+        assert_eq!(a.waiting_of(&key).collect::<Vec<_>>(), vec![&e2]);
+        assert_eq!(a.waiting_of(&ServiceKey::new("default", "a")).count(), 0);
+        a.release(&e2);
+        assert_eq!(a.waiting_of(&key).count(), 0);
+        // a reservation is written like an allocation: a restart keeps the address taken
+        let until = Instant::now() + std::time::Duration::from_secs(60);
+        assert_eq!(a.reserve(&svc("a"), until), Some(s_ip));
+        assert_eq!(a.next_expiry(), Some(until));
+        a.flush().unwrap();
+        let b = Allocator::open(net("10.0.0.0/30"), Some(path)).unwrap();
+        assert_eq!(b.get(&svc("a")), Some(s_ip));
     }
 
     #[test]
