@@ -6,6 +6,7 @@
 //! `PeerUpdate`s, and reloads its certificate and CA bundle when their files change. It depends on discovery (model and exchange) and never on the gateway.
 
 pub mod endpoint;
+pub mod expiry;
 pub mod identity;
 pub mod io;
 pub mod metrics;
@@ -22,6 +23,7 @@ mod tests;
 pub use endpoint::{
     IncomingStream, PeerConfig, PeerHandle, TunnelEndpoint, TunnelError, TunnelSettings,
 };
-pub use identity::{Identity, IdentityError};
+pub use expiry::{CertExpiry, CertRef, ExpiryWarning};
+pub use identity::{Identity, IdentityError, IdentityProblem, IdentityProblems, LeafValidity};
 pub use reload::{IdentityFiles, ReloadStatus};
 pub use tls::{ALPN, RejectReason, Rejection};

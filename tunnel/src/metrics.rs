@@ -23,8 +23,14 @@ pub const PEER_LEASE_EXPIRIES_TOTAL: &str = "fedgate_peer_lease_expiries_total";
 pub const SOCKET_FULL_TOTAL: &str = "fedgate_tunnel_socket_full_total";
 
 /// Reloads of the tunnel identity files, by `result` (`ok`, `read`: a file did not parse,
-/// `refused`: the new certificate/key/CA did not check out; the old identity stays).
+/// `refused`: the new certificate/key/CA failed the start-up checks, e.g. it is expired; the
+/// old identity stays).
 pub const TLS_RELOADS_TOTAL: &str = "fedgate_tls_reloads_total";
+
+/// `notAfter` of a certificate as unix seconds: this gateway's own leaf (`cert="own"`, set at
+/// start and on every reload) and the leaf each peer presented at its last verified handshake
+/// (`cert="peer"`, `peer="<cluster id>"`). Alert on `... - time() < 7 * 86400`.
+pub const TLS_CERT_EXPIRY_TIMESTAMP_SECONDS: &str = "fedgate_tls_cert_expiry_timestamp_seconds";
 
 /// Registers the help text of every tunnel metric with the installed recorder.
 pub fn describe() {
@@ -50,6 +56,11 @@ pub fn describe() {
         TLS_RELOADS_TOTAL,
         "Reloads of the tunnel certificate, key and CA files after they changed, by result \
          (ok, read, refused); on an error the previous identity stays in use."
+    );
+    metrics::describe_gauge!(
+        TLS_CERT_EXPIRY_TIMESTAMP_SECONDS,
+        "When a certificate expires (its notAfter, unix seconds): this gateway's own leaf \
+         (cert=\"own\") and each peer's leaf at its last handshake (cert=\"peer\", peer)."
     );
     metrics::describe_counter!(
         SOCKET_FULL_TOTAL,

@@ -2,10 +2,13 @@
 //! watched (inotify through `notify`), and after a change the three files are read again and
 //! swapped into [`Credentials`] for every new handshake. Directories rather than files are
 //! watched because a Kubernetes Secret update replaces the `..data` symlink atomically: the
-//! files' own inodes never change. Established connections are not touched. A file that
-//! does not load (half written, wrong key, names another cluster) keeps the current identity,
-//! is logged once with the file named and counted; the next change retries. A slow rescan
-//! catches changes the watch missed (network file systems).
+//! files' own inodes never change. Established connections are not touched. The new identity
+//! must pass the same check as at start ([`crate::identity::check_identity`]: valid now,
+//! naming this cluster, key matching, chaining to the bundle); one that does not (half
+//! written, expired, wrong key, names another cluster) keeps the current identity, is logged
+//! once with the file and the problem named and counted; the next change retries. A slow
+//! rescan catches changes the watch missed (network file systems) and logs certificates
+//! close to expiry.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -16,7 +19,7 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::identity::{Identity, IdentityError};
+use crate::identity::{Identity, IdentityError, PartNames};
 use crate::metrics::TLS_RELOADS_TOTAL;
 use crate::tls::{Credentials, TlsError};
 
@@ -38,6 +41,15 @@ impl IdentityFiles {
     /// Reads the three files.
     pub fn load(&self) -> Result<Identity, IdentityError> {
         Identity::from_pem_files(&self.cert, &self.key, &self.ca)
+    }
+
+    /// The files' paths, to name them in messages.
+    pub fn names(&self) -> PartNames {
+        PartNames {
+            cert: self.cert.display().to_string(),
+            key: self.key.display().to_string(),
+            ca: self.ca.display().to_string(),
+        }
     }
 
     /// The directories to watch: each file's parent, once.
@@ -64,8 +76,8 @@ pub enum ReloadError {
     #[error("reloading the tunnel identity: {0}; keeping the current certificate")]
     Read(#[from] Box<IdentityError>),
     #[error(
-        "reloading the tunnel identity: certificate {} with key {} and CA bundle {} refused: {source}; keeping the current certificate",
-        files.cert.display(), files.key.display(), files.ca.display()
+        "reloading the tunnel identity refused: {}; keeping the current certificate",
+        refused(files, source)
     )]
     Refused {
         files: Box<IdentityFiles>,
@@ -82,6 +94,30 @@ impl ReloadError {
             ReloadError::Read(_) => "read",
             ReloadError::Refused { .. } => "refused",
         }
+    }
+
+    /// What exactly was wrong, bounded (the log's `reason` field).
+    pub fn detail_reason(&self) -> &'static str {
+        match self {
+            ReloadError::Refused { source, .. } => match source.as_ref() {
+                TlsError::OwnIdentity(problems) => problems.reason(),
+                _ => "tls",
+            },
+            other => other.reason(),
+        }
+    }
+}
+
+/// The refusal in words: the problems name their files; other errors get the files added.
+fn refused(files: &IdentityFiles, source: &TlsError) -> String {
+    match source {
+        TlsError::OwnIdentity(_) => source.to_string(),
+        other => format!(
+            "certificate {} with key {} and CA bundle {}: {other}",
+            files.cert.display(),
+            files.key.display(),
+            files.ca.display()
+        ),
     }
 }
 
@@ -159,6 +195,7 @@ impl IdentityWatcher {
                 }
             }
             self.reload_now();
+            self.credentials.log_expiry_warnings();
         }
     }
 
@@ -166,9 +203,17 @@ impl IdentityWatcher {
     pub fn reload_now(&self) {
         let result =
             self.files.load().map_err(|e| ReloadError::Read(Box::new(e))).and_then(|identity| {
-                self.credentials.update(&identity).map_err(|source| ReloadError::Refused {
-                    files: Box::new(self.files.clone()),
-                    source: Box::new(source),
+                self.credentials.update(&identity).map_err(|source| {
+                    let source = match source {
+                        TlsError::OwnIdentity(p) => {
+                            TlsError::OwnIdentity(p.named(self.files.names()))
+                        }
+                        other => other,
+                    };
+                    ReloadError::Refused {
+                        files: Box::new(self.files.clone()),
+                        source: Box::new(source),
+                    }
                 })
             });
         match result {
@@ -186,10 +231,11 @@ impl IdentityWatcher {
                 metrics::counter!(TLS_RELOADS_TOTAL, "result" => e.reason()).increment(1);
                 let text = e.to_string();
                 let repeated = self.status.borrow().last_error.as_deref() == Some(text.as_str());
+                let reason = e.detail_reason();
                 if repeated {
-                    tracing::debug!(error = %text, "tunnel identity still not loadable");
+                    tracing::debug!(reason, error = %text, "tunnel identity still not loadable");
                 } else {
-                    tracing::error!(error = %text, "tunnel identity not reloaded");
+                    tracing::error!(reason, error = %text, "tunnel identity not reloaded");
                 }
                 self.status.send_modify(|s| {
                     s.failures += 1;

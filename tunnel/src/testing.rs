@@ -101,6 +101,25 @@ impl TestPki {
         dir: &Path,
         cluster_id: &str,
     ) -> std::io::Result<(PathBuf, PathBuf, PathBuf)> {
+        self.write_pem_with(dir, cluster_id, false)
+    }
+
+    /// Like [`write_pem`](Self::write_pem) with a certificate expired since 2001 (for reload
+    /// refusals).
+    pub fn write_expired_pem(
+        &self,
+        dir: &Path,
+        cluster_id: &str,
+    ) -> std::io::Result<(PathBuf, PathBuf, PathBuf)> {
+        self.write_pem_with(dir, cluster_id, true)
+    }
+
+    fn write_pem_with(
+        &self,
+        dir: &Path,
+        cluster_id: &str,
+        expired: bool,
+    ) -> std::io::Result<(PathBuf, PathBuf, PathBuf)> {
         let key = KeyPair::generate().map_err(std::io::Error::other)?;
         let mut params =
             CertificateParams::new(Vec::<String>::new()).map_err(std::io::Error::other)?;
@@ -109,6 +128,10 @@ impl TestPki {
             vec![SanType::URI(uri.as_str().try_into().map_err(std::io::Error::other)?)];
         params.extended_key_usages =
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }
         let cert = params.signed_by(&key, &self.ca).map_err(std::io::Error::other)?;
         let paths = (
             dir.join(format!("{cluster_id}.crt")),

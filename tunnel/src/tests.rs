@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoint::{KIND_CONTROL, KIND_DATA, TunnelSettings};
-use crate::identity::Identity;
+use crate::identity::{Identity, LeafValidity};
 use crate::metrics::PEER_HANDSHAKE_FAILURES_TOTAL;
 use crate::testing::TestPki;
 use crate::tls::{Credentials, RejectionSink, client_crypto};
@@ -891,7 +891,9 @@ async fn identity_files_reload_without_restart() {
     let new_ca = pki.foreign_ca();
     let mut rotated = new_ca.issue("east");
     rotated.ca = vec![pki.ca_cert()];
-    let rotated = Credentials::new(&rotated, "demo", &id("east")).expect("credentials");
+    // (It does not chain to its own bundle, so only an unchecked identity can present it.)
+    let rotated =
+        Credentials::without_identity_check(&rotated, "demo", &id("east")).expect("credentials");
     let (_c, conn, _) = dial_as(&rotated, "west", west.address).await;
     assert!(refused_after_handshake(&conn).await, "a CA not in the bundle is refused");
     let v3 = version("v3");
@@ -928,12 +930,117 @@ async fn identity_files_reload_without_restart() {
     std::fs::rename(v5.join("south.key"), v5.join("west.key")).expect("rename");
     publish_secret(root, "v5");
     wait_reload(&mut status, "the refused reload", |s| {
-        s.last_error.as_deref().is_some_and(|e| e.contains("expected \"west\""))
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("expected SAN URI spiffe://demo/cluster/west"))
     })
     .await;
     let (_c, _conn, leaf) = dial_as(&credentials(&pki, "east"), "west", west.address).await;
     assert_eq!(leaf, v2_leaf);
     assert!(north.close_reason().is_none(), "north's connection outlived four reloads");
+    west.stop().await;
+}
+
+/// The value of gauge `name` with label `label` = `value` in the latest snapshot.
+fn gauge(snapshotter: &Snapshotter, name: &str, label: (&str, &str)) -> Option<f64> {
+    snapshotter.snapshot().into_vec().into_iter().find_map(|(k, _, _, v)| {
+        let labelled = k.key().labels().any(|l| l.key() == label.0 && l.value() == label.1);
+        match v {
+            DebugValue::Gauge(g) if k.key().name() == name && labelled => Some(g.into_inner()),
+            _ => None,
+        }
+    })
+}
+
+/// Issue 17: an expired certificate copied over the files is not reloaded (it would be
+/// presented and refused by every peer); the old one stays, counted and logged as a refused
+/// reload, and a valid rotation afterwards still goes through.
+#[tokio::test]
+async fn an_expired_certificate_is_not_reloaded() {
+    use crate::metrics::{TLS_CERT_EXPIRY_TIMESTAMP_SECONDS, TLS_RELOADS_TOTAL};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // Current-thread runtime: the watcher and the verifiers record into this recorder.
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let pki = TestPki::new("demo");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let version = |v: &str| {
+        let d = root.join(format!("..{v}"));
+        std::fs::create_dir(&d).expect("version dir");
+        d
+    };
+    pki.write_pem(&version("v1"), "west").expect("v1 files");
+    publish_secret(root, "v1");
+    let files = IdentityFiles {
+        cert: root.join("west.crt"),
+        key: root.join("west.key"),
+        ca: root.join("ca.crt"),
+    };
+    let mut settings = TunnelSettings::new(
+        loopback(),
+        "demo",
+        id("west"),
+        vec![PeerConfig { id: id("north"), address: unused().to_string() }],
+    );
+    settings.identity_files = Some(files.clone());
+    let identity = files.load().expect("v1 loads");
+    let v1_leaf = identity.cert_chain[0].clone();
+    let v1_not_after = LeafValidity::of(&v1_leaf).expect("parses").not_after as f64;
+    let west = start_with(settings, identity, export_set("west", 1, 1)).expect("starts");
+    let mut status = west.reload.clone();
+    assert_eq!(
+        gauge(&snapshotter, TLS_CERT_EXPIRY_TIMESTAMP_SECONDS, ("cert", "own")),
+        Some(v1_not_after)
+    );
+
+    // The expired certificate (same CA, same cluster) is refused, naming the file and why.
+    let v2 = version("v2");
+    pki.write_expired_pem(&v2, "west").expect("v2 files");
+    publish_secret(root, "v2");
+    wait_reload(&mut status, "the refused reload", |s| s.failures >= 1).await;
+    let error = status.borrow().last_error.clone().expect("an error");
+    let expected = format!("certificate {} expired at 2001-01-01T00:00:00Z", files.cert.display());
+    assert!(error.contains(&expected), "{error}");
+    assert!(error.contains("keeping the current certificate"), "{error}");
+    assert_eq!(status.borrow().reloads, 0);
+    let refused: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, ..)| {
+            k.key().name() == TLS_RELOADS_TOTAL
+                && k.key().labels().any(|l| l.key() == "result" && l.value() == "refused")
+        })
+        .map(|(.., v)| match v {
+            DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+        .sum();
+    assert!(refused >= 1, "counted as a refused reload");
+
+    // A new handshake still gets the old certificate, and it is accepted.
+    let north = credentials(&pki, "north");
+    let (_c, conn, leaf) = dial_as(&north, "west", west.address).await;
+    assert_eq!(leaf, v1_leaf, "the old certificate stays");
+    assert!(!refused_after_handshake(&conn).await, "north still accepted");
+    assert_eq!(
+        gauge(&snapshotter, TLS_CERT_EXPIRY_TIMESTAMP_SECONDS, ("peer", "west")),
+        Some(v1_not_after),
+        "north's gauge of west's leaf"
+    );
+    assert!(north.expiry_warnings().is_empty(), "{:?}", north.expiry_warnings());
+
+    // A valid rotation afterwards goes through.
+    let v3 = version("v3");
+    pki.write_pem(&v3, "west").expect("v3 files");
+    publish_secret(root, "v3");
+    wait_reload(&mut status, "the v3 reload", |s| s.reloads == 1).await;
+    assert_eq!(status.borrow().last_error, None);
+    let (_c, conn, leaf) = dial_as(&north, "west", west.address).await;
+    assert_ne!(leaf, v1_leaf, "the rotated certificate is presented");
+    assert!(!refused_after_handshake(&conn).await);
     west.stop().await;
 }
 

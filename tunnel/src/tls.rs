@@ -7,10 +7,10 @@
 //! files change ([`crate::reload`]): every new handshake, either side, reads the current
 //! ones; established connections keep what they negotiated.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use fedgate_discovery::model::ClusterId;
@@ -27,8 +27,11 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::identity::Identity;
-use crate::metrics::PEER_HANDSHAKE_FAILURES_TOTAL;
+use crate::expiry::{
+    CertExpiry, CertRef, EXPIRY_WARNING, ExpiryLog, ExpiryWarning, expiry_warnings,
+};
+use crate::identity::{Identity, IdentityProblems, LeafValidity, PartNames, check_identity};
+use crate::metrics::{PEER_HANDSHAKE_FAILURES_TOTAL, TLS_CERT_EXPIRY_TIMESTAMP_SECONDS};
 
 /// The ALPN protocol of the tunnel.
 pub const ALPN: &[u8] = b"fedgate/1";
@@ -50,8 +53,8 @@ pub enum TlsError {
         "the gateway certificate or key is not usable: {0} (does the key match the certificate?)"
     )]
     Identity(#[source] rustls::Error),
-    #[error("the gateway certificate does not name this gateway: {0}")]
-    OwnIdentity(Rejection),
+    #[error("the gateway identity does not check out: {0}")]
+    OwnIdentity(IdentityProblems),
     #[error("QUIC needs TLS 1.3 with an AES-128-GCM suite: {0}")]
     Quic(String),
 }
@@ -124,6 +127,8 @@ pub enum Expected<'a> {
     Exactly(&'a ClusterId),
     /// Any of these (accepting).
     AnyOf(&'a [ClusterId]),
+    /// Any cluster of the clusterset (our own certificate before the cluster id is known).
+    AnyCluster,
 }
 
 /// The SPIFFE id `spiffe://<clusterset>/cluster/<id>` of a cluster.
@@ -293,11 +298,16 @@ impl ClientCertVerifier for PeerClientVerifier {
                 e
             },
         )?;
-        check_peer_identity(end_entity, &self.credentials.clusterset, Expected::AnyOf(&self.peers))
-            .map_err(|r| {
-                self.sink.record("accept", r);
-                rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
-            })?;
+        let peer = check_peer_identity(
+            end_entity,
+            &self.credentials.clusterset,
+            Expected::AnyOf(&self.peers),
+        )
+        .map_err(|r| {
+            self.sink.record("accept", r);
+            rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+        })?;
+        self.credentials.peer_verified(&peer, end_entity);
         Ok(ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -364,7 +374,7 @@ impl ServerCertVerifier for PeerServerVerifier {
                 .record("dial", Rejection::new(classify(&e), format!("certificate chain: {e}")));
             e
         })?;
-        check_peer_identity(
+        let peer = check_peer_identity(
             end_entity,
             &self.credentials.clusterset,
             Expected::Exactly(&self.expected),
@@ -373,6 +383,7 @@ impl ServerCertVerifier for PeerServerVerifier {
             self.sink.record("dial", r);
             rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
         })?;
+        self.credentials.peer_verified(&peer, end_entity);
         Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -418,22 +429,31 @@ fn roots(identity: &Identity) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
-/// Checks that our own certificate names `local` in `clusterset` (a clear start-up error
-/// instead of every peer refusing us).
+/// Checks our own identity now with [`check_identity`] (valid now, names `local` in
+/// `clusterset`, key matches, chains to the bundle): a clear error instead of every peer
+/// refusing us.
 pub fn check_own_identity(
     identity: &Identity,
     clusterset: &str,
     local: &ClusterId,
-) -> Result<(), TlsError> {
-    let leaf = identity.cert_chain.first().ok_or_else(|| {
-        TlsError::OwnIdentity(Rejection::new(
-            RejectReason::NoCertificate,
-            "the certificate chain is empty",
-        ))
-    })?;
-    check_peer_identity(leaf, clusterset, Expected::Exactly(local))
-        .map(|_| ())
-        .map_err(TlsError::OwnIdentity)
+) -> Result<LeafValidity, TlsError> {
+    check_identity(
+        &identity.cert_chain,
+        Some(&identity.key),
+        Some(&identity.ca),
+        clusterset,
+        Expected::Exactly(local),
+        UnixTime::now(),
+    )
+    .map_err(|problems| {
+        TlsError::OwnIdentity(IdentityProblems { problems, names: PartNames::default() })
+    })
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// What the handshakes of both sides use right now.
@@ -443,6 +463,8 @@ struct Current {
     client_verifier: Arc<dyn ClientCertVerifier>,
     /// What it was built from, to tell a changed identity from a rewritten unchanged one.
     source: Identity,
+    /// The leaf's validity window (`None` only for unchecked test identities).
+    validity: Option<LeafValidity>,
 }
 
 /// The gateway's certificate, key and CA bundle, replaceable while the tunnel runs: the
@@ -453,6 +475,9 @@ pub struct Credentials {
     clusterset: String,
     local: ClusterId,
     current: ArcSwap<Current>,
+    /// `notAfter` of the leaf each peer presented at its last verified handshake.
+    peers: Mutex<BTreeMap<ClusterId, i64>>,
+    expiry_log: ExpiryLog,
 }
 
 impl fmt::Debug for Credentials {
@@ -472,8 +497,10 @@ impl Credentials {
         clusterset: &str,
         local: &ClusterId,
     ) -> Result<Arc<Self>, TlsError> {
-        check_own_identity(identity, clusterset, local)?;
-        Self::unchecked(identity, clusterset, local)
+        let validity = check_own_identity(identity, clusterset, local)?;
+        let credentials = Self::build(identity, clusterset, local, Some(validity))?;
+        credentials.own_changed();
+        Ok(credentials)
     }
 
     /// Like [`new`](Self::new) without checking that the certificate names `local` (tests
@@ -484,26 +511,29 @@ impl Credentials {
         clusterset: &str,
         local: &ClusterId,
     ) -> Result<Arc<Self>, TlsError> {
-        Self::unchecked(identity, clusterset, local)
+        Self::build(identity, clusterset, local, None)
     }
 
-    fn unchecked(
+    fn build(
         identity: &Identity,
         clusterset: &str,
         local: &ClusterId,
+        validity: Option<LeafValidity>,
     ) -> Result<Arc<Self>, TlsError> {
         let provider = provider();
-        let current = build_current(identity, &provider)?;
+        let current = build_current(identity, &provider, validity)?;
         Ok(Arc::new(Self {
             provider,
             clusterset: clusterset.to_owned(),
             local: local.clone(),
             current: ArcSwap::from_pointee(current),
+            peers: Mutex::default(),
+            expiry_log: ExpiryLog::default(),
         }))
     }
 
-    /// Replaces the identity for new handshakes. Returns `Ok(false)` when nothing changed; on
-    /// an error the current identity stays.
+    /// Replaces the identity for new handshakes, after the same [`check_own_identity`] as at
+    /// start. Returns `Ok(false)` when nothing changed; on an error the current identity stays.
     pub fn update(&self, identity: &Identity) -> Result<bool, TlsError> {
         let old = self.current.load();
         if old.source.cert_chain == identity.cert_chain
@@ -512,10 +542,64 @@ impl Credentials {
         {
             return Ok(false);
         }
-        check_own_identity(identity, &self.clusterset, &self.local)?;
-        let next = build_current(identity, &self.provider)?;
+        let validity = check_own_identity(identity, &self.clusterset, &self.local)?;
+        let next = build_current(identity, &self.provider, Some(validity))?;
         self.current.store(Arc::new(next));
+        self.own_changed();
         Ok(true)
+    }
+
+    /// Our leaf's validity window (`None` only for unchecked test credentials).
+    pub fn validity(&self) -> Option<LeafValidity> {
+        self.current.load().validity
+    }
+
+    /// When our leaf and each peer's last verified leaf expire, ours first.
+    pub fn expiries(&self) -> Vec<CertExpiry> {
+        let own =
+            self.validity().map(|v| CertExpiry { cert: CertRef::Own, not_after: v.not_after });
+        let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        own.into_iter()
+            .chain(peers.iter().map(|(id, not_after)| CertExpiry {
+                cert: CertRef::Peer(id.clone()),
+                not_after: *not_after,
+            }))
+            .collect()
+    }
+
+    /// The certificates within [`EXPIRY_WARNING`] of their `notAfter` (or past it) now.
+    pub fn expiry_warnings(&self) -> Vec<ExpiryWarning> {
+        expiry_warnings(&self.expiries(), unix_now(), EXPIRY_WARNING)
+    }
+
+    /// Logs the expiry warnings due (each certificate at most once a day).
+    pub fn log_expiry_warnings(&self) {
+        self.expiry_log.log(&self.expiry_warnings(), unix_now());
+    }
+
+    /// Our leaf changed (start, reload): its expiry gauge and warning.
+    fn own_changed(&self) {
+        if let Some(v) = self.validity() {
+            metrics::gauge!(TLS_CERT_EXPIRY_TIMESTAMP_SECONDS, "cert" => "own")
+                .set(v.not_after as f64);
+        }
+        self.log_expiry_warnings();
+    }
+
+    /// A peer's leaf passed verification: its expiry gauge and warning.
+    fn peer_verified(&self, peer: &ClusterId, leaf: &CertificateDer<'_>) {
+        let Some(v) = LeafValidity::of(leaf) else { return };
+        let changed = self
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(peer.clone(), v.not_after)
+            != Some(v.not_after);
+        metrics::gauge!(TLS_CERT_EXPIRY_TIMESTAMP_SECONDS, "cert" => "peer", "peer" => peer.to_string())
+            .set(v.not_after as f64);
+        if changed {
+            self.log_expiry_warnings();
+        }
     }
 
     /// The certificate chain new handshakes present (leaf first).
@@ -524,14 +608,18 @@ impl Credentials {
     }
 }
 
-fn build_current(identity: &Identity, provider: &Arc<CryptoProvider>) -> Result<Current, TlsError> {
+fn build_current(
+    identity: &Identity,
+    provider: &Arc<CryptoProvider>,
+    validity: Option<LeafValidity>,
+) -> Result<Current, TlsError> {
     let key =
         CertifiedKey::from_der(identity.cert_chain.clone(), identity.key.clone_key(), provider)
             .map_err(TlsError::Identity)?;
     let roots = roots(identity)?;
     let client_verifier =
         WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
-    Ok(Current { key: Arc::new(key), roots, client_verifier, source: identity.clone() })
+    Ok(Current { key: Arc::new(key), roots, client_verifier, source: identity.clone(), validity })
 }
 
 /// Presents the current certificate, server and client side alike.
@@ -663,6 +751,6 @@ mod tests {
         let identity = pki.issue("east");
         check_own_identity(&identity, "demo", &id("east")).expect("names us");
         let err = check_own_identity(&identity, "demo", &id("west")).expect_err("names east");
-        assert!(err.to_string().contains("expected \"west\""), "{err}");
+        assert!(err.to_string().contains("expected SAN URI spiffe://demo/cluster/west"), "{err}");
     }
 }
