@@ -166,7 +166,8 @@ pub struct EndpointExplanation {
     /// The concrete cause of each skip reason, in words.
     pub reasons: Vec<String>,
     /// `chosen` (the one a ClientIP-affine client gets), `candidate` (in the chosen tier),
-    /// `fallback` (healthy, worse tier: used if every candidate fails), `skipped`.
+    /// `fallback` (healthy, worse tier: used if every candidate fails), `panic` (not healthy,
+    /// tried anyway because no endpoint is), `skipped`.
     pub role: &'static str,
     pub last_probe: Option<LastProbe>,
     pub ejected_for_secs: Option<f64>,
@@ -194,6 +195,9 @@ pub struct Decision {
     pub chosen_tier: Option<usize>,
     /// True when the chosen tier is worse than the best one.
     pub failover: bool,
+    /// Panic routing: no endpoint is healthy, so unhealthy and ejected ones are tried
+    /// (counted in `fedgate_panic_connections_total`).
+    pub panic: bool,
     /// `power_of_two_choices` or `client_ip_affinity`.
     pub balancing: &'static str,
     /// The endpoint a connection gets when that is deterministic (ClientIP affinity with a
@@ -249,6 +253,11 @@ pub fn explain(input: &ExplainInput<'_>) -> Explanation {
         state: input.state,
         only: None,
     });
+    // As the data plane's connect does: with no healthy endpoint, panic routing tries the
+    // unhealthy and ejected ones.
+    let panic = select::panic_views(&views);
+    let in_panic = panic.is_some();
+    let views = panic.unwrap_or(views);
     let sticky = matches!(input.service.session_affinity, SessionAffinity::ClientIP { .. });
     let order = match (sticky, input.client) {
         (true, Some(ip)) => select::plan_sticky(&views, input.per_tier, ip),
@@ -256,7 +265,7 @@ pub fn explain(input: &ExplainInput<'_>) -> Explanation {
         // tiers and their membership are the same for every seed.
         _ => select::plan(&views, input.per_tier, &mut rand::rngs::StdRng::seed_from_u64(0)),
     };
-    let decision = decide(input, &views, &order, sticky);
+    let decision = decide(input, &views, &order, sticky, in_panic);
     let endpoints = views.iter().enumerate().map(|(i, v)| endpoint(input, v, i, &decision, &order));
     let endpoints: Vec<EndpointExplanation> = endpoints.collect();
     Explanation {
@@ -287,6 +296,7 @@ fn decide(
     views: &[EndpointView],
     order: &[usize],
     sticky: bool,
+    panic: bool,
 ) -> Decision {
     // As in the data plane's connect: the baseline tier ignores endpoints that can never
     // serve this port.
@@ -317,8 +327,26 @@ fn decide(
     let chosen = if deterministic { order.first().map(|&i| candidate(&views[i])) } else { None };
     let balancing = if sticky { "client_ip_affinity" } else { "power_of_two_choices" };
     let failover = matches!((best_tier, chosen_tier), (Some(b), Some(c)) if c != b);
-    let summary = summarize(input, views, best_tier, chosen_tier, &candidates, &chosen, sticky);
-    Decision { best_tier, chosen_tier, failover, balancing, chosen, candidates, plan, summary }
+    let mut summary = summarize(input, views, best_tier, chosen_tier, &candidates, &chosen, sticky);
+    if panic {
+        summary = format!(
+            "panic routing: none of the {} endpoint{} is healthy, so the unhealthy and ejected \
+             ones are tried anyway; {summary}",
+            views.len(),
+            plural(views.len())
+        );
+    }
+    Decision {
+        best_tier,
+        chosen_tier,
+        failover,
+        panic,
+        balancing,
+        chosen,
+        candidates,
+        plan,
+        summary,
+    }
 }
 
 fn summarize(
@@ -411,6 +439,8 @@ fn endpoint(
         v.skipped.iter().map(|r| reason(input, v, *r, last_probe.as_ref(), ejected_for)).collect();
     let role = if !v.healthy {
         "skipped"
+    } else if decision.panic && order.contains(&index) {
+        "panic"
     } else if decision
         .chosen
         .as_ref()
@@ -703,6 +733,7 @@ mod tests {
                             at: jiff::Timestamp::from_second(98).unwrap(),
                             ok: false,
                             error: Some("connection refused".into()),
+                            inconclusive: false,
                             health: Health::Unhealthy,
                         },
                     );
@@ -760,13 +791,43 @@ mod tests {
                     w.unreachable.insert(cid("east2"));
                     w.peers[0] = peer("east2", true, true, false);
                 }),
+                // Panic routing: nothing is healthy, so the endpoint that is only unhealthy is
+                // tried; draining and not-ready ones never are.
+                Some(3),
+                vec!["10.2.0.1"],
+                true,
+                "panic routing: none of the 3 endpoints is healthy",
+                vec![
+                    ("10.1.0.1", "skipped", "peer east2 is draining"),
+                    ("10.2.0.1", "panic", "west's gateway reports it unhealthy"),
+                    ("10.2.0.2", "skipped", "EndpointSlice marks it not ready"),
+                ],
+            ),
+            (
+                "nothing healthy and nothing panic routing may try",
+                Box::new(|w| {
+                    w.service = service(
+                        vec![
+                            export("east2", vec![ep("10.1.0.1", None, Health::Unhealthy)]),
+                            export(
+                                "west",
+                                vec![Endpoint {
+                                    ready: false,
+                                    ..ep("10.2.0.2", None, Health::Healthy)
+                                }],
+                            ),
+                        ],
+                        &["east2", "west"],
+                    );
+                    w.unreachable.insert(cid("east2"));
+                    w.peers[0] = peer("east2", true, true, false);
+                }),
                 None,
                 vec![],
                 false,
-                "none of the 3 endpoints is healthy: a new connection is refused",
+                "none of the 2 endpoints is healthy: a new connection is refused",
                 vec![
                     ("10.1.0.1", "skipped", "peer east2 is draining"),
-                    ("10.2.0.1", "skipped", "west's gateway reports it unhealthy"),
                     ("10.2.0.2", "skipped", "EndpointSlice marks it not ready"),
                 ],
             ),

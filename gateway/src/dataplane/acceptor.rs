@@ -13,13 +13,24 @@ use tracing::Instrument;
 
 use super::codec::{Status, StreamRequest};
 use super::connect::{AttemptError, connect_tcp};
-use super::metrics::{ByteCounters, StreamGuard};
+use super::metrics::{self, ByteCounters, StreamGuard};
 use super::proxy::{self, BoxRecv, BoxSend, RESET_CODE_REFUSED};
 use super::{CANDIDATES_PER_TIER, Incoming, Shared, select};
 
+/// The local endpoints a tunnel stream tries, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidates {
+    pub addrs: Vec<SocketAddr>,
+    /// Panic routing: no endpoint of the service is healthy, so unhealthy and ejected ones
+    /// are tried (as the opener's [`select::panic_views`] does).
+    pub panic: bool,
+}
+
 /// The local endpoints that may serve `request`, in the order to try them, or the status
 /// that refuses it. Only exported services are reachable through the tunnel; a target must
-/// be an endpoint of the service (the tunnel is not an open proxy).
+/// be an endpoint of the service (the tunnel is not an open proxy). When no endpoint is
+/// healthy, the ready ones are tried anyway (panic routing); a target that is unhealthy
+/// while others are healthy is refused, so the opener moves on.
 pub fn local_candidates(
     state: &ClusterState,
     request: &StreamRequest,
@@ -27,7 +38,7 @@ pub fn local_candidates(
     ejected: &dyn Fn(IpAddr) -> bool,
     outstanding: &dyn Fn(IpAddr) -> u32,
     rng: &mut impl Rng,
-) -> Result<Vec<SocketAddr>, Status> {
+) -> Result<Candidates, Status> {
     let service = state.services.get(&request.service).ok_or(Status::UnknownService)?;
     if !state.exports.contains_key(&request.service) {
         return Err(Status::Forbidden);
@@ -40,27 +51,34 @@ pub fn local_candidates(
         .iter()
         .find(|p| p.protocol == request.protocol && p.port == request.port)
         .ok_or(Status::UnknownService)?;
-    let usable = |e: &fedgate_discovery::model::Endpoint| -> Option<SocketAddr> {
-        let h = health.get(&(request.service.clone(), e.address)).copied().unwrap_or(e.health);
-        if !e.ready || h == Health::Unhealthy || ejected(e.address) {
-            return None;
-        }
-        e.port_for(port).map(|p| SocketAddr::new(e.address, p))
+    // Ready with a port for the request: what panic routing may still try.
+    let servable = |e: &fedgate_discovery::model::Endpoint| -> Option<SocketAddr> {
+        e.ready.then(|| e.port_for(port).map(|p| SocketAddr::new(e.address, p))).flatten()
     };
+    let healthy = |e: &fedgate_discovery::model::Endpoint| -> bool {
+        let h = health.get(&(request.service.clone(), e.address)).copied().unwrap_or(e.health);
+        h != Health::Unhealthy && !ejected(e.address)
+    };
+    let usable: Vec<SocketAddr> =
+        service.endpoints.iter().filter(|e| healthy(e)).filter_map(servable).collect();
+    let panic = usable.is_empty();
     if let Some(target) = request.target {
         let endpoint =
             service.endpoints.iter().find(|e| e.address == target).ok_or(Status::Forbidden)?;
-        return usable(endpoint).map(|a| vec![a]).ok_or(Status::NoHealthyEndpoint);
+        let addr = servable(endpoint)
+            .filter(|_| panic || healthy(endpoint))
+            .ok_or(Status::NoHealthyEndpoint)?;
+        return Ok(Candidates { addrs: vec![addr], panic });
     }
-    let healthy: Vec<SocketAddr> = service.endpoints.iter().filter_map(usable).collect();
-    if healthy.is_empty() {
+    let pool: Vec<SocketAddr> =
+        if panic { service.endpoints.iter().filter_map(servable).collect() } else { usable };
+    if pool.is_empty() {
         return Err(Status::NoHealthyEndpoint);
     }
-    let loads: Vec<u32> = healthy.iter().map(|a| outstanding(a.ip())).collect();
-    Ok(select::p2c_order(&loads, CANDIDATES_PER_TIER, rng)
-        .into_iter()
-        .map(|i| healthy[i])
-        .collect())
+    let loads: Vec<u32> = pool.iter().map(|a| outstanding(a.ip())).collect();
+    let addrs =
+        select::p2c_order(&loads, CANDIDATES_PER_TIER, rng).into_iter().map(|i| pool[i]).collect();
+    Ok(Candidates { addrs, panic })
 }
 
 /// Answers a non-OK status and closes the stream: the status byte is sent with FIN (so it
@@ -129,7 +147,12 @@ pub(crate) async fn serve_stream(shared: Arc<Shared>, incoming: Incoming) {
             &mut rand::rng(),
         );
         let candidates = match candidates {
-            Ok(c) => c,
+            Ok(c) => {
+                if c.panic {
+                    metrics::record_panic(&request.service.to_string());
+                }
+                c.addrs
+            }
             Err(status) => {
                 tracing::debug!(service = %request.service, port = request.port, status = status.as_str(), "tunnel request refused");
                 guard.set_result(status.as_str());
@@ -153,7 +176,12 @@ pub(crate) async fn serve_stream(shared: Arc<Shared>, incoming: Incoming) {
                 }
                 Err(AttemptError::Endpoint(e) | AttemptError::Cluster(e)) => {
                     tracing::debug!(endpoint = %addr, error = %e, "endpoint connect failed");
-                    shared.record_failure(&local, addr.ip());
+                    let pool = state
+                        .services
+                        .get(&request.service)
+                        .into_iter()
+                        .flat_map(|s| s.endpoints.iter().map(|e| (&local, e.address)));
+                    shared.record_failure(&local, addr.ip(), pool);
                 }
             }
         }
@@ -321,27 +349,44 @@ mod tests {
             );
             let want = want
                 .map(|v| v.iter().map(|a| a.parse::<SocketAddr>().unwrap()).collect::<Vec<_>>());
-            assert_eq!(got, want, "{what}");
+            assert_eq!(got.map(|c| c.addrs), want, "{what}");
         }
-        let all_ejected = local_candidates(
-            &state(true),
-            &req("web", 80, None),
-            &none,
-            &|_| true,
-            &|_| 0,
-            &mut StdRng::seed_from_u64(1),
+        let candidates = |request: &StreamRequest, health: &HealthMap, ejected: bool| {
+            local_candidates(
+                &state(true),
+                request,
+                health,
+                &|_| ejected,
+                &|_| 0,
+                &mut StdRng::seed_from_u64(1),
+            )
+        };
+        let mut both = candidates(&req("web", 80, None), &none, false).unwrap();
+        assert!(!both.panic);
+        both.addrs.sort();
+        assert_eq!(both.addrs.len(), 2);
+        // Panic routing: nothing healthy, so the ready endpoints are tried anyway; the one
+        // that is not ready never is.
+        let mut all_ejected = candidates(&req("web", 80, None), &none, true).unwrap();
+        assert!(all_ejected.panic, "every endpoint ejected is panic routing");
+        all_ejected.addrs.sort();
+        assert_eq!(
+            all_ejected.addrs,
+            vec!["10.0.0.1:8080".parse::<SocketAddr>().unwrap(), "10.0.0.2:8080".parse().unwrap()]
         );
-        assert_eq!(all_ejected, Err(Status::NoHealthyEndpoint));
-        let mut both = local_candidates(
-            &state(true),
-            &req("web", 80, None),
-            &none,
-            &|_| false,
-            &|_| 0,
-            &mut StdRng::seed_from_u64(1),
-        )
-        .unwrap();
-        both.sort();
-        assert_eq!(both.len(), 2);
+        let all_unhealthy: HealthMap = ["10.0.0.1", "10.0.0.2"]
+            .iter()
+            .map(|a| ((ServiceKey::new("shop", "web"), a.parse().unwrap()), Health::Unhealthy))
+            .collect();
+        let target = candidates(&req("web", 80, Some("10.0.0.1")), &all_unhealthy, false).unwrap();
+        assert_eq!(
+            target,
+            Candidates { addrs: vec!["10.0.0.1:8080".parse().unwrap()], panic: true }
+        );
+        assert_eq!(
+            candidates(&req("web", 80, Some("10.0.0.3")), &all_unhealthy, false),
+            Err(Status::NoHealthyEndpoint),
+            "a target that is not ready is refused even in panic"
+        );
     }
 }

@@ -90,6 +90,12 @@ pub(crate) async fn connect_tcp(
             let _ = s.set_nodelay(true);
             Ok(s)
         }
+        // Out of descriptors, buffers or local ports: this gateway's problem, not the
+        // endpoint's. Its cluster is skipped for this connection (a remote one needs no
+        // new socket) and nothing is held against the endpoint.
+        Ok(Err(e)) if super::health::is_local_resource_error(&e) => {
+            Err(AttemptError::Cluster(format!("connect {addr}: {e} (local resources)")))
+        }
         Ok(Err(e)) => Err(AttemptError::Endpoint(format!("connect {addr}: {e}"))),
         Err(_) => {
             Err(AttemptError::Endpoint(format!("connect {addr}: timed out after {timeout:?}")))
@@ -162,7 +168,8 @@ pub(crate) async fn connect(
         Route::Endpoint { cluster, endpoint, .. } => Some((cluster, *endpoint)),
         Route::Service { .. } => None,
     };
-    let views = shared.rank(&snapshot, service, route.port(), &unreachable, only);
+    let mut views = shared.rank(&snapshot, service, route.port(), &unreachable, only);
+    let panic = select::panic_views(&views).map(|p| views = p).is_some();
     let order = match (&service.session_affinity, client) {
         (SessionAffinity::ClientIP { .. }, Some(ip)) => {
             select::plan_sticky(&views, CANDIDATES_PER_TIER, ip)
@@ -187,6 +194,10 @@ pub(crate) async fn connect(
     let Some(best_tier) = best_tier.filter(|_| !order.is_empty()) else {
         return Err(ConnectError::NoHealthyEndpoint(service_name));
     };
+    if panic {
+        tracing::debug!(service = %service_name, "no healthy endpoint: panic routing tries the unhealthy and ejected ones");
+        metrics::record_panic(&service_name);
+    }
     let deadline = Instant::now() + shared.settings.connect_budget;
     let mut skip: BTreeSet<ClusterId> = BTreeSet::new();
     let mut attempts = 0;
@@ -226,7 +237,10 @@ pub(crate) async fn connect(
                 .await
             {
                 Ok(r) => r.map(|(s, r)| Upstream::Tunnel(s, r)),
-                Err(_) => Err(AttemptError::Endpoint(format!(
+                // A peer that does not answer in time (hung, overloaded, a path that drops)
+                // is the peer's or the tunnel's failure, not the endpoint's: its QUIC
+                // connection and lease decide about it, so skip the cluster, eject nothing.
+                Err(_) => Err(AttemptError::Cluster(format!(
                     "tunnel stream to {} timed out after {timeout:?}",
                     v.cluster
                 ))),
@@ -249,7 +263,8 @@ pub(crate) async fn connect(
             }
             Err(AttemptError::Endpoint(e)) => {
                 tracing::debug!(cluster = %v.cluster, endpoint = %v.address, error = %e, "connect attempt failed; trying next candidate");
-                shared.record_failure(&v.cluster, v.address);
+                let pool = views.iter().map(|w| (&w.cluster, w.address));
+                shared.record_failure(&v.cluster, v.address, pool);
                 last = e;
             }
             Err(AttemptError::Cluster(e)) => {

@@ -51,22 +51,38 @@ impl Default for HealthSettings {
     }
 }
 
-/// Passive outlier detection settings.
+/// Default consecutive connect failures that eject an endpoint.
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 3;
+/// Default length of an endpoint's first ejection; each further episode doubles it.
+pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(5);
+/// Default longest ejection. Also the quiet time after which an endpoint's episode count is
+/// forgotten.
+pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(30);
+/// Default share of a service's endpoints that passive ejection may remove (Istio's
+/// `maxEjectionPercent` default); at least one endpoint may always be ejected.
+pub const DEFAULT_MAX_EJECTION_PERCENT: u8 = 10;
+
+/// Passive outlier detection settings (`traffic.outlierDetection`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutlierSettings {
     /// Consecutive connect failures that eject an endpoint.
     pub consecutive_failures: u32,
-    /// First ejection time; each further ejection doubles it.
+    /// First ejection time; each further episode doubles it.
     pub base_ejection: Duration,
+    /// Cap on one ejection, and the quiet time after which the episode count resets.
     pub max_ejection: Duration,
+    /// At most this share (percent) of a service's endpoints is ejected at once; always at
+    /// least one.
+    pub max_ejection_percent: u8,
 }
 
 impl Default for OutlierSettings {
     fn default() -> Self {
         Self {
-            consecutive_failures: 3,
-            base_ejection: Duration::from_secs(5),
-            max_ejection: Duration::from_secs(300),
+            consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
+            base_ejection: DEFAULT_BASE_EJECTION,
+            max_ejection: DEFAULT_MAX_EJECTION,
+            max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
         }
     }
 }
@@ -108,55 +124,167 @@ impl ProbeCounter {
 
 #[derive(Clone, Copy, Debug, Default)]
 struct OutlierEntry {
+    /// Consecutive failures since the last success or ejection.
     failures: u32,
-    ejections: u32,
+    /// Ejection episodes so far (the growth exponent); forgotten after a quiet period.
+    episodes: u32,
+    /// The running ejection's end; `None` when not ejected.
     ejected_until: Option<Instant>,
+    /// When the last ejection ended (ran out, or a passing probe or success ended it).
+    last_end: Option<Instant>,
+    /// The last failure counted.
+    last_failure: Option<Instant>,
 }
 
-/// Passive outlier detection: consecutive connect failures eject an endpoint for
-/// `base × 2^k` (k = earlier ejections, capped at `max_ejection`); a success resets the
-/// failure count and forgives one earlier ejection.
-#[derive(Debug, Default)]
+impl OutlierEntry {
+    fn ejected_at(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|until| now < until)
+    }
+
+    /// Moves an ejection that ran out to `last_end`.
+    fn settle(&mut self, now: Instant) {
+        if let Some(until) = self.ejected_until.filter(|until| now >= *until) {
+            self.ejected_until = None;
+            self.last_end = Some(until);
+        }
+    }
+
+    /// Neither ejected nor counting anything worth keeping: the entry can go.
+    fn is_idle(&self, now: Instant, quiet: Duration) -> bool {
+        let old = |t: Option<Instant>| t.is_none_or(|t| now.saturating_duration_since(t) >= quiet);
+        self.ejected_until.is_none()
+            && old(self.last_end)
+            && (self.failures == 0 || old(self.last_failure))
+    }
+}
+
+/// What one failed connect did to its endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureOutcome {
+    /// Counted towards the next ejection.
+    Counted,
+    /// The endpoint is already ejected: the failure belongs to the running episode.
+    AlreadyEjected,
+    /// This failure ejected the endpoint for the given time.
+    Ejected(Duration),
+    /// The failure would eject, but the service already has as many ejected endpoints as
+    /// `max_ejection_percent` allows.
+    CapReached,
+}
+
+/// Passive outlier detection (docs/endpoint-selection.md, "Passive ejection").
+///
+/// - `consecutive_failures` connect failures eject an endpoint for `base × 2^k`, k = the
+///   earlier episodes, capped at `max_ejection`. Failures while it is ejected belong to that
+///   episode: they neither extend nor repeat it.
+/// - A passing active probe or a successful connect ends an ejection at once.
+/// - After `max_ejection` without an ejection the episode count is forgotten.
+/// - At most `max_ejection_percent` of a service's endpoints (at least one) are ejected at
+///   once; a failure beyond that is counted but does not eject.
+///
+/// Pure: the clock comes in as `now`.
+#[derive(Debug)]
 pub struct Outliers {
     settings: OutlierSettings,
     entries: HashMap<(ClusterId, IpAddr), OutlierEntry>,
+    /// Entry count at which idle entries are dropped next (doubles with what stays, so
+    /// pruning stays amortized O(1) per failure).
+    prune_at: usize,
+}
+
+/// Entries kept before idle ones are dropped the first time.
+const OUTLIER_PRUNE_AT: usize = 1024;
+
+impl Default for Outliers {
+    fn default() -> Self {
+        Self::new(OutlierSettings::default())
+    }
 }
 
 impl Outliers {
     pub fn new(settings: OutlierSettings) -> Self {
-        Self { settings, entries: HashMap::new() }
+        Self { settings, entries: HashMap::new(), prune_at: OUTLIER_PRUNE_AT }
     }
 
-    /// Records a failed connect; returns the ejection time when this failure ejects.
-    pub fn record_failure(
+    /// How many of `pool` (a service's endpoints, `pool_len` of them) may be ejected at once.
+    pub fn allowed_ejections(&self, pool_len: usize) -> usize {
+        (pool_len * usize::from(self.settings.max_ejection_percent.min(100)) / 100).max(1)
+    }
+
+    /// Records a failed connect to an endpoint of a service whose endpoints are `pool`.
+    pub fn record_failure<'a>(
         &mut self,
         cluster: &ClusterId,
         address: IpAddr,
+        pool: impl IntoIterator<Item = (&'a ClusterId, IpAddr)>,
         now: Instant,
-    ) -> Option<Duration> {
-        let entry = self.entries.entry((cluster.clone(), address)).or_default();
-        entry.failures = entry.failures.saturating_add(1);
-        if entry.failures < self.settings.consecutive_failures.max(1) {
-            return None;
+    ) -> FailureOutcome {
+        if self.entries.len() >= self.prune_at {
+            let quiet = self.settings.max_ejection;
+            self.entries.retain(|_, e| {
+                e.settle(now);
+                !e.is_idle(now, quiet)
+            });
+            self.prune_at = (self.entries.len() * 2).max(OUTLIER_PRUNE_AT);
         }
-        let factor = 2u32.saturating_pow(entry.ejections.min(16));
-        let time =
-            self.settings.base_ejection.saturating_mul(factor).min(self.settings.max_ejection);
-        entry.failures = 0;
-        entry.ejections = entry.ejections.saturating_add(1);
-        entry.ejected_until = Some(now + time);
-        Some(time)
-    }
-
-    pub fn record_success(&mut self, cluster: &ClusterId, address: IpAddr) {
         let key = (cluster.clone(), address);
-        if let Some(entry) = self.entries.get_mut(&key) {
-            entry.failures = 0;
-            entry.ejections = entry.ejections.saturating_sub(1);
-            if entry.ejections == 0 {
-                self.entries.remove(&key);
+        let entry = self.entries.entry(key.clone()).or_default();
+        entry.settle(now);
+        if entry.ejected_at(now) {
+            return FailureOutcome::AlreadyEjected;
+        }
+        entry.failures = entry.failures.saturating_add(1);
+        entry.last_failure = Some(now);
+        if entry.failures < self.settings.consecutive_failures.max(1) {
+            return FailureOutcome::Counted;
+        }
+        let (mut pool_len, mut ejected) = (0usize, 0usize);
+        for (c, a) in pool {
+            pool_len += 1;
+            if (c, a) != (cluster, address) && self.is_ejected(c, a, now) {
+                ejected += 1;
             }
         }
+        if ejected >= self.allowed_ejections(pool_len.max(1)) {
+            return FailureOutcome::CapReached;
+        }
+        let quiet = self.settings.max_ejection;
+        let Some(entry) = self.entries.get_mut(&key) else { return FailureOutcome::Counted };
+        if entry.last_end.is_some_and(|end| now.saturating_duration_since(end) >= quiet) {
+            entry.episodes = 0;
+        }
+        let factor = 2u32.saturating_pow(entry.episodes.min(16));
+        let time = self.settings.base_ejection.saturating_mul(factor).min(quiet);
+        entry.failures = 0;
+        entry.episodes = entry.episodes.saturating_add(1);
+        entry.ejected_until = Some(now + time);
+        FailureOutcome::Ejected(time)
+    }
+
+    /// A successful connect: resets the failure count and ends a running ejection (true when
+    /// it ended one).
+    pub fn record_success(&mut self, cluster: &ClusterId, address: IpAddr, now: Instant) -> bool {
+        self.end(cluster, address, now)
+    }
+
+    /// A passing active probe ends a running ejection; true when it ended one.
+    pub fn probe_passed(&mut self, cluster: &ClusterId, address: IpAddr, now: Instant) -> bool {
+        self.end(cluster, address, now)
+    }
+
+    fn end(&mut self, cluster: &ClusterId, address: IpAddr, now: Instant) -> bool {
+        let key = (cluster.clone(), address);
+        let Some(entry) = self.entries.get_mut(&key) else { return false };
+        entry.settle(now);
+        entry.failures = 0;
+        let ended = entry.ejected_until.take().is_some();
+        if ended {
+            entry.last_end = Some(now);
+        }
+        if entry.is_idle(now, self.settings.max_ejection) {
+            self.entries.remove(&key);
+        }
+        ended
     }
 
     pub fn is_ejected(&self, cluster: &ClusterId, address: IpAddr, now: Instant) -> bool {
@@ -225,12 +353,41 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> bool {
     probe_detail(addr, timeout).await.is_ok()
 }
 
-/// Like [`probe`], with why it failed (`connection refused`, `timed out after 500ms`).
-pub async fn probe_detail(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+/// Why a probe did not pass.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// The endpoint refused or did not answer.
+    #[error("{0}")]
+    Failed(String),
+    /// The probe could not run on this gateway (no file descriptor, no buffer, no local
+    /// port): it says nothing about the endpoint, whose health stays as it was.
+    #[error("probe could not run here: {0}")]
+    Inconclusive(String),
+}
+
+/// True for errors that come from this machine's own resources (file descriptors, memory,
+/// socket buffers, local ports), not from the remote side: they must never be held against
+/// an endpoint.
+pub fn is_local_resource_error(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    if e.kind() == std::io::ErrorKind::OutOfMemory {
+        return true;
+    }
+    e.raw_os_error().is_some_and(|code| {
+        [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM, Errno::ADDRNOTAVAIL]
+            .iter()
+            .any(|errno| errno.raw_os_error() == code)
+    })
+}
+
+/// Like [`probe`], with why it did not pass (`connection refused`, `timed out after 500ms`,
+/// or inconclusive when this gateway could not make the connection at all).
+pub async fn probe_detail(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("timed out after {timeout:?}")),
+        Ok(Err(e)) if is_local_resource_error(&e) => Err(ProbeError::Inconclusive(e.to_string())),
+        Ok(Err(e)) => Err(ProbeError::Failed(e.to_string())),
+        Err(_) => Err(ProbeError::Failed(format!("timed out after {timeout:?}"))),
     }
 }
 
@@ -245,6 +402,9 @@ pub struct LastProbe {
     pub ok: bool,
     /// Why it failed, when it did.
     pub error: Option<String>,
+    /// The probe could not run here (EMFILE, ENOBUFS, ...): it did not change the health.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub inconclusive: bool,
     /// The endpoint's health after this result (thresholds applied).
     pub health: Health,
 }
@@ -281,7 +441,7 @@ impl ProbeLog {
 
 /// One probe's outcome as the probe task reports it: which endpoint, the address probed, and
 /// why it failed if it did.
-type ProbeResult = ((ServiceKey, IpAddr), SocketAddr, Result<(), String>);
+type ProbeResult = ((ServiceKey, IpAddr), SocketAddr, Result<(), ProbeError>);
 
 struct Target {
     addr: SocketAddr,
@@ -297,7 +457,12 @@ pub struct HealthChecker {
     cluster: watch::Receiver<Arc<ClusterState>>,
     tx: watch::Sender<Arc<HealthMap>>,
     probes: ProbeLog,
+    /// Called with the address of every endpoint whose probe passed (ends its ejection).
+    on_pass: Option<PassHook>,
 }
+
+/// What [`HealthChecker::on_probe_pass`] calls.
+pub type PassHook = Arc<dyn Fn(IpAddr) + Send + Sync>;
 
 impl HealthChecker {
     pub fn new(
@@ -305,7 +470,12 @@ impl HealthChecker {
         cluster: watch::Receiver<Arc<ClusterState>>,
     ) -> (Self, watch::Receiver<Arc<HealthMap>>) {
         let (tx, rx) = watch::channel(Arc::new(HealthMap::new()));
-        (Self { settings, cluster, tx, probes: ProbeLog::default() }, rx)
+        (Self { settings, cluster, tx, probes: ProbeLog::default(), on_pass: None }, rx)
+    }
+
+    /// Calls `hook` with the endpoint address after every passing probe.
+    pub fn on_probe_pass(&mut self, hook: PassHook) {
+        self.on_pass = Some(hook);
     }
 
     /// The last probe of every endpoint, as it happens.
@@ -396,21 +566,35 @@ impl HealthChecker {
                 Some(first) = results.recv() => {
                     let batch_until = tokio::time::Instant::now() + PUBLISH_BATCH_WINDOW;
                     let mut changed = false;
+                    let mut health_log = HealthChanges::default();
                     let mut next = Some(first);
                     while let Some((tkey, addr, result)) = next {
                         if targets.get(&tkey).is_some_and(|t| t.addr == addr) {
                             let counter = counters.entry(tkey.clone()).or_default();
                             let before = counter.health;
-                            let after = counter.observe(result.is_ok(), &self.settings);
+                            let inconclusive = matches!(result, Err(ProbeError::Inconclusive(_)));
+                            let after = if inconclusive {
+                                metrics::record_probe_inconclusive();
+                                before
+                            } else {
+                                counter.observe(result.is_ok(), &self.settings)
+                            };
+                            if result.is_ok()
+                                && let Some(hook) = &self.on_pass
+                            {
+                                hook(tkey.1);
+                            }
                             self.probes.record(tkey.clone(), LastProbe {
                                 target: addr,
                                 at: jiff::Timestamp::now(),
                                 ok: result.is_ok(),
-                                error: result.err(),
+                                error: result.err().map(|e| e.to_string()),
+                                inconclusive,
                                 health: after,
                             });
                             if before != after {
-                                tracing::info!(service = %tkey.0, endpoint = %addr, health = ?after, "endpoint health changed");
+                                tracing::debug!(service = %tkey.0, endpoint = %addr, health = ?after, "endpoint health changed");
+                                health_log.note(&tkey, addr, after);
                                 touched.insert(tkey.0.clone());
                                 map.insert(tkey, after);
                                 changed = true;
@@ -427,6 +611,7 @@ impl HealthChecker {
                                 .flatten(),
                         };
                     }
+                    health_log.log();
                     if changed {
                         self.publish(&map, &mut touched);
                     }
@@ -482,6 +667,46 @@ impl HealthChecker {
     }
 }
 
+/// The health changes of one batch of probe results, logged as one line: thousands of
+/// endpoints failing together (a backend network down, 10k unreachable endpoints at start)
+/// must not write thousands of lines. Each change is at `debug` too.
+#[derive(Default)]
+struct HealthChanges {
+    healthy: usize,
+    unhealthy: usize,
+    /// The first few changes, for the log line.
+    examples: Vec<String>,
+}
+
+impl HealthChanges {
+    const EXAMPLES: usize = 3;
+
+    fn note(&mut self, key: &(ServiceKey, IpAddr), addr: SocketAddr, health: Health) {
+        match health {
+            Health::Healthy => self.healthy += 1,
+            _ => self.unhealthy += 1,
+        }
+        if self.examples.len() < Self::EXAMPLES {
+            self.examples.push(format!("{} {addr} {health:?}", key.0));
+        }
+    }
+
+    fn log(&self) {
+        let total = self.healthy + self.unhealthy;
+        if total == 0 {
+            return;
+        }
+        let more = total.saturating_sub(self.examples.len());
+        tracing::info!(
+            healthy = self.healthy,
+            unhealthy = self.unhealthy,
+            examples = %self.examples.join(", "),
+            more,
+            "endpoint health changed"
+        );
+    }
+}
+
 async fn probe_loop(
     key: (ServiceKey, IpAddr),
     addr: SocketAddr,
@@ -532,46 +757,131 @@ mod tests {
         assert_eq!(c.observe(false, &zero), Unhealthy, "zero thresholds act as 1");
     }
 
-    #[test]
-    fn outlier_ejection_grows_and_forgives() {
-        let s = OutlierSettings {
+    fn outliers(percent: u8) -> Outliers {
+        Outliers::new(OutlierSettings {
             consecutive_failures: 2,
             base_ejection: Duration::from_secs(5),
             max_ejection: Duration::from_secs(12),
-        };
-        let mut o = Outliers::new(s);
+            max_ejection_percent: percent,
+        })
+    }
+
+    fn addr(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    /// A pool of `n` endpoints 10.0.0.1.. in cluster `c`.
+    fn pool(c: &ClusterId, n: u8) -> Vec<(&ClusterId, IpAddr)> {
+        (1..=n).map(|i| (c, addr(i))).collect()
+    }
+
+    #[test]
+    fn one_ejection_per_episode_growing_per_episode_capped() {
+        use FailureOutcome::*;
+        let mut o = outliers(100);
         let c = ClusterId::new("east").unwrap();
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = addr(1);
         let t0 = Instant::now();
-        assert_eq!(o.record_failure(&c, a, t0), None);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(o.record_failure(&c, a, pool(&c, 1), t0), Counted);
         assert!(!o.is_ejected(&c, a, t0));
-        assert_eq!(o.record_failure(&c, a, t0), Some(Duration::from_secs(5)));
-        assert!(o.is_ejected(&c, a, t0 + Duration::from_secs(4)));
-        assert!(!o.is_ejected(&c, a, t0 + Duration::from_secs(5)));
-        o.record_failure(&c, a, t0);
-        assert_eq!(o.record_failure(&c, a, t0), Some(Duration::from_secs(10)));
-        o.record_failure(&c, a, t0);
-        assert_eq!(o.record_failure(&c, a, t0), Some(Duration::from_secs(12)), "capped");
-        // A success resets the streak and forgives one ejection.
-        o.record_success(&c, a);
-        o.record_failure(&c, a, t0);
-        assert_eq!(o.record_failure(&c, a, t0), Some(Duration::from_secs(12)));
-        for _ in 0..3 {
-            o.record_success(&c, a);
+        assert_eq!(o.record_failure(&c, a, pool(&c, 1), t0), Ejected(Duration::from_secs(5)));
+        // The finding of issue 17: a burst of failures while ejected (80 clients against a
+        // stopped server) ejected again and doubled the time 25 times, up to 300 s. They
+        // belong to the running episode.
+        for _ in 0..80 {
+            assert_eq!(o.record_failure(&c, a, pool(&c, 1), at(1)), AlreadyEjected);
         }
-        assert!(o.entries.is_empty(), "fully forgiven entries are dropped");
-        let other: IpAddr = "10.0.0.2".parse().unwrap();
-        assert!(!o.is_ejected(&c, other, t0));
-        assert!(o.ejections(t0).is_empty());
-        o.record_failure(&c, other, t0);
-        o.record_failure(&c, other, t0);
-        o.record_failure(&c, other, t0);
+        assert_eq!(o.ejected_for(&c, a, at(1)), Some(Duration::from_secs(4)));
+        assert!(!o.is_ejected(&c, a, at(5)), "the first episode lasts base_ejection");
+        // The next episode, right after: twice as long; the one after that is capped.
+        o.record_failure(&c, a, pool(&c, 1), at(5));
+        assert_eq!(o.record_failure(&c, a, pool(&c, 1), at(5)), Ejected(Duration::from_secs(10)));
+        o.record_failure(&c, a, pool(&c, 1), at(15));
+        assert_eq!(o.record_failure(&c, a, pool(&c, 1), at(15)), Ejected(Duration::from_secs(12)));
+        // Quiet for max_ejection after the last episode ended (at 27 s): the count is
+        // forgotten and the next ejection is base_ejection again.
+        o.record_failure(&c, a, pool(&c, 1), at(39));
+        assert_eq!(o.record_failure(&c, a, pool(&c, 1), at(39)), Ejected(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_passing_probe_or_a_success_ends_an_ejection() {
+        let mut o = outliers(100);
+        let c = ClusterId::new("east").unwrap();
+        let (a, b) = (addr(1), addr(2));
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            o.record_failure(&c, a, pool(&c, 2), t0);
+            o.record_failure(&c, b, pool(&c, 2), t0);
+        }
+        assert!(o.is_ejected(&c, a, t0) && o.is_ejected(&c, b, t0));
+        assert!(o.probe_passed(&c, a, t0 + Duration::from_secs(1)));
+        assert!(!o.is_ejected(&c, a, t0 + Duration::from_secs(1)), "probe ended it");
+        assert!(!o.probe_passed(&c, a, t0 + Duration::from_secs(2)), "nothing left to end");
+        assert!(o.record_success(&c, b, t0 + Duration::from_secs(1)));
+        assert!(o.ejections(t0 + Duration::from_secs(1)).is_empty());
+        // The episode count survives the early end: the next ejection is longer.
+        o.record_failure(&c, a, pool(&c, 2), t0 + Duration::from_secs(2));
         assert_eq!(
-            o.ejected_for(&c, other, t0 + Duration::from_secs(2)),
-            Some(Duration::from_secs(3))
+            o.record_failure(&c, a, pool(&c, 2), t0 + Duration::from_secs(2)),
+            FailureOutcome::Ejected(Duration::from_secs(10))
         );
-        assert_eq!(o.ejections(t0), vec![((c.clone(), other), Duration::from_secs(5))]);
-        assert_eq!(o.ejected_for(&c, other, t0 + Duration::from_secs(5)), None);
+        // A success resets the failure streak.
+        let d = addr(3);
+        o.record_failure(&c, d, pool(&c, 3), t0);
+        o.record_success(&c, d, t0);
+        assert_eq!(o.record_failure(&c, d, pool(&c, 3), t0), FailureOutcome::Counted);
+    }
+
+    #[test]
+    fn max_ejection_percent_caps_the_share_of_a_service() {
+        use FailureOutcome::*;
+        let c = ClusterId::new("east").unwrap();
+        let t0 = Instant::now();
+        // (what, percent, pool size, endpoints failing, ejected, capped)
+        let cases: Vec<(&str, u8, u8, u8, usize, usize)> = vec![
+            ("10% of 3: one may go", 10, 3, 3, 1, 2),
+            ("10% of 20: two may go", 10, 20, 5, 2, 3),
+            ("50% of 4: two", 50, 4, 4, 2, 2),
+            ("100%: all", 100, 4, 4, 4, 0),
+            ("0% still allows one", 0, 4, 2, 1, 1),
+            ("a single endpoint may always be ejected", 10, 1, 1, 1, 0),
+        ];
+        for (what, percent, size, failing, want_ejected, want_capped) in cases {
+            let mut o = outliers(percent);
+            let (mut ejected, mut capped) = (0, 0);
+            for i in 1..=failing {
+                for _ in 0..2 {
+                    match o.record_failure(&c, addr(i), pool(&c, size), t0) {
+                        Ejected(_) => ejected += 1,
+                        CapReached => capped += 1,
+                        Counted | AlreadyEjected => {}
+                    }
+                }
+            }
+            assert_eq!((ejected, capped), (want_ejected, want_capped), "{what}");
+            assert_eq!(o.ejections(t0).len(), want_ejected, "{what}");
+        }
+    }
+
+    #[test]
+    fn idle_entries_are_dropped() {
+        let mut o = outliers(100);
+        let c = ClusterId::new("east").unwrap();
+        let t0 = Instant::now();
+        let ip = |i: u32| IpAddr::from(i.to_be_bytes());
+        // Endpoints that failed once and went away (pods replaced) must not pile up.
+        for i in 0..1024 {
+            o.record_failure(&c, ip(i), [(&c, ip(i))], t0);
+        }
+        assert_eq!(o.entries.len(), 1024);
+        let later = t0 + Duration::from_secs(13);
+        o.record_failure(&c, ip(5000), [(&c, ip(5000))], later);
+        assert_eq!(o.entries.len(), 1, "stale single failures are pruned");
+        // A success drops an entry with nothing left to track at once.
+        o.record_success(&c, ip(5000), later);
+        assert!(o.entries.is_empty());
     }
 
     #[tokio::test]
@@ -582,6 +892,6 @@ mod tests {
         drop(listener);
         assert!(!probe(open, Duration::from_millis(500)).await);
         let err = probe_detail(open, Duration::from_millis(500)).await.unwrap_err();
-        assert!(err.contains("refused"), "{err}");
+        assert!(matches!(&err, ProbeError::Failed(e) if e.contains("refused")), "{err}");
     }
 }

@@ -19,6 +19,10 @@ pub const ACTIVE_CONNECTIONS: &str = "fedgate_active_connections";
 pub const ENDPOINTS_HEALTHY: &str = "fedgate_endpoints_healthy";
 pub const ENDPOINTS_TOTAL: &str = "fedgate_endpoints";
 pub const ENDPOINT_EJECTIONS_TOTAL: &str = "fedgate_endpoint_ejections_total";
+pub const EJECTIONS_CAPPED_TOTAL: &str = "fedgate_endpoint_ejections_capped_total";
+pub const EJECTIONS_ENDED_TOTAL: &str = "fedgate_endpoint_ejections_ended_total";
+pub const PANIC_CONNECTIONS_TOTAL: &str = "fedgate_panic_connections_total";
+pub const PROBES_INCONCLUSIVE_TOTAL: &str = "fedgate_probes_inconclusive_total";
 pub const FAILOVERS_TOTAL: &str = "fedgate_failovers_total";
 pub const DRAINING: &str = "fedgate_draining";
 pub const PEER_UP: &str = "fedgate_peer_up";
@@ -69,6 +73,26 @@ pub fn describe() {
         ENDPOINT_EJECTIONS_TOTAL,
         "Endpoints ejected by passive outlier detection after consecutive connect failures, by \
          cluster."
+    );
+    describe_counter!(
+        EJECTIONS_CAPPED_TOTAL,
+        "Ejections passive outlier detection did not make because the service already had \
+         maxEjectionPercent of its endpoints ejected, by cluster."
+    );
+    describe_counter!(
+        EJECTIONS_ENDED_TOTAL,
+        "Ejections ended early, by what ended them (probe = a passing active probe, success = a \
+         successful connect)."
+    );
+    describe_counter!(
+        PANIC_CONNECTIONS_TOTAL,
+        "Connections (client connections and accepted tunnel streams) routed in panic mode: every \
+         endpoint of the service was unhealthy or ejected, so they were tried anyway, by service."
+    );
+    describe_counter!(
+        PROBES_INCONCLUSIVE_TOTAL,
+        "Active probes that could not run on this gateway (out of file descriptors, buffers or \
+         local ports); they leave the endpoint's health unchanged."
     );
     describe_counter!(
         FAILOVERS_TOTAL,
@@ -249,6 +273,22 @@ pub fn record_connect_duration(target_cluster: &str, elapsed: Duration) {
 
 pub fn record_ejection(cluster: &str) {
     counter!(ENDPOINT_EJECTIONS_TOTAL, "cluster" => cluster.to_owned()).increment(1);
+}
+
+pub fn record_ejection_capped(cluster: &str) {
+    counter!(EJECTIONS_CAPPED_TOTAL, "cluster" => cluster.to_owned()).increment(1);
+}
+
+pub fn record_ejection_ended(by: &'static str) {
+    counter!(EJECTIONS_ENDED_TOTAL, "by" => by).increment(1);
+}
+
+pub fn record_panic(service: &str) {
+    counter!(PANIC_CONNECTIONS_TOTAL, "service" => service.to_owned()).increment(1);
+}
+
+pub fn record_probe_inconclusive() {
+    counter!(PROBES_INCONCLUSIVE_TOTAL).increment(1);
 }
 
 pub fn set_endpoint_health(service: &str, healthy: usize, total: usize) {

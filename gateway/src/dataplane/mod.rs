@@ -42,7 +42,7 @@ pub use health::{HealthChecker, HealthSettings, OutlierSettings};
 pub use proxy::{BoxRecv, BoxSend, TunnelRecv, TunnelSend};
 pub use select::{EndpointView, PriorityLabel, SkipReason};
 
-use health::Outliers;
+use health::{FailureOutcome, Outliers};
 use select::EndpointState;
 
 /// Default bound on all connect attempts of one client connection (failover included).
@@ -192,14 +192,41 @@ impl Shared {
     }
 
     pub(crate) fn record_success(&self, cluster: &ClusterId, address: IpAddr) {
-        self.lock_table().outliers.record_success(cluster, address);
+        if self.lock_table().outliers.record_success(cluster, address, Instant::now()) {
+            tracing::info!(%cluster, endpoint = %address, "ejection ended by a successful connect");
+            metrics::record_ejection_ended("success");
+        }
     }
 
-    pub(crate) fn record_failure(&self, cluster: &ClusterId, address: IpAddr) {
-        let ejected = self.lock_table().outliers.record_failure(cluster, address, Instant::now());
-        if let Some(time) = ejected {
-            tracing::warn!(%cluster, endpoint = %address, ejection_secs = time.as_secs(), "endpoint ejected after consecutive connect failures");
-            metrics::record_ejection(cluster.as_str());
+    /// A failed connect to `address`, an endpoint of a service whose endpoints are `pool`
+    /// (for the cap on the share of them that may be ejected).
+    pub(crate) fn record_failure<'a>(
+        &self,
+        cluster: &ClusterId,
+        address: IpAddr,
+        pool: impl IntoIterator<Item = (&'a ClusterId, IpAddr)>,
+    ) {
+        let outcome =
+            self.lock_table().outliers.record_failure(cluster, address, pool, Instant::now());
+        match outcome {
+            FailureOutcome::Ejected(time) => {
+                tracing::warn!(%cluster, endpoint = %address, ejection_secs = time.as_secs(), "endpoint ejected after consecutive connect failures");
+                metrics::record_ejection(cluster.as_str());
+            }
+            FailureOutcome::CapReached => {
+                tracing::debug!(%cluster, endpoint = %address, "not ejected: the service has maxEjectionPercent of its endpoints ejected");
+                metrics::record_ejection_capped(cluster.as_str());
+            }
+            FailureOutcome::Counted | FailureOutcome::AlreadyEjected => {}
+        }
+    }
+
+    /// A passing active probe of the local endpoint `address` ends its ejection.
+    fn probe_passed(&self, address: IpAddr) {
+        let local = &self.settings.cluster;
+        if self.lock_table().outliers.probe_passed(local, address, Instant::now()) {
+            tracing::info!(cluster = %local, endpoint = %address, "ejection ended by a passing probe");
+            metrics::record_ejection_ended("probe");
         }
     }
 
@@ -373,7 +400,7 @@ impl DataPlane {
     pub fn with_health(
         settings: DataPlaneSettings,
         snapshot: watch::Receiver<Arc<ImportSnapshot>>,
-        health: HealthChecker,
+        mut health: HealthChecker,
         tunnel: Option<Arc<dyn Tunnel>>,
     ) -> Result<Self, DataPlaneError> {
         let client_labels = settings.locality.labels_for(&settings.cluster);
@@ -398,6 +425,12 @@ impl DataPlane {
         };
         let mut listeners = listeners::Listeners::default();
         let shared = Arc::new(Shared { listeners: listeners.state(), ..shared });
+        let weak = Arc::downgrade(&shared);
+        health.on_probe_pass(Arc::new(move |address| {
+            if let Some(shared) = weak.upgrade() {
+                shared.probe_passed(address);
+            }
+        }));
         if shared.settings.vip_listeners {
             let snap = shared.snapshot.borrow().clone();
             listeners.reconcile(&snap, &shared);

@@ -188,6 +188,28 @@ pub fn rank(input: &SelectionInput<'_>) -> Vec<EndpointView> {
     out
 }
 
+/// Panic routing (Envoy's panic threshold): when no endpoint can take a connection, the ones
+/// that are only unhealthy or ejected are tried anyway, rather than refusing every client
+/// because health checks or ejections may be wrong (an overloaded gateway, a burst of
+/// failures). Returns the views with those marked healthy (their skip reasons kept, for
+/// explain), or `None` when some endpoint is healthy or none qualifies. Endpoints that are
+/// not ready, cannot serve the port or whose cluster is unreachable never qualify.
+pub fn panic_views(views: &[EndpointView]) -> Option<Vec<EndpointView>> {
+    if views.iter().any(|v| v.healthy) {
+        return None;
+    }
+    let panic: Vec<EndpointView> = views
+        .iter()
+        .cloned()
+        .map(|mut v| {
+            v.healthy =
+                v.skipped.iter().all(|s| matches!(s, SkipReason::Unhealthy | SkipReason::Ejected));
+            v
+        })
+        .collect();
+    panic.iter().any(|v| v.healthy).then_some(panic)
+}
+
 /// Orders up to `limit` of `loads.len()` choices: each next one is the less loaded of two
 /// picked at random among those not yet taken (power of two choices). Returns indexes.
 pub fn p2c_order(loads: &[u32], limit: usize, rng: &mut impl Rng) -> Vec<usize> {
