@@ -381,6 +381,11 @@ impl Gateway {
         }
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends a signal by name (`TERM`, `INT`) with `kill(1)`.
     pub fn signal(&self, sig: &str) -> Result<()> {
         let pid = self.child.as_ref().context("gateway not running")?.id();
