@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminServer, AdminState, DebugView, Query};
-use crate::config::{self, CaSource, Config, FrontMode, SourceKind, Upstream};
+use crate::config::{self, Config, FrontMode, SourceKind, Upstream};
 use crate::data_thread::DataThread;
 use crate::dataplane::health::HealthSettings;
 use crate::dataplane::peers::PeerTunnel;
@@ -76,12 +76,8 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         SourceKind::Kube => Some(connect_kube(&cfg).await?),
         SourceKind::File => None,
     };
-    let ca = match &cfg.tls.ca {
-        CaSource::File(p) => p.clone(),
-        CaSource::System => anyhow::bail!(
-            "tls.ca: system is not supported for the peer tunnel: give the clusterset's CA bundle"
-        ),
-    };
+    // `fedgate run` refused `system` already (config rules); this is for configs built in code.
+    let ca = cfg.tls.ca.file().map_err(|e| anyhow::anyhow!("tls.ca: {e}"))?.to_owned();
     let identity = Identity::from_pem_files(&cfg.tls.cert, &cfg.tls.key, &ca)
         .context("loading the gateway identity (tls.cert, tls.key, tls.ca)")?;
     let data = DataThread::start(cfg.traffic.data_plane_threads, cfg.traffic.busy_poll)?;

@@ -15,6 +15,7 @@
 //! certificate's SPIFFE id, the peer-is-own-id check), exactly as if the file had named it.
 
 mod check;
+mod rules;
 mod types;
 mod yaml;
 
@@ -26,7 +27,7 @@ pub use types::*;
 
 use fedgate_discovery::model::ClusterId;
 
-use self::yaml::{DeError, Kind, Mark, Node};
+use self::yaml::{DeError, Kind, Mark, Node, Partial};
 
 /// One problem in a config file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,11 +133,13 @@ impl Locator {
 const SECTIONS: [&str; 9] =
     ["cluster", "discovery", "peers", "tls", "tunnel", "dns", "front", "admin", "traffic"];
 
-/// What deserialized of each section; `None` when it had errors.
+/// What deserialized of each section: `None` when the section itself is wrong, else the
+/// value with the fields that had errors at their defaults ([`Partial::reading`] tells which
+/// fields a rule may still read).
 #[derive(Default)]
 pub(crate) struct Sections {
-    pub cluster: Option<ClusterSection>,
-    pub discovery: Option<DiscoveryConfig>,
+    pub cluster: Option<Partial<ClusterSection>>,
+    pub discovery: Option<Partial<DiscoveryConfig>>,
     /// Each peer that parsed, with its index in the file (entries with errors are left
     /// out, so indexes can have gaps).
     pub peers: Option<Vec<(usize, PeerConfig)>>,
@@ -145,12 +148,12 @@ pub(crate) struct Sections {
     /// `cluster.id` when it is valid, even if the rest of `cluster` is not; else the id the
     /// caller supplied (from the ClusterProperty).
     pub cluster_id: Option<ClusterId>,
-    pub tls: Option<TlsConfig>,
-    pub tunnel: Option<TunnelConfig>,
-    pub dns: Option<DnsConfig>,
-    pub front: Option<FrontConfig>,
-    pub admin: Option<AdminConfig>,
-    pub traffic: Option<TrafficConfig>,
+    pub tls: Option<Partial<TlsConfig>>,
+    pub tunnel: Option<Partial<TunnelConfig>>,
+    pub dns: Option<Partial<DnsConfig>>,
+    pub front: Option<Partial<FrontConfig>>,
+    pub admin: Option<Partial<AdminConfig>>,
+    pub traffic: Option<Partial<TrafficConfig>>,
 }
 
 /// A config file that parsed and passed its checks.
@@ -426,7 +429,9 @@ fn parse_inner(
             let peers: Vec<(usize, PeerConfig)> = items
                 .into_iter()
                 .enumerate()
-                .filter_map(|(i, item)| yaml::collect(item, &mut de_errors).map(|p| (i, p)))
+                .filter_map(|(i, item)| {
+                    yaml::collect(item, &mut de_errors).and_then(Partial::complete).map(|p| (i, p))
+                })
                 .collect();
             sections.peers_clean = de_errors.len() == before;
             Some(peers)
@@ -449,13 +454,16 @@ fn parse_inner(
         }
     };
     errors.extend(de_errors.into_iter().map(|e| locator.de_error(e)));
-    for (path, message) in check::semantics(&sections) {
+    for (path, message) in rules::semantics(&sections) {
         errors.push(locator.error(&path, message));
     }
     // The id: the file's, else the caller's; only the kube source may still be without one.
+    // (An id that was written but is invalid is reported as such, not as missing.)
+    let written_id = sections.cluster.as_ref().and_then(|c| c.reading(&["cluster.id"]));
     let id: Option<ClusterId> =
-        sections.cluster.as_ref().and_then(|c| c.id.clone()).or_else(|| default_id.cloned());
-    if let (Some(_), Some(discovery), None) = (&sections.cluster, &sections.discovery, &id) {
+        written_id.and_then(|c| c.id.clone()).or_else(|| default_id.cloned());
+    let source = sections.discovery.as_ref().and_then(|d| d.reading(&["discovery.source"]));
+    if let (Some(_), Some(discovery), None) = (written_id, source, &id) {
         match discovery.source {
             SourceKind::File => errors.push(locator.error("cluster", MISSING_ID_FILE)),
             SourceKind::Kube if !allow_pending => {
@@ -466,8 +474,14 @@ fn parse_inner(
     }
 
     let base = path.parent().unwrap_or(Path::new(""));
+    // Only sections as written: a path at its default because of an error names no file.
     let files = match (&sections.cluster, &sections.tls, &sections.discovery) {
-        (Some(cluster), Some(tls), Some(discovery)) => {
+        (Some(cluster), Some(tls), Some(discovery))
+            if cluster.removed.is_empty()
+                && tls.removed.is_empty()
+                && discovery.removed.is_empty() =>
+        {
+            let (cluster, tls, discovery) = (&cluster.value, &tls.value, &discovery.value);
             let mut inputs = FileInputs {
                 id: id.clone(),
                 clusterset: cluster.clusterset.clone(),
@@ -480,19 +494,20 @@ fn parse_inner(
         }
         _ => None,
     };
+    // No error means no section had a node taken out: every value is as written.
     let result = match sections {
         Sections {
-            cluster: Some(cluster),
-            discovery: Some(mut discovery),
+            cluster: Some(Partial { value: cluster, .. }),
+            discovery: Some(Partial { value: mut discovery, .. }),
             peers: Some(peers),
             peers_clean: true,
             cluster_id: _,
-            tls: Some(mut tls),
-            tunnel: Some(tunnel),
-            dns: Some(dns),
-            front: Some(mut front),
-            admin: Some(admin),
-            traffic: Some(traffic),
+            tls: Some(Partial { value: mut tls, .. }),
+            tunnel: Some(Partial { value: tunnel, .. }),
+            dns: Some(Partial { value: dns, .. }),
+            front: Some(Partial { value: mut front, .. }),
+            admin: Some(Partial { value: admin, .. }),
+            traffic: Some(Partial { value: traffic, .. }),
         } if errors.is_empty() => match id {
             Some(id) => {
                 let peers = peers.into_iter().map(|(_, p)| p).collect();
@@ -566,5 +581,7 @@ fn resolve_discovery(d: &mut DiscoveryConfig, id: Option<&ClusterId>, base: &Pat
     d.kube.kubeconfig = d.kube.kubeconfig.take().map(|k| join(base, &k));
 }
 
+#[cfg(test)]
+mod rules_tests;
 #[cfg(test)]
 mod tests;

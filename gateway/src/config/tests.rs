@@ -85,7 +85,7 @@ peers:
   - { id: west, address: 10.0.0.2:15443 }
   - { id: north, address: "[fd00::3]:15443" }
   - { id: south, address: south.gw.example.com:15443 }
-tls: { cert: east.crt, key: /abs/east.key, ca: system }
+tls: { cert: east.crt, key: /abs/east.key, ca: pki/ca.pem }
 tunnel: { listen: 0.0.0.0:15443 }
 dns:
   listen: 127.0.0.1:5353
@@ -118,7 +118,7 @@ traffic:
     assert_eq!(c.peers[2].address.socket_addr(), None);
     assert_eq!(c.tls.cert, Path::new("/etc/fedgate/east.crt"));
     assert_eq!(c.tls.key, Path::new("/abs/east.key"));
-    assert_eq!(c.tls.ca, CaSource::System);
+    assert_eq!(c.tls.ca, CaSource::File("/etc/fedgate/pki/ca.pem".into()));
     assert_eq!(
         c.dns.upstream,
         vec![
@@ -365,7 +365,7 @@ traffic:
 
 #[test]
 fn range_size_rule() {
-    use check::usable_addresses;
+    use rules::usable_addresses;
     let n = |s: &str| s.parse::<ipnet::IpNet>().expect("cidr");
     assert_eq!(usable_addresses(&n("242.1.0.0/16")), 65_534);
     assert_eq!(usable_addresses(&n("10.0.0.0/27")), 30);

@@ -225,8 +225,8 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key of `cert`. Default `<cluster.id>.key` next to the config file.
     pub key: PathBuf,
-    /// CA bundle that peers' certificates must chain to: a PEM file, or `system` for the OS
-    /// roots. Default `ca.crt` next to the config file.
+    /// PEM CA bundle that peers' certificates must chain to (the clusterset's CA). Default
+    /// `ca.crt` next to the config file.
     pub ca: CaSource,
 }
 
@@ -234,10 +234,23 @@ pub struct TlsConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum CaSource {
-    /// The operating system's root certificates.
+    /// `system`, the operating system's roots: refused by the config's rules ([`Self::file`]).
     System,
     /// A PEM bundle.
     File(PathBuf),
+}
+
+impl CaSource {
+    /// The CA bundle file. `system` has none: the peer tunnel trusts only the clusterset's
+    /// own CA (public roots do not issue SPIFFE identities), so the config check refuses it
+    /// with this message, and so does the gateway given a config built in code.
+    pub fn file(&self) -> Result<&std::path::Path, &'static str> {
+        match self {
+            CaSource::File(p) => Ok(p),
+            CaSource::System => Err("`system` (the operating system's roots) is not supported: \
+                 peers' certificates must chain to the clusterset's CA; name its PEM bundle"),
+        }
+    }
 }
 
 impl Default for CaSource {

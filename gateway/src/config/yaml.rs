@@ -113,26 +113,67 @@ impl Node {
     }
 
     /// Removes the node `id` (a map entry, by its key or value, or a sequence element) from
-    /// below this node. Returns the container's id and the removed key.
-    fn remove(&mut self, id: usize) -> Option<(usize, String)> {
+    /// below this node.
+    fn remove(&mut self, id: usize) -> Option<Removed> {
         let own = self.id;
         match &mut self.kind {
             Kind::Scalar { .. } => None,
             Kind::Seq(items) => {
                 if let Some(i) = items.iter().position(|n| n.id == id) {
-                    items.remove(i);
-                    return Some((own, String::new()));
+                    let item = items.remove(i);
+                    return Some(Removed { container: own, key: String::new(), path: item.path });
                 }
                 items.iter_mut().find_map(|n| n.remove(id))
             }
             Kind::Map(entries) => {
                 if let Some(i) = entries.iter().position(|(k, v)| k.id == id || v.id == id) {
                     let (k, _) = entries.remove(i);
-                    return Some((own, k.scalar().unwrap_or_default().to_owned()));
+                    let key = k.scalar().unwrap_or_default().to_owned();
+                    return Some(Removed { container: own, key, path: k.path });
                 }
                 entries.iter_mut().find_map(|(_, v)| v.remove(id))
             }
         }
+    }
+}
+
+/// A node [`Node::remove`] took out.
+struct Removed {
+    /// The id of the map or sequence it was in.
+    container: usize,
+    /// Its key in a map; empty in a sequence.
+    key: String,
+    /// Its field path (`tunnel.socketBufferSize`, `traffic.failoverPriority[1]`).
+    path: String,
+}
+
+/// A section that deserialized after the nodes with errors were taken out (their fields have
+/// their defaults). Rules may still read the fields that were not touched: a range error is
+/// then reported beside a type error of the same section.
+#[derive(Clone, Debug)]
+pub(crate) struct Partial<T> {
+    pub value: T,
+    /// Paths of the nodes taken out; empty when the section is as written.
+    pub removed: Vec<String>,
+}
+
+impl<T> Partial<T> {
+    /// The whole value, if nothing was taken out.
+    pub fn complete(self) -> Option<T> {
+        self.removed.is_empty().then_some(self.value)
+    }
+
+    /// The value, if none of `fields` (dotted paths) is, holds or lies inside a node that was
+    /// taken out: only then does the value show those fields as the file wrote them.
+    pub fn reading(&self, fields: &[&str]) -> Option<&T> {
+        let within = |inner: &str, outer: &str| {
+            inner.strip_prefix(outer).is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with('.') || rest.starts_with('[')
+            })
+        };
+        let touched =
+            self.removed.iter().any(|r| fields.iter().any(|f| within(f, r) || within(r, f)));
+        (!touched).then_some(&self.value)
     }
 }
 
@@ -349,19 +390,26 @@ impl de::Error for DeError {
 /// Deserializes `T` from `node`; on an error, records it, removes the offending node and
 /// tries again, so every independent problem is reported. A `missing field` caused by a
 /// removal is not reported again: the removed value was already named. Returns the value
-/// only when there was no error at all: a value with parts removed must not be checked
-/// further (list indexes would have shifted, emptied lists would look empty).
-pub(crate) fn collect<T: DeserializeOwned>(mut node: Node, errors: &mut Vec<DeError>) -> Option<T> {
-    let mut removed: Vec<(usize, String)> = Vec::new();
+/// with the paths of what was removed: a field at or around a removed node must not be
+/// checked further (list indexes would have shifted, emptied lists would look empty), see
+/// [`Partial::reading`]. `None` when the node itself is wrong.
+pub(crate) fn collect<T: DeserializeOwned>(
+    mut node: Node,
+    errors: &mut Vec<DeError>,
+) -> Option<Partial<T>> {
+    let mut removed: Vec<Removed> = Vec::new();
     // Every round removes a node, so the tree bounds the rounds; the cap is a safety net.
     for _ in 0..1000 {
         match T::deserialize(NodeDe(&node)) {
-            Ok(v) => return removed.is_empty().then_some(v),
+            Ok(value) => {
+                let removed = removed.into_iter().map(|r| r.path).collect();
+                return Some(Partial { value, removed });
+            }
             Err(e) => {
                 let (id, ..) = e.at.clone().unwrap_or((node.id, node.mark, node.path.clone()));
-                let caused_by_us = e.missing.is_some_and(|f| {
-                    removed.iter().any(|(container, key)| *container == id && key == f)
-                });
+                let caused_by_us = e
+                    .missing
+                    .is_some_and(|f| removed.iter().any(|r| r.container == id && r.key == f));
                 if !caused_by_us {
                     errors.push(e.at(&node));
                 }
@@ -604,6 +652,11 @@ mod tests {
     }
 
     fn run(text: &str) -> (Option<Outer>, Vec<String>) {
+        let (out, msgs) = run_partial(text);
+        (out.and_then(Partial::complete), msgs)
+    }
+
+    fn run_partial(text: &str) -> (Option<Partial<Outer>>, Vec<String>) {
         let tree = parse(text).expect("yaml parses");
         let mut errors = Vec::new();
         let out = collect::<Outer>(tree, &mut errors);
@@ -641,6 +694,32 @@ mod tests {
                 "7:5: list[1].extra: unknown field `extra`, expected `count` or `name`",
             ]
         );
+    }
+
+    #[test]
+    fn a_value_with_nodes_taken_out_names_them_and_hides_only_their_fields() {
+        let text = "a: { count: 1, bogus: 2 }\nlist:\n  - count: 2\n  - count: x\n";
+        let (out, errs) = run_partial(text);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        let out = out.expect("the rest deserializes");
+        assert_eq!(out.removed, ["a.bogus", "list[1].count", "list[1]"]);
+        assert_eq!(out.value.a.count, 1);
+        // (fields read, whether a rule may read them)
+        let table: &[(&[&str], bool)] = &[
+            (&["a.count"], true),
+            (&["a.name"], true),
+            (&["a.bogus"], false),
+            (&["a"], false),
+            (&["list"], false),
+            (&["list[0].count"], true),
+            (&["list[1].count"], false),
+            (&["a.count", "list"], false),
+            (&["lis"], true),
+        ];
+        for (fields, readable) in table {
+            assert_eq!(out.reading(fields).is_some(), *readable, "{fields:?}");
+        }
+        assert!(out.complete().is_none());
     }
 
     #[test]
