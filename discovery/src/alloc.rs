@@ -325,6 +325,16 @@ impl Allocator {
         self.queue.len()
     }
 
+    /// How many services have a key waiting.
+    pub fn waiting_services(&self) -> usize {
+        self.waiting_by_service.len()
+    }
+
+    /// Whether `key` waits for an address.
+    pub fn is_waiting(&self, key: &AllocKey) -> bool {
+        self.waiting.contains_key(key)
+    }
+
     /// The waiting keys of one service (its ClusterSetIP, its endpoints' VIPs).
     pub fn waiting_of(&self, service: &ServiceKey) -> impl Iterator<Item = &AllocKey> {
         self.waiting_by_service.get(service).into_iter().flatten()

@@ -3,6 +3,13 @@
 //! immutable [`ImportSnapshot`] for DNS and the data plane, plus the conditions of the local
 //! ServiceExports.
 //!
+//! ClusterSetIPs (rules in docs/mcs-semantics.md): an import whose cluster's lease expired
+//! keeps its address *reserved* for [`DEFAULT_WITHDRAWN_GRACE`], so it gets the same one back
+//! when the cluster returns; imports that find the range full wait in line and are served as
+//! soon as an address frees ([`ImportState`] picks up what the allocator granted after every
+//! update); waiting imports are reported ([`AllocReport`], a condition on the local
+//! ServiceExport, the metrics) and logged once per update, not once per object.
+//!
 //! Incremental: an export set that arrives is diffed against the one held for its cluster by
 //! `Arc::ptr_eq` per service, and only those services are merged again. An import that merges
 //! to the same value keeps its `Arc`, so consumers that diff by pointer skip it too.
@@ -10,38 +17,42 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
-
-use tokio::sync::{mpsc, watch};
+use std::time::{Duration, Instant};
 
 use crate::alloc::{AllocKey, Allocator};
 use crate::exports::ValidityMap;
 use crate::mcs;
 use crate::model::{
-    ClusterId, EndpointVip, ExportSet, ExportStatus, ExportedService, ImportSnapshot,
-    ImportedService, Locality, PeerUpdate, ServiceKey, ServiceType,
+    ClusterId, Condition, ConditionStatus, EndpointVip, ExportSet, ExportStatus, ExportedService,
+    ImportSnapshot, ImportedService, Locality, PeerUpdate, ServiceKey, ServiceType,
 };
 
-/// Gauge: services in the import set.
-pub const METRIC_IMPORTED_SERVICES: &str = "fedgate_imported_services";
-/// Counter: updates (local or from peers) that changed the import snapshot.
-pub const METRIC_IMPORT_UPDATES: &str = "fedgate_import_updates_total";
+mod metrics;
+mod problems;
+mod task;
+
+pub use metrics::{
+    METRIC_ADDRESSES, METRIC_IMPORT_UPDATES, METRIC_IMPORTED_SERVICES, METRIC_UNALLOCATED_SERVICES,
+    describe_metrics,
+};
+pub use problems::{AllocReport, MAX_LISTED};
+pub use task::ImportSet;
 
 /// How long IPs restored from the state file stay reserved for imports that have not come back
 /// yet (peers reconnecting after a restart), before they are released.
 pub const DEFAULT_RESTORE_GRACE: Duration = Duration::from_secs(300);
 
-/// Peer updates applied in one batch before a snapshot is published.
-const MAX_BATCH: usize = 256;
+/// How long the addresses of imports withdrawn with their cluster (its lease expired) stay
+/// reserved for them: the cluster coming back within this gets the same ClusterSetIPs.
+pub const DEFAULT_WITHDRAWN_GRACE: Duration = Duration::from_secs(600);
 
-/// Describes this module's metrics to the installed recorder (the composition root calls it).
-pub fn describe_metrics() {
-    metrics::describe_gauge!(METRIC_IMPORTED_SERVICES, "Services in the clusterset import set.");
-    metrics::describe_counter!(
-        METRIC_IMPORT_UPDATES,
-        "Export updates (local or from peers) that changed the import snapshot."
-    );
-}
+/// Condition on a local ServiceExport whose import waits for a ClusterSetIP (present only then).
+pub const CONDITION_CLUSTERSET_IP: &str = "fedgate.io/ClusterSetIPAllocated";
+/// Its reason.
+pub const REASON_RANGE_FULL: &str = "RangeExhausted";
+
+/// How many waiting keys one log line names.
+const LOGGED_NAMES: usize = 5;
 
 /// Conditions of the local ServiceExports, by service.
 pub type StatusMap = BTreeMap<ServiceKey, ExportStatus>;
@@ -64,6 +75,12 @@ pub struct ImportState {
     validity: Arc<ValidityMap>,
     statuses: StatusMap,
     version: u64,
+    /// How long addresses of withdrawn imports stay reserved.
+    withdrawn_grace: Duration,
+    /// While a cluster is being withdrawn: addresses that go are reserved until then.
+    reserving: Option<(ClusterId, Instant)>,
+    /// Reserved keys by the cluster whose withdrawal reserved them.
+    reserved_by: BTreeMap<ClusterId, BTreeSet<AllocKey>>,
 }
 
 /// What one batch of updates changed.
@@ -97,7 +114,15 @@ impl ImportState {
             validity: Arc::new(ValidityMap::new()),
             statuses: StatusMap::new(),
             version: 0,
+            withdrawn_grace: DEFAULT_WITHDRAWN_GRACE,
+            reserving: None,
+            reserved_by: BTreeMap::new(),
         }
+    }
+
+    /// How long addresses of imports withdrawn with their cluster stay reserved for them.
+    pub fn set_withdrawn_grace(&mut self, grace: Duration) {
+        self.withdrawn_grace = grace;
     }
 
     pub fn local_cluster(&self) -> &ClusterId {
@@ -122,9 +147,19 @@ impl ImportState {
             self.localities.insert(cluster.clone(), set.locality.clone());
         }
         let came_back = self.withdrawn.remove(&cluster);
-        self.sets.insert(cluster, set);
+        self.sets.insert(cluster.clone(), set);
         let changed = self.remerge(&dirty);
-        changed.or(Changed { snapshot: locality_changed || came_back, statuses: false })
+        if came_back {
+            // What the cluster did not bring back has no claim on its address any more.
+            for key in self.reserved_by.remove(&cluster).unwrap_or_default() {
+                if self.alloc.reservation(&key).is_some() {
+                    self.alloc.release(&key);
+                }
+            }
+        }
+        let changed =
+            changed.or(Changed { snapshot: locality_changed || came_back, statuses: false });
+        self.settle(changed)
     }
 
     /// A peer's lease expired: its exports leave every import (they come back with its next
@@ -139,7 +174,11 @@ impl ImportState {
             return Changed { snapshot: newly, statuses: false };
         };
         let dirty: BTreeSet<ServiceKey> = old.services.keys().cloned().collect();
-        self.remerge(&dirty).or(Changed { snapshot: newly, statuses: false })
+        // The cluster may come back: what its imports lose is kept for them for a while.
+        self.reserving = Some((cluster.clone(), Instant::now() + self.withdrawn_grace));
+        let changed = self.remerge(&dirty);
+        self.reserving = None;
+        self.settle(changed.or(Changed { snapshot: newly, statuses: false }))
     }
 
     /// A peer's tunnel went up or down, or it announced draining. Down and draining peers are
@@ -196,8 +235,9 @@ impl ImportState {
         }
     }
 
-    /// Releases every IP (restored from the state file or not) that no import uses.
-    pub fn release_unused(&mut self) -> usize {
+    /// Releases every IP (restored from the state file or not) that no import uses; waiting
+    /// imports get the addresses that frees.
+    pub fn release_unused(&mut self) -> Changed {
         let mut live: BTreeSet<AllocKey> = self
             .services
             .values()
@@ -211,7 +251,34 @@ impl ImportState {
         if released > 0 {
             tracing::info!(released, "released clusterset ips no import uses");
         }
-        released
+        self.settle(Changed::default())
+    }
+
+    /// When the next reserved address of a withdrawn import is due to be freed.
+    pub fn next_reservation_expiry(&self) -> Option<Instant> {
+        self.alloc.next_expiry()
+    }
+
+    /// Frees the reserved addresses whose grace ran out by `now`; waiting imports get them.
+    pub fn expire_reservations(&mut self, now: Instant) -> Changed {
+        let expired = self.alloc.expire(now);
+        if expired > 0 {
+            tracing::info!(
+                expired,
+                "freed clusterset ips kept for imports of withdrawn clusters (grace over)"
+            );
+            let alloc = &self.alloc;
+            self.reserved_by.retain(|_, keys| {
+                keys.retain(|k| alloc.reservation(k).is_some());
+                !keys.is_empty()
+            });
+        }
+        self.settle(Changed::default())
+    }
+
+    /// The range and the imports waiting for an address, for `/debug/problems` and metrics.
+    pub fn alloc_report(&self) -> AllocReport {
+        AllocReport::of(&self.alloc)
     }
 
     /// Writes allocator changes to its state file; a failure is logged and retried on the next
@@ -243,6 +310,74 @@ impl ImportState {
         &self.services
     }
 
+    /// After an update: merges again the imports whose waiting keys got an address, and logs
+    /// (once for the whole update) the keys that started waiting and those that were served.
+    fn settle(&mut self, mut changed: Changed) -> Changed {
+        let mut served: Vec<AllocKey> = Vec::new();
+        loop {
+            let granted = self.alloc.take_granted();
+            if granted.is_empty() {
+                break;
+            }
+            let dirty: BTreeSet<ServiceKey> =
+                granted.iter().map(|k| k.service_key().clone()).collect();
+            changed = changed.or(self.remerge(&dirty));
+            served.extend(granted);
+        }
+        let waiting: Vec<AllocKey> = self
+            .alloc
+            .take_newly_waiting()
+            .into_iter()
+            .filter(|k| self.alloc.is_waiting(k))
+            .collect();
+        if !waiting.is_empty() {
+            tracing::warn!(
+                count = waiting.len(),
+                first = %names(&waiting),
+                waiting = self.alloc.waiting_len(),
+                range = %self.alloc.range(),
+                in_use = self.alloc.in_use(),
+                reserved = self.alloc.in_use() - self.alloc.len(),
+                "clusterset ip range is full: imports wait for an address and get one as soon as \
+                 one frees (all listed in /debug/problems); widen front.clusterSetIPRange"
+            );
+        }
+        if !served.is_empty() {
+            tracing::info!(
+                count = served.len(),
+                first = %names(&served),
+                waiting = self.alloc.waiting_len(),
+                "waiting imports got clusterset ips"
+            );
+        }
+        changed
+    }
+
+    /// Gives `key`'s address up: reserved for it while its cluster is being withdrawn,
+    /// released otherwise (a waiting key leaves the queue either way).
+    fn free_key(&mut self, key: &AllocKey) {
+        if let Some((cluster, until)) = &self.reserving
+            && self.alloc.reserve(key, *until).is_some()
+        {
+            self.reserved_by.entry(cluster.clone()).or_default().insert(key.clone());
+            return;
+        }
+        self.alloc.release(key);
+    }
+
+    /// Takes the waiting endpoint keys of `service` that are not in `wanted` out of the queue.
+    fn cancel_waiting_endpoints(&mut self, service: &ServiceKey, wanted: &BTreeSet<AllocKey>) {
+        let stale: Vec<AllocKey> = self
+            .alloc
+            .waiting_of(service)
+            .filter(|k| matches!(k, AllocKey::Endpoint { .. }) && !wanted.contains(*k))
+            .cloned()
+            .collect();
+        for key in &stale {
+            self.alloc.release(key);
+        }
+    }
+
     /// Merges the services in `dirty` again from the export sets in force.
     fn remerge(&mut self, dirty: &BTreeSet<ServiceKey>) -> Changed {
         let mut snapshot = false;
@@ -268,23 +403,24 @@ impl ImportState {
             .collect();
         let prev = self.services.get(key).cloned();
         let Some(mut merged) = mcs::merge(key, &contributions, prev.as_deref()) else {
-            self.alloc.release(&AllocKey::service(key));
+            self.free_key(&AllocKey::service(key));
             self.set_endpoint_vips(key, BTreeMap::new());
+            self.cancel_waiting_endpoints(key, &BTreeSet::new());
             return self.services.remove(key).is_some();
         };
         let service_key = AllocKey::service(key);
         if merged.service_type == ServiceType::ClusterSetIP {
-            match self.alloc.allocate(&service_key) {
-                Ok(ip) => merged.ips = vec![ip],
-                Err(e) => {
-                    tracing::error!(service = %key, error = %e, "no clusterset ip for import")
-                }
+            // A full range queues the key (reported and logged once per update by `settle`).
+            if let Ok(ip) = self.alloc.allocate(&service_key) {
+                merged.ips = vec![ip];
             }
             self.set_endpoint_vips(key, BTreeMap::new());
+            self.cancel_waiting_endpoints(key, &BTreeSet::new());
         } else {
-            self.alloc.release(&service_key);
-            let vips = self.endpoint_vips_for(&merged);
+            self.free_key(&service_key);
+            let (vips, wanted) = self.endpoint_vips_for(&merged);
             self.set_endpoint_vips(key, vips);
+            self.cancel_waiting_endpoints(key, &wanted);
         }
         match prev {
             Some(p) if *p == merged => false,
@@ -295,31 +431,34 @@ impl ImportState {
         }
     }
 
-    /// A VIP for each endpoint of a headless import in another cluster.
-    fn endpoint_vips_for(&mut self, import: &ImportedService) -> BTreeMap<IpAddr, EndpointVip> {
+    /// A VIP for each endpoint of a headless import in another cluster (a full range queues
+    /// the endpoint's key), and every key asked for.
+    fn endpoint_vips_for(
+        &mut self,
+        import: &ImportedService,
+    ) -> (BTreeMap<IpAddr, EndpointVip>, BTreeSet<AllocKey>) {
         let mut out = BTreeMap::new();
+        let mut wanted = BTreeSet::new();
         for (cluster, export) in &import.clusters {
             if *cluster == self.local {
                 continue;
             }
             for ep in &export.endpoints {
                 let key = AllocKey::endpoint(&import.key, cluster, ep.address);
-                match self.alloc.allocate(&key) {
-                    Ok(vip) => {
-                        out.insert(
-                            vip,
-                            EndpointVip {
-                                key: import.key.clone(),
-                                cluster: cluster.clone(),
-                                endpoint: ep.address,
-                            },
-                        );
-                    }
-                    Err(e) => tracing::error!(error = %e, "no vip for headless endpoint"),
+                if let Ok(vip) = self.alloc.allocate(&key) {
+                    out.insert(
+                        vip,
+                        EndpointVip {
+                            key: import.key.clone(),
+                            cluster: cluster.clone(),
+                            endpoint: ep.address,
+                        },
+                    );
                 }
+                wanted.insert(key);
             }
         }
-        out
+        (out, wanted)
     }
 
     /// Replaces the endpoint VIPs of `key`, releasing those that went.
@@ -333,7 +472,7 @@ impl ImportState {
             for (ip, vip) in old {
                 self.endpoint_vips.remove(&ip);
                 if !vips.contains_key(&ip) {
-                    self.alloc.release(&AllocKey::endpoint(&vip.key, &vip.cluster, vip.endpoint));
+                    self.free_key(&AllocKey::endpoint(&vip.key, &vip.cluster, vip.endpoint));
                 }
             }
         }
@@ -348,12 +487,26 @@ impl ImportState {
                 changed |= self.statuses.remove(key).is_some();
                 continue;
             };
-            let conditions = mcs::export_conditions(
+            let mut conditions = mcs::export_conditions(
                 key,
                 self.services.get(key).map(|s| &**s),
                 &self.local,
                 validity,
             );
+            if validity.is_valid() && self.alloc.is_waiting(&AllocKey::service(key)) {
+                conditions.push(Condition {
+                    type_: CONDITION_CLUSTERSET_IP.to_owned(),
+                    status: ConditionStatus::False,
+                    reason: REASON_RANGE_FULL.to_owned(),
+                    message: format!(
+                        "no clusterset ip for {key} on cluster {}: front.clusterSetIPRange {} is \
+                         full; the import waits for the next free address (see /debug/problems); \
+                         widen the range or remove imports",
+                        self.local,
+                        self.alloc.range()
+                    ),
+                });
+            }
             if self.statuses.get(key).is_some_and(|s| s.conditions == conditions) {
                 continue;
             }
@@ -367,625 +520,14 @@ impl ImportState {
     }
 }
 
-/// The task that owns the import set.
-pub struct ImportSet {
-    state: ImportState,
-    local_rx: watch::Receiver<Arc<ExportSet>>,
-    validity_rx: watch::Receiver<Arc<ValidityMap>>,
-    peers_rx: mpsc::Receiver<PeerUpdate>,
-    snapshot_tx: watch::Sender<Arc<ImportSnapshot>>,
-    status_tx: watch::Sender<Arc<StatusMap>>,
-    restore_grace: Duration,
-}
-
-impl ImportSet {
-    /// Builds the first snapshot from the current local export set and validity, so
-    /// subscribers see the local services before `run` starts.
-    pub fn new(
-        local: ClusterId,
-        mut local_rx: watch::Receiver<Arc<ExportSet>>,
-        mut validity_rx: watch::Receiver<Arc<ValidityMap>>,
-        peers_rx: mpsc::Receiver<PeerUpdate>,
-        alloc: Allocator,
-    ) -> Self {
-        let mut state = ImportState::new(local, alloc);
-        let set = Arc::clone(&local_rx.borrow_and_update());
-        let validity = Arc::clone(&validity_rx.borrow_and_update());
-        state.set_validity(validity);
-        state.set_exports(set);
-        state.persist();
-        let (snapshot_tx, _) = watch::channel(Arc::new(state.snapshot()));
-        let (status_tx, _) = watch::channel(Arc::new(state.statuses().clone()));
-        metrics::gauge!(METRIC_IMPORTED_SERVICES).set(state.services().len() as f64);
-        ImportSet {
-            state,
-            local_rx,
-            validity_rx,
-            peers_rx,
-            snapshot_tx,
-            status_tx,
-            restore_grace: DEFAULT_RESTORE_GRACE,
-        }
+/// The first few keys of `keys`, for a log line, and how many more there are.
+fn names(keys: &[AllocKey]) -> String {
+    let mut out: Vec<String> = keys.iter().take(LOGGED_NAMES).map(ToString::to_string).collect();
+    if keys.len() > LOGGED_NAMES {
+        out.push(format!("and {} more", keys.len() - LOGGED_NAMES));
     }
-
-    /// How long IPs restored from the state file stay reserved for imports not seen again.
-    pub fn with_restore_grace(mut self, grace: Duration) -> Self {
-        self.restore_grace = grace;
-        self
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<Arc<ImportSnapshot>> {
-        self.snapshot_tx.subscribe()
-    }
-
-    /// Conditions of the local ServiceExports.
-    pub fn subscribe_status(&self) -> watch::Receiver<Arc<StatusMap>> {
-        self.status_tx.subscribe()
-    }
-
-    /// Serves until the local export set's sender is dropped (the gateway stops). When the
-    /// peer channel closes, the local exports are still followed.
-    pub async fn run(mut self) {
-        let grace = tokio::time::sleep(self.restore_grace);
-        tokio::pin!(grace);
-        let mut swept = false;
-        let mut peers_open = true;
-        let mut validity_open = true;
-        loop {
-            // What changed, and how many updates changed the snapshot.
-            let (changed, updates) = tokio::select! {
-                r = self.local_rx.changed() => {
-                    if r.is_err() {
-                        tracing::debug!("local export set closed, import set stops");
-                        return;
-                    }
-                    let set = Arc::clone(&self.local_rx.borrow_and_update());
-                    let changed = self.state.set_exports(set);
-                    (changed, u64::from(changed.snapshot))
-                }
-                r = self.validity_rx.changed(), if validity_open => {
-                    if r.is_err() {
-                        validity_open = false;
-                        continue;
-                    }
-                    let v = Arc::clone(&self.validity_rx.borrow_and_update());
-                    (self.state.set_validity(v), 0)
-                }
-                update = self.peers_rx.recv(), if peers_open => {
-                    let Some(update) = update else {
-                        peers_open = false;
-                        continue;
-                    };
-                    let mut changed = self.state.apply_peer(update);
-                    let mut updates = u64::from(changed.snapshot);
-                    for _ in 1..MAX_BATCH {
-                        let Ok(update) = self.peers_rx.try_recv() else { break };
-                        let one = self.state.apply_peer(update);
-                        updates += u64::from(one.snapshot);
-                        changed = changed.or(one);
-                    }
-                    (changed, updates)
-                }
-                () = &mut grace, if !swept => {
-                    swept = true;
-                    // Releasing IPs nobody uses changes nothing a consumer sees.
-                    self.state.release_unused();
-                    (Changed::default(), 0)
-                }
-            };
-            self.publish(changed, updates);
-        }
-    }
-
-    fn publish(&mut self, changed: Changed, updates: u64) {
-        self.state.persist();
-        if changed.snapshot {
-            let snapshot = self.state.snapshot();
-            tracing::debug!(
-                version = snapshot.version,
-                services = snapshot.services.len(),
-                "import snapshot"
-            );
-            metrics::gauge!(METRIC_IMPORTED_SERVICES).set(snapshot.services.len() as f64);
-            metrics::counter!(METRIC_IMPORT_UPDATES).increment(updates);
-            self.snapshot_tx.send_replace(Arc::new(snapshot));
-        }
-        if changed.statuses {
-            self.status_tx.send_replace(Arc::new(self.state.statuses().clone()));
-        }
-    }
+    out.join(", ")
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Instant;
-
-    use crate::mcs::Validity;
-
-    use super::*;
-    use crate::model::{ConditionStatus, Endpoint, Health, IpFamily, ServicePort};
-
-    fn cid(s: &str) -> ClusterId {
-        ClusterId::new(s).unwrap()
-    }
-
-    fn key(name: &str) -> ServiceKey {
-        ServiceKey::new("ns", name)
-    }
-
-    fn ep(ip: &str) -> Endpoint {
-        Endpoint {
-            address: ip.parse().unwrap(),
-            hostname: None,
-            ready: true,
-            zone: None,
-            ports: Vec::new(),
-            health: Health::Healthy,
-        }
-    }
-
-    fn exported(
-        cluster: &str,
-        name: &str,
-        created: i64,
-        service_type: ServiceType,
-        endpoints: &[&str],
-    ) -> Arc<ExportedService> {
-        Arc::new(ExportedService {
-            ip_families: vec![IpFamily::IPv4],
-            created: jiff::Timestamp::from_second(1_700_000_000 + created).unwrap(),
-            ..crate::exchange::delta::testing::exported(
-                key(name),
-                cluster,
-                service_type,
-                vec![ServicePort::tcp(Some("http"), 80)],
-                endpoints.iter().map(|ip| ep(ip)).collect(),
-            )
-        })
-    }
-
-    fn set(cluster: &str, version: u64, services: Vec<Arc<ExportedService>>) -> Arc<ExportSet> {
-        Arc::new(ExportSet {
-            cluster: cid(cluster),
-            locality: Locality { region: Some(format!("{cluster}-region")), ..Locality::default() },
-            version,
-            services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
-        })
-    }
-
-    fn state() -> ImportState {
-        ImportState::new(
-            cid("east"),
-            Allocator::open("242.1.0.0/16".parse().unwrap(), None).unwrap(),
-        )
-    }
-
-    #[test]
-    fn merges_allocates_and_withdraws() {
-        let mut st = state();
-        st.set_exports(set(
-            "east",
-            1,
-            vec![exported("east", "a", 2, ServiceType::ClusterSetIP, &["10.0.0.1"])],
-        ));
-        let changed = st.apply_peer(PeerUpdate::Exports(set(
-            "west",
-            1,
-            vec![
-                exported("west", "a", 1, ServiceType::ClusterSetIP, &["10.1.0.1"]),
-                exported("west", "db", 1, ServiceType::Headless, &["10.1.0.5", "10.1.0.6"]),
-            ],
-        )));
-        assert_eq!(changed, Changed { snapshot: true, statuses: false });
-        let snap = st.snapshot();
-        assert_eq!(snap.local_cluster, Some(cid("east")));
-        assert_eq!(snap.services.len(), 2);
-        let a = &snap.services[&key("a")];
-        assert_eq!(a.clusters.keys().cloned().collect::<Vec<_>>(), vec![cid("east"), cid("west")]);
-        assert_eq!(a.winner, cid("west"));
-        assert_eq!(a.ips.len(), 1);
-        assert!("242.1.0.0/16".parse::<ipnet::IpNet>().unwrap().contains(&a.ips[0]));
-        let db = &snap.services[&key("db")];
-        assert!(db.ips.is_empty(), "headless imports get no clusterset ip");
-        assert_eq!(snap.endpoint_vips.len(), 2);
-        let targets: BTreeSet<IpAddr> = snap.endpoint_vips.values().map(|v| v.endpoint).collect();
-        assert_eq!(
-            targets,
-            BTreeSet::from(["10.1.0.5".parse().unwrap(), "10.1.0.6".parse().unwrap()])
-        );
-        assert!(
-            snap.endpoint_vips.values().all(|v| v.cluster == cid("west") && v.key == key("db"))
-        );
-        assert!(!snap.endpoint_vips.contains_key(&a.ips[0]));
-        assert_eq!(snap.localities[&cid("west")].region.as_deref(), Some("west-region"));
-        assert_eq!(st.allocator().len(), 3);
-
-        // reachability marks, never withdraws
-        let before = st.snapshot();
-        st.apply_peer(PeerUpdate::Reachability {
-            cluster: cid("west"),
-            reachable: false,
-            draining: false,
-        });
-        let down = st.snapshot();
-        assert!(down.unreachable.contains(&cid("west")));
-        assert!(Arc::ptr_eq(&down.services[&key("a")], &before.services[&key("a")]));
-        assert_eq!(down.endpoint_vips, before.endpoint_vips);
-        st.apply_peer(PeerUpdate::Reachability {
-            cluster: cid("west"),
-            reachable: true,
-            draining: true,
-        });
-        assert!(st.snapshot().unreachable.contains(&cid("west")), "draining counts as unreachable");
-        st.apply_peer(PeerUpdate::Reachability {
-            cluster: cid("west"),
-            reachable: true,
-            draining: false,
-        });
-        assert!(st.snapshot().unreachable.is_empty());
-
-        // withdrawal: db had only west, so it goes with its vips; a stays with the same ip
-        let a_ip = a.ips[0];
-        st.apply_peer(PeerUpdate::Withdrawn(cid("west")));
-        let gone = st.snapshot();
-        assert_eq!(gone.services.keys().cloned().collect::<Vec<_>>(), vec![key("a")]);
-        assert_eq!(gone.services[&key("a")].ips, vec![a_ip]);
-        assert_eq!(gone.services[&key("a")].winner, cid("east"));
-        assert!(gone.endpoint_vips.is_empty());
-        assert!(gone.unreachable.contains(&cid("west")));
-        assert_eq!(st.allocator().len(), 1);
-
-        // the last export leaving takes the import and its ip
-        st.set_exports(set("east", 2, vec![]));
-        assert!(st.snapshot().services.is_empty());
-        assert!(st.allocator().is_empty());
-    }
-
-    #[test]
-    fn endpoint_vips_follow_endpoints_and_type_changes() {
-        let mut st = state();
-        let headless = |eps: &[&str]| {
-            PeerUpdate::Exports(set(
-                "west",
-                1,
-                vec![exported("west", "db", 1, ServiceType::Headless, eps)],
-            ))
-        };
-        st.apply_peer(headless(&["10.1.0.1", "10.1.0.2"]));
-        let first = st.snapshot().endpoint_vips;
-        let vip_of = |vips: &BTreeMap<IpAddr, EndpointVip>, ep: &str| {
-            let ep: IpAddr = ep.parse().unwrap();
-            vips.iter().find(|(_, v)| v.endpoint == ep).map(|(ip, _)| *ip)
-        };
-        let kept = vip_of(&first, "10.1.0.2").unwrap();
-        // one endpoint goes, one comes: the survivor keeps its vip, the gone one is released
-        st.apply_peer(headless(&["10.1.0.2", "10.1.0.3"]));
-        let second = st.snapshot().endpoint_vips;
-        assert_eq!(second.len(), 2);
-        assert_eq!(vip_of(&second, "10.1.0.2"), Some(kept));
-        assert_eq!(vip_of(&second, "10.1.0.1"), None);
-        assert_eq!(st.allocator().len(), 2);
-        // the local cluster's own endpoints of the same headless service get no vip
-        st.set_exports(set(
-            "east",
-            1,
-            vec![exported("east", "db", 2, ServiceType::Headless, &["10.0.0.9"])],
-        ));
-        assert_eq!(st.snapshot().endpoint_vips.len(), 2);
-        // the service turns ClusterSetIP: the vips go, a clusterset ip comes
-        st.set_exports(set("east", 2, vec![]));
-        st.apply_peer(PeerUpdate::Exports(set(
-            "west",
-            2,
-            vec![exported("west", "db", 1, ServiceType::ClusterSetIP, &["10.1.0.2"])],
-        )));
-        let third = st.snapshot();
-        assert!(third.endpoint_vips.is_empty());
-        assert_eq!(third.services[&key("db")].ips.len(), 1);
-        assert_eq!(st.allocator().len(), 1);
-    }
-
-    #[test]
-    fn ignores_peers_claiming_the_local_id() {
-        let mut st = state();
-        let changed = st.apply_peer(PeerUpdate::Exports(set(
-            "east",
-            1,
-            vec![exported("east", "x", 1, ServiceType::ClusterSetIP, &[])],
-        )));
-        assert_eq!(changed, Changed::default());
-        assert_eq!(st.withdraw(&cid("east")), Changed::default());
-        // an export filed under the wrong cluster is skipped
-        st.apply_peer(PeerUpdate::Exports(set(
-            "west",
-            1,
-            vec![exported("south", "x", 1, ServiceType::ClusterSetIP, &[])],
-        )));
-        assert!(st.services().is_empty());
-    }
-
-    #[test]
-    fn local_statuses_follow_validity_and_conflicts() {
-        let mut st = state();
-        let validity = Arc::new(ValidityMap::from([
-            (key("a"), Validity::Valid),
-            (key("ghost"), Validity::NoService),
-        ]));
-        assert!(st.set_validity(validity).statuses);
-        st.set_exports(set(
-            "east",
-            1,
-            vec![exported("east", "a", 2, ServiceType::ClusterSetIP, &[])],
-        ));
-        let reasons = |st: &ImportState, k: &str| -> Vec<(String, ConditionStatus, String)> {
-            st.statuses()[&key(k)]
-                .conditions
-                .iter()
-                .map(|c| (c.type_.clone(), c.status, c.reason.clone()))
-                .collect()
-        };
-        assert_eq!(
-            reasons(&st, "ghost")[0],
-            ("Valid".into(), ConditionStatus::False, "NoService".into())
-        );
-        assert_eq!(
-            reasons(&st, "a")[1],
-            ("Ready".into(), ConditionStatus::True, "Exported".into())
-        );
-        assert_eq!(
-            reasons(&st, "a")[2],
-            ("Conflict".into(), ConditionStatus::False, "NoConflicts".into())
-        );
-        // an older peer export of another type: the local export gets the conflict too
-        let changed = st.apply_peer(PeerUpdate::Exports(set(
-            "west",
-            1,
-            vec![exported("west", "a", 1, ServiceType::Headless, &[])],
-        )));
-        assert!(changed.statuses);
-        assert_eq!(
-            reasons(&st, "a")[2],
-            ("Conflict".into(), ConditionStatus::True, "TypeConflict".into())
-        );
-        let msg = &st.statuses()[&key("a")].conditions[2].message;
-        assert!(
-            msg.contains(
-                "Using \"Headless\" from oldest service export in \"west\". 1/2 clusters disagree."
-            ),
-            "{msg}"
-        );
-        // the peer goes: the conflict goes
-        st.withdraw(&cid("west"));
-        assert_eq!(reasons(&st, "a")[2].1, ConditionStatus::False);
-        // the export goes from the validity map: its status goes
-        assert!(
-            st.set_validity(Arc::new(ValidityMap::from([(key("a"), Validity::Valid)]))).statuses
-        );
-        assert!(!st.statuses().contains_key(&key("ghost")));
-    }
-
-    #[test]
-    fn clusterset_ips_survive_a_restart_and_unused_ones_are_released() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ips.json");
-        let range: ipnet::IpNet = "242.1.0.0/24".parse().unwrap();
-        let peer = set(
-            "west",
-            1,
-            (0..20)
-                .map(|i| exported("west", &format!("s{i}"), 1, ServiceType::ClusterSetIP, &[]))
-                .collect(),
-        );
-        let first: BTreeMap<ServiceKey, Vec<IpAddr>> = {
-            let mut st =
-                ImportState::new(cid("east"), Allocator::open(range, Some(path.clone())).unwrap());
-            st.apply_peer(PeerUpdate::Exports(Arc::clone(&peer)));
-            st.persist();
-            st.services().iter().map(|(k, v)| (k.clone(), v.ips.clone())).collect()
-        };
-        assert_eq!(first.len(), 20);
-        // after a restart, a new service arrives before the old ones come back: it must not
-        // take any of their ips
-        let mut st =
-            ImportState::new(cid("east"), Allocator::open(range, Some(path.clone())).unwrap());
-        st.apply_peer(PeerUpdate::Exports(set(
-            "south",
-            1,
-            vec![exported("south", "new", 1, ServiceType::ClusterSetIP, &[])],
-        )));
-        let new_ip = st.services()[&key("new")].ips[0];
-        assert!(first.values().all(|ips| ips[0] != new_ip));
-        st.apply_peer(PeerUpdate::Exports(set(
-            "west",
-            1,
-            (0..10)
-                .map(|i| exported("west", &format!("s{i}"), 1, ServiceType::ClusterSetIP, &[]))
-                .collect(),
-        )));
-        for i in 0..10 {
-            assert_eq!(st.services()[&key(&format!("s{i}"))].ips, first[&key(&format!("s{i}"))]);
-        }
-        // s10..s19 never came back: after the grace they are released
-        assert_eq!(st.release_unused(), 10);
-        assert_eq!(st.allocator().len(), 11);
-    }
-
-    /// 10k services from one peer; one endpoint changes: one import is merged again, every
-    /// other import keeps its Arc, and the update is fast.
-    #[test]
-    fn one_endpoint_change_in_ten_thousand_services_is_incremental() {
-        const N: usize = 10_000;
-        let mut st = state();
-        let mut services: Vec<Arc<ExportedService>> = (0..N)
-            .map(|i| {
-                exported(
-                    "west",
-                    &format!("s{i:05}"),
-                    1,
-                    ServiceType::ClusterSetIP,
-                    &["10.1.0.1", "10.1.0.2"],
-                )
-            })
-            .collect();
-        let t0 = Instant::now();
-        st.apply_peer(PeerUpdate::Exports(set("west", 1, services.clone())));
-        let full = st.snapshot();
-        let initial = t0.elapsed();
-        assert_eq!(full.services.len(), N);
-
-        let mut changed = (*services[4242]).clone();
-        changed.endpoints[1].health = Health::Unhealthy;
-        services[4242] = Arc::new(changed);
-        let next_set = set("west", 2, services);
-        let t1 = Instant::now();
-        let c = st.apply_peer(PeerUpdate::Exports(next_set));
-        let apply = t1.elapsed();
-        let snap = st.snapshot();
-        let update = t1.elapsed();
-        assert!(c.snapshot);
-        let rebuilt: Vec<&ServiceKey> = snap
-            .services
-            .iter()
-            .filter(|(k, v)| !Arc::ptr_eq(v, &full.services[*k]))
-            .map(|(k, _)| k)
-            .collect();
-        assert_eq!(rebuilt, vec![&key("s04242")]);
-        assert_eq!(snap.services[&key("s04242")].ips, full.services[&key("s04242")].ips);
-        eprintln!(
-            "import set, {N} services: initial merge {initial:?}; one endpoint change: diff+merge {apply:?}, with snapshot {update:?}"
-        );
-        assert!(apply < initial / 10, "incremental update {apply:?} vs initial {initial:?}");
-    }
-
-    #[test]
-    fn publishing_records_metrics() {
-        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        metrics::with_local_recorder(&recorder, || {
-            let (_local_tx, local_rx) = watch::channel(set(
-                "east",
-                1,
-                vec![exported("east", "a", 1, ServiceType::ClusterSetIP, &[])],
-            ));
-            let (_validity_tx, validity_rx) = watch::channel(Arc::new(ValidityMap::new()));
-            let (_peers_tx, peers_rx) = mpsc::channel(1);
-            let mut task = ImportSet::new(
-                cid("east"),
-                local_rx,
-                validity_rx,
-                peers_rx,
-                Allocator::open("242.1.0.0/16".parse().unwrap(), None).unwrap(),
-            );
-            let changed = task.state.apply_peer(PeerUpdate::Exports(set(
-                "west",
-                1,
-                vec![exported("west", "b", 1, ServiceType::ClusterSetIP, &[])],
-            )));
-            task.publish(changed, 1);
-        });
-        let values: BTreeMap<String, DebugValue> = snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .map(|(k, _, _, v)| (k.key().name().to_owned(), v))
-            .collect();
-        assert_eq!(values.get(METRIC_IMPORTED_SERVICES), Some(&DebugValue::Gauge(2.0.into())));
-        assert_eq!(values.get(METRIC_IMPORT_UPDATES), Some(&DebugValue::Counter(1)));
-    }
-
-    async fn eventually<T>(rx: &mut watch::Receiver<T>, what: &str, f: impl Fn(&T) -> bool) {
-        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| f(v)))
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-            .unwrap_or_else(|_| panic!("channel closed waiting for {what}"));
-    }
-
-    #[tokio::test]
-    async fn task_follows_local_and_peer_updates() {
-        let (local_tx, local_rx) = watch::channel(set(
-            "east",
-            1,
-            vec![exported("east", "web", 5, ServiceType::ClusterSetIP, &["10.0.0.1"])],
-        ));
-        let (validity_tx, validity_rx) =
-            watch::channel(Arc::new(ValidityMap::from([(key("web"), Validity::Valid)])));
-        let (peers_tx, peers_rx) = mpsc::channel(16);
-        let task = ImportSet::new(
-            cid("east"),
-            local_rx,
-            validity_rx,
-            peers_rx,
-            Allocator::open("242.1.0.0/16".parse().unwrap(), None).unwrap(),
-        )
-        .with_restore_grace(Duration::from_millis(10));
-        let mut snaps = task.subscribe();
-        let mut statuses = task.subscribe_status();
-        let first = Arc::clone(&snaps.borrow_and_update());
-        assert_eq!(first.services.len(), 1);
-        let web_ip = first.services[&key("web")].ips[0];
-        assert_eq!(statuses.borrow_and_update()[&key("web")].conditions[1].reason, "Exported");
-        let handle = tokio::spawn(task.run());
-
-        peers_tx
-            .send(PeerUpdate::Exports(set(
-                "west",
-                1,
-                vec![
-                    exported("west", "web", 1, ServiceType::ClusterSetIP, &["10.1.0.1"]),
-                    exported("west", "cache", 1, ServiceType::Headless, &["10.1.0.7"]),
-                ],
-            )))
-            .await
-            .unwrap();
-        eventually(&mut snaps, "west imported", |s| s.services.len() == 2).await;
-        {
-            let s = snaps.borrow_and_update();
-            assert_eq!(s.services[&key("web")].clusters.len(), 2);
-            assert_eq!(s.services[&key("web")].ips, vec![web_ip]);
-            assert_eq!(s.endpoint_vips.len(), 1);
-            assert!(s.version > first.version);
-        }
-
-        peers_tx
-            .send(PeerUpdate::Reachability {
-                cluster: cid("west"),
-                reachable: false,
-                draining: false,
-            })
-            .await
-            .unwrap();
-        eventually(&mut snaps, "west unreachable", |s| s.unreachable.contains(&cid("west"))).await;
-        assert_eq!(snaps.borrow().services.len(), 2, "unreachable is not withdrawn");
-
-        // local export changes to a conflicting type: the local status says so
-        local_tx.send_replace(set(
-            "east",
-            2,
-            vec![exported("east", "web", 5, ServiceType::Headless, &["10.0.0.1"])],
-        ));
-        eventually(&mut statuses, "local conflict", |m| {
-            m.get(&key("web")).is_some_and(|s| s.conditions[2].reason == "TypeConflict")
-        })
-        .await;
-
-        peers_tx.send(PeerUpdate::Withdrawn(cid("west"))).await.unwrap();
-        eventually(&mut snaps, "west withdrawn", |s| {
-            s.services.len() == 1 && s.endpoint_vips.is_empty()
-        })
-        .await;
-        // with west gone, the local export is the only one: Headless now, no conflict
-        eventually(&mut statuses, "conflict cleared", |m| {
-            m.get(&key("web")).is_some_and(|s| s.conditions[2].reason == "NoConflicts")
-        })
-        .await;
-        assert!(snaps.borrow().services[&key("web")].ips.is_empty());
-
-        validity_tx.send_replace(Arc::new(ValidityMap::new()));
-        eventually(&mut statuses, "status gone", |m| m.is_empty()).await;
-
-        drop(peers_tx);
-        drop(local_tx);
-        tokio::time::timeout(Duration::from_secs(5), handle).await.unwrap().unwrap();
-    }
-}
+mod tests;

@@ -1,0 +1,178 @@
+//! The task that owns the import set: follows the local exports, their validity and the peer
+//! updates, and publishes snapshots, statuses and problems.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::metrics::{METRIC_IMPORT_UPDATES, METRIC_IMPORTED_SERVICES, record_range};
+use super::{AllocReport, Changed, DEFAULT_RESTORE_GRACE, ImportState, StatusMap};
+use crate::alloc::Allocator;
+use crate::exports::ValidityMap;
+use crate::model::{ClusterId, ExportSet, ImportSnapshot, PeerUpdate};
+
+/// Peer updates applied in one batch before a snapshot is published.
+const MAX_BATCH: usize = 256;
+
+/// The task that owns the import set.
+pub struct ImportSet {
+    pub(super) state: ImportState,
+    local_rx: watch::Receiver<Arc<ExportSet>>,
+    validity_rx: watch::Receiver<Arc<ValidityMap>>,
+    peers_rx: mpsc::Receiver<PeerUpdate>,
+    snapshot_tx: watch::Sender<Arc<ImportSnapshot>>,
+    status_tx: watch::Sender<Arc<StatusMap>>,
+    problems_tx: watch::Sender<Arc<AllocReport>>,
+    restore_grace: Duration,
+}
+
+impl ImportSet {
+    /// Builds the first snapshot from the current local export set and validity, so
+    /// subscribers see the local services before `run` starts.
+    pub fn new(
+        local: ClusterId,
+        mut local_rx: watch::Receiver<Arc<ExportSet>>,
+        mut validity_rx: watch::Receiver<Arc<ValidityMap>>,
+        peers_rx: mpsc::Receiver<PeerUpdate>,
+        alloc: Allocator,
+    ) -> Self {
+        let mut state = ImportState::new(local, alloc);
+        let set = Arc::clone(&local_rx.borrow_and_update());
+        let validity = Arc::clone(&validity_rx.borrow_and_update());
+        state.set_validity(validity);
+        state.set_exports(set);
+        state.persist();
+        let (snapshot_tx, _) = watch::channel(Arc::new(state.snapshot()));
+        let (status_tx, _) = watch::channel(Arc::new(state.statuses().clone()));
+        metrics::gauge!(METRIC_IMPORTED_SERVICES).set(state.services().len() as f64);
+        let report = state.alloc_report();
+        record_range(&report);
+        let (problems_tx, _) = watch::channel(Arc::new(report));
+        ImportSet {
+            state,
+            local_rx,
+            validity_rx,
+            peers_rx,
+            snapshot_tx,
+            status_tx,
+            problems_tx,
+            restore_grace: DEFAULT_RESTORE_GRACE,
+        }
+    }
+
+    /// How long IPs restored from the state file stay reserved for imports not seen again.
+    pub fn with_restore_grace(mut self, grace: Duration) -> Self {
+        self.restore_grace = grace;
+        self
+    }
+
+    /// How long the addresses of imports withdrawn with their cluster (lease expired) stay
+    /// reserved for them ([`super::DEFAULT_WITHDRAWN_GRACE`]).
+    pub fn with_withdrawn_grace(mut self, grace: Duration) -> Self {
+        self.state.set_withdrawn_grace(grace);
+        self
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ImportSnapshot>> {
+        self.snapshot_tx.subscribe()
+    }
+
+    /// The ClusterSetIP range and the imports waiting for an address (`/debug/problems`).
+    pub fn subscribe_problems(&self) -> watch::Receiver<Arc<AllocReport>> {
+        self.problems_tx.subscribe()
+    }
+
+    /// Conditions of the local ServiceExports.
+    pub fn subscribe_status(&self) -> watch::Receiver<Arc<StatusMap>> {
+        self.status_tx.subscribe()
+    }
+
+    /// Serves until the local export set's sender is dropped (the gateway stops). When the
+    /// peer channel closes, the local exports are still followed.
+    pub async fn run(mut self) {
+        let grace = tokio::time::sleep(self.restore_grace);
+        tokio::pin!(grace);
+        let mut swept = false;
+        let mut peers_open = true;
+        let mut validity_open = true;
+        loop {
+            let expiry = self.state.next_reservation_expiry();
+            // What changed, and how many updates changed the snapshot.
+            let (changed, updates) = tokio::select! {
+                r = self.local_rx.changed() => {
+                    if r.is_err() {
+                        tracing::debug!("local export set closed, import set stops");
+                        return;
+                    }
+                    let set = Arc::clone(&self.local_rx.borrow_and_update());
+                    let changed = self.state.set_exports(set);
+                    (changed, u64::from(changed.snapshot))
+                }
+                r = self.validity_rx.changed(), if validity_open => {
+                    if r.is_err() {
+                        validity_open = false;
+                        continue;
+                    }
+                    let v = Arc::clone(&self.validity_rx.borrow_and_update());
+                    (self.state.set_validity(v), 0)
+                }
+                update = self.peers_rx.recv(), if peers_open => {
+                    let Some(update) = update else {
+                        peers_open = false;
+                        continue;
+                    };
+                    let mut changed = self.state.apply_peer(update);
+                    let mut updates = u64::from(changed.snapshot);
+                    for _ in 1..MAX_BATCH {
+                        let Ok(update) = self.peers_rx.try_recv() else { break };
+                        let one = self.state.apply_peer(update);
+                        updates += u64::from(one.snapshot);
+                        changed = changed.or(one);
+                    }
+                    (changed, updates)
+                }
+                () = &mut grace, if !swept => {
+                    swept = true;
+                    // Freed addresses go to waiting imports at once.
+                    (self.state.release_unused(), 0)
+                }
+                () = sleep_until(expiry) => {
+                    (self.state.expire_reservations(std::time::Instant::now()), 0)
+                }
+            };
+            self.publish(changed, updates);
+        }
+    }
+
+    pub(super) fn publish(&mut self, changed: Changed, updates: u64) {
+        self.state.persist();
+        if changed.snapshot {
+            let snapshot = self.state.snapshot();
+            tracing::debug!(
+                version = snapshot.version,
+                services = snapshot.services.len(),
+                "import snapshot"
+            );
+            metrics::gauge!(METRIC_IMPORTED_SERVICES).set(snapshot.services.len() as f64);
+            metrics::counter!(METRIC_IMPORT_UPDATES).increment(updates);
+            self.snapshot_tx.send_replace(Arc::new(snapshot));
+        }
+        if changed.statuses {
+            self.status_tx.send_replace(Arc::new(self.state.statuses().clone()));
+        }
+        let report = self.state.alloc_report();
+        if **self.problems_tx.borrow() != report {
+            record_range(&report);
+            self.problems_tx.send_replace(Arc::new(report));
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
