@@ -2,9 +2,88 @@
 //! kubeconfig), as they are now. The value rules are in [`super::rules`].
 
 use std::path::Path;
+use std::time::Duration;
+
+use fedgate_tunnel::identity::{IdentityPart, PartNames, check_identity};
+use fedgate_tunnel::tls::Expected;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
 use super::{CaSource, ConfigError, FileInputs, Locator, SourceKind};
-use crate::certs::{self, CertInfo};
+use crate::certs;
+
+/// Reads the certificate, key and CA bundle (each unreadable one is an error of its own),
+/// then checks what did read with [`check_identity`], the check a reload applies too.
+fn identity_files(config: &FileInputs, loc: &Locator, now: jiff::Timestamp) -> Vec<ConfigError> {
+    let mut out = Vec::new();
+    // A path still empty is a default named after the id: checked once the id is known.
+    let pending = |p: &Path| p.as_os_str().is_empty();
+    let certs = |path: &Path, what: &str| {
+        read_pem(path, what).and_then(|pem| {
+            certs::inspect_all(&pem)
+                .map(|all| all.into_iter().map(|c| CertificateDer::from(c.der)).collect::<Vec<_>>())
+                .map_err(|e| format!("{}: {e}", path.display()))
+        })
+    };
+    let chain = match certs(&config.tls.cert, "certificate") {
+        _ if pending(&config.tls.cert) => None,
+        Err(msg) => {
+            out.push(loc.error("tls.cert", msg));
+            None
+        }
+        Ok(chain) => Some(chain),
+    };
+    let key = match read_pem(&config.tls.key, "private key") {
+        _ if pending(&config.tls.key) => None,
+        Err(msg) => {
+            out.push(loc.error("tls.key", msg));
+            None
+        }
+        Ok(pem) => match PrivateKeyDer::from_pem_slice(pem.as_bytes()) {
+            Err(e) => {
+                let file = config.tls.key.display();
+                out.push(loc.error("tls.key", format!("{file}: invalid private key: {e}")));
+                None
+            }
+            Ok(key) => Some(key),
+        },
+    };
+    // `system` is refused by the rules; there is no bundle to check then.
+    let ca_path = match &config.tls.ca {
+        CaSource::File(path) => Some(path),
+        CaSource::System => None,
+    };
+    let ca = ca_path.and_then(|path| match certs(path, "CA bundle") {
+        Err(msg) => {
+            out.push(loc.error("tls.ca", msg));
+            None
+        }
+        Ok(bundle) => Some(bundle),
+    });
+    let Some(chain) = chain else { return out };
+    let names = PartNames {
+        cert: config.tls.cert.display().to_string(),
+        key: config.tls.key.display().to_string(),
+        ca: ca_path.map_or_else(|| "tls.ca".to_owned(), |p| p.display().to_string()),
+    };
+    // Without the id (kube source, id from the ClusterProperty) the certificate must name some
+    // cluster of the clusterset; the exact id is checked once it is known.
+    let expected = config.id.as_ref().map_or(Expected::AnyCluster, Expected::Exactly);
+    let at = UnixTime::since_unix_epoch(Duration::from_secs(
+        u64::try_from(now.as_second()).unwrap_or(0),
+    ));
+    let checked =
+        check_identity(&chain, key.as_ref(), ca.as_deref(), &config.clusterset, expected, at);
+    for problem in checked.err().unwrap_or_default() {
+        let field = match problem.part() {
+            IdentityPart::Cert => "tls.cert",
+            IdentityPart::Key => "tls.key",
+            IdentityPart::Ca => "tls.ca",
+        };
+        out.push(loc.error(field, problem.describe(&names)));
+    }
+    out
+}
 
 fn read_pem(path: &Path, what: &str) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
@@ -12,118 +91,7 @@ fn read_pem(path: &Path, what: &str) -> Result<String, String> {
 
 /// Checks the files the config names, as they are at `now`.
 pub(crate) fn files(config: &FileInputs, loc: &Locator, now: jiff::Timestamp) -> Vec<ConfigError> {
-    let mut out = Vec::new();
-    // Without the id (kube source, id from the ClusterProperty) the certificate must name some
-    // cluster of the clusterset; the exact id is checked once it is known.
-    let (want, any_cluster) = match &config.id {
-        Some(id) => (certs::spiffe_id(&config.clusterset, id.as_str()), false),
-        None => (certs::spiffe_id(&config.clusterset, ""), true),
-    };
-    let names_it = |s: &String| if any_cluster { s.starts_with(&want) } else { *s == want };
-    let expected = if any_cluster { format!("{want}<cluster id>") } else { want.clone() };
-    // A path still empty is a default named after the id: checked once the id is known.
-    let pending = |p: &Path| p.as_os_str().is_empty();
-
-    let leaf: Option<CertInfo> = match read_pem(&config.tls.cert, "certificate") {
-        _ if pending(&config.tls.cert) => None,
-        Err(msg) => {
-            out.push(loc.error("tls.cert", msg));
-            None
-        }
-        Ok(pem) => match certs::inspect(&pem) {
-            Err(e) => {
-                out.push(loc.error("tls.cert", format!("{}: {e}", config.tls.cert.display())));
-                None
-            }
-            Ok(info) => {
-                let file = config.tls.cert.display();
-                if now > info.not_after {
-                    out.push(loc.error(
-                        "tls.cert",
-                        format!("certificate {file} expired at {}", info.not_after),
-                    ));
-                } else if now < info.not_before {
-                    out.push(loc.error(
-                        "tls.cert",
-                        format!("certificate {file} is not valid before {}", info.not_before),
-                    ));
-                }
-                if !info.spiffe_ids.iter().any(names_it) {
-                    let found = if info.spiffe_ids.is_empty() {
-                        "no spiffe:// URI SAN".to_owned()
-                    } else {
-                        info.spiffe_ids.join(", ")
-                    };
-                    out.push(loc.error(
-                        "tls.cert",
-                        format!("certificate {file} names {found}, expected SAN URI {expected}"),
-                    ));
-                }
-                Some(info)
-            }
-        },
-    };
-
-    match read_pem(&config.tls.key, "private key") {
-        _ if pending(&config.tls.key) => {}
-        Err(msg) => out.push(loc.error("tls.key", msg)),
-        Ok(pem) => match &leaf {
-            Some(info) => match certs::key_matches(info, &pem) {
-                Ok(true) => {}
-                Ok(false) => out.push(loc.error(
-                    "tls.key",
-                    format!(
-                        "{} is not the key of {}",
-                        config.tls.key.display(),
-                        config.tls.cert.display()
-                    ),
-                )),
-                Err(e) => {
-                    out.push(loc.error("tls.key", format!("{}: {e}", config.tls.key.display())))
-                }
-            },
-            None => {
-                if let Err(e) = rcgen::KeyPair::from_pem(&pem) {
-                    out.push(loc.error(
-                        "tls.key",
-                        format!("{}: invalid private key: {e}", config.tls.key.display()),
-                    ));
-                }
-            }
-        },
-    }
-
-    if let CaSource::File(ca_path) = &config.tls.ca {
-        match read_pem(ca_path, "CA bundle").and_then(|pem| {
-            certs::inspect_all(&pem).map_err(|e| format!("{}: {e}", ca_path.display()))
-        }) {
-            Err(msg) => out.push(loc.error("tls.ca", msg)),
-            Ok(cas) => {
-                let usable: Vec<&CertInfo> = cas.iter().filter(|c| c.valid_at(now)).collect();
-                if usable.is_empty() {
-                    out.push(loc.error(
-                        "tls.ca",
-                        format!(
-                            "no certificate in {} is valid now (all expired or not yet valid)",
-                            ca_path.display()
-                        ),
-                    ));
-                } else if let Some(info) = &leaf
-                    && !usable.iter().any(|ca| certs::signed_by(info, ca))
-                {
-                    out.push(loc.error(
-                        "tls.cert",
-                        format!(
-                            "certificate {} is not signed by any CA in {}",
-                            config.tls.cert.display(),
-                            ca_path.display()
-                        ),
-                    ));
-                }
-            }
-        }
-    }
-
+    let mut out = identity_files(config, loc, now);
     if config.discovery.source == SourceKind::File && !config.discovery.file.dir.is_dir() {
         out.push(loc.error(
             "discovery.file.dir",
