@@ -9,9 +9,8 @@ use std::time::Instant;
 use hickory_proto::op::{Edns, Header, HeaderCounts, Message, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecoder, BinEncoder};
-use hickory_server::net::runtime::Time;
 use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::server::Request;
 use hickory_server::zone_handler::{MessageRequest, MessageResponseBuilder, Queries};
 
 use crate::forward::{ForwardError, Forwarder, Question};
@@ -182,8 +181,29 @@ impl Handler {
         src: SocketAddr,
         started: Instant,
     ) -> Option<Vec<u8>> {
+        self.handle_message(pkt, src, Protocol::Udp, started).await
+    }
+
+    /// One message of a DNS-over-TCP stream (without its length prefix): the same answer as
+    /// over UDP, without the UDP size limit. `None`: not a query at all.
+    pub async fn handle_tcp(
+        &self,
+        pkt: Vec<u8>,
+        src: SocketAddr,
+        started: Instant,
+    ) -> Option<Vec<u8>> {
+        self.handle_message(pkt, src, Protocol::Tcp, started).await
+    }
+
+    async fn handle_message(
+        &self,
+        pkt: Vec<u8>,
+        src: SocketAddr,
+        protocol: Protocol,
+        started: Instant,
+    ) -> Option<Vec<u8>> {
         let head: [u8; 12] = pkt.get(..12)?.try_into().ok()?;
-        let request = match Request::from_bytes(pkt, src, Protocol::Udp) {
+        let request = match Request::from_bytes(pkt, src, protocol) {
             Ok(request) => request,
             Err(_) => {
                 metrics::slow_query("none", 0, ResponseCode::FormErr, started.elapsed());
@@ -194,9 +214,12 @@ impl Handler {
             return None;
         }
         let reply = self.reply(&request).await;
-        let limit = request.edns.as_ref().map_or(PLAIN_UDP_LIMIT as u16, |e| {
-            e.max_payload().clamp(PLAIN_UDP_LIMIT as u16, EDNS_PAYLOAD)
-        });
+        let limit = match protocol {
+            Protocol::Udp => request.edns.as_ref().map_or(PLAIN_UDP_LIMIT as u16, |e| {
+                e.max_payload().clamp(PLAIN_UDP_LIMIT as u16, EDNS_PAYLOAD)
+            }),
+            _ => u16::MAX,
+        };
         let (bytes, rcode) = encode(&request, &reply, limit);
         metrics::slow_query(reply.zone, reply.qtype, rcode, started.elapsed());
         Some(bytes)
@@ -284,40 +307,6 @@ fn header_only(metadata: Metadata, mut buf: Vec<u8>) -> (Vec<u8>, ResponseCode) 
     let mut encoder = BinEncoder::new(&mut buf);
     let _ = encoder.emit_all(iter::once(&header));
     (buf, metadata.response_code)
-}
-
-/// The TCP side: hickory's server hands us parsed requests.
-pub struct TcpHandler(pub Arc<Handler>);
-
-#[async_trait::async_trait]
-impl RequestHandler for TcpHandler {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut response_handle: R,
-    ) -> ResponseInfo {
-        let started = Instant::now();
-        let reply = self.0.reply(request).await;
-        let queries = echoed_queries(&request.queries, &reply).unwrap_or(&request.queries);
-        let response = MessageResponseBuilder::new(queries, reply.edns.as_ref()).build(
-            reply.metadata,
-            reply.answers.iter(),
-            reply.authorities.iter(),
-            iter::empty(),
-            reply.additionals.iter(),
-        );
-        let info = match response_handle.send_response(response).await {
-            Ok(info) => info,
-            Err(error) => {
-                tracing::debug!(%error, "sending a dns answer over tcp failed");
-                let mut metadata = reply.metadata;
-                metadata.response_code = ResponseCode::ServFail;
-                ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
-            }
-        };
-        metrics::slow_query(reply.zone, reply.qtype, info.response_code, started.elapsed());
-        info
-    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub mod records;
 pub mod server;
 pub mod settings;
 pub mod table;
+mod tcp;
 pub mod tier;
 pub mod wire;
 pub mod zone;

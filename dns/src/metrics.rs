@@ -17,6 +17,9 @@ pub const CACHE_HITS: &str = "fedgate_dns_cache_hits_total";
 pub const CACHE_MISSES: &str = "fedgate_dns_cache_misses_total";
 pub const TRUNCATED: &str = "fedgate_dns_truncated_total";
 pub const OVERLOADED: &str = "fedgate_dns_overload_servfail_total";
+pub const TCP_CONNECTIONS: &str = "fedgate_dns_tcp_connections";
+pub const TCP_REFUSED: &str = "fedgate_dns_tcp_refused_total";
+pub const TCP_ACCEPT_ERRORS: &str = "fedgate_dns_tcp_accept_errors_total";
 pub const ZONE_UPDATES: &str = "fedgate_dns_zone_updates_total";
 pub const ZONE_NAMES: &str = "fedgate_dns_zone_names";
 
@@ -42,6 +45,15 @@ pub fn describe() {
     describe_counter!(
         ZONE_UPDATES,
         "Snapshots applied to the DNS zones, by source (imports, cluster)"
+    );
+    describe_gauge!(TCP_CONNECTIONS, "DNS-over-TCP client connections open now");
+    describe_counter!(
+        TCP_REFUSED,
+        "DNS-over-TCP connections closed at once because dns.maxTcpConnections were open"
+    );
+    describe_counter!(
+        TCP_ACCEPT_ERRORS,
+        "DNS-over-TCP accepts that failed (out of file descriptors and the like)"
     );
     describe_gauge!(ZONE_NAMES, "Owner names served in clusterset.local and cluster.local");
 }
@@ -140,6 +152,18 @@ pub fn cache_hit() {
 
 pub fn cache_miss() {
     counter!(CACHE_MISSES).increment(1);
+}
+
+pub fn tcp_connections(delta: f64) {
+    gauge!(TCP_CONNECTIONS).increment(delta);
+}
+
+pub fn tcp_refused() {
+    counter!(TCP_REFUSED).increment(1);
+}
+
+pub fn tcp_accept_error() {
+    counter!(TCP_ACCEPT_ERRORS).increment(1);
 }
 
 pub fn truncated() {

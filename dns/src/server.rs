@@ -1,5 +1,6 @@
 //! The DNS server: binds UDP and TCP at once, keeps the zones in step with discovery, and
-//! serves until shut down. UDP goes through the fast path first; TCP is hickory's server.
+//! serves until shut down. UDP goes through the fast path first; TCP is [`crate::tcp`] (capped
+//! connections, idle timeout).
 
 use std::future::Future;
 use std::io;
@@ -10,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use fedgate_discovery::model::{ClusterState, ImportSnapshot};
 use hickory_proto::op::ResponseCode;
-use hickory_server::Server;
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::DnsError;
-use crate::handler::{Handler, TcpHandler};
+use crate::handler::Handler;
 use crate::metrics::{self, FastPathMetrics};
 use crate::names::Zone;
 use crate::path::{RequestPath, answer_fast};
@@ -28,8 +29,6 @@ use crate::zone::ZoneWriter;
 
 /// Kernel receive buffer asked for on the UDP socket: absorbs bursts while workers are busy.
 const UDP_RECV_BUFFER: usize = 4 << 20;
-/// Responses queued per TCP connection inside hickory.
-const TCP_RESPONSE_BUFFER: usize = 32;
 /// How long `run` waits, after shutdown, for the UDP receive threads to exit.
 const UDP_EXIT_WAIT: Duration = Duration::from_millis(400);
 /// Attempts to find a port free for both UDP and TCP when asked for port 0.
@@ -142,8 +141,14 @@ impl DnsServer {
         let address = self.address;
         let socket_err = |proto, source| DnsError::Socket { proto, addr: address, source };
         let tcp = TcpListener::from_std(self.tcp).map_err(|e| socket_err("tcp", e))?;
-        let mut server = Server::new(TcpHandler(self.handler.clone()));
-        server.register_listener(tcp, self.settings.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
+        let tcp_stop = CancellationToken::new();
+        let tcp_server = tokio::spawn(crate::tcp::serve(
+            tcp,
+            self.handler.clone(),
+            self.settings.max_tcp_connections,
+            self.settings.tcp_idle_timeout,
+            tcp_stop.clone(),
+        ));
 
         // UDP receive loops are OS threads doing blocking I/O: for the fast path that is much
         // cheaper per datagram than async readiness; slow-path work goes to the runtime. They
@@ -191,9 +196,8 @@ impl DnsServer {
         wake_receivers(&worker.socket);
         drop(worker);
         updater.abort();
-        if let Err(error) = server.shutdown_gracefully().await {
-            tracing::debug!(%error, "dns tcp server stopped with an error");
-        }
+        tcp_stop.cancel();
+        let _ = tcp_server.await;
         // Every loop has been woken; each sends its exit (and drops its socket) at once.
         let _ =
             tokio::time::timeout(UDP_EXIT_WAIT, async { while exit_rx.recv().await.is_some() {} })

@@ -24,6 +24,9 @@ pub const DEFAULT_CACHE_ENTRIES: usize = 10_000;
 pub const DEFAULT_MAX_INFLIGHT: usize = 1_024;
 /// How long an idle TCP client connection is kept.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP client connections served at once; more are closed at once and counted. Resolvers
+/// open few (RFC 7766 lets them keep one open and pipeline), so this only bites on abuse.
+pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 512;
 /// Path of the system resolver configuration read for [`Upstream::System`].
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
@@ -61,6 +64,8 @@ pub struct DnsSettings {
     pub udp_workers: usize,
     /// Idle timeout of TCP client connections.
     pub tcp_idle_timeout: Duration,
+    /// TCP client connections served at once.
+    pub max_tcp_connections: usize,
 }
 
 impl DnsSettings {
@@ -77,6 +82,7 @@ impl DnsSettings {
             max_inflight: DEFAULT_MAX_INFLIGHT,
             udp_workers: 2,
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+            max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
         }
     }
 

@@ -510,11 +510,15 @@ async fn port_in_use_is_a_clear_error() {
     let (_itx, irx) = watch::channel(Arc::new(ImportSnapshot::default()));
     let (_ctx, crx) = watch::channel(Arc::new(ClusterState::default()));
     let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let mut settings = DnsSettings::new(taken.local_addr().expect("addr"));
+    let addr = taken.local_addr().expect("addr");
+    // Hold the TCP port too: otherwise an ephemeral TCP socket of a concurrent test that
+    // happens to have the same number makes the TCP bind fail first.
+    let _tcp = std::net::TcpListener::bind(addr);
+    let mut settings = DnsSettings::new(addr);
     settings.upstream = vec![];
     let err = DnsServer::new(settings, irx, crx).err().expect("must fail");
     let text = err.to_string();
-    assert!(text.contains("cannot bind dns udp socket") && text.contains("127.0.0.1"), "{text}");
+    assert!(text.contains("cannot bind dns") && text.contains("127.0.0.1"), "{text}");
 }
 
 // ---------------------------------------------------------------- real dig
