@@ -102,7 +102,10 @@ impl AddrBlock {
         let pid = std::process::id();
         // 127.0.0.0/16 is left alone (127.0.0.1 is busy on most machines).
         let a = 1 + (pid % 200) as u8;
-        let b = ((pid / 200 + n * 7) % 250) as u8;
+        // Below 200: tests put ClusterSetIP ranges at 127.A.200.0/24 and up (GatewaySpec::mesh,
+        // dashboard_api, kube_gateway), and a gateway's own listen address must never fall in
+        // its range (the config refuses that).
+        let b = ((pid / 200 + n * 7) % 200) as u8;
         Self { a, b }
     }
 
