@@ -45,6 +45,15 @@ pub enum CertError {
     ZeroValidity,
     #[error("validity {0:?} is too long")]
     ValidityTooLong(Duration),
+    #[error(
+        "validity {} would make a certificate that is expired, or expires within the {} clock-skew \
+         allowance, as it is issued (it starts {} in the past and would end at {not_after}); \
+         pass a longer --validity (`m` is minutes, `M` months), or --allow-expired to make it anyway",
+        humantime::format_duration(*validity),
+        humantime::format_duration(CLOCK_SKEW_ALLOWANCE),
+        humantime::format_duration(CLOCK_SKEW_ALLOWANCE)
+    )]
+    ExpiresTooSoon { validity: Duration, not_after: jiff::Timestamp },
     #[error("cannot generate {what}: {source}")]
     Generate { what: &'static str, source: rcgen::Error },
     #[error("cannot read {path}: {source}")]
@@ -92,14 +101,25 @@ pub struct CertOptions {
     pub validity: Duration,
     pub key_type: KeyType,
     /// Start of validity; `None` = now minus [`CLOCK_SKEW_ALLOWANCE`]. Tests set it in the
-    /// past to make expired certificates.
+    /// past to make expired certificates: an explicit start is taken as given.
     pub not_before: Option<jiff::Timestamp>,
+    /// Make the certificate even when the default window ends within
+    /// [`CLOCK_SKEW_ALLOWANCE`] of now (`--allow-expired`); otherwise that is
+    /// [`CertError::ExpiresTooSoon`].
+    pub allow_expired: bool,
 }
 
 impl CertOptions {
     pub fn new(validity: Duration) -> Self {
-        Self { validity, key_type: KeyType::default(), not_before: None }
+        Self { validity, key_type: KeyType::default(), not_before: None, allow_expired: false }
     }
+}
+
+/// Whether a certificate valid until `not_after` is expired at `now`, or expires within the
+/// [`CLOCK_SKEW_ALLOWANCE`] (a peer whose clock runs that far ahead refuses it already). Pure.
+pub fn expires_too_soon(not_after: jiff::Timestamp, now: jiff::Timestamp) -> bool {
+    let skew = jiff::SignedDuration::try_from(CLOCK_SKEW_ALLOWANCE).unwrap_or_default();
+    now.checked_add(skew).is_ok_and(|limit| not_after <= limit)
 }
 
 /// A certificate and its private key, both PEM.
@@ -138,9 +158,10 @@ fn validity_window(
     if opts.validity.is_zero() {
         return Err(CertError::ZeroValidity);
     }
+    let now = jiff::Timestamp::now();
     let start = match opts.not_before {
         Some(ts) => ts,
-        None => jiff::Timestamp::now()
+        None => now
             .checked_sub(
                 jiff::SignedDuration::try_from(CLOCK_SKEW_ALLOWANCE)
                     .map_err(|_| CertError::ZeroValidity)?,
@@ -150,6 +171,9 @@ fn validity_window(
     let validity = jiff::SignedDuration::try_from(opts.validity)
         .map_err(|_| CertError::ValidityTooLong(opts.validity))?;
     let end = start.checked_add(validity).map_err(|_| CertError::ValidityTooLong(opts.validity))?;
+    if opts.not_before.is_none() && !opts.allow_expired && expires_too_soon(end, now) {
+        return Err(CertError::ExpiresTooSoon { validity: opts.validity, not_after: end });
+    }
     let conv = |ts: jiff::Timestamp| {
         time::OffsetDateTime::from_unix_timestamp(ts.as_second())
             .map_err(|_| CertError::ValidityTooLong(opts.validity))
@@ -507,6 +531,40 @@ mod tests {
         let info = inspect(&leaf.cert_pem).expect("parses");
         assert_eq!(info.not_after.as_second(), 1_600_003_600);
         assert!(!info.valid_at(jiff::Timestamp::now()));
+    }
+
+    #[test]
+    fn a_certificate_expired_when_issued_is_refused_unless_allowed() {
+        let ca = create_ca("demo", &CertOptions::new(DEFAULT_CA_VALIDITY)).expect("ca");
+        let east = id("east");
+        let minutes = |m: u64| CertOptions::new(Duration::from_secs(m * 60));
+        // (validity in minutes, allow_expired, issued?)
+        let table = [(1, false, false), (10, false, false), (11, false, true), (1, true, true)];
+        for (m, allow, ok) in table {
+            let opts = CertOptions { allow_expired: allow, ..minutes(m) };
+            match issue(&ca, None, &east, &opts) {
+                Ok(pair) => {
+                    assert!(ok, "{m}m allow={allow} was issued");
+                    let info = inspect(&pair.cert_pem).expect("parses");
+                    assert_eq!(
+                        expires_too_soon(info.not_after, jiff::Timestamp::now()),
+                        m <= 10,
+                        "{m}m"
+                    );
+                }
+                Err(e) => {
+                    assert!(!ok, "{m}m allow={allow}: {e}");
+                    let text = e.to_string();
+                    assert!(
+                        text.starts_with("validity 1m would make a certificate that is expired")
+                            || text.starts_with("validity 10m would"),
+                        "{text}"
+                    );
+                    assert!(text.contains("--allow-expired"), "{text}");
+                }
+            }
+        }
+        assert!(matches!(create_ca("demo", &minutes(1)), Err(CertError::ExpiresTooSoon { .. })));
     }
 
     #[test]

@@ -103,6 +103,10 @@ pub struct CaArgs {
     /// Overwrite existing files.
     #[arg(long)]
     pub force: bool,
+    /// Make the certificate even if it is expired (or expires within the 5m clock-skew
+    /// allowance) as it is issued, e.g. to test refusals; a warning is printed.
+    #[arg(long)]
+    pub allow_expired: bool,
 }
 
 #[derive(Debug, Args)]
@@ -119,7 +123,8 @@ pub struct IssueArgs {
     /// Directory to write into (created if missing).
     #[arg(long)]
     pub out: PathBuf,
-    /// Lifetime, e.g. 90d, 2160h.
+    /// Lifetime, e.g. 90d, 2160h (`m` is minutes, `M` months). Starts 5m in the past for
+    /// clock skew; a certificate expired as it is issued is refused (see --allow-expired).
     #[arg(long, value_parser = parse_validity, default_value = "90d")]
     pub validity: Duration,
     #[arg(long, value_enum, default_value_t = KeyType::EcdsaP256)]
@@ -127,6 +132,10 @@ pub struct IssueArgs {
     /// Overwrite existing files.
     #[arg(long)]
     pub force: bool,
+    /// Make the certificate even if it is expired (or expires within the 5m clock-skew
+    /// allowance) as it is issued, e.g. to test how peers refuse it; a warning is printed.
+    #[arg(long)]
+    pub allow_expired: bool,
 }
 
 fn parse_validity(s: &str) -> Result<Duration, String> {
@@ -272,17 +281,42 @@ fn report(result: Result<Vec<PathBuf>, certs::CertError>, out: &mut dyn Write) -
 }
 
 fn certs_ca(args: &CaArgs) -> Result<Vec<PathBuf>, certs::CertError> {
-    let opts = CertOptions { key_type: args.key_type, ..CertOptions::new(args.validity) };
+    let opts = CertOptions {
+        key_type: args.key_type,
+        allow_expired: args.allow_expired,
+        ..CertOptions::new(args.validity)
+    };
     let ca = certs::create_ca(&args.clusterset, &opts)?;
+    warn_if_expired("CA certificate", &ca.cert_pem);
     certs::write_ca(&args.out, &ca, args.force)
 }
 
 fn certs_issue(args: &IssueArgs) -> Result<Vec<PathBuf>, certs::CertError> {
     let cluster = ClusterId::new(&args.cluster)?;
     let ca = certs::read_ca(&args.ca)?;
-    let opts = CertOptions { key_type: args.key_type, ..CertOptions::new(args.validity) };
+    let opts = CertOptions {
+        key_type: args.key_type,
+        allow_expired: args.allow_expired,
+        ..CertOptions::new(args.validity)
+    };
     let pair = certs::issue(&ca, args.clusterset.as_deref(), &cluster, &opts)?;
+    warn_if_expired("certificate", &pair.cert_pem);
     certs::write_issued(&args.out, &cluster, &pair, &ca.cert_pem, args.force)
+}
+
+/// `--allow-expired` made it: say so on stderr.
+fn warn_if_expired(what: &str, pem: &str) {
+    let now = jiff::Timestamp::now();
+    if let Ok(info) = certs::inspect(pem)
+        && certs::expires_too_soon(info.not_after, now)
+    {
+        let state = if info.not_after <= now { "is already expired" } else { "expires within 5m" };
+        eprintln!(
+            "fedgate: warning: the {what} {state} (notAfter {}): peers will refuse it \
+             (--allow-expired)",
+            info.not_after
+        );
+    }
 }
 
 #[cfg(test)]
