@@ -285,6 +285,12 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         peers.status(),
         cfg.discovery.peer_lease_duration,
     );
+    // `/debug/certificates`; certificate expiry and refused reloads join `/debug/problems`.
+    crate::dashboard::register_certificate_views(
+        &mut views,
+        tunnel.credentials(),
+        tunnel.reload_status(),
+    );
     let summary: Value = serde_json::from_str(&cfg.redacted_summary()).unwrap_or(Value::Null);
     views.insert("config", Arc::new(move |_: &Query| summary.clone()));
     let admin_state = AdminState {

@@ -1,7 +1,7 @@
 //! The live dashboard served at the admin `/`: one self-contained page (no external assets)
 //! that polls the JSON debug views every second, and the views only it needs
 //! (`/debug/clusters`, `/debug/traffic`, `/debug/failovers`, `/debug/probes`,
-//! `/debug/explain`). docs/dashboard.md lists the views, their JSON and the page's element ids.
+//! `/debug/explain`, `/debug/certificates`). docs/dashboard.md lists the views, their JSON and the page's element ids.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -12,6 +12,10 @@ use fedgate_discovery::model::{ClusterId, ImportSnapshot, PeerStatus};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
+
+use fedgate_tunnel::expiry::{CertExpiry, CertRef, EXPIRY_WARNING, expiry_warnings, rfc3339};
+use fedgate_tunnel::tls::Credentials;
+use fedgate_tunnel::{LeafValidity, ReloadStatus};
 
 use crate::admin::{DebugView, Query};
 use crate::dataplane::DebugHandle;
@@ -161,6 +165,105 @@ pub fn register_views(
     );
 }
 
+/// `/debug/certificates` at `now` (unix seconds): our leaf's and each peer's last leaf's
+/// `notAfter`, the reloads so far, and the warnings of certificates within
+/// [`EXPIRY_WARNING`] of expiry. Pure.
+pub fn certificates(
+    own: Option<LeafValidity>,
+    expiries: &[CertExpiry],
+    reload: &ReloadStatus,
+    now: i64,
+) -> Value {
+    let row = |e: &CertExpiry| {
+        json!({
+            "cert": match e.cert { CertRef::Own => "own", CertRef::Peer(_) => "peer" },
+            "cluster": match &e.cert { CertRef::Own => None, CertRef::Peer(id) => Some(id.as_str()) },
+            "notAfter": rfc3339(e.not_after),
+            "notAfterUnix": e.not_after,
+            "remainingSecs": e.not_after.saturating_sub(now),
+        })
+    };
+    let warnings: Vec<Value> = expiry_warnings(expiries, now, EXPIRY_WARNING)
+        .iter()
+        .map(|w| {
+            json!({
+                "cert": match w.cert { CertRef::Own => "own", CertRef::Peer(_) => "peer" },
+                "cluster": match &w.cert { CertRef::Own => None, CertRef::Peer(id) => Some(id.as_str()) },
+                "notAfter": rfc3339(w.not_after),
+                "remainingSecs": w.remaining_secs,
+                "message": w.message(),
+            })
+        })
+        .collect();
+    json!({
+        "own": own.map(|v| json!({
+            "notBefore": rfc3339(v.not_before),
+            "notAfter": rfc3339(v.not_after),
+            "notAfterUnix": v.not_after,
+            "remainingSecs": v.not_after.saturating_sub(now),
+        })),
+        "peers": expiries.iter().filter(|e| e.cert != CertRef::Own).map(row).collect::<Vec<_>>(),
+        "reload": {
+            "reloads": reload.reloads,
+            "failures": reload.failures,
+            "lastError": reload.last_error,
+        },
+        "warnings": warnings,
+    })
+}
+
+/// The certificate entries of `/debug/problems`: expiry warnings, and the last reload when it
+/// was refused (the old certificate is still in use). Pure.
+pub fn certificate_problems(certificates: &Value) -> Vec<Value> {
+    let mut out: Vec<Value> = certificates["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            let object = match w["cluster"].as_str() {
+                Some(peer) => format!("certificate of peer {peer}"),
+                None => "certificate of this gateway".to_owned(),
+            };
+            json!({"kind": "certificateExpiry", "object": object, "reason": w["message"]})
+        })
+        .collect();
+    if let Some(error) = certificates["reload"]["lastError"].as_str() {
+        out.push(json!({
+            "kind": "certificateReload",
+            "object": "tls.cert, tls.key, tls.ca",
+            "reason": error,
+        }));
+    }
+    out
+}
+
+/// Registers `/debug/certificates` over the tunnel's credentials and reload status, and adds
+/// its problems to the `problems` view registered before (kept as is otherwise).
+pub fn register_certificate_views(
+    views: &mut BTreeMap<&'static str, DebugView>,
+    credentials: Arc<Credentials>,
+    reload: watch::Receiver<ReloadStatus>,
+) {
+    let view: DebugView = Arc::new(move |_: &Query| {
+        let now = jiff::Timestamp::now().as_second();
+        certificates(credentials.validity(), &credentials.expiries(), &reload.borrow(), now)
+    });
+    let certs = view.clone();
+    views.insert("certificates", view);
+    if let Some(problems) = views.get("problems").cloned() {
+        views.insert(
+            "problems",
+            Arc::new(move |q: &Query| {
+                let mut all = problems(q);
+                if let Some(list) = all.as_array_mut() {
+                    list.extend(certificate_problems(&certs(q)));
+                }
+                all
+            }),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +320,39 @@ mod tests {
         assert_eq!(west.path_mtu, Some(1452));
         assert_eq!(rows[0].region.as_deref(), Some("r"));
         assert!(rows[0].local && !rows[0].peer);
+    }
+
+    #[test]
+    fn certificate_view_and_problems() {
+        let day = 86_400;
+        let now = 1_000 * day;
+        let own = LeafValidity { not_before: now - 80 * day, not_after: now + 10 * day };
+        let expiries = [
+            CertExpiry { cert: CertRef::Own, not_after: own.not_after },
+            CertExpiry { cert: CertRef::Peer(cid("beta")), not_after: now + 2 * day },
+        ];
+        let mut reload = ReloadStatus::default();
+        let v = certificates(Some(own), &expiries, &reload, now);
+        assert_eq!(v["own"]["remainingSecs"], 10 * day);
+        assert_eq!(v["peers"][0]["cluster"], "beta");
+        assert_eq!(v["peers"].as_array().map(Vec::len), Some(1));
+        assert_eq!(v["warnings"].as_array().map(Vec::len), Some(1), "{v}");
+        let problems = certificate_problems(&v);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0]["object"], "certificate of peer beta");
+        assert!(
+            problems[0]["reason"].as_str().is_some_and(|r| r.contains("expires at")),
+            "{problems:?}"
+        );
+
+        // Our own certificate within 7 days, and a refused reload.
+        reload.failures = 1;
+        reload.last_error = Some("certificate /tls/alpha.crt expired at ...".to_owned());
+        let v = certificates(Some(own), &expiries, &reload, now + 4 * day);
+        let problems = certificate_problems(&v);
+        let kinds: Vec<&str> = problems.iter().filter_map(|p| p["kind"].as_str()).collect();
+        assert_eq!(kinds, ["certificateExpiry", "certificateExpiry", "certificateReload"]);
+        assert_eq!(problems[1]["object"], "certificate of this gateway");
     }
 
     #[test]

@@ -173,6 +173,8 @@ pub struct StatusData {
     pub probes: Value,
     pub traffic: Value,
     pub failovers: Value,
+    /// `/debug/certificates`: our leaf, peers' leaves, reloads, expiry warnings.
+    pub certificates: Value,
 }
 
 impl StatusData {
@@ -190,6 +192,7 @@ impl StatusData {
             probes: client.get("/debug/probes")?,
             traffic: client.get("/debug/traffic")?,
             failovers: client.get("/debug/failovers")?,
+            certificates: client.get("/debug/certificates")?,
         })
     }
 
@@ -290,6 +293,13 @@ pub fn render_status(d: &StatusData, now: jiff::Timestamp) -> String {
         text(&d.config["cluster"]["id"]),
         text(&d.config["cluster"]["clusterset"])
     );
+    // Certificate trouble first: a cluster about to leave the clusterset matters most.
+    for w in items(&d.certificates["warnings"]) {
+        let _ = writeln!(out, "WARNING: {}", text(&w["message"]));
+    }
+    if let Some(error) = d.certificates["reload"]["lastError"].as_str() {
+        let _ = writeln!(out, "WARNING: the last certificate reload was refused: {error}");
+    }
 
     let mut t = table(&[
         "CLUSTER",
@@ -457,6 +467,26 @@ pub fn render_status(d: &StatusData, now: jiff::Timestamp) -> String {
         ]);
     }
     section(&mut out, "RECENT FAILOVERS", t, items(&d.failovers).is_empty());
+
+    let mut t = table(&["CERTIFICATE", "NOT AFTER", "LEFT"]);
+    let left = |v: &Value| match v.as_i64() {
+        Some(s) if s < 0 => "expired".to_owned(),
+        Some(s) => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+        None => String::new(),
+    };
+    let own = &d.certificates["own"];
+    if !own.is_null() {
+        t.add_row(vec!["own".to_owned(), text(&own["notAfter"]), left(&own["remainingSecs"])]);
+    }
+    for p in items(&d.certificates["peers"]) {
+        t.add_row(vec![
+            format!("peer {}", text(&p["cluster"])),
+            text(&p["notAfter"]),
+            left(&p["remainingSecs"]),
+        ]);
+    }
+    let empty = own.is_null() && items(&d.certificates["peers"]).is_empty();
+    section(&mut out, "CERTIFICATES", t, empty);
     out
 }
 
@@ -661,6 +691,15 @@ mod tests {
             failovers: json!([{"last": "2026-11-26T02:00:01Z", "service": "shop/web", "port": 80,
                 "fromTier": 0, "fromClusters": ["east"], "toTier": 3, "toCluster": "west",
                 "toEndpoint": "10.2.0.1", "count": 4, "reason": "tier 0 unavailable: east/10.0.0.1 unhealthy"}]),
+            certificates: json!({
+                "own": {"notAfter": "2027-02-24T02:00:00Z", "remainingSecs": 7_776_000},
+                "peers": [{"cluster": "west", "notAfter": "2026-11-30T02:00:00Z",
+                           "remainingSecs": 345_600}],
+                "reload": {"reloads": 0, "failures": 1,
+                           "lastError": "certificate /tls/east.crt expired at 2026-11-25T00:00:00Z"},
+                "warnings": [{"cert": "peer", "cluster": "west",
+                              "message": "peer west's certificate expires at 2026-11-30T02:00:00Z (in 4d 0h)"}]
+            }),
         }
     }
 
@@ -683,6 +722,11 @@ mod tests {
             "tier 0 (east)",
             "tier 3 (west/10.2.0.1)",
             "tier 0 unavailable: east/10.0.0.1 unhealthy",
+            "WARNING: peer west's certificate expires at 2026-11-30T02:00:00Z (in 4d 0h)",
+            "WARNING: the last certificate reload was refused: certificate /tls/east.crt expired",
+            "2027-02-24T02:00:00Z",
+            "90d 0h",
+            "peer west",
         ] {
             assert!(out.contains(want), "missing {want:?} in\n{out}");
         }
