@@ -78,9 +78,7 @@ pub struct ImportState {
     /// How long addresses of withdrawn imports stay reserved.
     withdrawn_grace: Duration,
     /// While a cluster is being withdrawn: addresses that go are reserved until then.
-    reserving: Option<(ClusterId, Instant)>,
-    /// Reserved keys by the cluster whose withdrawal reserved them.
-    reserved_by: BTreeMap<ClusterId, BTreeSet<AllocKey>>,
+    reserving: Option<Instant>,
 }
 
 /// What one batch of updates changed.
@@ -116,7 +114,6 @@ impl ImportState {
             version: 0,
             withdrawn_grace: DEFAULT_WITHDRAWN_GRACE,
             reserving: None,
-            reserved_by: BTreeMap::new(),
         }
     }
 
@@ -147,16 +144,10 @@ impl ImportState {
             self.localities.insert(cluster.clone(), set.locality.clone());
         }
         let came_back = self.withdrawn.remove(&cluster);
-        self.sets.insert(cluster.clone(), set);
+        // What a returning cluster does not bring back keeps its reservation until the grace
+        // ends: its first export set may be incomplete (a kube source not yet synced).
+        self.sets.insert(cluster, set);
         let changed = self.remerge(&dirty);
-        if came_back {
-            // What the cluster did not bring back has no claim on its address any more.
-            for key in self.reserved_by.remove(&cluster).unwrap_or_default() {
-                if self.alloc.reservation(&key).is_some() {
-                    self.alloc.release(&key);
-                }
-            }
-        }
         let changed =
             changed.or(Changed { snapshot: locality_changed || came_back, statuses: false });
         self.settle(changed)
@@ -175,7 +166,7 @@ impl ImportState {
         };
         let dirty: BTreeSet<ServiceKey> = old.services.keys().cloned().collect();
         // The cluster may come back: what its imports lose is kept for them for a while.
-        self.reserving = Some((cluster.clone(), Instant::now() + self.withdrawn_grace));
+        self.reserving = Some(Instant::now() + self.withdrawn_grace);
         let changed = self.remerge(&dirty);
         self.reserving = None;
         self.settle(changed.or(Changed { snapshot: newly, statuses: false }))
@@ -267,11 +258,6 @@ impl ImportState {
                 expired,
                 "freed clusterset ips kept for imports of withdrawn clusters (grace over)"
             );
-            let alloc = &self.alloc;
-            self.reserved_by.retain(|_, keys| {
-                keys.retain(|k| alloc.reservation(k).is_some());
-                !keys.is_empty()
-            });
         }
         self.settle(Changed::default())
     }
@@ -356,10 +342,9 @@ impl ImportState {
     /// Gives `key`'s address up: reserved for it while its cluster is being withdrawn,
     /// released otherwise (a waiting key leaves the queue either way).
     fn free_key(&mut self, key: &AllocKey) {
-        if let Some((cluster, until)) = &self.reserving
-            && self.alloc.reserve(key, *until).is_some()
+        if let Some(until) = self.reserving
+            && self.alloc.reserve(key, until).is_some()
         {
-            self.reserved_by.entry(cluster.clone()).or_default().insert(key.clone());
             return;
         }
         self.alloc.release(key);
