@@ -1,0 +1,607 @@
+//! Fault suite, issue 17: peers that crash, hang or come back, under load. Real gateway
+//! processes on loopback, real backends (Python asyncio servers), and a client loop that opens
+//! a new TCP connection through alpha's ClusterSetIP for every request (one round trip each)
+//! for the whole test. Each request is recorded with the time it started, so the tests can
+//! count failures per phase: before the fault (must be zero), during it (counted and printed
+//! where the design promises nothing: the only exporter is dead; zero where it promises
+//! connection-level failover to another exporter: docs/endpoint-selection.md) and after
+//! recovery (must be zero).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fedgate_e2e::*;
+
+const CLUSTERSET: &str = "faults";
+const PROPAGATION: Duration = Duration::from_secs(10);
+const EXPORTED_AT: &str = "2026-01-01T00:00:00Z";
+/// Bound on one client request: above the gateway's connect budget (3 s), so a request that
+/// the gateway fails over inside its budget is never cut short by the client.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between two requests of the client loop.
+const PACE: Duration = Duration::from_millis(20);
+/// Consecutive requests that must all succeed once service is back.
+const AFTER_RECOVERY: usize = 50;
+
+/// An asyncio TCP server: on each connection it writes `<name>\n`, then echoes lines.
+const BACKEND: &str = r#"
+import asyncio, sys
+host, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+async def handle(reader, writer):
+    try:
+        writer.write((name + "\n").encode())
+        await writer.drain()
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            writer.write(line)
+            await writer.drain()
+    except Exception:
+        pass
+    finally:
+        writer.close()
+async def main():
+    server = await asyncio.start_server(handle, host, port, reuse_address=True)
+    print("READY", flush=True)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"#;
+
+/// A backend process, killed on drop.
+struct Backend {
+    child: Child,
+}
+
+impl Backend {
+    fn start(addr: SocketAddr, name: &str) -> Result<Self> {
+        let (ip, port) = (addr.ip().to_string(), addr.port().to_string());
+        let mut child = Command::new("python3")
+            .args(["-u", "-c", BACKEND, &ip, &port, name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the python3 backend (install python3)")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("backend stdout")?).read_line(&mut line)?;
+        if line.trim() != "READY" {
+            bail!("backend {name} on {addr}: expected READY, got {line:?}");
+        }
+        Ok(Self { child })
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `sig` to a gateway by pid (`Gateway::signal` needs `&self`, this reads better where
+/// a stopped gateway must be continued on every path).
+fn signal_pid(pid: u32, sig: &str) -> Result<()> {
+    let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?;
+    if !st.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+/// Continues a stopped gateway when dropped, so a failing assertion never leaves it stopped.
+struct ContinueOnDrop(u32);
+
+impl Drop for ContinueOnDrop {
+    fn drop(&mut self) {
+        let _ = signal_pid(self.0, "CONT");
+    }
+}
+
+/// One client connection through `vip`: reads the backend's name, then one echoed line.
+/// Returns the name of the backend that answered.
+fn round_trip(vip: SocketAddr) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&vip, REQUEST_TIMEOUT)?;
+    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    let mut reader = BufReader::new(s.try_clone()?);
+    let mut name = String::new();
+    reader.read_line(&mut name)?;
+    if name.is_empty() {
+        bail!("connection through {vip} closed before the backend's greeting");
+    }
+    s.write_all(b"ping\n")?;
+    let mut echo = String::new();
+    reader.read_line(&mut echo)?;
+    if echo != "ping\n" {
+        bail!("echo through {vip} answered {echo:?}");
+    }
+    Ok(name.trim().to_owned())
+}
+
+/// One request of the client loop: when it started, how long it took, who answered or why
+/// it failed.
+#[derive(Clone, Debug)]
+struct Sample {
+    start: Instant,
+    took: Duration,
+    result: Result<String, String>,
+}
+
+impl Sample {
+    /// When the request ended. Phases are told apart by it: a request in flight when a fault
+    /// begins belongs to the fault (the loop is sequential: requests never overlap).
+    fn end(&self) -> Instant {
+        self.start + self.took
+    }
+}
+
+/// A thread that runs [`round_trip`] against one ClusterSetIP, one new connection per request,
+/// until stopped.
+struct ClientLoop {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ClientLoop {
+    fn start(vip: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let (s, out) = (stop.clone(), samples.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                let result = round_trip(vip).map_err(|e| format!("{e:#}"));
+                let sample = Sample { start, took: start.elapsed(), result };
+                out.lock().expect("samples lock").push(sample);
+                std::thread::sleep(PACE);
+            }
+        });
+        Self { stop, samples, thread: Some(thread) }
+    }
+
+    fn snapshot(&self) -> Vec<Sample> {
+        self.samples.lock().expect("samples lock").clone()
+    }
+
+    /// Waits (bounded) for the first successful request started at or after `from`; returns
+    /// its end.
+    fn first_success_after(&self, from: Instant, timeout: Duration) -> Result<Instant> {
+        eventually("a successful request through alpha", timeout, || {
+            Ok(self
+                .snapshot()
+                .iter()
+                .find(|s| s.start >= from && s.result.is_ok())
+                .map(Sample::end))
+        })
+    }
+
+    /// Waits (bounded) until at least `n` requests started at or after `from` have finished.
+    fn wait_requests_after(&self, from: Instant, n: usize, timeout: Duration) -> Result<()> {
+        eventually(&format!("{n} requests through alpha"), timeout, || {
+            Ok((self.snapshot().iter().filter(|s| s.start >= from).count() >= n).then_some(()))
+        })
+    }
+
+    /// Stops the loop and returns every sample.
+    fn finish(mut self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.snapshot()
+    }
+}
+
+impl Drop for ClientLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Requests that ended in `[from, to)`: (total, failed, a few failure messages, slowest).
+fn phase(samples: &[Sample], from: Instant, to: Instant) -> (usize, usize, Vec<String>, Duration) {
+    let in_phase: Vec<&Sample> =
+        samples.iter().filter(|s| s.end() >= from && s.end() < to).collect();
+    let failed: Vec<String> = in_phase
+        .iter()
+        .filter_map(|s| s.result.as_ref().err().map(|e| format!("{e} (after {:?})", s.took)))
+        .collect();
+    let slowest = in_phase.iter().map(|s| s.took).max().unwrap_or_default();
+    (in_phase.len(), failed.len(), failed.into_iter().take(3).collect(), slowest)
+}
+
+/// Asserts that no request that ended in `[from, to)` failed; returns how many there were.
+fn assert_no_failures(samples: &[Sample], from: Instant, to: Instant, what: &str) -> usize {
+    let (total, failed, first, slowest) = phase(samples, from, to);
+    eprintln!("{what}: {failed} of {total} requests failed (slowest {slowest:?})");
+    assert_eq!(failed, 0, "{what}: {failed} of {total} requests failed, first: {first:?}");
+    total
+}
+
+/// Which backends answered the requests that ended in `[from, to)`, with counts.
+fn answered_by(samples: &[Sample], from: Instant, to: Instant) -> Vec<(String, usize)> {
+    let mut by: Vec<(String, usize)> = Vec::new();
+    for s in samples.iter().filter(|s| s.end() >= from && s.end() < to) {
+        let Ok(name) = &s.result else { continue };
+        match by.iter_mut().find(|(n, _)| n == name) {
+            Some((_, c)) => *c += 1,
+            None => by.push((name.clone(), 1)),
+        }
+    }
+    by
+}
+
+fn export_yaml(name: &str, endpoint: IpAddr, port: u16) -> String {
+    let ip = endpoint.to_string();
+    service_yaml("fault", name, false, &[("tcp", 80, port)], &[(&ip, true)], Some(EXPORTED_AT))
+}
+
+/// `g`'s import of `fault/<name>` if it is imported from exactly `clusters`: its first IP.
+fn import_ip(g: &Gateway, name: &str, clusters: &[&str]) -> Result<Option<String>> {
+    let imports = g.json("/debug/imports")?;
+    let Some(import) = find_import(&imports, "fault", name) else { return Ok(None) };
+    if import_clusters(import) != clusters {
+        return Ok(None);
+    }
+    Ok(import["ips"][0].as_str().map(str::to_owned))
+}
+
+/// Waits (bounded) until `g` imports `fault/<name>` from exactly `clusters`; its ClusterSetIP.
+fn wait_vip(g: &Gateway, name: &str, clusters: &[&str], timeout: Duration) -> Result<String> {
+    eventually(&format!("{} to import fault/{name} from {clusters:?}", g.spec.id), timeout, || {
+        import_ip(g, name, clusters)
+    })
+}
+
+/// `dig +short` for `fault/<name>`'s A records at `g`'s DNS server.
+fn dns_a(g: &Gateway, name: &str) -> Result<Vec<String>> {
+    require_tool("dig", "bind9-dnsutils");
+    let out = Command::new("dig")
+        .arg(format!("@{}", g.spec.dns.ip()))
+        .args(["-p", &g.spec.dns.port().to_string(), "+tries=1", "+time=2", "+short"])
+        .arg(format!("{name}.fault.svc.clusterset.local"))
+        .arg("A")
+        .output()
+        .context("running dig")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("dig failed ({}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(text.lines().map(str::to_owned).collect())
+}
+
+/// Starts gateways `ids` (full mesh, lease `lease`) in one block; `edit` adjusts each spec.
+fn start_gateways(
+    tmp: &std::path::Path,
+    block: AddrBlock,
+    ids: &[&str],
+    lease: &str,
+    edit: impl Fn(&mut GatewaySpec),
+) -> Result<Vec<Gateway>> {
+    let pki = Pki::new(tmp, "ca", CLUSTERSET)?;
+    let mut gateways = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let [_, a, b, _] = block.ip(1).octets();
+        let mut spec = GatewaySpec {
+            lease: lease.to_owned(),
+            // The mesh default (`127.<a>.<200 + i>.0/24`) is shared by every test of this
+            // process: gateways of two tests would bind the same ClusterSetIPs. The upper half
+            // of the test's own block is unused (gateways are hosts 10.., backends 60..).
+            vip_range: format!("127.{a}.{b}.{}/27", 128 + 32 * i),
+            ..GatewaySpec::mesh(block, CLUSTERSET, ids, i)
+        };
+        edit(&mut spec);
+        let tls = pki.issue(id, &tmp.join(format!("certs-{id}")))?;
+        let mut g = Gateway::prepare(tmp, spec, tls)?;
+        g.start()?;
+        gateways.push(g);
+    }
+    Ok(gateways)
+}
+
+/// How long, after a killed exporter's new process answers `/healthz`, requests through alpha
+/// may still fail. Alpha learns of the restart from a stateless reset on its next keep-alive
+/// (tests/federation.rs) and redials at once; 10 s leaves room for a loaded CI machine.
+const RESTART_RECOVERY: Duration = Duration::from_secs(10);
+
+/// kill -9 and restart under load, with a single exporter. Bravo (the only exporter of
+/// fault/web) is SIGKILLed while a client loop runs through alpha, stays dead for 3 s and is
+/// started again, all within its 15 s lease. Asserts: no failure before the kill; alpha keeps
+/// bravo's import (same ClusterSetIP) at every look during the outage; requests succeed again
+/// within [`RESTART_RECOVERY`] of bravo's restart, and every one of the next
+/// [`AFTER_RECOVERY`] does. Failures during the outage are counted and printed: with the only
+/// exporter dead the design promises none.
+#[test]
+fn a_killed_exporter_restarted_within_its_lease_keeps_its_import_and_recovers() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let block = AddrBlock::unique();
+    let mut gateways = start_gateways(tmp.path(), block, &["alpha", "bravo"], "15s", |_| {})?;
+    let backend_addr = block.addr(60, 7100);
+    let _backend = Backend::start(backend_addr, "bravo-1")?;
+    gateways[1].write_cluster_file("web.yaml", &export_yaml("web", backend_addr.ip(), 7100))?;
+    let ip = wait_vip(&gateways[0], "web", &["bravo"], PROPAGATION)?;
+    let vip = SocketAddr::new(ip.parse()?, 80);
+    eventually("a first round trip through alpha", PROPAGATION, || Ok(round_trip(vip).ok()))?;
+
+    let clients = ClientLoop::start(vip);
+    let started = Instant::now();
+    clients.wait_requests_after(started, 20, Duration::from_secs(10))?;
+
+    let killed = Instant::now();
+    gateways[1].kill();
+    // Dead for 3 s: alpha must keep the import the whole time (the lease is 15 s).
+    let mut looks = 0;
+    while killed.elapsed() < Duration::from_secs(3) {
+        let now = import_ip(&gateways[0], "web", &["bravo"])?;
+        assert_eq!(
+            now.as_deref(),
+            Some(ip.as_str()),
+            "alpha withdrew or renumbered bravo's import {:?} after the kill, within the lease",
+            killed.elapsed()
+        );
+        looks += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    gateways[1].start()?;
+    let restarted = Instant::now();
+    let recovered =
+        clients.first_success_after(restarted, RESTART_RECOVERY).with_context(|| {
+            format!("requests through alpha still fail {RESTART_RECOVERY:?} after bravo restarted")
+        })?;
+    let after = import_ip(&gateways[0], "web", &["bravo"])?;
+    assert_eq!(after.as_deref(), Some(ip.as_str()), "the import and its ClusterSetIP stayed");
+    clients.wait_requests_after(recovered, AFTER_RECOVERY, Duration::from_secs(60))?;
+    let samples = clients.finish();
+
+    assert_no_failures(&samples, started, killed, "before the kill");
+    let (total, failed, first, slowest) = phase(&samples, killed, recovered);
+    eprintln!(
+        "bravo restarted {:?} after the kill; import kept at {looks} looks; during the \
+         outage {failed} of {total} requests failed (slowest {slowest:?}, first errors \
+         {first:?}); first success {:?} after the restart",
+        restarted - killed,
+        recovered.saturating_duration_since(restarted),
+    );
+    let n = assert_no_failures(&samples, recovered, Instant::now(), "after recovery");
+    assert!(n >= AFTER_RECOVERY, "only {n} requests after recovery");
+    Ok(())
+}
+
+/// Withdrawal after SIGSTOP and return after SIGCONT, bounded: a 3 s lease must lapse within
+/// this of the stop ...
+const WITHDRAW_WITHIN: Duration = Duration::from_secs(8);
+/// ... and a continued peer's exports come back within this of SIGCONT (its QUIC connection
+/// idled out while it was stopped: a redial, a handshake and a full export exchange).
+const RETURN_WITHIN: Duration = Duration::from_secs(15);
+
+/// The preferred ClusterSetIP of `namespace/name` in an IPv4 `range` of /30 or wider
+/// (docs/mcs-semantics.md: FNV-1a-64 of the key modulo the usable addresses, network and
+/// broadcast skipped).
+fn preferred_ip(range: &str, key: &str) -> Result<Ipv4Addr> {
+    let (base, prefix) = range.split_once('/').context("a CIDR range")?;
+    let (base, prefix): (Ipv4Addr, u32) = (base.parse()?, prefix.parse()?);
+    let usable = (1u64 << (32 - prefix)) - 2;
+    let hash = key
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    Ok(Ipv4Addr::from(u32::from(base) + 1 + (hash % usable) as u32))
+}
+
+/// SIGSTOP of a peer beyond its lease, then SIGCONT. Lease 3 s; bravo (the only exporter of
+/// fault/web) is stopped for 8 s under a client loop through alpha. Asserts: alpha withdraws
+/// the import (gone from /debug/imports, NXDOMAIN from its DNS) within [`WITHDRAW_WITHIN`]
+/// of the stop; a service alpha exports meanwhile whose preferred address is web's does not
+/// get it (the address is reserved for the import of the withdrawn cluster); after SIGCONT
+/// the import comes back within [`RETURN_WITHIN`] with the same ClusterSetIP, in
+/// /debug/imports and DNS; then every one of [`AFTER_RECOVERY`] requests succeeds. Failures
+/// while bravo is stopped are counted and printed.
+#[test]
+fn a_peer_stopped_beyond_its_lease_is_withdrawn_and_returns_with_its_address() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let block = AddrBlock::unique();
+    let gateways = start_gateways(tmp.path(), block, &["alpha", "bravo"], "3s", |_| {})?;
+    let [alpha, bravo] = &gateways[..] else { unreachable!() };
+    let backend_addr = block.addr(61, 7101);
+    let _backend = Backend::start(backend_addr, "bravo-1")?;
+    bravo.write_cluster_file("web.yaml", &export_yaml("web", backend_addr.ip(), 7101))?;
+    let ip = wait_vip(alpha, "web", &["bravo"], PROPAGATION)?;
+    let vip = SocketAddr::new(ip.parse()?, 80);
+    assert_eq!(dns_a(alpha, "web")?, [ip.as_str()], "alpha's DNS answers the ClusterSetIP");
+
+    // A name whose preferred address is web's: exported by alpha while bravo is withdrawn, it
+    // must not take web's (reserved) address.
+    let range = alpha.spec.vip_range.clone();
+    assert_eq!(
+        preferred_ip(&range, "fault/web")?.to_string(),
+        ip,
+        "fault/web did not get its preferred address: this test's model of the allocator \
+         (docs/mcs-semantics.md) is out of date"
+    );
+    let collider = (0..100_000)
+        .map(|i| format!("rival-{i}"))
+        .find(|n| preferred_ip(&range, &format!("fault/{n}")).is_ok_and(|p| p.to_string() == ip))
+        .context("a name with web's preferred address")?;
+
+    eventually("a first round trip through alpha", PROPAGATION, || Ok(round_trip(vip).ok()))?;
+    let clients = ClientLoop::start(vip);
+    let started = Instant::now();
+    clients.wait_requests_after(started, 20, Duration::from_secs(10))?;
+
+    let pid = bravo.pid().context("bravo's pid")?;
+    let stopped = Instant::now();
+    signal_pid(pid, "STOP")?;
+    let cont = ContinueOnDrop(pid);
+    eventually("alpha to withdraw bravo's import after the lease", WITHDRAW_WITHIN, || {
+        Ok(find_import(&alpha.json("/debug/imports")?, "fault", "web").is_none().then_some(()))
+    })?;
+    let withdrawn = stopped.elapsed();
+    assert!(
+        withdrawn >= Duration::from_secs(1),
+        "withdrawn {withdrawn:?} after the stop: before the 3 s lease could lapse"
+    );
+    eventually("alpha's DNS to stop answering for the withdrawn import", PROPAGATION, || {
+        Ok(dns_a(alpha, "web")?.is_empty().then_some(()))
+    })?;
+
+    let rival_ip = local_addr(block, 62);
+    alpha.write_cluster_file("rival.yaml", &export_yaml(&collider, rival_ip, 7102))?;
+    let rival = wait_vip(alpha, &collider, &["alpha"], PROPAGATION)?;
+    assert_ne!(rival, ip, "{collider} took the address reserved for bravo's fault/web");
+    eprintln!("fault/{collider} (preferred address {ip}, reserved) got {rival} instead");
+
+    // Stopped well beyond the lease, then continued.
+    let hold = Duration::from_secs(8);
+    std::thread::sleep(hold.saturating_sub(stopped.elapsed()));
+    signal_pid(pid, "CONT")?;
+    let continued = Instant::now();
+    drop(cont);
+    let back = eventually("bravo's import back on alpha", RETURN_WITHIN, || {
+        Ok(find_import(&alpha.json("/debug/imports")?, "fault", "web")
+            .filter(|i| import_clusters(i) == ["bravo"])
+            .map(|i| i["ips"].clone()))
+    })?;
+    let returned = continued.elapsed();
+    assert_eq!(
+        back[0].as_str(),
+        Some(ip.as_str()),
+        "bravo's fault/web came back with another ClusterSetIP (before: {ip}, now: {back})"
+    );
+    eventually("alpha's DNS to answer the same ClusterSetIP again", PROPAGATION, || {
+        Ok((dns_a(alpha, "web")? == [ip.as_str()]).then_some(()))
+    })?;
+    assert_eq!(wait_vip(alpha, &collider, &["alpha"], PROPAGATION)?, rival, "the rival kept its");
+
+    let recovered = clients.first_success_after(continued, PROPAGATION)?;
+    clients.wait_requests_after(recovered, AFTER_RECOVERY, Duration::from_secs(60))?;
+    let samples = clients.finish();
+    assert_no_failures(&samples, started, stopped, "before the stop");
+    let (total, failed, first, _) = phase(&samples, stopped, recovered);
+    eprintln!(
+        "bravo stopped for {:?} (lease 3 s): withdrawn {withdrawn:?} after SIGSTOP, import back \
+         {returned:?} after SIGCONT with the same ClusterSetIP {ip}; while stopped {failed} of \
+         {total} requests failed (first errors {first:?}); first success {:?} after SIGCONT",
+        continued - stopped,
+        recovered.saturating_duration_since(continued),
+    );
+    let n = assert_no_failures(&samples, recovered, Instant::now(), "after recovery");
+    assert!(n >= AFTER_RECOVERY, "only {n} requests after recovery");
+    Ok(())
+}
+
+/// A loopback address of `block` for a backend that need not exist (the rival's endpoint).
+fn local_addr(block: AddrBlock, host: u8) -> IpAddr {
+    IpAddr::V4(block.ip(host))
+}
+
+/// Connection-level failover to a second exporter (docs/endpoint-selection.md). Bravo (alpha's
+/// region: the preferred tier) and charlie both export fault/web; a client loop runs through
+/// alpha for the whole test. Bravo is SIGKILLed, dead for 4 s and restarted; later it is
+/// SIGSTOPped for 6 s (beyond its 3 s lease) and continued. Asserts: ZERO failed requests from
+/// start to end, charlie answering while bravo is down; bravo withdrawn while stopped beyond
+/// its lease and back afterwards; traffic back on bravo after each fault; the ClusterSetIP
+/// never changes.
+#[test]
+fn with_a_second_exporter_a_killed_or_stopped_peer_costs_no_request() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let block = AddrBlock::unique();
+    let mut gateways =
+        start_gateways(tmp.path(), block, &["alpha", "bravo", "charlie"], "3s", |spec| {
+            if spec.id == "bravo" {
+                spec.region = "region-alpha".to_owned();
+            }
+        })?;
+    let b_addr = block.addr(63, 7103);
+    let c_addr = block.addr(64, 7103);
+    let _b = Backend::start(b_addr, "bravo-1")?;
+    let _c = Backend::start(c_addr, "charlie-1")?;
+    gateways[1].write_cluster_file("web.yaml", &export_yaml("web", b_addr.ip(), 7103))?;
+    gateways[2].write_cluster_file("web.yaml", &export_yaml("web", c_addr.ip(), 7103))?;
+    let ip = wait_vip(&gateways[0], "web", &["bravo", "charlie"], PROPAGATION)?;
+    let vip = SocketAddr::new(ip.parse()?, 80);
+    eventually("traffic on bravo, the preferred tier", PROPAGATION, || {
+        Ok(round_trip(vip).ok().filter(|n| n == "bravo-1"))
+    })?;
+
+    let clients = ClientLoop::start(vip);
+    let started = Instant::now();
+    clients.wait_requests_after(started, 20, Duration::from_secs(10))?;
+
+    // 1. kill -9, dead for 4 s, restart.
+    let killed = Instant::now();
+    gateways[1].kill();
+    std::thread::sleep(Duration::from_secs(4));
+    gateways[1].start()?;
+    let restarted = Instant::now();
+    let on_bravo =
+        eventually("traffic back on bravo after its restart", Duration::from_secs(20), || {
+            Ok(clients
+                .snapshot()
+                .iter()
+                .find(|s| s.start >= restarted && s.result.as_deref() == Ok("bravo-1"))
+                .map(Sample::end))
+        })?;
+    let killed_phase = answered_by(&clients.snapshot(), killed, restarted);
+    eprintln!(
+        "kill: bravo dead {:?}; answered while dead: {killed_phase:?}; traffic back on bravo \
+         {:?} after the restart",
+        restarted - killed,
+        on_bravo.saturating_duration_since(restarted)
+    );
+    assert!(
+        killed_phase.iter().any(|(n, _)| n == "charlie-1"),
+        "charlie answered while bravo was dead: {killed_phase:?}"
+    );
+
+    // 2. SIGSTOP beyond the lease, SIGCONT.
+    let pid = gateways[1].pid().context("bravo's pid")?;
+    let stopped = Instant::now();
+    signal_pid(pid, "STOP")?;
+    let cont = ContinueOnDrop(pid);
+    let alpha = &gateways[0];
+    let withdrawn_ip = wait_vip(alpha, "web", &["charlie"], WITHDRAW_WITHIN)?;
+    let withdrawn = stopped.elapsed();
+    assert_eq!(withdrawn_ip, ip, "the ClusterSetIP stays while charlie exports");
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(stopped.elapsed()));
+    signal_pid(pid, "CONT")?;
+    let continued = Instant::now();
+    drop(cont);
+    let back_ip = wait_vip(alpha, "web", &["bravo", "charlie"], RETURN_WITHIN)?;
+    let returned = continued.elapsed();
+    assert_eq!(back_ip, ip, "the ClusterSetIP stays when bravo returns");
+    let on_bravo =
+        eventually("traffic back on bravo after SIGCONT", Duration::from_secs(20), || {
+            Ok(clients
+                .snapshot()
+                .iter()
+                .find(|s| s.start >= continued && s.result.as_deref() == Ok("bravo-1"))
+                .map(Sample::end))
+        })?;
+    clients.wait_requests_after(on_bravo, AFTER_RECOVERY, Duration::from_secs(60))?;
+    let samples = clients.finish();
+    let stop_phase = answered_by(&samples, stopped, continued);
+    eprintln!(
+        "stop: bravo stopped {:?} (lease 3 s), withdrawn {withdrawn:?} after SIGSTOP, back \
+         {returned:?} after SIGCONT, traffic on bravo {:?} after SIGCONT; answered while \
+         stopped: {stop_phase:?}",
+        continued - stopped,
+        on_bravo.saturating_duration_since(continued)
+    );
+    assert!(
+        stop_phase.iter().any(|(n, _)| n == "charlie-1"),
+        "charlie answered while bravo was stopped: {stop_phase:?}"
+    );
+    assert_no_failures(&samples, started, killed, "before the kill");
+    assert_no_failures(&samples, killed, restarted, "while bravo was dead");
+    assert_no_failures(&samples, restarted, stopped, "after bravo's restart");
+    assert_no_failures(&samples, stopped, continued, "while bravo was stopped");
+    assert_no_failures(&samples, continued, Instant::now(), "after SIGCONT");
+    Ok(())
+}
