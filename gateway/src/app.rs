@@ -184,6 +184,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         cfg.traffic.failover_priority.iter().map(|p| p.to_string()).collect();
     let mut dns_settings = DnsSettings::new(cfg.dns.listen);
     dns_settings.ttl = cfg.dns.ttl;
+    dns_settings.max_tcp_connections = cfg.dns.max_tcp_connections;
     dns_settings.failover_priority = priority.clone();
     dns_settings.local_labels = cfg.cluster.labels.clone();
     dns_settings.upstream = cfg
@@ -201,6 +202,16 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     dp_settings.failover_priority = priority;
     dp_settings.health = health_settings;
     dp_settings.drain_duration = cfg.traffic.drain_duration;
+    let outliers = &cfg.traffic.outlier_detection;
+    dp_settings.outliers = crate::dataplane::OutlierSettings {
+        consecutive_failures: outliers.consecutive_failures,
+        base_ejection: outliers.base_ejection_time,
+        max_ejection: outliers.max_ejection_time,
+        max_ejection_percent: outliers.max_ejection_percent,
+    };
+    dp_settings.max_connections = cfg.traffic.connections.max;
+    dp_settings.max_connections_per_service = cfg.traffic.connections.max_per_service;
+    dp_settings.idle_timeout = cfg.traffic.connections.idle_timeout;
     dp_settings.vip_listeners = cfg.front.mode == FrontMode::Vip;
     // Entered: the listeners of the first snapshot, their accept loops and the stream
     // forwarder belong to the data-plane thread.
@@ -254,17 +265,19 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     let problems = source.problems();
     let listener_problems = debug.clone();
     let identity_problems = identity.as_ref().map(|g| g.problems());
+    let import_problems = imports.subscribe_problems();
     views.insert(
         "problems",
         Arc::new(move |_: &Query| {
-            // Cluster-source file problems, a ClusterProperty changed since start-up, then
-            // front listeners waiting for a bind retry.
+            // Cluster-source file problems, a ClusterProperty changed since start-up, imports
+            // waiting for a ClusterSetIP, then front listeners waiting for a bind retry.
             let mut all: Vec<Value> = problems.to_json();
             if let Some(rx) = &identity_problems {
                 all.extend(rx.borrow().iter().map(|reason| {
                     json!({"kind": "clusterProperty", "object": "ClusterProperty", "reason": reason})
                 }));
             }
+            all.extend(import_problems.borrow().to_json());
             all.extend(listener_problems.listener_problems().iter().map(|p| {
                 json!({
                     "kind": "listener",

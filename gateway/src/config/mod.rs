@@ -16,6 +16,7 @@
 
 mod check;
 mod rules;
+mod traffic;
 mod types;
 mod yaml;
 
@@ -23,6 +24,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use traffic::*;
 pub use types::*;
 
 use fedgate_discovery::model::ClusterId;

@@ -191,6 +191,9 @@ fn dns(s: &Sections, out: &mut Vec<(String, String)>) {
             ));
         }
     }
+    if read(&s.dns, &["dns.maxTcpConnections"]).is_some_and(|d| d.max_tcp_connections == 0) {
+        out.push(("dns.maxTcpConnections".to_owned(), "must be at least 1".to_owned()));
+    }
 }
 
 /// The gateway's own listeners: `(field, address, protocols)`, each read only when as written.
@@ -364,6 +367,56 @@ fn traffic(s: &Sections, out: &mut Vec<(String, String)>) {
         && t.data_plane_threads > 1
     {
         err(BUSY_POLL, format!("needs {THREADS}: 1 (it is {})", t.data_plane_threads));
+    }
+    outlier_detection(s, &mut err);
+    const MAX: &str = "traffic.connections.max";
+    const PER_SERVICE: &str = "traffic.connections.maxPerService";
+    const IDLE: &str = "traffic.connections.idleTimeout";
+    for (path, value) in [
+        (MAX, read(&s.traffic, &[MAX]).map(|t| t.connections.max)),
+        (PER_SERVICE, read(&s.traffic, &[PER_SERVICE]).map(|t| t.connections.max_per_service)),
+    ] {
+        if value == Some(0) {
+            err(path, "must be at least 1".to_owned());
+        }
+    }
+    if let Some(t) = read(&s.traffic, &[IDLE])
+        && t.connections.idle_timeout.is_zero()
+    {
+        err(IDLE, "must be longer than zero".to_owned());
+    }
+}
+
+fn outlier_detection(s: &Sections, err: &mut impl FnMut(&str, String)) {
+    const FAILURES: &str = "traffic.outlierDetection.consecutiveFailures";
+    const BASE: &str = "traffic.outlierDetection.baseEjectionTime";
+    const MAX: &str = "traffic.outlierDetection.maxEjectionTime";
+    const PERCENT: &str = "traffic.outlierDetection.maxEjectionPercent";
+    if read(&s.traffic, &[FAILURES]).is_some_and(|t| t.outlier_detection.consecutive_failures == 0)
+    {
+        err(FAILURES, "must be at least 1".to_owned());
+    }
+    if read(&s.traffic, &[BASE]).is_some_and(|t| t.outlier_detection.base_ejection_time.is_zero()) {
+        err(BASE, "must be longer than zero".to_owned());
+    } else if let Some(t) = read(&s.traffic, &[BASE, MAX])
+        && t.outlier_detection.max_ejection_time < t.outlier_detection.base_ejection_time
+    {
+        err(
+            MAX,
+            format!(
+                "{} is shorter than baseEjectionTime {}",
+                humantime::format_duration(t.outlier_detection.max_ejection_time),
+                humantime::format_duration(t.outlier_detection.base_ejection_time)
+            ),
+        );
+    }
+    if let Some(t) = read(&s.traffic, &[PERCENT])
+        && t.outlier_detection.max_ejection_percent > 100
+    {
+        err(
+            PERCENT,
+            format!("{} is out of range (0..=100)", t.outlier_detection.max_ejection_percent),
+        );
     }
 }
 

@@ -268,3 +268,43 @@ fn start_up_refusals_are_config_errors() {
         ),
     ]);
 }
+
+#[test]
+fn outlier_detection_connection_limits_and_dns_tcp_cap() {
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "every field at a valid value",
+            with_head(
+                "traffic:\n  outlierDetection: { consecutiveFailures: 5, baseEjectionTime: 2s, maxEjectionTime: 1m, maxEjectionPercent: 50 }\n  connections: { max: 100, maxPerService: 10, idleTimeout: 5m }\ndns: { maxTcpConnections: 8 }\n",
+            ),
+            vec![],
+        ),
+        (
+            "zeros and a percentage over 100",
+            with_head(
+                "traffic:\n  outlierDetection: { consecutiveFailures: 0, baseEjectionTime: 0s, maxEjectionPercent: 101 }\n  connections: { max: 0, maxPerService: 0, idleTimeout: 0s }\ndns: { maxTcpConnections: 0 }\n",
+            ),
+            vec![
+                "east.yaml:4:44: traffic.outlierDetection.consecutiveFailures: must be at least 1",
+                "east.yaml:4:65: traffic.outlierDetection.baseEjectionTime: must be longer than zero",
+                "east.yaml:4:89: traffic.outlierDetection.maxEjectionPercent: 101 is out of range (0..=100)",
+                "east.yaml:5:23: traffic.connections.max: must be at least 1",
+                "east.yaml:5:41: traffic.connections.maxPerService: must be at least 1",
+                "east.yaml:5:57: traffic.connections.idleTimeout: must be longer than zero",
+                "east.yaml:6:27: dns.maxTcpConnections: must be at least 1",
+            ],
+        ),
+        (
+            "max ejection shorter than the base",
+            with_head(
+                "traffic:\n  outlierDetection: { baseEjectionTime: 10s, maxEjectionTime: 5s }\n",
+            ),
+            vec![
+                "east.yaml:4:63: traffic.outlierDetection.maxEjectionTime: 5s is shorter than baseEjectionTime 10s",
+            ],
+        ),
+    ];
+    for (name, text, expected) in cases {
+        check_table(&[(name, &text, &expected)]);
+    }
+}

@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use fedgate_discovery::model::{
-    ClusterId, LABEL_REGION, LABEL_SOURCE_CLUSTER, LABEL_ZONE, Locality,
-};
+use fedgate_discovery::model::{ClusterId, Locality};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+use super::traffic::TrafficConfig;
 
 /// Clusterset name (and SPIFFE trust domain) when `cluster.clusterset` is not set.
 pub const DEFAULT_CLUSTERSET: &str = "fedgate";
@@ -37,26 +37,6 @@ pub const MIN_CLUSTERSET_IPS: u128 = 16;
 /// Where the admin HTTP server (metrics, health, dashboard) listens.
 pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15000));
-/// Failover priority when `traffic.failoverPriority` is not set: same region, then own
-/// cluster, then same zone.
-pub const DEFAULT_FAILOVER_PRIORITY: [&str; 3] = [LABEL_REGION, LABEL_SOURCE_CLUSTER, LABEL_ZONE];
-/// Time between two active health probes of an endpoint: 1 second.
-pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
-/// How long one health probe may take: 500 milliseconds.
-pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
-/// Failed probes in a row that make a healthy endpoint unhealthy.
-pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 2;
-/// Successful probes in a row that make an unhealthy endpoint healthy.
-pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 1;
-/// The longest a draining gateway waits for open connections: 45 seconds.
-pub const DEFAULT_DRAIN_DURATION: Duration = Duration::from_secs(45);
-/// Threads that carry traffic when `traffic.dataPlaneThreads` is not set: one.
-pub const DEFAULT_DATA_PLANE_THREADS: usize = 1;
-/// The most `traffic.dataPlaneThreads` may ask for.
-pub const MAX_DATA_PLANE_THREADS: usize = 256;
-/// The longest `traffic.busyPoll`: 10 ms. Waits longer than that are not what busy polling is
-/// for; a thread polling through them only burns a core.
-pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 /// Directory of the file source, relative to the config file, when `discovery.file.dir` is
 /// not set: `clusters/<cluster.id>`.
 pub const DEFAULT_FILE_DIR_PARENT: &str = "clusters";
@@ -317,11 +297,22 @@ pub struct DnsConfig {
     /// TTL of the answers fedgate gives (whole seconds).
     #[serde(with = "duration")]
     pub ttl: Duration,
+    /// DNS-over-TCP client connections served at once; more are closed at once.
+    pub max_tcp_connections: usize,
 }
+
+/// DNS-over-TCP connections served at once by default: 512.
+pub const DEFAULT_DNS_MAX_TCP_CONNECTIONS: usize =
+    fedgate_dns::settings::DEFAULT_MAX_TCP_CONNECTIONS;
 
 impl Default for DnsConfig {
     fn default() -> Self {
-        Self { listen: DEFAULT_DNS_LISTEN, upstream: vec![Upstream::System], ttl: DEFAULT_DNS_TTL }
+        Self {
+            listen: DEFAULT_DNS_LISTEN,
+            upstream: vec![Upstream::System],
+            ttl: DEFAULT_DNS_TTL,
+            max_tcp_connections: DEFAULT_DNS_MAX_TCP_CONNECTIONS,
+        }
     }
 }
 
@@ -457,68 +448,6 @@ pub struct AdminConfig {
 impl Default for AdminConfig {
     fn default() -> Self {
         Self { listen: DEFAULT_ADMIN_LISTEN, demo_control: None }
-    }
-}
-
-/// `traffic`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
-pub struct TrafficConfig {
-    /// Ordered labels (or `label=value` overrides) deciding endpoint priority, Istio style.
-    pub failover_priority: Vec<PriorityLabel>,
-    /// Active health checks of local endpoints.
-    pub health_check: HealthCheckConfig,
-    /// On shutdown, the longest time to wait for open connections to finish.
-    #[serde(with = "duration")]
-    pub drain_duration: Duration,
-    /// Threads that carry traffic (the tunnel's packet work, the listeners, the proxied
-    /// connections). 1: one thread, no hand-offs between threads; more: a pool of that many.
-    pub data_plane_threads: usize,
-    /// How long the data-plane thread keeps polling after it last moved bytes, instead of
-    /// sleeping in `epoll_wait` (0: never). Trades CPU for latency; one data-plane thread only.
-    #[serde(with = "duration")]
-    pub busy_poll: Duration,
-}
-
-impl Default for TrafficConfig {
-    fn default() -> Self {
-        Self {
-            failover_priority: DEFAULT_FAILOVER_PRIORITY
-                .iter()
-                .map(|k| PriorityLabel { key: (*k).to_owned(), value: None })
-                .collect(),
-            health_check: HealthCheckConfig::default(),
-            drain_duration: DEFAULT_DRAIN_DURATION,
-            data_plane_threads: DEFAULT_DATA_PLANE_THREADS,
-            busy_poll: Duration::ZERO,
-        }
-    }
-}
-
-/// `traffic.healthCheck`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
-pub struct HealthCheckConfig {
-    /// Time between two probes of one endpoint.
-    #[serde(with = "duration")]
-    pub interval: Duration,
-    /// Time one probe (a TCP connect) may take; at most `interval`.
-    #[serde(with = "duration")]
-    pub timeout: Duration,
-    /// Failed probes in a row before an endpoint is unhealthy.
-    pub unhealthy_threshold: u32,
-    /// Successful probes in a row before an endpoint is healthy again.
-    pub healthy_threshold: u32,
-}
-
-impl Default for HealthCheckConfig {
-    fn default() -> Self {
-        Self {
-            interval: DEFAULT_HEALTH_INTERVAL,
-            timeout: DEFAULT_HEALTH_TIMEOUT,
-            unhealthy_threshold: DEFAULT_UNHEALTHY_THRESHOLD,
-            healthy_threshold: DEFAULT_HEALTHY_THRESHOLD,
-        }
     }
 }
 

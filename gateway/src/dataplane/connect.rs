@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fedgate_discovery::model::{ClusterId, Protocol, SessionAffinity};
@@ -14,8 +15,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::codec::{Status, StreamRequest};
+use super::limits::Admitted;
 use super::listeners::Route;
-use super::metrics::{self, ConnectionGuard};
+use super::metrics::{self, ByteCounters, ConnectionGuard};
 use super::proxy::{self, BoxRecv, BoxSend, RESET_CODE_REFUSED};
 use super::{CANDIDATES_PER_TIER, Outstanding, Shared, Tunnel, select};
 
@@ -277,12 +279,40 @@ pub(crate) async fn connect(
     Err(ConnectError::AllFailed { service: service_name, attempts, last })
 }
 
+/// Runs `splice` until it ends (`Ok(true)`) or no byte moved either way for `idle` (then
+/// drops it, which closes both sides: `Ok(false)`). Checked every quarter of `idle`, so an
+/// idle connection is closed after `idle` to 1.25 × `idle`.
+async fn until_idle(
+    splice: impl std::future::Future<Output = std::io::Result<()>>,
+    bytes: &ByteCounters,
+    idle: Duration,
+) -> std::io::Result<bool> {
+    let moved = || bytes.tx.load(Ordering::Relaxed) + bytes.rx.load(Ordering::Relaxed);
+    let check = (idle / 4).max(Duration::from_millis(10));
+    let (mut last, mut quiet) = (moved(), Duration::ZERO);
+    tokio::pin!(splice);
+    loop {
+        tokio::select! {
+            r = &mut splice => return r.map(|()| true),
+            () = tokio::time::sleep(check) => {
+                let now = moved();
+                quiet = if now == last { quiet + check } else { Duration::ZERO };
+                last = now;
+                if quiet >= idle {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
+
 /// Serves one accepted client connection to completion.
 pub(crate) async fn serve_client(
     shared: Arc<Shared>,
     route: Arc<Route>,
     client: TcpStream,
     peer: SocketAddr,
+    _admitted: Admitted,
 ) {
     let span = tracing::debug_span!("conn", service = %route.key(), port = route.port().port, client = %peer);
     async move {
@@ -299,16 +329,24 @@ pub(crate) async fn serve_client(
                 }
                 tracing::debug!(cluster = %c.cluster, endpoint = %c.address, tier = c.tier, attempt = c.attempt, "connected");
                 let bytes = guard.bytes.clone();
-                let r = match c.upstream {
-                    Upstream::Tcp(up) => proxy::splice_tcp(client, up, &bytes).await,
-                    Upstream::Tunnel(send, recv) => {
-                        proxy::splice_tunnel(client, send, recv, &bytes, true).await
+                let splice = async {
+                    match c.upstream {
+                        Upstream::Tcp(up) => proxy::splice_tcp(client, up, &bytes).await,
+                        Upstream::Tunnel(send, recv) => {
+                            proxy::splice_tunnel(client, send, recv, &bytes, true).await
+                        }
                     }
                 };
+                let r = until_idle(splice, &bytes, shared.settings.idle_timeout).await;
                 match r {
-                    Ok(()) => {
+                    Ok(true) => {
                         guard.set_result("ok");
                         tracing::debug!("closed");
+                    }
+                    Ok(false) => {
+                        guard.set_result("idle_timeout");
+                        metrics::record_idle_timeout();
+                        tracing::debug!("closed after the idle timeout");
                     }
                     Err(e) => {
                         guard.set_result("reset");

@@ -13,12 +13,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use fedgate_discovery::kube::writer::FrontKey;
 use fedgate_discovery::model::ImportSnapshot;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::listeners::{Route, bind_freebind};
-use super::{Shared, connect, drain};
+use super::listeners::{Route, accept_loop, bind_freebind};
+use super::{Shared, drain};
 
 /// The gateway ports the kube writer allocated, and which import port each serves.
 pub type FrontRoutes = Arc<BTreeMap<u16, FrontKey>>;
@@ -91,30 +90,5 @@ pub(crate) async fn serve(
     }
     for (_, b) in bound {
         b.task.abort();
-    }
-}
-
-async fn accept_loop(listener: TcpListener, route: Arc<ArcSwap<Route>>, shared: Arc<Shared>) {
-    let mut draining = shared.drain.subscribe();
-    loop {
-        let accepted = tokio::select! {
-            _ = drain::until_draining(&mut draining) => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(connect::serve_client(
-                    shared.clone(),
-                    route.load_full(),
-                    stream,
-                    peer,
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "front accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
     }
 }

@@ -370,7 +370,17 @@ impl Drop for Listeners {
     }
 }
 
-async fn accept_loop(listener: TcpListener, route: Arc<ArcSwap<Route>>, shared: Arc<Shared>) {
+/// Accepts client connections on one listener until draining: each is admitted by the
+/// connection caps (or reset at once) and served in its own task. Used by both fronts.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    route: Arc<ArcSwap<Route>>,
+    shared: Arc<Shared>,
+) {
+    /// One "accept failed" line per 10 s for all listeners together: with the descriptors
+    /// gone every listener fails at once, 20 times a second.
+    static ACCEPT_FAILED: crate::logging::LogGate =
+        crate::logging::LogGate::new(Duration::from_secs(10));
     let mut draining = shared.drain.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -380,13 +390,32 @@ async fn accept_loop(listener: TcpListener, route: Arc<ArcSwap<Route>>, shared: 
         };
         match accepted {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
                 let route = route.load_full();
-                tokio::spawn(connect::serve_client(shared.clone(), route, stream, peer));
+                match shared.limits.admit(route.key()) {
+                    Ok(admitted) => {
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(connect::serve_client(
+                            shared.clone(),
+                            route,
+                            stream,
+                            peer,
+                            admitted,
+                        ));
+                    }
+                    Err(hit) => {
+                        metrics::record_limit_hit(&route.key().to_string(), hit.as_str());
+                        shared.activity.refused(route.key().to_string(), "over_limit");
+                        // A reset tells the client at once.
+                        let _ = stream.set_zero_linger();
+                    }
+                }
             }
             Err(e) => {
+                metrics::record_accept_error();
+                if let Some(held) = ACCEPT_FAILED.pass() {
+                    tracing::warn!(error = %e, similar_since_last = held, "accept failed");
+                }
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -23,6 +23,9 @@ pub const EJECTIONS_CAPPED_TOTAL: &str = "fedgate_endpoint_ejections_capped_tota
 pub const EJECTIONS_ENDED_TOTAL: &str = "fedgate_endpoint_ejections_ended_total";
 pub const PANIC_CONNECTIONS_TOTAL: &str = "fedgate_panic_connections_total";
 pub const PROBES_INCONCLUSIVE_TOTAL: &str = "fedgate_probes_inconclusive_total";
+pub const CONNECTION_LIMIT_HITS_TOTAL: &str = "fedgate_connection_limit_hits_total";
+pub const ACCEPT_ERRORS_TOTAL: &str = "fedgate_accept_errors_total";
+pub const IDLE_TIMEOUTS_TOTAL: &str = "fedgate_idle_timeouts_total";
 pub const FAILOVERS_TOTAL: &str = "fedgate_failovers_total";
 pub const DRAINING: &str = "fedgate_draining";
 pub const PEER_UP: &str = "fedgate_peer_up";
@@ -93,6 +96,20 @@ pub fn describe() {
         PROBES_INCONCLUSIVE_TOTAL,
         "Active probes that could not run on this gateway (out of file descriptors, buffers or \
          local ports); they leave the endpoint's health unchanged."
+    );
+    describe_counter!(
+        CONNECTION_LIMIT_HITS_TOTAL,
+        "Client connections reset at once because a cap of traffic.connections was reached, by \
+         service and scope (gateway = traffic.connections.max, service = maxPerService)."
+    );
+    describe_counter!(
+        ACCEPT_ERRORS_TOTAL,
+        "Accepts on ClusterSetIP and endpoint VIP listeners that failed (out of file \
+         descriptors and the like)."
+    );
+    describe_counter!(
+        IDLE_TIMEOUTS_TOTAL,
+        "Client connections closed after traffic.connections.idleTimeout without a byte either way."
     );
     describe_counter!(
         FAILOVERS_TOTAL,
@@ -281,6 +298,19 @@ pub fn record_ejection_capped(cluster: &str) {
 
 pub fn record_ejection_ended(by: &'static str) {
     counter!(EJECTIONS_ENDED_TOTAL, "by" => by).increment(1);
+}
+
+pub fn record_limit_hit(service: &str, scope: &'static str) {
+    counter!(CONNECTION_LIMIT_HITS_TOTAL, "service" => service.to_owned(), "scope" => scope)
+        .increment(1);
+}
+
+pub fn record_accept_error() {
+    counter!(ACCEPT_ERRORS_TOTAL).increment(1);
+}
+
+pub fn record_idle_timeout() {
+    counter!(IDLE_TIMEOUTS_TOTAL).increment(1);
 }
 
 pub fn record_panic(service: &str) {

@@ -14,6 +14,7 @@ pub mod drain;
 pub mod front;
 pub mod health;
 pub mod inspect;
+pub mod limits;
 pub mod listeners;
 pub mod metrics;
 pub mod peers;
@@ -53,6 +54,13 @@ pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default longest wait for open connections when draining (Istio's default).
 pub const DEFAULT_DRAIN_DURATION: Duration = Duration::from_secs(45);
+/// Default cap on client connections open on one gateway.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8192;
+/// Default cap on client connections of one service on one gateway.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SERVICE: usize = 4096;
+/// Default idle timeout of client connections (no bytes either way): 1 hour, Istio's and
+/// Envoy's TCP proxy default.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// At most this many candidates of one tier are tried before moving to the next tier.
 pub const CANDIDATES_PER_TIER: usize = 8;
 
@@ -74,6 +82,12 @@ pub struct DataPlaneSettings {
     pub attempt_timeout: Duration,
     pub header_timeout: Duration,
     pub drain_duration: Duration,
+    /// Client connections open at once on this gateway; more are reset.
+    pub max_connections: usize,
+    /// Client connections of one service open at once; more are reset.
+    pub max_connections_per_service: usize,
+    /// A client connection without bytes either way for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl DataPlaneSettings {
@@ -94,6 +108,9 @@ impl DataPlaneSettings {
             attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             drain_duration: DEFAULT_DRAIN_DURATION,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_service: DEFAULT_MAX_CONNECTIONS_PER_SERVICE,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -159,6 +176,8 @@ pub(crate) struct Shared {
     activity: Arc<activity::Activity>,
     /// Last probe of each local endpoint (`/debug/probes`, explain).
     probes: health::ProbeLog,
+    /// Caps on client connections.
+    limits: Arc<limits::Limits>,
 }
 
 /// One outstanding connection to an endpoint, for least-outstanding balancing.
@@ -421,6 +440,10 @@ impl DataPlane {
             drain,
             activity: Arc::default(),
             probes: health.probe_log(),
+            limits: limits::Limits::new(
+                settings.max_connections,
+                settings.max_connections_per_service,
+            ),
             settings,
         };
         let mut listeners = listeners::Listeners::default();

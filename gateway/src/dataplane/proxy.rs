@@ -8,15 +8,13 @@
 //! an idle proxied connection holds no copy buffer at all.
 
 use std::io::{self, IoSlice};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::ReadHalf;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use super::metrics::ByteCounters;
 
@@ -107,74 +105,55 @@ impl TunnelRecv for tokio::io::ReadHalf<tokio::io::DuplexStream> {
 pub type BoxSend = Box<dyn TunnelSend>;
 pub type BoxRecv = Box<dyn TunnelRecv>;
 
-/// Counts bytes read from and written to the inner stream.
-struct Counted<'a, S> {
-    inner: S,
-    bytes: &'a ByteCounters,
-    /// true: reads count as `tx` (the client side); false: reads count as `rx`.
-    reads_are_tx: bool,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            crate::data_thread::mark_activity();
-            let c = if self.reads_are_tx { &self.bytes.tx } else { &self.bytes.rx };
-            c.fetch_add(n, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            crate::data_thread::mark_activity();
-            let c = if self.reads_are_tx { &self.bytes.rx } else { &self.bytes.tx };
-            c.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// Copies between two TCP connections until both directions are closed. On an error both
-/// are reset (RST), so a reset on one side shows as a reset on the other.
+/// are reset (RST), so a reset on one side shows as a reset on the other. Like the tunnel
+/// path, each direction takes its buffer only once its socket is readable and gives it back
+/// when a read drains the socket, so an idle connection holds no copy buffer (tokio's
+/// `copy_bidirectional` holds two for the connection's life: 128 KiB each at our size).
 pub async fn splice_tcp(
-    client: TcpStream,
+    mut client: TcpStream,
     mut upstream: TcpStream,
     bytes: &ByteCounters,
 ) -> io::Result<()> {
-    let mut client = Counted { inner: client, bytes, reads_are_tx: true };
-    let r = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        BUFFER_SIZE,
-        BUFFER_SIZE,
-    )
-    .await;
+    let r = {
+        let (mut client_r, mut client_w) = client.split();
+        let (mut upstream_r, mut upstream_w) = upstream.split();
+        tokio::try_join!(
+            tcp_to_tcp(&mut client_r, &mut upstream_w, &bytes.tx),
+            tcp_to_tcp(&mut upstream_r, &mut client_w, &bytes.rx),
+        )
+    };
     if r.is_err() {
-        let _ = client.inner.set_zero_linger();
+        let _ = client.set_zero_linger();
         let _ = upstream.set_zero_linger();
     }
     r.map(|_| ())
+}
+
+/// One direction of [`splice_tcp`] until EOF, which shuts the other side's write half.
+async fn tcp_to_tcp(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    count: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = BytesMut::new();
+    loop {
+        from.as_ref().readable().await?;
+        buf.reserve(BUFFER_SIZE);
+        let n = from.read_buf(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        crate::data_thread::mark_activity();
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        to.write_all(&buf).await?;
+        if n < BUFFER_SIZE {
+            // A short read drained the socket: the next bytes may be long in coming.
+            buf = BytesMut::new();
+        } else {
+            buf.clear();
+        }
+    }
 }
 
 /// Copies between a TCP connection and a tunnel stream. `tcp_is_client`: the TCP side is the
