@@ -19,6 +19,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -244,6 +245,13 @@ pub struct KubeCluster {
     /// The network namespace both processes run in (`None`: the host's).
     netns: Option<String>,
     dir: tempfile::TempDir,
+}
+
+/// A kube-apiserver stopped by [`KubeCluster::stop_apiserver`]: its command line, to start it
+/// again with [`KubeCluster::start_apiserver`].
+#[derive(Debug)]
+pub struct StoppedApiserver {
+    argv: Vec<std::ffi::OsString>,
 }
 
 /// The ServiceAccount `deploy/manifests` runs the gateway as.
@@ -664,6 +672,49 @@ impl KubeCluster {
             ));
         }
         out
+    }
+
+    /// Kills the kube-apiserver (SIGKILL, as a crash or a node loss would; etcd and every
+    /// stored object stay) and returns what [`start_apiserver`](Self::start_apiserver) needs
+    /// to start it again: its own command line, read from `/proc` before the kill.
+    pub fn stop_apiserver(&mut self) -> Result<StoppedApiserver> {
+        let mut child = self.apiserver.take().context("the kube-apiserver is not running")?;
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.id()))
+            .context("reading the kube-apiserver's command line");
+        let _ = child.kill();
+        let _ = child.wait();
+        let argv = cmdline?
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| std::ffi::OsString::from_vec(a.to_vec()))
+            .collect();
+        Ok(StoppedApiserver { argv })
+    }
+
+    /// Starts a kube-apiserver stopped by [`stop_apiserver`](Self::stop_apiserver) again, with
+    /// the same arguments (port, etcd, certificates: clients reconnect to the same URL), and
+    /// waits (bounded) until it is ready. Returns how long that took.
+    pub fn start_apiserver(&mut self, stopped: StoppedApiserver) -> Result<Duration> {
+        if self.apiserver.is_some() {
+            bail!("the kube-apiserver of {} is already running", self.name);
+        }
+        let started = Instant::now();
+        let (program, args) = stopped.argv.split_first().context("an empty command line")?;
+        let log = self.dir.path().join("kube-apiserver.log");
+        let child = self
+            .command(Path::new(program))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log_file(&log)?)
+            .stderr(log_file(&log)?)
+            .spawn()
+            .with_context(|| format!("spawning {}", Path::new(program).display()))?;
+        self.apiserver = Some(child);
+        let target = self.api_target();
+        self.wait_ready("kube-apiserver /readyz after a restart", || {
+            target.get("/readyz", "", PROBE_TIMEOUT).is_ok_and(|(code, _)| code == 200)
+        })?;
+        Ok(started.elapsed())
     }
 
     fn stop(&mut self) {
