@@ -221,12 +221,18 @@ fn classify(err: &rustls::Error) -> RejectReason {
     }
 }
 
+/// What one log line of refusals stands for: the side (`accept`, `dial`) and the reason.
+type RejectionKind = (&'static str, RejectReason);
+
 /// Where rejections go: a counter per reason, a rate-limited log line, and the last one
 /// (so the dialer can turn a failed handshake into `PeerRejected`).
 #[derive(Debug, Default)]
 pub struct RejectionSink {
     last: Mutex<Option<Rejection>>,
-    logged: Mutex<HashMap<Rejection, Instant>>,
+    /// Per kind (side and reason, never the detail: it names the remote port or the
+    /// verification time, and keying by it let 11 500 bad handshakes log 11 126 lines), when
+    /// it was last logged and how many were held back since.
+    logged: Mutex<HashMap<RejectionKind, (Instant, u64)>>,
     /// The dialing side logs through its own retry loop instead.
     quiet: bool,
 }
@@ -236,20 +242,27 @@ impl RejectionSink {
         Self { quiet, ..Self::default() }
     }
 
-    /// Counts and (at most once a minute for the same rejection) logs `rejection`.
+    /// Counts and (at most once a minute per side and reason) logs `rejection`.
     pub fn record(&self, side: &'static str, rejection: Rejection) {
         metrics::counter!(PEER_HANDSHAKE_FAILURES_TOTAL, "reason" => rejection.reason.as_str())
             .increment(1);
         if !self.quiet {
             let mut logged = self.logged.lock().unwrap_or_else(PoisonError::into_inner);
             let now = Instant::now();
-            let due = logged
-                .get(&rejection)
-                .is_none_or(|at| now.duration_since(*at) >= REJECTION_LOG_INTERVAL);
-            if due {
-                logged.retain(|_, at| now.duration_since(*at) < REJECTION_LOG_INTERVAL);
-                logged.insert(rejection.clone(), now);
-                tracing::warn!(side, reason = %rejection.reason, detail = %rejection.detail, "peer certificate refused");
+            let key = (side, rejection.reason);
+            let due = match logged.get_mut(&key) {
+                None => Some(0),
+                Some((at, held)) if now.duration_since(*at) >= REJECTION_LOG_INTERVAL => {
+                    Some(std::mem::take(held))
+                }
+                Some((_, held)) => {
+                    *held += 1;
+                    None
+                }
+            };
+            if let Some(held) = due {
+                logged.insert(key, (now, 0));
+                tracing::warn!(side, reason = %rejection.reason, detail = %rejection.detail, similar_since_last = held, "peer certificate refused");
             }
         }
         *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(rejection);

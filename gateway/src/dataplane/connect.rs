@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fedgate_discovery::model::{ClusterId, Protocol, SessionAffinity};
+use futures::future::BoxFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -329,12 +330,12 @@ pub(crate) async fn serve_client(
                 }
                 tracing::debug!(cluster = %c.cluster, endpoint = %c.address, tier = c.tier, attempt = c.attempt, "connected");
                 let bytes = guard.bytes.clone();
-                let splice = async {
-                    match c.upstream {
-                        Upstream::Tcp(up) => proxy::splice_tcp(client, up, &bytes).await,
-                        Upstream::Tunnel(send, recv) => {
-                            proxy::splice_tunnel(client, send, recv, &bytes, true).await
-                        }
+                // Boxed: the task then holds only the copy state of its own kind (the tunnel
+                // path's is several KiB), which is what an idle connection costs.
+                let splice: BoxFuture<'_, std::io::Result<()>> = match c.upstream {
+                    Upstream::Tcp(up) => Box::pin(proxy::splice_tcp(client, up, &bytes)),
+                    Upstream::Tunnel(send, recv) => {
+                        Box::pin(proxy::splice_tunnel(client, send, recv, &bytes, true))
                     }
                 };
                 let r = until_idle(splice, &bytes, shared.settings.idle_timeout).await;
@@ -357,7 +358,14 @@ pub(crate) async fn serve_client(
             Err(e) => {
                 guard.set_result(e.reason());
                 shared.activity.refused(route.key().to_string(), e.reason());
-                tracing::warn!(error = %e, "client connection refused");
+                // One WARN line per 10 s for all refusals together (a backend down refuses
+                // every client, each with its own port); each one at debug.
+                static REFUSED: crate::logging::LogGate =
+                    crate::logging::LogGate::new(Duration::from_secs(10));
+                match REFUSED.pass() {
+                    Some(held) => tracing::warn!(error = %e, similar_since_last = held, "client connection refused"),
+                    None => tracing::debug!(error = %e, "client connection refused"),
+                }
                 // A reset tells the client at once instead of an empty stream.
                 let _ = client.set_zero_linger();
             }

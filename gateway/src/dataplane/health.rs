@@ -575,6 +575,7 @@ impl HealthChecker {
                             let inconclusive = matches!(result, Err(ProbeError::Inconclusive(_)));
                             let after = if inconclusive {
                                 metrics::record_probe_inconclusive();
+                                tracing::debug!(service = %tkey.0, endpoint = %addr, "probe could not run here; health unchanged");
                                 before
                             } else {
                                 counter.observe(result.is_ok(), &self.settings)

@@ -23,6 +23,10 @@ use super::metrics::ByteCounters;
 pub const BUFFER_SIZE: usize = 64 * 1024;
 /// A fresh read buffer is taken when less than this is left of the current one.
 const MIN_READ: usize = 16 * 1024;
+/// The first read after a quiet spell takes only this much: a request, a reply or a banner
+/// fits, and a connection that then goes quiet again touched one page, not sixteen. A read
+/// that fills it means bulk data: the next ones take [`BUFFER_SIZE`].
+const FIRST_READ: usize = 4 * 1024;
 /// Received chunks written to TCP per `writev` (each chunk is one QUIC packet's payload).
 const CHUNKS_PER_WRITE: usize = 64;
 
@@ -137,9 +141,10 @@ async fn tcp_to_tcp(
     count: &AtomicU64,
 ) -> io::Result<()> {
     let mut buf = BytesMut::new();
+    let mut want = FIRST_READ;
     loop {
         from.as_ref().readable().await?;
-        buf.reserve(BUFFER_SIZE);
+        buf.reserve(want);
         let n = from.read_buf(&mut buf).await?;
         if n == 0 {
             return to.shutdown().await;
@@ -147,11 +152,13 @@ async fn tcp_to_tcp(
         crate::data_thread::mark_activity();
         count.fetch_add(n as u64, Ordering::Relaxed);
         to.write_all(&buf).await?;
-        if n < BUFFER_SIZE {
+        if buf.len() < buf.capacity() {
             // A short read drained the socket: the next bytes may be long in coming.
             buf = BytesMut::new();
+            want = FIRST_READ;
         } else {
             buf.clear();
+            want = BUFFER_SIZE;
         }
     }
 }
@@ -186,9 +193,9 @@ pub async fn splice_tunnel(
 
 /// TCP → stream until TCP EOF, which finishes the stream.
 ///
-/// The buffer is taken only once the socket is readable; the read itself goes through
-/// `AsyncRead`, because tokio treats a read that does not fill the buffer as proof the socket
-/// is drained and clears its readiness. `readable()` + `try_read` instead waits for the
+/// The buffer is taken only once the socket is readable and let go when a read drains it;
+/// the read itself goes through `AsyncRead`, because tokio treats a read that does not fill
+/// the buffer as proof the socket is drained and clears its readiness. `readable()` + `try_read` instead waits for the
 /// `EAGAIN` of one more `recvfrom`: one syscall per request of a request/response exchange.
 async fn tcp_to_stream(
     tcp: &mut ReadHalf<'_>,
@@ -196,18 +203,29 @@ async fn tcp_to_stream(
     count: &AtomicU64,
 ) -> io::Result<()> {
     let mut buf = BytesMut::new();
+    let mut want = FIRST_READ;
     loop {
         tcp.as_ref().readable().await?;
-        if buf.capacity() - buf.len() < MIN_READ {
+        if buf.capacity() - buf.len() < want.min(MIN_READ) {
             // Reuses the allocation when quinn has released every chunk cut from it.
-            buf.reserve(BUFFER_SIZE);
+            buf.reserve(want);
         }
         match tcp.read_buf(&mut buf).await? {
             0 => return send.shutdown().await,
             n => {
                 crate::data_thread::mark_activity();
                 count.fetch_add(n as u64, Ordering::Relaxed);
+                // A read that left room drained the socket: the next bytes may be long in
+                // coming, so the rest of the buffer is not kept for them (an idle
+                // connection holds no buffer; quinn frees the chunk once acknowledged).
+                let drained = buf.len() < buf.capacity();
                 send.write_chunk(buf.split().freeze()).await?;
+                if drained {
+                    buf = BytesMut::new();
+                    want = FIRST_READ;
+                } else {
+                    want = BUFFER_SIZE;
+                }
             }
         }
     }
