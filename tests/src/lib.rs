@@ -256,9 +256,10 @@ pub struct GatewaySpec {
 }
 
 impl GatewaySpec {
-    /// Gateway `i` of a full mesh of `ids` in `block`: host `10 + i` (tunnel :15443, admin
-    /// :15000, DNS :10053), region `region-<id>`, zone `zone-<id>`, ClusterSetIPs from
-    /// `127.<block>.<200 + i>.0/24`, every other id as a peer, a 15 s lease, no extra YAML.
+    /// Gateway `i` (< 4) of a full mesh of `ids` in `block`: host `10 + i` (tunnel :15443,
+    /// admin :15000, DNS :10053), region `region-<id>`, zone `zone-<id>`, ClusterSetIPs from
+    /// the block's `.<128 + 32 i>/27` (30 addresses), every other id as a peer, a 15 s lease,
+    /// no extra YAML.
     /// Tests override what they need with struct update syntax.
     pub fn mesh(block: AddrBlock, clusterset: &str, ids: &[&str], i: usize) -> Self {
         let host = |i: usize| 10 + i as u8;
@@ -270,7 +271,10 @@ impl GatewaySpec {
             tunnel: block.addr(host(i), 15443),
             admin: block.addr(host(i), 15000),
             dns: block.addr(host(i), 10053),
-            vip_range: format!("127.{}.{}.0/24", block.ip(1).octets()[1], 200 + i as u8),
+            // A /27 inside the block: each test's gateways get ranges no other test shares
+            // (ranges outside the block would be the same for every test of one process, and
+            // parallel tests would bind each other's ClusterSetIPs).
+            vip_range: format!("{}/27", block.ip(128 + 32 * i as u8)),
             peers: ids
                 .iter()
                 .enumerate()
@@ -507,6 +511,7 @@ pub fn export_conditions(
             .collect(),
     )
 }
+pub mod faults;
 pub mod kube;
 pub mod netns;
 

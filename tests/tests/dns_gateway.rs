@@ -189,10 +189,11 @@ fn pair(upstream_a: Option<SocketAddr>, block: AddrBlock) -> Result<Pair> {
     Ok(Pair { a, b, _tmp: tmp })
 }
 
-/// Gateway `i`'s ClusterSetIP range: its own /24 next to the block.
+/// Gateway `i`'s ClusterSetIP range: the block's `.<128 + 32 i>/27` (`GatewaySpec::mesh`).
 fn in_range(ip: &str, block: AddrBlock, i: usize) -> bool {
-    let prefix = format!("127.{}.{}.", block.ip(1).octets()[1], 200 + i);
-    ip.starts_with(&prefix)
+    let Ok(ip) = ip.parse::<Ipv4Addr>() else { return false };
+    let first = 128 + 32 * i as u8;
+    ip.octets()[..3] == block.ip(0).octets()[..3] && (first..first + 32).contains(&ip.octets()[3])
 }
 
 /// A backend: a TCP listener on `ip` (port chosen by the kernel); health probes connect to it.

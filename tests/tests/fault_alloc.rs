@@ -28,9 +28,10 @@ fn prepare(ids: &[&str], lease: &str) -> Result<(Vec<Gateway>, tempfile::TempDir
     let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
     let mut gateways = Vec::new();
     for (i, id) in ids.iter().enumerate() {
+        // The mesh default is a /27 (`PREFIX`) of the test's own block.
         let mesh = GatewaySpec::mesh(block, CLUSTERSET, ids, i);
-        let vip_range = mesh.vip_range.replace("/24", &format!("/{PREFIX}"));
-        let spec = GatewaySpec { lease: lease.to_owned(), vip_range, ..mesh };
+        assert!(mesh.vip_range.ends_with(&format!("/{PREFIX}")), "{}", mesh.vip_range);
+        let spec = GatewaySpec { lease: lease.to_owned(), ..mesh };
         let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
         gateways.push(Gateway::prepare(tmp.path(), spec, tls)?);
     }

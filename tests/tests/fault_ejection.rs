@@ -4,147 +4,11 @@
 //! one ejection per episode, ended by a passing probe; panic routing instead of refusals;
 //! a hung peer never gets its endpoints ejected.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use fedgate_e2e::faults::*;
 use fedgate_e2e::*;
-
-const CLUSTERSET: &str = "faults";
-const PROPAGATION: Duration = Duration::from_secs(10);
-const EXPORTED_AT: &str = "2026-01-01T00:00:00Z";
-
-/// An asyncio TCP server: on each connection it writes `<name>\n`, then echoes lines. The
-/// reproduction's server has a listen backlog of 4, so a stopped server's queue fills and
-/// further connects time out.
-const BACKEND: &str = r#"
-import asyncio, sys
-host, port, name, backlog = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-async def handle(reader, writer):
-    try:
-        writer.write((name + "\n").encode())
-        await writer.drain()
-        while True:
-            line = await reader.readline()
-            if not line:
-                break
-            writer.write(line)
-            await writer.drain()
-    except Exception:
-        pass
-    finally:
-        writer.close()
-async def main():
-    server = await asyncio.start_server(handle, host, port, backlog=backlog, reuse_address=True)
-    print("READY", flush=True)
-    async with server:
-        await server.serve_forever()
-asyncio.run(main())
-"#;
-
-/// A backend process; killed (after SIGCONT, in case it is stopped) on drop.
-struct Backend {
-    child: Child,
-}
-
-impl Backend {
-    fn start(addr: SocketAddr, name: &str, backlog: u32) -> Result<Self> {
-        let (ip, port, backlog) =
-            (addr.ip().to_string(), addr.port().to_string(), backlog.to_string());
-        let mut child = Command::new("python3")
-            .args(["-u", "-c", BACKEND, &ip, &port, name, &backlog])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting the python3 backend (install python3)")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("backend stdout")?).read_line(&mut line)?;
-        if line.trim() != "READY" {
-            bail!("backend {name} on {addr}: expected READY, got {line:?}");
-        }
-        Ok(Self { child })
-    }
-
-    fn signal(&self, sig: &str) -> Result<()> {
-        signal_pid(self.child.id(), sig)
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.signal("CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn signal_pid(pid: u32, sig: &str) -> Result<()> {
-    let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?;
-    if !st.success() {
-        bail!("kill -{sig} {pid} failed");
-    }
-    Ok(())
-}
-
-/// One client connection through `vip`: reads the backend's name, then one echoed line.
-/// Returns the name of the backend that answered.
-fn round_trip(vip: SocketAddr, timeout: Duration) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&vip, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    let mut reader = BufReader::new(s.try_clone()?);
-    let mut name = String::new();
-    reader.read_line(&mut name)?;
-    s.write_all(b"ping\n")?;
-    let mut echo = String::new();
-    reader.read_line(&mut echo)?;
-    if echo != "ping\n" {
-        bail!("echo through {vip} answered {echo:?}");
-    }
-    Ok(name.trim().to_owned())
-}
-
-/// Opens `n` client connections through `vip` at once; returns how many round trips failed.
-fn burst(vip: SocketAddr, n: usize, timeout: Duration) -> usize {
-    let threads: Vec<_> =
-        (0..n).map(|_| std::thread::spawn(move || round_trip(vip, timeout).is_err())).collect();
-    threads.into_iter().map(|t| t.join().unwrap_or(true)).filter(|failed| *failed).count()
-}
-
-/// The ClusterSetIP `ns/name` got at `g`, once it is imported from `clusters`.
-fn wait_vip(g: &Gateway, ns: &str, name: &str, clusters: &[&str], port: u16) -> Result<SocketAddr> {
-    let want: Vec<String> = clusters.iter().map(|s| s.to_string()).collect();
-    eventually(
-        &format!("{} to import {ns}/{name} from {clusters:?}", g.spec.id),
-        PROPAGATION,
-        || {
-            let imports = g.json("/debug/imports")?;
-            let Some(import) =
-                find_import(&imports, ns, name).filter(|i| import_clusters(i) == want)
-            else {
-                return Ok(None);
-            };
-            let ip = import["ips"][0].as_str().context("a ClusterSetIP")?;
-            Ok(Some(SocketAddr::new(ip.parse()?, port)))
-        },
-    )
-}
-
-fn metric(g: &Gateway, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-    let (_, text) = http_get(g.spec.admin, "/metrics")?;
-    Ok(metric_samples(&text, name, labels).iter().map(|(_, v)| v).sum())
-}
-
-/// Endpoints `/debug/probes` lists as ejected.
-fn ejected(g: &Gateway) -> Result<Vec<serde_json::Value>> {
-    Ok(g.json("/debug/probes")?["ejected"].as_array().cloned().unwrap_or_default())
-}
-
-fn export_yaml(name: &str, endpoint: &str, port: u16) -> String {
-    service_yaml("fault", name, false, &[("tcp", 80, port)], &[(endpoint, true)], Some(EXPORTED_AT))
-}
 
 /// The reproduction: one local endpoint (backlog 4) stopped for 2 s while 80 clients connect
 /// in parallel, then continued. Before the fix the gateway ejected it 25 times (5 s doubling
@@ -154,18 +18,14 @@ fn export_yaml(name: &str, endpoint: &str, port: u16) -> String {
 #[test]
 fn a_stopped_backend_is_ejected_once_and_back_after_a_passing_probe() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let block = AddrBlock::unique();
-    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
-    let spec = GatewaySpec { peers: vec![], ..GatewaySpec::mesh(block, CLUSTERSET, &["alpha"], 0) };
-    let mut alpha = Gateway::prepare(tmp.path(), spec, pki.issue("alpha", &tmp.path().join("c"))?)?;
-    alpha.start()?;
+    let (alpha, block) = lone_gateway(tmp.path(), "")?;
     let backend_addr = block.addr(50, 7000);
     let backend = Backend::start(backend_addr, "alpha-1", 4)?;
     alpha.write_cluster_file(
         "slow.yaml",
         &export_yaml("slow", &backend_addr.ip().to_string(), 7000),
     )?;
-    let vip = wait_vip(&alpha, "fault", "slow", &["alpha"], 80)?;
+    let vip = wait_import_vip(&alpha, "fault", "slow", &["alpha"], 80)?;
     eventually("a first round trip through the ClusterSetIP", PROPAGATION, || {
         Ok(round_trip(vip, Duration::from_secs(2)).ok())
     })?;
@@ -206,23 +66,16 @@ fn a_stopped_backend_is_ejected_once_and_back_after_a_passing_probe() -> Result<
 #[test]
 fn with_every_endpoint_unhealthy_connections_are_still_tried() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let block = AddrBlock::unique();
-    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
-    let spec = GatewaySpec {
-        peers: vec![],
-        // Slow probes, so the connection after the backend's return is surely before the
-        // next probe.
-        extra: "traffic:\n  healthCheck: { interval: 30s, timeout: 500ms }\n".to_owned(),
-        ..GatewaySpec::mesh(block, CLUSTERSET, &["alpha"], 0)
-    };
-    let mut alpha = Gateway::prepare(tmp.path(), spec, pki.issue("alpha", &tmp.path().join("c"))?)?;
-    alpha.start()?;
+    // Slow probes, so the connection after the backend's return is surely before the next
+    // probe.
+    let slow_probes = "traffic:\n  healthCheck: { interval: 30s, timeout: 500ms }\n";
+    let (alpha, block) = lone_gateway(tmp.path(), slow_probes)?;
     let backend_addr = block.addr(51, 7001);
     alpha.write_cluster_file(
         "down.yaml",
         &export_yaml("down", &backend_addr.ip().to_string(), 7001),
     )?;
-    let vip = wait_vip(&alpha, "fault", "down", &["alpha"], 80)?;
+    let vip = wait_import_vip(&alpha, "fault", "down", &["alpha"], 80)?;
     eventually("the endpoint to be probed unhealthy", PROPAGATION, || {
         let e = alpha.json("/debug/explain?service=fault/down")?;
         Ok((e["endpoints"][0]["health"] == "Unhealthy").then_some(e))
@@ -273,7 +126,7 @@ fn a_hung_peer_gets_no_endpoint_ejected_and_traffic_returns() -> Result<()> {
     let _c = Backend::start(c_addr, "charlie-1", 128)?;
     bravo.write_cluster_file("web.yaml", &export_yaml("web", &b_addr.ip().to_string(), 7002))?;
     charlie.write_cluster_file("web.yaml", &export_yaml("web", &c_addr.ip().to_string(), 7002))?;
-    let vip = wait_vip(alpha, "fault", "web", &["bravo", "charlie"], 80)?;
+    let vip = wait_import_vip(alpha, "fault", "web", &["bravo", "charlie"], 80)?;
     eventually("traffic on bravo, the preferred tier", PROPAGATION, || {
         Ok(round_trip(vip, Duration::from_secs(3)).ok().filter(|n| n == "bravo-1"))
     })?;
