@@ -226,6 +226,23 @@ fn assert_no_failures(samples: &[Sample], from: Instant, to: Instant, what: &str
     total
 }
 
+/// Splits off the requests in flight at `onset` (started before it, ended after): connections
+/// the gateway had already handed to a peer's endpoint when the peer died or froze. Failover
+/// happens while a connection is being set up, before the client sees a byte
+/// (docs/endpoint-selection.md), so the design promises nothing for these: they are counted
+/// and printed, not asserted. Returns the other requests.
+fn without_in_flight(samples: &[Sample], onset: Instant, what: &str) -> Vec<Sample> {
+    let (in_flight, rest): (Vec<Sample>, Vec<Sample>) =
+        samples.iter().cloned().partition(|s| s.start < onset && s.end() > onset);
+    let failed: Vec<&String> = in_flight.iter().filter_map(|s| s.result.as_ref().err()).collect();
+    eprintln!(
+        "{what}: {} request(s) in flight at the onset, {} failed {failed:?}",
+        in_flight.len(),
+        failed.len()
+    );
+    rest
+}
+
 /// Which backends answered the requests that ended in `[from, to)`, with counts.
 fn answered_by(samples: &[Sample], from: Instant, to: Instant) -> Vec<(String, usize)> {
     let mut by: Vec<(String, usize)> = Vec::new();
@@ -505,7 +522,10 @@ fn local_addr(block: AddrBlock, host: u8) -> IpAddr {
 /// region: the preferred tier) and charlie both export fault/web; a client loop runs through
 /// alpha for the whole test. Bravo is SIGKILLed, dead for 4 s and restarted; later it is
 /// SIGSTOPped for 6 s (beyond its 3 s lease) and continued. Asserts: ZERO failed requests from
-/// start to end, charlie answering while bravo is down; bravo withdrawn while stopped beyond
+/// start to end, charlie answering while bravo is down, except a request that bravo had
+/// already accepted when it was killed or stopped (counted and printed: failover happens
+/// before the client sees a byte, not in the middle of a connection); bravo withdrawn while
+/// stopped beyond
 /// its lease and back afterwards; traffic back on bravo after each fault; the ClusterSetIP
 /// never changes.
 #[test]
@@ -599,9 +619,11 @@ fn with_a_second_exporter_a_killed_or_stopped_peer_costs_no_request() -> Result<
         "charlie answered while bravo was stopped: {stop_phase:?}"
     );
     assert_no_failures(&samples, started, killed, "before the kill");
-    assert_no_failures(&samples, killed, restarted, "while bravo was dead");
+    let not_at_kill = without_in_flight(&samples, killed, "kill");
+    assert_no_failures(&not_at_kill, killed, restarted, "while bravo was dead");
     assert_no_failures(&samples, restarted, stopped, "after bravo's restart");
-    assert_no_failures(&samples, stopped, continued, "while bravo was stopped");
+    let not_at_stop = without_in_flight(&samples, stopped, "stop");
+    assert_no_failures(&not_at_stop, stopped, continued, "while bravo was stopped");
     assert_no_failures(&samples, continued, Instant::now(), "after SIGCONT");
     Ok(())
 }
