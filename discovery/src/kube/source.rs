@@ -35,6 +35,25 @@ pub const LABEL_SLICE_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by
 /// publishes: one state per 50 ms at most during a burst, 50 ms added to a lone change (the
 /// file source debounces 100 ms).
 const PUBLISH_COALESCE: std::time::Duration = std::time::Duration::from_millis(50);
+/// First retry of a failed watch.
+const WATCH_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(500);
+/// Longest wait between retries of a failed watch.
+const WATCH_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The retry schedule of the watches: 0.5 s doubling to 5 s, with jitter, reset by the
+/// first event that arrives. kube-rs's default (client-go's: 0.8 s doubling to 30 s, jittered
+/// up to twice that, reset only after 120 s without errors) left new ServiceExports unseen
+/// for 40 to over 70 s after a 30 s apiserver outage (issue 17's fault suite, fault_kube).
+/// Three watches retrying every 5 s are no burden on an apiserver that is back.
+fn watch_backoff() -> watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(WATCH_RETRY_MIN)
+        .with_max_delay(WATCH_RETRY_MAX)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
 
 /// One object the source could not use, and why.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -355,19 +374,19 @@ impl KubeSource {
             Api::<Service>::all(client.clone()),
             watcher::Config::default().labels(&not_ours_svc),
         )
-        .default_backoff()
+        .backoff(watch_backoff())
         .map(|e| (Kind::Service, e.map(|e| map_event(e, |o| Obj::Service(Box::new(o))))));
         let slices = watcher::watcher(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default().labels(&not_ours_slice),
         )
-        .default_backoff()
+        .backoff(watch_backoff())
         .map(|e| (Kind::EndpointSlice, e.map(|e| map_event(e, |o| Obj::Slice(Box::new(o))))));
         let exports_stream = watcher::watcher(
             Api::<DynamicObject>::all_with(client, &exports),
             watcher::Config::default(),
         )
-        .default_backoff()
+        .backoff(watch_backoff())
         .map(|e| (Kind::ServiceExport, e.map(|e| map_event(e, |o| Obj::Export(Box::new(o))))));
         let mut events =
             futures::stream::select_all([services.boxed(), slices.boxed(), exports_stream.boxed()]);
