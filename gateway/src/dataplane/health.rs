@@ -496,6 +496,7 @@ impl HealthChecker {
     /// Probes until `shutdown`; follows the cluster state, service by service.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let (results_tx, mut results) = mpsc::channel::<ProbeResult>(1024);
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_PROBES_IN_FLIGHT));
         let mut targets: BTreeMap<(ServiceKey, IpAddr), Target> = BTreeMap::new();
         let mut counters: HashMap<(ServiceKey, IpAddr), ProbeCounter> = HashMap::new();
         let mut seen: BTreeMap<ServiceKey, Arc<LocalService>> = BTreeMap::new();
@@ -545,6 +546,7 @@ impl HealthChecker {
                             addr,
                             self.settings.clone(),
                             results_tx.clone(),
+                            permits.clone(),
                         ));
                         if let Some(old) = targets.insert(tkey, Target { addr, task }) {
                             old.task.abort();
@@ -708,17 +710,34 @@ impl HealthChanges {
     }
 }
 
+/// Probes running at once on one gateway. Each holds a socket for up to the probe timeout,
+/// so 20 000 endpoints that do not answer would otherwise hold 10 000 descriptors at a time
+/// and starve everything else of them (and of CPU). Over the limit probes wait their turn:
+/// the interval stretches rather than the gateway falling over.
+pub const MAX_PROBES_IN_FLIGHT: usize = 256;
+
 async fn probe_loop(
     key: (ServiceKey, IpAddr),
     addr: SocketAddr,
     settings: HealthSettings,
     results: mpsc::Sender<ProbeResult>,
+    permits: Arc<tokio::sync::Semaphore>,
 ) {
-    let mut tick = tokio::time::interval(settings.interval.max(Duration::from_millis(10)));
+    let period = settings.interval.max(Duration::from_millis(10));
+    // The first probe at once; the next ones at a random phase of the interval, so that
+    // thousands of endpoints do not all probe in the same millisecond of every second.
+    let phase = period.mul_f64(rand::random::<f64>());
+    let mut tick = tokio::time::interval_at(Instant::now() + phase, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut first = true;
     loop {
-        tick.tick().await;
-        let result = probe_detail(addr, settings.timeout).await;
+        if !std::mem::take(&mut first) {
+            tick.tick().await;
+        }
+        let result = {
+            let Ok(_permit) = permits.acquire().await else { return };
+            probe_detail(addr, settings.timeout).await
+        };
         if results.send((key.clone(), addr, result)).await.is_err() {
             return;
         }
