@@ -10,7 +10,13 @@ Runs real `fedgate run` processes (release build) on loopback with file sources 
      3 peers (30 000 service exports, 300 000 endpoints), and of an idle gateway as baseline.
 Targets (issue 2): p99 propagation < 1 s at 10 000 services; < 200 MB resident.
 
-Usage: python3 bench/propagation.py [--quick] [--memory-only | --propagation-only]
+  4. with --bulk (issue 17): one large change, 20 000 services exported at once with the
+     default health checks (1 s; the endpoints are unreachable, so every probe fails), then
+     withdrawn: peer leases that expired, QUIC disconnects, log lines, and each gateway's RSS
+     before, at its peak and 30 s after the withdrawal. Target: no lease expiry, no
+     disconnect, memory back near where it started.
+
+Usage: python3 bench/propagation.py [--quick] [--memory-only | --propagation-only | --bulk]
 (loopback only; no root needed)
 """
 import json, os, resource, shutil, statistics, subprocess, sys, tempfile, time, urllib.request
@@ -20,6 +26,8 @@ BIN = os.path.join(ROOT, "target", "release", "fedgate")
 QUICK = "--quick" in sys.argv
 MEMORY_ONLY = "--memory-only" in sys.argv
 PROPAGATION_ONLY = "--propagation-only" in sys.argv
+BULK = "--bulk" in sys.argv
+BULK_SERVICES = 5000 if QUICK else 20000
 SIZES = [1, 1000] if QUICK else [1, 1000, 10000]
 SINGLE_RUNS = 20 if QUICK else 50
 MEM_SERVICES = 1000 if QUICK else 10000
@@ -37,8 +45,13 @@ def raise_nofile():
         pass
 
 
+# Endpoints are loopback addresses nobody listens on; probe them rarely so that 100 000
+# probe targets per peer do not dominate the CPU of this 2-core benchmark.
+SLOW_PROBES = "{ healthCheck: { interval: 30s, timeout: 1s } }"
+
+
 class Gateway:
-    def __init__(self, root, cid, host, peers, ca):
+    def __init__(self, root, cid, host, peers, ca, traffic=None):
         self.id, self.host = cid, host
         self.dir = os.path.join(root, cid)
         self.cluster = os.path.join(self.dir, "cluster")
@@ -54,9 +67,7 @@ tunnel: {{ listen: "127.77.0.{host}:15443" }}
 dns: {{ listen: "127.77.0.{host}:10053", upstream: ["127.0.0.1:9"] }}
 front: {{ mode: vip, clusterSetIPRange: 127.{80 + host}.0.0/16 }}
 admin: {{ listen: "127.77.0.{host}:15000" }}
-# Endpoints are loopback addresses nobody listens on; probe them rarely so that 100 000
-# probe targets per peer do not dominate the CPU of this 2-core benchmark.
-traffic: {{ healthCheck: {{ interval: 30s, timeout: 1s }} }}
+traffic: {traffic or SLOW_PROBES}
 """
         if not peer_lines:
             cfg = cfg.replace("peers:\n  []", "peers: []")
@@ -96,6 +107,17 @@ traffic: {{ healthCheck: {{ interval: 30s, timeout: 1s }} }}
     def stop(self):
         self.proc.kill()
         self.proc.wait()
+
+    def metric(self, name):
+        total = 0.0
+        for line in self.get("/metrics", raw=True).decode().splitlines():
+            if line.startswith(name) and line[len(name)] in " {":
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def log_lines(self, level):
+        with open(os.path.join(self.dir, "log")) as f:
+            return sum(1 for line in f if f" {level} " in line)
 
 
 def services_yaml(ns, n, endpoints=1, prefix="s"):
@@ -149,6 +171,9 @@ def main():
     sh(BIN, "certs", "ca", "--clusterset", "bench", "--out", ca)
     gws = []
     try:
+        if BULK:
+            bulk(tmp, ca, gws)
+            return
         if not MEMORY_ONLY:
             propagation(tmp, ca, gws)
         if not PROPAGATION_ONLY:
@@ -234,6 +259,50 @@ def memory(tmp, ca, gws):
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for label, sv, ep, idle, rss, hwm, prss, conv in rows:
         print(f"| {label} | {sv} | {ep} | {idle:.0f} MB | {rss:.0f} MB | {hwm:.0f} MB | {prss:.0f} MB | {conv:.1f} s | < 200 MB |")
+
+
+def bulk(tmp, ca, gws):
+    """One large change with the default health checks, then its withdrawal (issue 17)."""
+    n = BULK_SERVICES
+    a = Gateway(tmp, "a", 40, [("b", 41)], ca, traffic="{}"); gws.append(a)
+    b = Gateway(tmp, "b", 41, [("a", 40)], ca, traffic="{}"); gws.append(b)
+    time.sleep(2)
+    watched = ("fedgate_peer_lease_expiries_total", "fedgate_peer_disconnects_total")
+    before = {g.id: {m: g.metric(m) for m in watched} for g in (a, b)}
+    idle = {g.id: g.rss_mb()[0] for g in (a, b)}
+    start = time.perf_counter()
+    a.write("bulk.yaml", services_yaml("bulk", n))
+    imported = None
+    while imported is None:
+        if b.count("namespace=bulk")["services"] >= n:
+            imported = time.perf_counter() - start
+        elif time.perf_counter() - start > 600:
+            raise RuntimeError("bulk import did not converge in 600 s")
+        time.sleep(0.2)
+    # Let the probes of 20 000 unreachable endpoints run for a while.
+    time.sleep(30)
+    loaded = {g.id: g.rss_mb() for g in (a, b)}
+    os.remove(os.path.join(a.cluster, "bulk.yaml"))
+    start = time.perf_counter()
+    while b.count("namespace=bulk")["services"] > 0:
+        if time.perf_counter() - start > 300:
+            raise RuntimeError("bulk withdrawal did not converge in 300 s")
+        time.sleep(0.2)
+    withdrawn = time.perf_counter() - start
+    time.sleep(30)
+    after = {g.id: g.rss_mb()[0] for g in (a, b)}
+    delta = {g.id: {m: g.metric(m) - before[g.id][m] for m in watched} for g in (a, b)}
+    print(f"\n## One change of {n} services (default health checks, unreachable endpoints)\n")
+    print(f"imported at B after {imported:.1f} s; withdrawn at B {withdrawn:.1f} s after the file was deleted\n")
+    print("| gateway | lease expiries | QUIC disconnects | WARN lines | ERROR lines | RSS idle | RSS loaded (+30 s) | peak | RSS 30 s after withdrawal |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ok = True
+    for g in (a, b):
+        d = delta[g.id]
+        ok &= d[watched[0]] == 0 and d[watched[1]] == 0
+        print(f"| {g.id} | {d[watched[0]]:.0f} | {d[watched[1]]:.0f} | {g.log_lines('WARN')} | {g.log_lines('ERROR')} "
+              f"| {idle[g.id]:.0f} MB | {loaded[g.id][0]:.0f} MB | {loaded[g.id][1]:.0f} MB | {after[g.id]:.0f} MB |")
+    print(f"\nverdict: {'PASS' if ok else 'FAIL'}: no lease expiry and no disconnect during the change")
 
 
 if __name__ == "__main__":
