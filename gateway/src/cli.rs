@@ -250,9 +250,11 @@ pub(crate) fn run(path: &Path, run_gateway: impl FnOnce(Config) -> anyhow::Resul
             return EXIT_INVALID;
         }
     };
+    let max_open_files = raise_open_file_limit();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         cluster = %config.cluster.id,
+        max_open_files,
         config = %config.redacted_summary(),
         "starting fedgate"
     );
@@ -263,6 +265,24 @@ pub(crate) fn run(path: &Path, run_gateway: impl FnOnce(Config) -> anyhow::Resul
             EXIT_INVALID
         }
     }
+}
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime and most servers do:
+/// a gateway holds a descriptor per ClusterSetIP × port listener, per client connection (two
+/// to a local endpoint) and per probe in flight, and a default soft limit of 1 024 is gone
+/// with a few hundred services. Returns the soft limit in force (`None`: unlimited).
+fn raise_open_file_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(%error, "cannot raise the open-file limit to its hard limit");
+            return limit.current;
+        }
+        return limit.maximum;
+    }
+    limit.current
 }
 
 fn report(result: Result<Vec<PathBuf>, certs::CertError>, out: &mut dyn Write) -> u8 {

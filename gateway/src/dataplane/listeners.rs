@@ -302,7 +302,21 @@ impl Listeners {
 
     /// Binds `addr`, or records the failure (the `attempts + 1`-th) with its next retry time.
     fn bind(&mut self, addr: SocketAddr, route: Route, attempts: u32, shared: &Arc<Shared>) {
-        match bind_freebind(addr) {
+        let budget = listener_budget();
+        let bound = if self.bound.len() >= budget {
+            Err(DataPlaneError::Bind(
+                addr,
+                std::io::Error::other(format!(
+                    "descriptor budget: {} listeners hold three quarters of the open-file limit; \
+                     raise the gateway's LimitNOFILE (the rest is kept for connections, probes \
+                     and the admin port)",
+                    self.bound.len()
+                )),
+            ))
+        } else {
+            bind_freebind(addr)
+        };
+        match bound {
             Ok(listener) => {
                 if attempts > 0 {
                     tracing::info!(%addr, attempts, "listener bound after failed attempts");
@@ -315,8 +329,14 @@ impl Listeners {
             Err(DataPlaneError::Bind(_, error)) => {
                 let attempts = attempts + 1;
                 let delay = retry_delay(attempts);
-                if attempts == 1 {
-                    tracing::warn!(%addr, service = %route.key(), %error, retry_in = ?delay, "listener not bound; retrying with backoff");
+                // One WARN line per 10 s for all listeners (20 000 services over the
+                // descriptor limit fail together); every failure is on /debug/problems.
+                static NOT_BOUND: crate::logging::LogGate =
+                    crate::logging::LogGate::new(Duration::from_secs(10));
+                if attempts == 1
+                    && let Some(held) = NOT_BOUND.pass()
+                {
+                    tracing::warn!(%addr, service = %route.key(), %error, retry_in = ?delay, similar_since_last = held, "listener not bound; retrying with backoff");
                 } else {
                     tracing::debug!(%addr, %error, attempts, retry_in = ?delay, "listener still not bound");
                 }
@@ -368,6 +388,16 @@ impl Drop for Listeners {
             b.task.abort();
         }
     }
+}
+
+/// How many listeners may be bound: three quarters of the open-file limit (at most the limit
+/// minus 256), so that 20 000 imports cannot take the descriptors that client connections,
+/// probes, the tunnel, the admin port and the cluster source need. A listener over the budget
+/// is a listener problem like any failed bind, retried with backoff.
+fn listener_budget() -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    let limit = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+    (limit / 4 * 3).min(limit.saturating_sub(256))
 }
 
 /// Accepts client connections on one listener until draining: each is admitted by the
