@@ -174,7 +174,7 @@ pub(crate) async fn serve_stream(shared: Arc<Shared>, incoming: Incoming) {
                     upstream = Some((s, outstanding));
                     break;
                 }
-                Err(AttemptError::Endpoint(e) | AttemptError::Cluster(e)) => {
+                Err(AttemptError::Endpoint(e) | AttemptError::Cluster(e) | AttemptError::Gone(e)) => {
                     tracing::debug!(endpoint = %addr, error = %e, "endpoint connect failed");
                     let pool = state
                         .services

@@ -58,12 +58,18 @@ pub(crate) enum AttemptError {
     /// The cluster cannot serve now (tunnel down, draining, does not know the service):
     /// skip its other endpoints for this connection, do not blame the endpoint.
     Cluster(String),
+    /// This endpoint is not there any more (the peer no longer lists it: our copy of its
+    /// exports is a moment old): try the next candidate, its cluster's included, and blame
+    /// nobody.
+    Gone(String),
 }
 
 impl std::fmt::Display for AttemptError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AttemptError::Endpoint(e) | AttemptError::Cluster(e) => f.write_str(e),
+            AttemptError::Endpoint(e) | AttemptError::Cluster(e) | AttemptError::Gone(e) => {
+                f.write_str(e)
+            }
         }
     }
 }
@@ -139,6 +145,10 @@ pub(crate) async fn open_remote(
                     Status::NoHealthyEndpoint if request.target.is_some() => {
                         Err(AttemptError::Endpoint(msg))
                     }
+                    // The endpoint we asked for is no longer one of the service's there (it
+                    // moved while its removal was on its way to us): the cluster's other
+                    // endpoints may serve (soak: 2 of 3 700 connections were reset).
+                    Status::Forbidden if request.target.is_some() => Err(AttemptError::Gone(msg)),
                     _ => Err(AttemptError::Cluster(msg)),
                 }
             }
@@ -268,6 +278,10 @@ pub(crate) async fn connect(
                 tracing::debug!(cluster = %v.cluster, endpoint = %v.address, error = %e, "connect attempt failed; trying next candidate");
                 let pool = views.iter().map(|w| (&w.cluster, w.address));
                 shared.record_failure(&v.cluster, v.address, pool);
+                last = e;
+            }
+            Err(AttemptError::Gone(e)) => {
+                tracing::debug!(cluster = %v.cluster, endpoint = %v.address, error = %e, "endpoint gone there; trying next candidate");
                 last = e;
             }
             Err(AttemptError::Cluster(e)) => {
