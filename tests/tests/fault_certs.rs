@@ -10,7 +10,7 @@
 //!   without a failed request, and a new handshake sees its notAfter.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -46,18 +46,7 @@ fn start_backend(addr: SocketAddr) -> Result<()> {
 
 /// One connection through `vip`: the greeting, then one echoed line.
 fn round_trip(vip: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(s.try_clone()?);
-    let mut name = String::new();
-    reader.read_line(&mut name)?;
-    s.write_all(b"ping\n")?;
-    let mut echo = String::new();
-    reader.read_line(&mut echo)?;
-    if echo != "ping\n" {
-        bail!("echo through {vip} answered {echo:?} (greeting {name:?})");
-    }
-    Ok(name.trim().to_owned())
+    fedgate_e2e::faults::round_trip(vip, Duration::from_secs(5))
 }
 
 struct Pair {

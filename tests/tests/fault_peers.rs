@@ -7,15 +7,15 @@
 //! connection-level failover to another exporter: docs/endpoint-selection.md) and after
 //! recovery (must be zero).
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use fedgate_e2e::faults::{self, Backend, signal_pid};
 use fedgate_e2e::*;
 
 const CLUSTERSET: &str = "faults";
@@ -29,73 +29,6 @@ const PACE: Duration = Duration::from_millis(20);
 /// Consecutive requests that must all succeed once service is back.
 const AFTER_RECOVERY: usize = 50;
 
-/// An asyncio TCP server: on each connection it writes `<name>\n`, then echoes lines.
-const BACKEND: &str = r#"
-import asyncio, sys
-host, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-async def handle(reader, writer):
-    try:
-        writer.write((name + "\n").encode())
-        await writer.drain()
-        while True:
-            line = await reader.readline()
-            if not line:
-                break
-            writer.write(line)
-            await writer.drain()
-    except Exception:
-        pass
-    finally:
-        writer.close()
-async def main():
-    server = await asyncio.start_server(handle, host, port, reuse_address=True)
-    print("READY", flush=True)
-    async with server:
-        await server.serve_forever()
-asyncio.run(main())
-"#;
-
-/// A backend process, killed on drop.
-struct Backend {
-    child: Child,
-}
-
-impl Backend {
-    fn start(addr: SocketAddr, name: &str) -> Result<Self> {
-        let (ip, port) = (addr.ip().to_string(), addr.port().to_string());
-        let mut child = Command::new("python3")
-            .args(["-u", "-c", BACKEND, &ip, &port, name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting the python3 backend (install python3)")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("backend stdout")?).read_line(&mut line)?;
-        if line.trim() != "READY" {
-            bail!("backend {name} on {addr}: expected READY, got {line:?}");
-        }
-        Ok(Self { child })
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Sends `sig` to a gateway by pid (`Gateway::signal` needs `&self`, this reads better where
-/// a stopped gateway must be continued on every path).
-fn signal_pid(pid: u32, sig: &str) -> Result<()> {
-    let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?;
-    if !st.success() {
-        bail!("kill -{sig} {pid} failed");
-    }
-    Ok(())
-}
-
 /// Continues a stopped gateway when dropped, so a failing assertion never leaves it stopped.
 struct ContinueOnDrop(u32);
 
@@ -105,24 +38,9 @@ impl Drop for ContinueOnDrop {
     }
 }
 
-/// One client connection through `vip`: reads the backend's name, then one echoed line.
-/// Returns the name of the backend that answered.
+/// One client connection through `vip` ([`faults::round_trip`] with this file's timeout).
 fn round_trip(vip: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&vip, REQUEST_TIMEOUT)?;
-    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
-    let mut reader = BufReader::new(s.try_clone()?);
-    let mut name = String::new();
-    reader.read_line(&mut name)?;
-    if name.is_empty() {
-        bail!("connection through {vip} closed before the backend's greeting");
-    }
-    s.write_all(b"ping\n")?;
-    let mut echo = String::new();
-    reader.read_line(&mut echo)?;
-    if echo != "ping\n" {
-        bail!("echo through {vip} answered {echo:?}");
-    }
-    Ok(name.trim().to_owned())
+    faults::round_trip(vip, REQUEST_TIMEOUT)
 }
 
 /// One request of the client loop: when it started, how long it took, who answered or why
@@ -342,7 +260,7 @@ fn a_killed_exporter_restarted_within_its_lease_keeps_its_import_and_recovers() 
     let block = AddrBlock::unique();
     let mut gateways = start_gateways(tmp.path(), block, &["alpha", "bravo"], "15s", |_| {})?;
     let backend_addr = block.addr(60, 7100);
-    let _backend = Backend::start(backend_addr, "bravo-1")?;
+    let _backend = Backend::start(backend_addr, "bravo-1", 128)?;
     gateways[1].write_cluster_file("web.yaml", &export_yaml("web", backend_addr.ip(), 7100))?;
     let ip = wait_vip(&gateways[0], "web", &["bravo"], PROPAGATION)?;
     let vip = SocketAddr::new(ip.parse()?, 80);
@@ -427,7 +345,7 @@ fn a_peer_stopped_beyond_its_lease_is_withdrawn_and_returns_with_its_address() -
     let gateways = start_gateways(tmp.path(), block, &["alpha", "bravo"], "3s", |_| {})?;
     let [alpha, bravo] = &gateways[..] else { unreachable!() };
     let backend_addr = block.addr(61, 7101);
-    let _backend = Backend::start(backend_addr, "bravo-1")?;
+    let _backend = Backend::start(backend_addr, "bravo-1", 128)?;
     bravo.write_cluster_file("web.yaml", &export_yaml("web", backend_addr.ip(), 7101))?;
     let ip = wait_vip(alpha, "web", &["bravo"], PROPAGATION)?;
     let vip = SocketAddr::new(ip.parse()?, 80);
@@ -540,8 +458,8 @@ fn with_a_second_exporter_a_killed_or_stopped_peer_costs_no_request() -> Result<
         })?;
     let b_addr = block.addr(63, 7103);
     let c_addr = block.addr(64, 7103);
-    let _b = Backend::start(b_addr, "bravo-1")?;
-    let _c = Backend::start(c_addr, "charlie-1")?;
+    let _b = Backend::start(b_addr, "bravo-1", 128)?;
+    let _c = Backend::start(c_addr, "charlie-1", 128)?;
     gateways[1].write_cluster_file("web.yaml", &export_yaml("web", b_addr.ip(), 7103))?;
     gateways[2].write_cluster_file("web.yaml", &export_yaml("web", c_addr.ip(), 7103))?;
     let ip = wait_vip(&gateways[0], "web", &["bravo", "charlie"], PROPAGATION)?;
