@@ -183,3 +183,20 @@ pub fn metric(g: &Gateway, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
 pub fn ejected(g: &Gateway) -> Result<Vec<serde_json::Value>> {
     Ok(g.json("/debug/probes")?["ejected"].as_array().cloned().unwrap_or_default())
 }
+
+/// `dig +short` A records of `<name>.<ns>.svc.clusterset.local` at `g`'s DNS server.
+pub fn dig_a(g: &Gateway, ns: &str, name: &str) -> Result<Vec<String>> {
+    crate::require_tool("dig", "bind9-dnsutils");
+    let out = Command::new("dig")
+        .arg(format!("@{}", g.spec.dns.ip()))
+        .args(["-p", &g.spec.dns.port().to_string(), "+tries=1", "+time=2", "+short"])
+        .arg(format!("{name}.{ns}.svc.clusterset.local"))
+        .arg("A")
+        .output()
+        .context("running dig")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("dig failed ({}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(text.lines().map(str::to_owned).collect())
+}

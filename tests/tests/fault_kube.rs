@@ -133,19 +133,7 @@ fn echo(addr: SocketAddr) -> Result<()> {
 
 /// `dig +short` A records of `shop/<name>` at `g`'s DNS server.
 fn dns_a(g: &Gateway, name: &str) -> Result<Vec<String>> {
-    require_tool("dig", "bind9-dnsutils");
-    let out = Command::new("dig")
-        .arg(format!("@{}", g.spec.dns.ip()))
-        .args(["-p", &g.spec.dns.port().to_string(), "+tries=1", "+time=2", "+short"])
-        .arg(format!("{name}.shop.svc.clusterset.local"))
-        .arg("A")
-        .output()
-        .context("running dig")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!("dig failed ({}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(text.lines().map(str::to_owned).collect())
+    fedgate_e2e::faults::dig_a(g, "shop", name)
 }
 
 /// The clusters `g` imports `shop/<name>` from, and its first ClusterSetIP.

@@ -8,13 +8,12 @@
 //! recovery (must be zero).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use fedgate_e2e::faults::{self, Backend, signal_pid};
 use fedgate_e2e::*;
 
@@ -196,21 +195,9 @@ fn wait_vip(g: &Gateway, name: &str, clusters: &[&str], timeout: Duration) -> Re
     })
 }
 
-/// `dig +short` for `fault/<name>`'s A records at `g`'s DNS server.
+/// `dig +short` A records of `fault/<name>` at `g`'s DNS server.
 fn dns_a(g: &Gateway, name: &str) -> Result<Vec<String>> {
-    require_tool("dig", "bind9-dnsutils");
-    let out = Command::new("dig")
-        .arg(format!("@{}", g.spec.dns.ip()))
-        .args(["-p", &g.spec.dns.port().to_string(), "+tries=1", "+time=2", "+short"])
-        .arg(format!("{name}.fault.svc.clusterset.local"))
-        .arg("A")
-        .output()
-        .context("running dig")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!("dig failed ({}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(text.lines().map(str::to_owned).collect())
+    fedgate_e2e::faults::dig_a(g, "fault", name)
 }
 
 /// Starts gateways `ids` (full mesh, lease `lease`) in one block; `edit` adjusts each spec.
