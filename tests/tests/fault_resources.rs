@@ -234,3 +234,54 @@ fn running_out_of_descriptors_never_marks_an_endpoint_unhealthy() -> Result<()> 
     );
     Ok(())
 }
+
+/// Junk at the tunnel port: 2 000 datagrams of random bytes are counted, the QUIC traffic of
+/// the peer connection beside them is not, and that connection goes on undisturbed. Before,
+/// quinn dropped junk silently and nothing showed the flood.
+#[test]
+fn junk_datagrams_at_the_tunnel_port_are_counted_and_harm_nothing() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let block = AddrBlock::unique();
+    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
+    let ids = ["alpha", "bravo"];
+    let mut gateways = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let spec = GatewaySpec::mesh(block, CLUSTERSET, &ids, i);
+        let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
+        let mut g = Gateway::prepare(tmp.path(), spec, tls)?;
+        g.start()?;
+        gateways.push(g);
+    }
+    let [alpha, bravo] = &gateways[..] else { unreachable!() };
+    bravo.write_cluster_file("web.yaml", &export_yaml("web", "127.250.9.9", 7200))?;
+    wait_import_vip(alpha, "fault", "web", &["bravo"], 80)?;
+    let before = metric(alpha, "fedgate_tunnel_junk_datagrams_total", &[])?;
+    assert_eq!(before, 0.0, "the peers' own QUIC traffic is never counted as junk");
+    let socket = std::net::UdpSocket::bind(block.addr(90, 0))?;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut sent = 0u32;
+    for _ in 0..2000 {
+        let datagram: Vec<u8> = (0..(64 + seed % 1100) as usize)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        socket.send_to(&datagram, alpha.spec.tunnel)?;
+        sent += 1;
+    }
+    let counted = eventually("junk datagrams counted", Duration::from_secs(5), || {
+        let n = metric(alpha, "fedgate_tunnel_junk_datagrams_total", &[])?;
+        Ok((n >= f64::from(sent) * 0.99).then_some(n))
+    })?;
+    eprintln!("{sent} junk datagrams sent, {counted} counted");
+    assert!(counted <= f64::from(sent), "only the junk is counted: {counted} of {sent}");
+    // Nothing else was lost: the peer connection stayed up and exports still flow.
+    let disconnects = metric(alpha, "fedgate_peer_disconnects_total", &[])?;
+    assert_eq!(disconnects, 0.0, "the flood cost no peer connection");
+    bravo.write_cluster_file("api.yaml", &export_yaml("api", "127.250.9.10", 7201))?;
+    wait_import_vip(alpha, "fault", "api", &["bravo"], 80)?;
+    Ok(())
+}

@@ -372,14 +372,14 @@ impl TunnelEndpoint {
             None => Arc::new(quinn::TokioRuntime),
         };
         // The socket registers with the reactor of the runtime that polls it.
-        let entered = settings.runtime.as_ref().map(|h| h.enter());
-        let socket =
-            TunnelSocket::new(socket).map_err(|e| TunnelError::Bind(settings.listen, e))?;
-        drop(entered);
-        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key(&identity)));
         // Connection ids signed with a key of the identity too: the restarted gateway must
         // recognise its predecessor's ids as its own to answer them with a stateless reset.
         let cid_key = cid_key(&identity);
+        let entered = settings.runtime.as_ref().map(|h| h.enter());
+        let socket = TunnelSocket::new(socket, Some(cid_key))
+            .map_err(|e| TunnelError::Bind(settings.listen, e))?;
+        drop(entered);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key(&identity)));
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });
@@ -717,16 +717,36 @@ pub(crate) struct TunnelSocket {
     /// to the same one: with the vendored quinn a writer task sends, and the export
     /// exchange's writers run on the gateway's main runtime, not the data-plane one.
     runtime: tokio::runtime::Handle,
+    /// The key of the endpoint's connection-id generator, to count junk datagrams
+    /// ([`crate::junk`]); `None`: not counted (a socket quinn rebinds).
+    cid_key: Option<u64>,
 }
 
 impl TunnelSocket {
-    /// Takes over a bound socket (switched to non-blocking); needs a tokio runtime.
-    pub(crate) fn new(socket: std::net::UdpSocket) -> io::Result<Arc<Self>> {
+    /// Takes over a bound socket (switched to non-blocking); needs a tokio runtime. With
+    /// `cid_key` (the endpoint's connection-id key), junk datagrams are counted.
+    pub(crate) fn new(socket: std::net::UdpSocket, cid_key: Option<u64>) -> io::Result<Arc<Self>> {
         let state = quinn::udp::UdpSocketState::new((&socket).into())?;
         socket.set_nonblocking(true)?;
         let io = register(socket, tokio::io::Interest::READABLE)?;
         let runtime = tokio::runtime::Handle::current();
-        Ok(Arc::new(Self { io, state, full: AtomicBool::new(false), runtime }))
+        Ok(Arc::new(Self { io, state, full: AtomicBool::new(false), runtime, cid_key }))
+    }
+
+    /// Counts the junk among `n` received datagram batches (each may hold several GRO
+    /// segments of `stride` bytes).
+    fn count_junk(&self, bufs: &[io::IoSliceMut<'_>], meta: &[quinn::udp::RecvMeta], n: usize) {
+        let Some(key) = self.cid_key else { return };
+        let cids = quinn_proto::HashedConnectionIdGenerator::from_key(key);
+        for (buf, meta) in bufs.iter().zip(meta).take(n) {
+            for datagram in buf[..meta.len].chunks(meta.stride.max(1)) {
+                if let Some(reason) = crate::junk::junk_reason(datagram, &cids) {
+                    tracing::trace!(from = %meta.addr, reason, "junk datagram at the tunnel port");
+                    metrics::counter!(crate::metrics::JUNK_DATAGRAMS_TOTAL, "reason" => reason)
+                        .increment(1);
+                }
+            }
+        }
     }
 
     fn send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
@@ -840,7 +860,10 @@ impl quinn::AsyncUdpSocket for TunnelSocket {
                 Ok(n)
             });
             match (r, short) {
-                (_, Some(n)) | (Ok(Ok(n)), None) => return std::task::Poll::Ready(Ok(n)),
+                (_, Some(n)) | (Ok(Ok(n)), None) => {
+                    self.count_junk(bufs, meta, n);
+                    return std::task::Poll::Ready(Ok(n));
+                }
                 // As quinn's adapter: any error (EAGAIN, or one an ICMP message left on the
                 // socket) means waiting for the socket again.
                 (Ok(Err(_)) | Err(_), None) => {}
@@ -1455,7 +1478,8 @@ mod unit_tests {
 
     #[tokio::test]
     async fn a_short_receive_batch_clears_readiness_without_stranding_datagrams() {
-        let socket = TunnelSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let socket =
+            TunnelSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), None).unwrap();
         let to = socket.io.get_ref().local_addr().unwrap();
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         // Distinct sizes, so GRO cannot merge them: one message per datagram.
@@ -1486,7 +1510,8 @@ mod unit_tests {
     #[tokio::test]
     async fn write_interest_is_registered_only_while_a_full_buffer_is_waited_out() {
         use quinn::UdpPoller;
-        let socket = TunnelSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let socket =
+            TunnelSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), None).unwrap();
         let mut poller = Writable { socket: socket.clone(), waiting: None };
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         // Nothing found the buffer full: ready without registering anything.

@@ -9,6 +9,7 @@ pub mod endpoint;
 pub mod expiry;
 pub mod identity;
 pub mod io;
+mod junk;
 pub mod metrics;
 pub mod reload;
 pub mod runtime;

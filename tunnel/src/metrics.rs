@@ -21,6 +21,8 @@ pub const PEER_LEASE_EXPIRIES_TOTAL: &str = "fedgate_peer_lease_expiries_total";
 /// Times a send found the tunnel's UDP send buffer full (quinn then waits until it drains):
 /// the network interface or its queue is slower than the data plane.
 pub const SOCKET_FULL_TOTAL: &str = "fedgate_tunnel_socket_full_total";
+/// Datagrams at the tunnel port that cannot be QUIC for this gateway, by `reason`.
+pub const JUNK_DATAGRAMS_TOTAL: &str = "fedgate_tunnel_junk_datagrams_total";
 
 /// Reloads of the tunnel identity files, by `result` (`ok`, `read`: a file did not parse,
 /// `refused`: the new certificate/key/CA failed the start-up checks, e.g. it is expired; the
@@ -65,6 +67,12 @@ pub fn describe() {
     metrics::describe_counter!(
         SOCKET_FULL_TOTAL,
         "Times a send found the tunnel's UDP send buffer full and waited for it to drain."
+    );
+    metrics::describe_counter!(
+        JUNK_DATAGRAMS_TOTAL,
+        "Datagrams at the tunnel port that cannot be QUIC for this gateway (quinn drops them), by \
+         reason: unknown_version, too_short, connection_id (a short header with an id this \
+         gateway never issued)."
     );
     metrics::describe_counter!(
         PEER_LEASE_EXPIRIES_TOTAL,
