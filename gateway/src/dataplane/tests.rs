@@ -235,6 +235,26 @@ pub(super) fn start(
     Running { snapshots, _cluster: cluster_tx, _health: health, drain, debug, shutdown, task }
 }
 
+/// A gateway `id` (locality `region`/`zone`) whose own cluster serves port `p` with
+/// `endpoints`, answering the tunnel streams sent to the returned sender.
+fn remote(
+    id: &str,
+    region: &str,
+    zone: &str,
+    p: u16,
+    endpoints: &[SocketAddr],
+) -> (Running, mpsc::Sender<Incoming>) {
+    let (tx, rx) = mpsc::channel(16);
+    let running = start(
+        settings(id, region, zone),
+        ImportSnapshot::default(),
+        cluster_state(p, endpoints),
+        None,
+        Some(rx),
+    );
+    (running, tx)
+}
+
 /// Connects, sends `msg`, half-closes and reads the whole answer.
 pub(super) async fn request(addr: SocketAddr, msg: &str) -> std::io::Result<String> {
     let mut s = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await??;
@@ -478,22 +498,8 @@ async fn proxies_to_a_remote_cluster_through_the_tunnel_and_fails_over_between_c
     let p = free_port(vip);
     let snap = snapshot(vip, p, &[("north", &[n]), ("west", &[w])], &[]);
 
-    let (west_in_tx, west_in) = mpsc::channel(16);
-    let west = start(
-        settings("west", "eu", "eu-a"),
-        ImportSnapshot::default(),
-        cluster_state(p, &[w]),
-        None,
-        Some(west_in),
-    );
-    let (north_in_tx, north_in) = mpsc::channel(16);
-    let north = start(
-        settings("north", "us", "us-b"),
-        ImportSnapshot::default(),
-        cluster_state(p, &[n]),
-        None,
-        Some(north_in),
-    );
+    let (west, west_in_tx) = remote("west", "eu", "eu-a", p, &[w]);
+    let (north, north_in_tx) = remote("north", "us", "us-b", p, &[n]);
 
     let tunnel = LoopTunnel::new(cid("east"));
     tunnel.route(cid("west"), west_in_tx.clone());
@@ -813,14 +819,7 @@ async fn a_target_the_peer_no_longer_has_moves_to_its_other_endpoints() {
     let p = free_port(vip);
     // East still lists `gone`; west has dropped it.
     let snap = snapshot(vip, p, &[("west", &[gone, w])], &[]);
-    let (west_in_tx, west_in) = mpsc::channel(16);
-    let west = start(
-        settings("west", "eu", "eu-a"),
-        ImportSnapshot::default(),
-        cluster_state(p, &[w]),
-        None,
-        Some(west_in),
-    );
+    let (west, west_in_tx) = remote("west", "eu", "eu-a", p, &[w]);
     let tunnel = LoopTunnel::new(cid("east"));
     tunnel.route(cid("west"), west_in_tx.clone());
     let east =
