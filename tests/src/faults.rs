@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    AddrBlock, Gateway, GatewaySpec, Pki, eventually, find_import, http_get, import_clusters,
-    metric_samples, service_yaml,
+    AddrBlock, Gateway, GatewaySpec, Pki, eventually, http_get, import_from, metric_samples,
+    service_yaml,
 };
 
 /// How long a test waits for an export to reach a gateway's imports.
@@ -157,15 +157,12 @@ pub fn wait_import_vip(
     clusters: &[&str],
     port: u16,
 ) -> Result<SocketAddr> {
-    let want: Vec<String> = clusters.iter().map(|s| s.to_string()).collect();
     eventually(
         &format!("{} to import {ns}/{name} from {clusters:?}", g.spec.id),
         PROPAGATION,
         || {
             let imports = g.json("/debug/imports")?;
-            let Some(import) =
-                find_import(&imports, ns, name).filter(|i| import_clusters(i) == want)
-            else {
+            let Some(import) = import_from(&imports, ns, name, clusters) else {
                 return Ok(None);
             };
             let ip = import["ips"][0].as_str().context("a ClusterSetIP")?;

@@ -491,6 +491,45 @@ pub fn find_import<'a>(
     imports.as_array()?.iter().find(|s| s["namespace"] == ns && s["name"] == name)
 }
 
+/// One service by namespace/name in a `/debug/imports` answer, once exactly `clusters`
+/// contribute to it.
+pub fn import_from<'a>(
+    imports: &'a serde_json::Value,
+    ns: &str,
+    name: &str,
+    clusters: &[&str],
+) -> Option<&'a serde_json::Value> {
+    find_import(imports, ns, name).filter(|i| import_clusters(i) == clusters)
+}
+
+/// Waits (at most `timeout`) until `g` imports `ns/name` from exactly `clusters`; returns the
+/// import.
+pub fn wait_import(
+    g: &Gateway,
+    ns: &str,
+    name: &str,
+    clusters: &[&str],
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    eventually(&format!("{} to import {ns}/{name} from {clusters:?}", g.spec.id), timeout, || {
+        Ok(import_from(&g.json("/debug/imports")?, ns, name, clusters).cloned())
+    })
+}
+
+/// A TCP echo server for `python3 -c ECHO_SERVER <ip> <port>` (a thread per connection).
+pub const ECHO_SERVER: &str = "import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(64)
+def serve(c):
+    while True:
+        d = c.recv(1024)
+        if not d: break
+        c.sendall(d)
+    c.close()
+while True:
+    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+";
+
 /// Cluster ids that contribute to an import in a `/debug/imports` answer.
 pub fn import_clusters(import: &serde_json::Value) -> Vec<String> {
     import["clusters"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()

@@ -34,20 +34,6 @@ const RECONCILE_WITHIN: Duration = Duration::from_secs(30);
 /// How long the test waits for that reconcile at most, to measure it when it is late.
 const OBSERVE: Duration = Duration::from_secs(150);
 
-/// A TCP echo server: `python3 -c ECHO <ip> <port>`.
-const ECHO: &str = "import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(64)
-def serve(c):
-    while True:
-        d = c.recv(1024)
-        if not d: break
-        c.sendall(d)
-    c.close()
-while True:
-    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-";
-
 /// Endpoint addresses the API server accepts: a veth pair with `10.252.<k>.1/29` on the host
 /// side and `.2`, `.3` inside the namespace `fg-<pid>-kfault` (deleted with the guard, with
 /// every process in it). 10.252/16: kube_gateway.rs's pairs use 10.251/16.
@@ -161,7 +147,7 @@ fn an_apiserver_down_for_30s_loses_nothing_and_writes_resume() -> Result<()> {
     let _echo = net
         .ns
         .command("python3")
-        .args(["-c", ECHO, &web_ep.to_string(), "18080"])
+        .args(["-c", ECHO_SERVER, &web_ep.to_string(), "18080"])
         .spawn()
         .context("starting the echo server in the endpoint namespace")?;
     let handles = ["east", "west"].map(|n| std::thread::spawn(move || KubeCluster::start(n)));

@@ -39,15 +39,7 @@ fn spec_for(block: AddrBlock, ids: &[&str], i: usize, lease: &str) -> GatewaySpe
 }
 
 fn wait_import(g: &Gateway, ns: &str, name: &str, clusters: &[&str]) -> Result<serde_json::Value> {
-    let want: Vec<String> = clusters.iter().map(|s| s.to_string()).collect();
-    eventually(
-        &format!("{} to import {ns}/{name} from {clusters:?}", g.spec.id),
-        PROPAGATION,
-        || {
-            let imports = g.json("/debug/imports")?;
-            Ok(find_import(&imports, ns, name).filter(|i| import_clusters(i) == want).cloned())
-        },
-    )
+    fedgate_e2e::wait_import(g, ns, name, clusters, PROPAGATION)
 }
 
 fn wait_no_import(g: &Gateway, ns: &str, name: &str, timeout: Duration) -> Result<()> {

@@ -336,20 +336,6 @@ fn east_gw_problems(g: &Gateway) -> Result<Vec<Value>> {
     })
 }
 
-/// A TCP echo server (python3, inside the endpoint namespace): `python3 -c ECHO <ip> <port>`.
-const ECHO: &str = "import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(16)
-def serve(c):
-    while True:
-        d = c.recv(1024)
-        if not d: break
-        c.sendall(d)
-    c.close()
-while True:
-    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-";
-
 #[test]
 fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() -> Result<()> {
     let net = endpoint_net(1)?;
@@ -363,7 +349,7 @@ fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() 
     let _echo = net
         .ns
         .command("python3")
-        .args(["-c", ECHO, &backend.ip().to_string(), "18080"])
+        .args(["-c", ECHO_SERVER, &backend.ip().to_string(), "18080"])
         .spawn()
         .context("starting the echo server in the endpoint namespace")?;
     let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
