@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -21,7 +20,6 @@ use futures::StreamExt;
 use hyper_util::rt::TokioIo;
 use quinn::VarInt;
 use rustls_pki_types::CertificateDer;
-use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,6 +33,7 @@ use crate::metrics::{
     PEER_SESSION_RESETS_TOTAL, PEERS_CONNECTED,
 };
 use crate::reload::{IdentityFiles, IdentityWatcher, ReloadError, ReloadStatus};
+use crate::socket::{MAX_GSO_BYTES, TunnelSocket, bind_udp};
 use crate::tls::{
     Credentials, Expected, RejectReason, Rejection, RejectionSink, TlsError, check_peer_identity,
     client_crypto, server_crypto,
@@ -66,9 +65,6 @@ pub const DEFAULT_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 8952;
 /// Smallest UDP payload QUIC allows (RFC 9000 §14).
 pub const MIN_UDP_PAYLOAD: u16 = 1200;
-/// Largest payload of one UDP send, GSO batch included (65535 − IPv4 and UDP headers): a GSO
-/// batch larger than this fails with EMSGSIZE, which quinn-udp drops silently.
-const MAX_GSO_BYTES: usize = 65_507;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -644,246 +640,6 @@ pub fn disconnect_reason(reason: Option<&quinn::ConnectionError>) -> &'static st
     }
 }
 
-/// Binds the UDP socket with large buffers so bulk transfers do not drop: a datagram dropped
-/// for a full receive buffer is a congestion event that halves the sending rate.
-fn bind_udp(listen: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, TunnelError> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let bind = |e| TunnelError::Bind(listen, e);
-    let socket =
-        Socket::new(Domain::for_address(listen), Type::DGRAM, Some(Protocol::UDP)).map_err(bind)?;
-    grow_buffers(&socket, buffer);
-    socket.bind(&listen.into()).map_err(bind)?;
-    Ok(socket.into())
-}
-
-/// Asks for `want` bytes of receive and send buffer: forced past `net.core.rmem_max` /
-/// `wmem_max` when the process has CAP_NET_ADMIN, else as much as those limits allow. Logs
-/// what was granted when it is less, with the sysctl to raise.
-fn grow_buffers(socket: &socket2::Socket, want: usize) {
-    use rustix::net::sockopt;
-    if sockopt::set_socket_recv_buffer_size_force(socket, want).is_err()
-        && let Err(e) = socket.set_recv_buffer_size(want)
-    {
-        tracing::debug!(error = %e, "could not raise SO_RCVBUF");
-    }
-    if sockopt::set_socket_send_buffer_size_force(socket, want).is_err()
-        && let Err(e) = socket.set_send_buffer_size(want)
-    {
-        tracing::debug!(error = %e, "could not raise SO_SNDBUF");
-    }
-    // Linux reports twice the size asked for (bookkeeping overhead included).
-    let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
-    if granted < want {
-        tracing::info!(
-            granted,
-            wanted = want,
-            "UDP receive buffer is smaller than asked for; bulk transfers may drop datagrams \
-             (raise net.core.rmem_max, or run with CAP_NET_ADMIN)"
-        );
-    }
-}
-
-/// Byte ranges of `len` bytes of datagrams of `segment` bytes (the last may be shorter), cut
-/// into sends of at most [`MAX_GSO_BYTES`] that keep datagram boundaries: quinn batches up to
-/// 10 datagrams of the current MTU in one GSO send, and a batch over 64 KiB fails (EMSGSIZE,
-/// dropped without a trace), which MTU discovery then mistakes for a black hole. Pure.
-pub fn gso_chunks(len: usize, segment: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let step = (MAX_GSO_BYTES / segment.max(1)).max(1) * segment.max(1);
-    (0..len).step_by(step).map(move |start| start..(start + step).min(len))
-}
-
-/// The tunnel's UDP socket for quinn: quinn-udp's batched, GSO/GRO-aware I/O on a socket
-/// registered with tokio's reactor, like quinn's own tokio adapter, with three differences:
-/// - the socket is registered for readability only. The kernel reports a UDP socket
-///   writable again each time one of its datagrams is freed, which on loopback happens inside
-///   the `sendmsg` itself: with write interest registered (as `tokio::net::UdpSocket` always
-///   does), every datagram sent cost one more `epoll_wait` round of the reactor, and on a
-///   real network card a wake-up at transmit completion. Only when a send finds the buffer
-///   full does quinn wait for writability, through a duplicate of the descriptor registered
-///   for write interest until it reports writable (`Writable`);
-/// - GSO batches over 64 KiB are cut into whole-datagram sends (quinn 0.11 does not cut
-///   them, whatever MTU discovery reaches);
-/// - a receive batch that leaves slots empty drained the socket, so its readiness is cleared
-///   at once (tokio does the same after a short TCP read) instead of after one more
-///   `recvmmsg` that returns `EAGAIN`: one syscall less per datagram burst, which is one per
-///   request and per response of a request/response exchange.
-#[derive(Debug)]
-pub(crate) struct TunnelSocket {
-    io: AsyncFd<std::net::UdpSocket>,
-    state: quinn::udp::UdpSocketState,
-    /// The last send found the buffer full: senders wait for writability first.
-    full: AtomicBool,
-    /// The runtime whose reactor `io` is registered with. The write-interest duplicate goes
-    /// to the same one: with the vendored quinn a writer task sends, and the export
-    /// exchange's writers run on the gateway's main runtime, not the data-plane one.
-    runtime: tokio::runtime::Handle,
-    /// The key of the endpoint's connection-id generator, to count junk datagrams
-    /// ([`crate::junk`]); `None`: not counted (a socket quinn rebinds).
-    cid_key: Option<u64>,
-}
-
-impl TunnelSocket {
-    /// Takes over a bound socket (switched to non-blocking); needs a tokio runtime. With
-    /// `cid_key` (the endpoint's connection-id key), junk datagrams are counted.
-    pub(crate) fn new(socket: std::net::UdpSocket, cid_key: Option<u64>) -> io::Result<Arc<Self>> {
-        let state = quinn::udp::UdpSocketState::new((&socket).into())?;
-        socket.set_nonblocking(true)?;
-        let io = register(socket, tokio::io::Interest::READABLE)?;
-        let runtime = tokio::runtime::Handle::current();
-        Ok(Arc::new(Self { io, state, full: AtomicBool::new(false), runtime, cid_key }))
-    }
-
-    /// Counts the junk among `n` received datagram batches (each may hold several GRO
-    /// segments of `stride` bytes).
-    fn count_junk(&self, bufs: &[io::IoSliceMut<'_>], meta: &[quinn::udp::RecvMeta], n: usize) {
-        let Some(key) = self.cid_key else { return };
-        let cids = quinn_proto::HashedConnectionIdGenerator::from_key(key);
-        for (buf, meta) in bufs.iter().zip(meta).take(n) {
-            for datagram in buf[..meta.len].chunks(meta.stride.max(1)) {
-                if let Some(reason) = crate::junk::junk_reason(datagram, &cids) {
-                    tracing::trace!(from = %meta.addr, reason, "junk datagram at the tunnel port");
-                    metrics::counter!(crate::metrics::JUNK_DATAGRAMS_TOTAL, "reason" => reason)
-                        .increment(1);
-                }
-            }
-        }
-    }
-
-    fn send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
-        let sent = self.state.send(self.io.get_ref().into(), transmit);
-        if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            && !self.full.swap(true, Ordering::Relaxed)
-        {
-            metrics::counter!(crate::metrics::SOCKET_FULL_TOTAL).increment(1);
-        }
-        sent
-    }
-}
-
-/// Registers a descriptor with the current runtime's reactor for `interest` only.
-///
-/// tokio 1.54 deprecated the safe constructor in favour of an `unsafe` one whose contract is
-/// that the descriptor stays open and the same while the `AsyncFd` lives. Both types passed
-/// here own their descriptor and close it only when dropped, after the `AsyncFd` has
-/// deregistered it, so the contract holds; the workspace forbids `unsafe`.
-#[allow(deprecated)]
-fn register<T: std::os::fd::AsRawFd>(
-    inner: T,
-    interest: tokio::io::Interest,
-) -> io::Result<AsyncFd<T>> {
-    AsyncFd::with_interest(inner, interest)
-}
-
-/// quinn's wait for the socket to take more datagrams, which quinn asks before every send.
-/// Ready at once unless the last send found the buffer full; then a duplicate descriptor of
-/// the socket is registered for write interest while the wait lasts and dropped
-/// (deregistered) as soon as it reports writable, so that no write-space event reaches the
-/// reactor otherwise.
-#[derive(Debug)]
-struct Writable {
-    socket: Arc<TunnelSocket>,
-    waiting: Option<AsyncFd<std::os::fd::OwnedFd>>,
-}
-
-impl quinn::UdpPoller for Writable {
-    fn poll_writable(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context,
-    ) -> std::task::Poll<io::Result<()>> {
-        use std::os::fd::AsFd;
-        let this = self.get_mut();
-        let waiting = match &mut this.waiting {
-            Some(waiting) => waiting,
-            None if !this.socket.full.load(Ordering::Relaxed) => {
-                return std::task::Poll::Ready(Ok(()));
-            }
-            None => {
-                let fd = this.socket.io.get_ref().as_fd().try_clone_to_owned()?;
-                let _reactor = this.socket.runtime.enter();
-                this.waiting.insert(register(fd, tokio::io::Interest::WRITABLE)?)
-            }
-        };
-        drop(std::task::ready!(waiting.poll_write_ready(cx))?);
-        this.waiting = None;
-        this.socket.full.store(false, Ordering::Relaxed);
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
-impl quinn::AsyncUdpSocket for TunnelSocket {
-    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
-        Box::pin(Writable { socket: self, waiting: None })
-    }
-    fn try_send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
-        let segment = match transmit.segment_size {
-            Some(segment) if transmit.contents.len() > MAX_GSO_BYTES => segment,
-            _ => return self.send(transmit),
-        };
-        for (i, range) in gso_chunks(transmit.contents.len(), segment).enumerate() {
-            let contents = &transmit.contents[range];
-            let part = quinn::udp::Transmit {
-                destination: transmit.destination,
-                ecn: transmit.ecn,
-                contents,
-                segment_size: (contents.len() > segment).then_some(segment),
-                src_ip: transmit.src_ip,
-            };
-            match self.send(&part) {
-                Ok(()) => {}
-                // Nothing sent yet: quinn retries the whole batch when the socket is writable.
-                Err(e) if i == 0 => return Err(e),
-                // Part of the batch is out: the rest counts as lost on the wire (QUIC resends
-                // it); reporting WouldBlock would make quinn send the first part twice.
-                Err(_) => return Ok(()),
-            }
-        }
-        Ok(())
-    }
-    fn poll_recv(
-        &self,
-        cx: &mut std::task::Context,
-        bufs: &mut [io::IoSliceMut<'_>],
-        meta: &mut [quinn::udp::RecvMeta],
-    ) -> std::task::Poll<io::Result<usize>> {
-        let slots = bufs.len().min(quinn::udp::BATCH_SIZE);
-        loop {
-            let mut ready = std::task::ready!(self.io.poll_read_ready(cx))?;
-            // `try_io` clears the readiness it observed (not a newer one) when the closure
-            // reports WouldBlock, so a short batch is reported that way and kept aside.
-            let mut short = None;
-            let r = ready.try_io(|io| {
-                let n = self.state.recv(io.get_ref().into(), bufs, meta)?;
-                if n < slots {
-                    short = Some(n);
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(n)
-            });
-            match (r, short) {
-                (_, Some(n)) | (Ok(Ok(n)), None) => {
-                    self.count_junk(bufs, meta, n);
-                    return std::task::Poll::Ready(Ok(n));
-                }
-                // As quinn's adapter: any error (EAGAIN, or one an ICMP message left on the
-                // socket) means waiting for the socket again.
-                (Ok(Err(_)) | Err(_), None) => {}
-            }
-        }
-    }
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.io.get_ref().local_addr()
-    }
-    fn max_transmit_segments(&self) -> usize {
-        self.state.max_gso_segments()
-    }
-    fn max_receive_segments(&self) -> usize {
-        self.state.gro_segments()
-    }
-    fn may_fragment(&self) -> bool {
-        self.state.may_fragment()
-    }
-}
-
 /// The peer a connection's verified certificate names.
 fn peer_of(conn: &quinn::Connection, settings: &TunnelSettings) -> Option<ClusterId> {
     let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
@@ -1446,93 +1202,6 @@ mod unit_tests {
     }
 
     /// Lengths of the datagrams one `poll_recv` returns (`None`: it would wait).
-    fn poll_recv_once(socket: &TunnelSocket) -> Option<Vec<usize>> {
-        use quinn::AsyncUdpSocket;
-        let mut storage = vec![[0u8; 2048]; quinn::udp::BATCH_SIZE];
-        let mut bufs: Vec<io::IoSliceMut<'_>> =
-            storage.iter_mut().map(|b| io::IoSliceMut::new(b)).collect();
-        let mut meta = vec![quinn::udp::RecvMeta::default(); bufs.len()];
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match socket.poll_recv(&mut cx, &mut bufs, &mut meta) {
-            std::task::Poll::Ready(n) => {
-                Some(meta[..n.expect("recv")].iter().map(|m| m.len).collect())
-            }
-            std::task::Poll::Pending => None,
-        }
-    }
-
-    /// Waits (bounded) until the socket has datagrams and returns them.
-    async fn recv(socket: &TunnelSocket) -> Vec<usize> {
-        let wait = async {
-            loop {
-                if let Some(got) = poll_recv_once(socket) {
-                    return got;
-                }
-                socket.io.readable().await.expect("readable").retain_ready();
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), wait)
-            .await
-            .expect("a datagram was left unread")
-    }
-
-    #[tokio::test]
-    async fn a_short_receive_batch_clears_readiness_without_stranding_datagrams() {
-        let socket =
-            TunnelSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), None).unwrap();
-        let to = socket.io.get_ref().local_addr().unwrap();
-        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        // Distinct sizes, so GRO cannot merge them: one message per datagram.
-        let send = |sizes: std::ops::Range<usize>| {
-            for size in sizes {
-                sender.send_to(&vec![7u8; size], to).unwrap();
-            }
-        };
-        // One datagram: a short batch, after which nothing more is reported (the saved
-        // `recvmmsg` shows in `perf trace`, docs/benchmarks.md).
-        send(100..101);
-        assert_eq!(recv(&socket).await, vec![100]);
-        assert_eq!(poll_recv_once(&socket), None);
-        // A new datagram after the clear is still seen (the next edge re-arms the socket).
-        send(200..201);
-        assert_eq!(recv(&socket).await, vec![200]);
-        // More than a batch queued: the full batch keeps the readiness, so the rest comes
-        // with the very next poll, without waiting for another datagram.
-        let batch = quinn::udp::BATCH_SIZE;
-        send(300..300 + batch + 8);
-        let first = recv(&socket).await;
-        assert_eq!(first, (300..300 + batch).collect::<Vec<_>>());
-        let rest = poll_recv_once(&socket).expect("the rest without waiting");
-        assert_eq!(rest, (300 + batch..300 + batch + 8).collect::<Vec<_>>());
-        assert_eq!(poll_recv_once(&socket), None);
-    }
-
-    #[tokio::test]
-    async fn write_interest_is_registered_only_while_a_full_buffer_is_waited_out() {
-        use quinn::UdpPoller;
-        let socket =
-            TunnelSocket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap(), None).unwrap();
-        let mut poller = Writable { socket: socket.clone(), waiting: None };
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        // Nothing found the buffer full: ready without registering anything.
-        let ready = std::pin::Pin::new(&mut poller).poll_writable(&mut cx);
-        assert!(matches!(ready, std::task::Poll::Ready(Ok(()))));
-        assert!(poller.waiting.is_none());
-        // After a full buffer the wait registers a duplicate descriptor for write interest;
-        // the socket has room, so the reactor reports it writable and the registration goes.
-        socket.full.store(true, Ordering::Relaxed);
-        let first = std::pin::Pin::new(&mut poller).poll_writable(&mut cx);
-        assert!(first.is_pending(), "the new registration waits for the reactor's report");
-        assert!(poller.waiting.is_some(), "write interest registered while waiting");
-        let wait = std::future::poll_fn(|cx| std::pin::Pin::new(&mut poller).poll_writable(cx));
-        tokio::time::timeout(Duration::from_secs(10), wait)
-            .await
-            .expect("a socket with room is reported writable")
-            .expect("writable");
-        assert!(poller.waiting.is_none(), "registration dropped once writable");
-        assert!(!socket.full.load(Ordering::Relaxed));
-    }
-
     #[test]
     fn reset_key_is_the_same_for_the_same_identity_only() {
         use quinn::crypto::HmacKey;
@@ -1601,29 +1270,6 @@ mod unit_tests {
         assert_eq!(got, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         b.reset();
         assert_eq!(b.fail(), BACKOFF_MIN);
-    }
-
-    #[test]
-    fn gso_sends_stay_under_64_kib_and_keep_datagram_boundaries() {
-        // (bytes in quinn's batch, segment size, expected send lengths)
-        let cases: [(usize, usize, &[usize]); 6] = [
-            (10 * 1452, 1452, &[14_520]),
-            (10 * 8952, 8952, &[7 * 8952, 3 * 8952]),
-            (9 * 8952 + 100, 8952, &[7 * 8952, 2 * 8952 + 100]),
-            (10 * 16_384, 16_384, &[3 * 16_384, 3 * 16_384, 3 * 16_384, 16_384]),
-            (2 * 65_507, 65_507, &[65_507, 65_507]),
-            (0, 1452, &[]),
-        ];
-        for (len, segment, want) in cases {
-            let got: Vec<_> = gso_chunks(len, segment).collect();
-            let lens: Vec<usize> = got.iter().map(|r| r.len()).collect();
-            assert_eq!(lens, want, "{len} bytes of {segment}-byte datagrams");
-            for r in &got {
-                assert!(r.len() <= MAX_GSO_BYTES);
-                assert_eq!(r.start % segment, 0, "a send starts on a datagram boundary");
-            }
-            assert_eq!(got.last().map_or(0, |r| r.end), len, "every byte is sent once");
-        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod junk;
 pub mod metrics;
 pub mod reload;
 pub mod runtime;
+mod socket;
 pub mod tls;
 
 #[cfg(any(test, feature = "test-util"))]

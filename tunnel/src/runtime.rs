@@ -34,7 +34,7 @@ impl quinn::Runtime for Pinned {
     ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
         // quinn calls it for `Endpoint::rebind`; the endpoint's own socket is made the same way.
         let _in = self.0.enter();
-        Ok(crate::endpoint::TunnelSocket::new(socket, None)?)
+        Ok(crate::socket::TunnelSocket::new(socket, None)?)
     }
 
     fn now(&self) -> Instant {
