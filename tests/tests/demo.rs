@@ -192,6 +192,39 @@ fn uid_of(pid: u32) -> Result<u32> {
     line.split_whitespace().nth(1).context("uid")?.parse().context("uid number")
 }
 
+/// The commands of the demo's "Try it" block (between that line and "Dashboards:"), without
+/// their comments.
+fn printed_commands(seen: &[String]) -> Result<Vec<String>> {
+    let start = seen.iter().position(|l| l.starts_with("Try it")).context("no Try it block")?;
+    Ok(seen[start + 1..]
+        .iter()
+        .take_while(|l| !l.starts_with("Dashboards:"))
+        .map(|l| l.split("  #").next().unwrap_or_default().trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+/// Runs `command` with `sh -c` and a PATH holding nothing but `fedgate`; returns its stdout.
+fn bare_shell(command: &str) -> Result<String> {
+    let bin = tempfile::tempdir()?;
+    std::os::unix::fs::symlink(fedgate_bin(), bin.path().join("fedgate"))?;
+    let out = Command::new("/bin/sh")
+        .args(["-c", command])
+        .env_clear()
+        .env("PATH", bin.path())
+        .output()
+        .context("running sh")?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} exited {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn dig(server: Ipv4Addr, args: &[&str]) -> Result<Vec<String>> {
     let out = Command::new("dig")
         .arg(format!("@{server}"))
@@ -325,6 +358,21 @@ fn demo_serves_dns_and_traffic_fails_over_and_back_and_stops_cleanly() -> Result
     assert!(srv.iter().any(|l| l.ends_with("echo.demo.svc.clusterset.local.")), "{srv:?}");
     // cluster.local: east's own Service only (its ClusterIP from the file source).
     assert_eq!(dig(east, &["echo.demo.svc.cluster.local"])?, ["10.96.0.10"]);
+
+    // Every command of the demo's "Try it" hints works with nothing but fedgate and a shell:
+    // no dig, curl or nc on the PATH (a fresh machine has none of them).
+    let hints = printed_commands(&demo.seen)?;
+    assert!(hints.len() >= 9, "the hints: {hints:?}");
+    for command in &hints {
+        let out = bare_shell(command)?;
+        assert!(!out.trim().is_empty(), "{command:?} printed nothing");
+        if command.starts_with("fedgate demo echo") {
+            assert_eq!(out.trim(), "east (east-1): hi", "{command}");
+        }
+        if command.ends_with("echo.demo.svc.clusterset.local") {
+            assert_eq!(out.trim(), vip.to_string(), "{command}");
+        }
+    }
 
     // TCP: the echo port of the same VIP, and north's headless db-0 through its own VIP
     // (east has no db endpoint: the connection crosses the tunnel).

@@ -11,6 +11,7 @@ pub mod control;
 pub mod gateways;
 pub mod layout;
 mod run;
+pub mod tools;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -68,6 +69,12 @@ pub enum DemoCommand {
     Restore(TargetArgs),
     /// Print the running demo's clusters and backends with their state (JSON).
     State(ControlArgs),
+    /// Look a name up at the demo's DNS and print the answers (like `dig +short`).
+    Dig(tools::DigArgs),
+    /// Fetch an http:// URL and print the body (like `curl -s`).
+    Get(tools::GetArgs),
+    /// Send a line to a TCP address and print the reply (like `echo TEXT | nc -q1`).
+    Echo(tools::EchoArgs),
     /// A demo gateway (started by `fedgate demo`; exits when the demo is gone).
     #[command(hide = true)]
     Gateway(GatewayArgs),
@@ -136,6 +143,8 @@ pub struct GatewayArgs {
 pub enum DemoError {
     #[error(transparent)]
     Layout(#[from] layout::LayoutError),
+    #[error(transparent)]
+    Tool(#[from] tools::ToolError),
     #[error("{0}: {1}")]
     Io(PathBuf, #[source] std::io::Error),
     #[error("binding {0}: {1} (is another demo running? pick another --base-ip)")]
@@ -204,6 +213,9 @@ pub fn execute(
             client(out, &t.control, Method::POST, "restore", Some(body))
         }
         Some(DemoCommand::State(c)) => client(out, &c, Method::GET, "state", None),
+        Some(DemoCommand::Dig(a)) => tools::dig(&a, out).map_err(DemoError::from),
+        Some(DemoCommand::Get(a)) => tools::get(&a, out).map_err(DemoError::from),
+        Some(DemoCommand::Echo(a)) => tools::echo(&a, out).map_err(DemoError::from),
     };
     match result {
         Ok(()) => EXIT_OK,

@@ -402,23 +402,30 @@ fn try_this(layout: &Layout, vips: &Vips, control: SocketAddr, dir: &Path) -> St
     } else {
         format!(" --base-ip {}", layout.control.ip())
     };
-    let dig = format!("dig @{ip} -p {port} +short");
+    let dns_flag = if port == super::layout::DEFAULT_DNS_PORT {
+        String::new()
+    } else {
+        format!(" --dns-port {port}")
+    };
+    // Only fedgate's own clients: a fresh machine has no dig, curl or nc (`demo/tools.rs`).
+    let dig = format!("fedgate demo dig{base}{dns_flag}");
+    let get = "fedgate demo get";
     let dashboards: Vec<String> =
         layout.clusters.iter().map(|c| format!("http://{}/", c.admin())).collect();
     format!(
-        "\nTry it (every gateway answers DNS on port {port}: dig @<gateway> -p {port} ...):\n\
+        "\nTry it (every gateway answers DNS on port {port}; `fedgate demo dig` asks east's, {ip}):\n\
          \x20 {dig} echo.{NAMESPACE}.svc.clusterset.local            # east's ClusterSetIP: {vip}\n\
-         \x20 {dig} SRV _http._tcp.echo.{NAMESPACE}.svc.clusterset.local\n\
+         \x20 {dig} _http._tcp.echo.{NAMESPACE}.svc.clusterset.local SRV\n\
          \x20 {dig} db.{NAMESPACE}.svc.clusterset.local              # headless: an address per endpoint\n\
          \x20 {dig} db-0.north.db.{NAMESPACE}.svc.clusterset.local\n\
          \x20 {dig} echo.{NAMESPACE}.svc.cluster.local               # east's own Service only\n\
-         \x20 curl -s http://$({dig} echo.{NAMESPACE}.svc.clusterset.local):{HTTP}/   # hello from east (east-1)\n\
-         \x20 curl -s http://{vip}:{HTTP}/                       # the same, by address\n\
-         \x20 echo hi | nc -q1 {vip} {ECHO}                     # TCP echo: east (east-1): hi\n\
-         \x20 curl -s 'http://{admin}/debug/imports?service={NAMESPACE}/legacy'   # TypeConflict, east wins\n\
+         \x20 {get} http://$({dig} echo.{NAMESPACE}.svc.clusterset.local):{HTTP}/   # hello from east (east-1)\n\
+         \x20 {get} http://{vip}:{HTTP}/                       # the same, by address\n\
+         \x20 fedgate demo echo {vip}:{ECHO} hi                 # TCP echo: east (east-1): hi\n\
+         \x20 {get} 'http://{admin}/debug/imports?service={NAMESPACE}/legacy'   # TypeConflict, east wins\n\
          Dashboards: {dashboards}\n\
          \n\
-         Watch failover (run `while sleep 0.5; do curl -s http://{vip}:{HTTP}/; done` in another terminal):\n\
+         Watch failover (run `while sleep 0.5; do {get} http://{vip}:{HTTP}/; done` in another terminal):\n\
          \x20 fedgate demo fail east/east-1{base}     # east's backend down: north answers (same region)\n\
          \x20 fedgate demo fail north{base}           # north's gateway stops (--crash: killed): west answers\n\
          \x20 fedgate demo restore north{base}        # and restore east/east-1: traffic comes back\n\
@@ -453,10 +460,16 @@ mod tests {
         vips.entry("east".into()).or_default().insert("echo".into(), "127.7.8.130".into());
         let text = try_this(&layout, &vips, layout.control, Path::new("/s"));
         assert!(
-            text.contains("dig @127.7.8.21 -p 5400 +short echo.demo.svc.clusterset.local"),
+            text.contains(
+                "fedgate demo dig --base-ip 127.7.8.21 --dns-port 5400 echo.demo.svc.clusterset.local"
+            ),
             "{text}"
         );
-        assert!(text.contains("curl -s http://127.7.8.130:8080/"), "{text}");
+        assert!(text.contains("fedgate demo get http://127.7.8.130:8080/"), "{text}");
+        assert!(text.contains("fedgate demo echo 127.7.8.130:9000 hi"), "{text}");
+        for tool in ["dig @", "curl", " nc "] {
+            assert!(!text.contains(tool), "{tool} is not on a fresh machine: {text}");
+        }
         assert!(text.contains("fedgate demo fail north --base-ip 127.7.8.21"), "{text}");
         assert!(text.contains("http://127.7.8.23:15000/"), "{text}");
         let default = Layout::new(super::super::layout::DEFAULT_BASE_IP, 5353).expect("layout");
