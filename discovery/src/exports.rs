@@ -13,10 +13,31 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 use crate::mcs::{self, LocalExportsOutcome, Validity};
-use crate::model::{ClusterId, ClusterState, ExportSet, HealthMap, Locality, ServiceKey};
+use crate::model::{
+    ClusterId, ClusterState, ExportSet, ExportStatus, HealthMap, Locality, ServiceKey,
+};
 
 /// Validity of every local ServiceExport object, valid or not (the `Valid` condition).
 pub type ValidityMap = BTreeMap<ServiceKey, Validity>;
+
+/// `/debug/exports`: the conditions of each local ServiceExport (`Valid`, `Conflict`, ...), as
+/// the import set last computed them. The shape is read by `fedgate status` and the end-to-end
+/// tests.
+pub fn statuses_json(statuses: &BTreeMap<ServiceKey, ExportStatus>) -> serde_json::Value {
+    serde_json::Value::Array(
+        statuses
+            .values()
+            .map(|s| {
+                serde_json::json!({
+                    "namespace": s.key.namespace,
+                    "name": s.key.name,
+                    "cluster": s.cluster,
+                    "conditions": s.conditions,
+                })
+            })
+            .collect(),
+    )
+}
 
 /// The task that turns the local cluster state into the local export set.
 pub struct LocalExports {

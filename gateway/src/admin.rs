@@ -24,6 +24,16 @@ pub type Query = BTreeMap<String, String>;
 /// `{"error": "...", "code": "not_found" | "bad_request"}` is sent with HTTP 404 / 400.
 pub type DebugView = Arc<dyn Fn(&Query) -> serde_json::Value + Send + Sync>;
 
+/// One part's rows of `/debug/problems`, read when a request comes in.
+pub type ProblemRows = Box<dyn Fn() -> Vec<serde_json::Value> + Send + Sync>;
+
+/// `/debug/problems`: every part's rows, in the order given (each part renders its own).
+pub fn problems_view(parts: Vec<ProblemRows>) -> DebugView {
+    Arc::new(move |_: &Query| {
+        serde_json::Value::Array(parts.iter().flat_map(|rows| rows()).collect())
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("cannot bind admin HTTP on {0}: {1} (is another gateway using admin.listen?)")]

@@ -15,7 +15,6 @@ use fedgate_discovery::alloc::Allocator;
 use fedgate_discovery::exports::LocalExports;
 use fedgate_discovery::imports::{self, ImportSet};
 use fedgate_discovery::kube::{self as kube, ClusterSource, KubeSource, KubeWriter};
-use fedgate_discovery::model::{ImportSnapshot, ImportedService, ServiceKey};
 use fedgate_discovery::source::file::FileSource;
 use fedgate_dns::{DnsServer, DnsSettings};
 use fedgate_tunnel::{Identity, PeerConfig, TunnelEndpoint, TunnelSettings};
@@ -25,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{AdminServer, AdminState, DebugView, Query};
+use crate::admin::{self, AdminServer, AdminState, DebugView, Query};
 use crate::config::{self, Config, FrontMode, SourceKind, Upstream};
 use crate::data_thread::DataThread;
 use crate::dataplane::health::HealthSettings;
@@ -233,62 +232,33 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         _ => None,
     };
 
-    // Admin: one closure per view over the latest snapshots.
+    // Admin: each part renders its own views over its latest snapshots.
     let debug = dataplane.debug_handle();
     let mut views: BTreeMap<&'static str, DebugView> = BTreeMap::new();
-    let rx = import_rx.clone();
-    views.insert("imports", Arc::new(move |q: &Query| imports_view(&rx.borrow(), q)));
-    let status_rx = imports.subscribe_status();
-    views.insert(
-        "exports",
-        Arc::new(move |_: &Query| {
-            let statuses = status_rx.borrow();
-            Value::Array(
-                statuses
-                    .values()
-                    .map(|s| {
-                        json!({
-                            "namespace": s.key.namespace,
-                            "name": s.key.name,
-                            "cluster": s.cluster,
-                            "conditions": s.conditions,
-                        })
-                    })
-                    .collect(),
-            )
-        }),
-    );
-    let d = debug.clone();
-    views.insert("endpoints", Arc::new(move |_: &Query| d.debug_endpoints()));
+    views.insert("imports", Arc::new(imports::imports_view(import_rx.clone())));
+    views.insert("exports", Arc::new(imports::exports_view(imports.subscribe_status())));
+    views.insert("endpoints", debug.endpoints_view());
     let peer_status = peers.status();
     views.insert("peers", Arc::new(move |_: &Query| json!(**peer_status.borrow())));
-    let problems = source.problems();
-    let listener_problems = debug.clone();
+    // Cluster-source file problems, a ClusterProperty changed since start-up, imports waiting
+    // for a ClusterSetIP, then front listeners waiting for a bind retry.
+    let source_problems = source.problems();
     let identity_problems = identity.as_ref().map(|g| g.problems());
     let import_problems = imports.subscribe_problems();
+    let listeners = debug.clone();
     views.insert(
         "problems",
-        Arc::new(move |_: &Query| {
-            // Cluster-source file problems, a ClusterProperty changed since start-up, imports
-            // waiting for a ClusterSetIP, then front listeners waiting for a bind retry.
-            let mut all: Vec<Value> = problems.to_json();
-            if let Some(rx) = &identity_problems {
-                all.extend(rx.borrow().iter().map(|reason| {
-                    json!({"kind": "clusterProperty", "object": "ClusterProperty", "reason": reason})
-                }));
-            }
-            all.extend(import_problems.borrow().to_json());
-            all.extend(listener_problems.listener_problems().iter().map(|p| {
-                json!({
-                    "kind": "listener",
-                    "object": format!("listener {} ({})", p.address, p.service),
-                    "reason": p.reason,
-                    "attempts": p.attempts,
-                    "backoffMs": p.backoff_ms,
-                })
-            }));
-            Value::Array(all)
-        }),
+        admin::problems_view(vec![
+            Box::new(move || source_problems.to_json()),
+            Box::new(move || {
+                let Some(rx) = &identity_problems else { return Vec::new() };
+                let kind = "clusterProperty";
+                let row = |r| json!({"kind": kind, "object": "ClusterProperty", "reason": r});
+                rx.borrow().iter().map(row).collect()
+            }),
+            Box::new(move || import_problems.borrow().to_json()),
+            Box::new(move || listeners.problems_json()),
+        ]),
     );
     crate::dashboard::register_views(
         &mut views,
@@ -491,66 +461,4 @@ fn describe_metrics() {
     fedgate_tunnel::metrics::describe();
     imports::describe_metrics();
     kube::metrics::describe();
-}
-
-/// `/debug/imports`: every import as flat JSON; `?service=ns/name` or `?namespace=ns` narrow
-/// it, `?summary=1` answers only counts (cheap to poll).
-fn imports_view(snapshot: &Arc<ImportSnapshot>, q: &Query) -> Value {
-    // Lookups go through the ordered map (namespace, then name) so that polling one service
-    // or one namespace costs O(log n + k), not a walk over every import.
-    let selected: Box<dyn Iterator<Item = &Arc<ImportedService>>> =
-        if let Some((ns, name)) = q.get("service").and_then(|k| k.split_once('/')) {
-            Box::new(snapshot.services.get(&ServiceKey::new(ns, name)).into_iter())
-        } else if let Some(ns) = q.get("namespace") {
-            let ns = ns.clone();
-            Box::new(
-                snapshot
-                    .services
-                    .range(ServiceKey::new(ns.clone(), "")..)
-                    .take_while(move |(k, _)| k.namespace == ns)
-                    .map(|(_, s)| s),
-            )
-        } else {
-            Box::new(snapshot.services.values())
-        };
-    if q.get("summary").is_some_and(|v| v == "1" || v == "true") {
-        let mut count = 0usize;
-        let mut endpoints = 0usize;
-        for s in selected {
-            count += 1;
-            endpoints += s.clusters.values().map(|c| c.endpoints.len()).sum::<usize>();
-        }
-        return json!({ "version": snapshot.version, "services": count, "endpoints": endpoints });
-    }
-    Value::Array(selected.map(|s| import_json(s)).collect())
-}
-
-fn import_json(s: &ImportedService) -> Value {
-    json!({
-        "namespace": s.key.namespace,
-        "name": s.key.name,
-        "type": s.service_type.as_str(),
-        "ips": s.ips,
-        "ports": s.ports.iter().map(|p| json!({
-            "name": p.port.name,
-            "protocol": p.port.protocol.as_str(),
-            "port": p.port.port,
-            "appProtocol": p.port.app_protocol,
-            "clusters": p.clusters,
-        })).collect::<Vec<_>>(),
-        "sessionAffinity": s.session_affinity,
-        "winner": s.winner,
-        "conflicts": s.conflicts,
-        "clusters": s.clusters.iter().map(|(id, e)| (id.to_string(), json!({
-            "created": e.created,
-            "type": e.service_type.as_str(),
-            "endpoints": e.endpoints.iter().map(|ep| json!({
-                "address": ep.address,
-                "hostname": ep.hostname,
-                "ready": ep.ready,
-                "zone": ep.zone,
-                "health": ep.health,
-            })).collect::<Vec<_>>(),
-        }))).collect::<serde_json::Map<String, Value>>(),
-    })
 }

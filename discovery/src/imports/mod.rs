@@ -30,6 +30,7 @@ use crate::model::{
 mod metrics;
 mod problems;
 mod task;
+mod view;
 
 pub use metrics::{
     METRIC_ADDRESSES, METRIC_IMPORT_UPDATES, METRIC_IMPORTED_SERVICES, METRIC_UNALLOCATED_SERVICES,
@@ -37,6 +38,7 @@ pub use metrics::{
 };
 pub use problems::{AllocReport, MAX_LISTED};
 pub use task::ImportSet;
+pub use view::{Query, exports_view, import_json, imports_json, imports_view};
 
 /// How long IPs restored from the state file stay reserved for imports that have not come back
 /// yet (peers reconnecting after a restart), before they are released.

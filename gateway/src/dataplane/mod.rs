@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod select;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
+pub mod views;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -29,11 +30,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use fedgate_discovery::model::{
-    ClusterId, ClusterState, HealthMap, ImportSnapshot, Locality, ServiceKey,
-};
+use fedgate_discovery::model::{ClusterId, ClusterState, HealthMap, ImportSnapshot, Locality};
 use futures::future::BoxFuture;
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +40,7 @@ pub use drain::{Drain, DrainOutcome};
 pub use health::{HealthChecker, HealthSettings, OutlierSettings};
 pub use proxy::{BoxRecv, BoxSend, TunnelRecv, TunnelSend};
 pub use select::{EndpointView, PriorityLabel, SkipReason};
+pub use views::DebugPort;
 
 use health::{FailureOutcome, Outliers};
 use select::EndpointState;
@@ -315,70 +314,10 @@ impl Shared {
     }
 }
 
-/// One service port in `/debug/endpoints`.
-#[derive(Debug, Serialize)]
-pub struct DebugPort {
-    pub service: ServiceKey,
-    pub port: u16,
-    pub protocol: &'static str,
-    pub name: Option<String>,
-    pub endpoints: Vec<EndpointView>,
-}
-
-/// `/debug/endpoints`: every imported service port with each endpoint's tier, health and why
-/// it would be skipped. Cheap to clone; hand it to the admin server.
+/// The data plane's debug views (`/debug/endpoints`, listener problems); see [`views`].
+/// Cheap to clone; hand it to the admin server.
 #[derive(Clone)]
 pub struct DebugHandle(Arc<Shared>);
-
-impl DebugHandle {
-    /// Listeners bound and waiting for a retry right now.
-    pub fn listeners(&self) -> Arc<listeners::ListenerState> {
-        self.0.listeners.load_full()
-    }
-
-    /// Listeners that could not be bound and wait for a retry, with the reason (for
-    /// `/debug/problems`).
-    pub fn listener_problems(&self) -> Vec<listeners::ListenerProblem> {
-        self.0.listeners.load().problems.clone()
-    }
-
-    /// True when every listener the imports ask for is bound (for `/readyz`).
-    pub fn listeners_ready(&self) -> bool {
-        self.0.listeners.load().failed.is_empty()
-    }
-
-    pub fn endpoints(&self) -> Vec<DebugPort> {
-        let shared = &self.0;
-        let snapshot = shared.snapshot.borrow().clone();
-        let unreachable = shared.unreachable(&snapshot, None);
-        let mut out = Vec::new();
-        for service in snapshot.services.values() {
-            for port in &service.ports {
-                out.push(DebugPort {
-                    service: service.key.clone(),
-                    port: port.port.port,
-                    protocol: port.port.protocol.as_str(),
-                    name: port.port.name.clone(),
-                    endpoints: shared.rank(&snapshot, service, &port.port, &unreachable, None),
-                });
-            }
-        }
-        out
-    }
-
-    /// [`endpoints`](Self::endpoints) as JSON, with the client locality and priority used.
-    pub fn debug_endpoints(&self) -> serde_json::Value {
-        serde_json::json!({
-            "cluster": self.0.settings.cluster,
-            "clientLabels": self.0.client_labels,
-            "failoverPriority": self.0.priority,
-            "draining": self.0.drain.is_draining(),
-            "activeConnections": self.0.drain.active(),
-            "listeners": *self.listeners(),
-            "services": self.endpoints(),
-        })
-    }
-}
 
 /// The data plane of one gateway.
 pub struct DataPlane {
