@@ -12,4 +12,5 @@ pub mod imports;
 pub mod kube;
 pub mod mcs;
 pub mod model;
+pub mod objects;
 pub mod source;

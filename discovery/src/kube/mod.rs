@@ -4,12 +4,11 @@
 //! (which MCS version is served, the KEP-2149 cluster id: [`identity`]). See
 //! `docs/kubernetes.md`.
 //!
-//! Kubernetes types stop here: the source converts them into [`crate::model`] through the file
-//! source's conversion, and the writer builds them from model snapshots with pure functions
-//! ([`writer::desired`], [`writer::plan`]) that the I/O only carries out.
+//! Kubernetes types stop here: the source converts them into [`crate::model`] through
+//! [`crate::objects`], the conversion the file source uses too, and the writer builds them
+//! from model snapshots with pure functions ([`writer::desired`], [`writer::plan`]) that the
+//! I/O only carries out.
 
-pub mod any;
-pub mod convert;
 pub mod crd;
 pub mod identity;
 pub mod metrics;
@@ -24,7 +23,9 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 
 pub use ::kube::Client;
 pub use ::kube::api::ApiResource;
-pub use any::{ClusterSource, Problems};
+// The composition root (gateway/src/app.rs) still names the either-source type here; it
+// lives in `crate::source` now. Drop this re-export once app.rs imports it from there.
+pub use crate::source::{ClusterSource, Problems};
 pub use crd::{CLUSTER_ID_PROPERTY, CLUSTERSET_PROPERTY, MCS_GROUP};
 pub use identity::{ClusterProperties, IdSource, IdentityError};
 pub use source::{KubeProblem, KubeSource};

@@ -2,8 +2,8 @@
 //! API server and publishes the same [`ClusterState`] the file source does.
 //!
 //! Each kind has its own `kube::runtime::watcher` (list, then watch, relist with backoff after
-//! errors). Objects are converted at the edge ([`super::convert`] into the file source's wire
-//! shapes, then the file source's `TryFrom` into the model): a bad object becomes a
+//! errors). Objects are converted at the edge by [`crate::objects`], as the file source's are
+//! (API objects into its wire shapes, then `TryFrom` into the model): a bad object becomes a
 //! [`KubeProblem`] and is skipped, never the batch. The [`Store`] is the pure part: it holds
 //! converted objects and rebuilds only the services an event touched, so unchanged services
 //! keep their `Arc` (consumers diff by `Arc::ptr_eq`).
@@ -23,10 +23,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::model::{ClusterState, Endpoint, LocalService, ServiceExportObject, ServiceKey};
-use crate::source::file::{ExportSpec, SliceEndpoints};
+use crate::model::{ClusterState, LocalService, ServiceExportObject, ServiceKey};
+use crate::objects::endpoint_slice::merge_endpoints;
+use crate::objects::{self, ExportSpec, SliceEndpoints};
 
-use super::{LABEL_MANAGED_BY, MANAGED_BY_FEDGATE, convert};
+use super::{LABEL_MANAGED_BY, MANAGED_BY_FEDGATE};
 use crate::model::MANAGED_BY;
 
 /// Label key the EndpointSlice controller (and fedgate) put on slices to say who manages them.
@@ -206,7 +207,7 @@ impl Store {
     pub fn apply_service(&mut self, svc: &Service) -> Vec<ServiceKey> {
         let id = obj_id(&svc.metadata);
         self.note_relist(Kind::Service, &id);
-        let value = LocalService::try_from(convert::service(svc))
+        let value = LocalService::try_from(objects::kube::service(svc))
             .map(Converted::Service)
             .map_err(|e| e.to_string());
         self.insert(Kind::Service, id, value)
@@ -215,7 +216,7 @@ impl Store {
     pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Vec<ServiceKey> {
         let id = obj_id(&slice.metadata);
         self.note_relist(Kind::EndpointSlice, &id);
-        let value = SliceEndpoints::try_from(convert::endpoint_slice(slice))
+        let value = SliceEndpoints::try_from(objects::kube::endpoint_slice(slice))
             .map(Converted::Slice)
             .map_err(|e| e.to_string());
         self.insert(Kind::EndpointSlice, id, value)
@@ -225,7 +226,7 @@ impl Store {
     pub fn apply_export(&mut self, obj: &DynamicObject, now: jiff::Timestamp) -> Vec<ServiceKey> {
         let id = obj_id(&obj.metadata);
         self.note_relist(Kind::ServiceExport, &id);
-        let value = convert::service_export(obj)
+        let value = objects::kube::service_export(obj)
             .and_then(|w| ExportSpec::try_from(w).map_err(|e| e.to_string()))
             .map(|spec| Converted::Export(spec.into_object(now)));
         self.insert(Kind::ServiceExport, id, value)
@@ -307,13 +308,6 @@ impl Store {
         self.state = Arc::new(state);
         true
     }
-}
-
-/// Endpoints of all slices of a service in slice name order; an address listed twice counts
-/// once (the first), as in the file source.
-fn merge_endpoints<'a>(slices: impl Iterator<Item = &'a SliceEndpoints>) -> Vec<Endpoint> {
-    let mut seen = HashSet::new();
-    slices.flat_map(|s| s.endpoints.iter()).filter(|e| seen.insert(e.address)).cloned().collect()
 }
 
 /// The kube source. Build with [`KubeSource::new`], subscribe, then spawn [`KubeSource::run`].

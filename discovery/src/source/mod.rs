@@ -2,4 +2,7 @@
 //! EndpointSlices, ServiceExports). Each source publishes one immutable
 //! [`ClusterState`](crate::model::ClusterState) through a `tokio::sync::watch` channel.
 
+pub mod any;
 pub mod file;
+
+pub use any::{ClusterSource, Problems};

@@ -20,10 +20,8 @@
 //! # Ok(()) }
 //! ```
 
-mod convert;
 mod parse;
 mod state;
-pub mod wire;
 
 use std::collections::BTreeSet;
 use std::io;
@@ -40,10 +38,6 @@ use tracing::Instrument;
 
 use crate::model::ClusterState;
 
-pub use convert::{
-    ConvertError, DEFAULT_AFFINITY_TIMEOUT_SECONDS, DEFAULT_NAMESPACE, ExportSpec, FieldPath,
-    LABEL_SLICE_SERVICE_NAME, Seg, SliceEndpoints,
-};
 pub use parse::{Kind, Object, ObjectRef, ObjectValue, Problem, parse_documents};
 pub use state::{MAX_DEPTH, MAX_FILE_BYTES};
 

@@ -13,9 +13,9 @@ use serde::de::{
 use serde_norway::Value;
 
 use crate::model::LocalService;
-
-use super::convert::{ConvertError, DEFAULT_NAMESPACE, ExportSpec, FieldPath, Seg, SliceEndpoints};
-use super::wire;
+use crate::objects::{
+    ConvertError, DEFAULT_NAMESPACE, ExportSpec, FieldPath, Seg, SliceEndpoints, wire,
+};
 
 /// A document the source could not use, or a warning about one it did.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

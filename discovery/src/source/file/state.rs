@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::model::{ClusterState, Endpoint, LocalService, ServiceExportObject, ServiceKey};
+use crate::model::{ClusterState, LocalService, ServiceExportObject, ServiceKey};
+use crate::objects::endpoint_slice::merge_endpoints;
+use crate::objects::{ExportSpec, SliceEndpoints};
 
 use super::SourceError;
-use super::convert::{ExportSpec, SliceEndpoints};
 use super::parse::{Object, ObjectRef, ObjectValue, ParsedFile, Problem, parse_file};
 
 /// Files larger than this are reported and not read (a cluster's YAML is far smaller).
@@ -233,13 +234,6 @@ impl Loader {
             self.problems = Arc::new(problems);
         }
     }
-}
-
-/// Endpoints of all slices of a service, in slice name order; an address listed by two
-/// slices counts once (the first).
-fn merge_endpoints<'a>(slices: impl Iterator<Item = &'a SliceEndpoints>) -> Vec<Endpoint> {
-    let mut seen = HashSet::new();
-    slices.flat_map(|s| s.endpoints.iter()).filter(|e| seen.insert(e.address)).cloned().collect()
 }
 
 /// Reads and parses one file. `old` is the file's previous record: objects it yielded stay

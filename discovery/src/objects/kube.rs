@@ -1,7 +1,7 @@
 //! Kubernetes API objects (k8s-openapi types, and ServiceExports read as dynamic objects) into
-//! the file source's wire shapes ([`crate::source::file::wire`]). From there the conversion
-//! into the model is the file source's, so both sources validate, default and convert an
-//! object the same way. Pure functions; field moves only, no decisions.
+//! the [`wire`] shapes the file source reads from YAML. From there the conversion into the
+//! model is the same for both sources, so they validate, default and convert an object the
+//! same way. Pure functions; field moves only, no decisions.
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::DynamicObject;
 
-use crate::source::file::wire;
+use super::wire;
 
 /// `metadata` fields the conversion reads.
 pub fn meta(m: &ObjectMeta) -> wire::ObjectMeta {
@@ -110,7 +110,7 @@ mod tests {
 
     use super::*;
     use crate::model::{LocalService, Protocol, ServiceKey, SessionAffinity, TargetPort};
-    use crate::source::file::{ExportSpec, SliceEndpoints};
+    use crate::objects::{ExportSpec, SliceEndpoints};
 
     fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
         serde_json::from_value(v).expect("test object")

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::kube::{KubeProblem, KubeSource};
 use crate::model::ClusterState;
-use crate::source::file::FileSource;
 
-use super::KubeSource;
+use super::file::{FileSource, Problem};
 
 /// Either cluster source.
 #[derive(Debug)]
@@ -54,8 +54,8 @@ impl ClusterSource {
 /// The problems receiver of either source.
 #[derive(Clone, Debug)]
 pub enum Problems {
-    File(watch::Receiver<Arc<Vec<crate::source::file::Problem>>>),
-    Kube(watch::Receiver<Arc<Vec<super::KubeProblem>>>),
+    File(watch::Receiver<Arc<Vec<Problem>>>),
+    Kube(watch::Receiver<Arc<Vec<KubeProblem>>>),
 }
 
 impl Problems {

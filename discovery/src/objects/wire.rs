@@ -1,7 +1,9 @@
-//! The YAML shapes the file source reads. They follow the Kubernetes API closely enough to
-//! accept real manifests (unknown fields such as `selector` or `status` are ignored) and they
-//! stop here: [`super::convert`] turns them into the model. Every field is optional so that a
-//! missing field is reported by the conversion with its path, not as a serde error.
+//! The shapes of the Kubernetes objects both sources convert: the file source reads them from
+//! YAML, the kube source fills them from API objects ([`super::kube`]). They follow the
+//! Kubernetes API closely enough to accept real manifests (unknown fields such as `selector`
+//! or `status` are ignored) and they stop here: the sibling modules turn them into the model.
+//! Every field is optional so that a missing field is reported by the conversion with its
+//! path, not as a serde error.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,0 +1,111 @@
+//! The EndpointSlices the writer owns: per import and source cluster, the cluster's endpoints
+//! (one address family and port set per slice, at most [`MAX_ENDPOINTS_PER_SLICE`] endpoints),
+//! and in `front.mode: kube` the slice of a derived Service that points at the gateway pod.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde_json::{Value, json};
+
+use crate::kube::source::LABEL_SLICE_MANAGED_BY;
+use crate::model::{
+    Endpoint, Health, LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, MANAGED_BY, ServiceKey, ServicePort,
+};
+
+use super::actions::{DesiredObject, ObjRef, WriteKind};
+use super::bodies::{family_of, family_str, managed_labels, service_port_json, slice_name};
+use super::{LABEL_KUBE_SERVICE_NAME, MAX_ENDPOINTS_PER_SLICE};
+
+/// A cluster's endpoints as EndpointSlices: grouped by address family and by the ports they
+/// serve the exposed service ports on, cut into slices of at most
+/// [`MAX_ENDPOINTS_PER_SLICE`].
+pub(super) fn cluster_slices(
+    key: &ServiceKey,
+    cluster: &str,
+    endpoints: &[Endpoint],
+    exposed: &[&ServicePort],
+) -> Vec<(ObjRef, DesiredObject)> {
+    type PortSet = Vec<(Option<String>, &'static str, Option<u16>)>;
+    let mut groups: BTreeMap<(&'static str, PortSet), Vec<&Endpoint>> = BTreeMap::new();
+    for e in endpoints {
+        let ports: PortSet =
+            exposed.iter().map(|p| (p.name.clone(), p.protocol.as_str(), e.port_for(p))).collect();
+        groups.entry((family_str(family_of(&e.address)), ports)).or_default().push(e);
+    }
+    let mut out = Vec::new();
+    let mut index = 0;
+    for ((family, ports), members) in groups {
+        for chunk in members.chunks(MAX_ENDPOINTS_PER_SLICE) {
+            let name = slice_name(key, cluster, index);
+            index += 1;
+            let mut labels = managed_labels();
+            labels.insert(LABEL_SERVICE_NAME.to_owned(), json!(key.name));
+            labels.insert(LABEL_SOURCE_CLUSTER.to_owned(), json!(cluster));
+            labels.insert(LABEL_SLICE_MANAGED_BY.to_owned(), json!(MANAGED_BY));
+            let body = json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {"name": name, "namespace": key.namespace, "labels": labels},
+                "addressType": family,
+                "ports": ports.iter().map(|(n, proto, port)| {
+                    let mut p = json!({"protocol": proto});
+                    if let Some(n) = n { p["name"] = json!(n); }
+                    if let Some(port) = port { p["port"] = json!(port); }
+                    p
+                }).collect::<Vec<_>>(),
+                "endpoints": chunk.iter().map(|e| endpoint_json(e)).collect::<Vec<_>>(),
+            });
+            out.push((
+                ObjRef { kind: WriteKind::EndpointSlice, namespace: key.namespace.clone(), name },
+                DesiredObject { body, status: None },
+            ));
+        }
+    }
+    out
+}
+
+pub(super) fn endpoint_json(e: &Endpoint) -> Value {
+    // Ready means traffic may go there: ready in its cluster and not failing its checks.
+    let ready = e.ready && e.health != Health::Unhealthy;
+    let mut v = json!({
+        "addresses": [e.address.to_string()],
+        "conditions": {"ready": ready, "serving": e.ready},
+    });
+    if let Some(h) = &e.hostname {
+        v["hostname"] = json!(h);
+    }
+    if let Some(z) = &e.zone {
+        v["zone"] = json!(z);
+    }
+    v
+}
+
+pub(super) fn derived_slice(
+    key: &ServiceKey,
+    service: &str,
+    pod_ip: IpAddr,
+    served: &[(&ServicePort, u16)],
+) -> (ObjRef, DesiredObject) {
+    let mut labels = managed_labels();
+    labels.insert(LABEL_KUBE_SERVICE_NAME.to_owned(), json!(service));
+    labels.insert(LABEL_SLICE_MANAGED_BY.to_owned(), json!(MANAGED_BY));
+    let body = json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": service, "namespace": key.namespace, "labels": labels},
+        "addressType": family_str(family_of(&pod_ip)),
+        "ports": served.iter().map(|(p, gw)| {
+            let svc = service_port_json(p, None);
+            json!({"name": svc["name"], "protocol": p.protocol.as_str(), "port": gw})
+        }).collect::<Vec<_>>(),
+        "endpoints": [{"addresses": [pod_ip.to_string()], "conditions": {"ready": true}}],
+    });
+    (
+        ObjRef {
+            kind: WriteKind::EndpointSlice,
+            namespace: key.namespace.clone(),
+            name: service.to_owned(),
+        },
+        DesiredObject { body, status: None },
+    )
+}
