@@ -12,5 +12,6 @@ pub mod imports;
 pub mod kube;
 pub mod mcs;
 pub mod model;
+pub mod names;
 pub mod objects;
 pub mod source;

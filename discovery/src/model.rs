@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::names::{Label, NameError, Subdomain};
+
 /// Label key under which a cluster's id takes part in locality and failover priority.
 pub const LABEL_SOURCE_CLUSTER: &str = "multicluster.kubernetes.io/source-cluster";
 /// Label key of the region in a locality.
@@ -40,21 +42,8 @@ pub struct InvalidClusterId {
 impl ClusterId {
     pub fn new(value: impl AsRef<str>) -> Result<Self, InvalidClusterId> {
         let value = value.as_ref();
-        let fail = |reason| InvalidClusterId { value: value.to_owned(), reason };
-        if value.is_empty() {
-            return Err(fail("must not be empty"));
-        }
-        if value.len() > 63 {
-            return Err(fail("must be at most 63 characters (an RFC 1123 label)"));
-        }
-        if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-            return Err(fail(
-                "may contain only lowercase letters, digits and '-' (an RFC 1123 label)",
-            ));
-        }
-        if value.starts_with('-') || value.ends_with('-') {
-            return Err(fail("must start and end with a letter or digit (an RFC 1123 label)"));
-        }
+        Label::check(value)
+            .map_err(|e| InvalidClusterId { value: value.to_owned(), reason: e.reason() })?;
         Ok(Self(value.into()))
     }
 

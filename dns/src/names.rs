@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use fedgate_discovery::model::Label;
 use hickory_proto::rr::Name;
 
 /// One of the zones this server is authoritative for.
@@ -92,11 +93,7 @@ pub fn key_labels(key: &[u8]) -> Vec<&[u8]> {
 /// True for an RFC 1123 label: 1–63 of `a-z 0-9 -`, not starting or ending with `-`
 /// (compared case-insensitively; we serve lowercase).
 pub fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+    Label::check_ignoring_case(s).is_ok()
 }
 
 /// True for a DNS-SD style service label such as a Kubernetes port name (`http`, `grpc-web`):

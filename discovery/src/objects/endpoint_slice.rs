@@ -4,11 +4,11 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 
-use crate::model::{Endpoint, EndpointPort, Health, IpFamily, ServiceKey};
+use crate::model::{Endpoint, EndpointPort, Health, IpFamily, Label, ServiceKey};
 
 use super::{
-    ConvertError, NameRule, Result, Seg, check_label, family_of, fld, non_empty, object_key,
-    parse_ip, parse_port, parse_port_name, parse_protocol, wire,
+    ConvertError, NameRule, Result, Seg, family_of, fld, non_empty, object_key, parse_ip,
+    parse_port, parse_port_name, parse_protocol, wire,
 };
 
 /// Label that ties an EndpointSlice to its Service.
@@ -41,7 +41,7 @@ impl TryFrom<wire::EndpointSlice> for SliceEndpoints {
                     format!("missing label {LABEL_SLICE_SERVICE_NAME} (it ties the slice to its Service)"),
                 )
             })?;
-        check_label(service_name, true).map_err(|why| {
+        Label::check_rfc1035(service_name).map_err(|why| {
             ConvertError::at(
                 &[
                     fld("metadata"),
@@ -136,7 +136,7 @@ impl TryFrom<wire::Endpoint> for Endpoint {
         }
         let hostname = non_empty(e.hostname);
         if let Some(h) = &hostname {
-            check_label(h, false).map_err(|why| {
+            Label::check(h).map_err(|why| {
                 ConvertError::at(&[fld("hostname")], format!("invalid hostname {h:?}: {why}"))
             })?;
         }

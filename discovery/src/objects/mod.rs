@@ -18,7 +18,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use crate::model::{IpFamily, Protocol, ServiceKey};
+use crate::model::{IpFamily, Label, NameError, Protocol, ServiceKey, Subdomain};
 
 pub use endpoint_slice::{LABEL_SLICE_SERVICE_NAME, SliceEndpoints};
 pub use service::{DEFAULT_AFFINITY_TIMEOUT_SECONDS, MAX_AFFINITY_TIMEOUT_SECONDS};
@@ -106,36 +106,10 @@ enum NameRule {
     Rfc1123Subdomain,
 }
 
-fn check_label(s: &str, must_start_with_letter: bool) -> std::result::Result<(), &'static str> {
-    if s.is_empty() {
-        return Err("must not be empty");
-    }
-    if s.len() > 63 {
-        return Err("must be at most 63 characters (a DNS label)");
-    }
-    if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-        return Err("may contain only lowercase letters, digits and '-' (a DNS label)");
-    }
-    if must_start_with_letter && !s.as_bytes()[0].is_ascii_lowercase() {
-        return Err("must start with a lowercase letter (an RFC 1035 label)");
-    }
-    if s.starts_with('-') || s.ends_with('-') {
-        return Err("must start and end with a letter or digit (a DNS label)");
-    }
-    Ok(())
-}
-
-fn check_subdomain(s: &str) -> std::result::Result<(), &'static str> {
-    if s.len() > 253 {
-        return Err("must be at most 253 characters (a DNS subdomain)");
-    }
-    s.split('.').try_for_each(|label| check_label(label, false))
-}
-
-fn check_name(rule: NameRule, s: &str) -> std::result::Result<(), &'static str> {
+fn check_name(rule: NameRule, s: &str) -> std::result::Result<(), NameError> {
     match rule {
-        NameRule::Rfc1035Label => check_label(s, true),
-        NameRule::Rfc1123Subdomain => check_subdomain(s),
+        NameRule::Rfc1035Label => Label::check_rfc1035(s),
+        NameRule::Rfc1123Subdomain => Subdomain::check(s),
     }
 }
 
@@ -156,7 +130,7 @@ fn object_key(meta: Option<&wire::ObjectMeta>, rule: NameRule) -> Result<Service
         None | Some("") => DEFAULT_NAMESPACE,
         Some(ns) => ns,
     };
-    check_label(namespace, false).map_err(|why| {
+    Label::check(namespace).map_err(|why| {
         ConvertError::at(
             &[fld("metadata"), fld("namespace")],
             format!("invalid namespace {namespace:?}: {why}"),
@@ -202,7 +176,7 @@ fn parse_protocol(p: Option<&str>, path: &[Seg]) -> Result<Protocol> {
 
 fn parse_port_name(name: Option<String>, path: &[Seg]) -> Result<Option<String>> {
     let Some(name) = non_empty(name) else { return Ok(None) };
-    check_label(&name, false)
+    Label::check(&name)
         .map_err(|why| ConvertError::at(path, format!("invalid port name {name:?}: {why}")))?;
     Ok(Some(name))
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use fedgate_discovery::model::{ClusterId, Locality};
+use fedgate_discovery::model::{ClusterId, Locality, Subdomain};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -515,15 +515,7 @@ pub(crate) fn is_label_key(key: &str) -> bool {
 
 /// An RFC 1123 DNS subdomain: dot-separated labels, ≤ 253 characters.
 pub(crate) fn is_dns_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
+    Subdomain::check(s).is_ok()
 }
 
 /// A peer's tunnel address: `host:port`, host an IP address or a DNS name.

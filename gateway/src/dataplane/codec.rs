@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use fedgate_discovery::model::{ClusterId, Protocol, ServiceKey};
+use fedgate_discovery::model::{ClusterId, Label, Protocol, ServiceKey};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The only protocol version this gateway speaks.
@@ -128,14 +128,6 @@ fn protocol_code(p: Protocol) -> u8 {
     }
 }
 
-fn valid_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 fn push_field(out: &mut Vec<u8>, field: u8, value: &[u8]) -> Result<(), CodecError> {
     let len = u8::try_from(value.len())
         .map_err(|_| CodecError::BadFieldLength { field, len: value.len() })?;
@@ -161,7 +153,7 @@ impl StreamRequest {
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
         for (field, value) in [("namespace", &self.service.namespace), ("name", &self.service.name)]
         {
-            if !valid_label(value) {
+            if Label::check(value).is_err() {
                 return Err(CodecError::InvalidName { field, value: value.clone() });
             }
         }
@@ -295,7 +287,7 @@ impl StreamRequest {
 
 fn label(value: &[u8], field: &'static str) -> Result<String, CodecError> {
     let s = String::from_utf8_lossy(value);
-    if !valid_label(&s) {
+    if Label::check(&s).is_err() {
         return Err(CodecError::InvalidName { field, value: s.into_owned() });
     }
     Ok(s.into_owned())
