@@ -212,6 +212,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     dp_settings.max_connections_per_service = cfg.traffic.connections.max_per_service;
     dp_settings.idle_timeout = cfg.traffic.connections.idle_timeout;
     dp_settings.vip_listeners = cfg.front.mode == FrontMode::Vip;
+    dp_settings.activity = data.activity_hook();
     // Entered: the listeners of the first snapshot, their accept loops and the stream
     // forwarder belong to the data-plane thread.
     let dataplane = {

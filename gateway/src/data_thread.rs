@@ -41,7 +41,8 @@ thread_local! {
 
 /// Records that the data plane moved bytes on this thread (a proxied connection or tunnel
 /// stream); the busy poller keeps polling for `traffic.busyPoll` after the last such mark.
-/// One thread-local increment: free when busy polling is off.
+/// One thread-local increment: free when busy polling is off. The copy loops reach it only
+/// through the hook [`DataThread::activity_hook`] hands them.
 pub fn mark_activity() {
     ACTIVITY.with(|a| a.set(a.get().wrapping_add(1)));
 }
@@ -161,6 +162,13 @@ impl DataThread {
     /// task register with it.
     pub fn handle(&self) -> &Handle {
         &self.handle
+    }
+
+    /// The hook the data plane's copy loops call when they move bytes
+    /// ([`DataPlaneSettings::activity`](crate::dataplane::DataPlaneSettings)): marks activity
+    /// for the busy poller of the thread it runs on.
+    pub fn activity_hook(&self) -> crate::dataplane::ActivityHook {
+        crate::dataplane::ActivityHook::new(mark_activity)
     }
 
     /// The sampler of how busy the data-plane threads are.

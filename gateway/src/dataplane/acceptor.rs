@@ -197,7 +197,8 @@ pub(crate) async fn serve_stream(shared: Arc<Shared>, incoming: Incoming) {
         }
         guard.set_result(Status::Ok.as_str());
         let bytes = ByteCounters::default();
-        if let Err(e) = proxy::splice_tunnel(tcp, send, recv, &bytes, false).await {
+        let activity = shared.settings.activity;
+        if let Err(e) = proxy::splice_tunnel(tcp, send, recv, &bytes, false, activity).await {
             tracing::debug!(error = %e, "tunnel stream closed by reset or error");
         }
     }

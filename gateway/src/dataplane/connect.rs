@@ -344,12 +344,13 @@ pub(crate) async fn serve_client(
                 }
                 tracing::debug!(cluster = %c.cluster, endpoint = %c.address, tier = c.tier, attempt = c.attempt, "connected");
                 let bytes = guard.bytes.clone();
+                let activity = shared.settings.activity;
                 // Boxed: the task then holds only the copy state of its own kind (the tunnel
                 // path's is several KiB), which is what an idle connection costs.
                 let splice: BoxFuture<'_, std::io::Result<()>> = match c.upstream {
-                    Upstream::Tcp(up) => Box::pin(proxy::splice_tcp(client, up, &bytes)),
+                    Upstream::Tcp(up) => Box::pin(proxy::splice_tcp(client, up, &bytes, activity)),
                     Upstream::Tunnel(send, recv) => {
-                        Box::pin(proxy::splice_tunnel(client, send, recv, &bytes, true))
+                        Box::pin(proxy::splice_tunnel(client, send, recv, &bytes, true, activity))
                     }
                 };
                 let r = until_idle(splice, &bytes, shared.settings.idle_timeout).await;

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use drain::{Drain, DrainOutcome};
 pub use health::{HealthChecker, HealthSettings, OutlierSettings};
-pub use proxy::{BoxRecv, BoxSend, TunnelRecv, TunnelSend};
+pub use proxy::{ActivityHook, BoxRecv, BoxSend, TunnelRecv, TunnelSend};
 pub use select::{EndpointView, PriorityLabel, SkipReason};
 pub use views::DebugPort;
 
@@ -87,6 +87,8 @@ pub struct DataPlaneSettings {
     pub max_connections_per_service: usize,
     /// A client connection without bytes either way for this long is closed.
     pub idle_timeout: Duration,
+    /// Called by the copy loops when they move bytes (the data thread's busy poller).
+    pub activity: ActivityHook,
 }
 
 impl DataPlaneSettings {
@@ -110,6 +112,7 @@ impl DataPlaneSettings {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_service: DEFAULT_MAX_CONNECTIONS_PER_SERVICE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            activity: ActivityHook::NONE,
         }
     }
 }
@@ -329,15 +332,16 @@ pub struct DataPlane {
 
 impl DataPlane {
     /// Builds the data plane and binds the listeners of the current snapshot. `peers` is the
-    /// QUIC tunnel's handle (`None`: no peers, local endpoints only). Returns the receiver of
-    /// local endpoint health (it travels to peers with the exports). Call inside a runtime.
+    /// tunnel with the peer sessions (`None`: no peers, local endpoints only). Returns the
+    /// receiver of local endpoint health (it travels to peers with the exports). Call inside a
+    /// runtime.
     pub fn new(
         settings: DataPlaneSettings,
         snapshot: watch::Receiver<Arc<ImportSnapshot>>,
         cluster: watch::Receiver<Arc<ClusterState>>,
-        peers: Option<fedgate_tunnel::PeerHandle>,
+        peers: Option<Arc<peers::PeerTunnel>>,
     ) -> Result<(Self, watch::Receiver<Arc<HealthMap>>), DataPlaneError> {
-        let tunnel = peers.map(|p| peers::PeerTunnel::new(p) as Arc<dyn Tunnel>);
+        let tunnel = peers.map(|p| p as Arc<dyn Tunnel>);
         Self::with_tunnel(settings, snapshot, cluster, tunnel)
     }
 

@@ -35,6 +35,40 @@ pub const RESET_CODE_ABORTED: u32 = 1;
 /// QUIC application error code on a stream refused with a non-OK status.
 pub const RESET_CODE_REFUSED: u32 = 2;
 
+/// What the copy loop calls after every read or write that moved bytes. The data-plane thread
+/// hands in its busy poller's mark (`DataThread::activity_hook`), which keeps the thread
+/// polling for `traffic.busyPoll` after traffic; the copy loop knows nothing of the poller. A
+/// plain function pointer: called per read, it must cost no allocation or lock.
+#[derive(Clone, Copy)]
+pub struct ActivityHook(fn());
+
+impl ActivityHook {
+    /// A hook that does nothing (no busy polling, tests).
+    pub const NONE: Self = Self(|| {});
+
+    pub const fn new(mark: fn()) -> Self {
+        Self(mark)
+    }
+
+    /// Bytes moved.
+    #[inline]
+    pub fn mark(self) {
+        (self.0)()
+    }
+}
+
+impl Default for ActivityHook {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+impl std::fmt::Debug for ActivityHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ActivityHook")
+    }
+}
+
 /// The sending half of a tunnel stream.
 pub trait TunnelSend: AsyncWrite + Send + Unpin {
     /// Abandons the stream (QUIC RESET_STREAM).
@@ -118,13 +152,14 @@ pub async fn splice_tcp(
     mut client: TcpStream,
     mut upstream: TcpStream,
     bytes: &ByteCounters,
+    activity: ActivityHook,
 ) -> io::Result<()> {
     let r = {
         let (mut client_r, mut client_w) = client.split();
         let (mut upstream_r, mut upstream_w) = upstream.split();
         tokio::try_join!(
-            tcp_to_tcp(&mut client_r, &mut upstream_w, &bytes.tx),
-            tcp_to_tcp(&mut upstream_r, &mut client_w, &bytes.rx),
+            tcp_to_tcp(&mut client_r, &mut upstream_w, &bytes.tx, activity),
+            tcp_to_tcp(&mut upstream_r, &mut client_w, &bytes.rx, activity),
         )
     };
     if r.is_err() {
@@ -139,6 +174,7 @@ async fn tcp_to_tcp(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
     count: &AtomicU64,
+    activity: ActivityHook,
 ) -> io::Result<()> {
     let mut buf = BytesMut::new();
     let mut want = FIRST_READ;
@@ -149,7 +185,7 @@ async fn tcp_to_tcp(
         if n == 0 {
             return to.shutdown().await;
         }
-        crate::data_thread::mark_activity();
+        activity.mark();
         count.fetch_add(n as u64, Ordering::Relaxed);
         to.write_all(&buf).await?;
         if buf.len() < buf.capacity() {
@@ -173,6 +209,7 @@ pub async fn splice_tunnel(
     mut recv: BoxRecv,
     bytes: &ByteCounters,
     tcp_is_client: bool,
+    activity: ActivityHook,
 ) -> io::Result<()> {
     let (from_tcp, to_tcp) =
         if tcp_is_client { (&bytes.tx, &bytes.rx) } else { (&bytes.rx, &bytes.tx) };
@@ -180,8 +217,8 @@ pub async fn splice_tunnel(
     // socket's readiness, writes through `&TcpStream` (readiness + try_write_vectored).
     let (mut reader, writer) = tcp.split();
     let r = tokio::try_join!(
-        tcp_to_stream(&mut reader, &mut send, from_tcp),
-        stream_to_tcp(&mut recv, writer.as_ref(), to_tcp),
+        tcp_to_stream(&mut reader, &mut send, from_tcp, activity),
+        stream_to_tcp(&mut recv, writer.as_ref(), to_tcp, activity),
     );
     if r.is_err() {
         let _ = tcp.set_zero_linger();
@@ -201,6 +238,7 @@ async fn tcp_to_stream(
     tcp: &mut ReadHalf<'_>,
     send: &mut BoxSend,
     count: &AtomicU64,
+    activity: ActivityHook,
 ) -> io::Result<()> {
     let mut buf = BytesMut::new();
     let mut want = FIRST_READ;
@@ -213,7 +251,7 @@ async fn tcp_to_stream(
         match tcp.read_buf(&mut buf).await? {
             0 => return send.shutdown().await,
             n => {
-                crate::data_thread::mark_activity();
+                activity.mark();
                 count.fetch_add(n as u64, Ordering::Relaxed);
                 // A read that left room drained the socket: the next bytes may be long in
                 // coming, so the rest of the buffer is not kept for them (an idle
@@ -232,14 +270,19 @@ async fn tcp_to_stream(
 }
 
 /// Stream → TCP until the stream's FIN, which shuts the TCP write side.
-async fn stream_to_tcp(recv: &mut BoxRecv, tcp: &TcpStream, count: &AtomicU64) -> io::Result<()> {
+async fn stream_to_tcp(
+    recv: &mut BoxRecv,
+    tcp: &TcpStream,
+    count: &AtomicU64,
+    activity: ActivityHook,
+) -> io::Result<()> {
     let mut chunks: [Bytes; CHUNKS_PER_WRITE] = std::array::from_fn(|_| Bytes::new());
     loop {
         let n = recv.read_chunks(&mut chunks).await?;
         if n == 0 {
             return socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write);
         }
-        crate::data_thread::mark_activity();
+        activity.mark();
         let written = write_all_vectored(tcp, &mut chunks[..n]).await?;
         count.fetch_add(written as u64, Ordering::Relaxed);
     }
@@ -305,7 +348,9 @@ mod tests {
         let (proxy_up, mut server) = pair().await;
         let bytes = std::sync::Arc::new(ByteCounters::default());
         let b2 = bytes.clone();
-        let task = tokio::spawn(async move { splice_tcp(proxy_client, proxy_up, &b2).await });
+        let task = tokio::spawn(async move {
+            splice_tcp(proxy_client, proxy_up, &b2, ActivityHook::NONE).await
+        });
         client.write_all(b"hello").await.unwrap();
         client.shutdown().await.unwrap();
         let mut got = Vec::new();
@@ -330,7 +375,15 @@ mod tests {
         let bytes = std::sync::Arc::new(ByteCounters::default());
         let b2 = bytes.clone();
         let task = tokio::spawn(async move {
-            splice_tunnel(proxy_client, Box::new(near_w), Box::new(near_r), &b2, true).await
+            splice_tunnel(
+                proxy_client,
+                Box::new(near_w),
+                Box::new(near_r),
+                &b2,
+                true,
+                ActivityHook::NONE,
+            )
+            .await
         });
         let (mut far_r, mut far_w) = tokio::io::split(far);
         client.write_all(&[7u8; 300_000]).await.unwrap();
