@@ -1,8 +1,10 @@
 //! fedgate-discovery owns what a gateway knows about services: the cluster sources (a
 //! directory of Kubernetes YAML, or a Kubernetes API server), the MCS export/import model and
-//! its semantics (conflicts, conditions, ClusterSetIPs, leases) and the exchange of exports
-//! with peer gateways over gRPC. It must not depend on the gateway or DNS crates: they read
-//! its immutable snapshots.
+//! its semantics (conflicts, conditions, ClusterSetIPs, leases) and the peer sessions: the
+//! exchange of exports with peer gateways over gRPC, heartbeats and the lease on each peer's
+//! exports (`peers`, generic over the control channel a transport provides). It must not
+//! depend on the gateway, tunnel or DNS crates: they read its immutable snapshots, and the
+//! gateway wires the sessions to the tunnel.
 
 pub mod alloc;
 pub mod exchange;
@@ -14,4 +16,5 @@ pub mod mcs;
 pub mod model;
 pub mod names;
 pub mod objects;
+pub mod peers;
 pub mod source;

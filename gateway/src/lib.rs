@@ -14,4 +14,5 @@ pub mod demo;
 pub mod explain;
 pub mod logging;
 pub mod metrics;
+pub mod peering;
 pub mod status;

@@ -67,12 +67,13 @@ fn gateway(
                     vec![PeerConfig { id: id(peer.0)?, address: peer.1.to_string() }],
                 );
                 settings.max_udp_payload = payload;
-                let (_exports_tx, exports) = watch::channel(Arc::new(export_set(me, 1, 1)));
-                let (updates_tx, mut updates) = mpsc::channel(64);
-                tokio::spawn(async move { while updates.recv().await.is_some() {} });
+                let (_exports_tx, _exports) = watch::channel(Arc::new(export_set(me, 1, 1)));
+                // No peer sessions here: control streams are taken and dropped.
+                let (control_tx, mut control) = mpsc::channel(64);
+                tokio::spawn(async move { while control.recv().await.is_some() {} });
                 let (incoming_tx, incoming) = mpsc::channel(4);
                 let endpoint =
-                    TunnelEndpoint::new(settings, pki.issue(me), exports, updates_tx, incoming_tx)?;
+                    TunnelEndpoint::new(settings, pki.issue(me), control_tx, incoming_tx)?;
                 let started = Started {
                     address: endpoint.address(),
                     handle: endpoint.handle(),

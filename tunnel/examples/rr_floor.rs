@@ -167,11 +167,12 @@ fn tunnel_endpoint(
         id(me)?,
         vec![PeerConfig { id: id(peer)?, address: peer_address }],
     );
-    let (keep, exports) = watch::channel(Arc::new(export_set(me, 1, 1)));
-    let (updates_tx, mut updates) = mpsc::channel(64);
-    tokio::spawn(async move { while updates.recv().await.is_some() {} });
+    let (keep, _exports) = watch::channel(Arc::new(export_set(me, 1, 1)));
+    // No peer sessions here: control streams are taken and dropped.
+    let (control_tx, mut control) = mpsc::channel(64);
+    tokio::spawn(async move { while control.recv().await.is_some() {} });
     let (incoming_tx, incoming) = mpsc::channel(4);
-    let endpoint = TunnelEndpoint::new(settings, pki.issue(me), exports, updates_tx, incoming_tx)?;
+    let endpoint = TunnelEndpoint::new(settings, pki.issue(me), control_tx, incoming_tx)?;
     Ok((endpoint, incoming, keep))
 }
 

@@ -1,51 +1,37 @@
-//! The QUIC endpoint: one UDP socket, one connection per peer pair, the export exchange on
-//! control streams, data streams for the data plane, and a lease per peer.
+//! The QUIC endpoint: one UDP socket, its TLS configurations, the accepting of peers'
+//! handshakes and a task per configured peer that holds its one connection
+//! ([`crate::peer`]). Streams are routed by kind byte ([`crate::streams`]): control streams to
+//! whoever serves the control channel, data streams to the data plane.
 //!
 //! Who dials: of two gateways, the one with the lexicographically lower cluster id dials and
-//! the other accepts, so a pair never holds two connections. Every bidirectional stream starts
-//! with one kind byte: [`KIND_CONTROL`] (HTTP/2 with the gRPC export exchange follows) or
-//! [`KIND_DATA`] (a data-plane tunnel stream; the data plane defines what follows).
+//! the other accepts, so a pair never holds two connections.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use fedgate_discovery::exchange::{
-    ExchangeService, PeerEvent, WatchSettings, exchange_server, watch_peer,
-};
-use fedgate_discovery::model::{ClusterId, ExportSet, PeerStatus, PeerUpdate};
-use futures::StreamExt;
-use hyper_util::rt::TokioIo;
+use fedgate_discovery::model::ClusterId;
 use quinn::VarInt;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::identity::Identity;
 use crate::io::QuicIo;
-use crate::metrics::{
-    PEER_CONNECTIONS_TOTAL, PEER_DISCONNECTS_TOTAL, PEER_LEASE_EXPIRIES_TOTAL,
-    PEER_SESSION_RESETS_TOTAL, PEERS_CONNECTED,
-};
+use crate::peer::{Backoff, CLOSE_SHUTDOWN, CLOSE_WRONG_DIRECTION, PeerHandle, PeerTask, Shared};
 use crate::reload::{IdentityFiles, IdentityWatcher, ReloadError, ReloadStatus};
 use crate::socket::{MAX_GSO_BYTES, TunnelSocket, bind_udp};
+use crate::streams::{IncomingStream, Routes};
 use crate::tls::{
     Credentials, Expected, RejectReason, Rejection, RejectionSink, TlsError, check_peer_identity,
     client_crypto, server_crypto,
 };
 
-/// First byte of a control stream (HTTP/2 carrying the gRPC export exchange follows).
-pub const KIND_CONTROL: u8 = 0x01;
-/// First byte of a data-plane tunnel stream.
-pub const KIND_DATA: u8 = 0x02;
+pub use crate::streams::{KIND_CONTROL, KIND_DATA};
 
-/// `discovery.peerLeaseDuration` default.
-pub const DEFAULT_PEER_LEASE: Duration = Duration::from_secs(15);
 /// QUIC keep-alive: a PING this often keeps NATs open and shows a dead peer fast.
 pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// A connection silent for this long is dead.
@@ -66,21 +52,6 @@ pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 8952;
 /// Smallest UDP payload QUIC allows (RFC 9000 §14).
 pub const MIN_UDP_PAYLOAD: u16 = 1200;
 
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// How long a peer has to send the kind byte of a new stream.
-const KIND_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often `PeerHandle::status` is refreshed (rtt, last seen) without events.
-const STATUS_REFRESH: Duration = Duration::from_secs(1);
-
-/// Application close codes of a connection.
-const CLOSE_SHUTDOWN: u32 = 0;
-const CLOSE_REPLACED: u32 = 1;
-const CLOSE_WRONG_DIRECTION: u32 = 2;
-/// Stream reset codes.
-const STREAM_BAD_KIND: u32 = 1;
-const STREAM_NOT_SERVED: u32 = 2;
-
 /// A peer gateway as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerConfig {
@@ -100,8 +71,6 @@ pub struct TunnelSettings {
     pub local: ClusterId,
     /// `peers`.
     pub peers: Vec<PeerConfig>,
-    /// `discovery.peerLeaseDuration`: a peer silent this long has its exports withdrawn.
-    pub peer_lease_duration: Duration,
     pub keep_alive_interval: Duration,
     pub idle_timeout: Duration,
     pub stream_receive_window: u32,
@@ -132,7 +101,6 @@ impl TunnelSettings {
             clusterset: clusterset.into(),
             local,
             peers,
-            peer_lease_duration: DEFAULT_PEER_LEASE,
             keep_alive_interval: DEFAULT_KEEP_ALIVE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             stream_receive_window: DEFAULT_STREAM_RECEIVE_WINDOW,
@@ -143,11 +111,6 @@ impl TunnelSettings {
             identity_files: None,
             runtime: None,
         }
-    }
-
-    /// How often peers should send heartbeats to us: a third of the lease, so two can be lost.
-    pub fn heartbeat_interval(&self) -> Duration {
-        self.peer_lease_duration / 3
     }
 }
 
@@ -208,113 +171,13 @@ impl TunnelError {
     }
 }
 
-/// A data stream a peer opened to us; its kind byte is already consumed.
-#[derive(Debug)]
-pub struct IncomingStream {
-    pub peer: ClusterId,
-    pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
-}
-
-struct PeerEntry {
-    status: PeerStatus,
-    last_seen: Option<Instant>,
-}
-
-/// State shared by the endpoint's tasks and every `PeerHandle`.
-struct Shared {
-    connections: Mutex<HashMap<ClusterId, quinn::Connection>>,
-    peers: Mutex<BTreeMap<ClusterId, PeerEntry>>,
-    status_tx: watch::Sender<Arc<Vec<PeerStatus>>>,
-    draining: watch::Sender<bool>,
-}
-
-impl Shared {
-    fn connection(&self, peer: &ClusterId) -> Option<quinn::Connection> {
-        self.connections.lock().unwrap_or_else(PoisonError::into_inner).get(peer).cloned()
-    }
-
-    fn update(&self, peer: &ClusterId, f: impl FnOnce(&mut PeerEntry)) {
-        {
-            let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(entry) = peers.get_mut(peer) {
-                f(entry);
-            }
-        }
-        self.publish();
-    }
-
-    /// Publishes the statuses, with rtt and time since last seen computed now.
-    fn publish(&self) {
-        let now = Instant::now();
-        let connections = self.connections.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        let list: Vec<PeerStatus> = peers
-            .iter()
-            .map(|(id, e)| {
-                let mut s = e.status.clone();
-                let conn = connections.get(id);
-                s.connected = conn.is_some();
-                s.rtt_ms = conn.map(|c| c.rtt().as_secs_f64() * 1000.0);
-                s.path_mtu = conn.map(|c| c.stats().path.current_mtu);
-                s.last_seen_secs = e.last_seen.map(|t| now.duration_since(t).as_secs_f64());
-                s
-            })
-            .collect();
-        drop(peers);
-        self.status_tx.send_replace(Arc::new(list));
-    }
-}
-
-/// What the data plane and admin use: open streams, read peer status, announce draining.
-#[derive(Clone)]
-pub struct PeerHandle {
-    shared: Arc<Shared>,
-}
-
-impl PeerHandle {
-    /// Opens a data stream to `peer` on the existing connection and writes the kind byte.
-    pub async fn open_stream(
-        &self,
-        peer: &ClusterId,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream), TunnelError> {
-        let conn =
-            self.shared.connection(peer).ok_or_else(|| TunnelError::NotConnected(peer.clone()))?;
-        let (mut send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|source| TunnelError::OpenStream { peer: peer.clone(), source })?;
-        send.write_all(&[KIND_DATA])
-            .await
-            .map_err(|source| TunnelError::WriteKind { peer: peer.clone(), source })?;
-        Ok((send, recv))
-    }
-
-    /// Whether the connection to `peer` is up right now.
-    pub fn is_connected(&self, peer: &ClusterId) -> bool {
-        self.shared.connection(peer).is_some()
-    }
-
-    /// Every configured peer's status, refreshed on each event and every second.
-    pub fn status(&self) -> watch::Receiver<Arc<Vec<PeerStatus>>> {
-        self.shared.status_tx.subscribe()
-    }
-
-    /// Tells peers (with the next update, at once) whether this gateway is draining.
-    pub fn set_draining(&self, draining: bool) {
-        self.shared.draining.send_replace(draining);
-    }
-}
-
 /// The tunnel endpoint. `new` binds the UDP socket; `run` serves until shutdown.
 pub struct TunnelEndpoint {
     settings: TunnelSettings,
     endpoint: quinn::Endpoint,
     address: SocketAddr,
     shared: Arc<Shared>,
-    local_exports: watch::Receiver<Arc<ExportSet>>,
-    peer_updates: mpsc::Sender<PeerUpdate>,
-    incoming_tunnel: mpsc::Sender<IncomingStream>,
+    routes: Routes,
     /// Client configurations of the peers we dial (lower id dials), with their rejection sinks.
     dial_configs: HashMap<ClusterId, (quinn::ClientConfig, Arc<RejectionSink>)>,
     accept_sink: Arc<RejectionSink>,
@@ -325,13 +188,14 @@ pub struct TunnelEndpoint {
 
 impl TunnelEndpoint {
     /// Validates the settings, builds the TLS configurations and binds the UDP socket at once.
-    /// Must be called inside a tokio runtime.
+    /// Streams peers open go to `incoming_control` (control streams, for the control
+    /// channel's server) and `incoming_data` (data streams). Must be called inside a tokio
+    /// runtime.
     pub fn new(
         settings: TunnelSettings,
         identity: Identity,
-        local_exports: watch::Receiver<Arc<ExportSet>>,
-        peer_updates: mpsc::Sender<PeerUpdate>,
-        incoming_tunnel: mpsc::Sender<IncomingStream>,
+        incoming_control: mpsc::Sender<QuicIo>,
+        incoming_data: mpsc::Sender<IncomingStream>,
     ) -> Result<Self, TunnelError> {
         validate(&settings)?;
         let credentials = Credentials::new(&identity, &settings.clusterset, &settings.local)?;
@@ -392,42 +256,14 @@ impl TunnelEndpoint {
         .map_err(|e| TunnelError::Bind(settings.listen, e))?;
         let address = endpoint.local_addr().map_err(|e| TunnelError::Bind(settings.listen, e))?;
 
-        let peers = settings
-            .peers
-            .iter()
-            .map(|p| {
-                let status = PeerStatus {
-                    cluster: p.id.clone(),
-                    address: p.address.clone(),
-                    connected: false,
-                    draining: false,
-                    rtt_ms: None,
-                    path_mtu: None,
-                    last_seen_secs: None,
-                    exports_version: None,
-                    exports_withdrawn: false,
-                    last_error: None,
-                };
-                (p.id.clone(), PeerEntry { status, last_seen: None })
-            })
-            .collect();
-        let (status_tx, _) = watch::channel(Arc::new(Vec::new()));
-        let (draining, _) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            connections: Mutex::default(),
-            peers: Mutex::new(peers),
-            status_tx,
-            draining,
-        });
-        shared.publish();
+        let shared = Arc::new(Shared::new(&settings.peers));
+        let routes = Routes { control: incoming_control, data: incoming_data };
         Ok(Self {
             settings,
             endpoint,
             address,
             shared,
-            local_exports,
-            peer_updates,
-            incoming_tunnel,
+            routes,
             dial_configs,
             accept_sink,
             credentials,
@@ -455,28 +291,9 @@ impl TunnelEndpoint {
         PeerHandle { shared: self.shared.clone() }
     }
 
-    /// Serves until `shutdown` is cancelled: accepts peers, dials the peers it must, runs the
-    /// export exchange both ways, and closes every connection on the way out.
+    /// Serves until `shutdown` is cancelled: accepts peers, dials the peers it must, and
+    /// closes every connection on the way out.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let (control_tx, control_rx) = mpsc::channel::<io::Result<QuicIo>>(64);
-        let service = exchange_server(ExchangeService::new(
-            self.local_exports.clone(),
-            self.shared.draining.subscribe(),
-        ));
-        let grpc_shutdown = shutdown.clone();
-        let grpc = tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(
-                    ReceiverStream::new(control_rx),
-                    grpc_shutdown.cancelled_owned(),
-                )
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "export exchange server failed");
-            }
-        });
-
         let mut accepted = HashMap::new();
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(watcher) = self.watcher.take() {
@@ -492,15 +309,9 @@ impl TunnelEndpoint {
                 settings: self.settings.clone(),
                 endpoint: self.endpoint.clone(),
                 accepted: rx,
-                control_tx: control_tx.clone(),
-                incoming_tunnel: self.incoming_tunnel.clone(),
-                updates: self.peer_updates.clone(),
+                routes: self.routes.clone(),
                 shared: self.shared.clone(),
                 shutdown: shutdown.clone(),
-                exports: None,
-                last_seen: None,
-                withdrawn: false,
-                draining: false,
                 backoff: Backoff::default(),
                 delay: None,
                 up: false,
@@ -509,15 +320,12 @@ impl TunnelEndpoint {
             };
             tasks.spawn(task.run().instrument(span));
         }
-        drop(control_tx);
         let accepted = Arc::new(accepted);
 
-        let mut refresh = tokio::time::interval(STATUS_REFRESH);
         tracing::info!(address = %self.address, local = %self.settings.local, peers = self.settings.peers.len(), "tunnel listening");
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = refresh.tick() => self.shared.publish(),
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     tokio::spawn(handle_incoming(
@@ -531,7 +339,6 @@ impl TunnelEndpoint {
         }
         self.endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"gateway shutting down");
         while tasks.join_next().await.is_some() {}
-        grpc.abort();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         tracing::debug!("tunnel stopped");
     }
@@ -556,16 +363,12 @@ fn validate(settings: &TunnelSettings) -> Result<(), TunnelError> {
             settings.max_udp_payload
         )));
     }
-    if settings.peer_lease_duration < Duration::from_millis(300) {
-        return Err(TunnelError::Settings(format!(
-            "peerLeaseDuration {:?} is too short (at least 300ms)",
-            settings.peer_lease_duration
-        )));
-    }
     Ok(())
 }
 
-fn transport_config(settings: &TunnelSettings) -> Result<quinn::TransportConfig, TunnelError> {
+pub(crate) fn transport_config(
+    settings: &TunnelSettings,
+) -> Result<quinn::TransportConfig, TunnelError> {
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(settings.stream_receive_window))
         .receive_window(VarInt::from_u32(settings.connection_receive_window))
@@ -611,33 +414,6 @@ fn derive(identity: &Identity, label: &[u8]) -> [u8; 32] {
     let mut out = [0; 32];
     out.copy_from_slice(tag.as_ref());
     out
-}
-
-/// First RTT estimate for redialing a peer whose last connection measured `last`: that RTT,
-/// kept between 10 ms (no storm of Initials to a peer that is down: resends at 30, 60,
-/// 120 ms …) and quinn's 333 ms default (a worse guess than the default is no guess).
-/// `None`: never connected, use the default. Pure.
-pub fn redial_initial_rtt(last: Option<Duration>) -> Option<Duration> {
-    last.map(|rtt| rtt.clamp(REDIAL_RTT_MIN, REDIAL_RTT_MAX))
-}
-
-const REDIAL_RTT_MIN: Duration = Duration::from_millis(10);
-const REDIAL_RTT_MAX: Duration = Duration::from_millis(333);
-
-/// Bounded label of why a peer connection ended, for `fedgate_peer_disconnects_total`;
-/// `None`: still open when this gateway stopped serving it.
-pub fn disconnect_reason(reason: Option<&quinn::ConnectionError>) -> &'static str {
-    use quinn::ConnectionError as E;
-    match reason {
-        None | Some(E::LocallyClosed) => "local",
-        Some(E::ApplicationClosed(c)) if c.error_code == VarInt::from_u32(CLOSE_REPLACED) => {
-            "replaced"
-        }
-        Some(E::ApplicationClosed(_) | E::ConnectionClosed(_)) => "closed",
-        Some(E::Reset) => "reset",
-        Some(E::TimedOut) => "timed_out",
-        Some(_) => "other",
-    }
 }
 
 /// The peer a connection's verified certificate names.
@@ -698,500 +474,6 @@ fn is_certificate_required(e: &quinn::ConnectionError) -> bool {
         if t.code == quinn::TransportErrorCode::crypto(CERTIFICATE_REQUIRED))
 }
 
-/// Exponential backoff from 100 ms to 5 s.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self { next: BACKOFF_MIN }
-    }
-}
-
-impl Backoff {
-    /// The delay before the next attempt; doubles the one after.
-    fn fail(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        d
-    }
-    fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
-}
-
-async fn sleep_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Accepts the streams a peer opens on `conn` and routes them by kind byte.
-async fn accept_streams(
-    conn: quinn::Connection,
-    peer: ClusterId,
-    control_tx: mpsc::Sender<io::Result<QuicIo>>,
-    incoming_tunnel: mpsc::Sender<IncomingStream>,
-) {
-    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-        let control_tx = control_tx.clone();
-        let incoming_tunnel = incoming_tunnel.clone();
-        let peer = peer.clone();
-        tokio::spawn(async move {
-            let mut kind = [0u8; 1];
-            let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: u32| {
-                let _ = send.reset(VarInt::from_u32(code));
-                let _ = recv.stop(VarInt::from_u32(code));
-            };
-            match tokio::time::timeout(KIND_BYTE_TIMEOUT, recv.read_exact(&mut kind)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "stream ended before its kind byte");
-                    return refuse(&mut send, &mut recv, STREAM_BAD_KIND);
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "no kind byte in time");
-                    return refuse(&mut send, &mut recv, STREAM_BAD_KIND);
-                }
-            }
-            match kind[0] {
-                KIND_CONTROL => {
-                    if let Err(mpsc::error::SendError(Ok(mut io))) =
-                        control_tx.send(Ok(QuicIo::new(peer, send, recv))).await
-                    {
-                        let (s, r) = io.streams_mut();
-                        refuse(s, r, STREAM_NOT_SERVED);
-                    }
-                }
-                KIND_DATA => {
-                    if let Err(mpsc::error::SendError(mut s)) =
-                        incoming_tunnel.send(IncomingStream { peer, send, recv }).await
-                    {
-                        refuse(&mut s.send, &mut s.recv, STREAM_NOT_SERVED);
-                    }
-                }
-                other => {
-                    tracing::debug!(%peer, kind = other, "unknown stream kind; resetting");
-                    refuse(&mut send, &mut recv, STREAM_BAD_KIND);
-                }
-            }
-        });
-    }
-}
-
-/// A gRPC channel whose connections are new control streams on `conn`.
-async fn control_channel(
-    conn: quinn::Connection,
-    peer: ClusterId,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-        let conn = conn.clone();
-        let peer = peer.clone();
-        async move {
-            let (mut send, recv) = conn.open_bi().await.map_err(io::Error::other)?;
-            send.write_all(&[KIND_CONTROL]).await.map_err(io::Error::other)?;
-            Ok::<_, io::Error>(TokioIo::new(QuicIo::new(peer, send, recv)))
-        }
-    });
-    tonic::transport::Endpoint::from_static("http://peer.fedgate")
-        .connect_with_connector(connector)
-        .await
-}
-
-/// One configured peer: its connection (dialed or accepted), its export session, its lease.
-struct PeerTask {
-    peer: PeerConfig,
-    settings: TunnelSettings,
-    endpoint: quinn::Endpoint,
-    /// Set when we dial this peer (our id is lower).
-    dial: Option<(quinn::ClientConfig, Arc<RejectionSink>)>,
-    accepted: mpsc::Receiver<quinn::Connection>,
-    control_tx: mpsc::Sender<io::Result<QuicIo>>,
-    incoming_tunnel: mpsc::Sender<IncomingStream>,
-    updates: mpsc::Sender<PeerUpdate>,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-    exports: Option<Arc<ExportSet>>,
-    last_seen: Option<Instant>,
-    withdrawn: bool,
-    draining: bool,
-    backoff: Backoff,
-    /// Wait this long before the next dial.
-    delay: Option<Duration>,
-    /// Whether the current connection counts as up (published, Reachability sent).
-    up: bool,
-    last_logged_error: Option<String>,
-    /// Smoothed RTT of the last connection to this peer: the first RTT estimate of a redial.
-    last_rtt: Option<Duration>,
-}
-
-enum Next {
-    Shutdown,
-    LeaseExpired,
-    Connected(Option<quinn::Connection>),
-}
-
-enum Step {
-    Stop,
-    Replace(Option<quinn::Connection>),
-    LeaseExpired,
-    Event(Option<Result<PeerEvent, fedgate_discovery::exchange::ExchangeError>>),
-}
-
-impl PeerTask {
-    async fn run(mut self) {
-        loop {
-            let deadline = self.lease_deadline();
-            let shutdown = self.shutdown.clone();
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => Next::Shutdown,
-                _ = sleep_opt(deadline) => Next::LeaseExpired,
-                conn = self.next_connection() => Next::Connected(conn),
-            };
-            match next {
-                Next::Shutdown | Next::Connected(None) => return,
-                Next::LeaseExpired => self.expire_lease().await,
-                Next::Connected(Some(conn)) => {
-                    let mut current = Some(conn);
-                    while let Some(conn) = current.take() {
-                        current = self.serve_connection(conn).await;
-                    }
-                    if self.shutdown.is_cancelled() {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Sends `update` to the import set; gives up when shutting down (the reader may be gone
-    /// or no longer reading).
-    async fn emit(&self, update: PeerUpdate) {
-        tokio::select! {
-            _ = self.updates.send(update) => {}
-            _ = self.shutdown.cancelled() => {}
-        }
-    }
-
-    fn lease_deadline(&self) -> Option<Instant> {
-        match (&self.exports, self.last_seen) {
-            (Some(_), Some(seen)) if !self.withdrawn => {
-                Some(seen + self.settings.peer_lease_duration)
-            }
-            _ => None,
-        }
-    }
-
-    async fn expire_lease(&mut self) {
-        if self.withdrawn || self.exports.is_none() {
-            return;
-        }
-        self.withdrawn = true;
-        metrics::counter!(PEER_LEASE_EXPIRIES_TOTAL).increment(1);
-        tracing::warn!(lease = ?self.settings.peer_lease_duration, "peer silent past its lease; withdrawing its exports");
-        self.emit(PeerUpdate::Withdrawn(self.peer.id.clone())).await;
-        self.shared.update(&self.peer.id, |e| e.status.exports_withdrawn = true);
-    }
-
-    /// The next connection: dialed (with backoff) or accepted.
-    async fn next_connection(&mut self) -> Option<quinn::Connection> {
-        if self.dial.is_none() {
-            return self.accepted.recv().await;
-        }
-        loop {
-            if let Some(delay) = self.delay.take() {
-                tokio::time::sleep(delay).await;
-            }
-            match self.try_dial().await {
-                Ok(conn) => return Some(conn),
-                Err(e) => {
-                    self.note_error(&e);
-                    self.delay = Some(self.backoff.fail());
-                }
-            }
-        }
-    }
-
-    async fn try_dial(&mut self) -> Result<quinn::Connection, TunnelError> {
-        let peer = self.peer.id.clone();
-        let address = self.peer.address.clone();
-        let connect_err = |detail: String| TunnelError::Connect {
-            peer: peer.clone(),
-            address: address.clone(),
-            detail,
-        };
-        let Some((config, sink)) = &self.dial else {
-            return Err(connect_err("this gateway does not dial the peer".into()));
-        };
-        let local_v4 = self.endpoint.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&address)
-            .await
-            .map_err(|e| connect_err(format!("resolving: {e}")))?
-            .collect();
-        let addr = addrs
-            .iter()
-            .find(|a| a.is_ipv4() == local_v4)
-            .or(addrs.first())
-            .copied()
-            .ok_or_else(|| connect_err("the name resolves to no address".into()))?;
-        sink.take();
-        let mut config = config.clone();
-        if let Some(rtt) = redial_initial_rtt(self.last_rtt) {
-            // RFC 9002 §6.2.2: a new connection to a peer may start from the RTT measured on
-            // the previous one instead of 333 ms. The first Initial of a redial is often lost
-            // (the peer is restarting, its port closed), and its resend waits for the first
-            // PTO: ~3 × the initial RTT, 1 s with the default.
-            let mut transport = transport_config(&self.settings)?;
-            transport.initial_rtt(rtt);
-            config.transport_config(Arc::new(transport));
-        }
-        // quinn instruments the connection's driver task with the span current at this call
-        // and enters it at every poll. Here that would be this task's `peer` span, which is
-        // enabled at the default `info` level, so every packet would pay the subscriber's
-        // enter, exit and filter calls. The call runs in a task of its own, outside any span,
-        // as accepted connections' calls do (docs/decisions.md, session 6).
-        let endpoint = self.endpoint.clone();
-        let server_name = peer.clone();
-        let connecting =
-            tokio::spawn(async move { endpoint.connect_with(config, addr, server_name.as_str()) })
-                .await
-                .map_err(|e| connect_err(format!("the dial task failed: {e}")))?
-                .map_err(|e| connect_err(e.to_string()))?;
-        connecting.await.map_err(|source| match sink.take() {
-            Some(reason) => TunnelError::PeerRejected { peer: peer.clone(), reason },
-            None => TunnelError::Handshake { peer: peer.clone(), source },
-        })
-    }
-
-    /// Records `e` in the status, and logs it when it differs from the last one logged.
-    fn note_error(&mut self, e: &dyn std::error::Error) {
-        let text = e.to_string();
-        if self.last_logged_error.as_deref() != Some(text.as_str()) {
-            tracing::warn!(error = %text, "peer connection failed; retrying with backoff");
-            self.last_logged_error = Some(text.clone());
-        } else {
-            tracing::debug!(error = %text, "peer connection failed again");
-        }
-        self.shared.update(&self.peer.id, |entry| entry.status.last_error = Some(text));
-    }
-
-    /// Serves one connection until it closes, shutdown, or the peer reconnects (then the new
-    /// connection is returned to be served next).
-    async fn serve_connection(&mut self, conn: quinn::Connection) -> Option<quinn::Connection> {
-        let peer = self.peer.id.clone();
-        // The acceptor verified the peer's certificate before the handshake completed. The
-        // dialer's handshake completes before the acceptor has checked *our* certificate
-        // (TLS 1.3), so the dialer counts the peer up only with its first update.
-        self.up = false;
-        if self.dial.is_none() {
-            self.mark_up(&conn).await;
-        }
-        let streams = crate::runtime::spawn_on(
-            self.settings.runtime.as_ref(),
-            accept_streams(
-                conn.clone(),
-                peer.clone(),
-                self.control_tx.clone(),
-                self.incoming_tunnel.clone(),
-            ),
-        );
-        let started = Instant::now();
-        let replacement = self.exchange(&conn).await;
-
-        streams.abort();
-        if replacement.is_some() {
-            conn.close(VarInt::from_u32(CLOSE_REPLACED), b"replaced by a new connection");
-        }
-        let reason = conn.close_reason();
-        self.last_rtt = Some(conn.rtt());
-        if !self.up {
-            // Refused after the handshake (our certificate), or gone before any update.
-            if let Some(source) = reason {
-                self.note_error(&TunnelError::Handshake { peer, source });
-            }
-            self.delay = Some(self.backoff.fail());
-            return replacement;
-        }
-        self.up = false;
-        {
-            let mut conns = self.shared.connections.lock().unwrap_or_else(PoisonError::into_inner);
-            if conns.get(&peer).is_some_and(|c| c.stable_id() == conn.stable_id()) {
-                conns.remove(&peer);
-            }
-        }
-        metrics::gauge!(PEERS_CONNECTED).decrement(1.0);
-        let label =
-            if replacement.is_some() { "replaced" } else { disconnect_reason(reason.as_ref()) };
-        metrics::counter!(PEER_DISCONNECTS_TOTAL, "reason" => label).increment(1);
-        let reason = reason.map(|r| r.to_string());
-        tracing::info!(reason = reason.as_deref().unwrap_or("replaced"), "peer disconnected");
-        self.shared.update(&peer, |e| {
-            e.status.draining = false;
-            if let Some(r) = reason {
-                e.status.last_error = Some(r);
-            }
-        });
-        self.draining = false;
-        self.emit(PeerUpdate::Reachability { cluster: peer, reachable: false, draining: false })
-            .await;
-        if started.elapsed() >= BACKOFF_MAX {
-            self.backoff.reset();
-        } else {
-            // A connection that keeps dying young is retried with backoff, not in a loop.
-            self.delay = Some(self.backoff.fail());
-        }
-        replacement
-    }
-
-    /// The connection works: publish it for data streams and tell the import set.
-    async fn mark_up(&mut self, conn: &quinn::Connection) {
-        if self.up {
-            return;
-        }
-        self.up = true;
-        let peer = self.peer.id.clone();
-        let direction = if self.dial.is_some() { "dial" } else { "accept" };
-        metrics::counter!(PEER_CONNECTIONS_TOTAL, "direction" => direction).increment(1);
-        metrics::gauge!(PEERS_CONNECTED).increment(1.0);
-        tracing::info!(direction, remote = %conn.remote_address(), "peer connected");
-        self.last_logged_error = None;
-        self.shared
-            .connections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(peer.clone(), conn.clone());
-        self.shared.update(&peer, |e| e.status.last_error = None);
-        self.emit(PeerUpdate::Reachability {
-            cluster: peer,
-            reachable: true,
-            draining: self.draining,
-        })
-        .await;
-    }
-
-    /// Runs the watch of the peer's exports on `conn`, re-watching (full resync) after a
-    /// session error, until the connection ends.
-    async fn exchange(&mut self, conn: &quinn::Connection) -> Option<quinn::Connection> {
-        let mut retry = Backoff::default();
-        let watch = WatchSettings {
-            local: self.settings.local.clone(),
-            peer: self.peer.id.clone(),
-            heartbeat_interval: self.settings.heartbeat_interval(),
-        };
-        let accepting = self.dial.is_none();
-        loop {
-            let channel = match control_channel(conn.clone(), self.peer.id.clone()).await {
-                Ok(channel) => Some(channel),
-                Err(e) => {
-                    tracing::debug!(error = %e, "opening the control channel failed");
-                    None
-                }
-            };
-            if let Some(channel) = channel {
-                let mut events = watch_peer(channel, watch.clone(), self.exports.clone());
-                loop {
-                    let deadline = self.lease_deadline();
-                    let step = tokio::select! {
-                        _ = self.shutdown.cancelled() => Step::Stop,
-                        _ = conn.closed() => Step::Stop,
-                        new = self.accepted.recv(), if accepting => Step::Replace(new),
-                        _ = sleep_opt(deadline) => Step::LeaseExpired,
-                        ev = events.next() => Step::Event(ev),
-                    };
-                    match step {
-                        Step::Stop | Step::Replace(None) => return None,
-                        Step::Replace(Some(new)) => return Some(new),
-                        Step::LeaseExpired => self.expire_lease().await,
-                        Step::Event(Some(Ok(ev))) => {
-                            retry.reset();
-                            self.mark_up(conn).await;
-                            self.on_event(ev).await;
-                        }
-                        Step::Event(Some(Err(e))) => {
-                            metrics::counter!(PEER_SESSION_RESETS_TOTAL, "reason" => e.reason())
-                                .increment(1);
-                            if conn.close_reason().is_none() {
-                                tracing::warn!(error = %e, "export session reset; resyncing");
-                                self.shared.update(&self.peer.id, |entry| {
-                                    entry.status.last_error = Some(e.to_string())
-                                });
-                            }
-                            break;
-                        }
-                        Step::Event(None) => break,
-                    }
-                }
-            }
-            // Wait before re-watching, still minding the connection, the lease and shutdown.
-            let pause = tokio::time::sleep(retry.fail());
-            tokio::pin!(pause);
-            loop {
-                let deadline = self.lease_deadline();
-                let step = tokio::select! {
-                    _ = self.shutdown.cancelled() => Step::Stop,
-                    _ = conn.closed() => Step::Stop,
-                    new = self.accepted.recv(), if accepting => Step::Replace(new),
-                    _ = sleep_opt(deadline) => Step::LeaseExpired,
-                    _ = &mut pause => Step::Event(None),
-                };
-                match step {
-                    Step::Stop | Step::Replace(None) => return None,
-                    Step::Replace(Some(new)) => return Some(new),
-                    Step::LeaseExpired => self.expire_lease().await,
-                    Step::Event(_) => break,
-                }
-            }
-        }
-    }
-
-    async fn on_event(&mut self, event: PeerEvent) {
-        let now = Instant::now();
-        self.last_seen = Some(now);
-        let draining = event.draining();
-        match event {
-            PeerEvent::Exports { set, .. } => {
-                tracing::debug!(
-                    version = set.version,
-                    services = set.services.len(),
-                    "peer exports updated"
-                );
-                self.exports = Some(set.clone());
-                self.withdrawn = false;
-                self.emit(PeerUpdate::Exports(set)).await;
-            }
-            PeerEvent::Heartbeat { .. } => {
-                if self.withdrawn
-                    && let Some(set) = self.exports.clone()
-                {
-                    tracing::info!("peer heard from again; restoring its exports");
-                    self.withdrawn = false;
-                    self.emit(PeerUpdate::Exports(set)).await;
-                }
-            }
-        }
-        if draining != self.draining {
-            self.draining = draining;
-            tracing::info!(draining, "peer draining state changed");
-            self.emit(PeerUpdate::Reachability {
-                cluster: self.peer.id.clone(),
-                reachable: true,
-                draining,
-            })
-            .await;
-        }
-        let version = self.exports.as_ref().map(|s| s.version);
-        self.shared.update(&self.peer.id, |e| {
-            e.last_seen = Some(now);
-            e.status.draining = draining;
-            e.status.exports_version = version;
-            e.status.exports_withdrawn = false;
-        });
-    }
-}
-
 #[cfg(test)]
 mod unit_tests {
     use super::*;
@@ -1225,54 +507,6 @@ mod unit_tests {
     }
 
     #[test]
-    fn disconnect_reasons_are_bounded_labels() {
-        use quinn::ConnectionError as E;
-        let app = |code: u32| {
-            E::ApplicationClosed(quinn::ApplicationClose {
-                error_code: VarInt::from_u32(code),
-                reason: bytes::Bytes::from_static(b"x"),
-            })
-        };
-        let cases = [
-            (None, "local"),
-            (Some(E::LocallyClosed), "local"),
-            (Some(app(CLOSE_REPLACED)), "replaced"),
-            (Some(app(CLOSE_SHUTDOWN)), "closed"),
-            (Some(E::Reset), "reset"),
-            (Some(E::TimedOut), "timed_out"),
-            (Some(E::VersionMismatch), "other"),
-        ];
-        for (error, want) in cases {
-            assert_eq!(disconnect_reason(error.as_ref()), want, "{error:?}");
-        }
-    }
-
-    #[test]
-    fn redials_start_from_the_last_rtt_within_bounds() {
-        let ms = Duration::from_millis;
-        let cases = [
-            (None, None),
-            (Some(ms(0)), Some(ms(10))),
-            (Some(Duration::from_micros(300)), Some(ms(10))),
-            (Some(ms(42)), Some(ms(42))),
-            (Some(ms(333)), Some(ms(333))),
-            (Some(ms(2000)), Some(ms(333))),
-        ];
-        for (last, want) in cases {
-            assert_eq!(redial_initial_rtt(last), want, "last rtt {last:?}");
-        }
-    }
-
-    #[test]
-    fn backoff_doubles_to_the_cap_and_resets() {
-        let mut b = Backoff::default();
-        let got: Vec<u64> = (0..8).map(|_| b.fail().as_millis() as u64).collect();
-        assert_eq!(got, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        b.reset();
-        assert_eq!(b.fail(), BACKOFF_MIN);
-    }
-
-    #[test]
     fn settings_are_validated() {
         let base =
             TunnelSettings::new("127.0.0.1:0".parse().expect("addr"), "demo", id("east"), vec![]);
@@ -1296,11 +530,6 @@ mod unit_tests {
             ("jumbo payload", |s| s.max_udp_payload = 8952, None),
             ("payload below QUIC's minimum", |s| s.max_udp_payload = 1000, Some("out of range")),
             ("payload above UDP's maximum", |s| s.max_udp_payload = 65_508, Some("out of range")),
-            (
-                "lease too short",
-                |s| s.peer_lease_duration = Duration::from_millis(10),
-                Some("too short"),
-            ),
         ];
         for (name, change, want) in cases {
             let mut s = base.clone();
@@ -1312,7 +541,6 @@ mod unit_tests {
                 (got, want) => panic!("{name}: got {got:?}, want {want:?}"),
             }
         }
-        assert_eq!(base.heartbeat_interval(), Duration::from_secs(5));
     }
 
     #[tokio::test]
@@ -1321,25 +549,17 @@ mod unit_tests {
         let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let addr = taken.local_addr().expect("addr");
         let settings = TunnelSettings::new(addr, "demo", id("east"), vec![]);
-        let (_tx, rx) = watch::channel(Arc::new(
-            fedgate_discovery::exchange::delta::testing::export_set("east", 1, 0),
-        ));
-        let (utx, _urx) = mpsc::channel(1);
+        let (ctx, _crx) = mpsc::channel(1);
         let (itx, _irx) = mpsc::channel(1);
-        let err = TunnelEndpoint::new(
-            settings.clone(),
-            pki.issue("east"),
-            rx.clone(),
-            utx.clone(),
-            itx.clone(),
-        )
-        .err()
-        .expect("port is taken");
+        let err =
+            TunnelEndpoint::new(settings.clone(), pki.issue("east"), ctx.clone(), itx.clone())
+                .err()
+                .expect("port is taken");
         assert!(matches!(err, TunnelError::Bind(a, _) if a == addr), "{err}");
         // And a certificate for another cluster is refused before binding anything.
         let mut settings = settings;
         settings.listen = "127.0.0.1:0".parse().expect("addr");
-        let err = TunnelEndpoint::new(settings, pki.issue("west"), rx, utx, itx)
+        let err = TunnelEndpoint::new(settings, pki.issue("west"), ctx, itx)
             .err()
             .expect("wrong identity");
         assert_eq!(err.reason(), "tls", "{err}");

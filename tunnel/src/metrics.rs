@@ -1,4 +1,5 @@
-//! Metrics of the tunnel, declared in one place.
+//! Metrics of the tunnel, declared in one place. (The peer sessions' own, resets and lease
+//! expiries, are declared in `fedgate_discovery::peers`.)
 
 /// Handshakes refused because the peer's certificate failed verification, by `reason`
 /// (`unknown_ca`, `wrong_clusterset`, `wrong_cluster`, `unknown_peer`, `expired`,
@@ -13,10 +14,6 @@ pub const PEER_CONNECTIONS_TOTAL: &str = "fedgate_peer_connections_total";
 pub const PEER_DISCONNECTS_TOTAL: &str = "fedgate_peer_disconnects_total";
 /// Peers whose connection is up right now.
 pub const PEERS_CONNECTED: &str = "fedgate_peers_connected";
-/// Peer export sessions reset because of a bad or failed exchange, by `reason`.
-pub const PEER_SESSION_RESETS_TOTAL: &str = "fedgate_peer_session_resets_total";
-/// Peer leases that expired (their exports were withdrawn).
-pub const PEER_LEASE_EXPIRIES_TOTAL: &str = "fedgate_peer_lease_expiries_total";
 
 /// Times a send found the tunnel's UDP send buffer full (quinn then waits until it drains):
 /// the network interface or its queue is slower than the data plane.
@@ -51,10 +48,6 @@ pub fn describe() {
     );
     metrics::describe_gauge!(PEERS_CONNECTED, "Peers whose QUIC connection is up.");
     metrics::describe_counter!(
-        PEER_SESSION_RESETS_TOTAL,
-        "Export exchange sessions with a peer reset after an error, by reason."
-    );
-    metrics::describe_counter!(
         TLS_RELOADS_TOTAL,
         "Reloads of the tunnel certificate, key and CA files after they changed, by result \
          (ok, read, refused); on an error the previous identity stays in use."
@@ -73,9 +66,5 @@ pub fn describe() {
         "Datagrams at the tunnel port that cannot be QUIC for this gateway (quinn drops them), by \
          reason: unknown_version, too_short, connection_id (a short header with an id this \
          gateway never issued)."
-    );
-    metrics::describe_counter!(
-        PEER_LEASE_EXPIRIES_TOTAL,
-        "Peer leases that expired: the peer was silent too long and its exports were withdrawn."
     );
 }

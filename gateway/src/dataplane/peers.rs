@@ -1,31 +1,33 @@
-//! The data plane's view of `fedgate_tunnel`: [`PeerTunnel`] implements [`Tunnel`] over a
-//! `PeerHandle`, and [`forward_incoming`] turns the tunnel's `IncomingStream`s into the
-//! acceptor's input.
+//! The data plane's view of the peers: [`PeerTunnel`] implements [`Tunnel`] over the tunnel's
+//! `PeerHandle` (data streams, connections) and discovery's `PeersHandle` (draining, status),
+//! and [`forward_incoming`] turns the tunnel's `IncomingStream`s into the acceptor's input.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fedgate_discovery::model::{ClusterId, PeerStatus};
+use fedgate_discovery::peers::PeersHandle;
 use fedgate_tunnel::{IncomingStream, PeerHandle};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 
 use super::{BoxRecv, BoxSend, Incoming, Tunnel, metrics};
 
-/// [`Tunnel`] over the QUIC endpoint's `PeerHandle`.
+/// [`Tunnel`] over the QUIC endpoint's `PeerHandle` and the peer sessions' `PeersHandle`.
 pub struct PeerTunnel {
     handle: PeerHandle,
+    sessions: PeersHandle,
     status: watch::Receiver<Arc<Vec<PeerStatus>>>,
 }
 
 impl PeerTunnel {
-    /// Wraps `handle`, and keeps the peer gauges (`fedgate_peer_up`, `fedgate_peer_rtt_seconds`,
-    /// `fedgate_peer_path_mtu_bytes`)
-    /// in step with its status until the tunnel is gone. Needs a Tokio runtime.
-    pub fn new(handle: PeerHandle) -> Arc<Self> {
-        let status = handle.status();
+    /// Wraps `handle` and `sessions`, and keeps the peer gauges (`fedgate_peer_up`,
+    /// `fedgate_peer_rtt_seconds`, `fedgate_peer_path_mtu_bytes`) in step with the sessions'
+    /// status until they are gone. Needs a Tokio runtime.
+    pub fn new(handle: PeerHandle, sessions: PeersHandle) -> Arc<Self> {
+        let status = sessions.status();
         tokio::spawn(record_peer_gauges(status.clone()));
-        Arc::new(Self { handle, status })
+        Arc::new(Self { handle, sessions, status })
     }
 }
 
@@ -54,8 +56,8 @@ fn peer_gauges(status: &[PeerStatus]) -> Vec<PeerGauge<'_>> {
         .collect()
 }
 
-/// Sets the peer gauges on every status update (the tunnel republishes RTTs periodically);
-/// ends when the tunnel drops its status sender.
+/// Sets the peer gauges on every status update (the sessions republish RTTs periodically);
+/// ends when the sessions drop their status sender.
 async fn record_peer_gauges(mut status: watch::Receiver<Arc<Vec<PeerStatus>>>) {
     loop {
         let current = status.borrow_and_update().clone();
@@ -79,7 +81,7 @@ impl Tunnel for PeerTunnel {
     }
 
     fn set_draining(&self, draining: bool) {
-        self.handle.set_draining(draining);
+        self.sessions.set_draining(draining);
     }
 
     /// Connected and not announced draining. A cluster that is no configured peer cannot be

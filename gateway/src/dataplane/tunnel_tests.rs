@@ -1,5 +1,5 @@
 //! Two data planes joined by the real `fedgate-tunnel` endpoint (mutual TLS with `TestPki`,
-//! QUIC on loopback, port 0).
+//! QUIC on loopback, port 0) and discovery's peer sessions over it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedgate_discovery::model::{ClusterState, ExportSet, Health, ImportSnapshot, PeerUpdate};
+use fedgate_discovery::peers::{DEFAULT_PEER_LEASE, PeersHandle};
 use fedgate_tunnel::testing::TestPki;
-use fedgate_tunnel::{IncomingStream, PeerConfig, PeerHandle, TunnelEndpoint, TunnelSettings};
+use fedgate_tunnel::{IncomingStream, PeerConfig, PeerHandle, TunnelSettings};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -18,9 +19,11 @@ use super::tests::{
     settings, snapshot, start,
 };
 use super::*;
+use crate::peering::Peering;
 
 struct Gateway {
     handle: PeerHandle,
+    sessions: PeersHandle,
     address: SocketAddr,
     incoming: mpsc::Receiver<IncomingStream>,
     _exports: watch::Sender<Arc<ExportSet>>,
@@ -45,12 +48,20 @@ fn tunnel(
     let (exports_tx, exports_rx) = watch::channel(Arc::new(exports));
     let (updates_tx, updates) = mpsc::channel(64);
     let (incoming_tx, incoming) = mpsc::channel(64);
-    let endpoint =
-        TunnelEndpoint::new(settings, pki.issue(id), exports_rx, updates_tx, incoming_tx).unwrap();
-    let handle = endpoint.handle();
-    let address = endpoint.address();
-    tokio::spawn(endpoint.run(shutdown.clone()));
-    Gateway { handle, address, incoming, _exports: exports_tx, _updates: updates }
+    let peering = Peering::new(
+        settings,
+        DEFAULT_PEER_LEASE,
+        pki.issue(id),
+        exports_rx,
+        updates_tx,
+        incoming_tx,
+    )
+    .unwrap();
+    let handle = peering.handle();
+    let sessions = peering.sessions();
+    let address = peering.address();
+    tokio::spawn(peering.run(shutdown.clone()));
+    Gateway { handle, sessions, address, incoming, _exports: exports_tx, _updates: updates }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,7 +94,7 @@ async fn proxies_between_two_gateways_over_the_mutual_tls_tunnel() {
         settings("west", "eu", "eu-a"),
         west_snap_rx,
         west_cluster_rx,
-        Some(west_gw.handle.clone()),
+        Some(PeerTunnel::new(west_gw.handle.clone(), west_gw.sessions.clone())),
     )
     .unwrap();
     west_dp.serve_tunnel(west_gw.incoming);
@@ -98,7 +109,7 @@ async fn proxies_between_two_gateways_over_the_mutual_tls_tunnel() {
         settings("east", "us", "us-a"),
         snapshot(vip, p, &[("west", &[w])], &[]),
         ClusterState::default(),
-        Some(PeerTunnel::new(east_gw.handle.clone())),
+        Some(PeerTunnel::new(east_gw.handle.clone(), east_gw.sessions.clone())),
         None,
     );
     let target = SocketAddr::new(vip, p);

@@ -1,5 +1,6 @@
-//! The tunnel over real loopback UDP: exchange between two and three gateways, leases,
-//! data streams, refused handshakes, garbage on control streams, propagation times.
+//! The tunnel and discovery's peer sessions over real loopback UDP: exchange between two and
+//! three gateways, leases, data streams, refused handshakes, garbage on control streams,
+//! propagation times. (Moved from the tunnel crate when the sessions moved to discovery.)
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,12 +13,15 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::endpoint::{KIND_CONTROL, KIND_DATA, TunnelSettings};
-use crate::identity::{Identity, LeafValidity};
-use crate::metrics::PEER_HANDSHAKE_FAILURES_TOTAL;
-use crate::testing::TestPki;
-use crate::tls::{Credentials, RejectionSink, client_crypto};
-use crate::{IdentityFiles, IncomingStream, PeerConfig, PeerHandle, ReloadStatus, TunnelEndpoint};
+use fedgate_discovery::peers::{DEFAULT_PEER_LEASE, PeersHandle};
+use fedgate_tunnel::endpoint::{KIND_CONTROL, TunnelSettings};
+use fedgate_tunnel::identity::{Identity, LeafValidity};
+use fedgate_tunnel::metrics::PEER_HANDSHAKE_FAILURES_TOTAL;
+use fedgate_tunnel::testing::TestPki;
+use fedgate_tunnel::tls::{Credentials, RejectionSink, client_crypto};
+use fedgate_tunnel::{IdentityFiles, IncomingStream, PeerConfig, PeerHandle, ReloadStatus};
+
+use super::{Peering, PeeringError};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -33,6 +37,7 @@ struct Gateway {
     id: ClusterId,
     address: SocketAddr,
     handle: PeerHandle,
+    sessions: PeersHandle,
     local: watch::Sender<Arc<ExportSet>>,
     updates: mpsc::Receiver<PeerUpdate>,
     incoming: mpsc::Receiver<IncomingStream>,
@@ -83,29 +88,43 @@ impl Gateway {
 
 fn start_with(
     settings: TunnelSettings,
+    lease: Duration,
     identity: Identity,
     exports: ExportSet,
-) -> Result<Gateway, crate::TunnelError> {
-    start_with_capacity(settings, identity, exports, 1024)
+) -> Result<Gateway, PeeringError> {
+    start_with_capacity(settings, lease, identity, exports, 1024)
 }
 
 fn start_with_capacity(
     settings: TunnelSettings,
+    lease: Duration,
     identity: Identity,
     exports: ExportSet,
     capacity: usize,
-) -> Result<Gateway, crate::TunnelError> {
+) -> Result<Gateway, PeeringError> {
     let (local, local_rx) = watch::channel(Arc::new(exports));
     let (updates_tx, updates) = mpsc::channel(capacity);
     let (incoming_tx, incoming) = mpsc::channel(16);
     let me = settings.local.clone();
-    let endpoint = TunnelEndpoint::new(settings, identity, local_rx, updates_tx, incoming_tx)?;
-    let address = endpoint.address();
-    let handle = endpoint.handle();
-    let reload = endpoint.reload_status();
+    let peering = Peering::new(settings, lease, identity, local_rx, updates_tx, incoming_tx)?;
+    let address = peering.address();
+    let handle = peering.handle();
+    let sessions = peering.sessions();
+    let reload = peering.tunnel().reload_status();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(endpoint.run(shutdown.clone()));
-    Ok(Gateway { id: me, address, handle, local, updates, incoming, reload, shutdown, task })
+    let task = tokio::spawn(peering.run(shutdown.clone()));
+    Ok(Gateway {
+        id: me,
+        address,
+        handle,
+        sessions,
+        local,
+        updates,
+        incoming,
+        reload,
+        shutdown,
+        task,
+    })
 }
 
 /// Starts gateway `me` of `pki` with `services` exports, knowing `peers` (id, address).
@@ -117,14 +136,13 @@ fn start(
     lease: Duration,
     services: usize,
 ) -> Gateway {
-    let mut settings = TunnelSettings::new(
+    let settings = TunnelSettings::new(
         listen,
         pki.clusterset(),
         id(me),
         peers.iter().map(|(p, a)| PeerConfig { id: id(p), address: a.to_string() }).collect(),
     );
-    settings.peer_lease_duration = lease;
-    start_with(settings, pki.issue(me), export_set(me, 1, services)).expect("tunnel starts")
+    start_with(settings, lease, pki.issue(me), export_set(me, 1, services)).expect("tunnel starts")
 }
 
 /// Credentials of a correct identity for `me`.
@@ -189,7 +207,7 @@ async fn two_gateways_exchange_exports_streams_and_draining() {
     })
     .await;
     assert!(quiet.is_err(), "lease expired despite heartbeats: {quiet:?}");
-    let status = east.handle.status().borrow().clone();
+    let status = east.sessions.status().borrow().clone();
     let w = status.iter().find(|s| s.cluster.as_str() == "west").expect("west in status");
     assert!(w.connected && w.exports_version == Some(2) && !w.exports_withdrawn, "{w:?}");
     assert!(w.last_seen_secs.is_some_and(|s| s < lease.as_secs_f64()), "{w:?}");
@@ -202,7 +220,7 @@ async fn two_gateways_exchange_exports_streams_and_draining() {
     assert_eq!(err.reason(), "not_connected");
 
     // Draining travels at once.
-    west.handle.set_draining(true);
+    west.sessions.set_draining(true);
     east.wait_for("west draining", |u| {
         matches!(u, PeerUpdate::Reachability { reachable: true, draining: true, .. })
     })
@@ -307,7 +325,7 @@ async fn lease_expiry_withdraws_and_reconnect_restores() {
     .await;
     let took = stopped.elapsed();
     assert!(took >= lease / 2 && took < lease * 4, "withdrawn after {took:?} (lease {lease:?})");
-    let status = east.handle.status().borrow().clone();
+    let status = east.sessions.status().borrow().clone();
     assert!(
         status.iter().any(|s| s.cluster.as_str() == "west" && s.exports_withdrawn && !s.connected)
     );
@@ -430,50 +448,55 @@ async fn refused_handshakes() {
         if let Some(r) = case.west_counts {
             counter(&snapshotter, PEER_HANDSHAKE_FAILURES_TOTAL, r);
         }
-        let mut settings = TunnelSettings::new(
+        let settings = TunnelSettings::new(
             loopback(),
             "demo",
             id(case.me),
             vec![PeerConfig { id: id(case.peer_id), address: west.address.to_string() }],
         );
-        settings.peer_lease_duration = lease;
-        let dialer = match start_with(settings, case.identity.clone(), export_set(case.me, 1, 1)) {
-            Ok(d) => d,
-            Err(e) => {
-                // Our own start-up check refuses a certificate that does not name us; dial
-                // with it anyway, bypassing that check, to see the peer refuse it.
-                assert_eq!(e.reason(), "tls", "{}: {e}", case.name);
-                let credentials =
-                    Credentials::without_identity_check(&case.identity, "demo", &id(case.me))
-                        .expect("credentials");
-                let crypto = client_crypto(
-                    &credentials,
-                    id(case.peer_id),
-                    Arc::new(RejectionSink::new(true)),
-                )
-                .expect("client crypto");
-                let mut client = quinn::Endpoint::client(loopback()).expect("client endpoint");
-                client.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-                let outcome = async {
-                    let conn = client.connect(west.address, "west")?.await?;
-                    Ok::<_, Box<dyn std::error::Error>>(conn.closed().await)
-                };
-                let outcome = tokio::time::timeout(WAIT, outcome).await.expect("refused in time");
-                assert!(
-                    !matches!(outcome, Ok(quinn::ConnectionError::LocallyClosed)),
-                    "{outcome:?}"
-                );
-                if let Some(reason) = case.west_counts {
-                    let counted = counter(&snapshotter, PEER_HANDSHAKE_FAILURES_TOTAL, reason);
-                    assert!(counted > 0, "{}: west counted {reason} {counted} times", case.name);
+        let dialer =
+            match start_with(settings, lease, case.identity.clone(), export_set(case.me, 1, 1)) {
+                Ok(d) => d,
+                Err(e) => {
+                    // Our own start-up check refuses a certificate that does not name us; dial
+                    // with it anyway, bypassing that check, to see the peer refuse it.
+                    assert_eq!(e.reason(), "tls", "{}: {e}", case.name);
+                    let credentials =
+                        Credentials::without_identity_check(&case.identity, "demo", &id(case.me))
+                            .expect("credentials");
+                    let crypto = client_crypto(
+                        &credentials,
+                        id(case.peer_id),
+                        Arc::new(RejectionSink::new(true)),
+                    )
+                    .expect("client crypto");
+                    let mut client = quinn::Endpoint::client(loopback()).expect("client endpoint");
+                    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+                    let outcome = async {
+                        let conn = client.connect(west.address, "west")?.await?;
+                        Ok::<_, Box<dyn std::error::Error>>(conn.closed().await)
+                    };
+                    let outcome =
+                        tokio::time::timeout(WAIT, outcome).await.expect("refused in time");
+                    assert!(
+                        !matches!(outcome, Ok(quinn::ConnectionError::LocallyClosed)),
+                        "{outcome:?}"
+                    );
+                    if let Some(reason) = case.west_counts {
+                        let counted = counter(&snapshotter, PEER_HANDSHAKE_FAILURES_TOTAL, reason);
+                        assert!(
+                            counted > 0,
+                            "{}: west counted {reason} {counted} times",
+                            case.name
+                        );
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
+            };
         let peer = id(case.peer_id);
         let deadline = tokio::time::Instant::now() + WAIT;
         let last_error = loop {
-            let status = dialer.handle.status().borrow().clone();
+            let status = dialer.sessions.status().borrow().clone();
             let s = status.iter().find(|s| s.cluster == peer).expect("peer in status").clone();
             assert!(!s.connected, "{}: must not connect", case.name);
             if let Some(e) = s.last_error {
@@ -506,7 +529,7 @@ async fn refused_handshakes() {
     .dangerous()
     .with_custom_certificate_verifier(Arc::new(AcceptAnything))
     .with_no_client_auth();
-    tls.alpn_protocols = vec![crate::ALPN.to_vec()];
+    tls.alpn_protocols = vec![fedgate_tunnel::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic config");
     let mut client = quinn::Endpoint::client(loopback()).expect("client endpoint");
     client.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
@@ -691,12 +714,13 @@ async fn bad_messages_from_one_peer_reset_only_its_session() {
     client.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     let conn = client.connect(west.address, "west").expect("connect").await.expect("handshake");
     let rogue_conn = conn.clone();
-    let (io_tx, io_rx) = mpsc::channel::<std::io::Result<crate::io::QuicIo>>(8);
+    let (io_tx, io_rx) = mpsc::channel::<std::io::Result<fedgate_tunnel::io::QuicIo>>(8);
     let rogue = tokio::spawn(async move {
         while let Ok((send, mut recv)) = rogue_conn.accept_bi().await {
             let mut kind = [0u8; 1];
             if recv.read_exact(&mut kind).await.is_ok() && kind[0] == KIND_CONTROL {
-                let _ = io_tx.send(Ok(crate::io::QuicIo::new(id("west"), send, recv))).await;
+                let _ =
+                    io_tx.send(Ok(fedgate_tunnel::io::QuicIo::new(id("west"), send, recv))).await;
             }
         }
     });
@@ -712,9 +736,12 @@ async fn bad_messages_from_one_peer_reset_only_its_session() {
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut resets = 0;
     loop {
-        resets +=
-            counter(&snapshotter, crate::metrics::PEER_SESSION_RESETS_TOTAL, "invalid_message");
-        let status = west.handle.status().borrow().clone();
+        resets += counter(
+            &snapshotter,
+            fedgate_discovery::peers::PEER_SESSION_RESETS_TOTAL,
+            "invalid_message",
+        );
+        let status = west.sessions.status().borrow().clone();
         let south = status.iter().find(|s| s.cluster.as_str() == "south").expect("south").clone();
         if resets >= 2 {
             let err = south.last_error.unwrap_or_default();
@@ -756,8 +783,14 @@ async fn shutdown_does_not_wait_for_a_stalled_reader() {
         vec![PeerConfig { id: id("west"), address: west.address.to_string() }],
     );
     // East's reader takes nothing: its one-slot channel fills with the first update.
-    let east = start_with_capacity(settings, pki.issue("east"), export_set("east", 1, 1), 1)
-        .expect("tunnel starts");
+    let east = start_with_capacity(
+        settings,
+        DEFAULT_PEER_LEASE,
+        pki.issue("east"),
+        export_set("east", 1, 1),
+        1,
+    )
+    .expect("tunnel starts");
     let deadline = tokio::time::Instant::now() + WAIT;
     while !east.handle.is_connected(&id("west")) {
         assert!(tokio::time::Instant::now() < deadline, "east never connected");
@@ -859,7 +892,8 @@ async fn identity_files_reload_without_restart() {
     settings.identity_files = Some(files.clone());
     let identity = files.load().expect("v1 loads");
     let v1_leaf = identity.cert_chain[0].clone();
-    let west = start_with(settings, identity, export_set("west", 1, 1)).expect("starts");
+    let west = start_with(settings, DEFAULT_PEER_LEASE, identity, export_set("west", 1, 1))
+        .expect("starts");
     let mut status = west.reload.clone();
 
     // A long-lived connection from north, made with the first identity.
@@ -957,7 +991,7 @@ fn gauge(snapshotter: &Snapshotter, name: &str, label: (&str, &str)) -> Option<f
 /// reload, and a valid rotation afterwards still goes through.
 #[tokio::test]
 async fn an_expired_certificate_is_not_reloaded() {
-    use crate::metrics::{TLS_CERT_EXPIRY_TIMESTAMP_SECONDS, TLS_RELOADS_TOTAL};
+    use fedgate_tunnel::metrics::{TLS_CERT_EXPIRY_TIMESTAMP_SECONDS, TLS_RELOADS_TOTAL};
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     // Current-thread runtime: the watcher and the verifiers record into this recorder.
@@ -988,7 +1022,8 @@ async fn an_expired_certificate_is_not_reloaded() {
     let identity = files.load().expect("v1 loads");
     let v1_leaf = identity.cert_chain[0].clone();
     let v1_not_after = LeafValidity::of(&v1_leaf).expect("parses").not_after as f64;
-    let west = start_with(settings, identity, export_set("west", 1, 1)).expect("starts");
+    let west = start_with(settings, DEFAULT_PEER_LEASE, identity, export_set("west", 1, 1))
+        .expect("starts");
     let mut status = west.reload.clone();
     assert_eq!(
         gauge(&snapshotter, TLS_CERT_EXPIRY_TIMESTAMP_SECONDS, ("cert", "own")),
