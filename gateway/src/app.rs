@@ -17,7 +17,7 @@ use fedgate_discovery::imports::{self, ImportSet};
 use fedgate_discovery::kube::{self as kube, ClusterSource, KubeSource, KubeWriter};
 use fedgate_discovery::source::file::FileSource;
 use fedgate_dns::{DnsServer, DnsSettings};
-use fedgate_tunnel::{Identity, PeerConfig, TunnelEndpoint, TunnelSettings};
+use fedgate_tunnel::{Identity, PeerConfig, TunnelSettings};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -30,6 +30,7 @@ use crate::data_thread::DataThread;
 use crate::dataplane::health::HealthSettings;
 use crate::dataplane::peers::PeerTunnel;
 use crate::dataplane::{DataPlane, DataPlaneSettings, HealthChecker};
+use crate::peering::Peering;
 
 /// Capacity of the channel from peer sessions to the import set.
 const PEER_UPDATE_CHANNEL: usize = 1024;
@@ -60,7 +61,8 @@ struct Parts {
     identity: Option<kube::identity::IdentityGuard>,
     local_exports: LocalExports,
     imports: ImportSet,
-    tunnel: TunnelEndpoint,
+    /// The tunnel and discovery's peer sessions over it.
+    peering: Peering,
     dns: DnsServer,
     dataplane: DataPlane,
     admin: AdminServer,
@@ -117,7 +119,6 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             .map(|p| PeerConfig { id: p.id.clone(), address: p.address.to_string() })
             .collect(),
     );
-    tunnel_settings.peer_lease_duration = cfg.discovery.peer_lease_duration;
     tunnel_settings.max_udp_payload = cfg.tunnel.max_udp_payload_size;
     tunnel_settings.socket_buffer = cfg.tunnel.socket_buffer_size as usize;
     tunnel_settings.runtime = Some(data.handle().clone());
@@ -127,14 +128,15 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         key: cfg.tls.key.clone(),
         ca: ca.clone(),
     });
-    let tunnel = TunnelEndpoint::new(
+    let peering = Peering::new(
         tunnel_settings,
+        cfg.discovery.peer_lease_duration,
         identity,
         local_exports.subscribe(),
         peer_tx,
         incoming_tx,
     )?;
-    let peers = tunnel.handle();
+    let peers = peering.sessions();
 
     let state_file = cfg.front.state_dir.as_ref().map(|d| d.join(ALLOCATION_FILE));
     if let Some(dir) = &cfg.front.state_dir {
@@ -221,7 +223,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             dp_settings,
             import_rx.clone(),
             checker,
-            Some(PeerTunnel::new(peers.clone())),
+            Some(PeerTunnel::new(peering.handle(), peers.clone())),
         )?;
         dataplane.serve_tunnel(incoming_rx);
         dataplane
@@ -239,8 +241,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     views.insert("imports", Arc::new(imports::imports_view(import_rx.clone())));
     views.insert("exports", Arc::new(imports::exports_view(imports.subscribe_status())));
     views.insert("endpoints", debug.endpoints_view());
-    let peer_status = peers.status();
-    views.insert("peers", Arc::new(move |_: &Query| json!(**peer_status.borrow())));
+    views.insert("peers", Arc::new(peers.view()));
     // Cluster-source file problems, a ClusterProperty changed since start-up, imports waiting
     // for a ClusterSetIP, then front listeners waiting for a bind retry.
     let source_problems = source.problems();
@@ -272,8 +273,8 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     // `/debug/certificates`; certificate expiry and refused reloads join `/debug/problems`.
     crate::dashboard::register_certificate_views(
         &mut views,
-        tunnel.credentials(),
-        tunnel.reload_status(),
+        peering.tunnel().credentials(),
+        peering.tunnel().reload_status(),
     );
     let summary: Value = serde_json::from_str(&cfg.redacted_summary()).unwrap_or(Value::Null);
     views.insert("config", Arc::new(move |_: &Query| summary.clone()));
@@ -287,7 +288,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
 
     Ok(Bound {
         admin: admin.address(),
-        tunnel: tunnel.address(),
+        tunnel: peering.address(),
         dns: dns.address(),
         shutdown: CancellationToken::new(),
         parts: Parts {
@@ -297,7 +298,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             identity,
             local_exports,
             imports,
-            tunnel,
+            peering,
             dns,
             dataplane,
             admin,
@@ -318,7 +319,7 @@ impl Bound {
             identity,
             local_exports,
             imports,
-            tunnel,
+            peering,
             dns,
             dataplane,
             admin,
@@ -338,7 +339,7 @@ impl Bound {
         }
         tasks.spawn(local_exports.run());
         tasks.spawn(imports.run());
-        tasks.spawn(tunnel.run(rest.clone()));
+        tasks.spawn(peering.run(rest.clone()));
         let r = rest.clone();
         tasks.spawn(async move {
             if let Err(e) = dns.run(r.cancelled_owned()).await {
@@ -460,6 +461,7 @@ fn describe_metrics() {
     crate::dataplane::metrics::describe();
     fedgate_dns::metrics::describe();
     fedgate_tunnel::metrics::describe();
+    fedgate_discovery::peers::describe_metrics();
     imports::describe_metrics();
     kube::metrics::describe();
 }
