@@ -45,20 +45,13 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 THREADS=2 # worker threads of every server
 root=$(cd "$(dirname "$0")/.." && pwd)
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work" 2>/dev/null || true
-}
-trap cleanup EXIT
+# shellcheck source=bench/common.sh
+. "$root/bench/common.sh"
+scratch
 
 for tool in dnsperf dig unbound python3; do
   command -v "$tool" >/dev/null || { echo "$tool is required (see the header of $0)" >&2; exit 1; }
 done
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 echo "generating $N names and $FWD_N forwarded names" >&2
 python3 "$root/bench/dns/gen.py" "$work" "$N" "$FWD_N"
@@ -76,7 +69,7 @@ servers=()
 declare -A port_of
 
 # unbound: the clusterset names as local-data, plus the forwarded names (TTL 0) for fedgate.
-port=$(free_port)
+port=$(free_tcp)
 cat >"$work/unbound.conf" <<CONF
 server:
   interface: 127.0.0.1
@@ -107,7 +100,7 @@ servers+=(unbound)
 # fedgate-dns (release bench_server), forwarding names outside its zones to unbound.
 echo "building fedgate-dns bench_server (release)" >&2
 (cd "$root" && cargo build --release -q -p fedgate-dns --example bench_server)
-port=$(free_port)
+port=$(free_tcp)
 "$root/target/release/examples/bench_server" "127.0.0.1:$port" "$N" "127.0.0.1:$upstream_port" \
   >"$work/fedgate.log" 2>&1 &
 pids+=($!)
@@ -117,7 +110,7 @@ servers=(fedgate "${servers[@]}")
 
 # NSD
 if command -v nsd >/dev/null; then
-  port=$(free_port)
+  port=$(free_tcp)
   cat >"$work/nsd.conf" <<CONF
 server:
   ip-address: 127.0.0.1@$port
@@ -147,7 +140,7 @@ fi
 
 # Knot: foreground, own rundir/storage in the work dir, no journal, no timers database use.
 if command -v knotd >/dev/null; then
-  port=$(free_port)
+  port=$(free_tcp)
   mkdir -p "$work/knot"
   cat >"$work/knot.conf" <<CONF
 server:

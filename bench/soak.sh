@@ -36,14 +36,9 @@ CHURN_MAX=${CHURN_MAX:-6}
 DNS_RATE=${DNS_RATE:-4}
 root=$(cd "$(dirname "$0")/.." && pwd)
 here=$root/bench/soak
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [[ ${KEEP:-0} == 1 ]]; then echo "kept $work" >&2; else rm -rf "$work" 2>/dev/null || true; fi
-}
-trap cleanup EXIT
+# shellcheck source=bench/common.sh
+. "$root/bench/common.sh"
+scratch
 trap 'exit 130' INT TERM
 
 for tool in python3 dig curl; do
@@ -54,13 +49,7 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
 ((SOAK_SECONDS >= SOAK_INTERVAL && SOAK_INTERVAL > 0)) ||
   { echo "need SOAK_SECONDS >= SOAK_INTERVAL > 0" >&2; exit 1; }
 
-if [[ -n ${FEDGATE_BIN:-} ]]; then
-  bin=$(realpath "$FEDGATE_BIN")
-else
-  echo "building fedgate (release; the first build takes several minutes)" >&2
-  (cd "$root" && cargo build --release -q -p fedgate)
-  bin=$root/target/release/fedgate
-fi
+release_fedgate
 
 # --- addresses: a block of loopback no test uses (tests take 127.1-200.x, benches 127.0-2.x)
 NET=127.231
@@ -113,29 +102,14 @@ python3 "$here/churn.py" init "$dirs" "$backends" "$BACKEND_PORT"
 
 declare -A pid_of
 for g in alpha bravo; do
-  (cd "$work/$g" && RUST_LOG=${FEDGATE_LOG:-warn} exec "$bin" run --config gateway.yaml) >"$work/$g.log" 2>&1 &
-  pids+=($!)
-  pid_of[$g]=$!
+  start_gateway "$work/$g"
+  pid_of[$g]=${pids[-1]}
 done
 
-# ClusterSetIP of NAMESPACE/NAME on gateway G (empty until imported).
-vip() { # g name
-  curl -sf "http://${ip_of[$1]}:$ADMIN_PORT/debug/imports" 2>/dev/null | python3 -c '
-import json, sys
-for s in json.load(sys.stdin):
-    if s.get("namespace") == "soak" and s.get("name") == sys.argv[1] and s.get("ips"):
-        print(s["ips"][0]); break' "$2" 2>/dev/null || true
-}
 declare -A vip_of
 for g in alpha bravo; do
   for s in a-stable a-moving b-stable b-moving shared; do
-    v=""
-    for _ in $(seq 1 150); do
-      v=$(vip "$g" "$s")
-      [[ -n $v ]] && break
-      kill -0 "${pid_of[$g]}" 2>/dev/null || break
-      sleep 0.2
-    done
+    v=$(wait_import_ip "${ip_of[$g]}:$ADMIN_PORT" soak "$s" "${pid_of[$g]}")
     [[ -n $v ]] || { echo "gateway $g never imported soak/$s; logs:" >&2; tail -n 20 "$work/alpha.log" "$work/bravo.log" >&2; exit 1; }
     vip_of[$g/$s]=$v
   done

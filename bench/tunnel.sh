@@ -30,14 +30,9 @@ LAT_REPEAT=${LAT_REPEAT:-5}
 PROFILE=${PROFILE:-0}
 root=$(cd "$(dirname "$0")/.." && pwd)
 here=$root/bench/tunnel
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [[ ${KEEP:-0} == 1 ]]; then echo "kept $work" >&2; else rm -rf "$work" 2>/dev/null || true; fi
-}
-trap cleanup EXIT
+# shellcheck source=bench/tunnel/common.sh
+. "$here/common.sh"
+scratch
 
 need=()
 command -v iperf3 >/dev/null || need+=(iperf3)
@@ -53,16 +48,7 @@ if ((${#need[@]})); then
 fi
 STUNNEL=$(command -v stunnel4 || command -v stunnel)
 
-if [[ -n ${FEDGATE_BIN:-} ]]; then
-  bin=$(realpath "$FEDGATE_BIN")
-else
-  echo "building fedgate (release)"
-  (cd "$root" && cargo build --release -q -p fedgate)
-  bin=$root/target/release/fedgate
-fi
-
-# shellcheck source=bench/tunnel/common.sh
-. "$here/common.sh"
+release_fedgate
 tck=$(getconf CLK_TCK)
 # utime+stime (clock ticks) of the given pids, summed over all their threads.
 cpu_ticks() {
@@ -109,23 +95,12 @@ pair() {
   bench_export "$work/$b"
   PIDS_PAIR=""
   for g in "$a" "$b"; do
-    (cd "$work/$g" && RUST_LOG=${FEDGATE_LOG:-warn} exec "$bin" run --config gateway.yaml) >"$work/$g.log" 2>&1 &
-    pids+=($!)
-    PIDS_PAIR="$PIDS_PAIR $!"
+    start_gateway "$work/$g"
+    PIDS_PAIR="$PIDS_PAIR ${pids[-1]}"
   done
   local admin_a
   admin_a=$(awk -F'"' '/^admin:/ {print $2}' "$work/$a/gateway.yaml")
-  VIP=""
-  for _ in $(seq 1 150); do
-    VIP=$(curl -sf "http://$admin_a/debug/imports" 2>/dev/null | python3 -c '
-import json, sys
-for s in json.load(sys.stdin):
-    if s.get("name") == "bench" or "bench" in json.dumps(s.get("key", "")):
-        if s.get("ips"):
-            print(s["ips"][0]); break' 2>/dev/null || true)
-    [[ -n $VIP ]] && break
-    sleep 0.2
-  done
+  VIP=$(wait_import_ip "$admin_a" bench bench)
   ADMIN_PAIR=$admin_a
   [[ -n $VIP ]] || { echo "gateway $a never imported bench/bench; logs:" >&2; tail -n 20 "$work/$a.log" "$work/$b.log" >&2; exit 1; }
   for _ in $(seq 1 100); do
@@ -147,46 +122,7 @@ VIP_BP=$VIP; PIDS_BP=$PIDS_PAIR; ADMIN_BP=$ADMIN_PAIR
 # --- stunnel4 two-hop mutual TLS -----------------------------------------------------------
 S1=127.0.0.31; S2=127.0.0.32
 SI1=$(free_tcp); SE1=$(free_tcp); SI2=$(free_tcp); SE2=$(free_tcp)
-cat >"$work/stunnel-client.conf" <<CONF
-foreground = yes
-pid =
-[iperf]
-client = yes
-accept = $S1:$SI1
-connect = $S2:$SI2
-cert = $C/a.crt
-key = $C/a.key
-CAfile = $C/ca.crt
-verifyChain = yes
-[echo]
-client = yes
-accept = $S1:$SE1
-connect = $S2:$SE2
-cert = $C/a.crt
-key = $C/a.key
-CAfile = $C/ca.crt
-verifyChain = yes
-CONF
-cat >"$work/stunnel-server.conf" <<CONF
-foreground = yes
-pid =
-[iperf]
-accept = $S2:$SI2
-connect = $SRV:$IPERF_PORT
-cert = $C/b.crt
-key = $C/b.key
-CAfile = $C/ca.crt
-verifyChain = yes
-requireCert = yes
-[echo]
-accept = $S2:$SE2
-connect = $SRV:$ECHO_PORT
-cert = $C/b.crt
-key = $C/b.key
-CAfile = $C/ca.crt
-verifyChain = yes
-requireCert = yes
-CONF
+stunnel_configs
 "$STUNNEL" "$work/stunnel-server.conf" >"$work/stunnel-server.log" 2>&1 & pids+=($!); PID_S2=$!
 "$STUNNEL" "$work/stunnel-client.conf" >"$work/stunnel-client.log" 2>&1 & pids+=($!); PID_S1=$!
 wait_tcp "$S1" "$SE1" "stunnel client"

@@ -34,34 +34,32 @@ class Stats:
         self.reasons[reason[:160]] += 1
 
 
-async def short_one(st: Stats, label: str, host: str, port: int, n: int) -> None:
-    t0 = time.monotonic()
-    writer = None
-    try:
-        async with asyncio.timeout(5):
-            reader, writer = await asyncio.open_connection(host, port)
-            msg = f"short {n}\n".encode()
-            writer.write(msg)
-            await writer.drain()
-            got = await reader.readline()
-            if got != msg:
-                raise ValueError(f"echo {got[:40]!r}")
-        st.c["short_ok"] += 1
-        st.c[f"short_ok {label}"] += 1
-        st.rtt.append(time.monotonic() - t0)
-    except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as e:
-        st.fail("short", f"short {label}: {type(e).__name__}: {e}")
-        st.c[f"short_failed {label}"] += 1
-    finally:
-        if writer is not None:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
+# What a failed exchange with an echo server raises.
+EXCHANGE_ERRORS = (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError)
 
 
-async def short_load(st: Stats, targets, rate: float, deadline: float) -> None:
+async def close(writer) -> None:
+    """Closes a connection (if one was opened), ignoring errors of an already broken one."""
+    if writer is not None:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+
+
+async def echo_line(reader, writer, msg: bytes) -> None:
+    """Sends one line and reads its echo; a different answer raises ValueError."""
+    writer.write(msg)
+    await writer.drain()
+    got = await reader.readline()
+    if got != msg:
+        raise ValueError(f"echo {got[:40]!r}")
+
+
+async def paced(rate: float, deadline: float, start_one) -> None:
+    """Starts the coroutine start_one(i) for i = 0, 1, ... at `rate` per second until
+    `deadline`, each as a task of its own, then waits for every one still running."""
     tasks = set()
     start, i = time.monotonic(), 0
     while True:
@@ -69,13 +67,37 @@ async def short_load(st: Stats, targets, rate: float, deadline: float) -> None:
         if at >= deadline:
             break
         await asyncio.sleep(max(0.0, at - time.monotonic()))
-        label, host, port = targets[i % len(targets)]
-        t = asyncio.create_task(short_one(st, label, host, port, i))
+        t = asyncio.create_task(start_one(i))
         tasks.add(t)
         t.add_done_callback(tasks.discard)
         i += 1
     if tasks:
         await asyncio.gather(*tasks)
+
+
+async def short_one(st: Stats, label: str, host: str, port: int, n: int) -> None:
+    t0 = time.monotonic()
+    writer = None
+    try:
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection(host, port)
+            await echo_line(reader, writer, f"short {n}\n".encode())
+        st.c["short_ok"] += 1
+        st.c[f"short_ok {label}"] += 1
+        st.rtt.append(time.monotonic() - t0)
+    except EXCHANGE_ERRORS as e:
+        st.fail("short", f"short {label}: {type(e).__name__}: {e}")
+        st.c[f"short_failed {label}"] += 1
+    finally:
+        await close(writer)
+
+
+async def short_load(st: Stats, targets, rate: float, deadline: float) -> None:
+    def start_one(i: int):
+        label, host, port = targets[i % len(targets)]
+        return short_one(st, label, host, port, i)
+
+    await paced(rate, deadline, start_one)
 
 
 async def long_one(st: Stats, idx: int, label: str, host: str, port: int, every: float,
@@ -96,24 +118,14 @@ async def long_one(st: Stats, idx: int, label: str, host: str, port: int, every:
                     break
                 await asyncio.sleep(pause)
                 n += 1
-                msg = f"long {idx} {n}\n".encode()
                 async with asyncio.timeout(5):
-                    writer.write(msg)
-                    await writer.drain()
-                    got = await reader.readline()
-                if got != msg:
-                    raise ValueError(f"echo {got[:40]!r}")
+                    await echo_line(reader, writer, f"long {idx} {n}\n".encode())
                 st.c["long_ok"] += 1
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as e:
+        except EXCHANGE_ERRORS as e:
             st.fail("long", f"long {label}: {type(e).__name__}: {e}")
             await asyncio.sleep(1)
         finally:
-            if writer is not None:
-                writer.close()
-                try:
-                    await writer.wait_closed()
-                except OSError:
-                    pass
+            await close(writer)
 
 
 STATUS = re.compile(r"status: ([A-Z]+)")
@@ -147,13 +159,8 @@ async def dig_one(st: Stats, label: str, host: str, port: str, name: str, kind: 
 
 async def dns_load(st: Stats, servers, names, churn_names, rate: float, deadline: float) -> None:
     rng = random.Random(4)
-    tasks = set()
-    start, i = time.monotonic(), 0
-    while True:
-        at = start + i / rate
-        if at >= deadline:
-            break
-        await asyncio.sleep(max(0.0, at - time.monotonic()))
+
+    def start_one(i: int):
         label, host, port = servers[i % len(servers)]
         x = rng.random()
         if x < 0.4:
@@ -164,12 +171,9 @@ async def dns_load(st: Stats, servers, names, churn_names, rate: float, deadline
             name, kind = f"q{i}.soak.test", "forwarded"
         else:
             name, kind = "cached.soak.test", "forwarded"
-        t = asyncio.create_task(dig_one(st, label, host, str(port), name, kind, i % 5 == 4))
-        tasks.add(t)
-        t.add_done_callback(tasks.discard)
-        i += 1
-    if tasks:
-        await asyncio.gather(*tasks)
+        return dig_one(st, label, host, str(port), name, kind, i % 5 == 4)
+
+    await paced(rate, deadline, start_one)
 
 
 def target(spec: str):

@@ -1,9 +1,10 @@
-# Shared by bench/tunnel.sh and bench/tunnel/rr-compare.sh (sourced): free ports, a
-# gateway's config, the exported bench Service and the haproxy chain's two configs. Uses the caller's $work (scratch dir), $C
-# (certificates from `fedgate certs`), $SRV, $IPERF_PORT and $ECHO_PORT (the servers).
+# Shared by bench/tunnel.sh and bench/tunnel/rr-compare.sh (sourced): a gateway's config, the
+# exported bench Service and the stunnel and haproxy chains' configs (free ports and the rest
+# come from bench/common.sh). Uses the caller's $work (scratch dir), $C (certificates from
+# `fedgate certs`), $SRV, $IPERF_PORT and $ECHO_PORT (the servers).
 
-free_tcp() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-free_udp() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
 gateway() { # id ip tunnel-port peer-id peer-ip peer-port vip-octet [maxUdpPayloadSize] [dataPlaneThreads] [busyPoll]
   local d=$work/$1
@@ -48,6 +49,34 @@ apiVersion: multicluster.x-k8s.io/v1alpha1
 kind: ServiceExport
 metadata: { name: bench, namespace: bench }
 YAML
+}
+
+# stunnel_service NAME client|server ACCEPT CONNECT CERT-NAME: one service section of an
+# stunnel4 config: mutual TLS with $C/CERT-NAME.{crt,key}, peers verified against $C/ca.crt.
+stunnel_service() {
+  echo "[$1]"
+  [[ $2 == client ]] && echo "client = yes"
+  printf 'accept = %s\nconnect = %s\ncert = %s\nkey = %s\nCAfile = %s\nverifyChain = yes\n' \
+    "$3" "$4" "$C/$5.crt" "$C/$5.key" "$C/ca.crt"
+  [[ $2 == server ]] && echo "requireCert = yes"
+  return 0
+}
+
+# stunnel_configs: the two-hop stunnel4 chain's configs, $work/stunnel-client.conf (plain TCP
+# on $S1, TLS with certificate a to $S2) and $work/stunnel-server.conf (TLS on $S2 with client
+# certificates required, plain TCP to the servers at $SRV), for the iperf and echo ports
+# ($SI1/$SI2, $SE1/$SE2).
+stunnel_configs() {
+  {
+    printf 'foreground = yes\npid =\n'
+    stunnel_service iperf client "$S1:$SI1" "$S2:$SI2" a
+    stunnel_service echo client "$S1:$SE1" "$S2:$SE2" a
+  } >"$work/stunnel-client.conf"
+  {
+    printf 'foreground = yes\npid =\n'
+    stunnel_service iperf server "$S2:$SI2" "$SRV:$IPERF_PORT" b
+    stunnel_service echo server "$S2:$SE2" "$SRV:$ECHO_PORT" b
+  } >"$work/stunnel-server.conf"
 }
 
 # haproxy_configs: the two-hop haproxy chain's configs, $work/haproxy-client.cfg (plain TCP on
