@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::names::{Label, NameError, Subdomain};
+pub use crate::names::{Label, NameError, SpiffeError, SpiffeId, Subdomain};
 
 /// Label key under which a cluster's id takes part in locality and failover priority.
 pub const LABEL_SOURCE_CLUSTER: &str = "multicluster.kubernetes.io/source-cluster";

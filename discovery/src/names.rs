@@ -2,7 +2,9 @@
 //! ids, namespaces, port names, hostnames, the names in a tunnel header, the labels DNS
 //! serves), the stricter RFC 1035 label Kubernetes wants for Service names
 //! ([`Label::check_rfc1035`]), and an RFC 1123 subdomain ([`Subdomain`]: EndpointSlice names,
-//! peer host names, label key prefixes). Re-exported by [`crate::model`].
+//! peer host names, label key prefixes). And a gateway's identity, the SPIFFE id
+//! `spiffe://<clusterset>/cluster/<cluster id>` ([`SpiffeId`]) that `fedgate certs` writes and
+//! the tunnel checks. Re-exported by [`crate::model`].
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -11,6 +13,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use crate::model::ClusterId;
 
 /// Longest DNS label.
 pub const MAX_LABEL_LEN: usize = 63;
@@ -234,6 +238,97 @@ impl From<Subdomain> for String {
     }
 }
 
+/// Longest SPIFFE trust domain.
+pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
+
+/// A gateway's SPIFFE id: `spiffe://<trust domain>/cluster/<cluster id>`, the trust domain
+/// being the clusterset's name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub cluster: ClusterId,
+}
+
+/// Why a URI is not a gateway's SPIFFE id.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpiffeError {
+    #[error("{0} is not a spiffe:// URI")]
+    NotSpiffe(String),
+    #[error("{uri}: invalid trust domain: {reason}")]
+    TrustDomain { uri: String, reason: &'static str },
+    #[error("{0} is not of the form spiffe://<clusterset>/cluster/<id>")]
+    NotAGateway(String),
+}
+
+impl SpiffeId {
+    /// The scheme every SPIFFE id starts with.
+    pub const SCHEME: &'static str = "spiffe://";
+
+    pub fn new(trust_domain: impl Into<String>, cluster: ClusterId) -> Self {
+        Self { trust_domain: trust_domain.into(), cluster }
+    }
+
+    /// Parses `spiffe://<trust domain>/cluster/<cluster id>`.
+    pub fn parse(uri: &str) -> Result<Self, SpiffeError> {
+        let rest =
+            uri.strip_prefix(Self::SCHEME).ok_or_else(|| SpiffeError::NotSpiffe(uri.into()))?;
+        let (trust_domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+        Self::check_trust_domain(trust_domain)
+            .map_err(|reason| SpiffeError::TrustDomain { uri: uri.into(), reason })?;
+        let cluster = path
+            .strip_prefix("cluster/")
+            .and_then(|id| ClusterId::new(id).ok())
+            .ok_or_else(|| SpiffeError::NotAGateway(uri.into()))?;
+        Ok(Self { trust_domain: trust_domain.to_owned(), cluster })
+    }
+
+    /// The trust domain a `spiffe://` URI names (a gateway's id or a CA's bare
+    /// `spiffe://<clusterset>`); `None` for other URIs or an empty trust domain.
+    pub fn trust_domain_of(uri: &str) -> Option<&str> {
+        let rest = uri.strip_prefix(Self::SCHEME)?;
+        let domain = rest.split('/').next()?;
+        (!domain.is_empty()).then_some(domain)
+    }
+
+    /// The bare URI of a trust domain, `spiffe://<trust domain>` (a CA's SAN).
+    pub fn trust_domain_uri(trust_domain: &str) -> String {
+        format!("{}{trust_domain}", Self::SCHEME)
+    }
+
+    /// Whether `name` can be a trust domain (a clusterset name): lowercase letters, digits,
+    /// `-`, `.` and `_`, at most [`MAX_TRUST_DOMAIN_LEN`] characters.
+    pub fn check_trust_domain(name: &str) -> Result<(), &'static str> {
+        if name.is_empty() {
+            return Err("must not be empty");
+        }
+        if name.len() > MAX_TRUST_DOMAIN_LEN {
+            return Err("must be at most 255 characters (a SPIFFE trust domain)");
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        {
+            return Err(
+                "may contain only lowercase letters, digits, '-', '.' and '_' (a SPIFFE trust domain)",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}/cluster/{}", Self::SCHEME, self.trust_domain, self.cluster)
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = SpiffeError;
+    fn from_str(s: &str) -> Result<Self, SpiffeError> {
+        Self::parse(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,5 +409,56 @@ mod tests {
         assert!(err.to_string().contains("lowercase letters"), "{err}");
         let s: Subdomain = "a.b".parse().expect("valid");
         assert_eq!(s.as_str(), "a.b");
+    }
+
+    #[test]
+    fn spiffe_ids() {
+        let east = ClusterId::new("east").expect("id");
+        let id = SpiffeId::new("demo", east.clone());
+        assert_eq!(id.to_string(), "spiffe://demo/cluster/east");
+        assert_eq!(SpiffeId::parse("spiffe://demo/cluster/east"), Ok(id.clone()));
+        assert_eq!(
+            "spiffe://my.set_1/cluster/east".parse::<SpiffeId>().map(|i| i.trust_domain),
+            Ok("my.set_1".to_owned())
+        );
+        for (uri, want) in [
+            (
+                "https://demo/cluster/east",
+                SpiffeError::NotSpiffe("https://demo/cluster/east".into()),
+            ),
+            ("spiffe://demo/node/east", SpiffeError::NotAGateway("spiffe://demo/node/east".into())),
+            (
+                "spiffe://demo/cluster/East",
+                SpiffeError::NotAGateway("spiffe://demo/cluster/East".into()),
+            ),
+            (
+                "spiffe://demo/cluster/east/x",
+                SpiffeError::NotAGateway("spiffe://demo/cluster/east/x".into()),
+            ),
+            ("spiffe://demo", SpiffeError::NotAGateway("spiffe://demo".into())),
+            (
+                "spiffe://Demo/cluster/east",
+                SpiffeError::TrustDomain {
+                    uri: "spiffe://Demo/cluster/east".into(),
+                    reason: "may contain only lowercase letters, digits, '-', '.' and '_' (a SPIFFE trust domain)",
+                },
+            ),
+            (
+                "spiffe:///cluster/east",
+                SpiffeError::TrustDomain {
+                    uri: "spiffe:///cluster/east".into(),
+                    reason: "must not be empty",
+                },
+            ),
+        ] {
+            assert_eq!(SpiffeId::parse(uri), Err(want), "{uri}");
+        }
+        assert_eq!(SpiffeId::trust_domain_of("spiffe://demo"), Some("demo"));
+        assert_eq!(SpiffeId::trust_domain_of("spiffe://demo/cluster/east"), Some("demo"));
+        assert_eq!(SpiffeId::trust_domain_of("spiffe://"), None);
+        assert_eq!(SpiffeId::trust_domain_of("http://demo"), None);
+        assert_eq!(SpiffeId::trust_domain_uri("demo"), "spiffe://demo");
+        assert!(SpiffeId::check_trust_domain(&"a".repeat(255)).is_ok());
+        assert!(SpiffeId::check_trust_domain(&"a".repeat(256)).is_err());
     }
 }

@@ -13,7 +13,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedgate_discovery::model::ClusterId;
+use fedgate_discovery::model::{ClusterId, SpiffeId};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SignatureAlgorithm,
@@ -129,27 +129,11 @@ pub struct CertPair {
     pub key_pem: String,
 }
 
-/// The SPIFFE id of cluster `cluster` in clusterset `clusterset`.
-pub fn spiffe_id(clusterset: &str, cluster: &str) -> String {
-    format!("spiffe://{clusterset}/cluster/{cluster}")
-}
-
-/// Checks a clusterset name: it is the SPIFFE trust domain, so lowercase letters, digits,
-/// `-`, `.` and `_`, at most 255 characters.
+/// Checks a clusterset name: it is the SPIFFE trust domain
+/// ([`SpiffeId::check_trust_domain`]).
 pub fn check_clusterset(name: &str) -> Result<(), CertError> {
-    let fail = |reason| Err(CertError::InvalidClusterset { name: name.to_owned(), reason });
-    if name.is_empty() {
-        return fail("must not be empty");
-    }
-    if name.len() > 255 {
-        return fail("must be at most 255 characters (a SPIFFE trust domain)");
-    }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b)) {
-        return fail(
-            "may contain only lowercase letters, digits, '-', '.' and '_' (a SPIFFE trust domain)",
-        );
-    }
-    Ok(())
+    SpiffeId::check_trust_domain(name)
+        .map_err(|reason| CertError::InvalidClusterset { name: name.to_owned(), reason })
 }
 
 fn validity_window(
@@ -222,7 +206,7 @@ pub fn create_ca(clusterset: &str, opts: &CertOptions) -> Result<CertPair, CertE
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    params.subject_alt_names = vec![san_uri(format!("spiffe://{clusterset}"))?];
+    params.subject_alt_names = vec![san_uri(SpiffeId::trust_domain_uri(clusterset))?];
     let cert = params
         .self_signed(&key)
         .map_err(|source| CertError::Generate { what: "CA certificate", source })?;
@@ -267,7 +251,7 @@ pub fn issue(
         vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
     params.subject_alt_names = vec![
-        san_uri(spiffe_id(&clusterset, cluster.as_str()))?,
+        san_uri(SpiffeId::new(clusterset.as_str(), cluster.clone()).to_string())?,
         san_dns(format!("{cluster}.{clusterset}.{DNS_SAN_SUFFIX}"))?,
     ];
     let cert = params
@@ -297,11 +281,7 @@ impl CertInfo {
     /// The clusterset a CA names with its `spiffe://<clusterset>` SAN, or a gateway cert
     /// with `spiffe://<clusterset>/cluster/<id>`.
     pub fn clusterset(&self) -> Option<String> {
-        self.spiffe_ids.iter().find_map(|id| {
-            let rest = id.strip_prefix("spiffe://")?;
-            let domain = rest.split('/').next()?;
-            (!domain.is_empty()).then(|| domain.to_owned())
-        })
+        self.spiffe_ids.iter().find_map(|id| SpiffeId::trust_domain_of(id).map(str::to_owned))
     }
 
     /// Whether `at` lies inside the validity window.
@@ -330,7 +310,7 @@ pub fn inspect_all(pem: &str) -> Result<Vec<CertInfo>, CertError> {
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
                 match name {
-                    GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
+                    GeneralName::URI(uri) if uri.starts_with(SpiffeId::SCHEME) => {
                         spiffe_ids.push((*uri).to_owned())
                     }
                     GeneralName::DNSName(dns) => dns_names.push((*dns).to_owned()),

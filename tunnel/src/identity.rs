@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedgate_discovery::model::SpiffeId;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
@@ -15,7 +16,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::tls::{Expected, check_peer_identity, spiffe_id};
+use crate::tls::{Expected, check_peer_identity};
 
 /// Why an identity could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -277,7 +278,7 @@ pub fn check_identity(
     if let Err(rejection) = check_peer_identity(leaf, clusterset, expected) {
         let found = spiffe_uris(&parsed);
         let expected = match expected {
-            Expected::Exactly(id) => spiffe_id(clusterset, id),
+            Expected::Exactly(id) => SpiffeId::new(clusterset, id.clone()).to_string(),
             _ => format!("spiffe://{clusterset}/cluster/<cluster id>"),
         };
         problems.push(IdentityProblem::WrongName { found, expected, detail: rejection.detail });
@@ -371,7 +372,7 @@ fn spiffe_uris(cert: &X509Certificate<'_>) -> Vec<String> {
         .general_names
         .iter()
         .filter_map(|n| match n {
-            GeneralName::URI(u) if u.starts_with("spiffe://") => Some((*u).to_owned()),
+            GeneralName::URI(u) if u.starts_with(SpiffeId::SCHEME) => Some((*u).to_owned()),
             _ => None,
         })
         .collect()

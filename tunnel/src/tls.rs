@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use fedgate_discovery::model::ClusterId;
+use fedgate_discovery::model::{ClusterId, SpiffeId};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -131,11 +131,6 @@ pub enum Expected<'a> {
     AnyCluster,
 }
 
-/// The SPIFFE id `spiffe://<clusterset>/cluster/<id>` of a cluster.
-pub fn spiffe_id(clusterset: &str, cluster: &ClusterId) -> String {
-    format!("spiffe://{clusterset}/cluster/{cluster}")
-}
-
 /// Checks the identity a (chain-verified) leaf certificate claims. Pure: no I/O, no clock.
 pub fn check_peer_identity(
     leaf: &CertificateDer<'_>,
@@ -153,7 +148,7 @@ pub fn check_peer_identity(
                 .general_names
                 .iter()
                 .filter_map(|n| match n {
-                    GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+                    GeneralName::URI(u) if u.starts_with(SpiffeId::SCHEME) => Some(*u),
                     _ => None,
                 })
                 .collect()
@@ -174,8 +169,7 @@ pub fn check_peer_identity(
             ));
         }
     };
-    let rest = &uri["spiffe://".len()..];
-    let (trust_domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let trust_domain = SpiffeId::trust_domain_of(uri).unwrap_or_default();
     if trust_domain != clusterset {
         return Err(Rejection::new(
             RejectReason::WrongClusterset,
@@ -184,13 +178,12 @@ pub fn check_peer_identity(
             ),
         ));
     }
-    let id =
-        path.strip_prefix("cluster/").and_then(|id| ClusterId::new(id).ok()).ok_or_else(|| {
-            Rejection::new(
-                RejectReason::Other,
-                format!("{uri} is not of the form spiffe://<clusterset>/cluster/<id>"),
-            )
-        })?;
+    let id = SpiffeId::parse(uri).map(|id| id.cluster).map_err(|_| {
+        Rejection::new(
+            RejectReason::Other,
+            format!("{uri} is not of the form spiffe://<clusterset>/cluster/<id>"),
+        )
+    })?;
     match expected {
         Expected::Exactly(want) if &id != want => Err(Rejection::new(
             RejectReason::WrongCluster,

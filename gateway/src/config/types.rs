@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use fedgate_discovery::model::{ClusterId, Locality, Subdomain};
+use fedgate_discovery::model::{ClusterId, Locality, SpiffeId, Subdomain};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -600,7 +600,7 @@ impl Config {
 
     /// The SPIFFE id this gateway's certificate must carry, and that a peer `id` must carry.
     pub fn spiffe_id(&self, cluster: &ClusterId) -> String {
-        crate::certs::spiffe_id(&self.cluster.clusterset, cluster.as_str())
+        SpiffeId::new(self.cluster.clusterset.as_str(), cluster.clone()).to_string()
     }
 
     /// The effective configuration as one line of JSON, for the start-up log. The config
