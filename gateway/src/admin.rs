@@ -45,8 +45,9 @@ pub enum AdminError {
 /// What the admin server shows.
 #[derive(Clone)]
 pub struct AdminState {
-    /// True once discovery has synced and every listener is bound.
-    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// The readiness registry: `/readyz` is 200 when no part is pending (discovery synced,
+    /// every listener bound).
+    pub ready: crate::readiness::Ready,
     /// Renders `/metrics`; `None` when no recorder is installed (in-process tests).
     pub metrics: Option<PrometheusHandle>,
     /// Views under `/debug/<name>`, e.g. `exports`, `imports`, `endpoints`, `peers`.
@@ -97,14 +98,12 @@ async fn dashboard(State(state): State<AdminState>) -> Html<&'static str> {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    if (state.ready)() {
+    let pending = state.ready.pending();
+    if pending.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: discovery not synced or listeners not bound\n",
-        )
-            .into_response()
+        let body = format!("not ready: waiting for {}\n", pending.join(", "));
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
     }
 }
 
@@ -150,9 +149,8 @@ mod tests {
 
     #[tokio::test]
     async fn serves_views_readiness_and_404s() {
-        let ready_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = ready_flag.clone();
-        let ready = Arc::new(move || flag.load(std::sync::atomic::Ordering::Relaxed));
+        let ready = crate::readiness::Ready::new();
+        let mut discovery = ready.register("discovery");
         let mut views: BTreeMap<&'static str, DebugView> = BTreeMap::new();
         views.insert(
             "imports",
@@ -182,7 +180,8 @@ mod tests {
         };
         assert_eq!(get("/healthz").await.0, 200);
         assert_eq!(get("/readyz").await.0, 503);
-        ready_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(get("/readyz").await.1.contains("waiting for discovery"));
+        discovery.set_ready(true);
         assert_eq!(get("/readyz").await.0, 200);
         let (code, body) = get("/debug/imports").await;
         assert_eq!(code, 200);

@@ -31,6 +31,7 @@ use crate::dataplane::health::HealthSettings;
 use crate::dataplane::peers::PeerTunnel;
 use crate::dataplane::{DataPlane, DataPlaneSettings, HealthChecker};
 use crate::peering::Peering;
+use crate::readiness::{self, Ready};
 
 /// Capacity of the channel from peer sessions to the import set.
 const PEER_UPDATE_CHANNEL: usize = 1024;
@@ -57,6 +58,8 @@ struct Parts {
     writer: Option<KubeWriter>,
     /// `front.mode: kube`: the gateway ports of derived Services.
     front: Option<futures::future::BoxFuture<'static, ()>>,
+    /// Marks `discovery` ready in the registry once the cluster source has synced.
+    discovery_ready: futures::future::BoxFuture<'static, ()>,
     /// `discovery.source: kube`: reads the ClusterProperties again, reports a change.
     identity: Option<kube::identity::IdentityGuard>,
     local_exports: LocalExports,
@@ -95,7 +98,10 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
                 || format!("discovery.file.dir {}", cfg.discovery.file.dir.display()),
             )?),
         };
-    let synced = source.synced();
+    // `/readyz`: each part that is not ready once built registers here.
+    let ready = Ready::new();
+    let discovery_ready =
+        Box::pin(readiness::ready_when(ready.register("discovery"), source.synced()));
     let cluster_rx = source.subscribe();
     let health_settings = HealthSettings {
         interval: cfg.traffic.health_check.interval,
@@ -215,6 +221,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     dp_settings.idle_timeout = cfg.traffic.connections.idle_timeout;
     dp_settings.vip_listeners = cfg.front.mode == FrontMode::Vip;
     dp_settings.activity = data.activity_hook();
+    dp_settings.ready = ready.clone();
     // Entered: the listeners of the first snapshot, their accept loops and the stream
     // forwarder belong to the data-plane thread.
     let dataplane = {
@@ -278,12 +285,8 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     );
     let summary: Value = serde_json::from_str(&cfg.redacted_summary()).unwrap_or(Value::Null);
     views.insert("config", Arc::new(move |_: &Query| summary.clone()));
-    let admin_state = AdminState {
-        ready: Arc::new(move || *synced.borrow() && debug.listeners_ready()),
-        metrics,
-        views: Arc::new(views),
-        dashboard: crate::dashboard::PAGE,
-    };
+    let admin_state =
+        AdminState { ready, metrics, views: Arc::new(views), dashboard: crate::dashboard::PAGE };
     let admin = AdminServer::new(cfg.admin.listen, admin_state).await?;
 
     Ok(Bound {
@@ -295,6 +298,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             source,
             writer,
             front,
+            discovery_ready,
             identity,
             local_exports,
             imports,
@@ -316,6 +320,7 @@ impl Bound {
             source,
             writer,
             front,
+            discovery_ready,
             identity,
             local_exports,
             imports,
@@ -328,6 +333,7 @@ impl Bound {
         let rest = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tasks.spawn(source.run(rest.clone()));
+        tasks.spawn(discovery_ready);
         if let Some(writer) = writer {
             tasks.spawn(writer.run(rest.clone()));
         }

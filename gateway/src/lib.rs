@@ -15,4 +15,5 @@ pub mod explain;
 pub mod logging;
 pub mod metrics;
 pub mod peering;
+pub mod readiness;
 pub mod status;

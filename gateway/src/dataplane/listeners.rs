@@ -183,15 +183,27 @@ pub struct Listeners {
     owned: BTreeMap<Owner, BTreeSet<SocketAddr>>,
     services: BTreeMap<ServiceKey, Arc<ImportedService>>,
     vips: BTreeMap<IpAddr, EndpointVip>,
+    /// `listeners` in the readiness registry: pending while a bind waits for a retry.
+    readiness: Option<crate::readiness::Guard>,
 }
 
 impl Listeners {
+    /// Registers this set as `listeners` with the gateway's readiness registry.
+    pub fn register_readiness(&mut self, ready: &crate::readiness::Ready) {
+        let mut guard = ready.register("listeners");
+        guard.set_ready(self.failed.is_empty());
+        self.readiness = Some(guard);
+    }
+
     /// The live view of this set, updated after every change.
     pub fn state(&self) -> Arc<ArcSwap<ListenerState>> {
         self.state.clone()
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        if let Some(guard) = &mut self.readiness {
+            guard.set_ready(self.failed.is_empty());
+        }
         metrics::set_listeners(self.bound.len());
         metrics::set_listeners_failed(self.failed.len());
         self.state.store(Arc::new(ListenerState {

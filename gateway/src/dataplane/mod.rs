@@ -89,6 +89,8 @@ pub struct DataPlaneSettings {
     pub idle_timeout: Duration,
     /// Called by the copy loops when they move bytes (the data thread's busy poller).
     pub activity: ActivityHook,
+    /// The gateway's readiness registry: the listeners register as `listeners`.
+    pub ready: crate::readiness::Ready,
 }
 
 impl DataPlaneSettings {
@@ -113,6 +115,7 @@ impl DataPlaneSettings {
             max_connections_per_service: DEFAULT_MAX_CONNECTIONS_PER_SERVICE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             activity: ActivityHook::NONE,
+            ready: crate::readiness::Ready::new(),
         }
     }
 }
@@ -390,6 +393,7 @@ impl DataPlane {
             settings,
         };
         let mut listeners = listeners::Listeners::default();
+        listeners.register_readiness(&shared.settings.ready);
         let shared = Arc::new(Shared { listeners: listeners.state(), ..shared });
         let weak = Arc::downgrade(&shared);
         health.on_probe_pass(Arc::new(move |address| {
