@@ -41,15 +41,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use fedgate_e2e::kube::{KubeCluster, kube_binary};
+use fedgate_e2e::kube::{
+    EXPORTS, IMPORTS, KubeCluster, SLICE_SELECTOR, kube_binary, use_kube_source,
+};
 use fedgate_e2e::*;
 use serde_json::Value;
 
 const CLUSTERSET: &str = "kube-bench";
-const IMPORTS: &str = "serviceimports.v1beta1.multicluster.x-k8s.io";
-const EXPORTS: &str = "serviceexports.v1beta1.multicluster.x-k8s.io";
 const NS: &str = "bench";
-const SLICE_SELECTOR: &str = "endpointslice.kubernetes.io/managed-by=gateway.fedgate.io";
 const LABEL_SERVICE_NAME: &str = "multicluster.kubernetes.io/service-name";
 
 struct Args {
@@ -133,26 +132,20 @@ struct GatewayProc {
 
 impl GatewayProc {
     fn start(gw: Gateway) -> Result<Self> {
-        let log = std::fs::File::create(gw.dir.join("bench.log"))?;
-        let child = Command::new(fedgate_bin())
-            .args(["--log-level", "info", "run", "--config"])
-            .arg(gw.config_path())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("spawning fedgate run")?;
+        let log = gw.dir.join("bench.log");
+        std::fs::File::create(&log)?;
+        let child =
+            spawn_fedgate_run(Command::new(fedgate_bin()), "info", &gw.config_path(), &log)?;
         let mut p = Self { gw, child };
         let admin = p.gw.spec.admin;
-        let res = eventually("gateway /readyz", Duration::from_secs(60), || {
-            if let Some(status) = p.child.try_wait()? {
-                bail!("gateway exited early with {status}");
-            }
-            Ok(http_get(admin, "/readyz").ok().filter(|(c, _)| *c == 200).map(|_| ()))
-        });
-        if let Err(e) = res {
-            bail!("{e:#}\n--- log ---\n{}", p.log());
-        }
+        wait_gateway_up(
+            &mut p.child,
+            &p.gw.spec.id,
+            &log,
+            "gateway /readyz",
+            Duration::from_secs(60),
+            || http_get(admin, "/readyz").is_ok_and(|(c, _)| c == 200),
+        )?;
         Ok(p)
     }
 
@@ -442,10 +435,7 @@ fn main() -> Result<()> {
     );
 
     let started = Instant::now();
-    let handles = ["a", "b"].map(|c| std::thread::spawn(move || KubeCluster::start(c)));
-    let [ha, hb] = handles;
-    let ka = ha.join().map_err(|_| anyhow::anyhow!("start panicked"))??;
-    let kb = hb.join().map_err(|_| anyhow::anyhow!("start panicked"))??;
+    let (ka, kb) = KubeCluster::start_pair(["a", "b"])?;
     let kc_a = prepare_cluster(&ka)?;
     let kc_b = prepare_cluster(&kb)?;
     println!("apiservers ready and prepared in {:.1} s", started.elapsed().as_secs_f64());
@@ -470,30 +460,15 @@ fn main() -> Result<()> {
 
     // 2. two gateways in kube mode, peered over loopback QUIC
     let block = AddrBlock::unique();
-    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
-    let ids = ["a", "b"];
-    let mut gws = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let spec = GatewaySpec {
-            region: "r1".to_owned(),
-            zone: format!("z-{id}"),
-            vip_range: format!("127.{}.{}.0/20", block.ip(1).octets()[1], 192 + 16 * i as u8),
-            // endpoints lead nowhere: probe them rarely (as bench/propagation.py does)
-            extra: "traffic: { healthCheck: { interval: 30s, timeout: 1s } }\n".to_owned(),
-            ..GatewaySpec::mesh(block, CLUSTERSET, &ids, i)
-        };
-        let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
-        let g = Gateway::prepare(tmp.path(), spec, tls)?;
-        let kc = if i == 0 { &kc_a } else { &kc_b };
-        let text = std::fs::read_to_string(g.config_path())?;
-        let file = format!("source: file\n  file: {{ dir: {} }}", g.cluster_dir.display());
-        if !text.contains(&file) {
-            bail!("unexpected gateway config layout:\n{text}");
-        }
-        let text = text
-            .replace(&file, &format!("source: kube\n  kube: {{ kubeconfig: {} }}", kc.display()));
-        std::fs::write(g.config_path(), text)?;
-        gws.push(g);
+    let gws = prepare_mesh(tmp.path(), block, CLUSTERSET, &["a", "b"], |i, spec| {
+        spec.region = "r1".to_owned();
+        spec.zone = format!("z-{}", spec.id);
+        spec.vip_range = format!("127.{}.{}.0/20", block.ip(1).octets()[1], 192 + 16 * i as u8);
+        // endpoints lead nowhere: probe them rarely (as bench/propagation.py does)
+        spec.extra = "traffic: { healthCheck: { interval: 30s, timeout: 1s } }\n".to_owned();
+    })?;
+    for (g, kc) in gws.iter().zip([&kc_a, &kc_b]) {
+        use_kube_source(g, kc)?;
     }
     let mut procs = Vec::new();
     for g in gws {

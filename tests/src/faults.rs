@@ -4,14 +4,17 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::ops::ControlFlow;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    AddrBlock, Gateway, GatewaySpec, Pki, eventually, http_get, import_from, metric_samples,
-    service_yaml,
+    AddrBlock, Gateway, GatewaySpec, Pki, exported_service, http_get, metric_samples, wait_import,
 };
 
 /// How long a test waits for an export to reach a gateway's imports.
@@ -21,8 +24,20 @@ pub const CLUSTERSET: &str = "faults";
 
 /// A Service `fault/<name>` (port 80 → `port`) with one ready endpoint, exported.
 pub fn export_yaml(name: &str, endpoint: &str, port: u16) -> String {
-    let created = Some("2026-01-01T00:00:00Z");
-    service_yaml("fault", name, false, &[("tcp", 80, port)], &[(endpoint, true)], created)
+    exported_service("fault", name, ("tcp", 80, port), endpoint)
+}
+
+/// `g` exports `fault/<name>` (file `<name>.yaml`) with one ready endpoint, `backend`.
+pub fn export_backend(g: &Gateway, name: &str, backend: SocketAddr) -> Result<()> {
+    let yaml = export_yaml(name, &backend.ip().to_string(), backend.port());
+    g.write_cluster_file(&format!("{name}.yaml"), &yaml)
+}
+
+/// A gateway without peers exports `fault/<name>` with one endpoint, `backend`, and imports it
+/// from itself: returns its ClusterSetIP (port 80) once imported.
+pub fn export_own(g: &Gateway, name: &str, backend: SocketAddr) -> Result<SocketAddr> {
+    export_backend(g, name, backend)?;
+    wait_import_vip(g, "fault", name, &[g.spec.id.as_str()], 80)
 }
 
 /// Gateway `alpha` without peers, in an address block of its own, with `extra` YAML at the
@@ -38,6 +53,23 @@ pub fn lone_gateway(root: &std::path::Path, extra: &str) -> Result<(Gateway, Add
     let mut alpha = Gateway::prepare(root, spec, pki.issue("alpha", &root.join("certs-alpha"))?)?;
     alpha.start()?;
     Ok((alpha, block))
+}
+
+/// [`lone_gateway`] (with `extra`) exporting `fault/<name>` with one backend, `alpha-1` (listen
+/// backlog `backlog`), on `host:port` of its block. Returns the gateway, the backend and the
+/// service's ClusterSetIP (port 80) once imported.
+pub fn lone_gateway_serving(
+    root: &std::path::Path,
+    extra: &str,
+    name: &str,
+    (host, port): (u8, u16),
+    backlog: u32,
+) -> Result<(Gateway, Backend, SocketAddr)> {
+    let (alpha, block) = lone_gateway(root, extra)?;
+    let backend_addr = block.addr(host, port);
+    let backend = Backend::start(backend_addr, "alpha-1", backlog)?;
+    let vip = export_own(&alpha, name, backend_addr)?;
+    Ok((alpha, backend, vip))
 }
 
 /// A process's resident memory in KiB and its open descriptors.
@@ -157,18 +189,9 @@ pub fn wait_import_vip(
     clusters: &[&str],
     port: u16,
 ) -> Result<SocketAddr> {
-    eventually(
-        &format!("{} to import {ns}/{name} from {clusters:?}", g.spec.id),
-        PROPAGATION,
-        || {
-            let imports = g.json("/debug/imports")?;
-            let Some(import) = import_from(&imports, ns, name, clusters) else {
-                return Ok(None);
-            };
-            let ip = import["ips"][0].as_str().context("a ClusterSetIP")?;
-            Ok(Some(SocketAddr::new(ip.parse()?, port)))
-        },
-    )
+    let import = wait_import(g, ns, name, clusters, PROPAGATION)?;
+    let ip = import["ips"][0].as_str().with_context(|| format!("a ClusterSetIP in {import}"))?;
+    Ok(SocketAddr::new(ip.parse()?, port))
 }
 
 pub fn metric(g: &Gateway, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
@@ -196,4 +219,61 @@ pub fn dig_a(g: &Gateway, ns: &str, name: &str) -> Result<Vec<String>> {
         bail!("dig failed ({}): {text}{}", out.status, String::from_utf8_lossy(&out.stderr));
     }
     Ok(text.lines().map(str::to_owned).collect())
+}
+
+/// A thread that calls `next` until stopped, pausing `pace` after each call, and keeps what it
+/// returns: `Continue(Some(sample))` is recorded, `Continue(None)` is not, `Break` ends the
+/// thread. Tests look at the samples while the load runs ([`snapshot`](Self::snapshot)) and
+/// after it ([`finish`](Self::finish)). Dropping it stops the thread without waiting.
+pub struct Recorder<T> {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<T>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<T: Clone + Send + 'static> Recorder<T> {
+    pub fn start(
+        pace: Duration,
+        mut next: impl FnMut() -> ControlFlow<(), Option<T>> + Send + 'static,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let (s, out) = (stop.clone(), samples.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match next() {
+                    ControlFlow::Continue(Some(sample)) => {
+                        out.lock().expect("samples lock").push(sample)
+                    }
+                    ControlFlow::Continue(None) => {}
+                    ControlFlow::Break(()) => break,
+                }
+                if !pace.is_zero() {
+                    std::thread::sleep(pace);
+                }
+            }
+            // `next` drops here, and with it whatever it owns (e.g. a client process).
+        });
+        Self { stop, samples, thread: Some(thread) }
+    }
+
+    /// The samples so far.
+    pub fn snapshot(&self) -> Vec<T> {
+        self.samples.lock().expect("samples lock").clone()
+    }
+
+    /// Stops the thread, waits for it and returns every sample.
+    pub fn finish(mut self) -> Vec<T> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.snapshot()
+    }
+}
+
+impl<T> Drop for Recorder<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }

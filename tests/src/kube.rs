@@ -33,6 +33,7 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 
+use crate::check_output;
 use crate::netns::Netns;
 
 /// Environment variable naming the directory holding `kube-apiserver`, `etcd`, `kubectl`, `helm`
@@ -264,6 +265,15 @@ impl KubeCluster {
         Self::start_with_ports(name, free_ports::<3>)
     }
 
+    /// Starts clusters `names` side by side (one thread each); prints how long each took.
+    pub fn start_pair(names: [&'static str; 2]) -> Result<(KubeCluster, KubeCluster)> {
+        let [a, b] = names.map(|n| std::thread::spawn(move || KubeCluster::start(n)));
+        let a = a.join().map_err(|_| anyhow::anyhow!("start panicked"))??;
+        let b = b.join().map_err(|_| anyhow::anyhow!("start panicked"))??;
+        eprintln!("apiservers ready in {:?} and {:?}", a.started_in(), b.started_in());
+        Ok((a, b))
+    }
+
     /// [`start`](Self::start) with the ports chosen by `pick` — `[etcd client, etcd peer,
     /// apiserver]`, called once per attempt. For tests of the port-collision retry itself.
     pub fn start_with_ports(
@@ -359,9 +369,8 @@ impl KubeCluster {
         let etcd_url = format!("http://{etcd_client}");
         let peer_url = format!("http://{etcd_peer}");
 
-        let etcd = self
-            .command(etcd_bin)
-            .arg(format!("--name={}", self.name))
+        let etcd = &mut self.command(etcd_bin);
+        etcd.arg(format!("--name={}", self.name))
             // etcd makes the directory itself (0700) and refuses one with wider permissions.
             .arg(format!("--data-dir={}", dir.join("etcd-data").display()))
             .arg(format!("--listen-client-urls={etcd_url}"))
@@ -372,12 +381,8 @@ impl KubeCluster {
             .arg("--initial-cluster-state=new")
             // Test data is thrown away: no fsync makes writes (and start-up) much faster.
             .arg("--unsafe-no-fsync")
-            .arg("--log-level=warn")
-            .stdin(Stdio::null())
-            .stdout(log_file(&dir.join("etcd.log"))?)
-            .stderr(log_file(&dir.join("etcd.log"))?)
-            .spawn()
-            .with_context(|| format!("spawning {}", etcd_bin.display()))?;
+            .arg("--log-level=warn");
+        let etcd = spawn_logged(etcd, etcd_bin, &dir.join("etcd.log"))?;
         self.etcd = Some(etcd);
         let netns = self.netns.clone();
         self.wait_ready("etcd /health", || {
@@ -388,8 +393,8 @@ impl KubeCluster {
             health.is_ok_and(|(code, body)| code == 200 && body.contains("true"))
         })?;
 
-        let apiserver = self
-            .command(apiserver_bin)
+        let apiserver = &mut self.command(apiserver_bin);
+        apiserver
             .arg(format!("--etcd-servers={etcd_url}"))
             .arg(format!("--secure-port={}", api.port()))
             .arg("--bind-address=127.0.0.1")
@@ -418,12 +423,8 @@ impl KubeCluster {
             // The endpoint reconciler refuses a loopback advertise address; without it the
             // `kubernetes` Service simply has no endpoints.
             .arg("--endpoint-reconciler-type=none")
-            .arg("--v=1")
-            .stdin(Stdio::null())
-            .stdout(log_file(&dir.join("kube-apiserver.log"))?)
-            .stderr(log_file(&dir.join("kube-apiserver.log"))?)
-            .spawn()
-            .with_context(|| format!("spawning {}", apiserver_bin.display()))?;
+            .arg("--v=1");
+        let apiserver = spawn_logged(apiserver, apiserver_bin, &dir.join("kube-apiserver.log"))?;
         self.apiserver = Some(apiserver);
         self.api_addr = api;
         self.server_url = format!("https://{api}");
@@ -621,6 +622,13 @@ impl KubeCluster {
         check_output("kubectl apply", out)
     }
 
+    /// Applies a v1beta1 ServiceExport of `ns/name`; returns kubectl's stdout.
+    pub fn export(&self, ns: &str, name: &str) -> Result<String> {
+        self.apply_yaml(&format!(
+            "apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\nmetadata: {{ name: {name}, namespace: {ns} }}\n"
+        ))
+    }
+
     /// `kubectl create -f -` with `yaml` on stdin (fails if an object exists); returns stdout.
     pub fn create_yaml(&self, yaml: &str) -> Result<String> {
         let out = self.kubectl_with_stdin(&["create", "-f", "-"], Some(yaml))?;
@@ -701,14 +709,8 @@ impl KubeCluster {
         let started = Instant::now();
         let (program, args) = stopped.argv.split_first().context("an empty command line")?;
         let log = self.dir.path().join("kube-apiserver.log");
-        let child = self
-            .command(Path::new(program))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log_file(&log)?)
-            .stderr(log_file(&log)?)
-            .spawn()
-            .with_context(|| format!("spawning {}", Path::new(program).display()))?;
+        let program = Path::new(program);
+        let child = spawn_logged(self.command(program).args(args), program, &log)?;
         self.apiserver = Some(child);
         let target = self.api_target();
         self.wait_ready("kube-apiserver /readyz after a restart", || {
@@ -735,6 +737,25 @@ impl Drop for KubeCluster {
             eprintln!("{}", self.logs(80));
         }
     }
+}
+
+/// The ServiceImport resource, fully qualified for `kubectl get`.
+pub const IMPORTS: &str = "serviceimports.v1beta1.multicluster.x-k8s.io";
+/// The ServiceExport resource, fully qualified for `kubectl get`.
+pub const EXPORTS: &str = "serviceexports.v1beta1.multicluster.x-k8s.io";
+/// The label selector of the EndpointSlices fedgate writes.
+pub const SLICE_SELECTOR: &str = "endpointslice.kubernetes.io/managed-by=gateway.fedgate.io";
+
+/// `metadata.uid` of a Kubernetes object ("" when it has none).
+pub fn uid(v: &serde_json::Value) -> String {
+    v["metadata"]["uid"].as_str().unwrap_or_default().to_owned()
+}
+
+/// The EndpointSlices fedgate wrote in `c` for the import of `ns/name` (label-selected).
+pub fn imported_slices(c: &KubeCluster, ns: &str, name: &str) -> Result<Vec<serde_json::Value>> {
+    let sel = format!("multicluster.kubernetes.io/service-name={name},{SLICE_SELECTOR}");
+    let list = c.get_json(&["endpointslices", "-n", ns, "-l", &sel])?.unwrap_or_default();
+    Ok(list["items"].as_array().cloned().unwrap_or_default())
 }
 
 /// Turns the file-source config [`Gateway::prepare`](crate::Gateway::prepare) wrote for `g`
@@ -846,16 +867,13 @@ fn log_file(path: &Path) -> Result<std::fs::File> {
         .with_context(|| format!("opening {}", path.display()))
 }
 
-fn check_output(what: &str, out: Output) -> Result<String> {
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// Spawns `cmd` (running `bin`) with stdin closed and its output appended to `log`.
+fn spawn_logged(cmd: &mut Command, bin: &Path, log: &Path) -> Result<Child> {
+    cmd.stdin(Stdio::null())
+        .stdout(log_file(log)?)
+        .stderr(log_file(log)?)
+        .spawn()
+        .with_context(|| format!("spawning {}", bin.display()))
 }
 
 /// A one-shot HTTP/1.1 GET over TLS (rustls, ring) trusting only `ca_pem`.

@@ -8,10 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -84,6 +86,64 @@ pub fn fedgate(args: &[&str]) -> Result<(i32, String, String)> {
         stdout.recv_timeout(limit).unwrap_or_default(),
         stderr.recv_timeout(limit).unwrap_or_default(),
     ))
+}
+
+/// The output of a finished command: stdout when it exited 0, else an error naming `what`
+/// with everything it printed.
+pub fn check_output(what: &str, out: Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The `--log-level` of the gateways tests start: fedgate's own crates at debug.
+pub const LOG_LEVEL: &str = "info,fedgate=debug,fedgate_discovery=debug,fedgate_tunnel=debug";
+
+/// Spawns `<cmd> --log-level <level> run --config <config>` (`cmd` runs the fedgate binary,
+/// directly or through `ip netns exec`), stdin closed, output appended to `log`.
+pub fn spawn_fedgate_run(
+    mut cmd: Command,
+    level: &str,
+    config: &Path,
+    log: &Path,
+) -> Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    cmd.args(["--log-level", level, "run", "--config"])
+        .arg(config)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawning fedgate run ({cmd:?})"))
+}
+
+/// Waits (at most `timeout`) until `up()` says the gateway process `child` of cluster `id`
+/// serves, failing at once when it exits first; the error ends with the gateway's `log`.
+pub fn wait_gateway_up(
+    child: &mut Child,
+    id: &str,
+    log: &Path,
+    what: &str,
+    timeout: Duration,
+    mut up: impl FnMut() -> bool,
+) -> Result<()> {
+    let res = eventually(what, timeout, || {
+        if let Some(status) = child.try_wait()? {
+            bail!("gateway exited early with {status}");
+        }
+        Ok(up().then_some(()))
+    });
+    if let Err(e) = res {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        bail!("{e:#}\n--- {id} log ---\n{text}");
+    }
+    Ok(())
 }
 
 /// A private block of loopback addresses for one test: `127.<a>.<b>.1..=254`.
@@ -287,6 +347,41 @@ impl GatewaySpec {
     }
 }
 
+/// Gateways `ids`, a full mesh in `block` ([`GatewaySpec::mesh`], then `edit(i, spec)`), with
+/// certificates from one CA made in `root`; configs written under `root/<id>`, not started.
+pub fn prepare_mesh(
+    root: &Path,
+    block: AddrBlock,
+    clusterset: &str,
+    ids: &[&str],
+    mut edit: impl FnMut(usize, &mut GatewaySpec),
+) -> Result<Vec<Gateway>> {
+    let pki = Pki::new(root, "ca", clusterset)?;
+    let mut gateways = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let mut spec = GatewaySpec::mesh(block, clusterset, ids, i);
+        edit(i, &mut spec);
+        let tls = pki.issue(id, &root.join(format!("certs-{id}")))?;
+        gateways.push(Gateway::prepare(root, spec, tls)?);
+    }
+    Ok(gateways)
+}
+
+/// [`prepare_mesh`], then every gateway started in the order of `ids`.
+pub fn start_mesh(
+    root: &Path,
+    block: AddrBlock,
+    clusterset: &str,
+    ids: &[&str],
+    edit: impl FnMut(usize, &mut GatewaySpec),
+) -> Result<Vec<Gateway>> {
+    let mut gateways = prepare_mesh(root, block, clusterset, ids, edit)?;
+    for g in &mut gateways {
+        g.start()?;
+    }
+    Ok(gateways)
+}
+
 /// A running `fedgate run` process with its own directory (config, certs, cluster files).
 pub struct Gateway {
     pub spec: GatewaySpec,
@@ -350,34 +445,34 @@ impl Gateway {
         self.dir.join("gateway.yaml")
     }
 
+    /// Replaces the first `from` (which must occur) with `to` in the config, before a start.
+    pub fn edit_config(&self, from: &str, to: &str) -> Result<()> {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path)?;
+        if !text.contains(from) {
+            bail!(
+                "no `{from}` in the config of {} (harness config changed?):\n{text}",
+                self.spec.id
+            );
+        }
+        std::fs::write(&path, text.replacen(from, to, 1))?;
+        Ok(())
+    }
+
     /// Starts the process and waits until `/healthz` answers.
     pub fn start(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(fedgate_bin())
-            .args([
-                "--log-level",
-                "info,fedgate=debug,fedgate_discovery=debug,fedgate_tunnel=debug",
-                "run",
-                "--config",
-            ])
-            .arg(self.config_path())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("spawning fedgate run")?;
-        self.child = Some(child);
+        let cmd = Command::new(fedgate_bin());
+        let child = spawn_fedgate_run(cmd, LOG_LEVEL, &self.config_path(), &self.log)?;
+        let child = self.child.insert(child);
         let admin = self.spec.admin;
-        let res = eventually("gateway /healthz", Duration::from_secs(20), || {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("gateway exited early with {status}");
-            }
-            Ok(http_get(admin, "/healthz").ok().filter(|(c, _)| *c == 200).map(|_| ()))
-        });
-        if let Err(e) = res {
-            bail!("{e:#}\n--- {} log ---\n{}", self.spec.id, self.log_text());
-        }
-        Ok(())
+        wait_gateway_up(
+            child,
+            &self.spec.id,
+            &self.log,
+            "gateway /healthz",
+            Duration::from_secs(20),
+            || http_get(admin, "/healthz").is_ok_and(|(c, _)| c == 200),
+        )
     }
 
     /// Sends SIGKILL (a crash, no drain) and reaps the process.
@@ -440,6 +535,16 @@ impl Drop for Gateway {
             eprintln!("--- log of gateway {} ---\n{}", self.spec.id, self.log_text());
         }
     }
+}
+
+/// The `creationTimestamp` of the ServiceExports tests write when the age of an export does not
+/// matter.
+pub const EXPORTED_AT: &str = "2026-01-01T00:00:00Z";
+
+/// [`service_yaml`] for what most tests export: a ClusterSetIP Service `ns/name` with one port
+/// `(name, port, targetPort)` and one ready endpoint `ip`, exported at [`EXPORTED_AT`].
+pub fn exported_service(ns: &str, name: &str, port: (&str, u16, u16), ip: &str) -> String {
+    service_yaml(ns, name, false, &[port], &[(ip, true)], Some(EXPORTED_AT))
 }
 
 /// Kubernetes YAML for a Service with ports `(name, port, targetPort)`, its EndpointSlice
@@ -550,6 +655,55 @@ pub fn export_conditions(
             .collect(),
     )
 }
+/// A TCP server on threads of the test: each accepted connection goes to `serve` on a thread
+/// of its own. [`stop`](Self::stop) (or a drop) closes the listening socket, so connects and
+/// health probes to it fail from then on.
+pub struct TcpServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpServer {
+    /// Listens on `addr` (port 0: one the kernel picks).
+    pub fn start(
+        addr: SocketAddr,
+        serve: impl Fn(TcpStream) + Clone + Send + 'static,
+    ) -> Result<Self> {
+        let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let serve = serve.clone();
+                std::thread::spawn(move || serve(conn));
+            }
+            // The listener is dropped here: the port refuses connections from now on.
+        });
+        Ok(Self { addr, stop, thread: Some(thread) })
+    }
+
+    /// Closes the listening socket (a connect of our own wakes the accept loop).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 pub mod faults;
 pub mod kube;
 pub mod netns;

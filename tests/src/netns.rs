@@ -17,7 +17,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Gateway, GatewaySpec, eventually, fedgate_bin};
+pub use crate::LOG_LEVEL;
+use crate::{
+    Gateway, GatewaySpec, Pki, check_output, eventually, fedgate_bin, import_from,
+    spawn_fedgate_run, wait_gateway_up,
+};
 
 /// Asserts that the tests can run here: root, and `ip`, `curl`, `python3` on `PATH`.
 /// Panics (fails the test) with a message naming what is missing.
@@ -42,15 +46,7 @@ pub fn require_tools() {
 /// Runs a command to completion; fails with its output when it exits non-zero.
 pub fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    check_output(&format!("{cmd:?}"), out)
 }
 
 /// The real path of `python3` (pyenv shims would put a shell between our pid and Python).
@@ -159,6 +155,26 @@ impl Pair {
         self.tmp.path()
     }
 
+    /// Gateways `ids[0]` in `a` and `ids[1]` in `b` ([`ns_spec`]), peered over the veth, with
+    /// certificates from one CA; `extra_a` is appended to the first one's config. Written, not
+    /// started: a test may check the specs or edit a config before [`NsGateway::launch`].
+    pub fn prepare_gateways(
+        &self,
+        clusterset: &str,
+        [id_a, id_b]: [&str; 2],
+        extra_a: &str,
+    ) -> Result<(NsGateway, NsGateway)> {
+        let root = self.dir();
+        let pki = Pki::new(root, "ca", clusterset)?;
+        let tls_a = pki.issue(id_a, &root.join(format!("certs-{id_a}")))?;
+        let tls_b = pki.issue(id_b, &root.join(format!("certs-{id_b}")))?;
+        let spec_a = ns_spec(id_a, clusterset, self.a_ip, &[(id_b, self.b_ip)], extra_a);
+        let spec_b = ns_spec(id_b, clusterset, self.b_ip, &[(id_a, self.a_ip)], "");
+        let a = NsGateway::prepare(&self.a, root, spec_a, tls_a)?;
+        let b = NsGateway::prepare(&self.b, root, spec_b, tls_b)?;
+        Ok((a, b))
+    }
+
     /// Starts `fgtool.py <args>` inside `ns`; its stdout is read line by line.
     pub fn tool(&self, ns: &Netns, args: &[&str]) -> Result<NsProc> {
         let mut cmd = ns.command(&self.python);
@@ -251,9 +267,6 @@ impl Drop for NsProc {
     }
 }
 
-/// The log level of a gateway in a namespace: fedgate's own crates at debug.
-pub const LOG_LEVEL: &str = "info,fedgate=debug,fedgate_discovery=debug,fedgate_tunnel=debug";
-
 /// A gateway whose process runs inside a namespace. The config comes from
 /// [`Gateway::prepare`]; admin listens on `127.0.0.1` inside the namespace and is queried with
 /// `ip netns exec <ns> curl`.
@@ -265,18 +278,6 @@ pub struct NsGateway {
 }
 
 impl NsGateway {
-    /// Writes the config and starts `fedgate run` in `ns`, waiting until `/healthz` answers.
-    pub fn start(
-        ns: &Netns,
-        root: &Path,
-        spec: GatewaySpec,
-        tls: (PathBuf, PathBuf, PathBuf),
-    ) -> Result<Self> {
-        let mut me = Self::prepare(ns, root, spec, tls)?;
-        me.launch()?;
-        Ok(me)
-    }
-
     /// Writes the config for a gateway in `ns` without starting it: a test may edit
     /// [`Gateway::config_path`] before [`launch`](Self::launch).
     pub fn prepare(
@@ -295,29 +296,20 @@ impl NsGateway {
         if self.child.is_some() {
             bail!("gateway {} is already running", self.gw.spec.id);
         }
-        let log_path = self.gw.dir.join("gateway.log");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let log = self.gw.dir.join("gateway.log");
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns]).arg(fedgate_bin());
-        let child = cmd
-            .args(["--log-level", &self.log_level, "run", "--config"])
-            .arg(self.gw.config_path())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("spawning fedgate run in a namespace")?;
-        self.child = Some(child);
-        let res = eventually("gateway /healthz", Duration::from_secs(20), || {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("gateway exited early with {status}");
-            }
-            Ok(self.get("/healthz").ok().map(|_| ()))
-        });
-        if let Err(e) = res {
-            bail!("{e:#}\n--- {} log ---\n{}", self.gw.spec.id, self.gw.log_text());
-        }
-        Ok(())
+        let child = spawn_fedgate_run(cmd, &self.log_level, &self.gw.config_path(), &log)?;
+        let child = self.child.insert(child);
+        let (ns, admin) = (&self.ns, self.gw.spec.admin);
+        wait_gateway_up(
+            child,
+            &self.gw.spec.id,
+            &log,
+            "gateway /healthz",
+            Duration::from_secs(20),
+            || admin_get(ns, admin, "/healthz").is_ok(),
+        )
     }
 
     /// The `--log-level` of the next [`launch`](Self::launch) (default [`LOG_LEVEL`]), e.g.
@@ -328,8 +320,7 @@ impl NsGateway {
 
     /// GET on the admin server (HTTP errors fail).
     pub fn get(&self, path: &str) -> Result<String> {
-        let url = format!("http://{}{path}", self.gw.spec.admin);
-        run(Command::new("ip").args(["netns", "exec", &self.ns, "curl", "-sSf", "-m", "3", &url]))
+        admin_get(&self.ns, self.gw.spec.admin, path)
     }
 
     pub fn json(&self, path: &str) -> Result<serde_json::Value> {
@@ -372,6 +363,12 @@ impl Drop for NsGateway {
     }
 }
 
+/// GET on an admin server at `admin` inside namespace `ns` (HTTP errors fail).
+fn admin_get(ns: &str, admin: SocketAddr, path: &str) -> Result<String> {
+    let url = format!("http://{admin}{path}");
+    run(Command::new("ip").args(["netns", "exec", ns, "curl", "-sSf", "-m", "3", &url]))
+}
+
 /// A spec for a gateway in a namespace: tunnel on the veth address, admin and DNS on
 /// `127.0.0.1`, ClusterSetIPs from `127.2.0.0/24` on the namespace's own `lo`.
 pub fn ns_spec(
@@ -409,17 +406,41 @@ pub fn wait_vip(
     clusters: &[&str],
     timeout: Duration,
 ) -> Result<String> {
-    let want: Vec<String> = clusters.iter().map(|s| s.to_string()).collect();
-    eventually(
-        &format!("{} to import {ns}/{name} from {clusters:?}", gw.gw.spec.id),
-        timeout,
-        || {
-            let imports = gw.json("/debug/imports")?;
-            Ok(crate::find_import(&imports, ns, name)
-                .filter(|i| crate::import_clusters(i) == want)
-                .and_then(|i| i["ips"][0].as_str().map(str::to_owned)))
-        },
-    )
+    let what = format!("{} to import {ns}/{name} from {clusters:?}", gw.gw.spec.id);
+    eventually(&what, timeout, || {
+        let imports = gw.json("/debug/imports")?;
+        Ok(import_from(&imports, ns, name, clusters)
+            .and_then(|i| i["ips"][0].as_str().map(str::to_owned)))
+    })
+}
+
+/// Endpoint addresses a kube-apiserver accepts (it refuses loopback ones) that lead nowhere
+/// but into a namespace of the test: a veth pair with `<net>.1/29` on the host side
+/// (`host_if`) and `.2`, `.3` inside the namespace (`eth0`), deleted with the guard, with every
+/// process in it.
+pub struct EndpointNet {
+    pub ns: Netns,
+    pub host: Ipv4Addr,
+    pub inside: [Ipv4Addr; 2],
+}
+
+impl EndpointNet {
+    /// Creates namespace `ns_name` and the veth pair; `net` is the first three octets.
+    pub fn create(ns_name: &str, host_if: &str, net: [u8; 3]) -> Result<Self> {
+        require_tools();
+        let ns = Netns::create(ns_name)?;
+        let at = |host: u8| Ipv4Addr::new(net[0], net[1], net[2], host);
+        let (host, inside) = (at(1), [at(2), at(3)]);
+        let ip = |args: &[&str]| run(Command::new("ip").args(args));
+        ip(&["link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+        ip(&["addr", "add", &format!("{host}/29"), "dev", host_if])?;
+        ip(&["link", "set", host_if, "up"])?;
+        for addr in inside {
+            ns.ip(&["addr", "add", &format!("{addr}/29"), "dev", "eth0"])?;
+        }
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        Ok(Self { ns, host, inside })
+    }
 }
 
 /// Elapsed time helper for reports.

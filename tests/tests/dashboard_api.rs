@@ -6,8 +6,6 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -20,56 +18,20 @@ const PROPAGATION: Duration = Duration::from_secs(10);
 const HEALTH_CHANGE: Duration = Duration::from_secs(10);
 const SERVICE_PORT: u16 = 18080;
 
-/// A TCP backend that greets every connection with its cluster name, then echoes.
-struct Backend {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Backend {
-    fn start(ip: IpAddr, name: &str) -> Result<Self> {
-        let listener =
-            TcpListener::bind((ip, 0)).with_context(|| format!("binding backend {ip}"))?;
-        let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (flag, greeting) = (stop.clone(), format!("{name}\n"));
-        let thread = std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if flag.load(Ordering::Relaxed) {
-                    break;
-                }
-                let Ok(mut conn) = conn else { continue };
-                let greeting = greeting.clone();
-                std::thread::spawn(move || {
-                    let _ = conn.write_all(greeting.as_bytes());
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = conn.read(&mut buf) {
-                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                });
+/// A TCP backend on `ip` (a port the kernel picks) that greets every connection with its
+/// cluster name, then echoes. Stopping it closes the listening socket (probes then fail with
+/// "connection refused").
+fn backend(ip: IpAddr, name: &str) -> Result<TcpServer> {
+    let greeting = format!("{name}\n");
+    TcpServer::start(SocketAddr::new(ip, 0), move |mut conn| {
+        let _ = conn.write_all(greeting.as_bytes());
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = conn.read(&mut buf) {
+            if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                break;
             }
-            // The listener is dropped here: the port refuses connections from now on.
-        });
-        Ok(Self { addr, stop, thread: Some(thread) })
-    }
-
-    /// Closes the listening socket (probes then fail with "connection refused").
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.stop();
-    }
+    })
 }
 
 /// Connects to `addr`, reads the greeting line, sends `payload` and reads the echo.
@@ -139,9 +101,9 @@ fn explain_traffic_failovers_and_cli_tables() -> Result<()> {
     alpha.start()?;
     bravo.start()?;
 
-    let mut backend_a = Backend::start(block.ip(50).into(), "alpha")?;
-    let backend_b = Backend::start(block.ip(60).into(), "bravo")?;
-    let web = |backend: &Backend, created: &str| {
+    let mut backend_a = backend(block.ip(50).into(), "alpha")?;
+    let backend_b = backend(block.ip(60).into(), "bravo")?;
+    let web = |backend: &TcpServer, created: &str| {
         service_yaml(
             "shop",
             "web",

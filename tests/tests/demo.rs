@@ -214,15 +214,7 @@ fn bare_shell(command: &str) -> Result<String> {
         .env("PATH", bin.path())
         .output()
         .context("running sh")?;
-    if !out.status.success() {
-        bail!(
-            "{command:?} exited {}: {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    check_output(&format!("{command:?}"), out)
 }
 
 fn dig(server: Ipv4Addr, args: &[&str]) -> Result<Vec<String>> {

@@ -9,11 +9,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use fedgate_e2e::*;
 
 const CLUSTERSET: &str = "dnse2e";
-const EXPORTED_AT: &str = "2026-01-01T00:00:00Z";
 const PROPAGATION: Duration = Duration::from_secs(15);
 /// Health checks of the test gateways: an endpoint is unhealthy 2 × 300 ms after it dies.
 const HEALTH: &str = "traffic:\n  healthCheck: { interval: 300ms, timeout: 200ms, unhealthyThreshold: 2, healthyThreshold: 1 }\n";
@@ -160,26 +159,13 @@ struct Pair {
 /// range. `upstream_a` replaces alpha's `dns.upstream` (the harness writes `system`).
 fn pair(upstream_a: Option<SocketAddr>, block: AddrBlock) -> Result<Pair> {
     let tmp = tempfile::tempdir()?;
-    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
-    let ids = ["alpha", "bravo"];
-    let mut gateways = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let spec = GatewaySpec {
-            dns: block.addr(10 + i as u8, 53),
-            extra: HEALTH.to_owned(),
-            ..GatewaySpec::mesh(block, CLUSTERSET, &ids, i)
-        };
-        let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
-        let g = Gateway::prepare(tmp.path(), spec, tls)?;
-        if let (0, Some(up)) = (i, upstream_a) {
-            let config = std::fs::read_to_string(g.config_path())?;
-            ensure!(config.contains("upstream: [system]"), "harness config changed: {config}");
-            std::fs::write(
-                g.config_path(),
-                config.replace("upstream: [system]", &format!("upstream: [\"{up}\"]")),
-            )?;
-        }
-        gateways.push(g);
+    let mut gateways =
+        prepare_mesh(tmp.path(), block, CLUSTERSET, &["alpha", "bravo"], |i, spec| {
+            spec.dns = block.addr(10 + i as u8, 53);
+            spec.extra = HEALTH.to_owned();
+        })?;
+    if let Some(up) = upstream_a {
+        gateways[0].edit_config("upstream: [system]", &format!("upstream: [\"{up}\"]"))?;
     }
     for g in &mut gateways {
         g.start()?;
@@ -203,6 +189,52 @@ fn backend(ip: Ipv4Addr) -> Result<TcpListener> {
 
 fn port_of(l: &TcpListener) -> Result<u16> {
     Ok(l.local_addr()?.port())
+}
+
+/// One backend per gateway: alpha's on the block's `.50`, bravo's on `.51`.
+struct Backends {
+    ea: Ipv4Addr,
+    eb: Ipv4Addr,
+    la: TcpListener,
+    lb: TcpListener,
+    pa: u16,
+    pb: u16,
+}
+
+fn backends(block: AddrBlock) -> Result<Backends> {
+    let (ea, eb) = (block.ip(50), block.ip(51));
+    let (la, lb) = (backend(ea)?, backend(eb)?);
+    let (pa, pb) = (port_of(&la)?, port_of(&lb)?);
+    Ok(Backends { ea, eb, la, lb, pa, pb })
+}
+
+/// `shop/db`: headless, one endpoint `ep` listening on `port`, exported.
+fn db_yaml(ep: Ipv4Addr, port: u16) -> String {
+    service_yaml(
+        "shop",
+        "db",
+        true,
+        &[("pg", 5432, port)],
+        &[(&ep.to_string(), true)],
+        Some(EXPORTED_AT),
+    )
+}
+
+/// Both gateways export `shop/db`, each with its own backend.
+fn export_db(p: &Pair, be: &Backends) -> Result<()> {
+    p.a.write_cluster_file("db.yaml", &db_yaml(be.ea, be.pa))?;
+    p.b.write_cluster_file("db.yaml", &db_yaml(be.eb, be.pb))
+}
+
+/// bravo's per-host name for its db endpoint `eb`, and the VIP alpha answers for it once
+/// imported (another cluster's address is never answered directly).
+fn wait_bravo_host(dns: SocketAddr, eb: Ipv4Addr) -> Result<(String, String)> {
+    let host_b = format!("{}.bravo.db.shop.svc.clusterset.local", host_label(eb));
+    let remote = wait_dig("bravo's per-host name", dns, &[&host_b, "A"], PROPAGATION, |d| {
+        d.data("A").len() == 1
+    })?;
+    let vip_b = remote.data("A")[0].clone();
+    Ok((host_b, vip_b))
 }
 
 /// Service YAML with `clusterIP` set (a ClusterIP Service of this cluster).
@@ -242,49 +274,20 @@ fn records_negative_answers_and_the_cluster_local_rule() -> Result<()> {
     let p = pair(None, block)?;
     let (a, b) = (&p.a, &p.b);
     let dns = a.spec.dns;
-    let (ea, eb) = (block.ip(50), block.ip(51));
-    let (la, lb) = (backend(ea)?, backend(eb)?);
-    let (pa, pb) = (port_of(&la)?, port_of(&lb)?);
+    let be = backends(block)?;
+    let (ea, eb, pa, pb) = (be.ea, be.eb, be.pa, be.pb);
 
     // web: ClusterSetIP exported by both; alpha's Service has a ClusterIP of its own.
-    let web = |ep: Ipv4Addr, port| {
-        service_yaml(
-            "shop",
-            "web",
-            false,
-            &[("http", 80, port)],
-            &[(&ep.to_string(), true)],
-            Some(EXPORTED_AT),
-        )
-    };
+    let web =
+        |ep: Ipv4Addr, port| exported_service("shop", "web", ("http", 80, port), &ep.to_string());
     let cluster_ip = block.ip(80);
     a.write_cluster_file("web.yaml", &with_cluster_ip(&web(ea, pa), cluster_ip))?;
     b.write_cluster_file("web.yaml", &web(eb, pb))?;
     // db: headless, exported by both.
-    let db = |ep: Ipv4Addr, port| {
-        service_yaml(
-            "shop",
-            "db",
-            true,
-            &[("pg", 5432, port)],
-            &[(&ep.to_string(), true)],
-            Some(EXPORTED_AT),
-        )
-    };
-    a.write_cluster_file("db.yaml", &db(ea, pa))?;
-    b.write_cluster_file("db.yaml", &db(eb, pb))?;
+    export_db(&p, &be)?;
     // only-b: exported by bravo alone.
-    b.write_cluster_file(
-        "only-b.yaml",
-        &service_yaml(
-            "shop",
-            "only-b",
-            false,
-            &[("http", 80, pb)],
-            &[(&eb.to_string(), true)],
-            Some(EXPORTED_AT),
-        ),
-    )?;
+    let only_b_yaml = exported_service("shop", "only-b", ("http", 80, pb), &eb.to_string());
+    b.write_cluster_file("only-b.yaml", &only_b_yaml)?;
 
     // ClusterSetIP A: alpha's ClusterSetIP for web, the same one /debug/imports shows.
     let web_a = wait_dig(
@@ -324,12 +327,8 @@ fn records_negative_answers_and_the_cluster_local_rule() -> Result<()> {
     })?;
     assert!(db_a.has_flag("aa"));
     let host_a = format!("{}.alpha.db.shop.svc.clusterset.local", host_label(ea));
-    let host_b = format!("{}.bravo.db.shop.svc.clusterset.local", host_label(eb));
     assert_eq!(dig(dns, &[&host_a, "A"])?.data("A"), vec![ea.to_string()]);
-    let remote = wait_dig("bravo's per-host name", dns, &[&host_b, "A"], PROPAGATION, |d| {
-        d.data("A").len() == 1
-    })?;
-    let vip_b = remote.data("A")[0].clone();
+    let (_, vip_b) = wait_bravo_host(dns, eb)?;
     assert!(in_range(&vip_b, block, 0), "bravo's endpoint answered with alpha's VIP: {vip_b}");
     assert_ne!(vip_b, eb.to_string(), "another cluster's address is never answered directly");
     let db_srv = dig(dns, &["_pg._tcp.db.shop.svc.clusterset.local", "SRV"])?;
@@ -382,7 +381,7 @@ fn records_negative_answers_and_the_cluster_local_rule() -> Result<()> {
     assert_eq!(ips, vec![csip.parse::<IpAddr>()?]);
     assert_eq!(srv_targets, vec![(pa, format!("{host_a}."))]);
 
-    drop((la, lb, b));
+    drop((be, b));
     Ok(())
 }
 
@@ -443,36 +442,20 @@ fn headless_answers_fail_over_to_the_remote_tier_and_back() -> Result<()> {
     let p = pair(None, block)?;
     let (a, b) = (&p.a, &p.b);
     let dns = a.spec.dns;
-    let (ea, eb) = (block.ip(50), block.ip(51));
-    let (la, lb) = (backend(ea)?, backend(eb)?);
-    let (pa, pb) = (port_of(&la)?, port_of(&lb)?);
-    let db = |ep: Ipv4Addr, port| {
-        service_yaml(
-            "shop",
-            "db",
-            true,
-            &[("pg", 5432, port)],
-            &[(&ep.to_string(), true)],
-            Some(EXPORTED_AT),
-        )
-    };
-    a.write_cluster_file("db.yaml", &db(ea, pa))?;
-    b.write_cluster_file("db.yaml", &db(eb, pb))?;
+    let be = backends(block)?;
+    let (ea, eb, pa) = (be.ea, be.eb, be.pa);
+    export_db(&p, &be)?;
     let name = "db.shop.svc.clusterset.local";
     wait_dig("local tier", dns, &[name, "A"], PROPAGATION, |d| {
         d.data("A") == vec![ea.to_string()]
     })?;
     // bravo's endpoint has a VIP on alpha once imported; learn it from its per-host name.
-    let host_b = format!("{}.bravo.db.shop.svc.clusterset.local", host_label(eb));
-    let vip_b =
-        wait_dig("bravo's VIP", dns, &[&host_b, "A"], PROPAGATION, |d| d.data("A").len() == 1)?
-            .data("A")[0]
-            .clone();
+    let (host_b, vip_b) = wait_bravo_host(dns, eb)?;
 
     // The local backend dies: within one health interval × threshold plus the TTL the answer
     // is the remote tier (bravo's endpoint, through its VIP).
     let died = Instant::now();
-    drop(la);
+    drop(be.la);
     let bound = Duration::from_millis(2 * 300 + 200) + TTL + Duration::from_secs(2);
     let failed_over =
         wait_dig("remote tier", dns, &[name, "A"], bound, |d| d.data("A") == vec![vip_b.clone()])?;
@@ -496,7 +479,7 @@ fn headless_answers_fail_over_to_the_remote_tier_and_back() -> Result<()> {
     wait_dig("local tier again", dns, &[name, "A"], bound, |d| {
         d.data("A") == vec![ea.to_string()]
     })?;
-    drop((lb, b));
+    drop((be.lb, b));
     Ok(())
 }
 

@@ -114,24 +114,22 @@ fn a_range_error_is_reported_beside_a_type_error_of_its_section() -> Result<()> 
         base.gateway.spec.tunnel
     );
     let (path, text) = base.variant("ranges", &tunnel, &bad)?;
+    // (field whose value is named, message)
     let expected = [
-        format!(
-            "{}tunnel.socketBufferSize: 12 is out of range (65536..=1073741824 bytes)",
-            value_at(&path, &text, "socketBufferSize")?
+        (
+            "socketBufferSize",
+            "tunnel.socketBufferSize: 12 is out of range (65536..=1073741824 bytes)",
         ),
-        format!(
-            "{}tunnel.maxUdpPayloadSize: invalid type: string \"many\", expected u16",
-            value_at(&path, &text, "maxUdpPayloadSize")?
+        (
+            "maxUdpPayloadSize",
+            "tunnel.maxUdpPayloadSize: invalid type: string \"many\", expected u16",
         ),
-        format!(
-            "{}traffic.dataPlaneThreads: 0 is out of range (1..=256)",
-            value_at(&path, &text, "dataPlaneThreads")?
-        ),
-        format!(
-            "{}traffic.drainDuration: invalid duration \"soon\"",
-            value_at(&path, &text, "drainDuration")?
-        ),
-    ];
+        ("dataPlaneThreads", "traffic.dataPlaneThreads: 0 is out of range (1..=256)"),
+        ("drainDuration", "traffic.drainDuration: invalid duration \"soon\""),
+    ]
+    .map(|(key, message)| Ok(format!("{}{message}", value_at(&path, &text, key)?)))
+    .into_iter()
+    .collect::<Result<Vec<String>>>()?;
     analyze_refuses(&path, &expected)
 }
 

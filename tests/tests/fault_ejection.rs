@@ -18,14 +18,7 @@ use fedgate_e2e::*;
 #[test]
 fn a_stopped_backend_is_ejected_once_and_back_after_a_passing_probe() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let (alpha, block) = lone_gateway(tmp.path(), "")?;
-    let backend_addr = block.addr(50, 7000);
-    let backend = Backend::start(backend_addr, "alpha-1", 4)?;
-    alpha.write_cluster_file(
-        "slow.yaml",
-        &export_yaml("slow", &backend_addr.ip().to_string(), 7000),
-    )?;
-    let vip = wait_import_vip(&alpha, "fault", "slow", &["alpha"], 80)?;
+    let (alpha, backend, vip) = lone_gateway_serving(tmp.path(), "", "slow", (50, 7000), 4)?;
     eventually("a first round trip through the ClusterSetIP", PROPAGATION, || {
         Ok(round_trip(vip, Duration::from_secs(2)).ok())
     })?;
@@ -71,11 +64,7 @@ fn with_every_endpoint_unhealthy_connections_are_still_tried() -> Result<()> {
     let slow_probes = "traffic:\n  healthCheck: { interval: 30s, timeout: 500ms }\n";
     let (alpha, block) = lone_gateway(tmp.path(), slow_probes)?;
     let backend_addr = block.addr(51, 7001);
-    alpha.write_cluster_file(
-        "down.yaml",
-        &export_yaml("down", &backend_addr.ip().to_string(), 7001),
-    )?;
-    let vip = wait_import_vip(&alpha, "fault", "down", &["alpha"], 80)?;
+    let vip = export_own(&alpha, "down", backend_addr)?;
     eventually("the endpoint to be probed unhealthy", PROPAGATION, || {
         let e = alpha.json("/debug/explain?service=fault/down")?;
         Ok((e["endpoints"][0]["health"] == "Unhealthy").then_some(e))
@@ -105,27 +94,20 @@ fn with_every_endpoint_unhealthy_connections_are_still_tried() -> Result<()> {
 fn a_hung_peer_gets_no_endpoint_ejected_and_traffic_returns() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let block = AddrBlock::unique();
-    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
     let ids = ["alpha", "bravo", "charlie"];
-    let mut gateways = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let mut spec = GatewaySpec::mesh(block, CLUSTERSET, &ids, i);
-        if *id == "bravo" {
+    let gateways = start_mesh(tmp.path(), block, CLUSTERSET, &ids, |_, spec| {
+        if spec.id == "bravo" {
             spec.region = "region-alpha".to_owned();
         }
         spec.lease = "30s".to_owned();
-        let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
-        let mut g = Gateway::prepare(tmp.path(), spec, tls)?;
-        g.start()?;
-        gateways.push(g);
-    }
+    })?;
     let [alpha, bravo, charlie] = &gateways[..] else { unreachable!() };
     let b_addr = block.addr(60, 7002);
     let c_addr = block.addr(61, 7002);
     let _b = Backend::start(b_addr, "bravo-1", 128)?;
     let _c = Backend::start(c_addr, "charlie-1", 128)?;
-    bravo.write_cluster_file("web.yaml", &export_yaml("web", &b_addr.ip().to_string(), 7002))?;
-    charlie.write_cluster_file("web.yaml", &export_yaml("web", &c_addr.ip().to_string(), 7002))?;
+    export_backend(bravo, "web", b_addr)?;
+    export_backend(charlie, "web", c_addr)?;
     let vip = wait_import_vip(alpha, "fault", "web", &["bravo", "charlie"], 80)?;
     eventually("traffic on bravo, the preferred tier", PROPAGATION, || {
         Ok(round_trip(vip, Duration::from_secs(3)).ok().filter(|n| n == "bravo-1"))

@@ -8,21 +8,17 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use fedgate_e2e::kube::{KubeCluster, use_kube_source};
-use fedgate_e2e::netns::{Netns, require_tools, run};
+use fedgate_e2e::faults::Recorder;
+use fedgate_e2e::kube::{EXPORTS, IMPORTS, KubeCluster, imported_slices, uid, use_kube_source};
+use fedgate_e2e::netns::EndpointNet;
 use fedgate_e2e::*;
-use serde_json::Value;
 
 const CLUSTERSET: &str = "kube-faults";
 const WAIT: Duration = Duration::from_secs(20);
-const IMPORTS: &str = "serviceimports.v1beta1.multicluster.x-k8s.io";
-const EXPORTS: &str = "serviceexports.v1beta1.multicluster.x-k8s.io";
 /// How long east's apiserver stays down.
 const OUTAGE: Duration = Duration::from_secs(30);
 /// A ServiceExport created after the apiserver is back is imported in both clusters within
@@ -34,54 +30,22 @@ const RECONCILE_WITHIN: Duration = Duration::from_secs(30);
 /// How long the test waits for that reconcile at most, to measure it when it is late.
 const OBSERVE: Duration = Duration::from_secs(150);
 
-/// Endpoint addresses the API server accepts: a veth pair with `10.252.<k>.1/29` on the host
-/// side and `.2`, `.3` inside the namespace `fg-<pid>-kfault` (deleted with the guard, with
-/// every process in it). 10.252/16: kube_gateway.rs's pairs use 10.251/16.
-struct EndpointNet {
-    ns: Netns,
-    inside: [Ipv4Addr; 2],
-}
-
+/// Endpoint addresses the API server accepts: `10.252.<k>.1/29` on the host side, `.2`, `.3`
+/// inside the namespace `fg-<pid>-kfault`. 10.252/16: kube_gateway.rs's pairs use 10.251/16.
 fn endpoint_net() -> Result<EndpointNet> {
-    require_tools();
     let pid = std::process::id();
-    let ns = Netns::create(&format!("fg-{pid}-kfault"))?;
-    let k = (pid % 250) as u8;
     let host_if = format!("fgf{}h", pid % 1_000_000);
-    let host = Ipv4Addr::new(10, 252, k, 1);
-    let inside = [Ipv4Addr::new(10, 252, k, 2), Ipv4Addr::new(10, 252, k, 3)];
-    let ip = |args: &[&str]| run(Command::new("ip").args(args));
-    ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
-    ip(&["addr", "add", &format!("{host}/29"), "dev", &host_if])?;
-    ip(&["link", "set", &host_if, "up"])?;
-    for addr in inside {
-        ns.ip(&["addr", "add", &format!("{addr}/29"), "dev", "eth0"])?;
-    }
-    ns.ip(&["link", "set", "eth0", "up"])?;
-    Ok(EndpointNet { ns, inside })
+    EndpointNet::create(&format!("fg-{pid}-kfault"), &host_if, [10, 252, (pid % 250) as u8])
 }
 
 /// One request of the client loop: when it ended, and its error if it failed.
 type Outcome = (Instant, Option<String>);
 
-fn uid(v: &Value) -> String {
-    v["metadata"]["uid"].as_str().unwrap_or_default().to_owned()
-}
-
-/// fedgate's EndpointSlices for import `shop/<name>` in `c`.
-fn imported_slices(c: &KubeCluster, name: &str) -> Result<Vec<Value>> {
-    let sel = format!(
-        "multicluster.kubernetes.io/service-name={name},endpointslice.kubernetes.io/managed-by=gateway.fedgate.io"
-    );
-    let list = c.get_json(&["endpointslices", "-n", "shop", "-l", &sel])?.unwrap_or_default();
-    Ok(list["items"].as_array().cloned().unwrap_or_default())
-}
-
 /// The uids of the ServiceImport `shop/<name>` in `c` and of fedgate's EndpointSlices for it.
 fn written_uids(c: &KubeCluster, name: &str) -> Result<Vec<String>> {
     let si = c.get_json(&[IMPORTS, "-n", "shop", name])?.context("the ServiceImport")?;
     let mut uids = vec![format!("ServiceImport shop/{name} {}", uid(&si))];
-    for s in imported_slices(c, name)? {
+    for s in imported_slices(c, "shop", name)? {
         let n = s["metadata"]["name"].as_str().unwrap_or_default().to_owned();
         uids.push(format!("EndpointSlice shop/{n} {}", uid(&s)));
     }
@@ -90,17 +54,16 @@ fn written_uids(c: &KubeCluster, name: &str) -> Result<Vec<String>> {
 
 /// A Service `shop/<name>` (port 7 → 18080) with one ready endpoint, and its ServiceExport.
 fn export(c: &KubeCluster, name: &str, endpoint: Ipv4Addr) -> Result<()> {
+    let endpoint = endpoint.to_string();
     c.apply_yaml(&service_yaml(
         "shop",
         name,
         false,
         &[("tcp", 7, 18080)],
-        &[(&endpoint.to_string(), true)],
+        &[(&endpoint, true)],
         None,
     ))?;
-    c.apply_yaml(&format!(
-        "apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\nmetadata: {{ name: {name}, namespace: shop }}\n"
-    ))?;
+    c.export("shop", name)?;
     Ok(())
 }
 
@@ -150,10 +113,7 @@ fn an_apiserver_down_for_30s_loses_nothing_and_writes_resume() -> Result<()> {
         .args(["-c", ECHO_SERVER, &web_ep.to_string(), "18080"])
         .spawn()
         .context("starting the echo server in the endpoint namespace")?;
-    let handles = ["east", "west"].map(|n| std::thread::spawn(move || KubeCluster::start(n)));
-    let [east_k, west_k] = handles;
-    let mut east_k = east_k.join().map_err(|_| anyhow::anyhow!("start panicked"))??;
-    let west_k = west_k.join().map_err(|_| anyhow::anyhow!("start panicked"))??;
+    let (mut east_k, west_k) = KubeCluster::start_pair(["east", "west"])?;
     let east_kc = east_k.prepare_for_gateway()?;
     let west_kc = west_k.prepare_for_gateway()?;
     for c in [&east_k, &west_k] {
@@ -162,21 +122,15 @@ fn an_apiserver_down_for_30s_loses_nothing_and_writes_resume() -> Result<()> {
 
     let tmp = tempfile::tempdir()?;
     let block = AddrBlock::unique();
-    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
     let ids = ["east", "west"];
-    let mut gws = Vec::new();
-    for (i, (id, kc)) in ids.iter().zip([&east_kc, &west_kc]).enumerate() {
+    let mut gws = prepare_mesh(tmp.path(), block, CLUSTERSET, &ids, |i, spec| {
         let [_, a, b, _] = block.ip(1).octets();
-        let spec = GatewaySpec {
-            lease: "5s".to_owned(),
-            // Not the mesh default, which every test of this process shares.
-            vip_range: format!("127.{a}.{b}.{}/27", 128 + 32 * i),
-            ..GatewaySpec::mesh(block, CLUSTERSET, &ids, i)
-        };
-        let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
-        let g = Gateway::prepare(tmp.path(), spec, tls)?;
-        use_kube_source(&g, kc)?;
-        gws.push(g);
+        spec.lease = "5s".to_owned();
+        // Not the mesh default, which every test of this process shares.
+        spec.vip_range = format!("127.{a}.{b}.{}/27", 128 + 32 * i);
+    })?;
+    for (g, kc) in gws.iter().zip([&east_kc, &west_kc]) {
+        use_kube_source(g, kc)?;
     }
     for g in &mut gws {
         g.start()?;
@@ -189,7 +143,7 @@ fn an_apiserver_down_for_30s_loses_nothing_and_writes_resume() -> Result<()> {
     for name in ["web", "api"] {
         eventually(&format!("shop/{name} imported into east with its slice"), WAIT, || {
             let si = east_k.get_json(&[IMPORTS, "-n", "shop", name])?;
-            Ok((si.is_some() && imported_slices(&east_k, name)?.len() == 1).then_some(()))
+            Ok((si.is_some() && imported_slices(&east_k, "shop", name)?.len() == 1).then_some(()))
         })?;
     }
     eventually("east's shop/api imported into west", WAIT, || {
@@ -205,22 +159,14 @@ fn an_apiserver_down_for_30s_loses_nothing_and_writes_resume() -> Result<()> {
     let west_api_uid = uid(&west_k.get_json(&[IMPORTS, "-n", "shop", "api"])?.context("import")?);
 
     // The client loop: (end, error) per request, one new connection each, 50 ms apart.
-    let stop = Arc::new(AtomicBool::new(false));
-    let results: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let loop_started = Instant::now();
-    let loop_thread = {
-        let (stop, results) = (stop.clone(), results.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let r = echo(vip_addr).err().map(|e| format!("{e:#}"));
-                results.lock().expect("results lock").push((Instant::now(), r));
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let client_loop = Recorder::start(Duration::from_millis(50), move || {
+        let r = echo(vip_addr).err().map(|e| format!("{e:#}"));
+        ControlFlow::Continue(Some::<Outcome>((Instant::now(), r)))
+    });
 
     eventually("10 echo round trips before the outage", WAIT, || {
-        Ok((results.lock().expect("results lock").len() >= 10).then_some(()))
+        Ok((client_loop.snapshot().len() >= 10).then_some(()))
     })?;
     let down_at = Instant::now();
     let stopped = east_k.stop_apiserver()?;
@@ -295,9 +241,7 @@ fn an_apiserver_down_for_30s_loses_nothing_and_writes_resume() -> Result<()> {
     after.extend(written_uids(&east_k, "api")?);
     assert_eq!(before, after, "what east's gateway wrote before the outage, with uids");
 
-    stop.store(true, Ordering::Relaxed);
-    loop_thread.join().map_err(|_| anyhow::anyhow!("client loop panicked"))?;
-    let results = results.lock().expect("results lock").clone();
+    let results = client_loop.finish();
     let count = |from: Instant, to: Instant| {
         let phase: Vec<_> = results.iter().filter(|(t, _)| *t >= from && *t < to).collect();
         let failed: Vec<_> = phase.iter().filter_map(|(_, e)| e.clone()).collect();

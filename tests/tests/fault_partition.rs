@@ -6,18 +6,16 @@
 //! page from bravo's HTTP backend through alpha's ClusterSetIP. Needs root, `ip`, `curl`,
 //! `python3` (fails otherwise).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use fedgate_e2e::faults::Recorder;
 use fedgate_e2e::netns::*;
 use fedgate_e2e::*;
 
 const CLUSTERSET: &str = "partition";
 const PROPAGATION: Duration = Duration::from_secs(15);
-const EXPORTED_AT: &str = "2026-01-01T00:00:00Z";
 /// bravo's HTTP backend, on the `lo` of bravo's namespace.
 const B_BACKEND: &str = "127.0.2.1";
 /// The endpoint of alpha's own export (nothing listens: only its import on bravo matters).
@@ -45,11 +43,7 @@ struct Reply {
 }
 
 /// `fgtool http-loop` in a namespace, its lines collected by a thread until stopped.
-struct HttpLoop {
-    stop: Arc<AtomicBool>,
-    replies: Arc<Mutex<Vec<Reply>>>,
-    thread: Option<JoinHandle<()>>,
-}
+struct HttpLoop(Recorder<Reply>);
 
 impl HttpLoop {
     /// Fetches `url` from namespace `ns` every 50 ms, a new connection each time (urllib's
@@ -57,26 +51,25 @@ impl HttpLoop {
     fn start(net: &Pair, ns: &Netns, url: &str) -> Result<Self> {
         // pause_at -1: never pauses.
         let mut proc = net.tool(ns, &["http-loop", url, "1000000", "-1", "50"])?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let replies = Arc::new(Mutex::new(Vec::new()));
-        let (s, out) = (stop.clone(), replies.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let line = match proc.line(Duration::from_millis(500)) {
-                    Ok(line) => line,
-                    Err(e) if e.to_string().contains("no output within") => continue,
-                    Err(_) => break,
-                };
-                let reply = Reply { end: Instant::now(), ok: line.starts_with("ok "), line };
-                out.lock().expect("replies lock").push(reply);
-            }
-            // `proc` drops here: the loop is killed.
-        });
-        Ok(Self { stop, replies, thread: Some(thread) })
+        // `proc` drops with the recorder's thread: the loop is killed.
+        Ok(Self(Recorder::start(Duration::ZERO, move || {
+            let line = match proc.line(Duration::from_millis(500)) {
+                Ok(line) => line,
+                Err(e) if e.to_string().contains("no output within") => {
+                    return ControlFlow::Continue(None);
+                }
+                Err(_) => return ControlFlow::Break(()),
+            };
+            ControlFlow::Continue(Some(Reply {
+                end: Instant::now(),
+                ok: line.starts_with("ok "),
+                line,
+            }))
+        })))
     }
 
     fn snapshot(&self) -> Vec<Reply> {
-        self.replies.lock().expect("replies lock").clone()
+        self.0.snapshot()
     }
 
     /// Waits (bounded) until `n` replies ended at or after `from`.
@@ -93,18 +86,8 @@ impl HttpLoop {
         })
     }
 
-    fn finish(mut self) -> Vec<Reply> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.snapshot()
-    }
-}
-
-impl Drop for HttpLoop {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+    fn finish(self) -> Vec<Reply> {
+        self.0.finish()
     }
 }
 
@@ -154,23 +137,18 @@ fn a_partition_longer_than_the_lease_withdraws_and_restores_exports() -> Result<
     require_tools();
     let net = Pair::new()?;
     let root = net.dir().to_path_buf();
-    let pki = Pki::new(&root, "ca", CLUSTERSET)?;
-    let tls_a = pki.issue("alpha", &root.join("certs-alpha"))?;
-    let tls_b = pki.issue("bravo", &root.join("certs-bravo"))?;
-    let spec_a = ns_spec("alpha", CLUSTERSET, net.a_ip, &[("bravo", net.b_ip)], "");
-    let spec_b = ns_spec("bravo", CLUSTERSET, net.b_ip, &[("alpha", net.a_ip)], "");
-    assert_eq!(spec_a.lease, format!("{}s", LEASE.as_secs()), "the lease this test assumes");
-    let a = NsGateway::start(&net.a, &root, spec_a, tls_a)?;
-    let b = NsGateway::start(&net.b, &root, spec_b, tls_b)?;
+    let (mut a, mut b) = net.prepare_gateways(CLUSTERSET, ["alpha", "bravo"], "")?;
+    assert_eq!(a.gw.spec.lease, format!("{}s", LEASE.as_secs()), "the lease this test assumes");
+    a.launch()?;
+    b.launch()?;
 
     let www = root.join("www-bravo");
     std::fs::create_dir_all(&www)?;
     std::fs::write(www.join("cluster.txt"), "bravo\n")?;
     let _backend =
         net.server(&net.b, &["http", B_BACKEND, "8080", www.to_str().context("utf-8 path")?])?;
-    let svc = |name: &str, ip: &str, port: u16| {
-        service_yaml("demo", name, false, &[("http", 80, port)], &[(ip, true)], Some(EXPORTED_AT))
-    };
+    let svc =
+        |name: &str, ip: &str, port: u16| exported_service("demo", name, ("http", 80, port), ip);
     b.gw.write_cluster_file("web.yaml", &svc("web", B_BACKEND, 8080))?;
     a.gw.write_cluster_file("api.yaml", &svc("api", A_ENDPOINT, 8081))?;
     let web_ip = wait_vip(&a, "demo", "web", &["bravo"], PROPAGATION)?;

@@ -8,18 +8,15 @@
 //! recovery (must be zero).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use fedgate_e2e::faults::{self, Backend, signal_pid};
+use fedgate_e2e::faults::{self, Backend, Recorder, export_backend, signal_pid};
 use fedgate_e2e::*;
 
 const CLUSTERSET: &str = "faults";
 const PROPAGATION: Duration = Duration::from_secs(10);
-const EXPORTED_AT: &str = "2026-01-01T00:00:00Z";
 /// Bound on one client request: above the gateway's connect budget (3 s), so a request that
 /// the gateway fails over inside its budget is never cut short by the client.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,31 +58,19 @@ impl Sample {
 
 /// A thread that runs [`round_trip`] against one ClusterSetIP, one new connection per request,
 /// until stopped.
-struct ClientLoop {
-    stop: Arc<AtomicBool>,
-    samples: Arc<Mutex<Vec<Sample>>>,
-    thread: Option<JoinHandle<()>>,
-}
+struct ClientLoop(Recorder<Sample>);
 
 impl ClientLoop {
     fn start(vip: SocketAddr) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let samples = Arc::new(Mutex::new(Vec::new()));
-        let (s, out) = (stop.clone(), samples.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let start = Instant::now();
-                let result = round_trip(vip).map_err(|e| format!("{e:#}"));
-                let sample = Sample { start, took: start.elapsed(), result };
-                out.lock().expect("samples lock").push(sample);
-                std::thread::sleep(PACE);
-            }
-        });
-        Self { stop, samples, thread: Some(thread) }
+        Self(Recorder::start(PACE, move || {
+            let start = Instant::now();
+            let result = round_trip(vip).map_err(|e| format!("{e:#}"));
+            ControlFlow::Continue(Some(Sample { start, took: start.elapsed(), result }))
+        }))
     }
 
     fn snapshot(&self) -> Vec<Sample> {
-        self.samples.lock().expect("samples lock").clone()
+        self.0.snapshot()
     }
 
     /// Waits (bounded) for the first successful request started at or after `from`; returns
@@ -107,19 +92,27 @@ impl ClientLoop {
         })
     }
 
-    /// Stops the loop and returns every sample.
-    fn finish(mut self) -> Vec<Sample> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.snapshot()
+    /// Waits (bounded) for the first request started at or after `from` that `backend`
+    /// answered; returns its end.
+    fn first_answer_from(
+        &self,
+        backend: &str,
+        from: Instant,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<Instant> {
+        eventually(what, timeout, || {
+            Ok(self
+                .snapshot()
+                .iter()
+                .find(|s| s.start >= from && s.result.as_deref() == Ok(backend))
+                .map(Sample::end))
+        })
     }
-}
 
-impl Drop for ClientLoop {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+    /// Stops the loop and returns every sample.
+    fn finish(self) -> Vec<Sample> {
+        self.0.finish()
     }
 }
 
@@ -173,11 +166,6 @@ fn answered_by(samples: &[Sample], from: Instant, to: Instant) -> Vec<(String, u
     by
 }
 
-fn export_yaml(name: &str, endpoint: IpAddr, port: u16) -> String {
-    let ip = endpoint.to_string();
-    service_yaml("fault", name, false, &[("tcp", 80, port)], &[(&ip, true)], Some(EXPORTED_AT))
-}
-
 /// `g`'s import of `fault/<name>` if it is imported from exactly `clusters`: its first IP.
 fn import_ip(g: &Gateway, name: &str, clusters: &[&str]) -> Result<Option<String>> {
     let imports = g.json("/debug/imports")?;
@@ -208,25 +196,15 @@ fn start_gateways(
     lease: &str,
     edit: impl Fn(&mut GatewaySpec),
 ) -> Result<Vec<Gateway>> {
-    let pki = Pki::new(tmp, "ca", CLUSTERSET)?;
-    let mut gateways = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
+    start_mesh(tmp, block, CLUSTERSET, ids, |i, spec| {
         let [_, a, b, _] = block.ip(1).octets();
-        let mut spec = GatewaySpec {
-            lease: lease.to_owned(),
-            // The mesh default (`127.<a>.<200 + i>.0/24`) is shared by every test of this
-            // process: gateways of two tests would bind the same ClusterSetIPs. The upper half
-            // of the test's own block is unused (gateways are hosts 10.., backends 60..).
-            vip_range: format!("127.{a}.{b}.{}/27", 128 + 32 * i),
-            ..GatewaySpec::mesh(block, CLUSTERSET, ids, i)
-        };
-        edit(&mut spec);
-        let tls = pki.issue(id, &tmp.join(format!("certs-{id}")))?;
-        let mut g = Gateway::prepare(tmp, spec, tls)?;
-        g.start()?;
-        gateways.push(g);
-    }
-    Ok(gateways)
+        spec.lease = lease.to_owned();
+        // The mesh default (`127.<a>.<200 + i>.0/24`) is shared by every test of this
+        // process: gateways of two tests would bind the same ClusterSetIPs. The upper half
+        // of the test's own block is unused (gateways are hosts 10.., backends 60..).
+        spec.vip_range = format!("127.{a}.{b}.{}/27", 128 + 32 * i);
+        edit(spec);
+    })
 }
 
 /// How long, after a killed exporter's new process answers `/healthz`, requests through alpha
@@ -248,7 +226,7 @@ fn a_killed_exporter_restarted_within_its_lease_keeps_its_import_and_recovers() 
     let mut gateways = start_gateways(tmp.path(), block, &["alpha", "bravo"], "15s", |_| {})?;
     let backend_addr = block.addr(60, 7100);
     let _backend = Backend::start(backend_addr, "bravo-1", 128)?;
-    gateways[1].write_cluster_file("web.yaml", &export_yaml("web", backend_addr.ip(), 7100))?;
+    export_backend(&gateways[1], "web", backend_addr)?;
     let ip = wait_vip(&gateways[0], "web", &["bravo"], PROPAGATION)?;
     let vip = SocketAddr::new(ip.parse()?, 80);
     eventually("a first round trip through alpha", PROPAGATION, || Ok(round_trip(vip).ok()))?;
@@ -333,7 +311,7 @@ fn a_peer_stopped_beyond_its_lease_is_withdrawn_and_returns_with_its_address() -
     let [alpha, bravo] = &gateways[..] else { unreachable!() };
     let backend_addr = block.addr(61, 7101);
     let _backend = Backend::start(backend_addr, "bravo-1", 128)?;
-    bravo.write_cluster_file("web.yaml", &export_yaml("web", backend_addr.ip(), 7101))?;
+    export_backend(bravo, "web", backend_addr)?;
     let ip = wait_vip(alpha, "web", &["bravo"], PROPAGATION)?;
     let vip = SocketAddr::new(ip.parse()?, 80);
     assert_eq!(dns_a(alpha, "web")?, [ip.as_str()], "alpha's DNS answers the ClusterSetIP");
@@ -374,7 +352,8 @@ fn a_peer_stopped_beyond_its_lease_is_withdrawn_and_returns_with_its_address() -
     })?;
 
     let rival_ip = local_addr(block, 62);
-    alpha.write_cluster_file("rival.yaml", &export_yaml(&collider, rival_ip, 7102))?;
+    let rival_yaml = faults::export_yaml(&collider, &rival_ip.to_string(), 7102);
+    alpha.write_cluster_file("rival.yaml", &rival_yaml)?;
     let rival = wait_vip(alpha, &collider, &["alpha"], PROPAGATION)?;
     assert_ne!(rival, ip, "{collider} took the address reserved for bravo's fault/web");
     eprintln!("fault/{collider} (preferred address {ip}, reserved) got {rival} instead");
@@ -447,8 +426,8 @@ fn with_a_second_exporter_a_killed_or_stopped_peer_costs_no_request() -> Result<
     let c_addr = block.addr(64, 7103);
     let _b = Backend::start(b_addr, "bravo-1", 128)?;
     let _c = Backend::start(c_addr, "charlie-1", 128)?;
-    gateways[1].write_cluster_file("web.yaml", &export_yaml("web", b_addr.ip(), 7103))?;
-    gateways[2].write_cluster_file("web.yaml", &export_yaml("web", c_addr.ip(), 7103))?;
+    export_backend(&gateways[1], "web", b_addr)?;
+    export_backend(&gateways[2], "web", c_addr)?;
     let ip = wait_vip(&gateways[0], "web", &["bravo", "charlie"], PROPAGATION)?;
     let vip = SocketAddr::new(ip.parse()?, 80);
     eventually("traffic on bravo, the preferred tier", PROPAGATION, || {
@@ -465,14 +444,12 @@ fn with_a_second_exporter_a_killed_or_stopped_peer_costs_no_request() -> Result<
     std::thread::sleep(Duration::from_secs(4));
     gateways[1].start()?;
     let restarted = Instant::now();
-    let on_bravo =
-        eventually("traffic back on bravo after its restart", Duration::from_secs(20), || {
-            Ok(clients
-                .snapshot()
-                .iter()
-                .find(|s| s.start >= restarted && s.result.as_deref() == Ok("bravo-1"))
-                .map(Sample::end))
-        })?;
+    let on_bravo = clients.first_answer_from(
+        "bravo-1",
+        restarted,
+        "traffic back on bravo after its restart",
+        Duration::from_secs(20),
+    )?;
     let killed_phase = answered_by(&clients.snapshot(), killed, restarted);
     eprintln!(
         "kill: bravo dead {:?}; answered while dead: {killed_phase:?}; traffic back on bravo \
@@ -501,14 +478,12 @@ fn with_a_second_exporter_a_killed_or_stopped_peer_costs_no_request() -> Result<
     let back_ip = wait_vip(alpha, "web", &["bravo", "charlie"], RETURN_WITHIN)?;
     let returned = continued.elapsed();
     assert_eq!(back_ip, ip, "the ClusterSetIP stays when bravo returns");
-    let on_bravo =
-        eventually("traffic back on bravo after SIGCONT", Duration::from_secs(20), || {
-            Ok(clients
-                .snapshot()
-                .iter()
-                .find(|s| s.start >= continued && s.result.as_deref() == Ok("bravo-1"))
-                .map(Sample::end))
-        })?;
+    let on_bravo = clients.first_answer_from(
+        "bravo-1",
+        continued,
+        "traffic back on bravo after SIGCONT",
+        Duration::from_secs(20),
+    )?;
     clients.wait_requests_after(on_bravo, AFTER_RECOVERY, Duration::from_secs(60))?;
     let samples = clients.finish();
     let stop_phase = answered_by(&samples, stopped, continued);

@@ -59,15 +59,8 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 fn idle_connections_cost_a_few_kilobytes_and_give_everything_back() -> Result<()> {
     const N: usize = 1000;
     let tmp = tempfile::tempdir()?;
-    let (alpha, block) = lone_gateway(tmp.path(), "")?;
+    let (alpha, _backend, vip) = lone_gateway_serving(tmp.path(), "", "idle", (70, 7100), 1024)?;
     let pid = alpha.pid().context("alpha's pid")?;
-    let backend_addr = block.addr(70, 7100);
-    let _backend = Backend::start(backend_addr, "alpha-1", 1024)?;
-    alpha.write_cluster_file(
-        "idle.yaml",
-        &export_yaml("idle", &backend_addr.ip().to_string(), 7100),
-    )?;
-    let vip = wait_import_vip(&alpha, "fault", "idle", &["alpha"], 80)?;
     // Warm up: a few connections with data, so allocator pools and tasks exist before the
     // baseline.
     for _ in 0..20 {
@@ -110,15 +103,13 @@ fn idle_connections_cost_a_few_kilobytes_and_give_everything_back() -> Result<()
 #[test]
 fn idle_client_connections_are_closed_after_the_idle_timeout() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let (alpha, block) =
-        lone_gateway(tmp.path(), "traffic:\n  connections: { idleTimeout: 2s }\n")?;
-    let backend_addr = block.addr(71, 7101);
-    let _backend = Backend::start(backend_addr, "alpha-1", 128)?;
-    alpha.write_cluster_file(
-        "quiet.yaml",
-        &export_yaml("quiet", &backend_addr.ip().to_string(), 7101),
+    let (alpha, _backend, vip) = lone_gateway_serving(
+        tmp.path(),
+        "traffic:\n  connections: { idleTimeout: 2s }\n",
+        "quiet",
+        (71, 7101),
+        128,
     )?;
-    let vip = wait_import_vip(&alpha, "fault", "quiet", &["alpha"], 80)?;
     let mut idle = open_idle(vip, 1)?.remove(0);
     let mut busy = open_idle(vip, 1)?.remove(0);
     let started = Instant::now();
@@ -149,8 +140,8 @@ fn connection_caps_reset_the_excess_and_count_it() -> Result<()> {
     let b_addr = block.addr(73, 7102);
     let _a = Backend::start(a_addr, "a-1", 128)?;
     let _b = Backend::start(b_addr, "b-1", 128)?;
-    alpha.write_cluster_file("a.yaml", &export_yaml("a", &a_addr.ip().to_string(), 7102))?;
-    alpha.write_cluster_file("b.yaml", &export_yaml("b", &b_addr.ip().to_string(), 7102))?;
+    export_backend(&alpha, "a", a_addr)?;
+    export_backend(&alpha, "b", b_addr)?;
     let vip_a = wait_import_vip(&alpha, "fault", "a", &["alpha"], 80)?;
     let vip_b = wait_import_vip(&alpha, "fault", "b", &["alpha"], 80)?;
     let mut held_a = open_idle(vip_a, 5)?;
@@ -179,15 +170,8 @@ fn connection_caps_reset_the_excess_and_count_it() -> Result<()> {
 fn running_out_of_descriptors_never_marks_an_endpoint_unhealthy() -> Result<()> {
     require_tool("prlimit", "util-linux");
     let tmp = tempfile::tempdir()?;
-    let (alpha, block) = lone_gateway(tmp.path(), "")?;
+    let (alpha, _backend, vip) = lone_gateway_serving(tmp.path(), "", "fds", (74, 7103), 1024)?;
     let pid = alpha.pid().context("alpha's pid")?;
-    let backend_addr = block.addr(74, 7103);
-    let _backend = Backend::start(backend_addr, "alpha-1", 1024)?;
-    alpha.write_cluster_file(
-        "fds.yaml",
-        &export_yaml("fds", &backend_addr.ip().to_string(), 7103),
-    )?;
-    let vip = wait_import_vip(&alpha, "fault", "fds", &["alpha"], 80)?;
     eventually("the endpoint probed healthy", PROPAGATION, || {
         let e = alpha.json("/debug/explain?service=fault/fds")?;
         Ok((e["endpoints"][0]["health"] == "Healthy").then_some(()))
@@ -242,16 +226,7 @@ fn running_out_of_descriptors_never_marks_an_endpoint_unhealthy() -> Result<()> 
 fn junk_datagrams_at_the_tunnel_port_are_counted_and_harm_nothing() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let block = AddrBlock::unique();
-    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
-    let ids = ["alpha", "bravo"];
-    let mut gateways = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let spec = GatewaySpec::mesh(block, CLUSTERSET, &ids, i);
-        let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
-        let mut g = Gateway::prepare(tmp.path(), spec, tls)?;
-        g.start()?;
-        gateways.push(g);
-    }
+    let gateways = start_mesh(tmp.path(), block, CLUSTERSET, &["alpha", "bravo"], |_, _| {})?;
     let [alpha, bravo] = &gateways[..] else { unreachable!() };
     bravo.write_cluster_file("web.yaml", &export_yaml("web", "127.250.9.9", 7200))?;
     wait_import_vip(alpha, "fault", "web", &["bravo"], 80)?;

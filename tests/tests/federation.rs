@@ -19,18 +19,9 @@ struct Federation {
 /// Builds gateways `ids` in one address block, fully meshed, with certificates from one CA.
 fn federation(ids: &[&str], lease: &str) -> Result<Federation> {
     let tmp = tempfile::tempdir()?;
-    let block = AddrBlock::unique();
-    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
-    let mut gateways = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let spec = spec_for(block, ids, i, lease);
-        let certs = tmp.path().join(format!("certs-{id}"));
-        let tls = pki.issue(id, &certs)?;
-        gateways.push(Gateway::prepare(tmp.path(), spec, tls)?);
-    }
-    for g in &mut gateways {
-        g.start()?;
-    }
+    let gateways = start_mesh(tmp.path(), AddrBlock::unique(), CLUSTERSET, ids, |_, spec| {
+        spec.lease = lease.to_owned();
+    })?;
     Ok(Federation { gateways, _tmp: tmp })
 }
 
@@ -59,7 +50,7 @@ fn export_propagates_to_every_peer_and_is_withdrawn() -> Result<()> {
         false,
         &[("http", 80, 8080)],
         &[("127.250.0.5", true), ("127.250.0.6", false)],
-        Some("2026-01-01T00:00:00Z"),
+        Some(EXPORTED_AT),
     );
     let t0 = Instant::now();
     a.write_cluster_file("cart.yaml", &yaml)?;
@@ -98,40 +89,18 @@ fn conflicting_exports_are_reported_on_every_exporter() -> Result<()> {
     let [a, b, c] = &fed.gateways[..] else { unreachable!() };
     // alpha is oldest: ClusterSetIP with port http/80. bravo agrees. charlie is headless and
     // uses port 80 under another name plus a port of its own.
-    let oldest = "2026-01-01T00:00:00Z";
-    a.write_cluster_file(
-        "db.yaml",
-        &service_yaml(
-            "data",
-            "db",
-            false,
-            &[("http", 80, 8080)],
-            &[("127.250.0.5", true)],
-            Some(oldest),
-        ),
-    )?;
-    b.write_cluster_file(
-        "db.yaml",
-        &service_yaml(
-            "data",
-            "db",
-            false,
-            &[("http", 80, 8080)],
-            &[("127.250.0.5", true)],
-            Some("2026-02-01T00:00:00Z"),
-        ),
-    )?;
-    c.write_cluster_file(
-        "db.yaml",
-        &service_yaml(
-            "data",
-            "db",
-            true,
-            &[("web", 80, 8080), ("admin", 9000, 9000)],
-            &[("127.250.0.5", true)],
-            Some("2026-03-01T00:00:00Z"),
-        ),
-    )?;
+    // (exporter, headless, ports, created)
+    type Ports = &'static [(&'static str, u16, u16)];
+    let exports: [(&Gateway, bool, Ports, &str); 3] = [
+        (a, false, &[("http", 80, 8080)], "2026-01-01T00:00:00Z"),
+        (b, false, &[("http", 80, 8080)], "2026-02-01T00:00:00Z"),
+        (c, true, &[("web", 80, 8080), ("admin", 9000, 9000)], "2026-03-01T00:00:00Z"),
+    ];
+    for (g, headless, ports, created) in exports {
+        let endpoints = [("127.250.0.5", true)];
+        let yaml = service_yaml("data", "db", headless, ports, &endpoints, Some(created));
+        g.write_cluster_file("db.yaml", &yaml)?;
+    }
     for g in [a, b, c] {
         let import = wait_import(g, "data", "db", &["alpha", "bravo", "charlie"])?;
         assert_eq!(import["type"], "ClusterSetIP", "oldest export's type wins on {}", g.spec.id);
@@ -161,16 +130,7 @@ fn conflicting_exports_are_reported_on_every_exporter() -> Result<()> {
 #[test]
 fn dead_peer_is_withdrawn_after_its_lease_and_restored_on_restart() -> Result<()> {
     let mut fed = federation(&["alpha", "bravo", "charlie"], "2s")?;
-    let svc = |ip| {
-        service_yaml(
-            "web",
-            "front",
-            false,
-            &[("http", 80, 80)],
-            &[(ip, true)],
-            Some("2026-01-01T00:00:00Z"),
-        )
-    };
+    let svc = |ip| exported_service("web", "front", ("http", 80, 80), ip);
     fed.gateways[0].write_cluster_file("front.yaml", &svc("127.250.0.9"))?;
     fed.gateways[2].write_cluster_file("front.yaml", &svc("127.250.0.9"))?;
     wait_import(&fed.gateways[1], "web", "front", &["alpha", "charlie"])?;
@@ -291,17 +251,8 @@ fn assert_refused(tmp: &Path, good: &Pki, bad: Impostor<'_>, why: &str) -> Resul
     let mut bad_spec = spec_for(block, &["alpha", bad.id], 1, "15s");
     bad_spec.clusterset = bad.clusterset.to_owned();
     let mut impostor = Gateway::prepare(&dir, bad_spec, bad.tls)?;
-    impostor.write_cluster_file(
-        "x.yaml",
-        &service_yaml(
-            "ns",
-            "x",
-            false,
-            &[("p", 1, 1)],
-            &[("127.250.9.9", true)],
-            Some("2026-01-01T00:00:00Z"),
-        ),
-    )?;
+    impostor
+        .write_cluster_file("x.yaml", &exported_service("ns", "x", ("p", 1, 1), "127.250.9.9"))?;
     alpha.start()?;
     impostor.start()?;
     // alpha keeps bravo disconnected and says why.
@@ -333,33 +284,28 @@ fn peers_with_wrong_certificates_are_refused() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let good = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
 
-    // 1. The right name, from a CA alpha does not trust (a gateway of another PKI).
-    let other_ca = Pki::new(tmp.path(), "other-ca", CLUSTERSET)?;
-    let tls = other_ca.issue("bravo", &tmp.path().join("b1"))?;
-    assert_refused(
-        tmp.path(),
-        &good,
-        Impostor { id: "bravo", clusterset: CLUSTERSET, tls },
-        "foreign-ca",
-    )?;
-
-    // 2. Trusted CA, but the certificate names another clusterset.
-    let tls = good.issue_with("bravo", &["--clusterset", "elsewhere"], &tmp.path().join("b2"))?;
-    assert_refused(
-        tmp.path(),
-        &good,
-        Impostor { id: "bravo", clusterset: "elsewhere", tls },
-        "other-clusterset",
-    )?;
-
-    // 3. A valid certificate of this clusterset, but for another cluster than alpha expects
-    //    at that address.
-    let tls = good.issue("mallory", &tmp.path().join("b3"))?;
-    assert_refused(
-        tmp.path(),
-        &good,
-        Impostor { id: "mallory", clusterset: CLUSTERSET, tls },
-        "wrong-cluster-id",
-    )?;
+    // (case, id, clusterset it claims, its certificate)
+    let cases = [
+        // 1. The right name, from a CA alpha does not trust (a gateway of another PKI).
+        (
+            "foreign-ca",
+            "bravo",
+            CLUSTERSET,
+            Pki::new(tmp.path(), "other-ca", CLUSTERSET)?.issue("bravo", &tmp.path().join("b1"))?,
+        ),
+        // 2. Trusted CA, but the certificate names another clusterset.
+        (
+            "other-clusterset",
+            "bravo",
+            "elsewhere",
+            good.issue_with("bravo", &["--clusterset", "elsewhere"], &tmp.path().join("b2"))?,
+        ),
+        // 3. A valid certificate of this clusterset, but for another cluster than alpha
+        //    expects at that address.
+        ("wrong-cluster-id", "mallory", CLUSTERSET, good.issue("mallory", &tmp.path().join("b3"))?),
+    ];
+    for (why, id, clusterset, tls) in cases {
+        assert_refused(tmp.path(), &good, Impostor { id, clusterset, tls }, why)?;
+    }
     Ok(())
 }

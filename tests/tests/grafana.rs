@@ -7,11 +7,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -527,48 +525,15 @@ fn dashboard_is_a_grafana_dashboard_with_a_prometheus_datasource_variable() -> R
 
 /// A TCP backend on `addr` that answers `hello from <name>: <first read>` and closes. Dropping
 /// it closes the listener, so connects (and probes) to it fail.
-struct Backend {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Backend {
-    fn start(addr: SocketAddr, name: &str) -> Result<Self> {
-        let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, name) = (stop.clone(), name.to_owned());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        let name = name.clone();
-                        std::thread::spawn(move || {
-                            let _ = conn.set_nonblocking(false);
-                            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-                            let mut buf = [0u8; 64];
-                            let n = conn.read(&mut buf).unwrap_or(0);
-                            let said = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
-                            let _ = writeln!(conn, "hello from {name}: {said}");
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        Ok(Self { addr, stop, thread: Some(thread) })
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+fn backend(addr: SocketAddr, name: &str) -> Result<TcpServer> {
+    let name = name.to_owned();
+    TcpServer::start(addr, move |mut conn| {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf).unwrap_or(0);
+        let said = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
+        let _ = writeln!(conn, "hello from {name}: {said}");
+    })
 }
 
 /// An upstream DNS server that answers every query with one A record, 192.0.2.1 (TTL 60 s,
@@ -668,34 +633,23 @@ fn every_dashboard_metric_is_exported_by_a_running_gateway() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let block = AddrBlock::unique();
     let upstream = fake_upstream(block.addr(250, 0))?;
-    let pki = Pki::new(tmp.path(), "ca", "grafana")?;
     let ids = ["alpha", "bravo", "charlie"];
-    let mut gateways = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let spec = GatewaySpec {
-            lease: "2s".to_owned(),
-            // Probes rarely, so a backend that goes away is found by passive outlier
-            // detection (connect failures) first.
-            extra: "traffic:\n  healthCheck: { interval: 60s, timeout: 500ms }\n".to_owned(),
-            ..GatewaySpec::mesh(block, "grafana", &ids, i)
-        };
-        let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
-        let g = Gateway::prepare(tmp.path(), spec, tls)?;
-        let config = std::fs::read_to_string(g.config_path())?;
-        ensure!(config.contains("upstream: [system]"), "harness config changed: {config}");
-        std::fs::write(
-            g.config_path(),
-            config.replace("upstream: [system]", &format!("upstream: [\"{upstream}\"]")),
-        )?;
-        gateways.push(g);
+    let mut gateways = prepare_mesh(tmp.path(), block, "grafana", &ids, |_, spec| {
+        spec.lease = "2s".to_owned();
+        // Probes rarely, so a backend that goes away is found by passive outlier
+        // detection (connect failures) first.
+        spec.extra = "traffic:\n  healthCheck: { interval: 60s, timeout: 500ms }\n".to_owned();
+    })?;
+    for g in &gateways {
+        g.edit_config("upstream: [system]", &format!("upstream: [\"{upstream}\"]"))?;
     }
 
     // Backends: alpha has two endpoints of shop/web (one will go away), bravo one of
     // shop/web and the only one of shop/api. One port for all (an EndpointSlice has one).
-    let web_a1 = Backend::start(block.addr(100, 0), "alpha-1")?;
+    let web_a1 = backend(block.addr(100, 0), "alpha-1")?;
     let port = web_a1.addr.port();
-    let web_a2 = Backend::start(block.addr(101, port), "alpha-2")?;
-    let _web_b = Backend::start(block.addr(102, port), "bravo")?;
+    let web_a2 = backend(block.addr(101, port), "alpha-2")?;
+    let _web_b = backend(block.addr(102, port), "bravo")?;
     let (ip100, ip101, ip102) =
         (block.ip(100).to_string(), block.ip(101).to_string(), block.ip(102).to_string());
     let created = Some("2026-01-01T00:00:00Z");

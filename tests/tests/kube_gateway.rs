@@ -11,17 +11,15 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use fedgate_e2e::kube::KubeCluster;
-use fedgate_e2e::netns::{Netns, require_tools, run};
+use anyhow::{Context, Result};
+use fedgate_e2e::kube::{EXPORTS, IMPORTS, KubeCluster, imported_slices, uid, use_kube_source};
+use fedgate_e2e::netns::EndpointNet;
 use fedgate_e2e::*;
 use serde_json::Value;
 
 const CLUSTERSET: &str = "kube-e2e";
 const WAIT: Duration = Duration::from_secs(20);
 const SA: &str = fedgate_e2e::kube::GATEWAY_SERVICE_ACCOUNT;
-const IMPORTS: &str = "serviceimports.v1beta1.multicluster.x-k8s.io";
-const EXPORTS: &str = "serviceexports.v1beta1.multicluster.x-k8s.io";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -35,54 +33,22 @@ fn use_kube(
     config_id: Option<&str>,
     front: Option<&str>,
 ) -> Result<()> {
-    let text = std::fs::read_to_string(g.config_path())?;
-    let file = format!("source: file\n  file: {{ dir: {} }}", g.cluster_dir.display());
-    if !text.contains(&file) {
-        bail!("unexpected gateway config layout:\n{text}");
-    }
-    let mut text = text
-        .replace(
-            &file,
-            &format!("source: kube\n  kube: {{ kubeconfig: {} }}", kubeconfig.display()),
-        )
-        .replace(
-            &format!("  id: {}\n", g.spec.id),
-            &config_id.map(|id| format!("  id: {id}\n")).unwrap_or_default(),
-        );
+    use_kube_source(g, kubeconfig)?;
+    let id = format!("  id: {}\n", g.spec.id);
+    g.edit_config(&id, &config_id.map(|id| format!("  id: {id}\n")).unwrap_or_default())?;
     if let Some(front) = front {
-        text =
-            text.replace("front: { mode: vip,", &format!("front: {{ mode: kube, kube: {front},"));
+        g.edit_config("front: { mode: vip,", &format!("front: {{ mode: kube, kube: {front},"))?;
     }
-    std::fs::write(g.config_path(), text)?;
     Ok(())
 }
 
-/// Endpoint addresses the API server accepts (it refuses loopback ones) that lead nowhere but
-/// into a namespace of this test: a veth pair with `10.251.<k>.1/29` on the host side and
-/// `.2`, `.3` inside the namespace `fg-<pid>-kube<tag>` (deleted with the guard).
-struct EndpointNet {
-    ns: Netns,
-    host: Ipv4Addr,
-    inside: [Ipv4Addr; 2],
-}
-
+/// Endpoint addresses the API server accepts: `10.251.<k>.1/29` on the host side, `.2`, `.3`
+/// inside the namespace `fg-<pid>-kube<tag>`.
 fn endpoint_net(tag: u8) -> Result<EndpointNet> {
-    require_tools();
     let pid = std::process::id();
-    let ns = Netns::create(&format!("fg-{pid}-kube{tag}"))?;
     let k = ((pid % 120) as u8) * 2 + tag;
     let host_if = format!("fgk{}h{tag}", pid % 100_000);
-    let host = Ipv4Addr::new(10, 251, k, 1);
-    let inside = [Ipv4Addr::new(10, 251, k, 2), Ipv4Addr::new(10, 251, k, 3)];
-    let ip = |args: &[&str]| run(std::process::Command::new("ip").args(args));
-    ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
-    ip(&["addr", "add", &format!("{host}/29"), "dev", &host_if])?;
-    ip(&["link", "set", &host_if, "up"])?;
-    for addr in inside {
-        ns.ip(&["addr", "add", &format!("{addr}/29"), "dev", "eth0"])?;
-    }
-    ns.ip(&["link", "set", "eth0", "up"])?;
-    Ok(EndpointNet { ns, host, inside })
+    EndpointNet::create(&format!("fg-{pid}-kube{tag}"), &host_if, [10, 251, k])
 }
 
 fn conditions(export: &Value) -> Vec<(String, String, String)> {
@@ -99,31 +65,23 @@ fn conditions(export: &Value) -> Vec<(String, String, String)> {
         .unwrap_or_default()
 }
 
-fn uid(v: &Value) -> String {
-    v["metadata"]["uid"].as_str().unwrap_or_default().to_owned()
-}
-
-/// fedgate's EndpointSlices for import `name` in `c` (label-selected), by source cluster.
-fn imported_slices(c: &KubeCluster, ns: &str, name: &str) -> Result<Vec<Value>> {
-    let sel = format!(
-        "multicluster.kubernetes.io/service-name={name},endpointslice.kubernetes.io/managed-by=gateway.fedgate.io"
-    );
-    let list = c.get_json(&["endpointslices", "-n", ns, "-l", &sel])?.unwrap_or_default();
-    Ok(list["items"].as_array().cloned().unwrap_or_default())
-}
-
-fn start_both(names: [&'static str; 2]) -> Result<(KubeCluster, KubeCluster)> {
-    let handles = names.map(|n| std::thread::spawn(move || KubeCluster::start(n)));
-    let [a, b] = handles;
-    let a = a.join().map_err(|_| anyhow::anyhow!("start panicked"))??;
-    let b = b.join().map_err(|_| anyhow::anyhow!("start panicked"))??;
-    eprintln!("apiservers ready in {:?} and {:?}", a.started_in(), b.started_in());
-    Ok((a, b))
+/// A lone gateway `id` (region r1, zone z1, ClusterSetIPs from `127.<a>.<third>.0/24`),
+/// configured, not started.
+fn lone_gateway(root: &Path, block: AddrBlock, id: &str, third: u8) -> Result<Gateway> {
+    let pki = Pki::new(root, "ca", CLUSTERSET)?;
+    let spec = GatewaySpec {
+        region: "r1".to_owned(),
+        zone: "z1".to_owned(),
+        vip_range: format!("127.{}.{third}.0/24", block.ip(1).octets()[1]),
+        ..GatewaySpec::mesh(block, CLUSTERSET, &[id], 0)
+    };
+    let tls = pki.issue(id, &root.join("certs"))?;
+    Gateway::prepare(root, spec, tls)
 }
 
 #[test]
 fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> Result<()> {
-    let (east_k, west_k) = start_both(["east", "west"])?;
+    let (east_k, west_k) = KubeCluster::start_pair(["east", "west"])?;
     let east_kc = east_k.prepare_for_gateway()?;
     let west_kc = west_k.prepare_for_gateway()?;
     for c in [&east_k, &west_k] {
@@ -138,19 +96,11 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
     let [ep_ready, ep_unready] = net.inside.map(|a| a.to_string());
     let tmp = tempfile::tempdir()?;
     let block = AddrBlock::unique();
-    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
-    let ids = ["east", "west"];
-    let mut gws = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let spec = GatewaySpec {
-            region: "r1".to_owned(),
-            zone: format!("z-{id}"),
-            lease: "3s".to_owned(),
-            ..GatewaySpec::mesh(block, CLUSTERSET, &ids, i)
-        };
-        let tls = pki.issue(id, &tmp.path().join(format!("certs-{id}")))?;
-        gws.push(Gateway::prepare(tmp.path(), spec, tls)?);
-    }
+    let mut gws = prepare_mesh(tmp.path(), block, CLUSTERSET, &["east", "west"], |_, spec| {
+        spec.region = "r1".to_owned();
+        spec.zone = format!("z-{}", spec.id);
+        spec.lease = "3s".to_owned();
+    })?;
     use_kube(&gws[0], &east_kc, Some("east"), None)?;
     use_kube(&gws[1], &west_kc, None, None)?;
     assert!(!std::fs::read_to_string(gws[1].config_path())?.contains("  id: "));
@@ -247,9 +197,7 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
         &[(&ep_ready, true)],
         None,
     ))?;
-    west_k.apply_yaml(
-        "apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\nmetadata: { name: api, namespace: shop }\n",
-    )?;
+    west_k.export("shop", "api")?;
     let si = eventually("west's export imported in east", WAIT, || {
         east_k.get_json(&[IMPORTS, "-n", "shop", "api"])
     })?;
@@ -352,15 +300,7 @@ fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() 
         .args(["-c", ECHO_SERVER, &backend.ip().to_string(), "18080"])
         .spawn()
         .context("starting the echo server in the endpoint namespace")?;
-    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
-    let spec = GatewaySpec {
-        region: "r1".to_owned(),
-        zone: "z1".to_owned(),
-        vip_range: format!("127.{}.{}.0/24", block.ip(1).octets()[1], 210),
-        ..GatewaySpec::mesh(block, CLUSTERSET, &["solo"], 0)
-    };
-    let tls = pki.issue("solo", &tmp.path().join("certs"))?;
-    let mut g = Gateway::prepare(tmp.path(), spec, tls)?;
+    let mut g = lone_gateway(tmp.path(), block, "solo", 210)?;
     // the gateway "pod" IP: the host side of the veth (the API server refuses loopback)
     let pod_ip: Ipv4Addr = net.host;
     let front = format!("{{ podIP: {pod_ip}, firstPort: 21000, lastPort: 21009 }}");
@@ -377,8 +317,7 @@ fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() 
         "{err}"
     );
     g.kill();
-    let text = std::fs::read_to_string(g.config_path())?;
-    std::fs::write(g.config_path(), text.replacen("cluster:\n", "cluster:\n  id: solo\n", 1))?;
+    g.edit_config("cluster:\n", "cluster:\n  id: solo\n")?;
 
     // a ClusterProperty that names another cluster stops the gateway with a clear error
     let prop = "apiVersion: about.k8s.io/v1alpha1\nkind: ClusterProperty\n\
@@ -405,7 +344,7 @@ fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() 
         &[(&backend.ip().to_string(), true)],
         None,
     ))?;
-    k.apply_yaml("apiVersion: multicluster.x-k8s.io/v1beta1\nkind: ServiceExport\nmetadata: { name: echo, namespace: shop }\n")?;
+    k.export("shop", "echo")?;
 
     // the derived Service: selector-less, port 80... here 7 → the gateway port 21000
     let svc = eventually("derived Service", WAIT, || {
@@ -504,15 +443,7 @@ fn a_cluster_serving_only_v1alpha1_is_read_and_written_in_v1alpha1() -> Result<(
     )?;
     let tmp = tempfile::tempdir()?;
     let block = AddrBlock::unique();
-    let pki = Pki::new(tmp.path(), "ca", CLUSTERSET)?;
-    let spec = GatewaySpec {
-        region: "r1".to_owned(),
-        zone: "z1".to_owned(),
-        vip_range: format!("127.{}.{}.0/24", block.ip(1).octets()[1], 220),
-        ..GatewaySpec::mesh(block, CLUSTERSET, &["alpha"], 0)
-    };
-    let tls = pki.issue("alpha", &tmp.path().join("certs"))?;
-    let mut g = Gateway::prepare(tmp.path(), spec, tls)?;
+    let mut g = lone_gateway(tmp.path(), block, "alpha", 220)?;
     use_kube(&g, &kc, Some("alpha"), None)?;
     g.start()?;
     assert!(g.log_text().contains("exports=multicluster.x-k8s.io/v1alpha1"), "{}", g.log_text());

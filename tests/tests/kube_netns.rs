@@ -19,7 +19,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use fedgate_e2e::kube::{KubeCluster, NETNS_PORTS, kube_binary, use_kube_source};
+use fedgate_e2e::kube::{
+    EXPORTS, IMPORTS, KubeCluster, NETNS_PORTS, imported_slices, kube_binary, uid, use_kube_source,
+};
 use fedgate_e2e::netns::*;
 use fedgate_e2e::*;
 use serde_json::{Value, json};
@@ -29,8 +31,6 @@ const EAST: &str = "east";
 const WEST: &str = "west";
 /// Bound on each propagation wait (the figure is printed; the issue's target is 2 s).
 const WAIT: Duration = Duration::from_secs(20);
-const IMPORTS: &str = "serviceimports.v1beta1.multicluster.x-k8s.io";
-const EXPORTS: &str = "serviceexports.v1beta1.multicluster.x-k8s.io";
 /// East's backend: a "pod" address on `a`'s loopback device. The apiserver accepts it in an
 /// EndpointSlice (it refuses 127/8), and nothing routes it outside namespace `a`.
 const POD_EAST: &str = "10.244.0.10";
@@ -46,19 +46,6 @@ fn control_plane(ns: &Netns, name: &str) -> Result<(KubeCluster, PathBuf)> {
     let kc = k.prepare_for_gateway()?;
     k.kubectl_ok(&["create", "namespace", "shop"])?;
     Ok((k, kc))
-}
-
-/// fedgate's EndpointSlices for import `name` in `c` (label-selected).
-fn imported_slices(c: &KubeCluster, name: &str) -> Result<Vec<Value>> {
-    let sel = format!(
-        "multicluster.kubernetes.io/service-name={name},endpointslice.kubernetes.io/managed-by={SLICE_MANAGER}"
-    );
-    let list = c.get_json(&["endpointslices", "-n", "shop", "-l", &sel])?.unwrap_or_default();
-    Ok(list["items"].as_array().cloned().unwrap_or_default())
-}
-
-fn uid(v: &Value) -> String {
-    v["metadata"]["uid"].as_str().unwrap_or_default().to_owned()
 }
 
 /// The condition `kind` of a ServiceExport as (status, reason, message).
@@ -101,6 +88,22 @@ fn import_mismatch(si: &Value, slices: &[Value]) -> Option<String> {
         return Some(format!("imported slice not (yet) right: {slice}"));
     }
     None
+}
+
+/// Waits (bounded) until `west_k`'s ServiceImport and slices for east's `shop/web` are right
+/// ([`import_mismatch`]); returns the ServiceImport.
+fn wait_import_right(west_k: &KubeCluster, what: &str) -> Result<Value> {
+    let (si, _) = eventually(what, WAIT, || {
+        let Some(si) = west_k.get_json(&[IMPORTS, "-n", "shop", "web"])? else {
+            bail!("no ServiceImport shop/web in west yet");
+        };
+        let slices = imported_slices(west_k, "shop", "web")?;
+        match import_mismatch(&si, &slices) {
+            Some(problem) => bail!(problem),
+            None => Ok(Some((si, slices))),
+        }
+    })?;
+    Ok(si)
 }
 
 /// `dig +short` in `ns` against the gateway's DNS on the namespace's 127.0.0.1:10053.
@@ -189,7 +192,7 @@ struct RestartCheck<'a> {
 /// that they say what east exports.
 fn import_uids(k: &KubeCluster) -> Result<Vec<String>> {
     let si = k.get_json(&[IMPORTS, "-n", "shop", "web"])?.context("ServiceImport shop/web")?;
-    let slices = imported_slices(k, "web")?;
+    let slices = imported_slices(k, "shop", "web")?;
     if let Some(problem) = import_mismatch(&si, &slices) {
         bail!("{}: {problem}", k.name());
     }
@@ -320,23 +323,13 @@ fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unex
     // Gateways: east in `a`, west in `b`, tunnel on the veth addresses, kube source against
     // their own apiserver as the ServiceAccount of deploy/manifests.
     let root = net.dir().to_path_buf();
-    let pki = Pki::new(&root, "ca", CLUSTERSET)?;
-    let mut gateways = Vec::new();
-    for (id, ns, ip, peer, peer_ip, kc) in [
-        (EAST, &net.a, net.a_ip, WEST, net.b_ip, &east_kc),
-        (WEST, &net.b, net.b_ip, EAST, net.a_ip, &west_kc),
-    ] {
-        let tls = pki.issue(id, &root.join(format!("certs-{id}")))?;
-        let spec = ns_spec(id, CLUSTERSET, ip, &[(peer, peer_ip)], "");
-        let mut gw = NsGateway::prepare(ns, &root, spec, tls)?;
+    let (mut east_gw, mut west_gw) = net.prepare_gateways(CLUSTERSET, [EAST, WEST], "")?;
+    for (gw, kc) in [(&mut east_gw, &east_kc), (&mut west_gw, &west_kc)] {
         // quinn's debug lines say why a restarted gateway drops or answers a peer's packets
         gw.set_log_level(&format!("{LOG_LEVEL},quinn_proto=debug"));
         use_kube_source(&gw.gw, kc)?;
         gw.launch()?;
-        gateways.push(gw);
     }
-    let [mut east_gw, mut west_gw]: [NsGateway; 2] =
-        gateways.try_into().map_err(|_| anyhow!("two gateways"))?;
     // Ready, and federated: the figure below is propagation, not the first handshake.
     for (gw, peer) in [(&east_gw, WEST), (&west_gw, EAST)] {
         eventually(&format!("{} ready with {peer} connected", gw.gw.spec.id), WAIT, || {
@@ -383,17 +376,8 @@ fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unex
     let kubectl_done = created.elapsed();
     wait_vip(&west_gw, "shop", "web", &[EAST], WAIT)?;
     let in_west_gateway = created.elapsed();
-    let (si, _) = eventually("west's ServiceImport and EndpointSlice for shop/web", WAIT, || {
-        let Some(si) = west_k.get_json(&[IMPORTS, "-n", "shop", "web"])? else {
-            bail!("no ServiceImport shop/web in west yet");
-        };
-        let slices = imported_slices(&west_k, "web")?;
-        match import_mismatch(&si, &slices) {
-            Some(problem) => bail!(problem),
-            None => Ok(Some((si, slices))),
-        }
-    })
-    .with_context(|| west_gw.gw.log_text())?;
+    let si = wait_import_right(&west_k, "west's ServiceImport and EndpointSlice for shop/web")
+        .with_context(|| west_gw.gw.log_text())?;
     let propagation = created.elapsed();
     eprintln!(
         "FIGURE kubectl create in east -> ServiceImport + EndpointSlice right in west's \
@@ -470,16 +454,7 @@ fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unex
         };
         eventually(&format!("{}'s Conflict to clear", k.name()), WAIT, cleared)?;
     }
-    let (si, _) = eventually("west's import back to east's alone", WAIT, || {
-        let Some(si) = west_k.get_json(&[IMPORTS, "-n", "shop", "web"])? else {
-            bail!("no ServiceImport");
-        };
-        let slices = imported_slices(&west_k, "web")?;
-        match import_mismatch(&si, &slices) {
-            Some(problem) => bail!(problem),
-            None => Ok(Some((si, slices))),
-        }
-    })?;
+    let si = wait_import_right(&west_k, "west's import back to east's alone")?;
     assert_eq!(si["spec"]["ips"][0], vip.as_str(), "the ClusterSetIP lives as long as the import");
 
     // 4. Restart gateway west in `b`, gracefully (SIGTERM, as Kubernetes stops a pod) and as
@@ -496,7 +471,7 @@ fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unex
     for k in [&west_k, &east_k] {
         eventually(&format!("{}'s import and slices to go", k.name()), WAIT, || {
             let gone = k.get_json(&[IMPORTS, "-n", "shop", "web"])?.is_none()
-                && imported_slices(k, "web")?.is_empty();
+                && imported_slices(k, "shop", "web")?.is_empty();
             Ok(gone.then_some(()))
         })?;
         eprintln!(

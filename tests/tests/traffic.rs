@@ -13,7 +13,6 @@ use fedgate_e2e::*;
 
 const CLUSTERSET: &str = "netns";
 const PROPAGATION: Duration = Duration::from_secs(15);
-const EXPORTED_AT: &str = "2026-01-01T00:00:00Z";
 /// Backends of alpha listen on 127.0.1.1 in alpha's namespace, bravo's on 127.0.2.1 in bravo's.
 const A_BACKEND: &str = "127.0.1.1";
 const B_BACKEND: &str = "127.0.2.1";
@@ -35,24 +34,13 @@ fn clusters(extra_a: &str) -> Result<Clusters> {
 fn clusters_with(extra_a: &str, tunnel_a: &str) -> Result<Clusters> {
     require_tools();
     let net = Pair::new()?;
-    let root = net.dir().to_path_buf();
-    let pki = Pki::new(&root, "ca", CLUSTERSET)?;
-    let tls_a = pki.issue("alpha", &root.join("certs-alpha"))?;
-    let tls_b = pki.issue("bravo", &root.join("certs-bravo"))?;
-    let spec_a = ns_spec("alpha", CLUSTERSET, net.a_ip, &[("bravo", net.b_ip)], extra_a);
-    let spec_b = ns_spec("bravo", CLUSTERSET, net.b_ip, &[("alpha", net.a_ip)], "");
-    let mut a = NsGateway::prepare(&net.a, &root, spec_a, tls_a)?;
+    let (mut a, mut b) = net.prepare_gateways(CLUSTERSET, ["alpha", "bravo"], extra_a)?;
     if !tunnel_a.is_empty() {
-        let path = a.gw.config_path();
         let listen = format!("listen: \"{}\"", a.gw.spec.tunnel);
-        let text = std::fs::read_to_string(&path)?;
-        if !text.contains(&listen) {
-            bail!("no `{listen}` in alpha's config:\n{text}");
-        }
-        std::fs::write(&path, text.replace(&listen, &format!("{listen}, {tunnel_a}")))?;
+        a.gw.edit_config(&listen, &format!("{listen}, {tunnel_a}"))?;
     }
     a.launch()?;
-    let b = NsGateway::start(&net.b, &root, spec_b, tls_b)?;
+    b.launch()?;
     Ok(Clusters { net, a, b })
 }
 
@@ -60,7 +48,7 @@ fn clusters_with(extra_a: &str, tunnel_a: &str) -> Result<Clusters> {
 fn export(gw: &NsGateway, ns: &str, name: &str, ip: &str, target: u16) -> Result<()> {
     gw.gw.write_cluster_file(
         &format!("{name}.yaml"),
-        &service_yaml(ns, name, false, &[("tcp", 80, target)], &[(ip, true)], Some(EXPORTED_AT)),
+        &exported_service(ns, name, ("tcp", 80, target), ip),
     )
 }
 
