@@ -483,7 +483,6 @@ mod unit_tests {
         ClusterId::new(s).expect("valid id")
     }
 
-    /// Lengths of the datagrams one `poll_recv` returns (`None`: it would wait).
     #[test]
     fn reset_key_is_the_same_for_the_same_identity_only() {
         use quinn::crypto::HmacKey;

@@ -23,6 +23,9 @@ pub mod tls;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 
+#[cfg(test)]
+mod tests;
+
 
 pub use endpoint::{PeerConfig, TunnelEndpoint, TunnelError, TunnelSettings};
 pub use io::QuicIo;
