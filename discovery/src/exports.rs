@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::mcs::{self, LocalExportsOutcome, Validity};
 use crate::model::{
@@ -98,12 +99,13 @@ impl LocalExports {
         self.validity_tx.subscribe()
     }
 
-    /// Follows the inputs until the cluster source's sender is dropped. When the health
-    /// sender goes first, the last health map stays in force.
-    pub async fn run(mut self) {
+    /// Follows the inputs until `shutdown` is cancelled or the cluster source's sender is
+    /// dropped. When the health sender goes first, the last health map stays in force.
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut health_open = true;
         loop {
             tokio::select! {
+                () = shutdown.cancelled() => return,
                 changed = self.state_rx.changed() => {
                     if changed.is_err() {
                         tracing::debug!(cluster = %self.cluster, "cluster source closed, local exports stop");
@@ -249,7 +251,7 @@ mod tests {
             validity.borrow_and_update().get(&ServiceKey::new("ns", "ghost")),
             Some(&Validity::NoService)
         );
-        let handle = tokio::spawn(task.run());
+        let handle = tokio::spawn(task.run(CancellationToken::new()));
 
         // one endpoint's health changes: one new Arc, everything else shared, version + 1
         let ip: IpAddr = "10.0.0.1".parse().unwrap();

@@ -315,6 +315,11 @@ impl Bound {
     /// Serves until `shutdown` is cancelled, then drains the data plane (new connections are
     /// refused, peers are told, open connections finish or `drainDuration` passes) and stops
     /// the rest.
+    ///
+    /// One way to stop (STYLE 11): every long-lived part's `run` takes a `CancellationToken`.
+    /// `shutdown` is the data plane's; its drain ends in `rest`, the token of every other part
+    /// (they keep serving DNS, discovery and the tunnel while connections drain), and the
+    /// parts are then joined for at most 5 s.
     pub async fn run(self) -> anyhow::Result<()> {
         let Parts {
             source,
@@ -343,8 +348,8 @@ impl Bound {
         if let Some(identity) = identity {
             tasks.spawn(identity.run(rest.clone()));
         }
-        tasks.spawn(local_exports.run());
-        tasks.spawn(imports.run());
+        tasks.spawn(local_exports.run(rest.clone()));
+        tasks.spawn(imports.run(rest.clone()));
         tasks.spawn(peering.run(rest.clone()));
         let r = rest.clone();
         tasks.spawn(async move {

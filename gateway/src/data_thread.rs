@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// How long the thread waits for its tasks to finish dropping when the gateway stops.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -115,7 +116,8 @@ async fn busy_poll_task(window: Duration, poller: Arc<Poller>) {
 pub struct DataThread {
     handle: Handle,
     poller: Option<Arc<Poller>>,
-    stop: Option<oneshot::Sender<()>>,
+    /// Cancelled on drop: the thread's runtime stops.
+    stop: CancellationToken,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -146,16 +148,17 @@ impl DataThread {
         if let Some(poller) = &poller {
             handle.spawn(busy_poll_task(busy_poll, poller.clone()));
         }
-        let (stop, stopped) = oneshot::channel::<()>();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("fedgate-data".to_owned())
             .spawn(move || {
                 // Spawned tasks run while the thread waits here.
-                let _ = runtime.block_on(stopped);
+                runtime.block_on(stopped.cancelled());
                 runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
             })
             .context("starting the data-plane thread")?;
-        Ok(Self { handle, poller, stop: Some(stop), thread: Some(thread) })
+        Ok(Self { handle, poller, stop, thread: Some(thread) })
     }
 
     /// Spawns onto the data-plane runtime; [`Handle::enter`] makes sockets created outside a
@@ -244,9 +247,7 @@ pub fn busy_ratio(busy: Duration, wall: Duration, threads: usize) -> f64 {
 
 impl Drop for DataThread {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.stop.cancel();
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {

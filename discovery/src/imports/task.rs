@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::metrics::{METRIC_IMPORT_UPDATES, METRIC_IMPORTED_SERVICES, record_range};
 use super::{AllocReport, Changed, DEFAULT_RESTORE_GRACE, ImportState, StatusMap};
@@ -88,9 +89,9 @@ impl ImportSet {
         self.status_tx.subscribe()
     }
 
-    /// Serves until the local export set's sender is dropped (the gateway stops). When the
-    /// peer channel closes, the local exports are still followed.
-    pub async fn run(mut self) {
+    /// Serves until `shutdown` is cancelled or the local export set's sender is dropped. When
+    /// the peer channel closes, the local exports are still followed.
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let grace = tokio::time::sleep(self.restore_grace);
         tokio::pin!(grace);
         let mut swept = false;
@@ -100,6 +101,7 @@ impl ImportSet {
             let expiry = self.state.next_reservation_expiry();
             // What changed, and how many updates changed the snapshot.
             let (changed, updates) = tokio::select! {
+                () = shutdown.cancelled() => return,
                 r = self.local_rx.changed() => {
                     if r.is_err() {
                         tracing::debug!("local export set closed, import set stops");

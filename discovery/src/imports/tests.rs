@@ -571,7 +571,7 @@ async fn task_follows_local_and_peer_updates() {
     assert_eq!(first.services.len(), 1);
     let web_ip = first.services[&key("web")].ips[0];
     assert_eq!(statuses.borrow_and_update()[&key("web")].conditions[1].reason, "Exported");
-    let handle = tokio::spawn(task.run());
+    let handle = tokio::spawn(task.run(tokio_util::sync::CancellationToken::new()));
 
     peers_tx
         .send(PeerUpdate::Exports(set(

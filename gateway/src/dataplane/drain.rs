@@ -1,10 +1,11 @@
 //! Active-connection tracking and draining (Istio's `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::{Tunnel, metrics};
 
@@ -65,10 +66,14 @@ pub enum DrainOutcome {
 }
 
 /// Stops new connections and waits for open ones. Cloneable; every clone drives the same
-/// data plane.
+/// data plane. Draining is the gateway's one stop signal (a [`CancellationToken`]) at the
+/// data plane's level: accept loops select on [`cancelled`](Self::cancelled) like every other
+/// long-lived task selects on the token it was handed.
 #[derive(Clone)]
 pub struct Drain {
-    draining: Arc<watch::Sender<bool>>,
+    draining: CancellationToken,
+    /// Set by the first [`start`](Self::start): it alone logs and tells peers.
+    started: Arc<AtomicBool>,
     pub(crate) active: Active,
     tunnel: Option<Arc<dyn Tunnel>>,
 }
@@ -77,27 +82,29 @@ impl Drain {
     pub(crate) fn new(active: Active, tunnel: Option<Arc<dyn Tunnel>>) -> Self {
         // Exported as 0 from the start, so a dashboard sees the series before any drain.
         metrics::set_draining(false);
-        Self { draining: Arc::new(watch::channel(false).0), active, tunnel }
+        Self { draining: CancellationToken::new(), started: Arc::default(), active, tunnel }
     }
 
     /// Stops accepting on ClusterSetIP listeners, refuses new tunnel streams and tells peers
     /// this gateway is draining. Existing connections go on. Idempotent.
     pub fn start(&self) {
-        if !self.draining.send_replace(true) {
+        if !self.started.swap(true, Ordering::AcqRel) {
             tracing::info!(active = self.active.count(), "data plane draining");
             metrics::set_draining(true);
             if let Some(t) = &self.tunnel {
                 t.set_draining(true);
             }
+            self.draining.cancel();
         }
     }
 
     pub fn is_draining(&self) -> bool {
-        *self.draining.borrow()
+        self.draining.is_cancelled()
     }
 
-    pub(crate) fn subscribe(&self) -> watch::Receiver<bool> {
-        self.draining.subscribe()
+    /// Resolves once draining has started.
+    pub(crate) fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.draining.cancelled()
     }
 
     pub fn active(&self) -> usize {
@@ -118,12 +125,6 @@ impl Drain {
         self.start();
         self.wait(max).await
     }
-}
-
-/// Resolves once `draining` turns true (or its sender is gone). Holds no borrow across
-/// awaits, so the futures that select on it stay `Send`.
-pub(crate) async fn until_draining(draining: &mut watch::Receiver<bool>) {
-    let _ = draining.wait_for(|d| *d).await.map(|_| ());
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ use fedgate_discovery::model::ImportSnapshot;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::Shared;
 use super::listeners::{Route, accept_loop, bind_freebind};
-use super::{Shared, drain};
 
 /// The gateway ports the kube writer allocated, and which import port each serves.
 pub type FrontRoutes = Arc<BTreeMap<u16, FrontKey>>;
@@ -46,7 +46,7 @@ pub(crate) async fn serve(
 ) {
     let mut bound: BTreeMap<u16, Bound> = BTreeMap::new();
     let mut snapshots = shared.snapshot.clone();
-    let mut draining = shared.drain.subscribe();
+    let drain = shared.drain.clone();
     loop {
         let current = routes.borrow_and_update().clone();
         let snapshot = snapshots.borrow_and_update().clone();
@@ -82,7 +82,7 @@ pub(crate) async fn serve(
             }
         }
         tokio::select! {
-            _ = drain::until_draining(&mut draining) => break,
+            () = drain.cancelled() => break,
             r = routes.changed() => if r.is_err() { break },
             r = snapshots.changed() => if r.is_err() { break },
             _ = tokio::time::sleep(REBIND_DELAY), if failed => {}

@@ -423,11 +423,10 @@ pub(crate) async fn accept_loop(
     /// gone every listener fails at once, 20 times a second.
     static ACCEPT_FAILED: crate::logging::LogGate =
         crate::logging::LogGate::new(Duration::from_secs(10));
-    let mut draining = shared.drain.subscribe();
     loop {
         let accepted = tokio::select! {
-            // Draining (or the data plane gone): stop accepting, drop the socket.
-            _ = super::drain::until_draining(&mut draining) => return,
+            // Draining: stop accepting, drop the socket.
+            () = shared.drain.cancelled() => return,
             r = listener.accept() => r,
         };
         match accepted {

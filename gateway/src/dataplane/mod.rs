@@ -461,13 +461,12 @@ impl DataPlane {
             .map(|rx| tokio::spawn(acceptor::serve_incoming(shared.clone(), rx, tasks.clone())));
         if shared.settings.vip_listeners {
             let mut snapshots = shared.snapshot.clone();
-            let mut draining = shared.drain.subscribe();
             let mut retry = tokio::time::interval(listeners::RETRY_INTERVAL);
             retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = drain::until_draining(&mut draining) => break,
+                    () = shared.drain.cancelled() => break,
                     r = snapshots.changed() => {
                         if r.is_err() {
                             shutdown.cancelled().await;
