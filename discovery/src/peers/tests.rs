@@ -1,6 +1,9 @@
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::status::{Entry, merge};
 use super::*;
@@ -73,4 +76,198 @@ fn status_merges_the_session_and_the_transport() {
         assert_eq!(s.last_seen_secs, Some(2.0), "{name}");
         assert_eq!(s.last_error.as_deref(), want, "{name}");
     }
+}
+
+/// A transport in memory: a link is a tonic channel to a loopback TCP address where the
+/// peer's exchange service runs; the test opens and closes links.
+mod fake {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use futures::StreamExt;
+    use futures::future::BoxFuture;
+    use futures::stream::BoxStream;
+    use tokio::sync::watch;
+    use tokio_stream::wrappers::WatchStream;
+    use tokio_util::sync::CancellationToken;
+    use tonic::transport::Channel;
+
+    use super::super::{BoxError, ControlConnector, ControlLink, TransportStatus};
+    use crate::model::ClusterId;
+
+    #[derive(Clone)]
+    pub struct Link {
+        id: u64,
+        addr: SocketAddr,
+        closed: CancellationToken,
+    }
+
+    impl ControlLink for Link {
+        fn same(&self, other: &Self) -> bool {
+            self.id == other.id
+        }
+        fn channel(&self) -> BoxFuture<'static, Result<Channel, BoxError>> {
+            let uri = format!("http://{}", self.addr);
+            Box::pin(async move { Ok(Channel::from_shared(uri)?.connect().await?) })
+        }
+        fn closed(&self) -> BoxFuture<'static, ()> {
+            Box::pin(self.closed.clone().cancelled_owned())
+        }
+        fn is_closed(&self) -> bool {
+            self.closed.is_cancelled()
+        }
+    }
+
+    /// One peer's link, set by the test.
+    #[derive(Clone)]
+    pub struct Connector {
+        links: watch::Sender<Option<Link>>,
+        next_id: Arc<AtomicU64>,
+        error: Arc<Mutex<Option<String>>>,
+    }
+
+    impl Connector {
+        pub fn new() -> Self {
+            Self { links: watch::channel(None).0, next_id: Arc::default(), error: Arc::default() }
+        }
+        /// A new connection to the peer served at `addr`.
+        pub fn up(&self, addr: SocketAddr) {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            self.links.send_replace(Some(Link { id, addr, closed: CancellationToken::new() }));
+        }
+        /// The connection ends.
+        pub fn down(&self, reason: &str) {
+            if let Some(link) = self.links.send_replace(None) {
+                link.closed.cancel();
+            }
+            *self.error.lock().expect("lock") = Some(reason.to_owned());
+        }
+    }
+
+    impl ControlConnector for Connector {
+        type Link = Link;
+        fn links(&self, _: &ClusterId) -> BoxStream<'static, Option<Link>> {
+            WatchStream::new(self.links.subscribe()).boxed()
+        }
+        fn transport(&self, _: &ClusterId) -> TransportStatus {
+            let connected = self.links.borrow().is_some();
+            TransportStatus {
+                address: "east:15443".into(),
+                connected,
+                rtt_ms: connected.then_some(0.1),
+                path_mtu: connected.then_some(1452),
+                last_error: if connected { None } else { self.error.lock().expect("lock").clone() },
+            }
+        }
+    }
+}
+
+/// Serves `svc` on a loopback TCP port (the peer's side of the exchange).
+async fn serve_peer(svc: crate::exchange::ExchangeService) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let incoming = futures::stream::unfold(listener, |l| async move {
+        Some((l.accept().await.map(|(s, _)| s), l))
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(crate::exchange::exchange_server(svc))
+            .serve_with_incoming(incoming),
+    );
+    addr
+}
+
+async fn next_update(updates: &mut mpsc::Receiver<PeerUpdate>, what: &str) -> PeerUpdate {
+    tokio::time::timeout(Duration::from_secs(10), updates.recv())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .expect("sessions running")
+}
+
+/// Updates until one matches `pred` (heartbeat-driven repeats skipped).
+async fn wait_update(
+    updates: &mut mpsc::Receiver<PeerUpdate>,
+    what: &str,
+    mut pred: impl FnMut(&PeerUpdate) -> bool,
+) -> PeerUpdate {
+    loop {
+        let u = next_update(updates, what).await;
+        if pred(&u) {
+            return u;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_session_follows_its_links_and_holds_the_exports_under_the_lease() {
+    use crate::exchange::ExchangeService;
+    use crate::exchange::delta::testing::export_set;
+
+    // The peer "east" serves its exports; we are "west" with a 600 ms lease.
+    let (_east_exports, east_rx) = watch::channel(Arc::new(export_set("east", 1, 2)));
+    let (east_draining, east_drain_rx) = watch::channel(false);
+    let east = serve_peer(ExchangeService::new(east_rx, east_drain_rx)).await;
+
+    let lease = Duration::from_millis(600);
+    let mut settings = SessionSettings::new(id("west"), vec![id("east")]);
+    settings.peer_lease_duration = lease;
+    let connector = fake::Connector::new();
+    let (_ours, ours_rx) = watch::channel(Arc::new(export_set("west", 1, 0)));
+    let (updates_tx, mut updates) = mpsc::channel(64);
+    let sessions =
+        PeerSessions::new(settings, connector.clone(), ours_rx, updates_tx).expect("valid");
+    let handle = sessions.handle();
+    let (_control_tx, control) = mpsc::channel::<tokio::net::TcpStream>(1);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(sessions.run(control, shutdown.clone()));
+
+    // A link comes up: reachable, then the peer's exports.
+    connector.up(east);
+    let u = next_update(&mut updates, "reachable").await;
+    assert!(
+        matches!(u, PeerUpdate::Reachability { reachable: true, draining: false, .. }),
+        "{u:?}"
+    );
+    let u = next_update(&mut updates, "exports").await;
+    assert!(matches!(&u, PeerUpdate::Exports(s) if **s == export_set("east", 1, 2)), "{u:?}");
+    let status = handle.status().borrow()[0].clone();
+    assert!(status.connected && status.exports_version == Some(1), "{status:?}");
+    assert_eq!((status.address.as_str(), status.path_mtu), ("east:15443", Some(1452)));
+
+    // The peer drains: told at once, kept in the status.
+    east_draining.send_replace(true);
+    wait_update(&mut updates, "draining", |u| {
+        matches!(u, PeerUpdate::Reachability { reachable: true, draining: true, .. })
+    })
+    .await;
+    assert!(handle.is_draining(&id("east")));
+
+    // The link goes: unreachable at once (draining forgotten), withdrawn after the lease.
+    let gone = tokio::time::Instant::now();
+    connector.down("timed out");
+    let u = wait_update(&mut updates, "unreachable", |u| {
+        matches!(u, PeerUpdate::Reachability { reachable: false, .. })
+    })
+    .await;
+    assert!(matches!(u, PeerUpdate::Reachability { draining: false, .. }), "{u:?}");
+    let u = next_update(&mut updates, "withdrawn").await;
+    assert!(matches!(&u, PeerUpdate::Withdrawn(c) if *c == id("east")), "{u:?}");
+    assert!(gone.elapsed() >= lease / 2, "withdrawn after {:?}", gone.elapsed());
+    let status = handle.status().borrow()[0].clone();
+    assert!(!status.connected && status.exports_withdrawn && !status.draining, "{status:?}");
+    assert_eq!(status.last_error.as_deref(), Some("timed out"));
+
+    // A new link: reachable again and the exports restored.
+    connector.up(east);
+    wait_update(&mut updates, "reachable again", |u| {
+        matches!(u, PeerUpdate::Reachability { reachable: true, .. })
+    })
+    .await;
+    wait_update(&mut updates, "exports restored", |u| matches!(u, PeerUpdate::Exports(_))).await;
+    let status = handle.status().borrow()[0].clone();
+    assert!(status.connected && !status.exports_withdrawn, "{status:?}");
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").expect("task ok");
 }
