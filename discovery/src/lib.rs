@@ -18,3 +18,4 @@ pub mod names;
 pub mod objects;
 pub mod peers;
 pub mod source;
+pub mod yaml;

@@ -166,7 +166,7 @@ mod tests {
     use crate::model::Protocol;
 
     fn slice(yaml: &str) -> Result<SliceEndpoints> {
-        let wire: wire::EndpointSlice = serde_norway::from_str(yaml).expect("test yaml is valid");
+        let wire: wire::EndpointSlice = crate::objects::from_yaml(yaml);
         SliceEndpoints::try_from(wire)
     }
 

@@ -180,3 +180,10 @@ fn parse_port_name(name: Option<String>, path: &[Seg]) -> Result<Option<String>>
         .map_err(|why| ConvertError::at(path, format!("invalid port name {name:?}: {why}")))?;
     Ok(Some(name))
 }
+
+/// A wire object from YAML, read as the file source reads it.
+#[cfg(test)]
+fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
+    let node = crate::yaml::parse(text).expect("test yaml is valid");
+    T::deserialize(crate::yaml::NodeDe(&node)).expect("test yaml is valid")
+}

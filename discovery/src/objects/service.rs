@@ -318,7 +318,7 @@ mod tests {
     use crate::model::{Protocol, ServiceKey};
 
     fn service(yaml: &str) -> Result<LocalService> {
-        let wire: wire::Service = serde_norway::from_str(yaml).expect("test yaml is valid");
+        let wire: wire::Service = crate::objects::from_yaml(yaml);
         LocalService::try_from(wire)
     }
 

@@ -74,7 +74,7 @@ mod tests {
     use super::*;
 
     fn export(yaml: &str) -> Result<ExportSpec> {
-        let wire: wire::ServiceExport = serde_norway::from_str(yaml).expect("test yaml is valid");
+        let wire: wire::ServiceExport = crate::objects::from_yaml(yaml);
         ExportSpec::try_from(wire)
     }
 

@@ -18,7 +18,6 @@ mod check;
 mod rules;
 mod traffic;
 mod types;
-mod yaml;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,7 +28,7 @@ pub use types::*;
 
 use fedgate_discovery::model::ClusterId;
 
-use self::yaml::{DeError, Kind, Mark, Node, Partial};
+use fedgate_discovery::yaml::{self, DeError, Kind, Mark, Node, Partial};
 
 /// One problem in a config file.
 #[derive(Clone, Debug, PartialEq, Eq)]

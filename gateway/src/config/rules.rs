@@ -13,11 +13,11 @@ use std::time::Duration;
 use fedgate_discovery::model::{LABEL_REGION, LABEL_SOURCE_CLUSTER, LABEL_ZONE};
 use ipnet::IpNet;
 
-use super::yaml::Partial;
 use super::{
     FrontMode, MAX_BUSY_POLL, MAX_DATA_PLANE_THREADS, MIN_CLUSTERSET_IPS, Sections, SourceKind,
 };
 use crate::certs;
+use fedgate_discovery::yaml::Partial;
 
 /// Bounds of `tunnel.socketBufferSize`: 64 KiB (a few dozen datagrams) to 1 GiB.
 const SOCKET_BUFFER_MIN: u32 = 64 * 1024;

@@ -7,15 +7,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use serde::de::{
-    self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor,
-};
-use serde_norway::Value;
+use serde::de::DeserializeOwned;
 
 use crate::model::LocalService;
 use crate::objects::{
     ConvertError, DEFAULT_NAMESPACE, ExportSpec, FieldPath, Seg, SliceEndpoints, wire,
 };
+use crate::yaml::{self, Kind as NodeKind, Node};
 
 /// A document the source could not use, or a warning about one it did.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -116,11 +114,24 @@ pub(crate) fn parse_file(file: &Path, text: &str) -> ParsedFile {
     for chunk in split_documents(text) {
         let Some(doc_line) = first_content_line(&chunk) else { continue };
         p.doc_line = doc_line;
-        match serde_norway::from_str::<Value>(chunk.text) {
-            Ok(value) => p.object(&chunk, doc_line, &value, &[]),
+        match yaml::parse_document(chunk.text) {
+            Ok(None) => {}
+            Ok(Some(root)) => p.object(&chunk, &root, doc_line, &root, &[]),
             Err(e) => {
-                let (line, column) = yaml_location(&e, &chunk).unwrap_or((doc_line, 0));
-                p.problem(line, column, None, format!("invalid YAML: {}", yaml_reason(&e, &chunk)));
+                // A key given twice is reported where its mapping starts, as before.
+                let (mark, reason) = match &e.duplicate_key {
+                    Some((key, map)) => (*map, format!("duplicate entry with key {key:?}")),
+                    None => {
+                        let m = &e.error.message;
+                        (e.error.mark, m.strip_prefix("invalid yaml: ").unwrap_or(m).to_owned())
+                    }
+                };
+                p.problem(
+                    mark.line + chunk.line0,
+                    mark.column,
+                    None,
+                    format!("invalid YAML: {reason}"),
+                );
                 p.out.unidentified_bad = true;
             }
         }
@@ -181,43 +192,6 @@ fn first_content_line(chunk: &Chunk<'_>) -> Option<usize> {
     None
 }
 
-fn yaml_location(e: &serde_norway::Error, chunk: &Chunk<'_>) -> Option<(usize, usize)> {
-    e.location().map(|l| (l.line() + chunk.line0, l.column()))
-}
-
-/// The error text without its trailing position (reported apart) and with every other
-/// `line N` made relative to the file.
-fn yaml_reason(e: &serde_norway::Error, chunk: &Chunk<'_>) -> String {
-    let mut msg = e.to_string();
-    if let Some(l) = e.location() {
-        let suffix = format!(" at line {} column {}", l.line(), l.column());
-        if let Some(stripped) = msg.strip_suffix(&suffix) {
-            msg = stripped.to_owned();
-        }
-    }
-    shift_line_numbers(&msg, chunk.line0)
-}
-
-fn shift_line_numbers(msg: &str, by: usize) -> String {
-    if by == 0 {
-        return msg.to_owned();
-    }
-    let mut out = String::with_capacity(msg.len() + 8);
-    let mut rest = msg;
-    while let Some(pos) = rest.find("line ") {
-        let (head, tail) = rest.split_at(pos + "line ".len());
-        out.push_str(head);
-        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
-        match tail[..digits].parse::<usize>() {
-            Ok(n) => out.push_str(&(n + by).to_string()),
-            Err(_) => out.push_str(&tail[..digits]),
-        }
-        rest = &tail[digits..];
-    }
-    out.push_str(rest);
-    out
-}
-
 struct Parser<'f> {
     file: &'f Path,
     /// Start line of the document (or List item) being read.
@@ -253,8 +227,9 @@ fn classify(api_version: &str, kind: &str) -> Class {
     }
 }
 
-fn str_field<'v>(map: &'v serde_norway::Mapping, key: &str) -> Option<&'v str> {
-    map.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+/// A non-empty, non-null scalar under `key` of a mapping node.
+fn str_field<'v>(map: &'v Node, key: &str) -> Option<&'v str> {
+    map.get(key).filter(|n| !n.is_null()).and_then(Node::scalar).filter(|s| !s.is_empty())
 }
 
 fn fld(k: &'static str) -> Seg {
@@ -278,15 +253,22 @@ impl Parser<'_> {
     }
 
     /// Handles one document (`prefix` empty) or one item of a `kind: List` document.
-    fn object(&mut self, chunk: &Chunk<'_>, doc_line: usize, value: &Value, prefix: &[Seg]) {
+    fn object(
+        &mut self,
+        chunk: &Chunk<'_>,
+        root: &Node,
+        doc_line: usize,
+        value: &Node,
+        prefix: &[Seg],
+    ) {
         self.doc_line = doc_line;
         let at = |path: &[Seg]| -> (usize, usize) {
             let mut full = prefix.to_vec();
             full.extend_from_slice(path);
-            locate(chunk, &full).unwrap_or((doc_line, 0))
+            locate(chunk, root, &full)
         };
-        let Value::Mapping(map) = value else {
-            if matches!(value, Value::Null) && prefix.is_empty() {
+        let NodeKind::Map(_) = &value.kind else {
+            if value.is_null() && prefix.is_empty() {
                 return; // an empty document, e.g. `--- ~`
             }
             let (line, col) = at(&[]);
@@ -302,24 +284,26 @@ impl Parser<'_> {
         };
         let (line, col) = at(&[]);
         let (Some(api_version), Some(kind)) =
-            (str_field(map, "apiVersion"), str_field(map, "kind"))
+            (str_field(value, "apiVersion"), str_field(value, "kind"))
         else {
             let missing =
-                if str_field(map, "apiVersion").is_none() { "apiVersion" } else { "kind" };
+                if str_field(value, "apiVersion").is_none() { "apiVersion" } else { "kind" };
             self.problem(line, col, None, format!("missing {missing}"));
             self.out.unidentified_bad = true;
             return;
         };
 
         if api_version == "v1" && kind == "List" && prefix.is_empty() {
-            match map.get("items") {
-                Some(Value::Sequence(items)) => {
+            match value.get("items") {
+                Some(Node { kind: NodeKind::Seq(items), .. }) => {
                     for (i, item) in items.iter().enumerate() {
                         let (item_line, _) = at(&[fld("items"), Seg::Index(i)]);
-                        self.object(chunk, item_line, item, &[fld("items"), Seg::Index(i)]);
+                        let prefix = [fld("items"), Seg::Index(i)];
+                        self.object(chunk, root, item_line, item, &prefix);
                     }
                 }
-                None | Some(Value::Null) => {}
+                None => {}
+                Some(n) if n.is_null() => {}
                 Some(_) => {
                     let (l, c) = at(&[fld("items")]);
                     self.problem(l, c, None, "items of a List must be a sequence".to_owned());
@@ -343,7 +327,7 @@ impl Parser<'_> {
             }
             Class::Known(k) | Class::WrongVersion(k, _) => k,
         };
-        let meta = map.get("metadata").and_then(Value::as_mapping);
+        let meta = value.get("metadata").filter(|m| matches!(m.kind, NodeKind::Map(_)));
         let Some(name) = meta.and_then(|m| str_field(m, "name")) else {
             let (l, c) = at(&[fld("metadata")]);
             self.problem(l, c, None, format!("missing metadata.name of a {}", kind.as_str()));
@@ -389,12 +373,12 @@ impl Parser<'_> {
 }
 
 /// Deserializes the wire type (errors carry the path of the field) and converts it.
-fn convert<W, M>(value: &Value) -> Result<M, ConvertError>
+fn convert<W, M>(value: &Node) -> Result<M, ConvertError>
 where
     W: DeserializeOwned,
     M: TryFrom<W, Error = ConvertError>,
 {
-    let wire: W = serde_path_to_error::deserialize(value).map_err(|e| {
+    let wire: W = serde_path_to_error::deserialize(yaml::NodeDe(value)).map_err(|e| {
         let path = FieldPath(
             e.path()
                 .iter()
@@ -410,99 +394,21 @@ where
     M::try_from(wire)
 }
 
-const PROBE_FOUND: &str = "fedgate-file-source-probe-found";
-
-/// The (file line, column) of the node at `path` in the chunk, or of its closest existing
-/// ancestor. serde_norway marks an error with the position of the node being deserialized,
-/// so a visitor that fails on purpose at the node reveals where it is.
-fn locate(chunk: &Chunk<'_>, path: &[Seg]) -> Option<(usize, usize)> {
-    (0..=path.len()).rev().find_map(|len| {
-        let de = serde_norway::Deserializer::from_str(chunk.text);
-        match Probe(&path[..len]).deserialize(de) {
-            Err(e) if e.to_string().contains(PROBE_FOUND) => yaml_location(&e, chunk),
-            _ => None,
-        }
-    })
-}
-
-struct Probe<'p>(&'p [Seg]);
-
-impl<'de> DeserializeSeed<'de> for Probe<'_> {
-    type Value = ();
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl Probe<'_> {
-    fn found_or_done<E: de::Error>(&self) -> Result<(), E> {
-        if self.0.is_empty() { Err(E::custom(PROBE_FOUND)) } else { Ok(()) }
-    }
-}
-
-impl<'de> Visitor<'de> for Probe<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any YAML node")
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        self.found_or_done()
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        self.found_or_done()
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        self.found_or_done()
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        self.found_or_done()
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        self.found_or_done()
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        self.found_or_done()
-    }
-    fn visit_none<E: de::Error>(self) -> Result<(), E> {
-        self.found_or_done()
-    }
-    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        self.deserialize(d)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let Some((Seg::Key(want), rest)) = self.0.split_first() else {
-            self.found_or_done::<A::Error>()?;
-            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-            return Ok(());
+/// The (file line, column) of the node at `path` in the document, or of its closest existing
+/// ancestor.
+fn locate(chunk: &Chunk<'_>, root: &Node, path: &[Seg]) -> (usize, usize) {
+    let mut node = root;
+    for seg in path {
+        let next = match seg {
+            Seg::Key(k) => node.get(k),
+            Seg::Index(i) => node.item(*i),
         };
-        while let Some(k) = map.next_key::<Value>()? {
-            if k.as_str() == Some(want.as_ref()) {
-                map.next_value_seed(Probe(rest))?;
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let Some((Seg::Index(want), rest)) = self.0.split_first() else {
-            self.found_or_done::<A::Error>()?;
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            return Ok(());
-        };
-        let mut i = 0;
-        loop {
-            let done = if i == *want {
-                seq.next_element_seed(Probe(rest))?.is_none()
-            } else {
-                seq.next_element::<IgnoredAny>()?.is_none()
-            };
-            if done {
-                return Ok(());
-            }
-            i += 1;
+        match next {
+            Some(n) => node = n,
+            None => break,
         }
     }
+    (node.mark.line + chunk.line0, node.mark.column)
 }
 
 #[cfg(test)]
@@ -656,7 +562,7 @@ spec:
         (
             "duplicate key",
             "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nkind: Service\n",
-            // serde_norway places this one at the start of the mapping
+            // reported at the start of the mapping
             &[(1, 1, "duplicate entry with key \"kind\"")],
             &[],
         ),
@@ -715,12 +621,14 @@ spec:
 
     #[test]
     fn error_messages_count_lines_from_the_file() {
-        assert_eq!(
-            shift_line_numbers("x at line 2 column 1, y at line 10", 5),
-            "x at line 7 column 1, y at line 15"
-        );
-        assert_eq!(shift_line_numbers("no lines here", 3), "no lines here");
-        assert_eq!(shift_line_numbers("line x", 3), "line x");
+        // The reader's positions are relative to the document; a problem carries the file's
+        // line, and its message no document-relative line number.
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\n# b\n\n\
+                    apiVersion: v1\nkind: Service\nmetadata: [name\n";
+        let (_, problems) = parse(text);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].line, 10, "{}", problems[0]);
+        assert!(!problems[0].reason.contains("line 6"), "{}", problems[0]);
     }
 
     #[test]

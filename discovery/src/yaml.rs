@@ -1,10 +1,13 @@
-//! A span-aware YAML tree and a serde `Deserializer` over it.
+//! The one YAML reader of fedgate: a span-aware tree and a serde `Deserializer` over it, used
+//! by the gateway's config loader and the file cluster source, so both report problems as
+//! `file:line:col`.
 //!
 //! serde stops at the first error and `serde_norway` forgets where a value came from once it
-//! is a `Value`, so the config loader parses YAML itself (with `saphyr-parser`, which reports a
-//! span for every event) into [`Node`]s that remember their line, column and field path. The
-//! deserializer attaches the innermost node to every error, and [`collect`] removes the
-//! offending node and tries again, so one pass reports every problem of a section.
+//! is a `Value`, so YAML is parsed here (with `saphyr-parser`, which reports a span for every
+//! event) into [`Node`]s that remember their line, column and field path. The deserializer
+//! ([`NodeDe`]) attaches the innermost node to every error, and [`collect`] removes the
+//! offending node and tries again, so one pass reports every problem of a section;
+//! [`Node::get`] and [`Node::item`] walk to any field, to report where it is.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,7 +17,7 @@ use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Visit
 
 /// Where a node starts: 1-based line and column.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Mark {
+pub struct Mark {
     pub line: usize,
     pub column: usize,
 }
@@ -30,7 +33,7 @@ impl Mark {
 /// One YAML node with its position and its field path (`traffic.healthCheck.interval`,
 /// `peers[1].id`).
 #[derive(Clone, Debug)]
-pub(crate) struct Node {
+pub struct Node {
     pub id: usize,
     pub mark: Mark,
     pub path: String,
@@ -38,7 +41,7 @@ pub(crate) struct Node {
 }
 
 #[derive(Clone, Debug)]
-pub(crate) enum Kind {
+pub enum Kind {
     /// A scalar with its text; `plain` when unquoted (only plain scalars resolve to null,
     /// booleans and numbers, per the YAML 1.2 core schema).
     Scalar {
@@ -51,19 +54,40 @@ pub(crate) enum Kind {
 
 /// A syntax error of the YAML text itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct SyntaxError {
+pub struct SyntaxError {
     pub mark: Mark,
     pub message: String,
 }
 
+/// A syntax error of [`parse_document`], and for a key given twice the key and where its
+/// mapping starts (the file source reports it there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocumentError {
+    pub error: SyntaxError,
+    pub duplicate_key: Option<(String, Mark)>,
+}
+
+impl DocumentError {
+    fn new(mark: Mark, message: impl Into<String>) -> Self {
+        Self { error: SyntaxError { mark, message: message.into() }, duplicate_key: None }
+    }
+}
+
 impl Node {
     /// The node of a mapping's value under `key`.
-    #[cfg(test)]
     pub fn get(&self, key: &str) -> Option<&Node> {
         match &self.kind {
             Kind::Map(entries) => {
                 entries.iter().find(|(k, _)| k.scalar() == Some(key)).map(|(_, v)| v)
             }
+            _ => None,
+        }
+    }
+
+    /// The node of a sequence's `index`-th element.
+    pub fn item(&self, index: usize) -> Option<&Node> {
+        match &self.kind {
+            Kind::Seq(items) => items.get(index),
             _ => None,
         }
     }
@@ -97,7 +121,8 @@ impl Node {
         }
     }
 
-    fn is_null(&self) -> bool {
+    /// A plain `~`, `null` or empty scalar.
+    pub fn is_null(&self) -> bool {
         matches!(&self.kind, Kind::Scalar { text, plain: true } if is_null_text(text))
     }
 
@@ -151,7 +176,7 @@ struct Removed {
 /// their defaults). Rules may still read the fields that were not touched: a range error is
 /// then reported beside a type error of the same section.
 #[derive(Clone, Debug)]
-pub(crate) struct Partial<T> {
+pub struct Partial<T> {
     pub value: T,
     /// Paths of the nodes taken out; empty when the section is as written.
     pub removed: Vec<String>,
@@ -197,8 +222,17 @@ enum Frame {
     Map { start: Node, entries: Vec<(Node, Node)>, pending_key: Option<Node>, anchor: usize },
 }
 
-/// Parses one YAML document into a tree. An empty document is an empty mapping.
-pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
+/// Parses one YAML document into a tree. An empty (or null) document is an empty mapping.
+pub fn parse(text: &str) -> Result<Node, SyntaxError> {
+    let root = match parse_document(text).map_err(|e| e.error)? {
+        Some(root) if !root.is_null() => root,
+        _ => Node::empty_map(0, ""),
+    };
+    Ok(root)
+}
+
+/// Parses one YAML document into a tree as written; `None` when it holds no node at all.
+pub fn parse_document(text: &str) -> Result<Option<Node>, DocumentError> {
     let mut next_id = 0usize;
     let mut stack: Vec<Frame> = Vec::new();
     let mut anchors: BTreeMap<usize, Node> = BTreeMap::new();
@@ -207,9 +241,11 @@ pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut documents = 0usize;
 
     for event in Parser::new_from_str(text) {
-        let (event, span) = event.map_err(|e| SyntaxError {
-            mark: Mark { line: e.marker().line(), column: e.marker().col() + 1 },
-            message: format!("invalid yaml: {}", e.info()),
+        let (event, span) = event.map_err(|e| {
+            DocumentError::new(
+                Mark { line: e.marker().line(), column: e.marker().col() + 1 },
+                format!("invalid yaml: {}", e.info()),
+            )
         })?;
         let mark = Mark::from_span(&span);
         let mut new_node = |kind: Kind| {
@@ -220,10 +256,10 @@ pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
             Event::DocumentStart(_) => {
                 documents += 1;
                 if documents > 1 {
-                    return Err(SyntaxError {
+                    return Err(DocumentError::new(
                         mark,
-                        message: "expected a single yaml document, found several".to_owned(),
-                    });
+                        "expected a single yaml document, found several",
+                    ));
                 }
                 None
             }
@@ -243,26 +279,24 @@ pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
                     // ("billion laughs") cannot blow up memory.
                     expanded += node.size();
                     if expanded > MAX_ALIAS_NODES {
-                        return Err(SyntaxError {
+                        return Err(DocumentError::new(
                             mark,
-                            message: format!(
-                                "yaml aliases expand to more than {MAX_ALIAS_NODES} nodes"
-                            ),
-                        });
+                            format!("yaml aliases expand to more than {MAX_ALIAS_NODES} nodes"),
+                        ));
                     }
                     let mut node = node.clone();
                     node.mark = mark;
                     Some(node)
                 }
                 None => {
-                    return Err(SyntaxError { mark, message: "unknown yaml alias".to_owned() });
+                    return Err(DocumentError::new(mark, "unknown yaml alias"));
                 }
             },
             Event::SequenceStart(..) | Event::MappingStart(..) if stack.len() >= MAX_DEPTH => {
-                return Err(SyntaxError {
+                return Err(DocumentError::new(
                     mark,
-                    message: format!("yaml nested deeper than {MAX_DEPTH} levels"),
-                });
+                    format!("yaml nested deeper than {MAX_DEPTH} levels"),
+                ));
             }
             Event::SequenceStart(anchor, _) => {
                 let start = new_node(Kind::Seq(Vec::new()));
@@ -300,14 +334,17 @@ pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
         match stack.last_mut() {
             None => root = Some(node),
             Some(Frame::Seq { items, .. }) => items.push(node),
-            Some(Frame::Map { entries, pending_key, .. }) => match pending_key.take() {
+            Some(Frame::Map { start, entries, pending_key, .. }) => match pending_key.take() {
                 None => {
                     if let Some(key) = node.scalar()
                         && entries.iter().any(|(k, _)| k.scalar() == Some(key))
                     {
-                        return Err(SyntaxError {
-                            mark: node.mark,
-                            message: format!("duplicate key {key:?}"),
+                        return Err(DocumentError {
+                            error: SyntaxError {
+                                mark: node.mark,
+                                message: format!("duplicate key {key:?}"),
+                            },
+                            duplicate_key: Some((key.to_owned(), start.mark)),
                         });
                     }
                     *pending_key = Some(node);
@@ -316,13 +353,10 @@ pub(crate) fn parse(text: &str) -> Result<Node, SyntaxError> {
             },
         }
     }
-    let mut root = match root {
-        Some(root) if root.is_null() => Node::empty_map(0, ""),
-        Some(root) => root,
-        None => Node::empty_map(0, ""),
-    };
-    assign_paths(&mut root, String::new(), &mut next_id);
-    Ok(root)
+    Ok(root.map(|mut root| {
+        assign_paths(&mut root, String::new(), &mut next_id);
+        root
+    }))
 }
 
 /// Gives every node its path, and nodes copied from an anchor fresh ids.
@@ -353,7 +387,7 @@ fn assign_paths(node: &mut Node, path: String, next_id: &mut usize) {
 
 /// A deserialization error with the innermost node it happened at.
 #[derive(Clone, Debug)]
-pub(crate) struct DeError {
+pub struct DeError {
     pub message: String,
     pub at: Option<(usize, Mark, String)>,
     /// Set for `missing field` errors: which field.
@@ -393,7 +427,7 @@ impl de::Error for DeError {
 /// with the paths of what was removed: a field at or around a removed node must not be
 /// checked further (list indexes would have shifted, emptied lists would look empty), see
 /// [`Partial::reading`]. `None` when the node itself is wrong.
-pub(crate) fn collect<T: DeserializeOwned>(
+pub fn collect<T: DeserializeOwned>(
     mut node: Node,
     errors: &mut Vec<DeError>,
 ) -> Option<Partial<T>> {
@@ -427,7 +461,7 @@ pub(crate) fn collect<T: DeserializeOwned>(
 }
 
 /// A serde deserializer reading one [`Node`].
-pub(crate) struct NodeDe<'a>(pub &'a Node);
+pub struct NodeDe<'a>(pub &'a Node);
 
 impl<'a> NodeDe<'a> {
     fn invalid(&self, exp: &dyn de::Expected) -> DeError {
