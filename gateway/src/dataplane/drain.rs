@@ -102,6 +102,12 @@ impl Drain {
         self.draining.is_cancelled()
     }
 
+    /// A token cancelled when draining starts, or earlier by its holder (one listener's
+    /// accept loop, closed when its import goes).
+    pub(crate) fn child_token(&self) -> CancellationToken {
+        self.draining.child_token()
+    }
+
     /// Resolves once draining has started.
     pub(crate) fn cancelled(&self) -> WaitForCancellationFuture<'_> {
         self.draining.cancelled()

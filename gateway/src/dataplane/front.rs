@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use fedgate_discovery::kube::writer::FrontKey;
 use fedgate_discovery::model::ImportSnapshot;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::listeners::{Route, accept_loop, bind_freebind};
@@ -35,7 +35,8 @@ pub fn route_for(snapshot: &ImportSnapshot, k: &FrontKey) -> Option<Route> {
 
 struct Bound {
     route: Arc<ArcSwap<Route>>,
-    task: JoinHandle<()>,
+    /// Stops its accept loop (a child of the drain).
+    stop: CancellationToken,
 }
 
 /// Binds `ip:<port>` for every allocated port and serves connections until draining starts.
@@ -53,7 +54,7 @@ pub(crate) async fn serve(
         bound.retain(|port, b| {
             let keep = current.contains_key(port);
             if !keep {
-                b.task.abort();
+                b.stop.cancel();
                 tracing::debug!(port, "front port closed");
             }
             keep
@@ -72,8 +73,10 @@ pub(crate) async fn serve(
                 Ok(listener) => {
                     tracing::debug!(%addr, service = %k.key, "front port bound");
                     let route = Arc::new(ArcSwap::from_pointee(route));
-                    let task = tokio::spawn(accept_loop(listener, route.clone(), shared.clone()));
-                    bound.insert(*port, Bound { route, task });
+                    let stop = drain.child_token();
+                    let task = accept_loop(listener, route.clone(), shared.clone(), stop.clone());
+                    tokio::spawn(task);
+                    bound.insert(*port, Bound { route, stop });
                 }
                 Err(e) => {
                     tracing::warn!(%addr, service = %k.key, error = %e, "front port not bound; retrying");
@@ -89,6 +92,6 @@ pub(crate) async fn serve(
         }
     }
     for (_, b) in bound {
-        b.task.abort();
+        b.stop.cancel();
     }
 }

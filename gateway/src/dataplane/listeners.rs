@@ -24,8 +24,8 @@ use fedgate_discovery::model::{
 };
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::{DataPlaneError, Shared, connect, metrics};
 
@@ -130,7 +130,8 @@ enum Owner {
 
 struct Bound {
     route: Arc<ArcSwap<Route>>,
-    task: JoinHandle<()>,
+    /// Stops its accept loop (a child of the drain: draining stops every one).
+    stop: CancellationToken,
 }
 
 /// Which listeners are bound and which wait for a retry, published after every change (for
@@ -334,9 +335,10 @@ impl Listeners {
                     tracing::info!(%addr, attempts, "listener bound after failed attempts");
                 }
                 let route = Arc::new(ArcSwap::from_pointee(route));
-                let task = tokio::spawn(accept_loop(listener, route.clone(), shared.clone()));
+                let stop = shared.drain.child_token();
+                tokio::spawn(accept_loop(listener, route.clone(), shared.clone(), stop.clone()));
                 tracing::debug!(%addr, "listener bound");
-                self.bound.insert(addr, Bound { route, task });
+                self.bound.insert(addr, Bound { route, stop });
             }
             Err(DataPlaneError::Bind(_, error)) => {
                 let attempts = attempts + 1;
@@ -363,7 +365,7 @@ impl Listeners {
         self.failed.remove(&addr);
         if let Some(b) = self.bound.remove(&addr) {
             // Stops accepting; connections already accepted run in their own tasks.
-            b.task.abort();
+            b.stop.cancel();
             tracing::debug!(%addr, "listener closed");
         }
     }
@@ -397,7 +399,7 @@ impl Listeners {
 impl Drop for Listeners {
     fn drop(&mut self) {
         for b in self.bound.values() {
-            b.task.abort();
+            b.stop.cancel();
         }
     }
 }
@@ -412,12 +414,14 @@ fn listener_budget() -> usize {
     (limit / 4 * 3).min(limit.saturating_sub(256))
 }
 
-/// Accepts client connections on one listener until draining: each is admitted by the
-/// connection caps (or reset at once) and served in its own task. Used by both fronts.
+/// Accepts client connections on one listener until `stop` (the listener closed, or
+/// draining): each is admitted by the connection caps (or reset at once) and served in its
+/// own task. Used by both fronts.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     route: Arc<ArcSwap<Route>>,
     shared: Arc<Shared>,
+    stop: CancellationToken,
 ) {
     /// One "accept failed" line per 10 s for all listeners together: with the descriptors
     /// gone every listener fails at once, 20 times a second.
@@ -425,8 +429,8 @@ pub(crate) async fn accept_loop(
         crate::logging::LogGate::new(Duration::from_secs(10));
     loop {
         let accepted = tokio::select! {
-            // Draining: stop accepting, drop the socket.
-            () = shared.drain.cancelled() => return,
+            // Closed or draining: stop accepting, drop the socket.
+            () = stop.cancelled() => return,
             r = listener.accept() => r,
         };
         match accepted {
