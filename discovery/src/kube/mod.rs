@@ -23,9 +23,6 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 
 pub use ::kube::Client;
 pub use ::kube::api::ApiResource;
-// The composition root (gateway/src/app.rs) still names the either-source type here; it
-// lives in `crate::source` now. Drop this re-export once app.rs imports it from there.
-pub use crate::source::{ClusterSource, Problems};
 pub use crd::{CLUSTER_ID_PROPERTY, CLUSTERSET_PROPERTY, MCS_GROUP};
 pub use identity::{ClusterProperties, IdSource, IdentityError};
 pub use source::{KubeProblem, KubeSource};
