@@ -16,7 +16,6 @@ use fedgate_discovery::model::{
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -445,7 +444,8 @@ type ProbeResult = ((ServiceKey, IpAddr), SocketAddr, Result<(), ProbeError>);
 
 struct Target {
     addr: SocketAddr,
-    task: JoinHandle<()>,
+    /// Stops its probe task (a child of the checker's shutdown token).
+    stop: CancellationToken,
 }
 
 /// Probes the local endpoints of exported services and publishes their health.
@@ -541,15 +541,17 @@ impl HealthChecker {
                         if targets.get(&tkey).is_some_and(|t| t.addr == addr) {
                             continue;
                         }
-                        let task = tokio::spawn(probe_loop(
+                        let stop = shutdown.child_token();
+                        let probe = probe_loop(
                             tkey.clone(),
                             addr,
                             self.settings.clone(),
                             results_tx.clone(),
                             permits.clone(),
-                        ));
-                        if let Some(old) = targets.insert(tkey, Target { addr, task }) {
-                            old.task.abort();
+                        );
+                        tokio::spawn(stop.clone().run_until_cancelled_owned(probe));
+                        if let Some(old) = targets.insert(tkey, Target { addr, stop }) {
+                            old.stop.cancel();
                         }
                     }
                     touched.insert(key.clone());
@@ -622,7 +624,7 @@ impl HealthChecker {
             }
         }
         for (_, t) in targets {
-            t.task.abort();
+            t.stop.cancel();
         }
     }
 
@@ -644,7 +646,7 @@ impl HealthChecker {
         let mut changed = false;
         for t in stale {
             if let Some(old) = targets.remove(&t) {
-                old.task.abort();
+                old.stop.cancel();
             }
             counters.remove(&t);
             self.probes.forget(&t);
