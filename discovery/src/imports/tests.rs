@@ -630,3 +630,47 @@ async fn task_follows_local_and_peer_updates() {
     drop(local_tx);
     tokio::time::timeout(Duration::from_secs(5), handle).await.unwrap().unwrap();
 }
+
+/// `/debug/imports` and `/debug/exports` as the import set renders them: the filters and the
+/// summary read the ordered map, the rows keep the shape `fedgate status` reads.
+#[test]
+fn debug_views_filter_summarise_and_keep_their_shape() {
+    let mut st = state();
+    st.set_exports(set(
+        "east",
+        1,
+        vec![
+            exported("east", "a", 2, ServiceType::ClusterSetIP, &["10.0.0.1"]),
+            exported("east", "b", 2, ServiceType::ClusterSetIP, &["10.0.0.2", "10.0.0.3"]),
+        ],
+    ));
+    let snapshot = Arc::new(st.snapshot());
+    let query = |pairs: &[(&str, &str)]| -> Query {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    };
+
+    let all = imports_json(&snapshot, &query(&[]));
+    assert_eq!(all.as_array().map(Vec::len), Some(2), "{all}");
+    let one = imports_json(&snapshot, &query(&[("service", "ns/b")]));
+    let b = &one[0];
+    assert_eq!((b["namespace"].as_str(), b["name"].as_str()), (Some("ns"), Some("b")), "{one}");
+    assert_eq!(b["type"], "ClusterSetIP");
+    assert_eq!(b["ports"][0]["port"], 80);
+    assert_eq!(b["clusters"]["east"]["endpoints"].as_array().map(Vec::len), Some(2), "{one}");
+    assert_eq!(b["ips"].as_array().map(Vec::len), Some(1), "{one}");
+    assert_eq!(imports_json(&snapshot, &query(&[("service", "ns/none")])), serde_json::json!([]));
+    let other_ns = imports_json(&snapshot, &query(&[("namespace", "other")]));
+    assert_eq!(other_ns, serde_json::json!([]));
+    let summary = imports_json(&snapshot, &query(&[("namespace", "ns"), ("summary", "1")]));
+    assert_eq!(
+        summary,
+        serde_json::json!({"version": snapshot.version, "services": 2, "endpoints": 3})
+    );
+
+    st.set_validity(Arc::new(ValidityMap::from([(key("a"), Validity::Valid)])));
+    let exports = crate::exports::statuses_json(st.statuses());
+    let row = &exports[0];
+    assert_eq!((row["namespace"].as_str(), row["name"].as_str()), (Some("ns"), Some("a")));
+    assert_eq!(row["cluster"], "east");
+    assert!(row["conditions"].as_array().is_some_and(|c| !c.is_empty()), "{exports}");
+}
