@@ -527,14 +527,13 @@ mod tests {
         let free = std::net::TcpListener::bind((vip, 0)).unwrap();
         let first = free.local_addr().unwrap().port();
         drop(free);
-        let dp = start(
-            settings("east", "us", "us-a"),
-            snapshot(vip, first, &[], &[]),
-            cluster_state(first, &[]),
-            None,
-            None,
-        );
+        let mut settings = settings("east", "us", "us-a");
+        let ready = crate::readiness::Ready::new();
+        settings.ready = ready.clone();
+        let dp =
+            start(settings, snapshot(vip, first, &[], &[]), cluster_state(first, &[]), None, None);
         assert!(dp.debug.listeners_ready());
+        assert!(ready.is_ready(), "pending: {:?}", ready.pending());
         // A new import whose port another process holds: reported, not ready, not fatal.
         let taken = std::net::TcpListener::bind((vip, 0)).unwrap();
         let port = taken.local_addr().unwrap().port();
@@ -551,7 +550,11 @@ mod tests {
         assert!(problem.reason.contains("in use"), "{problem:?}");
         assert_eq!(problem.backoff_ms, RETRY_MIN.as_millis() as u64);
         assert!(!dp.debug.listeners_ready());
+        assert_eq!(ready.pending(), ["listeners"]);
         assert_eq!(dp.debug.listeners().failed, vec![addr]);
+        let rows = dp.debug.problems_json();
+        assert_eq!(rows[0]["kind"], "listener");
+        assert_eq!(rows[0]["object"], format!("listener {addr} (shop/web)"));
         // Once the port is free the retry binds it.
         drop(taken);
         eventually_within("bound after a retry", RETRY_MIN * 4, || {
@@ -560,6 +563,7 @@ mod tests {
         .await;
         assert!(dp.debug.listener_problems().is_empty());
         assert!(dp.debug.listeners_ready());
+        assert!(ready.is_ready(), "pending: {:?}", ready.pending());
         dp.shutdown.cancel();
         dp.task.await.unwrap();
     }
