@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    AddrBlock, Gateway, GatewaySpec, Pki, exported_service, http_get, metric_samples, wait_import,
+    AddrBlock, Gateway, GatewaySpec, Pki, exported_service, http_get, metric_samples, wait_vip,
 };
 
 /// How long a test waits for an export to reach a gateway's imports.
@@ -189,8 +189,7 @@ pub fn wait_import_vip(
     clusters: &[&str],
     port: u16,
 ) -> Result<SocketAddr> {
-    let import = wait_import(g, ns, name, clusters, PROPAGATION)?;
-    let ip = import["ips"][0].as_str().with_context(|| format!("a ClusterSetIP in {import}"))?;
+    let ip = wait_vip(g, ns, name, clusters, PROPAGATION)?;
     Ok(SocketAddr::new(ip.parse()?, port))
 }
 

@@ -607,17 +607,62 @@ pub fn import_from<'a>(
     find_import(imports, ns, name).filter(|i| import_clusters(i) == clusters)
 }
 
+/// A gateway whose admin server a test reads: started here ([`Gateway`]) or in a network
+/// namespace ([`netns::NsGateway`]).
+pub trait Views {
+    /// The gateway's cluster id.
+    fn id(&self) -> &str;
+    /// A JSON view of the admin server (`/debug/...`).
+    fn view(&self, path: &str) -> Result<serde_json::Value>;
+}
+
+impl Views for Gateway {
+    fn id(&self) -> &str {
+        &self.spec.id
+    }
+
+    fn view(&self, path: &str) -> Result<serde_json::Value> {
+        self.json(path)
+    }
+}
+
 /// Waits (at most `timeout`) until `g` imports `ns/name` from exactly `clusters`; returns the
 /// import.
 pub fn wait_import(
-    g: &Gateway,
+    g: &impl Views,
     ns: &str,
     name: &str,
     clusters: &[&str],
     timeout: Duration,
 ) -> Result<serde_json::Value> {
-    eventually(&format!("{} to import {ns}/{name} from {clusters:?}", g.spec.id), timeout, || {
-        Ok(import_from(&g.json("/debug/imports")?, ns, name, clusters).cloned())
+    eventually(&format!("{} to import {ns}/{name} from {clusters:?}", g.id()), timeout, || {
+        Ok(import_from(&g.view("/debug/imports")?, ns, name, clusters).cloned())
+    })
+}
+
+/// The first ClusterSetIP of `ns/name` at `g` if exactly `clusters` contribute to the import.
+pub fn imported_ip(
+    g: &impl Views,
+    ns: &str,
+    name: &str,
+    clusters: &[&str],
+) -> Result<Option<String>> {
+    let imports = g.view("/debug/imports")?;
+    Ok(import_from(&imports, ns, name, clusters)
+        .and_then(|i| i["ips"][0].as_str().map(str::to_owned)))
+}
+
+/// Waits (at most `timeout`) until `g` imports `ns/name` from exactly `clusters`; returns its
+/// first ClusterSetIP.
+pub fn wait_vip(
+    g: &impl Views,
+    ns: &str,
+    name: &str,
+    clusters: &[&str],
+    timeout: Duration,
+) -> Result<String> {
+    eventually(&format!("{} to import {ns}/{name} from {clusters:?}", g.id()), timeout, || {
+        imported_ip(g, ns, name, clusters)
     })
 }
 

@@ -19,8 +19,8 @@ use anyhow::{Context, Result, bail};
 
 pub use crate::LOG_LEVEL;
 use crate::{
-    Gateway, GatewaySpec, Pki, check_output, eventually, fedgate_bin, import_from,
-    spawn_fedgate_run, wait_gateway_up,
+    Gateway, GatewaySpec, Pki, check_output, eventually, fedgate_bin, spawn_fedgate_run,
+    wait_gateway_up,
 };
 
 /// Asserts that the tests can run here: root, and `ip`, `curl`, `python3` on `PATH`.
@@ -397,21 +397,14 @@ pub fn ns_spec(
     }
 }
 
-/// Waits (bounded) until `gw` imports `ns/name` from exactly `clusters`; returns its first
-/// ClusterSetIP.
-pub fn wait_vip(
-    gw: &NsGateway,
-    ns: &str,
-    name: &str,
-    clusters: &[&str],
-    timeout: Duration,
-) -> Result<String> {
-    let what = format!("{} to import {ns}/{name} from {clusters:?}", gw.gw.spec.id);
-    eventually(&what, timeout, || {
-        let imports = gw.json("/debug/imports")?;
-        Ok(import_from(&imports, ns, name, clusters)
-            .and_then(|i| i["ips"][0].as_str().map(str::to_owned)))
-    })
+impl crate::Views for NsGateway {
+    fn id(&self) -> &str {
+        &self.gw.spec.id
+    }
+
+    fn view(&self, path: &str) -> Result<serde_json::Value> {
+        self.json(path)
+    }
 }
 
 /// Endpoint addresses a kube-apiserver accepts (it refuses loopback ones) that lead nowhere

@@ -226,6 +226,15 @@ fn export_db(p: &Pair, be: &Backends) -> Result<()> {
     p.b.write_cluster_file("db.yaml", &db_yaml(be.eb, be.pb))
 }
 
+/// How most tests start: alpha and bravo in a fresh block ([`pair`], `dns.upstream` as the
+/// harness writes it), then a backend for each ([`backends`]).
+fn pair_with_backends() -> Result<(AddrBlock, Pair, Backends)> {
+    let block = AddrBlock::unique();
+    let p = pair(None, block)?;
+    let be = backends(block)?;
+    Ok((block, p, be))
+}
+
 /// bravo's per-host name for its db endpoint `eb`, and the VIP alpha answers for it once
 /// imported (another cluster's address is never answered directly).
 fn wait_bravo_host(dns: SocketAddr, eb: Ipv4Addr) -> Result<(String, String)> {
@@ -270,11 +279,9 @@ fn wait_dig(
 
 #[test]
 fn records_negative_answers_and_the_cluster_local_rule() -> Result<()> {
-    let block = AddrBlock::unique();
-    let p = pair(None, block)?;
+    let (block, p, be) = pair_with_backends()?;
     let (a, b) = (&p.a, &p.b);
     let dns = a.spec.dns;
-    let be = backends(block)?;
     let (ea, eb, pa, pb) = (be.ea, be.eb, be.pa, be.pb);
 
     // web: ClusterSetIP exported by both; alpha's Service has a ClusterIP of its own.
@@ -408,20 +415,11 @@ fn hickory_lookup(server: SocketAddr) -> Result<(Vec<IpAddr>, SrvTargets)> {
         )
         .build()
         .context("building a hickory resolver")?;
-        let ips = tokio::time::timeout(
-            Duration::from_secs(5),
-            resolver.lookup_ip("web.shop.svc.clusterset.local."),
-        )
-        .await
-        .context("hickory lookup_ip timed out")?
-        .context("hickory lookup_ip")?;
-        let srv = tokio::time::timeout(
-            Duration::from_secs(5),
-            resolver.srv_lookup("_pg._tcp.db.shop.svc.clusterset.local."),
-        )
-        .await
-        .context("hickory srv_lookup timed out")?
-        .context("hickory srv_lookup")?;
+        let ips =
+            within_5s("lookup_ip", resolver.lookup_ip("web.shop.svc.clusterset.local.")).await?;
+        let srv =
+            within_5s("srv_lookup", resolver.srv_lookup("_pg._tcp.db.shop.svc.clusterset.local."))
+                .await?;
         let mut ips: Vec<IpAddr> = ips.iter().collect();
         ips.sort();
         let targets = srv
@@ -436,13 +434,22 @@ fn hickory_lookup(server: SocketAddr) -> Result<(Vec<IpAddr>, SrvTargets)> {
     })
 }
 
+/// A hickory `lookup`, failing when it takes more than 5 s; errors name `what`.
+async fn within_5s<T, E>(what: &str, lookup: impl Future<Output = Result<T, E>>) -> Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    tokio::time::timeout(Duration::from_secs(5), lookup)
+        .await
+        .with_context(|| format!("hickory {what} timed out"))?
+        .with_context(|| format!("hickory {what}"))
+}
+
 #[test]
 fn headless_answers_fail_over_to_the_remote_tier_and_back() -> Result<()> {
-    let block = AddrBlock::unique();
-    let p = pair(None, block)?;
+    let (_, p, be) = pair_with_backends()?;
     let (a, b) = (&p.a, &p.b);
     let dns = a.spec.dns;
-    let be = backends(block)?;
     let (ea, eb, pa) = (be.ea, be.eb, be.pa);
     export_db(&p, &be)?;
     let name = "db.shop.svc.clusterset.local";

@@ -113,14 +113,6 @@ fn assert_no_failures(replies: &[Reply], from: Instant, to: Instant, what: &str)
     total
 }
 
-/// `gw` imports `ns/name` from exactly `clusters`: its first ClusterSetIP (None otherwise).
-fn import_ip(gw: &NsGateway, ns: &str, name: &str, clusters: &[&str]) -> Result<Option<String>> {
-    let imports = gw.json("/debug/imports")?;
-    Ok(find_import(&imports, ns, name)
-        .filter(|i| import_clusters(i) == clusters)
-        .and_then(|i| i["ips"][0].as_str().map(str::to_owned)))
-}
-
 fn gone(gw: &NsGateway, ns: &str, name: &str) -> Result<bool> {
     Ok(find_import(&gw.json("/debug/imports")?, ns, name).is_none())
 }
@@ -191,10 +183,10 @@ fn a_partition_longer_than_the_lease_withdraws_and_restores_exports() -> Result<
     let (mut a_back, mut b_back) = (None, None);
     eventually("both imports back after the partition", RESTORE_WITHIN, || {
         if a_back.is_none() {
-            a_back = import_ip(&a, "demo", "web", &["bravo"])?.map(|ip| (ip, healed.elapsed()));
+            a_back = imported_ip(&a, "demo", "web", &["bravo"])?.map(|ip| (ip, healed.elapsed()));
         }
         if b_back.is_none() {
-            b_back = import_ip(&b, "demo", "api", &["alpha"])?.map(|ip| (ip, healed.elapsed()));
+            b_back = imported_ip(&b, "demo", "api", &["alpha"])?.map(|ip| (ip, healed.elapsed()));
         }
         Ok(a_back.clone().zip(b_back.clone()))
     })

@@ -24,6 +24,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const PACE: Duration = Duration::from_millis(20);
 /// Consecutive requests that must all succeed once service is back.
 const AFTER_RECOVERY: usize = 50;
+/// How long traffic may take to return to a preferred exporter that is back.
+const BACK_WITHIN: Duration = Duration::from_secs(20);
 
 /// Continues a stopped gateway when dropped, so a failing assertion never leaves it stopped.
 struct ContinueOnDrop(u32);
@@ -92,16 +94,10 @@ impl ClientLoop {
         })
     }
 
-    /// Waits (bounded) for the first request started at or after `from` that `backend`
-    /// answered; returns its end.
-    fn first_answer_from(
-        &self,
-        backend: &str,
-        from: Instant,
-        what: &str,
-        timeout: Duration,
-    ) -> Result<Instant> {
-        eventually(what, timeout, || {
+    /// Waits (at most [`BACK_WITHIN`]) for the first request started at or after `from`, the
+    /// time of `event`, that `backend` answered; returns its end.
+    fn back_on(&self, backend: &str, from: Instant, event: &str) -> Result<Instant> {
+        eventually(&format!("traffic back on {backend} after {event}"), BACK_WITHIN, || {
             Ok(self
                 .snapshot()
                 .iter()
@@ -166,23 +162,6 @@ fn answered_by(samples: &[Sample], from: Instant, to: Instant) -> Vec<(String, u
     by
 }
 
-/// `g`'s import of `fault/<name>` if it is imported from exactly `clusters`: its first IP.
-fn import_ip(g: &Gateway, name: &str, clusters: &[&str]) -> Result<Option<String>> {
-    let imports = g.json("/debug/imports")?;
-    let Some(import) = find_import(&imports, "fault", name) else { return Ok(None) };
-    if import_clusters(import) != clusters {
-        return Ok(None);
-    }
-    Ok(import["ips"][0].as_str().map(str::to_owned))
-}
-
-/// Waits (bounded) until `g` imports `fault/<name>` from exactly `clusters`; its ClusterSetIP.
-fn wait_vip(g: &Gateway, name: &str, clusters: &[&str], timeout: Duration) -> Result<String> {
-    eventually(&format!("{} to import fault/{name} from {clusters:?}", g.spec.id), timeout, || {
-        import_ip(g, name, clusters)
-    })
-}
-
 /// `dig +short` A records of `fault/<name>` at `g`'s DNS server.
 fn dns_a(g: &Gateway, name: &str) -> Result<Vec<String>> {
     fedgate_e2e::faults::dig_a(g, "fault", name)
@@ -227,7 +206,7 @@ fn a_killed_exporter_restarted_within_its_lease_keeps_its_import_and_recovers() 
     let backend_addr = block.addr(60, 7100);
     let _backend = Backend::start(backend_addr, "bravo-1", 128)?;
     export_backend(&gateways[1], "web", backend_addr)?;
-    let ip = wait_vip(&gateways[0], "web", &["bravo"], PROPAGATION)?;
+    let ip = wait_vip(&gateways[0], "fault", "web", &["bravo"], PROPAGATION)?;
     let vip = SocketAddr::new(ip.parse()?, 80);
     eventually("a first round trip through alpha", PROPAGATION, || Ok(round_trip(vip).ok()))?;
 
@@ -240,7 +219,7 @@ fn a_killed_exporter_restarted_within_its_lease_keeps_its_import_and_recovers() 
     // Dead for 3 s: alpha must keep the import the whole time (the lease is 15 s).
     let mut looks = 0;
     while killed.elapsed() < Duration::from_secs(3) {
-        let now = import_ip(&gateways[0], "web", &["bravo"])?;
+        let now = imported_ip(&gateways[0], "fault", "web", &["bravo"])?;
         assert_eq!(
             now.as_deref(),
             Some(ip.as_str()),
@@ -256,7 +235,7 @@ fn a_killed_exporter_restarted_within_its_lease_keeps_its_import_and_recovers() 
         clients.first_success_after(restarted, RESTART_RECOVERY).with_context(|| {
             format!("requests through alpha still fail {RESTART_RECOVERY:?} after bravo restarted")
         })?;
-    let after = import_ip(&gateways[0], "web", &["bravo"])?;
+    let after = imported_ip(&gateways[0], "fault", "web", &["bravo"])?;
     assert_eq!(after.as_deref(), Some(ip.as_str()), "the import and its ClusterSetIP stayed");
     clients.wait_requests_after(recovered, AFTER_RECOVERY, Duration::from_secs(60))?;
     let samples = clients.finish();
@@ -312,7 +291,7 @@ fn a_peer_stopped_beyond_its_lease_is_withdrawn_and_returns_with_its_address() -
     let backend_addr = block.addr(61, 7101);
     let _backend = Backend::start(backend_addr, "bravo-1", 128)?;
     export_backend(bravo, "web", backend_addr)?;
-    let ip = wait_vip(alpha, "web", &["bravo"], PROPAGATION)?;
+    let ip = wait_vip(alpha, "fault", "web", &["bravo"], PROPAGATION)?;
     let vip = SocketAddr::new(ip.parse()?, 80);
     assert_eq!(dns_a(alpha, "web")?, [ip.as_str()], "alpha's DNS answers the ClusterSetIP");
 
@@ -354,7 +333,7 @@ fn a_peer_stopped_beyond_its_lease_is_withdrawn_and_returns_with_its_address() -
     let rival_ip = local_addr(block, 62);
     let rival_yaml = faults::export_yaml(&collider, &rival_ip.to_string(), 7102);
     alpha.write_cluster_file("rival.yaml", &rival_yaml)?;
-    let rival = wait_vip(alpha, &collider, &["alpha"], PROPAGATION)?;
+    let rival = wait_vip(alpha, "fault", &collider, &["alpha"], PROPAGATION)?;
     assert_ne!(rival, ip, "{collider} took the address reserved for bravo's fault/web");
     eprintln!("fault/{collider} (preferred address {ip}, reserved) got {rival} instead");
 
@@ -378,7 +357,11 @@ fn a_peer_stopped_beyond_its_lease_is_withdrawn_and_returns_with_its_address() -
     eventually("alpha's DNS to answer the same ClusterSetIP again", PROPAGATION, || {
         Ok((dns_a(alpha, "web")? == [ip.as_str()]).then_some(()))
     })?;
-    assert_eq!(wait_vip(alpha, &collider, &["alpha"], PROPAGATION)?, rival, "the rival kept its");
+    assert_eq!(
+        wait_vip(alpha, "fault", &collider, &["alpha"], PROPAGATION)?,
+        rival,
+        "the rival kept its"
+    );
 
     let recovered = clients.first_success_after(continued, PROPAGATION)?;
     clients.wait_requests_after(recovered, AFTER_RECOVERY, Duration::from_secs(60))?;
@@ -428,7 +411,7 @@ fn with_a_second_exporter_a_killed_or_stopped_peer_costs_no_request() -> Result<
     let _c = Backend::start(c_addr, "charlie-1", 128)?;
     export_backend(&gateways[1], "web", b_addr)?;
     export_backend(&gateways[2], "web", c_addr)?;
-    let ip = wait_vip(&gateways[0], "web", &["bravo", "charlie"], PROPAGATION)?;
+    let ip = wait_vip(&gateways[0], "fault", "web", &["bravo", "charlie"], PROPAGATION)?;
     let vip = SocketAddr::new(ip.parse()?, 80);
     eventually("traffic on bravo, the preferred tier", PROPAGATION, || {
         Ok(round_trip(vip).ok().filter(|n| n == "bravo-1"))
@@ -444,12 +427,7 @@ fn with_a_second_exporter_a_killed_or_stopped_peer_costs_no_request() -> Result<
     std::thread::sleep(Duration::from_secs(4));
     gateways[1].start()?;
     let restarted = Instant::now();
-    let on_bravo = clients.first_answer_from(
-        "bravo-1",
-        restarted,
-        "traffic back on bravo after its restart",
-        Duration::from_secs(20),
-    )?;
+    let on_bravo = clients.back_on("bravo-1", restarted, "its restart")?;
     let killed_phase = answered_by(&clients.snapshot(), killed, restarted);
     eprintln!(
         "kill: bravo dead {:?}; answered while dead: {killed_phase:?}; traffic back on bravo \
@@ -468,22 +446,17 @@ fn with_a_second_exporter_a_killed_or_stopped_peer_costs_no_request() -> Result<
     signal_pid(pid, "STOP")?;
     let cont = ContinueOnDrop(pid);
     let alpha = &gateways[0];
-    let withdrawn_ip = wait_vip(alpha, "web", &["charlie"], WITHDRAW_WITHIN)?;
+    let withdrawn_ip = wait_vip(alpha, "fault", "web", &["charlie"], WITHDRAW_WITHIN)?;
     let withdrawn = stopped.elapsed();
     assert_eq!(withdrawn_ip, ip, "the ClusterSetIP stays while charlie exports");
     std::thread::sleep(Duration::from_secs(6).saturating_sub(stopped.elapsed()));
     signal_pid(pid, "CONT")?;
     let continued = Instant::now();
     drop(cont);
-    let back_ip = wait_vip(alpha, "web", &["bravo", "charlie"], RETURN_WITHIN)?;
+    let back_ip = wait_vip(alpha, "fault", "web", &["bravo", "charlie"], RETURN_WITHIN)?;
     let returned = continued.elapsed();
     assert_eq!(back_ip, ip, "the ClusterSetIP stays when bravo returns");
-    let on_bravo = clients.first_answer_from(
-        "bravo-1",
-        continued,
-        "traffic back on bravo after SIGCONT",
-        Duration::from_secs(20),
-    )?;
+    let on_bravo = clients.back_on("bravo-1", continued, "SIGCONT")?;
     clients.wait_requests_after(on_bravo, AFTER_RECOVERY, Duration::from_secs(60))?;
     let samples = clients.finish();
     let stop_phase = answered_by(&samples, stopped, continued);

@@ -610,19 +610,8 @@ fn scrape(g: &Gateway) -> Result<String> {
 }
 
 fn vip_of(g: &Gateway, ns: &str, name: &str, clusters: &[&str]) -> Result<Ipv4Addr> {
-    let want: Vec<String> = clusters.iter().map(|s| s.to_string()).collect();
-    let import = eventually(
-        &format!("{} to import {ns}/{name} from {clusters:?}", g.spec.id),
-        Duration::from_secs(10),
-        || {
-            let imports = g.json("/debug/imports")?;
-            Ok(find_import(&imports, ns, name).filter(|i| import_clusters(i) == want).cloned())
-        },
-    )?;
-    import["ips"][0]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("ClusterSetIP of {ns}/{name}: {import}"))
+    let ip = wait_vip(g, ns, name, clusters, Duration::from_secs(10))?;
+    ip.parse().with_context(|| format!("ClusterSetIP of {ns}/{name}: {ip}"))
 }
 
 #[test]
