@@ -83,7 +83,11 @@ impl<L: ControlLink> Session<L> {
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return,
                         _ = sleep_opt(deadline) => self.expire_lease().await,
-                        new = next_link(&mut self.links) => link = new,
+                        new = next_link(&mut self.links) => {
+                            link = new;
+                            // The transport's view changed: publish it with the session's.
+                            self.shared.state.publish();
+                        }
                     }
                     continue;
                 }

@@ -69,8 +69,10 @@ impl State {
         self.status_tx.send_replace(Arc::new(list));
     }
 
-    /// `/debug/peers`.
+    /// `/debug/peers`, merged now: the transport's view changes without telling the sessions
+    /// (a connection it dropped may still be in the last published list for up to a second).
     pub fn debug_view(&self) -> serde_json::Value {
+        self.publish();
         serde_json::to_value(&**self.status_tx.borrow()).unwrap_or(serde_json::Value::Null)
     }
 }

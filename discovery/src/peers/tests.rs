@@ -37,6 +37,27 @@ fn settings_are_validated() {
 }
 
 #[test]
+fn the_debug_view_shows_the_transport_as_it_is_now() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let up = Arc::new(AtomicBool::new(true));
+    let transport = up.clone();
+    let state = status::State::new(
+        [id("west")],
+        Box::new(move |_: &ClusterId| TransportStatus {
+            connected: transport.load(Ordering::SeqCst),
+            ..TransportStatus::default()
+        }),
+    );
+    assert_eq!(state.debug_view()[0]["connected"], true);
+    // The transport drops the connection without telling the sessions: the view, read
+    // before the next periodic publish, says so anyway (a federation test read a stale
+    // `connected: true` here).
+    up.store(false, Ordering::SeqCst);
+    assert_eq!(state.debug_view()[0]["connected"], false);
+    assert!(!state.current()[0].connected, "and the published list follows");
+}
+
+#[test]
 fn status_merges_the_session_and_the_transport() {
     let now = Instant::now();
     let transport = |connected: bool, error: Option<&str>| TransportStatus {
