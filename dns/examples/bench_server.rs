@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use fedgate_discovery::exchange::delta::testing::exported;
+use fedgate_discovery::exchange::delta::testing::{exported, imported};
 use fedgate_discovery::model::{
     ClusterId, ClusterState, ImportPort, ImportSnapshot, ImportedService, ServiceKey, ServicePort,
     ServiceType, SessionAffinity,
@@ -29,21 +29,9 @@ fn service(i: usize, cluster: &ClusterId) -> ImportedService {
         vec![],
     ));
     let ip = format!("242.{}.{}.{}", 1 + i / 64_000, (i / 250) % 256, i % 250 + 1);
-    ImportedService {
-        key,
-        service_type: ServiceType::ClusterSetIP,
-        ports: vec![ImportPort { port, clusters: BTreeSet::from([cluster.clone()]) }],
-        session_affinity: SessionAffinity::None,
-        internal_traffic_policy: None,
-        traffic_distribution: None,
-        ip_families: vec![],
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        ips: vec![ip.parse().expect("generated ip")],
-        winner: cluster.clone(),
-        clusters: BTreeMap::from([(cluster.clone(), export)]),
-        conflicts: vec![],
-    }
+    let ports = vec![ImportPort { port, clusters: BTreeSet::from([cluster.clone()]) }];
+    let ips = vec![ip.parse().expect("generated ip")];
+    imported(key, ServiceType::ClusterSetIP, ports, ips, cluster.clone(), vec![export])
 }
 
 #[tokio::main]
@@ -70,6 +58,6 @@ async fn main() -> anyhow::Result<()> {
         server.address(),
         started.elapsed()
     );
-    server.run(std::future::pending()).await?;
+    server.run(tokio_util::sync::CancellationToken::new()).await?;
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! serves until shut down. UDP goes through the fast path first; TCP is [`crate::tcp`] (capped
 //! connections, idle timeout).
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -136,8 +135,9 @@ impl DnsServer {
         self.table.len()
     }
 
-    /// Serves until `shutdown` resolves, then stops taking queries and returns.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DnsError> {
+    /// Serves until `shutdown` is cancelled (the gateway's one stop signal, handed to every
+    /// long-lived part), then stops taking queries and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), DnsError> {
         let address = self.address;
         let socket_err = |proto, source| DnsError::Socket { proto, addr: address, source };
         let tcp = TcpListener::from_std(self.tcp).map_err(|e| socket_err("tcp", e))?;
@@ -186,7 +186,7 @@ impl DnsServer {
         ));
 
         let result = tokio::select! {
-            () = shutdown => Ok(()),
+            () = shutdown.cancelled() => Ok(()),
             Some(exit) = exit_rx.recv() => match exit {
                 Ok(()) => Ok(()),
                 Err(source) => Err(socket_err("udp", source)),

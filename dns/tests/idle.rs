@@ -11,7 +11,7 @@ use fedgate_dns::{DnsServer, DnsSettings};
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use tokio::net::UdpSocket;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 /// `(thread id, voluntary + involuntary context switches)` of every DNS UDP thread.
 fn dns_threads() -> Vec<(String, u64)> {
@@ -59,10 +59,8 @@ async fn idle_udp_threads_sleep_and_shutdown_ends_them() {
     settings.udp_workers = 2;
     let server = DnsServer::new(settings, imports_rx, cluster_rx).expect("dns server binds");
     let addr = server.address();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(server.run(stop.clone()));
 
     // Serving: both threads exist and answer.
     let resp = query(addr).await;
@@ -97,7 +95,7 @@ async fn idle_udp_threads_sleep_and_shutdown_ends_them() {
     assert_eq!(query(addr).await.metadata.response_code, ResponseCode::NoError);
 
     // Shutdown: `run` returns, every receive thread has ended and the UDP port is free again.
-    stop.send(()).expect("server running");
+    stop.cancel();
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
         .expect("server stops in time")

@@ -16,7 +16,7 @@ use hickory_proto::rr::rdata::{A, SOA, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -120,15 +120,13 @@ struct Running {
     addr: SocketAddr,
     imports_tx: watch::Sender<Arc<ImportSnapshot>>,
     _cluster_tx: watch::Sender<Arc<ClusterState>>,
-    stop: Option<oneshot::Sender<()>>,
+    stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<Result<(), fedgate_dns::DnsError>>,
 }
 
 impl Running {
     async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.stop.cancel();
         let done = tokio::time::timeout(WAIT, &mut self.task).await.expect("server stops in time");
         done.expect("join").expect("server result");
     }
@@ -151,11 +149,9 @@ async fn start_with(
     settings.max_inflight = max_inflight;
     let server = DnsServer::new(settings, imports_rx, cluster_rx).expect("dns server binds");
     let addr = server.address();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
-    Running { addr, imports_tx, _cluster_tx: cluster_tx, stop: Some(stop), task }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(server.run(stop.clone()));
+    Running { addr, imports_tx, _cluster_tx: cluster_tx, stop, task }
 }
 
 // ---------------------------------------------------------------- clients

@@ -13,7 +13,7 @@ use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -51,10 +51,8 @@ async fn tcp_connections_are_capped_idle_ones_closed_and_pipelined_queries_answe
     settings.tcp_idle_timeout = Duration::from_secs(1);
     let server = DnsServer::new(settings, imports_rx, cluster_rx).expect("dns server binds");
     let addr: SocketAddr = server.address();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(server.run(stop.clone()));
 
     // Two connections take the two places; two pipelined queries on the first are answered
     // in order.
@@ -88,6 +86,6 @@ async fn tcp_connections_are_capped_idle_ones_closed_and_pipelined_queries_answe
     cut.write_all(&[0, 40, 1, 2, 3]).await.expect("write");
     assert!(closed_within(&mut cut, WAIT).await, "a stalled message is closed");
 
-    let _ = stop.send(());
+    stop.cancel();
     tokio::time::timeout(WAIT, task).await.expect("stops").expect("joins").expect("runs");
 }

@@ -351,9 +351,9 @@ impl Bound {
         tasks.spawn(local_exports.run(rest.clone()));
         tasks.spawn(imports.run(rest.clone()));
         tasks.spawn(peering.run(rest.clone()));
-        let r = rest.clone();
+        let stop = rest.clone();
         tasks.spawn(async move {
-            if let Err(e) = dns.run(r.cancelled_owned()).await {
+            if let Err(e) = dns.run(stop).await {
                 tracing::error!(error = %e, "dns server failed");
             }
         });
