@@ -4,7 +4,8 @@
 //! - cut GSO batches over 64 KiB into whole-datagram sends: quinn batches up to 10 datagrams of
 //!   the current path MTU, and with MTU discovery up to 8952 bytes (jumbo frames) a batch
 //!   fails with EMSGSIZE, dropped without a trace, which MTU discovery then mistakes for a black
-//!   hole;
+//!   hole (upstream: quinn-rs/quinn#2201, open; the PR that would have cut them in quinn-udp,
+//!   #2653, was closed unmerged). Drop the cutting when quinn caps or cuts its batches;
 //! - count junk datagrams at the tunnel port ([`crate::junk`]) and sends that found the socket
 //!   buffer full.
 //!
