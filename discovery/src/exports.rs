@@ -180,49 +180,19 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::model::{
-        Endpoint, Health, IpFamily, LocalService, ServiceExportObject, ServicePort, SessionAffinity,
-    };
+    use crate::exchange::delta::testing::{self, eventually};
+    use crate::model::{Health, LocalService, ServiceExportObject};
 
     fn service(name: &str, ips: &[&str]) -> Arc<LocalService> {
-        Arc::new(LocalService {
-            key: ServiceKey::new("ns", name),
-            kube_type: "ClusterIP".into(),
-            cluster_ips: vec!["10.96.0.1".parse().unwrap()],
-            headless: false,
-            ports: vec![ServicePort::tcp(Some("http"), 80)],
-            session_affinity: SessionAffinity::None,
-            internal_traffic_policy: None,
-            traffic_distribution: None,
-            ip_families: vec![IpFamily::IPv4],
-            endpoints: ips
-                .iter()
-                .map(|ip| Endpoint {
-                    address: ip.parse().unwrap(),
-                    hostname: None,
-                    ready: true,
-                    zone: None,
-                    ports: Vec::new(),
-                    health: Health::Unknown,
-                })
-                .collect(),
-        })
+        Arc::new(testing::local_service(ServiceKey::new("ns", name), "10.96.0.1", ips))
     }
 
     fn export(name: &str) -> Arc<ServiceExportObject> {
-        Arc::new(ServiceExportObject {
-            key: ServiceKey::new("ns", name),
-            created: jiff::Timestamp::UNIX_EPOCH,
-            exported_labels: BTreeMap::new(),
-            exported_annotations: BTreeMap::new(),
-        })
-    }
-
-    async fn eventually<T>(rx: &mut watch::Receiver<T>, what: &str, f: impl Fn(&T) -> bool) {
-        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| f(v)))
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-            .unwrap_or_else(|_| panic!("channel closed waiting for {what}"));
+        Arc::new(testing::export_object(
+            ServiceKey::new("ns", name),
+            jiff::Timestamp::UNIX_EPOCH,
+            BTreeMap::new(),
+        ))
     }
 
     #[tokio::test]

@@ -667,6 +667,7 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
+    use crate::exchange::delta::testing;
     use crate::model::{Health, IpFamily, Protocol, TargetPort};
 
     fn cid(s: &str) -> ClusterId {
@@ -705,13 +706,7 @@ mod tests {
         let mut e = ExportedService {
             ip_families: vec![IpFamily::IPv4],
             created: ts(created),
-            ..crate::exchange::delta::testing::exported(
-                key(),
-                cluster,
-                ServiceType::ClusterSetIP,
-                vec![http()],
-                Vec::new(),
-            )
+            ..testing::exported(key(), cluster, ServiceType::ClusterSetIP, vec![http()], Vec::new())
         };
         f(&mut e);
         Arc::new(e)
@@ -1129,40 +1124,21 @@ mod tests {
     }
 
     fn local_service(name: &str, f: impl FnOnce(&mut LocalService)) -> Arc<LocalService> {
-        let mut s = LocalService {
-            key: ServiceKey::new("shop", name),
-            kube_type: "ClusterIP".into(),
-            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-            headless: false,
-            ports: vec![http()],
-            session_affinity: SessionAffinity::None,
-            internal_traffic_policy: None,
-            traffic_distribution: None,
-            ip_families: vec![IpFamily::IPv4],
-            endpoints: vec![endpoint("10.0.0.1"), endpoint("10.0.0.2")],
-        };
+        let mut s = testing::local_service(
+            ServiceKey::new("shop", name),
+            "10.96.0.10",
+            &["10.0.0.1", "10.0.0.2"],
+        );
         f(&mut s);
         Arc::new(s)
     }
 
-    fn endpoint(ip: &str) -> Endpoint {
-        Endpoint {
-            address: ip.parse().unwrap(),
-            hostname: None,
-            ready: true,
-            zone: None,
-            ports: Vec::new(),
-            health: Health::Unknown,
-        }
-    }
-
     fn export_obj(name: &str, created: i64) -> Arc<ServiceExportObject> {
-        Arc::new(ServiceExportObject {
-            key: ServiceKey::new("shop", name),
-            created: ts(created),
-            exported_labels: BTreeMap::from([("tier".into(), "web".into())]),
-            exported_annotations: BTreeMap::new(),
-        })
+        Arc::new(testing::export_object(
+            ServiceKey::new("shop", name),
+            ts(created),
+            BTreeMap::from([("tier".into(), "web".into())]),
+        ))
     }
 
     fn state(

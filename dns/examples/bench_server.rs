@@ -6,14 +6,14 @@
 //! With `UPSTREAM` (an `ip:port`), names outside the zones are forwarded there; without it,
 //! nothing is forwarded.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use fedgate_discovery::exchange::delta::testing::{exported, imported};
 use fedgate_discovery::model::{
     ClusterId, ClusterState, ImportPort, ImportSnapshot, ImportedService, ServiceKey, ServicePort,
-    ServiceType, SessionAffinity,
+    ServiceType,
 };
 use fedgate_dns::{DnsServer, DnsSettings, Upstream};
 use tokio::sync::watch;

@@ -11,14 +11,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use fedgate_discovery::exchange::delta::testing::{endpoint, exported};
+use fedgate_discovery::exchange::delta::testing::{endpoint, exported, imported};
 use fedgate_discovery::model::{
     ClusterId, ClusterState, Endpoint, EndpointVip, ExportedService, Health, ImportPort,
-    ImportSnapshot, ImportedService, LocalService, Locality, Protocol, ServiceKey, ServicePort,
-    ServiceType, SessionAffinity,
+    ImportSnapshot, ImportedService, LocalService, Locality, ServiceKey, ServicePort, ServiceType,
+    SessionAffinity,
 };
 
-fn cid(s: &str) -> ClusterId {
+pub(crate) fn cid(s: &str) -> ClusterId {
     ClusterId::new(s).expect("cluster id")
 }
 
@@ -30,23 +30,20 @@ fn ep(addr: &str, hostname: Option<&str>, health: Health) -> Endpoint {
     Endpoint { hostname: hostname.map(str::to_owned), ..endpoint(ip(addr), 8080, health) }
 }
 
-fn sport(name: Option<&str>, port: u16) -> ServicePort {
-    ServicePort {
-        name: name.map(str::to_owned),
-        protocol: Protocol::Tcp,
-        port,
-        app_protocol: None,
-        target_port: None,
-    }
-}
-
-fn export(
+/// An export of `key` from `cluster` with one TCP port 80 named `http` and `endpoints`.
+pub(crate) fn export(
     key: &ServiceKey,
     cluster: &str,
     ty: ServiceType,
     endpoints: Vec<Endpoint>,
 ) -> Arc<ExportedService> {
-    Arc::new(exported(key.clone(), cluster, ty, vec![sport(Some("http"), 80)], endpoints))
+    Arc::new(exported(
+        key.clone(),
+        cluster,
+        ty,
+        vec![ServicePort::tcp(Some("http"), 80)],
+        endpoints,
+    ))
 }
 
 fn import(
@@ -56,21 +53,9 @@ fn import(
     clusters: Vec<Arc<ExportedService>>,
 ) -> Arc<ImportedService> {
     let all: BTreeSet<ClusterId> = clusters.iter().map(|c| c.cluster.clone()).collect();
-    Arc::new(ImportedService {
-        key: key.clone(),
-        service_type: ty,
-        ports: vec![ImportPort { port: sport(Some("http"), 80), clusters: all }],
-        session_affinity: SessionAffinity::None,
-        internal_traffic_policy: None,
-        traffic_distribution: None,
-        ip_families: vec![],
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        ips: ips.iter().map(|s| ip(s)).collect(),
-        winner: cid("east"),
-        clusters: clusters.into_iter().map(|c| (c.cluster.clone(), c)).collect(),
-        conflicts: vec![],
-    })
+    let ports = vec![ImportPort { port: ServicePort::tcp(Some("http"), 80), clusters: all }];
+    let ips = ips.iter().map(|s| ip(s)).collect();
+    Arc::new(imported(key.clone(), ty, ports, ips, cid("east"), clusters))
 }
 
 fn locality(region: &str, zone: &str) -> Locality {
@@ -164,7 +149,7 @@ pub fn cluster_state() -> ClusterState {
             kube_type: "ClusterIP".into(),
             headless: ips.is_empty(),
             cluster_ips: ips,
-            ports: vec![sport(Some("http"), 80)],
+            ports: vec![ServicePort::tcp(Some("http"), 80)],
             session_affinity: SessionAffinity::None,
             internal_traffic_policy: None,
             traffic_distribution: None,

@@ -98,7 +98,8 @@ pub mod testing {
     use std::sync::Arc;
 
     use crate::model::{
-        ClusterId, Endpoint, EndpointPort, ExportSet, ExportedService, Health, Locality, Protocol,
+        ClusterId, Endpoint, EndpointPort, ExportSet, ExportedService, Health, ImportPort,
+        ImportedService, IpFamily, LocalService, Locality, Protocol, ServiceExportObject,
         ServiceKey, ServicePort, ServiceType, SessionAffinity,
     };
 
@@ -141,6 +142,91 @@ pub mod testing {
             ports: vec![EndpointPort { name: Some("http".into()), protocol: Protocol::Tcp, port }],
             health,
         }
+    }
+
+    /// A ready endpoint at `address` with no ports, hostname or zone (as a Kubernetes
+    /// EndpointSlice entry is before ports are attached).
+    pub fn bare_endpoint(address: &str, health: Health) -> Endpoint {
+        Endpoint {
+            address: address.parse().expect("test endpoint address is valid"),
+            hostname: None,
+            ready: true,
+            zone: None,
+            ports: Vec::new(),
+            health,
+        }
+    }
+
+    /// A local ClusterIP service `key` at `cluster_ip`, IPv4, with one TCP port 80 named `http`
+    /// and ready endpoints at `endpoints` of unknown health.
+    pub fn local_service(key: ServiceKey, cluster_ip: &str, endpoints: &[&str]) -> LocalService {
+        LocalService {
+            key,
+            kube_type: "ClusterIP".into(),
+            cluster_ips: vec![cluster_ip.parse().expect("test cluster ip is valid")],
+            headless: false,
+            ports: vec![ServicePort::tcp(Some("http"), 80)],
+            session_affinity: SessionAffinity::None,
+            internal_traffic_policy: None,
+            traffic_distribution: None,
+            ip_families: vec![IpFamily::IPv4],
+            endpoints: endpoints.iter().map(|ip| bare_endpoint(ip, Health::Unknown)).collect(),
+        }
+    }
+
+    /// A ServiceExport of `key` created at `created`, exporting `labels` and no annotations.
+    pub fn export_object(
+        key: ServiceKey,
+        created: jiff::Timestamp,
+        labels: BTreeMap<String, String>,
+    ) -> ServiceExportObject {
+        ServiceExportObject {
+            key,
+            created,
+            exported_labels: labels,
+            exported_annotations: BTreeMap::new(),
+        }
+    }
+
+    /// An import of `key` as `winner` and `exports` merged it, with `ports`, ClusterSetIPs
+    /// `ips`, and every other field at its default: no session affinity, traffic policy or
+    /// distribution, IP families, labels, annotations or conflicts.
+    pub fn imported(
+        key: ServiceKey,
+        service_type: ServiceType,
+        ports: Vec<ImportPort>,
+        ips: Vec<IpAddr>,
+        winner: ClusterId,
+        exports: Vec<Arc<ExportedService>>,
+    ) -> ImportedService {
+        ImportedService {
+            key,
+            service_type,
+            ports,
+            session_affinity: SessionAffinity::None,
+            internal_traffic_policy: None,
+            traffic_distribution: None,
+            ip_families: vec![],
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            ips,
+            winner,
+            clusters: exports.into_iter().map(|e| (e.cluster.clone(), e)).collect(),
+            conflicts: vec![],
+        }
+    }
+
+    /// Waits (at most 5 s) until the value `rx` watches satisfies `f`; panics naming `what`
+    /// when it does not, or when the channel closes.
+    pub async fn eventually<T>(
+        rx: &mut tokio::sync::watch::Receiver<T>,
+        what: &str,
+        f: impl Fn(&T) -> bool,
+    ) {
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.wait_for(|v| f(v)))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .unwrap_or_else(|_| panic!("channel closed waiting for {what}"));
     }
 
     /// A ClusterSetIP service `namespace/name` of `cluster` with one TCP port 80 and

@@ -7,6 +7,7 @@ use tokio::sync::{mpsc, watch};
 use crate::mcs::Validity;
 
 use super::*;
+use crate::exchange::delta::testing::{bare_endpoint, eventually};
 use crate::model::{ConditionStatus, Endpoint, Health, IpFamily, ServicePort};
 
 fn cid(s: &str) -> ClusterId {
@@ -18,14 +19,7 @@ fn key(name: &str) -> ServiceKey {
 }
 
 fn ep(ip: &str) -> Endpoint {
-    Endpoint {
-        address: ip.parse().unwrap(),
-        hostname: None,
-        ready: true,
-        zone: None,
-        ports: Vec::new(),
-        health: Health::Healthy,
-    }
+    bare_endpoint(ip, Health::Healthy)
 }
 
 fn exported(
@@ -538,13 +532,6 @@ fn publishing_records_metrics() {
         .collect();
     assert_eq!(values.get(METRIC_IMPORTED_SERVICES), Some(&DebugValue::Gauge(2.0.into())));
     assert_eq!(values.get(METRIC_IMPORT_UPDATES), Some(&DebugValue::Counter(1)));
-}
-
-async fn eventually<T>(rx: &mut watch::Receiver<T>, what: &str, f: impl Fn(&T) -> bool) {
-    tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| f(v)))
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-        .unwrap_or_else(|_| panic!("channel closed waiting for {what}"));
 }
 
 #[tokio::test]

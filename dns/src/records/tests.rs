@@ -4,19 +4,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use fedgate_discovery::exchange::delta::testing::{endpoint, exported};
+use fedgate_discovery::exchange::delta::testing::{endpoint, imported};
 use fedgate_discovery::model::{
     ClusterId, Endpoint, ExportedService, Health, ImportPort, ImportedService, LocalService,
-    Locality, Protocol, ServiceKey, ServicePort, ServiceType, SessionAffinity,
+    Locality, ServiceKey, ServicePort, ServiceType, SessionAffinity,
 };
 use hickory_proto::rr::RecordType;
 
 use super::*;
+pub(crate) use crate::fixture::{cid, export};
 use crate::tier::parse_priority;
-
-pub(crate) fn cid(s: &str) -> ClusterId {
-    ClusterId::new(s).expect("cluster id")
-}
 
 pub(crate) fn ep(ip: &str, hostname: Option<&str>, ready: bool, health: Health) -> Endpoint {
     Endpoint {
@@ -27,22 +24,7 @@ pub(crate) fn ep(ip: &str, hostname: Option<&str>, ready: bool, health: Health) 
 }
 
 pub(crate) fn port(name: Option<&str>, p: u16) -> ServicePort {
-    ServicePort {
-        name: name.map(str::to_owned),
-        protocol: Protocol::Tcp,
-        port: p,
-        app_protocol: None,
-        target_port: None,
-    }
-}
-
-pub(crate) fn export(
-    key: &ServiceKey,
-    cluster: &str,
-    ty: ServiceType,
-    endpoints: Vec<Endpoint>,
-) -> Arc<ExportedService> {
-    Arc::new(exported(key.clone(), cluster, ty, vec![port(Some("http"), 80)], endpoints))
+    ServicePort::tcp(name, p)
 }
 
 pub(crate) fn import(
@@ -52,26 +34,14 @@ pub(crate) fn import(
     ips: &[&str],
     clusters: Vec<Arc<ExportedService>>,
 ) -> ImportedService {
-    let key = ServiceKey::new(ns, name);
     let all: BTreeSet<ClusterId> = clusters.iter().map(|c| c.cluster.clone()).collect();
-    ImportedService {
-        key,
-        service_type: ty,
-        ports: vec![
-            ImportPort { port: port(Some("http"), 80), clusters: all.clone() },
-            ImportPort { port: port(None, 81), clusters: all },
-        ],
-        session_affinity: SessionAffinity::None,
-        internal_traffic_policy: None,
-        traffic_distribution: None,
-        ip_families: vec![],
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        ips: ips.iter().map(|s| s.parse().expect("ip")).collect(),
-        winner: clusters.first().map_or_else(|| cid("east"), |c| c.cluster.clone()),
-        clusters: clusters.into_iter().map(|c| (c.cluster.clone(), c)).collect(),
-        conflicts: vec![],
-    }
+    let ports = vec![
+        ImportPort { port: port(Some("http"), 80), clusters: all.clone() },
+        ImportPort { port: port(None, 81), clusters: all },
+    ];
+    let ips = ips.iter().map(|s| s.parse().expect("ip")).collect();
+    let winner = clusters.first().map_or_else(|| cid("east"), |c| c.cluster.clone());
+    imported(ServiceKey::new(ns, name), ty, ports, ips, winner, clusters)
 }
 
 struct World {
