@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::{PEER_LEASE_EXPIRIES_TOTAL, PEER_SESSION_RESETS_TOTAL};
 use super::{ControlLink, SessionSettings, Shared};
-use crate::exchange::{ExchangeError, PeerEvent, WatchSettings, watch_peer};
+use crate::exchange::{PeerEvent, WatchSettings, watch_peer};
 use crate::model::{ClusterId, ExportSet, PeerUpdate};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -36,11 +36,11 @@ pub(super) struct Session<L: ControlLink> {
     draining: bool,
 }
 
-enum Step<L> {
+enum Step<L, T> {
     Stop,
     Link(Option<L>),
     LeaseExpired,
-    Event(Option<Result<PeerEvent, ExchangeError>>),
+    Done(T),
 }
 
 impl<L: ControlLink> Session<L> {
@@ -171,24 +171,13 @@ impl<L: ControlLink> Session<L> {
             if let Some(channel) = channel {
                 let mut events = watch_peer(channel, self.watch.clone(), self.exports.clone());
                 loop {
-                    let deadline = self.lease_deadline();
-                    let step = tokio::select! {
-                        _ = self.shutdown.cancelled() => Step::Stop,
-                        _ = link.closed() => Step::Stop,
-                        new = next_link(&mut self.links) => Step::Link(new),
-                        _ = sleep_opt(deadline) => Step::LeaseExpired,
-                        ev = events.next() => Step::Event(ev),
-                    };
-                    match step {
-                        Step::Stop | Step::Link(None) => return None,
-                        Step::Link(Some(new)) if !new.same(link) => return Some(new),
-                        Step::Link(Some(_)) => {}
-                        Step::LeaseExpired => self.expire_lease().await,
-                        Step::Event(Some(Ok(ev))) => {
+                    match self.wait(link, events.next()).await {
+                        Err(next) => return next,
+                        Ok(Some(Ok(ev))) => {
                             retry.reset();
                             self.on_event(ev).await;
                         }
-                        Step::Event(Some(Err(e))) => {
+                        Ok(Some(Err(e))) => {
                             metrics::counter!(PEER_SESSION_RESETS_TOTAL, "reason" => e.reason())
                                 .increment(1);
                             if !link.is_closed() {
@@ -199,29 +188,38 @@ impl<L: ControlLink> Session<L> {
                             }
                             break;
                         }
-                        Step::Event(None) => break,
+                        Ok(None) => break,
                     }
                 }
             }
             // Wait before re-watching, still minding the connection, the lease and shutdown.
-            let pause = tokio::time::sleep(retry.fail());
-            tokio::pin!(pause);
-            loop {
-                let deadline = self.lease_deadline();
-                let step = tokio::select! {
-                    _ = self.shutdown.cancelled() => Step::Stop,
-                    _ = link.closed() => Step::Stop,
-                    new = next_link(&mut self.links) => Step::Link(new),
-                    _ = sleep_opt(deadline) => Step::LeaseExpired,
-                    _ = &mut pause => Step::Event(None),
-                };
-                match step {
-                    Step::Stop | Step::Link(None) => return None,
-                    Step::Link(Some(new)) if !new.same(link) => return Some(new),
-                    Step::Link(Some(_)) => {}
-                    Step::LeaseExpired => self.expire_lease().await,
-                    Step::Event(_) => break,
-                }
+            if let Err(next) = self.wait(link, tokio::time::sleep(retry.fail())).await {
+                return next;
+            }
+        }
+    }
+
+    /// Waits for `work` while minding what every wait of the session minds: shutdown, the
+    /// connection closing or being replaced, and the lease (expired here, and the wait goes
+    /// on). `Err` carries what [`Self::exchange`] returns: the connection to serve next, if
+    /// any.
+    async fn wait<T>(&mut self, link: &L, work: impl Future<Output = T>) -> Result<T, Option<L>> {
+        tokio::pin!(work);
+        loop {
+            let deadline = self.lease_deadline();
+            let step = tokio::select! {
+                _ = self.shutdown.cancelled() => Step::Stop,
+                _ = link.closed() => Step::Stop,
+                new = next_link(&mut self.links) => Step::Link(new),
+                _ = sleep_opt(deadline) => Step::LeaseExpired,
+                out = &mut work => Step::Done(out),
+            };
+            match step {
+                Step::Stop | Step::Link(None) => return Err(None),
+                Step::Link(Some(new)) if !new.same(link) => return Err(Some(new)),
+                Step::Link(Some(_)) => {}
+                Step::LeaseExpired => self.expire_lease().await,
+                Step::Done(out) => return Ok(out),
             }
         }
     }
