@@ -294,26 +294,18 @@ impl ClientCertVerifier for PeerClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let current = self.credentials.current.load();
-        current.client_verifier.verify_client_cert(end_entity, intermediates, now).map_err(
-            |e| {
-                self.sink.record(
-                    "accept",
-                    Rejection::new(classify(&e), format!("certificate chain: {e}")),
-                );
-                e
-            },
-        )?;
-        let peer = check_peer_identity(
+        let chain = self.credentials.current.load().client_verifier.verify_client_cert(
             end_entity,
-            &self.credentials.clusterset,
+            intermediates,
+            now,
+        );
+        self.credentials.verify_peer(
+            &self.sink,
+            "accept",
+            chain.map(drop),
+            end_entity,
             Expected::AnyOf(&self.peers),
-        )
-        .map_err(|r| {
-            self.sink.record("accept", r);
-            rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
-        })?;
-        self.credentials.peer_verified(&peer, end_entity);
+        )?;
         Ok(ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -322,12 +314,7 @@ impl ClientCertVerifier for PeerClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.credentials.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, self.credentials.algorithms())
     }
     fn verify_tls13_signature(
         &self,
@@ -335,15 +322,10 @@ impl ClientCertVerifier for PeerClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.credentials.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, self.credentials.algorithms())
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.credentials.provider.signature_verification_algorithms.supported_schemes()
+        self.credentials.algorithms().supported_schemes()
     }
 }
 
@@ -372,24 +354,16 @@ impl ServerCertVerifier for PeerServerVerifier {
                 &roots,
                 intermediates,
                 now,
-                self.credentials.provider.signature_verification_algorithms.all,
+                self.credentials.algorithms().all,
             )
         });
-        chain.map_err(|e| {
-            self.sink
-                .record("dial", Rejection::new(classify(&e), format!("certificate chain: {e}")));
-            e
-        })?;
-        let peer = check_peer_identity(
+        self.credentials.verify_peer(
+            &self.sink,
+            "dial",
+            chain.map(drop),
             end_entity,
-            &self.credentials.clusterset,
             Expected::Exactly(&self.expected),
-        )
-        .map_err(|r| {
-            self.sink.record("dial", r);
-            rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
-        })?;
-        self.credentials.peer_verified(&peer, end_entity);
+        )?;
         Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -398,12 +372,7 @@ impl ServerCertVerifier for PeerServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.credentials.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, self.credentials.algorithms())
     }
     fn verify_tls13_signature(
         &self,
@@ -411,15 +380,10 @@ impl ServerCertVerifier for PeerServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.credentials.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, self.credentials.algorithms())
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.credentials.provider.signature_verification_algorithms.supported_schemes()
+        self.credentials.algorithms().supported_schemes()
     }
 }
 
@@ -590,6 +554,34 @@ impl Credentials {
                 .set(v.not_after as f64);
         }
         self.log_expiry_warnings();
+    }
+
+    /// The second half of either side's verification, after the chain check (`chain`): a
+    /// failed chain is recorded in `sink` under `side`, then the leaf's SPIFFE id must be
+    /// `expected`; a peer that passes updates its expiry gauge and warning.
+    fn verify_peer(
+        &self,
+        sink: &RejectionSink,
+        side: &'static str,
+        chain: Result<(), rustls::Error>,
+        end_entity: &CertificateDer<'_>,
+        expected: Expected<'_>,
+    ) -> Result<(), rustls::Error> {
+        chain.map_err(|e| {
+            sink.record(side, Rejection::new(classify(&e), format!("certificate chain: {e}")));
+            e
+        })?;
+        let peer = check_peer_identity(end_entity, &self.clusterset, expected).map_err(|r| {
+            sink.record(side, r);
+            rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+        })?;
+        self.peer_verified(&peer, end_entity);
+        Ok(())
+    }
+
+    /// The signature algorithms both sides verify handshake signatures with.
+    fn algorithms(&self) -> &rustls::crypto::WebPkiSupportedAlgorithms {
+        &self.provider.signature_verification_algorithms
     }
 
     /// A peer's leaf passed verification: its expiry gauge and warning.
