@@ -6,14 +6,14 @@
 //! instead, for many concurrent connections on a machine with cores to spare.
 //!
 //! Why: a packet passes up to three tasks (quinn's endpoint task, its connection task, the proxy
-//! task; since session 9 the vendored quinn skips the connection task while it is idle,
-//! vendor/README.md). On the multi-thread runtime they were spread over both workers, so packets
-//! woke the other worker through a futex: 3.4 futex calls per proxied 1 KB round trip, 17.6
-//! syscalls in all. On this thread the hand-offs are queue pushes: no futex calls, 13.8 syscalls,
-//! and iperf3 through the tunnel moves a GB with 7–12 % less CPU (two measurements,
-//! docs/benchmarks.md, session 5). quinn drives each peer connection from one task anyway; on two
-//! cores a pool of two data-plane workers used more CPU per GB than the old shared runtime, hence
-//! one thread by default.
+//! task; quinn is used as released, the fork of sessions 9-11 that skipped the idle connection
+//! task is gone: docs/decisions.md). On the multi-thread runtime they were spread over both
+//! workers, so packets woke the other worker through a futex: 3.4 futex calls per proxied 1 KB
+//! round trip, 17.6 syscalls in all. On this thread the hand-offs are queue pushes: no futex
+//! calls, 13.8 syscalls, and iperf3 through the tunnel moves a GB with 7–12 % less CPU (two
+//! measurements, docs/benchmarks.md, session 5). quinn drives each peer connection from one
+//! task anyway; on two cores a pool of two data-plane workers used more CPU per GB than the old
+//! shared runtime, hence one thread by default.
 //!
 //! With `traffic.busyPoll` the thread polls for a while after traffic instead of sleeping at
 //! once (`busy_poll_task`): lower latency where idle CPUs halt, for CPU.

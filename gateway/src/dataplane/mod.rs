@@ -126,8 +126,8 @@ pub enum DataPlaneError {
     Bind(SocketAddr, #[source] std::io::Error),
 }
 
-/// What the data plane needs from the QUIC tunnel; implemented for `fedgate_tunnel`'s
-/// `PeerHandle`, and by an in-memory loopback in tests.
+/// What the data plane needs from the QUIC tunnel; implemented by [`peers::PeerTunnel`] over
+/// `fedgate_tunnel`'s `PeerHandle`, and by an in-memory loopback in tests.
 pub trait Tunnel: Send + Sync + 'static {
     /// Opens a stream to `peer` (the tunnel writes the stream-kind byte).
     fn open(&self, peer: &ClusterId) -> BoxFuture<'static, Result<(BoxSend, BoxRecv), String>>;
