@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use fedgate_discovery::failover;
 use fedgate_discovery::model::{
-    ClusterId, Health, HealthMap, ImportedService, Locality, PeerStatus, ServiceKey, ServicePort,
-    SessionAffinity,
+    ClusterId, Health, ImportedService, PeerStatus, ServiceKey, ServicePort, SessionAffinity,
 };
 use rand::SeedableRng;
 use serde::Serialize;
@@ -109,15 +108,9 @@ impl EndpointState for FrozenState {
 /// Everything [`explain`] looks at: the data plane's selection inputs plus what only the
 /// explanation needs (last probes, peer status, the clock).
 pub struct ExplainInput<'a> {
-    pub local_cluster: &'a ClusterId,
-    pub service: &'a ImportedService,
-    pub port: &'a ServicePort,
-    pub client_labels: &'a BTreeMap<String, String>,
-    pub priority: &'a [PriorityLabel],
-    pub localities: &'a BTreeMap<ClusterId, Locality>,
-    pub unreachable: &'a BTreeSet<ClusterId>,
-    pub local_health: &'a HealthMap,
-    pub state: &'a FrozenState,
+    /// What the data plane's selection looks at, over a frozen copy of its state (which also
+    /// says how long an ejection has left); `only` is none for the whole service.
+    pub selection: SelectionInput<'a, FrozenState>,
     /// Last probe of each local endpoint of this service, by address.
     pub probes: &'a BTreeMap<IpAddr, LastProbe>,
     pub peers: &'a [PeerStatus],
@@ -241,24 +234,14 @@ pub struct Explanation {
 
 /// Explains one service port. Pure: same input, same answer.
 pub fn explain(input: &ExplainInput<'_>) -> Explanation {
-    let views = select::rank(&SelectionInput {
-        service: input.service,
-        port: input.port,
-        local_cluster: input.local_cluster,
-        client_labels: input.client_labels,
-        priority: input.priority,
-        localities: input.localities,
-        unreachable: input.unreachable,
-        local_health: input.local_health,
-        state: input.state,
-        only: None,
-    });
+    let views = select::rank(&input.selection);
     // As the data plane's connect does: with no healthy endpoint, panic routing tries the
     // unhealthy and ejected ones.
     let panic = select::panic_views(&views);
     let in_panic = panic.is_some();
     let views = panic.unwrap_or(views);
-    let sticky = matches!(input.service.session_affinity, SessionAffinity::ClientIP { .. });
+    let sticky =
+        matches!(input.selection.service.session_affinity, SessionAffinity::ClientIP { .. });
     let order = match (sticky, input.client) {
         (true, Some(ip)) => select::plan_sticky(&views, input.per_tier, ip),
         // The seed only orders endpoints inside a tier, which the explanation does not use:
@@ -269,14 +252,14 @@ pub fn explain(input: &ExplainInput<'_>) -> Explanation {
     let endpoints = views.iter().enumerate().map(|(i, v)| endpoint(input, v, i, &decision, &order));
     let endpoints: Vec<EndpointExplanation> = endpoints.collect();
     Explanation {
-        service: input.service.key.clone(),
-        port: input.port.port,
-        protocol: input.port.protocol.as_str(),
-        port_name: input.port.name.clone(),
-        ports: input.service.ports.iter().map(|p| p.port.port).collect(),
-        cluster: input.local_cluster.clone(),
-        client_labels: input.client_labels.clone(),
-        failover_priority: input.priority.to_vec(),
+        service: input.selection.service.key.clone(),
+        port: input.selection.port.port,
+        protocol: input.selection.port.protocol.as_str(),
+        port_name: input.selection.port.name.clone(),
+        ports: input.selection.service.ports.iter().map(|p| p.port.port).collect(),
+        cluster: input.selection.local_cluster.clone(),
+        client_labels: input.selection.client_labels.clone(),
+        failover_priority: input.selection.priority.to_vec(),
         decision,
         endpoints,
     }
@@ -424,17 +407,23 @@ fn endpoint(
     decision: &Decision,
     order: &[usize],
 ) -> EndpointExplanation {
-    let export = input.service.clusters.get(&v.cluster);
+    let export = input.selection.service.clusters.get(&v.cluster);
     let ep = export.and_then(|e| e.endpoints.iter().find(|ep| ep.address == v.address));
     let labels = match ep {
-        Some(ep) => select::endpoint_labels(input.localities.get(&v.cluster), &v.cluster, ep),
+        Some(ep) => {
+            select::endpoint_labels(input.selection.localities.get(&v.cluster), &v.cluster, ep)
+        }
         None => BTreeMap::new(),
     };
     let priority = label_checks(input, &labels, v.tier);
-    let local = v.cluster == *input.local_cluster;
+    let local = v.cluster == *input.selection.local_cluster;
     let last_probe = if local { input.probes.get(&v.address).cloned() } else { None };
-    let ejected_for =
-        input.state.ejected.get(&(v.cluster.clone(), v.address)).map(Duration::as_secs_f64);
+    let ejected_for = input
+        .selection
+        .state
+        .ejected
+        .get(&(v.cluster.clone(), v.address))
+        .map(Duration::as_secs_f64);
     let reasons =
         v.skipped.iter().map(|r| reason(input, v, *r, last_probe.as_ref(), ejected_for)).collect();
     let role = if !v.healthy {
@@ -482,14 +471,15 @@ fn label_checks(
     labels: &BTreeMap<String, String>,
     tier: usize,
 ) -> Vec<LabelCheck> {
-    let matched = input.priority.len().saturating_sub(tier);
-    let stopped_at = input.priority.get(matched).map(|l| l.key.as_str());
+    let matched = input.selection.priority.len().saturating_sub(tier);
+    let stopped_at = input.selection.priority.get(matched).map(|l| l.key.as_str());
     input
+        .selection
         .priority
         .iter()
         .enumerate()
         .map(|(i, label)| {
-            let c = failover::compare(label, input.client_labels, labels);
+            let c = failover::compare(label, input.selection.client_labels, labels);
             let wanted = c.wanted.map(str::to_owned);
             let actual = c.actual.map(str::to_owned);
             let key = &label.key;
@@ -542,7 +532,7 @@ fn reason(
 ) -> String {
     let peer = input.peers.iter().find(|p| p.cluster == v.cluster);
     match skip {
-        SkipReason::Unhealthy if v.cluster == *input.local_cluster => match probe {
+        SkipReason::Unhealthy if v.cluster == *input.selection.local_cluster => match probe {
             Some(p) if !p.ok => format!(
                 "last probe of {} failed {} ago: {}",
                 p.target,
@@ -579,10 +569,13 @@ fn reason(
         },
         SkipReason::NotReady => "its EndpointSlice marks it not ready".to_owned(),
         SkipReason::PortNotExposed => {
-            format!("{} does not export port {} (port conflict)", v.cluster, input.port.port)
+            format!(
+                "{} does not export port {} (port conflict)",
+                v.cluster, input.selection.port.port
+            )
         }
         SkipReason::NoMatchingPort => {
-            format!("no port of the endpoint serves service port {}", input.port.port)
+            format!("no port of the endpoint serves service port {}", input.selection.port.port)
         }
         SkipReason::NotTarget => "not the endpoint this VIP leads to".to_owned(),
     }
@@ -596,9 +589,9 @@ fn age(now: jiff::Timestamp, then: jiff::Timestamp) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::select::tests::{cid, ep, export, http_port, localities, service};
+    use crate::dataplane::select::tests::{Client, cid, ep, export, http_port, service};
     use fedgate_discovery::model::{
-        Endpoint, LABEL_REGION, LABEL_SOURCE_CLUSTER, LABEL_ZONE, ServiceKey,
+        Endpoint, HealthMap, LABEL_REGION, LABEL_SOURCE_CLUSTER, LABEL_ZONE, ServiceKey,
     };
 
     fn priority() -> Vec<PriorityLabel> {
@@ -648,20 +641,21 @@ mod tests {
 
     /// [`run`] with another failover priority and clock.
     fn run_with(w: &World, prio: &[PriorityLabel], now: jiff::Timestamp) -> Explanation {
-        let local = cid("east");
-        let loc = localities();
-        let client = loc[&local].labels_for(&local);
+        let client = Client::east();
         let port = http_port();
         explain(&ExplainInput {
-            local_cluster: &local,
-            service: &w.service,
-            port: &port,
-            client_labels: &client,
-            priority: prio,
-            localities: &loc,
-            unreachable: &w.unreachable,
-            local_health: &w.local_health,
-            state: &w.state,
+            selection: SelectionInput {
+                service: &w.service,
+                port: &port,
+                local_cluster: &client.local,
+                client_labels: &client.labels,
+                priority: prio,
+                localities: &client.localities,
+                unreachable: &w.unreachable,
+                local_health: &w.local_health,
+                state: &w.state,
+                only: None,
+            },
             probes: &w.probes,
             peers: &w.peers,
             client: w.client,

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::activity::{FailoverEvent, FlowStats, RefusedStats};
 use super::health::LastProbe;
+use super::select::SelectionInput;
 use super::{CANDIDATES_PER_TIER, DebugHandle};
 use crate::explain::{self, ExplainError, ExplainInput, Explanation, FrozenState};
 
@@ -131,15 +132,18 @@ impl DebugHandle {
             .filter_map(|ep| shared.probes.get(&service.key, ep.address).map(|p| (ep.address, p)))
             .collect();
         Ok(explain::explain(&ExplainInput {
-            local_cluster: &shared.settings.cluster,
-            service,
-            port,
-            client_labels: &shared.client_labels,
-            priority: &shared.priority,
-            localities: &snapshot.localities,
-            unreachable: &unreachable,
-            local_health: &local_health,
-            state: &state,
+            selection: SelectionInput {
+                service,
+                port,
+                local_cluster: &shared.settings.cluster,
+                client_labels: &shared.client_labels,
+                priority: &shared.priority,
+                localities: &snapshot.localities,
+                unreachable: &unreachable,
+                local_health: &local_health,
+                state: &state,
+                only: None,
+            },
             probes: &probes,
             peers,
             client: query.client,

@@ -59,8 +59,9 @@ pub trait EndpointState {
     fn outstanding(&self, cluster: &ClusterId, address: IpAddr) -> u32;
 }
 
-/// Everything [`rank`] looks at.
-pub struct SelectionInput<'a> {
+/// Everything [`rank`] looks at. `S` is the live endpoint state: the data plane's table, or
+/// the frozen copy [`crate::explain`] reads as well.
+pub struct SelectionInput<'a, S: EndpointState + ?Sized = dyn EndpointState + 'a> {
     pub service: &'a ImportedService,
     /// The requested port (as imported).
     pub port: &'a ServicePort,
@@ -72,7 +73,7 @@ pub struct SelectionInput<'a> {
     pub unreachable: &'a BTreeSet<ClusterId>,
     /// Health of local endpoints from this gateway's own probes (fresher than the snapshot).
     pub local_health: &'a HealthMap,
-    pub state: &'a dyn EndpointState,
+    pub state: &'a S,
     /// Restrict to one endpoint (headless endpoint VIPs).
     pub only: Option<(&'a ClusterId, IpAddr)>,
 }
@@ -109,7 +110,7 @@ pub fn exported_port<'a>(export: &'a ExportedService, port: &'a ServicePort) -> 
 
 /// Every endpoint of the service for the requested port, sorted by tier, then cluster and
 /// address, with health and skip reasons.
-pub fn rank(input: &SelectionInput<'_>) -> Vec<EndpointView> {
+pub fn rank<S: EndpointState + ?Sized>(input: &SelectionInput<'_, S>) -> Vec<EndpointView> {
     let exposing = input
         .service
         .ports
@@ -448,6 +449,48 @@ pub(crate) mod tests {
         PriorityLabel::parse_all(&[LABEL_REGION, LABEL_SOURCE_CLUSTER, LABEL_ZONE])
     }
 
+    /// The client side the selection tests share: gateway `east` (us/us-a) among
+    /// [`localities`], with its labels and the default failover priority.
+    pub(crate) struct Client {
+        pub local: ClusterId,
+        pub localities: BTreeMap<ClusterId, Locality>,
+        pub labels: BTreeMap<String, String>,
+        pub priority: Vec<PriorityLabel>,
+    }
+
+    impl Client {
+        pub(crate) fn east() -> Self {
+            let local = cid("east");
+            let localities = localities();
+            let labels = localities[&local].labels_for(&local);
+            Self { local, localities, labels, priority: default_priority() }
+        }
+
+        /// [`rank`] as this client sees `service`.
+        fn rank(
+            &self,
+            service: &ImportedService,
+            port: &ServicePort,
+            unreachable: &BTreeSet<ClusterId>,
+            local_health: &HealthMap,
+            state: &dyn EndpointState,
+            only: Option<(&ClusterId, IpAddr)>,
+        ) -> Vec<EndpointView> {
+            rank(&SelectionInput {
+                service,
+                port,
+                local_cluster: &self.local,
+                client_labels: &self.labels,
+                priority: &self.priority,
+                localities: &self.localities,
+                unreachable,
+                local_health,
+                state,
+                only,
+            })
+        }
+    }
+
     struct Scenario {
         what: &'static str,
         service: ImportedService,
@@ -462,10 +505,7 @@ pub(crate) mod tests {
 
     #[test]
     fn selection_scenarios() {
-        let local = cid("east");
-        let loc = localities();
-        let client = loc[&local].labels_for(&local);
-        let priority = default_priority();
+        let client = Client::east();
         let h = Health::Healthy;
         let three = || {
             service(
@@ -567,19 +607,8 @@ pub(crate) mod tests {
             };
             let only_cluster = s.only.map(|(c, _)| cid(c));
             let port = http_port();
-            let input = SelectionInput {
-                service: &s.service,
-                port: &port,
-                local_cluster: &local,
-                client_labels: &client,
-                priority: &priority,
-                localities: &loc,
-                unreachable: &unreachable,
-                local_health: &local_health,
-                state: &state,
-                only: only_cluster.as_ref().zip(s.only.map(|(_, a)| a.parse().unwrap())),
-            };
-            let views = rank(&input);
+            let only = only_cluster.as_ref().zip(s.only.map(|(_, a)| a.parse().unwrap()));
+            let views = client.rank(&s.service, &port, &unreachable, &local_health, &state, only);
             let got: Vec<String> = plan(&views, 8, &mut StdRng::seed_from_u64(1))
                 .into_iter()
                 .map(|i| views[i].address.to_string())
@@ -590,10 +619,7 @@ pub(crate) mod tests {
 
     #[test]
     fn explain_says_why() {
-        let local = cid("east");
-        let loc = localities();
-        let client = loc[&local].labels_for(&local);
-        let priority = default_priority();
+        let client = Client::east();
         let svc = service(
             vec![
                 export("east", vec![ep("10.0.0.1", None, Health::Healthy)]),
@@ -612,18 +638,7 @@ pub(crate) mod tests {
         port.target_port = None;
         let state = FakeState::default();
         let unreachable = [cid("west")].into_iter().collect();
-        let views = rank(&SelectionInput {
-            service: &svc,
-            port: &port,
-            local_cluster: &local,
-            client_labels: &client,
-            priority: &priority,
-            localities: &loc,
-            unreachable: &unreachable,
-            local_health: &HealthMap::new(),
-            state: &state,
-            only: None,
-        });
+        let views = client.rank(&svc, &port, &unreachable, &HealthMap::new(), &state, None);
         assert_eq!(views[0].tier, 0);
         assert_eq!(views[0].port, Some(8080));
         assert!(views[0].healthy);
@@ -718,10 +733,7 @@ pub(crate) mod tests {
     #[test]
     fn rank_and_plan_cost_per_connection() {
         // 3 clusters × 100 endpoints: what every new client connection pays.
-        let local = cid("east");
-        let loc = localities();
-        let client = loc[&local].labels_for(&local);
-        let priority = default_priority();
+        let client = Client::east();
         let eps = |prefix: u8| -> Vec<Endpoint> {
             (0..100u8).map(|i| ep(&format!("10.{prefix}.0.{i}"), None, Health::Healthy)).collect()
         };
@@ -737,18 +749,7 @@ pub(crate) mod tests {
         let rounds = 200;
         let started = std::time::Instant::now();
         for _ in 0..rounds {
-            let views = rank(&SelectionInput {
-                service: &svc,
-                port: &port,
-                local_cluster: &local,
-                client_labels: &client,
-                priority: &priority,
-                localities: &loc,
-                unreachable: &unreachable,
-                local_health: &health,
-                state: &state,
-                only: None,
-            });
+            let views = client.rank(&svc, &port, &unreachable, &health, &state, None);
             let order = plan(&views, 8, &mut rng);
             assert_eq!(order.len(), 24);
             assert_eq!(views[order[0]].tier, 0);
