@@ -186,11 +186,15 @@ fn san_dns(name: String) -> Result<SanType, CertError> {
     Ok(SanType::DnsName(value))
 }
 
-/// Makes a self-signed clusterset CA.
-pub fn create_ca(clusterset: &str, opts: &CertOptions) -> Result<CertPair, CertError> {
-    check_clusterset(clusterset)?;
+/// A new key (`what` names it in errors) and the parameters every certificate made here
+/// shares: `opts`' validity window, a random serial, organization `fedgate` and `common_name`.
+fn key_and_params(
+    opts: &CertOptions,
+    what: &'static str,
+    common_name: String,
+) -> Result<(KeyPair, CertificateParams), CertError> {
     let key = KeyPair::generate_for(opts.key_type.algorithm())
-        .map_err(|source| CertError::Generate { what: "CA key", source })?;
+        .map_err(|source| CertError::Generate { what, source })?;
     let mut params = CertificateParams::default();
     let (not_before, not_after) = validity_window(opts)?;
     params.not_before = not_before;
@@ -198,8 +202,15 @@ pub fn create_ca(clusterset: &str, opts: &CertOptions) -> Result<CertPair, CertE
     params.serial_number = Some(random_serial());
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "fedgate");
-    dn.push(DnType::CommonName, format!("fedgate {clusterset} CA"));
+    dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
+    Ok((key, params))
+}
+
+/// Makes a self-signed clusterset CA.
+pub fn create_ca(clusterset: &str, opts: &CertOptions) -> Result<CertPair, CertError> {
+    check_clusterset(clusterset)?;
+    let (key, mut params) = key_and_params(opts, "CA key", format!("fedgate {clusterset} CA"))?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -234,17 +245,8 @@ pub fn issue(
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)
         .map_err(|source| CertError::Generate { what: "issuer from the CA certificate", source })?;
 
-    let key = KeyPair::generate_for(opts.key_type.algorithm())
-        .map_err(|source| CertError::Generate { what: "gateway key", source })?;
-    let mut params = CertificateParams::default();
-    let (not_before, not_after) = validity_window(opts)?;
-    params.not_before = not_before;
-    params.not_after = not_after;
-    params.serial_number = Some(random_serial());
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "fedgate");
-    dn.push(DnType::CommonName, format!("{cluster}.{clusterset}.{DNS_SAN_SUFFIX}"));
-    params.distinguished_name = dn;
+    let (key, mut params) =
+        key_and_params(opts, "gateway key", format!("{cluster}.{clusterset}.{DNS_SAN_SUFFIX}"))?;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages =

@@ -98,15 +98,8 @@ pub struct CaArgs {
     /// Lifetime, e.g. 365d, 8760h.
     #[arg(long, value_parser = parse_validity, default_value = "365d")]
     pub validity: Duration,
-    #[arg(long, value_enum, default_value_t = KeyType::EcdsaP256)]
-    pub key_type: KeyType,
-    /// Overwrite existing files.
-    #[arg(long)]
-    pub force: bool,
-    /// Make the certificate even if it is expired (or expires within the 5m clock-skew
-    /// allowance) as it is issued, e.g. to test refusals; a warning is printed.
-    #[arg(long)]
-    pub allow_expired: bool,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Debug, Args)]
@@ -127,6 +120,14 @@ pub struct IssueArgs {
     /// clock skew; a certificate expired as it is issued is refused (see --allow-expired).
     #[arg(long, value_parser = parse_validity, default_value = "90d")]
     pub validity: Duration,
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+// The options `certs ca` and `certs issue` share after `--validity`. (No `///` here: clap
+// would take it as the about text of the command it is flattened into.)
+#[derive(Debug, Args)]
+pub struct KeyArgs {
     #[arg(long, value_enum, default_value_t = KeyType::EcdsaP256)]
     pub key_type: KeyType,
     /// Overwrite existing files.
@@ -136,6 +137,17 @@ pub struct IssueArgs {
     /// allowance) as it is issued, e.g. to test how peers refuse it; a warning is printed.
     #[arg(long)]
     pub allow_expired: bool,
+}
+
+impl KeyArgs {
+    /// The certificate options for a certificate valid for `validity`.
+    fn options(&self, validity: Duration) -> CertOptions {
+        CertOptions {
+            key_type: self.key_type,
+            allow_expired: self.allow_expired,
+            ..CertOptions::new(validity)
+        }
+    }
 }
 
 fn parse_validity(s: &str) -> Result<Duration, String> {
@@ -301,27 +313,18 @@ fn report(result: Result<Vec<PathBuf>, certs::CertError>, out: &mut dyn Write) -
 }
 
 fn certs_ca(args: &CaArgs) -> Result<Vec<PathBuf>, certs::CertError> {
-    let opts = CertOptions {
-        key_type: args.key_type,
-        allow_expired: args.allow_expired,
-        ..CertOptions::new(args.validity)
-    };
-    let ca = certs::create_ca(&args.clusterset, &opts)?;
+    let ca = certs::create_ca(&args.clusterset, &args.key.options(args.validity))?;
     warn_if_expired("CA certificate", &ca.cert_pem);
-    certs::write_ca(&args.out, &ca, args.force)
+    certs::write_ca(&args.out, &ca, args.key.force)
 }
 
 fn certs_issue(args: &IssueArgs) -> Result<Vec<PathBuf>, certs::CertError> {
     let cluster = ClusterId::new(&args.cluster)?;
     let ca = certs::read_ca(&args.ca)?;
-    let opts = CertOptions {
-        key_type: args.key_type,
-        allow_expired: args.allow_expired,
-        ..CertOptions::new(args.validity)
-    };
+    let opts = args.key.options(args.validity);
     let pair = certs::issue(&ca, args.clusterset.as_deref(), &cluster, &opts)?;
     warn_if_expired("certificate", &pair.cert_pem);
-    certs::write_issued(&args.out, &cluster, &pair, &ca.cert_pem, args.force)
+    certs::write_issued(&args.out, &cluster, &pair, &ca.cert_pem, args.key.force)
 }
 
 /// `--allow-expired` made it: say so on stderr.
@@ -390,7 +393,7 @@ mod tests {
             Command::Certs(CertsCommand::Issue(a)) => {
                 assert_eq!(a.cluster, "east");
                 assert_eq!(a.validity, certs::DEFAULT_CERT_VALIDITY);
-                assert_eq!(a.key_type, KeyType::EcdsaP256);
+                assert_eq!(a.key.key_type, KeyType::EcdsaP256);
                 assert_eq!(a.clusterset, None);
             }
             other => panic!("unexpected {other:?}"),
@@ -410,7 +413,7 @@ mod tests {
         match cli.command {
             Command::Certs(CertsCommand::Ca(a)) => {
                 assert_eq!(a.validity, certs::DEFAULT_CA_VALIDITY);
-                assert_eq!(a.key_type, KeyType::Ed25519);
+                assert_eq!(a.key.key_type, KeyType::Ed25519);
             }
             other => panic!("unexpected {other:?}"),
         }

@@ -26,6 +26,12 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `fedgate certs issue` with the CA in `ca` for `cluster` into `out`, then `extra`.
+fn issue(ca: &Path, cluster: &str, out: &Path, extra: &[&str]) -> Output {
+    let args = ["certs", "issue", "--ca", s(ca), "--cluster", cluster, "--out", s(out)];
+    fedgate(&[&args[..], extra].concat())
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }
@@ -90,18 +96,7 @@ fn certs_then_analyze_then_run() {
     assert_eq!(code(&out), 1);
     assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
 
-    let out = fedgate(&[
-        "certs",
-        "issue",
-        "--ca",
-        s(&ca_dir),
-        "--cluster",
-        "east",
-        "--out",
-        s(&east_dir),
-        "--validity",
-        "30d",
-    ]);
+    let out = issue(&ca_dir, "east", &east_dir, &["--validity", "30d"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     for f in ["east.crt", "east.key", "ca.crt"] {
         assert!(east_dir.join(f).is_file(), "{f} written");
@@ -119,16 +114,7 @@ fn certs_then_analyze_then_run() {
     assert!(certs::key_matches(&leaf, &read(&east_dir.join("east.key"))).expect("key parses"));
 
     // A bad cluster id is invalid input, not a usage error.
-    let out = fedgate(&[
-        "certs",
-        "issue",
-        "--ca",
-        s(&ca_dir),
-        "--cluster",
-        "East",
-        "--out",
-        s(&east_dir),
-    ]);
+    let out = issue(&ca_dir, "East", &east_dir, &[]);
     assert_eq!(code(&out), 1);
     assert!(stderr(&out).contains("invalid cluster id \"East\""), "{}", stderr(&out));
 
@@ -174,16 +160,7 @@ fn certs_then_analyze_then_run() {
     assert_eq!(v["message"], "invalid config, not starting");
 
     // A certificate for another cluster is caught by analyze.
-    let out = fedgate(&[
-        "certs",
-        "issue",
-        "--ca",
-        s(&ca_dir),
-        "--cluster",
-        "west",
-        "--out",
-        s(&east_dir),
-    ]);
+    let out = issue(&ca_dir, "west", &east_dir, &[]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     std::fs::write(
         &good,
