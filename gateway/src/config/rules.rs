@@ -64,11 +64,7 @@ pub(crate) fn semantics(s: &Sections) -> Vec<(String, String)> {
     {
         out.push((
             "discovery.peerLeaseDuration".to_owned(),
-            format!(
-                "{} is shorter than {}",
-                humantime::format_duration(d.peer_lease_duration),
-                humantime::format_duration(MIN_PEER_LEASE_DURATION)
-            ),
+            compared(d.peer_lease_duration, "is shorter than", MIN_PEER_LEASE_DURATION),
         ));
     }
     if let Some(tls) = read(&s.tls, &["tls.ca"])
@@ -82,6 +78,12 @@ pub(crate) fn semantics(s: &Sections) -> Vec<(String, String)> {
     front(s, &mut out);
     traffic(s, &mut out);
     out
+}
+
+/// `"<a> <relation> <b>"` with both durations in humantime's words, e.g. "1m is longer than
+/// interval 30s".
+fn compared(a: Duration, relation: &str, b: Duration) -> String {
+    format!("{} {relation} {}", humantime::format_duration(a), humantime::format_duration(b))
 }
 
 fn cluster(s: &Sections, out: &mut Vec<(String, String)>) {
@@ -326,11 +328,7 @@ fn traffic(s: &Sections, out: &mut Vec<(String, String)>) {
     {
         err(
             TIMEOUT,
-            format!(
-                "{} is longer than interval {}",
-                humantime::format_duration(t.health_check.timeout),
-                humantime::format_duration(t.health_check.interval)
-            ),
+            compared(t.health_check.timeout, "is longer than interval", t.health_check.interval),
         );
     }
     for (path, value) in [
@@ -354,14 +352,7 @@ fn traffic(s: &Sections, out: &mut Vec<(String, String)>) {
     if let Some(t) = read(&s.traffic, &[BUSY_POLL])
         && t.busy_poll > MAX_BUSY_POLL
     {
-        err(
-            BUSY_POLL,
-            format!(
-                "{} is longer than {}",
-                humantime::format_duration(t.busy_poll),
-                humantime::format_duration(MAX_BUSY_POLL)
-            ),
-        );
+        err(BUSY_POLL, compared(t.busy_poll, "is longer than", MAX_BUSY_POLL));
     } else if let Some(t) = read(&s.traffic, &[BUSY_POLL, THREADS])
         && !t.busy_poll.is_zero()
         && t.data_plane_threads > 1
@@ -403,10 +394,10 @@ fn outlier_detection(s: &Sections, err: &mut impl FnMut(&str, String)) {
     {
         err(
             MAX,
-            format!(
-                "{} is shorter than baseEjectionTime {}",
-                humantime::format_duration(t.outlier_detection.max_ejection_time),
-                humantime::format_duration(t.outlier_detection.base_ejection_time)
+            compared(
+                t.outlier_detection.max_ejection_time,
+                "is shorter than baseEjectionTime",
+                t.outlier_detection.base_ejection_time,
             ),
         );
     }

@@ -416,14 +416,21 @@ impl Pki {
         std::fs::write(self.dir.path().join("east.key"), pair.key_pem).expect("write key");
     }
 
-    fn load(&self, text: &str) -> Result<Config, Vec<String>> {
+    /// The errors as text, with this directory's path taken out of the file names.
+    fn strip(&self, e: ConfigErrors) -> Vec<String> {
+        let prefix = format!("{}/", self.dir.path().display());
+        e.iter().map(|e| e.to_string().replace(&prefix, "")).collect()
+    }
+
+    /// Writes `text` as `east.yaml` and loads it.
+    fn write_and_load(&self, text: &str) -> Result<Loaded, Vec<String>> {
         let path = self.dir.path().join("east.yaml");
         std::fs::write(&path, text).expect("write config");
-        let prefix = format!("{}/", self.dir.path().display());
-        let strip = |e: ConfigErrors| -> Vec<String> {
-            e.iter().map(|e| e.to_string().replace(&prefix, "")).collect()
-        };
-        match load(&path).map_err(strip)? {
+        load(&path).map_err(|e| self.strip(e))
+    }
+
+    fn load(&self, text: &str) -> Result<Config, Vec<String>> {
+        match self.write_and_load(text)? {
             Loaded::Complete(c) => Ok(*c),
             Loaded::NeedsClusterId(_) => panic!("config without cluster.id: use load_pending"),
         }
@@ -431,17 +438,11 @@ impl Pki {
 
     /// `load` of a kube-source config without `cluster.id`, finished with `id`.
     fn load_pending(&self, text: &str, id: &str) -> Result<Config, Vec<String>> {
-        let path = self.dir.path().join("east.yaml");
-        std::fs::write(&path, text).expect("write config");
-        let prefix = format!("{}/", self.dir.path().display());
-        let strip = |e: ConfigErrors| -> Vec<String> {
-            e.iter().map(|e| e.to_string().replace(&prefix, "")).collect()
-        };
-        match load(&path).map_err(strip)? {
+        match self.write_and_load(text)? {
             Loaded::Complete(c) => panic!("expected a pending id, got {c:?}"),
             Loaded::NeedsClusterId(p) => {
                 let id = fedgate_discovery::model::ClusterId::new(id).expect("id");
-                p.with_cluster_id(&id).map_err(strip)
+                p.with_cluster_id(&id).map_err(|e| self.strip(e))
             }
         }
     }

@@ -14,6 +14,28 @@ use serde::{Deserialize, Serialize};
 
 use super::traffic::TrafficConfig;
 
+/// `TryFrom<String>` through `FromStr` and `From<T> for String` through `Display`: a type
+/// that serde reads and writes as its text form (`#[serde(try_from = "String", into =
+/// "String")]`).
+macro_rules! text_form {
+    ($($t:ty),+) => {$(
+        impl TryFrom<String> for $t {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                s.parse()
+            }
+        }
+
+        impl From<$t> for String {
+            fn from(v: $t) -> String {
+                v.to_string()
+            }
+        }
+    )+};
+}
+
+text_form!(PriorityLabel, PeerAddress);
+
 /// Clusterset name (and SPIFFE trust domain) when `cluster.clusterset` is not set.
 pub const DEFAULT_CLUSTERSET: &str = "fedgate";
 /// How long a peer may be unreachable before its exports are withdrawn: 15 seconds.
@@ -476,19 +498,6 @@ impl FromStr for PriorityLabel {
     }
 }
 
-impl TryFrom<String> for PriorityLabel {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<PriorityLabel> for String {
-    fn from(l: PriorityLabel) -> String {
-        l.to_string()
-    }
-}
-
 impl fmt::Display for PriorityLabel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.value {
@@ -563,19 +572,6 @@ impl FromStr for PeerAddress {
             return Err(bad());
         }
         Ok(PeerAddress { host: host.to_owned(), port })
-    }
-}
-
-impl TryFrom<String> for PeerAddress {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
-
-impl From<PeerAddress> for String {
-    fn from(a: PeerAddress) -> String {
-        a.to_string()
     }
 }
 
