@@ -321,44 +321,31 @@ impl Bound {
     /// (they keep serving DNS, discovery and the tunnel while connections drain), and the
     /// parts are then joined for at most 5 s.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Parts {
-            source,
-            writer,
-            front,
-            discovery_ready,
-            identity,
-            local_exports,
-            imports,
-            peering,
-            dns,
-            dataplane,
-            admin,
-            data,
-        } = self.parts;
+        let parts = self.parts;
         let rest = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        tasks.spawn(source.run(rest.clone()));
-        tasks.spawn(discovery_ready);
-        if let Some(writer) = writer {
+        tasks.spawn(parts.source.run(rest.clone()));
+        tasks.spawn(parts.discovery_ready);
+        if let Some(writer) = parts.writer {
             tasks.spawn(writer.run(rest.clone()));
         }
-        if let Some(front) = front {
-            tasks.spawn_on(front, data.handle());
+        if let Some(front) = parts.front {
+            tasks.spawn_on(front, parts.data.handle());
         }
-        if let Some(identity) = identity {
+        if let Some(identity) = parts.identity {
             tasks.spawn(identity.run(rest.clone()));
         }
-        tasks.spawn(local_exports.run(rest.clone()));
-        tasks.spawn(imports.run(rest.clone()));
-        tasks.spawn(peering.run(rest.clone()));
-        let stop = rest.clone();
+        tasks.spawn(parts.local_exports.run(rest.clone()));
+        tasks.spawn(parts.imports.run(rest.clone()));
+        tasks.spawn(parts.peering.run(rest.clone()));
+        let (dns, stop) = (parts.dns, rest.clone());
         tasks.spawn(async move {
             if let Err(e) = dns.run(stop).await {
                 tracing::error!(error = %e, "dns server failed");
             }
         });
-        tasks.spawn(data.load().run(rest.clone()));
-        let r = rest.clone();
+        tasks.spawn(parts.data.load().run(rest.clone()));
+        let (admin, r) = (parts.admin, rest.clone());
         tasks.spawn(async move {
             if let Err(e) = admin.run(r).await {
                 tracing::error!(error = %e, "admin server failed");
@@ -370,7 +357,7 @@ impl Bound {
             dns = %self.dns,
             "fedgate gateway running"
         );
-        let served = data.handle().spawn(dataplane.run(self.shutdown.clone())).await;
+        let served = parts.data.handle().spawn(parts.dataplane.run(self.shutdown.clone())).await;
         match &served {
             Ok(outcome) => tracing::info!(?outcome, "data plane drained; stopping"),
             Err(e) => tracing::error!(error = %e, "the data plane failed; stopping"),
@@ -381,7 +368,7 @@ impl Bound {
             tracing::warn!("some tasks did not stop within 5s; exiting anyway");
         }
         // Joins the thread: its sockets are closed when `run` returns.
-        drop(data);
+        drop(parts.data);
         served.map(drop).context("the data plane task failed")
     }
 }
