@@ -176,26 +176,17 @@ async fn tcp_to_tcp(
     count: &AtomicU64,
     activity: ActivityHook,
 ) -> io::Result<()> {
-    let mut buf = BytesMut::new();
-    let mut want = FIRST_READ;
+    let mut buf = ReadBuf::new();
     loop {
-        from.as_ref().readable().await?;
-        buf.reserve(want);
-        let n = from.read_buf(&mut buf).await?;
+        // No floor: room for the whole next read is made whenever less is spare.
+        let n = buf.read(from, usize::MAX).await?;
         if n == 0 {
             return to.shutdown().await;
         }
         activity.mark();
         count.fetch_add(n as u64, Ordering::Relaxed);
-        to.write_all(&buf).await?;
-        if buf.len() < buf.capacity() {
-            // A short read drained the socket: the next bytes may be long in coming.
-            buf = BytesMut::new();
-            want = FIRST_READ;
-        } else {
-            buf.clear();
-            want = BUFFER_SIZE;
-        }
+        to.write_all(&buf.bytes).await?;
+        buf.passed_on(buf.drained());
     }
 }
 
@@ -240,31 +231,63 @@ async fn tcp_to_stream(
     count: &AtomicU64,
     activity: ActivityHook,
 ) -> io::Result<()> {
-    let mut buf = BytesMut::new();
-    let mut want = FIRST_READ;
+    let mut buf = ReadBuf::new();
     loop {
-        tcp.as_ref().readable().await?;
-        if buf.capacity() - buf.len() < want.min(MIN_READ) {
-            // Reuses the allocation when quinn has released every chunk cut from it.
-            buf.reserve(want);
-        }
-        match tcp.read_buf(&mut buf).await? {
+        // Reserving only below MIN_READ reuses the allocation when quinn has released every
+        // chunk cut from it.
+        match buf.read(tcp, MIN_READ).await? {
             0 => return send.shutdown().await,
             n => {
                 activity.mark();
                 count.fetch_add(n as u64, Ordering::Relaxed);
-                // A read that left room drained the socket: the next bytes may be long in
-                // coming, so the rest of the buffer is not kept for them (an idle
-                // connection holds no buffer; quinn frees the chunk once acknowledged).
-                let drained = buf.len() < buf.capacity();
-                send.write_chunk(buf.split().freeze()).await?;
-                if drained {
-                    buf = BytesMut::new();
-                    want = FIRST_READ;
-                } else {
-                    want = BUFFER_SIZE;
-                }
+                // An idle connection holds no buffer: quinn frees the chunk once acknowledged.
+                let drained = buf.drained();
+                send.write_chunk(buf.bytes.split().freeze()).await?;
+                buf.passed_on(drained);
             }
+        }
+    }
+}
+
+/// The read buffer of one direction out of a TCP socket: taken once the socket is readable,
+/// let go when a read drains it.
+struct ReadBuf {
+    bytes: BytesMut,
+    /// How much room the next read gets: [`FIRST_READ`] after an idle spell, [`BUFFER_SIZE`]
+    /// while the socket keeps filling the buffer.
+    want: usize,
+}
+
+impl ReadBuf {
+    fn new() -> Self {
+        Self { bytes: BytesMut::new(), want: FIRST_READ }
+    }
+
+    /// Waits until `from` is readable, then reads into the buffer, first reserving room for
+    /// `want` bytes when fewer than `want.min(floor)` are spare. The bytes read: 0 at EOF.
+    async fn read(&mut self, from: &mut ReadHalf<'_>, floor: usize) -> io::Result<usize> {
+        from.as_ref().readable().await?;
+        if self.bytes.capacity() - self.bytes.len() < self.want.min(floor) {
+            self.bytes.reserve(self.want);
+        }
+        from.read_buf(&mut self.bytes).await
+    }
+
+    /// Whether the last read left room: it drained the socket.
+    fn drained(&self) -> bool {
+        self.bytes.len() < self.bytes.capacity()
+    }
+
+    /// The bytes read were passed on. After a read that `drained` the socket the next bytes
+    /// may be long in coming, so the buffer is let go; otherwise it is kept, emptied, and the
+    /// next read gets a whole [`BUFFER_SIZE`].
+    fn passed_on(&mut self, drained: bool) {
+        if drained {
+            self.bytes = BytesMut::new();
+            self.want = FIRST_READ;
+        } else {
+            self.bytes.clear();
+            self.want = BUFFER_SIZE;
         }
     }
 }
