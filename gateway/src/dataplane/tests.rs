@@ -215,6 +215,34 @@ pub(super) struct Running {
     pub(super) task: JoinHandle<DrainOutcome>,
 }
 
+/// Gateway `east` (us/us-a) serving `shop/web` on `vip:p` with its own `endpoints`, of which
+/// its probes know `probed`; no tunnel.
+fn start_east(vip: IpAddr, p: u16, endpoints: &[SocketAddr], probed: &[SocketAddr]) -> Running {
+    start(
+        settings("east", "us", "us-a"),
+        snapshot(vip, p, &[("east", endpoints)], &[]),
+        cluster_state(p, probed),
+        None,
+        None,
+    )
+}
+
+/// Gateway `west` (eu/eu-a) importing nothing, with its `endpoints` of a service on port
+/// `p`, accepting the tunnel streams sent to `incoming`.
+fn start_west_acceptor(
+    p: u16,
+    endpoints: &[SocketAddr],
+    incoming: mpsc::Receiver<Incoming>,
+) -> Running {
+    start(
+        settings("west", "eu", "eu-a"),
+        ImportSnapshot::default(),
+        cluster_state(p, endpoints),
+        None,
+        Some(incoming),
+    )
+}
+
 pub(super) fn start(
     settings: DataPlaneSettings,
     snap: ImportSnapshot,
@@ -340,13 +368,7 @@ async fn proxies_through_a_loopback_cluster_set_ip() {
     let (a, _sa) = echo_server("a").await;
     let vip = random_loopback();
     let p = free_port(vip);
-    let dp = start(
-        settings("east", "us", "us-a"),
-        snapshot(vip, p, &[("east", &[a])], &[]),
-        cluster_state(p, &[a]),
-        None,
-        None,
-    );
+    let dp = start_east(vip, p, &[a], &[a]);
     let reply = request(SocketAddr::new(vip, p), "hello").await.unwrap();
     assert_eq!(reply, "a:hello");
     // A 1 MiB request crosses the copy path intact.
@@ -370,13 +392,7 @@ async fn fails_over_when_the_first_endpoint_refuses_and_follows_snapshots() {
     let p = free_port(vip);
     // The closed endpoint is only in the import (the local probes do not know it), so the
     // passive path has to find out.
-    let dp = start(
-        settings("east", "us", "us-a"),
-        snapshot(vip, p, &[("east", &[closed, b])], &[]),
-        cluster_state(p, &[b]),
-        None,
-        None,
-    );
+    let dp = start_east(vip, p, &[closed, b], &[b]);
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let counters = Counters { snapshotter: recorder.snapshotter(), seen: Default::default() };
     // The test runtime is single-threaded: every task records into this recorder.
@@ -428,13 +444,7 @@ async fn half_close_client_shuts_write_and_still_reads_reply() {
     let (a, _sa) = echo_server("a").await;
     let vip = random_loopback();
     let p = free_port(vip);
-    let dp = start(
-        settings("east", "us", "us-a"),
-        snapshot(vip, p, &[("east", &[a])], &[]),
-        cluster_state(p, &[a]),
-        None,
-        None,
-    );
+    let dp = start_east(vip, p, &[a], &[a]);
     let mut s = TcpStream::connect(SocketAddr::new(vip, p)).await.unwrap();
     s.write_all(b"part one, ").await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -454,13 +464,7 @@ async fn drain_stops_accepting_and_resolves_when_the_last_connection_closes() {
     let (a, _sa) = echo_server("a").await;
     let vip = random_loopback();
     let p = free_port(vip);
-    let dp = start(
-        settings("east", "us", "us-a"),
-        snapshot(vip, p, &[("east", &[a])], &[]),
-        cluster_state(p, &[a]),
-        None,
-        None,
-    );
+    let dp = start_east(vip, p, &[a], &[a]);
     let target = SocketAddr::new(vip, p);
     let mut open = TcpStream::connect(target).await.unwrap();
     open.write_all(b"still here").await.unwrap();
@@ -524,13 +528,7 @@ async fn proxies_to_a_remote_cluster_through_the_tunnel_and_fails_over_between_c
 
     // Garbage on a raw stream gets MALFORMED; a wrong version gets UNSUPPORTED_VERSION.
     let (gw_tx, gw_in) = mpsc::channel(16);
-    let gw = start(
-        settings("west", "eu", "eu-a"),
-        ImportSnapshot::default(),
-        cluster_state(p, &[w]),
-        None,
-        Some(gw_in),
-    );
+    let gw = start_west_acceptor(p, &[w], gw_in);
     let raw = LoopTunnel::new(cid("east"));
     raw.route(cid("west"), gw_tx);
     let cases: Vec<(Vec<u8>, Status)> = vec![
@@ -594,13 +592,7 @@ async fn endpoint_vip_leads_to_exactly_that_remote_endpoint() {
         .insert(endpoint_vip, EndpointVip { key: key(), cluster: cid("west"), endpoint: w2.ip() });
 
     let (west_tx, west_in) = mpsc::channel(16);
-    let west = start(
-        settings("west", "eu", "eu-a"),
-        ImportSnapshot::default(),
-        cluster_state(p, &[w1, w2]),
-        None,
-        Some(west_in),
-    );
+    let west = start_west_acceptor(p, &[w1, w2], west_in);
     let tunnel = LoopTunnel::new(cid("east"));
     tunnel.route(cid("west"), west_tx);
     let east =
@@ -671,13 +663,7 @@ async fn proxies_through_a_real_quic_stream_with_half_close_and_reset() {
     let (client_conn, server_conn, _ce, _se) = quic_pair().await;
 
     let (west_tx, west_in) = mpsc::channel(16);
-    let west = start(
-        settings("west", "eu", "eu-a"),
-        ImportSnapshot::default(),
-        cluster_state(p, &[w]),
-        None,
-        Some(west_in),
-    );
+    let west = start_west_acceptor(p, &[w], west_in);
     // The acceptor side of the tunnel: consume the kind byte, hand the stream over.
     let accept = tokio::spawn(async move {
         while let Ok((send, mut recv)) = server_conn.accept_bi().await {
@@ -761,13 +747,7 @@ async fn acceptor_answers_random_garbage_with_an_error_status_or_a_reset() {
     let (w, _sw) = echo_server("w").await;
     let p = 8080;
     let (tx, rx) = mpsc::channel(16);
-    let west = start(
-        settings("west", "eu", "eu-a"),
-        ImportSnapshot::default(),
-        cluster_state(p, &[w]),
-        None,
-        Some(rx),
-    );
+    let west = start_west_acceptor(p, &[w], rx);
     let tunnel = LoopTunnel::new(cid("east"));
     tunnel.route(cid("west"), tx);
     let mut rng = rand::rng();

@@ -582,22 +582,23 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
     }
 }
 
+/// `west` (peers `east` and `south`, neither dialed) and `east` (dialing `west`), three second
+/// leases, once east has west's exports: "south" is left for a test to play.
+async fn west_east_and_south(pki: &TestPki) -> (Gateway, Gateway) {
+    let lease = Duration::from_secs(3);
+    let west = start(pki, "west", loopback(), &[("east", unused()), ("south", unused())], lease, 2);
+    let mut east = start(pki, "east", loopback(), &[("west", west.address)], lease, 1);
+    east.wait_exports("west", 1).await;
+    (west, east)
+}
+
 #[tokio::test]
 async fn garbage_on_streams_resets_only_that_stream() {
     let pki = TestPki::new("demo");
-    let lease = Duration::from_secs(3);
-    let mut west =
-        start(&pki, "west", loopback(), &[("east", unused()), ("south", unused())], lease, 2);
-    let mut east = start(&pki, "east", loopback(), &[("west", west.address)], lease, 1);
-    east.wait_exports("west", 1).await;
+    let (mut west, mut east) = west_east_and_south(&pki).await;
 
     // A rogue but authenticated peer ("south") sends garbage on control and unknown kinds.
-    let sink = Arc::new(RejectionSink::new(true));
-    let crypto =
-        client_crypto(&credentials(&pki, "south"), id("west"), sink).expect("client crypto");
-    let mut client = quinn::Endpoint::client(loopback()).expect("client endpoint");
-    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let conn = client.connect(west.address, "west").expect("connect").await.expect("handshake");
+    let (_client, conn, _) = dial_as(&credentials(&pki, "south"), "west", west.address).await;
     let payloads: [&[u8]; 4] = [
         &[KIND_CONTROL, 0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0],
         b"\x01PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff",
@@ -699,20 +700,11 @@ async fn bad_messages_from_one_peer_reset_only_its_session() {
     let _guard = metrics::set_default_local_recorder(&recorder);
 
     let pki = TestPki::new("demo");
-    let lease = Duration::from_secs(3);
-    let mut west =
-        start(&pki, "west", loopback(), &[("east", unused()), ("south", unused())], lease, 2);
-    let mut east = start(&pki, "east", loopback(), &[("west", west.address)], lease, 1);
-    east.wait_exports("west", 1).await;
+    let (mut west, mut east) = west_east_and_south(&pki).await;
     west.wait_exports("east", 1).await;
 
     // "south" dials west properly, then serves a bad exchange on west's control streams.
-    let sink = Arc::new(RejectionSink::new(true));
-    let crypto =
-        client_crypto(&credentials(&pki, "south"), id("west"), sink).expect("client crypto");
-    let mut client = quinn::Endpoint::client(loopback()).expect("client endpoint");
-    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let conn = client.connect(west.address, "west").expect("connect").await.expect("handshake");
+    let (_client, conn, _) = dial_as(&credentials(&pki, "south"), "west", west.address).await;
     let rogue_conn = conn.clone();
     let (io_tx, io_rx) = mpsc::channel::<std::io::Result<fedgate_tunnel::io::QuicIo>>(8);
     let rogue = tokio::spawn(async move {
@@ -821,6 +813,24 @@ fn publish_secret(dir: &std::path::Path, version: &str) {
     }
 }
 
+/// Makes `root/..<version>` for the files of one version of the Secret.
+fn version_dir(root: &std::path::Path, version: &str) -> std::path::PathBuf {
+    let d = root.join(format!("..{version}"));
+    std::fs::create_dir(&d).expect("version dir");
+    d
+}
+
+/// `west`'s identity as a Secret in `root` (version v1, published), and the files naming it.
+fn west_secret(pki: &TestPki, root: &std::path::Path) -> IdentityFiles {
+    pki.write_pem(&version_dir(root, "v1"), "west").expect("v1 files");
+    publish_secret(root, "v1");
+    IdentityFiles {
+        cert: root.join("west.crt"),
+        key: root.join("west.key"),
+        ca: root.join("ca.crt"),
+    }
+}
+
 /// Dials `address` as `me` (expecting `peer`), returns the connection and the leaf
 /// certificate the peer presented.
 async fn dial_as(
@@ -867,19 +877,8 @@ async fn identity_files_reload_without_restart() {
     let pki = TestPki::new("demo");
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let version = |v: &str| {
-        let d = root.join(format!("..{v}"));
-        std::fs::create_dir(&d).expect("version dir");
-        d
-    };
-    let v1 = version("v1");
-    pki.write_pem(&v1, "west").expect("v1 files");
-    publish_secret(root, "v1");
-    let files = IdentityFiles {
-        cert: root.join("west.crt"),
-        key: root.join("west.key"),
-        ca: root.join("ca.crt"),
-    };
+    let version = |v: &str| version_dir(root, v);
+    let files = west_secret(&pki, root);
     let mut settings = TunnelSettings::new(
         loopback(),
         "demo",
@@ -1000,18 +999,8 @@ async fn an_expired_certificate_is_not_reloaded() {
     let pki = TestPki::new("demo");
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
-    let version = |v: &str| {
-        let d = root.join(format!("..{v}"));
-        std::fs::create_dir(&d).expect("version dir");
-        d
-    };
-    pki.write_pem(&version("v1"), "west").expect("v1 files");
-    publish_secret(root, "v1");
-    let files = IdentityFiles {
-        cert: root.join("west.crt"),
-        key: root.join("west.key"),
-        ca: root.join("ca.crt"),
-    };
+    let version = |v: &str| version_dir(root, v);
+    let files = west_secret(&pki, root);
     let mut settings = TunnelSettings::new(
         loopback(),
         "demo",
