@@ -52,31 +52,7 @@ impl ClusterId {
     }
 }
 
-impl fmt::Display for ClusterId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for ClusterId {
-    type Err = InvalidClusterId;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::new(s)
-    }
-}
-
-impl TryFrom<String> for ClusterId {
-    type Error = InvalidClusterId;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::new(s)
-    }
-}
-
-impl From<ClusterId> for String {
-    fn from(id: ClusterId) -> String {
-        id.0.to_string()
-    }
-}
+crate::names::name_conversions!(ClusterId, InvalidClusterId);
 
 /// A namespaced service name; the identity of an export and of an import.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -16,6 +16,40 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::ClusterId;
 
+/// The string conversions every checked name shares: shown as its text, parsed with
+/// `FromStr` and deserialized (`TryFrom<String>`) through its checking `new`, serialized as
+/// its text.
+macro_rules! name_conversions {
+    ($name:ident, $error:ty) => {
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = $error;
+            fn from_str(s: &str) -> Result<Self, $error> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = $error;
+            fn try_from(s: String) -> Result<Self, $error> {
+                Self::new(s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(name: $name) -> String {
+                name.0.to_string()
+            }
+        }
+    };
+}
+pub(crate) use name_conversions;
+
 /// Longest DNS label.
 pub const MAX_LABEL_LEN: usize = 63;
 /// Longest DNS subdomain (dotted name).
@@ -139,36 +173,12 @@ impl Borrow<str> for Label {
     }
 }
 
-impl fmt::Display for Label {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for Label {
-    type Err = NameError;
-    fn from_str(s: &str) -> Result<Self, NameError> {
-        Self::new(s)
-    }
-}
+name_conversions!(Label, NameError);
 
 impl TryFrom<&str> for Label {
     type Error = NameError;
     fn try_from(s: &str) -> Result<Self, NameError> {
         Self::new(s)
-    }
-}
-
-impl TryFrom<String> for Label {
-    type Error = NameError;
-    fn try_from(s: String) -> Result<Self, NameError> {
-        Self::new(s)
-    }
-}
-
-impl From<Label> for String {
-    fn from(l: Label) -> String {
-        l.0.to_string()
     }
 }
 
@@ -205,36 +215,12 @@ impl Deref for Subdomain {
     }
 }
 
-impl fmt::Display for Subdomain {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl FromStr for Subdomain {
-    type Err = NameError;
-    fn from_str(s: &str) -> Result<Self, NameError> {
-        Self::new(s)
-    }
-}
+name_conversions!(Subdomain, NameError);
 
 impl TryFrom<&str> for Subdomain {
     type Error = NameError;
     fn try_from(s: &str) -> Result<Self, NameError> {
         Self::new(s)
-    }
-}
-
-impl TryFrom<String> for Subdomain {
-    type Error = NameError;
-    fn try_from(s: String) -> Result<Self, NameError> {
-        Self::new(s)
-    }
-}
-
-impl From<Subdomain> for String {
-    fn from(s: Subdomain) -> String {
-        s.0.to_string()
     }
 }
 
