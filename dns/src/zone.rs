@@ -139,6 +139,21 @@ impl ZoneWriter {
         }
     }
 
+    /// Withdraws the names of services gone from `zone` (taken out by [`take_gone`]) and their
+    /// hold on their namespace; returns how many there were.
+    fn withdraw(
+        &mut self,
+        zone: Zone,
+        gone: Vec<(ServiceKey, NameMap)>,
+        changes: &mut Vec<Change>,
+    ) -> usize {
+        for (key, names) in &gone {
+            self.diff(names, &NameMap::new(), changes);
+            self.namespace_ref(zone, &key.namespace, -1, changes);
+        }
+        gone.len()
+    }
+
     /// Brings `clusterset.local` in line with an import snapshot.
     pub fn apply_imports(&mut self, snap: &ImportSnapshot) -> UpdateStats {
         let mut stats = UpdateStats::default();
@@ -192,15 +207,8 @@ impl ZoneWriter {
             stats.services_rebuilt += 1;
             self.imports.insert(key.clone(), ImportState { svc: svc.clone(), vips, names });
         }
-        let gone: Vec<ServiceKey> =
-            self.imports.keys().filter(|k| !snap.services.contains_key(*k)).cloned().collect();
-        for key in gone {
-            if let Some(old) = self.imports.remove(&key) {
-                self.diff(&old.names, &NameMap::new(), &mut changes);
-                self.namespace_ref(Zone::ClusterSet, &key.namespace, -1, &mut changes);
-                stats.services_removed += 1;
-            }
-        }
+        let gone = take_gone(&mut self.imports, |k| snap.services.contains_key(k), |s| s.names);
+        stats.services_removed += self.withdraw(Zone::ClusterSet, gone, &mut changes);
         self.globals = Some(globals);
         stats.names_changed = changes.len();
         self.table.apply(changes);
@@ -225,19 +233,23 @@ impl ZoneWriter {
             stats.services_rebuilt += 1;
             self.locals.insert(key.clone(), LocalState { svc: svc.clone(), names });
         }
-        let gone: Vec<ServiceKey> =
-            self.locals.keys().filter(|k| !state.services.contains_key(*k)).cloned().collect();
-        for key in gone {
-            if let Some(old) = self.locals.remove(&key) {
-                self.diff(&old.names, &NameMap::new(), &mut changes);
-                self.namespace_ref(Zone::Cluster, &key.namespace, -1, &mut changes);
-                stats.services_removed += 1;
-            }
-        }
+        let gone = take_gone(&mut self.locals, |k| state.services.contains_key(k), |s| s.names);
+        stats.services_removed += self.withdraw(Zone::Cluster, gone, &mut changes);
         stats.names_changed = changes.len();
         self.table.apply(changes);
         stats
     }
+}
+
+/// Takes out of `map` the services the source no longer has (`kept` is false for them),
+/// with their names.
+fn take_gone<V>(
+    map: &mut HashMap<ServiceKey, V>,
+    kept: impl Fn(&ServiceKey) -> bool,
+    names: fn(V) -> NameMap,
+) -> Vec<(ServiceKey, NameMap)> {
+    let gone: Vec<ServiceKey> = map.keys().filter(|k| !kept(k)).cloned().collect();
+    gone.into_iter().filter_map(|k| map.remove(&k).map(|v| (k, names(v)))).collect()
 }
 
 #[cfg(test)]

@@ -205,31 +205,34 @@ impl Store {
     }
 
     pub fn apply_service(&mut self, svc: &Service) -> Vec<ServiceKey> {
-        let id = obj_id(&svc.metadata);
-        self.note_relist(Kind::Service, &id);
-        let value = LocalService::try_from(objects::kube::service(svc))
-            .map(Converted::Service)
-            .map_err(|e| e.to_string());
-        self.insert(Kind::Service, id, value)
+        let value = LocalService::try_from(objects::kube::service(svc)).map(Converted::Service);
+        self.apply(Kind::Service, &svc.metadata, value)
     }
 
     pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Vec<ServiceKey> {
-        let id = obj_id(&slice.metadata);
-        self.note_relist(Kind::EndpointSlice, &id);
-        let value = SliceEndpoints::try_from(objects::kube::endpoint_slice(slice))
-            .map(Converted::Slice)
-            .map_err(|e| e.to_string());
-        self.insert(Kind::EndpointSlice, id, value)
+        let value =
+            SliceEndpoints::try_from(objects::kube::endpoint_slice(slice)).map(Converted::Slice);
+        self.apply(Kind::EndpointSlice, &slice.metadata, value)
+    }
+
+    /// Records one object of `kind` as seen (for a relist) and stores what it converted to.
+    fn apply<E: std::fmt::Display>(
+        &mut self,
+        kind: Kind,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        value: Result<Converted, E>,
+    ) -> Vec<ServiceKey> {
+        let id = obj_id(meta);
+        self.note_relist(kind, &id);
+        self.insert(kind, id, value.map_err(|e| e.to_string()))
     }
 
     /// `now` stands in for a missing creationTimestamp (the API server always sets one).
     pub fn apply_export(&mut self, obj: &DynamicObject, now: jiff::Timestamp) -> Vec<ServiceKey> {
-        let id = obj_id(&obj.metadata);
-        self.note_relist(Kind::ServiceExport, &id);
         let value = objects::kube::service_export(obj)
             .and_then(|w| ExportSpec::try_from(w).map_err(|e| e.to_string()))
             .map(|spec| Converted::Export(spec.into_object(now)));
-        self.insert(Kind::ServiceExport, id, value)
+        self.apply(Kind::ServiceExport, &obj.metadata, value)
     }
 
     pub fn delete(
