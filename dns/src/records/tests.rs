@@ -113,6 +113,14 @@ fn get(map: &NameMap, name: &str, t: RecordType) -> Option<Vec<String>> {
     flatten(map).get(&(name.to_owned(), t.to_string())).cloned()
 }
 
+/// Asserts each `(name, type, records)` row: `names` has exactly those records there.
+fn expect_records(names: &NameMap, rows: &[(&str, RecordType, &[&str])]) {
+    for (name, t, want) in rows {
+        let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        assert_eq!(get(names, name, *t), Some(want), "{name} {t}");
+    }
+}
+
 #[test]
 fn clusterset_ip_service() {
     let w = World::new();
@@ -131,17 +139,17 @@ fn clusterset_ip_service() {
     );
     let names = w.names(&svc);
     let flat = flatten(&names);
-    assert_eq!(
-        get(&names, "web.ns.svc.clusterset.local.", RecordType::A),
-        Some(vec!["242.1.0.1".into()])
-    );
-    assert_eq!(
-        get(&names, "web.ns.svc.clusterset.local.", RecordType::AAAA),
-        Some(vec!["fd00::1".into()])
-    );
-    assert_eq!(
-        get(&names, "_http._tcp.web.ns.svc.clusterset.local.", RecordType::SRV),
-        Some(vec!["0 100 80 web.ns.svc.clusterset.local.".into()])
+    expect_records(
+        &names,
+        &[
+            ("web.ns.svc.clusterset.local.", RecordType::A, &["242.1.0.1"]),
+            ("web.ns.svc.clusterset.local.", RecordType::AAAA, &["fd00::1"]),
+            (
+                "_http._tcp.web.ns.svc.clusterset.local.",
+                RecordType::SRV,
+                &["0 100 80 web.ns.svc.clusterset.local."],
+            ),
+        ],
     );
     assert!(flat.contains_key(&("_tcp.web.ns.svc.clusterset.local.".into(), "ENT".into())));
     // Nothing per cluster, no SRV for the unnamed port.
@@ -183,21 +191,14 @@ fn headless_answers_best_healthy_tier_with_vips_for_remote() {
         ],
     );
     let names = w.names(&svc);
-    assert_eq!(
-        get(&names, "db.ns.svc.clusterset.local.", RecordType::A),
-        Some(vec!["10.0.0.1".into(), "10.0.0.2".into()])
-    );
-    assert_eq!(
-        get(&names, "db-0.east.db.ns.svc.clusterset.local.", RecordType::A),
-        Some(vec!["10.0.0.1".into()])
-    );
-    assert_eq!(
-        get(&names, "10-0-0-2.east.db.ns.svc.clusterset.local.", RecordType::A),
-        Some(vec!["10.0.0.2".into()])
-    );
-    assert_eq!(
-        get(&names, "db-0.west.db.ns.svc.clusterset.local.", RecordType::A),
-        Some(vec!["242.2.0.1".into()])
+    expect_records(
+        &names,
+        &[
+            ("db.ns.svc.clusterset.local.", RecordType::A, &["10.0.0.1", "10.0.0.2"]),
+            ("db-0.east.db.ns.svc.clusterset.local.", RecordType::A, &["10.0.0.1"]),
+            ("10-0-0-2.east.db.ns.svc.clusterset.local.", RecordType::A, &["10.0.0.2"]),
+            ("db-0.west.db.ns.svc.clusterset.local.", RecordType::A, &["242.2.0.1"]),
+        ],
     );
     // Not ready, or remote without a VIP: no name.
     assert_eq!(get(&names, "db-2.east.db.ns.svc.clusterset.local.", RecordType::A), None);
@@ -275,29 +276,32 @@ fn local_services() {
         endpoints: vec![ep("10.0.0.1", Some("api-0"), true, Health::Unknown)],
     };
     let names = local_names(&svc, 5);
-    assert_eq!(
-        get(&names, "api.ns.svc.cluster.local.", RecordType::A),
-        Some(vec!["10.96.0.10".into()])
-    );
-    assert_eq!(
-        get(&names, "_http._tcp.api.ns.svc.cluster.local.", RecordType::SRV),
-        Some(vec!["0 100 80 api.ns.svc.cluster.local.".into()])
+    expect_records(
+        &names,
+        &[
+            ("api.ns.svc.cluster.local.", RecordType::A, &["10.96.0.10"]),
+            (
+                "_http._tcp.api.ns.svc.cluster.local.",
+                RecordType::SRV,
+                &["0 100 80 api.ns.svc.cluster.local."],
+            ),
+        ],
     );
     svc.cluster_ips.clear();
     svc.headless = true;
     svc.endpoints.push(ep("10.0.0.2", None, false, Health::Unknown));
     let names = local_names(&svc, 5);
-    assert_eq!(
-        get(&names, "api.ns.svc.cluster.local.", RecordType::A),
-        Some(vec!["10.0.0.1".into()])
-    );
-    assert_eq!(
-        get(&names, "api-0.api.ns.svc.cluster.local.", RecordType::A),
-        Some(vec!["10.0.0.1".into()])
-    );
-    assert_eq!(
-        get(&names, "_http._tcp.api.ns.svc.cluster.local.", RecordType::SRV),
-        Some(vec!["0 100 8080 api-0.api.ns.svc.cluster.local.".into()])
+    expect_records(
+        &names,
+        &[
+            ("api.ns.svc.cluster.local.", RecordType::A, &["10.0.0.1"]),
+            ("api-0.api.ns.svc.cluster.local.", RecordType::A, &["10.0.0.1"]),
+            (
+                "_http._tcp.api.ns.svc.cluster.local.",
+                RecordType::SRV,
+                &["0 100 8080 api-0.api.ns.svc.cluster.local."],
+            ),
+        ],
     );
     svc.kube_type = "ExternalName".into();
     assert!(local_names(&svc, 5).is_empty());
