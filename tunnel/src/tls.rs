@@ -267,6 +267,42 @@ impl RejectionSink {
     }
 }
 
+/// The handshake-signature methods `ClientCertVerifier` and `ServerCertVerifier` declare
+/// alike: both verifiers check with the provider's algorithms (`self.credentials`).
+macro_rules! handshake_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                self.credentials.algorithms(),
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                self.credentials.algorithms(),
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.credentials.algorithms().supported_schemes()
+        }
+    };
+}
+
 /// The accepting side's verifier: chain via webpki (against the current CA bundle), then the
 /// SPIFFE id among the peers.
 #[derive(Debug)]
@@ -308,25 +344,7 @@ impl ClientCertVerifier for PeerClientVerifier {
         )?;
         Ok(ClientCertVerified::assertion())
     }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, self.credentials.algorithms())
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, self.credentials.algorithms())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.credentials.algorithms().supported_schemes()
-    }
+    handshake_signatures!();
 }
 
 /// The dialing side's verifier: chain via webpki (no DNS name check: the SPIFFE id is the
@@ -366,25 +384,7 @@ impl ServerCertVerifier for PeerServerVerifier {
         )?;
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, self.credentials.algorithms())
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, self.credentials.algorithms())
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.credentials.algorithms().supported_schemes()
-    }
+    handshake_signatures!();
 }
 
 fn provider() -> Arc<CryptoProvider> {
