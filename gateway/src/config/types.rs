@@ -628,41 +628,41 @@ pub(crate) mod duration {
     }
 }
 
-/// Socket addresses `ip:port` (IPv6 in brackets).
-pub(crate) mod socket_addr {
-    use std::net::SocketAddr;
+/// A serde `with` module for a type read and written as its text form (`FromStr`,
+/// `Display`); a bad value's error names `what` and what was expected.
+macro_rules! text_with {
+    ($(#[$doc:meta])* $name:ident: $t:ty, $what:literal, $expected:literal) => {
+        $(#[$doc])*
+        pub(crate) mod $name {
+            use serde::{Deserialize, Deserializer, Serializer, de};
 
-    use serde::{Deserialize, Deserializer, Serializer, de};
+            pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<$t, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(|_| {
+                    de::Error::custom(format!(
+                        concat!("invalid ", $what, " {:?}: expected ", $expected),
+                        s
+                    ))
+                })
+            }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(|_| {
-            de::Error::custom(format!(
-                "invalid address {s:?}: expected ip:port, e.g. 0.0.0.0:53 or [::]:53"
-            ))
-        })
-    }
-
-    pub fn serialize<S: Serializer>(a: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(a)
-    }
+            pub fn serialize<S: Serializer>(v: &$t, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(v)
+            }
+        }
+    };
 }
 
-/// CIDR ranges `a.b.c.d/len`.
-pub(crate) mod ip_net {
-    use ipnet::IpNet;
-    use serde::{Deserialize, Deserializer, Serializer, de};
+text_with!(
+    /// Socket addresses `ip:port` (IPv6 in brackets).
+    socket_addr: std::net::SocketAddr,
+    "address",
+    "ip:port, e.g. 0.0.0.0:53 or [::]:53"
+);
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(|_| {
-            de::Error::custom(format!(
-                "invalid CIDR {s:?}: expected address/prefix, e.g. 242.1.0.0/16"
-            ))
-        })
-    }
-
-    pub fn serialize<S: Serializer>(n: &IpNet, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(n)
-    }
-}
+text_with!(
+    /// CIDR ranges `a.b.c.d/len`.
+    ip_net: ipnet::IpNet,
+    "CIDR",
+    "address/prefix, e.g. 242.1.0.0/16"
+);
