@@ -284,9 +284,9 @@ pub fn plan_sticky(views: &[EndpointView], per_tier: usize, client: IpAddr) -> V
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use fedgate_discovery::exchange::delta::testing::exported;
+    use fedgate_discovery::exchange::delta::testing::{exported, imported};
     use fedgate_discovery::model::{
-        ImportPort, LABEL_REGION, LABEL_SOURCE_CLUSTER, ServiceKey, ServiceType, SessionAffinity,
+        ImportPort, LABEL_REGION, LABEL_SOURCE_CLUSTER, ServiceKey, ServiceType,
     };
     use rand::SeedableRng;
     use rand::rngs::StdRng;
@@ -410,24 +410,17 @@ pub(crate) mod tests {
         exports: Vec<Arc<ExportedService>>,
         exposing: &[&str],
     ) -> ImportedService {
-        ImportedService {
-            key: ServiceKey::new("shop", "web"),
-            service_type: ServiceType::ClusterSetIP,
-            ports: vec![ImportPort {
+        imported(
+            ServiceKey::new("shop", "web"),
+            ServiceType::ClusterSetIP,
+            vec![ImportPort {
                 port: http_port(),
                 clusters: exposing.iter().map(|c| cid(c)).collect(),
             }],
-            session_affinity: SessionAffinity::None,
-            internal_traffic_policy: None,
-            traffic_distribution: None,
-            ip_families: vec![],
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
-            ips: vec!["127.0.0.1".parse().unwrap()],
-            winner: exports[0].cluster.clone(),
-            clusters: exports.into_iter().map(|e| (e.cluster.clone(), e)).collect(),
-            conflicts: vec![],
-        }
+            vec!["127.0.0.1".parse().unwrap()],
+            exports[0].cluster.clone(),
+            exports,
+        )
     }
 
     pub(crate) fn localities() -> BTreeMap<ClusterId, Locality> {

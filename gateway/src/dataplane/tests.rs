@@ -9,8 +9,8 @@ use std::time::Duration;
 use fedgate_discovery::exchange::delta::testing as discovery_testing;
 use fedgate_discovery::model::{
     ClusterId, ClusterState, Endpoint, EndpointVip, ExportedService, Health, ImportPort,
-    ImportSnapshot, ImportedService, LocalService, Locality, Protocol, ServiceExportObject,
-    ServiceKey, ServicePort, ServiceType, SessionAffinity,
+    ImportSnapshot, LocalService, Locality, Protocol, ServiceExportObject, ServiceKey, ServicePort,
+    ServiceType, SessionAffinity,
 };
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -135,24 +135,14 @@ pub(super) fn snapshot(
 ) -> ImportSnapshot {
     let exports: BTreeMap<ClusterId, Arc<ExportedService>> =
         clusters.iter().map(|(c, eps)| (cid(c), exported(c, svc_port, eps))).collect();
-    let service = ImportedService {
-        key: key(),
-        service_type: ServiceType::ClusterSetIP,
-        ports: vec![ImportPort {
-            port: port(svc_port),
-            clusters: exports.keys().cloned().collect(),
-        }],
-        session_affinity: SessionAffinity::None,
-        internal_traffic_policy: None,
-        traffic_distribution: None,
-        ip_families: vec![],
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        ips: vec![vip],
-        winner: exports.keys().next().cloned().unwrap_or_else(|| cid("east")),
-        clusters: exports,
-        conflicts: vec![],
-    };
+    let service = discovery_testing::imported(
+        key(),
+        ServiceType::ClusterSetIP,
+        vec![ImportPort { port: port(svc_port), clusters: exports.keys().cloned().collect() }],
+        vec![vip],
+        exports.keys().next().cloned().unwrap_or_else(|| cid("east")),
+        exports.into_values().collect(),
+    );
     ImportSnapshot {
         version: 1,
         local_cluster: Some(cid("east")),
