@@ -392,14 +392,19 @@ pub fn write_ca(dir: &Path, ca: &CertPair, force: bool) -> Result<Vec<PathBuf>, 
     ensure_dir(dir)?;
     let cert = dir.join(CA_CERT_FILE);
     let key = dir.join(CA_KEY_FILE);
-    for p in [&cert, &key] {
+    write_pair(&cert, &key, ca, force)?;
+    Ok(vec![cert, key])
+}
+
+/// Writes `pair` as `cert` and `key` (0600); unless `force`, neither may exist yet.
+fn write_pair(cert: &Path, key: &Path, pair: &CertPair, force: bool) -> Result<(), CertError> {
+    for p in [cert, key] {
         if !force && p.exists() {
-            return Err(CertError::Exists { path: p.clone() });
+            return Err(CertError::Exists { path: p.to_owned() });
         }
     }
-    write_file(&key, &ca.key_pem, true, force)?;
-    write_file(&cert, &ca.cert_pem, false, force)?;
-    Ok(vec![cert, key])
+    write_file(key, &pair.key_pem, true, force)?;
+    write_file(cert, &pair.cert_pem, false, force)
 }
 
 /// Reads the CA written by [`write_ca`] from `dir`.
@@ -423,13 +428,7 @@ pub fn write_issued(
     let cert = dir.join(format!("{cluster}.crt"));
     let key = dir.join(format!("{cluster}.key"));
     let ca = dir.join(CA_CERT_FILE);
-    for p in [&cert, &key] {
-        if !force && p.exists() {
-            return Err(CertError::Exists { path: p.clone() });
-        }
-    }
-    write_file(&key, &pair.key_pem, true, force)?;
-    write_file(&cert, &pair.cert_pem, false, force)?;
+    write_pair(&cert, &key, pair, force)?;
     // The CA dir itself may be `dir`: its ca.crt is the same file, leave it be.
     let same_ca = fs::read_to_string(&ca).is_ok_and(|existing| existing == ca_cert_pem);
     if !same_ca {
