@@ -330,6 +330,26 @@ pub fn check_identity(
     if problems.is_empty() { Ok(validity) } else { Err(problems) }
 }
 
+/// Whether `leaf` chains to `roots` at `at` as the dialing side of a handshake checks it
+/// (webpki, no DNS name: the SPIFFE id is the name).
+pub(crate) fn server_chain(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+    provider: &CryptoProvider,
+    at: UnixTime,
+) -> Result<(), rustls::Error> {
+    ParsedCertificate::try_from(leaf).and_then(|parsed| {
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            roots,
+            intermediates,
+            at,
+            provider.signature_verification_algorithms.all,
+        )
+    })
+}
+
 /// Whether `leaf` chains to `roots` at `at` as both sides of a handshake check it.
 fn chain_problem(
     leaf: &CertificateDer<'_>,
@@ -339,16 +359,7 @@ fn chain_problem(
     at: UnixTime,
 ) -> Option<IdentityProblem> {
     let roots = Arc::new(roots);
-    let algs = provider.signature_verification_algorithms.all;
-    let server = ParsedCertificate::try_from(leaf).and_then(|parsed| {
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &roots,
-            intermediates,
-            at,
-            algs,
-        )
-    });
+    let server = server_chain(leaf, intermediates, &roots, provider, at);
     let client = server.and_then(|()| {
         let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
             .build()

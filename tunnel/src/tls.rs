@@ -19,7 +19,7 @@ use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
@@ -30,7 +30,9 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use crate::expiry::{
     CertExpiry, CertRef, EXPIRY_WARNING, ExpiryLog, ExpiryWarning, expiry_warnings,
 };
-use crate::identity::{Identity, IdentityProblems, LeafValidity, PartNames, check_identity};
+use crate::identity::{
+    Identity, IdentityProblems, LeafValidity, PartNames, check_identity, server_chain,
+};
 use crate::metrics::{PEER_HANDSHAKE_FAILURES_TOTAL, TLS_CERT_EXPIRY_TIMESTAMP_SECONDS};
 
 /// The ALPN protocol of the tunnel.
@@ -366,15 +368,8 @@ impl ServerCertVerifier for PeerServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let roots = self.credentials.current.load().roots.clone();
-        let chain = ParsedCertificate::try_from(end_entity).and_then(|parsed| {
-            rustls::client::verify_server_cert_signed_by_trust_anchor(
-                &parsed,
-                &roots,
-                intermediates,
-                now,
-                self.credentials.algorithms().all,
-            )
-        });
+        let chain =
+            server_chain(end_entity, intermediates, &roots, &self.credentials.provider, now);
         self.credentials.verify_peer(
             &self.sink,
             "dial",
