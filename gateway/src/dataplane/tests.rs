@@ -233,6 +233,23 @@ fn start_west_acceptor(
     )
 }
 
+impl Running {
+    /// Cancels the data plane and waits for its task: how it ended.
+    pub(super) async fn stop(self) -> DrainOutcome {
+        self.shutdown.cancel();
+        self.task.await.unwrap()
+    }
+}
+
+/// [`start_east`] on a fresh ClusterSetIP with one local echo endpoint answering "a:…": the
+/// data plane, the ClusterSetIP address and the echo server's task.
+async fn east_with_echo_a() -> (Running, SocketAddr, JoinHandle<()>) {
+    let (a, server) = echo_server("a").await;
+    let vip = random_loopback();
+    let p = free_port(vip);
+    (start_east(vip, p, &[a], &[a]), SocketAddr::new(vip, p), server)
+}
+
 pub(super) fn start(
     settings: DataPlaneSettings,
     snap: ImportSnapshot,
@@ -355,19 +372,16 @@ async fn probes_fail_on_closed_port_and_recover() {
 
 #[tokio::test]
 async fn proxies_through_a_loopback_cluster_set_ip() {
-    let (a, _sa) = echo_server("a").await;
-    let vip = random_loopback();
-    let p = free_port(vip);
-    let dp = start_east(vip, p, &[a], &[a]);
-    let reply = request(SocketAddr::new(vip, p), "hello").await.unwrap();
+    let (dp, target, _sa) = east_with_echo_a().await;
+    let reply = request(target, "hello").await.unwrap();
     assert_eq!(reply, "a:hello");
     // A 1 MiB request crosses the copy path intact.
     let big = "x".repeat(1 << 20);
-    assert_eq!(request(SocketAddr::new(vip, p), &big).await.unwrap().len(), (1 << 20) + 2);
+    assert_eq!(request(target, &big).await.unwrap().len(), (1 << 20) + 2);
     let json = dp.debug.debug_endpoints();
     assert_eq!(json["services"][0]["endpoints"][0]["tier"], 0);
     assert_eq!(json["services"][0]["endpoints"][0]["healthy"], true);
-    assert_eq!(json["listeners"]["bound"][0], SocketAddr::new(vip, p).to_string());
+    assert_eq!(json["listeners"]["bound"][0], target.to_string());
     assert!(dp.debug.listeners_ready());
     dp.shutdown.cancel();
     assert!(matches!(dp.task.await.unwrap(), DrainOutcome::Drained { .. }));
@@ -425,17 +439,13 @@ async fn fails_over_when_the_first_endpoint_refuses_and_follows_snapshots() {
         assert!(tokio::time::Instant::now() < deadline, "listener still open");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    dp.shutdown.cancel();
-    dp.task.await.unwrap();
+    dp.stop().await;
 }
 
 #[tokio::test]
 async fn half_close_client_shuts_write_and_still_reads_reply() {
-    let (a, _sa) = echo_server("a").await;
-    let vip = random_loopback();
-    let p = free_port(vip);
-    let dp = start_east(vip, p, &[a], &[a]);
-    let mut s = TcpStream::connect(SocketAddr::new(vip, p)).await.unwrap();
+    let (dp, target, _sa) = east_with_echo_a().await;
+    let mut s = TcpStream::connect(target).await.unwrap();
     s.write_all(b"part one, ").await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     s.write_all(b"part two").await.unwrap();
@@ -444,18 +454,13 @@ async fn half_close_client_shuts_write_and_still_reads_reply() {
     tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await.unwrap().unwrap();
     assert_eq!(out, "a:part one, part two");
     // A reset by the endpoint reaches the client as a reset.
-    assert_reset(SocketAddr::new(vip, p)).await;
-    dp.shutdown.cancel();
-    dp.task.await.unwrap();
+    assert_reset(target).await;
+    dp.stop().await;
 }
 
 #[tokio::test]
 async fn drain_stops_accepting_and_resolves_when_the_last_connection_closes() {
-    let (a, _sa) = echo_server("a").await;
-    let vip = random_loopback();
-    let p = free_port(vip);
-    let dp = start_east(vip, p, &[a], &[a]);
-    let target = SocketAddr::new(vip, p);
+    let (dp, target, _sa) = east_with_echo_a().await;
     let mut open = TcpStream::connect(target).await.unwrap();
     open.write_all(b"still here").await.unwrap();
     eventually("connection counted", || dp.drain.active() == 1).await;
@@ -478,8 +483,7 @@ async fn drain_stops_accepting_and_resolves_when_the_last_connection_closes() {
         matches!(outcome, DrainOutcome::Drained { waited } if waited < Duration::from_secs(5)),
         "{outcome:?}"
     );
-    dp.shutdown.cancel();
-    dp.task.await.unwrap();
+    dp.stop().await;
 }
 
 /// Two gateways: `east` (client side, no local endpoints) and `west`, joined by the in-memory
@@ -559,8 +563,7 @@ async fn proxies_to_a_remote_cluster_through_the_tunnel_and_fails_over_between_c
     assert_eq!(out, "w:raw");
 
     for dp in [east, west, north, gw] {
-        dp.shutdown.cancel();
-        dp.task.await.unwrap();
+        dp.stop().await;
     }
     drop(west_in_tx);
     drop(north_in_tx);
@@ -596,8 +599,7 @@ async fn endpoint_vip_leads_to_exactly_that_remote_endpoint() {
     // A headless service has no ClusterSetIP listener.
     assert!(TcpStream::connect(SocketAddr::new(vip, p)).await.is_err());
     for dp in [east, west] {
-        dp.shutdown.cancel();
-        dp.task.await.unwrap();
+        dp.stop().await;
     }
 }
 
@@ -696,8 +698,7 @@ async fn proxies_through_a_real_quic_stream_with_half_close_and_reset() {
         assert_eq!(h.await.unwrap().unwrap(), format!("w:c{i}"));
     }
     for dp in [east, west] {
-        dp.shutdown.cancel();
-        dp.task.await.unwrap();
+        dp.stop().await;
     }
     accept.abort();
 }
@@ -728,8 +729,7 @@ async fn listeners_follow_snapshots_incrementally() {
         .await;
     assert_eq!(request(SocketAddr::new(vip, p2), "2").await.unwrap(), "a:2");
     assert!(TcpStream::connect(SocketAddr::new(vip, p1)).await.is_err());
-    dp.shutdown.cancel();
-    dp.task.await.unwrap();
+    dp.stop().await;
 }
 
 #[tokio::test]
@@ -774,8 +774,7 @@ async fn acceptor_answers_random_garbage_with_an_error_status_or_a_reset() {
     let mut out = Vec::new();
     tokio::time::timeout(WAIT, recv.read_to_end(&mut out)).await.unwrap().unwrap();
     assert_eq!(out, b"\x00w:");
-    west.shutdown.cancel();
-    west.task.await.unwrap();
+    west.stop().await;
 }
 
 /// Our copy of a peer's exports is a moment old: an endpoint the peer already dropped answers
@@ -802,8 +801,7 @@ async fn a_target_the_peer_no_longer_has_moves_to_its_other_endpoints() {
         assert_eq!(request(target, &msg).await.unwrap(), format!("w:{msg}"), "connection {i}");
     }
     for dp in [east, west] {
-        dp.shutdown.cancel();
-        dp.task.await.unwrap();
+        dp.stop().await;
     }
     drop(west_in_tx);
 }
