@@ -13,15 +13,15 @@ use super::types::{PriorityLabel, duration};
 /// cluster, then same zone.
 pub const DEFAULT_FAILOVER_PRIORITY: [&str; 3] = [LABEL_REGION, LABEL_SOURCE_CLUSTER, LABEL_ZONE];
 /// Time between two active health probes of an endpoint: 1 second.
-pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_HEALTH_INTERVAL: Duration = crate::dataplane::health::DEFAULT_INTERVAL;
 /// How long one health probe may take: 500 milliseconds.
-pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = crate::dataplane::health::DEFAULT_TIMEOUT;
 /// Failed probes in a row that make a healthy endpoint unhealthy.
-pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 2;
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = crate::dataplane::health::DEFAULT_UNHEALTHY_THRESHOLD;
 /// Successful probes in a row that make an unhealthy endpoint healthy.
-pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 1;
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = crate::dataplane::health::DEFAULT_HEALTHY_THRESHOLD;
 /// The longest a draining gateway waits for open connections: 45 seconds.
-pub const DEFAULT_DRAIN_DURATION: Duration = Duration::from_secs(45);
+pub const DEFAULT_DRAIN_DURATION: Duration = crate::dataplane::DEFAULT_DRAIN_DURATION;
 /// Threads that carry traffic when `traffic.dataPlaneThreads` is not set: one.
 pub const DEFAULT_DATA_PLANE_THREADS: usize = 1;
 /// The most `traffic.dataPlaneThreads` may ask for.
