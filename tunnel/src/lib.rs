@@ -26,12 +26,11 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 
-
 pub use endpoint::{PeerConfig, TunnelEndpoint, TunnelError, TunnelSettings};
-pub use io::QuicIo;
-pub use peer::{LinkStatus, PeerConnection, PeerHandle};
-pub use streams::IncomingStream;
 pub use expiry::{CertExpiry, CertRef, ExpiryWarning};
 pub use identity::{Identity, IdentityError, IdentityProblem, IdentityProblems, LeafValidity};
+pub use io::QuicIo;
+pub use peer::{LinkStatus, PeerConnection, PeerHandle};
 pub use reload::{IdentityFiles, ReloadStatus};
+pub use streams::IncomingStream;
 pub use tls::{ALPN, RejectReason, Rejection};
