@@ -233,17 +233,11 @@ fn junk_datagrams_at_the_tunnel_port_are_counted_and_harm_nothing() -> Result<()
     let before = metric(alpha, "fedgate_tunnel_junk_datagrams_total", &[])?;
     assert_eq!(before, 0.0, "the peers' own QUIC traffic is never counted as junk");
     let socket = std::net::UdpSocket::bind(block.addr(90, 0))?;
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x9e37_79b9);
     let mut sent = 0u32;
     for _ in 0..2000 {
-        let datagram: Vec<u8> = (0..(64 + seed % 1100) as usize)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed as u8
-            })
-            .collect();
+        let mut datagram = vec![0u8; rand::Rng::random_range(&mut rng, 64..1164)];
+        rand::RngCore::fill_bytes(&mut rng, &mut datagram);
         socket.send_to(&datagram, alpha.spec.tunnel)?;
         sent += 1;
     }

@@ -78,17 +78,11 @@ mod tests {
         assert_eq!(junk_reason(&[], &cids), None, "nothing to judge");
         // Random bytes: nearly all junk (the chance that 4 random bytes are a known version
         // or that a random id carries a valid signature is tiny).
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x2545_f491);
         let mut junk = 0;
         for _ in 0..1000 {
-            let datagram: Vec<u8> = (0..64)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed as u8
-                })
-                .collect();
+            let mut datagram = [0u8; 64];
+            rand::RngCore::fill_bytes(&mut rng, &mut datagram);
             junk += usize::from(junk_reason(&datagram, &cids).is_some());
         }
         assert!(junk >= 995, "random datagrams counted as junk: {junk} of 1000");
