@@ -19,7 +19,7 @@ use fedgate_discovery::source::{ClusterSource, file::FileSource};
 use fedgate_dns::{DnsServer, DnsSettings};
 use fedgate_tunnel::{Identity, PeerConfig, TunnelSettings};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -252,19 +252,14 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     // Cluster-source file problems, a ClusterProperty changed since start-up, imports waiting
     // for a ClusterSetIP, then front listeners waiting for a bind retry.
     let source_problems = source.problems();
-    let identity_problems = identity.as_ref().map(|g| g.problems());
+    let identity_problems = identity.as_ref().map(|g| g.problems_view());
     let import_problems = imports.subscribe_problems();
     let listeners = debug.clone();
     views.insert(
         "problems",
         admin::problems_view(vec![
             Box::new(move || source_problems.to_json()),
-            Box::new(move || {
-                let Some(rx) = &identity_problems else { return Vec::new() };
-                let kind = "clusterProperty";
-                let row = |r| json!({"kind": kind, "object": "ClusterProperty", "reason": r});
-                rx.borrow().iter().map(row).collect()
-            }),
+            Box::new(move || identity_problems.as_ref().map_or_else(Vec::new, |view| view())),
             Box::new(move || import_problems.borrow().to_json()),
             Box::new(move || listeners.problems_json()),
         ]),

@@ -139,6 +139,12 @@ pub async fn read_properties(client: &kube::Client) -> Result<ClusterProperties,
     Ok(ClusterProperties { cluster_id, clusterset })
 }
 
+/// `/debug/problems` rows of drift findings. Pure.
+pub fn problem_rows(findings: &[String]) -> Vec<serde_json::Value> {
+    let row = |r: &String| serde_json::json!({"kind": "clusterProperty", "object": "ClusterProperty", "reason": r});
+    findings.iter().map(row).collect()
+}
+
 /// How often a running gateway reads the ClusterProperties again: a GET of each per minute.
 pub const RECHECK_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -188,6 +194,13 @@ impl IdentityGuard {
         self.problems.subscribe()
     }
 
+    /// The `/debug/problems` rows of the findings: one per ClusterProperty that changed since
+    /// start-up, read when a request comes in.
+    pub fn problems_view(&self) -> impl Fn() -> Vec<serde_json::Value> + Send + Sync + 'static {
+        let problems = self.problems.subscribe();
+        move || problem_rows(&problems.borrow())
+    }
+
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(RECHECK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -221,6 +234,18 @@ mod tests {
 
     fn id(s: &str) -> ClusterId {
         ClusterId::new(s).expect("id")
+    }
+
+    #[test]
+    fn findings_become_problem_rows() {
+        assert!(problem_rows(&[]).is_empty());
+        let rows = problem_rows(&["cluster id changed".to_owned()]);
+        assert_eq!(
+            rows,
+            [serde_json::json!({
+                "kind": "clusterProperty", "object": "ClusterProperty", "reason": "cluster id changed"
+            })]
+        );
     }
 
     #[test]
