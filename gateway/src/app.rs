@@ -122,7 +122,10 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         id.clone(),
         cfg.peers
             .iter()
-            .map(|p| PeerConfig { id: p.id.clone(), address: p.address.to_string() })
+            .map(|p| PeerConfig {
+                id: p.id.clone(),
+                addresses: p.all_addresses().iter().map(ToString::to_string).collect(),
+            })
             .collect(),
     );
     tunnel_settings.max_udp_payload = cfg.tunnel.max_udp_payload_size;

@@ -64,7 +64,7 @@ fn gateway(
                     "127.0.0.1:0".parse()?,
                     pki.clusterset(),
                     id(me)?,
-                    vec![PeerConfig { id: id(peer.0)?, address: peer.1.to_string() }],
+                    vec![PeerConfig::new(id(peer.0)?, peer.1.to_string())],
                 );
                 settings.max_udp_payload = payload;
                 let (_exports_tx, _exports) = watch::channel(Arc::new(export_set(me, 1, 1)));

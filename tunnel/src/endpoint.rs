@@ -56,8 +56,16 @@ pub const MIN_UDP_PAYLOAD: u16 = 1200;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerConfig {
     pub id: ClusterId,
-    /// Its tunnel address, `host:port` (an IP or a DNS name, resolved at each dial).
-    pub address: String,
+    /// Its tunnel addresses, `host:port` each: an IP, or a DNS name whose every record is one
+    /// replica (re-resolved periodically). One connection is kept to each replica.
+    pub addresses: Vec<String>,
+}
+
+impl PeerConfig {
+    /// A peer with one address.
+    pub fn new(id: ClusterId, address: impl Into<String>) -> Self {
+        Self { id, addresses: vec![address.into()] }
+    }
 }
 
 /// Everything the tunnel needs to know; the composition root maps the YAML config into it.
@@ -302,7 +310,7 @@ impl TunnelEndpoint {
         for peer in self.settings.peers.clone() {
             let (tx, rx) = mpsc::channel(4);
             accepted.insert(peer.id.clone(), tx);
-            let span = tracing::info_span!("peer", peer = %peer.id, address = %peer.address);
+            let span = tracing::info_span!("peer", peer = %peer.id, addresses = ?peer.addresses);
             let task = PeerTask {
                 dial: self.dial_configs.remove(&peer.id),
                 peer,
@@ -509,19 +517,19 @@ mod unit_tests {
     fn settings_are_validated() {
         let base =
             TunnelSettings::new("127.0.0.1:0".parse().expect("addr"), "demo", id("east"), vec![]);
-        let peer = |p: &str| PeerConfig { id: id(p), address: "127.0.0.1:1".into() };
+        let peer = |p: &str| PeerConfig::new(id(p), "127.0.0.1:1");
         type Change = fn(&mut TunnelSettings);
         let cases: Vec<(&str, Change, Option<&str>)> = vec![
             ("defaults", |_| {}, None),
             (
                 "self as peer",
-                |s| s.peers = vec![PeerConfig { id: id("east"), address: "x:1".into() }],
+                |s| s.peers = vec![PeerConfig::new(id("east"), "x:1")],
                 Some("own cluster id"),
             ),
             (
                 "peer twice",
                 |s| {
-                    let p = PeerConfig { id: id("west"), address: "x:1".into() };
+                    let p = PeerConfig::new(id("west"), "x:1");
                     s.peers = vec![p.clone(), p];
                 },
                 Some("listed twice"),

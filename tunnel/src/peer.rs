@@ -96,7 +96,9 @@ impl Shared {
     pub(crate) fn new(peers: &[PeerConfig]) -> Self {
         let links = peers
             .iter()
-            .map(|p| (p.id.clone(), LinkEntry { address: p.address.clone(), last_error: None }))
+            .map(|p| {
+                (p.id.clone(), LinkEntry { address: p.addresses.join(", "), last_error: None })
+            })
             .collect();
         let watches = peers.iter().map(|p| (p.id.clone(), watch::channel(None).0)).collect();
         Self { connections: Mutex::default(), links: Mutex::new(links), watches }
@@ -229,7 +231,7 @@ impl PeerTask {
 
     async fn try_dial(&mut self) -> Result<quinn::Connection, TunnelError> {
         let peer = self.peer.id.clone();
-        let address = self.peer.address.clone();
+        let address = self.peer.addresses.first().cloned().unwrap_or_default();
         let connect_err = |detail: String| TunnelError::Connect {
             peer: peer.clone(),
             address: address.clone(),

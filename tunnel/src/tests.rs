@@ -43,7 +43,7 @@ fn start(pki: &TestPki, me: &str, peers: &[(&str, SocketAddr)]) -> Endpoint {
         SocketAddr::from(([127, 0, 0, 1], 0)),
         pki.clusterset(),
         id(me),
-        peers.iter().map(|(p, a)| PeerConfig { id: id(p), address: a.to_string() }).collect(),
+        peers.iter().map(|(p, a)| PeerConfig::new(id(p), a.to_string())).collect(),
     );
     let (control_tx, control) = mpsc::channel(8);
     let (data_tx, data) = mpsc::channel(8);

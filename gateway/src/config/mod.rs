@@ -165,7 +165,7 @@ pub enum Loaded {
     /// `discovery.source: kube` without `cluster.id`: the id is to be read from the
     /// ClusterProperty `cluster.clusterset.k8s.io`, then given to
     /// [`PendingConfig::with_cluster_id`].
-    NeedsClusterId(PendingConfig),
+    NeedsClusterId(Box<PendingConfig>),
 }
 
 /// A config still waiting for its cluster id (see [`Loaded::NeedsClusterId`]).
@@ -312,13 +312,13 @@ fn finish(
     match parsed {
         Ok(outcome) if file_errors.is_empty() => Ok(match outcome {
             Outcome::Complete(config) => Loaded::Complete(config),
-            Outcome::Pending { clusterset, discovery } => Loaded::NeedsClusterId(PendingConfig {
+            Outcome::Pending { clusterset, discovery } => Loaded::NeedsClusterId(Box::new(PendingConfig {
                 path: path.to_owned(),
                 text: text.to_owned(),
                 check_files: checks.files,
                 clusterset,
                 discovery,
-            }),
+            })),
         }),
         Ok(_) => Err(ConfigErrors(file_errors)),
         Err(mut errors) => {

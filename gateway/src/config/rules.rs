@@ -133,6 +133,35 @@ fn peers(s: &Sections, out: &mut Vec<(String, String)>) {
             ));
             continue;
         }
+        let addresses = format!("peers[{i}].addresses");
+        match (&peer.address, peer.addresses.is_empty()) {
+            (None, true) => out.push((
+                format!("peers[{i}]"),
+                format!(
+                    "peer {:?} has no address: give `address: host:port` (a DNS name may have \
+                     one record per replica) or `addresses: [host:port, ...]`",
+                    peer.id.as_str()
+                ),
+            )),
+            (Some(_), false) => out.push((
+                addresses.clone(),
+                "give either `address` or `addresses`, not both".to_owned(),
+            )),
+            _ => {}
+        }
+        let mut listed: BTreeMap<String, usize> = BTreeMap::new();
+        for (j, a) in peer.addresses.iter().enumerate() {
+            let text = a.to_string();
+            match listed.get(&text) {
+                Some(first) => out.push((
+                    format!("{addresses}[{j}]"),
+                    format!("duplicate address {text} (also {addresses}[{first}])"),
+                )),
+                None => {
+                    listed.insert(text, j);
+                }
+            }
+        }
         match seen.get(peer.id.as_str()) {
             Some(first) => out.push((
                 path,

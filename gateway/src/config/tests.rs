@@ -110,12 +110,12 @@ traffic:
     assert_eq!(c.discovery.source, SourceKind::Kube);
     assert_eq!(c.discovery.file.dir, Path::new("/etc/fedgate/clusters/east"));
     assert_eq!(
-        c.peers[0].address.socket_addr().map(|a| a.to_string()).as_deref(),
+        c.peers[0].address.as_ref().and_then(|a| a.socket_addr()).map(|a| a.to_string()).as_deref(),
         Some("10.0.0.2:15443")
     );
-    assert_eq!(c.peers[1].address.to_string(), "[fd00::3]:15443");
-    assert_eq!(c.peers[2].address.host, "south.gw.example.com");
-    assert_eq!(c.peers[2].address.socket_addr(), None);
+    assert_eq!(c.peers[1].all_addresses()[0].to_string(), "[fd00::3]:15443");
+    assert_eq!(c.peers[2].all_addresses()[0].host, "south.gw.example.com");
+    assert_eq!(c.peers[2].all_addresses()[0].socket_addr(), None);
     assert_eq!(c.tls.cert, Path::new("/etc/fedgate/east.crt"));
     assert_eq!(c.tls.key, Path::new("/abs/east.key"));
     assert_eq!(c.tls.ca, CaSource::File("/etc/fedgate/pki/ca.pem".into()));
@@ -197,6 +197,32 @@ fn every_error_class_names_file_line_column_and_path() {
             "duplicate peer",
             "cluster: { id: east }\npeers:\n  - { id: west, address: 10.0.0.2:15443 }\n  - id: west\n    address: 10.0.0.3:15443\n",
             &["east.yaml:4:9: peers[1].id: duplicate peer id \"west\" (also peers[0])"],
+        ),
+        (
+            "peer without an address",
+            "cluster: { id: east }\npeers:\n  - { id: west }\n",
+            &[
+                "east.yaml:3:5: peers[0]: peer \"west\" has no address: give `address: host:port` (a DNS name may have one record per replica) or `addresses: [host:port, ...]`",
+            ],
+        ),
+        (
+            "peer with address and addresses",
+            "cluster: { id: east }\npeers:\n  - { id: west, address: 10.0.0.2:15443, addresses: [10.0.0.3:15443] }\n",
+            &["east.yaml:3:53: peers[0].addresses: give either `address` or `addresses`, not both"],
+        ),
+        (
+            "duplicate replica address",
+            "cluster: { id: east }\npeers:\n  - id: west\n    addresses: [10.0.0.2:15443, 10.0.0.3:15443, 10.0.0.2:15443]\n",
+            &[
+                "east.yaml:4:49: peers[0].addresses[2]: duplicate address 10.0.0.2:15443 (also peers[0].addresses[0])",
+            ],
+        ),
+        (
+            "bad replica address",
+            "cluster: { id: east }\npeers:\n  - { id: west, addresses: [10.0.0.2:15443, nowhere] }\n",
+            &[
+                "east.yaml:3:45: peers[0].addresses[1]: invalid address \"nowhere\": expected host:port, e.g. 10.0.0.2:15443",
+            ],
         ),
         (
             "self peer",

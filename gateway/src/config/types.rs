@@ -206,6 +206,44 @@ pub struct FileSourceConfig {
 pub struct KubeSourceConfig {
     /// Path of a kubeconfig; none = in-cluster config, else `KUBECONFIG`.
     pub kubeconfig: Option<PathBuf>,
+    /// How the replicas of this cluster elect the one that writes (ServiceImports,
+    /// EndpointSlices, derived Services, ServiceExport status).
+    pub leader_election: LeaderElectionConfig,
+}
+
+/// Default `discovery.kube.leaderElection.leaseName`.
+pub const DEFAULT_LEADER_LEASE_NAME: &str = "fedgate-leader";
+/// Default `discovery.kube.leaderElection.leaseDuration`.
+pub const DEFAULT_LEADER_LEASE_DURATION: Duration = Duration::from_secs(15);
+
+/// `discovery.kube.leaderElection`: a coordination.k8s.io/v1 Lease; its holder is the only
+/// replica that writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct LeaderElectionConfig {
+    /// Name of the Lease.
+    pub lease_name: String,
+    /// Namespace of the Lease; none = the `POD_NAMESPACE` environment variable (the
+    /// Deployment sets it from the downward API), else `default`.
+    pub namespace: Option<String>,
+    /// How long a leader's claim lasts without renewal: a new leader takes over at most
+    /// this long after the old one died.
+    #[serde(with = "duration")]
+    pub lease_duration: Duration,
+    /// This replica's name in the Lease; none = the `POD_NAME` environment variable, else
+    /// the host name and process id.
+    pub identity: Option<String>,
+}
+
+impl Default for LeaderElectionConfig {
+    fn default() -> Self {
+        Self {
+            lease_name: DEFAULT_LEADER_LEASE_NAME.to_owned(),
+            namespace: None,
+            lease_duration: DEFAULT_LEADER_LEASE_DURATION,
+            identity: None,
+        }
+    }
 }
 
 /// One entry of `peers`.
@@ -214,8 +252,25 @@ pub struct KubeSourceConfig {
 pub struct PeerConfig {
     /// The peer's cluster id; its certificate must name it.
     pub id: ClusterId,
-    /// The peer gateway's tunnel address, `host:port` (an IP or a DNS name).
-    pub address: PeerAddress,
+    /// The peer's tunnel address, `host:port`: an IP, or a DNS name whose every A/AAAA
+    /// record is one replica (re-resolved periodically). Give this or `addresses`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<PeerAddress>,
+    /// One tunnel address per replica of the peer (each may also be a DNS name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<PeerAddress>,
+}
+
+impl PeerConfig {
+    /// A peer with one address.
+    pub fn new(id: ClusterId, address: PeerAddress) -> Self {
+        Self { id, address: Some(address), addresses: Vec::new() }
+    }
+
+    /// Every configured address, `address` first, in order.
+    pub fn all_addresses(&self) -> Vec<PeerAddress> {
+        self.address.iter().chain(&self.addresses).cloned().collect()
+    }
 }
 
 /// `tls`: the gateway's identity in the tunnel.

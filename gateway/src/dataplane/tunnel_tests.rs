@@ -69,16 +69,11 @@ async fn proxies_between_two_gateways_over_the_mutual_tls_tunnel() {
     let pki = TestPki::new("demo");
     let stop = CancellationToken::new();
     // west is dialled by east (the lower id dials); its peer entry for east is never dialled.
-    let west_gw = tunnel(
-        &pki,
-        "west",
-        vec![PeerConfig { id: cid("east"), address: "127.0.0.1:9".into() }],
-        &stop,
-    );
+    let west_gw = tunnel(&pki, "west", vec![PeerConfig::new(cid("east"), "127.0.0.1:9")], &stop);
     let east_gw = tunnel(
         &pki,
         "east",
-        vec![PeerConfig { id: cid("west"), address: west_gw.address.to_string() }],
+        vec![PeerConfig::new(cid("west"), west_gw.address.to_string())],
         &stop,
     );
     let east_handle = east_gw.handle.clone();

@@ -140,7 +140,7 @@ fn start(
         listen,
         pki.clusterset(),
         id(me),
-        peers.iter().map(|(p, a)| PeerConfig { id: id(p), address: a.to_string() }).collect(),
+        peers.iter().map(|(p, a)| PeerConfig::new(id(p), a.to_string())).collect(),
     );
     start_with(settings, lease, pki.issue(me), export_set(me, 1, services)).expect("tunnel starts")
 }
@@ -452,7 +452,7 @@ async fn refused_handshakes() {
             loopback(),
             "demo",
             id(case.me),
-            vec![PeerConfig { id: id(case.peer_id), address: west.address.to_string() }],
+            vec![PeerConfig::new(id(case.peer_id), west.address.to_string())],
         );
         let dialer =
             match start_with(settings, lease, case.identity.clone(), export_set(case.me, 1, 1)) {
@@ -772,7 +772,7 @@ async fn shutdown_does_not_wait_for_a_stalled_reader() {
         loopback(),
         "demo",
         id("east"),
-        vec![PeerConfig { id: id("west"), address: west.address.to_string() }],
+        vec![PeerConfig::new(id("west"), west.address.to_string())],
     );
     // East's reader takes nothing: its one-slot channel fills with the first update.
     let east = start_with_capacity(
@@ -884,8 +884,8 @@ async fn identity_files_reload_without_restart() {
         "demo",
         id("west"),
         vec![
-            PeerConfig { id: id("east"), address: unused().to_string() },
-            PeerConfig { id: id("north"), address: unused().to_string() },
+            PeerConfig::new(id("east"), unused().to_string()),
+            PeerConfig::new(id("north"), unused().to_string()),
         ],
     );
     settings.identity_files = Some(files.clone());
@@ -1005,7 +1005,7 @@ async fn an_expired_certificate_is_not_reloaded() {
         loopback(),
         "demo",
         id("west"),
-        vec![PeerConfig { id: id("north"), address: unused().to_string() }],
+        vec![PeerConfig::new(id("north"), unused().to_string())],
     );
     settings.identity_files = Some(files.clone());
     let identity = files.load().expect("v1 loads");

@@ -165,7 +165,7 @@ fn tunnel_endpoint(
         "127.0.0.1:0".parse()?,
         pki.clusterset(),
         id(me)?,
-        vec![PeerConfig { id: id(peer)?, address: peer_address }],
+        vec![PeerConfig::new(id(peer)?, peer_address)],
     );
     let (keep, _exports) = watch::channel(Arc::new(export_set(me, 1, 1)));
     // No peer sessions here: control streams are taken and dropped.
