@@ -186,6 +186,8 @@ pub struct Allocator {
     granted: Vec<AllocKey>,
     /// Keys that started waiting since the owner last asked.
     newly_waiting: Vec<AllocKey>,
+    /// Keys whose address another key was pinned to, for the owner to allocate again.
+    displaced: Vec<AllocKey>,
     state_file: Option<PathBuf>,
     dirty: bool,
     /// Entries of the state file that were dropped on load (outside the range, duplicated).
@@ -220,6 +222,7 @@ impl Allocator {
             remembered: BTreeMap::new(),
             remembered_order: BTreeMap::new(),
             granted: Vec::new(),
+            displaced: Vec::new(),
             newly_waiting: Vec::new(),
             state_file,
             dirty: false,
@@ -441,6 +444,43 @@ impl Allocator {
         std::mem::take(&mut self.newly_waiting)
     }
 
+    /// Whether `ip` is an address of the range this allocator hands out.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.offset_of(ip).is_some_and(|o| o >= self.first && o <= self.last)
+    }
+
+    /// `key` takes `ip`, an address the cluster's writer already published for it (a
+    /// ServiceImport's `spec.ips`: every replica serves the address the leader wrote). A key
+    /// that held or had reserved `ip` loses it and is listed by [`Allocator::take_displaced`]
+    /// (its owner allocates it again); `key`'s previous address is released. False (and
+    /// nothing changes) when `ip` is not an address of the range.
+    pub fn pin(&mut self, key: &AllocKey, ip: IpAddr) -> bool {
+        if !self.contains(ip) {
+            return false;
+        }
+        if self.by_key.get(key) == Some(&ip) {
+            return true;
+        }
+        self.dequeue(key);
+        let old = self.by_key.remove(key).or_else(|| self.reserved.remove(key).map(|r| r.ip));
+        if let Some(old) = old {
+            self.by_ip.remove(&old);
+        }
+        if let Some(other) = self.by_ip.remove(&ip) {
+            self.by_key.remove(&other);
+            self.reserved.remove(&other);
+            self.displaced.push(other);
+        }
+        self.insert(key, ip);
+        self.grant();
+        true
+    }
+
+    /// Keys that lost their address to a pinned key since the last call.
+    pub fn take_displaced(&mut self) -> Vec<AllocKey> {
+        std::mem::take(&mut self.displaced)
+    }
+
     fn has_free(&self) -> bool {
         (self.by_ip.len() as u128) < self.capacity()
     }
@@ -629,6 +669,51 @@ mod tests {
         assert!(net("242.1.0.0/16").contains(&ip));
         assert_eq!(a.len(), 1);
         assert_eq!(a.holder(ip), Some(&svc("web")));
+    }
+
+    #[test]
+    fn a_pinned_key_takes_the_published_address_and_moves_an_unpinned_holder_aside() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let mut a = Allocator::open(net("10.9.0.0/29"), None).unwrap();
+        let web = a.allocate(&svc("web")).unwrap();
+        // outside the range (or the network address): not pinned, nothing changes
+        assert!(!a.pin(&svc("api"), ip("10.8.0.1")));
+        assert!(!a.pin(&svc("api"), ip("10.9.0.0")));
+        assert_eq!(a.get(&svc("api")), None);
+        // api is pinned to web's address: web is displaced and gets another one
+        assert!(a.pin(&svc("api"), web));
+        assert_eq!(a.get(&svc("api")), Some(web));
+        assert_eq!(a.holder(web), Some(&svc("api")));
+        assert_eq!(a.get(&svc("web")), None);
+        assert_eq!(a.take_displaced(), vec![svc("web")]);
+        assert!(a.take_displaced().is_empty());
+        let moved = a.allocate(&svc("web")).unwrap();
+        assert_ne!(moved, web);
+        // pinning again to the same address is a no-op; to another frees the old one
+        assert!(a.pin(&svc("api"), web));
+        assert!(a.take_displaced().is_empty());
+        let other = ip("10.9.0.6");
+        let other = if other == moved { ip("10.9.0.5") } else { other };
+        assert!(a.pin(&svc("api"), other));
+        assert_eq!(a.holder(web), None, "the old address is free again");
+        assert_eq!(a.len(), 2);
+        // a reserved address goes to the pinned key too (the reservation is dropped)
+        a.reserve(&svc("web"), Instant::now() + std::time::Duration::from_secs(60));
+        assert!(a.pin(&svc("db"), moved));
+        assert_eq!(a.reservation(&svc("web")), None);
+        assert_eq!(a.take_displaced(), vec![svc("web")]);
+    }
+
+    #[test]
+    fn a_pinned_key_leaves_the_waiting_queue() {
+        let mut a = Allocator::open(net("10.9.0.7/32"), None).unwrap();
+        let only = a.allocate(&svc("a")).unwrap();
+        assert!(a.allocate(&svc("b")).is_err(), "full: b waits");
+        // the writer published the one address for b: b gets it, a is displaced
+        assert!(a.pin(&svc("b"), only));
+        assert_eq!(a.take_displaced(), vec![svc("a")]);
+        assert_eq!(a.get(&svc("b")), Some(only));
+        assert!(!a.is_waiting(&svc("b")), "a pinned key leaves the queue");
     }
 
     #[test]

@@ -59,6 +59,31 @@ const LOGGED_NAMES: usize = 5;
 /// Conditions of the local ServiceExports, by service.
 pub type StatusMap = BTreeMap<ServiceKey, ExportStatus>;
 
+/// ClusterSetIPs the cluster's writer already published, by import (the ServiceImports'
+/// `spec.ips`, read back by `kube::observed`): every replica serves these, and only imports
+/// without one are allocated (issue 19, docs/replicas.md).
+pub type Pins = BTreeMap<ServiceKey, Vec<IpAddr>>;
+
+/// What a pinned address outside `front.clusterSetIPRange` means.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PinsOutsideRange {
+    /// Ignored (`front.mode: vip`: an address of an older range; the import is allocated
+    /// from the range and the writer publishes that).
+    #[default]
+    Ignore,
+    /// Served as they are (`front.mode: kube`: the derived Services' ClusterIPs).
+    Serve,
+}
+
+/// How one import's ClusterSetIPs are pinned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Pin {
+    /// An address of the range, held in the allocator.
+    Range(IpAddr),
+    /// Addresses outside the range, served as they are.
+    Verbatim(Vec<IpAddr>),
+}
+
 /// The state of the import set, without the task around it: apply updates, then read the
 /// snapshot. Pure apart from the allocator's state file.
 #[derive(Debug)]
@@ -81,6 +106,9 @@ pub struct ImportState {
     withdrawn_grace: Duration,
     /// While a cluster is being withdrawn: addresses that go are reserved until then.
     reserving: Option<Instant>,
+    /// Published ClusterSetIPs ([`Pins`]) as they apply to this range.
+    pins: BTreeMap<ServiceKey, Pin>,
+    pins_outside: PinsOutsideRange,
 }
 
 /// What one batch of updates changed.
@@ -116,7 +144,53 @@ impl ImportState {
             version: 0,
             withdrawn_grace: DEFAULT_WITHDRAWN_GRACE,
             reserving: None,
+            pins: BTreeMap::new(),
+            pins_outside: PinsOutsideRange::Ignore,
         }
+    }
+
+    /// What pinned addresses outside the range mean.
+    pub fn set_pins_outside_range(&mut self, outside: PinsOutsideRange) {
+        self.pins_outside = outside;
+    }
+
+    /// The published ClusterSetIPs are now `pins`: imports take theirs (an unpinned import
+    /// that held one of those addresses gets another). Of two imports published with one
+    /// address, the first by name keeps it.
+    pub fn set_pins(&mut self, pins: &Pins) -> Changed {
+        let mut next: BTreeMap<ServiceKey, Pin> = BTreeMap::new();
+        let mut claimed: BTreeMap<IpAddr, &ServiceKey> = BTreeMap::new();
+        for (key, ips) in pins {
+            let pin = match ips.iter().find(|ip| self.alloc.contains(**ip)) {
+                Some(ip) => Pin::Range(*ip),
+                None if self.pins_outside == PinsOutsideRange::Serve && !ips.is_empty() => {
+                    Pin::Verbatim(ips.clone())
+                }
+                None => continue,
+            };
+            if let Pin::Range(ip) = &pin
+                && let Some(first) = claimed.insert(*ip, key)
+            {
+                tracing::warn!(service = %key, %ip, holder = %first, "two ServiceImports carry one clusterset ip; the first keeps it");
+                claimed.insert(*ip, first);
+                continue;
+            }
+            next.insert(key.clone(), pin);
+        }
+        let mut dirty: BTreeSet<ServiceKey> = BTreeSet::new();
+        for (key, pin) in &self.pins {
+            if next.get(key) != Some(pin) {
+                dirty.insert(key.clone());
+            }
+        }
+        for key in next.keys() {
+            if !self.pins.contains_key(key) {
+                dirty.insert(key.clone());
+            }
+        }
+        self.pins = next;
+        let changed = self.remerge(&dirty);
+        self.settle(changed)
     }
 
     /// How long addresses of imports withdrawn with their cluster stay reserved for them.
@@ -304,11 +378,13 @@ impl ImportState {
         let mut served: Vec<AllocKey> = Vec::new();
         loop {
             let granted = self.alloc.take_granted();
-            if granted.is_empty() {
+            // keys that lost their address to a pinned import get another one
+            let displaced = self.alloc.take_displaced();
+            if granted.is_empty() && displaced.is_empty() {
                 break;
             }
             let dirty: BTreeSet<ServiceKey> =
-                granted.iter().map(|k| k.service_key().clone()).collect();
+                granted.iter().chain(&displaced).map(|k| k.service_key().clone()).collect();
             changed = changed.or(self.remerge(&dirty));
             served.extend(granted);
         }
@@ -397,9 +473,21 @@ impl ImportState {
         };
         let service_key = AllocKey::service(key);
         if merged.service_type == ServiceType::ClusterSetIP {
-            // A full range queues the key (reported and logged once per update by `settle`).
-            if let Ok(ip) = self.alloc.allocate(&service_key) {
-                merged.ips = vec![ip];
+            match self.pins.get(key) {
+                // The address the writer published (a key it displaces is merged again by
+                // `settle`).
+                Some(Pin::Range(ip)) if self.alloc.pin(&service_key, *ip) => merged.ips = vec![*ip],
+                Some(Pin::Verbatim(ips)) => {
+                    self.alloc.release(&service_key);
+                    merged.ips = ips.clone();
+                }
+                // A full range queues the key (reported and logged once per update by
+                // `settle`).
+                _ => {
+                    if let Ok(ip) = self.alloc.allocate(&service_key) {
+                        merged.ips = vec![ip];
+                    }
+                }
             }
             self.set_endpoint_vips(key, BTreeMap::new());
             self.cancel_waiting_endpoints(key, &BTreeSet::new());

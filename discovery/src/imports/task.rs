@@ -8,7 +8,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::{METRIC_IMPORT_UPDATES, METRIC_IMPORTED_SERVICES, record_range};
-use super::{AllocReport, Changed, DEFAULT_RESTORE_GRACE, ImportState, StatusMap};
+use super::{
+    AllocReport, Changed, DEFAULT_RESTORE_GRACE, ImportState, Pins, PinsOutsideRange, StatusMap,
+};
 use crate::alloc::Allocator;
 use crate::exports::ValidityMap;
 use crate::model::{ClusterId, ExportSet, ImportSnapshot, PeerUpdate};
@@ -26,6 +28,10 @@ pub struct ImportSet {
     status_tx: watch::Sender<Arc<StatusMap>>,
     problems_tx: watch::Sender<Arc<AllocReport>>,
     restore_grace: Duration,
+    /// The published ClusterSetIPs (none until read), when there is a writer.
+    pins_rx: Option<watch::Receiver<Option<Arc<Pins>>>>,
+    /// True once the first published ClusterSetIPs are in a published snapshot.
+    pins_applied: watch::Sender<bool>,
 }
 
 impl ImportSet {
@@ -59,7 +65,28 @@ impl ImportSet {
             status_tx,
             problems_tx,
             restore_grace: DEFAULT_RESTORE_GRACE,
+            pins_rx: None,
+            pins_applied: watch::channel(false).0,
         }
+    }
+
+    /// Imports take the ClusterSetIPs the cluster's writer published (`pins`, none until
+    /// they have been read; see [`Pins`]); `outside` says what an address outside the range
+    /// means.
+    pub fn with_pins(
+        mut self,
+        pins: watch::Receiver<Option<Arc<Pins>>>,
+        outside: PinsOutsideRange,
+    ) -> Self {
+        self.state.set_pins_outside_range(outside);
+        self.pins_rx = Some(pins);
+        self
+    }
+
+    /// True once the first published ClusterSetIPs are in a published snapshot (the writer
+    /// waits for it before it writes: it must not publish other addresses first).
+    pub fn subscribe_pins_applied(&self) -> watch::Receiver<bool> {
+        self.pins_applied.subscribe()
     }
 
     /// How long IPs restored from the state file stay reserved for imports not seen again.
@@ -97,6 +124,10 @@ impl ImportSet {
         let mut swept = false;
         let mut peers_open = true;
         let mut validity_open = true;
+        let mut pins_rx = self.pins_rx.take();
+        if let Some(rx) = &mut pins_rx {
+            rx.mark_changed();
+        }
         loop {
             let expiry = self.state.next_reservation_expiry();
             // What changed, and how many updates changed the snapshot.
@@ -142,6 +173,18 @@ impl ImportSet {
                 () = sleep_until(expiry) => {
                     (self.state.expire_reservations(std::time::Instant::now()), 0)
                 }
+                r = changed_pins(&mut pins_rx) => {
+                    let Ok(Some(pins)) = r else {
+                        if r.is_err() {
+                            pins_rx = None;
+                        }
+                        continue;
+                    };
+                    let changed = self.state.set_pins(&pins);
+                    self.publish(changed, u64::from(changed.snapshot));
+                    self.pins_applied.send_if_modified(|applied| !std::mem::replace(applied, true));
+                    continue;
+                }
             };
             self.publish(changed, updates);
         }
@@ -168,6 +211,19 @@ impl ImportSet {
             record_range(&report);
             self.problems_tx.send_replace(Arc::new(report));
         }
+    }
+}
+
+/// The next published ClusterSetIPs (`Ok(None)`: not read yet); forever without a writer.
+async fn changed_pins(
+    rx: &mut Option<watch::Receiver<Option<Arc<Pins>>>>,
+) -> Result<Option<Arc<Pins>>, watch::error::RecvError> {
+    match rx {
+        Some(rx) => {
+            rx.changed().await?;
+            Ok(rx.borrow_and_update().clone())
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -618,6 +618,88 @@ async fn task_follows_local_and_peer_updates() {
     tokio::time::timeout(Duration::from_secs(5), handle).await.unwrap().unwrap();
 }
 
+/// Issue 19: every replica serves the ClusterSetIPs the leader published. A pinned import
+/// takes its address (moving an unpinned import that held it aside), an import without a pin
+/// is allocated as before, and an address outside the range is ignored in vip mode and
+/// served as it is in front kube mode.
+#[test]
+fn imports_take_the_published_clusterset_ips() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let mut st = small_range("242.1.0.0/28");
+    st.apply_peer(PeerUpdate::Exports(set(
+        "west",
+        1,
+        clusterset_ip_services("west", ["a", "b", "c"].map(String::from)),
+    )));
+    let before = ips_of(&st);
+    let a_ip = before["a"].unwrap();
+    // the leader gave b a's hash slot (a collision resolved otherwise there) and a another
+    let other = (1..15)
+        .map(|i| ip(&format!("242.1.0.{i}")))
+        .find(|i| !before.values().any(|v| *v == Some(*i)))
+        .unwrap();
+    let pins = Pins::from([(key("b"), vec![a_ip]), (key("a"), vec![other])]);
+    let changed = st.set_pins(&pins);
+    assert!(changed.snapshot);
+    let after = ips_of(&st);
+    assert_eq!(after["b"], Some(a_ip));
+    assert_eq!(after["a"], Some(other));
+    assert_eq!(after["c"], before["c"], "an import without a pin keeps its address");
+    assert_eq!(st.allocator().len(), 3);
+    // the same pins again change nothing
+    assert!(!st.set_pins(&pins).snapshot);
+
+    // a pin that goes leaves the import where it is; two imports published with one address:
+    // the first by name keeps it, the other is allocated
+    let pins = Pins::from([(key("a"), vec![other]), (key("c"), vec![other])]);
+    st.set_pins(&pins);
+    let now = ips_of(&st);
+    assert_eq!((now["a"], now["b"]), (Some(other), Some(a_ip)));
+    assert!(now["c"].is_some() && now["c"] != Some(other));
+
+    // vip mode: an address outside the range (an older range) is not served
+    let outside = Pins::from([(key("a"), vec![ip("10.96.0.10")])]);
+    st.set_pins(&outside);
+    assert!(st.allocator().contains(ips_of(&st)["a"].unwrap()));
+    // front kube mode: the derived Service's ClusterIPs are served as they are
+    st.set_pins_outside_range(PinsOutsideRange::Serve);
+    let dual = Pins::from([(key("a"), vec![ip("10.96.0.10"), ip("fd00::a")])]);
+    st.set_pins(&dual);
+    assert_eq!(st.services()[&key("a")].ips, vec![ip("10.96.0.10"), ip("fd00::a")]);
+    assert_eq!(st.allocator().len(), 2, "a holds no address of the range");
+}
+
+#[tokio::test]
+async fn the_task_takes_pins_and_says_when_they_are_in_a_snapshot() {
+    let (_local_tx, local_rx) = watch::channel(set(
+        "east",
+        1,
+        vec![exported("east", "web", 5, ServiceType::ClusterSetIP, &["10.0.0.1"])],
+    ));
+    let (_validity_tx, validity_rx) = watch::channel(Arc::new(ValidityMap::new()));
+    let (_peers_tx, peers_rx) = mpsc::channel(16);
+    let (pins_tx, pins_rx) = watch::channel(None);
+    let task = ImportSet::new(
+        cid("east"),
+        local_rx,
+        validity_rx,
+        peers_rx,
+        Allocator::open("242.1.0.0/16".parse().unwrap(), None).unwrap(),
+    )
+    .with_pins(pins_rx, PinsOutsideRange::Ignore);
+    let mut snaps = task.subscribe();
+    let mut applied = task.subscribe_pins_applied();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(task.run(stop.clone()));
+    assert!(!*applied.borrow_and_update(), "not before the ServiceImports were read");
+    let pinned: IpAddr = "242.1.7.7".parse().unwrap();
+    pins_tx.send_replace(Some(Arc::new(Pins::from([(key("web"), vec![pinned])]))));
+    tokio::time::timeout(Duration::from_secs(5), applied.wait_for(|a| *a)).await.unwrap().unwrap();
+    assert_eq!(snaps.borrow_and_update().services[&key("web")].ips, vec![pinned]);
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), handle).await.unwrap().unwrap();
+}
+
 /// `/debug/imports` and `/debug/exports` as the import set renders them: the filters and the
 /// summary read the ordered map, the rows keep the shape `fedgate status` reads.
 #[test]

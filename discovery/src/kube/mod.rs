@@ -11,7 +11,9 @@
 
 pub mod crd;
 pub mod identity;
+pub mod leader;
 pub mod metrics;
+pub mod observed;
 pub mod queue;
 pub mod source;
 pub mod writer;
@@ -25,6 +27,8 @@ pub use ::kube::Client;
 pub use ::kube::api::ApiResource;
 pub use crd::{CLUSTER_ID_PROPERTY, CLUSTERSET_PROPERTY, MCS_GROUP};
 pub use identity::{ClusterProperties, IdSource, IdentityError};
+pub use leader::{Election, LeaderSettings, LeaderState};
+pub use observed::Observed;
 pub use source::{KubeProblem, KubeSource};
 pub use writer::{FIELD_MANAGER, KubeWriter, WriterSettings};
 

@@ -46,7 +46,7 @@ const WATCH_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 /// up to twice that, reset only after 120 s without errors) left new ServiceExports unseen
 /// for 40 to over 70 s after a 30 s apiserver outage (issue 17's fault suite, fault_kube).
 /// Three watches retrying every 5 s are no burden on an apiserver that is back.
-fn watch_backoff() -> watcher::ExponentialBackoff {
+pub(super) fn watch_backoff() -> watcher::ExponentialBackoff {
     backon::ExponentialBuilder::default()
         .with_min_delay(WATCH_RETRY_MIN)
         .with_max_delay(WATCH_RETRY_MAX)

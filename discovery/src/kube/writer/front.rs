@@ -64,6 +64,17 @@ impl FrontPorts {
         exhausted
     }
 
+    /// Keeps `port` for `k` (read back from a derived Service the last leader wrote), unless
+    /// either already has an allocation; [`Self::reconcile`] drops it if the import port is
+    /// gone.
+    pub fn keep(&mut self, k: FrontKey, port: u16) {
+        if self.by_key.contains_key(&k) || self.used.contains(&port) {
+            return;
+        }
+        self.used.insert(port);
+        self.by_key.insert(k, port);
+    }
+
     pub fn get(&self, k: &FrontKey) -> Option<u16> {
         self.by_key.get(k).copied()
     }

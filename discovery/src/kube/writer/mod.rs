@@ -48,6 +48,8 @@ use crate::imports::StatusMap;
 use crate::model::{ClusterId, ImportSnapshot, ImportedService, ServiceKey};
 
 use super::crd;
+use super::leader::LeaderState;
+use super::observed::FrontRoutes;
 use super::queue::{MAX_WRITES_IN_FLIGHT, WriteQueue};
 use super::{KubeError, LABEL_MANAGED_BY, MANAGED_BY_FEDGATE};
 
@@ -70,6 +72,8 @@ pub const DEBOUNCE: Duration = Duration::from_millis(100);
 pub const MAX_SETTLE: Duration = Duration::from_secs(1);
 /// How often objects that failed to write (e.g. namespace missing) are tried again.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(10);
+/// The longest a new leader waits for the published ClusterSetIPs to be read back.
+pub const PINS_WAIT: Duration = Duration::from_secs(10);
 
 /// Settings of the writer.
 #[derive(Clone, Debug)]
@@ -104,6 +108,51 @@ pub struct KubeWriter {
     snapshots: watch::Receiver<Arc<ImportSnapshot>>,
     statuses: watch::Receiver<Arc<StatusMap>>,
     front_routes: watch::Sender<Arc<BTreeMap<u16, FrontKey>>>,
+    election: ElectionInputs,
+}
+
+/// With several replicas ([`KubeWriter::with_election`]): when to write, and what the leader
+/// wrote. Without them the writer always writes.
+#[derive(Default)]
+struct ElectionInputs {
+    /// The role of this replica: writes only while `leading`.
+    leader: Option<watch::Receiver<LeaderState>>,
+    /// True once the import set holds the ClusterSetIPs the ServiceImports carry.
+    pins_applied: Option<watch::Receiver<bool>>,
+    /// `front.mode: kube`: the gateway ports of the leader's derived Services.
+    observed_routes: Option<watch::Receiver<Arc<FrontRoutes>>>,
+}
+
+/// How a term as the leader ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Term {
+    /// The lease was lost (or not renewed in time): follow again.
+    Lost,
+    /// Shutdown, or the inputs closed.
+    Stopped,
+}
+
+/// Resolves when this replica stops leading (at once if it does not lead); never without
+/// an election.
+async fn lost(leader: &mut Option<watch::Receiver<LeaderState>>) {
+    match leader {
+        Some(rx) => {
+            let _ = rx.wait_for(|s| !s.leading).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the leader's front routes change; never without them.
+async fn changed_routes(rx: &mut Option<watch::Receiver<Arc<FrontRoutes>>>) {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The objects of one import.
@@ -173,7 +222,34 @@ impl KubeWriter {
     ) -> Self {
         let imports = super::import_resource(&exports);
         let (front_routes, _) = watch::channel(Arc::new(BTreeMap::new()));
-        Self { client, settings, exports, imports, snapshots, statuses, front_routes }
+        Self {
+            client,
+            settings,
+            exports,
+            imports,
+            snapshots,
+            statuses,
+            front_routes,
+            election: ElectionInputs::default(),
+        }
+    }
+
+    /// One of several replicas: writes only while `leader` says this one leads, and each
+    /// term starts once `pins_applied` (the import set took the published ClusterSetIPs,
+    /// waited for at most [`PINS_WAIT`]); while following, the front routes are
+    /// `observed_routes` (the leader's derived Services).
+    pub fn with_election(
+        mut self,
+        leader: watch::Receiver<LeaderState>,
+        pins_applied: watch::Receiver<bool>,
+        observed_routes: watch::Receiver<Arc<FrontRoutes>>,
+    ) -> Self {
+        self.election = ElectionInputs {
+            leader: Some(leader),
+            pins_applied: Some(pins_applied),
+            observed_routes: Some(observed_routes),
+        };
+        self
     }
 
     /// `front.mode: kube`: which gateway port serves which import port (the data plane
@@ -189,10 +265,51 @@ impl KubeWriter {
         self.serve(shutdown).instrument(span).await
     }
 
+    /// Follows while another replica leads, writes while this one does ([`Self::lead`]: one
+    /// term), until `shutdown`.
+    async fn serve(mut self, shutdown: CancellationToken) {
+        while self.wait_leading(&shutdown).await {
+            match self.lead(&shutdown).await {
+                Term::Stopped => break,
+                Term::Lost => tracing::info!("no longer leading: stopped writing"),
+            }
+        }
+        tracing::debug!("kube writer stopped");
+    }
+
+    /// Waits until this replica leads (true) or `shutdown` (false). Meanwhile, in
+    /// `front.mode: kube`, the gateway ports are the ones the leader's derived Services name.
+    async fn wait_leading(&mut self, shutdown: &CancellationToken) -> bool {
+        loop {
+            if let (Some(rx), Some(_)) = (&mut self.election.observed_routes, &self.settings.front)
+            {
+                let routes = Arc::clone(&rx.borrow_and_update());
+                self.front_routes.send_if_modified(|r| {
+                    let changed = **r != *routes;
+                    *r = routes;
+                    changed
+                });
+            }
+            let Some(leader) = &mut self.election.leader else { return true };
+            if leader.borrow_and_update().leading {
+                return true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                r = leader.changed() => if r.is_err() { return false },
+                _ = changed_routes(&mut self.election.observed_routes) => {}
+            }
+        }
+    }
+
+    /// One term as the leader: lists what fedgate owns (so the term updates in place and
+    /// deletes only what is gone), then writes on every change, until the lease is lost
+    /// (in-flight requests are dropped at once) or `shutdown`.
+    ///
     /// The loop: inputs that settled ([`Settle`]) start a pass, which diffs and queues writes
     /// ([`WriteQueue`]); up to [`MAX_WRITES_IN_FLIGHT`] requests run while the next changes
     /// are already being taken in.
-    async fn serve(mut self, shutdown: CancellationToken) {
+    async fn lead(&mut self, shutdown: &CancellationToken) -> Term {
         let mut written = Written::default();
         // The owned objects that exist now; retried until the API server answers.
         loop {
@@ -201,10 +318,27 @@ impl KubeWriter {
                 Err(e) => {
                     tracing::warn!(error = %e, "listing fedgate's objects failed; retrying");
                     tokio::select! {
-                        _ = shutdown.cancelled() => return,
+                        _ = shutdown.cancelled() => return Term::Stopped,
+                        _ = lost(&mut self.election.leader) => return Term::Lost,
                         _ = tokio::time::sleep(RETRY_INTERVAL) => {}
                     }
                 }
+            }
+        }
+        // The ClusterSetIPs already published must be in the snapshot before anything is
+        // written, or a new leader could publish addresses of its own over them.
+        if let Some(rx) = &mut self.election.pins_applied {
+            let applied = async { rx.wait_for(|a| *a).await.is_ok() };
+            tokio::select! {
+                _ = shutdown.cancelled() => return Term::Stopped,
+                _ = lost(&mut self.election.leader) => return Term::Lost,
+                r = tokio::time::timeout(PINS_WAIT, applied) => if r.is_err() {
+                    tracing::warn!(
+                        wait_s = PINS_WAIT.as_secs(),
+                        "the cluster's ServiceImports were not read back in time (may the gateway \
+                         list and watch serviceimports?); writing with this replica's ClusterSetIPs"
+                    );
+                },
             }
         }
         let grace_end = tokio::time::Instant::now() + self.settings.deletion_grace;
@@ -225,7 +359,8 @@ impl KubeWriter {
             }
             let due = settle.due();
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => return Term::Stopped,
+                _ = lost(&mut self.election.leader) => return Term::Lost,
                 Some(answer) = running.next() => {
                     queue.finish(answer.action.target());
                     if self.complete(answer, &mut written, &queue) {
@@ -255,11 +390,11 @@ impl KubeWriter {
                     settle.changed(tokio::time::Instant::now());
                 }
                 r = self.snapshots.changed() => {
-                    if r.is_err() { break }
+                    if r.is_err() { return Term::Stopped }
                     settle.changed(tokio::time::Instant::now());
                 }
                 r = self.statuses.changed() => {
-                    if r.is_err() { break }
+                    if r.is_err() { return Term::Stopped }
                     settle.changed(tokio::time::Instant::now());
                 }
                 _ = retry.tick() => {
@@ -269,7 +404,6 @@ impl KubeWriter {
                 }
             }
         }
-        tracing::debug!("kube writer stopped");
     }
 
     fn api(&self, kind: WriteKind, namespace: &str) -> Api<DynamicObject> {
@@ -298,24 +432,26 @@ impl KubeWriter {
             let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &res);
             let list = api.list(&owned).await.map_err(api_err(&format!("listing {}", res.kind)))?;
             for obj in list.items {
+                // a derived Service: its ClusterIPs, and the gateway ports it names stay
+                // (a new leader serves every import port where the last one did)
+                if kind == WriteKind::Service
+                    && let Some(super::observed::Derived { key, ports, ips }) =
+                        super::observed::derived_ports(&obj)
+                {
+                    let range = self.settings.front.as_ref().map(|f| f.ports.clone());
+                    for (k, port) in ports {
+                        if range.as_ref().is_some_and(|r| r.contains(&port)) {
+                            written.ports.keep(k, port);
+                        }
+                    }
+                    if !ips.is_empty() {
+                        written.derived_ips.insert(key, ips);
+                    }
+                }
                 let (Some(namespace), Some(name)) = (obj.metadata.namespace, obj.metadata.name)
                 else {
                     continue;
                 };
-                if kind == WriteKind::Service
-                    && let Some(ips) = obj.data["spec"]["clusterIPs"].as_array()
-                    && let Some(Ok(key)) = obj
-                        .metadata
-                        .annotations
-                        .as_ref()
-                        .and_then(|a| a.get(ANNOTATION_DERIVED_FOR))
-                        .map(|k| k.split_once('/').map(|(ns, n)| ServiceKey::new(ns, n)).ok_or(()))
-                {
-                    written.derived_ips.insert(
-                        key,
-                        ips.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-                    );
-                }
                 written.applied.insert(ObjRef { kind, namespace, name }, None);
             }
         }

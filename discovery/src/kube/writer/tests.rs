@@ -281,6 +281,39 @@ fn front_ports_are_stable_reused_and_bounded() {
 }
 
 #[test]
+fn a_new_leader_keeps_the_gateway_ports_the_last_one_wrote() {
+    let snap = |names: &[&str]| {
+        let mut s = ImportSnapshot::default();
+        for n in names {
+            let mut imp = import(&[("east", vec![])]);
+            imp.key = ServiceKey::new("shop", *n);
+            s.services.insert(imp.key.clone(), Arc::new(imp));
+        }
+        s
+    };
+    let fk =
+        |n: &str| FrontKey { key: ServiceKey::new("shop", n), port: 80, protocol: Protocol::Tcp };
+    let range = 20000..=20009;
+    // the last leader gave b 20000 and a 20003 (a fresh allocation would give a 20000)
+    let mut ports = FrontPorts::default();
+    ports.keep(fk("b"), 20000);
+    ports.keep(fk("a"), 20003);
+    // a second claim on a key or a port is ignored
+    ports.keep(fk("a"), 20005);
+    ports.keep(fk("c"), 20000);
+    assert!(ports.reconcile(&snap(&["a", "b", "c"]), &range).is_empty());
+    assert_eq!(
+        [ports.get(&fk("a")), ports.get(&fk("b")), ports.get(&fk("c"))],
+        [Some(20003), Some(20000), Some(20001)]
+    );
+    // a kept port of an import port that is gone is freed
+    let mut ports = FrontPorts::default();
+    ports.keep(fk("gone"), 20000);
+    ports.reconcile(&snap(&["a"]), &range);
+    assert_eq!(ports.routes().into_iter().collect::<Vec<_>>(), [(20000, fk("a"))]);
+}
+
+#[test]
 fn front_kube_derives_a_service_pointing_at_the_gateway() {
     let imp = import(&[("east", vec![ep("10.1.0.1", Some(8080))])]);
     let mut snap = ImportSnapshot::default();
