@@ -52,10 +52,21 @@ pub struct LocalExports {
     outcome: LocalExportsOutcome,
 }
 
+/// The version of a new export set after `previous`: the wall clock in milliseconds, or
+/// `previous + 1` when the clock has not moved past it (a hybrid logical clock). So versions
+/// grow across restarts, and the replicas of one cluster, which see the same changes, give
+/// them versions that compare across replicas: the set with the higher version is the newer
+/// one (docs/replicas.md), up to the replicas' clock skew.
+pub fn next_version(previous: u64) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2));
+    now.max(previous + 1).max(1)
+}
+
 impl LocalExports {
     /// Builds the export set from the current values of both inputs at once, so subscribers
-    /// see it before `run` starts. The first version is the wall clock in milliseconds, so a
-    /// restarted gateway's versions keep growing for peers that still hold the old ones.
+    /// see it before `run` starts. Versions follow [`next_version`].
     pub fn new(
         cluster: ClusterId,
         locality: Locality,
@@ -65,10 +76,7 @@ impl LocalExports {
         let state = Arc::clone(&state_rx.borrow_and_update());
         let health = Arc::clone(&health_rx.borrow_and_update());
         let outcome = mcs::compute_exports(&state, &cluster, &health, &BTreeMap::new());
-        let version = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2))
-            .max(1);
+        let version = next_version(0);
         let set = ExportSet {
             cluster: cluster.clone(),
             locality,
@@ -153,7 +161,7 @@ impl LocalExports {
                 let next = ExportSet {
                     cluster: set.cluster.clone(),
                     locality: set.locality.clone(),
-                    version: set.version + 1,
+                    version: next_version(set.version),
                     services,
                 };
                 tracing::debug!(
@@ -195,6 +203,17 @@ mod tests {
         ))
     }
 
+    #[test]
+    fn versions_follow_the_clock_and_always_grow() {
+        let now = next_version(0);
+        assert!(now > 1_700_000_000_000, "the wall clock in ms: {now}");
+        // Behind the clock: the clock; ahead of it (a faster replica, or many changes in one
+        // millisecond): one more.
+        assert!(next_version(now - 10_000) >= now);
+        assert_eq!(next_version(now + 10_000), now + 10_001);
+        assert_eq!(next_version(u64::MAX / 2), u64::MAX / 2 + 1);
+    }
+
     #[tokio::test]
     async fn follows_state_and_health_incrementally() {
         let mut state = ClusterState::default();
@@ -223,11 +242,11 @@ mod tests {
         );
         let handle = tokio::spawn(task.run(CancellationToken::new()));
 
-        // one endpoint's health changes: one new Arc, everything else shared, version + 1
+        // one endpoint's health changes: one new Arc, everything else shared, a higher version
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let s7 = ServiceKey::new("ns", "s7");
         health_tx.send_replace(Arc::new(HealthMap::from([((s7.clone(), ip), Health::Healthy)])));
-        eventually(&mut exports, "health stamped", |s| s.version == first.version + 1).await;
+        eventually(&mut exports, "health stamped", |s| s.version > first.version).await;
         let second = Arc::clone(&exports.borrow_and_update());
         assert_eq!(second.services[&s7].endpoints[0].health, Health::Healthy);
         let shared =
@@ -242,7 +261,7 @@ mod tests {
         same.services.insert(ServiceKey::new("ns", "ghost"), service("ghost", &["10.0.0.9"]));
         state_tx.send_replace(Arc::new(same));
         eventually(&mut exports, "ghost exported", |s| s.services.len() == 101).await;
-        assert_eq!(exports.borrow().version, first.version + 2);
+        assert!(exports.borrow().version > second.version);
         eventually(&mut validity, "ghost valid", |v| {
             v.get(&ServiceKey::new("ns", "ghost")) == Some(&Validity::Valid)
         })

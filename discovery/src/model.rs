@@ -455,4 +455,33 @@ pub struct PeerStatus {
     pub exports_withdrawn: bool,
     /// Why the last connection attempt or handshake failed, if it did.
     pub last_error: Option<String>,
+    /// How many replicas the peer's configured addresses resolve to.
+    #[serde(default)]
+    pub expected_replicas: usize,
+    /// Each replica of the peer: connected ones, and dialed addresses without a connection.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// How one replica of a peer looks from here.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Its tunnel address.
+    pub address: String,
+    /// The instance id it announced (new at each of its starts).
+    pub instance: Option<String>,
+    pub connected: bool,
+    /// `dial` or `accept`.
+    pub direction: String,
+    pub draining: bool,
+    pub rtt_ms: Option<f64>,
+    pub path_mtu: Option<u16>,
+    /// Seconds its connection has been up.
+    pub connected_secs: Option<f64>,
+    /// Seconds since it was last heard from (the lease age: the peer's exports stay while
+    /// any replica is heard from within the lease).
+    pub last_seen_secs: Option<f64>,
+    /// Version of the export set it sent last (the newest over the replicas is imported).
+    pub exports_version: Option<u64>,
+    pub last_error: Option<String>,
 }

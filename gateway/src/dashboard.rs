@@ -285,6 +285,8 @@ mod tests {
             exports_version: Some(3),
             exports_withdrawn: withdrawn,
             last_error: None,
+            expected_replicas: 1,
+            replicas: Vec::new(),
         }
     }
 

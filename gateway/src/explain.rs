@@ -610,6 +610,8 @@ mod tests {
             exports_version: None,
             exports_withdrawn: withdrawn,
             last_error: (!connected).then(|| "timed out".to_owned()),
+            expected_replicas: 1,
+            replicas: Vec::new(),
         }
     }
 

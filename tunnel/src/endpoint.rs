@@ -21,7 +21,9 @@ use tracing::Instrument;
 
 use crate::identity::Identity;
 use crate::io::QuicIo;
-use crate::peer::{Backoff, CLOSE_SHUTDOWN, CLOSE_WRONG_DIRECTION, PeerHandle, PeerTask, Shared};
+use crate::peer::{
+    CLOSE_SHUTDOWN, CLOSE_WRONG_DIRECTION, PeerContext, PeerHandle, PeerTask, Shared,
+};
 use crate::reload::{IdentityFiles, IdentityWatcher, ReloadError, ReloadStatus};
 use crate::socket::{MAX_GSO_BYTES, TunnelSocket, bind_udp};
 use crate::streams::{IncomingStream, Routes};
@@ -186,8 +188,6 @@ pub struct TunnelEndpoint {
     address: SocketAddr,
     shared: Arc<Shared>,
     routes: Routes,
-    /// Client configurations of the peers we dial (lower id dials), with their rejection sinks.
-    dial_configs: HashMap<ClusterId, (quinn::ClientConfig, Arc<RejectionSink>)>,
     accept_sink: Arc<RejectionSink>,
     credentials: Arc<Credentials>,
     watcher: Option<IdentityWatcher>,
@@ -225,13 +225,10 @@ impl TunnelEndpoint {
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(transport.clone());
 
-        let mut dial_configs = HashMap::new();
-        for peer in settings.peers.iter().filter(|p| settings.local < p.id) {
-            let sink = Arc::new(RejectionSink::new(true));
-            let crypto = client_crypto(&credentials, peer.id.clone(), sink.clone())?;
-            let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-            config.transport_config(transport.clone());
-            dial_configs.insert(peer.id.clone(), (config, sink));
+        // Dial configurations are built per replica address, with a rejection sink each;
+        // build one now so that a bad identity fails here, not at the first dial.
+        if let Some(peer) = settings.peers.iter().find(|p| settings.local < p.id) {
+            client_crypto(&credentials, peer.id.clone(), Arc::new(RejectionSink::new(true)))?;
         }
 
         let socket = bind_udp(settings.listen, settings.socket_buffer)?;
@@ -264,7 +261,7 @@ impl TunnelEndpoint {
         .map_err(|e| TunnelError::Bind(settings.listen, e))?;
         let address = endpoint.local_addr().map_err(|e| TunnelError::Bind(settings.listen, e))?;
 
-        let shared = Arc::new(Shared::new(&settings.peers));
+        let shared = Arc::new(Shared::new(&settings.peers, settings.idle_timeout));
         let routes = Routes { control: incoming_control, data: incoming_data };
         Ok(Self {
             settings,
@@ -272,7 +269,6 @@ impl TunnelEndpoint {
             address,
             shared,
             routes,
-            dial_configs,
             accept_sink,
             credentials,
             watcher,
@@ -311,20 +307,18 @@ impl TunnelEndpoint {
             let (tx, rx) = mpsc::channel(4);
             accepted.insert(peer.id.clone(), tx);
             let span = tracing::info_span!("peer", peer = %peer.id, addresses = ?peer.addresses);
+            let dial = (self.settings.local < peer.id).then(|| self.credentials.clone());
             let task = PeerTask {
-                dial: self.dial_configs.remove(&peer.id),
-                peer,
-                settings: self.settings.clone(),
-                endpoint: self.endpoint.clone(),
+                ctx: PeerContext {
+                    peer,
+                    settings: self.settings.clone(),
+                    endpoint: self.endpoint.clone(),
+                    routes: self.routes.clone(),
+                    shared: self.shared.clone(),
+                    shutdown: shutdown.clone(),
+                },
+                dial,
                 accepted: rx,
-                routes: self.routes.clone(),
-                shared: self.shared.clone(),
-                shutdown: shutdown.clone(),
-                backoff: Backoff::default(),
-                delay: None,
-                up: false,
-                last_logged_error: None,
-                last_rtt: None,
             };
             tasks.spawn(task.run().instrument(span));
         }

@@ -12,8 +12,14 @@ pub const PEER_CONNECTIONS_TOTAL: &str = "fedgate_peer_connections_total";
 /// `timed_out`: nothing heard for the idle timeout, `replaced`: a newer connection took over,
 /// `local`: this gateway closed it, `other`).
 pub const PEER_DISCONNECTS_TOTAL: &str = "fedgate_peer_disconnects_total";
-/// Peers whose connection is up right now.
+/// Peers with at least one connected replica right now.
 pub const PEERS_CONNECTED: &str = "fedgate_peers_connected";
+/// Connected replicas (QUIC connections) of each peer, by `peer`.
+pub const PEER_REPLICAS_CONNECTED: &str = "fedgate_peer_replicas_connected";
+/// Connections of a peer's identity beyond the replicas its configured addresses resolve to
+/// (a copied certificate, or a replica missing from `peers[].addresses`), by `peer`; those
+/// beyond the hard limit are refused.
+pub const PEER_UNEXPECTED_INSTANCES_TOTAL: &str = "fedgate_peer_unexpected_instances_total";
 
 /// Times a send found the tunnel's UDP send buffer full (quinn then waits until it drains):
 /// the network interface or its queue is slower than the data plane.
@@ -46,7 +52,16 @@ pub fn describe() {
         "QUIC connections to peers that ended, by reason (closed, reset: the peer restarted, \
          timed_out, replaced, local, other)."
     );
-    metrics::describe_gauge!(PEERS_CONNECTED, "Peers whose QUIC connection is up.");
+    metrics::describe_gauge!(PEERS_CONNECTED, "Peers with at least one connected replica.");
+    metrics::describe_gauge!(
+        PEER_REPLICAS_CONNECTED,
+        "Connected replicas (QUIC connections) of each peer."
+    );
+    metrics::describe_counter!(
+        PEER_UNEXPECTED_INSTANCES_TOTAL,
+        "Connections of a peer's identity beyond the replicas its configured addresses \
+         resolve to (a copied certificate, or a replica missing from peers[].addresses)."
+    );
     metrics::describe_counter!(
         TLS_RELOADS_TOTAL,
         "Reloads of the tunnel certificate, key and CA files after they changed, by result \

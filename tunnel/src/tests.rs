@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::identity::Identity;
 use crate::io::QuicIo;
 use crate::testing::TestPki;
 use crate::{
@@ -39,16 +40,34 @@ impl Endpoint {
 }
 
 fn start(pki: &TestPki, me: &str, peers: &[(&str, SocketAddr)]) -> Endpoint {
+    let peers: Vec<(&str, Vec<SocketAddr>)> = peers.iter().map(|(p, a)| (*p, vec![*a])).collect();
+    start_replica(pki, me, &pki.issue(me), &peers)
+}
+
+/// One replica of `me` with `identity` (replicas of a cluster share one), peers with one
+/// address per replica.
+fn start_replica(
+    pki: &TestPki,
+    me: &str,
+    identity: &Identity,
+    peers: &[(&str, Vec<SocketAddr>)],
+) -> Endpoint {
     let settings = TunnelSettings::new(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         pki.clusterset(),
         id(me),
-        peers.iter().map(|(p, a)| PeerConfig::new(id(p), a.to_string())).collect(),
+        peers
+            .iter()
+            .map(|(p, a)| PeerConfig {
+                id: id(p),
+                addresses: a.iter().map(ToString::to_string).collect(),
+            })
+            .collect(),
     );
     let (control_tx, control) = mpsc::channel(8);
     let (data_tx, data) = mpsc::channel(8);
     let endpoint =
-        TunnelEndpoint::new(settings, pki.issue(me), control_tx, data_tx).expect("binds");
+        TunnelEndpoint::new(settings, identity.clone(), control_tx, data_tx).expect("binds");
     let address = endpoint.address();
     let handle = endpoint.handle();
     let shutdown = CancellationToken::new();
@@ -58,10 +77,10 @@ fn start(pki: &TestPki, me: &str, peers: &[(&str, SocketAddr)]) -> Endpoint {
 
 /// Waits until `connections` holds a value matching `pred` and returns it.
 async fn wait_until(
-    connections: &mut watch::Receiver<Option<PeerConnection>>,
+    connections: &mut watch::Receiver<Vec<PeerConnection>>,
     what: &str,
-    pred: impl FnMut(&Option<PeerConnection>) -> bool,
-) -> Option<PeerConnection> {
+    pred: impl FnMut(&Vec<PeerConnection>) -> bool,
+) -> Vec<PeerConnection> {
     let got = tokio::time::timeout(WAIT, connections.wait_for(pred))
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
@@ -81,10 +100,11 @@ async fn a_connection_is_published_routes_streams_by_kind_and_is_withdrawn_when_
 
     // Both sides publish the connection: the acceptor at once, the dialer once the acceptor
     // confirmed the handshake.
-    let link = wait_until(&mut at_east, "east's connection", Option::is_some).await.expect("up");
+    let links = wait_until(&mut at_east, "east's connection", |l| l.len() == 1).await;
+    let link = links[0].clone();
     assert_eq!(link.peer(), &id("west"));
     assert!(!link.is_closed());
-    wait_until(&mut at_west, "west's connection", Option::is_some).await;
+    wait_until(&mut at_west, "west's connection", |l| l.len() == 1).await;
     assert!(east.handle.is_connected(&id("west")) && west.handle.is_connected(&id("east")));
     let status = east.handle.link_status(&id("west")).expect("status");
     assert!(status.connected && status.rtt_ms.is_some() && status.path_mtu.is_some(), "{status:?}");
@@ -92,7 +112,8 @@ async fn a_connection_is_published_routes_streams_by_kind_and_is_withdrawn_when_
     assert_eq!(east.handle.status().len(), 1);
 
     // A data stream: its kind byte consumed, the peer named.
-    let (mut send, _recv) = east.handle.open_stream(&id("west")).await.expect("open");
+    let (mut send, _recv, on) = east.handle.open_stream(&id("west")).await.expect("open");
+    assert_eq!(on, link.id());
     send.write_all(b"ping").await.expect("write");
     let mut s = tokio::time::timeout(WAIT, west.data.recv()).await.expect("in time").expect("one");
     assert_eq!(s.peer, id("east"));
@@ -109,10 +130,94 @@ async fn a_connection_is_published_routes_streams_by_kind_and_is_withdrawn_when_
 
     // The dialer goes away: the acceptor withdraws the connection (closed by the peer).
     east.stop().await;
-    wait_until(&mut at_west, "the connection withdrawn", Option::is_none).await;
+    wait_until(&mut at_west, "the connection withdrawn", Vec::is_empty).await;
     assert!(!west.handle.is_connected(&id("east")));
     let status = west.handle.link_status(&id("east")).expect("status");
     assert!(!status.connected && status.rtt_ms.is_none(), "{status:?}");
     assert!(status.last_error.is_some(), "the close reason is kept: {status:?}");
     west.stop().await;
+}
+
+#[tokio::test]
+async fn every_replica_of_a_peer_is_kept_and_streams_take_turns_over_them() {
+    let pki = TestPki::new("demo");
+    let unused = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    // west accepts; east has two replicas (one identity) configured at west by two addresses.
+    let west = start(&pki, "west", &[("east", unused(9))]);
+    let east_identity = pki.issue("east");
+    let replica = || start_replica(&pki, "east", &east_identity, &[("west", vec![west.address])]);
+    let (east1, east2) = (replica(), replica());
+    let mut at_west = west.handle.connections(&id("east")).expect("configured");
+    let links = wait_until(&mut at_west, "both replicas", |l| l.len() == 2).await;
+    let remotes: std::collections::BTreeSet<SocketAddr> =
+        links.iter().map(|l| l.remote()).collect();
+    assert_eq!(remotes, [east1.address, east2.address].into(), "one connection per replica");
+
+    // Data streams take turns over the replicas; one marked suspect is avoided.
+    let mut used = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let (_s, _r, on) = west.handle.open_stream(&id("east")).await.expect("open");
+        used.insert(on);
+    }
+    assert_eq!(used.len(), 2, "both replicas carry streams");
+    west.handle.suspect(&id("east"), links[0].id());
+    for _ in 0..4 {
+        let (_s, _r, on) = west.handle.open_stream(&id("east")).await.expect("open");
+        assert_eq!(on, links[1].id(), "the suspect replica is passed over");
+    }
+    // So is one that announced draining.
+    west.handle.suspect(&id("east"), usize::MAX);
+    links[1].set_draining(true);
+    let status = west.handle.link_status(&id("east")).expect("status");
+    assert_eq!((status.replicas.len(), status.expected_replicas), (2, 1), "{status:?}");
+    assert!(status.replicas.iter().all(|r| r.connected && r.direction == "accept"));
+
+    // One replica goes away: the other keeps serving.
+    east1.stop().await;
+    let links = wait_until(&mut at_west, "one replica left", |l| l.len() == 1).await;
+    assert_eq!(links[0].remote(), east2.address);
+    let (_s, _r, on) = west.handle.open_stream(&id("east")).await.expect("the other replica");
+    assert_eq!(on, links[0].id());
+    assert!(west.handle.is_connected(&id("east")));
+    east2.stop().await;
+    wait_until(&mut at_west, "no replica left", Vec::is_empty).await;
+    west.stop().await;
+}
+
+#[tokio::test]
+async fn a_dialer_connects_to_every_address_of_a_peer() {
+    let pki = TestPki::new("demo");
+    let unused = SocketAddr::from(([127, 0, 0, 1], 9));
+    let west_identity = pki.issue("west");
+    let west1 = start_replica(&pki, "west", &west_identity, &[("east", vec![unused])]);
+    let west2 = start_replica(&pki, "west", &west_identity, &[("east", vec![unused])]);
+    // east dials both, listed as `addresses`; one more address has nobody behind it.
+    let east = start_replica(
+        &pki,
+        "east",
+        &pki.issue("east"),
+        &[("west", vec![west1.address, west2.address, unused])],
+    );
+    let mut at_east = east.handle.connections(&id("west")).expect("configured");
+    let links = wait_until(&mut at_east, "both replicas", |l| l.len() == 2).await;
+    let remotes: std::collections::BTreeSet<SocketAddr> =
+        links.iter().map(|l| l.remote()).collect();
+    assert_eq!(remotes, [west1.address, west2.address].into());
+    let status = east.handle.link_status(&id("west")).expect("status");
+    assert_eq!(status.expected_replicas, 3, "{status:?}");
+    let down: Vec<_> = status.replicas.iter().filter(|r| !r.connected).collect();
+    assert_eq!(down.len(), 1, "the address with nobody behind it is shown: {status:?}");
+    assert_eq!(down[0].address, unused);
+
+    // A replica stops: the dialer keeps the other and shows why the stopped one is down.
+    let west2_address = west2.address;
+    west2.stop().await;
+    let links = wait_until(&mut at_east, "one replica left", |l| l.len() == 1).await;
+    assert_eq!(links[0].remote(), west1.address);
+    let status = east.handle.link_status(&id("west")).expect("status");
+    assert!(status.connected);
+    let gone = status.replicas.iter().find(|r| r.address == west2_address).expect("listed");
+    assert!(!gone.connected && gone.last_error.is_some(), "{gone:?}");
+    east.stop().await;
+    west1.stop().await;
 }

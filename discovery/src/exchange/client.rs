@@ -50,7 +50,12 @@ impl ExchangeError {
 #[derive(Clone, Debug)]
 pub enum PeerEvent {
     /// A snapshot or delta was applied: the peer's whole export set as it is now.
-    Exports { set: Arc<ExportSet>, draining: bool },
+    Exports {
+        set: Arc<ExportSet>,
+        draining: bool,
+        /// The serving replica's instance id, with a snapshot (the first update of a watch).
+        instance: Option<String>,
+    },
     /// Nothing changed; the peer is alive.
     Heartbeat { version: u64, draining: bool },
 }
@@ -112,11 +117,12 @@ impl PeerExports {
                         claimed: snapshot.cluster,
                     });
                 }
+                let instance = Some(snapshot.instance.clone()).filter(|i| !i.is_empty());
                 let fresh = snapshot_from_proto(snapshot, update.version).map_err(invalid)?;
                 let set = Arc::new(reuse_unchanged(self.current.as_deref(), fresh));
                 self.current = Some(set.clone());
                 self.synced = true;
-                Ok(PeerEvent::Exports { set, draining })
+                Ok(PeerEvent::Exports { set, draining, instance })
             }
             Some(Kind::Delta(delta)) => {
                 let held = self.current.as_ref().map(|c| c.version);
@@ -144,7 +150,7 @@ impl PeerExports {
                 let locality = delta.locality.map(Locality::from);
                 let set = Arc::new(apply_delta(base, update.version, locality, upserts, removed));
                 self.current = Some(set.clone());
-                Ok(PeerEvent::Exports { set, draining })
+                Ok(PeerEvent::Exports { set, draining, instance: None })
             }
         }
     }

@@ -151,6 +151,7 @@ pub fn snapshot_to_proto(set: &ExportSet) -> proto::Snapshot {
         cluster: set.cluster.to_string(),
         locality: Some((&set.locality).into()),
         services: set.services.values().map(|s| s.as_ref().into()).collect(),
+        instance: String::new(),
     }
 }
 
@@ -452,6 +453,7 @@ mod tests {
                 (&service("ns", "a", "east", 1)).into(),
                 (&service("ns", "b", "west", 1)).into(),
             ],
+            instance: String::new(),
         };
         let err = snapshot_from_proto(snap.clone(), 1).expect_err("foreign service");
         assert_eq!(err.field, "snapshot.services[1].cluster");

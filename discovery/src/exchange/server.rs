@@ -28,13 +28,20 @@ pub const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
 pub struct ExchangeService {
     local: watch::Receiver<Arc<ExportSet>>,
     draining: watch::Receiver<bool>,
+    instance: Arc<str>,
 }
 
 impl ExchangeService {
     /// `local` is the local export set as the LocalExports task publishes it; `draining`
     /// is true while this gateway drains (sent with every update and heartbeat).
     pub fn new(local: watch::Receiver<Arc<ExportSet>>, draining: watch::Receiver<bool>) -> Self {
-        Self { local, draining }
+        Self { local, draining, instance: Arc::from("") }
+    }
+
+    /// Announces `instance` (this replica's instance id) in every snapshot.
+    pub fn with_instance(mut self, instance: &str) -> Self {
+        self.instance = Arc::from(instance);
+        self
     }
 }
 
@@ -64,7 +71,14 @@ impl Exchange for ExchangeService {
         };
         tracing::debug!(watcher = %req.cluster, known_version = req.known_version, ?heartbeat, "peer watches our exports");
         let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(stream_updates(self.local.clone(), self.draining.clone(), heartbeat, tx));
+        let instance = self.instance.clone();
+        tokio::spawn(stream_updates(
+            self.local.clone(),
+            self.draining.clone(),
+            instance,
+            heartbeat,
+            tx,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -74,6 +88,7 @@ impl Exchange for ExchangeService {
 async fn stream_updates(
     mut local: watch::Receiver<Arc<ExportSet>>,
     draining: watch::Receiver<bool>,
+    instance: Arc<str>,
     heartbeat: Duration,
     tx: mpsc::Sender<Result<proto::ExportUpdate, Status>>,
 ) {
@@ -84,7 +99,10 @@ async fn stream_updates(
     let first = proto::ExportUpdate {
         version: last.version,
         draining: is_draining(&draining),
-        kind: Some(Kind::Snapshot(snapshot_to_proto(&last))),
+        kind: Some(Kind::Snapshot(proto::Snapshot {
+            instance: instance.to_string(),
+            ..snapshot_to_proto(&last)
+        })),
     };
     if tx.send(Ok(first)).await.is_err() {
         return;

@@ -50,36 +50,61 @@ const STATUS_REFRESH: Duration = Duration::from_secs(1);
 /// An error from a transport, as the sessions see it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The transport under the sessions: its connections to each peer, and how it sees them.
+/// The transport under the sessions: its connections to each replica of each peer, and how
+/// it sees them.
 pub trait ControlConnector: Send + Sync + 'static {
     type Link: ControlLink;
-    /// The transport's connection to `peer`: the current state first, then every change
-    /// (`None`: no connection now). Ends when the transport stops.
-    fn links(&self, peer: &ClusterId) -> BoxStream<'static, Option<Self::Link>>;
+    /// The transport's working connections to `peer`, one per connected replica: the current
+    /// list first, then every change. Ends when the transport stops.
+    fn links(&self, peer: &ClusterId) -> BoxStream<'static, Vec<Self::Link>>;
     /// How the transport sees `peer` right now.
     fn transport(&self, peer: &ClusterId) -> TransportStatus;
 }
 
-/// One working connection to a peer, on which control channels are opened.
+/// One working connection to one replica of a peer, on which control channels are opened.
 pub trait ControlLink: Clone + Send + Sync + 'static {
-    /// Whether `other` is this same connection (a different one replaced it otherwise).
-    fn same(&self, other: &Self) -> bool;
+    /// Identifies the connection among the transport's connections.
+    fn id(&self) -> usize;
+    /// The replica's address, as the transport shows it in [`TransportReplica::address`].
+    fn remote(&self) -> String;
     /// A gRPC channel to the peer's exchange service over this connection.
     fn channel(&self) -> BoxFuture<'static, Result<Channel, BoxError>>;
     /// Resolves when the connection has ended.
     fn closed(&self) -> BoxFuture<'static, ()>;
     fn is_closed(&self) -> bool;
+    /// Tells the transport whether this replica announced draining (data streams go to the
+    /// peer's other replicas first).
+    fn set_draining(&self, draining: bool);
 }
 
 /// The transport's view of one peer.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TransportStatus {
-    /// The peer's configured address.
+    /// The peer's configured addresses.
     pub address: String,
+    /// Whether any replica is connected.
     pub connected: bool,
     pub rtt_ms: Option<f64>,
     pub path_mtu: Option<u16>,
     /// Why the last connection attempt failed or the last connection ended.
+    pub last_error: Option<String>,
+    /// How many replicas the configured addresses resolve to.
+    pub expected_replicas: usize,
+    /// Each replica the transport knows: connected ones, and dialed addresses without a
+    /// connection now.
+    pub replicas: Vec<TransportReplica>,
+}
+
+/// The transport's view of one replica of a peer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TransportReplica {
+    pub address: String,
+    pub connected: bool,
+    /// `dial` or `accept`.
+    pub direction: String,
+    pub rtt_ms: Option<f64>,
+    pub path_mtu: Option<u16>,
+    pub connected_secs: Option<f64>,
     pub last_error: Option<String>,
 }
 
@@ -92,18 +117,35 @@ pub struct SessionSettings {
     pub peers: Vec<ClusterId>,
     /// `discovery.peerLeaseDuration`: a peer silent this long has its exports withdrawn.
     pub peer_lease_duration: Duration,
+    /// This replica's instance id, announced to peers with every snapshot.
+    pub instance: String,
 }
 
 impl SessionSettings {
-    /// Settings with the default lease.
+    /// Settings with the default lease and a new instance id.
     pub fn new(local: ClusterId, peers: Vec<ClusterId>) -> Self {
-        Self { local, peers, peer_lease_duration: DEFAULT_PEER_LEASE }
+        Self { local, peers, peer_lease_duration: DEFAULT_PEER_LEASE, instance: instance_id() }
     }
 
     /// How often peers should send heartbeats to us: a third of the lease, so two can be lost.
     pub fn heartbeat_interval(&self) -> Duration {
         self.peer_lease_duration / 3
     }
+}
+
+/// A new instance id: 12 hex digits from the clock and the process id, different for every
+/// process start (replicas of a cluster and restarts of one replica are told apart by it).
+pub fn instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    // RandomState is seeded per process from the OS: two processes started in the same
+    // nanosecond still differ.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
 }
 
 /// Errors of the peer sessions.
@@ -170,10 +212,10 @@ impl<C: ControlConnector> PeerSessions<C> {
         IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
         IO::ConnectInfo: Clone + Send + Sync + 'static,
     {
-        let service = exchange_server(ExchangeService::new(
-            self.local_exports.clone(),
-            self.shared.draining.subscribe(),
-        ));
+        let service = exchange_server(
+            ExchangeService::new(self.local_exports.clone(), self.shared.draining.subscribe())
+                .with_instance(&self.settings.instance),
+        );
         let grpc_shutdown = shutdown.clone();
         let grpc = tokio::spawn(async move {
             let served = tonic::transport::Server::builder()

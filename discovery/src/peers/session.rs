@@ -1,7 +1,15 @@
-//! One peer's session: follows the transport's connection to the peer, watches the peer's
-//! exports on each connection (resyncing with backoff after an error), and holds them under
-//! a lease that runs across connections.
+//! One peer's session: follows the transport's connections to the peer's replicas, watches
+//! the exports on each (resyncing with backoff after an error), and holds the peer's exports
+//! under a lease that runs across connections and replicas.
+//!
+//! The replicas of a cluster share its identity, and their exports are that cluster's
+//! exports: the import set gets the newest version any connected replica sent (versions
+//! compare across replicas, `exports::next_version`). When the replica that sent it goes, the
+//! newest of the remaining replicas' sets is imported. The lease holds while any replica is
+//! heard from; the peer is reachable while any replica is connected, and draining when every
+//! connected replica announced it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::{PEER_LEASE_EXPIRIES_TOTAL, PEER_SESSION_RESETS_TOTAL};
+use super::status::ReplicaEntry;
 use super::{ControlLink, SessionSettings, Shared};
 use crate::exchange::{PeerEvent, WatchSettings, watch_peer};
 use crate::model::{ClusterId, ExportSet, PeerUpdate};
@@ -19,7 +28,26 @@ use crate::model::{ClusterId, ExportSet, PeerUpdate};
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-type Links<L> = Option<BoxStream<'static, Option<L>>>;
+type Links<L> = Option<BoxStream<'static, Vec<L>>>;
+
+/// What a replica's watch reports to its peer's session.
+enum ReplicaEvent {
+    Event(PeerEvent),
+    /// The exchange on this connection was reset (it is resynced after a backoff).
+    Reset(String),
+}
+
+/// One connected replica of the peer.
+struct Replica<L> {
+    link: L,
+    /// Stops its watch.
+    stop: CancellationToken,
+    /// The export set it sent last.
+    exports: Option<Arc<ExportSet>>,
+    draining: bool,
+    last_seen: Option<Instant>,
+    instance: Option<String>,
+}
 
 pub(super) struct Session<L: ControlLink> {
     peer: ClusterId,
@@ -30,24 +58,23 @@ pub(super) struct Session<L: ControlLink> {
     updates: mpsc::Sender<PeerUpdate>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    replicas: BTreeMap<usize, Replica<L>>,
+    events_tx: mpsc::Sender<(usize, ReplicaEvent)>,
+    events: mpsc::Receiver<(usize, ReplicaEvent)>,
+    /// The set the import set holds (the newest over the replicas).
     exports: Option<Arc<ExportSet>>,
+    /// When any replica was last heard from.
     last_seen: Option<Instant>,
     withdrawn: bool,
-    draining: bool,
-}
-
-enum Step<L, T> {
-    Stop,
-    Link(Option<L>),
-    LeaseExpired,
-    Done(T),
+    /// What the import set was told last: (reachable, draining).
+    told: (bool, bool),
 }
 
 impl<L: ControlLink> Session<L> {
     pub fn new(
         peer: ClusterId,
         settings: &SessionSettings,
-        links: BoxStream<'static, Option<L>>,
+        links: BoxStream<'static, Vec<L>>,
         updates: mpsc::Sender<PeerUpdate>,
         shared: Arc<Shared>,
         shutdown: CancellationToken,
@@ -57,6 +84,7 @@ impl<L: ControlLink> Session<L> {
             peer: peer.clone(),
             heartbeat_interval: settings.heartbeat_interval(),
         };
+        let (events_tx, events) = mpsc::channel(64);
         Self {
             peer,
             watch,
@@ -65,39 +93,28 @@ impl<L: ControlLink> Session<L> {
             updates,
             shared,
             shutdown,
+            replicas: BTreeMap::new(),
+            events_tx,
+            events,
             exports: None,
             last_seen: None,
             withdrawn: false,
-            draining: false,
+            told: (false, false),
         }
     }
 
     pub async fn run(mut self) {
-        let mut link: Option<L> = None;
         loop {
-            let current = match link.take().filter(|l| !l.is_closed()) {
-                Some(current) => current,
-                None => {
-                    // No connection: wait for one, minding the lease and shutdown.
-                    let deadline = self.lease_deadline();
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return,
-                        _ = sleep_opt(deadline) => self.expire_lease().await,
-                        new = next_link(&mut self.links) => {
-                            link = new;
-                            // The transport's view changed: publish it with the session's.
-                            self.shared.state.publish();
-                        }
-                    }
-                    continue;
-                }
-            };
-            self.mark_up().await;
-            link = self.exchange(&current).await;
-            self.mark_down().await;
-            if self.shutdown.is_cancelled() {
-                return;
+            let deadline = self.lease_deadline();
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = sleep_opt(deadline) => self.expire_lease().await,
+                links = next_links(&mut self.links) => self.on_links(links).await,
+                Some((id, event)) = self.events.recv() => self.on_replica(id, event).await,
             }
+        }
+        for replica in self.replicas.values() {
+            replica.stop.cancel();
         }
     }
 
@@ -129,115 +146,93 @@ impl<L: ControlLink> Session<L> {
         self.shared.state.update(&self.peer, |e| e.exports_withdrawn = true);
     }
 
-    /// The transport has a working connection: tell the import set.
-    async fn mark_up(&mut self) {
-        self.shared.state.update(&self.peer, |e| e.last_error = None);
-        self.emit(PeerUpdate::Reachability {
-            cluster: self.peer.clone(),
-            reachable: true,
-            draining: self.draining,
-        })
-        .await;
-    }
-
-    /// The connection ended (or was replaced): the peer is unreachable until the next one.
-    async fn mark_down(&mut self) {
-        self.draining = false;
-        self.shared.state.update(&self.peer, |e| {
-            e.draining = false;
-            e.last_error = None;
-        });
-        self.emit(PeerUpdate::Reachability {
-            cluster: self.peer.clone(),
-            reachable: false,
-            draining: false,
-        })
-        .await;
-    }
-
-    /// Runs the watch of the peer's exports on `link`, re-watching (full resync) after a
-    /// session error, until the connection ends, shutdown, or another connection replaces it
-    /// (returned, to be served next).
-    async fn exchange(&mut self, link: &L) -> Option<L> {
-        let mut retry = Backoff::default();
-        loop {
-            let channel = match link.channel().await {
-                Ok(channel) => Some(channel),
-                Err(e) => {
-                    tracing::debug!(error = %e, "opening the control channel failed");
-                    None
-                }
+    /// The transport's connections changed: watch new replicas, forget gone ones.
+    async fn on_links(&mut self, links: Vec<L>) {
+        let ids: Vec<usize> = links.iter().map(ControlLink::id).collect();
+        let gone: Vec<usize> =
+            self.replicas.keys().filter(|id| !ids.contains(id)).copied().collect();
+        let mut lost_imported = false;
+        for id in gone {
+            if let Some(replica) = self.replicas.remove(&id) {
+                replica.stop.cancel();
+                tracing::info!(replica = %replica.link.remote(), "peer replica disconnected");
+                lost_imported |= matches!(
+                    (&replica.exports, &self.exports),
+                    (Some(a), Some(b)) if Arc::ptr_eq(a, b)
+                );
+            }
+        }
+        for link in links.into_iter().filter(|l| !l.is_closed()) {
+            let id = link.id();
+            if self.replicas.contains_key(&id) {
+                continue;
+            }
+            let stop = self.shutdown.child_token();
+            tokio::spawn(watch_replica(
+                link.clone(),
+                self.watch.clone(),
+                self.exports.clone(),
+                self.events_tx.clone(),
+                stop.clone(),
+            ));
+            let replica = Replica {
+                link,
+                stop,
+                exports: None,
+                draining: false,
+                last_seen: None,
+                instance: None,
             };
-            if let Some(channel) = channel {
-                let mut events = watch_peer(channel, self.watch.clone(), self.exports.clone());
-                loop {
-                    match self.wait(link, events.next()).await {
-                        Err(next) => return next,
-                        Ok(Some(Ok(ev))) => {
-                            retry.reset();
-                            self.on_event(ev).await;
-                        }
-                        Ok(Some(Err(e))) => {
-                            metrics::counter!(PEER_SESSION_RESETS_TOTAL, "reason" => e.reason())
-                                .increment(1);
-                            if !link.is_closed() {
-                                tracing::warn!(error = %e, "export session reset; resyncing");
-                                self.shared.state.update(&self.peer, |entry| {
-                                    entry.last_error = Some(e.to_string())
-                                });
-                            }
-                            break;
-                        }
-                        Ok(None) => break,
+            self.replicas.insert(id, replica);
+        }
+        if lost_imported {
+            // The replica whose set was imported is gone: the newest of the others', if any
+            // sent one (else the set stays, under the lease).
+            self.import_newest(None).await;
+        }
+        self.publish_replicas();
+        self.tell_reachability().await;
+    }
+
+    async fn on_replica(&mut self, id: usize, event: ReplicaEvent) {
+        let Some(replica) = self.replicas.get_mut(&id) else { return };
+        let event = match event {
+            ReplicaEvent::Event(event) => event,
+            ReplicaEvent::Reset(error) => {
+                self.shared.state.update(&self.peer, |e| {
+                    if let Some(r) = e.replicas.get_mut(&replica.link.remote()) {
+                        r.last_error = Some(error.clone());
                     }
-                }
+                    e.last_error = Some(error);
+                });
+                return;
             }
-            // Wait before re-watching, still minding the connection, the lease and shutdown.
-            if let Err(next) = self.wait(link, tokio::time::sleep(retry.fail())).await {
-                return next;
-            }
-        }
-    }
-
-    /// Waits for `work` while minding what every wait of the session minds: shutdown, the
-    /// connection closing or being replaced, and the lease (expired here, and the wait goes
-    /// on). `Err` carries what [`Self::exchange`] returns: the connection to serve next, if
-    /// any.
-    async fn wait<T>(&mut self, link: &L, work: impl Future<Output = T>) -> Result<T, Option<L>> {
-        tokio::pin!(work);
-        loop {
-            let deadline = self.lease_deadline();
-            let step = tokio::select! {
-                _ = self.shutdown.cancelled() => Step::Stop,
-                _ = link.closed() => Step::Stop,
-                new = next_link(&mut self.links) => Step::Link(new),
-                _ = sleep_opt(deadline) => Step::LeaseExpired,
-                out = &mut work => Step::Done(out),
-            };
-            match step {
-                Step::Stop | Step::Link(None) => return Err(None),
-                Step::Link(Some(new)) if !new.same(link) => return Err(Some(new)),
-                Step::Link(Some(_)) => {}
-                Step::LeaseExpired => self.expire_lease().await,
-                Step::Done(out) => return Ok(out),
-            }
-        }
-    }
-
-    async fn on_event(&mut self, event: PeerEvent) {
+        };
         let now = Instant::now();
+        replica.last_seen = Some(now);
         self.last_seen = Some(now);
         let draining = event.draining();
+        if draining != replica.draining {
+            replica.draining = draining;
+            replica.link.set_draining(draining);
+            tracing::info!(replica = %replica.link.remote(), draining, "peer replica draining state changed");
+        }
         match event {
-            PeerEvent::Exports { set, .. } => {
+            PeerEvent::Exports { set, instance, .. } => {
                 tracing::debug!(
+                    replica = %replica.link.remote(),
                     version = set.version,
                     services = set.services.len(),
                     "peer exports updated"
                 );
-                self.exports = Some(set.clone());
-                self.withdrawn = false;
-                self.emit(PeerUpdate::Exports(set)).await;
+                if instance.is_some() {
+                    replica.instance = instance;
+                }
+                replica.exports = Some(set.clone());
+                let newer = self.exports.as_ref().is_none_or(|held| set.version > held.version);
+                if newer || self.withdrawn {
+                    self.import_newest(Some(set)).await;
+                }
             }
             PeerEvent::Heartbeat { .. } => {
                 if self.withdrawn
@@ -249,29 +244,149 @@ impl<L: ControlLink> Session<L> {
                 }
             }
         }
-        if draining != self.draining {
-            self.draining = draining;
-            tracing::info!(draining, "peer draining state changed");
-            self.emit(PeerUpdate::Reachability {
-                cluster: self.peer.clone(),
-                reachable: true,
-                draining,
-            })
-            .await;
+        self.publish_replicas();
+        self.tell_reachability().await;
+    }
+
+    /// Imports `set`, or the newest set of the connected replicas when `None` (nothing when
+    /// none sent one).
+    async fn import_newest(&mut self, set: Option<Arc<ExportSet>>) {
+        let newest = set.or_else(|| {
+            self.replicas.values().filter_map(|r| r.exports.clone()).max_by_key(|s| s.version)
+        });
+        let Some(set) = newest else { return };
+        let same = self.exports.as_ref().is_some_and(|held| Arc::ptr_eq(held, &set));
+        if same && !self.withdrawn {
+            return;
         }
+        self.exports = Some(set.clone());
+        self.withdrawn = false;
+        self.emit(PeerUpdate::Exports(set)).await;
+    }
+
+    /// Tells the import set when the peer became reachable or not, or draining or not: it is
+    /// reachable while any replica is connected, draining when all connected replicas are.
+    async fn tell_reachability(&mut self) {
+        let reachable = !self.replicas.is_empty();
+        let draining = reachable && self.replicas.values().all(|r| r.draining);
+        if (reachable, draining) == self.told {
+            return;
+        }
+        self.told = (reachable, draining);
+        tracing::info!(
+            reachable,
+            draining,
+            replicas = self.replicas.len(),
+            "peer reachability changed"
+        );
+        self.emit(PeerUpdate::Reachability { cluster: self.peer.clone(), reachable, draining })
+            .await;
+    }
+
+    /// Publishes what the session knows of the peer and each replica.
+    fn publish_replicas(&self) {
+        let replicas: BTreeMap<String, ReplicaEntry> = self
+            .replicas
+            .values()
+            .map(|r| {
+                let entry = ReplicaEntry {
+                    instance: r.instance.clone(),
+                    draining: r.draining,
+                    last_seen: r.last_seen,
+                    exports_version: r.exports.as_ref().map(|s| s.version),
+                    last_error: None,
+                };
+                (r.link.remote(), entry)
+            })
+            .collect();
+        let draining = !self.replicas.is_empty() && self.replicas.values().all(|r| r.draining);
         let version = self.exports.as_ref().map(|s| s.version);
+        let (last_seen, withdrawn) = (self.last_seen, self.withdrawn);
         self.shared.state.update(&self.peer, |e| {
-            e.last_seen = Some(now);
+            // A replica's last reset stays shown until it is heard from again.
+            let mut merged = replicas;
+            for (address, entry) in merged.iter_mut() {
+                if let Some(old) = e.replicas.get(address)
+                    && old.last_seen == entry.last_seen
+                {
+                    entry.last_error = old.last_error.clone();
+                }
+            }
+            e.replicas = merged;
             e.draining = draining;
             e.exports_version = version;
-            e.exports_withdrawn = false;
+            e.exports_withdrawn = withdrawn;
+            e.last_seen = last_seen;
+            if e.replicas.values().all(|r| r.last_error.is_none()) {
+                e.last_error = None;
+            }
         });
     }
 }
 
-/// The next state of the transport's connection; never resolves once the transport stopped
+/// Watches the exports of one replica over `link`, re-watching (full resync) after an error
+/// with backoff, until the connection ends or `stop`. Its events go to the peer's session.
+async fn watch_replica<L: ControlLink>(
+    link: L,
+    settings: WatchSettings,
+    mut previous: Option<Arc<ExportSet>>,
+    events: mpsc::Sender<(usize, ReplicaEvent)>,
+    stop: CancellationToken,
+) {
+    let id = link.id();
+    let mut retry = Backoff::default();
+    loop {
+        let channel = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = link.closed() => return,
+            channel = link.channel() => channel,
+        };
+        match channel {
+            Ok(channel) => {
+                let mut stream = watch_peer(channel, settings.clone(), previous.clone());
+                loop {
+                    let next = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = link.closed() => return,
+                        next = stream.next() => next,
+                    };
+                    match next {
+                        Some(Ok(event)) => {
+                            retry.reset();
+                            if let PeerEvent::Exports { set, .. } = &event {
+                                previous = Some(set.clone());
+                            }
+                            if events.send((id, ReplicaEvent::Event(event))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            metrics::counter!(PEER_SESSION_RESETS_TOTAL, "reason" => e.reason())
+                                .increment(1);
+                            if !link.is_closed() {
+                                tracing::warn!(replica = %link.remote(), error = %e, "export session reset; resyncing");
+                                let _ = events.send((id, ReplicaEvent::Reset(e.to_string()))).await;
+                            }
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "opening the control channel failed"),
+        }
+        // Wait before re-watching, still minding the connection and stop.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = link.closed() => return,
+            _ = tokio::time::sleep(retry.fail()) => {}
+        }
+    }
+}
+
+/// The next list of the transport's connections; never resolves once the transport stopped
 /// reporting (the session then waits for shutdown, still minding the lease).
-async fn next_link<L>(links: &mut Links<L>) -> Option<L> {
+async fn next_links<L>(links: &mut Links<L>) -> Vec<L> {
     if let Some(stream) = links {
         if let Some(next) = stream.next().await {
             return next;

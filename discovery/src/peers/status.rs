@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::TransportStatus;
-use crate::model::{ClusterId, PeerStatus};
+use crate::model::{ClusterId, PeerStatus, ReplicaStatus};
 
 /// The transport's view of a peer, asked for at each publish (rtt changes without events).
 pub(super) type TransportFn = Box<dyn Fn(&ClusterId) -> TransportStatus + Send + Sync>;
@@ -16,12 +16,26 @@ pub(super) type TransportFn = Box<dyn Fn(&ClusterId) -> TransportStatus + Send +
 /// What a session knows of its peer.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Entry {
+    /// Every connected replica announced draining.
     pub draining: bool,
+    /// Version of the export set imported (the newest over the replicas).
     pub exports_version: Option<u64>,
     pub exports_withdrawn: bool,
-    /// When we last heard from the peer (the lease runs from then).
+    /// When we last heard from any replica (the lease runs from then).
     pub last_seen: Option<Instant>,
-    /// Why the session was last reset on the current connection.
+    /// Why a replica's session was last reset.
+    pub last_error: Option<String>,
+    /// What the session knows of each connected replica, by address.
+    pub replicas: BTreeMap<String, ReplicaEntry>,
+}
+
+/// What a session knows of one replica of its peer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct ReplicaEntry {
+    pub instance: Option<String>,
+    pub draining: bool,
+    pub last_seen: Option<Instant>,
+    pub exports_version: Option<u64>,
     pub last_error: Option<String>,
 }
 
@@ -77,15 +91,37 @@ impl State {
     }
 }
 
-/// One peer's status from the session's entry and the transport's view. A session error
-/// (a reset exchange on the current connection) is more telling than the transport's last
-/// one, which it follows. Pure.
+/// One peer's status from the session's entry and the transport's view, replica by replica
+/// (joined on the address). A session error (a reset exchange) is more telling than the
+/// transport's last one, which it follows. Pure.
 pub(super) fn merge(
     cluster: &ClusterId,
     entry: &Entry,
     transport: TransportStatus,
     now: Instant,
 ) -> PeerStatus {
+    let ago = |t: Option<Instant>| t.map(|t| now.duration_since(t).as_secs_f64());
+    let replicas = transport
+        .replicas
+        .into_iter()
+        .map(|r| {
+            let session = entry.replicas.get(&r.address).filter(|_| r.connected);
+            let session = session.cloned().unwrap_or_default();
+            ReplicaStatus {
+                address: r.address,
+                instance: session.instance,
+                connected: r.connected,
+                direction: r.direction,
+                draining: session.draining,
+                rtt_ms: r.rtt_ms,
+                path_mtu: r.path_mtu,
+                connected_secs: r.connected_secs,
+                last_seen_secs: ago(session.last_seen),
+                exports_version: session.exports_version,
+                last_error: session.last_error.or(r.last_error),
+            }
+        })
+        .collect();
     PeerStatus {
         cluster: cluster.clone(),
         address: transport.address,
@@ -93,9 +129,11 @@ pub(super) fn merge(
         draining: entry.draining,
         rtt_ms: transport.rtt_ms,
         path_mtu: transport.path_mtu,
-        last_seen_secs: entry.last_seen.map(|t| now.duration_since(t).as_secs_f64()),
+        last_seen_secs: ago(entry.last_seen),
         exports_version: entry.exports_version,
         exports_withdrawn: entry.exports_withdrawn,
         last_error: entry.last_error.clone().or(transport.last_error),
+        expected_replicas: transport.expected_replicas,
+        replicas,
     }
 }

@@ -66,6 +66,7 @@ fn status_merges_the_session_and_the_transport() {
         rtt_ms: connected.then_some(1.5),
         path_mtu: connected.then_some(1452),
         last_error: error.map(str::to_owned),
+        ..TransportStatus::default()
     };
     let session = |error: Option<&str>| Entry {
         draining: true,
@@ -73,6 +74,7 @@ fn status_merges_the_session_and_the_transport() {
         exports_withdrawn: false,
         last_seen: Some(now - Duration::from_secs(2)),
         last_error: error.map(str::to_owned),
+        ..Entry::default()
     };
     // (case, session error, transport, expected last error)
     let cases = [
@@ -114,7 +116,9 @@ mod fake {
     use tokio_util::sync::CancellationToken;
     use tonic::transport::Channel;
 
-    use super::super::{BoxError, ControlConnector, ControlLink, TransportStatus};
+    use super::super::{
+        BoxError, ControlConnector, ControlLink, TransportReplica, TransportStatus,
+    };
     use crate::model::ClusterId;
 
     #[derive(Clone)]
@@ -125,9 +129,13 @@ mod fake {
     }
 
     impl ControlLink for Link {
-        fn same(&self, other: &Self) -> bool {
-            self.id == other.id
+        fn id(&self) -> usize {
+            self.id as usize
         }
+        fn remote(&self) -> String {
+            format!("replica-{}", self.id)
+        }
+        fn set_draining(&self, _: bool) {}
         fn channel(&self) -> BoxFuture<'static, Result<Channel, BoxError>> {
             let uri = format!("http://{}", self.addr);
             Box::pin(async move { Ok(Channel::from_shared(uri)?.connect().await?) })
@@ -140,45 +148,82 @@ mod fake {
         }
     }
 
-    /// One peer's link, set by the test.
+    /// One peer's links (one per replica), set by the test.
     #[derive(Clone)]
     pub struct Connector {
-        links: watch::Sender<Option<Link>>,
+        links: watch::Sender<Vec<Link>>,
         next_id: Arc<AtomicU64>,
         error: Arc<Mutex<Option<String>>>,
     }
 
     impl Connector {
         pub fn new() -> Self {
-            Self { links: watch::channel(None).0, next_id: Arc::default(), error: Arc::default() }
+            Self {
+                links: watch::channel(Vec::new()).0,
+                next_id: Arc::default(),
+                error: Arc::default(),
+            }
         }
-        /// A new connection to the peer served at `addr`.
-        pub fn up(&self, addr: SocketAddr) {
+        /// A new connection to a replica of the peer served at `addr`, beside the others;
+        /// returns its id.
+        pub fn add(&self, addr: SocketAddr) -> u64 {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            self.links.send_replace(Some(Link { id, addr, closed: CancellationToken::new() }));
+            self.links.send_modify(|l| l.push(Link { id, addr, closed: CancellationToken::new() }));
+            id
         }
-        /// The connection ends.
-        pub fn down(&self, reason: &str) {
-            if let Some(link) = self.links.send_replace(None) {
+        /// A new connection to the peer served at `addr`, in place of all others.
+        pub fn up(&self, addr: SocketAddr) {
+            self.down_all();
+            self.add(addr);
+        }
+        /// The connection `id` ends.
+        pub fn remove(&self, id: u64) {
+            self.links.send_modify(|l| {
+                l.retain(|link| {
+                    let keep = link.id != id;
+                    if !keep {
+                        link.closed.cancel();
+                    }
+                    keep
+                })
+            });
+        }
+        fn down_all(&self) {
+            for link in self.links.send_replace(Vec::new()) {
                 link.closed.cancel();
             }
+        }
+        /// Every connection ends.
+        pub fn down(&self, reason: &str) {
+            self.down_all();
             *self.error.lock().expect("lock") = Some(reason.to_owned());
         }
     }
 
     impl ControlConnector for Connector {
         type Link = Link;
-        fn links(&self, _: &ClusterId) -> BoxStream<'static, Option<Link>> {
+        fn links(&self, _: &ClusterId) -> BoxStream<'static, Vec<Link>> {
             WatchStream::new(self.links.subscribe()).boxed()
         }
         fn transport(&self, _: &ClusterId) -> TransportStatus {
-            let connected = self.links.borrow().is_some();
+            let links = self.links.borrow();
+            let connected = !links.is_empty();
             TransportStatus {
                 address: "east:15443".into(),
                 connected,
                 rtt_ms: connected.then_some(0.1),
                 path_mtu: connected.then_some(1452),
                 last_error: if connected { None } else { self.error.lock().expect("lock").clone() },
+                expected_replicas: 2,
+                replicas: links
+                    .iter()
+                    .map(|l| TransportReplica {
+                        address: l.remote(),
+                        connected: true,
+                        direction: "dial".into(),
+                        ..TransportReplica::default()
+                    })
+                    .collect(),
             }
         }
     }
@@ -288,6 +333,98 @@ async fn a_session_follows_its_links_and_holds_the_exports_under_the_lease() {
     wait_update(&mut updates, "exports restored", |u| matches!(u, PeerUpdate::Exports(_))).await;
     let status = handle.status().borrow()[0].clone();
     assert!(status.connected && !status.exports_withdrawn, "{status:?}");
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").expect("task ok");
+}
+
+#[tokio::test]
+async fn the_replicas_of_a_peer_are_one_cluster_the_newest_set_wins_and_any_holds_the_lease() {
+    use crate::exchange::ExchangeService;
+    use crate::exchange::delta::testing::export_set;
+
+    // Two replicas of "east": the same cluster, sets of their own versions.
+    let (r1_exports, r1_rx) = watch::channel(Arc::new(export_set("east", 100, 2)));
+    let (_r1_draining, r1_drain_rx) = watch::channel(false);
+    let r1 = serve_peer(ExchangeService::new(r1_rx, r1_drain_rx).with_instance("aaaa")).await;
+    let (r2_exports, r2_rx) = watch::channel(Arc::new(export_set("east", 200, 3)));
+    let (r2_draining, r2_drain_rx) = watch::channel(false);
+    let r2 = serve_peer(ExchangeService::new(r2_rx, r2_drain_rx).with_instance("bbbb")).await;
+
+    let lease = Duration::from_millis(600);
+    let mut settings = SessionSettings::new(id("west"), vec![id("east")]);
+    settings.peer_lease_duration = lease;
+    let connector = fake::Connector::new();
+    let (_ours, ours_rx) = watch::channel(Arc::new(export_set("west", 1, 0)));
+    let (updates_tx, mut updates) = mpsc::channel(64);
+    let sessions =
+        PeerSessions::new(settings, connector.clone(), ours_rx, updates_tx).expect("valid");
+    let handle = sessions.handle();
+    let (_control_tx, control) = mpsc::channel::<tokio::net::TcpStream>(1);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(sessions.run(control, shutdown.clone()));
+    let version = |u: &PeerUpdate| match u {
+        PeerUpdate::Exports(s) => Some(s.version),
+        _ => None,
+    };
+
+    // Both replicas connect: one reachable peer, and the newer set (r2's) is imported.
+    let first = connector.add(r1);
+    connector.add(r2);
+    wait_update(&mut updates, "r2's set", |u| version(u) == Some(200)).await;
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut rx = handle.status();
+        rx.wait_for(|s| s[0].replicas.iter().all(|r| r.instance.is_some()))
+            .await
+            .map(|s| s[0].clone())
+    })
+    .await
+    .expect("both replicas heard from")
+    .expect("sessions running");
+    let instances: Vec<_> = status.replicas.iter().filter_map(|r| r.instance.clone()).collect();
+    assert_eq!(instances, ["aaaa", "bbbb"], "{status:?}");
+    assert_eq!(status.exports_version, Some(200));
+    assert_eq!(status.replicas[0].exports_version, Some(100));
+
+    // r1 sees a newer change: imported. r2 then sends an older one than held: not imported.
+    r1_exports.send_replace(Arc::new(export_set("east", 300, 4)));
+    wait_update(&mut updates, "r1's newer set", |u| version(u) == Some(300)).await;
+    r2_exports.send_replace(Arc::new(export_set("east", 250, 5)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = handle.status().borrow()[0].clone();
+    assert_eq!(status.exports_version, Some(300), "an older set never replaces a newer one");
+    assert_eq!(status.replicas[1].exports_version, Some(250), "{status:?}");
+
+    // The replica whose set is imported goes: the other's set is imported; still reachable,
+    // nothing withdrawn (r2 holds the lease).
+    connector.remove(first);
+    let u = next_update(&mut updates, "the remaining replica's set").await;
+    assert_eq!(version(&u), Some(250), "{u:?}");
+    tokio::time::sleep(lease * 2).await;
+    while let Ok(u) = updates.try_recv() {
+        assert!(
+            !matches!(
+                u,
+                PeerUpdate::Withdrawn(_) | PeerUpdate::Reachability { reachable: false, .. }
+            ),
+            "one replica left holds the peer: {u:?}"
+        );
+    }
+    assert!(handle.status().borrow()[0].connected);
+
+    // Draining is the peer's when every connected replica drains.
+    r2_draining.send_replace(true);
+    wait_update(&mut updates, "draining", |u| {
+        matches!(u, PeerUpdate::Reachability { reachable: true, draining: true, .. })
+    })
+    .await;
+    // The last replica goes: unreachable at once, withdrawn after the lease.
+    connector.down("timed out");
+    wait_update(&mut updates, "unreachable", |u| {
+        matches!(u, PeerUpdate::Reachability { reachable: false, .. })
+    })
+    .await;
+    wait_update(&mut updates, "withdrawn", |u| matches!(u, PeerUpdate::Withdrawn(_))).await;
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").expect("task ok");

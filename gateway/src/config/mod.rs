@@ -312,13 +312,15 @@ fn finish(
     match parsed {
         Ok(outcome) if file_errors.is_empty() => Ok(match outcome {
             Outcome::Complete(config) => Loaded::Complete(config),
-            Outcome::Pending { clusterset, discovery } => Loaded::NeedsClusterId(Box::new(PendingConfig {
-                path: path.to_owned(),
-                text: text.to_owned(),
-                check_files: checks.files,
-                clusterset,
-                discovery,
-            })),
+            Outcome::Pending { clusterset, discovery } => {
+                Loaded::NeedsClusterId(Box::new(PendingConfig {
+                    path: path.to_owned(),
+                    text: text.to_owned(),
+                    check_files: checks.files,
+                    clusterset,
+                    discovery,
+                }))
+            }
         }),
         Ok(_) => Err(ConfigErrors(file_errors)),
         Err(mut errors) => {

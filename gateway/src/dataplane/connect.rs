@@ -117,14 +117,16 @@ pub(crate) async fn open_remote(
     tunnel: &dyn Tunnel,
     cluster: &ClusterId,
     request: &StreamRequest,
+    opened_on: &mut Option<usize>,
 ) -> Result<(BoxSend, BoxRecv), AttemptError> {
     let header = request
         .encode()
         .map_err(|e| AttemptError::Cluster(format!("encoding tunnel request: {e}")))?;
-    let (mut send, mut recv) = tunnel
-        .open(cluster)
+    let (mut send, mut recv, link) = tunnel
+        .open_replica(cluster)
         .await
         .map_err(|e| AttemptError::Cluster(format!("opening tunnel stream to {cluster}: {e}")))?;
+    *opened_on = Some(link);
     let exchange = async {
         send.write_all(&header).await?;
         send.flush().await?;
@@ -160,6 +162,58 @@ pub(crate) async fn open_remote(
         Err(e) => {
             refuse(&mut send, &mut recv);
             Err(AttemptError::Cluster(format!("tunnel stream to {cluster}: {e}")))
+        }
+    }
+}
+
+/// One attempt at a remote endpoint through the tunnel, on each connected replica of its
+/// cluster in turn until one answers: a replica that does not answer in time or cannot
+/// serve (it died and its connection has not timed out yet, it drains) is marked suspect and
+/// the next one is tried, within the attempt's `timeout` each and `deadline` in all.
+async fn connect_remote(
+    tunnel: &dyn Tunnel,
+    cluster: &ClusterId,
+    request: &StreamRequest,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<(BoxSend, BoxRecv), AttemptError> {
+    let replicas = tunnel.replicas(cluster).max(1);
+    let mut tried = 0;
+    loop {
+        tried += 1;
+        let now = Instant::now();
+        // The acceptor spends up to one attempt connecting the target; leave it room
+        // to answer NO_HEALTHY_ENDPOINT so the failure is blamed on the right endpoint.
+        let timeout = deadline.saturating_duration_since(now).min(timeout + REMOTE_ALLOWANCE);
+        let mut opened_on = None;
+        let result = match tokio::time::timeout(
+            timeout,
+            open_remote(tunnel, cluster, request, &mut opened_on),
+        )
+        .await
+        {
+            Ok(r) => r,
+            // A peer that does not answer in time (hung, overloaded, a path that drops)
+            // is the peer's or the tunnel's failure, not the endpoint's: its QUIC
+            // connection and lease decide about it, so skip the cluster, eject nothing.
+            Err(_) => Err(AttemptError::Cluster(format!(
+                "tunnel stream to {cluster} timed out after {timeout:?}"
+            ))),
+        };
+        match result {
+            Err(AttemptError::Cluster(e)) if tried < replicas && Instant::now() < deadline => {
+                if let Some(link) = opened_on {
+                    tunnel.suspect(cluster, link);
+                }
+                tracing::debug!(%cluster, error = %e, "replica cannot serve; trying another replica");
+            }
+            Err(AttemptError::Cluster(e)) => {
+                if let Some(link) = opened_on {
+                    tunnel.suspect(cluster, link);
+                }
+                return Err(AttemptError::Cluster(e));
+            }
+            other => return other,
         }
     }
 }
@@ -243,21 +297,9 @@ pub(crate) async fn connect(
                 source_cluster: Some(shared.settings.cluster.clone()),
                 trace_id: None,
             };
-            // The acceptor spends up to one attempt connecting the target; leave it room
-            // to answer NO_HEALTHY_ENDPOINT so the failure is blamed on the right endpoint.
-            let timeout = (deadline - now).min(timeout + REMOTE_ALLOWANCE);
-            match tokio::time::timeout(timeout, open_remote(tunnel.as_ref(), &v.cluster, &request))
+            connect_remote(tunnel.as_ref(), &v.cluster, &request, timeout, deadline)
                 .await
-            {
-                Ok(r) => r.map(|(s, r)| Upstream::Tunnel(s, r)),
-                // A peer that does not answer in time (hung, overloaded, a path that drops)
-                // is the peer's or the tunnel's failure, not the endpoint's: its QUIC
-                // connection and lease decide about it, so skip the cluster, eject nothing.
-                Err(_) => Err(AttemptError::Cluster(format!(
-                    "tunnel stream to {} timed out after {timeout:?}",
-                    v.cluster
-                ))),
-            }
+                .map(|(s, r)| Upstream::Tunnel(s, r))
         } else {
             Err(AttemptError::Cluster("no tunnel configured for remote endpoints".to_owned()))
         };

@@ -131,6 +131,22 @@ pub enum DataPlaneError {
 pub trait Tunnel: Send + Sync + 'static {
     /// Opens a stream to `peer` (the tunnel writes the stream-kind byte).
     fn open(&self, peer: &ClusterId) -> BoxFuture<'static, Result<(BoxSend, BoxRecv), String>>;
+    /// Opens a stream to one replica of `peer`, and names the replica's connection (for
+    /// [`Tunnel::suspect`]). Without replicas: [`Tunnel::open`], connection 0.
+    fn open_replica(
+        &self,
+        peer: &ClusterId,
+    ) -> BoxFuture<'static, Result<(BoxSend, BoxRecv, usize), String>> {
+        let open = self.open(peer);
+        Box::pin(async move { open.await.map(|(s, r)| (s, r, 0)) })
+    }
+    /// A stream on connection `link` to `peer` went unanswered or was refused: new streams
+    /// go to the peer's other replicas first for a while.
+    fn suspect(&self, _peer: &ClusterId, _link: usize) {}
+    /// How many replicas of `peer` are connected.
+    fn replicas(&self, peer: &ClusterId) -> usize {
+        usize::from(self.is_connected(peer))
+    }
     /// Tells peers this gateway is draining.
     fn set_draining(&self, draining: bool);
     /// Whether the connection to `peer` is up right now.

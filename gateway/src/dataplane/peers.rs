@@ -72,20 +72,36 @@ async fn record_peer_gauges(mut status: watch::Receiver<Arc<Vec<PeerStatus>>>) {
 
 impl Tunnel for PeerTunnel {
     fn open(&self, peer: &ClusterId) -> BoxFuture<'static, Result<(BoxSend, BoxRecv), String>> {
+        let open = self.open_replica(peer);
+        Box::pin(async move { open.await.map(|(s, r, _)| (s, r)) })
+    }
+
+    fn open_replica(
+        &self,
+        peer: &ClusterId,
+    ) -> BoxFuture<'static, Result<(BoxSend, BoxRecv, usize), String>> {
         let handle = self.handle.clone();
         let peer = peer.clone();
         Box::pin(async move {
-            let (send, recv) = handle.open_stream(&peer).await.map_err(|e| e.to_string())?;
-            Ok((Box::new(send) as BoxSend, Box::new(recv) as BoxRecv))
+            let (send, recv, link) = handle.open_stream(&peer).await.map_err(|e| e.to_string())?;
+            Ok((Box::new(send) as BoxSend, Box::new(recv) as BoxRecv, link))
         })
+    }
+
+    fn suspect(&self, peer: &ClusterId, link: usize) {
+        self.handle.suspect(peer, link);
+    }
+
+    fn replicas(&self, peer: &ClusterId) -> usize {
+        self.handle.replicas(peer)
     }
 
     fn set_draining(&self, draining: bool) {
         self.sessions.set_draining(draining);
     }
 
-    /// Connected and not announced draining. A cluster that is no configured peer cannot be
-    /// reached.
+    /// Connected (any replica) and not announced draining (every connected replica). A
+    /// cluster that is no configured peer cannot be reached.
     fn is_connected(&self, peer: &ClusterId) -> bool {
         self.handle.is_connected(peer)
             && !self.status.borrow().iter().any(|s| s.cluster == *peer && s.draining)
@@ -123,6 +139,8 @@ mod tests {
             exports_version: None,
             exports_withdrawn: false,
             last_error: None,
+            expected_replicas: 1,
+            replicas: Vec::new(),
         }
     }
 

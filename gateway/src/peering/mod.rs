@@ -11,7 +11,7 @@ use std::time::Duration;
 use fedgate_discovery::model::{ClusterId, ExportSet, PeerUpdate};
 use fedgate_discovery::peers::{
     BoxError, ControlConnector, ControlLink, PeerSessions, PeersError, PeersHandle,
-    SessionSettings, TransportStatus,
+    SessionSettings, TransportReplica, TransportStatus,
 };
 use fedgate_tunnel::{
     Identity, IncomingStream, PeerConnection, PeerHandle, QuicIo, TunnelEndpoint, TunnelError,
@@ -38,8 +38,16 @@ pub struct TunnelConnector(PeerHandle);
 pub struct TunnelLink(PeerConnection);
 
 impl ControlLink for TunnelLink {
-    fn same(&self, other: &Self) -> bool {
-        self.0.same(&other.0)
+    fn id(&self) -> usize {
+        self.0.id()
+    }
+
+    fn remote(&self) -> String {
+        self.0.remote().to_string()
+    }
+
+    fn set_draining(&self, draining: bool) {
+        self.0.set_draining(draining);
     }
 
     fn channel(&self) -> BoxFuture<'static, Result<tonic::transport::Channel, BoxError>> {
@@ -60,9 +68,11 @@ impl ControlLink for TunnelLink {
 impl ControlConnector for TunnelConnector {
     type Link = TunnelLink;
 
-    fn links(&self, peer: &ClusterId) -> BoxStream<'static, Option<TunnelLink>> {
+    fn links(&self, peer: &ClusterId) -> BoxStream<'static, Vec<TunnelLink>> {
         match self.0.connections(peer) {
-            Some(rx) => WatchStream::new(rx).map(|c| c.map(TunnelLink)).boxed(),
+            Some(rx) => {
+                WatchStream::new(rx).map(|c| c.into_iter().map(TunnelLink).collect()).boxed()
+            }
             None => futures::stream::empty().boxed(),
         }
     }
@@ -76,6 +86,20 @@ impl ControlConnector for TunnelConnector {
                 rtt_ms: s.rtt_ms,
                 path_mtu: s.path_mtu,
                 last_error: s.last_error,
+                expected_replicas: s.expected_replicas,
+                replicas: s
+                    .replicas
+                    .into_iter()
+                    .map(|r| TransportReplica {
+                        address: r.address.to_string(),
+                        connected: r.connected,
+                        direction: r.direction.to_owned(),
+                        rtt_ms: r.rtt_ms,
+                        path_mtu: r.path_mtu,
+                        connected_secs: r.connected_secs,
+                        last_error: r.last_error,
+                    })
+                    .collect(),
             })
             .unwrap_or_default()
     }

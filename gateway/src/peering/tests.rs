@@ -238,7 +238,7 @@ async fn roundtrip(
     to: &ClusterId,
     incoming: &mut mpsc::Receiver<IncomingStream>,
 ) {
-    let (mut send, mut recv) = from.open_stream(to).await.expect("open stream");
+    let (mut send, mut recv, _) = from.open_stream(to).await.expect("open stream");
     send.write_all(b"ping").await.expect("write");
     let mut s =
         tokio::time::timeout(WAIT, incoming.recv()).await.expect("in time").expect("stream");
@@ -1106,7 +1106,7 @@ async fn dialed_connection_driver_runs_outside_the_peer_span() {
     let (mut west, east) = connected_pair(&pki, Duration::from_millis(1500), 1, 1).await;
     assert!(enters.load(Ordering::Relaxed) > 0, "the peer task's span is seen by the counter");
 
-    let (mut send, mut recv) = east.handle.open_stream(&west.id).await.expect("open stream");
+    let (mut send, mut recv, _) = east.handle.open_stream(&west.id).await.expect("open stream");
     send.write_all(b"x").await.expect("first byte");
     let mut s =
         tokio::time::timeout(WAIT, west.incoming.recv()).await.expect("in time").expect("stream");
@@ -1206,7 +1206,8 @@ async fn mixed_write_sizes_arrive_in_order_on_concurrent_streams() {
 
     let mut clients = Vec::new();
     for stream in 0..STREAMS {
-        let (mut send, mut recv) = east.handle.open_stream(&id("west")).await.expect("open stream");
+        let (mut send, mut recv, _) =
+            east.handle.open_stream(&id("west")).await.expect("open stream");
         clients.push(tokio::spawn(async move {
             let writer = async {
                 let mut offset = 0;
