@@ -21,10 +21,9 @@ use tracing::Instrument;
 
 use crate::identity::Identity;
 use crate::io::QuicIo;
-use crate::peer::{
-    CLOSE_SHUTDOWN, CLOSE_WRONG_DIRECTION, PeerContext, PeerHandle, PeerTask, Shared,
-};
+use crate::peer::{CLOSE_SHUTDOWN, CLOSE_WRONG_DIRECTION, PeerHandle, Shared};
 use crate::reload::{IdentityFiles, IdentityWatcher, ReloadError, ReloadStatus};
+use crate::replicas::{PeerContext, PeerTask};
 use crate::socket::{MAX_GSO_BYTES, TunnelSocket, bind_udp};
 use crate::streams::{IncomingStream, Routes};
 use crate::tls::{
