@@ -117,7 +117,7 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(Instant::now() < deadline, "east never connected to west");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (mut send, _recv) = east.handle.open_stream(&west_id).await?;
+        let (mut send, _recv, _) = east.handle.open_stream(&west_id).await?;
         send.write_chunk(Bytes::from_static(b"go")).await?;
         let mut stream = incoming.recv().await.context("no incoming stream")?;
         let mut hello = [0u8; 2];

@@ -222,7 +222,7 @@ fn tunnel_pair(pki: &Arc<TestPki>, stop: &CancellationToken) -> anyhow::Result<R
                 anyhow::ensure!(Instant::now() < deadline, "east never connected");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let (send, recv) = handle.open_stream(&west_id).await?;
+            let (send, recv, _) = handle.open_stream(&west_id).await?;
             Ok::<_, anyhow::Error>((send, recv, keep))
         };
         let (mut send, mut recv, _keep) = match setup.await {
