@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use fedgate_discovery::alloc::Allocator;
 use fedgate_discovery::exports::LocalExports;
-use fedgate_discovery::imports::{self, ImportSet};
+use fedgate_discovery::imports::{self, ImportSet, PinsOutsideRange};
 use fedgate_discovery::kube::{self as kube, KubeSource, KubeWriter};
 use fedgate_discovery::source::{ClusterSource, file::FileSource};
 use fedgate_dns::{DnsServer, DnsSettings};
@@ -56,6 +56,9 @@ struct Parts {
     source: ClusterSource,
     /// `discovery.source: kube`: writes conditions, ServiceImports and slices back.
     writer: Option<KubeWriter>,
+    /// `discovery.source: kube`: the Lease election of the one writer, and what it wrote,
+    /// read back by every replica.
+    election: Option<(kube::Election, kube::Observed)>,
     /// `front.mode: kube`: the gateway ports of derived Services.
     front: Option<futures::future::BoxFuture<'static, ()>>,
     /// Marks `discovery` ready in the registry once the cluster source has synced.
@@ -153,13 +156,28 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             .with_context(|| format!("creating front.stateDir {}", dir.display()))?;
     }
     let alloc = Allocator::open(cfg.front.cluster_set_ip_range, state_file)?;
-    let imports = ImportSet::new(
+    let mut imports = ImportSet::new(
         id.clone(),
         local_exports.subscribe(),
         local_exports.subscribe_validity(),
         peer_rx,
         alloc,
     );
+    // Replicas (issue 19): one writer, elected; every replica serves what it wrote.
+    let election = kube_client.as_ref().map(|(client, exports)| {
+        let le = &cfg.discovery.kube.leader_election;
+        let (ns, identity) = (le.namespace.as_deref(), le.identity.as_deref());
+        let settings = kube::LeaderSettings::new(&le.lease_name, ns, le.lease_duration, identity);
+        let observed = kube::Observed::new(client.clone(), kube::import_resource(exports));
+        (kube::Election::new(client.clone(), settings), observed)
+    });
+    if let Some((_, observed)) = &election {
+        let outside = match cfg.front.mode {
+            FrontMode::Vip => PinsOutsideRange::Ignore,
+            FrontMode::Kube => PinsOutsideRange::Serve,
+        };
+        imports = imports.with_pins(observed.pins(), outside);
+    }
     let import_rx = imports.subscribe();
     let front_kube = match cfg.front.mode {
         FrontMode::Vip => None,
@@ -186,7 +204,21 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             // a peer that does not come back within this is withdrawn anyway
             deletion_grace: (cfg.discovery.peer_lease_duration * 2).max(DELETION_GRACE_MIN),
         };
-        KubeWriter::new(client, settings, exports, import_rx.clone(), imports.subscribe_status())
+        let writer = KubeWriter::new(
+            client,
+            settings,
+            exports,
+            import_rx.clone(),
+            imports.subscribe_status(),
+        );
+        match &election {
+            Some((e, o)) => writer.with_election(
+                e.subscribe(),
+                imports.subscribe_pins_applied(),
+                o.front_routes(),
+            ),
+            None => writer,
+        }
     });
 
     // DNS and the data plane read the import snapshot.
@@ -252,6 +284,10 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     views.insert("exports", Arc::new(imports::exports_view(imports.subscribe_status())));
     views.insert("endpoints", debug.endpoints_view());
     views.insert("peers", Arc::new(peers.view()));
+    if let Some((e, _)) = &election {
+        let leader = e.view();
+        views.insert("leader", Arc::new(move |_: &Query| leader()));
+    }
     // Cluster-source file problems, a ClusterProperty changed since start-up, imports waiting
     // for a ClusterSetIP, then front listeners waiting for a bind retry.
     let source_problems = source.problems();
@@ -295,6 +331,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         parts: Parts {
             source,
             writer,
+            election,
             front,
             discovery_ready,
             identity,
@@ -326,6 +363,10 @@ impl Bound {
         tasks.spawn(parts.discovery_ready);
         if let Some(writer) = parts.writer {
             tasks.spawn(writer.run(rest.clone()));
+        }
+        if let Some((election, observed)) = parts.election {
+            tasks.spawn(election.run(rest.clone()));
+            tasks.spawn(observed.run(rest.clone()));
         }
         if let Some(front) = parts.front {
             tasks.spawn_on(front, parts.data.handle());

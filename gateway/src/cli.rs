@@ -70,6 +70,14 @@ pub struct RunArgs {
     /// The gateway pod's IP for `front.mode: kube` (overrides front.kube.podIP).
     #[arg(long, env = "POD_IP")]
     pub pod_ip: Option<std::net::IpAddr>,
+    /// This replica's name in the leader Lease when discovery.kube.leaderElection.identity
+    /// is not set (default: host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The leader Lease's namespace when discovery.kube.leaderElection.namespace is not set
+    /// (default: `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -204,6 +212,12 @@ pub fn execute(
             if let Some(ip) = args.pod_ip {
                 cfg.front.kube.pod_ip = Some(ip);
             }
+            let le = &mut cfg.discovery.kube.leader_election;
+            le.namespace = le.namespace.take().or_else(|| args.pod_namespace.clone());
+            le.identity = le.identity.take().or_else(|| args.pod_name.clone()).or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+                Some(format!("{}-{}", host.trim(), std::process::id()))
+            });
             run_gateway(cfg)
         }),
         Command::Demo(args) => crate::demo::execute(args, run_gateway, out),

@@ -175,6 +175,9 @@ pub struct StatusData {
     pub failovers: Value,
     /// `/debug/certificates`: our leaf, peers' leaves, reloads, expiry warnings.
     pub certificates: Value,
+    /// `/debug/leader` (`discovery.source: kube`): this replica's role and the Lease holder;
+    /// null without an election.
+    pub leader: Value,
 }
 
 impl StatusData {
@@ -193,6 +196,8 @@ impl StatusData {
             traffic: client.get("/debug/traffic")?,
             failovers: client.get("/debug/failovers")?,
             certificates: client.get("/debug/certificates")?,
+            // only the kube source elects a writer: elsewhere the view does not exist
+            leader: client.get("/debug/leader").unwrap_or(Value::Null),
         })
     }
 
@@ -293,6 +298,25 @@ pub fn render_status(d: &StatusData, now: jiff::Timestamp) -> String {
         text(&d.config["cluster"]["id"]),
         text(&d.config["cluster"]["clusterset"])
     );
+    if !d.leader.is_null() {
+        let l = &d.leader;
+        let holder = match l["holder"].as_str() {
+            Some(h) if l["role"] == "leader" => format!("this replica, {h}"),
+            Some(h) => h.to_owned(),
+            None => "nobody".to_owned(),
+        };
+        let renewed = l["renewedSecondsAgo"]
+            .as_f64()
+            .map(|s| format!(", renewed {s:.1}s ago"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "replica {} is the {} (Lease {} held by {holder}{renewed})",
+            text(&l["identity"]),
+            text(&l["role"]),
+            text(&l["lease"]),
+        );
+    }
     // Certificate trouble first: a cluster about to leave the clusterset matters most.
     for w in items(&d.certificates["warnings"]) {
         let _ = writeln!(out, "WARNING: {}", text(&w["message"]));
@@ -700,6 +724,8 @@ mod tests {
                 "warnings": [{"cert": "peer", "cluster": "west",
                               "message": "peer west's certificate expires at 2026-11-30T02:00:00Z (in 4d 0h)"}]
             }),
+            leader: json!({"role": "follower", "identity": "fedgate-1", "holder": "fedgate-0",
+                "lease": "fedgate-system/fedgate-leader", "renewedSecondsAgo": 1.25}),
         }
     }
 
@@ -727,6 +753,7 @@ mod tests {
             "2027-02-24T02:00:00Z",
             "90d 0h",
             "peer west",
+            "replica fedgate-1 is the follower (Lease fedgate-system/fedgate-leader held by fedgate-0, renewed 1.2s ago)",
         ] {
             assert!(out.contains(want), "missing {want:?} in\n{out}");
         }
@@ -745,8 +772,10 @@ mod tests {
         let shop = render_status(&data().only_namespace("shop"), now);
         assert_eq!(shop, out, "everything is in shop");
         assert_eq!(query_escape("a b/c"), "a%20b%2Fc");
-        let empty = StatusData { failovers: json!([]), ..data() };
-        assert!(render_status(&empty, now).contains("RECENT FAILOVERS\n  (none)"));
+        let empty = StatusData { failovers: json!([]), leader: Value::Null, ..data() };
+        let empty = render_status(&empty, now);
+        assert!(empty.contains("RECENT FAILOVERS\n  (none)"));
+        assert!(!empty.contains("replica "), "no election, no role line:\n{empty}");
         assert!(out.contains("│ 2.0s ago "), "failover age:\n{out}");
     }
 

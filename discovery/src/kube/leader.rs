@@ -50,6 +50,23 @@ pub struct LeaderSettings {
 }
 
 impl LeaderSettings {
+    /// The settings of `discovery.kube.leaderElection`; an unset namespace is `default`, an
+    /// unset identity `fedgate-<pid>` (`fedgate run` fills both from the pod first).
+    pub fn new(
+        lease_name: &str,
+        namespace: Option<&str>,
+        duration: Duration,
+        identity: Option<&str>,
+    ) -> Self {
+        LeaderSettings {
+            lease_name: lease_name.to_owned(),
+            namespace: namespace.unwrap_or("default").to_owned(),
+            duration,
+            identity: identity
+                .map_or_else(|| format!("fedgate-{}", std::process::id()), str::to_owned),
+        }
+    }
+
     fn duration_secs(&self) -> u64 {
         self.duration.as_secs().max(MIN_LEASE_DURATION.as_secs())
     }
@@ -223,7 +240,8 @@ impl Election {
                     }
                     r = elected.changed() => {
                         if r.is_err() {
-                            tracing::warn!(result = ?task.await, "the election task ended; joining again");
+                            let result = task.await;
+                            tracing::warn!(?result, "the election task ended; joining again");
                             self.publish(false, lease.as_ref());
                             continue 'build;
                         }

@@ -67,6 +67,7 @@ pub(crate) fn semantics(s: &Sections) -> Vec<(String, String)> {
             compared(d.peer_lease_duration, "is shorter than", MIN_PEER_LEASE_DURATION),
         ));
     }
+    leader_election(s, &mut out);
     if let Some(tls) = read(&s.tls, &["tls.ca"])
         && let Err(message) = tls.ca.file()
     {
@@ -84,6 +85,45 @@ pub(crate) fn semantics(s: &Sections) -> Vec<(String, String)> {
 /// interval 30s".
 fn compared(a: Duration, relation: &str, b: Duration) -> String {
     format!("{} {relation} {}", humantime::format_duration(a), humantime::format_duration(b))
+}
+
+/// `discovery.kube.leaderElection`: a Lease counts whole seconds and is renewed halfway
+/// (`kube::leader`), so the duration is whole seconds, at least 2; its name is a Kubernetes
+/// object name (RFC 1123 subdomain) and its namespace a namespace name (RFC 1123 label).
+fn leader_election(s: &Sections, out: &mut Vec<(String, String)>) {
+    use fedgate_discovery::kube::leader::MIN_LEASE_DURATION;
+    use fedgate_discovery::names::{Label, Subdomain};
+    const P: &str = "discovery.kube.leaderElection";
+    let field = |f: &str| format!("{P}.{f}");
+    if let Some(d) = read(&s.discovery, &[&field("leaseDuration")]) {
+        let duration = d.kube.leader_election.lease_duration;
+        if duration < MIN_LEASE_DURATION {
+            out.push((
+                field("leaseDuration"),
+                compared(duration, "is shorter than", MIN_LEASE_DURATION),
+            ));
+        } else if duration.subsec_nanos() != 0 {
+            out.push((
+                field("leaseDuration"),
+                format!(
+                    "must be whole seconds (a Lease's unit), got {}",
+                    humantime::format_duration(duration)
+                ),
+            ));
+        }
+    }
+    if let Some(d) = read(&s.discovery, &[&field("leaseName")])
+        && let Err(e) = Subdomain::check(&d.kube.leader_election.lease_name)
+    {
+        let name = &d.kube.leader_election.lease_name;
+        out.push((field("leaseName"), format!("invalid Lease name {name:?}: {}", e.reason())));
+    }
+    if let Some(d) = read(&s.discovery, &[&field("namespace")])
+        && let Some(ns) = &d.kube.leader_election.namespace
+        && let Err(e) = Label::check(ns)
+    {
+        out.push((field("namespace"), format!("invalid namespace {ns:?}: {}", e.reason())));
+    }
 }
 
 fn cluster(s: &Sections, out: &mut Vec<(String, String)>) {

@@ -328,6 +328,22 @@ fn every_error_class_names_file_line_column_and_path() {
             ],
         ),
         (
+            "leader lease too short or misnamed",
+            "cluster: { id: east }\npeers: []\ndiscovery:\n  kube:\n    leaderElection: { leaseName: Fedgate_Leader, namespace: fedgate.system, leaseDuration: 1s }\n",
+            &[
+                "east.yaml:5:34: discovery.kube.leaderElection.leaseName: invalid Lease name \"Fedgate_Leader\": may contain only lowercase letters, digits and '-' (an RFC 1123 label)",
+                "east.yaml:5:61: discovery.kube.leaderElection.namespace: invalid namespace \"fedgate.system\": may contain only lowercase letters, digits and '-' (an RFC 1123 label)",
+                "east.yaml:5:92: discovery.kube.leaderElection.leaseDuration: 1s is shorter than 2s",
+            ],
+        ),
+        (
+            "fractional leader lease",
+            "cluster: { id: east }\npeers: []\ndiscovery: { kube: { leaderElection: { leaseDuration: 2500ms } } }\n",
+            &[
+                "east.yaml:3:55: discovery.kube.leaderElection.leaseDuration: must be whole seconds (a Lease's unit), got 2s 500ms",
+            ],
+        ),
+        (
             "duplicate yaml key",
             "cluster: { id: east }\npeers: []\ncluster: { id: west }\n",
             &["east.yaml:3:1: duplicate key \"cluster\""],
