@@ -758,6 +758,12 @@ pub fn imported_slices(c: &KubeCluster, ns: &str, name: &str) -> Result<Vec<serd
     Ok(list["items"].as_array().cloned().unwrap_or_default())
 }
 
+/// `spec.holderIdentity` of the Lease `ns/name` (`None`: no Lease, or nobody holds it).
+pub fn lease_holder(c: &KubeCluster, ns: &str, name: &str) -> Result<Option<String>> {
+    let lease = c.get_json(&["leases.coordination.k8s.io", "-n", ns, name])?;
+    Ok(lease.and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned)))
+}
+
 /// Turns the file-source config [`Gateway::prepare`](crate::Gateway::prepare) wrote for `g`
 /// into a kube-source one reading the cluster through `kubeconfig` (the rest of the config is
 /// unchanged).
