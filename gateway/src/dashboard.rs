@@ -52,6 +52,25 @@ pub struct ClusterRow {
     /// Imported services this cluster exports endpoints for.
     pub services: usize,
     pub endpoints: usize,
+    /// Replicas the peer's configured addresses resolve to.
+    pub expected_replicas: Option<usize>,
+    /// Each replica of the peer: connected ones, and dialed addresses without a connection.
+    pub replicas: Vec<ReplicaRow>,
+}
+
+/// One replica of a peer (`/debug/clusters`, the dashboard, `fedgate status`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaRow {
+    pub address: String,
+    pub instance: Option<String>,
+    pub connected: bool,
+    pub draining: bool,
+    pub rtt_ms: Option<f64>,
+    /// Seconds since it was last heard from.
+    pub lease_age_secs: Option<f64>,
+    pub exports_version: Option<u64>,
+    pub last_error: Option<String>,
 }
 
 /// The cluster list: this cluster, every configured peer and every cluster the imports name.
@@ -103,6 +122,24 @@ pub fn clusters(
                 last_error: peer.and_then(|p| p.last_error.clone()),
                 services: svc,
                 endpoints: eps,
+                expected_replicas: peer.map(|p| p.expected_replicas),
+                replicas: peer
+                    .map(|p| {
+                        p.replicas
+                            .iter()
+                            .map(|r| ReplicaRow {
+                                address: r.address.clone(),
+                                instance: r.instance.clone(),
+                                connected: r.connected,
+                                draining: r.draining,
+                                rtt_ms: r.rtt_ms,
+                                lease_age_secs: r.last_seen_secs,
+                                exports_version: r.exports_version,
+                                last_error: r.last_error.clone(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 id,
             }
         })
@@ -297,8 +334,24 @@ mod tests {
             Locality { region: Some("r".into()), zone: Some("z".into()), ..Default::default() };
         snapshot.localities.insert(cid("east"), loc.clone());
         snapshot.localities.insert(cid("far"), loc);
+        let mut west = peer("west", true, false, false);
+        west.expected_replicas = 2;
+        west.replicas = vec![
+            fedgate_discovery::model::ReplicaStatus {
+                address: "10.0.0.2:15443".into(),
+                instance: Some("a1b2".into()),
+                connected: true,
+                last_seen_secs: Some(0.5),
+                ..Default::default()
+            },
+            fedgate_discovery::model::ReplicaStatus {
+                address: "10.0.0.3:15443".into(),
+                last_error: Some("timed out".into()),
+                ..Default::default()
+            },
+        ];
         let peers = vec![
-            peer("west", true, false, false),
+            west,
             peer("north", false, false, false),
             peer("south", true, true, false),
             peer("gone", false, false, true),
@@ -320,6 +373,23 @@ mod tests {
         assert_eq!(west.lease_remaining_secs, Some(11.0));
         assert_eq!(west.rtt_ms, Some(0.5));
         assert_eq!(west.path_mtu, Some(1452));
+        // Each replica with its instance, state and lease age.
+        assert_eq!(west.expected_replicas, Some(2));
+        let replicas: Vec<(&str, Option<&str>, bool, Option<f64>, Option<&str>)> = west
+            .replicas
+            .iter()
+            .map(|r| {
+                let (instance, error) = (r.instance.as_deref(), r.last_error.as_deref());
+                (r.address.as_str(), instance, r.connected, r.lease_age_secs, error)
+            })
+            .collect();
+        assert_eq!(
+            replicas,
+            [
+                ("10.0.0.2:15443", Some("a1b2"), true, Some(0.5), None),
+                ("10.0.0.3:15443", None, false, None, Some("timed out")),
+            ]
+        );
         assert_eq!(rows[0].region.as_deref(), Some("r"));
         assert!(rows[0].local && !rows[0].peer);
     }

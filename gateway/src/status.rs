@@ -355,6 +355,43 @@ pub fn render_status(d: &StatusData, now: jiff::Timestamp) -> String {
     }
     section(&mut out, "CLUSTERS", t, items(&d.clusters).is_empty());
 
+    let mut t = table(&[
+        "PEER",
+        "REPLICA",
+        "INSTANCE",
+        "STATE",
+        "RTT",
+        "LEASE AGE",
+        "EXPORTS",
+        "LAST ERROR",
+    ]);
+    let mut any_replica = false;
+    for c in items(&d.clusters) {
+        let replicas = items(&c["replicas"]);
+        let expected = c["expectedReplicas"].as_u64().unwrap_or(replicas.len() as u64);
+        let connected = replicas.iter().filter(|r| r["connected"] == true).count();
+        for (i, r) in replicas.iter().enumerate() {
+            any_replica = true;
+            let state = match (r["connected"] == true, r["draining"] == true) {
+                (true, true) => "draining",
+                (true, false) => "up",
+                _ => "down",
+            };
+            let peer = format!("{} ({connected}/{expected})", text(&c["id"]));
+            t.add_row(vec![
+                if i == 0 { peer } else { String::new() },
+                text(&r["address"]),
+                text(&r["instance"]),
+                state.to_owned(),
+                r["rttMs"].as_f64().map(|r| format!("{r:.2} ms")).unwrap_or_default(),
+                secs(&r["leaseAgeSecs"]),
+                text(&r["exportsVersion"]),
+                text(&r["lastError"]),
+            ]);
+        }
+    }
+    section(&mut out, "PEER REPLICAS", t, !any_replica);
+
     let mut t = table(&["SERVICE", "TYPE", "CLUSTERSET IP", "PORTS", "CLUSTER", "ENDPOINTS"]);
     let mut conflicts = table(&["SERVICE", "CONFLICT", "WINNER", "DISAGREEING", "MESSAGE"]);
     let mut any_conflict = false;
@@ -685,7 +722,12 @@ mod tests {
             clusters: json!([
                 {"id": "east", "status": "local", "region": "us", "zone": "a", "services": 1, "endpoints": 1},
                 {"id": "west", "status": "up", "rttMs": 0.42, "pathMtu": 8952, "leaseAgeSecs": 1.0,
-                 "leaseRemainingSecs": 14.0, "services": 1, "endpoints": 1}
+                 "leaseRemainingSecs": 14.0, "services": 1, "endpoints": 1, "expectedReplicas": 2,
+                 "replicas": [
+                    {"address": "10.0.0.2:15443", "instance": "5f0c1d2e3a4b", "connected": true,
+                     "draining": false, "rttMs": 0.42, "leaseAgeSecs": 1.0, "exportsVersion": 1764122400000u64},
+                    {"address": "10.0.0.3:15443", "connected": false,
+                     "lastError": "timed out"}]}
             ]),
             imports: json!([{
                 "namespace": "shop", "name": "web", "type": "ClusterSetIP", "ips": ["242.1.0.1"],
@@ -753,6 +795,10 @@ mod tests {
             "2027-02-24T02:00:00Z",
             "90d 0h",
             "peer west",
+            "west (1/2)",
+            "5f0c1d2e3a4b",
+            "1764122400000",
+            "10.0.0.3:15443",
             "replica fedgate-1 is the follower (Lease fedgate-system/fedgate-leader held by fedgate-0, renewed 1.2s ago)",
         ] {
             assert!(out.contains(want), "missing {want:?} in\n{out}");

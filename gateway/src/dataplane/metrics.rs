@@ -31,6 +31,9 @@ pub const DRAINING: &str = "fedgate_draining";
 pub const PEER_UP: &str = "fedgate_peer_up";
 pub const PEER_RTT_SECONDS: &str = "fedgate_peer_rtt_seconds";
 pub const PEER_PATH_MTU_BYTES: &str = "fedgate_peer_path_mtu_bytes";
+pub const PEER_REPLICA_UP: &str = "fedgate_peer_replica_up";
+pub const PEER_REPLICA_LEASE_AGE_SECONDS: &str = "fedgate_peer_replica_lease_age_seconds";
+pub const PEER_REPLICAS_EXPECTED: &str = "fedgate_peer_replicas_expected";
 pub const CONNECT_DURATION_SECONDS: &str = "fedgate_connect_duration_seconds";
 pub const LISTENERS: &str = "fedgate_listeners";
 pub const LISTENER_BIND_ERRORS_TOTAL: &str = "fedgate_listener_bind_errors_total";
@@ -125,6 +128,23 @@ pub fn describe() {
         PEER_UP,
         "1 when the QUIC connection to a peer is up and the peer has not announced draining, \
          else 0, by peer."
+    );
+    describe_gauge!(
+        PEER_REPLICA_UP,
+        "1 while the QUIC connection to one replica of a peer is up, else 0, by peer and \
+         replica (its address)."
+    );
+    describe_gauge!(
+        PEER_REPLICA_LEASE_AGE_SECONDS,
+        Unit::Seconds,
+        "Seconds since one replica of a peer was last heard from, by peer and replica; the \
+         peer's exports stay imported while any replica's age is under \
+         discovery.peerLeaseDuration."
+    );
+    describe_gauge!(
+        PEER_REPLICAS_EXPECTED,
+        "Replicas a peer's configured addresses resolve to, by peer (compare with \
+         fedgate_peer_replicas_connected)."
     );
     describe_gauge!(
         PEER_RTT_SECONDS,
@@ -281,6 +301,20 @@ pub fn set_peer(peer: &str, up: bool, rtt: Option<Duration>, path_mtu: Option<u1
     if let Some(mtu) = path_mtu {
         gauge!(PEER_PATH_MTU_BYTES, "peer" => peer.to_owned()).set(f64::from(mtu));
     }
+}
+
+/// One replica of `peer` at `replica` (its address): connected or not, heard from
+/// `lease_age` ago.
+pub fn set_peer_replica(peer: &str, replica: &str, up: bool, lease_age: Option<Duration>) {
+    let labels = [("peer", peer.to_owned()), ("replica", replica.to_owned())];
+    gauge!(PEER_REPLICA_UP, &labels).set(if up { 1.0 } else { 0.0 });
+    if let Some(age) = lease_age {
+        gauge!(PEER_REPLICA_LEASE_AGE_SECONDS, &labels).set(age.as_secs_f64());
+    }
+}
+
+pub fn set_peer_replicas_expected(peer: &str, expected: usize) {
+    gauge!(PEER_REPLICAS_EXPECTED, "peer" => peer.to_owned()).set(expected as f64);
 }
 
 pub fn record_connect_duration(target_cluster: &str, elapsed: Duration) {

@@ -2,6 +2,7 @@
 //! `PeerHandle` (data streams, connections) and discovery's `PeersHandle` (draining, status),
 //! and [`forward_incoming`] turns the tunnel's `IncomingStream`s into the acceptor's input.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,15 +60,39 @@ fn peer_gauges(status: &[PeerStatus]) -> Vec<PeerGauge<'_>> {
 /// Sets the peer gauges on every status update (the sessions republish RTTs periodically);
 /// ends when the sessions drop their status sender.
 async fn record_peer_gauges(mut status: watch::Receiver<Arc<Vec<PeerStatus>>>) {
+    let mut replicas_seen = BTreeSet::new();
     loop {
         let current = status.borrow_and_update().clone();
         for g in peer_gauges(&current) {
             metrics::set_peer(g.peer, g.up, g.rtt, g.path_mtu);
         }
+        record_replicas(&current, &mut replicas_seen);
         if status.changed().await.is_err() {
             return;
         }
     }
+}
+
+/// Sets each replica's gauges; a replica no longer listed (its address gone) is shown down.
+fn record_replicas(status: &[PeerStatus], seen: &mut BTreeSet<(String, String)>) {
+    let mut now = BTreeSet::new();
+    for peer in status {
+        metrics::set_peer_replicas_expected(peer.cluster.as_str(), peer.expected_replicas);
+        for r in &peer.replicas {
+            let age = r.last_seen_secs.filter(|s| s.is_finite() && *s >= 0.0);
+            metrics::set_peer_replica(
+                peer.cluster.as_str(),
+                &r.address,
+                r.connected,
+                age.map(Duration::from_secs_f64),
+            );
+            now.insert((peer.cluster.to_string(), r.address.clone()));
+        }
+    }
+    for (peer, replica) in seen.difference(&now) {
+        metrics::set_peer_replica(peer, replica, false, None);
+    }
+    *seen = now;
 }
 
 impl Tunnel for PeerTunnel {
