@@ -225,6 +225,7 @@ fn crds_and_manifests_apply_to_a_real_apiserver() -> Result<()> {
         &["list", "serviceexports.multicluster.x-k8s.io", "-A"],
         &["patch", "serviceexports.multicluster.x-k8s.io", "--subresource=status", "-n", "shop"],
         &["patch", "serviceimports.multicluster.x-k8s.io", "-n", "shop"],
+        &["watch", "serviceimports.multicluster.x-k8s.io", "-A"],
         &["delete", "serviceimports.multicluster.x-k8s.io", "-n", "shop"],
         &["get", "clusterproperties.about.k8s.io/cluster.clusterset.k8s.io"],
         &["get", "clusterproperties.about.k8s.io/clusterset.k8s.io"],
