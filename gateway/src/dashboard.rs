@@ -375,19 +375,22 @@ mod tests {
         assert_eq!(west.path_mtu, Some(1452));
         // Each replica with its instance, state and lease age.
         assert_eq!(west.expected_replicas, Some(2));
-        let replicas: Vec<(&str, Option<&str>, bool, Option<f64>, Option<&str>)> = west
+        let replicas: Vec<String> = west
             .replicas
             .iter()
             .map(|r| {
                 let (instance, error) = (r.instance.as_deref(), r.last_error.as_deref());
-                (r.address.as_str(), instance, r.connected, r.lease_age_secs, error)
+                format!(
+                    "{} {instance:?} {} {:?} {error:?}",
+                    r.address, r.connected, r.lease_age_secs
+                )
             })
             .collect();
         assert_eq!(
             replicas,
             [
-                ("10.0.0.2:15443", Some("a1b2"), true, Some(0.5), None),
-                ("10.0.0.3:15443", None, false, None, Some("timed out")),
+                "10.0.0.2:15443 Some(\"a1b2\") true Some(0.5) None",
+                "10.0.0.3:15443 None false None Some(\"timed out\")",
             ]
         );
         assert_eq!(rows[0].region.as_deref(), Some("r"));
