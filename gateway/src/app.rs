@@ -63,6 +63,10 @@ struct Parts {
     front: Option<futures::future::BoxFuture<'static, ()>>,
     /// Marks `discovery` ready in the registry once the cluster source has synced.
     discovery_ready: futures::future::BoxFuture<'static, ()>,
+    /// Marks `peers` ready once every peer sent its exports once (at most 5 s).
+    peers_ready: futures::future::BoxFuture<'static, ()>,
+    /// The readiness registry (`draining` goes pending when the drain starts).
+    ready: Ready,
     /// `discovery.source: kube`: reads the ClusterProperties again, reports a change.
     identity: Option<kube::identity::IdentityGuard>,
     local_exports: LocalExports,
@@ -319,8 +323,17 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     );
     let summary: Value = serde_json::from_str(&cfg.redacted_summary()).unwrap_or(Value::Null);
     views.insert("config", Arc::new(move |_: &Query| summary.clone()));
-    let admin_state =
-        AdminState { ready, metrics, views: Arc::new(views), dashboard: crate::dashboard::PAGE };
+    let peers_ready = Box::pin(readiness::ready_when_peers_synced(
+        ready.register("peers"),
+        peers.status(),
+        readiness::PEERS_SYNC_BOUND.min(cfg.discovery.peer_lease_duration),
+    ));
+    let admin_state = AdminState {
+        ready: ready.clone(),
+        metrics,
+        views: Arc::new(views),
+        dashboard: crate::dashboard::PAGE,
+    };
     let admin = AdminServer::new(cfg.admin.listen, admin_state).await?;
 
     Ok(Bound {
@@ -334,6 +347,8 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             election,
             front,
             discovery_ready,
+            peers_ready,
+            ready,
             identity,
             local_exports,
             imports,
@@ -361,6 +376,12 @@ impl Bound {
         let mut tasks = JoinSet::new();
         tasks.spawn(parts.source.run(rest.clone()));
         tasks.spawn(parts.discovery_ready);
+        tasks.spawn(parts.peers_ready);
+        tasks.spawn(readiness::unready_while_draining(
+            parts.ready.clone(),
+            self.shutdown.clone(),
+            rest.clone(),
+        ));
         if let Some(writer) = parts.writer {
             tasks.spawn(writer.run(rest.clone()));
         }
