@@ -147,20 +147,27 @@ async fn resolve_all(
 /// address of an old one replaces it. Also resolves the peer's configured addresses, to know
 /// how many replicas to expect.
 async fn run_acceptor(ctx: PeerContext, mut accepted: mpsc::Receiver<quinn::Connection>) {
-    let local_v4 = ctx.endpoint.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
-    let mut known = BTreeMap::new();
-    let mut resolve = tokio::time::interval(RESOLVE_INTERVAL);
+    // Resolving (a slow DNS server) must not hold up accepting: a task of its own.
+    let resolver = ctx.clone();
+    tokio::spawn(async move {
+        let local_v4 = resolver.endpoint.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
+        let mut known = BTreeMap::new();
+        loop {
+            let n = resolve_all(&resolver, &mut known, local_v4).await.len();
+            let configured = resolver.peer.addresses.len();
+            resolver.shared.with(&resolver.peer.id, |s| s.expected = n.max(configured));
+            tokio::select! {
+                _ = resolver.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RESOLVE_INTERVAL) => {}
+            }
+        }
+    });
     let mut by_address: HashMap<SocketAddr, (quinn::Connection, CancellationToken)> =
         HashMap::new();
     let mut warned_excess = false;
     loop {
         let conn = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
-            _ = resolve.tick() => {
-                let n = resolve_all(&ctx, &mut known, local_v4).await.len();
-                ctx.shared.with(&ctx.peer.id, |s| s.expected = n.max(ctx.peer.addresses.len()));
-                continue;
-            }
             conn = accepted.recv() => match conn {
                 Some(conn) => conn,
                 None => return,
