@@ -752,6 +752,7 @@ impl Drop for TcpServer {
 pub mod faults;
 pub mod kube;
 pub mod netns;
+pub mod replicas;
 
 #[cfg(test)]
 mod metric_tests {

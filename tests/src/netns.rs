@@ -101,7 +101,7 @@ impl Drop for Netns {
 
 /// Deletes namespaces `fg-<pid>-...` left by an earlier test process that died without
 /// running its guards (SIGKILL, timeout), together with the processes it started in them.
-fn reap_stale_namespaces() {
+pub fn reap_stale_namespaces() {
     let Ok(list) = run(Command::new("ip").args(["netns", "list"])) else { return };
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
         let mut parts = name.split('-');
