@@ -3,8 +3,11 @@
 //! ([`crate::peer`]). Streams are routed by kind byte ([`crate::streams`]): control streams to
 //! whoever serves the control channel, data streams to the data plane.
 //!
-//! Who dials: of two gateways, the one with the lexicographically lower cluster id dials and
-//! the other accepts, so a pair never holds two connections.
+//! Who dials: of two gateways, the one with the lexicographically lower cluster id dials each
+//! replica of the other, which accepts. The other dials only as a fallback, when it has had no
+//! connection to the peer for a while (the peer's replicas sit behind one address, so their
+//! dials reach another replica of ours); two connections between the same two addresses are
+//! cut to the one the lower id dialed.
 
 use std::collections::HashMap;
 use std::io;
@@ -306,7 +309,7 @@ impl TunnelEndpoint {
             let (tx, rx) = mpsc::channel(4);
             accepted.insert(peer.id.clone(), tx);
             let span = tracing::info_span!("peer", peer = %peer.id, addresses = ?peer.addresses);
-            let dial = (self.settings.local < peer.id).then(|| self.credentials.clone());
+
             let task = PeerTask {
                 ctx: PeerContext {
                     peer,
@@ -316,7 +319,7 @@ impl TunnelEndpoint {
                     shared: self.shared.clone(),
                     shutdown: shutdown.clone(),
                 },
-                dial,
+                credentials: self.credentials.clone(),
                 accepted: rx,
             };
             tasks.spawn(task.run().instrument(span));
@@ -455,14 +458,8 @@ async fn handle_incoming(
         conn.close(VarInt::from_u32(CLOSE_WRONG_DIRECTION), b"no peer identity");
         return;
     };
-    if settings.local < peer {
-        tracing::warn!(%peer, %remote, "peer dialed us, but the gateway with the lower cluster id dials; refusing");
-        conn.close(
-            VarInt::from_u32(CLOSE_WRONG_DIRECTION),
-            b"the gateway with the lower cluster id dials",
-        );
-        return;
-    }
+    // A gateway with a higher cluster id dials too when none of our replicas' connections
+    // reaches it (its fallback, crate::replicas::FALLBACK_AFTER): accepted like any other.
     if let Some(tx) = accepted.get(&peer) {
         let _ = tx.send(conn).await;
     }

@@ -15,7 +15,7 @@ mod junk;
 pub mod metrics;
 pub mod peer;
 pub mod reload;
-mod replicas;
+pub(crate) mod replicas;
 pub mod runtime;
 mod socket;
 pub mod streams;

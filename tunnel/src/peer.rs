@@ -39,6 +39,7 @@ pub(crate) const CLOSE_REPLACED: u32 = 1;
 pub(crate) const CLOSE_WRONG_DIRECTION: u32 = 2;
 pub(crate) const CLOSE_TOO_MANY: u32 = 3;
 pub(crate) const CLOSE_ADDRESS_GONE: u32 = 4;
+pub(crate) const CLOSE_DUPLICATE: u32 = 5;
 
 /// A working connection to one replica of a peer, as handed out by
 /// [`PeerHandle::connections`].
@@ -142,6 +143,13 @@ struct Live {
 }
 
 /// One peer: its working connections and what we know of its addresses.
+impl PeerState {
+    /// No working connection.
+    pub(crate) fn is_alone(&self) -> bool {
+        self.live.is_empty()
+    }
+}
+
 pub(crate) struct PeerState {
     configured: Vec<String>,
     live: Vec<Live>,
@@ -207,6 +215,24 @@ impl Shared {
         if let Some(tx) = self.watches.get(peer) {
             tx.send_replace(list);
         }
+    }
+
+    /// A working connection to `peer` other than `conn` with the same remote address.
+    pub(crate) fn same_remote(
+        &self,
+        peer: &ClusterId,
+        conn: &quinn::Connection,
+    ) -> Option<quinn::Connection> {
+        self.with(peer, |s| {
+            s.live
+                .iter()
+                .find(|l| {
+                    l.conn.stable_id() != conn.stable_id()
+                        && l.conn.remote_address() == conn.remote_address()
+                })
+                .map(|l| l.conn.clone())
+        })
+        .flatten()
     }
 
     /// Adds a working connection; returns how many the peer has now.

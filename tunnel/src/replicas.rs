@@ -19,8 +19,8 @@ use crate::metrics::{
     PEER_UNEXPECTED_INSTANCES_TOTAL, PEERS_CONNECTED,
 };
 use crate::peer::{
-    CLOSE_ADDRESS_GONE, CLOSE_REPLACED, CLOSE_SHUTDOWN, CLOSE_TOO_MANY, MAX_CONNECTIONS_PER_PEER,
-    RESOLVE_INTERVAL, Shared, disconnect_reason,
+    CLOSE_ADDRESS_GONE, CLOSE_DUPLICATE, CLOSE_REPLACED, CLOSE_SHUTDOWN, CLOSE_TOO_MANY,
+    MAX_CONNECTIONS_PER_PEER, RESOLVE_INTERVAL, Shared, disconnect_reason,
 };
 use crate::streams::{self, Routes};
 use crate::tls::{Credentials, RejectionSink, client_crypto};
@@ -43,27 +43,33 @@ pub(crate) struct PeerContext {
     pub shutdown: CancellationToken,
 }
 
-/// One configured peer: dialed (our id is lower: `dial` has our credentials) or accepted.
+/// One configured peer: its replicas dialed and its connections accepted.
 pub(crate) struct PeerTask {
     pub ctx: PeerContext,
-    pub dial: Option<Arc<Credentials>>,
+    pub credentials: Arc<Credentials>,
     pub accepted: mpsc::Receiver<quinn::Connection>,
 }
 
 impl PeerTask {
+    /// The gateway with the lower cluster id dials every replica of the peer; the other
+    /// dials only as a fallback ([`FALLBACK_AFTER`] without any connection: the peer's
+    /// replicas sit behind one address, and its dials all reach another replica of ours).
+    /// Both accept.
     pub(crate) async fn run(self) {
-        let Self { ctx, dial, accepted } = self;
-        match dial {
-            Some(credentials) => run_dialer(ctx, credentials).await,
-            None => run_acceptor(ctx, accepted).await,
-        }
+        let Self { ctx, credentials, accepted } = self;
+        let fallback = ctx.peer.id < ctx.settings.local;
+        tokio::join!(run_dialer(ctx.clone(), credentials, fallback), run_acceptor(ctx, accepted));
     }
 }
+
+/// How long the gateway that normally only accepts (the higher cluster id) waits without any
+/// connection to a peer before it dials the peer itself.
+pub const FALLBACK_AFTER: Duration = Duration::from_secs(3);
 
 /// Resolves the peer's addresses now and every [`RESOLVE_INTERVAL`], and keeps a dial task
 /// per resolved address. An address that no longer resolves loses its task (and connection);
 /// a name that fails to resolve keeps what it resolved to before.
-async fn run_dialer(ctx: PeerContext, credentials: Arc<Credentials>) {
+async fn run_dialer(ctx: PeerContext, credentials: Arc<Credentials>, fallback: bool) {
     let mut tasks: BTreeMap<SocketAddr, CancellationToken> = BTreeMap::new();
     let mut known: BTreeMap<String, Vec<SocketAddr>> = BTreeMap::new();
     let local_v4 = ctx.endpoint.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
@@ -82,13 +88,17 @@ async fn run_dialer(ctx: PeerContext, credentials: Arc<Credentials>) {
             }
             let token = ctx.shutdown.child_token();
             tasks.insert(*addr, token.clone());
-            ctx.shared.with(&ctx.peer.id, |s| {
-                s.targets.entry(*addr).or_insert(None);
-            });
+            if !fallback {
+                // Shown in the status from now on (a fallback target once it is dialed).
+                ctx.shared.with(&ctx.peer.id, |s| {
+                    s.targets.entry(*addr).or_insert(None);
+                });
+            }
             let task = DialTask {
                 ctx: ctx.clone(),
                 target: *addr,
                 credentials: credentials.clone(),
+                fallback,
                 token,
                 backoff: Backoff::default(),
                 last_logged_error: None,
@@ -97,9 +107,10 @@ async fn run_dialer(ctx: PeerContext, credentials: Arc<Credentials>) {
             let span = tracing::info_span!("replica", address = %addr);
             tokio::spawn(task.run().instrument(span));
         }
+        let configured = ctx.peer.addresses.len();
         ctx.shared.with(&ctx.peer.id, |s| {
             s.targets.retain(|a, _| targets.contains(a));
-            s.expected = targets.len().max(1);
+            s.expected = targets.len().max(configured);
         });
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -144,24 +155,8 @@ async fn resolve_all(
 }
 
 /// Accepts the peer's connections: one per replica address, all kept; a new one from the
-/// address of an old one replaces it. Also resolves the peer's configured addresses, to know
-/// how many replicas to expect.
+/// address of an old one replaces it.
 async fn run_acceptor(ctx: PeerContext, mut accepted: mpsc::Receiver<quinn::Connection>) {
-    // Resolving (a slow DNS server) must not hold up accepting: a task of its own.
-    let resolver = ctx.clone();
-    tokio::spawn(async move {
-        let local_v4 = resolver.endpoint.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
-        let mut known = BTreeMap::new();
-        loop {
-            let n = resolve_all(&resolver, &mut known, local_v4).await.len();
-            let configured = resolver.peer.addresses.len();
-            resolver.shared.with(&resolver.peer.id, |s| s.expected = n.max(configured));
-            tokio::select! {
-                _ = resolver.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(RESOLVE_INTERVAL) => {}
-            }
-        }
-    });
     let mut by_address: HashMap<SocketAddr, (quinn::Connection, CancellationToken)> =
         HashMap::new();
     let mut warned_excess = false;
@@ -256,6 +251,19 @@ async fn serve(
             return Served::NeverUp(conn.close_reason());
         }
     }
+    // Both gateways may have dialed each other at once (the fallback): of two connections
+    // between the same two addresses, the one the lower cluster id dialed stays.
+    let lower_dials = ctx.settings.local < peer;
+    let ours_wins = (direction == "dial") == lower_dials;
+    if let Some(other) = ctx.shared.same_remote(&peer, &conn) {
+        let loser = if ours_wins { &other } else { &conn };
+        tracing::debug!(remote = %conn.remote_address(), "two connections between the same gateways; closing one");
+        loser.close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate connection");
+        if !ours_wins {
+            streams.abort();
+            return Served::NeverUp(None);
+        }
+    }
     let started = Instant::now();
     let n = ctx.shared.add(&peer, &conn, direction);
     metrics::counter!(PEER_CONNECTIONS_TOTAL, "direction" => direction).increment(1);
@@ -301,6 +309,8 @@ struct DialTask {
     ctx: PeerContext,
     target: SocketAddr,
     credentials: Arc<Credentials>,
+    /// Dial only while the peer has had no connection for [`FALLBACK_AFTER`].
+    fallback: bool,
     token: CancellationToken,
     backoff: Backoff,
     last_logged_error: Option<String>,
@@ -319,6 +329,12 @@ impl DialTask {
                 }
             }
             let token = self.token.clone();
+            if self.fallback {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = alone_for(&self.ctx, FALLBACK_AFTER) => {}
+                }
+            }
             let conn = tokio::select! {
                 _ = token.cancelled() => return,
                 conn = self.try_dial() => conn,
@@ -412,6 +428,22 @@ impl DialTask {
             tracing::debug!(error = %text, "peer connection failed again");
         }
         self.ctx.shared.set_target_error(&self.ctx.peer.id, self.target, text);
+    }
+}
+
+/// Resolves once the peer has had no working connection for `wait` in a row (checked every
+/// quarter of it).
+async fn alone_for(ctx: &PeerContext, wait: Duration) {
+    let mut since: Option<Instant> = None;
+    loop {
+        let alone = ctx.shared.with(&ctx.peer.id, |s| s.is_alone()).unwrap_or(true);
+        match (alone, since) {
+            (false, _) => since = None,
+            (true, None) => since = Some(Instant::now()),
+            (true, Some(t)) if t.elapsed() >= wait => return,
+            (true, Some(_)) => {}
+        }
+        tokio::time::sleep(wait / 4).await;
     }
 }
 

@@ -221,3 +221,36 @@ async fn a_dialer_connects_to_every_address_of_a_peer() {
     east.stop().await;
     west1.stop().await;
 }
+
+#[tokio::test]
+async fn the_higher_id_dials_when_no_connection_reaches_it() {
+    let pki = TestPki::new("demo");
+    let nowhere = SocketAddr::from(([127, 0, 0, 1], 9));
+    // east (the lower id) dials an address where west is not (west's replicas behind one
+    // address that sends east's dials elsewhere); west knows east's address.
+    let east = start(&pki, "east", &[("west", nowhere)]);
+    let mut west = start(&pki, "west", &[("east", east.address)]);
+    let mut at_west = west.handle.connections(&id("east")).expect("configured");
+    let mut at_east = east.handle.connections(&id("west")).expect("configured");
+    let started = tokio::time::Instant::now();
+    let links = wait_until(&mut at_west, "west's fallback dial", |l| l.len() == 1).await;
+    assert!(
+        started.elapsed() >= crate::replicas::FALLBACK_AFTER,
+        "west dials only after {:?} alone, not {:?}",
+        crate::replicas::FALLBACK_AFTER,
+        started.elapsed()
+    );
+    assert_eq!(links[0].remote(), east.address);
+    // east accepts it: one connection, usable both ways.
+    let links = wait_until(&mut at_east, "east accepts it", |l| l.len() == 1).await;
+    let status = west.handle.link_status(&id("east")).expect("status");
+    assert_eq!(status.replicas.len(), 1, "{status:?}");
+    assert_eq!(status.replicas[0].direction, "dial");
+    let (mut send, _r, on) = east.handle.open_stream(&id("west")).await.expect("east opens");
+    assert_eq!(on, links[0].id());
+    send.write_all(b"ping").await.expect("write");
+    let s = tokio::time::timeout(WAIT, west.data.recv()).await;
+    assert!(s.is_ok_and(|s| s.is_some_and(|s| s.peer == id("east"))), "west gets the stream");
+    east.stop().await;
+    west.stop().await;
+}
