@@ -476,6 +476,8 @@ pub fn watch_import(
 ///   the first server; on a timeout, an ICMP error, SERVFAIL, REFUSED or NOTIMP, the next one.
 ///   A query succeeds when the answer is NOERROR with IP among its A records. COUNT queries
 ///   (0: until killed).
+/// - `relay LISTEN_HOST LISTEN_PORT TARGET_HOST TARGET_PORT`: copies each TCP connection to
+///   the target, both ways (the kube-apiserver on the hub's loopback, for the nodes).
 pub const TOOL: &str = r#"
 import asyncio, random, socket, struct, sys, time
 
@@ -595,8 +597,37 @@ def dns_loop(qname, expected, pace_ms, timeout, count, *servers):
             print("err %.1f %s answered %s %s (before: %s)" % (ms(t0), answer[0], RCODES.get(answer[1], answer[1]), answer[2], tried), flush=True)
         time.sleep(int(pace_ms) / 1000)
 
+def relay(listen_host, listen_port, target_host, target_port):
+    async def pipe(reader, writer):
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        except Exception:
+            pass
+        finally:
+            writer.close()
+    async def handle(reader, writer):
+        try:
+            up_reader, up_writer = await asyncio.open_connection(target_host, int(target_port))
+        except Exception:
+            writer.close()
+            return
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+    async def main():
+        server = await asyncio.start_server(handle, listen_host, int(listen_port), reuse_address=True)
+        print("READY", flush=True)
+        async with server:
+            await server.serve_forever()
+    asyncio.run(main())
+
 cmd, args = sys.argv[1], sys.argv[2:]
-if cmd == "backend":
+if cmd == "relay":
+    relay(*args)
+elif cmd == "backend":
     backend(*args)
 elif cmd == "tcp-loop":
     tcp_loop(*args)
@@ -605,3 +636,273 @@ elif cmd == "dns-loop":
 else:
     sys.exit("unknown command " + cmd)
 "#;
+
+/// The service alpha exports in [`Clusters`]: `rep/web`, port 80, backed by the hub's backend
+/// on [`BACKEND_PORT`].
+pub const SERVICE_NS: &str = "rep";
+pub const SERVICE_NAME: &str = "web";
+/// Its `clusterset.local` name.
+pub const QNAME: &str = "web.rep.svc.clusterset.local";
+pub const BACKEND_PORT: u16 = 8080;
+/// Alpha's replica `i` is node `11 + i`; bravo is node 21.
+pub const A_FIRST_HOST: u8 = 11;
+pub const B_HOST: u8 = 21;
+/// Bound on each wait for propagation, readiness and reconnection.
+pub const PROPAGATION: Duration = Duration::from_secs(15);
+/// How long a replica that was taken down stays down before it is started again (as a pod
+/// being replaced on another node would).
+pub const DOWN_FOR: Duration = Duration::from_secs(1);
+/// Client loops: the pause between two TCP requests and their timeout (seconds; above the
+/// data plane's attempt timeout and retry on another replica, 1 s + 0.5 s), the pause between
+/// two DNS queries and the timeout per server (`options timeout:1 attempts:1`).
+const TCP_PACE_MS: &str = "20";
+const TCP_TIMEOUT_S: &str = "5";
+const DNS_PACE_MS: &str = "50";
+const DNS_TIMEOUT_S: &str = "1";
+/// The Lease alpha's replicas elect their writer with (kube mode).
+pub const LEADER_LEASE: &str = "fedgate-leader";
+pub const LEADER_LEASE_NS: &str = "default";
+
+/// The tunnel address of alpha's replica `i`.
+pub fn a_addr(i: usize) -> SocketAddr {
+    tunnel_addr(a_host(i))
+}
+
+/// The node of alpha's replica `i`.
+pub fn a_host(i: usize) -> u8 {
+    A_FIRST_HOST + u8::try_from(i).expect("a few replicas")
+}
+
+/// The export of rep/web as Kubernetes YAML: one ready endpoint, the backend on the hub.
+pub fn web_yaml(export: bool) -> String {
+    let hub = lan_ip(HUB_HOST).to_string();
+    let port = ("tcp", 80, BACKEND_PORT);
+    crate::service_yaml(
+        SERVICE_NS,
+        SERVICE_NAME,
+        false,
+        &[port],
+        &[(hub.as_str(), true)],
+        export.then_some(crate::EXPORTED_AT),
+    )
+}
+
+/// How alpha's replicas find their cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// One cluster directory, shared by the replicas.
+    File,
+    /// A real kube-apiserver (on the hub, reached through relays); the replicas elect a leader
+    /// with a Lease of this duration, each named `alpha-<i + 1>`.
+    Kube { lease: Duration },
+}
+
+/// Cluster alpha with `replicas` gateways, bravo with one whose peer entry lists every alpha
+/// replica (`addresses`), the backend of rep/web, rep/web exported by alpha and imported by
+/// bravo. Fields are declared in the order they stop: gateways first, the namespaces last.
+pub struct Clusters {
+    pub a: Vec<NsGateway>,
+    pub b: NsGateway,
+    _procs: Vec<LineProc>,
+    pub kube: Option<crate::kube::KubeCluster>,
+    pub a_nodes: Vec<Netns>,
+    pub b_node: Netns,
+    pub lan: Lan,
+    /// The ClusterSetIP of rep/web at bravo (clients use it) and at alpha (DNS answers it).
+    pub b_vip: String,
+    pub a_vip: String,
+}
+
+impl Clusters {
+    /// Starts everything; `extra_a` is appended to each alpha config.
+    pub fn start(replicas: usize, source: Source, extra_a: &str) -> Result<Self> {
+        let lan = Lan::new()?;
+        let pki = crate::Pki::new(lan.dir(), "ca", CLUSTERSET)?;
+        let tls_a = pki.issue("alpha", &lan.dir().join("certs-alpha"))?;
+        let tls_b = pki.issue("bravo", &lan.dir().join("certs-bravo"))?;
+        let mut procs = vec![lan.backend(BACKEND_PORT, "alpha-backend")?];
+        let kube = match source {
+            Source::File => None,
+            Source::Kube { .. } => Some(kube_on_hub(&lan, &mut procs)?),
+        };
+        let a_nodes = (0..replicas)
+            .map(|i| lan.node(&format!("a{}", i + 1), a_host(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let b_node = lan.node("b", B_HOST)?;
+        let mut a: Vec<NsGateway> = Vec::new();
+        for (i, ns) in a_nodes.iter().enumerate() {
+            let s = spec("alpha", a_host(i), &[("bravo", tunnel_addr(B_HOST))], extra_a);
+            let g = prepare(ns, lan.dir(), s, &tls_a)?;
+            match (source, &kube, a.first()) {
+                (Source::Kube { lease }, Some(k), _) => {
+                    // The apiserver listens on the hub's 127.0.0.1:6443; this relay makes it the
+                    // node's 127.0.0.1:6443 too, so the cluster's kubeconfig works as it is.
+                    let hub = lan_ip(HUB_HOST).to_string();
+                    let mut relay = lan.tool(ns, &["relay", "127.0.0.1", "6443", &hub, "6443"])?;
+                    relay.wait_line(Duration::from_secs(10), |l| l == "READY")?;
+                    procs.push(relay);
+                    crate::kube::use_kube_source(&g.gw, k.kubeconfig_path())?;
+                    let from = format!("kube: {{ kubeconfig: {} }}", k.kubeconfig_path().display());
+                    let to = format!(
+                        "kube: {{ kubeconfig: {}, leaderElection: {{ leaseName: {LEADER_LEASE}, \
+                         namespace: {LEADER_LEASE_NS}, leaseDuration: {}s, identity: alpha-{} }} }}",
+                        k.kubeconfig_path().display(),
+                        lease.as_secs(),
+                        i + 1
+                    );
+                    g.gw.edit_config(&from, &to)?;
+                }
+                (_, _, Some(first)) => share_cluster_dir(&g, &first.gw.cluster_dir)?,
+                (_, _, None) => {}
+            }
+            a.push(g);
+        }
+        let s = spec("bravo", B_HOST, &[("alpha", a_addr(0))], "");
+        let mut b = prepare(&b_node, lan.dir(), s, &tls_b)?;
+        let all: Vec<SocketAddr> = (0..replicas).map(a_addr).collect();
+        set_peer_addresses(&b, a_addr(0), &all)?;
+        match &kube {
+            Some(k) => {
+                k.kubectl_ok(&["create", "namespace", SERVICE_NS])?;
+                k.apply_yaml(&web_yaml(false))?;
+                k.export(SERVICE_NS, SERVICE_NAME)?;
+            }
+            None => a[0].gw.write_cluster_file("web.yaml", &web_yaml(true))?,
+        }
+        for g in &mut a {
+            g.launch()?;
+        }
+        b.launch()?;
+
+        let b_vip = crate::wait_vip(&b, SERVICE_NS, SERVICE_NAME, &["alpha"], PROPAGATION)?;
+        let mut a_vip = None;
+        for g in &a {
+            let vip = crate::wait_vip(g, SERVICE_NS, SERVICE_NAME, &["alpha"], PROPAGATION)?;
+            if a_vip.as_ref().is_some_and(|v| *v != vip) {
+                bail!("alpha's replicas disagree on the ClusterSetIP: {a_vip:?}, {vip}");
+            }
+            a_vip = Some(vip);
+        }
+        for i in 0..replicas {
+            wait_replica(&b, "alpha", a_addr(i), None, PROPAGATION)?;
+        }
+        let a_vip = a_vip.context("at least one replica")?;
+        Ok(Self { a, b, _procs: procs, kube, a_nodes, b_node, lan, b_vip, a_vip })
+    }
+
+    /// The TCP loop in bravo's namespace through bravo's ClusterSetIP, and the DNS loop against
+    /// alpha's replicas (in order); both have succeeded a few times when this returns.
+    pub fn start_load(&self) -> Result<(Load, Load)> {
+        let tcp_args = ["tcp-loop", &self.b_vip, "80", TCP_PACE_MS, TCP_TIMEOUT_S];
+        let tcp = Load::start(&self.lan, &self.b_node, &tcp_args)?;
+        let servers: Vec<String> =
+            (0..self.a.len()).map(|i| lan_ip(a_host(i)).to_string()).collect();
+        let mut args = vec!["dns-loop", QNAME, &self.a_vip, DNS_PACE_MS, DNS_TIMEOUT_S, "0"];
+        args.extend(servers.iter().map(String::as_str));
+        let dns = Load::start(&self.lan, &self.b_node, &args)?;
+        let now = Instant::now();
+        tcp.wait_ok_after(now, 20, PROPAGATION)?;
+        dns.wait_ok_after(now, 10, PROPAGATION)?;
+        Ok((tcp, dns))
+    }
+
+    /// One DNS query to alpha's replica `i` alone, from bravo's namespace: its result line.
+    pub fn ask_replica(&self, i: usize) -> Result<String> {
+        let server = lan_ip(a_host(i)).to_string();
+        let once = ["dns-loop", QNAME, &self.a_vip, "0", DNS_TIMEOUT_S, "1", &server];
+        let mut p = self.lan.tool(&self.b_node, &once)?;
+        let is_result = |l: &str| l.starts_with("ok ") || l.starts_with("err ");
+        Ok(p.wait_line(Duration::from_secs(10), is_result)?.text)
+    }
+
+    /// `fedgate_peer_lease_expiries_total` at bravo.
+    pub fn lease_expiries(&self) -> Result<f64> {
+        metric(&self.b, "fedgate_peer_lease_expiries_total", &[])
+    }
+
+    /// Takes alpha's replica `i` down with `fault`, leaves it down for [`DOWN_FOR`], starts it
+    /// again and waits until it is ready (`/readyz`), bravo is connected to its new process (a
+    /// new instance id) and `tcp` has had 20 requests through it. Returns when it was taken
+    /// down and when all that was true.
+    pub fn down_and_back(&mut self, i: usize, fault: Fault, tcp: &Load) -> Result<Cycle> {
+        let old = wait_replica(&self.b, "alpha", a_addr(i), None, PROPAGATION)?;
+        let onset = Instant::now();
+        let g = &mut self.a[i];
+        match fault {
+            Fault::Kill => crash(g)?,
+            Fault::Term => {
+                g.signal("TERM")?;
+                let status = g.wait_exit(Duration::from_secs(15))?;
+                if !status.success() {
+                    bail!("alpha's replica {} exited after its drain with {status}", i + 1);
+                }
+            }
+        }
+        let down = onset.elapsed();
+        std::thread::sleep(DOWN_FOR);
+        g.launch()?;
+        wait_ready(g, PROPAGATION)?;
+        let instance = wait_replica(&self.b, "alpha", a_addr(i), Some(&old), PROPAGATION)?;
+        let connected = onset.elapsed();
+        let now = Instant::now();
+        tcp.wait_ok_where(now, 20, PROPAGATION, &format!("via replica {}", i + 1), via(i))?;
+        Ok(Cycle { onset, down, connected, carrying: onset.elapsed(), instance })
+    }
+
+    /// Which replica holds the Lease (kube mode), as `fedgate_leader` says on each running
+    /// replica: its index, if exactly one says so.
+    pub fn leader(&self) -> Result<Option<usize>> {
+        let mut leaders = Vec::new();
+        for (i, g) in self.a.iter().enumerate() {
+            if g.get("/healthz").is_ok() && metric(g, "fedgate_leader", &[])? == 1.0 {
+                leaders.push(i);
+            }
+        }
+        Ok(match leaders[..] {
+            [one] => Some(one),
+            _ => None,
+        })
+    }
+}
+
+/// Starts a kube-apiserver (with etcd) in the hub, the ServiceExport/ServiceImport CRDs in
+/// it, and a relay on the hub's LAN address to it (kept in `procs`).
+fn kube_on_hub(lan: &Lan, procs: &mut Vec<LineProc>) -> Result<crate::kube::KubeCluster> {
+    let k = crate::kube::KubeCluster::start_in(&lan.hub, "alpha")?;
+    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+    k.kubectl_ok(&["apply", "--server-side", "-f", &crds.to_string_lossy()])?;
+    k.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=30s", "crd", "--all"])?;
+    let hub = lan_ip(HUB_HOST).to_string();
+    let mut relay = lan.tool(&lan.hub, &["relay", &hub, "6443", "127.0.0.1", "6443"])?;
+    relay.wait_line(Duration::from_secs(10), |l| l == "READY")?;
+    procs.push(relay);
+    Ok(k)
+}
+
+/// How a replica is taken down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL: a crash, no drain, no goodbye to peers.
+    Kill,
+    /// SIGTERM: it drains and exits by itself.
+    Term,
+}
+
+/// One replica taken down and back ([`Clusters::down_and_back`]): when, and how long after
+/// that it had exited, bravo was connected to its new process and it carried requests again.
+#[derive(Clone, Debug)]
+pub struct Cycle {
+    pub onset: Instant,
+    pub down: Duration,
+    pub connected: Duration,
+    pub carrying: Duration,
+    /// The new process's instance id.
+    pub instance: String,
+}
+
+/// Whether a request's detail (`<backend> <client address>`) says alpha's replica `i` carried
+/// it.
+pub fn via(i: usize) -> impl Fn(&str) -> bool {
+    let suffix = format!(" {}", lan_ip(a_host(i)));
+    move |detail: &str| detail.ends_with(&suffix)
+}

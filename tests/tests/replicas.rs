@@ -10,34 +10,19 @@
 //! The tests run one at a time ([`serial`]): each runs four gateways and two client loops, and
 //! latency is part of what they judge.
 
-use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use fedgate_e2e::netns::{Netns, NsGateway};
+use fedgate_e2e::netns::NsGateway;
 use fedgate_e2e::replicas::*;
 use fedgate_e2e::*;
 
-/// The service alpha exports: `rep/web`, port 80, backed by the hub's backend.
-const NS: &str = "rep";
-const SVC: &str = "web";
-const QNAME: &str = "web.rep.svc.clusterset.local";
-const BACKEND_PORT: u16 = 8080;
-/// Alpha's replicas are nodes 11 and 12, bravo is node 21.
-const A_HOSTS: [u8; 2] = [11, 12];
-const B_HOST: u8 = 21;
-const PROPAGATION: Duration = Duration::from_secs(15);
-/// How long a killed replica stays down before it is started again.
-const DEAD_FOR: Duration = Duration::from_secs(1);
-/// Pause between two requests of the TCP loop, and its per-request timeout (seconds): above
-/// the data plane's attempt timeout and retry on the other replica (1 s + 0.5 s).
+const NS: &str = SERVICE_NS;
+const SVC: &str = SERVICE_NAME;
+/// The client loop of the tests that start their own gateways: pause (ms) and timeout (s).
 const TCP_PACE_MS: &str = "20";
 const TCP_TIMEOUT_S: &str = "5";
-/// Pause between two queries of the DNS loop, and the timeout per server (seconds), as
-/// `options timeout:1 attempts:1`.
-const DNS_PACE_MS: &str = "50";
-const DNS_TIMEOUT_S: &str = "1";
 
 /// One test at a time in this file.
 fn serial() -> MutexGuard<'static, ()> {
@@ -45,128 +30,36 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Alpha (two replicas) and bravo, started, with alpha's export imported everywhere. Gateways
-/// are declared before the namespaces they run in, so they stop first.
-struct TwoReplicas {
-    a: Vec<NsGateway>,
-    b: NsGateway,
-    _backend: LineProc,
-    _a_nodes: Vec<Netns>,
-    b_node: Netns,
-    lan: Lan,
-    /// The ClusterSetIP of rep/web at bravo (clients use it) and at alpha (DNS answers it).
-    b_vip: String,
-    a_vip: String,
-}
-
-/// The export of rep/web: one ready endpoint, the backend on the hub.
-fn web_export() -> String {
-    exported_service(NS, SVC, ("tcp", 80, BACKEND_PORT), &lan_ip(HUB_HOST).to_string())
-}
-
-/// Starts [`TwoReplicas`]; `extra_a` is appended to both alpha configs.
-fn two_replicas(extra_a: &str) -> Result<TwoReplicas> {
-    let lan = Lan::new()?;
-    let pki = Pki::new(lan.dir(), "ca", CLUSTERSET)?;
-    let tls_a = pki.issue("alpha", &lan.dir().join("certs-alpha"))?;
-    let tls_b = pki.issue("bravo", &lan.dir().join("certs-bravo"))?;
-    let a_nodes = vec![lan.node("a1", A_HOSTS[0])?, lan.node("a2", A_HOSTS[1])?];
-    let b_node = lan.node("b", B_HOST)?;
-    let mut a: Vec<NsGateway> = Vec::new();
-    for (ns, host) in a_nodes.iter().zip(A_HOSTS) {
-        let s = spec("alpha", host, &[("bravo", tunnel_addr(B_HOST))], extra_a);
-        let g = prepare(ns, lan.dir(), s, &tls_a)?;
-        if let Some(first) = a.first() {
-            share_cluster_dir(&g, &first.gw.cluster_dir)?;
-        }
-        a.push(g);
-    }
-    let mut b =
-        prepare(&b_node, lan.dir(), spec("bravo", B_HOST, &[("alpha", a_addr(0))], ""), &tls_b)?;
-    set_peer_addresses(&b, a_addr(0), &[a_addr(0), a_addr(1)])?;
-    let backend = lan.backend(BACKEND_PORT, "alpha-backend")?;
-    a[0].gw.write_cluster_file("web.yaml", &web_export())?;
-    for g in &mut a {
-        g.launch()?;
-    }
-    b.launch()?;
-
-    let b_vip = wait_vip(&b, NS, SVC, &["alpha"], PROPAGATION)?;
-    let a_vip = wait_vip(&a[0], NS, SVC, &["alpha"], PROPAGATION)?;
-    let a2_vip = wait_vip(&a[1], NS, SVC, &["alpha"], PROPAGATION)?;
-    assert_eq!(a_vip, a2_vip, "alpha's replicas agree on the ClusterSetIP (file mode)");
-    for i in 0..2 {
-        wait_replica(&b, "alpha", a_addr(i), None, PROPAGATION)?;
-    }
-    let peer = peer_status(&b, "alpha")?;
+/// Alpha with two replicas and bravo ([`Clusters`], file mode); checks what holds before any
+/// fault: bravo expects both replicas, and each replica answers DNS for rep/web on its own.
+fn two_replicas(extra_a: &str) -> Result<Clusters> {
+    let c = Clusters::start(2, Source::File, extra_a)?;
+    let peer = peer_status(&c.b, "alpha")?;
     assert_eq!(peer["expected_replicas"], 2, "bravo expects both configured replicas: {peer}");
-    Ok(TwoReplicas { a, b, _backend: backend, _a_nodes: a_nodes, b_node, lan, b_vip, a_vip })
+    for i in 0..2 {
+        let answer = c.ask_replica(i)?;
+        assert!(answer.starts_with("ok "), "alpha's replica {} answers DNS: {answer}", i + 1);
+    }
+    Ok(c)
 }
 
-/// The tunnel address of alpha's replica `i`.
-fn a_addr(i: usize) -> SocketAddr {
-    tunnel_addr(A_HOSTS[i])
-}
-
-impl TwoReplicas {
-    /// The TCP loop in bravo's namespace through bravo's ClusterSetIP, and the DNS loop against
-    /// alpha's replicas (replica 1 first); both have succeeded a few times when this returns.
-    fn start_load(&self) -> Result<(Load, Load)> {
-        let tcp = Load::start(
-            &self.lan,
-            &self.b_node,
-            &["tcp-loop", &self.b_vip, "80", TCP_PACE_MS, TCP_TIMEOUT_S],
-        )?;
-        let servers: Vec<String> = A_HOSTS.iter().map(|h| lan_ip(*h).to_string()).collect();
-        let mut args = vec!["dns-loop", QNAME, &self.a_vip, DNS_PACE_MS, DNS_TIMEOUT_S, "0"];
-        args.extend(servers.iter().map(String::as_str));
-        let dns = Load::start(&self.lan, &self.b_node, &args)?;
-        let now = Instant::now();
-        tcp.wait_ok_after(now, 20, PROPAGATION)?;
-        dns.wait_ok_after(now, 10, PROPAGATION)?;
-        Ok((tcp, dns))
-    }
-
-    /// Each replica answers DNS on its own (before the faults): both know the service.
-    fn check_each_dns_server(&self) -> Result<()> {
-        for host in A_HOSTS {
-            let server = lan_ip(host).to_string();
-            let once = ["dns-loop", QNAME, &self.a_vip, "0", DNS_TIMEOUT_S, "1", &server];
-            let mut p = self.lan.tool(&self.b_node, &once)?;
-            let line = p.wait_line(Duration::from_secs(10), |l| {
-                l.starts_with("ok ") || l.starts_with("err ")
-            })?;
-            assert!(
-                line.text.starts_with("ok "),
-                "alpha's replica {server} answers: {}",
-                line.text
-            );
-        }
-        Ok(())
-    }
-
-    fn lease_expiries(&self) -> Result<f64> {
-        metric(&self.b, "fedgate_peer_lease_expiries_total", &[])
-    }
-
-    /// Asserts that bravo had rep/web imported from alpha, with its ClusterSetIP, at every look.
-    fn assert_import_kept(&self, looks: &[ImportLook], expiries_before: f64) -> Result<()> {
-        let gone: Vec<&ImportLook> =
-            looks.iter().filter(|l| l.seen.as_deref() != Ok(self.b_vip.as_str())).collect();
-        assert!(looks.len() >= 20, "bravo's imports were looked at only {} times", looks.len());
-        assert!(
-            gone.is_empty(),
-            "bravo withdrew or renumbered alpha's rep/web at {} of {} looks: {:?}",
-            gone.len(),
-            looks.len(),
-            gone.iter().take(3).collect::<Vec<_>>()
-        );
-        let expiries = self.lease_expiries()?;
-        assert_eq!(expiries, expiries_before, "bravo's lease on alpha never expired");
-        let peer = peer_status(&self.b, "alpha")?;
-        assert_eq!(peer["exports_withdrawn"], false, "bravo holds alpha's exports: {peer}");
-        Ok(())
-    }
+/// Asserts that bravo had rep/web imported from alpha, with its ClusterSetIP, at every look,
+/// that its lease on alpha never expired and that it holds alpha's exports now.
+fn assert_import_kept(c: &Clusters, looks: &[ImportLook], expiries_before: f64) -> Result<()> {
+    let gone: Vec<&ImportLook> =
+        looks.iter().filter(|l| l.seen.as_deref() != Ok(c.b_vip.as_str())).collect();
+    assert!(looks.len() >= 20, "bravo's imports were looked at only {} times", looks.len());
+    assert!(
+        gone.is_empty(),
+        "bravo withdrew or renumbered alpha's rep/web at {} of {} looks: {:?}",
+        gone.len(),
+        looks.len(),
+        gone.iter().take(3).collect::<Vec<_>>()
+    );
+    assert_eq!(c.lease_expiries()?, expiries_before, "bravo's lease on alpha never expired");
+    let peer = peer_status(&c.b, "alpha")?;
+    assert_eq!(peer["exports_withdrawn"], false, "bravo holds alpha's exports: {peer}");
+    Ok(())
 }
 
 /// Requests in flight at one of `onsets` (a SIGKILL): connections already carried through the
@@ -179,27 +72,12 @@ fn without_in_flight(outcomes: Vec<Outcome>, onsets: &[Instant]) -> Vec<Outcome>
     rest
 }
 
-/// How a replica is taken down.
-#[derive(Clone, Copy, Debug)]
-enum Fault {
-    /// SIGKILL.
-    Kill,
-    /// SIGTERM: it drains and exits by itself.
-    Term,
-}
-
-/// Whether a request's detail (`<backend> <client address>`) says replica `i` carried it.
-fn via(i: usize) -> impl Fn(&str) -> bool {
-    let suffix = format!(" {}", lan_ip(A_HOSTS[i]));
-    move |detail: &str| detail.ends_with(&suffix)
-}
-
 /// Under the running `tcp` and `dns` loops, both replicas carry requests; then each in turn
-/// is taken down with `fault`, left down for [`DEAD_FOR`], started again, ready (`/readyz`) and connected from bravo (a
-/// new instance id), and carries requests again before the next. Returns when each was taken
-/// down.
+/// is taken down with `fault` and brought back ([`Clusters::down_and_back`]: down 1 s,
+/// started again, ready, bravo connected to its new instance, carrying requests), and the
+/// DNS loop has answered again, before the next. Returns when each was taken down.
 fn each_replica_down_and_back(
-    c: &mut TwoReplicas,
+    c: &mut Clusters,
     fault: Fault,
     tcp: &Load,
     dns: &Load,
@@ -210,35 +88,20 @@ fn each_replica_down_and_back(
     }
     let mut onsets = Vec::new();
     for i in 0..2 {
-        let old = wait_replica(&c.b, "alpha", a_addr(i), None, PROPAGATION)?;
-        let onset = Instant::now();
-        onsets.push(onset);
-        match fault {
-            Fault::Kill => crash(&mut c.a[i])?,
-            Fault::Term => {
-                c.a[i].signal("TERM")?;
-                let status = c.a[i].wait_exit(Duration::from_secs(15))?;
-                assert!(status.success(), "replica {} exited after its drain with {status}", i + 1);
-            }
-        }
-        // Down a while, as a pod being replaced on another node would be.
-        std::thread::sleep(DEAD_FOR);
-        let down = onset.elapsed();
-        c.a[i].launch()?;
-        wait_ready(&c.a[i], PROPAGATION)?;
-        let new = wait_replica(&c.b, "alpha", a_addr(i), Some(&old), PROPAGATION)?;
-        let back = onset.elapsed();
-        let now = Instant::now();
-        tcp.wait_ok_where(now, 20, PROPAGATION, &format!("via replica {}", i + 1), via(i))?;
-        dns.wait_ok_after(now, 10, PROPAGATION)?;
+        let cycle = c.down_and_back(i, fault, tcp)?;
+        dns.wait_ok_after(Instant::now(), 10, PROPAGATION)?;
         eprintln!(
-            "replica {} ({}) {fault:?}: down {down:.1?}, ready and connected from bravo \
-             (instance {old} -> {new}) {back:.1?} after the fault, carrying requests again \
-             {:.1?} after it",
+            "replica {} ({}) {fault:?}: exited after {:.1?}; started again after {DOWN_FOR:?}; \
+             bravo connected to its new instance {} {:.1?} after the fault; carrying requests \
+             again after {:.1?}",
             i + 1,
             a_addr(i),
-            onset.elapsed()
+            cycle.down,
+            cycle.instance,
+            cycle.connected,
+            cycle.carrying
         );
+        onsets.push(cycle.onset);
     }
     Ok(onsets)
 }
@@ -253,7 +116,6 @@ fn each_replica_down_and_back(
 fn a_killed_replica_costs_no_request_no_query_and_no_lease() -> Result<()> {
     let _serial = serial();
     let mut c = two_replicas("")?;
-    c.check_each_dns_server()?;
     let expiries = c.lease_expiries()?;
     let watch = watch_import(Admin::of(&c.b, &c.b_node), NS, SVC, &["alpha"]);
     let (tcp, dns) = c.start_load()?;
@@ -278,14 +140,13 @@ fn a_killed_replica_costs_no_request_no_query_and_no_lease() -> Result<()> {
     assert_eq!(counted.failed, 0, "requests through bravo failed: {counted}");
     assert_eq!(queries.failed, 0, "DNS queries failed after the retry: {queries}");
     assert!(retried > 0, "no query needed the second server: the kill of replica 1 was not seen");
-    c.assert_import_kept(&looks, expiries)?;
-    Ok(())
+    assert_import_kept(&c, &looks, expiries)
 }
 
-/// Rolling restart under load: replica 1 gets SIGTERM (it drains: 2 s at most), exits, is
-/// started again, ready (`/readyz`, bravo connected to its new instance) and carries requests;
-/// then replica 2. Asserts: no new connection through bravo failed, no DNS query failed, bravo
-/// kept alpha's export throughout.
+/// Rolling restart under load: replica 1 gets SIGTERM (it drains: 2 s at most), exits, stays
+/// down 1 s, is started again, ready (`/readyz`, bravo connected to its new instance) and
+/// carries requests; then replica 2. Asserts: no new connection through bravo failed, no DNS
+/// query failed, bravo kept alpha's export throughout.
 #[test]
 fn a_rolling_restart_fails_no_new_connection() -> Result<()> {
     let _serial = serial();
@@ -301,8 +162,12 @@ fn a_rolling_restart_fails_no_new_connection() -> Result<()> {
     eprintln!("rolling restart in {:.1?}: requests {tcp}; DNS queries {dns}", started.elapsed());
     assert_eq!(tcp.failed, 0, "new connections through bravo failed: {tcp}");
     assert_eq!(dns.failed, 0, "DNS queries failed after the retry: {dns}");
-    c.assert_import_kept(&looks, expiries)?;
-    Ok(())
+    assert_import_kept(&c, &looks, expiries)
+}
+
+/// The export of rep/web: one ready endpoint, the backend on the hub.
+fn web_export() -> String {
+    web_yaml(true)
 }
 
 /// Bad input at runtime, with bravo dialing (bravo < charlie): charlie's entry at bravo lists
@@ -434,9 +299,9 @@ fn two_connections_with_one_identity_are_both_kept_and_flagged() -> Result<()> {
     let tls_b = pki.issue("bravo", &lan.dir().join("certs-bravo"))?;
     let copy_addr = tunnel_addr(15);
     let (a_ns, copy_ns, b_ns) =
-        (lan.node("a1", A_HOSTS[0])?, lan.node("a9", 15)?, lan.node("b", B_HOST)?);
+        (lan.node("a1", a_host(0))?, lan.node("a9", 15)?, lan.node("b", B_HOST)?);
     let to_bravo = [("bravo", tunnel_addr(B_HOST))];
-    let mut a = prepare(&a_ns, lan.dir(), spec("alpha", A_HOSTS[0], &to_bravo, ""), &tls_a)?;
+    let mut a = prepare(&a_ns, lan.dir(), spec("alpha", a_host(0), &to_bravo, ""), &tls_a)?;
     let mut copy = prepare(&copy_ns, lan.dir(), spec("alpha", 15, &to_bravo, ""), &tls_a)?;
     share_cluster_dir(&copy, &a.gw.cluster_dir)?;
     let mut b =
@@ -479,7 +344,7 @@ fn two_connections_with_one_identity_are_both_kept_and_flagged() -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     }
     // Both carry requests (the backend sees each process as the client of some).
-    for (host, what) in [(A_HOSTS[0], "via the first process"), (15, "via the second process")] {
+    for (host, what) in [(a_host(0), "via the first process"), (15, "via the second process")] {
         let suffix = format!(" {}", lan_ip(host));
         tcp.wait_ok_where(both, 5, PROPAGATION, what, |d| d.ends_with(&suffix))?;
     }
