@@ -191,6 +191,12 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
                  from the downward API), `fedgate run --pod-ip` or front.kube.podIP",
             )?,
             ports: cfg.front.kube.first_port..=cfg.front.kube.last_port,
+            gateway_service: cfg.front.kube.gateway_service.as_ref().zip(election.as_ref()).map(
+                |(name, (e, _))| {
+                    fedgate_discovery::model::ServiceKey::new(e.namespace(), name.as_str())
+                },
+            ),
+            replicas: Vec::new(),
         }),
     };
     let identity = kube_client.as_ref().map(|(client, _)| {
@@ -215,6 +221,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             import_rx.clone(),
             imports.subscribe_status(),
         );
+        let writer = writer.with_cluster_state(cluster_rx.clone());
         match &election {
             Some((e, o)) => writer.with_election(
                 e.subscribe(),

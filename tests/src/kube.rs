@@ -764,9 +764,13 @@ pub fn lease_holder(c: &KubeCluster, ns: &str, name: &str) -> Result<Option<Stri
     Ok(lease.and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned)))
 }
 
+/// The namespace of deploy/manifests, where the ServiceAccount may hold the leader Lease
+/// (what `POD_NAMESPACE` says in a pod).
+pub const GATEWAY_NAMESPACE: &str = "fedgate-system";
+
 /// Turns the file-source config [`Gateway::prepare`](crate::Gateway::prepare) wrote for `g`
-/// into a kube-source one reading the cluster through `kubeconfig` (the rest of the config is
-/// unchanged).
+/// into a kube-source one reading the cluster through `kubeconfig`, electing its writer with
+/// a Lease in [`GATEWAY_NAMESPACE`] (the rest of the config is unchanged).
 pub fn use_kube_source(g: &crate::Gateway, kubeconfig: &Path) -> Result<()> {
     let path = g.config_path();
     let text = std::fs::read_to_string(&path)?;
@@ -774,7 +778,10 @@ pub fn use_kube_source(g: &crate::Gateway, kubeconfig: &Path) -> Result<()> {
     if !text.contains(&file) {
         bail!("unexpected gateway config layout in {}:\n{text}", path.display());
     }
-    let kube = format!("source: kube\n  kube: {{ kubeconfig: {} }}", kubeconfig.display());
+    let kube = format!(
+        "source: kube\n  kube: {{ kubeconfig: {}, leaderElection: {{ namespace: {GATEWAY_NAMESPACE} }} }}",
+        kubeconfig.display()
+    );
     std::fs::write(&path, text.replace(&file, &kube))
         .with_context(|| format!("writing {}", path.display()))
 }

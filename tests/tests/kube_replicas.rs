@@ -7,8 +7,9 @@
 //!
 //! Cluster `a` runs replicas `a-1` and `a-2` (same id and certificate, own ports, both on A's
 //! apiserver); cluster `b` runs one gateway on its own apiserver and lists both A replicas in
-//! `peers[].addresses`. The gateways use the apiservers' admin kubeconfig: the RBAC of
-//! deploy/manifests is tested by deploy.rs and kube_gateway.rs.
+//! `peers[].addresses`. The gateways run as the ServiceAccount of deploy/manifests
+//! (kubeconfig impersonation), so its RBAC for the Lease and for reading ServiceImports back
+//! is what is tested.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use serde_json::Value;
 
 const CLUSTERSET: &str = "replicas";
 const WAIT: Duration = Duration::from_secs(20);
-const LEASE_NS: &str = "fedgate-system";
+const LEASE_NS: &str = fedgate_e2e::kube::GATEWAY_NAMESPACE;
 const LEASE: &str = "fedgate-leader";
 /// The Lease duration the replicas use (the shortest the config allows is 2 s).
 const LEASE_DURATION: Duration = Duration::from_secs(3);
@@ -41,12 +42,10 @@ fn replica(
 ) -> Result<Gateway> {
     let g = Gateway::prepare(root, spec, tls)?;
     use_kube_source(&g, kubeconfig)?;
-    let kc = format!("kubeconfig: {} }}", kubeconfig.display());
     g.edit_config(
-        &kc,
+        &format!("leaderElection: {{ namespace: {LEASE_NS} }}"),
         &format!(
-            "kubeconfig: {}, leaderElection: {{ namespace: {LEASE_NS}, leaseDuration: {}s, identity: {identity} }} }}",
-            kubeconfig.display(),
+            "leaderElection: {{ namespace: {LEASE_NS}, leaseDuration: {}s, identity: {identity} }}",
             LEASE_DURATION.as_secs()
         ),
     )?;
@@ -71,9 +70,9 @@ fn served_ips(g: &Gateway, ns: &str, name: &str) -> Result<Value> {
 #[test]
 fn two_replicas_elect_one_writer_and_the_other_takes_over_in_place() -> Result<()> {
     let (a_k, b_k) = KubeCluster::start_pair(["repl-a", "repl-b"])?;
+    let a_kc = a_k.prepare_for_gateway()?;
+    let b_kc = b_k.prepare_for_gateway()?;
     for k in [&a_k, &b_k] {
-        // CRDs and the fedgate-system namespace (the Lease's)
-        k.prepare_for_gateway()?;
         k.kubectl_ok(&["create", "namespace", "shop"])?;
     }
     let tmp = tempfile::tempdir()?;
@@ -92,10 +91,9 @@ fn two_replicas_elect_one_writer_and_the_other_takes_over_in_place() -> Result<(
     };
     let spec_b = GatewaySpec::mesh(block, CLUSTERSET, &ids, 1);
     let (a1_tunnel, a2_tunnel) = (spec_a1.tunnel, spec_a2.tunnel);
-    let a_kc = a_k.kubeconfig_path().to_owned();
     let mut a1 = replica(&tmp.path().join("a-1"), spec_a1, tls_a.clone(), &a_kc, "a-1")?;
     let mut a2 = replica(&tmp.path().join("a-2"), spec_a2, tls_a, &a_kc, "a-2")?;
-    let mut b = replica(&tmp.path().join("b"), spec_b, tls_b, b_k.kubeconfig_path(), "b-1")?;
+    let mut b = replica(&tmp.path().join("b"), spec_b, tls_b, &b_kc, "b-1")?;
     b.edit_config(
         &format!("{{ id: a, address: \"{a1_tunnel}\" }}"),
         &format!("{{ id: a, addresses: [\"{a1_tunnel}\", \"{a2_tunnel}\"] }}"),

@@ -153,6 +153,11 @@ impl Election {
         Self { client, settings, state }
     }
 
+    /// The Lease's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.settings.namespace
+    }
+
     /// The role of this replica (the writer writes only while `leading`).
     pub fn subscribe(&self) -> watch::Receiver<LeaderState> {
         self.state.subscribe()

@@ -68,6 +68,13 @@ pub(crate) fn semantics(s: &Sections) -> Vec<(String, String)> {
         ));
     }
     leader_election(s, &mut out);
+    if let Some(front) = read(&s.front, &["front.kube.gatewayService"])
+        && let Some(name) = &front.kube.gateway_service
+        && let Err(e) = fedgate_discovery::names::Label::check(name)
+    {
+        let path = "front.kube.gatewayService".to_owned();
+        out.push((path, format!("invalid Service name {name:?}: {}", e.reason())));
+    }
     if let Some(tls) = read(&s.tls, &["tls.ca"])
         && let Err(message) = tls.ca.file()
     {

@@ -337,6 +337,13 @@ fn every_error_class_names_file_line_column_and_path() {
             ],
         ),
         (
+            "bad gateway service name",
+            "cluster: { id: east }\npeers: []\nfront: { kube: { gatewayService: Fedgate } }\n",
+            &[
+                "east.yaml:3:34: front.kube.gatewayService: invalid Service name \"Fedgate\": may contain only lowercase letters, digits and '-' (an RFC 1123 label)",
+            ],
+        ),
+        (
             "fractional leader lease",
             "cluster: { id: east }\npeers: []\ndiscovery: { kube: { leaderElection: { leaseDuration: 2500ms } } }\n",
             &[

@@ -470,6 +470,10 @@ pub struct FrontKubeConfig {
     pub first_port: u16,
     /// Last port of the gateway pod handed to an import port.
     pub last_port: u16,
+    /// Name of the gateway's own Service (a headless Service selecting the gateway pods, in
+    /// the leader Lease's namespace): the derived Services' EndpointSlices list its ready
+    /// endpoints, every replica. None: only the writing replica's pod IP.
+    pub gateway_service: Option<String>,
 }
 
 impl Default for FrontKubeConfig {
@@ -478,6 +482,7 @@ impl Default for FrontKubeConfig {
             pod_ip: None,
             first_port: DEFAULT_FRONT_KUBE_FIRST_PORT,
             last_port: DEFAULT_FRONT_KUBE_LAST_PORT,
+            gateway_service: None,
         }
     }
 }

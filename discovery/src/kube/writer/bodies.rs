@@ -52,7 +52,7 @@ pub fn desired(
             if !served.is_empty() {
                 let name = derived_service_name(key);
                 out.push(derived_service(import, &name, &served));
-                out.push(derived_slice(key, &name, settings.pod_ip, &served));
+                out.push(derived_slice(key, &name, &settings.pods(), &served));
                 ips = derived_ips.to_vec();
             }
         }

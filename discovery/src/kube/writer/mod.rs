@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::imports::StatusMap;
-use crate::model::{ClusterId, ImportSnapshot, ImportedService, ServiceKey};
+use crate::model::{ClusterId, ClusterState, ImportSnapshot, ImportedService, ServiceKey};
 
 use super::crd;
 use super::leader::LeaderState;
@@ -93,10 +93,33 @@ pub struct WriterSettings {
 /// `front.mode: kube`.
 #[derive(Clone, Debug)]
 pub struct FrontSettings {
-    /// The gateway pod's IP (the derived Services' endpoint).
+    /// The gateway pod's IP (the derived Services' endpoint when no replica is known).
     pub pod_ip: IpAddr,
     /// Ports of the gateway pod handed to import ports, first to last.
     pub ports: std::ops::RangeInclusive<u16>,
+    /// The gateway's own Service (`front.kube.gatewayService`): its ready endpoints are the
+    /// replicas the derived Services' slices list.
+    pub gateway_service: Option<ServiceKey>,
+    /// The ready replicas' pod IPs as last read (filled by the writer each pass from
+    /// `gateway_service`); empty: `pod_ip` alone.
+    pub replicas: Vec<IpAddr>,
+}
+
+impl FrontSettings {
+    /// The pods the derived Services' slices list: the ready replicas, else this pod.
+    pub fn pods(&self) -> Vec<IpAddr> {
+        if self.replicas.is_empty() { vec![self.pod_ip] } else { self.replicas.clone() }
+    }
+}
+
+/// The ready endpoints of the gateway's own Service in `state`, sorted (pure).
+pub fn ready_replicas(state: &ClusterState, gateway_service: Option<&ServiceKey>) -> Vec<IpAddr> {
+    let Some(service) = gateway_service.and_then(|k| state.services.get(k)) else {
+        return Vec::new();
+    };
+    let ips: BTreeSet<IpAddr> =
+        service.endpoints.iter().filter(|e| e.ready).map(|e| e.address).collect();
+    ips.into_iter().collect()
 }
 
 /// The writer task. Build with [`KubeWriter::new`], spawn [`KubeWriter::run`].
@@ -109,6 +132,8 @@ pub struct KubeWriter {
     statuses: watch::Receiver<Arc<StatusMap>>,
     front_routes: watch::Sender<Arc<BTreeMap<u16, FrontKey>>>,
     election: ElectionInputs,
+    /// The local cluster's state (`front.kube.gatewayService`: the replicas).
+    cluster: Option<watch::Receiver<Arc<ClusterState>>>,
 }
 
 /// With several replicas ([`KubeWriter::with_election`]): when to write, and what the leader
@@ -138,6 +163,18 @@ async fn lost(leader: &mut Option<watch::Receiver<LeaderState>>) {
     match leader {
         Some(rx) => {
             let _ = rx.wait_for(|s| !s.leading).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the cluster state changes; never without it (or once it closed).
+async fn changed_state(rx: &mut Option<watch::Receiver<Arc<ClusterState>>>) {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
         None => std::future::pending().await,
     }
@@ -173,6 +210,8 @@ struct Written {
     per_import: BTreeMap<ServiceKey, (Arc<ImportedService>, Objects)>,
     derived_ips: BTreeMap<ServiceKey, Vec<String>>,
     ports: FrontPorts,
+    /// The replicas the derived slices list (front kube).
+    replicas: Vec<IpAddr>,
     /// Objects whose last write failed: written again on the next pass, and a pass is run
     /// every [`RETRY_INTERVAL`] while there are any.
     failed: BTreeSet<ObjRef>,
@@ -231,6 +270,23 @@ impl KubeWriter {
             statuses,
             front_routes,
             election: ElectionInputs::default(),
+            cluster: None,
+        }
+    }
+
+    /// `front.kube.gatewayService`: the derived Services' slices list the ready endpoints of
+    /// the gateway's own Service in `cluster` (every replica), not just this pod.
+    pub fn with_cluster_state(mut self, cluster: watch::Receiver<Arc<ClusterState>>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The ready replicas now (empty without `front.kube.gatewayService`).
+    fn replicas(&self) -> Vec<IpAddr> {
+        let service = self.settings.front.as_ref().and_then(|f| f.gateway_service.as_ref());
+        match &self.cluster {
+            Some(rx) if service.is_some() => ready_replicas(&rx.borrow(), service),
+            _ => Vec::new(),
         }
     }
 
@@ -397,6 +453,11 @@ impl KubeWriter {
                     if r.is_err() { return Term::Stopped }
                     settle.changed(tokio::time::Instant::now());
                 }
+                _ = changed_state(&mut self.cluster) => {
+                    if self.replicas() != written.replicas {
+                        settle.changed(tokio::time::Instant::now());
+                    }
+                }
                 _ = retry.tick() => {
                     if !written.failed.is_empty() {
                         settle.changed(tokio::time::Instant::now());
@@ -484,8 +545,15 @@ impl KubeWriter {
     fn plan_pass(&mut self, written: &mut Written, queue: &mut WriteQueue, deletions: bool) {
         self.plan_statuses(written, queue);
         let snapshot = Arc::clone(&self.snapshots.borrow());
-        let front = self.settings.front.clone();
-        if let Some(f) = &front {
+        let mut front = self.settings.front.clone();
+        if let Some(f) = &mut front {
+            f.replicas = self.replicas();
+            if f.replicas != written.replicas {
+                tracing::info!(replicas = ?f.replicas, "derived Services point at these gateway pods");
+                written.replicas = f.replicas.clone();
+                // every derived slice lists them
+                written.per_import.clear();
+            }
             let exhausted = written.ports.reconcile(&snapshot, &f.ports);
             for k in exhausted {
                 tracing::warn!(service = %k.key, port = k.port, "front.kube port range exhausted; import port not served");

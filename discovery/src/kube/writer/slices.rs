@@ -80,12 +80,15 @@ pub(super) fn endpoint_json(e: &Endpoint) -> Value {
     v
 }
 
+/// The slice of a derived Service: the gateway pods (`pods`, the first one's address family;
+/// none of another family) on the gateway ports.
 pub(super) fn derived_slice(
     key: &ServiceKey,
     service: &str,
-    pod_ip: IpAddr,
+    pods: &[IpAddr],
     served: &[(&ServicePort, u16)],
 ) -> (ObjRef, DesiredObject) {
+    let family = pods.first().map(family_of).map(family_str).unwrap_or("IPv4");
     let mut labels = managed_labels();
     labels.insert(LABEL_KUBE_SERVICE_NAME.to_owned(), json!(service));
     labels.insert(LABEL_SLICE_MANAGED_BY.to_owned(), json!(MANAGED_BY));
@@ -93,12 +96,16 @@ pub(super) fn derived_slice(
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {"name": service, "namespace": key.namespace, "labels": labels},
-        "addressType": family_str(family_of(&pod_ip)),
+        "addressType": family,
         "ports": served.iter().map(|(p, gw)| {
             let svc = service_port_json(p, None);
             json!({"name": svc["name"], "protocol": p.protocol.as_str(), "port": gw})
         }).collect::<Vec<_>>(),
-        "endpoints": [{"addresses": [pod_ip.to_string()], "conditions": {"ready": true}}],
+        "endpoints": pods
+            .iter()
+            .filter(|ip| family_str(family_of(ip)) == family)
+            .map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
+            .collect::<Vec<_>>(),
     });
     (
         ObjRef {

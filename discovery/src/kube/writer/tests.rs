@@ -318,8 +318,12 @@ fn front_kube_derives_a_service_pointing_at_the_gateway() {
     let imp = import(&[("east", vec![ep("10.1.0.1", Some(8080))])]);
     let mut snap = ImportSnapshot::default();
     snap.services.insert(imp.key.clone(), Arc::new(imp.clone()));
-    let settings =
-        FrontSettings { pod_ip: "10.244.0.5".parse().expect("ip"), ports: 20000..=20999 };
+    let settings = FrontSettings {
+        pod_ip: "10.244.0.5".parse().expect("ip"),
+        ports: 20000..=20999,
+        gateway_service: None,
+        replicas: Vec::new(),
+    };
     let mut ports = FrontPorts::default();
     ports.reconcile(&snap, &settings.ports);
 
@@ -347,4 +351,52 @@ fn front_kube_derives_a_service_pointing_at_the_gateway() {
         by_kind(&objs, WriteKind::ServiceImport)[0].body["spec"]["ips"],
         json!(["10.96.0.50"])
     );
+}
+
+#[test]
+fn derived_slices_list_every_ready_replica_of_the_gateway_service() {
+    use crate::exchange::delta::testing::local_service;
+    let gw = ServiceKey::new("fedgate-system", "fedgate-replicas");
+    let mut svc =
+        local_service(gw.clone(), "10.96.0.2", &["10.244.0.7", "10.244.0.5", "10.244.1.9"]);
+    svc.endpoints[2].ready = false; // draining: its readiness turned false
+    let mut state = ClusterState::default();
+    state.services.insert(gw.clone(), Arc::new(svc));
+    let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+    assert_eq!(ready_replicas(&state, Some(&gw)), [ip("10.244.0.5"), ip("10.244.0.7")]);
+    assert!(ready_replicas(&state, None).is_empty(), "no gatewayService: none");
+    let other = ServiceKey::new("fedgate-system", "missing");
+    assert!(ready_replicas(&state, Some(&other)).is_empty());
+
+    let imp = import(&[("east", vec![ep("10.1.0.1", Some(8080))])]);
+    let mut snap = ImportSnapshot::default();
+    snap.services.insert(imp.key.clone(), Arc::new(imp.clone()));
+    let mut settings = FrontSettings {
+        pod_ip: ip("10.244.0.5"),
+        ports: 20000..=20999,
+        gateway_service: Some(gw.clone()),
+        replicas: ready_replicas(&state, Some(&gw)),
+    };
+    let mut ports = FrontPorts::default();
+    ports.reconcile(&snap, &settings.ports);
+    let slice_addrs = |settings: &FrontSettings| {
+        let objs = desired(&imp, Some((settings, &ports)), &[], V1BETA1);
+        let name = derived_service_name(&imp.key);
+        let slice = by_kind(&objs, WriteKind::EndpointSlice)
+            .into_iter()
+            .find(|d| d.body["metadata"]["name"] == json!(name))
+            .expect("derived slice")
+            .body
+            .clone();
+        slice["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .map(|e| e["addresses"][0].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(slice_addrs(&settings), [json!("10.244.0.5"), json!("10.244.0.7")]);
+    // no replica known (the Service not found, none ready): this pod alone
+    settings.replicas.clear();
+    assert_eq!(slice_addrs(&settings), [json!("10.244.0.5")]);
 }
