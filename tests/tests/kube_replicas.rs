@@ -170,6 +170,14 @@ fn two_replicas_elect_one_writer_and_the_other_takes_over_in_place() -> Result<(
     assert_eq!(lease_holder(&a_k, LEASE_NS, LEASE)?.as_deref(), Some("a-2"));
     assert_eq!(metric(&a2, "fedgate_leader")?, 1.0);
     assert_eq!(metric(&a2, "fedgate_leader_transitions_total")?, 1.0);
+    let (code, status, err) = fedgate(&["status", "--admin", &a2.spec.admin.to_string()])?;
+    assert_eq!(code, 0, "fedgate status: {err}");
+    assert!(
+        status.contains(&format!(
+            "replica a-2 is the leader (Lease {LEASE_NS}/{LEASE} held by this replica, a-2"
+        )),
+        "{status}"
+    );
 
     // in place: same objects, same uids, same ClusterSetIP
     eventually("a-2's writer to list what it owns", WAIT, || {
