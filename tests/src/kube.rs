@@ -768,9 +768,17 @@ pub fn lease_holder(c: &KubeCluster, ns: &str, name: &str) -> Result<Option<Stri
 /// (what `POD_NAMESPACE` says in a pod).
 pub const GATEWAY_NAMESPACE: &str = "fedgate-system";
 
+/// The name a test gateway holds the leader Lease under: stable across its restarts (as a
+/// pod's `POD_NAME` across container restarts), so a restarted gateway leads again at once
+/// instead of waiting for its old claim to expire.
+pub fn lease_identity(g: &crate::Gateway) -> String {
+    format!("{}-{}", g.spec.id, g.spec.admin.to_string().replace(['.', ':'], "-"))
+}
+
 /// Turns the file-source config [`Gateway::prepare`](crate::Gateway::prepare) wrote for `g`
 /// into a kube-source one reading the cluster through `kubeconfig`, electing its writer with
-/// a Lease in [`GATEWAY_NAMESPACE`] (the rest of the config is unchanged).
+/// a Lease in [`GATEWAY_NAMESPACE`] under [`lease_identity`] (the rest of the config is
+/// unchanged).
 pub fn use_kube_source(g: &crate::Gateway, kubeconfig: &Path) -> Result<()> {
     let path = g.config_path();
     let text = std::fs::read_to_string(&path)?;
@@ -779,8 +787,9 @@ pub fn use_kube_source(g: &crate::Gateway, kubeconfig: &Path) -> Result<()> {
         bail!("unexpected gateway config layout in {}:\n{text}", path.display());
     }
     let kube = format!(
-        "source: kube\n  kube: {{ kubeconfig: {}, leaderElection: {{ namespace: {GATEWAY_NAMESPACE} }} }}",
-        kubeconfig.display()
+        "source: kube\n  kube: {{ kubeconfig: {}, leaderElection: {{ namespace: {GATEWAY_NAMESPACE}, identity: {} }} }}",
+        kubeconfig.display(),
+        lease_identity(g)
     );
     std::fs::write(&path, text.replace(&file, &kube))
         .with_context(|| format!("writing {}", path.display()))

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use fedgate_e2e::kube::{
-    IMPORTS, KubeCluster, imported_slices, lease_holder, uid, use_kube_source,
+    IMPORTS, KubeCluster, imported_slices, lease_holder, lease_identity, uid, use_kube_source,
 };
 use fedgate_e2e::*;
 use serde_json::Value;
@@ -43,11 +43,8 @@ fn replica(
     let g = Gateway::prepare(root, spec, tls)?;
     use_kube_source(&g, kubeconfig)?;
     g.edit_config(
-        &format!("leaderElection: {{ namespace: {LEASE_NS} }}"),
-        &format!(
-            "leaderElection: {{ namespace: {LEASE_NS}, leaseDuration: {}s, identity: {identity} }}",
-            LEASE_DURATION.as_secs()
-        ),
+        &format!("identity: {} }}", lease_identity(&g)),
+        &format!("identity: {identity}, leaseDuration: {}s }}", LEASE_DURATION.as_secs()),
     )?;
     Ok(g)
 }
