@@ -22,6 +22,7 @@
 mod actions;
 mod bodies;
 mod conditions;
+mod election;
 mod front;
 mod slices;
 #[cfg(test)]
@@ -56,7 +57,10 @@ use super::{KubeError, LABEL_MANAGED_BY, MANAGED_BY_FEDGATE};
 pub use actions::{Action, DesiredObject, ObjRef, WriteKind, plan};
 pub use bodies::{derived_service_name, desired, slice_name};
 pub use conditions::{conditions_match, merge_conditions};
+pub use election::ready_replicas;
 pub use front::{FrontKey, FrontPorts};
+
+use election::{ElectionInputs, Term, changed_routes, changed_state, lost};
 
 /// The server-side apply field manager of everything fedgate writes.
 pub const FIELD_MANAGER: &str = "fedgate";
@@ -112,16 +116,6 @@ impl FrontSettings {
     }
 }
 
-/// The ready endpoints of the gateway's own Service in `state`, sorted (pure).
-pub fn ready_replicas(state: &ClusterState, gateway_service: Option<&ServiceKey>) -> Vec<IpAddr> {
-    let Some(service) = gateway_service.and_then(|k| state.services.get(k)) else {
-        return Vec::new();
-    };
-    let ips: BTreeSet<IpAddr> =
-        service.endpoints.iter().filter(|e| e.ready).map(|e| e.address).collect();
-    ips.into_iter().collect()
-}
-
 /// The writer task. Build with [`KubeWriter::new`], spawn [`KubeWriter::run`].
 pub struct KubeWriter {
     client: Client,
@@ -134,62 +128,6 @@ pub struct KubeWriter {
     election: ElectionInputs,
     /// The local cluster's state (`front.kube.gatewayService`: the replicas).
     cluster: Option<watch::Receiver<Arc<ClusterState>>>,
-}
-
-/// With several replicas ([`KubeWriter::with_election`]): when to write, and what the leader
-/// wrote. Without them the writer always writes.
-#[derive(Default)]
-struct ElectionInputs {
-    /// The role of this replica: writes only while `leading`.
-    leader: Option<watch::Receiver<LeaderState>>,
-    /// True once the import set holds the ClusterSetIPs the ServiceImports carry.
-    pins_applied: Option<watch::Receiver<bool>>,
-    /// `front.mode: kube`: the gateway ports of the leader's derived Services.
-    observed_routes: Option<watch::Receiver<Arc<FrontRoutes>>>,
-}
-
-/// How a term as the leader ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Term {
-    /// The lease was lost (or not renewed in time): follow again.
-    Lost,
-    /// Shutdown, or the inputs closed.
-    Stopped,
-}
-
-/// Resolves when this replica stops leading (at once if it does not lead); never without
-/// an election.
-async fn lost(leader: &mut Option<watch::Receiver<LeaderState>>) {
-    match leader {
-        Some(rx) => {
-            let _ = rx.wait_for(|s| !s.leading).await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
-/// Resolves when the cluster state changes; never without it (or once it closed).
-async fn changed_state(rx: &mut Option<watch::Receiver<Arc<ClusterState>>>) {
-    match rx {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending().await,
-    }
-}
-
-/// Resolves when the leader's front routes change; never without them.
-async fn changed_routes(rx: &mut Option<watch::Receiver<Arc<FrontRoutes>>>) {
-    match rx {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending().await,
-    }
 }
 
 /// The objects of one import.
