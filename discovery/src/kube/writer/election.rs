@@ -22,8 +22,8 @@ pub fn ready_replicas(state: &ClusterState, gateway_service: Option<&ServiceKey>
     ips.into_iter().collect()
 }
 
-/// With several replicas ([`super::KubeWriter::with_election`]): when to write, and what the leader
-/// wrote. Without them the writer always writes.
+/// With several replicas ([`super::KubeWriter::with_election`]): when to write, and what
+/// the leader wrote. Without them the writer always writes.
 #[derive(Default)]
 pub(super) struct ElectionInputs {
     /// The role of this replica: writes only while `leading`.
