@@ -88,7 +88,7 @@ fn each_replica_down_and_back(
     }
     let mut onsets = Vec::new();
     for i in 0..2 {
-        let cycle = c.down_and_back(i, fault, tcp)?;
+        let cycle = c.down_and_back(i, fault, DOWN_FOR, tcp)?;
         dns.wait_ok_after(Instant::now(), 10, PROPAGATION)?;
         eprintln!(
             "replica {} ({}) {fault:?}: exited after {:.1?}; started again after {DOWN_FOR:?}; \
@@ -162,6 +162,51 @@ fn a_rolling_restart_fails_no_new_connection() -> Result<()> {
     eprintln!("rolling restart in {:.1?}: requests {tcp}; DNS queries {dns}", started.elapsed());
     assert_eq!(tcp.failed, 0, "new connections through bravo failed: {tcp}");
     assert_eq!(dns.failed, 0, "DNS queries failed after the retry: {dns}");
+    assert_import_kept(&c, &looks, expiries)
+}
+
+/// The SIGKILL test in kube mode: alpha's replicas read a real kube-apiserver (on the hub)
+/// and elect a writer with a Lease (4 s); each replica is killed, down 1 s and started again
+/// in turn, under load. A starting replica connects to bravo before its kube source has
+/// listed the cluster; bravo must not take that replica's export set over the running one's.
+/// Asserts: no request through bravo failed (leaving out those in flight at a kill), no DNS
+/// query failed, bravo never closed its ClusterSetIP listener of rep/web (its debug log) and
+/// kept alpha's export at every look. Needs the kube binaries of scripts/build-kube.sh.
+#[test]
+fn in_kube_mode_a_restarted_replica_never_withdraws_its_clusters_exports() -> Result<()> {
+    let _serial = serial();
+    let mut c = Clusters::start(2, Source::Kube { lease: Duration::from_secs(4) }, "")?;
+    let expiries = c.lease_expiries()?;
+    let watch = watch_import(Admin::of(&c.b, &c.b_node), NS, SVC, &["alpha"]);
+    let (tcp, dns) = c.start_load()?;
+    let log_from = c.b.gw.log_text().len();
+    let kills = each_replica_down_and_back(&mut c, Fault::Kill, &tcp, &dns)?;
+    let tcp = without_in_flight(tcp.finish(), &kills);
+    let requests = Tally::of(&tcp);
+    let queries = Tally::of(&dns.finish());
+    let looks = watch.finish();
+    let log = c.b.gw.log_text();
+    let log = log.get(log_from..).unwrap_or_default();
+    let listener = format!("addr={}:80", c.b_vip);
+    let evidence: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            (l.contains("listener closed") && l.contains(&listener))
+                || (l.contains("peer exports updated") && l.contains("services=0"))
+                || (l.contains("import snapshot") && l.contains("services=0"))
+        })
+        .collect();
+    eprintln!("kube mode, two SIGKILLs: requests {requests}; DNS queries {queries}");
+    assert_eq!(
+        requests.failed, 0,
+        "requests through bravo failed: {requests}; bravo's log: {evidence:#?}"
+    );
+    assert!(
+        !evidence.iter().any(|l| l.contains("listener closed")),
+        "bravo withdrew alpha's rep/web (closed its ClusterSetIP listener) while a replica \
+         restarted: {evidence:#?}"
+    );
+    assert_eq!(queries.failed, 0, "DNS queries failed after the retry: {queries}");
     assert_import_kept(&c, &looks, expiries)
 }
 
