@@ -420,11 +420,16 @@ impl Admin {
         Self { ns: ns.name.clone(), admin: g.gw.spec.admin }
     }
 
-    pub fn json(&self, path: &str) -> Result<serde_json::Value> {
+    /// GET `path` (HTTP errors fail).
+    pub fn text(&self, path: &str) -> Result<String> {
         let url = format!("http://{}{path}", self.admin);
-        let body = run(Command::new("ip")
+        run(Command::new("ip")
             .args(["netns", "exec", &self.ns])
-            .args(["curl", "-sSf", "-m", "3", &url]))?;
+            .args(["curl", "-sSf", "-m", "3", &url]))
+    }
+
+    pub fn json(&self, path: &str) -> Result<serde_json::Value> {
+        let body = self.text(path)?;
         serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
     }
 }
@@ -649,8 +654,8 @@ pub const A_FIRST_HOST: u8 = 11;
 pub const B_HOST: u8 = 21;
 /// Bound on each wait for propagation, readiness and reconnection.
 pub const PROPAGATION: Duration = Duration::from_secs(15);
-/// How long a replica that was taken down stays down before it is started again (as a pod
-/// being replaced on another node would).
+/// How long the tests leave a replica that was taken down before they start it again (as a
+/// pod being replaced on another node would be).
 pub const DOWN_FOR: Duration = Duration::from_secs(1);
 /// Client loops: the pause between two TCP requests and their timeout (seconds; above the
 /// data plane's attempt timeout and retry on another replica, 1 s + 0.5 s), the pause between
@@ -693,7 +698,7 @@ pub enum Source {
     /// One cluster directory, shared by the replicas.
     File,
     /// A real kube-apiserver (on the hub, reached through relays); the replicas elect a leader
-    /// with a Lease of this duration, each named `alpha-<i + 1>`.
+    /// with a Lease of this duration.
     Kube { lease: Duration },
 }
 
@@ -741,16 +746,18 @@ impl Clusters {
                     let mut relay = lan.tool(ns, &["relay", "127.0.0.1", "6443", &hub, "6443"])?;
                     relay.wait_line(Duration::from_secs(10), |l| l == "READY")?;
                     procs.push(relay);
-                    crate::kube::use_kube_source(&g.gw, k.kubeconfig_path())?;
-                    let from = format!("kube: {{ kubeconfig: {} }}", k.kubeconfig_path().display());
-                    let to = format!(
-                        "kube: {{ kubeconfig: {}, leaderElection: {{ leaseName: {LEADER_LEASE}, \
-                         namespace: {LEADER_LEASE_NS}, leaseDuration: {}s, identity: alpha-{} }} }}",
+                    // The identity is left to its default (host name and process id): a
+                    // restarted replica is a new candidate, as a new pod is. The kubeconfig is
+                    // the cluster's admin one (no RBAC in the way of a benchmark).
+                    let file =
+                        format!("source: file\n  file: {{ dir: {} }}", g.gw.cluster_dir.display());
+                    let kube = format!(
+                        "source: kube\n  kube: {{ kubeconfig: {}, leaderElection: {{ leaseName: \
+                         {LEADER_LEASE}, namespace: {LEADER_LEASE_NS}, leaseDuration: {}s }} }}",
                         k.kubeconfig_path().display(),
                         lease.as_secs(),
-                        i + 1
                     );
-                    g.gw.edit_config(&from, &to)?;
+                    g.gw.edit_config(&file, &kube)?;
                 }
                 (_, _, Some(first)) => share_cluster_dir(&g, &first.gw.cluster_dir)?,
                 (_, _, None) => {}
@@ -820,11 +827,17 @@ impl Clusters {
         metric(&self.b, "fedgate_peer_lease_expiries_total", &[])
     }
 
-    /// Takes alpha's replica `i` down with `fault`, leaves it down for [`DOWN_FOR`], starts it
-    /// again and waits until it is ready (`/readyz`), bravo is connected to its new process (a
-    /// new instance id) and `tcp` has had 20 requests through it. Returns when it was taken
-    /// down and when all that was true.
-    pub fn down_and_back(&mut self, i: usize, fault: Fault, tcp: &Load) -> Result<Cycle> {
+    /// Takes alpha's replica `i` down with `fault`, leaves it down for `down_for` (from its
+    /// exit), starts it again and waits until it is ready (`/readyz`), bravo is connected to its
+    /// new process (a new instance id) and `tcp` has had 20 requests through it. Returns when
+    /// it was taken down and when all that was true.
+    pub fn down_and_back(
+        &mut self,
+        i: usize,
+        fault: Fault,
+        down_for: Duration,
+        tcp: &Load,
+    ) -> Result<Cycle> {
         let old = wait_replica(&self.b, "alpha", a_addr(i), None, PROPAGATION)?;
         let onset = Instant::now();
         let g = &mut self.a[i];
@@ -839,7 +852,7 @@ impl Clusters {
             }
         }
         let down = onset.elapsed();
-        std::thread::sleep(DOWN_FOR);
+        std::thread::sleep(down_for);
         g.launch()?;
         wait_ready(g, PROPAGATION)?;
         let instance = wait_replica(&self.b, "alpha", a_addr(i), Some(&old), PROPAGATION)?;
