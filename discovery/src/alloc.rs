@@ -7,6 +7,10 @@
 //! collisions probe linearly, and every assignment is persisted to a small JSON file (written
 //! atomically: temp file + rename) that is reloaded at start.
 //!
+//! The allocator is order-dependent (probing gives a contested slot to the key that asks
+//! first); the import set asks for new keys in batches, in [`AllocKey`] order, so replicas agree
+//! whatever order updates reach them in (`imports/batch.rs`, docs/replicas.md).
+//!
 //! When the range is full, a key that asks for an address *waits*: it joins a queue, and the
 //! moment any address frees (a release, an expired reservation) the first waiting key gets it,
 //! without waiting for its own import to change. The queue is ordered: keys that held an
@@ -267,6 +271,11 @@ impl Allocator {
         }
         tracing::debug!(path = %path.display(), restored = self.by_key.len(), "restored clusterset ips");
         Ok(())
+    }
+
+    /// Whether assignments are kept in a state file (`front.stateDir`).
+    pub fn persists(&self) -> bool {
+        self.state_file.is_some()
     }
 
     pub fn range(&self) -> IpNet {

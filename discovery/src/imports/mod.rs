@@ -10,6 +10,9 @@
 //! update); waiting imports are reported ([`AllocReport`], a condition on the local
 //! ServiceExport, the metrics) and logged once per update, not once per object.
 //!
+//! New addresses are allocated at the end of each batch of updates, in key order, so that
+//! replicas agree whatever order updates reach them in (`batch.rs`, docs/replicas.md).
+//!
 //! Incremental: an export set that arrives is diffed against the one held for its cluster by
 //! `Arc::ptr_eq` per service, and only those services are merged again. An import that merges
 //! to the same value keeps its `Arc`, so consumers that diff by pointer skip it too.
@@ -27,6 +30,7 @@ use crate::model::{
     ImportSnapshot, ImportedService, Locality, PeerUpdate, ServiceKey, ServiceType,
 };
 
+mod batch;
 mod metrics;
 mod problems;
 mod task;
@@ -109,6 +113,13 @@ pub struct ImportState {
     /// Published ClusterSetIPs ([`Pins`]) as they apply to this range.
     pins: BTreeMap<ServiceKey, Pin>,
     pins_outside: PinsOutsideRange,
+    /// New keys, by service, allocated at the end of the batch in key order (`batch.rs`).
+    pending: BTreeMap<ServiceKey, BTreeSet<AllocKey>>,
+    /// While [`ImportState::apply_peers`] applies its updates.
+    in_batch: bool,
+    /// Start-up: the peers whose first export set is awaited before anything new is
+    /// allocated; `None` once the start-up batch closed.
+    awaiting: Option<BTreeSet<ClusterId>>,
 }
 
 /// What one batch of updates changed.
@@ -146,6 +157,9 @@ impl ImportState {
             reserving: None,
             pins: BTreeMap::new(),
             pins_outside: PinsOutsideRange::Ignore,
+            pending: BTreeMap::new(),
+            in_batch: false,
+            awaiting: None,
         }
     }
 
@@ -222,8 +236,9 @@ impl ImportState {
         let came_back = self.withdrawn.remove(&cluster);
         // What a returning cluster does not bring back keeps its reservation until the grace
         // ends: its first export set may be incomplete (a kube source not yet synced).
-        self.sets.insert(cluster, set);
+        self.sets.insert(cluster.clone(), set);
         let changed = self.remerge(&dirty);
+        self.heard_from(&cluster);
         let changed =
             changed.or(Changed { snapshot: locality_changed || came_back, statuses: false });
         self.settle(changed)
@@ -372,11 +387,13 @@ impl ImportState {
         &self.services
     }
 
-    /// After an update: merges again the imports whose waiting keys got an address, and logs
-    /// (once for the whole update) the keys that started waiting and those that were served.
+    /// After an update: allocates the batch's new keys (unless a batch is still open), merges
+    /// again the imports whose waiting keys got an address, and logs (once for the whole
+    /// update) the keys that started waiting and those that were served.
     fn settle(&mut self, mut changed: Changed) -> Changed {
         let mut served: Vec<AllocKey> = Vec::new();
         loop {
+            changed = changed.or(self.allocate_pending());
             let granted = self.alloc.take_granted();
             // keys that lost their address to a pinned import get another one
             let displaced = self.alloc.take_displaced();
@@ -464,6 +481,8 @@ impl ImportState {
                 Some(e)
             })
             .collect();
+        // What it asks for now is pending again below.
+        self.pending.remove(key);
         let prev = self.services.get(key).cloned();
         let Some(mut merged) = mcs::merge(key, &contributions, prev.as_deref()) else {
             self.free_key(&AllocKey::service(key));
@@ -481,10 +500,10 @@ impl ImportState {
                     self.alloc.release(&service_key);
                     merged.ips = ips.clone();
                 }
-                // A full range queues the key (reported and logged once per update by
-                // `settle`).
+                // A new key is allocated at the end of the batch; a full range queues it
+                // (reported and logged once per update by `settle`).
                 _ => {
-                    if let Ok(ip) = self.alloc.allocate(&service_key) {
+                    if let Some(ip) = self.address_for(&service_key) {
                         merged.ips = vec![ip];
                     }
                 }
@@ -506,8 +525,8 @@ impl ImportState {
         }
     }
 
-    /// A VIP for each endpoint of a headless import in another cluster (a full range queues
-    /// the endpoint's key), and every key asked for.
+    /// A VIP for each endpoint of a headless import in another cluster (a new key waits for
+    /// the end of the batch, a full range queues it), and every key asked for.
     fn endpoint_vips_for(
         &mut self,
         import: &ImportedService,
@@ -520,7 +539,7 @@ impl ImportState {
             }
             for ep in &export.endpoints {
                 let key = AllocKey::endpoint(&import.key, cluster, ep.address);
-                if let Ok(vip) = self.alloc.allocate(&key) {
+                if let Some(vip) = self.address_for(&key) {
                     out.insert(
                         vip,
                         EndpointVip {

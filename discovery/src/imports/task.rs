@@ -32,6 +32,8 @@ pub struct ImportSet {
     pins_rx: Option<watch::Receiver<Option<Arc<Pins>>>>,
     /// True once the first published ClusterSetIPs are in a published snapshot.
     pins_applied: watch::Sender<bool>,
+    /// The longest the start-up batch waits for peers' first export sets.
+    startup_bound: Duration,
 }
 
 impl ImportSet {
@@ -67,6 +69,7 @@ impl ImportSet {
             restore_grace: DEFAULT_RESTORE_GRACE,
             pins_rx: None,
             pins_applied: watch::channel(false).0,
+            startup_bound: Duration::ZERO,
         }
     }
 
@@ -87,6 +90,29 @@ impl ImportSet {
     /// waits for it before it writes: it must not publish other addresses first).
     pub fn subscribe_pins_applied(&self) -> watch::Receiver<bool> {
         self.pins_applied.subscribe()
+    }
+
+    /// Without a writer (file mode): peers' imports get no new address until each of `peers`
+    /// has sent its first export set, or `bound` passed since `run` started (the readiness
+    /// bound of `peers`); then the whole first batch is allocated in key order, so replicas
+    /// started with the same inputs agree on every ClusterSetIP, collisions included
+    /// (docs/replicas.md). Imports wait without an address meantime, as for a full range.
+    pub fn with_startup_hold(
+        mut self,
+        peers: impl IntoIterator<Item = ClusterId>,
+        bound: Duration,
+    ) -> Self {
+        self.state.hold_for_peers(peers);
+        self.startup_bound = bound;
+        if self.state.is_starting() && !self.state.allocator().persists() {
+            tracing::warn!(
+                "front.stateDir is not set: clusterset ips are allocated afresh at every start. \
+                 If this cluster runs several replicas, a restarted one may give two imports \
+                 whose hash slots collide each other's address, unlike the replicas that kept \
+                 running; set front.stateDir (docs/replicas.md)"
+            );
+        }
+        self
     }
 
     /// How long IPs restored from the state file stay reserved for imports not seen again.
@@ -121,6 +147,8 @@ impl ImportSet {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let grace = tokio::time::sleep(self.restore_grace);
         tokio::pin!(grace);
+        let startup = tokio::time::sleep(self.startup_bound);
+        tokio::pin!(startup);
         let mut swept = false;
         let mut peers_open = true;
         let mut validity_open = true;
@@ -155,15 +183,13 @@ impl ImportSet {
                         peers_open = false;
                         continue;
                     };
-                    let mut changed = self.state.apply_peer(update);
-                    let mut updates = u64::from(changed.snapshot);
-                    for _ in 1..MAX_BATCH {
-                        let Ok(update) = self.peers_rx.try_recv() else { break };
-                        let one = self.state.apply_peer(update);
-                        updates += u64::from(one.snapshot);
-                        changed = changed.or(one);
-                    }
-                    (changed, updates)
+                    // One batch: its new keys are allocated together, in key order.
+                    let rx = &mut self.peers_rx;
+                    let more = std::iter::from_fn(|| rx.try_recv().ok());
+                    self.state.apply_peers(std::iter::once(update).chain(more).take(MAX_BATCH))
+                }
+                () = &mut startup, if self.state.is_starting() => {
+                    (self.state.end_startup(), 0)
                 }
                 () = &mut grace, if !swept => {
                     swept = true;

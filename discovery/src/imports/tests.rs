@@ -743,3 +743,166 @@ fn debug_views_filter_summarise_and_keep_their_shape() {
     assert_eq!(row["cluster"], "east");
     assert!(row["conditions"].as_array().is_some_and(|c| !c.is_empty()), "{exports}");
 }
+
+/// Every key's address, for comparing two replicas.
+fn allocations(st: &ImportState) -> BTreeMap<AllocKey, IpAddr> {
+    let alloc = st.allocator();
+    alloc.keys().map(|k| (k.clone(), alloc.get(k).expect("held"))).collect()
+}
+
+/// What two peers export, into a /27 (30 addresses) that 24 keys share: twelve ClusterSetIP
+/// services each (some slots collide), and a headless service each whose endpoints get VIPs.
+fn colliding_peers() -> (PeerUpdate, PeerUpdate) {
+    let peer = |cluster: &str, prefix: &str, ep: &str| {
+        let mut services = clusterset_ip_services(cluster, (0..10).map(|i| format!("{prefix}{i}")));
+        services.push(exported(cluster, &format!("{prefix}-db"), 1, ServiceType::Headless, &[ep]));
+        PeerUpdate::Exports(set(cluster, 1, services))
+    };
+    (peer("west", "w", "10.1.0.1"), peer("south", "s", "10.2.0.1"))
+}
+
+/// Issue 19: replicas allocate without talking to each other. Each peer update allocating as
+/// it arrives, two replicas that saw the peers in opposite orders disagree on colliding keys;
+/// with the start-up batch they agree on every address, whichever order the peers came in and
+/// whether the batch closed with the last peer or at the bound.
+#[test]
+fn replicas_agree_on_colliding_keys_whatever_order_peers_arrive_in() {
+    let (west, south) = colliding_peers();
+    let local =
+        || set("east", 1, clusterset_ip_services("east", ["e0".to_owned(), "e1".to_owned()]));
+    let replica = |hold: &[&str], updates: &[&PeerUpdate]| {
+        let mut st = small_range("242.1.0.0/27");
+        st.set_exports(local());
+        st.hold_for_peers(hold.iter().map(|c| cid(c)));
+        for update in updates {
+            st.apply_peer((*update).clone());
+        }
+        st
+    };
+    // Without the start-up batch: the arrival order decides contested slots.
+    let one = allocations(&replica(&[], &[&west, &south]));
+    let other = allocations(&replica(&[], &[&south, &west]));
+    assert_eq!(one.len(), 24);
+    assert_ne!(one, other, "the test needs keys whose slots collide");
+
+    // With it: nothing new is allocated until both peers sent exports, then all in key order.
+    let mut st = replica(&["west", "south"], &[&west]);
+    assert!(st.is_starting());
+    let ips = ips_of(&st);
+    assert!(ips["e0"].is_some() && ips["e1"].is_some(), "local imports allocated at once");
+    assert!(ips["w0"].is_none() && ips["w9"].is_none(), "{ips:?}");
+    let snap = st.snapshot();
+    assert!(snap.endpoint_vips.is_empty());
+    assert!(waiting_names(&st).is_empty(), "not waiting for a full range: not a problem");
+    st.apply_peer(south.clone());
+    assert!(!st.is_starting());
+    let first = allocations(&st);
+    assert_eq!(first.len(), 24);
+    assert!(ips_of(&st).iter().all(|(name, ip)| name.ends_with("-db") || ip.is_some()));
+    assert_eq!(st.snapshot().endpoint_vips.len(), 2);
+    assert_eq!(allocations(&replica(&["west", "south"], &[&south, &west])), first);
+
+    // A peer that never comes: the bound closes the batch, with the same result.
+    let mut late = replica(&["west", "south", "north"], &[&south, &west]);
+    assert!(late.is_starting() && ips_of(&late)["s0"].is_none());
+    assert!(late.end_startup().snapshot);
+    assert!(!late.is_starting());
+    assert_eq!(allocations(&late), first);
+}
+
+/// After start-up, a batch of updates from several peers (taken from the channel at once)
+/// allocates its new keys in key order too: the order inside the batch does not matter.
+#[test]
+fn a_batch_of_peer_updates_allocates_its_new_keys_in_key_order() {
+    let (west, south) = colliding_peers();
+    let batch = |updates: [&PeerUpdate; 2]| {
+        let mut st = small_range("242.1.0.0/27");
+        let (changed, counted) = st.apply_peers(updates.map(Clone::clone));
+        assert!(changed.snapshot);
+        assert_eq!(counted, 2);
+        allocations(&st)
+    };
+    let one = batch([&west, &south]);
+    assert_eq!(one.len(), 22);
+    assert_eq!(batch([&south, &west]), one);
+    // the same keys one update at a time, in the two orders, do not agree (they collide)
+    let mut a = small_range("242.1.0.0/27");
+    a.apply_peer(west.clone());
+    a.apply_peer(south.clone());
+    let mut b = small_range("242.1.0.0/27");
+    b.apply_peer(south.clone());
+    b.apply_peer(west.clone());
+    assert_ne!(allocations(&a), allocations(&b));
+}
+
+/// The same over the task's channels: two import sets held for west and south get the peers in
+/// opposite orders and publish the same ClusterSetIPs and VIPs; none before the last peer.
+/// A third, whose awaited north never comes, publishes the same at the bound.
+#[tokio::test]
+async fn replicas_publish_the_same_clusterset_ips_whatever_order_peers_arrive_in() {
+    let (west, south) = colliding_peers();
+    let start = |peers: &[&str], bound: Duration| {
+        let (local_tx, local_rx) = watch::channel(set(
+            "east",
+            1,
+            clusterset_ip_services("east", ["e0".to_owned(), "e1".to_owned()]),
+        ));
+        let (_validity_tx, validity_rx) = watch::channel(Arc::new(ValidityMap::new()));
+        let (peers_tx, peers_rx) = mpsc::channel(16);
+        let task = ImportSet::new(
+            cid("east"),
+            local_rx,
+            validity_rx,
+            peers_rx,
+            Allocator::open("242.1.0.0/27".parse().unwrap(), None).unwrap(),
+        )
+        .with_startup_hold(peers.iter().map(|c| cid(c)), bound);
+        let snaps = task.subscribe();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let handle = tokio::spawn(task.run(stop.clone()));
+        (local_tx, peers_tx, snaps, stop, handle)
+    };
+    let published = |s: &ImportSnapshot| -> (BTreeMap<ServiceKey, Vec<IpAddr>>, Vec<IpAddr>) {
+        let ips = s.services.iter().map(|(k, v)| (k.clone(), v.ips.clone())).collect();
+        (ips, s.endpoint_vips.keys().copied().collect())
+    };
+    let all_allocated = |s: &Arc<ImportSnapshot>| {
+        s.services.len() == 24
+            && s.services
+                .values()
+                .all(|i| i.service_type == ServiceType::Headless || !i.ips.is_empty())
+            && s.endpoint_vips.len() == 2
+    };
+    let long = Duration::from_secs(60);
+
+    let (_l1, tx1, mut snaps1, stop1, h1) = start(&["west", "south"], long);
+    tx1.send(west.clone()).await.unwrap();
+    eventually(&mut snaps1, "west merged", |s| s.services.len() == 13).await;
+    {
+        let s = snaps1.borrow_and_update();
+        assert!(s.services[&key("w0")].ips.is_empty(), "no address before the last peer");
+        assert!(!s.services[&key("e0")].ips.is_empty(), "local imports keep theirs");
+        assert!(s.endpoint_vips.is_empty());
+    }
+    tx1.send(south.clone()).await.unwrap();
+    eventually(&mut snaps1, "all allocated", all_allocated).await;
+
+    let (_l2, tx2, mut snaps2, stop2, h2) = start(&["west", "south"], long);
+    tx2.send(south.clone()).await.unwrap();
+    tx2.send(west.clone()).await.unwrap();
+    eventually(&mut snaps2, "all allocated", all_allocated).await;
+
+    let (_l3, tx3, mut snaps3, stop3, h3) =
+        start(&["west", "south", "north"], Duration::from_millis(200));
+    tx3.send(west.clone()).await.unwrap();
+    tx3.send(south.clone()).await.unwrap();
+    eventually(&mut snaps3, "allocated at the bound", all_allocated).await;
+
+    let first = published(&snaps1.borrow());
+    assert_eq!(published(&snaps2.borrow()), first);
+    assert_eq!(published(&snaps3.borrow()), first);
+    for (stop, handle) in [(stop1, h1), (stop2, h2), (stop3, h3)] {
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), handle).await.unwrap().unwrap();
+    }
+}
