@@ -181,6 +181,13 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             FrontMode::Kube => PinsOutsideRange::Serve,
         };
         imports = imports.with_pins(observed.pins(), outside);
+    } else {
+        // File mode: no writer; replicas agree by allocating peers' first imports together, in
+        // key order, once every peer sent them (at most the `peers` readiness bound).
+        imports = imports.with_startup_hold(
+            cfg.peers.iter().map(|p| p.id.clone()),
+            readiness::PEERS_SYNC_BOUND.min(cfg.discovery.peer_lease_duration),
+        );
     }
     let import_rx = imports.subscribe();
     let front_kube = match cfg.front.mode {
