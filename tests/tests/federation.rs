@@ -55,6 +55,7 @@ fn export_propagates_to_every_peer_and_is_withdrawn() -> Result<()> {
     let t0 = Instant::now();
     a.write_cluster_file("cart.yaml", &yaml)?;
     for g in [b, c] {
+        wait_vip(g, "shop", "cart", &["alpha"], Duration::from_secs(6))?; // start-up batch: ≤ 5 s
         let import = wait_import(g, "shop", "cart", &["alpha"])?;
         assert_eq!(import["type"], "ClusterSetIP");
         assert_eq!(import["ports"][0]["port"], 80);
