@@ -92,11 +92,12 @@ impl ImportSet {
         self.pins_applied.subscribe()
     }
 
-    /// Without a writer (file mode): peers' imports get no new address until each of `peers`
-    /// has sent its first export set, or `bound` passed since `run` started (the readiness
-    /// bound of `peers`); then the whole first batch is allocated in key order, so replicas
-    /// started with the same inputs agree on every ClusterSetIP, collisions included
-    /// (docs/replicas.md). Imports wait without an address meantime, as for a full range.
+    /// Without a writer (file mode): imports get no new address until each of `peers` has
+    /// sent its first export set, or `bound` passed since `run` started (the readiness bound
+    /// of `peers`); then the whole first batch is allocated in key order, so replicas started
+    /// with the same inputs agree on every ClusterSetIP, collisions included
+    /// (docs/replicas.md). Imports wait without an address meantime, as for a full range. The
+    /// local services `new` found are allocated already (in key order, on every replica).
     pub fn with_startup_hold(
         mut self,
         peers: impl IntoIterator<Item = ClusterId>,
