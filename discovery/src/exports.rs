@@ -50,6 +50,10 @@ pub struct LocalExports {
     state: Arc<ClusterState>,
     health: Arc<HealthMap>,
     outcome: LocalExportsOutcome,
+    /// The cluster source's first full sync ([`LocalExports::with_synced`]).
+    synced_rx: watch::Receiver<bool>,
+    /// True once the export set was computed from a synced cluster state.
+    complete_tx: watch::Sender<bool>,
 }
 
 /// The version of a new export set after `previous`: the wall clock in milliseconds, or
@@ -94,7 +98,27 @@ impl LocalExports {
             state,
             health,
             outcome,
+            synced_rx: watch::channel(true).1,
+            complete_tx: watch::channel(true).0,
         }
+    }
+
+    /// The cluster source publishes its state before it has listed everything (`synced`
+    /// false until then): the export set counts as complete ([`Self::complete`]) only once it
+    /// was computed from a state published after the sync. Without this call, at once (the
+    /// file source reads the whole directory before it publishes).
+    pub fn with_synced(mut self, mut synced: watch::Receiver<bool>) -> Self {
+        let complete = *synced.borrow_and_update() && !self.state_rx.has_changed().unwrap_or(false);
+        self.complete_tx.send_replace(complete);
+        self.synced_rx = synced;
+        self
+    }
+
+    /// True once the export set reflects the cluster source's first full sync. Peers are
+    /// served nothing before: a restarted replica's empty set would replace its sibling's
+    /// full one (the newest version wins).
+    pub fn complete(&self) -> watch::Receiver<bool> {
+        self.complete_tx.subscribe()
     }
 
     /// The local export set, from now on.
@@ -111,9 +135,15 @@ impl LocalExports {
     /// dropped. When the health sender goes first, the last health map stays in force.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut health_open = true;
+        let mut synced_open = !*self.complete_tx.borrow();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                changed = self.synced_rx.changed(), if synced_open => {
+                    synced_open = changed.is_ok() && !*self.synced_rx.borrow_and_update();
+                    self.note_complete();
+                    continue;
+                }
                 changed = self.state_rx.changed() => {
                     if changed.is_err() {
                         tracing::debug!(cluster = %self.cluster, "cluster source closed, local exports stop");
@@ -130,6 +160,18 @@ impl LocalExports {
             let state = Arc::clone(&self.state_rx.borrow_and_update());
             let health = Arc::clone(&self.health_rx.borrow_and_update());
             self.apply(state, health);
+            self.note_complete();
+        }
+    }
+
+    /// Marks the set complete once the source has synced and its latest state is applied
+    /// (the source publishes the state before it flags the sync).
+    fn note_complete(&self) {
+        if !*self.complete_tx.borrow()
+            && *self.synced_rx.borrow()
+            && !self.state_rx.has_changed().unwrap_or(false)
+        {
+            self.complete_tx.send_replace(true);
         }
     }
 
@@ -212,6 +254,44 @@ mod tests {
         assert!(next_version(now - 10_000) >= now);
         assert_eq!(next_version(now + 10_000), now + 10_001);
         assert_eq!(next_version(u64::MAX / 2), u64::MAX / 2 + 1);
+    }
+
+    #[tokio::test]
+    async fn the_set_is_complete_once_computed_from_a_synced_source() {
+        // A kube source publishes an empty state before it has listed everything.
+        let (state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
+        let (_health_tx, health_rx) = watch::channel(Arc::new(HealthMap::new()));
+        let (synced_tx, synced_rx) = watch::channel(false);
+        let task = LocalExports::new(
+            ClusterId::new("east").unwrap(),
+            Locality::default(),
+            state_rx,
+            health_rx,
+        )
+        .with_synced(synced_rx);
+        let (mut complete, mut exports) = (task.complete(), task.subscribe());
+        assert!(!*complete.borrow(), "not complete before the sync");
+        let handle = tokio::spawn(task.run(CancellationToken::new()));
+        // The source publishes the synced state, then flags the sync.
+        let mut state = ClusterState::default();
+        state.services.insert(ServiceKey::new("ns", "web"), service("web", &["10.0.0.1"]));
+        state.exports.insert(ServiceKey::new("ns", "web"), export("web"));
+        state_tx.send_replace(Arc::new(state));
+        synced_tx.send_replace(true);
+        eventually(&mut complete, "complete", |c| *c).await;
+        assert_eq!(exports.borrow_and_update().services.len(), 1, "complete means the synced set");
+        drop(state_tx);
+        tokio::time::timeout(Duration::from_secs(5), handle).await.unwrap().unwrap();
+        // Without a source that syncs later (the file source): complete at once.
+        let (_s, state_rx) = watch::channel(Arc::new(ClusterState::default()));
+        let (_h, health_rx) = watch::channel(Arc::new(HealthMap::new()));
+        let file = LocalExports::new(
+            ClusterId::new("east").unwrap(),
+            Locality::default(),
+            state_rx,
+            health_rx,
+        );
+        assert!(*file.complete().borrow());
     }
 
     #[tokio::test]

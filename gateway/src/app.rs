@@ -120,7 +120,8 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
 
     // Local exports, then the tunnel that carries them, then the import set it feeds.
     let local_exports =
-        LocalExports::new(id.clone(), locality.clone(), cluster_rx.clone(), health_rx);
+        LocalExports::new(id.clone(), locality.clone(), cluster_rx.clone(), health_rx)
+            .with_synced(source.synced());
     let (peer_tx, peer_rx) = mpsc::channel(PEER_UPDATE_CHANNEL);
     let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_STREAM_CHANNEL);
     let mut tunnel_settings = TunnelSettings::new(
@@ -149,6 +150,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         cfg.discovery.peer_lease_duration,
         identity,
         local_exports.subscribe(),
+        local_exports.complete(),
         peer_tx,
         incoming_tx,
     )?;

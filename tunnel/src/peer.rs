@@ -48,6 +48,7 @@ pub struct PeerConnection {
     peer: ClusterId,
     conn: quinn::Connection,
     draining: Arc<AtomicBool>,
+    synced: Arc<AtomicBool>,
 }
 
 impl PeerConnection {
@@ -74,6 +75,13 @@ impl PeerConnection {
     /// go to other replicas of the peer first.
     pub fn set_draining(&self, draining: bool) {
         self.draining.store(draining, Ordering::Relaxed);
+    }
+
+    /// Records that this replica sent its exports (its cluster source has synced): until
+    /// then data streams go to other replicas of the peer first, since a replica that just
+    /// started may not know the service yet.
+    pub fn set_synced(&self) {
+        self.synced.store(true, Ordering::Relaxed);
     }
 
     /// A gRPC channel to the peer whose HTTP/2 connections are new control streams on this
@@ -138,6 +146,8 @@ struct Live {
     direction: &'static str,
     since: Instant,
     draining: Arc<AtomicBool>,
+    /// Whether it sent its exports ([`PeerConnection::set_synced`]).
+    synced: Arc<AtomicBool>,
     /// Until when data streams avoid it (a stream on it went unanswered).
     suspect_until: Option<Instant>,
 }
@@ -208,6 +218,7 @@ impl Shared {
                         peer: peer.clone(),
                         conn: l.conn.clone(),
                         draining: l.draining.clone(),
+                        synced: l.synced.clone(),
                     })
                     .collect()
             })
@@ -249,6 +260,7 @@ impl Shared {
                     direction,
                     since: Instant::now(),
                     draining: Arc::new(AtomicBool::new(false)),
+                    synced: Arc::new(AtomicBool::new(false)),
                     suspect_until: None,
                 });
                 s.last_error = None;
@@ -346,7 +358,8 @@ pub struct PeerHandle {
 
 impl PeerHandle {
     /// Opens a data stream to `peer` on one of its working connections and writes the kind
-    /// byte. Replicas take turns; draining and suspect ones come last; a connection that
+    /// byte. Replicas take turns; ones that have not sent their exports yet come after the
+    /// others, draining and suspect ones last; a connection that
     /// cannot open a stream is passed over for the next. Returns the connection's id with the
     /// stream, for [`Self::suspect`].
     pub async fn open_stream(
@@ -354,15 +367,22 @@ impl PeerHandle {
         peer: &ClusterId,
     ) -> Result<(quinn::SendStream, quinn::RecvStream, usize), TunnelError> {
         let now = Instant::now();
-        let mut candidates: Vec<(bool, quinn::Connection)> = self
+        let mut candidates: Vec<(u8, quinn::Connection)> = self
             .shared
             .with(peer, |s| {
                 s.live
                     .iter()
                     .map(|l| {
-                        let avoid = l.draining.load(Ordering::Relaxed)
-                            || l.suspect_until.is_some_and(|t| t > now);
-                        (avoid, l.conn.clone())
+                        // Served replicas first, then ones that have not sent their exports
+                        // yet (just started), then draining and suspect ones.
+                        let rank = if l.draining.load(Ordering::Relaxed)
+                            || l.suspect_until.is_some_and(|t| t > now)
+                        {
+                            2
+                        } else {
+                            u8::from(!l.synced.load(Ordering::Relaxed))
+                        };
+                        (rank, l.conn.clone())
                     })
                     .collect()
             })
@@ -373,7 +393,7 @@ impl PeerHandle {
         let turn = self.shared.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
         candidates.rotate_left(turn);
         // Stable: the rotation stays within each group.
-        candidates.sort_by_key(|(avoid, _)| *avoid);
+        candidates.sort_by_key(|(rank, _)| *rank);
         let mut last = None;
         for (_, conn) in candidates {
             match streams::open(&conn, peer, KIND_DATA).await {

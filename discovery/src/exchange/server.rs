@@ -29,13 +29,23 @@ pub struct ExchangeService {
     local: watch::Receiver<Arc<ExportSet>>,
     draining: watch::Receiver<bool>,
     instance: Arc<str>,
+    /// Watches get their first snapshot once this is true (the local set is complete).
+    ready: watch::Receiver<bool>,
 }
 
 impl ExchangeService {
     /// `local` is the local export set as the LocalExports task publishes it; `draining`
     /// is true while this gateway drains (sent with every update and heartbeat).
     pub fn new(local: watch::Receiver<Arc<ExportSet>>, draining: watch::Receiver<bool>) -> Self {
-        Self { local, draining, instance: Arc::from("") }
+        Self { local, draining, instance: Arc::from(""), ready: watch::channel(true).1 }
+    }
+
+    /// Holds every watch's first snapshot until `ready` is true (`LocalExports::complete`):
+    /// a replica whose cluster source has not synced serves nothing rather than an empty
+    /// set, which would replace its sibling replicas' full one at the peers.
+    pub fn with_ready(mut self, ready: watch::Receiver<bool>) -> Self {
+        self.ready = ready;
+        self
     }
 
     /// Announces `instance` (this replica's instance id) in every snapshot.
@@ -71,14 +81,16 @@ impl Exchange for ExchangeService {
         };
         tracing::debug!(watcher = %req.cluster, known_version = req.known_version, ?heartbeat, "peer watches our exports");
         let (tx, rx) = mpsc::channel(8);
-        let instance = self.instance.clone();
-        tokio::spawn(stream_updates(
-            self.local.clone(),
-            self.draining.clone(),
-            instance,
-            heartbeat,
-            tx,
-        ));
+        let (instance, mut ready) = (self.instance.clone(), self.ready.clone());
+        let local = self.local.clone();
+        let draining = self.draining.clone();
+        tokio::spawn(async move {
+            // Nothing before the local set is complete; the watcher's lease on us runs.
+            if ready.wait_for(|r| *r).await.is_err() {
+                return;
+            }
+            stream_updates(local, draining, instance, heartbeat, tx).await;
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -177,3 +177,25 @@ async fn bad_peers_end_the_session_with_a_named_error() {
         );
     }
 }
+
+#[tokio::test]
+async fn nothing_is_served_before_the_local_set_is_complete() {
+    // A replica whose cluster source has not synced serves no snapshot (an empty set would
+    // replace its sibling replicas' full one at the peers); the watch waits, then gets it.
+    let (_local_tx, local_rx) = watch::channel(Arc::new(export_set("east", 1, 2)));
+    let (_drain_tx, drain_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let svc = ExchangeService::new(local_rx, drain_rx).with_instance("abc").with_ready(ready_rx);
+    let addr = serve(svc).await;
+    let mut events = watch_peer(channel(addr).await, settings(Duration::from_millis(50)), None);
+    let early = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
+    assert!(early.is_err(), "nothing before ready: {early:?}");
+    ready_tx.send_replace(true);
+    match next(&mut events).await.expect("snapshot") {
+        PeerEvent::Exports { set, instance, .. } => {
+            assert_eq!(*set, export_set("east", 1, 2));
+            assert_eq!(instance.as_deref(), Some("abc"), "the snapshot names the instance");
+        }
+        other => panic!("expected the snapshot, got {other:?}"),
+    }
+}

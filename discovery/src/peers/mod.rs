@@ -75,6 +75,9 @@ pub trait ControlLink: Clone + Send + Sync + 'static {
     /// Tells the transport whether this replica announced draining (data streams go to the
     /// peer's other replicas first).
     fn set_draining(&self, draining: bool);
+    /// Tells the transport this replica sent its exports (it knows its cluster's services):
+    /// until then data streams go to the peer's other replicas first.
+    fn set_synced(&self);
 }
 
 /// The transport's view of one peer.
@@ -176,6 +179,8 @@ pub struct PeerSessions<C: ControlConnector> {
     settings: SessionSettings,
     connector: Arc<C>,
     local_exports: watch::Receiver<Arc<ExportSet>>,
+    /// Peers' watches get our exports once this is true ([`PeerSessions::with_exports_ready`]).
+    exports_ready: watch::Receiver<bool>,
     updates: mpsc::Sender<PeerUpdate>,
     shared: Arc<Shared>,
 }
@@ -198,7 +203,15 @@ impl<C: ControlConnector> PeerSessions<C> {
         );
         let (draining, _) = watch::channel(false);
         let shared = Arc::new(Shared { state, draining });
-        Ok(Self { settings, connector, local_exports, updates, shared })
+        let exports_ready = watch::channel(true).1;
+        Ok(Self { settings, connector, local_exports, exports_ready, updates, shared })
+    }
+
+    /// Serves peers' watches only once `ready` is true (`LocalExports::complete`: the local
+    /// export set reflects the cluster source's first sync).
+    pub fn with_exports_ready(mut self, ready: watch::Receiver<bool>) -> Self {
+        self.exports_ready = ready;
+        self
     }
 
     pub fn handle(&self) -> PeersHandle {
@@ -214,7 +227,8 @@ impl<C: ControlConnector> PeerSessions<C> {
     {
         let service = exchange_server(
             ExchangeService::new(self.local_exports.clone(), self.shared.draining.subscribe())
-                .with_instance(&self.settings.instance),
+                .with_instance(&self.settings.instance)
+                .with_ready(self.exports_ready.clone()),
         );
         let grpc_shutdown = shutdown.clone();
         let grpc = tokio::spawn(async move {

@@ -228,6 +228,9 @@ impl<L: ControlLink> Session<L> {
                 if instance.is_some() {
                     replica.instance = instance;
                 }
+                if replica.exports.is_none() {
+                    replica.link.set_synced();
+                }
                 replica.exports = Some(set.clone());
                 let newer = self.exports.as_ref().is_none_or(|held| set.version > held.version);
                 if newer || self.withdrawn {

@@ -136,6 +136,7 @@ mod fake {
             format!("replica-{}", self.id)
         }
         fn set_draining(&self, _: bool) {}
+        fn set_synced(&self) {}
         fn channel(&self) -> BoxFuture<'static, Result<Channel, BoxError>> {
             let uri = format!("http://{}", self.addr);
             Box::pin(async move { Ok(Channel::from_shared(uri)?.connect().await?) })

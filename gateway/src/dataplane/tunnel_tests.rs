@@ -53,6 +53,7 @@ fn tunnel(
         DEFAULT_PEER_LEASE,
         pki.issue(id),
         exports_rx,
+        watch::channel(true).1,
         updates_tx,
         incoming_tx,
     )

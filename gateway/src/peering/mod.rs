@@ -50,6 +50,10 @@ impl ControlLink for TunnelLink {
         self.0.set_draining(draining);
     }
 
+    fn set_synced(&self) {
+        self.0.set_synced();
+    }
+
     fn channel(&self) -> BoxFuture<'static, Result<tonic::transport::Channel, BoxError>> {
         let conn = self.0.clone();
         Box::pin(async move { conn.control_channel().await.map_err(BoxError::from) })
@@ -134,13 +138,15 @@ pub struct Peering {
 
 impl Peering {
     /// Binds the tunnel with `settings` and `identity`, with sessions with its peers under
-    /// `peer_lease_duration`: `local_exports` is served to peers, their exports go to
+    /// `peer_lease_duration`: `local_exports` is served to peers (once `exports_ready`), their
+    /// exports go to
     /// `updates`, the data streams they open to `incoming_data`. Call inside a runtime.
     pub fn new(
         settings: TunnelSettings,
         peer_lease_duration: Duration,
         identity: Identity,
         local_exports: watch::Receiver<Arc<ExportSet>>,
+        exports_ready: watch::Receiver<bool>,
         updates: mpsc::Sender<PeerUpdate>,
         incoming_data: mpsc::Sender<IncomingStream>,
     ) -> Result<Self, PeeringError> {
@@ -156,7 +162,8 @@ impl Peering {
             TunnelConnector(tunnel.handle()),
             local_exports,
             updates,
-        )?;
+        )?
+        .with_exports_ready(exports_ready);
         Ok(Self { tunnel, sessions, control })
     }
 

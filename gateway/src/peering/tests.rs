@@ -106,7 +106,9 @@ fn start_with_capacity(
     let (updates_tx, updates) = mpsc::channel(capacity);
     let (incoming_tx, incoming) = mpsc::channel(16);
     let me = settings.local.clone();
-    let peering = Peering::new(settings, lease, identity, local_rx, updates_tx, incoming_tx)?;
+    let ready = watch::channel(true).1;
+    let peering =
+        Peering::new(settings, lease, identity, local_rx, ready, updates_tx, incoming_tx)?;
     let address = peering.address();
     let handle = peering.handle();
     let sessions = peering.sessions();
