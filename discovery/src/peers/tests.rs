@@ -266,6 +266,36 @@ async fn wait_update(
     }
 }
 
+/// "west"'s sessions with one peer, "east", over a fake transport, running.
+struct Running {
+    connector: fake::Connector,
+    updates: mpsc::Receiver<PeerUpdate>,
+    handle: PeersHandle,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn run_west(lease: Duration) -> Running {
+    use crate::exchange::delta::testing::export_set;
+    let mut settings = SessionSettings::new(id("west"), vec![id("east")]);
+    settings.peer_lease_duration = lease;
+    let connector = fake::Connector::new();
+    let (ours, ours_rx) = watch::channel(Arc::new(export_set("west", 1, 0)));
+    let (updates_tx, updates) = mpsc::channel(64);
+    let sessions =
+        PeerSessions::new(settings, connector.clone(), ours_rx, updates_tx).expect("valid");
+    let handle = sessions.handle();
+    let (control_tx, control) = mpsc::channel::<tokio::net::TcpStream>(1);
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        // Our exports and the control channel stay open while the sessions run.
+        let _keep = (ours, control_tx);
+        sessions.run(control, stop).await
+    });
+    Running { connector, updates, handle, shutdown, task }
+}
+
 #[tokio::test]
 async fn a_session_follows_its_links_and_holds_the_exports_under_the_lease() {
     use crate::exchange::ExchangeService;
@@ -277,17 +307,7 @@ async fn a_session_follows_its_links_and_holds_the_exports_under_the_lease() {
     let east = serve_peer(ExchangeService::new(east_rx, east_drain_rx)).await;
 
     let lease = Duration::from_millis(600);
-    let mut settings = SessionSettings::new(id("west"), vec![id("east")]);
-    settings.peer_lease_duration = lease;
-    let connector = fake::Connector::new();
-    let (_ours, ours_rx) = watch::channel(Arc::new(export_set("west", 1, 0)));
-    let (updates_tx, mut updates) = mpsc::channel(64);
-    let sessions =
-        PeerSessions::new(settings, connector.clone(), ours_rx, updates_tx).expect("valid");
-    let handle = sessions.handle();
-    let (_control_tx, control) = mpsc::channel::<tokio::net::TcpStream>(1);
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(sessions.run(control, shutdown.clone()));
+    let Running { connector, mut updates, handle, shutdown, task } = run_west(lease);
 
     // A link comes up: reachable, then the peer's exports.
     connector.up(east);
@@ -353,17 +373,7 @@ async fn the_replicas_of_a_peer_are_one_cluster_the_newest_set_wins_and_any_hold
     let r2 = serve_peer(ExchangeService::new(r2_rx, r2_drain_rx).with_instance("bbbb")).await;
 
     let lease = Duration::from_millis(600);
-    let mut settings = SessionSettings::new(id("west"), vec![id("east")]);
-    settings.peer_lease_duration = lease;
-    let connector = fake::Connector::new();
-    let (_ours, ours_rx) = watch::channel(Arc::new(export_set("west", 1, 0)));
-    let (updates_tx, mut updates) = mpsc::channel(64);
-    let sessions =
-        PeerSessions::new(settings, connector.clone(), ours_rx, updates_tx).expect("valid");
-    let handle = sessions.handle();
-    let (_control_tx, control) = mpsc::channel::<tokio::net::TcpStream>(1);
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(sessions.run(control, shutdown.clone()));
+    let Running { connector, mut updates, handle, shutdown, task } = run_west(lease);
     let version = |u: &PeerUpdate| match u {
         PeerUpdate::Exports(s) => Some(s.version),
         _ => None,
