@@ -304,9 +304,16 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     views.insert("exports", Arc::new(imports::exports_view(imports.subscribe_status())));
     views.insert("endpoints", debug.endpoints_view());
     views.insert("peers", Arc::new(peers.view()));
-    if let Some((e, _)) = &election {
-        let leader = e.view();
-        views.insert("leader", Arc::new(move |_: &Query| leader()));
+    // Always present so the dashboard and `fedgate status` need no 404 handling: `null` when
+    // nothing is elected (any source but kube writes nothing).
+    match &election {
+        Some((e, _)) => {
+            let leader = e.view();
+            views.insert("leader", Arc::new(move |_: &Query| leader()));
+        }
+        None => {
+            views.insert("leader", Arc::new(|_: &Query| Value::Null));
+        }
     }
     // Cluster-source file problems, a ClusterProperty changed since start-up, imports waiting
     // for a ClusterSetIP, then front listeners waiting for a bind retry.
