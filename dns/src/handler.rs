@@ -3,6 +3,7 @@
 
 use std::iter;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
@@ -76,11 +77,24 @@ pub struct Handler {
     table: Arc<Table>,
     forwarder: Forwarder,
     soas: [Record; 2],
+    /// False until the zones hold everything the gateway knows at start-up
+    /// ([`Handler::set_complete`]): a name missing before then gets SERVFAIL, not NXDOMAIN.
+    complete: AtomicBool,
 }
 
 impl Handler {
     pub fn new(table: Arc<Table>, forwarder: Forwarder, soas: [Record; 2]) -> Self {
-        Self { table, forwarder, soas }
+        Self { table, forwarder, soas, complete: AtomicBool::new(true) }
+    }
+
+    /// Whether a name missing from our zones is known not to exist (NXDOMAIN) or may only be
+    /// late (SERVFAIL: resolvers ask the next server, a sibling replica that has it).
+    pub fn set_complete(&self, complete: bool) {
+        self.complete.store(complete, Ordering::Release);
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
     }
 
     fn soa(&self, zone: Zone) -> &Record {
@@ -166,6 +180,11 @@ impl Handler {
                 if reply.answers.is_empty() {
                     reply.authorities.push(self.soa(zone).clone());
                 }
+            }
+            None if !self.is_complete() => {
+                // Starting: the name may exist and not be here yet.
+                reply.metadata.authoritative = false;
+                reply.metadata.response_code = ResponseCode::ServFail;
             }
             None => {
                 reply.metadata.response_code = ResponseCode::NXDomain;

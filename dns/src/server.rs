@@ -44,6 +44,8 @@ pub struct DnsServer {
     handler: Arc<Handler>,
     imports_rx: watch::Receiver<Arc<ImportSnapshot>>,
     cluster_rx: watch::Receiver<Arc<ClusterState>>,
+    /// The import set's completeness ([`DnsServer::with_complete`]).
+    complete_rx: Option<watch::Receiver<bool>>,
 }
 
 fn bind_pair(listen: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener), DnsError> {
@@ -122,7 +124,32 @@ impl DnsServer {
             RequestPath::new(&settings, upstreams, &imports, &cluster).into_parts();
         metrics::zone_update("initial", table.len());
         tracing::info!(%address, names = table.len(), "dns server bound");
-        Ok(Self { settings, udp, tcp, address, table, writer, handler, imports_rx, cluster_rx })
+        Ok(Self {
+            settings,
+            udp,
+            tcp,
+            address,
+            table,
+            writer,
+            handler,
+            imports_rx,
+            cluster_rx,
+            complete_rx: None,
+        })
+    }
+
+    /// Until `complete` turns true (the import set's first complete snapshot), a name missing
+    /// from our zones gets SERVFAIL instead of NXDOMAIN: a replica that is starting does not
+    /// yet know every service, and a resolver with several servers asks the next one on
+    /// SERVFAIL but takes NXDOMAIN as final. Names already known are answered from the start.
+    pub fn with_complete(mut self, mut complete: watch::Receiver<bool>) -> Self {
+        let now = *complete.borrow_and_update();
+        self.handler.set_complete(now);
+        if !now {
+            tracing::info!("dns: names not yet known get SERVFAIL until the first full sync");
+        }
+        self.complete_rx = Some(complete);
+        self
     }
 
     /// The address bound (UDP and TCP share the port).
@@ -179,10 +206,10 @@ impl DnsServer {
         drop(exit_tx);
 
         let updater = tokio::spawn(update_zones(
-            self.writer,
-            self.table.clone(),
+            Zones { writer: self.writer, table: self.table.clone(), handler: self.handler.clone() },
             self.imports_rx,
             self.cluster_rx,
+            self.complete_rx,
         ));
 
         let result = tokio::select! {
@@ -207,12 +234,36 @@ impl DnsServer {
     }
 }
 
-/// Applies snapshots as they come; ends when both senders are gone.
-async fn update_zones(
-    mut writer: ZoneWriter,
+/// What the zone updater writes to.
+struct Zones {
+    writer: ZoneWriter,
     table: Arc<Table>,
+    handler: Arc<Handler>,
+}
+
+impl Zones {
+    fn apply_imports(&mut self, rx: &mut watch::Receiver<Arc<ImportSnapshot>>) {
+        let snap = rx.borrow_and_update().clone();
+        let stats = self.writer.apply_imports(&snap);
+        metrics::zone_update("imports", self.table.len());
+        tracing::debug!(version = snap.version, ?stats, "dns zone clusterset.local updated");
+    }
+
+    fn apply_cluster(&mut self, rx: &mut watch::Receiver<Arc<ClusterState>>) {
+        let state = rx.borrow_and_update().clone();
+        let stats = self.writer.apply_cluster(&state);
+        metrics::zone_update("cluster", self.table.len());
+        tracing::debug!(?stats, "dns zone cluster.local updated");
+    }
+}
+
+/// Applies snapshots as they come; ends when both senders are gone. Turns the handler
+/// complete once `complete_rx` does, after applying the snapshots current at that moment.
+async fn update_zones(
+    mut zones: Zones,
     mut imports_rx: watch::Receiver<Arc<ImportSnapshot>>,
     mut cluster_rx: watch::Receiver<Arc<ClusterState>>,
+    mut complete_rx: Option<watch::Receiver<bool>>,
 ) -> io::Result<()> {
     let (mut imports_open, mut cluster_open) = (true, true);
     while imports_open || cluster_open {
@@ -222,26 +273,46 @@ async fn update_zones(
                     imports_open = false;
                     continue;
                 }
-                let snap = imports_rx.borrow_and_update().clone();
-                let stats = writer.apply_imports(&snap);
-                metrics::zone_update("imports", table.len());
-                tracing::debug!(version = snap.version, ?stats, "dns zone clusterset.local updated");
+                zones.apply_imports(&mut imports_rx);
             }
             changed = cluster_rx.changed(), if cluster_open => {
                 if changed.is_err() {
                     cluster_open = false;
                     continue;
                 }
-                let state = cluster_rx.borrow_and_update().clone();
-                let stats = writer.apply_cluster(&state);
-                metrics::zone_update("cluster", table.len());
-                tracing::debug!(?stats, "dns zone cluster.local updated");
+                zones.apply_cluster(&mut cluster_rx);
+            }
+            done = wait_complete(&mut complete_rx) => {
+                complete_rx = None;
+                if done {
+                    if imports_rx.has_changed().unwrap_or(false) {
+                        zones.apply_imports(&mut imports_rx);
+                    }
+                    if cluster_rx.has_changed().unwrap_or(false) {
+                        zones.apply_cluster(&mut cluster_rx);
+                    }
+                    zones.handler.set_complete(true);
+                    tracing::info!(names = zones.table.len(), "dns zones complete: unknown names get NXDOMAIN");
+                } else {
+                    // The import set stopped before it was complete: answer what we have.
+                    zones.handler.set_complete(true);
+                }
             }
         }
     }
     // Keep serving the last zones; nothing more will change them.
     std::future::pending::<()>().await;
     Ok(())
+}
+
+/// Resolves once `complete` is true (`true`) or its sender is gone (`false`); never without
+/// one or once complete.
+async fn wait_complete(complete: &mut Option<watch::Receiver<bool>>) -> bool {
+    match complete {
+        Some(rx) if !*rx.borrow() => rx.wait_for(|c| *c).await.is_ok(),
+        Some(_) => true,
+        None => std::future::pending().await,
+    }
 }
 
 /// Wakes every thread blocked receiving on `socket`. `shutdown(SHUT_RD)` marks the socket

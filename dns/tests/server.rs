@@ -278,6 +278,66 @@ async fn clusterset_ip_records_and_negative_answers() {
     s.stop().await;
 }
 
+/// A starting replica (the import set not yet complete) answers the names it knows, and
+/// SERVFAIL, not NXDOMAIN, for the others: a resolver with several servers then asks a
+/// sibling replica. Once complete, unknown names are NXDOMAIN again, and a name that arrived
+/// with the completing snapshot is answered.
+#[tokio::test]
+async fn names_not_yet_known_get_servfail_until_the_import_set_is_complete() {
+    let mut first = snapshot(Health::Healthy);
+    let late = ServiceKey::new("shop", "db");
+    let later = first.services.remove(&late).expect("the fixture has shop/db");
+    let (imports_tx, imports_rx) = watch::channel(Arc::new(first.clone()));
+    let (_cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster_state()));
+    let (complete_tx, complete_rx) = watch::channel(false);
+    let settings = DnsSettings::new("127.0.0.1:0".parse().expect("addr"));
+    let server = DnsServer::new(settings, imports_rx, cluster_rx)
+        .expect("dns server binds")
+        .with_complete(complete_rx);
+    let addr = server.address();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(server.run(stop.clone()));
+
+    let ask = |name: &'static str| async move {
+        let (u, t) = (
+            udp(addr, &request(name, RecordType::A, None)).await,
+            tcp(addr, &request(name, RecordType::A, None)).await,
+        );
+        assert_eq!(u.metadata.response_code, t.metadata.response_code, "{name}: udp and tcp");
+        u
+    };
+    let known = ask("web.shop.svc.clusterset.local.").await;
+    assert_eq!(addrs(&known), vec!["242.1.0.1"], "a known name is answered while starting");
+    for name in ["db.shop.svc.clusterset.local.", "nope.clusterset.local."] {
+        let resp = ask(name).await;
+        assert_eq!(resp.metadata.response_code, ResponseCode::ServFail, "{name} while starting");
+        assert!(!resp.metadata.authoritative && resp.authorities.is_empty(), "{name}");
+    }
+
+    // The completing snapshot and the flag together: db resolves, nope is NXDOMAIN.
+    let mut full = first;
+    full.services.insert(late, later);
+    full.version += 1;
+    imports_tx.send_replace(Arc::new(full));
+    complete_tx.send_replace(true);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let nope = ask("nope.clusterset.local.").await;
+        if nope.metadata.response_code == ResponseCode::NXDomain {
+            assert!(has_soa(&nope) && nope.metadata.authoritative);
+            break;
+        }
+        assert_eq!(nope.metadata.response_code, ResponseCode::ServFail);
+        assert!(Instant::now() < deadline, "still SERVFAIL {WAIT:?} after completion");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let db = ask("db.shop.svc.clusterset.local.").await;
+    assert_eq!(db.metadata.response_code, ResponseCode::NoError);
+    assert!(!addrs(&db).is_empty(), "db answered once complete: {db:?}");
+    stop.cancel();
+    tokio::time::timeout(WAIT, task).await.expect("stops").expect("join").expect("result");
+}
+
 #[tokio::test]
 async fn headless_records_and_failover_on_new_snapshot() {
     let s = start(vec![], Duration::from_millis(200)).await;

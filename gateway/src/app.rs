@@ -191,6 +191,14 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             readiness::PEERS_SYNC_BOUND.min(cfg.discovery.peer_lease_duration),
         );
     }
+    // The import set is complete once it holds the local exports after the first sync, every
+    // peer's first exports (at most the `peers` readiness bound) and the writer's addresses:
+    // until then DNS answers SERVFAIL, not NXDOMAIN, for names it does not know yet.
+    imports = imports.with_completion(
+        local_exports.complete(),
+        cfg.peers.iter().map(|p| p.id.clone()),
+        readiness::PEERS_SYNC_BOUND.min(cfg.discovery.peer_lease_duration),
+    );
     let import_rx = imports.subscribe();
     let front_kube = match cfg.front.mode {
         FrontMode::Vip => None,
@@ -258,7 +266,8 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             Upstream::Address(a) => fedgate_dns::Upstream::Address(*a),
         })
         .collect();
-    let dns = DnsServer::new(dns_settings, import_rx.clone(), cluster_rx.clone())?;
+    let dns = DnsServer::new(dns_settings, import_rx.clone(), cluster_rx.clone())?
+        .with_complete(imports.subscribe_complete());
 
     let mut dp_settings = DataPlaneSettings::new(id.clone(), locality);
     dp_settings.failover_priority = priority;

@@ -1,6 +1,7 @@
 //! The task that owns the import set: follows the local exports, their validity and the peer
 //! updates, and publishes snapshots, statuses and problems.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +35,19 @@ pub struct ImportSet {
     pins_applied: watch::Sender<bool>,
     /// The longest the start-up batch waits for peers' first export sets.
     startup_bound: Duration,
+    /// What the first complete snapshot waits for ([`ImportSet::with_completion`]).
+    completion: Option<Completion>,
+    /// True once a published snapshot is complete ([`ImportSet::subscribe_complete`]).
+    complete_tx: watch::Sender<bool>,
+}
+
+/// The inputs of a complete snapshot: the local export set after the cluster source's first
+/// sync, the first export set of every peer (or the bound passed), the published
+/// ClusterSetIPs when there is a writer, and the start-up batch allocated.
+struct Completion {
+    local: watch::Receiver<bool>,
+    awaiting: BTreeSet<ClusterId>,
+    bound: Duration,
 }
 
 impl ImportSet {
@@ -70,6 +84,8 @@ impl ImportSet {
             pins_rx: None,
             pins_applied: watch::channel(false).0,
             startup_bound: Duration::ZERO,
+            completion: None,
+            complete_tx: watch::channel(true).0,
         }
     }
 
@@ -116,6 +132,31 @@ impl ImportSet {
         self
     }
 
+    /// The snapshot counts as complete ([`Self::subscribe_complete`]) only once it holds the
+    /// local exports after the cluster source's first sync (`local_complete`,
+    /// `LocalExports::complete`), the first export set of each of `peers` (or `bound` passed
+    /// since `run` started), the writer's ClusterSetIPs (with [`Self::with_pins`]) and the
+    /// start-up batch ([`Self::with_startup_hold`]). Without this call, at once.
+    pub fn with_completion(
+        mut self,
+        local_complete: watch::Receiver<bool>,
+        peers: impl IntoIterator<Item = ClusterId>,
+        bound: Duration,
+    ) -> Self {
+        let local = self.state.local.clone();
+        let awaiting = peers.into_iter().filter(|p| *p != local).collect();
+        self.completion = Some(Completion { local: local_complete, awaiting, bound });
+        self.complete_tx.send_replace(false);
+        self
+    }
+
+    /// True once a published snapshot is complete (see [`Self::with_completion`]): until
+    /// then a name missing from it may only be late, and the DNS server answers SERVFAIL
+    /// rather than NXDOMAIN (a restarted replica sends clients to its siblings, not away).
+    pub fn subscribe_complete(&self) -> watch::Receiver<bool> {
+        self.complete_tx.subscribe()
+    }
+
     /// How long IPs restored from the state file stay reserved for imports not seen again.
     pub fn with_restore_grace(mut self, grace: Duration) -> Self {
         self.restore_grace = grace;
@@ -157,7 +198,15 @@ impl ImportSet {
         if let Some(rx) = &mut pins_rx {
             rx.mark_changed();
         }
+        let has_pins = pins_rx.is_some();
+        let mut local_complete = self.completion.as_ref().map(|c| c.local.clone());
+        let completion_bound =
+            tokio::time::sleep(self.completion.as_ref().map_or(Duration::ZERO, |c| c.bound));
+        tokio::pin!(completion_bound);
+        let mut bound_passed = false;
         loop {
+            // After every publish: is the snapshot complete now?
+            self.note_complete(has_pins, bound_passed);
             let expiry = self.state.next_reservation_expiry();
             // What changed, and how many updates changed the snapshot.
             let (changed, updates) = tokio::select! {
@@ -187,7 +236,23 @@ impl ImportSet {
                     // One batch: its new keys are allocated together, in key order.
                     let rx = &mut self.peers_rx;
                     let more = std::iter::from_fn(|| rx.try_recv().ok());
-                    self.state.apply_peers(std::iter::once(update).chain(more).take(MAX_BATCH))
+                    let completion = &mut self.completion;
+                    let batch = std::iter::once(update).chain(more).take(MAX_BATCH).inspect(|u| {
+                        if let (PeerUpdate::Exports(set), Some(c)) = (u, completion.as_mut()) {
+                            c.awaiting.remove(&set.cluster);
+                        }
+                    });
+                    self.state.apply_peers(batch)
+                }
+                r = changed_flag(&mut local_complete) => {
+                    if r.is_err() {
+                        local_complete = None;
+                    }
+                    continue;
+                }
+                () = &mut completion_bound, if !bound_passed && !*self.complete_tx.borrow() => {
+                    bound_passed = true;
+                    continue;
                 }
                 () = &mut startup, if self.state.is_starting() => {
                     (self.state.end_startup(), 0)
@@ -214,6 +279,28 @@ impl ImportSet {
                 }
             };
             self.publish(changed, updates);
+        }
+    }
+
+    /// Flags the snapshot complete once every input of [`Completion`] is in (never back).
+    fn note_complete(&mut self, has_pins: bool, bound_passed: bool) {
+        if *self.complete_tx.borrow() {
+            return;
+        }
+        let Some(c) = &self.completion else { return };
+        // The local set is in once the flag is up and no newer set waits to be applied.
+        let local = *c.local.borrow() && !self.local_rx.has_changed().unwrap_or(false);
+        let peers = c.awaiting.is_empty() || bound_passed;
+        let pins = !has_pins || *self.pins_applied.borrow();
+        if local && peers && pins && !self.state.is_starting() {
+            if !c.awaiting.is_empty() {
+                let missing: Vec<String> = c.awaiting.iter().map(ToString::to_string).collect();
+                tracing::info!(missing = %missing.join(", "), bound = ?c.bound,
+                    "import set complete without these peers' first exports");
+            } else {
+                tracing::debug!("import set complete");
+            }
+            self.complete_tx.send_replace(true);
         }
     }
 
@@ -250,6 +337,16 @@ async fn changed_pins(
             rx.changed().await?;
             Ok(rx.borrow_and_update().clone())
         }
+        None => std::future::pending().await,
+    }
+}
+
+/// The next change of `flag`, or never without one.
+async fn changed_flag(
+    flag: &mut Option<watch::Receiver<bool>>,
+) -> Result<(), watch::error::RecvError> {
+    match flag {
+        Some(rx) => rx.changed().await,
         None => std::future::pending().await,
     }
 }

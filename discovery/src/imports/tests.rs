@@ -906,3 +906,78 @@ async fn replicas_publish_the_same_clusterset_ips_whatever_order_peers_arrive_in
         tokio::time::timeout(Duration::from_secs(5), handle).await.unwrap().unwrap();
     }
 }
+
+/// Completeness (what the DNS server waits for before it answers NXDOMAIN): the local set
+/// after the first sync, then each awaited peer's first exports; a snapshot published before
+/// is not complete, and the one after the last input is. A peer that never comes stops
+/// mattering at the bound.
+#[tokio::test]
+async fn the_snapshot_is_complete_with_the_synced_local_set_and_every_peers_first_exports() {
+    let start = |peers: &[&str], bound: Duration| {
+        let (local_tx, local_rx) = watch::channel(set("east", 1, vec![]));
+        let (_validity_tx, validity_rx) = watch::channel(Arc::new(ValidityMap::new()));
+        let (peers_tx, peers_rx) = mpsc::channel(16);
+        let (synced_tx, synced_rx) = watch::channel(false);
+        let task = ImportSet::new(
+            cid("east"),
+            local_rx,
+            validity_rx,
+            peers_rx,
+            Allocator::open("242.1.0.0/16".parse().unwrap(), None).unwrap(),
+        )
+        .with_completion(synced_rx, peers.iter().map(|c| cid(c)), bound);
+        let (snaps, complete) = (task.subscribe(), task.subscribe_complete());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let handle = tokio::spawn(task.run(stop.clone()));
+        (local_tx, peers_tx, synced_tx, snaps, complete, stop, handle)
+    };
+    let wait = Duration::from_secs(5);
+    let settle = || tokio::time::sleep(Duration::from_millis(50));
+    let west = || {
+        PeerUpdate::Exports(set(
+            "west",
+            1,
+            vec![exported("west", "web", 1, ServiceType::ClusterSetIP, &["10.1.0.1"])],
+        ))
+    };
+
+    let (local_tx, peers_tx, synced_tx, snaps, mut complete, stop, handle) =
+        start(&["east", "west"], Duration::from_secs(60));
+    assert!(!*complete.borrow_and_update(), "not complete before anything came");
+    // The local set of the first sync, then its flag: west still missing.
+    local_tx.send_replace(set(
+        "east",
+        2,
+        vec![exported("east", "db", 5, ServiceType::ClusterSetIP, &["10.0.0.1"])],
+    ));
+    synced_tx.send_replace(true);
+    settle().await;
+    assert!(!*complete.borrow(), "west's first exports are still missing");
+    peers_tx.send(west()).await.unwrap();
+    tokio::time::timeout(wait, complete.wait_for(|c| *c)).await.unwrap().unwrap();
+    let s = snaps.borrow();
+    assert!(s.services.contains_key(&key("db")) && s.services.contains_key(&key("web")), "{s:?}");
+    drop(s);
+    stop.cancel();
+    tokio::time::timeout(wait, handle).await.unwrap().unwrap();
+
+    // West first, the local sync last; then a peer that never comes, past the bound.
+    let (_local_tx, peers_tx, synced_tx, _snaps, mut complete, stop, handle) =
+        start(&["west"], Duration::from_secs(60));
+    peers_tx.send(west()).await.unwrap();
+    settle().await;
+    assert!(!*complete.borrow(), "the local set is not synced yet");
+    synced_tx.send_replace(true);
+    tokio::time::timeout(wait, complete.wait_for(|c| *c)).await.unwrap().unwrap();
+    stop.cancel();
+    tokio::time::timeout(wait, handle).await.unwrap().unwrap();
+
+    let (_local_tx, _peers_tx, synced_tx, _snaps, mut complete, stop, handle) =
+        start(&["north"], Duration::from_millis(200));
+    synced_tx.send_replace(true);
+    settle().await;
+    assert!(!*complete.borrow(), "north is awaited until the bound");
+    tokio::time::timeout(wait, complete.wait_for(|c| *c)).await.unwrap().unwrap();
+    stop.cancel();
+    tokio::time::timeout(wait, handle).await.unwrap().unwrap();
+}
