@@ -510,13 +510,7 @@ fn publishing_records_metrics() {
         ));
         let (_validity_tx, validity_rx) = watch::channel(Arc::new(ValidityMap::new()));
         let (_peers_tx, peers_rx) = mpsc::channel(1);
-        let mut task = ImportSet::new(
-            cid("east"),
-            local_rx,
-            validity_rx,
-            peers_rx,
-            Allocator::open("242.1.0.0/16".parse().unwrap(), None).unwrap(),
-        );
+        let mut task = east_task(local_rx, validity_rx, peers_rx, "242.1.0.0/16");
         let changed = task.state.apply_peer(PeerUpdate::Exports(set(
             "west",
             1,
@@ -544,14 +538,8 @@ async fn task_follows_local_and_peer_updates() {
     let (validity_tx, validity_rx) =
         watch::channel(Arc::new(ValidityMap::from([(key("web"), Validity::Valid)])));
     let (peers_tx, peers_rx) = mpsc::channel(16);
-    let task = ImportSet::new(
-        cid("east"),
-        local_rx,
-        validity_rx,
-        peers_rx,
-        Allocator::open("242.1.0.0/16".parse().unwrap(), None).unwrap(),
-    )
-    .with_restore_grace(Duration::from_millis(10));
+    let task = east_task(local_rx, validity_rx, peers_rx, "242.1.0.0/16")
+        .with_restore_grace(Duration::from_millis(10));
     let mut snaps = task.subscribe();
     let mut statuses = task.subscribe_status();
     let first = Arc::clone(&snaps.borrow_and_update());
@@ -679,14 +667,8 @@ async fn the_task_takes_pins_and_says_when_they_are_in_a_snapshot() {
     let (_validity_tx, validity_rx) = watch::channel(Arc::new(ValidityMap::new()));
     let (_peers_tx, peers_rx) = mpsc::channel(16);
     let (pins_tx, pins_rx) = watch::channel(None);
-    let task = ImportSet::new(
-        cid("east"),
-        local_rx,
-        validity_rx,
-        peers_rx,
-        Allocator::open("242.1.0.0/16".parse().unwrap(), None).unwrap(),
-    )
-    .with_pins(pins_rx, PinsOutsideRange::Ignore);
+    let task = east_task(local_rx, validity_rx, peers_rx, "242.1.0.0/16")
+        .with_pins(pins_rx, PinsOutsideRange::Ignore);
     let mut snaps = task.subscribe();
     let mut applied = task.subscribe_pins_applied();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -849,14 +831,8 @@ async fn replicas_publish_the_same_clusterset_ips_whatever_order_peers_arrive_in
         ));
         let (_validity_tx, validity_rx) = watch::channel(Arc::new(ValidityMap::new()));
         let (peers_tx, peers_rx) = mpsc::channel(16);
-        let task = ImportSet::new(
-            cid("east"),
-            local_rx,
-            validity_rx,
-            peers_rx,
-            Allocator::open("242.1.0.0/27".parse().unwrap(), None).unwrap(),
-        )
-        .with_startup_hold(peers.iter().map(|c| cid(c)), bound);
+        let task = east_task(local_rx, validity_rx, peers_rx, "242.1.0.0/27")
+            .with_startup_hold(peers.iter().map(|c| cid(c)), bound);
         let snaps = task.subscribe();
         let stop = tokio_util::sync::CancellationToken::new();
         let handle = tokio::spawn(task.run(stop.clone()));
@@ -918,14 +894,11 @@ async fn the_snapshot_is_complete_with_the_synced_local_set_and_every_peers_firs
         let (_validity_tx, validity_rx) = watch::channel(Arc::new(ValidityMap::new()));
         let (peers_tx, peers_rx) = mpsc::channel(16);
         let (synced_tx, synced_rx) = watch::channel(false);
-        let task = ImportSet::new(
-            cid("east"),
-            local_rx,
-            validity_rx,
-            peers_rx,
-            Allocator::open("242.1.0.0/16".parse().unwrap(), None).unwrap(),
-        )
-        .with_completion(synced_rx, peers.iter().map(|c| cid(c)), bound);
+        let task = east_task(local_rx, validity_rx, peers_rx, "242.1.0.0/16").with_completion(
+            synced_rx,
+            peers.iter().map(|c| cid(c)),
+            bound,
+        );
         let (snaps, complete) = (task.subscribe(), task.subscribe_complete());
         let stop = tokio_util::sync::CancellationToken::new();
         let handle = tokio::spawn(task.run(stop.clone()));
@@ -980,4 +953,15 @@ async fn the_snapshot_is_complete_with_the_synced_local_set_and_every_peers_firs
     tokio::time::timeout(wait, complete.wait_for(|c| *c)).await.unwrap().unwrap();
     stop.cancel();
     tokio::time::timeout(wait, handle).await.unwrap().unwrap();
+}
+
+/// The import task of `east` over the given channels, allocating from `range`.
+fn east_task(
+    local_rx: watch::Receiver<Arc<ExportSet>>,
+    validity_rx: watch::Receiver<Arc<ValidityMap>>,
+    peers_rx: mpsc::Receiver<PeerUpdate>,
+    range: &str,
+) -> ImportSet {
+    let alloc = Allocator::open(range.parse().unwrap(), None).unwrap();
+    ImportSet::new(cid("east"), local_rx, validity_rx, peers_rx, alloc)
 }
