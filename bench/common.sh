@@ -25,7 +25,10 @@ release_fedgate() {
   else
     echo "building fedgate (release; the first build takes several minutes)" >&2
     (cd "$root" && cargo build --release -q -p fedgate)
-    bin=$root/target/release/fedgate
+    # Where cargo put it: $CARGO_TARGET_DIR (relative to the checkout) or target/.
+    local dir=${CARGO_TARGET_DIR:-target}
+    [[ $dir == /* ]] || dir=$root/$dir
+    bin=$dir/release/fedgate
   fi
 }
 

@@ -21,13 +21,7 @@ HOLD=${HOLD:-60}
 TARGET_MB=150
 
 scratch
-if [[ -n ${FEDGATE_BIN:-} ]]; then
-  bin=$(realpath "$FEDGATE_BIN")
-else
-  echo "building fedgate (release; the first build takes several minutes)" >&2
-  (cd "$root" && cargo build --release -q -p fedgate --bin fedgate)
-  bin=${CARGO_TARGET_DIR:-$root/target}/release/fedgate
-fi
+release_fedgate
 "$bin" certs ca --clusterset mem --out "$work/certs" >/dev/null
 "$bin" certs issue --ca "$work/certs" --cluster alpha --clusterset mem --out "$work/certs" >/dev/null
 
