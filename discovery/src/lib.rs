@@ -19,3 +19,14 @@ pub mod objects;
 pub mod peers;
 pub mod source;
 pub mod yaml;
+
+/// The next change of an optional flag (`Err` once its sender is gone); never resolves
+/// without one. For `select!` loops that follow a flag only when they were given one.
+pub(crate) async fn flag_changed(
+    flag: &mut Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match flag {
+        Some(f) => f.changed().await,
+        None => std::future::pending().await,
+    }
+}

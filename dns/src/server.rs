@@ -282,21 +282,17 @@ async fn update_zones(
                 }
                 zones.apply_cluster(&mut cluster_rx);
             }
-            done = wait_complete(&mut complete_rx) => {
+            // Complete, or the import set stopped first (then we answer with what we have).
+            _ = wait_complete(&mut complete_rx) => {
                 complete_rx = None;
-                if done {
-                    if imports_rx.has_changed().unwrap_or(false) {
-                        zones.apply_imports(&mut imports_rx);
-                    }
-                    if cluster_rx.has_changed().unwrap_or(false) {
-                        zones.apply_cluster(&mut cluster_rx);
-                    }
-                    zones.handler.set_complete(true);
-                    tracing::info!(names = zones.table.len(), "dns zones complete: unknown names get NXDOMAIN");
-                } else {
-                    // The import set stopped before it was complete: answer what we have.
-                    zones.handler.set_complete(true);
+                if imports_rx.has_changed().unwrap_or(false) {
+                    zones.apply_imports(&mut imports_rx);
                 }
+                if cluster_rx.has_changed().unwrap_or(false) {
+                    zones.apply_cluster(&mut cluster_rx);
+                }
+                zones.handler.set_complete(true);
+                tracing::info!(names = zones.table.len(), "dns zones complete: unknown names get NXDOMAIN");
             }
         }
     }
@@ -305,12 +301,12 @@ async fn update_zones(
     Ok(())
 }
 
-/// Resolves once `complete` is true (`true`) or its sender is gone (`false`); never without
-/// one or once complete.
-async fn wait_complete(complete: &mut Option<watch::Receiver<bool>>) -> bool {
+/// Resolves once `complete` is true or its sender is gone; never without one.
+async fn wait_complete(complete: &mut Option<watch::Receiver<bool>>) {
     match complete {
-        Some(rx) if !*rx.borrow() => rx.wait_for(|c| *c).await.is_ok(),
-        Some(_) => true,
+        Some(rx) => {
+            let _ = rx.wait_for(|c| *c).await;
+        }
         None => std::future::pending().await,
     }
 }

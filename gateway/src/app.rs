@@ -169,6 +169,9 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         peer_rx,
         alloc,
     );
+    // How long start-up waits for peers' first exports: the `peers` readiness, the file-mode
+    // allocation batch and the import set's completeness (DNS) share it.
+    let peers_bound = readiness::PEERS_SYNC_BOUND.min(cfg.discovery.peer_lease_duration);
     // Replicas (issue 19): one writer, elected; every replica serves what it wrote.
     let election = kube_client.as_ref().map(|(client, exports)| {
         let le = &cfg.discovery.kube.leader_election;
@@ -186,10 +189,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     } else {
         // File mode: no writer; replicas agree by allocating peers' first imports together, in
         // key order, once every peer sent them (at most the `peers` readiness bound).
-        imports = imports.with_startup_hold(
-            cfg.peers.iter().map(|p| p.id.clone()),
-            readiness::PEERS_SYNC_BOUND.min(cfg.discovery.peer_lease_duration),
-        );
+        imports = imports.with_startup_hold(cfg.peers.iter().map(|p| p.id.clone()), peers_bound);
     }
     // The import set is complete once it holds the local exports after the first sync, every
     // peer's first exports (at most the `peers` readiness bound) and the writer's addresses:
@@ -197,7 +197,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     imports = imports.with_completion(
         local_exports.complete(),
         cfg.peers.iter().map(|p| p.id.clone()),
-        readiness::PEERS_SYNC_BOUND.min(cfg.discovery.peer_lease_duration),
+        peers_bound,
     );
     let import_rx = imports.subscribe();
     let front_kube = match cfg.front.mode {
@@ -358,7 +358,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     let peers_ready = Box::pin(readiness::ready_when_peers_synced(
         ready.register("peers"),
         peers.status(),
-        readiness::PEERS_SYNC_BOUND.min(cfg.discovery.peer_lease_duration),
+        peers_bound,
     ));
     let admin_state = AdminState {
         ready: ready.clone(),

@@ -151,7 +151,7 @@ async fn stream_updates(
                 last = current;
                 update
             }
-            changed = flag_changed(&mut draining), if draining.is_some() => {
+            changed = crate::flag_changed(&mut draining), if draining.is_some() => {
                 if changed.is_err() {
                     draining = None;
                     continue;
@@ -164,16 +164,6 @@ async fn stream_updates(
         if tx.send(Ok(update)).await.is_err() {
             return;
         }
-    }
-}
-
-/// Waits for a change of the draining flag; never resolves once the sender is gone.
-async fn flag_changed(
-    flag: &mut Option<watch::Receiver<bool>>,
-) -> Result<(), watch::error::RecvError> {
-    match flag {
-        Some(f) => f.changed().await,
-        None => std::future::pending().await,
     }
 }
 

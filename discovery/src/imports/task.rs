@@ -244,7 +244,7 @@ impl ImportSet {
                     });
                     self.state.apply_peers(batch)
                 }
-                r = changed_flag(&mut local_complete) => {
+                r = crate::flag_changed(&mut local_complete) => {
                     if r.is_err() {
                         local_complete = None;
                     }
@@ -337,16 +337,6 @@ async fn changed_pins(
             rx.changed().await?;
             Ok(rx.borrow_and_update().clone())
         }
-        None => std::future::pending().await,
-    }
-}
-
-/// The next change of `flag`, or never without one.
-async fn changed_flag(
-    flag: &mut Option<watch::Receiver<bool>>,
-) -> Result<(), watch::error::RecvError> {
-    match flag {
-        Some(rx) => rx.changed().await,
         None => std::future::pending().await,
     }
 }
