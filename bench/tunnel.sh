@@ -1,38 +1,66 @@
 #!/usr/bin/env bash
-# Tunnel benchmark (issue 3 item 9): one TCP stream (iperf3) and 1 KB request/response
-# latency, each through four paths on loopback, in one invocation:
-#   direct     client -> server
-#   fedgate    client -> gateway A (ClusterSetIP) -> QUIC mTLS -> gateway B -> server
-#   stunnel    client -> stunnel4 client -> mutual TLS -> stunnel4 server -> server
-#   haproxy    client -> haproxy -> TLS (client cert, verify required both ways) -> haproxy -> server
-# plus CPU seconds per GB moved (utime+stime of both proxy processes, from /proc/<pid>/stat).
-# Targets: fedgate throughput >= 1.2x stunnel; fedgate added p99 <= haproxy added p99.
+# Tunnel benchmark (issue 20; issue 3 item 9 before it): in one invocation, on loopback, TCP
+# throughput (one stream and 8), proxy CPU per GB, the QUIC-only ceiling against quinn's own
+# perf tool, and 1 KB request/response latency, printed as a table of figures per path and a
+# table of issue 20's targets with verdicts. Paths:
+#   direct            client -> server
+#   fedgate-1452      client -> gateway A (ClusterSetIP) -> QUIC mTLS -> gateway B -> server,
+#                     pinned to tunnel.maxUdpPayloadSize 1452 (a 1500-byte Ethernet path): the headline
+#   fedgate-jumbo     the same with the defaults: path MTU discovery up to 8952, which loopback
+#                     carries as a jumbo-frame network does
+#   fedgate-busypoll  the defaults plus traffic.busyPoll: 200us (and dataPlaneThreads: 1, which
+#                     busy polling needs; off by default, it trades CPU for latency); one stream only
+#   fedgate-1452-dp1  the 1452 pair with traffic.dataPlaneThreads: 1 } 8 streams only: does
+#   fedgate-1452-dp2  the 1452 pair with traffic.dataPlaneThreads: 2 } throughput rise with threads?
+#   stunnel           client -> stunnel4 client -> mutual TLS -> stunnel4 server -> server
+#   haproxy           client -> haproxy -> TLS (client cert, verify required both ways) -> haproxy -> server
+# Every other pair leaves traffic.dataPlaneThreads at its default.
+#   throughput  iperf3 -t DURATION, one TCP stream and -P 8 (STREAMS), REPEAT rounds with the
+#               paths interleaved in each; CPU s/GB = utime+stime of both proxy processes
+#               (/proc/<pid>/stat, all threads) during those runs over GB received
+#   ceiling     fedgate's own (tunnel/examples/quic_ceiling.rs 1452 CEIL_GB: two TunnelEndpoints,
+#               one stream, no TCP) against quinn-perf (../shared/tools/quinn-perf, built against
+#               the quinn release in Cargo.lock; one connection, one stream, encrypted,
+#               --max-udp-payload-size 1452), CEIL_REPEAT rounds, the two back to back
+#   latency     rr.py (1 KB request, 1 KB echo, one connection), LAT_REPEAT rounds of ROUNDS round
+#               trips with every path interleaved in each round, so that a noisy moment on this
+#               shared machine hits every path rather than one
+# Targets (issue 20): 1452 one stream and 8 >= 1.0x stunnel; jumbo one stream >= 1.2x stunnel;
+# 1452 CPU s/GB <= stunnel's; ceiling >= 0.9x quinn-perf; 8 streams faster with 2 data-plane
+# threads than with 1; with the defaults p50 and added p99 at or below the better of stunnel and
+# haproxy in most latency rounds.
 # Baselines come from Debian packages (iperf3, stunnel4, haproxy; installed when missing).
 # All proxies use the same ECDSA P-256 certificates from `fedgate certs`.
 #
-#   bench/tunnel.sh          # 10 s iperf3 per path; 5 rounds of 10000 round trips, paths interleaved
-#   DURATION=5 ROUNDS=5000 REPEAT=3 LAT_REPEAT=7 bench/tunnel.sh
-#   PROFILE=1 bench/tunnel.sh                    # + perf profile of both gateways under iperf3
-#   PROFILE=1 PROFILE_PATH=fedgate-1452 bench/tunnel.sh    # ... of the pair pinned to 1452
+#   bench/tunnel.sh          # 10 s iperf3 runs; 2 ceiling rounds; 5 rounds of 10000 round trips
+#   DURATION=3 ROUNDS=2000 LAT_REPEAT=2 CEIL_REPEAT=1 bench/tunnel.sh    # a quick look
+#   REPEAT=3 LAT_REPEAT=7 bench/tunnel.sh
+#   STREAMS=1 bench/tunnel.sh                    # one stream only (STREAMS="1 8" by default)
+#   PROFILE=1 bench/tunnel.sh                    # + perf profile of the fedgate-1452 gateways under iperf3
+#   PROFILE=1 PROFILE_PATH=fedgate-jumbo PROFILE_STREAMS=8 bench/tunnel.sh   # ... of another pair
 #   PROFILE=1 PERF_CALLGRAPH=dwarf PERF_FREQ=199 PERF_OUT=/tmp/fg.data bench/tunnel.sh  # keep it
-#   FEDGATE_BIN=target/release/fedgate bench/tunnel.sh   # skip the cargo build
-# fedgate runs twice: with the defaults (path MTU discovery up to tunnel.maxUdpPayloadSize
-# 8952; loopback carries it, as a jumbo-frame network does), and pinned to 1452 bytes, what a
-# 1500-byte Ethernet path allows, "fedgate-1452". Each pair prints the path MTU it settled on.
-# A third pair, "fedgate-busypoll", runs the defaults plus traffic.busyPoll: 200us (off by
-# default; it trades CPU for latency, docs/configuration.md).
+#   FEDGATE_BIN=target/release/fedgate bench/tunnel.sh   # skip the fedgate build
+#   QUIC_CEILING_BIN=.../examples/quic_ceiling QUINN_PERF_BIN=.../quinn-perf   # skip those builds
+#   QUINN_PERF_SRC (../shared/tools/quinn-perf beside the checkout), QUINN_PERF_TARGET (its
+#   cargo target dir, $CARGO_TARGET_DIR/quinn-perf or target/quinn-perf)
+# The builds use $CARGO_TARGET_DIR when set, like cargo. A ceiling tool that does not build or
+# run is reported as NOT MEASURED (with the reason) rather than ending the run.
 set -euo pipefail
 
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-10000}
 REPEAT=${REPEAT:-1}
 LAT_REPEAT=${LAT_REPEAT:-5}
+CEIL_REPEAT=${CEIL_REPEAT:-2}
+CEIL_GB=${CEIL_GB:-4}
+STREAMS=${STREAMS:-1 8}
 PROFILE=${PROFILE:-0}
 root=$(cd "$(dirname "$0")/.." && pwd)
 here=$root/bench/tunnel
 # shellcheck source=bench/tunnel/common.sh
 . "$here/common.sh"
 scratch
+started=$(date +%s)
 
 need=()
 command -v iperf3 >/dev/null || need+=(iperf3)
@@ -48,7 +76,58 @@ if ((${#need[@]})); then
 fi
 STUNNEL=$(command -v stunnel4 || command -v stunnel)
 
+# --- builds (all before any measurement) ---------------------------------------------------
 release_fedgate
+target_dir=${CARGO_TARGET_DIR:-target}
+[[ $target_dir == /* ]] || target_dir=$root/$target_dir
+# quic_ceiling: this checkout's tunnel example, release, same target directory.
+ceiling_bin=${QUIC_CEILING_BIN:-}
+if [[ -z $ceiling_bin ]]; then
+  echo "building quic_ceiling (release, fedgate-tunnel --features test-util)" >&2
+  if (cd "$root" && cargo build --release -q -p fedgate-tunnel --features test-util --example quic_ceiling) >"$work/ceiling-build.log" 2>&1; then
+    ceiling_bin=$target_dir/release/examples/quic_ceiling
+  else
+    tail -n 5 "$work/ceiling-build.log" >&2
+    echo "quic_ceiling did not build (cargo build -p fedgate-tunnel --features test-util --example quic_ceiling)" >"$work/ceil.fedgate.err"
+  fi
+fi
+# lock_version LOCKFILE CRATE: the version of CRATE that LOCKFILE resolved.
+lock_version() { awk -v n="name = \"$2\"" '$0 == n { getline; gsub(/version = |"/, ""); print; exit }' "$1"; }
+# quinn-perf, built against the quinn release fedgate uses: when its own lockfile resolves
+# another, a writable copy of its sources with quinn pinned (cargo update --precise).
+qp_src=${QUINN_PERF_SRC:-$root/../shared/tools/quinn-perf}
+qp_bin=${QUINN_PERF_BIN:-}
+quinn=$(lock_version "$root/Cargo.lock" quinn)
+quinn_proto=$(lock_version "$root/Cargo.lock" quinn-proto)
+if [[ -z $qp_bin ]]; then
+  qp_target=${QUINN_PERF_TARGET:-$target_dir/quinn-perf}
+  qp_manifest=$qp_src/Cargo.toml
+  if [[ ! -f $qp_manifest ]]; then
+    echo "no quinn-perf sources at $qp_src (QUINN_PERF_SRC)" >"$work/ceil.quinn-perf.err"
+  else
+    if [[ $(lock_version "$qp_src/Cargo.lock" quinn) != "$quinn" ]]; then
+      rm -rf "$qp_target/src" && mkdir -p "$qp_target" && cp -r "$qp_src" "$qp_target/src" && chmod -R u+w "$qp_target/src"
+      qp_manifest=$qp_target/src/Cargo.toml
+      cargo update -q --manifest-path "$qp_manifest" -p quinn --precise "$quinn" >"$work/qp-build.log" 2>&1 || true
+    fi
+    echo "building quinn-perf (release, $qp_target)" >&2
+    if cargo build --release -q --manifest-path "$qp_manifest" --target-dir "$qp_target" >>"$work/qp-build.log" 2>&1; then
+      qp_bin=$qp_target/release/quinn-perf
+      qp_lock=$(dirname "$qp_manifest")/Cargo.lock
+    else
+      tail -n 5 "$work/qp-build.log" >&2
+      echo "quinn-perf did not build (cargo build --manifest-path $qp_manifest)" >"$work/ceil.quinn-perf.err"
+    fi
+  fi
+fi
+# The quinn releases on either side, for the table (fedgate's quinn-proto carries a vendor/ patch).
+qp_versions="quinn $(lock_version "${qp_lock:-/dev/null}" quinn), quinn-proto $(lock_version "${qp_lock:-/dev/null}" quinn-proto)"
+if [[ $qp_versions == "quinn $quinn, quinn-proto $quinn_proto" ]]; then
+  echo "both quinn $quinn, quinn-proto $quinn_proto (fedgate's patched, vendor/)" >"$work/ceil.note"
+else
+  echo "quinn-perf: ${qp_versions//quinn , quinn-proto /versions unknown (QUINN_PERF_BIN)}; fedgate: quinn $quinn, quinn-proto $quinn_proto (patched, vendor/)" >"$work/ceil.note"
+fi
+
 tck=$(getconf CLK_TCK)
 # utime+stime (clock ticks) of the given pids, summed over all their threads.
 cpu_ticks() {
@@ -80,44 +159,48 @@ wait_tcp "$SRV" "$ECHO_PORT" echo
 
 # --- PKI (shared by every proxy) -----------------------------------------------------------
 "$bin" certs ca --clusterset bench --out "$work/certs" >/dev/null
-for c in a b c d e f; do "$bin" certs issue --ca "$work/certs" --cluster "$c" --out "$work/certs" >/dev/null; done
+for c in a b c d e f g h i j; do "$bin" certs issue --ca "$work/certs" --cluster "$c" --out "$work/certs" >/dev/null; done
 C=$work/certs
 for c in a b; do cat "$C/$c.crt" "$C/$c.key" >"$C/$c.pem"; done
 
 # --- fedgate A -> QUIC -> fedgate B --------------------------------------------------------
-# pair NAME-A NAME-B IP-A IP-B VIP-OCTET-A VIP-OCTET-B MAX-UDP-PAYLOAD [BUSY-POLL]: two gateways, B exports
-# bench/bench (the servers), A imports it; sets VIP to its ClusterSetIP on A and PIDS_PAIR.
+# pair PATH NAME-A NAME-B IP-A IP-B VIP-OCTET-A VIP-OCTET-B MAX-UDP-PAYLOAD [DATA-PLANE-THREADS
+# [BUSY-POLL]]: two gateways, B exports bench/bench (the servers), A imports it; records the
+# path's ClusterSetIP, proxy pids and A's admin address in VIP, PPIDS and ADMIN.
+declare -A VIP PPIDS ADMIN
 pair() {
-  local a=$1 b=$2 ipa=$3 ipb=$4 ta tb g
+  local path=$1 a=$2 b=$3 ipa=$4 ipb=$5 ta tb g vip
   ta=$(free_udp); tb=$(free_udp)
-  gateway "$a" "$ipa" "$ta" "$b" "$ipb" "$tb" "$5" "$7" "" "${8:-}"
-  gateway "$b" "$ipb" "$tb" "$a" "$ipa" "$ta" "$6" "$7" "" "${8:-}"
+  gateway "$a" "$ipa" "$ta" "$b" "$ipb" "$tb" "$6" "$8" "${9:-}" "${10:-}"
+  gateway "$b" "$ipb" "$tb" "$a" "$ipa" "$ta" "$7" "$8" "${9:-}" "${10:-}"
   bench_export "$work/$b"
-  PIDS_PAIR=""
+  PPIDS[$path]=""
   for g in "$a" "$b"; do
     start_gateway "$work/$g"
-    PIDS_PAIR="$PIDS_PAIR ${pids[-1]}"
+    PPIDS[$path]="${PPIDS[$path]} ${pids[-1]}"
   done
-  local admin_a
-  admin_a=$(awk -F'"' '/^admin:/ {print $2}' "$work/$a/gateway.yaml")
-  VIP=$(wait_import_ip "$admin_a" bench bench)
-  ADMIN_PAIR=$admin_a
-  [[ -n $VIP ]] || { echo "gateway $a never imported bench/bench; logs:" >&2; tail -n 20 "$work/$a.log" "$work/$b.log" >&2; exit 1; }
+  ADMIN[$path]=$(awk -F'"' '/^admin:/ {print $2}' "$work/$a/gateway.yaml")
+  vip=$(wait_import_ip "${ADMIN[$path]}" bench bench)
+  [[ -n $vip ]] || { echo "gateway $a ($path) never imported bench/bench; logs:" >&2; tail -n 20 "$work/$a.log" "$work/$b.log" >&2; exit 1; }
+  VIP[$path]=$vip
+}
+# pair_ready PATH: waits until an echo round trip goes through the pair.
+pair_ready() {
   for _ in $(seq 1 100); do
-    python3 "$here/rr.py" "$VIP" "$ECHO_PORT" 10 0 >/dev/null 2>&1 && break
+    python3 "$here/rr.py" "${VIP[$1]}" "$ECHO_PORT" 10 0 >/dev/null 2>&1 && return 0
     sleep 0.2
   done
-  python3 "$here/rr.py" "$VIP" "$ECHO_PORT" 10 0 >/dev/null || { echo "no echo through fedgate ($VIP)" >&2; tail -n 20 "$work/$a.log" "$work/$b.log" >&2; exit 1; }
+  echo "no echo through $1 (${VIP[$1]})" >&2
+  tail -n 20 "$work"/*.log >&2
+  exit 1
 }
-# Defaults (path MTU discovery up to 8952) ...
-pair a b 127.0.0.21 127.0.0.22 21 22 ""
-VIP_FG=$VIP; PIDS_FG=$PIDS_PAIR; ADMIN_FG=$ADMIN_PAIR
-# ... and pinned to a 1500-byte Ethernet path (tunnel.maxUdpPayloadSize 1452).
-pair c d 127.0.0.23 127.0.0.24 23 24 1452
-VIP_J=$VIP; PIDS_J=$PIDS_PAIR; ADMIN_J=$ADMIN_PAIR
-# ... and the defaults with busy polling.
-pair e f 127.0.0.25 127.0.0.26 25 26 "" 200us
-VIP_BP=$VIP; PIDS_BP=$PIDS_PAIR; ADMIN_BP=$ADMIN_PAIR
+pair fedgate-1452 a b 127.0.0.21 127.0.0.22 21 22 1452
+pair fedgate-jumbo c d 127.0.0.23 127.0.0.24 23 24 ""
+pair fedgate-busypoll e f 127.0.0.25 127.0.0.26 25 26 "" 1 200us
+pair fedgate-1452-dp1 g h 127.0.0.27 127.0.0.28 27 28 1452 1
+pair fedgate-1452-dp2 i j 127.0.0.29 127.0.0.30 29 30 1452 2
+fedgate_paths=(fedgate-1452 fedgate-jumbo fedgate-busypoll fedgate-1452-dp1 fedgate-1452-dp2)
+for p in "${fedgate_paths[@]}"; do pair_ready "$p"; done
 
 # --- stunnel4 two-hop mutual TLS -----------------------------------------------------------
 S1=127.0.0.31; S2=127.0.0.32
@@ -141,37 +224,76 @@ wait_tcp "$H2" "$HE2" "haproxy server"
 # path -> "host iperf-port echo-port proxy-pids"
 declare -A target=(
   [direct]="$SRV $IPERF_PORT $ECHO_PORT"
-  [fedgate]="$VIP_FG $IPERF_PORT $ECHO_PORT $PIDS_FG"
-  [fedgate-1452]="$VIP_J $IPERF_PORT $ECHO_PORT $PIDS_J"
-  [fedgate-busypoll]="$VIP_BP $IPERF_PORT $ECHO_PORT $PIDS_BP"
   [stunnel]="$S1 $SI1 $SE1 $PID_S1 $PID_S2"
   [haproxy]="$H1 $HI1 $HE1 $PID_H1 $PID_H2"
 )
-paths=(direct fedgate fedgate-1452 fedgate-busypoll stunnel haproxy)
-echo "iperf3 ${DURATION}s x $REPEAT per path, then $LAT_REPEAT rounds of $ROUNDS x 1 KB round trips through every path (fedgate VIPs $VIP_FG, $VIP_J, $VIP_BP)"
-for p in "${paths[@]}"; do
-  read -r host iport eport ppids <<<"${target[$p]}"
-  # shellcheck disable=SC2086
-  for r in $(seq 1 "$REPEAT"); do
-    t0=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
-    d0=$(udp_drops)
-    iperf3 -c "$host" -p "$iport" -t "$DURATION" -J >"$work/iperf.$p.$r.json" ||
-      { echo "iperf3 through $p failed" >&2; cat "$work/iperf.$p.$r.json" >&2; exit 1; }
-    t1=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
-    drops=$(($(udp_drops) - d0))
-    python3 - "$work/iperf.$p.$r.json" "$((t1 - t0))" "$tck" >>"$work/tput.$p" <<'PY'
+for p in "${fedgate_paths[@]}"; do target[$p]="${VIP[$p]} $IPERF_PORT $ECHO_PORT ${PPIDS[$p]}"; done
+# Throughput through every path with one stream; with several, the busy-polling pair gives
+# way to the data-plane-thread pairs (busy polling is for latency, not a throughput setting).
+tput_paths() { # STREAMS
+  echo direct fedgate-1452 fedgate-jumbo
+  if (($1 > 1)); then echo fedgate-1452-dp1 fedgate-1452-dp2; else echo fedgate-busypoll; fi
+  echo stunnel haproxy
+}
+lat_paths=(direct fedgate-1452 fedgate-jumbo fedgate-busypoll stunnel haproxy)
+echo "iperf3 ${DURATION}s with ${STREAMS// /, } stream(s), $REPEAT interleaved round(s); $CEIL_REPEAT ceiling round(s); then $LAT_REPEAT rounds of $ROUNDS x 1 KB round trips through every path"
+for r in $(seq 1 "$REPEAT"); do
+  for n in $STREAMS; do
+    for p in $(tput_paths "$n"); do
+      read -r host iport eport ppids <<<"${target[$p]}"
+      # shellcheck disable=SC2086
+      t0=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
+      d0=$(udp_drops)
+      # A failed run is reported (and its row NOT MEASURED) rather than ending the benchmark.
+      if ! iperf3 -c "$host" -p "$iport" -t "$DURATION" -P "$n" -J >"$work/iperf.$p.$n.$r.json"; then
+        why=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("error", "?"))' "$work/iperf.$p.$n.$r.json" 2>/dev/null || echo "?")
+        echo "iperf3 -P $n through $p failed in run $r: $why" | tee -a "$work/tput.$p.$n.err" >&2
+        tail -n 3 "$work"/*.log 2>/dev/null | grep -iE 'warn|error' | tail -n 4 >&2 || true
+        continue
+      fi
+      # shellcheck disable=SC2086
+      t1=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
+      drops=$(($(udp_drops) - d0))
+      python3 - "$work/iperf.$p.$n.$r.json" "$((t1 - t0))" "$tck" >>"$work/tput.$p.$n" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))
 s = j["end"]["sum_received"]
 print(s["bits_per_second"] / 1e9, s["bytes"], int(sys.argv[2]) / int(sys.argv[3]))
 PY
-    printf '  %-16s run %d: %s\n' "$p" "$r" "$(tail -n1 "$work/tput.$p" | awk '{printf "%.2f Gb/s, %.2f GB, proxy CPU %.2f s", $1, $2/1e9, $3}'), UDP rcvbuf drops $drops"
+      printf '  %-17s %d stream(s), run %d: %s\n' "$p" "$n" "$r" "$(tail -n1 "$work/tput.$p.$n" | awk '{printf "%.2f Gb/s, %.2f GB, proxy CPU %.2f s", $1, $2/1e9, $3}'), UDP rcvbuf drops $drops"
+    done
   done
 done
-# Latency: LAT_REPEAT rounds, the paths interleaved inside each round, so that a noisy moment
-# on this shared machine hits every path rather than one.
+
+# The QUIC-only ceiling, fedgate's and quinn-perf's back to back (the gateways sit idle).
+if [[ -n $qp_bin ]]; then
+  qp_port=$(free_udp)
+  "$qp_bin" server --listen "127.0.0.1:$qp_port" --max-udp-payload-size 1452 >"$work/quinn-perf-server.log" 2>&1 & pids+=($!); qp_pid=$!
+  sleep 0.5
+fi
+for r in $(seq 1 "$CEIL_REPEAT"); do
+  if [[ -n $ceiling_bin && ! -s $work/ceil.fedgate.err ]]; then
+    if "$ceiling_bin" 1452 "$CEIL_GB" >"$work/ceiling.$r.log" 2>&1; then
+      sed -nE 's/.* ([0-9.]+) Gb\/s, ([0-9.]+) CPU s\/GB.*/\1 \2/p' "$work/ceiling.$r.log" | tail -n1 >>"$work/ceil.fedgate"
+      printf '  %-17s ceiling run %d: %s\n' quic_ceiling "$r" "$(tail -n1 "$work/ceiling.$r.log")"
+    else
+      tail -n 5 "$work/ceiling.$r.log" >&2
+      echo "quic_ceiling failed: $(tail -n1 "$work/ceiling.$r.log")" >"$work/ceil.fedgate.err"
+    fi
+  fi
+  if [[ -n $qp_bin && ! -s $work/ceil.quinn-perf.err ]]; then
+    if python3 "$here/quinn_perf.py" "$qp_bin" "$qp_pid" "127.0.0.1:$qp_port" "$DURATION" 1452 "$work/quinn-perf.$r" >>"$work/ceil.quinn-perf" 2>"$work/quinn-perf.$r.err"; then
+      printf '  %-17s ceiling run %d: %s\n' quinn-perf "$r" "$(tail -n1 "$work/ceil.quinn-perf" | awk '{printf "%.2f Gb/s, %.2f CPU s/GB (both ends), current_mtu %s", $1, $3/($2/1e9), $4}')"
+    else
+      cat "$work/quinn-perf.$r.err" >&2
+      echo "quinn-perf failed: $(tail -n1 "$work/quinn-perf.$r.err")" >"$work/ceil.quinn-perf.err"
+    fi
+  fi
+done
+
+# Latency: LAT_REPEAT rounds, the paths interleaved inside each round.
 for r in $(seq 1 "$LAT_REPEAT"); do
-  for p in "${paths[@]}"; do
+  for p in "${lat_paths[@]}"; do
     read -r host iport eport ppids <<<"${target[$p]}"
     # shellcheck disable=SC2086
     t0=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
@@ -181,66 +303,33 @@ for r in $(seq 1 "$LAT_REPEAT"); do
     t1=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
     # Proxy CPU per round trip (warm-up included in both the ticks and the count).
     python3 -c "print($((t1 - t0)) / $tck / ($ROUNDS + 500) * 1e6)" >>"$work/rrcpu.$p"
-    printf '  %-16s latency round %d: p50 %s us, p99 %s us, proxy CPU %.1f us per round trip\n' "$p" "$r" "$(tail -n1 "$work/lat.$p" | awk '{print $1}')" "$(tail -n1 "$work/lat.$p" | awk '{print $2}')" "$(tail -n1 "$work/rrcpu.$p")"
+    printf '  %-17s latency round %d: p50 %s us, p99 %s us, proxy CPU %.1f us per round trip\n' "$p" "$r" "$(tail -n1 "$work/lat.$p" | awk '{print $1}')" "$(tail -n1 "$work/lat.$p" | awk '{print $2}')" "$(tail -n1 "$work/rrcpu.$p")"
   done
 done
 
-python3 - "$work" "$DURATION" "$ROUNDS" "$REPEAT" "$LAT_REPEAT" <<'PY'
-import statistics, sys
-work, duration, rounds, repeat, lat_repeat = sys.argv[1:6]
-paths = ["direct", "fedgate", "fedgate-1452", "fedgate-busypoll", "stunnel", "haproxy"]
-row = {}
-for p in paths:
-    runs = [tuple(map(float, l.split())) for l in open(f"{work}/tput.{p}")]
-    gbps = statistics.median(r[0] for r in runs)
-    gb = sum(r[1] for r in runs) / 1e9
-    cpu = sum(r[2] for r in runs)
-    lat = [tuple(map(float, l.split())) for l in open(f"{work}/lat.{p}")]
-    p50 = statistics.median(x[0] for x in lat)
-    p99 = statistics.median(x[1] for x in lat)
-    rr_cpu = statistics.median(float(l) for l in open(f"{work}/rrcpu.{p}"))
-    row[p] = dict(gbps=gbps, cpu_per_gb=(cpu / gb if p != "direct" and gb else None), p50=p50, p99=p99,
-                  rr_cpu=(rr_cpu if p != "direct" else None), p99s=[x[1] for x in lat])
-# Added p99 per round against the same round's direct p99; the table shows medians.
-added = {p: [a - d for a, d in zip(row[p]["p99s"], row["direct"]["p99s"])] for p in paths}
-print()
-print(f"| path | Gb/s (1 stream, median of {repeat}) | x stunnel | x haproxy | p50 us | p99 us | added p99 us | proxy CPU s/GB | proxy CPU us/round trip |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-for p in paths:
-    r = row[p]
-    cpu = f"{r['cpu_per_gb']:.2f}" if r["cpu_per_gb"] is not None else "-"
-    rr_cpu = f"{r['rr_cpu']:.1f}" if r["rr_cpu"] is not None else "-"
-    added_s = f"{statistics.median(added[p]):+.1f}" if p != "direct" else "-"
-    print(f"| {p} | {r['gbps']:.2f} | {r['gbps'] / row['stunnel']['gbps']:.2f} | {r['gbps'] / row['haproxy']['gbps']:.2f} "
-          f"| {r['p50']:.1f} | {r['p99']:.1f} | {added_s} | {cpu} | {rr_cpu} |")
-s, h = row["stunnel"], row["haproxy"]
-print()
-for name in ["fedgate", "fedgate-1452", "fedgate-busypoll"]:
-    f = row[name]
-    ok_t = f["gbps"] >= 1.2 * s["gbps"]
-    fa, ha = statistics.median(added[name]), statistics.median(added["haproxy"])
-    wins = sum(a <= b for a, b in zip(added[name], added["haproxy"]))
-    print(f"{name}: target throughput >= 1.2x stunnel: {'PASS' if ok_t else 'FAIL'} ({f['gbps'] / s['gbps']:.2f}x); "
-          f"target added p99 <= haproxy's: {'PASS' if fa <= ha else 'FAIL'} ({fa:+.1f} us vs {ha:+.1f} us, "
-          f"at or below in {wins} of {len(added[name])} rounds)")
-print(f"(iperf3 -t {duration}; {lat_repeat} interleaved rounds of {rounds} round trips of 1024 B over one connection, medians; "
-      "CPU = utime+stime of both proxy processes during the iperf3 runs, and during the round trips)")
-PY
+# The datagram size each pair's QUIC connection(s) settled on (path MTU discovery).
+for p in "${fedgate_paths[@]}"; do
+  curl -sf "http://${ADMIN[$p]}/debug/peers" 2>/dev/null | python3 -c '
+import json, sys
+print(",".join(sorted({str(p.get("path_mtu")) for p in json.load(sys.stdin)})))' >"$work/mtu.$p" 2>/dev/null || echo "?" >"$work/mtu.$p"
+done
 
-# The datagram size each pair's QUIC connection settled on (path MTU discovery).
-path_mtu() { curl -sf "http://$1/debug/peers" | python3 -c 'import json,sys; print(",".join(str(p.get("path_mtu")) for p in json.load(sys.stdin)))'; }
-echo "path MTU in use (UDP payload bytes): fedgate $(path_mtu "$ADMIN_FG"), fedgate-1452 $(path_mtu "$ADMIN_J"), fedgate-busypoll $(path_mtu "$ADMIN_BP")"
+# shellcheck disable=SC2086
+python3 "$here/report.py" "$work" "$DURATION" "$REPEAT" "$ROUNDS" "$LAT_REPEAT" "$CEIL_GB" $STREAMS
+echo "fedgate: $bin; $(($(date +%s) - started)) s including builds; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
 if [[ $PROFILE == 1 ]]; then
   command -v perf >/dev/null || { echo "perf not found (apt-get install linux-perf)" >&2; exit 0; }
   echo
-  if [[ ${PROFILE_PATH:-fedgate} == fedgate-1452 ]]; then prof_vip=$VIP_J; prof_pids=$PIDS_J; else prof_vip=$VIP_FG; prof_pids=$PIDS_FG; fi
-  prof_pids=$(echo $prof_pids | tr ' ' ',')
-  echo "profiling both gateways during one more ${DURATION}s iperf3 run through ${PROFILE_PATH:-fedgate}"
+  prof_path=${PROFILE_PATH:-fedgate-1452}
+  [[ $prof_path == fedgate ]] && prof_path=fedgate-jumbo # its name until issue 20
+  [[ -n ${VIP[$prof_path]:-} ]] || { echo "PROFILE_PATH: no fedgate pair $prof_path (${fedgate_paths[*]})" >&2; exit 1; }
+  prof_pids=$(echo ${PPIDS[$prof_path]} | tr ' ' ',')
+  echo "profiling both gateways during one more ${DURATION}s iperf3 run (-P ${PROFILE_STREAMS:-1}) through $prof_path"
   perf record -q -F "${PERF_FREQ:-999}" --call-graph "${PERF_CALLGRAPH:-fp}" -o "$work/perf.data" -p "$prof_pids" -- sleep "$((DURATION + 1))" >/dev/null 2>&1 &
   perf_pid=$!
   sleep 0.5
-  iperf3 -c "$prof_vip" -p "$IPERF_PORT" -t "$DURATION" >/dev/null
+  iperf3 -c "${VIP[$prof_path]}" -p "$IPERF_PORT" -t "$DURATION" -P "${PROFILE_STREAMS:-1}" >/dev/null
   wait "$perf_pid" || true
   [[ -n ${PERF_OUT:-} ]] && cp "$work/perf.data" "$PERF_OUT"
   perf report -i "$work/perf.data" --no-children --sort comm,dso --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 15
