@@ -274,7 +274,9 @@ fi
 for r in $(seq 1 "$CEIL_REPEAT"); do
   if [[ -n $ceiling_bin && ! -s $work/ceil.fedgate.err ]]; then
     if "$ceiling_bin" 1452 "$CEIL_GB" >"$work/ceiling.$r.log" 2>&1; then
-      sed -nE 's/.* ([0-9.]+) Gb\/s, ([0-9.]+) CPU s\/GB.*/\1 \2/p' "$work/ceiling.$r.log" | tail -n1 >>"$work/ceil.fedgate"
+      fig=$(sed -nE 's/.* ([0-9.]+) Gb\/s, ([0-9.]+) CPU s\/GB.*/\1 \2/p' "$work/ceiling.$r.log" | tail -n1)
+      [[ -n $fig ]] || echo "quic_ceiling printed no '... N Gb/s, N CPU s/GB' line: $(tail -n1 "$work/ceiling.$r.log")" >"$work/ceil.fedgate.err"
+      [[ -z $fig ]] || echo "$fig" >>"$work/ceil.fedgate"
       printf '  %-17s ceiling run %d: %s\n' quic_ceiling "$r" "$(tail -n1 "$work/ceiling.$r.log")"
     else
       tail -n 5 "$work/ceiling.$r.log" >&2
