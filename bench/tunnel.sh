@@ -254,11 +254,11 @@ for r in $(seq 1 "$REPEAT"); do
       # shellcheck disable=SC2086
       t1=$([[ -n $ppids ]] && cpu_ticks $ppids || echo 0)
       drops=$(($(udp_drops) - d0))
-      python3 - "$work/iperf.$p.$n.$r.json" "$((t1 - t0))" "$tck" >>"$work/tput.$p.$n" <<'PY'
+      python3 - "$work/iperf.$p.$n.$r.json" "$((t1 - t0))" "$tck" "$r" >>"$work/tput.$p.$n" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))
 s = j["end"]["sum_received"]
-print(s["bits_per_second"] / 1e9, s["bytes"], int(sys.argv[2]) / int(sys.argv[3]))
+print(s["bits_per_second"] / 1e9, s["bytes"], int(sys.argv[2]) / int(sys.argv[3]), sys.argv[4])
 PY
       printf '  %-17s %d stream(s), run %d: %s\n' "$p" "$n" "$r" "$(tail -n1 "$work/tput.$p.$n" | awk '{printf "%.2f Gb/s, %.2f GB, proxy CPU %.2f s", $1, $2/1e9, $3}'), UDP rcvbuf drops $drops"
     done

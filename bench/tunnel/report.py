@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """bench/tunnel.sh's tables, from the figures it wrote into its scratch directory:
-  tput.PATH.STREAMS   one line per iperf3 run: Gb/s, bytes received, proxy CPU seconds
+  tput.PATH.STREAMS   one line per iperf3 run: Gb/s, bytes received, proxy CPU seconds, round
   lat.PATH            one line per latency round: p50 us, p99 us, mean us, round trips (rr.py)
   rrcpu.PATH          one line per latency round: proxy CPU us per round trip
   mtu.PATH            the path MTU the fedgate pair's QUIC connection(s) settled on
@@ -39,9 +39,11 @@ def median(xs):
 
 
 tput, cpu = {}, {}  # (path, streams) -> median Gb/s, CPU s/GB over all runs
+by_round = {}  # (path, streams) -> {round: (Gb/s, CPU s/GB)}
 for p in PATHS:
     for n in streams:
         runs = [tuple(map(float, r)) for r in lines(f"tput.{p}.{n}")]
+        by_round[p, n] = {int(r[3]): (r[0], r[2] / (r[1] / 1e9) if r[1] else None) for r in runs}
         if runs:
             tput[p, n] = median([r[0] for r in runs])
             gb = sum(r[1] for r in runs) / 1e9
@@ -92,7 +94,9 @@ print("|---|---:|---|---:|---|---|")
 verdicts = []
 
 
-def target(what, value, base_name, base, op, goal, ref="", fmt="{:.2f}"):
+def target(what, value, base_name, base, op, goal, ref="", fmt="{:.2f}", per_round=None):
+    """per_round: (path, baseline path, streams, 0 for Gb/s or 1 for CPU s/GB): with several
+    rounds, also how many of them met the target on their own."""
     r = ratio(value, base)
     if value is None or base is None:
         verdict = "NOT MEASURED"
@@ -103,6 +107,13 @@ def target(what, value, base_name, base, op, goal, ref="", fmt="{:.2f}"):
         verdict = "PASS" if ok else "FAIL"
     goal_s = f" (target {dict(zip(['>=', '<=', '>'], ['≥', '≤', '>']))[op]} {goal}×)" if op else ""
     r_s = "-" if r is None else f"{r:.2f}×"
+    if per_round and op:
+        a, b = by_round.get(per_round[:3:2], {}), by_round.get(per_round[1:3], {})
+        both = [(a[k][per_round[3]], b[k][per_round[3]]) for k in a if k in b]
+        met = [ratio(x, y) for x, y in both if x is not None and y]
+        met = sum(m >= goal if op == ">=" else m <= goal if op == "<=" else m > goal for m in met)
+        if len(both) > 1:
+            goal_s += f", met in {met} of {len(both)} rounds"
     if op is not None:
         verdicts.append(verdict)
     print(f"| {what} | {f(value, fmt)} | {base_name} {f(base, fmt)} | {r_s}{goal_s} | {verdict} | {ref} |")
@@ -115,23 +126,26 @@ def ref_tput(n):
 for n in streams:
     s = "s" if n > 1 else ""
     target(f"Gb/s, 1452-byte datagrams, {n} stream{s}", tput.get((HEADLINE, n)), "stunnel",
-           tput.get(("stunnel", n)), ">=", 1.0, ref_tput(n))
+           tput.get(("stunnel", n)), ">=", 1.0, ref_tput(n), per_round=(HEADLINE, "stunnel", n, 0))
 for n in streams:
     s = "s" if n > 1 else ""
     target(f"Gb/s, jumbo (defaults), {n} stream{s}", tput.get((DEFAULTS, n)), "stunnel",
-           tput.get(("stunnel", n)), ">=" if n == 1 else None, 1.2, ref_tput(n))
+           tput.get(("stunnel", n)), ">=" if n == 1 else None, 1.2, ref_tput(n),
+           per_round=(DEFAULTS, "stunnel", n, 0))
 for n in streams:
     s = "s" if n > 1 else ""
     target(f"proxy CPU s/GB, 1452, {n} stream{s}", cpu.get((HEADLINE, n)), "stunnel",
            cpu.get(("stunnel", n)), "<=", 1.0,
-           ", ".join(f"{p} {f(cpu.get((p, n)))}" for p in ["haproxy", DEFAULTS] if (p, n) in cpu))
+           ", ".join(f"{p} {f(cpu.get((p, n)))}" for p in ["haproxy", DEFAULTS] if (p, n) in cpu),
+           per_round=(HEADLINE, "stunnel", n, 1))
 n = max(streams)
 if (f"{HEADLINE}-dp1", n) in tput or (f"{HEADLINE}-dp2", n) in tput:
     d1, d2 = tput.get((f"{HEADLINE}-dp1", n)), tput.get((f"{HEADLINE}-dp2", n))
     target(f"Gb/s, 1452, {n} streams, dataPlaneThreads 1", d1, "stunnel", tput.get(("stunnel", n)),
            None, None, f"CPU {f(cpu.get((f'{HEADLINE}-dp1', n)))} s/GB")
     target(f"Gb/s, 1452, {n} streams, dataPlaneThreads 2", d2, "dataPlaneThreads 1", d1, ">", 1.0,
-           f"{f(ratio(d2, tput.get(('stunnel', n))))}× stunnel, CPU {f(cpu.get((f'{HEADLINE}-dp2', n)))} s/GB")
+           f"{f(ratio(d2, tput.get(('stunnel', n))))}× stunnel, CPU {f(cpu.get((f'{HEADLINE}-dp2', n)))} s/GB",
+           per_round=(f"{HEADLINE}-dp2", f"{HEADLINE}-dp1", n, 0))
 
 fc = [tuple(map(float, r[:2])) for r in lines("ceil.fedgate")]
 qp = [r for r in lines("ceil.quinn-perf")]
@@ -142,7 +156,10 @@ ref = (f"CPU s/GB {f(median([r[1] for r in fc]))} vs "
        f"{f(median([float(r[2]) / (float(r[1]) / 1e9) for r in qp]))}; "
        f"quinn-perf current_mtu {','.join(sorted(set(r[3] for r in qp))) or '-'}; runs {len(fc)} and {len(qp)}; "
        f"{text('ceil.note')}" + (f"; {why}" if why else ""))
-target(f"QUIC-only ceiling Gb/s, 1452, one stream", fc_g, "quinn-perf", qp_g, ">=", 0.9, ref)
+ceil_rounds = [a[0] / float(b[0]) >= 0.9 for a, b in zip(fc, qp)]  # back to back, round by round
+if len(ceil_rounds) > 1:
+    ref = f"met in {sum(ceil_rounds)} of {len(ceil_rounds)} rounds; " + ref
+target("QUIC-only ceiling Gb/s, 1452, one stream", fc_g, "quinn-perf", qp_g, ">=", 0.9, ref)
 
 if DEFAULTS in lat and "stunnel" in lat and "haproxy" in lat:
     for name, per_round in [("p50", lambda p: [x[0] for x in lat[p]]), ("added p99", lambda p: added[p])]:
@@ -163,7 +180,8 @@ failed = [l for p in PATHS for n in streams if os.path.exists(os.path.join(work,
 print()
 for l in failed:
     print(l.strip())
-print(f"{verdicts.count('PASS')} of {len(verdicts)} targets met. "
+unmeasured = f" ({verdicts.count('NOT MEASURED')} not measured)" if "NOT MEASURED" in verdicts else ""
+print(f"{verdicts.count('PASS')} of {len(verdicts)} targets met{unmeasured}. "
       f"(iperf3 -t {duration}, median of {repeat} interleaved run(s) per path and stream count; "
       f"CPU = utime+stime of both proxy processes during those runs; ceiling: quic_ceiling 1452 {ceil_gb} "
       f"and quinn-perf client --max-udp-payload-size 1452, medians; latency: {lat_repeat} interleaved rounds "
