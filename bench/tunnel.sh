@@ -93,8 +93,9 @@ if [[ -z $ceiling_bin ]]; then
 fi
 # lock_version LOCKFILE CRATE: the version of CRATE that LOCKFILE resolved.
 lock_version() { awk -v n="name = \"$2\"" '$0 == n { getline; gsub(/version = |"/, ""); print; exit }' "$1"; }
-# quinn-perf, built against the quinn release fedgate uses: when its own lockfile resolves
-# another, a writable copy of its sources with quinn pinned (cargo update --precise).
+# quinn-perf, built against the quinn and quinn-proto releases fedgate uses: when its own
+# lockfile resolves others, a writable copy of its sources with them pinned (cargo update
+# --precise).
 qp_src=${QUINN_PERF_SRC:-$root/../shared/tools/quinn-perf}
 qp_bin=${QUINN_PERF_BIN:-}
 quinn=$(lock_version "$root/Cargo.lock" quinn)
@@ -105,10 +106,13 @@ if [[ -z $qp_bin ]]; then
   if [[ ! -f $qp_manifest ]]; then
     echo "no quinn-perf sources at $qp_src (QUINN_PERF_SRC)" >"$work/ceil.quinn-perf.err"
   else
-    if [[ $(lock_version "$qp_src/Cargo.lock" quinn) != "$quinn" ]]; then
+    if [[ $(lock_version "$qp_src/Cargo.lock" quinn) != "$quinn" || $(lock_version "$qp_src/Cargo.lock" quinn-proto) != "$quinn_proto" ]]; then
       rm -rf "$qp_target/src" && mkdir -p "$qp_target" && cp -r "$qp_src" "$qp_target/src" && chmod -R u+w "$qp_target/src"
       qp_manifest=$qp_target/src/Cargo.toml
-      cargo update -q --manifest-path "$qp_manifest" -p quinn --precise "$quinn" >"$work/qp-build.log" 2>&1 || true
+      for crate in quinn quinn-proto; do
+        v=$([[ $crate == quinn ]] && echo "$quinn" || echo "$quinn_proto")
+        cargo update -q --manifest-path "$qp_manifest" -p "$crate" --precise "$v" >>"$work/qp-build.log" 2>&1 || true
+      done
     fi
     echo "building quinn-perf (release, $qp_target)" >&2
     if cargo build --release -q --manifest-path "$qp_manifest" --target-dir "$qp_target" >>"$work/qp-build.log" 2>&1; then
