@@ -60,7 +60,7 @@ here=$root/bench/tunnel
 # shellcheck source=bench/tunnel/common.sh
 . "$here/common.sh"
 scratch
-started=$(date +%s)
+started=$(date +%s); load0=$(cut -d' ' -f1 /proc/loadavg)
 
 need=()
 command -v iperf3 >/dev/null || need+=(iperf3)
@@ -322,7 +322,8 @@ done
 
 # shellcheck disable=SC2086
 python3 "$here/report.py" "$work" "$DURATION" "$REPEAT" "$ROUNDS" "$LAT_REPEAT" "$CEIL_GB" $STREAMS
-echo "fedgate: $bin; $(($(date +%s) - started)) s including builds; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+# Gb/s depends on how much of the machine the rest of its work leaves; CPU s/GB much less so.
+echo "fedgate: $bin; $(($(date +%s) - started)) s including builds; load average $load0 at the start, $(cut -d' ' -f1 /proc/loadavg) at the end ($(nproc) CPUs)"
 
 if [[ $PROFILE == 1 ]]; then
   command -v perf >/dev/null || { echo "perf not found (apt-get install linux-perf)" >&2; exit 0; }
