@@ -478,6 +478,10 @@ pub struct ReplicaStatus {
     pub path_mtu: Option<u16>,
     /// Seconds its connection has been up.
     pub connected_secs: Option<f64>,
+    /// Connections to it beyond the first, one per further data-plane thread (lanes: data
+    /// streams only).
+    #[serde(default)]
+    pub lanes: usize,
     /// Seconds since it was last heard from (the lease age: the peer's exports stay while
     /// any replica is heard from within the lease).
     pub last_seen_secs: Option<f64>,

@@ -138,7 +138,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     );
     tunnel_settings.max_udp_payload = cfg.tunnel.max_udp_payload_size;
     tunnel_settings.socket_buffer = cfg.tunnel.socket_buffer_size as usize;
-    tunnel_settings.runtime = Some(data.handle().clone());
+    tunnel_settings.shards = data.handles().to_vec();
     // Watched: a rotated certificate or CA bundle is used by new handshakes without restart.
     tunnel_settings.identity_files = Some(fedgate_tunnel::IdentityFiles {
         cert: cfg.tls.cert.clone(),
@@ -285,6 +285,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     dp_settings.idle_timeout = cfg.traffic.connections.idle_timeout;
     dp_settings.vip_listeners = cfg.front.mode == FrontMode::Vip;
     dp_settings.activity = data.activity_hook();
+    dp_settings.shards = data.handles().to_vec();
     dp_settings.ready = ready.clone();
     // Entered: the listeners of the first snapshot, their accept loops and the stream
     // forwarder belong to the data-plane thread.

@@ -1,22 +1,26 @@
-//! The data-plane thread: one OS thread running a current-thread tokio runtime that carries
-//! all of a gateway's traffic: the tunnel's UDP socket, quinn's endpoint and connection tasks,
-//! the ClusterSetIP listeners and every proxied connection. The rest of the gateway
-//! (discovery, the export exchange, DNS, admin) stays on the multi-thread runtime.
-//! `traffic.dataPlaneThreads` above 1 makes it a multi-thread runtime of that many workers
-//! instead, for many concurrent connections on a machine with cores to spare.
+//! The data-plane threads: OS threads each running a current-thread tokio runtime, which
+//! together carry all of a gateway's traffic: the tunnel's UDP socket, quinn's endpoint and
+//! connection tasks, the ClusterSetIP listeners and every proxied connection. The rest of the
+//! gateway (discovery, the export exchange, DNS, admin) stays on the multi-thread runtime.
+//! `traffic.dataPlaneThreads` sets how many (default: the CPUs the gateway may use).
 //!
-//! Why: a packet passes up to three tasks (quinn's endpoint task, its connection task, the proxy
-//! task; quinn is used as released, the fork of sessions 9-11 that skipped the idle connection
-//! task is gone: docs/decisions.md). On the multi-thread runtime they were spread over both
-//! workers, so packets woke the other worker through a futex: 3.4 futex calls per proxied 1 KB
-//! round trip, 17.6 syscalls in all. On this thread the hand-offs are queue pushes: no futex
-//! calls, 13.8 syscalls, and iperf3 through the tunnel moves a GB with 7–12 % less CPU (two
-//! measurements, docs/benchmarks.md, session 5). quinn drives each peer connection from one
-//! task anyway; on two cores a pool of two data-plane workers used more CPU per GB than the old
-//! shared runtime, hence one thread by default.
+//! Why threads of their own: a packet passes up to three tasks (quinn's endpoint task, its
+//! connection task, the proxy task). On a multi-thread runtime they were spread over the
+//! workers, so packets woke another worker through a futex: 3.4 futex calls per proxied 1 KB
+//! round trip, 17.6 syscalls in all. With the three on one thread the hand-offs are queue
+//! pushes: no futex calls, 13.8 syscalls, and 7–12 % less CPU per GB (docs/benchmarks.md,
+//! session 5); a multi-thread pool of two workers used more CPU per GB than one thread.
 //!
-//! With `traffic.busyPoll` the thread polls for a while after traffic instead of sleeping at
-//! once (`busy_poll_task`): lower latency where idle CPUs halt, for CPU.
+//! Why several: quinn drives each connection from one task, so one connection is bound to one
+//! core. Each thread therefore gets its own connection to every peer replica (a lane,
+//! `fedgate_tunnel`'s `lanes`), a proxied connection is handed to one thread and its stream
+//! opened on that thread's lane, and the peer serves the stream on the thread its end of the
+//! lane runs on. What still crosses threads: the first thread reads the UDP socket for all
+//! (quinn has one endpoint task per socket) and hands each lane's packets to its thread, and
+//! the listeners accept on the first thread. docs/decisions.md has the design for many cores.
+//!
+//! With `traffic.busyPoll` each thread polls for a while after its traffic instead of sleeping
+//! at once (`busy_poll_task`): lower latency where idle CPUs halt, for CPU.
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -112,59 +116,67 @@ async fn busy_poll_task(window: Duration, poller: Arc<Poller>) {
     }
 }
 
-/// Owns the data-plane thread; dropping it stops the runtime and joins the thread.
+/// Owns the data-plane threads; dropping it stops their runtimes and joins the threads.
 pub struct DataThread {
-    handle: Handle,
-    poller: Option<Arc<Poller>>,
-    /// Cancelled on drop: the thread's runtime stops.
+    handles: Vec<Handle>,
+    pollers: Vec<Arc<Poller>>,
+    /// Cancelled on drop: the threads' runtimes stop.
     stop: CancellationToken,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl DataThread {
-    /// Starts the thread (named `fedgate-data`) with its runtime: a current-thread runtime
-    /// for `threads == 1`, else a multi-thread runtime of `threads` workers (the thread then
-    /// only waits for the stop). A non-zero `busy_poll` (one thread only; the config check
-    /// refuses it with more) makes the thread poll for that long after the data plane last
+    /// Starts `threads` data-plane threads (named `fedgate-data-<n>`), each with a
+    /// current-thread runtime of its own. Each knows its number
+    /// ([`fedgate_tunnel::runtime::set_current_shard`]): the tunnel places a peer connection
+    /// (lane) on each, and a proxied connection is served on the thread of the lane that
+    /// carries it. A non-zero `busy_poll` makes each thread poll for that long after it last
     /// moved bytes before it sleeps (`busy_poll_task`).
     pub fn start(threads: usize, busy_poll: Duration) -> anyhow::Result<Self> {
-        let mut builder = if threads > 1 {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(threads).thread_name("fedgate-data");
-            b
-        } else {
-            tokio::runtime::Builder::new_current_thread()
-        };
-        // Sockets and timers. (With tokio's `signal` and `process` features on, `enable_io`
-        // brings their drivers too; signals are still handled on the main runtime.)
-        builder.enable_io().enable_time();
-        let poller = (threads == 1 && !busy_poll.is_zero()).then(|| Arc::new(Poller::default()));
-        if let Some(poller) = &poller {
-            let poller = poller.clone();
-            builder.on_thread_unpark(move || poller.unparked());
-        }
-        let runtime = builder.build().context("building the data-plane runtime")?;
-        let handle = runtime.handle().clone();
-        if let Some(poller) = &poller {
-            handle.spawn(busy_poll_task(busy_poll, poller.clone()));
-        }
         let stop = CancellationToken::new();
-        let stopped = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("fedgate-data".to_owned())
-            .spawn(move || {
-                // Spawned tasks run while the thread waits here.
-                runtime.block_on(stopped.cancelled());
-                runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
-            })
-            .context("starting the data-plane thread")?;
-        Ok(Self { handle, poller, stop, thread: Some(thread) })
+        let mut data = Self { handles: Vec::new(), pollers: Vec::new(), stop, threads: Vec::new() };
+        for shard in 0..threads.max(1) {
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            // Sockets and timers. (With tokio's `signal` and `process` features on,
+            // `enable_io` brings their drivers too; signals are still handled on the main
+            // runtime.)
+            builder.enable_io().enable_time();
+            let poller = (!busy_poll.is_zero()).then(|| Arc::new(Poller::default()));
+            if let Some(poller) = &poller {
+                let poller = poller.clone();
+                builder.on_thread_unpark(move || poller.unparked());
+            }
+            let runtime = builder.build().context("building a data-plane runtime")?;
+            let handle = runtime.handle().clone();
+            if let Some(poller) = poller {
+                handle.spawn(busy_poll_task(busy_poll, poller.clone()));
+                data.pollers.push(poller);
+            }
+            let stopped = data.stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("fedgate-data-{shard}"))
+                .spawn(move || {
+                    fedgate_tunnel::runtime::set_current_shard(shard);
+                    // Spawned tasks run while the thread waits here.
+                    runtime.block_on(stopped.cancelled());
+                    runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
+                })
+                .context("starting a data-plane thread")?;
+            data.handles.push(handle);
+            data.threads.push(thread);
+        }
+        Ok(data)
     }
 
-    /// Spawns onto the data-plane runtime; [`Handle::enter`] makes sockets created outside a
-    /// task register with it.
+    /// The first data-plane thread's runtime (the tunnel's UDP socket, the listeners);
+    /// [`Handle::enter`] makes sockets created outside a task register with it.
     pub fn handle(&self) -> &Handle {
-        &self.handle
+        &self.handles[0]
+    }
+
+    /// Every data-plane thread's runtime, the first first.
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
     }
 
     /// The hook the data plane's copy loops call when they move bytes
@@ -176,37 +188,42 @@ impl DataThread {
 
     /// The sampler of how busy the data-plane threads are.
     pub fn load(&self) -> DataLoad {
-        DataLoad { handle: self.handle.clone(), poller: self.poller.clone() }
+        DataLoad { handles: self.handles.clone(), pollers: self.pollers.clone() }
     }
 }
 
-/// Reads the data-plane runtime's busy time (tokio's per-worker time spent polling tasks) and
-/// the busy poll's polling time.
+/// Reads the data-plane runtimes' busy time (tokio's time spent polling tasks) and the busy
+/// polls' polling time.
 #[derive(Clone)]
 pub struct DataLoad {
-    handle: Handle,
-    poller: Option<Arc<Poller>>,
+    handles: Vec<Handle>,
+    pollers: Vec<Arc<Poller>>,
 }
 
 impl DataLoad {
-    /// Worker threads of the data-plane runtime.
+    /// Data-plane threads.
     pub fn threads(&self) -> usize {
-        self.handle.metrics().num_workers()
+        self.handles.len()
     }
 
-    /// Time all its workers have spent running tasks since start, the busy poll's included
+    /// Time all the threads have spent running tasks since start, the busy polls' included
     /// (see [`traffic_busy`]).
     pub fn busy(&self) -> Duration {
-        let metrics = self.handle.metrics();
-        (0..metrics.num_workers()).map(|w| metrics.worker_total_busy_duration(w)).sum()
+        self.handles
+            .iter()
+            .map(|h| {
+                let metrics = h.metrics();
+                (0..metrics.num_workers())
+                    .map(|w| metrics.worker_total_busy_duration(w))
+                    .sum::<Duration>()
+            })
+            .sum()
     }
 
-    /// Time the busy poll has spent polling without moving bytes (`traffic.busyPoll`) since
+    /// Time the busy polls have spent polling without moving bytes (`traffic.busyPoll`) since
     /// start.
     pub fn polled(&self) -> Duration {
-        self.poller
-            .as_ref()
-            .map_or(Duration::ZERO, |p| Duration::from_nanos(p.polled_ns.load(Ordering::Relaxed)))
+        self.pollers.iter().map(|p| Duration::from_nanos(p.polled_ns.load(Ordering::Relaxed))).sum()
     }
 
     /// Sets `fedgate_dataplane_busy_ratio` every [`LOAD_SAMPLE_INTERVAL`] until `stop`.
@@ -248,10 +265,10 @@ pub fn busy_ratio(busy: Duration, wall: Duration, threads: usize) -> f64 {
 impl Drop for DataThread {
     fn drop(&mut self) {
         self.stop.cancel();
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            tracing::error!("the data-plane thread panicked");
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("a data-plane thread panicked");
+            }
         }
     }
 }
@@ -384,7 +401,7 @@ mod tests {
             tx.send(std::thread::current().name().map(str::to_owned)).expect("send");
         });
         let name = rx.recv_timeout(Duration::from_secs(5)).expect("the task ran");
-        assert_eq!(name.as_deref(), Some("fedgate-data"));
+        assert!(name.as_deref().is_some_and(|n| n.starts_with("fedgate-data-")), "{name:?}");
 
         // A task still pending when the thread stops is dropped, not leaked: its channel closes.
         let (tx, rx) = std::sync::mpsc::channel::<()>();

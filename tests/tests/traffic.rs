@@ -187,9 +187,10 @@ fn curl_through_alpha_reaches_bravo_local_wins_failover_and_back() -> Result<()>
 
 #[test]
 fn half_close_gets_reply_and_bulk_transfer_is_byte_exact() -> Result<()> {
-    // alpha carries traffic on a pool of two data-plane threads, bravo on its default one:
-    // both ends of the tunnel and both local proxy paths are covered.
-    let c = clusters("traffic:\n  dataPlaneThreads: 2\n")?;
+    // alpha carries traffic on three data-plane threads, bravo on its default (the CPUs it
+    // may use): alpha dials a lane per thread, which bravo spreads over fewer threads. Both
+    // ends of the tunnel and both local proxy paths are covered.
+    let c = clusters("traffic:\n  dataPlaneThreads: 3\n")?;
     let (net, a, b) = (&c.net, &c.a, &c.b);
     let _sink = net.server(&net.b, &["sink", B_BACKEND, "9000"])?;
     export(b, "demo", "sink", B_BACKEND, 9000)?;
@@ -233,6 +234,12 @@ fn half_close_gets_reply_and_bulk_transfer_is_byte_exact() -> Result<()> {
         .with_context(|| format!("alpha's /debug/peers has no path_mtu for bravo: {peers}"))?;
     eprintln!("path MTU alpha -> bravo over the 1500-byte veth: {mtu}");
     assert!((1200..=1472).contains(&mtu), "path MTU {mtu} on a 1500-byte veth");
+    // alpha (the lower id dials) keeps a lane to bravo per further thread of its own.
+    let lanes = peers
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["cluster"] == "bravo"))
+        .and_then(|p| p["replicas"].as_array()?.first()?["lanes"].as_u64());
+    assert_eq!(lanes, Some(2), "alpha's lanes to bravo: {peers}");
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! The tunnel's own ceiling for one stream, without TCP at either end: two real
-//! `TunnelEndpoint`s (mutual TLS with a `TestPki`, loopback UDP), each on its own runtime
-//! thread as two gateways would be, one data stream, `BYTES` sent with `write_chunk` and read
-//! with `read_chunks`. Prints Gb/s and CPU seconds per GB of the whole process (both ends).
+//! `TunnelEndpoint`s (mutual TLS with a `TestPki`, loopback UDP), each on its own thread with a
+//! current-thread runtime as two gateways' data-plane threads would be, one data stream,
+//! `BYTES` sent with `write_chunk` on the sender's thread and read with `read_chunks` on the
+//! receiver's (as quinn-perf runs its client and server, one thread each). Prints Gb/s and CPU seconds per GB of the whole process (both ends).
 //!
 //! ```text
 //! cargo run --release -p fedgate-tunnel --features test-util --example quic_ceiling -- 1452 4
@@ -41,9 +42,14 @@ struct Started {
     address: SocketAddr,
     handle: PeerHandle,
     incoming: Option<mpsc::Receiver<IncomingStream>>,
+    /// The gateway's runtime: the stream's writer (east) and reader (west) run on it, beside
+    /// quinn's tasks, as a gateway's proxy tasks run on its data-plane thread.
+    runtime: tokio::runtime::Handle,
 }
 
-/// Runs gateway `me` on its own thread and runtime until `stop` is cancelled.
+/// Runs gateway `me` on its own thread with a current-thread runtime until `stop` is
+/// cancelled: quinn's endpoint and connection tasks run there (`TunnelSettings::runtime`), as
+/// on a gateway's data-plane thread.
 fn gateway(
     pki: Arc<TestPki>,
     me: &'static str,
@@ -53,11 +59,9 @@ fn gateway(
 ) -> anyhow::Result<Started> {
     let (tx, rx) = oneshot::channel();
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let handle = runtime.handle().clone();
         runtime.block_on(async move {
             let started = (|| {
                 let mut settings = TunnelSettings::new(
@@ -67,6 +71,16 @@ fn gateway(
                     vec![PeerConfig::new(id(peer.0)?, peer.1.to_string())],
                 );
                 settings.max_udp_payload = payload;
+                settings.shards = vec![handle.clone()];
+                // Experiments: CEILING_WINDOWS=<stream bytes>,<connection bytes>.
+                if let Ok(w) = std::env::var("CEILING_WINDOWS") {
+                    let (s, c) = w.split_once(',').context("CEILING_WINDOWS=stream,connection")?;
+                    settings.stream_receive_window = s.parse()?;
+                    settings.connection_receive_window = c.parse()?;
+                }
+                if let Ok(b) = std::env::var("CEILING_SOCKET_BUFFER") {
+                    settings.socket_buffer = b.parse()?;
+                }
                 let (_exports_tx, _exports) = watch::channel(Arc::new(export_set(me, 1, 1)));
                 // No peer sessions here: control streams are taken and dropped.
                 let (control_tx, mut control) = mpsc::channel(64);
@@ -78,6 +92,7 @@ fn gateway(
                     address: endpoint.address(),
                     handle: endpoint.handle(),
                     incoming: Some(incoming),
+                    runtime: handle,
                 };
                 tokio::spawn(endpoint.run(stop.clone()));
                 Ok::<_, anyhow::Error>((started, _exports_tx))
@@ -122,7 +137,9 @@ fn main() -> anyhow::Result<()> {
         let mut stream = incoming.recv().await.context("no incoming stream")?;
         let mut hello = [0u8; 2];
         stream.recv.read_exact(&mut hello).await?;
-        let reader = tokio::spawn(async move {
+        // The reader on west's thread, the writer on east's: no hand-off between threads but
+        // the packets themselves.
+        let reader = west.runtime.spawn(async move {
             let mut chunks: Vec<Bytes> = vec![Bytes::new(); 64];
             let mut got = 0u64;
             while let Some(n) = stream.recv.read_chunks(&mut chunks).await? {
@@ -132,13 +149,17 @@ fn main() -> anyhow::Result<()> {
         });
         let cpu0 = cpu_seconds()?;
         let start = Instant::now();
-        let block = Bytes::from(vec![0x5a; CHUNK]);
-        let mut sent = 0u64;
-        while sent < total {
-            send.write_chunk(block.clone()).await?;
-            sent += CHUNK as u64;
-        }
-        send.finish()?;
+        let writer = east.runtime.spawn(async move {
+            let block = Bytes::from(vec![0x5a; CHUNK]);
+            let mut sent = 0u64;
+            while sent < total {
+                send.write_chunk(block.clone()).await?;
+                sent += CHUNK as u64;
+            }
+            send.finish()?;
+            Ok::<_, anyhow::Error>(sent)
+        });
+        let sent = writer.await??;
         let got = reader.await??;
         let elapsed = start.elapsed();
         anyhow::ensure!(got == sent, "sent {sent} bytes, received {got}");

@@ -94,10 +94,12 @@ pub struct TunnelSettings {
     /// Where the identity was loaded from: watched and reloaded on change. `None`: the
     /// identity given to [`TunnelEndpoint::new`] stays for the endpoint's life.
     pub identity_files: Option<IdentityFiles>,
-    /// The runtime that reads the UDP socket, runs quinn's endpoint and connection tasks and
-    /// accepts peers' tunnel streams: the gateway's data-plane thread. `None`: the runtime
-    /// [`TunnelEndpoint::new`] is called on.
-    pub runtime: Option<tokio::runtime::Handle>,
+    /// The runtimes of the gateway's data-plane threads, one each: the first reads the UDP
+    /// socket and runs quinn's endpoint task; every thread runs the connections (lanes) placed
+    /// on it and accepts peers' tunnel streams on them. With more than one, each peer replica
+    /// is dialed once per thread ([`crate::lanes`]). Empty: everything on the runtime
+    /// [`TunnelEndpoint::new`] is called on, one connection per replica.
+    pub shards: Vec<tokio::runtime::Handle>,
 }
 
 impl TunnelSettings {
@@ -121,7 +123,7 @@ impl TunnelSettings {
             socket_buffer: DEFAULT_SOCKET_BUFFER,
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             identity_files: None,
-            runtime: None,
+            shards: Vec::new(),
         }
     }
 }
@@ -234,15 +236,16 @@ impl TunnelEndpoint {
         }
 
         let socket = bind_udp(settings.listen, settings.socket_buffer)?;
-        let runtime: Arc<dyn quinn::Runtime> = match &settings.runtime {
-            Some(handle) => Arc::new(crate::runtime::Pinned(handle.clone())),
-            None => Arc::new(quinn::TokioRuntime),
+        let runtime: Arc<dyn quinn::Runtime> = if settings.shards.is_empty() {
+            Arc::new(quinn::TokioRuntime)
+        } else {
+            Arc::new(crate::runtime::Pinned(settings.shards.clone().into()))
         };
         // The socket registers with the reactor of the runtime that polls it.
         // Connection ids signed with a key of the identity too: the restarted gateway must
         // recognise its predecessor's ids as its own to answer them with a stateless reset.
         let cid_key = cid_key(&identity);
-        let entered = settings.runtime.as_ref().map(|h| h.enter());
+        let entered = settings.shards.first().map(|h| h.enter());
         let socket = TunnelSocket::new(socket, Some(cid_key))
             .map_err(|e| TunnelError::Bind(settings.listen, e))?;
         drop(entered);
@@ -325,6 +328,11 @@ impl TunnelEndpoint {
             tasks.spawn(task.run().instrument(span));
         }
         let accepted = Arc::new(accepted);
+        let lanes = crate::lanes::Accepted {
+            shared: self.shared.clone(),
+            routes: self.routes.clone(),
+            shutdown: shutdown.clone(),
+        };
 
         tracing::info!(address = %self.address, local = %self.settings.local, peers = self.settings.peers.len(), "tunnel listening");
         loop {
@@ -337,6 +345,7 @@ impl TunnelEndpoint {
                         self.settings.clone(),
                         accepted.clone(),
                         self.accept_sink.clone(),
+                        lanes.clone(),
                     ));
                 }
             }
@@ -427,15 +436,26 @@ fn peer_of(conn: &quinn::Connection, settings: &TunnelSettings) -> Option<Cluste
     check_peer_identity(certs.first()?, &settings.clusterset, Expected::AnyOf(&peers)).ok()
 }
 
-/// Finishes a handshake a peer started and hands the connection to that peer's task.
+/// Finishes a handshake a peer started and hands the connection to that peer's task, or, for
+/// a lane beyond the first of a replica ([`crate::lanes`]), serves it as a lane.
 async fn handle_incoming(
     incoming: quinn::Incoming,
     settings: TunnelSettings,
     accepted: Arc<HashMap<ClusterId, mpsc::Sender<quinn::Connection>>>,
     sink: Arc<RejectionSink>,
+    lanes: crate::lanes::Accepted,
 ) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
+    // The dialer names the lane in its first destination connection id; the connection's task
+    // goes to the data-plane thread of that number (lane 0, and any other dialer: the first).
+    let lane = crate::lanes::lane_of(&incoming.orig_dst_cid());
+    let shard = usize::from(lane) % settings.shards.len().max(1);
+    let accepted_conn = crate::runtime::place(shard, || incoming.accept());
+    let conn = match accepted_conn {
+        Ok(connecting) => connecting.await,
+        Err(e) => Err(e),
+    };
+    let conn = match conn {
         Ok(conn) => conn,
         Err(e) => {
             // Certificate problems were counted and logged by the verifier; a missing client
@@ -458,6 +478,10 @@ async fn handle_incoming(
         conn.close(VarInt::from_u32(CLOSE_WRONG_DIRECTION), b"no peer identity");
         return;
     };
+    if lane > 0 {
+        lanes.serve(peer, conn, lane, shard, settings.shards.get(shard).cloned());
+        return;
+    }
     // A gateway with a higher cluster id dials too when none of our replicas' connections
     // reaches it (its fallback, crate::replicas::FALLBACK_AFTER): accepted like any other.
     if let Some(tx) = accepted.get(&peer) {

@@ -12,6 +12,7 @@ pub mod expiry;
 pub mod identity;
 pub mod io;
 mod junk;
+mod lanes;
 pub mod metrics;
 pub mod peer;
 pub mod reload;

@@ -134,6 +134,8 @@ pub struct ReplicaLink {
     pub path_mtu: Option<u16>,
     /// Seconds the connection has been up.
     pub connected_secs: Option<f64>,
+    /// Connections to it beyond the first (lanes, `crate::lanes`).
+    pub lanes: usize,
     /// Whether it announced draining (data streams avoid it).
     pub draining: bool,
     /// Why the last attempt to this address failed (dialed replicas).
@@ -163,6 +165,8 @@ impl PeerState {
 pub(crate) struct PeerState {
     configured: Vec<String>,
     live: Vec<Live>,
+    /// Lanes 1… of the replicas (`crate::lanes`).
+    lanes: Vec<crate::lanes::Lane>,
     /// Dialed addresses with the last error of each (dialing side only).
     pub(crate) targets: BTreeMap<SocketAddr, Option<String>>,
     /// How many replica addresses the configured ones resolved to.
@@ -188,6 +192,7 @@ impl Shared {
                 let state = PeerState {
                     configured: p.addresses.clone(),
                     live: Vec::new(),
+                    lanes: Vec::new(),
                     targets: BTreeMap::new(),
                     expected: p.addresses.len(),
                     last_error: None,
@@ -297,6 +302,34 @@ impl Shared {
         n
     }
 
+    /// Keeps a lane. Refused with the lane it would replace (same replica, same number; the
+    /// caller closes it and adds again), or with `None` when the peer has the most lanes it may.
+    pub(crate) fn add_lane(
+        &self,
+        peer: &ClusterId,
+        lane: crate::lanes::Lane,
+    ) -> Result<(), Option<quinn::Connection>> {
+        self.with(peer, |s| {
+            s.lanes.retain(|l| l.conn.close_reason().is_none());
+            if let Some(i) =
+                s.lanes.iter().position(|l| l.remote == lane.remote && l.index == lane.index)
+            {
+                return Err(Some(s.lanes.swap_remove(i).conn));
+            }
+            if s.lanes.len() >= MAX_CONNECTIONS_PER_PEER * usize::from(crate::lanes::MAX_LANES) {
+                return Err(None);
+            }
+            s.lanes.push(lane);
+            Ok(())
+        })
+        .unwrap_or(Err(None))
+    }
+
+    /// Forgets a lane that ended.
+    pub(crate) fn remove_lane(&self, peer: &ClusterId, conn: &quinn::Connection) {
+        self.with(peer, |s| s.lanes.retain(|l| l.conn.stable_id() != conn.stable_id()));
+    }
+
     pub(crate) fn set_target_error(&self, peer: &ClusterId, target: SocketAddr, error: String) {
         self.with(peer, |s| {
             s.targets.insert(target, Some(error.clone()));
@@ -316,6 +349,13 @@ impl Shared {
                 rtt_ms: Some(l.conn.rtt().as_secs_f64() * 1000.0),
                 path_mtu: Some(l.conn.stats().path.current_mtu),
                 connected_secs: Some(now.duration_since(l.since).as_secs_f64()),
+                lanes: s
+                    .lanes
+                    .iter()
+                    .filter(|x| {
+                        x.remote == l.conn.remote_address() && x.conn.close_reason().is_none()
+                    })
+                    .count(),
                 draining: l.draining.load(Ordering::Relaxed),
                 last_error: None,
             })
@@ -329,6 +369,7 @@ impl Shared {
                     rtt_ms: None,
                     path_mtu: None,
                     connected_secs: None,
+                    lanes: 0,
                     draining: false,
                     last_error: error.clone(),
                 });
@@ -360,19 +401,33 @@ impl PeerHandle {
     /// Opens a data stream to `peer` on one of its working connections and writes the kind
     /// byte. Replicas take turns; ones that have not sent their exports yet come after the
     /// others, draining and suspect ones last; a connection that
-    /// cannot open a stream is passed over for the next. Returns the connection's id with the
-    /// stream, for [`Self::suspect`].
+    /// cannot open a stream is passed over for the next. Of a replica, the lane on the
+    /// caller's data-plane thread carries the stream when there is one (`crate::lanes`).
+    /// Returns the replica's id (its first connection's) with the stream, for
+    /// [`Self::suspect`].
     pub async fn open_stream(
         &self,
         peer: &ClusterId,
     ) -> Result<(quinn::SendStream, quinn::RecvStream, usize), TunnelError> {
         let now = Instant::now();
-        let mut candidates: Vec<(u8, quinn::Connection)> = self
+        let shard = crate::runtime::current_shard();
+        let mut candidates: Vec<(u8, quinn::Connection, usize)> = self
             .shared
             .with(peer, |s| {
                 s.live
                     .iter()
                     .map(|l| {
+                        // The replica's lane on this thread, when there is one
+                        // (crate::lanes); its first connection otherwise.
+                        let remote = l.conn.remote_address();
+                        let lane = shard.and_then(|shard| {
+                            s.lanes.iter().find(|x| {
+                                x.shard == shard
+                                    && x.remote == remote
+                                    && x.conn.close_reason().is_none()
+                            })
+                        });
+                        let conn = lane.map_or_else(|| l.conn.clone(), |x| x.conn.clone());
                         // Served replicas first, then ones that have not sent their exports
                         // yet (just started), then draining and suspect ones.
                         let rank = if l.draining.load(Ordering::Relaxed)
@@ -382,7 +437,7 @@ impl PeerHandle {
                         } else {
                             u8::from(!l.synced.load(Ordering::Relaxed))
                         };
-                        (rank, l.conn.clone())
+                        (rank, conn, l.conn.stable_id())
                     })
                     .collect()
             })
@@ -393,11 +448,11 @@ impl PeerHandle {
         let turn = self.shared.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
         candidates.rotate_left(turn);
         // Stable: the rotation stays within each group.
-        candidates.sort_by_key(|(rank, _)| *rank);
+        candidates.sort_by_key(|(rank, _, _)| *rank);
         let mut last = None;
-        for (_, conn) in candidates {
+        for (_, conn, replica) in candidates {
             match streams::open(&conn, peer, KIND_DATA).await {
-                Ok((send, recv)) => return Ok((send, recv, conn.stable_id())),
+                Ok((send, recv)) => return Ok((send, recv, replica)),
                 Err(e) => last = Some(e),
             }
         }
@@ -413,6 +468,14 @@ impl PeerHandle {
                 l.suspect_until = Some(until);
             }
         });
+    }
+
+    /// How many lanes beyond the first `peer`'s replicas have right now, all replicas
+    /// together (`crate::lanes`; 0 with one data-plane thread at the dialer).
+    pub fn lanes(&self, peer: &ClusterId) -> usize {
+        self.shared
+            .with(peer, |s| s.lanes.iter().filter(|l| l.conn.close_reason().is_none()).count())
+            .unwrap_or(0)
     }
 
     /// How many working connections (replicas) `peer` has right now.

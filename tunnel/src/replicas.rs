@@ -205,7 +205,7 @@ async fn run_acceptor(ctx: PeerContext, mut accepted: mpsc::Receiver<quinn::Conn
         let span = tracing::info_span!("replica", address = %remote);
         tokio::spawn(
             async move {
-                let _ = serve(&ctx, conn, "accept", token).await;
+                let _ = serve(&ctx, conn, "accept", token, None).await;
             }
             .instrument(span),
         );
@@ -228,10 +228,11 @@ async fn serve(
     conn: quinn::Connection,
     direction: &'static str,
     token: CancellationToken,
+    credentials: Option<&Arc<Credentials>>,
 ) -> Served {
     let peer = ctx.peer.id.clone();
     let streams = crate::runtime::spawn_on(
-        ctx.settings.runtime.as_ref(),
+        ctx.settings.shards.first(),
         streams::accept_streams(conn.clone(), peer.clone(), ctx.routes.clone()),
     );
     // The acceptor verified the peer's certificate before the handshake completed. The
@@ -272,6 +273,12 @@ async fn serve(
         metrics::gauge!(PEERS_CONNECTED).increment(1.0);
     }
     tracing::info!(direction, remote = %conn.remote_address(), replicas = n, "peer connected");
+    // The dialer keeps a lane per further data-plane thread while this connection is up.
+    let lanes = token.child_token();
+    let _lanes_end = lanes.clone().drop_guard();
+    if let Some(credentials) = credentials {
+        crate::lanes::dial_lanes(ctx, credentials, conn.remote_address(), &lanes);
+    }
 
     // Cancelled without shutdown: an accepted connection was replaced by a newer one from
     // the same replica; a dialed one's address no longer resolves.
@@ -347,7 +354,9 @@ impl DialTask {
                     continue;
                 }
             };
-            let served = serve(&self.ctx, conn.clone(), "dial", self.token.clone()).await;
+            let served =
+                serve(&self.ctx, conn.clone(), "dial", self.token.clone(), Some(&self.credentials))
+                    .await;
             self.last_rtt = Some(conn.rtt());
             if self.token.is_cancelled() {
                 return;
@@ -375,47 +384,7 @@ impl DialTask {
     }
 
     async fn try_dial(&mut self) -> Result<quinn::Connection, TunnelError> {
-        let peer = self.ctx.peer.id.clone();
-        let address = self.target.to_string();
-        let connect_err = |detail: String| TunnelError::Connect {
-            peer: peer.clone(),
-            address: address.clone(),
-            detail,
-        };
-        // A rejection sink of this replica's own: concurrent dials to other replicas of the
-        // peer must not take each other's reasons.
-        let sink = Arc::new(RejectionSink::new(true));
-        let crypto = client_crypto(&self.credentials, peer.clone(), sink.clone())
-            .map_err(|e| connect_err(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = transport_config(&self.ctx.settings)?;
-        if let Some(rtt) = redial_initial_rtt(self.last_rtt) {
-            // RFC 9002 §6.2.2: a new connection to a peer may start from the RTT measured on
-            // the previous one instead of 333 ms. The first Initial of a redial is often lost
-            // (the peer is restarting, its port closed), and its resend waits for the first
-            // PTO: ~3 × the initial RTT, 1 s with the default.
-            transport.initial_rtt(rtt);
-        }
-        config.transport_config(Arc::new(transport));
-        // quinn instruments the connection's driver task with the span current at this call
-        // and enters it at every poll. Here that would be this task's span, which is enabled
-        // at the default `info` level, so every packet would pay the subscriber's enter, exit
-        // and filter calls. The call runs in a task of its own, outside any span, as accepted
-        // connections' calls do (docs/decisions.md, session 6).
-        let endpoint = self.ctx.endpoint.clone();
-        let server_name = peer.clone();
-        let target = self.target;
-        let connecting =
-            tokio::spawn(
-                async move { endpoint.connect_with(config, target, server_name.as_str()) },
-            )
-            .await
-            .map_err(|e| connect_err(format!("the dial task failed: {e}")))?
-            .map_err(|e| connect_err(e.to_string()))?;
-        connecting.await.map_err(|source| match sink.take() {
-            Some(reason) => TunnelError::PeerRejected { peer: peer.clone(), reason },
-            None => TunnelError::Handshake { peer: peer.clone(), source },
-        })
+        dial(&self.ctx, &self.credentials, self.target, self.last_rtt, None).await
     }
 
     /// Records `e` in the status, and logs it when it differs from the last one logged.
@@ -429,6 +398,65 @@ impl DialTask {
         }
         self.ctx.shared.set_target_error(&self.ctx.peer.id, self.target, text);
     }
+}
+
+/// Dials `target`, a replica of the context's peer, and completes the handshake. `lane`: the
+/// lane number to name in the first destination connection id and the data-plane thread to
+/// place the connection's task on ([`crate::lanes`]); `None`: lane 0, on the first thread.
+/// `last_rtt`: the previous connection's RTT, the first estimate of this one.
+pub(crate) async fn dial(
+    ctx: &PeerContext,
+    credentials: &Arc<Credentials>,
+    target: SocketAddr,
+    last_rtt: Option<Duration>,
+    lane: Option<(u8, usize)>,
+) -> Result<quinn::Connection, TunnelError> {
+    let peer = ctx.peer.id.clone();
+    let address = target.to_string();
+    let connect_err = |detail: String| TunnelError::Connect {
+        peer: peer.clone(),
+        address: address.clone(),
+        detail,
+    };
+    // A rejection sink of this replica's own: concurrent dials to other replicas of the
+    // peer must not take each other's reasons.
+    let sink = Arc::new(RejectionSink::new(true));
+    let crypto = client_crypto(credentials, peer.clone(), sink.clone())
+        .map_err(|e| connect_err(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = transport_config(&ctx.settings)?;
+    if let Some(rtt) = redial_initial_rtt(last_rtt) {
+        // RFC 9002 §6.2.2: a new connection to a peer may start from the RTT measured on
+        // the previous one instead of 333 ms. The first Initial of a redial is often lost
+        // (the peer is restarting, its port closed), and its resend waits for the first
+        // PTO: ~3 × the initial RTT, 1 s with the default.
+        transport.initial_rtt(rtt);
+    }
+    config.transport_config(Arc::new(transport));
+    let shard = match lane {
+        Some((index, shard)) => {
+            config.initial_dst_cid_provider(Arc::new(move || crate::lanes::lane_cid(index)));
+            shard
+        }
+        None => 0,
+    };
+    // quinn instruments the connection's driver task with the span current at this call
+    // and enters it at every poll. Here that would be this task's span, which is enabled
+    // at the default `info` level, so every packet would pay the subscriber's enter, exit
+    // and filter calls. The call runs in a task of its own, outside any span, as accepted
+    // connections' calls do (docs/decisions.md, session 6).
+    let endpoint = ctx.endpoint.clone();
+    let server_name = peer.clone();
+    let connecting = tokio::spawn(async move {
+        crate::runtime::place(shard, || endpoint.connect_with(config, target, server_name.as_str()))
+    })
+    .await
+    .map_err(|e| connect_err(format!("the dial task failed: {e}")))?
+    .map_err(|e| connect_err(e.to_string()))?;
+    connecting.await.map_err(|source| match sink.take() {
+        Some(reason) => TunnelError::PeerRejected { peer: peer.clone(), reason },
+        None => TunnelError::Handshake { peer: peer.clone(), source },
+    })
 }
 
 /// Resolves once the peer has had no working connection for `wait` in a row (checked every
@@ -451,7 +479,7 @@ async fn alone_for(ctx: &PeerContext, wait: Duration) {
 /// arrived). A dialer's handshake completes before the acceptor has checked our certificate
 /// (TLS 1.3); the acceptor sends HANDSHAKE_DONE only once it has, so a peer that refuses us
 /// never confirms. quinn reports no event for it; its frame counters show it.
-async fn handshake_confirmed(conn: &quinn::Connection) {
+pub(crate) async fn handshake_confirmed(conn: &quinn::Connection) {
     let mut wait = CONFIRM_POLL_MIN;
     while conn.stats().frame_rx.handshake_done == 0 {
         tokio::time::sleep(wait).await;
@@ -484,12 +512,12 @@ impl Default for Backoff {
 
 impl Backoff {
     /// The delay before the next attempt; doubles the one after.
-    fn fail(&mut self) -> Duration {
+    pub(crate) fn fail(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(BACKOFF_MAX);
         d
     }
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = BACKOFF_MIN;
     }
 }

@@ -1,11 +1,14 @@
 //! Where the tunnel's packet work runs. quinn spawns one task per endpoint (it reads the UDP
 //! socket) and one per connection (it turns packets into stream data and back) with the
 //! [`quinn::Runtime`] it is given; its own `TokioRuntime` spawns them on whatever runtime the
-//! caller happens to be on. [`Pinned`] spawns them, and registers the UDP socket and the
-//! timers, on one runtime chosen by the composition root: the gateway's data-plane thread,
-//! where the proxy tasks that read and write those streams run as well. A packet then
-//! travels from the socket to the proxied TCP connection without waking another thread.
+//! caller happens to be on. [`Pinned`] spawns them on the runtimes chosen by the composition
+//! root: the gateway's data-plane threads, where the proxy tasks that read and write those
+//! streams run as well. The endpoint's task (the UDP socket) runs on the first; each
+//! connection's task on the thread [`place`] names when it is created. With several threads a
+//! peer has one connection per thread (lanes, `crate::lanes`), so a proxied connection's
+//! packets are turned into stream data on the thread that copies them to TCP.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,19 +16,62 @@ use std::time::Instant;
 
 use tokio::runtime::Handle;
 
-/// A [`quinn::Runtime`] bound to one tokio runtime, whichever runtime calls it.
+thread_local! {
+    /// The data-plane thread (shard) this thread is, set once by the thread itself.
+    static SHARD: Cell<Option<usize>> = const { Cell::new(None) };
+    /// Where the next task quinn spawns from this thread goes ([`place`]).
+    static PLACE: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Marks the calling thread as data-plane thread `shard` (its index in
+/// [`TunnelSettings::shards`](crate::TunnelSettings)). Called once, at the thread's start.
+pub fn set_current_shard(shard: usize) {
+    SHARD.with(|s| s.set(Some(shard)));
+}
+
+/// The data-plane thread the caller runs on, if it is one.
+pub fn current_shard() -> Option<usize> {
+    SHARD.with(Cell::get)
+}
+
+/// Runs `f` (a call that makes quinn create a connection: `Endpoint::connect_with`,
+/// `Incoming::accept`) with the connection's driver task placed on data-plane thread `shard`.
+/// quinn spawns the driver synchronously inside such calls, through [`Pinned::spawn`].
+pub(crate) fn place<T>(shard: usize, f: impl FnOnce() -> T) -> T {
+    let before = PLACE.with(|p| p.replace(Some(shard)));
+    let out = f();
+    PLACE.with(|p| p.set(before));
+    out
+}
+
+/// A [`quinn::Runtime`] over the gateway's data-plane threads, one tokio runtime each
+/// (`shards[0]` reads the UDP socket). Tasks quinn spawns go to the thread chosen by
+/// [`place`] around the call that spawns them, else to the first: the endpoint's driver
+/// there, each connection's driver on the thread that carries its streams. Timers register
+/// with the runtime of the thread that polls them.
 #[derive(Debug, Clone)]
-pub struct Pinned(pub Handle);
+pub struct Pinned(pub Arc<[Handle]>);
+
+impl Pinned {
+    fn first(&self) -> &Handle {
+        &self.0[0]
+    }
+}
 
 impl quinn::Runtime for Pinned {
     fn new_timer(&self, t: Instant) -> Pin<Box<dyn quinn::AsyncTimer>> {
-        // The timer registers with the time driver of the runtime entered here.
-        let _in = self.0.enter();
+        // quinn creates a connection's timer while polling its driver: on the driver's thread,
+        // whose runtime's time driver then wakes it without a hop. Elsewhere, the first's.
+        let _in = match Handle::try_current() {
+            Ok(_) => None,
+            Err(_) => Some(self.first().enter()),
+        };
         Box::pin(tokio::time::sleep_until(t.into()))
     }
 
     fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
-        self.0.spawn(future);
+        let shard = PLACE.with(Cell::get).unwrap_or(0);
+        self.0[shard % self.0.len()].spawn(future);
     }
 
     fn wrap_udp_socket(
@@ -33,7 +79,7 @@ impl quinn::Runtime for Pinned {
         socket: std::net::UdpSocket,
     ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
         // quinn calls it for `Endpoint::rebind`; the endpoint's own socket is made the same way.
-        let _in = self.0.enter();
+        let _in = self.first().enter();
         Ok(crate::socket::TunnelSocket::new(socket, None)?)
     }
 

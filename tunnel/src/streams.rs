@@ -31,6 +31,9 @@ pub struct IncomingStream {
     pub peer: ClusterId,
     pub send: quinn::SendStream,
     pub recv: quinn::RecvStream,
+    /// The runtime of the thread that accepted it, where its connection's task runs: serve
+    /// it there, and its packets reach it without a hop between threads.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 /// Where accepted streams go, by kind.
@@ -79,8 +82,10 @@ pub(crate) async fn control_channel(
 
 /// Accepts the streams a peer opens on `conn` and routes them by kind byte.
 pub(crate) async fn accept_streams(conn: quinn::Connection, peer: ClusterId, routes: Routes) {
+    let runtime = tokio::runtime::Handle::try_current().ok();
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let routes = routes.clone();
+        let runtime = runtime.clone();
         let peer = peer.clone();
         tokio::spawn(async move {
             let mut kind = [0u8; 1];
@@ -110,7 +115,7 @@ pub(crate) async fn accept_streams(conn: quinn::Connection, peer: ClusterId, rou
                 }
                 KIND_DATA => {
                     if let Err(mpsc::error::SendError(mut s)) =
-                        routes.data.send(IncomingStream { peer, send, recv }).await
+                        routes.data.send(IncomingStream { peer, send, recv, runtime }).await
                     {
                         refuse(&mut s.send, &mut s.recv, STREAM_NOT_SERVED);
                     }

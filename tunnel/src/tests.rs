@@ -41,7 +41,27 @@ impl Endpoint {
 
 fn start(pki: &TestPki, me: &str, peers: &[(&str, SocketAddr)]) -> Endpoint {
     let peers: Vec<(&str, Vec<SocketAddr>)> = peers.iter().map(|(p, a)| (*p, vec![*a])).collect();
-    start_replica(pki, me, &pki.issue(me), &peers)
+    start_replica(pki, me, &pki.issue(me), &peers, Vec::new())
+}
+
+/// `n` data-plane threads as the gateway starts them: a current-thread runtime each, every
+/// thread knowing its number. They stop when `stop` is cancelled.
+fn shards(n: usize, stop: &CancellationToken) -> Vec<tokio::runtime::Handle> {
+    (0..n)
+        .map(|k| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let handle = runtime.handle().clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                crate::runtime::set_current_shard(k);
+                runtime.block_on(stop.cancelled());
+            });
+            handle
+        })
+        .collect()
 }
 
 /// One replica of `me` with `identity` (replicas of a cluster share one), peers with one
@@ -51,8 +71,9 @@ fn start_replica(
     me: &str,
     identity: &Identity,
     peers: &[(&str, Vec<SocketAddr>)],
+    shards: Vec<tokio::runtime::Handle>,
 ) -> Endpoint {
-    let settings = TunnelSettings::new(
+    let mut settings = TunnelSettings::new(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         pki.clusterset(),
         id(me),
@@ -64,6 +85,7 @@ fn start_replica(
             })
             .collect(),
     );
+    settings.shards = shards;
     let (control_tx, control) = mpsc::channel(8);
     let (data_tx, data) = mpsc::channel(8);
     let endpoint =
@@ -86,6 +108,65 @@ async fn wait_until(
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
         .expect("the tunnel is running");
     got.clone()
+}
+
+#[tokio::test]
+async fn with_several_threads_each_has_a_lane_and_streams_stay_on_their_thread() {
+    let pki = TestPki::new("demo");
+    let stop = CancellationToken::new();
+    let mut west = start_replica(
+        &pki,
+        "west",
+        &pki.issue("west"),
+        &[("east", vec![SocketAddr::from(([127, 0, 0, 1], 9))])],
+        shards(2, &stop),
+    );
+    let east_shards = shards(3, &stop);
+    let east = start_replica(
+        &pki,
+        "east",
+        &pki.issue("east"),
+        &[("west", vec![west.address])],
+        east_shards.clone(),
+    );
+    // east dials lane 0 and, once it is up, lanes 1 and 2 (one per further thread of its
+    // own); west counts the same two.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while east.handle.lanes(&id("west")) < 2 || west.handle.lanes(&id("east")) < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "lanes never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(east.handle.replicas(&id("west")), 1, "lanes are not replicas");
+    assert_eq!(west.handle.replicas(&id("east")), 1);
+
+    // A stream opened on east's thread k travels on lane k, which west runs on its thread
+    // k mod 2: the incoming stream says so, and a task there sees that thread.
+    for k in 0..3 {
+        let handle = east.handle.clone();
+        let (mut send, _recv, _) = east_shards[k]
+            .spawn(async move { handle.open_stream(&id("west")).await })
+            .await
+            .expect("task")
+            .expect("stream opens");
+        send.write_all(b"x").await.expect("write");
+        let mut incoming =
+            tokio::time::timeout(WAIT, west.data.recv()).await.expect("in time").expect("stream");
+        let mut byte = [0u8; 1];
+        incoming.recv.read_exact(&mut byte).await.expect("read");
+        let runtime = incoming.runtime.take().expect("the accepting runtime");
+        let shard = runtime.spawn(async { crate::runtime::current_shard() }).await.expect("task");
+        assert_eq!(shard, Some(k % 2), "stream opened on east's thread {k}");
+    }
+
+    // The lanes end with the replica's first connection, at both ends.
+    east.stop().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while west.handle.lanes(&id("east")) > 0 || west.handle.replicas(&id("east")) > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "west kept east's lanes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    west.stop().await;
+    stop.cancel();
 }
 
 #[tokio::test]
@@ -145,7 +226,8 @@ async fn every_replica_of_a_peer_is_kept_and_streams_take_turns_over_them() {
     // west accepts; east has two replicas (one identity) configured at west by two addresses.
     let west = start(&pki, "west", &[("east", unused(9))]);
     let east_identity = pki.issue("east");
-    let replica = || start_replica(&pki, "east", &east_identity, &[("west", vec![west.address])]);
+    let replica =
+        || start_replica(&pki, "east", &east_identity, &[("west", vec![west.address])], Vec::new());
     let (east1, east2) = (replica(), replica());
     let mut at_west = west.handle.connections(&id("east")).expect("configured");
     let links = wait_until(&mut at_west, "both replicas", |l| l.len() == 2).await;
@@ -189,14 +271,15 @@ async fn a_dialer_connects_to_every_address_of_a_peer() {
     let pki = TestPki::new("demo");
     let unused = SocketAddr::from(([127, 0, 0, 1], 9));
     let west_identity = pki.issue("west");
-    let west1 = start_replica(&pki, "west", &west_identity, &[("east", vec![unused])]);
-    let west2 = start_replica(&pki, "west", &west_identity, &[("east", vec![unused])]);
+    let west1 = start_replica(&pki, "west", &west_identity, &[("east", vec![unused])], Vec::new());
+    let west2 = start_replica(&pki, "west", &west_identity, &[("east", vec![unused])], Vec::new());
     // east dials both, listed as `addresses`; one more address has nobody behind it.
     let east = start_replica(
         &pki,
         "east",
         &pki.issue("east"),
         &[("west", vec![west1.address, west2.address, unused])],
+        Vec::new(),
     );
     let mut at_east = east.handle.connections(&id("west")).expect("configured");
     let links = wait_until(&mut at_east, "both replicas", |l| l.len() == 2).await;

@@ -108,6 +108,8 @@ pub struct TransportReplica {
     pub rtt_ms: Option<f64>,
     pub path_mtu: Option<u16>,
     pub connected_secs: Option<f64>,
+    /// Connections beyond the first (lanes).
+    pub lanes: usize,
     pub last_error: Option<String>,
 }
 

@@ -116,6 +116,7 @@ pub(super) fn merge(
                 rtt_ms: r.rtt_ms,
                 path_mtu: r.path_mtu,
                 connected_secs: r.connected_secs,
+                lanes: r.lanes,
                 last_seen_secs: ago(session.last_seen),
                 exports_version: session.exports_version,
                 last_error: session.last_error.or(r.last_error),

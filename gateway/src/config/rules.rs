@@ -429,11 +429,6 @@ fn traffic(s: &Sections, out: &mut Vec<(String, String)>) {
         && t.busy_poll > MAX_BUSY_POLL
     {
         err(BUSY_POLL, compared(t.busy_poll, "is longer than", MAX_BUSY_POLL));
-    } else if let Some(t) = read(&s.traffic, &[BUSY_POLL, THREADS])
-        && !t.busy_poll.is_zero()
-        && t.data_plane_threads > 1
-    {
-        err(BUSY_POLL, format!("needs {THREADS}: 1 (it is {})", t.data_plane_threads));
     }
     outlier_detection(s, &mut err);
     const MAX: &str = "traffic.connections.max";

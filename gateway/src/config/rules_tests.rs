@@ -157,7 +157,7 @@ fn value_rules_run_beside_type_errors_of_their_section() {
             ],
         ),
         (
-            "busy poll is not judged against threads that did not parse",
+            "threads that are not a number",
             "cluster: { id: east }\npeers: []\ntraffic: { busyPoll: 100us, dataPlaneThreads: many }\n",
             &[
                 "east.yaml:3:47: traffic.dataPlaneThreads: invalid type: string \"many\", expected usize",

@@ -96,7 +96,7 @@ async fn refuse(send: &mut BoxSend, recv: &mut BoxRecv, status: Status) {
 
 /// Serves one tunnel stream a peer opened.
 pub(crate) async fn serve_stream(shared: Arc<Shared>, incoming: Incoming) {
-    let Incoming { peer, mut send, mut recv } = incoming;
+    let Incoming { peer, mut send, mut recv, .. } = incoming;
     let span = tracing::debug_span!("tunnel_stream", %peer);
     async move {
         let _active = shared.drain.active.enter();
@@ -216,7 +216,11 @@ pub(crate) async fn serve_incoming(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             next = incoming.recv() => match next {
-                Some(stream) => { tokio::spawn(serve_stream(shared.clone(), stream)); }
+                Some(mut stream) => match stream.runtime.take() {
+                    // On the thread its tunnel connection runs on (a lane of its own).
+                    Some(runtime) => { runtime.spawn(serve_stream(shared.clone(), stream)); }
+                    None => { tokio::spawn(serve_stream(shared.clone(), stream)); }
+                },
                 None => return,
             }
         }

@@ -417,6 +417,72 @@ fn listener_budget() -> usize {
 /// Accepts client connections on one listener until `stop` (the listener closed, or
 /// draining): each is admitted by the connection caps (or reset at once) and served in its
 /// own task. Used by both fronts.
+/// Serves an accepted client connection on the data-plane thread with the fewest open client
+/// connections, the first on a tie: its stream then goes on that thread's lane to the peer
+/// (`fedgate_tunnel`'s lanes), so its bytes are copied and its packets handled on one thread.
+/// The first thread reads the tunnel's socket for every lane, so a lone connection stays on
+/// it and pays no hand-off between threads; the others fill as connections add up. The socket
+/// moves to the chosen thread's reactor.
+fn spawn_client(
+    shared: &Arc<Shared>,
+    route: Arc<Route>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    admitted: super::limits::Admitted,
+) {
+    use std::sync::atomic::Ordering;
+    let shards = &shared.settings.shards;
+    let k = least_loaded(shared.per_shard.iter().map(|n| n.load(Ordering::Relaxed)));
+    let Some(counter) = shared.per_shard.get(k) else { return };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let open = OpenOnShard { per_shard: shared.per_shard.clone(), shard: k };
+    let target = shards.get(k).filter(|_| fedgate_tunnel::runtime::current_shard() != Some(k));
+    let Some(target) = target else {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _open = open;
+            connect::serve_client(shared, route, stream, peer, admitted).await;
+        });
+        return;
+    };
+    match stream.into_std() {
+        Ok(std) => {
+            let shared = shared.clone();
+            target.spawn(async move {
+                let _open = open;
+                match tokio::net::TcpStream::from_std(std) {
+                    Ok(stream) => {
+                        connect::serve_client(shared, route, stream, peer, admitted).await;
+                    }
+                    Err(e) => tracing::debug!(client = %peer, error = %e, "moving a client connection to its data-plane thread failed"),
+                }
+            });
+        }
+        Err(e) => {
+            tracing::debug!(client = %peer, error = %e, "moving a client connection to its data-plane thread failed")
+        }
+    }
+}
+
+/// Index of the smallest count, the first of equals (0 for none). Pure.
+pub(crate) fn least_loaded(counts: impl Iterator<Item = usize>) -> usize {
+    counts.enumerate().min_by_key(|&(i, n)| (n, i)).map_or(0, |(i, _)| i)
+}
+
+/// One open client connection on a data-plane thread, counted until dropped.
+struct OpenOnShard {
+    per_shard: Arc<[std::sync::atomic::AtomicUsize]>,
+    shard: usize,
+}
+
+impl Drop for OpenOnShard {
+    fn drop(&mut self) {
+        if let Some(n) = self.per_shard.get(self.shard) {
+            n.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     route: Arc<ArcSwap<Route>>,
@@ -439,13 +505,7 @@ pub(crate) async fn accept_loop(
                 match shared.limits.admit(route.key()) {
                     Ok(admitted) => {
                         let _ = stream.set_nodelay(true);
-                        tokio::spawn(connect::serve_client(
-                            shared.clone(),
-                            route,
-                            stream,
-                            peer,
-                            admitted,
-                        ));
+                        spawn_client(&shared, route, stream, peer, admitted);
                     }
                     Err(hit) => {
                         metrics::record_limit_hit(&route.key().to_string(), hit.as_str());
@@ -473,6 +533,21 @@ mod tests {
     use crate::dataplane::DataPlane;
     use crate::dataplane::select::tests::{cid, ep, export, service};
     use fedgate_discovery::model::Health;
+
+    #[test]
+    fn client_connections_go_to_the_least_loaded_thread_the_first_on_a_tie() {
+        for (counts, want) in [
+            (vec![], 0),
+            (vec![0], 0),
+            (vec![0, 0], 0), // a lone connection stays on the first thread
+            (vec![1, 0], 1),
+            (vec![1, 1, 0], 2),
+            (vec![2, 1, 1], 1),
+            (vec![3, 5, 4], 0),
+        ] {
+            assert_eq!(least_loaded(counts.iter().copied()), want, "{counts:?}");
+        }
+    }
 
     #[test]
     fn routes_table() {

@@ -89,6 +89,9 @@ pub struct DataPlaneSettings {
     pub idle_timeout: Duration,
     /// Called by the copy loops when they move bytes (the data thread's busy poller).
     pub activity: ActivityHook,
+    /// The data-plane threads' runtimes (`DataThread::handles`): accepted client connections
+    /// are served on them in turn. Empty or one: on the accepting runtime.
+    pub shards: Vec<tokio::runtime::Handle>,
     /// The gateway's readiness registry: the listeners register as `listeners`.
     pub ready: crate::readiness::Ready,
 }
@@ -115,6 +118,7 @@ impl DataPlaneSettings {
             max_connections_per_service: DEFAULT_MAX_CONNECTIONS_PER_SERVICE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             activity: ActivityHook::NONE,
+            shards: Vec::new(),
             ready: crate::readiness::Ready::new(),
         }
     }
@@ -158,6 +162,9 @@ pub struct Incoming {
     pub peer: ClusterId,
     pub send: BoxSend,
     pub recv: BoxRecv,
+    /// Where to serve it: the runtime of the data-plane thread its tunnel connection runs
+    /// on. `None`: the runtime that receives it.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 /// Live state of endpoints: passive ejections and outstanding connections.
@@ -199,6 +206,8 @@ pub(crate) struct Shared {
     probes: health::ProbeLog,
     /// Caps on client connections.
     limits: Arc<limits::Limits>,
+    /// Client connections open on each data-plane thread (`listeners::spawn_client`).
+    per_shard: Arc<[std::sync::atomic::AtomicUsize]>,
 }
 
 /// One outstanding connection to an endpoint, for least-outstanding balancing.
@@ -406,6 +415,9 @@ impl DataPlane {
                 settings.max_connections,
                 settings.max_connections_per_service,
             ),
+            per_shard: (0..settings.shards.len().max(1))
+                .map(|_| std::sync::atomic::AtomicUsize::new(0))
+                .collect(),
             settings,
         };
         let mut listeners = listeners::Listeners::default();

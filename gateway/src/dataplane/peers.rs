@@ -138,8 +138,8 @@ impl Tunnel for PeerTunnel {
 pub fn forward_incoming(mut streams: mpsc::Receiver<IncomingStream>) -> mpsc::Receiver<Incoming> {
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
-        while let Some(IncomingStream { peer, send, recv }) = streams.recv().await {
-            let incoming = Incoming { peer, send: Box::new(send), recv: Box::new(recv) };
+        while let Some(IncomingStream { peer, send, recv, runtime }) = streams.recv().await {
+            let incoming = Incoming { peer, send: Box::new(send), recv: Box::new(recv), runtime };
             if tx.send(incoming).await.is_err() {
                 return;
             }

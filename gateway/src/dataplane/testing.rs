@@ -63,9 +63,14 @@ impl Tunnel for LoopTunnel {
             let (near, far) = tokio::io::duplex(PIPE_SIZE);
             let (near_r, near_w) = tokio::io::split(near);
             let (far_r, far_w) = tokio::io::split(far);
-            tx.send(Incoming { peer: local, send: Box::new(far_w), recv: Box::new(far_r) })
-                .await
-                .map_err(|_| format!("{peer} is not accepting streams"))?;
+            tx.send(Incoming {
+                peer: local,
+                send: Box::new(far_w),
+                recv: Box::new(far_r),
+                runtime: None,
+            })
+            .await
+            .map_err(|_| format!("{peer} is not accepting streams"))?;
             Ok((Box::new(near_w) as BoxSend, Box::new(near_r) as BoxRecv))
         })
     }

@@ -660,8 +660,12 @@ async fn proxies_through_a_real_quic_stream_with_half_close_and_reset() {
     let accept = tokio::spawn(async move {
         while let Ok((send, mut recv)) = server_conn.accept_bi().await {
             assert_eq!(recv.read_u8().await.unwrap(), 0x02);
-            let incoming =
-                Incoming { peer: cid("east"), send: Box::new(send), recv: Box::new(recv) };
+            let incoming = Incoming {
+                peer: cid("east"),
+                send: Box::new(send),
+                recv: Box::new(recv),
+                runtime: None,
+            };
             if west_tx.send(incoming).await.is_err() {
                 return;
             }

@@ -101,6 +101,7 @@ impl ControlConnector for TunnelConnector {
                         rtt_ms: r.rtt_ms,
                         path_mtu: r.path_mtu,
                         connected_secs: r.connected_secs,
+                        lanes: r.lanes,
                         last_error: r.last_error,
                     })
                     .collect(),

@@ -1,0 +1,274 @@
+//! Lanes: with several data-plane threads, one QUIC connection per thread to each replica of a
+//! peer. quinn drives each connection from one task, so one connection's packets are
+//! encrypted, decrypted and turned into stream data on one thread; a connection per thread
+//! lets a peer's traffic use every thread, and a proxied connection's stream then lives on the
+//! thread that copies it to TCP.
+//!
+//! Lane 0 is the replica's connection as [`crate::replicas`] keeps it: it carries the export
+//! exchange, counts for the peer's lease and readiness, and its end ends the replica. Lanes 1…
+//! carry data streams only. The dialer opens lane `k` (k ≥ 1) once lane 0 is up, with its
+//! driver on its thread `k`, and names the lane in the first destination connection id it
+//! sends ([`lane_cid`]; the Initial packets are keyed with it, so it cannot be rewritten on
+//! the way); the acceptor places the connection's task on its thread `k mod threads` before
+//! the handshake and, once the peer's certificate is verified, serves it here. A dialer that
+//! names no lane (one data-plane thread, or an older gateway) only ever has lane 0.
+//!
+//! New data streams prefer the lane on the caller's thread ([`crate::PeerHandle::open_stream`])
+//! and fall back to lane 0. Lanes share the replica's standing: draining, suspect and synced
+//! are tracked on lane 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedgate_discovery::model::ClusterId;
+use quinn::VarInt;
+use quinn_proto::ConnectionId;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use crate::peer::{CLOSE_REPLACED, CLOSE_SHUTDOWN, CLOSE_TOO_MANY, Shared};
+use crate::replicas::{Backoff, PeerContext, dial, handshake_confirmed};
+use crate::streams::{self, Routes};
+use crate::tls::Credentials;
+
+/// The most lanes per replica: lane numbers at or above it are refused.
+pub const MAX_LANES: u8 = 64;
+/// First bytes of a destination connection id that names a lane: `f`, `g`, the lane number.
+const MARKER: [u8; 2] = *b"fg";
+/// Length of such an id: long enough to be unguessable after the marker (RFC 9000 §7.2 asks
+/// for at least 8 bytes), and distinct from quinn's own 20-byte random ids.
+const LANE_CID_LEN: usize = 18;
+
+/// A first destination connection id naming `lane`: the marker, the lane, random bytes.
+pub(crate) fn lane_cid(lane: u8) -> ConnectionId {
+    let mut bytes = [0u8; LANE_CID_LEN];
+    bytes[..2].copy_from_slice(&MARKER);
+    bytes[2] = lane;
+    // Fails only where the system has no random source; the id is then less random, not
+    // wrong (the lane is still named).
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes[3..]);
+    ConnectionId::new(&bytes)
+}
+
+/// The lane a first destination connection id names; 0 when it names none (a dialer with one
+/// thread, or one that does not know lanes) or an out-of-range lane. Pure.
+pub(crate) fn lane_of(cid: &ConnectionId) -> u8 {
+    match cid.as_ref() {
+        [b'f', b'g', lane, ..] if cid.len() == LANE_CID_LEN && *lane < MAX_LANES => *lane,
+        _ => 0,
+    }
+}
+
+/// One lane beyond the first of a replica.
+pub(crate) struct Lane {
+    /// The replica's address (lane 0's remote address).
+    pub remote: SocketAddr,
+    pub index: u8,
+    /// The data-plane thread its connection's task runs on.
+    pub shard: usize,
+    pub conn: quinn::Connection,
+}
+
+/// What the acceptor needs to serve lanes peers open to it.
+#[derive(Clone)]
+pub(crate) struct Accepted {
+    pub shared: Arc<Shared>,
+    pub routes: Routes,
+    pub shutdown: CancellationToken,
+}
+
+impl Accepted {
+    /// Serves lane `index` of `peer`'s replica at `conn`'s remote address (already verified)
+    /// until it closes: its streams accepted on `runtime`, the thread its task was placed on.
+    pub(crate) fn serve(
+        &self,
+        peer: ClusterId,
+        conn: quinn::Connection,
+        index: u8,
+        shard: usize,
+        runtime: Option<Handle>,
+    ) {
+        let remote = conn.remote_address();
+        if let Err(old) =
+            self.shared.add_lane(&peer, Lane { remote, index, shard, conn: conn.clone() })
+        {
+            match old {
+                Some(old) => {
+                    // The replica dialed this lane again (it lost or restarted the old one).
+                    old.close(VarInt::from_u32(CLOSE_REPLACED), b"replaced by a new connection");
+                    self.shared
+                        .add_lane(&peer, Lane { remote, index, shard, conn: conn.clone() })
+                        .ok();
+                }
+                None => {
+                    tracing::warn!(%peer, %remote, "too many lanes with this peer's identity; refusing");
+                    conn.close(
+                        VarInt::from_u32(CLOSE_TOO_MANY),
+                        b"too many connections of this identity",
+                    );
+                    return;
+                }
+            }
+        }
+        tracing::debug!(%peer, %remote, lane = index, shard, "lane accepted");
+        let shared = self.shared.clone();
+        let routes = self.routes.clone();
+        let shutdown = self.shutdown.clone();
+        crate::runtime::spawn_on(runtime.as_ref(), async move {
+            let streams = tokio::spawn(streams::accept_streams(conn.clone(), peer.clone(), routes));
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"gateway shutting down");
+                }
+                _ = conn.closed() => {}
+            }
+            streams.abort();
+            shared.remove_lane(&peer, &conn);
+        });
+    }
+}
+
+/// Keeps lanes 1… of the dialed replica `target` while `token` lives (lane 0's connection
+/// is up): one task per lane, each dialing with backoff.
+pub(crate) fn dial_lanes(
+    ctx: &PeerContext,
+    credentials: &Arc<Credentials>,
+    target: SocketAddr,
+    token: &CancellationToken,
+) {
+    let lanes = ctx.settings.shards.len().min(usize::from(MAX_LANES));
+    for shard in 1..lanes {
+        let task = LaneTask {
+            ctx: ctx.clone(),
+            credentials: credentials.clone(),
+            target,
+            index: u8::try_from(shard).unwrap_or(MAX_LANES - 1),
+            shard,
+            token: token.clone(),
+        };
+        tokio::spawn(task.run());
+    }
+}
+
+struct LaneTask {
+    ctx: PeerContext,
+    credentials: Arc<Credentials>,
+    target: SocketAddr,
+    index: u8,
+    shard: usize,
+    token: CancellationToken,
+}
+
+impl LaneTask {
+    async fn run(self) {
+        let mut backoff = Backoff::default();
+        let peer = self.ctx.peer.id.clone();
+        loop {
+            let dialed = tokio::select! {
+                _ = self.token.cancelled() => return,
+                d = dial(&self.ctx, &self.credentials, self.target, None, Some((self.index, self.shard))) => d,
+            };
+            let up = match dialed {
+                Ok(conn) => self.serve(conn).await,
+                Err(e) => {
+                    tracing::debug!(%peer, target = %self.target, lane = self.index, error = %e, "lane dial failed");
+                    None
+                }
+            };
+            if self.token.is_cancelled() {
+                return;
+            }
+            let delay = match up {
+                Some(up) if up >= Duration::from_secs(5) => {
+                    backoff.reset();
+                    Duration::ZERO
+                }
+                _ => backoff.fail(),
+            };
+            tokio::select! {
+                _ = self.token.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Serves a dialed lane until it closes or the replica's lane 0 ends; how long it was up.
+    async fn serve(&self, conn: quinn::Connection) -> Option<Duration> {
+        let peer = self.ctx.peer.id.clone();
+        // As for lane 0: usable once the acceptor confirmed it checked our certificate.
+        let confirmed = tokio::select! {
+            _ = self.token.cancelled() => false,
+            _ = conn.closed() => false,
+            _ = handshake_confirmed(&conn) => true,
+        };
+        if !confirmed {
+            conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"lane no longer needed");
+            return None;
+        }
+        let lane = || Lane {
+            remote: self.target,
+            index: self.index,
+            shard: self.shard,
+            conn: conn.clone(),
+        };
+        match self.ctx.shared.add_lane(&peer, lane()) {
+            Ok(()) => {}
+            Err(Some(old)) => {
+                // A lane of ours that ended and is not forgotten yet.
+                old.close(VarInt::from_u32(CLOSE_REPLACED), b"replaced by a new connection");
+                let _ = self.ctx.shared.add_lane(&peer, lane());
+            }
+            Err(None) => {
+                conn.close(VarInt::from_u32(CLOSE_TOO_MANY), b"lane not kept");
+                return None;
+            }
+        }
+        let started = tokio::time::Instant::now();
+        let runtime = self.ctx.settings.shards.get(self.shard);
+        let streams = crate::runtime::spawn_on(
+            runtime,
+            streams::accept_streams(conn.clone(), peer.clone(), self.ctx.routes.clone()),
+        );
+        tokio::select! {
+            _ = self.token.cancelled() => {
+                let why: &[u8] = if self.ctx.shutdown.is_cancelled() {
+                    b"gateway shutting down"
+                } else {
+                    b"the replica's first connection ended"
+                };
+                conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), why);
+            }
+            _ = conn.closed() => {}
+        }
+        streams.abort();
+        self.ctx.shared.remove_lane(&peer, &conn);
+        Some(started.elapsed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_ids_name_their_lane_and_nothing_else_does() {
+        for lane in [1, 2, 63] {
+            let cid = lane_cid(lane);
+            assert_eq!(cid.len(), LANE_CID_LEN);
+            assert_eq!(lane_of(&cid), lane);
+        }
+        // The random part differs between dials.
+        assert_ne!(lane_cid(1), lane_cid(1));
+        // quinn's own ids (20 random bytes), ids that happen to start with the marker but have
+        // another length, and lanes out of range all mean lane 0.
+        assert_eq!(lane_of(&ConnectionId::new(&[0x66; 20])), 0);
+        let mut short = [0u8; 8];
+        short[..3].copy_from_slice(b"fg\x01");
+        assert_eq!(lane_of(&ConnectionId::new(&short)), 0);
+        let mut big = [0u8; LANE_CID_LEN];
+        big[..3].copy_from_slice(&[b'f', b'g', MAX_LANES]);
+        assert_eq!(lane_of(&ConnectionId::new(&big)), 0);
+        assert_eq!(lane_of(&ConnectionId::new(&[])), 0);
+    }
+}
