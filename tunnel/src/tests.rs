@@ -141,9 +141,9 @@ async fn with_several_threads_each_has_a_lane_and_streams_stay_on_their_thread()
 
     // A stream opened on east's thread k travels on lane k, which west runs on its thread
     // k mod 2: the incoming stream says so, and a task there sees that thread.
-    for k in 0..3 {
+    for (k, shard) in east_shards.iter().enumerate() {
         let handle = east.handle.clone();
-        let (mut send, _recv, _) = east_shards[k]
+        let (mut send, _recv, _) = shard
             .spawn(async move { handle.open_stream(&id("west")).await })
             .await
             .expect("task")
