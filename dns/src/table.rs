@@ -38,13 +38,15 @@ pub struct Entry {
     pub zone: Zone,
     /// One answer per record type present, in type order (the order of an ANY answer).
     answers: Box<[(u16, Answer)]>,
-    /// Pre-encoded NODATA response (SOA in authority) for every other data type.
-    nodata: Option<Box<[u8]>>,
+    /// Pre-encoded NODATA response (SOA in authority) for every other data type, shared with
+    /// the other names whose NODATA differs only in the question ([`SharedNodata`]).
+    nodata: Option<Arc<[u8]>>,
 }
 
 impl Entry {
-    /// Encodes the responses of a name. `soa` is the zone's SOA record.
-    pub fn build(zone: Zone, data: &NameData, soa: &Record) -> Self {
+    /// Encodes the responses of a name. `soa` is the zone's SOA record; `shared` the NODATA
+    /// responses of the writer's other names.
+    pub fn build(zone: Zone, data: &NameData, soa: &Record, shared: &mut SharedNodata) -> Self {
         let answers = data
             .rrsets
             .iter()
@@ -57,7 +59,8 @@ impl Entry {
                 (*rtype, answer)
             })
             .collect();
-        let nodata = encode_template(&data.name, RecordType::NULL, &[], std::slice::from_ref(soa));
+        let nodata = encode_template(&data.name, RecordType::NULL, &[], std::slice::from_ref(soa))
+            .map(|t| shared.share(t));
         Self { key: wire_key(&data.name).into(), zone, answers, nodata }
     }
 
@@ -98,6 +101,58 @@ impl Entry {
             }
         }
         Ok(out)
+    }
+}
+
+/// NODATA responses shared between names. The fast path sends a template with the client's
+/// question written over the template's, so two names whose NODATA responses differ only in
+/// the question bytes (same zone and name length: the SOA's compression pointers into the
+/// question land alike) can send the same template. Every name of a zone has one, so sharing
+/// saves a 110-byte allocation per name (5 MB at 10 000 services). The set is bounded without
+/// cleanup: one template per zone, question length (at most 255) and compression variant.
+#[derive(Debug, Default)]
+pub struct SharedNodata(HashMap<Box<[u8]>, Arc<[u8]>>);
+
+impl SharedNodata {
+    /// The shared template equal to `template` but for the question name.
+    pub fn share(&mut self, template: Box<[u8]>) -> Arc<[u8]> {
+        let Some(name_len) = question_name_len(&template) else {
+            return template.into();
+        };
+        let name_end = HEADER_LEN + name_len;
+        // Header, the name's length, then everything after the name.
+        let mut key = Vec::with_capacity(template.len() - name_len + 1);
+        key.extend_from_slice(&template[..HEADER_LEN]);
+        key.push(name_len as u8);
+        key.extend_from_slice(&template[name_end..]);
+        self.0.entry(key.into_boxed_slice()).or_insert_with(|| template.into()).clone()
+    }
+
+    /// How many distinct templates there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+const HEADER_LEN: usize = 12;
+
+/// Length of the uncompressed question name of an encoded message, `None` if it is cut or
+/// compressed (never so in what we encode: the question is the first name).
+fn question_name_len(message: &[u8]) -> Option<usize> {
+    let mut at = HEADER_LEN;
+    loop {
+        let len = usize::from(*message.get(at)?);
+        if len & 0xC0 != 0 {
+            return None;
+        }
+        at += 1 + len;
+        if len == 0 {
+            return (at <= message.len() && at - HEADER_LEN <= 255).then_some(at - HEADER_LEN);
+        }
     }
 }
 
@@ -218,7 +273,12 @@ mod tests {
         let srv =
             vec![Record::from_rdata(name.clone(), 5, RData::SRV(SRV::new(0, 100, 80, target)))];
         let data = name_data(&name, vec![a.clone(), srv.clone()]);
-        let entry = Entry::build(Zone::ClusterSet, &data, &soa(Zone::ClusterSet, 5, 1));
+        let entry = Entry::build(
+            Zone::ClusterSet,
+            &data,
+            &soa(Zone::ClusterSet, 5, 1),
+            &mut SharedNodata::default(),
+        );
         let decoded = entry.records(RecordType::A).expect("decodes");
         assert_eq!(decoded, a);
         assert!(
@@ -247,6 +307,7 @@ mod tests {
             Zone::ClusterSet,
             &name_data(&name, vec![a.clone()]),
             &soa(Zone::ClusterSet, 5, 1),
+            &mut SharedNodata::default(),
         );
         assert_eq!(entry.template(u16::from(RecordType::A)), None);
         assert_eq!(entry.records(RecordType::A).expect("records"), a);
@@ -262,11 +323,13 @@ mod tests {
             Zone::ClusterSet,
             &name_data(&name, vec![a_records(&name, 1)]),
             &soa,
+            &mut SharedNodata::default(),
         ));
         let second = Arc::new(Entry::build(
             Zone::ClusterSet,
             &name_data(&name, vec![a_records(&name, 2)]),
             &soa,
+            &mut SharedNodata::default(),
         ));
         table.apply(vec![Change::Put(first.clone())]);
         table.apply(vec![Change::Put(second.clone())]);
@@ -280,5 +343,46 @@ mod tests {
         table.apply(vec![second.removal()]);
         assert!(table.get(&key).is_none());
         assert!(table.is_empty());
+    }
+
+    /// Names of one length in one zone share their NODATA template, and the response the
+    /// fast path builds from the shared one is the one it built from the name's own.
+    #[test]
+    fn nodata_is_shared_between_names_of_one_length() {
+        use crate::wire::{assemble, parse_query};
+        let soa = soa(Zone::ClusterSet, 5, 1);
+        let mut shared = SharedNodata::default();
+        let build = |name: &str, shared: &mut SharedNodata| {
+            let name = Name::from_ascii(name).expect("name");
+            Entry::build(
+                Zone::ClusterSet,
+                &name_data(&name, vec![a_records(&name, 1)]),
+                &soa,
+                shared,
+            )
+        };
+        let a1 = build("a1.ns.svc.clusterset.local.", &mut shared);
+        let a2 = build("a2.ns.svc.clusterset.local.", &mut shared);
+        let longer = build("a10.ns.svc.clusterset.local.", &mut shared);
+        let (Some(n1), Some(n2), Some(n10)) = (&a1.nodata, &a2.nodata, &longer.nodata) else {
+            panic!("every name has a NODATA template");
+        };
+        assert!(Arc::ptr_eq(n1, n2));
+        assert!(!Arc::ptr_eq(n1, n10));
+        assert_eq!(shared.len(), 2);
+
+        let own = build("a2.ns.svc.clusterset.local.", &mut SharedNodata::default());
+        let mut query = hickory_proto::op::Message::query();
+        query.metadata.id = 7;
+        query.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii("A2.ns.svc.clusterset.local.").expect("name"),
+            RecordType::AAAA,
+        ));
+        let pkt = query.to_vec().expect("query");
+        let q = parse_query(&pkt, &mut Vec::new()).expect("fast path query");
+        let (mut from_shared, mut from_own) = (Vec::new(), Vec::new());
+        assert!(assemble(a2.template(28).expect("nodata"), &pkt, &q, &mut from_shared));
+        assert!(assemble(own.template(28).expect("nodata"), &pkt, &q, &mut from_own));
+        assert_eq!(from_shared, from_own);
     }
 }

@@ -17,7 +17,7 @@ use crate::names::Zone;
 use crate::records::{
     ImportContext, NameMap, import_names, local_names, namespace_ent, soa, static_names,
 };
-use crate::table::{Change, Entry, Table};
+use crate::table::{Change, Entry, SharedNodata, Table};
 use crate::tier::PriorityLabel;
 
 type Vips = BTreeMap<(ClusterId, IpAddr), IpAddr>;
@@ -63,6 +63,7 @@ pub struct ZoneWriter {
     locals: HashMap<ServiceKey, LocalState>,
     namespaces: HashMap<(Zone, String), usize>,
     globals: Option<Globals>,
+    nodata: SharedNodata,
 }
 
 fn zone_index(zone: Zone) -> usize {
@@ -83,7 +84,7 @@ impl ZoneWriter {
         ns_address: Option<IpAddr>,
     ) -> Self {
         let soas = [soa(Zone::ClusterSet, ttl, serial), soa(Zone::Cluster, ttl, serial)];
-        let writer = Self {
+        let mut writer = Self {
             table,
             ttl,
             soas,
@@ -93,6 +94,7 @@ impl ZoneWriter {
             locals: HashMap::new(),
             namespaces: HashMap::new(),
             globals: None,
+            nodata: SharedNodata::default(),
         };
         let mut changes = Vec::new();
         // The table alone holds the static names: nothing withdraws them.
@@ -109,12 +111,12 @@ impl ZoneWriter {
     /// Turns a service's names from `old` (its entries) into `new`: puts the names whose
     /// answers differ, removes the names gone, and returns the service's entries now (the old
     /// `Arc` where nothing changed).
-    fn diff(&self, old: &[Arc<Entry>], new: &NameMap, changes: &mut Vec<Change>) -> Names {
+    fn diff(&mut self, old: &[Arc<Entry>], new: &NameMap, changes: &mut Vec<Change>) -> Names {
         let before: HashMap<&[u8], &Arc<Entry>> = old.iter().map(|e| (e.key(), e)).collect();
         let mut names = Vec::with_capacity(new.len());
         for data in new.values() {
             let zone = data.zone.unwrap_or(Zone::ClusterSet);
-            let entry = Entry::build(zone, data, self.soa(zone));
+            let entry = Entry::build(zone, data, &self.soas[zone_index(zone)], &mut self.nodata);
             match before.get(entry.key()) {
                 Some(prev) if ***prev == entry => names.push(Arc::clone(prev)),
                 _ => {
@@ -148,7 +150,8 @@ impl ZoneWriter {
             self.namespaces.remove(&(zone, namespace.to_owned()));
         }
         if before == 0 && after > 0 {
-            changes.push(Change::Put(Arc::new(Entry::build(zone, &ent, self.soa(zone)))));
+            let entry = Entry::build(zone, &ent, &self.soas[zone_index(zone)], &mut self.nodata);
+            changes.push(Change::Put(Arc::new(entry)));
         } else if before > 0 && after == 0 {
             changes.push(Change::Remove(crate::names::wire_key(&ent.name).into()));
         }
