@@ -11,7 +11,7 @@
 #   FEDGATE_BIN=target/release/fedgate bench/memory.sh   # skip building fedgate
 #
 # Where the memory goes (heaptrack of a system-allocator build): docs/benchmarks.md,
-# "Session 14: memory at 10 000 exports".
+# "Session 15: memory" (and session 14 before it).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)

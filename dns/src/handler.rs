@@ -171,16 +171,19 @@ impl Handler {
     fn authoritative(&self, zone: Zone, key: &[u8], qtype: RecordType, reply: &mut Reply) {
         reply.metadata.authoritative = true;
         match self.table.get(key) {
-            Some(entry) => {
-                reply.answers = if qtype == RecordType::ANY {
-                    entry.data.rrsets.values().flatten().cloned().collect()
-                } else {
-                    entry.data.records(qtype).map(<[Record]>::to_vec).unwrap_or_default()
-                };
-                if reply.answers.is_empty() {
-                    reply.authorities.push(self.soa(zone).clone());
+            Some(entry) => match entry.records(qtype) {
+                Ok(records) => {
+                    reply.answers = records;
+                    if reply.answers.is_empty() {
+                        reply.authorities.push(self.soa(zone).clone());
+                    }
                 }
-            }
+                Err(error) => {
+                    // An answer we encoded ourselves does not decode: a bug, not the client's.
+                    tracing::error!(%error, "a pre-encoded dns answer does not decode");
+                    reply.metadata.response_code = ResponseCode::ServFail;
+                }
+            },
             None if !self.is_complete() => {
                 // Starting: the name may exist and not be here yet.
                 reply.metadata.authoritative = false;

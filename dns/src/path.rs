@@ -36,11 +36,7 @@ pub fn answer_fast(
     let q = wire::parse_query(pkt, key)?;
     table.with(key, |entry| {
         let entry = entry?;
-        let template = match entry.answers.iter().find(|(t, _)| *t == q.qtype) {
-            Some((_, t)) => t.as_ref(),
-            None if wire::is_data_type(q.qtype) => entry.nodata.as_deref()?,
-            None => return None,
-        };
+        let template = entry.template(q.qtype)?;
         wire::assemble(template, pkt, &q, out).then_some((entry.zone, q.qtype))
     })
 }

@@ -1,5 +1,6 @@
 //! What each service publishes in DNS, as plain record sets. Pure functions of the model: the
-//! zone writer calls them for changed services only and diffs their output name by name.
+//! zone writer calls them for changed services only, encodes their output name by name and
+//! diffs the encodings; these record sets do not outlive that.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -9,7 +10,7 @@ use fedgate_discovery::model::{
     ServiceType,
 };
 use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, SRV, TXT};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::{Name, RData, Record};
 
 use crate::names::{Zone, host_label, is_dns_label, is_port_label, name_in, wire_key};
 use crate::tier::{PriorityLabel, tier};
@@ -26,12 +27,6 @@ pub struct NameData {
     pub name: Name,
     pub zone: Option<Zone>,
     pub rrsets: BTreeMap<u16, Vec<Record>>,
-}
-
-impl NameData {
-    pub fn records(&self, rtype: RecordType) -> Option<&[Record]> {
-        self.rrsets.get(&u16::from(rtype)).map(Vec::as_slice)
-    }
 }
 
 /// The names one service publishes, keyed by lowercase wire name.
@@ -83,14 +78,9 @@ impl Builder {
         self.entry(name);
     }
 
-    /// The built names, record sets trimmed to their length: most hold one or two records
-    /// of ~270 bytes, and Vec's growth would keep room for four (10 MB per 10 000 names).
-    fn finish(mut self) -> NameMap {
-        for data in self.out.values_mut() {
-            for set in data.rrsets.values_mut() {
-                set.shrink_to_fit();
-            }
-        }
+    /// The built names. They live only until the zone writer has encoded them (the table
+    /// keeps wire form only), so their Vecs are not trimmed.
+    fn finish(self) -> NameMap {
         self.out
     }
 

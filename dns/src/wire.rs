@@ -174,7 +174,8 @@ pub fn error_response(pkt: &[u8], rcode: ResponseCode) -> Option<Vec<u8>> {
 }
 
 /// Encodes a template: an authoritative NOERROR response to `name`/`qtype` with these
-/// sections, ID 0 and no EDNS.
+/// sections, ID 0 and no EDNS. `None` when they do not fit one DNS message (64 KiB): hickory
+/// would write as many records as fit and set TC, which is no answer to keep.
 pub fn encode_template(
     name: &Name,
     qtype: RecordType,
@@ -192,7 +193,9 @@ pub fn encode_template(
     msg.add_query(query);
     msg.add_answers(answers.iter().cloned());
     msg.add_authorities(authorities.iter().cloned());
-    msg.to_vec().ok().map(Vec::into_boxed_slice)
+    let bytes = msg.to_vec().ok()?;
+    let truncated = bytes.get(2).is_none_or(|flags| flags & 0x02 != 0);
+    (!truncated).then(|| bytes.into_boxed_slice())
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! The zone writer: turns discovery snapshots into table changes, rebuilding only services
-//! whose inputs changed and re-encoding only names whose records changed.
+//! whose inputs changed and replacing only names whose answers changed. It remembers each
+//! service's names as the table entries themselves (shared, not copied): an entry's encoded
+//! answers are all it needs to diff.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -15,20 +17,23 @@ use crate::names::Zone;
 use crate::records::{
     ImportContext, NameMap, import_names, local_names, namespace_ent, soa, static_names,
 };
-use crate::table::{Change, Entry, Table};
+use crate::table::{Change, Entry, SharedNodata, Table};
 use crate::tier::PriorityLabel;
 
 type Vips = BTreeMap<(ClusterId, IpAddr), IpAddr>;
 
+/// The table entries of one service's names.
+type Names = Box<[Arc<Entry>]>;
+
 struct ImportState {
     svc: Arc<ImportedService>,
     vips: Vips,
-    names: NameMap,
+    names: Names,
 }
 
 struct LocalState {
     svc: Arc<LocalService>,
-    names: NameMap,
+    names: Names,
 }
 
 /// Inputs shared by every headless import; a change rebuilds all headless services.
@@ -58,6 +63,7 @@ pub struct ZoneWriter {
     locals: HashMap<ServiceKey, LocalState>,
     namespaces: HashMap<(Zone, String), usize>,
     globals: Option<Globals>,
+    nodata: SharedNodata,
 }
 
 fn zone_index(zone: Zone) -> usize {
@@ -78,7 +84,7 @@ impl ZoneWriter {
         ns_address: Option<IpAddr>,
     ) -> Self {
         let soas = [soa(Zone::ClusterSet, ttl, serial), soa(Zone::Cluster, ttl, serial)];
-        let writer = Self {
+        let mut writer = Self {
             table,
             ttl,
             soas,
@@ -88,9 +94,11 @@ impl ZoneWriter {
             locals: HashMap::new(),
             namespaces: HashMap::new(),
             globals: None,
+            nodata: SharedNodata::default(),
         };
         let mut changes = Vec::new();
-        writer.diff(&NameMap::new(), &static_names(ttl, serial, ns_address), &mut changes);
+        // The table alone holds the static names: nothing withdraws them.
+        writer.diff(&[], &static_names(ttl, serial, ns_address), &mut changes);
         writer.table.apply(changes);
         writer
     }
@@ -100,19 +108,30 @@ impl ZoneWriter {
         &self.soas[zone_index(zone)]
     }
 
-    fn diff(&self, old: &NameMap, new: &NameMap, changes: &mut Vec<Change>) {
-        for (key, data) in new {
-            if old.get(key) != Some(data) {
-                let zone = data.zone.unwrap_or(Zone::ClusterSet);
-                let entry = Entry::build(zone, data.clone(), self.soa(zone));
-                changes.push((key.clone(), Some(Arc::new(entry))));
+    /// Turns a service's names from `old` (its entries) into `new`: puts the names whose
+    /// answers differ, removes the names gone, and returns the service's entries now (the old
+    /// `Arc` where nothing changed).
+    fn diff(&mut self, old: &[Arc<Entry>], new: &NameMap, changes: &mut Vec<Change>) -> Names {
+        let before: HashMap<&[u8], &Arc<Entry>> = old.iter().map(|e| (e.key(), e)).collect();
+        let mut names = Vec::with_capacity(new.len());
+        for data in new.values() {
+            let zone = data.zone.unwrap_or(Zone::ClusterSet);
+            let entry = Entry::build(zone, data, &self.soas[zone_index(zone)], &mut self.nodata);
+            match before.get(entry.key()) {
+                Some(prev) if ***prev == entry => names.push(Arc::clone(prev)),
+                _ => {
+                    let entry = Arc::new(entry);
+                    changes.push(Change::Put(entry.clone()));
+                    names.push(entry);
+                }
             }
         }
-        for key in old.keys() {
-            if !new.contains_key(key) {
-                changes.push((key.clone(), None));
+        for entry in old {
+            if !new.contains_key(entry.key()) {
+                changes.push(entry.removal());
             }
         }
+        names.into_boxed_slice()
     }
 
     fn namespace_ref(
@@ -130,12 +149,11 @@ impl ZoneWriter {
         if after == 0 {
             self.namespaces.remove(&(zone, namespace.to_owned()));
         }
-        let key = crate::names::wire_key(&ent.name);
         if before == 0 && after > 0 {
-            let entry = Entry::build(zone, ent, self.soa(zone));
-            changes.push((key, Some(Arc::new(entry))));
+            let entry = Entry::build(zone, &ent, &self.soas[zone_index(zone)], &mut self.nodata);
+            changes.push(Change::Put(Arc::new(entry)));
         } else if before > 0 && after == 0 {
-            changes.push((key, None));
+            changes.push(Change::Remove(crate::names::wire_key(&ent.name).into()));
         }
     }
 
@@ -144,11 +162,11 @@ impl ZoneWriter {
     fn withdraw(
         &mut self,
         zone: Zone,
-        gone: Vec<(ServiceKey, NameMap)>,
+        gone: Vec<(ServiceKey, Names)>,
         changes: &mut Vec<Change>,
     ) -> usize {
         for (key, names) in &gone {
-            self.diff(names, &NameMap::new(), changes);
+            changes.extend(names.iter().map(|e| e.removal()));
             self.namespace_ref(zone, &key.namespace, -1, changes);
         }
         gone.len()
@@ -199,8 +217,8 @@ impl ZoneWriter {
                 vips: &vips,
             };
             let names = import_names(svc, &cx);
-            let empty = NameMap::new();
-            self.diff(previous.as_ref().map_or(&empty, |p| &p.names), &names, &mut changes);
+            let names =
+                self.diff(previous.as_ref().map_or(&[], |p| &p.names), &names, &mut changes);
             if previous.is_none() {
                 self.namespace_ref(Zone::ClusterSet, &key.namespace, 1, &mut changes);
             }
@@ -225,8 +243,8 @@ impl ZoneWriter {
             }
             let previous = self.locals.remove(key);
             let names = local_names(svc, self.ttl);
-            let empty = NameMap::new();
-            self.diff(previous.as_ref().map_or(&empty, |p| &p.names), &names, &mut changes);
+            let names =
+                self.diff(previous.as_ref().map_or(&[], |p| &p.names), &names, &mut changes);
             if previous.is_none() {
                 self.namespace_ref(Zone::Cluster, &key.namespace, 1, &mut changes);
             }
@@ -246,8 +264,8 @@ impl ZoneWriter {
 fn take_gone<V>(
     map: &mut HashMap<ServiceKey, V>,
     kept: impl Fn(&ServiceKey) -> bool,
-    names: fn(V) -> NameMap,
-) -> Vec<(ServiceKey, NameMap)> {
+    names: fn(V) -> Names,
+) -> Vec<(ServiceKey, Names)> {
     let gone: Vec<ServiceKey> = map.keys().filter(|k| !kept(k)).cloned().collect();
     gone.into_iter().filter_map(|k| map.remove(&k).map(|v| (k, names(v)))).collect()
 }

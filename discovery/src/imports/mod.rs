@@ -104,7 +104,9 @@ pub struct ImportState {
     vips_by_service: BTreeMap<ServiceKey, BTreeMap<IpAddr, EndpointVip>>,
     endpoint_vips: BTreeMap<IpAddr, EndpointVip>,
     validity: Arc<ValidityMap>,
-    statuses: StatusMap,
+    /// Shared with the last published copy (the writer and `/debug/exports` read it): a
+    /// change copies it once, instead of every publication copying it.
+    statuses: Arc<StatusMap>,
     version: u64,
     /// How long addresses of withdrawn imports stay reserved.
     withdrawn_grace: Duration,
@@ -151,7 +153,7 @@ impl ImportState {
             vips_by_service: BTreeMap::new(),
             endpoint_vips: BTreeMap::new(),
             validity: Arc::new(ValidityMap::new()),
-            statuses: StatusMap::new(),
+            statuses: Arc::default(),
             version: 0,
             withdrawn_grace: DEFAULT_WITHDRAWN_GRACE,
             reserving: None,
@@ -383,6 +385,11 @@ impl ImportState {
         &self.statuses
     }
 
+    /// The statuses as they are now, to publish (no copy).
+    pub fn shared_statuses(&self) -> Arc<StatusMap> {
+        Arc::clone(&self.statuses)
+    }
+
     pub fn services(&self) -> &BTreeMap<ServiceKey, Arc<ImportedService>> {
         &self.services
     }
@@ -578,7 +585,10 @@ impl ImportState {
         let mut changed = false;
         for key in keys {
             let Some(validity) = self.validity.get(key).copied() else {
-                changed |= self.statuses.remove(key).is_some();
+                if self.statuses.contains_key(key) {
+                    Arc::make_mut(&mut self.statuses).remove(key);
+                    changed = true;
+                }
                 continue;
             };
             let mut conditions = mcs::export_conditions(
@@ -604,7 +614,7 @@ impl ImportState {
             if self.statuses.get(key).is_some_and(|s| s.conditions == conditions) {
                 continue;
             }
-            self.statuses.insert(
+            Arc::make_mut(&mut self.statuses).insert(
                 key.clone(),
                 ExportStatus { key: key.clone(), cluster: self.local.clone(), conditions },
             );

@@ -67,7 +67,7 @@ impl ImportSet {
         state.set_exports(set);
         state.persist();
         let (snapshot_tx, _) = watch::channel(Arc::new(state.snapshot()));
-        let (status_tx, _) = watch::channel(Arc::new(state.statuses().clone()));
+        let (status_tx, _) = watch::channel(state.shared_statuses());
         metrics::gauge!(METRIC_IMPORTED_SERVICES).set(state.services().len() as f64);
         let report = state.alloc_report();
         record_range(&report);
@@ -318,7 +318,7 @@ impl ImportSet {
             self.snapshot_tx.send_replace(Arc::new(snapshot));
         }
         if changed.statuses {
-            self.status_tx.send_replace(Arc::new(self.state.statuses().clone()));
+            self.status_tx.send_replace(self.state.shared_statuses());
         }
         let report = self.state.alloc_report();
         if **self.problems_tx.borrow() != report {

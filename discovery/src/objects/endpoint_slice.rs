@@ -96,8 +96,10 @@ impl TryFrom<wire::EndpointSlice> for SliceEndpoints {
             ports.push(EndpointPort { name, protocol, port });
         }
 
-        let mut endpoints = Vec::new();
-        for (i, e) in slice.endpoints.unwrap_or_default().into_iter().enumerate() {
+        let listed = slice.endpoints.unwrap_or_default();
+        // Exactly sized (pushing would leave room for four): the file source keeps every slice.
+        let mut endpoints = Vec::with_capacity(listed.len());
+        for (i, e) in listed.into_iter().enumerate() {
             let prefix = [fld("endpoints"), Seg::Index(i)];
             let mut endpoint = Endpoint::try_from(e).map_err(|err| err.within(&prefix))?;
             if family_of(&endpoint.address) != address_type {
@@ -152,10 +154,17 @@ impl TryFrom<wire::Endpoint> for Endpoint {
 }
 
 /// Endpoints of all slices of a service, in the order given (slice name order); an address
-/// listed by two slices counts once (the first).
+/// listed by two slices counts once (the first). Exactly sized: the cluster state holds one
+/// such Vec per Service, mostly of one or two endpoints.
 pub fn merge_endpoints<'a>(slices: impl Iterator<Item = &'a SliceEndpoints>) -> Vec<Endpoint> {
     let mut seen = HashSet::new();
-    slices.flat_map(|s| s.endpoints.iter()).filter(|e| seen.insert(e.address)).cloned().collect()
+    let mut merged: Vec<Endpoint> = slices
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| seen.insert(e.address))
+        .cloned()
+        .collect();
+    merged.shrink_to_fit();
+    merged
 }
 
 #[cfg(test)]

@@ -73,17 +73,17 @@ impl fmt::Display for ObjectRef {
 /// A valid object, converted into the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ObjectValue {
-    /// Endpoints empty: they come from the EndpointSlices.
-    Service(LocalService),
+    /// Endpoints empty: they come from the EndpointSlices. Boxed: a Service is three times
+    /// the size of the other kinds, and the loader keeps every object of every file.
+    Service(Box<LocalService>),
     EndpointSlice(SliceEndpoints),
     ServiceExport(ExportSpec),
 }
 
-/// One valid object of a file.
+/// One valid object of a file (the file is the one it was parsed from).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Object {
     pub id: ObjectRef,
-    pub file: PathBuf,
     /// 1-based line where the object's document (or `kind: List` item) starts.
     pub line: usize,
     pub value: ObjectValue,
@@ -350,9 +350,8 @@ impl Parser<'_> {
         }
 
         let converted = match kind {
-            Kind::Service => {
-                convert::<wire::Service, LocalService>(value).map(ObjectValue::Service)
-            }
+            Kind::Service => convert::<wire::Service, LocalService>(value)
+                .map(|s| ObjectValue::Service(Box::new(s))),
             Kind::EndpointSlice => convert::<wire::EndpointSlice, SliceEndpoints>(value)
                 .map(ObjectValue::EndpointSlice),
             Kind::ServiceExport => {
@@ -361,7 +360,7 @@ impl Parser<'_> {
         };
         match converted {
             Ok(value) => {
-                self.out.objects.push(Object { id, file: self.file.to_path_buf(), line, value });
+                self.out.objects.push(Object { id, line, value });
             }
             Err(e) => {
                 let (l, c) = at(&e.path.0);

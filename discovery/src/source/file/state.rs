@@ -45,7 +45,9 @@ struct FileRecord {
     stamp: Option<Stamp>,
     /// The file's mtime when read: creation time of ServiceExports that name none.
     mtime: jiff::Timestamp,
-    objects: Vec<Object>,
+    /// Kept until the file changes: a change to another file may need them again (a
+    /// Service here, its EndpointSlice there). Exactly sized: a file's objects are many.
+    objects: Box<[Object]>,
     /// Last good values of objects whose document is bad now.
     held: Vec<Object>,
     problems: Vec<Problem>,
@@ -146,13 +148,13 @@ impl Loader {
         let mut slices: BTreeMap<&ServiceKey, Vec<(&str, &SliceEndpoints)>> = BTreeMap::new();
         let mut exports: BTreeMap<&ServiceKey, (&ExportSpec, jiff::Timestamp)> = BTreeMap::new();
 
-        for record in self.files.values() {
+        for (path, record) in &self.files {
             let objects = record.objects.iter().map(|o| (o, false));
             for (obj, held) in objects.chain(record.held.iter().map(|o| (o, true))) {
                 if let Some((file, line)) = seen.get(&obj.id) {
                     if !held {
                         problems.push(Problem {
-                            file: obj.file.clone(),
+                            file: path.clone(),
                             line: obj.line,
                             column: 0,
                             object: Some(obj.id.to_string()),
@@ -166,7 +168,7 @@ impl Loader {
                     }
                     continue;
                 }
-                seen.insert(&obj.id, (&obj.file, obj.line));
+                seen.insert(&obj.id, (path, obj.line));
                 match &obj.value {
                     ObjectValue::Service(s) => {
                         services.insert(&s.key, s);
@@ -244,7 +246,7 @@ fn load_file(
     old: Option<FileRecord>,
 ) -> Option<FileRecord> {
     let previous: Vec<Object> =
-        old.map(|o| o.objects.into_iter().chain(o.held).collect()).unwrap_or_default();
+        old.map(|o| o.objects.into_vec().into_iter().chain(o.held).collect()).unwrap_or_default();
     let whole_file = |reason: String| ParsedFile {
         problems: vec![Problem {
             file: path.to_path_buf(),
@@ -323,7 +325,8 @@ fn record(
     }
     let mtime =
         mtime.and_then(|m| jiff::Timestamp::try_from(m).ok()).unwrap_or_else(jiff::Timestamp::now);
-    FileRecord { stamp, mtime, objects: parsed.objects, held, problems: parsed.problems }
+    let objects = parsed.objects.into_boxed_slice();
+    FileRecord { stamp, mtime, objects, held, problems: parsed.problems }
 }
 
 fn is_yaml(name: &str) -> bool {
