@@ -2,7 +2,7 @@
 //! together carry all of a gateway's traffic: the tunnel's UDP socket, quinn's endpoint and
 //! connection tasks, the ClusterSetIP listeners and every proxied connection. The rest of the
 //! gateway (discovery, the export exchange, DNS, admin) stays on the multi-thread runtime.
-//! `traffic.dataPlaneThreads` sets how many (default: the CPUs the gateway may use).
+//! `traffic.dataPlaneThreads` sets how many (default 1, see `config::traffic`).
 //!
 //! Why threads of their own: a packet passes up to three tasks (quinn's endpoint task, its
 //! connection task, the proxy task). On a multi-thread runtime they were spread over the
