@@ -116,8 +116,12 @@ fn two_replicas_elect_one_writer_and_the_other_takes_over_in_place() -> Result<(
         None,
     ))?;
     b_k.export("shop", "web")?;
+    // Complete: the leader writes the ServiceImport, then its status (the clusters) in a
+    // second write; the follower check below compares versions against the complete object.
     let si = eventually("shop/web imported into a", WAIT, || {
-        Ok(a_k.get_json(&[IMPORTS, "-n", "shop", "web"])?.filter(|si| si["spec"]["ips"].is_array()))
+        Ok(a_k.get_json(&[IMPORTS, "-n", "shop", "web"])?.filter(|si| {
+            si["spec"]["ips"].is_array() && si["status"]["clusters"][0]["cluster"] == "b"
+        }))
     })
     .with_context(|| a1.log_text())?;
     let ips = si["spec"]["ips"].clone();
