@@ -27,8 +27,8 @@ use quinn_proto::ConnectionId;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
-use crate::peer::{CLOSE_REPLACED, CLOSE_SHUTDOWN, CLOSE_TOO_MANY, Shared};
-use crate::replicas::{Backoff, PeerContext, dial, handshake_confirmed};
+use crate::peer::{CLOSE_REPLACED, CLOSE_SHUTDOWN, CLOSE_TOO_MANY, Shared, TooManyLanes};
+use crate::replicas::{BACKOFF_MAX, Backoff, PeerContext, dial, handshake_confirmed};
 use crate::streams::{self, Routes};
 use crate::tls::Credentials;
 
@@ -90,43 +90,51 @@ impl Accepted {
         runtime: Option<Handle>,
     ) {
         let remote = conn.remote_address();
-        if let Err(old) =
-            self.shared.add_lane(&peer, Lane { remote, index, shard, conn: conn.clone() })
-        {
-            match old {
-                Some(old) => {
-                    // The replica dialed this lane again (it lost or restarted the old one).
-                    old.close(VarInt::from_u32(CLOSE_REPLACED), b"replaced by a new connection");
-                    self.shared
-                        .add_lane(&peer, Lane { remote, index, shard, conn: conn.clone() })
-                        .ok();
-                }
-                None => {
-                    tracing::warn!(%peer, %remote, "too many lanes with this peer's identity; refusing");
-                    conn.close(
-                        VarInt::from_u32(CLOSE_TOO_MANY),
-                        b"too many connections of this identity",
-                    );
-                    return;
-                }
-            }
+        let lane = Lane { remote, index, shard, conn: conn.clone() };
+        if keep(&self.shared, &peer, lane).is_err() {
+            tracing::warn!(%peer, %remote, "too many lanes with this peer's identity; refusing");
+            conn.close(VarInt::from_u32(CLOSE_TOO_MANY), b"too many connections of this identity");
+            return;
         }
         tracing::debug!(%peer, %remote, lane = index, shard, "lane accepted");
-        let shared = self.shared.clone();
-        let routes = self.routes.clone();
-        let shutdown = self.shutdown.clone();
+        let (shared, routes, shutdown) =
+            (self.shared.clone(), self.routes.clone(), self.shutdown.clone());
         crate::runtime::spawn_on(runtime.as_ref(), async move {
-            let streams = tokio::spawn(streams::accept_streams(conn.clone(), peer.clone(), routes));
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"gateway shutting down");
-                }
-                _ = conn.closed() => {}
-            }
-            streams.abort();
-            shared.remove_lane(&peer, &conn);
+            carry(&shared, &peer, &conn, routes, None, &shutdown, || b"gateway shutting down")
+                .await;
         });
     }
+}
+
+/// Keeps `lane` among the peer's lanes, closing the one it replaces.
+fn keep(shared: &Shared, peer: &ClusterId, lane: Lane) -> Result<(), TooManyLanes> {
+    if let Some(old) = shared.add_lane(peer, lane)? {
+        old.close(VarInt::from_u32(CLOSE_REPLACED), b"replaced by a new connection");
+    }
+    Ok(())
+}
+
+/// Carries a kept lane: accepts its streams (on `runtime`, else here) until it closes or
+/// `stop` is cancelled, which closes it with `why()`; then forgets it.
+async fn carry(
+    shared: &Shared,
+    peer: &ClusterId,
+    conn: &quinn::Connection,
+    routes: Routes,
+    runtime: Option<&Handle>,
+    stop: &CancellationToken,
+    why: impl FnOnce() -> &'static [u8],
+) {
+    let streams = crate::runtime::spawn_on(
+        runtime,
+        streams::accept_streams(conn.clone(), peer.clone(), routes),
+    );
+    tokio::select! {
+        _ = stop.cancelled() => conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), why()),
+        _ = conn.closed() => {}
+    }
+    streams.abort();
+    shared.remove_lane(peer, conn);
 }
 
 /// Keeps lanes 1… of the dialed replica `target` while `token` lives (lane 0's connection
@@ -180,7 +188,7 @@ impl LaneTask {
                 return;
             }
             let delay = match up {
-                Some(up) if up >= Duration::from_secs(5) => {
+                Some(up) if up >= BACKOFF_MAX => {
                     backoff.reset();
                     Duration::ZERO
                 }
@@ -206,43 +214,24 @@ impl LaneTask {
             conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"lane no longer needed");
             return None;
         }
-        let lane = || Lane {
-            remote: self.target,
-            index: self.index,
-            shard: self.shard,
-            conn: conn.clone(),
-        };
-        match self.ctx.shared.add_lane(&peer, lane()) {
-            Ok(()) => {}
-            Err(Some(old)) => {
-                // A lane of ours that ended and is not forgotten yet.
-                old.close(VarInt::from_u32(CLOSE_REPLACED), b"replaced by a new connection");
-                let _ = self.ctx.shared.add_lane(&peer, lane());
-            }
-            Err(None) => {
-                conn.close(VarInt::from_u32(CLOSE_TOO_MANY), b"lane not kept");
-                return None;
-            }
+        let lane =
+            Lane { remote: self.target, index: self.index, shard: self.shard, conn: conn.clone() };
+        if keep(&self.ctx.shared, &peer, lane).is_err() {
+            conn.close(VarInt::from_u32(CLOSE_TOO_MANY), b"lane not kept");
+            return None;
         }
         let started = tokio::time::Instant::now();
         let runtime = self.ctx.settings.shards.get(self.shard);
-        let streams = crate::runtime::spawn_on(
-            runtime,
-            streams::accept_streams(conn.clone(), peer.clone(), self.ctx.routes.clone()),
-        );
-        tokio::select! {
-            _ = self.token.cancelled() => {
-                let why: &[u8] = if self.ctx.shutdown.is_cancelled() {
-                    b"gateway shutting down"
-                } else {
-                    b"the replica's first connection ended"
-                };
-                conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), why);
+        let shutdown = &self.ctx.shutdown;
+        let why = || -> &'static [u8] {
+            if shutdown.is_cancelled() {
+                b"gateway shutting down"
+            } else {
+                b"the replica's first connection ended"
             }
-            _ = conn.closed() => {}
-        }
-        streams.abort();
-        self.ctx.shared.remove_lane(&peer, &conn);
+        };
+        carry(&self.ctx.shared, &peer, &conn, self.ctx.routes.clone(), runtime, &self.token, why)
+            .await;
         Some(started.elapsed())
     }
 }

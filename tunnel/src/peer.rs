@@ -174,6 +174,10 @@ pub(crate) struct PeerState {
     pub(crate) last_error: Option<String>,
 }
 
+/// [`Shared::add_lane`] refused: the peer has the most lanes it may.
+#[derive(Debug)]
+pub(crate) struct TooManyLanes;
+
 /// State shared by the endpoint's tasks and every `PeerHandle`.
 pub(crate) struct Shared {
     peers: Mutex<HashMap<ClusterId, PeerState>>,
@@ -302,27 +306,28 @@ impl Shared {
         n
     }
 
-    /// Keeps a lane. Refused with the lane it would replace (same replica, same number; the
-    /// caller closes it and adds again), or with `None` when the peer has the most lanes it may.
+    /// Keeps a lane, in place of one with the same replica and number (returned, for the
+    /// caller to close: the replica dialed it again). `Err` when the peer has the most lanes
+    /// it may (or is not a configured peer).
     pub(crate) fn add_lane(
         &self,
         peer: &ClusterId,
         lane: crate::lanes::Lane,
-    ) -> Result<(), Option<quinn::Connection>> {
+    ) -> Result<Option<quinn::Connection>, TooManyLanes> {
         self.with(peer, |s| {
             s.lanes.retain(|l| l.conn.close_reason().is_none());
-            if let Some(i) =
-                s.lanes.iter().position(|l| l.remote == lane.remote && l.index == lane.index)
+            if let Some(old) =
+                s.lanes.iter_mut().find(|l| l.remote == lane.remote && l.index == lane.index)
             {
-                return Err(Some(s.lanes.swap_remove(i).conn));
+                return Ok(Some(std::mem::replace(old, lane).conn));
             }
             if s.lanes.len() >= MAX_CONNECTIONS_PER_PEER * usize::from(crate::lanes::MAX_LANES) {
-                return Err(None);
+                return Err(TooManyLanes);
             }
             s.lanes.push(lane);
-            Ok(())
+            Ok(None)
         })
-        .unwrap_or(Err(None))
+        .unwrap_or(Err(TooManyLanes))
     }
 
     /// Forgets a lane that ended.

@@ -26,7 +26,7 @@ use crate::streams::{self, Routes};
 use crate::tls::{Credentials, RejectionSink, client_crypto};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often a dialed connection is checked for the peer's handshake confirmation: from 1 ms,
 /// doubling up to 50 ms.
 const CONFIRM_POLL_MIN: Duration = Duration::from_millis(1);

@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -432,37 +433,35 @@ fn spawn_client(
     peer: SocketAddr,
     admitted: super::limits::Admitted,
 ) {
-    use std::sync::atomic::Ordering;
-    let shards = &shared.settings.shards;
     let k = least_loaded(shared.per_shard.iter().map(|n| n.load(Ordering::Relaxed)));
-    let Some(counter) = shared.per_shard.get(k) else { return };
-    counter.fetch_add(1, Ordering::Relaxed);
-    let open = OpenOnShard { per_shard: shared.per_shard.clone(), shard: k };
-    let target = shards.get(k).filter(|_| fedgate_tunnel::runtime::current_shard() != Some(k));
+    let open = OpenOnShard::new(shared.per_shard.clone(), k);
+    let here = fedgate_tunnel::runtime::current_shard() == Some(k);
+    let target = shared.settings.shards.get(k).filter(|_| !here);
+    let shared = shared.clone();
     let Some(target) = target else {
-        let shared = shared.clone();
         tokio::spawn(async move {
             let _open = open;
             connect::serve_client(shared, route, stream, peer, admitted).await;
         });
         return;
     };
+    // Deregistered here, registered with the target thread's reactor there.
+    let failed = move |e: std::io::Error| {
+        tracing::debug!(client = %peer, error = %e, "moving a client connection to its data-plane thread failed");
+    };
     match stream.into_std() {
         Ok(std) => {
-            let shared = shared.clone();
             target.spawn(async move {
                 let _open = open;
                 match tokio::net::TcpStream::from_std(std) {
                     Ok(stream) => {
-                        connect::serve_client(shared, route, stream, peer, admitted).await;
+                        connect::serve_client(shared, route, stream, peer, admitted).await
                     }
-                    Err(e) => tracing::debug!(client = %peer, error = %e, "moving a client connection to its data-plane thread failed"),
+                    Err(e) => failed(e),
                 }
             });
         }
-        Err(e) => {
-            tracing::debug!(client = %peer, error = %e, "moving a client connection to its data-plane thread failed")
-        }
+        Err(e) => failed(e),
     }
 }
 
@@ -473,15 +472,21 @@ pub(crate) fn least_loaded(counts: impl Iterator<Item = usize>) -> usize {
 
 /// One open client connection on a data-plane thread, counted until dropped.
 struct OpenOnShard {
-    per_shard: Arc<[std::sync::atomic::AtomicUsize]>,
+    per_shard: Arc<[AtomicUsize]>,
     shard: usize,
+}
+
+impl OpenOnShard {
+    /// Counts one on `shard` (an index into `per_shard`, which is never empty).
+    fn new(per_shard: Arc<[AtomicUsize]>, shard: usize) -> Self {
+        per_shard[shard].fetch_add(1, Ordering::Relaxed);
+        Self { per_shard, shard }
+    }
 }
 
 impl Drop for OpenOnShard {
     fn drop(&mut self) {
-        if let Some(n) = self.per_shard.get(self.shard) {
-            n.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.per_shard[self.shard].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
