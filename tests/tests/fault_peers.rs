@@ -487,3 +487,121 @@ fn with_a_second_exporter_a_killed_or_stopped_peer_costs_no_request() -> Result<
     assert_no_failures(&samples, continued, Instant::now(), "after SIGCONT");
     Ok(())
 }
+
+/// A backend that accepts connections and never reads them: it holds each socket until the
+/// test ends.
+struct SinkBackend {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SinkBackend {
+    fn start(addr: SocketAddr) -> Result<Self> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => held.push(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(Self { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for SinkBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Data cannot starve the export exchange. Bravo exports a backend that accepts connections
+/// and never reads; eight clients push through alpha's ClusterSetIP until every buffer on the
+/// way is full (the streams' flow-control credit, the QUIC connection's, both kernels'), and
+/// stay blocked for three leases (3 s each). Alpha's heartbeats to bravo must still get
+/// through: bravo never lets alpha's lease lapse and keeps alpha's export. (One QUIC
+/// connection carrying both would hold the exchange's messages behind the data: a slow
+/// backend in one cluster would withdraw another cluster's services.)
+#[test]
+fn data_streams_blocked_on_a_slow_backend_do_not_starve_the_peer_exchange() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let block = AddrBlock::unique();
+    let gateways = start_gateways(tmp.path(), block, &["alpha", "bravo"], "3s", |_| {})?;
+    let [alpha, bravo] = &gateways[..] else { unreachable!() };
+    let sink_addr = block.addr(62, 7102);
+    let _sink = SinkBackend::start(sink_addr)?;
+    export_backend(bravo, "sink", sink_addr)?;
+    // Alpha exports something too: bravo's import of it is what the lease protects.
+    let echo_addr = block.addr(63, 7103);
+    let _echo = Backend::start(echo_addr, "alpha-1", 128)?;
+    export_backend(alpha, "echo", echo_addr)?;
+    let ip = wait_vip(alpha, "fault", "sink", &["bravo"], PROPAGATION)?;
+    wait_vip(bravo, "fault", "echo", &["alpha"], PROPAGATION)?;
+    let vip = SocketAddr::new(ip.parse()?, 80);
+    let expiries_before = faults::metric(bravo, "fedgate_peer_lease_expiries_total", &[])?;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || -> Result<u64> {
+                use std::io::Write;
+                let mut s = std::net::TcpStream::connect_timeout(&vip, REQUEST_TIMEOUT)?;
+                s.set_write_timeout(Some(Duration::from_millis(500)))?;
+                let chunk = vec![0x5a_u8; 256 * 1024];
+                let mut pushed = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match s.write(&chunk) {
+                        Ok(n) => pushed += n as u64,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(pushed)
+            })
+        })
+        .collect();
+
+    // Three leases with every path full.
+    let blocked = Instant::now();
+    let mut looks = 0;
+    while blocked.elapsed() < Duration::from_secs(10) {
+        assert!(
+            find_import(&bravo.json("/debug/imports")?, "fault", "echo").is_some(),
+            "bravo withdrew alpha's export {:?} into the blocked transfer",
+            blocked.elapsed()
+        );
+        looks += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut pushed = 0;
+    for w in writers {
+        pushed += w.join().map_err(|_| anyhow::anyhow!("a writer panicked"))??;
+    }
+    let expiries = faults::metric(bravo, "fedgate_peer_lease_expiries_total", &[])?;
+    eprintln!(
+        "8 writers pushed {:.1} MB into a backend that never reads; bravo kept alpha's \
+         export at {looks} looks; lease expiries at bravo {} -> {}",
+        pushed as f64 / 1e6,
+        expiries_before.abs(),
+        expiries.abs()
+    );
+    // Everything on the way was full: far more than one connection's window went in.
+    assert!(pushed > 64 << 20, "only {pushed} bytes went in: the paths never filled");
+    assert_eq!(expiries, expiries_before, "bravo let alpha's lease lapse");
+    assert!(
+        !bravo.log_text().contains("peer silent past its lease"),
+        "bravo logged a lapsed lease"
+    );
+    Ok(())
+}

@@ -234,12 +234,12 @@ fn half_close_gets_reply_and_bulk_transfer_is_byte_exact() -> Result<()> {
         .with_context(|| format!("alpha's /debug/peers has no path_mtu for bravo: {peers}"))?;
     eprintln!("path MTU alpha -> bravo over the 1500-byte veth: {mtu}");
     assert!((1200..=1472).contains(&mtu), "path MTU {mtu} on a 1500-byte veth");
-    // alpha (the lower id dials) keeps a lane to bravo per further thread of its own.
+    // alpha (the lower id dials) keeps a data lane to bravo per thread of its own.
     let lanes = peers
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["cluster"] == "bravo"))
         .and_then(|p| p["replicas"].as_array()?.first()?["lanes"].as_u64());
-    assert_eq!(lanes, Some(2), "alpha's lanes to bravo: {peers}");
+    assert_eq!(lanes, Some(3), "alpha's lanes to bravo: {peers}");
     Ok(())
 }
 

@@ -447,9 +447,12 @@ async fn handle_incoming(
 ) {
     let remote = incoming.remote_address();
     // The dialer names the lane in its first destination connection id; the connection's task
-    // goes to the data-plane thread of that number (lane 0, and any other dialer: the first).
+    // goes to that lane's data-plane thread (lane 0, and any other dialer: the first).
     let lane = crate::lanes::lane_of(&incoming.orig_dst_cid());
-    let shard = usize::from(lane) % settings.shards.len().max(1);
+    let shard = match lane {
+        0 => 0,
+        k => crate::lanes::shard_of(k, settings.shards.len()),
+    };
     let accepted_conn = crate::runtime::place(shard, || incoming.accept());
     let conn = match accepted_conn {
         Ok(connecting) => connecting.await,

@@ -1,21 +1,27 @@
-//! Lanes: with several data-plane threads, one QUIC connection per thread to each replica of a
-//! peer. quinn drives each connection from one task, so one connection's packets are
+//! Lanes: the data connections of a replica. Each replica of a peer is reached over one QUIC
+//! connection for the export exchange (lane 0) and one more per data-plane thread for data
+//! (lanes 1…). quinn drives each connection from one task, so one connection's packets are
 //! encrypted, decrypted and turned into stream data on one thread; a connection per thread
 //! lets a peer's traffic use every thread, and a proxied connection's stream then lives on the
 //! thread that copies it to TCP.
 //!
 //! Lane 0 is the replica's connection as [`crate::replicas`] keeps it: it carries the export
-//! exchange, counts for the peer's lease and readiness, and its end ends the replica. Lanes 1…
-//! carry data streams only. The dialer opens lane `k` (k ≥ 1) once lane 0 is up, with its
-//! driver on its thread `k`, and names the lane in the first destination connection id it
-//! sends ([`lane_cid`]; the Initial packets are keyed with it, so it cannot be rewritten on
-//! the way); the acceptor places the connection's task on its thread `k mod threads` before
-//! the handshake and, once the peer's certificate is verified, serves it here. A dialer that
-//! names no lane (one data-plane thread, or an older gateway) only ever has lane 0.
+//! exchange, counts for the peer's lease and readiness, and its end ends the replica. It
+//! carries no data while a data lane is up: data streams share a connection's flow-control
+//! credit and send buffer, and a few streams into a slow backend fill both, which would hold
+//! the exchange's heartbeats back until the peer's lease lapsed (tests/fault_peers.rs,
+//! docs/decisions.md, session 16). Lanes 1… carry data streams only. The dialer opens lane
+//! `k` (k ≥ 1) once lane 0 is up, with its driver on its thread `k - 1`, and names the lane in
+//! the first destination connection id it sends ([`lane_cid`]; the Initial packets are keyed
+//! with it, so it cannot be rewritten on the way); the acceptor places the connection's task
+//! on its thread `(k - 1) mod threads` before the handshake and, once the peer's certificate
+//! is verified, serves it here. A dialer that names no lane (an older gateway) only ever has
+//! lane 0, which then carries data too.
 //!
-//! New data streams prefer the lane on the caller's thread ([`crate::PeerHandle::open_stream`])
-//! and fall back to lane 0. Lanes share the replica's standing: draining, suspect and synced
-//! are tracked on lane 0.
+//! New data streams prefer the lane on the caller's thread ([`crate::PeerHandle::open_stream`]),
+//! then any other data lane of the replica, and fall back to lane 0 only while the replica has
+//! none (just connected, or a lane being redialed). Lanes share the replica's standing:
+//! draining, suspect and synced are tracked on lane 0.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -137,22 +143,31 @@ async fn carry(
     shared.remove_lane(peer, conn);
 }
 
-/// Keeps lanes 1… of the dialed replica `target` while `token` lives (lane 0's connection
-/// is up): one task per lane, each dialing with backoff.
+/// The data-plane thread lane `index` (≥ 1) is placed on, at the dialer and the acceptor,
+/// with `threads` data-plane threads (0: none, everything on one runtime). Pure.
+pub(crate) fn shard_of(index: u8, threads: usize) -> usize {
+    usize::from(index.saturating_sub(1)) % threads.max(1)
+}
+
+/// Keeps the data lanes (1…, one per data-plane thread, at least one) of the dialed replica
+/// `target` while `token` lives (lane 0's connection is up): one task per lane, each dialing
+/// with backoff.
 pub(crate) fn dial_lanes(
     ctx: &PeerContext,
     credentials: &Arc<Credentials>,
     target: SocketAddr,
     token: &CancellationToken,
 ) {
-    let lanes = ctx.settings.shards.len().min(usize::from(MAX_LANES));
-    for shard in 1..lanes {
+    let threads = ctx.settings.shards.len();
+    let lanes = threads.clamp(1, usize::from(MAX_LANES - 1));
+    for index in 1..=lanes {
+        let index = u8::try_from(index).unwrap_or(MAX_LANES - 1);
         let task = LaneTask {
             ctx: ctx.clone(),
             credentials: credentials.clone(),
             target,
-            index: u8::try_from(shard).unwrap_or(MAX_LANES - 1),
-            shard,
+            index,
+            shard: shard_of(index, threads),
             token: token.clone(),
         };
         tokio::spawn(task.run());

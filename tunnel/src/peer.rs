@@ -134,7 +134,8 @@ pub struct ReplicaLink {
     pub path_mtu: Option<u16>,
     /// Seconds the connection has been up.
     pub connected_secs: Option<f64>,
-    /// Connections to it beyond the first (lanes, `crate::lanes`).
+    /// Its data connections (lanes 1…, `crate::lanes`): one per data-plane thread of the
+    /// dialer.
     pub lanes: usize,
     /// Whether it announced draining (data streams avoid it).
     pub draining: bool,
@@ -406,8 +407,9 @@ impl PeerHandle {
     /// Opens a data stream to `peer` on one of its working connections and writes the kind
     /// byte. Replicas take turns; ones that have not sent their exports yet come after the
     /// others, draining and suspect ones last; a connection that
-    /// cannot open a stream is passed over for the next. Of a replica, the lane on the
-    /// caller's data-plane thread carries the stream when there is one (`crate::lanes`).
+    /// cannot open a stream is passed over for the next. Of a replica, a data lane carries
+    /// the stream, the one on the caller's data-plane thread when there is one
+    /// (`crate::lanes`); the replica's first connection only while it has none.
     /// Returns the replica's id (its first connection's) with the stream, for
     /// [`Self::suspect`].
     pub async fn open_stream(
@@ -422,16 +424,20 @@ impl PeerHandle {
                 s.live
                     .iter()
                     .map(|l| {
-                        // The replica's lane on this thread, when there is one
-                        // (crate::lanes); its first connection otherwise.
+                        // The replica's data lane on this thread, else another of its
+                        // data lanes (crate::lanes); its first connection, which carries
+                        // the export exchange, only while it has none.
                         let remote = l.conn.remote_address();
-                        let lane = shard.and_then(|shard| {
-                            s.lanes.iter().find(|x| {
-                                x.shard == shard
-                                    && x.remote == remote
-                                    && x.conn.close_reason().is_none()
-                            })
-                        });
+                        let mut data = s
+                            .lanes
+                            .iter()
+                            .filter(|x| x.remote == remote && x.conn.close_reason().is_none());
+                        let lane = match shard {
+                            Some(shard) => {
+                                data.clone().find(|x| x.shard == shard).or_else(|| data.next())
+                            }
+                            None => data.next(),
+                        };
                         let conn = lane.map_or_else(|| l.conn.clone(), |x| x.conn.clone());
                         // Served replicas first, then ones that have not sent their exports
                         // yet (just started), then draining and suspect ones.
@@ -475,8 +481,8 @@ impl PeerHandle {
         });
     }
 
-    /// How many lanes beyond the first `peer`'s replicas have right now, all replicas
-    /// together (`crate::lanes`; 0 with one data-plane thread at the dialer).
+    /// How many data lanes `peer`'s replicas have right now, all replicas together
+    /// (`crate::lanes`: one per data-plane thread of the dialer, each replica).
     pub fn lanes(&self, peer: &ClusterId) -> usize {
         self.shared
             .with(peer, |s| s.lanes.iter().filter(|l| l.conn.close_reason().is_none()).count())

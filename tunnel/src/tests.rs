@@ -129,17 +129,17 @@ async fn with_several_threads_each_has_a_lane_and_streams_stay_on_their_thread()
         &[("west", vec![west.address])],
         east_shards.clone(),
     );
-    // east dials lane 0 and, once it is up, lanes 1 and 2 (one per further thread of its
-    // own); west counts the same two.
+    // east dials lane 0 (the export exchange) and, once it is up, data lanes 1, 2 and 3 (one
+    // per thread of its own); west counts the same three.
     let deadline = tokio::time::Instant::now() + WAIT;
-    while east.handle.lanes(&id("west")) < 2 || west.handle.lanes(&id("east")) < 2 {
+    while east.handle.lanes(&id("west")) < 3 || west.handle.lanes(&id("east")) < 3 {
         assert!(tokio::time::Instant::now() < deadline, "lanes never came up");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(east.handle.replicas(&id("west")), 1, "lanes are not replicas");
     assert_eq!(west.handle.replicas(&id("east")), 1);
 
-    // A stream opened on east's thread k travels on lane k, which west runs on its thread
+    // A stream opened on east's thread k travels on lane k + 1, which west runs on its thread
     // k mod 2: the incoming stream says so, and a task there sees that thread.
     for (k, shard) in east_shards.iter().enumerate() {
         let handle = east.handle.clone();
