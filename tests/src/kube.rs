@@ -532,6 +532,11 @@ impl KubeCluster {
         &self.name
     }
 
+    /// The kubectl binary the harness runs.
+    pub fn kubectl_path(&self) -> &Path {
+        &self.kubectl
+    }
+
     /// A kubeconfig (server, CA file, token) for this cluster.
     pub fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig

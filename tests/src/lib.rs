@@ -25,9 +25,11 @@ pub fn fedgate_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test-exe> -> target/<profile>/fedgate
+    // target/<profile>/deps/<test-exe> -> target/<profile>/fedgate; a binary of this crate
+    // (target/<profile>/fedgate-lab) has it beside itself.
+    let beside = exe.parent().expect("the executable's directory").join("fedgate");
     let dir = exe.parent().and_then(Path::parent).expect("target/<profile> directory");
-    let bin = dir.join("fedgate");
+    let bin = if beside.is_file() { beside } else { dir.join("fedgate") };
     assert!(
         bin.exists(),
         "fedgate binary not found at {} — run `cargo build -p fedgate` first or set FEDGATE_BIN",
@@ -749,6 +751,7 @@ impl Drop for TcpServer {
     }
 }
 
+pub mod clusterset;
 pub mod faults;
 pub mod kube;
 pub mod netns;

@@ -1,0 +1,258 @@
+//! A clusterset of N Kubernetes clusters on one machine, each in a network namespace of its
+//! own with its control plane, its pod network and its fedgate gateway, joined by one
+//! "underlay" network (docs/testing-kube.md, "A clusterset of network namespaces"). The MCS
+//! end-to-end tests and the lab (`fedgate-lab`) build on it.
+//!
+//! Layout, for cluster `k` (0-based) of a set numbered `n`:
+//!
+//! - namespace `fg-<pid>-cs<n>-<k>`: etcd and kube-apiserver on its `127.0.0.1`
+//!   ([`KubeCluster::start_in`]); the gateway (tunnel on the underlay address `:15443`, DNS on
+//!   the pod bridge's address `:53`, admin on `127.0.0.1:15000`, ClusterSetIPs from
+//!   [`VIP_RANGE`], routed to `lo`); the pod bridge `pods0` with the first address of the
+//!   cluster's pod range [`pod_cidr`]`(k)` (the pods' default gateway), IP forwarding on;
+//! - namespace `fg-<pid>-cs<n>-u`: the underlay, a bridge joining one veth per cluster
+//!   (`10.252.<n>.<k + 1>/24` on the cluster's `eth0`).
+//!
+//! Network modes ([`Network`]): in `Gateway` mode nothing routes one cluster's pod range to
+//! another: only the gateways' tunnel ports are reachable between clusters (as between clusters
+//! of different networks). In `Flat` mode every cluster routes the others' pod ranges over the
+//! underlay, so pods reach each other's addresses directly, and the gateways run with
+//! `traffic.network: flat`.
+//!
+//! Everything is torn down when the [`ClusterSet`] drops: gateways, control planes, then the
+//! namespaces with every process left in them.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::Pki;
+use crate::kube::{KubeCluster, use_kube_source};
+use crate::netns::{Netns, NsGateway, ns_spec, reap_stale_namespaces, require_tools};
+
+/// ClusterSetIPs of every cluster's gateway (each cluster's own copy, inside its namespace;
+/// outside the Service CIDR 10.96.0.0/16 and every pod range).
+pub const VIP_RANGE: &str = "10.99.0.0/24";
+/// The tunnel port of every gateway, on its underlay address.
+pub const TUNNEL_PORT: u16 = 15443;
+/// How long the gateways may take to connect to each other once started.
+const PEERS_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+/// The pod bridge inside each cluster's namespace.
+pub const POD_BRIDGE: &str = "pods0";
+
+/// The pod range of cluster `k`: `10.<100 + k>.0.0/16`.
+pub fn pod_cidr(k: usize) -> String {
+    format!("10.{}.0.0/16", 100 + k)
+}
+
+/// The pod bridge's address in cluster `k` (the pods' default gateway and DNS server).
+pub fn pod_gateway(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 100 + k as u8, 0, 1)
+}
+
+/// How the clusters' pod networks relate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Network {
+    /// Pod ranges are not routed between clusters; traffic crosses through the gateways.
+    Gateway,
+    /// Pod ranges are routed between clusters over the underlay.
+    Flat,
+}
+
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::Gateway => "gateway",
+            Network::Flat => "flat",
+        }
+    }
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Cluster ids, in order (at most 50).
+    pub names: Vec<String>,
+    pub clusterset: String,
+    pub network: Network,
+    /// Extra YAML appended to every gateway's config.
+    pub gateway_extra: String,
+}
+
+/// One cluster of the set. Fields drop in order: gateway, control plane, then the namespace.
+pub struct Member {
+    pub name: String,
+    pub index: usize,
+    /// Its address on the underlay (the gateway's tunnel address).
+    pub underlay_ip: Ipv4Addr,
+    /// Its gateway, in `ns` ([`ClusterSet::start`] starts them all).
+    pub gateway: NsGateway,
+    pub kube: KubeCluster,
+    /// The kubeconfig the gateway uses (its ServiceAccount's RBAC).
+    pub gateway_kubeconfig: PathBuf,
+    pub ns: Netns,
+}
+
+impl Member {
+    pub fn pod_cidr(&self) -> String {
+        pod_cidr(self.index)
+    }
+
+    /// The address pods resolve names at: the gateway's DNS.
+    pub fn dns(&self) -> SocketAddr {
+        SocketAddr::from((pod_gateway(self.index), 53))
+    }
+}
+
+/// N clusters joined by an underlay; see the module docs.
+pub struct ClusterSet {
+    pub members: Vec<Member>,
+    pub network: Network,
+    /// Set number `n` (in namespace names and the underlay subnet).
+    pub number: u32,
+    pub underlay: Netns,
+    tmp: tempfile::TempDir,
+}
+
+impl ClusterSet {
+    /// Builds the namespaces and networks, starts every control plane (in parallel), prepares
+    /// them for a gateway (deploy/'s CRDs and RBAC) and starts every gateway.
+    pub fn start(opts: &Options) -> Result<Self> {
+        require_tools();
+        if opts.names.is_empty() || opts.names.len() > 50 {
+            bail!("a clusterset needs 1 to 50 clusters, not {}", opts.names.len());
+        }
+        reap_stale_namespaces();
+        let started = Instant::now();
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let number = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let subnet = ((pid.wrapping_add(number)) % 250) as u8;
+        let underlay = Netns::create(&format!("fg-{pid}-cs{number}-u"))?;
+        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+        underlay.ip(&["link", "set", "br0", "up"])?;
+
+        let mut nets = Vec::new();
+        for (k, name) in opts.names.iter().enumerate() {
+            let ns = Netns::create(&format!("fg-{pid}-cs{number}-{k}"))?;
+            let underlay_ip = Ipv4Addr::new(10, 252, subnet, k as u8 + 1);
+            let port = format!("u{k}");
+            crate::netns::run(std::process::Command::new("ip").args([
+                "link",
+                "add",
+                &port,
+                "netns",
+                &underlay.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns.name,
+            ]))?;
+            underlay.ip(&["link", "set", &port, "master", "br0"])?;
+            underlay.ip(&["link", "set", &port, "up"])?;
+            ns.ip(&["addr", "add", &format!("{underlay_ip}/24"), "dev", "eth0"])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            ns.ip(&["link", "add", POD_BRIDGE, "type", "bridge"])?;
+            ns.ip(&["addr", "add", &format!("{}/16", pod_gateway(k)), "dev", POD_BRIDGE])?;
+            ns.ip(&["link", "set", POD_BRIDGE, "up"])?;
+            ns.ip(&["route", "add", "local", VIP_RANGE, "dev", "lo"])?;
+            crate::netns::run(ns.command("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]))?;
+            nets.push((name.clone(), ns, underlay_ip));
+        }
+        if opts.network == Network::Flat {
+            for (k, (_, ns, _)) in nets.iter().enumerate() {
+                for (j, (_, _, via)) in nets.iter().enumerate().filter(|(j, _)| *j != k) {
+                    ns.ip(&["route", "add", &pod_cidr(j), "via", &via.to_string()])?;
+                }
+            }
+        }
+
+        // Control planes in parallel: each takes a few seconds, mostly waiting.
+        let planes: Vec<Result<(KubeCluster, PathBuf)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = nets
+                .iter()
+                .map(|(name, ns, _)| {
+                    s.spawn(move || {
+                        let k = KubeCluster::start_in(ns, name)?;
+                        let kc = k.prepare_for_gateway()?;
+                        Ok((k, kc))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a control plane panicked"))))
+                .collect()
+        });
+
+        let tmp = tempfile::tempdir()?;
+        let pki = Pki::new(tmp.path(), "ca", &opts.clusterset)?;
+        let peers: Vec<(String, Ipv4Addr)> =
+            nets.iter().map(|(name, _, ip)| (name.clone(), *ip)).collect();
+        let mut members = Vec::new();
+        for ((k, (name, ns, underlay_ip)), plane) in nets.into_iter().enumerate().zip(planes) {
+            let (kube, gateway_kubeconfig) =
+                plane.with_context(|| format!("starting cluster {name}"))?;
+            let others: Vec<(&str, Ipv4Addr)> =
+                peers.iter().filter(|(p, _)| *p != name).map(|(p, ip)| (p.as_str(), *ip)).collect();
+            let mut extra = opts.gateway_extra.clone();
+            if opts.network == Network::Flat {
+                extra.push_str("traffic:\n  network: flat\n");
+            }
+            let mut spec = ns_spec(&name, &opts.clusterset, underlay_ip, &others, &extra);
+            spec.dns = SocketAddr::from((pod_gateway(k), 53));
+            spec.vip_range = VIP_RANGE.to_owned();
+            let tls = pki.issue(&name, &tmp.path().join(format!("certs-{name}")))?;
+            let gateway = NsGateway::prepare(&ns, tmp.path(), spec, tls)?;
+            use_kube_source(&gateway.gw, &gateway_kubeconfig)?;
+            members.push(Member {
+                name,
+                index: k,
+                underlay_ip,
+                gateway,
+                kube,
+                gateway_kubeconfig,
+                ns,
+            });
+        }
+        let mut set = Self { members, network: opts.network, number, underlay, tmp };
+        for m in &mut set.members {
+            m.gateway.launch()?;
+        }
+        for m in &set.members {
+            let want = set.members.len() - 1;
+            crate::eventually(
+                &format!("{}'s gateway to reach every peer", m.name),
+                PEERS_WITHIN,
+                || {
+                    let peers = m.gateway.json("/debug/peers")?;
+                    let connected = peers
+                        .as_array()
+                        .map_or(0, |ps| ps.iter().filter(|p| p["connected"] == true).count());
+                    Ok((connected == want).then_some(()))
+                },
+            )?;
+        }
+        eprintln!(
+            "clusterset of {} ({} network) up in {:.1} s",
+            set.members.len(),
+            set.network.as_str(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(set)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    pub fn member(&self, name: &str) -> Result<&Member> {
+        self.members.iter().find(|m| m.name == name).with_context(|| format!("no cluster {name}"))
+    }
+}
