@@ -1,6 +1,6 @@
-//! The QUIC endpoint: one UDP socket, its TLS configurations, the accepting of peers'
-//! handshakes and a task per configured peer that holds its one connection
-//! ([`crate::peer`]). Streams are routed by kind byte ([`crate::streams`]): control streams to
+//! The QUIC endpoint: the tunnel port's UDP socket (one per data-plane thread when there are
+//! several, [`crate::steer`]), its TLS configurations, the accepting of peers' handshakes and
+//! a task per configured peer that holds its connections ([`crate::peer`]). Streams are routed by kind byte ([`crate::streams`]): control streams to
 //! whoever serves the control channel, data streams to the data plane.
 //!
 //! Who dials: of two gateways, the one with the lexicographically lower cluster id dials each
@@ -94,11 +94,12 @@ pub struct TunnelSettings {
     /// Where the identity was loaded from: watched and reloaded on change. `None`: the
     /// identity given to [`TunnelEndpoint::new`] stays for the endpoint's life.
     pub identity_files: Option<IdentityFiles>,
-    /// The runtimes of the gateway's data-plane threads, one each: the first reads the UDP
-    /// socket and runs quinn's endpoint task; every thread runs the connections (lanes) placed
-    /// on it and accepts peers' tunnel streams on them. With more than one, each peer replica
-    /// is dialed once per thread ([`crate::lanes`]). Empty: everything on the runtime
-    /// [`TunnelEndpoint::new`] is called on, one connection per replica.
+    /// The runtimes of the gateway's data-plane threads, one each. With several, the tunnel
+    /// port is a socket per thread with packets steered to the thread of their connection
+    /// ([`crate::steer`]), each read by a quinn endpoint whose task runs there; every thread
+    /// runs the connections (lanes) placed on it and accepts peers' tunnel streams on them,
+    /// and each peer replica is dialed once per thread ([`crate::lanes`]). One: the same on
+    /// one socket. Empty: everything on the runtime [`TunnelEndpoint::new`] is called on.
     pub shards: Vec<tokio::runtime::Handle>,
 }
 
@@ -188,7 +189,14 @@ impl TunnelError {
 /// The tunnel endpoint. `new` binds the UDP socket; `run` serves until shutdown.
 pub struct TunnelEndpoint {
     settings: TunnelSettings,
+    /// The first of [`Self::endpoints`]: dials lane 0 of every replica.
     endpoint: quinn::Endpoint,
+    /// One per socket at the tunnel port (one per data-plane thread with steering,
+    /// `crate::steer`; else one), each accepting.
+    endpoints: Vec<quinn::Endpoint>,
+    /// With steering, one per data-plane thread on an ephemeral port: data lanes dial from
+    /// these. Empty otherwise.
+    lane_endpoints: Arc<[quinn::Endpoint]>,
     address: SocketAddr,
     shared: Arc<Shared>,
     routes: Routes,
@@ -235,35 +243,64 @@ impl TunnelEndpoint {
             client_crypto(&credentials, peer.id.clone(), Arc::new(RejectionSink::new(true)))?;
         }
 
-        let socket = bind_udp(settings.listen, settings.socket_buffer)?;
         let runtime: Arc<dyn quinn::Runtime> = if settings.shards.is_empty() {
             Arc::new(quinn::TokioRuntime)
         } else {
             Arc::new(crate::runtime::Pinned(settings.shards.clone().into()))
         };
-        // The socket registers with the reactor of the runtime that polls it.
         // Connection ids signed with a key of the identity too: the restarted gateway must
         // recognise its predecessor's ids as its own to answer them with a stateless reset.
         let cid_key = cid_key(&identity);
-        let entered = settings.shards.first().map(|h| h.enter());
-        let socket = TunnelSocket::new(socket, Some(cid_key))
-            .map_err(|e| TunnelError::Bind(settings.listen, e))?;
-        drop(entered);
-        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key(&identity)));
-        endpoint_config.cid_generator(move || {
-            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-        });
-        // What we tell peers we accept, and how large quinn's receive buffers are cut.
-        endpoint_config
-            .max_udp_payload_size(settings.max_udp_payload.max(1472))
-            .map_err(|e| TunnelError::Settings(format!("maxUdpPayloadSize: {e}")))?;
-        let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            endpoint_config,
-            Some(server_config),
-            socket,
-            runtime,
-        )
-        .map_err(|e| TunnelError::Bind(settings.listen, e))?;
+        // Lanes name at most 63 threads (crate::lanes::MAX_LANES): sockets beyond 64 would
+        // get no connections.
+        let threads = settings.shards.len().min(usize::from(crate::lanes::MAX_LANES));
+        // A socket per data-plane thread at the tunnel port when there are several
+        // (crate::steer); one socket otherwise, or where the kernel refuses the steering.
+        let sockets = if threads >= 2 {
+            match crate::steer::bind_group(settings.listen, settings.socket_buffer, threads) {
+                Ok(sockets) => sockets,
+                Err(e) => {
+                    tracing::warn!(error = %e, "one UDP socket for every data-plane thread: \
+                        packets are read on the first and handed to the others");
+                    vec![bind_udp(settings.listen, settings.socket_buffer)?]
+                }
+            }
+        } else {
+            vec![bind_udp(settings.listen, settings.socket_buffer)?]
+        };
+        let group = sockets.len();
+        let mut endpoints = Vec::with_capacity(group);
+        for (k, socket) in sockets.into_iter().enumerate() {
+            let endpoint = new_endpoint(EndpointParts {
+                settings: &settings,
+                identity: &identity,
+                socket,
+                shard: k,
+                cids: (cid_key, group),
+                server: Some(server_config.clone()),
+                runtime: runtime.clone(),
+            })?;
+            endpoints.push(endpoint);
+        }
+        // Data lanes dial from sockets of their own, one per thread on an ephemeral port, when
+        // the tunnel port is a group (crate::steer: lanes must not share a UDP flow).
+        let mut lane_endpoints = Vec::new();
+        if group >= 2 {
+            let ephemeral = SocketAddr::new(settings.listen.ip(), 0);
+            for k in 0..group {
+                let socket = bind_udp(ephemeral, settings.socket_buffer)?;
+                lane_endpoints.push(new_endpoint(EndpointParts {
+                    settings: &settings,
+                    identity: &identity,
+                    socket,
+                    shard: k,
+                    cids: (cid_key, 1),
+                    server: None,
+                    runtime: runtime.clone(),
+                })?);
+            }
+        }
+        let endpoint = endpoints[0].clone();
         let address = endpoint.local_addr().map_err(|e| TunnelError::Bind(settings.listen, e))?;
 
         let shared = Arc::new(Shared::new(&settings.peers, settings.idle_timeout));
@@ -271,6 +308,8 @@ impl TunnelEndpoint {
         Ok(Self {
             settings,
             endpoint,
+            endpoints,
+            lane_endpoints: lane_endpoints.into(),
             address,
             shared,
             routes,
@@ -318,6 +357,7 @@ impl TunnelEndpoint {
                     peer,
                     settings: self.settings.clone(),
                     endpoint: self.endpoint.clone(),
+                    lane_endpoints: self.lane_endpoints.clone(),
                     routes: self.routes.clone(),
                     shared: self.shared.clone(),
                     shutdown: shutdown.clone(),
@@ -334,27 +374,85 @@ impl TunnelEndpoint {
             shutdown: shutdown.clone(),
         };
 
-        tracing::info!(address = %self.address, local = %self.settings.local, peers = self.settings.peers.len(), "tunnel listening");
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                incoming = self.endpoint.accept() => {
-                    let Some(incoming) = incoming else { break };
-                    tokio::spawn(handle_incoming(
-                        incoming,
-                        self.settings.clone(),
-                        accepted.clone(),
-                        self.accept_sink.clone(),
-                        lanes.clone(),
-                    ));
+        tracing::info!(address = %self.address, local = %self.settings.local, peers = self.settings.peers.len(), sockets = self.endpoints.len(), "tunnel listening");
+        for endpoint in &self.endpoints {
+            let (endpoint, settings, sink) =
+                (endpoint.clone(), self.settings.clone(), self.accept_sink.clone());
+            let (accepted, lanes, shutdown) = (accepted.clone(), lanes.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        incoming = endpoint.accept() => {
+                            let Some(incoming) = incoming else { break };
+                            tokio::spawn(handle_incoming(
+                                incoming,
+                                settings.clone(),
+                                accepted.clone(),
+                                sink.clone(),
+                                lanes.clone(),
+                            ));
+                        }
+                    }
                 }
-            }
+            });
         }
-        self.endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"gateway shutting down");
+        shutdown.cancelled().await;
+        for endpoint in self.endpoints.iter().chain(self.lane_endpoints.iter()) {
+            endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"gateway shutting down");
+        }
         while tasks.join_next().await.is_some() {}
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        let idle = async {
+            for endpoint in self.endpoints.iter().chain(self.lane_endpoints.iter()) {
+                endpoint.wait_idle().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), idle).await;
         tracing::debug!("tunnel stopped");
     }
+}
+
+/// What [`new_endpoint`] needs.
+struct EndpointParts<'a> {
+    settings: &'a TunnelSettings,
+    identity: &'a Identity,
+    socket: std::net::UdpSocket,
+    /// The data-plane thread whose runtime polls the socket and runs the endpoint's task.
+    shard: usize,
+    /// (key, sockets in the group): ids name `shard` among that many (`crate::steer`).
+    cids: (u64, usize),
+    /// `None`: dials only.
+    server: Option<quinn::ServerConfig>,
+    runtime: Arc<dyn quinn::Runtime>,
+}
+
+/// A quinn endpoint over `socket`, its task on data-plane thread `shard`.
+fn new_endpoint(p: EndpointParts) -> Result<quinn::Endpoint, TunnelError> {
+    let listen = p.settings.listen;
+    let (key, group) = p.cids;
+    let shard = p.shard;
+    // The socket registers with the reactor of the runtime that polls it.
+    let entered = p.settings.shards.get(shard).map(|h| h.enter());
+    let socket =
+        TunnelSocket::new(p.socket, Some(key)).map_err(|e| TunnelError::Bind(listen, e))?;
+    drop(entered);
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key(p.identity)));
+    endpoint_config.cid_generator(move || {
+        if group >= 2 {
+            Box::new(crate::steer::ShardCids::new(key, shard, group))
+        } else {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(key))
+        }
+    });
+    // What we tell peers we accept, and how large quinn's receive buffers are cut.
+    endpoint_config
+        .max_udp_payload_size(p.settings.max_udp_payload.max(1472))
+        .map_err(|e| TunnelError::Settings(format!("maxUdpPayloadSize: {e}")))?;
+    // quinn spawns the endpoint's task inside this call: on `shard` (crate::runtime::place).
+    crate::runtime::place(shard, || {
+        quinn::Endpoint::new_with_abstract_socket(endpoint_config, p.server, socket, p.runtime)
+    })
+    .map_err(|e| TunnelError::Bind(listen, e))
 }
 
 fn validate(settings: &TunnelSettings) -> Result<(), TunnelError> {

@@ -19,6 +19,7 @@ pub mod reload;
 pub(crate) mod replicas;
 pub mod runtime;
 mod socket;
+mod steer;
 pub mod streams;
 pub mod tls;
 

@@ -37,7 +37,11 @@ const CONFIRM_POLL_MAX: Duration = Duration::from_millis(50);
 pub(crate) struct PeerContext {
     pub peer: PeerConfig,
     pub settings: TunnelSettings,
+    /// The tunnel port's first endpoint: lane 0 dials from it.
     pub endpoint: quinn::Endpoint,
+    /// Data lanes dial from the one of their thread when there are these (`crate::steer`);
+    /// from [`Self::endpoint`] otherwise.
+    pub lane_endpoints: Arc<[quinn::Endpoint]>,
     pub routes: Routes,
     pub shared: Arc<Shared>,
     pub shutdown: CancellationToken,
@@ -445,7 +449,10 @@ pub(crate) async fn dial(
     // at the default `info` level, so every packet would pay the subscriber's enter, exit
     // and filter calls. The call runs in a task of its own, outside any span, as accepted
     // connections' calls do (docs/decisions.md, session 6).
-    let endpoint = ctx.endpoint.clone();
+    let endpoint = match lane {
+        Some((_, shard)) => ctx.lane_endpoints.get(shard).unwrap_or(&ctx.endpoint).clone(),
+        None => ctx.endpoint.clone(),
+    };
     let server_name = peer.clone();
     let connecting = tokio::spawn(async move {
         crate::runtime::place(shard, || endpoint.connect_with(config, target, server_name.as_str()))

@@ -3,8 +3,8 @@
 //! [`quinn::Runtime`] it is given; its own `TokioRuntime` spawns them on whatever runtime the
 //! caller happens to be on. [`Pinned`] spawns them on the runtimes chosen by the composition
 //! root: the gateway's data-plane threads, where the proxy tasks that read and write those
-//! streams run as well. The endpoint's task (the UDP socket) runs on the first; each
-//! connection's task on the thread [`place`] names when it is created. With several threads a
+//! streams run as well. Each endpoint's task (its UDP socket, `crate::steer`) runs on its
+//! thread; each connection's task on the thread [`place`] names when it is created. With several threads a
 //! peer has one connection per thread (lanes, `crate::lanes`), so a proxied connection's
 //! packets are turned into stream data on the thread that copies them to TCP.
 

@@ -47,7 +47,7 @@ pub(crate) fn bind_udp(
 /// Asks for `want` bytes of receive and send buffer: forced past `net.core.rmem_max` /
 /// `wmem_max` when the process has CAP_NET_ADMIN, else as much as those limits allow. Logs
 /// what was granted when it is less, with the sysctl to raise.
-fn grow_buffers(socket: &socket2::Socket, want: usize) {
+pub(crate) fn grow_buffers(socket: &socket2::Socket, want: usize) {
     use rustix::net::sockopt;
     if sockopt::set_socket_recv_buffer_size_force(socket, want).is_err()
         && let Err(e) = socket.set_recv_buffer_size(want)
