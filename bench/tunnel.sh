@@ -10,8 +10,8 @@
 #                     carries as a jumbo-frame network does
 #   fedgate-busypoll  the defaults plus traffic.busyPoll: 200us (and dataPlaneThreads: 1, which
 #                     busy polling needs; off by default, it trades CPU for latency); one stream only
-#   fedgate-1452-dp1  the 1452 pair with traffic.dataPlaneThreads: 1 } 8 streams only: does
-#   fedgate-1452-dp2  the 1452 pair with traffic.dataPlaneThreads: 2 } throughput rise with threads?
+#   fedgate-1452-dp1  the 1452 pair with traffic.dataPlaneThreads: 1 } throughput only: does it
+#   fedgate-1452-dp2  the 1452 pair with traffic.dataPlaneThreads: 2 } rise with threads?
 #   stunnel           client -> stunnel4 client -> mutual TLS -> stunnel4 server -> server
 #   haproxy           client -> haproxy -> TLS (client cert, verify required both ways) -> haproxy -> server
 # Every other pair leaves traffic.dataPlaneThreads at its default.
@@ -232,11 +232,11 @@ declare -A target=(
   [haproxy]="$H1 $HI1 $HE1 $PID_H1 $PID_H2"
 )
 for p in "${fedgate_paths[@]}"; do target[$p]="${VIP[$p]} $IPERF_PORT $ECHO_PORT ${PPIDS[$p]}"; done
-# Throughput through every path with one stream; with several, the busy-polling pair gives
-# way to the data-plane-thread pairs (busy polling is for latency, not a throughput setting).
+# Throughput through every path; the busy-polling pair with one stream only (busy polling is
+# for latency, not a throughput setting).
 tput_paths() { # STREAMS
-  echo direct fedgate-1452 fedgate-jumbo
-  if (($1 > 1)); then echo fedgate-1452-dp1 fedgate-1452-dp2; else echo fedgate-busypoll; fi
+  echo direct fedgate-1452 fedgate-jumbo fedgate-1452-dp1 fedgate-1452-dp2
+  if (($1 == 1)); then echo fedgate-busypoll; fi
   echo stunnel haproxy
 }
 lat_paths=(direct fedgate-1452 fedgate-jumbo fedgate-busypoll stunnel haproxy)

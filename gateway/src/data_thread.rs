@@ -2,7 +2,7 @@
 //! together carry all of a gateway's traffic: the tunnel's UDP socket, quinn's endpoint and
 //! connection tasks, the ClusterSetIP listeners and every proxied connection. The rest of the
 //! gateway (discovery, the export exchange, DNS, admin) stays on the multi-thread runtime.
-//! `traffic.dataPlaneThreads` sets how many (default 1, see `config::traffic`).
+//! `traffic.dataPlaneThreads` sets how many (default: the CPUs the gateway may use).
 //!
 //! Why threads of their own: a packet passes up to three tasks (quinn's endpoint task, its
 //! connection task, the proxy task). On a multi-thread runtime they were spread over the
@@ -15,9 +15,11 @@
 //! core. Each thread therefore gets its own connection to every peer replica (a lane,
 //! `fedgate_tunnel`'s `lanes`), a proxied connection is handed to one thread and its stream
 //! opened on that thread's lane, and the peer serves the stream on the thread its end of the
-//! lane runs on. What still crosses threads: the first thread reads the UDP socket for all
-//! (quinn has one endpoint task per socket) and hands each lane's packets to its thread, and
-//! the listeners accept on the first thread. docs/decisions.md has the design for many cores.
+//! lane runs on. Each thread reads a socket of its own at the tunnel port, and the kernel
+//! steers each packet to the socket of its connection's thread (`fedgate_tunnel`'s `steer`).
+//! What still crosses threads: the listeners accept on the first thread and hand each
+//! connection to one thread (once per connection). docs/decisions.md has the design for many
+//! cores.
 //!
 //! With `traffic.busyPoll` each thread polls for a while after its traffic instead of sleeping
 //! at once (`busy_poll_task`): lower latency where idle CPUs halt, for CPU.

@@ -187,9 +187,10 @@ fn curl_through_alpha_reaches_bravo_local_wins_failover_and_back() -> Result<()>
 
 #[test]
 fn half_close_gets_reply_and_bulk_transfer_is_byte_exact() -> Result<()> {
-    // alpha carries traffic on three data-plane threads, bravo on its default one: alpha
-    // dials a lane per thread, which bravo runs on its one thread. Both ends of the tunnel
-    // and both local proxy paths are covered.
+    // alpha carries traffic on three data-plane threads, bravo on its default (the CPUs it
+    // may use): alpha dials a lane per thread, which bravo spreads over its threads, each
+    // reading a socket of its own. Both ends of the tunnel and both local proxy paths are
+    // covered.
     let c = clusters("traffic:\n  dataPlaneThreads: 3\n")?;
     let (net, a, b) = (&c.net, &c.a, &c.b);
     let _sink = net.server(&net.b, &["sink", B_BACKEND, "9000"])?;

@@ -22,13 +22,16 @@ pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = crate::dataplane::health::DEFAULT_U
 pub const DEFAULT_HEALTHY_THRESHOLD: u32 = crate::dataplane::health::DEFAULT_HEALTHY_THRESHOLD;
 /// The longest a draining gateway waits for open connections: 45 seconds.
 pub const DEFAULT_DRAIN_DURATION: Duration = crate::dataplane::DEFAULT_DRAIN_DURATION;
-/// Threads that carry traffic when `traffic.dataPlaneThreads` is not set: one. Every lane's
-/// packets are read from the UDP socket on the first thread, and a stream on another thread's
-/// lane pays that hand-off: on the 2-core benchmark VM one stream through two threads moved
-/// 25 % fewer Gb/s for 40 % more CPU per GB than through one (docs/benchmarks.md, session
-/// 15), and 8 streams were level. The default becomes the available CPUs once each thread
-/// reads a socket of its own (docs/decisions.md, session 15).
-pub const DEFAULT_DATA_PLANE_THREADS: usize = 1;
+/// Threads that carry traffic when `traffic.dataPlaneThreads` is not set: as many as the CPUs
+/// the gateway may use (`std::thread::available_parallelism`: the affinity mask and a cgroup
+/// CPU quota count), at most [`MAX_DATA_PLANE_THREADS`]; 1 when that cannot be read. Each
+/// thread reads a socket of its own at the tunnel port (`fedgate_tunnel`'s steer module), so a
+/// stream pays no hand-off between threads: on the 2-core benchmark VM one stream through two
+/// threads moved 0.96× what it moved through one, and 8 streams 0.99× (docs/benchmarks.md,
+/// session 16; 0.75× for one stream while thread 0 read every packet, session 15).
+pub fn default_data_plane_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_DATA_PLANE_THREADS))
+}
 /// The most `traffic.dataPlaneThreads` may ask for.
 pub const MAX_DATA_PLANE_THREADS: usize = 256;
 /// The longest `traffic.busyPoll`: 10 ms. Waits longer than that are not what busy polling is
@@ -66,7 +69,7 @@ pub struct TrafficConfig {
     pub drain_duration: Duration,
     /// Threads that carry traffic (the tunnel's packet work, the listeners, the proxied
     /// connections), each with a connection of its own to every peer replica. Default:
-    /// [`DEFAULT_DATA_PLANE_THREADS`].
+    /// [`default_data_plane_threads`].
     pub data_plane_threads: usize,
     /// How long each data-plane thread keeps polling after it last moved bytes, instead of
     /// sleeping in `epoll_wait` (0: never). Trades CPU for latency.
@@ -87,7 +90,7 @@ impl Default for TrafficConfig {
                 .collect(),
             health_check: HealthCheckConfig::default(),
             drain_duration: DEFAULT_DRAIN_DURATION,
-            data_plane_threads: DEFAULT_DATA_PLANE_THREADS,
+            data_plane_threads: default_data_plane_threads(),
             busy_poll: Duration::ZERO,
             outlier_detection: OutlierDetectionConfig::default(),
             connections: ConnectionsConfig::default(),
