@@ -257,6 +257,12 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     dns_settings.max_tcp_connections = cfg.dns.max_tcp_connections;
     dns_settings.failover_priority = priority.clone();
     dns_settings.local_labels = cfg.cluster.labels.clone();
+    // The ClusterSetIP range is ours alone in vip mode: its reverse names without a record are
+    // NXDOMAIN here. In kube mode ClusterSetIPs are the cluster's ClusterIPs, whose reverse
+    // names belong to the cluster's DNS (forwarded unless we hold the record).
+    if cfg.front.mode == FrontMode::Vip {
+        dns_settings.owned_reverse = vec![cfg.front.cluster_set_ip_range];
+    }
     dns_settings.upstream = cfg
         .dns
         .upstream
