@@ -58,6 +58,8 @@ pub struct ImportContext<'a> {
     pub unreachable: &'a BTreeSet<ClusterId>,
     /// VIPs of this service's remote endpoints: (cluster, endpoint address) → VIP.
     pub vips: &'a BTreeMap<(ClusterId, IpAddr), IpAddr>,
+    /// Clusters in flat network mode: their endpoints are answered at their own addresses.
+    pub flat: &'a BTreeSet<ClusterId>,
 }
 
 struct Builder {
@@ -154,12 +156,13 @@ fn service_labels(key: &ServiceKey) -> Option<[&str; 3]> {
 struct HeadlessEndpoint<'a> {
     cluster: &'a ClusterId,
     host: String,
-    /// What we answer: the endpoint itself (local) or its VIP (remote).
+    /// What we answer: the endpoint itself (local, or remote in flat mode) or its VIP.
     answer: IpAddr,
     healthy: bool,
     tier: usize,
     endpoint: &'a fedgate_discovery::model::Endpoint,
-    local: bool,
+    /// Answered at its own address (local, or flat): SRV records carry its own port.
+    own_address: bool,
 }
 
 /// The `clusterset.local` names of one imported service (MCS DNS specification 1.0.0).
@@ -209,11 +212,11 @@ fn headless_import(
 ) {
     let mut endpoints = Vec::new();
     for (cluster, export) in &svc.clusters {
-        let local = cx.local_cluster == Some(cluster);
+        let own_address = cx.local_cluster == Some(cluster) || cx.flat.contains(cluster);
         let cluster_labels =
             cx.localities.get(cluster).cloned().unwrap_or_default().labels_for(cluster);
         for ep in export.endpoints.iter().filter(|e| e.ready) {
-            let answer = if local {
+            let answer = if own_address {
                 ep.address
             } else {
                 match cx.vips.get(&(cluster.clone(), ep.address)) {
@@ -237,7 +240,7 @@ fn headless_import(
                 healthy: ep.health != Health::Unhealthy && !cx.unreachable.contains(cluster),
                 tier: ep_tier,
                 endpoint: ep,
-                local,
+                own_address,
             });
         }
     }
@@ -269,9 +272,9 @@ fn headless_import(
             if !port.clusters.is_empty() && !port.clusters.contains(ep.cluster) {
                 continue;
             }
-            // Local endpoints are reached directly on their own port; a remote endpoint's VIP
-            // serves the service port.
-            let number = if ep.local {
+            // Endpoints answered at their own address (local, flat) are reached on their own
+            // port; a remote endpoint's VIP serves the service port.
+            let number = if ep.own_address {
                 ep.endpoint.port_for(&port.port).unwrap_or(port.port.port)
             } else {
                 port.port.port

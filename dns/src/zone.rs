@@ -56,6 +56,7 @@ struct Globals {
     local_cluster: Option<ClusterId>,
     localities: BTreeMap<ClusterId, Locality>,
     unreachable: BTreeSet<ClusterId>,
+    flat: BTreeSet<ClusterId>,
 }
 
 /// What one update did, for logs, metrics and tests.
@@ -244,6 +245,7 @@ impl ZoneWriter {
             local_cluster: snap.local_cluster.clone(),
             localities: snap.localities.clone(),
             unreachable: snap.unreachable.clone(),
+            flat: snap.flat.clone(),
         };
         let globals_changed = self.globals.as_ref() != Some(&globals);
         let mut client_labels = match &globals.local_cluster {
@@ -281,6 +283,7 @@ impl ZoneWriter {
                 localities: &globals.localities,
                 unreachable: &globals.unreachable,
                 vips: &vips,
+                flat: &globals.flat,
             };
             let published = import_records(svc, &cx);
             let names = self.diff(

@@ -194,6 +194,8 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     // The import set is complete once it holds the local exports after the first sync, every
     // peer's first exports (at most the `peers` readiness bound) and the writer's addresses:
     // until then DNS answers SERVFAIL, not NXDOMAIN, for names it does not know yet.
+    // Flat network mode: those peers' endpoints are reached at their own addresses.
+    imports = imports.with_flat(cfg.flat_peers());
     imports = imports.with_completion(
         local_exports.complete(),
         cfg.peers.iter().map(|p| p.id.clone()),

@@ -51,6 +51,7 @@ struct World {
     localities: BTreeMap<ClusterId, Locality>,
     unreachable: BTreeSet<ClusterId>,
     vips: BTreeMap<(ClusterId, IpAddr), IpAddr>,
+    flat: BTreeSet<ClusterId>,
 }
 
 impl World {
@@ -76,6 +77,7 @@ impl World {
             localities,
             unreachable: BTreeSet::new(),
             vips: BTreeMap::new(),
+            flat: BTreeSet::new(),
         }
     }
 
@@ -88,6 +90,7 @@ impl World {
             localities: &self.localities,
             unreachable: &self.unreachable,
             vips: &self.vips,
+            flat: &self.flat,
         };
         import_names(svc, &cx)
     }
@@ -102,6 +105,7 @@ impl World {
             localities: &self.localities,
             unreachable: &self.unreachable,
             vips: &self.vips,
+            flat: &self.flat,
         };
         sorted_ptrs(&import_records(svc, &cx).ptrs)
     }
@@ -264,6 +268,60 @@ fn headless_answers_best_healthy_tier_with_vips_for_remote() {
             ("10.0.0.2".into(), "10-0-0-2.east.db.ns.svc.clusterset.local.".into()),
             ("242.2.0.1".into(), "db-0.west.db.ns.svc.clusterset.local.".into()),
         ]
+    );
+}
+
+/// Flat network mode: a flat cluster's endpoints are answered at their own addresses (no VIP
+/// needed), SRV records carry their own port, and their PTR points at their per-host name.
+#[test]
+fn headless_in_flat_mode_answers_remote_endpoints_own_addresses() {
+    let mut w = World::new();
+    let key = ServiceKey::new("ns", "db");
+    // west is flat; its endpoint has no VIP, and one it had is not used.
+    w.flat.insert(cid("west"));
+    w.vips.insert((cid("west"), "10.2.0.1".parse().expect("ip")), "242.2.0.1".parse().expect("ip"));
+    let west = vec![
+        ep("10.2.0.1", Some("db-0"), true, Health::Healthy),
+        ep("10.2.0.9", None, true, Health::Healthy),
+    ];
+    let svc = import(
+        "ns",
+        "db",
+        ServiceType::Headless,
+        &[],
+        vec![export(&key, "west", ServiceType::Headless, west)],
+    );
+    let names = w.names(&svc);
+    expect_records(
+        &names,
+        &[
+            ("db.ns.svc.clusterset.local.", RecordType::A, &["10.2.0.1", "10.2.0.9"]),
+            ("db-0.west.db.ns.svc.clusterset.local.", RecordType::A, &["10.2.0.1"]),
+            ("10-2-0-9.west.db.ns.svc.clusterset.local.", RecordType::A, &["10.2.0.9"]),
+            (
+                "_http._tcp.db.ns.svc.clusterset.local.",
+                RecordType::SRV,
+                &[
+                    "0 100 8080 10-2-0-9.west.db.ns.svc.clusterset.local.",
+                    "0 100 8080 db-0.west.db.ns.svc.clusterset.local.",
+                ],
+            ),
+        ],
+    );
+    assert_eq!(
+        w.ptrs(&svc),
+        vec![
+            ("10.2.0.1".into(), "db-0.west.db.ns.svc.clusterset.local.".into()),
+            ("10.2.0.9".into(), "10-2-0-9.west.db.ns.svc.clusterset.local.".into()),
+        ]
+    );
+    // Gateway mode (the default) for the same service: the VIP, and the VIP-less endpoint
+    // is left out.
+    w.flat.clear();
+    let names = w.names(&svc);
+    assert_eq!(
+        get(&names, "db.ns.svc.clusterset.local.", RecordType::A),
+        Some(vec!["242.2.0.1".into()])
     );
 }
 
