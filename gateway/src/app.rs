@@ -216,6 +216,10 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
                 },
             ),
             replicas: Vec::new(),
+            priority: fedgate_discovery::failover::PriorityLabel::parse_all(
+                &cfg.traffic.failover_priority.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            ),
+            labels: cfg.cluster.labels.clone(),
         }),
     };
     let identity = kube_client.as_ref().map(|(client, _)| {

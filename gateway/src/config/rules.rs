@@ -14,8 +14,7 @@ use fedgate_discovery::model::{LABEL_REGION, LABEL_SOURCE_CLUSTER, LABEL_ZONE};
 use ipnet::IpNet;
 
 use super::{
-    FrontMode, MAX_BUSY_POLL, MAX_DATA_PLANE_THREADS, MIN_CLUSTERSET_IPS, NetworkMode, Sections,
-    SourceKind,
+    FrontMode, MAX_BUSY_POLL, MAX_DATA_PLANE_THREADS, MIN_CLUSTERSET_IPS, Sections, SourceKind,
 };
 use crate::certs;
 use fedgate_discovery::yaml::Partial;
@@ -364,28 +363,6 @@ fn front(s: &Sections, out: &mut Vec<(String, String)>) {
         && discovery.source != SourceKind::Kube
     {
         err("front.mode", "`kube` needs discovery.source: kube".to_owned());
-    }
-    flat_with_kube_front(s, out);
-}
-
-/// `front.mode: kube` reaches every remote endpoint through the gateway pods (the derived
-/// Services' EndpointSlices list them); flat mode is not built for it yet, so it is refused
-/// rather than silently tunnelled.
-fn flat_with_kube_front(s: &Sections, out: &mut Vec<(String, String)>) {
-    let Some(front) = read(&s.front, &["front.mode"]) else { return };
-    if front.mode != FrontMode::Kube {
-        return;
-    }
-    let msg = "`flat` is not supported with front.mode: kube yet (use `gateway`, or front.mode: \
-               vip)";
-    let global = read(&s.traffic, &["traffic.network"]).map(|t| t.network);
-    if global == Some(NetworkMode::Flat) {
-        out.push(("traffic.network".to_owned(), msg.to_owned()));
-    }
-    for (i, peer) in s.peers.iter().flatten() {
-        if peer.network == Some(NetworkMode::Flat) {
-            out.push((format!("peers[{i}].network"), msg.to_owned()));
-        }
     }
 }
 

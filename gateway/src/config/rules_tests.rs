@@ -309,8 +309,8 @@ fn outlier_detection_connection_limits_and_dns_tcp_cap() {
     }
 }
 
-/// `traffic.network` and `peers[].network`: gateway by default, flat globally or per peer,
-/// bad values and flat with the kube front refused with the field named.
+/// `traffic.network` and `peers[].network`: gateway by default, flat globally or per peer
+/// (with either front), bad values refused with the field named.
 #[test]
 fn network_modes() {
     let peers = "peers:\n  - { id: west, address: 10.0.0.2:15443 }\n  - { id: north, address: 10.0.0.3:15443, network: gateway }\n";
@@ -326,6 +326,9 @@ fn network_modes() {
         "cluster: { id: east }\npeers:\n  - { id: west, address: 10.0.0.2:15443, network: flat }\n";
     let c = parse(Path::new("east.yaml"), per_peer).expect("parses");
     assert!(c.flat_peers().iter().any(|p| p.as_str() == "west"));
+    let kube = format!("{per_peer}discovery: {{ source: kube }}\nfront: {{ mode: kube }}\n");
+    let c = parse(Path::new("east.yaml"), &kube).expect("flat with the kube front parses");
+    assert_eq!(c.flat_peers().len(), 1);
     check_table(&[
         (
             "a bad global mode",
@@ -339,14 +342,6 @@ fn network_modes() {
             "cluster: { id: east }\npeers:\n  - { id: west, address: 10.0.0.2:15443, network: Flat }\n",
             &[
                 "east.yaml:3:51: peers[0].network: unknown variant `Flat`, expected `gateway` or `flat`",
-            ],
-        ),
-        (
-            "flat with the kube front",
-            "cluster: { id: east }\npeers:\n  - { id: west, address: 10.0.0.2:15443, network: flat }\ndiscovery: { source: kube }\nfront: { mode: kube }\ntraffic: { network: flat }\n",
-            &[
-                "east.yaml:3:51: peers[0].network: `flat` is not supported with front.mode: kube yet (use `gateway`, or front.mode: vip)",
-                "east.yaml:6:21: traffic.network: `flat` is not supported with front.mode: kube yet (use `gateway`, or front.mode: vip)",
             ],
         ),
     ]);
