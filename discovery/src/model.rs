@@ -408,6 +408,10 @@ pub struct ImportSnapshot {
     /// VIPs given to remote endpoints of headless services: each leads to exactly one
     /// endpoint through the tunnel.
     pub endpoint_vips: BTreeMap<IpAddr, EndpointVip>,
+    /// Clusters in `flat` network mode (`traffic.network`, `peers[].network`): their pod
+    /// network is routed to this one, so their endpoints are answered and reached at their own
+    /// addresses, without endpoint VIPs and without the tunnel.
+    pub flat: BTreeSet<ClusterId>,
 }
 
 /// A VIP that stands for one endpoint of a headless service in another cluster.

@@ -135,6 +135,7 @@ pub fn snapshot(east_db_health: Health) -> ImportSnapshot {
             .collect(),
         unreachable: BTreeSet::new(),
         endpoint_vips,
+        flat: BTreeSet::new(),
     }
 }
 

@@ -13,10 +13,11 @@ use hickory_proto::serialize::binary::{BinDecoder, BinEncoder};
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
 use hickory_server::zone_handler::{MessageRequest, MessageResponseBuilder, Queries};
+use ipnet::IpNet;
 
 use crate::forward::{ForwardError, Forwarder, Question};
 use crate::metrics;
-use crate::names::{Zone, wire_key, zone_of_key};
+use crate::names::{ReverseMiss, Zone, reverse_miss, reverse_zone_of_key, wire_key, zone_of_key};
 use crate::table::Table;
 use crate::wire::{self, EDNS_PAYLOAD, PLAIN_UDP_LIMIT};
 
@@ -76,15 +77,23 @@ impl Reply {
 pub struct Handler {
     table: Arc<Table>,
     forwarder: Forwarder,
-    soas: [Record; 2],
+    soas: [Record; Zone::COUNT],
+    /// Address ranges whose reverse names are ours alone (the ClusterSetIP range): a name
+    /// there without records is NXDOMAIN, not forwarded.
+    owned_reverse: Vec<IpNet>,
     /// False until the zones hold everything the gateway knows at start-up
     /// ([`Handler::set_complete`]): a name missing before then gets SERVFAIL, not NXDOMAIN.
     complete: AtomicBool,
 }
 
 impl Handler {
-    pub fn new(table: Arc<Table>, forwarder: Forwarder, soas: [Record; 2]) -> Self {
-        Self { table, forwarder, soas, complete: AtomicBool::new(true) }
+    pub fn new(
+        table: Arc<Table>,
+        forwarder: Forwarder,
+        soas: [Record; Zone::COUNT],
+        owned_reverse: Vec<IpNet>,
+    ) -> Self {
+        Self { table, forwarder, soas, owned_reverse, complete: AtomicBool::new(true) }
     }
 
     /// Whether a name missing from our zones is known not to exist (NXDOMAIN) or may only be
@@ -98,10 +107,7 @@ impl Handler {
     }
 
     fn soa(&self, zone: Zone) -> &Record {
-        match zone {
-            Zone::ClusterSet => &self.soas[0],
-            Zone::Cluster => &self.soas[1],
-        }
+        &self.soas[zone.index()]
     }
 
     /// Decides the answer to a parsed request.
@@ -127,7 +133,7 @@ impl Handler {
         reply.qtype = u16::from(q.query_type());
         let name: &Name = q.name();
         let key = wire_key(name);
-        let zone = zone_of_key(&key);
+        let zone = zone_of_key(&key).or_else(|| self.reverse_zone(name, &key));
         reply.zone = zone.map_or("forward", Zone::label);
         if matches!(q.query_type(), RecordType::AXFR | RecordType::IXFR) {
             return fail(reply, ResponseCode::Refused);
@@ -138,7 +144,7 @@ impl Handler {
                 if class != DNSClass::IN && class != DNSClass::ANY {
                     return fail(reply, ResponseCode::Refused);
                 }
-                self.authoritative(zone, &key, q.query_type(), &mut reply);
+                self.authoritative(zone, name, &key, q.query_type(), &mut reply);
             }
             None => {
                 if class != DNSClass::IN {
@@ -168,7 +174,24 @@ impl Handler {
         reply
     }
 
-    fn authoritative(&self, zone: Zone, key: &[u8], qtype: RecordType, reply: &mut Reply) {
+    /// The reverse zone of `name` when we answer it: we hold its PTR records, or it lies in an
+    /// owned range. Other reverse names are forwarded like any other name.
+    fn reverse_zone(&self, name: &Name, key: &[u8]) -> Option<Zone> {
+        let zone = reverse_zone_of_key(key)?;
+        if self.table.get(key).is_some() {
+            return Some(zone);
+        }
+        (reverse_miss(name, &self.owned_reverse) != ReverseMiss::NotOurs).then_some(zone)
+    }
+
+    fn authoritative(
+        &self,
+        zone: Zone,
+        name: &Name,
+        key: &[u8],
+        qtype: RecordType,
+        reply: &mut Reply,
+    ) {
         reply.metadata.authoritative = true;
         match self.table.get(key) {
             Some(entry) => match entry.records(qtype) {
@@ -188,6 +211,13 @@ impl Handler {
                 // Starting: the name may exist and not be here yet.
                 reply.metadata.authoritative = false;
                 reply.metadata.response_code = ResponseCode::ServFail;
+            }
+            // A name above our reverse records (inside the owned range) may have descendants:
+            // NODATA, never a NXDOMAIN that would deny them (RFC 8020).
+            None if Zone::REVERSE.contains(&zone)
+                && reverse_miss(name, &self.owned_reverse) == ReverseMiss::NoData =>
+            {
+                reply.authorities.push(self.soa(zone).clone());
             }
             None => {
                 reply.metadata.response_code = ResponseCode::NXDomain;

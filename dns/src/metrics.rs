@@ -27,7 +27,7 @@ pub const ZONE_NAMES: &str = "fedgate_dns_zone_names";
 pub fn describe() {
     describe_counter!(
         QUERIES,
-        "DNS queries answered, by zone (clusterset, cluster, forward, none), query type and response code"
+        "DNS queries answered, by zone (clusterset, cluster, reverse, forward, none), query type and response code"
     );
     describe_histogram!(
         QUERY_DURATION,
@@ -99,7 +99,8 @@ pub struct FastPathMetrics {
 
 impl FastPathMetrics {
     pub fn new() -> Self {
-        let zones = ["clusterset", "cluster"];
+        // Indexed by `Zone::index`, both reverse zones counted as `reverse`.
+        let zones = ["clusterset", "cluster", "reverse"];
         let queries = zones
             .iter()
             .map(|zone| {

@@ -72,10 +72,12 @@ impl RequestPath {
         );
         writer.apply_imports(imports);
         writer.apply_cluster(cluster);
-        let soas = [writer.soa(Zone::ClusterSet).clone(), writer.soa(Zone::Cluster).clone()];
+        let soas = [Zone::ClusterSet, Zone::Cluster, Zone::ReverseV4, Zone::ReverseV6]
+            .map(|zone| writer.soa(zone).clone());
         let forwarder =
             Forwarder::new(upstreams, settings.upstream_timeout, settings.cache_entries);
-        let handler = Arc::new(Handler::new(table.clone(), forwarder, soas));
+        let handler =
+            Arc::new(Handler::new(table.clone(), forwarder, soas, settings.owned_reverse.clone()));
         Self { table, writer, handler }
     }
 

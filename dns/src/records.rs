@@ -9,10 +9,12 @@ use fedgate_discovery::model::{
     ClusterId, Health, ImportedService, LABEL_ZONE, LocalService, Locality, Protocol, ServiceKey,
     ServiceType,
 };
-use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record};
 
-use crate::names::{Zone, host_label, is_dns_label, is_port_label, name_in, wire_key};
+use crate::names::{
+    Zone, host_label, is_dns_label, is_port_label, name_in, reverse_name, wire_key,
+};
 use crate::tier::{PriorityLabel, tier};
 
 /// Version the MCS DNS specification we implement, served at `dns-version.clusterset.local`.
@@ -32,6 +34,18 @@ pub struct NameData {
 /// The names one service publishes, keyed by lowercase wire name.
 pub type NameMap = BTreeMap<Vec<u8>, NameData>;
 
+/// Reverse records one service asks for: address → the name its PTR points at. Several
+/// services may name one address (a pod behind two headless services), so the zone writer
+/// merges them into one PTR set per address ([`ptr_names`]).
+pub type Ptrs = Vec<(IpAddr, Name)>;
+
+/// Everything one service publishes: its own names, and the PTR records it contributes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    pub names: NameMap,
+    pub ptrs: Ptrs,
+}
+
 /// Everything outside a service that its clusterset records depend on.
 #[derive(Clone, Debug)]
 pub struct ImportContext<'a> {
@@ -44,17 +58,33 @@ pub struct ImportContext<'a> {
     pub unreachable: &'a BTreeSet<ClusterId>,
     /// VIPs of this service's remote endpoints: (cluster, endpoint address) → VIP.
     pub vips: &'a BTreeMap<(ClusterId, IpAddr), IpAddr>,
+    /// Clusters in flat network mode: their endpoints are answered at their own addresses.
+    pub flat: &'a BTreeSet<ClusterId>,
 }
 
 struct Builder {
     zone: Zone,
     ttl: u32,
     out: NameMap,
+    ptrs: Ptrs,
 }
 
 impl Builder {
     fn new(zone: Zone, ttl: u32) -> Self {
-        Self { zone, ttl, out: NameMap::new() }
+        Self { zone, ttl, out: NameMap::new(), ptrs: Ptrs::new() }
+    }
+
+    /// `ip`'s reverse name points at `target` (merged with other services' by the writer).
+    fn ptr(&mut self, ip: IpAddr, target: &Name) {
+        if !self.ptrs.iter().any(|(i, t)| *i == ip && t == target) {
+            self.ptrs.push((ip, target.clone()));
+        }
+    }
+
+    /// The SRV record of `port` at the service name itself (what CoreDNS answers for
+    /// `<svc>.<ns>.svc.cluster.local SRV`), beside the `_<port>._<proto>` names.
+    fn service_srv(&mut self, svc_name: &Name, port: u16, target: &Name) {
+        self.add(svc_name, RData::SRV(SRV::new(SRV_PRIORITY, SRV_WEIGHT, port, target.clone())));
     }
 
     fn add(&mut self, name: &Name, rdata: RData) {
@@ -78,10 +108,10 @@ impl Builder {
         self.entry(name);
     }
 
-    /// The built names. They live only until the zone writer has encoded them (the table
-    /// keeps wire form only), so their Vecs are not trimmed.
-    fn finish(self) -> NameMap {
-        self.out
+    /// The built names and PTR targets. They live only until the zone writer has encoded
+    /// them (the table keeps wire form only), so their Vecs are not trimmed.
+    fn publish(self) -> Published {
+        Published { names: self.out, ptrs: self.ptrs }
     }
 
     fn entry(&mut self, name: &Name) -> &mut NameData {
@@ -126,41 +156,51 @@ fn service_labels(key: &ServiceKey) -> Option<[&str; 3]> {
 struct HeadlessEndpoint<'a> {
     cluster: &'a ClusterId,
     host: String,
-    /// What we answer: the endpoint itself (local) or its VIP (remote).
+    /// What we answer: the endpoint itself (local, or remote in flat mode) or its VIP.
     answer: IpAddr,
     healthy: bool,
     tier: usize,
     endpoint: &'a fedgate_discovery::model::Endpoint,
-    local: bool,
+    /// Answered at its own address (local, or flat): SRV records carry its own port.
+    own_address: bool,
 }
 
 /// The `clusterset.local` names of one imported service (MCS DNS specification 1.0.0).
 pub fn import_names(svc: &ImportedService, cx: &ImportContext<'_>) -> NameMap {
+    import_records(svc, cx).names
+}
+
+/// The `clusterset.local` names of one imported service (MCS DNS specification 1.0.0), and
+/// the PTR records of its addresses: each ClusterSetIP points at the service name, each
+/// address answered for a headless endpoint at that endpoint's per-host name.
+pub fn import_records(svc: &ImportedService, cx: &ImportContext<'_>) -> Published {
     let mut b = Builder::new(Zone::ClusterSet, cx.ttl);
     let Some(base) = service_labels(&svc.key) else {
-        return b.finish();
+        return b.publish();
     };
     let Some(svc_name) = name_in(&base, Zone::ClusterSet) else {
-        return b.finish();
+        return b.publish();
     };
     match svc.service_type {
         ServiceType::ClusterSetIP => {
             for ip in &svc.ips {
                 b.add_ip(&svc_name, *ip);
+                b.ptr(*ip, &svc_name);
             }
             if svc.ips.is_empty() {
                 // No ClusterSetIP allocated (yet): the name does not resolve.
-                return b.finish();
+                return b.publish();
             }
             for port in &svc.ports {
                 if let Some(name) = &port.port.name {
                     b.srv(name, port.port.protocol, &base, port.port.port, &svc_name);
                 }
+                b.service_srv(&svc_name, port.port.port, &svc_name);
             }
         }
         ServiceType::Headless => headless_import(&mut b, svc, cx, &base, &svc_name),
     }
-    b.finish()
+    b.publish()
 }
 
 fn headless_import(
@@ -172,11 +212,11 @@ fn headless_import(
 ) {
     let mut endpoints = Vec::new();
     for (cluster, export) in &svc.clusters {
-        let local = cx.local_cluster == Some(cluster);
+        let own_address = cx.local_cluster == Some(cluster) || cx.flat.contains(cluster);
         let cluster_labels =
             cx.localities.get(cluster).cloned().unwrap_or_default().labels_for(cluster);
         for ep in export.endpoints.iter().filter(|e| e.ready) {
-            let answer = if local {
+            let answer = if own_address {
                 ep.address
             } else {
                 match cx.vips.get(&(cluster.clone(), ep.address)) {
@@ -200,7 +240,7 @@ fn headless_import(
                 healthy: ep.health != Health::Unhealthy && !cx.unreachable.contains(cluster),
                 tier: ep_tier,
                 endpoint: ep,
-                local,
+                own_address,
             });
         }
     }
@@ -213,6 +253,7 @@ fn headless_import(
         let name = name_in(&labels, Zone::ClusterSet);
         if let Some(name) = &name {
             b.add_ip(name, ep.answer);
+            b.ptr(ep.answer, name);
         }
         host_names.push(name);
     }
@@ -228,44 +269,54 @@ fn headless_import(
         b.add_ip(svc_name, ep.answer);
         let Some(host_name) = host_name else { continue };
         for port in &svc.ports {
-            let Some(port_name) = &port.port.name else { continue };
             if !port.clusters.is_empty() && !port.clusters.contains(ep.cluster) {
                 continue;
             }
-            // Local endpoints are reached directly on their own port; a remote endpoint's VIP
-            // serves the service port.
-            let number = if ep.local {
+            // Endpoints answered at their own address (local, flat) are reached on their own
+            // port; a remote endpoint's VIP serves the service port.
+            let number = if ep.own_address {
                 ep.endpoint.port_for(&port.port).unwrap_or(port.port.port)
             } else {
                 port.port.port
             };
-            b.srv(port_name, port.port.protocol, base, number, host_name);
+            b.service_srv(svc_name, number, host_name);
+            if let Some(port_name) = &port.port.name {
+                b.srv(port_name, port.port.protocol, base, number, host_name);
+            }
         }
     }
 }
 
 /// The `cluster.local` names of one Service of this cluster.
 pub fn local_names(svc: &LocalService, ttl: u32) -> NameMap {
+    local_records(svc, ttl).names
+}
+
+/// The `cluster.local` names of one Service of this cluster, and the PTR records of its
+/// addresses (ClusterIPs → the service name, ready headless endpoints → their per-host name).
+pub fn local_records(svc: &LocalService, ttl: u32) -> Published {
     let mut b = Builder::new(Zone::Cluster, ttl);
     if svc.kube_type == "ExternalName" {
-        return b.finish();
+        return b.publish();
     }
     let Some(base) = service_labels(&svc.key) else {
-        return b.finish();
+        return b.publish();
     };
     let Some(svc_name) = name_in(&base, Zone::Cluster) else {
-        return b.finish();
+        return b.publish();
     };
     if !svc.is_headless() {
         for ip in &svc.cluster_ips {
             b.add_ip(&svc_name, *ip);
+            b.ptr(*ip, &svc_name);
         }
         for port in &svc.ports {
             if let Some(name) = &port.name {
                 b.srv(name, port.protocol, &base, port.port, &svc_name);
             }
+            b.service_srv(&svc_name, port.port, &svc_name);
         }
-        return b.finish();
+        return b.publish();
     }
     for ep in svc.endpoints.iter().filter(|e| e.ready) {
         b.add_ip(&svc_name, ep.address);
@@ -274,14 +325,27 @@ pub fn local_names(svc: &LocalService, ttl: u32) -> NameMap {
         labels.extend_from_slice(&base);
         let Some(host_name) = name_in(&labels, Zone::Cluster) else { continue };
         b.add_ip(&host_name, ep.address);
+        b.ptr(ep.address, &host_name);
         for port in &svc.ports {
+            let number = ep.port_for(port).unwrap_or(port.port);
+            b.service_srv(&svc_name, number, &host_name);
             if let Some(name) = &port.name {
-                let number = ep.port_for(port).unwrap_or(port.port);
                 b.srv(name, port.protocol, &base, number, &host_name);
             }
         }
     }
-    b.finish()
+    b.publish()
+}
+
+/// The PTR name of `ip`, holding one record per target (sorted: the answer does not depend
+/// on which service contributed first).
+pub fn ptr_names(ip: IpAddr, targets: &BTreeSet<Name>, ttl: u32) -> NameData {
+    let name = reverse_name(ip);
+    let records =
+        targets.iter().map(|t| Record::from_rdata(name.clone(), ttl, RData::PTR(PTR(t.clone()))));
+    let mut rrsets = BTreeMap::new();
+    rrsets.insert(u16::from(hickory_proto::rr::RecordType::PTR), records.collect());
+    NameData { name, zone: Some(Zone::reverse_of(ip)), rrsets }
 }
 
 /// The SOA record of a zone, used at the apex and in the authority section of negative
@@ -290,10 +354,15 @@ pub fn local_names(svc: &LocalService, ttl: u32) -> NameMap {
 /// pre-encoded negative answer to be rebuilt on each change.
 pub fn soa(zone: Zone, ttl: u32, serial: u32) -> Record {
     let apex = Name::from_ascii(zone.apex()).unwrap_or_else(|_| Name::root());
+    // The reverse zones' server and contact are those of clusterset.local.
+    let home = match zone {
+        Zone::ClusterSet | Zone::Cluster => zone,
+        Zone::ReverseV4 | Zone::ReverseV6 => Zone::ClusterSet,
+    };
     let mname =
-        Name::from_ascii(format!("ns.dns.{}", zone.apex())).unwrap_or_else(|_| apex.clone());
+        Name::from_ascii(format!("ns.dns.{}", home.apex())).unwrap_or_else(|_| apex.clone());
     let rname =
-        Name::from_ascii(format!("hostmaster.{}", zone.apex())).unwrap_or_else(|_| apex.clone());
+        Name::from_ascii(format!("hostmaster.{}", home.apex())).unwrap_or_else(|_| apex.clone());
     let ttl_i32 = i32::try_from(ttl).unwrap_or(i32::MAX);
     Record::from_rdata(
         apex,

@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 use crate::error::DnsError;
 use crate::handler::Handler;
 use crate::metrics::{self, FastPathMetrics};
-use crate::names::Zone;
 use crate::path::{RequestPath, answer_fast};
 use crate::settings::{DnsSettings, RESOLV_CONF, resolve_upstreams};
 use crate::table::Table;
@@ -375,8 +374,7 @@ impl UdpWorker {
                 if let Err(error) = self.socket.send_to(&out, src) {
                     tracing::debug!(%src, %error, "dns udp send failed");
                 }
-                let zone = if zone == Zone::ClusterSet { 0 } else { 1 };
-                self.fast.record(zone, qtype, started.elapsed());
+                self.fast.record(zone.index().min(2), qtype, started.elapsed());
                 continue;
             }
             self.slow(pkt, src, started);

@@ -66,6 +66,10 @@ pub struct DnsSettings {
     pub tcp_idle_timeout: Duration,
     /// TCP client connections served at once.
     pub max_tcp_connections: usize,
+    /// Address ranges whose reverse names (`in-addr.arpa`, `ip6.arpa`) are ours alone: the
+    /// ClusterSetIP range. A name in them without a PTR record is NXDOMAIN; reverse names
+    /// outside them without one of our records are forwarded.
+    pub owned_reverse: Vec<ipnet::IpNet>,
 }
 
 impl DnsSettings {
@@ -83,6 +87,7 @@ impl DnsSettings {
             udp_workers: 2,
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
             max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
+            owned_reverse: Vec::new(),
         }
     }
 

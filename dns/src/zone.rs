@@ -11,11 +11,12 @@ use fedgate_discovery::model::{
     ClusterId, ClusterState, ImportSnapshot, ImportedService, LocalService, Locality, ServiceKey,
     ServiceType,
 };
-use hickory_proto::rr::Record;
+use hickory_proto::rr::{Name, Record};
 
 use crate::names::Zone;
 use crate::records::{
-    ImportContext, NameMap, import_names, local_names, namespace_ent, soa, static_names,
+    ImportContext, NameMap, Ptrs, import_records, local_records, namespace_ent, ptr_names, soa,
+    static_names,
 };
 use crate::table::{Change, Entry, SharedNodata, Table};
 use crate::tier::PriorityLabel;
@@ -29,11 +30,24 @@ struct ImportState {
     svc: Arc<ImportedService>,
     vips: Vips,
     names: Names,
+    ptrs: Ptrs,
 }
 
 struct LocalState {
     svc: Arc<LocalService>,
     names: Names,
+    ptrs: Ptrs,
+}
+
+/// Who asked for a PTR target: a service of one zone.
+type PtrOwner = (Zone, ServiceKey);
+
+/// One reverse name: the targets each service asks for, merged into one PTR set.
+#[derive(Default)]
+struct ReverseState {
+    owners: BTreeMap<PtrOwner, Vec<Name>>,
+    /// What the table holds for the name now.
+    entry: Option<Arc<Entry>>,
 }
 
 /// Inputs shared by every headless import; a change rebuilds all headless services.
@@ -42,6 +56,7 @@ struct Globals {
     local_cluster: Option<ClusterId>,
     localities: BTreeMap<ClusterId, Locality>,
     unreachable: BTreeSet<ClusterId>,
+    flat: BTreeSet<ClusterId>,
 }
 
 /// What one update did, for logs, metrics and tests.
@@ -56,21 +71,20 @@ pub struct UpdateStats {
 pub struct ZoneWriter {
     table: Arc<Table>,
     ttl: u32,
-    soas: [Record; 2],
+    soas: [Record; Zone::COUNT],
     priority: Vec<PriorityLabel>,
     extra_labels: BTreeMap<String, String>,
     imports: HashMap<ServiceKey, ImportState>,
     locals: HashMap<ServiceKey, LocalState>,
     namespaces: HashMap<(Zone, String), usize>,
+    /// PTR records, merged over the services that name each address.
+    reverse: HashMap<IpAddr, ReverseState>,
     globals: Option<Globals>,
     nodata: SharedNodata,
 }
 
 fn zone_index(zone: Zone) -> usize {
-    match zone {
-        Zone::ClusterSet => 0,
-        Zone::Cluster => 1,
-    }
+    zone.index()
 }
 
 impl ZoneWriter {
@@ -83,7 +97,8 @@ impl ZoneWriter {
         extra_labels: BTreeMap<String, String>,
         ns_address: Option<IpAddr>,
     ) -> Self {
-        let soas = [soa(Zone::ClusterSet, ttl, serial), soa(Zone::Cluster, ttl, serial)];
+        let soas = [Zone::ClusterSet, Zone::Cluster, Zone::ReverseV4, Zone::ReverseV6]
+            .map(|zone| soa(zone, ttl, serial));
         let mut writer = Self {
             table,
             ttl,
@@ -93,6 +108,7 @@ impl ZoneWriter {
             imports: HashMap::new(),
             locals: HashMap::new(),
             namespaces: HashMap::new(),
+            reverse: HashMap::new(),
             globals: None,
             nodata: SharedNodata::default(),
         };
@@ -134,6 +150,54 @@ impl ZoneWriter {
         names.into_boxed_slice()
     }
 
+    /// Replaces the PTR targets `owner` asks for (`old` → `new`), noting the addresses whose
+    /// set may change in `dirty`.
+    fn set_ptrs(&mut self, owner: &PtrOwner, old: &Ptrs, new: &Ptrs, dirty: &mut Vec<IpAddr>) {
+        if old == new {
+            return;
+        }
+        for (ip, _) in old {
+            if let Some(state) = self.reverse.get_mut(ip) {
+                state.owners.remove(owner);
+            }
+            dirty.push(*ip);
+        }
+        for (ip, target) in new {
+            let state = self.reverse.entry(*ip).or_default();
+            state.owners.entry(owner.clone()).or_default().push(target.clone());
+            dirty.push(*ip);
+        }
+    }
+
+    /// Rewrites the PTR names of `dirty` addresses from their owners' targets.
+    fn flush_ptrs(&mut self, mut dirty: Vec<IpAddr>, changes: &mut Vec<Change>) {
+        dirty.sort_unstable();
+        dirty.dedup();
+        for ip in dirty {
+            let targets: std::collections::BTreeSet<Name> = self
+                .reverse
+                .get(&ip)
+                .map(|s| s.owners.values().flatten().cloned().collect())
+                .unwrap_or_default();
+            if targets.is_empty() {
+                if let Some(entry) = self.reverse.remove(&ip).and_then(|s| s.entry) {
+                    changes.push(entry.removal());
+                }
+                continue;
+            }
+            let data = ptr_names(ip, &targets, self.ttl);
+            let zone = Zone::reverse_of(ip);
+            let entry = Entry::build(zone, &data, &self.soas[zone_index(zone)], &mut self.nodata);
+            let Some(state) = self.reverse.get_mut(&ip) else { continue };
+            if state.entry.as_deref() == Some(&entry) {
+                continue;
+            }
+            let entry = Arc::new(entry);
+            state.entry = Some(entry.clone());
+            changes.push(Change::Put(entry));
+        }
+    }
+
     fn namespace_ref(
         &mut self,
         zone: Zone,
@@ -157,16 +221,18 @@ impl ZoneWriter {
         }
     }
 
-    /// Withdraws the names of services gone from `zone` (taken out by [`take_gone`]) and their
-    /// hold on their namespace; returns how many there were.
+    /// Withdraws the names of services gone from `zone` (taken out by [`take_gone`]), their
+    /// PTR targets and their hold on their namespace; returns how many there were.
     fn withdraw(
         &mut self,
         zone: Zone,
-        gone: Vec<(ServiceKey, Names)>,
+        gone: Vec<(ServiceKey, Names, Ptrs)>,
         changes: &mut Vec<Change>,
+        dirty: &mut Vec<IpAddr>,
     ) -> usize {
-        for (key, names) in &gone {
+        for (key, names, ptrs) in &gone {
             changes.extend(names.iter().map(|e| e.removal()));
+            self.set_ptrs(&(zone, key.clone()), ptrs, &Ptrs::new(), dirty);
             self.namespace_ref(zone, &key.namespace, -1, changes);
         }
         gone.len()
@@ -179,6 +245,7 @@ impl ZoneWriter {
             local_cluster: snap.local_cluster.clone(),
             localities: snap.localities.clone(),
             unreachable: snap.unreachable.clone(),
+            flat: snap.flat.clone(),
         };
         let globals_changed = self.globals.as_ref() != Some(&globals);
         let mut client_labels = match &globals.local_cluster {
@@ -196,6 +263,7 @@ impl ZoneWriter {
         }
 
         let mut changes = Vec::new();
+        let mut dirty = Vec::new();
         for (key, svc) in &snap.services {
             let vips = vips_by_service.remove(key).unwrap_or_default();
             let unchanged = self.imports.get(key).is_some_and(|p| {
@@ -215,18 +283,28 @@ impl ZoneWriter {
                 localities: &globals.localities,
                 unreachable: &globals.unreachable,
                 vips: &vips,
+                flat: &globals.flat,
             };
-            let names = import_names(svc, &cx);
-            let names =
-                self.diff(previous.as_ref().map_or(&[], |p| &p.names), &names, &mut changes);
+            let published = import_records(svc, &cx);
+            let names = self.diff(
+                previous.as_ref().map_or(&[], |p| &p.names),
+                &published.names,
+                &mut changes,
+            );
+            let old_ptrs = previous.as_ref().map(|p| p.ptrs.clone()).unwrap_or_default();
+            let owner = (Zone::ClusterSet, key.clone());
+            self.set_ptrs(&owner, &old_ptrs, &published.ptrs, &mut dirty);
             if previous.is_none() {
                 self.namespace_ref(Zone::ClusterSet, &key.namespace, 1, &mut changes);
             }
             stats.services_rebuilt += 1;
-            self.imports.insert(key.clone(), ImportState { svc: svc.clone(), vips, names });
+            let ptrs = published.ptrs;
+            self.imports.insert(key.clone(), ImportState { svc: svc.clone(), vips, names, ptrs });
         }
-        let gone = take_gone(&mut self.imports, |k| snap.services.contains_key(k), |s| s.names);
-        stats.services_removed += self.withdraw(Zone::ClusterSet, gone, &mut changes);
+        let gone =
+            take_gone(&mut self.imports, |k| snap.services.contains_key(k), |s| (s.names, s.ptrs));
+        stats.services_removed += self.withdraw(Zone::ClusterSet, gone, &mut changes, &mut dirty);
+        self.flush_ptrs(dirty, &mut changes);
         self.globals = Some(globals);
         stats.names_changed = changes.len();
         self.table.apply(changes);
@@ -237,22 +315,31 @@ impl ZoneWriter {
     pub fn apply_cluster(&mut self, state: &ClusterState) -> UpdateStats {
         let mut stats = UpdateStats::default();
         let mut changes = Vec::new();
+        let mut dirty = Vec::new();
         for (key, svc) in &state.services {
             if self.locals.get(key).is_some_and(|p| Arc::ptr_eq(&p.svc, svc)) {
                 continue;
             }
             let previous = self.locals.remove(key);
-            let names = local_names(svc, self.ttl);
-            let names =
-                self.diff(previous.as_ref().map_or(&[], |p| &p.names), &names, &mut changes);
+            let published = local_records(svc, self.ttl);
+            let names = self.diff(
+                previous.as_ref().map_or(&[], |p| &p.names),
+                &published.names,
+                &mut changes,
+            );
+            let old_ptrs = previous.as_ref().map(|p| p.ptrs.clone()).unwrap_or_default();
+            self.set_ptrs(&(Zone::Cluster, key.clone()), &old_ptrs, &published.ptrs, &mut dirty);
             if previous.is_none() {
                 self.namespace_ref(Zone::Cluster, &key.namespace, 1, &mut changes);
             }
             stats.services_rebuilt += 1;
-            self.locals.insert(key.clone(), LocalState { svc: svc.clone(), names });
+            let ptrs = published.ptrs;
+            self.locals.insert(key.clone(), LocalState { svc: svc.clone(), names, ptrs });
         }
-        let gone = take_gone(&mut self.locals, |k| state.services.contains_key(k), |s| s.names);
-        stats.services_removed += self.withdraw(Zone::Cluster, gone, &mut changes);
+        let gone =
+            take_gone(&mut self.locals, |k| state.services.contains_key(k), |s| (s.names, s.ptrs));
+        stats.services_removed += self.withdraw(Zone::Cluster, gone, &mut changes, &mut dirty);
+        self.flush_ptrs(dirty, &mut changes);
         stats.names_changed = changes.len();
         self.table.apply(changes);
         stats
@@ -264,10 +351,17 @@ impl ZoneWriter {
 fn take_gone<V>(
     map: &mut HashMap<ServiceKey, V>,
     kept: impl Fn(&ServiceKey) -> bool,
-    names: fn(V) -> Names,
-) -> Vec<(ServiceKey, Names)> {
+    names: fn(V) -> (Names, Ptrs),
+) -> Vec<(ServiceKey, Names, Ptrs)> {
     let gone: Vec<ServiceKey> = map.keys().filter(|k| !kept(k)).cloned().collect();
-    gone.into_iter().filter_map(|k| map.remove(&k).map(|v| (k, names(v)))).collect()
+    gone.into_iter()
+        .filter_map(|k| {
+            map.remove(&k).map(|v| {
+                let (names, ptrs) = names(v);
+                (k, names, ptrs)
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -349,8 +443,11 @@ mod tests {
         let incremental = started.elapsed();
         assert_eq!(stats.services_rebuilt, 1);
         assert_eq!(stats.services_removed, 0);
-        // The service's A set, SRV set and the gone per-host name.
-        assert!(stats.names_changed <= 3, "{stats:?}");
+        // The service's A+SRV sets, its `_http._tcp` SRV set, the gone per-host name and the
+        // gone endpoint's PTR (the other endpoint's PTR is unchanged, so not rewritten).
+        assert!(stats.names_changed <= 4, "{stats:?}");
+        assert!(!has(&table, "2.0.0.10.in-addr.arpa."));
+        assert!(has(&table, "1.0.0.10.in-addr.arpa."));
         assert!(!has(&table, "10-0-0-2.east.db.ns0.svc.clusterset.local."));
         assert!(has(&table, "10-0-0-1.east.db.ns0.svc.clusterset.local."));
         eprintln!("10k services: full build {full:?}, one-endpoint update {incremental:?}");
@@ -361,6 +458,67 @@ mod tests {
         let mut unreachable = next.clone();
         unreachable.unreachable.insert(cid("west"));
         assert_eq!(w.apply_imports(&unreachable).services_rebuilt, 1);
+    }
+
+    fn ptr_targets(table: &Table, name: &str) -> Vec<String> {
+        let name = hickory_proto::rr::Name::from_ascii(name).expect("name");
+        let Some(entry) = table.get(&wire_key(&name)) else { return Vec::new() };
+        let records = entry.records(hickory_proto::rr::RecordType::PTR).expect("decodes");
+        records.iter().map(|r| r.data.to_string()).collect()
+    }
+
+    /// One pod address behind two headless services, in both zones: one PTR set with every
+    /// name; it shrinks as services go and disappears with the last one.
+    #[test]
+    fn ptr_sets_merge_services_and_zones() {
+        let (table, mut w) = writer();
+        let db = ServiceKey::new("ns0", "db");
+        let other = ServiceKey::new("ns0", "db2");
+        let eps = || vec![ep("10.0.0.1", Some("pod-0"), true, Health::Healthy)];
+        let headless_import = |key: &ServiceKey| {
+            let e = export(key, "east", ServiceType::Headless, eps());
+            Arc::new(import(&key.namespace, &key.name, ServiceType::Headless, &[], vec![e]))
+        };
+        let mut snap = ImportSnapshot { local_cluster: Some(cid("east")), ..Default::default() };
+        snap.services.insert(db.clone(), headless_import(&db));
+        snap.services.insert(other.clone(), headless_import(&other));
+        w.apply_imports(&snap);
+        let mut state = ClusterState::default();
+        state.services.insert(
+            db.clone(),
+            Arc::new(LocalService {
+                key: db.clone(),
+                kube_type: "ClusterIP".into(),
+                cluster_ips: vec![],
+                headless: true,
+                ports: vec![],
+                session_affinity: Default::default(),
+                internal_traffic_policy: None,
+                traffic_distribution: None,
+                ip_families: vec![],
+                endpoints: eps(),
+            }),
+        );
+        w.apply_cluster(&state);
+        let name = "1.0.0.10.in-addr.arpa.";
+        assert_eq!(
+            ptr_targets(&table, name),
+            vec![
+                "pod-0.db.ns0.svc.cluster.local.",
+                "pod-0.east.db.ns0.svc.clusterset.local.",
+                "pod-0.east.db2.ns0.svc.clusterset.local.",
+            ]
+        );
+        snap.services.remove(&other);
+        w.apply_imports(&snap);
+        assert_eq!(
+            ptr_targets(&table, name),
+            vec!["pod-0.db.ns0.svc.cluster.local.", "pod-0.east.db.ns0.svc.clusterset.local."]
+        );
+        w.apply_imports(&ImportSnapshot::default());
+        assert_eq!(ptr_targets(&table, name), vec!["pod-0.db.ns0.svc.cluster.local."]);
+        w.apply_cluster(&ClusterState::default());
+        assert!(!has(&table, name));
     }
 
     #[test]

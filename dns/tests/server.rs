@@ -141,12 +141,16 @@ async fn start_with(
     upstream_timeout: Duration,
     max_inflight: usize,
 ) -> Running {
-    let (imports_tx, imports_rx) = watch::channel(Arc::new(snapshot(Health::Healthy)));
-    let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster_state()));
     let mut settings = DnsSettings::new("127.0.0.1:0".parse().expect("addr"));
     settings.upstream = upstreams.into_iter().map(Upstream::Address).collect();
     settings.upstream_timeout = upstream_timeout;
     settings.max_inflight = max_inflight;
+    start_settings(settings).await
+}
+
+async fn start_settings(settings: DnsSettings) -> Running {
+    let (imports_tx, imports_rx) = watch::channel(Arc::new(snapshot(Health::Healthy)));
+    let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster_state()));
     let server = DnsServer::new(settings, imports_rx, cluster_rx).expect("dns server binds");
     let addr = server.address();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -423,6 +427,85 @@ async fn cluster_local_answers_only_this_clusters_services() {
     assert_eq!(web.metadata.response_code, ResponseCode::NXDomain);
     assert!(has_soa(&web));
     assert_eq!(web.authorities[0].name.to_ascii(), "cluster.local.");
+    s.stop().await;
+}
+
+fn ptr_request(ip: &str) -> Message {
+    let ip: std::net::IpAddr = ip.parse().expect("ip");
+    let mut msg = Message::query();
+    msg.metadata.id = rand_id();
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(Name::from(ip), RecordType::PTR));
+    msg
+}
+
+/// Reverse names: PTR records for ClusterSetIPs, endpoint VIPs and endpoint addresses, both
+/// zones' names merged; NXDOMAIN inside the owned ClusterSetIP range, NODATA above records
+/// there, everything else forwarded. SRV at the service name itself.
+#[tokio::test]
+async fn reverse_names_and_service_srv() {
+    let up = start_upstream().await;
+    let mut settings = DnsSettings::new("127.0.0.1:0".parse().expect("addr"));
+    settings.upstream = vec![Upstream::Address(up.addr)];
+    settings.owned_reverse =
+        vec!["242.0.0.0/8".parse().expect("net"), "fd00:242::/64".parse().expect("net")];
+    let s = start_settings(settings).await;
+    let ptr = |ip: &'static str| {
+        let addr = s.addr;
+        async move { udp(addr, &ptr_request(ip)).await }
+    };
+    let cases = [
+        ("242.1.0.1", vec!["web.shop.svc.clusterset.local."]),
+        ("fd00:242::1", vec!["web.shop.svc.clusterset.local."]),
+        ("242.2.0.1", vec!["db-0.west.db.shop.svc.clusterset.local."]),
+        ("10.0.0.1", vec!["db-0.east.db.shop.svc.clusterset.local."]),
+        ("10.96.0.10", vec!["api.shop.svc.cluster.local."]),
+        ("10.0.1.1", vec!["pod-a.pods.shop.svc.cluster.local."]),
+    ];
+    for (ip, want) in cases {
+        let resp = ptr(ip).await;
+        assert_eq!(resp.metadata.response_code, ResponseCode::NoError, "{ip}");
+        assert!(resp.metadata.authoritative, "{ip}");
+        assert_eq!(addrs(&resp), want, "{ip}");
+        // The same over TCP (the slow path decodes the pre-encoded set).
+        let over_tcp = tcp(s.addr, &ptr_request(ip)).await;
+        assert_eq!(addrs(&over_tcp), want, "{ip} over tcp");
+    }
+    // A remote pod address (gateway mode: reached through its VIP only) has no record of
+    // ours: forwarded, and the fake upstream says NXDOMAIN, not authoritative for us.
+    let before = up.queries.load(Ordering::SeqCst);
+    let remote = ptr("10.2.0.1").await;
+    assert_eq!(remote.metadata.response_code, ResponseCode::NXDomain);
+    assert!(!remote.metadata.authoritative);
+    assert_eq!(up.queries.load(Ordering::SeqCst), before + 1, "forwarded");
+    // Inside the owned range without a record: NXDOMAIN of ours, in-addr.arpa SOA, not
+    // forwarded.
+    let nx = ptr("242.1.0.99").await;
+    assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+    assert!(nx.metadata.authoritative);
+    assert_eq!(nx.authorities[0].name.to_ascii(), "in-addr.arpa.");
+    let nx6 = ptr("fd00:242::99").await;
+    assert_eq!(nx6.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(nx6.authorities[0].name.to_ascii(), "ip6.arpa.");
+    assert_eq!(up.queries.load(Ordering::SeqCst), before + 1, "not forwarded");
+    // Above records in the range: an empty non-terminal, never NXDOMAIN.
+    let ent = udp(s.addr, &request("1.242.in-addr.arpa.", RecordType::PTR, None)).await;
+    assert_eq!(ent.metadata.response_code, ResponseCode::NoError);
+    assert!(ent.answers.is_empty() && has_soa(&ent) && ent.metadata.authoritative);
+    // Another type at a PTR name: NODATA with the reverse zone's SOA.
+    let nodata = udp(s.addr, &request("1.0.1.242.in-addr.arpa.", RecordType::A, None)).await;
+    assert_eq!(nodata.metadata.response_code, ResponseCode::NoError);
+    assert!(nodata.answers.is_empty());
+    assert_eq!(nodata.authorities[0].name.to_ascii(), "in-addr.arpa.");
+
+    // SRV at the service name: one per port, ClusterSetIP → the service name.
+    let srv = udp(s.addr, &request("web.shop.svc.clusterset.local.", RecordType::SRV, None)).await;
+    assert!(!srv.answers.is_empty(), "{srv:?}");
+    assert!(
+        addrs(&srv).iter().all(|r| r.ends_with(" web.shop.svc.clusterset.local.")),
+        "{:?}",
+        addrs(&srv)
+    );
     s.stop().await;
 }
 

@@ -194,6 +194,8 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     // The import set is complete once it holds the local exports after the first sync, every
     // peer's first exports (at most the `peers` readiness bound) and the writer's addresses:
     // until then DNS answers SERVFAIL, not NXDOMAIN, for names it does not know yet.
+    // Flat network mode: those peers' endpoints are reached at their own addresses.
+    imports = imports.with_flat(cfg.flat_peers());
     imports = imports.with_completion(
         local_exports.complete(),
         cfg.peers.iter().map(|p| p.id.clone()),
@@ -214,6 +216,10 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
                 },
             ),
             replicas: Vec::new(),
+            priority: fedgate_discovery::failover::PriorityLabel::parse_all(
+                &cfg.traffic.failover_priority.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            ),
+            labels: cfg.cluster.labels.clone(),
         }),
     };
     let identity = kube_client.as_ref().map(|(client, _)| {
@@ -257,6 +263,12 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     dns_settings.max_tcp_connections = cfg.dns.max_tcp_connections;
     dns_settings.failover_priority = priority.clone();
     dns_settings.local_labels = cfg.cluster.labels.clone();
+    // The ClusterSetIP range is ours alone in vip mode: its reverse names without a record are
+    // NXDOMAIN here. In kube mode ClusterSetIPs are the cluster's ClusterIPs, whose reverse
+    // names belong to the cluster's DNS (forwarded unless we hold the record).
+    if cfg.front.mode == FrontMode::Vip {
+        dns_settings.owned_reverse = vec![cfg.front.cluster_set_ip_range];
+    }
     dns_settings.upstream = cfg
         .dns
         .upstream

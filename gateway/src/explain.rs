@@ -155,6 +155,9 @@ pub struct EndpointExplanation {
     pub outstanding: u32,
     /// Can take a new connection now.
     pub healthy: bool,
+    /// How a connection reaches it: `local`, `tunnel` (through its cluster's gateway) or
+    /// `direct` (flat network mode: straight to its address, no tunnel hop).
+    pub path: crate::dataplane::select::Path,
     pub skipped: Vec<SkipReason>,
     /// The concrete cause of each skip reason, in words.
     pub reasons: Vec<String>,
@@ -456,6 +459,7 @@ fn endpoint(
         ready: v.ready,
         outstanding: v.outstanding,
         healthy: v.healthy,
+        path: v.path,
         skipped: v.skipped.clone(),
         reasons,
         role,
@@ -657,6 +661,7 @@ mod tests {
                 local_health: &w.local_health,
                 state: &w.state,
                 only: None,
+                flat: &client.flat,
             },
             probes: &w.probes,
             peers: &w.peers,

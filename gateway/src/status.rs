@@ -438,6 +438,7 @@ pub fn render_status(d: &StatusData, now: jiff::Timestamp) -> String {
         "SERVICE:PORT",
         "CLUSTER",
         "ENDPOINT",
+        "PATH",
         "TIER",
         "HEALTH",
         "ACTIVE",
@@ -475,6 +476,7 @@ pub fn render_status(d: &StatusData, now: jiff::Timestamp) -> String {
                 svc.clone(),
                 text(&e["cluster"]),
                 format!("{}:{}", text(&e["address"]), text(&e["port"])),
+                text(&e["path"]),
                 text(&e["tier"]),
                 if e["healthy"] == true { "ok".to_owned() } else { text(&e["health"]) },
                 text(&e["outstanding"]),
@@ -618,7 +620,7 @@ pub fn render_explain(e: &Value) -> String {
     }
     section(&mut out, "ATTEMPT ORDER", t, items(&d["plan"]).is_empty());
 
-    let mut t = table(&["CLUSTER", "ENDPOINT", "TIER", "LABELS", "HEALTH", "ROLE", "WHY"]);
+    let mut t = table(&["CLUSTER", "ENDPOINT", "PATH", "TIER", "LABELS", "HEALTH", "ROLE", "WHY"]);
     for x in items(&e["endpoints"]) {
         let labels: Vec<String> = items(&x["priority"])
             .iter()
@@ -640,6 +642,7 @@ pub fn render_explain(e: &Value) -> String {
         t.add_row(vec![
             text(&x["cluster"]),
             format!("{}:{}", text(&x["address"]), text(&x["port"])),
+            text(&x["path"]),
             text(&x["tier"]),
             labels.join(" "),
             text(&x["health"]),
@@ -745,7 +748,8 @@ mod tests {
                 {"cluster": "east", "address": "10.0.0.1", "port": 8080, "tier": 0,
                  "health": "Unhealthy", "healthy": false, "outstanding": 0, "skipped": ["unhealthy"]},
                 {"cluster": "west", "address": "10.2.0.1", "port": 8080, "tier": 3,
-                 "health": "Healthy", "healthy": true, "outstanding": 2, "skipped": []}
+                 "health": "Healthy", "healthy": true, "outstanding": 2, "skipped": [],
+                 "path": "direct"}
             ]}]}),
             probes: json!({"probes": [{"service": {"namespace": "shop", "name": "web"},
                 "address": "10.0.0.1", "lastProbe": {"ok": false, "at": "2026-11-26T02:00:00Z",
@@ -799,6 +803,7 @@ mod tests {
             "5f0c1d2e3a4b",
             "1764122400000",
             "10.0.0.3:15443",
+            "┆ direct ",
             "replica fedgate-1 is the follower (Lease fedgate-system/fedgate-leader held by fedgate-0, renewed 1.2s ago)",
         ] {
             assert!(out.contains(want), "missing {want:?} in\n{out}");
@@ -842,7 +847,7 @@ mod tests {
                  "health": "Unhealthy", "role": "skipped",
                  "reasons": ["last probe of 10.0.0.1:8080 failed 1.0s ago: connection refused"]},
                 {"cluster": "west", "address": "10.2.0.1", "port": 8080, "tier": 1,
-                 "priority": [{"key": "topology.kubernetes.io/region", "actual": "eu",
+                 "path": "tunnel", "priority": [{"key": "topology.kubernetes.io/region", "actual": "eu",
                                "result": "mismatch", "why": "client has region=us, endpoint has eu"}],
                  "health": "Healthy", "role": "candidate", "reasons": []}
             ]
@@ -859,6 +864,7 @@ mod tests {
             "connection refused",
             "tier 1: client has region=us, endpoint has eu",
             "candidate",
+            "┆ tunnel ",
         ] {
             assert!(out.contains(want), "missing {want:?} in\n{out}");
         }

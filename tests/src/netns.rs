@@ -441,8 +441,8 @@ pub fn secs(since: Instant) -> f64 {
     since.elapsed().as_secs_f64()
 }
 
-/// Python helpers run inside the namespaces: servers (`http`, `echo`, `sink`) print `READY`
-/// once listening; clients print one line per result.
+/// Python helpers run inside the namespaces: servers (`http`, `echo`, `sink`, `whoami`) print
+/// `READY` once listening; clients print one line per result.
 const FGTOOL: &str = r#"
 import hashlib, http.server, json, os, socket, socketserver, struct, sys, threading, time, urllib.request
 
@@ -475,6 +475,26 @@ class Sink(socketserver.BaseRequestHandler):
             h.update(data)
             n += len(data)
         self.request.sendall(("%d %s\n" % (n, h.hexdigest())).encode())
+
+class WhoAmI(socketserver.BaseRequestHandler):
+    # Answers the address the connection came from ("<ip>\n"), then closes.
+    def handle(self):
+        self.request.sendall(("%s\n" % self.client_address[0]).encode())
+
+def fetch(host, port):
+    # Connects, prints the first line the server sends (or "ERR <error>").
+    try:
+        s = socket.create_connection((host, int(port)), timeout=10)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        print(data.decode().strip() or "EMPTY", flush=True)
+    except Exception as e:
+        print("ERR %r" % e, flush=True)
 
 def http_server(host, port, directory):
     class H(http.server.SimpleHTTPRequestHandler):
@@ -560,6 +580,10 @@ if cmd == "echo":
     serve(Echo, *args)
 elif cmd == "sink":
     serve(Sink, *args)
+elif cmd == "whoami":
+    serve(WhoAmI, *args)
+elif cmd == "fetch":
+    fetch(*args)
 elif cmd == "http":
     http_server(*args)
 elif cmd == "http-loop":

@@ -324,6 +324,24 @@ fn records_negative_answers_and_the_cluster_local_rule() -> Result<()> {
         "{}",
         srv.text
     );
+    // SRV at the service name itself: one per service port (CoreDNS's answer for cluster.local).
+    let srv_svc = dig(dns, &["web.shop.svc.clusterset.local", "SRV"])?;
+    assert_eq!(
+        srv_svc.data("SRV"),
+        vec!["0 100 80 web.shop.svc.clusterset.local.".to_owned()],
+        "{}",
+        srv_svc.text
+    );
+    // PTR of the ClusterSetIP: back to the service name (`dig -x`).
+    let rev = dig(dns, &["-x", &csip])?;
+    assert_eq!(rev.data("PTR"), vec!["web.shop.svc.clusterset.local.".to_owned()], "{}", rev.text);
+    assert!(rev.has_flag("aa"), "{}", rev.text);
+    // An address of alpha's range without a service: NXDOMAIN of ours (the range is alpha's
+    // alone), with the reverse zone's SOA, not forwarded.
+    let unused = block.ip(128 + 31).to_string();
+    let rev_nx = dig(dns, &["-x", &unused])?;
+    assert_eq!(rev_nx.status, "NXDOMAIN", "{}", rev_nx.text);
+    assert!(rev_nx.authority_soa("in-addr.arpa.") && rev_nx.has_flag("aa"), "{}", rev_nx.text);
     // <clusterid>.<svc> must not exist.
     let cid = dig(dns, &["alpha.web.shop.svc.clusterset.local", "A"])?;
     assert_eq!(cid.status, "NXDOMAIN", "{}", cid.text);
@@ -340,6 +358,20 @@ fn records_negative_answers_and_the_cluster_local_rule() -> Result<()> {
     assert_ne!(vip_b, eb.to_string(), "another cluster's address is never answered directly");
     let db_srv = dig(dns, &["_pg._tcp.db.shop.svc.clusterset.local", "SRV"])?;
     assert_eq!(db_srv.data("SRV"), vec![format!("0 100 {pa} {host_a}.")], "{}", db_srv.text);
+    let db_srv_svc = dig(dns, &["db.shop.svc.clusterset.local", "SRV"])?;
+    assert_eq!(db_srv_svc.data("SRV"), db_srv.data("SRV"), "{}", db_srv_svc.text);
+    // PTR: bravo's endpoint VIP → its per-host name; alpha's own endpoint address → its
+    // clusterset per-host name and its cluster.local name.
+    let host_b = format!("{}.bravo.db.shop.svc.clusterset.local.", host_label(eb));
+    let rev_vip = dig(dns, &["-x", &vip_b])?;
+    assert_eq!(rev_vip.data("PTR"), vec![host_b], "{}", rev_vip.text);
+    let rev_ea = dig(dns, &["-x", &ea.to_string()])?;
+    assert_eq!(
+        rev_ea.data("PTR"),
+        vec![format!("{host_a}."), format!("{}.db.shop.svc.cluster.local.", host_label(ea)),],
+        "{}",
+        rev_ea.text
+    );
 
     // cluster.local: only alpha's own Services.
     let local_web = dig(dns, &["web.shop.svc.cluster.local", "A"])?;

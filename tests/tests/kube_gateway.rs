@@ -397,6 +397,75 @@ fn front_kube_derives_a_service_that_reaches_the_endpoint_through_the_gateway() 
     Ok(())
 }
 
+/// Flat network mode with the kube front (issue 21, item 5): alpha (kube source, front kube,
+/// `traffic.network: flat`) imports `shop/echo` from bravo (file source), whose endpoint is
+/// routed from alpha's host. While bravo's endpoint is the best healthy tier, the derived
+/// Service's EndpointSlice lists it on its own port instead of the gateway pod; when it fails
+/// bravo's probes, the derived Service points at the gateway pod again.
+#[test]
+fn front_kube_in_flat_mode_lists_the_flat_peers_endpoint_while_it_is_the_best_tier() -> Result<()> {
+    let net = endpoint_net(2)?;
+    let k = KubeCluster::start("flat")?;
+    let kc = k.prepare_for_gateway()?;
+    k.kubectl_ok(&["create", "namespace", "shop"])?;
+    let tmp = tempfile::tempdir()?;
+    let block = AddrBlock::unique();
+    let backend = net.inside[0].to_string();
+    let mut echo = net
+        .ns
+        .command("python3")
+        .args(["-c", ECHO_SERVER, &backend, "18080"])
+        .spawn()
+        .context("starting the echo server in the endpoint namespace")?;
+    let health = "  healthCheck: { interval: 300ms, timeout: 200ms, unhealthyThreshold: 2 }\n";
+    let mut gws = prepare_mesh(tmp.path(), block, CLUSTERSET, &["alpha", "bravo"], |i, spec| {
+        spec.lease = "3s".to_owned();
+        spec.extra = match i {
+            0 => format!("traffic:\n  network: flat\n{health}"),
+            _ => format!("traffic:\n{health}"),
+        };
+    })?;
+    let front = format!("{{ podIP: {}, firstPort: 21010, lastPort: 21019 }}", net.host);
+    use_kube(&gws[0], &kc, Some("alpha"), Some(&front))?;
+    for g in &mut gws {
+        g.start()?;
+    }
+    gws[1].write_cluster_file(
+        "echo.yaml",
+        &exported_service("shop", "echo", ("tcp", 7, 18080), &backend),
+    )?;
+
+    let svc = eventually("derived Service", WAIT, || {
+        let list = k
+            .get_json(&["services", "-n", "shop", "-l", "app.kubernetes.io/managed-by=fedgate"])?
+            .unwrap_or_default();
+        Ok(list["items"].as_array().and_then(|i| i.first().cloned()))
+    })?;
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], 21010);
+    let name = svc["metadata"]["name"].as_str().context("name")?.to_owned();
+    let direct_name = format!("{name}-bravo-0");
+    let direct = eventually("the derived slice listing bravo's endpoint", WAIT, || {
+        k.get_json(&["endpointslices", "-n", "shop", &direct_name])
+    })?;
+    assert_eq!(direct["metadata"]["labels"]["kubernetes.io/service-name"], name.as_str());
+    assert_eq!(direct["endpoints"][0]["addresses"][0], backend.as_str(), "{direct}");
+    assert_eq!(direct["ports"][0]["port"], 18080, "the endpoint's own port: {direct}");
+    assert!(k.get_json(&["endpointslices", "-n", "shop", &name])?.is_none(), "no gateway slice");
+
+    // bravo's endpoint fails its own gateway's probes: no healthy tier is direct any more, so
+    // the derived Service leads to the gateway pod again.
+    echo.kill()?;
+    let _ = echo.wait();
+    let pod_slice = eventually("the gateway pod's slice back", WAIT, || {
+        k.get_json(&["endpointslices", "-n", "shop", &name])
+    })?;
+    assert_eq!(pod_slice["endpoints"][0]["addresses"][0], net.host.to_string());
+    eventually("the direct slice removed", WAIT, || {
+        Ok(k.get_json(&["endpointslices", "-n", "shop", &direct_name])?.is_none().then_some(()))
+    })?;
+    Ok(())
+}
+
 /// The CRDs of deploy/crds with only `v1alpha1` served (and stored): a cluster that has not
 /// moved to `v1beta1` yet.
 fn v1alpha1_only_crds(c: &KubeCluster) -> Result<()> {

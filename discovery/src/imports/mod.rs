@@ -122,6 +122,8 @@ pub struct ImportState {
     /// Start-up: the peers whose first export set is awaited before anything new is
     /// allocated; `None` once the start-up batch closed.
     awaiting: Option<BTreeSet<ClusterId>>,
+    /// Clusters in flat network mode: their endpoints get no VIPs.
+    flat: BTreeSet<ClusterId>,
 }
 
 /// What one batch of updates changed.
@@ -162,7 +164,21 @@ impl ImportState {
             pending: BTreeMap::new(),
             in_batch: false,
             awaiting: None,
+            flat: BTreeSet::new(),
         }
+    }
+
+    /// The clusters in flat network mode ([`ImportSnapshot::flat`]): the endpoints of their
+    /// headless services are reached at their own addresses, so they get no VIPs (those they
+    /// had are released).
+    pub fn set_flat(&mut self, flat: BTreeSet<ClusterId>) -> Changed {
+        if flat == self.flat {
+            return Changed::default();
+        }
+        self.flat = flat;
+        let dirty: BTreeSet<ServiceKey> = self.services.keys().cloned().collect();
+        let changed = self.remerge(&dirty);
+        Changed { snapshot: true, ..self.settle(changed) }
     }
 
     /// What pinned addresses outside the range mean.
@@ -378,6 +394,7 @@ impl ImportState {
             localities: self.localities.clone(),
             unreachable: self.down.union(&self.withdrawn).cloned().collect(),
             endpoint_vips: self.endpoint_vips.clone(),
+            flat: self.flat.clone(),
         }
     }
 
@@ -541,7 +558,7 @@ impl ImportState {
         let mut out = BTreeMap::new();
         let mut wanted = BTreeSet::new();
         for (cluster, export) in &import.clusters {
-            if *cluster == self.local {
+            if *cluster == self.local || self.flat.contains(cluster) {
                 continue;
             }
             for ep in &export.endpoints {

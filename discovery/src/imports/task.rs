@@ -102,6 +102,14 @@ impl ImportSet {
         self
     }
 
+    /// Clusters in flat network mode (`traffic.network: flat`, `peers[].network`): their
+    /// endpoints get no VIPs, and the snapshot names them for DNS and the data plane.
+    pub fn with_flat(mut self, flat: BTreeSet<ClusterId>) -> Self {
+        self.state.set_flat(flat);
+        self.snapshot_tx.send_replace(Arc::new(self.state.snapshot()));
+        self
+    }
+
     /// True once the first published ClusterSetIPs are in a published snapshot (the writer
     /// waits for it before it writes: it must not publish other addresses first).
     pub fn subscribe_pins_applied(&self) -> watch::Receiver<bool> {

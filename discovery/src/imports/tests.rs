@@ -965,3 +965,35 @@ fn east_task(
     let alloc = Allocator::open(range.parse().unwrap(), None).unwrap();
     ImportSet::new(cid("east"), local_rx, validity_rx, peers_rx, alloc)
 }
+
+/// Flat network mode: a flat cluster's headless endpoints get no VIPs (those they had are
+/// released when the mode changes), other clusters' still do, and the snapshot names the flat
+/// clusters for DNS and the data plane.
+#[test]
+fn flat_clusters_get_no_endpoint_vips() {
+    let mut st = state();
+    let headless = |cluster: &str, eps: &[&str]| {
+        PeerUpdate::Exports(set(
+            cluster,
+            1,
+            vec![exported(cluster, "db", 1, ServiceType::Headless, eps)],
+        ))
+    };
+    st.apply_peer(headless("west", &["10.1.0.1", "10.1.0.2"]));
+    st.apply_peer(headless("north", &["10.3.0.1"]));
+    assert_eq!(st.snapshot().endpoint_vips.len(), 3);
+    let changed = st.set_flat(BTreeSet::from([cid("west")]));
+    assert!(changed.snapshot);
+    let snap = st.snapshot();
+    assert_eq!(snap.flat, BTreeSet::from([cid("west")]));
+    assert_eq!(snap.endpoint_vips.len(), 1, "only north's endpoint keeps a vip");
+    assert!(snap.endpoint_vips.values().all(|v| v.cluster == cid("north")));
+    assert_eq!(st.allocator().len(), 1, "west's vips are released");
+    // New flat endpoints get none either; the same set again changes nothing.
+    st.apply_peer(headless("west", &["10.1.0.1", "10.1.0.2", "10.1.0.3"]));
+    assert_eq!(st.snapshot().endpoint_vips.len(), 1);
+    assert_eq!(st.set_flat(BTreeSet::from([cid("west")])), Changed::default());
+    // Back to gateway mode: VIPs again.
+    st.set_flat(BTreeSet::new());
+    assert_eq!(st.snapshot().endpoint_vips.len(), 4);
+}

@@ -51,6 +51,7 @@ struct World {
     localities: BTreeMap<ClusterId, Locality>,
     unreachable: BTreeSet<ClusterId>,
     vips: BTreeMap<(ClusterId, IpAddr), IpAddr>,
+    flat: BTreeSet<ClusterId>,
 }
 
 impl World {
@@ -76,6 +77,7 @@ impl World {
             localities,
             unreachable: BTreeSet::new(),
             vips: BTreeMap::new(),
+            flat: BTreeSet::new(),
         }
     }
 
@@ -88,9 +90,32 @@ impl World {
             localities: &self.localities,
             unreachable: &self.unreachable,
             vips: &self.vips,
+            flat: &self.flat,
         };
         import_names(svc, &cx)
     }
+
+    /// The PTR targets a service asks for, as sorted `(address, target)` strings.
+    fn ptrs(&self, svc: &ImportedService) -> Vec<(String, String)> {
+        let cx = ImportContext {
+            ttl: 5,
+            local_cluster: Some(&self.local),
+            client_labels: &self.client,
+            priority: &self.priority,
+            localities: &self.localities,
+            unreachable: &self.unreachable,
+            vips: &self.vips,
+            flat: &self.flat,
+        };
+        sorted_ptrs(&import_records(svc, &cx).ptrs)
+    }
+}
+
+fn sorted_ptrs(ptrs: &Ptrs) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> =
+        ptrs.iter().map(|(ip, n)| (ip.to_string(), n.to_ascii())).collect();
+    v.sort();
+    v
 }
 
 /// (name, type) → sorted rdata strings.
@@ -149,12 +174,24 @@ fn clusterset_ip_service() {
                 RecordType::SRV,
                 &["0 100 80 web.ns.svc.clusterset.local."],
             ),
+            // One SRV per service port at the service name, unnamed ports included (CoreDNS).
+            (
+                "web.ns.svc.clusterset.local.",
+                RecordType::SRV,
+                &["0 100 80 web.ns.svc.clusterset.local.", "0 100 81 web.ns.svc.clusterset.local."],
+            ),
         ],
     );
     assert!(flat.contains_key(&("_tcp.web.ns.svc.clusterset.local.".into(), "ENT".into())));
-    // Nothing per cluster, no SRV for the unnamed port.
+    // Nothing per cluster, no `_<port>` name for the unnamed port.
     assert!(flat.keys().all(|(n, _)| !n.starts_with("east.")), "{flat:?}");
-    assert_eq!(flat.len(), 4, "{flat:?}");
+    assert_eq!(flat.len(), 5, "{flat:?}");
+    // Each ClusterSetIP points back at the service.
+    let svc_name = "web.ns.svc.clusterset.local.".to_owned();
+    assert_eq!(
+        w.ptrs(&svc),
+        vec![("242.1.0.1".into(), svc_name.clone()), ("fd00::1".into(), svc_name)]
+    );
 }
 
 #[test]
@@ -211,6 +248,80 @@ fn headless_answers_best_healthy_tier_with_vips_for_remote() {
             "0 100 8080 10-0-0-2.east.db.ns.svc.clusterset.local.".into(),
             "0 100 8080 db-0.east.db.ns.svc.clusterset.local.".into(),
         ])
+    );
+    // At the service name: one SRV per (best-tier endpoint, port), unnamed port included.
+    assert_eq!(
+        get(&names, "db.ns.svc.clusterset.local.", RecordType::SRV),
+        Some(vec![
+            "0 100 8080 10-0-0-2.east.db.ns.svc.clusterset.local.".into(),
+            "0 100 8080 db-0.east.db.ns.svc.clusterset.local.".into(),
+            "0 100 81 10-0-0-2.east.db.ns.svc.clusterset.local.".into(),
+            "0 100 81 db-0.east.db.ns.svc.clusterset.local.".into(),
+        ])
+    );
+    // Every address answered for a per-host name points back at it: the local endpoints'
+    // own addresses and the remote endpoint's VIP (never the remote pod address).
+    assert_eq!(
+        w.ptrs(&svc),
+        vec![
+            ("10.0.0.1".into(), "db-0.east.db.ns.svc.clusterset.local.".into()),
+            ("10.0.0.2".into(), "10-0-0-2.east.db.ns.svc.clusterset.local.".into()),
+            ("242.2.0.1".into(), "db-0.west.db.ns.svc.clusterset.local.".into()),
+        ]
+    );
+}
+
+/// Flat network mode: a flat cluster's endpoints are answered at their own addresses (no VIP
+/// needed), SRV records carry their own port, and their PTR points at their per-host name.
+#[test]
+fn headless_in_flat_mode_answers_remote_endpoints_own_addresses() {
+    let mut w = World::new();
+    let key = ServiceKey::new("ns", "db");
+    // west is flat; its endpoint has no VIP, and one it had is not used.
+    w.flat.insert(cid("west"));
+    w.vips.insert((cid("west"), "10.2.0.1".parse().expect("ip")), "242.2.0.1".parse().expect("ip"));
+    let west = vec![
+        ep("10.2.0.1", Some("db-0"), true, Health::Healthy),
+        ep("10.2.0.9", None, true, Health::Healthy),
+    ];
+    let svc = import(
+        "ns",
+        "db",
+        ServiceType::Headless,
+        &[],
+        vec![export(&key, "west", ServiceType::Headless, west)],
+    );
+    let names = w.names(&svc);
+    expect_records(
+        &names,
+        &[
+            ("db.ns.svc.clusterset.local.", RecordType::A, &["10.2.0.1", "10.2.0.9"]),
+            ("db-0.west.db.ns.svc.clusterset.local.", RecordType::A, &["10.2.0.1"]),
+            ("10-2-0-9.west.db.ns.svc.clusterset.local.", RecordType::A, &["10.2.0.9"]),
+            (
+                "_http._tcp.db.ns.svc.clusterset.local.",
+                RecordType::SRV,
+                &[
+                    "0 100 8080 10-2-0-9.west.db.ns.svc.clusterset.local.",
+                    "0 100 8080 db-0.west.db.ns.svc.clusterset.local.",
+                ],
+            ),
+        ],
+    );
+    assert_eq!(
+        w.ptrs(&svc),
+        vec![
+            ("10.2.0.1".into(), "db-0.west.db.ns.svc.clusterset.local.".into()),
+            ("10.2.0.9".into(), "10-2-0-9.west.db.ns.svc.clusterset.local.".into()),
+        ]
+    );
+    // Gateway mode (the default) for the same service: the VIP, and the VIP-less endpoint
+    // is left out.
+    w.flat.clear();
+    let names = w.names(&svc);
+    assert_eq!(
+        get(&names, "db.ns.svc.clusterset.local.", RecordType::A),
+        Some(vec!["242.2.0.1".into()])
     );
 }
 
@@ -285,7 +396,12 @@ fn local_services() {
                 RecordType::SRV,
                 &["0 100 80 api.ns.svc.cluster.local."],
             ),
+            ("api.ns.svc.cluster.local.", RecordType::SRV, &["0 100 80 api.ns.svc.cluster.local."]),
         ],
+    );
+    assert_eq!(
+        sorted_ptrs(&local_records(&svc, 5).ptrs),
+        vec![("10.96.0.10".into(), "api.ns.svc.cluster.local.".into())]
     );
     svc.cluster_ips.clear();
     svc.headless = true;
@@ -301,7 +417,17 @@ fn local_services() {
                 RecordType::SRV,
                 &["0 100 8080 api-0.api.ns.svc.cluster.local."],
             ),
+            (
+                "api.ns.svc.cluster.local.",
+                RecordType::SRV,
+                &["0 100 8080 api-0.api.ns.svc.cluster.local."],
+            ),
         ],
+    );
+    assert_eq!(
+        sorted_ptrs(&local_records(&svc, 5).ptrs),
+        vec![("10.0.0.1".into(), "api-0.api.ns.svc.cluster.local.".into())],
+        "ready endpoints only"
     );
     svc.kube_type = "ExternalName".into();
     assert!(local_names(&svc, 5).is_empty());

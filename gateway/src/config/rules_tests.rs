@@ -308,3 +308,41 @@ fn outlier_detection_connection_limits_and_dns_tcp_cap() {
         check_table(&[(name, &text, &expected)]);
     }
 }
+
+/// `traffic.network` and `peers[].network`: gateway by default, flat globally or per peer
+/// (with either front), bad values refused with the field named.
+#[test]
+fn network_modes() {
+    let peers = "peers:\n  - { id: west, address: 10.0.0.2:15443 }\n  - { id: north, address: 10.0.0.3:15443, network: gateway }\n";
+    let text = format!("cluster: {{ id: east }}\n{peers}");
+    let c = parse(Path::new("east.yaml"), &text).expect("parses");
+    assert_eq!(c.traffic.network, NetworkMode::Gateway);
+    assert!(c.flat_peers().is_empty(), "gateway is the default");
+    let text = format!("cluster: {{ id: east }}\n{peers}traffic: {{ network: flat }}\n");
+    let c = parse(Path::new("east.yaml"), &text).expect("parses");
+    assert_eq!(c.flat_peers().len(), 1);
+    assert!(c.flat_peers().iter().any(|p| p.as_str() == "west"), "per-peer gateway wins");
+    let per_peer =
+        "cluster: { id: east }\npeers:\n  - { id: west, address: 10.0.0.2:15443, network: flat }\n";
+    let c = parse(Path::new("east.yaml"), per_peer).expect("parses");
+    assert!(c.flat_peers().iter().any(|p| p.as_str() == "west"));
+    let kube = format!("{per_peer}discovery: {{ source: kube }}\nfront: {{ mode: kube }}\n");
+    let c = parse(Path::new("east.yaml"), &kube).expect("flat with the kube front parses");
+    assert_eq!(c.flat_peers().len(), 1);
+    check_table(&[
+        (
+            "a bad global mode",
+            "cluster: { id: east }\npeers: []\ntraffic: { network: routed }\n",
+            &[
+                "east.yaml:3:21: traffic.network: unknown variant `routed`, expected `gateway` or `flat`",
+            ],
+        ),
+        (
+            "a bad peer mode",
+            "cluster: { id: east }\npeers:\n  - { id: west, address: 10.0.0.2:15443, network: Flat }\n",
+            &[
+                "east.yaml:3:51: peers[0].network: unknown variant `Flat`, expected `gateway` or `flat`",
+            ],
+        ),
+    ]);
+}

@@ -79,6 +79,20 @@ pub struct TrafficConfig {
     pub outlier_detection: OutlierDetectionConfig,
     /// Limits on client connections (ClusterSetIP and endpoint VIP listeners).
     pub connections: ConnectionsConfig,
+    /// How remote endpoints are reached, for peers without `peers[].network`.
+    pub network: NetworkMode,
+}
+
+/// `traffic.network`, `peers[].network`: how another cluster's endpoints are reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Through that cluster's gateway over the tunnel; headless endpoints get VIPs here.
+    #[default]
+    Gateway,
+    /// Pod networks are routed between the clusters: DNS answers the endpoints' own
+    /// addresses and connections go to them directly, without a tunnel hop.
+    Flat,
 }
 
 impl Default for TrafficConfig {
@@ -94,6 +108,7 @@ impl Default for TrafficConfig {
             busy_poll: Duration::ZERO,
             outlier_detection: OutlierDetectionConfig::default(),
             connections: ConnectionsConfig::default(),
+            network: NetworkMode::Gateway,
         }
     }
 }

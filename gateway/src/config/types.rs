@@ -12,7 +12,7 @@ use fedgate_discovery::model::{ClusterId, Locality, SpiffeId, Subdomain};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::traffic::TrafficConfig;
+use super::traffic::{NetworkMode, TrafficConfig};
 
 /// `TryFrom<String>` through `FromStr` and `From<T> for String` through `Display`: a type
 /// that serde reads and writes as its text form (`#[serde(try_from = "String", into =
@@ -95,6 +95,17 @@ pub struct Config {
     /// Endpoint selection, health checks, draining.
     #[serde(default)]
     pub traffic: TrafficConfig,
+}
+
+impl Config {
+    /// The peers in flat network mode: `peers[].network`, else `traffic.network`.
+    pub fn flat_peers(&self) -> std::collections::BTreeSet<ClusterId> {
+        self.peers
+            .iter()
+            .filter(|p| p.network.unwrap_or(self.traffic.network) == NetworkMode::Flat)
+            .map(|p| p.id.clone())
+            .collect()
+    }
 }
 
 /// `cluster`: the identity and locality of this gateway's cluster.
@@ -259,12 +270,15 @@ pub struct PeerConfig {
     /// One tunnel address per replica of the peer (each may also be a DNS name).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<PeerAddress>,
+    /// How this peer's endpoints are reached; default `traffic.network`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkMode>,
 }
 
 impl PeerConfig {
     /// A peer with one address.
     pub fn new(id: ClusterId, address: PeerAddress) -> Self {
-        Self { id, address: Some(address), addresses: Vec::new() }
+        Self { id, address: Some(address), addresses: Vec::new(), network: None }
     }
 
     /// Every configured address, `address` first, in order.

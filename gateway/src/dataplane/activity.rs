@@ -353,6 +353,7 @@ mod tests {
             outstanding: 0,
             healthy: skipped.is_empty(),
             skipped,
+            path: crate::dataplane::select::Path::Tunnel,
         }
     }
 

@@ -281,10 +281,16 @@ pub(crate) async fn connect(
         let timeout = (deadline - now).min(shared.settings.attempt_timeout);
         attempts += 1;
         let outstanding = shared.track(&v.cluster, v.address);
-        let result = if v.cluster == shared.settings.cluster {
+        // Local endpoints, and remote ones in flat network mode (their pod network is routed
+        // here), are dialled directly; the others through their cluster's gateway.
+        let result = if v.path != select::Path::Tunnel {
             match v.port {
                 Some(port) => {
-                    connect_tcp(SocketAddr::new(v.address, port), timeout).await.map(Upstream::Tcp)
+                    let connected = connect_tcp(SocketAddr::new(v.address, port), timeout).await;
+                    if connected.is_ok() && v.path == select::Path::Direct {
+                        metrics::record_direct(v.cluster.as_str());
+                    }
+                    connected.map(Upstream::Tcp)
                 }
                 None => Err(AttemptError::Endpoint("no endpoint port".to_owned())),
             }

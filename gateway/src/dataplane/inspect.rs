@@ -143,6 +143,7 @@ impl DebugHandle {
                 local_health: &local_health,
                 state: &state,
                 only: None,
+                flat: &snapshot.flat,
             },
             probes: &probes,
             peers,

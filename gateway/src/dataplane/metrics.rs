@@ -15,6 +15,7 @@ use metrics::{
 pub const CONNECTIONS_TOTAL: &str = "fedgate_connections_total";
 pub const BYTES_TOTAL: &str = "fedgate_bytes_total";
 pub const TUNNEL_STREAMS_TOTAL: &str = "fedgate_tunnel_streams_total";
+pub const DIRECT_CONNECTIONS_TOTAL: &str = "fedgate_direct_connections_total";
 pub const ACTIVE_CONNECTIONS: &str = "fedgate_active_connections";
 pub const ENDPOINTS_HEALTHY: &str = "fedgate_endpoints_healthy";
 pub const ENDPOINTS_TOTAL: &str = "fedgate_endpoints";
@@ -56,6 +57,11 @@ pub fn describe() {
         Unit::Bytes,
         "Bytes proxied for client connections, by service, target cluster and direction \
          (tx = client to endpoint, rx = endpoint to client)."
+    );
+    describe_counter!(
+        DIRECT_CONNECTIONS_TOTAL,
+        "Client connections this gateway connected straight to another cluster's endpoint, \
+         without a tunnel stream (traffic.network / peers[].network: flat), by target cluster."
     );
     describe_counter!(
         TUNNEL_STREAMS_TOTAL,
@@ -276,6 +282,11 @@ impl Drop for StreamGuard {
         counter!(TUNNEL_STREAMS_TOTAL, "peer" => self.peer.clone(), "result" => self.result)
             .increment(1);
     }
+}
+
+/// One client connection connected straight to a remote endpoint (flat network mode).
+pub fn record_direct(target_cluster: &str) {
+    counter!(DIRECT_CONNECTIONS_TOTAL, "target_cluster" => target_cluster.to_owned()).increment(1);
 }
 
 pub fn record_failover(service: &str, from_tier: usize, to_tier: usize) {

@@ -341,6 +341,7 @@ impl Shared {
             local_health: &health,
             state: &view,
             only,
+            flat: &snapshot.flat,
         })
     }
 }

@@ -76,6 +76,42 @@ pub struct SelectionInput<'a, S: EndpointState + ?Sized = dyn EndpointState + 'a
     pub state: &'a S,
     /// Restrict to one endpoint (headless endpoint VIPs).
     pub only: Option<(&'a ClusterId, IpAddr)>,
+    /// Clusters in flat network mode: their endpoints are dialled directly.
+    pub flat: &'a BTreeSet<ClusterId>,
+}
+
+/// How a connection reaches an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Path {
+    /// An endpoint of this cluster: a TCP connection from this gateway.
+    Local,
+    /// Another cluster's endpoint through its gateway: a tunnel stream.
+    Tunnel,
+    /// Another cluster's endpoint in flat network mode: a TCP connection from this gateway to
+    /// the endpoint's own address, no tunnel hop.
+    Direct,
+}
+
+impl Path {
+    /// The path to an endpoint of `cluster`.
+    pub fn to(cluster: &ClusterId, local: &ClusterId, flat: &BTreeSet<ClusterId>) -> Path {
+        if cluster == local {
+            Path::Local
+        } else if flat.contains(cluster) {
+            Path::Direct
+        } else {
+            Path::Tunnel
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::Local => "local",
+            Path::Tunnel => "tunnel",
+            Path::Direct => "direct",
+        }
+    }
 }
 
 /// One endpoint as selection sees it; serialized for `/debug/endpoints`.
@@ -94,6 +130,8 @@ pub struct EndpointView {
     pub healthy: bool,
     /// Why it is not healthy for this port; empty when it is.
     pub skipped: Vec<SkipReason>,
+    /// How a connection reaches it.
+    pub path: Path,
 }
 
 /// The exporting cluster's version of a service port: by name first, then protocol and port.
@@ -182,6 +220,7 @@ pub fn rank<S: EndpointState + ?Sized>(input: &SelectionInput<'_, S>) -> Vec<End
                 outstanding: input.state.outstanding(cluster, endpoint.address),
                 healthy: skipped.is_empty(),
                 skipped,
+                path: Path::to(cluster, input.local_cluster, input.flat),
             });
         }
     }
@@ -449,6 +488,8 @@ pub(crate) mod tests {
         pub localities: BTreeMap<ClusterId, Locality>,
         pub labels: BTreeMap<String, String>,
         pub priority: Vec<PriorityLabel>,
+        /// Clusters in flat network mode (none unless a test sets some).
+        pub flat: BTreeSet<ClusterId>,
     }
 
     impl Client {
@@ -456,7 +497,7 @@ pub(crate) mod tests {
             let local = cid("east");
             let localities = localities();
             let labels = localities[&local].labels_for(&local);
-            Self { local, localities, labels, priority: default_priority() }
+            Self { local, localities, labels, priority: default_priority(), flat: BTreeSet::new() }
         }
 
         /// [`rank`] as this client sees `service`.
@@ -480,6 +521,7 @@ pub(crate) mod tests {
                 local_health,
                 state,
                 only,
+                flat: &self.flat,
             })
         }
     }
@@ -664,6 +706,7 @@ pub(crate) mod tests {
             outstanding,
             healthy,
             skipped: vec![],
+            path: Path::Local,
         }
     }
 

@@ -156,6 +156,7 @@ pub(super) fn snapshot(
         .collect(),
         unreachable: unreachable.iter().map(|c| cid(c)).collect(),
         endpoint_vips: BTreeMap::new(),
+        flat: Default::default(),
     }
 }
 
@@ -808,4 +809,47 @@ async fn a_target_the_peer_no_longer_has_moves_to_its_other_endpoints() {
         dp.stop().await;
     }
     drop(west_in_tx);
+}
+
+/// Flat network mode: a ClusterSetIP connection to a flat cluster's endpoint is dialled
+/// straight to the endpoint's address, without a tunnel stream; `/debug/endpoints` says
+/// `direct`. The same endpoint in gateway mode goes through the tunnel (a stream is opened).
+#[tokio::test]
+async fn flat_clusters_are_dialled_directly_without_a_tunnel_stream() {
+    let (w, _sw) = echo_server("w").await;
+    let vip = random_loopback();
+    let p = free_port(vip);
+    let mut snap = snapshot(vip, p, &[("west", &[w])], &[]);
+    snap.flat.insert(cid("west"));
+
+    // west's acceptor is a channel nobody serves: any stream opened to it shows up here.
+    let (west_tx, mut west_streams) = mpsc::channel(16);
+    let tunnel = LoopTunnel::new(cid("east"));
+    tunnel.route(cid("west"), west_tx);
+    let east = start(
+        settings("east", "us", "us-a"),
+        snap.clone(),
+        ClusterState::default(),
+        Some(tunnel.clone()),
+        None,
+    );
+    let target = SocketAddr::new(vip, p);
+    assert_eq!(request(target, "1").await.unwrap(), "w:1");
+    assert_eq!(request(target, "2").await.unwrap(), "w:2");
+    assert!(west_streams.try_recv().is_err(), "no tunnel stream was opened");
+    let ports = east.debug.endpoints();
+    let view = &ports[0].endpoints[0];
+    assert_eq!((view.address, view.path), (w.ip(), select::Path::Direct));
+    assert_eq!(serde_json::to_value(view).unwrap()["path"], "direct");
+
+    // Gateway mode for the same cluster: the connection asks west's gateway for a stream.
+    snap.flat.clear();
+    east.snapshots.send_replace(Arc::new(snap));
+    let client = tokio::spawn(request(target, "3"));
+    let stream = tokio::time::timeout(WAIT, west_streams.recv()).await.unwrap();
+    assert!(stream.is_some(), "gateway mode opens a tunnel stream");
+    assert_eq!(east.debug.endpoints()[0].endpoints[0].path, select::Path::Tunnel);
+    drop(stream);
+    client.abort();
+    east.stop().await;
 }

@@ -7,15 +7,25 @@ use std::net::IpAddr;
 use serde_json::{Value, json};
 
 use crate::model::{
-    ImportedService, IpFamily, LABEL_SERVICE_NAME, ServiceKey, ServicePort, ServiceType,
-    SessionAffinity,
+    ClusterId, Endpoint, ImportedService, IpFamily, LABEL_SERVICE_NAME, ServiceKey, ServicePort,
+    ServiceType, SessionAffinity,
 };
 
 use super::actions::{DesiredObject, ObjRef, WriteKind};
 use super::front::{FrontKey, FrontPorts};
-use super::slices::{cluster_slices, derived_slice};
+use super::slices::{cluster_slices, derived_direct_slices, derived_slice};
 use super::{ANNOTATION_DERIVED_FOR, FrontSettings};
 use crate::kube::{LABEL_MANAGED_BY, MANAGED_BY_FEDGATE};
+
+/// What `front.mode: kube` needs to write an import's derived Service.
+pub struct Front<'a> {
+    pub settings: &'a FrontSettings,
+    /// The gateway ports handed to import ports.
+    pub ports: &'a FrontPorts,
+    /// Flat network mode: the endpoints the derived Service lists instead of the gateway pods
+    /// ([`super::slices::direct_targets`]); empty: the gateway pods.
+    pub direct: Vec<(&'a ClusterId, &'a Endpoint)>,
+}
 
 /// The objects of one import: its derived Service and slice (front kube), its ServiceImport,
 /// and its per-cluster EndpointSlices. `derived_ips` are the ClusterIPs the derived Service
@@ -23,7 +33,7 @@ use crate::kube::{LABEL_MANAGED_BY, MANAGED_BY_FEDGATE};
 /// version (`multicluster.x-k8s.io/v1beta1`, or `v1alpha1` on older clusters).
 pub fn desired(
     import: &ImportedService,
-    front: Option<(&FrontSettings, &FrontPorts)>,
+    front: Option<Front<'_>>,
     derived_ips: &[String],
     import_api_version: &str,
 ) -> Vec<(ObjRef, DesiredObject)> {
@@ -33,7 +43,7 @@ pub fn desired(
 
     // front kube: the derived Service and the slice that points at the gateway pod
     let mut ips: Vec<String> = import.ips.iter().map(ToString::to_string).collect();
-    if let Some((settings, ports)) = front {
+    if let Some(Front { settings, ports, direct }) = front {
         ips = Vec::new();
         if clusterset_ip {
             let served: Vec<(&ServicePort, u16)> = import
@@ -52,7 +62,11 @@ pub fn desired(
             if !served.is_empty() {
                 let name = derived_service_name(key);
                 out.push(derived_service(import, &name, &served));
-                out.push(derived_slice(key, &name, &settings.pods(), &served));
+                if direct.is_empty() {
+                    out.push(derived_slice(key, &name, &settings.pods(), &served));
+                } else {
+                    out.extend(derived_direct_slices(key, &name, &direct, &served));
+                }
                 ips = derived_ips.to_vec();
             }
         }

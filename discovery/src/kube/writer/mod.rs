@@ -55,7 +55,7 @@ use super::queue::{MAX_WRITES_IN_FLIGHT, WriteQueue};
 use super::{KubeError, LABEL_MANAGED_BY, MANAGED_BY_FEDGATE};
 
 pub use actions::{Action, DesiredObject, ObjRef, WriteKind, plan};
-pub use bodies::{derived_service_name, desired, slice_name};
+pub use bodies::{Front, derived_service_name, desired, slice_name};
 pub use conditions::{conditions_match, merge_conditions};
 pub use election::ready_replicas;
 pub use front::{FrontKey, FrontPorts};
@@ -107,6 +107,12 @@ pub struct FrontSettings {
     /// The ready replicas' pod IPs as last read (filled by the writer each pass from
     /// `gateway_service`); empty: `pod_ip` alone.
     pub replicas: Vec<IpAddr>,
+    /// `traffic.failoverPriority`, for flat network mode: a derived Service lists a flat
+    /// peer's endpoints directly only while they are the best tier ([`slices::direct_targets`]).
+    pub priority: Vec<crate::failover::PriorityLabel>,
+    /// Extra locality labels of this gateway (`cluster.labels`), the client side of the
+    /// priority beside its cluster's locality.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl FrontSettings {
@@ -510,15 +516,23 @@ impl KubeWriter {
         for (key, import) in &snapshot.services {
             let ips = written.derived_ips.get(key).cloned().unwrap_or_default();
             let objects = match written.per_import.remove(key) {
+                // A derived Service that may list a flat peer's endpoints follows the
+                // snapshot's reachability too, not only the import: built again each pass.
                 Some((prev, objects))
                     if Arc::ptr_eq(&prev, import)
-                        && (front.is_none() || ips_in(&objects, &ips)) =>
+                        && (front.is_none() || ips_in(&objects, &ips))
+                        && !(front.is_some()
+                            && import.clusters.keys().any(|c| snapshot.flat.contains(c))) =>
                 {
                     objects
                 }
                 _ => desired(
                     import,
-                    front.as_ref().map(|f| (f, &written.ports)),
+                    front.as_ref().map(|f| Front {
+                        settings: f,
+                        ports: &written.ports,
+                        direct: slices::direct_targets(import, &snapshot, f),
+                    }),
                     &ips,
                     &self.imports.api_version,
                 )

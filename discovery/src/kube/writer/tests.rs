@@ -1,6 +1,6 @@
 //! The writer's pure parts: desired objects, the diff, names, conditions, ports, settling.
 
-use super::slices::endpoint_json;
+use super::slices::{direct_targets, endpoint_json};
 use super::*;
 use crate::kube::source::LABEL_SLICE_MANAGED_BY;
 use crate::model::{
@@ -8,6 +8,7 @@ use crate::model::{
     IpFamily, LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, MANAGED_BY, Protocol, ServicePort,
     ServiceType, SessionAffinity, TargetPort,
 };
+use serde_json::Value;
 
 const V1BETA1: &str = "multicluster.x-k8s.io/v1beta1";
 
@@ -323,12 +324,15 @@ fn front_kube_derives_a_service_pointing_at_the_gateway() {
         ports: 20000..=20999,
         gateway_service: None,
         replicas: Vec::new(),
+        priority: Vec::new(),
+        labels: BTreeMap::new(),
     };
     let mut ports = FrontPorts::default();
     ports.reconcile(&snap, &settings.ports);
 
     // before the derived Service has a ClusterIP the ServiceImport has no ips
-    let objs = desired(&imp, Some((&settings, &ports)), &[], V1BETA1);
+    let front = || Some(Front { settings: &settings, ports: &ports, direct: Vec::new() });
+    let objs = desired(&imp, front(), &[], V1BETA1);
     let svc = by_kind(&objs, WriteKind::Service);
     assert_eq!(svc.len(), 1);
     assert_eq!(
@@ -346,7 +350,7 @@ fn front_kube_derives_a_service_pointing_at_the_gateway() {
     assert_eq!(gw_slice.body["ports"][0]["port"], 20000);
     assert!(by_kind(&objs, WriteKind::ServiceImport)[0].body["spec"].get("ips").is_none());
 
-    let objs = desired(&imp, Some((&settings, &ports)), &["10.96.0.50".to_owned()], V1BETA1);
+    let objs = desired(&imp, front(), &["10.96.0.50".to_owned()], V1BETA1);
     assert_eq!(
         by_kind(&objs, WriteKind::ServiceImport)[0].body["spec"]["ips"],
         json!(["10.96.0.50"])
@@ -376,11 +380,14 @@ fn derived_slices_list_every_ready_replica_of_the_gateway_service() {
         ports: 20000..=20999,
         gateway_service: Some(gw.clone()),
         replicas: ready_replicas(&state, Some(&gw)),
+        priority: Vec::new(),
+        labels: BTreeMap::new(),
     };
     let mut ports = FrontPorts::default();
     ports.reconcile(&snap, &settings.ports);
     let slice_addrs = |settings: &FrontSettings| {
-        let objs = desired(&imp, Some((settings, &ports)), &[], V1BETA1);
+        let front = Front { settings, ports: &ports, direct: Vec::new() };
+        let objs = desired(&imp, Some(front), &[], V1BETA1);
         let name = derived_service_name(&imp.key);
         let slice = by_kind(&objs, WriteKind::EndpointSlice)
             .into_iter()
@@ -399,4 +406,86 @@ fn derived_slices_list_every_ready_replica_of_the_gateway_service() {
     // no replica known (the Service not found, none ready): this pod alone
     settings.replicas.clear();
     assert_eq!(slice_addrs(&settings), [json!("10.244.0.5")]);
+}
+
+/// Flat network mode in front kube: the derived Service lists a flat peer's endpoints (on
+/// their own ports) instead of the gateway pods only while they alone are the best healthy
+/// tier; a better local endpoint, a gateway-mode peer in the best tier, or an unreachable
+/// flat peer keep (or bring back) the gateway pods.
+#[test]
+fn front_kube_lists_a_flat_peers_endpoints_while_they_are_the_best_tier() {
+    use crate::failover::PriorityLabel;
+    use crate::model::{LABEL_REGION, LABEL_SOURCE_CLUSTER as CLUSTER, Locality};
+    let locality = |region: &str| Locality { region: Some(region.into()), ..Locality::default() };
+    let settings = FrontSettings {
+        pod_ip: "10.244.0.5".parse().expect("ip"),
+        ports: 20000..=20999,
+        gateway_service: None,
+        replicas: Vec::new(),
+        priority: PriorityLabel::parse_all(&[LABEL_REGION, CLUSTER]),
+        labels: BTreeMap::new(),
+    };
+    // east (us) imports web from west (us, flat: tier 1) and north (eu, gateway: tier 2).
+    let mut snap = ImportSnapshot {
+        local_cluster: Some(cid("east")),
+        localities: BTreeMap::from([
+            (cid("east"), locality("us")),
+            (cid("west"), locality("us")),
+            (cid("north"), locality("eu")),
+        ]),
+        flat: BTreeSet::from([cid("west")]),
+        ..ImportSnapshot::default()
+    };
+    let with = |clusters: &[(&str, Vec<Endpoint>)]| import(clusters);
+    let targets = |imp: &ImportedService, snap: &ImportSnapshot| -> Vec<String> {
+        direct_targets(imp, snap, &settings)
+            .iter()
+            .map(|(c, e)| format!("{c}/{}", e.address))
+            .collect()
+    };
+    let west = || ("west", vec![ep("10.2.0.1", Some(8081)), ep("10.2.0.2", Some(8081))]);
+    let north = || ("north", vec![ep("10.3.0.1", Some(8080))]);
+    let imp = with(&[west(), north()]);
+    assert_eq!(targets(&imp, &snap), ["west/10.2.0.1", "west/10.2.0.2"]);
+
+    // The derived slices: west's endpoints on their own port, under the derived Service.
+    snap.services.insert(imp.key.clone(), Arc::new(imp.clone()));
+    let mut ports = FrontPorts::default();
+    ports.reconcile(&snap, &settings.ports);
+    let direct = direct_targets(&imp, &snap, &settings);
+    let objs =
+        desired(&imp, Some(Front { settings: &settings, ports: &ports, direct }), &[], V1BETA1);
+    let name = derived_service_name(&imp.key);
+    let derived: Vec<&DesiredObject> = by_kind(&objs, WriteKind::EndpointSlice)
+        .into_iter()
+        .filter(|d| d.body["metadata"]["labels"][LABEL_KUBE_SERVICE_NAME] == json!(name))
+        .collect();
+    assert_eq!(derived.len(), 1, "one slice for west, none for the gateway pods");
+    let slice = &derived[0].body;
+    assert_eq!(slice["metadata"]["name"], json!(format!("{name}-west-0")));
+    assert_eq!(slice["ports"], json!([{"name": "http", "protocol": "TCP", "port": 8081}]));
+    let addrs: Vec<&Value> = slice["endpoints"].as_array().expect("endpoints").iter().collect();
+    assert_eq!(addrs.len(), 2);
+    assert_eq!(addrs[0]["addresses"], json!(["10.2.0.1"]));
+    assert_eq!(slice["metadata"]["labels"][LABEL_SOURCE_CLUSTER], json!("west"));
+
+    // A local endpoint is better: the gateway pods (they pick it, and west's when it fails).
+    let local = with(&[("east", vec![ep("10.1.0.1", Some(8080))]), west(), north()]);
+    assert!(targets(&local, &snap).is_empty());
+    // west unreachable or all unhealthy: north (gateway mode) is best, so the gateway pods.
+    snap.unreachable.insert(cid("west"));
+    assert!(targets(&imp, &snap).is_empty());
+    snap.unreachable.clear();
+    let mut sick = west();
+    sick.1.iter_mut().for_each(|e| e.health = Health::Unhealthy);
+    assert!(targets(&with(&[sick, north()]), &snap).is_empty());
+    // north in the same tier as west (both us) and in gateway mode: the gateway pods.
+    snap.localities.insert(cid("north"), locality("us"));
+    let mut same_tier = settings.priority.clone();
+    same_tier.truncate(1);
+    let region_only = FrontSettings { priority: same_tier, ..settings.clone() };
+    assert!(direct_targets(&imp, &snap, &region_only).is_empty());
+    // No flat peer at all: never.
+    snap.flat.clear();
+    assert!(targets(&imp, &snap).is_empty());
 }
