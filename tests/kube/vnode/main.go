@@ -13,6 +13,7 @@ import (
 	"crypto/tls"
 	"flag"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -21,6 +22,7 @@ import (
 	"time"
 
 	"github.com/virtual-kubelet/virtual-kubelet/log"
+	vkslog "github.com/virtual-kubelet/virtual-kubelet/log/slog"
 	"github.com/virtual-kubelet/virtual-kubelet/node"
 	"github.com/virtual-kubelet/virtual-kubelet/node/nodeutil"
 	corev1 "k8s.io/api/core/v1"
@@ -47,7 +49,13 @@ func main() {
 	flag.StringVar(&c.clientCA, "client-ca", "", "CA whose client certificates may use the kubelet API")
 	flag.StringVar(&c.clusterDomain, "cluster-domain", "cluster.local", "the cluster's DNS domain")
 	flag.IntVar(&c.port, "port", 10250, "kubelet API port (on the bridge address)")
+	debug := flag.Bool("debug", false, "log at debug level")
 	flag.Parse()
+	level := slog.LevelInfo
+	if *debug {
+		level = slog.LevelDebug
+	}
+	log.L = vkslog.FromSlog(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})))
 	if err := run(c); err != nil {
 		fmt.Fprintf(os.Stderr, "fedgate-vnode: %v\n", err)
 		os.Exit(1)
@@ -74,10 +82,16 @@ func run(c config) error {
 	if err := os.MkdirAll(c.stateDir, 0o755); err != nil {
 		return err
 	}
+	client, err := nodeutil.ClientsetFromEnv(c.kubeconfig)
+	if err != nil {
+		return err
+	}
 	p := &provider{
 		net: nw, dns: dns.String(), stateDir: c.stateDir, nodeName: c.nodeName,
-		clusterDomain: c.clusterDomain, pods: map[string]*podState{}, notify: func(*corev1.Pod) {},
+		clusterDomain: c.clusterDomain, client: client, pods: map[string]*podState{},
+		notify: func(*corev1.Pod) {}, dirty: map[string]bool{}, kick: make(chan struct{}, 1),
 	}
+	go p.notifier(ctx)
 
 	mux := http.NewServeMux()
 	newProvider := func(pc nodeutil.ProviderConfig) (nodeutil.Provider, node.NodeProvider, error) {
@@ -112,9 +126,8 @@ func run(c config) error {
 			cfg.InformerResyncPeriod = time.Minute
 			// Env vars are resolved by the provider, which knows the pod's IP.
 			cfg.SkipDownwardAPIResolution = true
-			client, err := nodeutil.ClientsetFromEnv(c.kubeconfig)
 			cfg.Client = client
-			return err
+			return nil
 		},
 		nodeutil.WithTLSConfig(
 			nodeutil.WithKeyPairFromPath(c.tlsCert, c.tlsKey),

@@ -23,8 +23,10 @@ import (
 	"github.com/virtual-kubelet/virtual-kubelet/log"
 	"github.com/virtual-kubelet/virtual-kubelet/node/api"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
 	corev1listers "k8s.io/client-go/listers/core/v1"
 	statsv1alpha1 "k8s.io/kubelet/pkg/apis/stats/v1alpha1"
 	utilexec "k8s.io/utils/exec"
@@ -42,9 +44,17 @@ type provider struct {
 	configMaps    corev1listers.ConfigMapLister
 	secrets       corev1listers.SecretLister
 
+	client kubernetes.Interface
+
 	mu     sync.Mutex
 	pods   map[string]*podState // by namespace/name
 	notify func(*corev1.Pod)
+	// Status notifications go out in order through one goroutine (notifier): publish marks a
+	// pod dirty, the notifier snapshots it when it gets to it; finals are deleted pods' last
+	// statuses.
+	dirty  map[string]bool
+	finals []*corev1.Pod
+	kick   chan struct{}
 }
 
 type podState struct {
@@ -76,10 +86,38 @@ func (p *provider) NotifyPods(_ context.Context, cb func(*corev1.Pod)) {
 	p.mu.Unlock()
 }
 
-// publish sends the pod's current status to virtual-kubelet; p.mu must be held.
+// publish has the pod's current status sent to virtual-kubelet; p.mu must be held.
 func (p *provider) publish(ps *podState) {
-	pod := p.snapshot(ps)
-	go p.notify(pod)
+	p.dirty[key(ps.pod.Namespace, ps.pod.Name)] = true
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// notifier delivers the notifications publish and DeletePod queue, in order.
+func (p *provider) notifier(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.kick:
+		}
+		p.mu.Lock()
+		var out []*corev1.Pod
+		for k := range p.dirty {
+			if ps, ok := p.pods[k]; ok {
+				out = append(out, p.snapshot(ps))
+			}
+		}
+		out = append(out, p.finals...)
+		p.dirty, p.finals = map[string]bool{}, nil
+		notify := p.notify
+		p.mu.Unlock()
+		for _, pod := range out {
+			notify(pod)
+		}
+	}
 }
 
 func (p *provider) CreatePod(ctx context.Context, pod *corev1.Pod) error {
@@ -154,11 +192,23 @@ func (p *provider) DeletePod(ctx context.Context, pod *corev1.Pod) error {
 	p.mu.Lock()
 	delete(p.pods, key(pod.Namespace, pod.Name))
 	snap := p.snapshot(ps)
-	notify := p.notify
-	p.mu.Unlock()
 	snap.Status.Phase = corev1.PodSucceeded
 	snap.Status.Reason = "Deleted"
-	notify(snap)
+	p.finals = append(p.finals, snap)
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+	p.mu.Unlock()
+	// As the kubelet does once a deleted pod's containers are gone: remove the object now
+	// (virtual-kubelet itself would wait for the whole grace period first).
+	zero := int64(0)
+	err := p.client.CoreV1().Pods(pod.Namespace).Delete(ctx, pod.Name, metav1.DeleteOptions{
+		GracePeriodSeconds: &zero, Preconditions: metav1.NewUIDPreconditions(string(pod.UID)),
+	})
+	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
+		log.G(ctx).Warnf("pod %s/%s: deleting the object: %v", pod.Namespace, pod.Name, err)
+	}
 	log.G(ctx).Infof("pod %s/%s deleted", pod.Namespace, pod.Name)
 	return nil
 }
