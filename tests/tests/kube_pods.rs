@@ -1,0 +1,254 @@
+//! Real pods in a test cluster (issue 21 item 1): etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler and a fedgate-vnode node in the cluster's network namespace; a Deployment's
+//! pods are host processes (socat) in network namespaces of their own, with addresses from the
+//! cluster's pod range, reachable from other pods; the EndpointSlice controller lists them;
+//! `kubectl exec` and `kubectl logs` work through the apiserver; a pod whose command cannot
+//! start fails with the reason while the others keep running. See docs/testing-kube.md, "Pods".
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use fedgate_e2e::eventually;
+use fedgate_e2e::kube::{KubeCluster, PodNetwork, pod_ip, pod_ready};
+use fedgate_e2e::netns::{Netns, reap_stale_namespaces, require_tools, run};
+
+const ECHO: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: echo, namespace: shop }
+spec:
+  replicas: 2
+  selector: { matchLabels: { app: echo } }
+  template:
+    metadata: { labels: { app: echo } }
+    spec:
+      containers:
+      - name: tcp
+        image: ignored.example/socat:1
+        env:
+        - { name: POD_NAME, valueFrom: { fieldRef: { fieldPath: metadata.name } } }
+        - { name: POD_IP, valueFrom: { fieldRef: { fieldPath: status.podIP } } }
+        - { name: GREETING, value: "hi" }
+        command: ["sh", "-c"]
+        args: ["echo started $POD_NAME $POD_IP; exec socat TCP-LISTEN:42,fork,reuseaddr SYSTEM:'echo $(GREETING)-$POD_NAME'"]
+        ports: [{ name: tcp, containerPort: 42 }]
+        readinessProbe: { tcpSocket: { port: tcp }, periodSeconds: 1 }
+      - name: udp
+        image: ignored.example/socat:1
+        env: [{ name: POD_NAME, valueFrom: { fieldRef: { fieldPath: metadata.name } } }]
+        command: ["socat", "UDP-LISTEN:4242,fork,reuseaddr", "SYSTEM:echo udp-$POD_NAME"]
+        ports: [{ name: udp, containerPort: 4242, protocol: UDP }]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: echo, namespace: shop }
+spec:
+  selector: { app: echo }
+  ports:
+  - { name: tcp, port: 42, targetPort: tcp }
+  - { name: udp, port: 4242, targetPort: udp, protocol: UDP }
+"#;
+
+/// Two pods whose command cannot start: a missing binary (restartPolicy Never: the pod fails)
+/// and no command at all (restartPolicy Always: the container waits, restarting).
+const BROKEN: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: { name: missing-binary, namespace: shop }
+spec:
+  restartPolicy: Never
+  containers:
+  - { name: main, image: ignored, command: ["/nonexistent/fedgate-no-such-binary", "--flag"] }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: no-command, namespace: shop }
+spec:
+  containers:
+  - { name: main, image: docker.io/library/nginx:latest }
+"#;
+
+fn secs(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64()
+}
+
+fn names(pods: &[serde_json::Value]) -> Vec<String> {
+    pods.iter().map(|p| p["metadata"]["name"].as_str().unwrap_or_default().to_owned()).collect()
+}
+
+/// The namespaces of this cluster's pods (`ip netns list`, by prefix).
+fn pod_namespaces(c: &KubeCluster) -> Result<Vec<String>> {
+    let prefix = c.pod_netns_prefix().context("no pods")?;
+    let list = run(Command::new("ip").args(["netns", "list"]))?;
+    Ok(list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect())
+}
+
+#[test]
+fn pods_are_processes_in_network_namespaces() -> Result<()> {
+    require_tools();
+    reap_stale_namespaces();
+    let t0 = Instant::now();
+    let ns = Netns::create(&format!("fg-{}-pods", std::process::id()))?;
+    // A DNS address other than the bridge's, to see that the one given is what pods get.
+    let net = PodNetwork::for_cluster(1).with_dns(Ipv4Addr::new(10, 101, 0, 53));
+    let c = KubeCluster::start_with_pods(&ns, "east", net.clone())?;
+    eprintln!("FIGURE cluster with pods ready: {:.1} s", c.started_in().as_secs_f64());
+    if let Err(e) = scenario(&c, &net) {
+        eprintln!("{}", c.logs(60));
+        return Err(e);
+    }
+
+    // Dropping the cluster removes every pod namespace (and the processes in them).
+    let prefix = c.pod_netns_prefix().unwrap_or_default();
+    drop(c);
+    let list = run(Command::new("ip").args(["netns", "list"]))?;
+    assert!(!list.contains(&prefix), "pod namespaces left: {list}");
+    eprintln!("FIGURE whole test: {:.1} s", secs(t0));
+    Ok(())
+}
+
+fn scenario(c: &KubeCluster, net: &PodNetwork) -> Result<()> {
+    // A node, Ready, with the pod range and the bridge address as InternalIP.
+    let node = c.get_json(&["node", &c.node_name()])?.context("no node")?;
+    assert_eq!(node["spec"]["podCIDR"], net.cidr());
+    assert_eq!(node["status"]["addresses"][0]["address"], net.gateway().to_string());
+
+    c.create_namespace("shop")?;
+    let t = Instant::now();
+    c.apply_yaml(ECHO)?;
+    let echo = c.wait_pods_ready("shop", "app=echo", 2, Duration::from_secs(60))?;
+    eprintln!("FIGURE Deployment applied -> 2 pods Running+Ready: {:.1} s", secs(t));
+    let ips: Vec<Ipv4Addr> =
+        echo.iter().map(|p| pod_ip(p).context("no podIP")).collect::<Result<_>>()?;
+    let echo_names = names(&echo);
+    for (pod, ip) in echo.iter().zip(&ips) {
+        assert!(net.contains(*ip) && *ip != net.gateway(), "pod IP {ip} not from {}", net.cidr());
+        assert_eq!(pod["spec"]["nodeName"], c.node_name());
+        for cs in pod["status"]["containerStatuses"].as_array().context("no container statuses")? {
+            assert_eq!(cs["ready"], true, "{cs}");
+            assert!(cs["state"]["running"]["startedAt"].is_string(), "{cs}");
+        }
+    }
+    assert_ne!(ips[0], ips[1]);
+
+    // The EndpointSlice controller lists both pods (ready), with both ports.
+    let t = Instant::now();
+    let slice =
+        eventually("EndpointSlice of shop/echo with both pods", Duration::from_secs(30), || {
+            let list = c
+                .get_json(&[
+                    "endpointslices",
+                    "-n",
+                    "shop",
+                    "-l",
+                    "kubernetes.io/service-name=echo",
+                ])?
+                .unwrap_or_default();
+            let Some(slice) = list["items"].as_array().and_then(|i| i.first()).cloned() else {
+                return Ok(None);
+            };
+            let mut addrs: Vec<String> = slice["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["conditions"]["ready"] == true)
+                .filter_map(|e| e["addresses"][0].as_str().map(str::to_owned))
+                .collect();
+            addrs.sort();
+            let mut want: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
+            want.sort();
+            Ok((addrs == want).then_some(slice))
+        })?;
+    eprintln!("FIGURE EndpointSlice with both pods: {:.1} s after they were ready", secs(t));
+    let mut ports: Vec<(String, i64)> = slice["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (p["name"].as_str().unwrap_or_default().to_owned(), p["port"].as_i64().unwrap_or(0))
+        })
+        .collect();
+    ports.sort();
+    assert_eq!(ports, [("tcp".to_owned(), 42), ("udp".to_owned(), 4242)]);
+
+    // kubectl exec and logs through the apiserver and the vnode's kubelet API.
+    let t = Instant::now();
+    assert_eq!(c.exec_ok("shop", &echo_names[0], &["sh", "-c", "echo ok"])?, "ok\n");
+    eprintln!("FIGURE kubectl exec: {:.2} s", secs(t));
+    let out = c.exec("shop", &echo_names[0], &["sh", "-c", "exit 3"])?;
+    assert_eq!(out.status.code(), Some(3), "exit code of exec: {out:?}");
+    let addr = c.exec_ok("shop", &echo_names[0], &["ip", "-4", "-o", "addr", "show", "eth0"])?;
+    assert!(addr.contains(&format!("{}/{}", ips[0], net.prefix_len)), "{addr}");
+    let resolv = c.exec_ok("shop", &echo_names[0], &["cat", "/etc/resolv.conf"])?;
+    assert!(resolv.contains(&format!("nameserver {}\n", net.dns)), "{resolv}");
+    assert!(
+        resolv.contains("search shop.svc.cluster.local svc.cluster.local cluster.local"),
+        "{resolv}"
+    );
+    let logs = c.pod_logs("shop", &echo_names[0])?;
+    assert!(logs.contains(&format!("started {} {}", echo_names[0], ips[0])), "logs: {logs}");
+
+    // Pods whose command cannot start: failed / waiting with the reason; the node goes on.
+    c.apply_yaml(BROKEN)?;
+    let failed = c.wait_pod("shop", "missing-binary", Duration::from_secs(30), "Failed", |p| {
+        p["status"]["phase"] == "Failed"
+    })?;
+    let term = &failed["status"]["containerStatuses"][0]["state"]["terminated"];
+    assert_eq!(term["reason"], "StartError", "{term}");
+    let msg = term["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("/nonexistent/fedgate-no-such-binary") && msg.contains("no such file"),
+        "{msg}"
+    );
+    let waiting =
+        c.wait_pod("shop", "no-command", Duration::from_secs(30), "waiting with a reason", |p| {
+            p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "RunContainerError"
+        })?;
+    let msg = waiting["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(msg.contains("has no command"), "{msg}");
+    eprintln!("missing binary: {term}\nno command: {msg}");
+
+    // A request pod reaches each echo pod's IP (TCP and UDP) directly: no kube-proxy, so the
+    // Service's ClusterIP is not routed; the endpoint addresses are.
+    let client = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{ name: client, namespace: shop }}\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: ignored\n    command: [sh, -c, 'nc -w 5 {a} 42 </dev/null; echo x | nc -u -w 2 {b} 4242']\n",
+        a = ips[0],
+        b = ips[1],
+    );
+    let t = Instant::now();
+    c.apply_yaml(&client)?;
+    c.wait_pod("shop", "client", Duration::from_secs(30), "Succeeded", |p| {
+        p["status"]["phase"] == "Succeeded"
+    })?;
+    let got = c.pod_logs("shop", "client")?;
+    eprintln!("FIGURE request pod ran and succeeded: {:.1} s; its log: {got:?}", secs(t));
+    assert!(got.contains(&format!("hi-{}", echo_names[0])), "client log: {got}");
+    assert!(got.contains(&format!("udp-{}", echo_names[1])), "client log: {got}");
+
+    // The echo pods kept running through all of that.
+    let again = c.wait_pods_ready("shop", "app=echo", 2, Duration::from_secs(5))?;
+    assert_eq!(names(&again), echo_names);
+    assert!(again.iter().all(pod_ready));
+
+    // Deleting a pod: the ReplicaSet replaces it, its namespace goes away.
+    let before = pod_namespaces(c)?;
+    assert_eq!(before.len(), 5, "namespaces of 2 echo + client + 2 broken pods: {before:?}");
+    let t = Instant::now();
+    c.kubectl_ok(&["delete", "pod", "-n", "shop", &echo_names[0], "--wait=true", "--timeout=60s"])?;
+    eprintln!("FIGURE kubectl delete pod (until gone): {:.1} s", secs(t));
+    let replaced = c.wait_pods_ready("shop", "app=echo", 2, Duration::from_secs(30))?;
+    ensure!(!names(&replaced).contains(&echo_names[0]), "not replaced: {:?}", names(&replaced));
+    let after = pod_namespaces(c)?;
+    assert_eq!(after.len(), 5, "{after:?}");
+    assert!(after.iter().filter(|n| before.contains(n)).count() == 4, "{before:?} -> {after:?}");
+    Ok(())
+}
