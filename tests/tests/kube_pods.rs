@@ -52,7 +52,8 @@ spec:
 "#;
 
 /// Two pods whose command cannot start: a missing binary (restartPolicy Never: the pod fails)
-/// and no command at all (restartPolicy Always: the container waits, restarting).
+/// and no command at all (restartPolicy Always: the container waits, restarting); and one whose
+/// command exits 7 at once (restartPolicy Always: restarted with a back-off).
 const BROKEN: &str = r#"
 apiVersion: v1
 kind: Pod
@@ -68,6 +69,13 @@ metadata: { name: no-command, namespace: shop }
 spec:
   containers:
   - { name: main, image: docker.io/library/nginx:latest }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: crashing, namespace: shop }
+spec:
+  containers:
+  - { name: main, image: ignored, command: [sh, -c, "echo crash-run; exit 7"] }
 "#;
 
 fn secs(since: Instant) -> f64 {
@@ -216,6 +224,14 @@ fn scenario(c: &KubeCluster, net: &PodNetwork) -> Result<()> {
         .unwrap_or_default();
     assert!(msg.contains("has no command"), "{msg}");
     eprintln!("missing binary: {term}\nno command: {msg}");
+    let crashing = c.wait_pod("shop", "crashing", Duration::from_secs(30), "restarted", |p| {
+        p["status"]["containerStatuses"][0]["restartCount"].as_i64() >= Some(1)
+    })?;
+    let last = &crashing["status"]["containerStatuses"][0]["lastState"]["terminated"];
+    assert_eq!(last["exitCode"], 7, "{last}");
+    assert_eq!(last["reason"], "Error", "{last}");
+    let previous = c.kubectl_ok(&["logs", "-n", "shop", "crashing", "--previous"])?;
+    assert_eq!(previous, "crash-run\n");
 
     // A request pod reaches each echo pod's IP (TCP and UDP) directly: no kube-proxy, so the
     // Service's ClusterIP is not routed; the endpoint addresses are.
@@ -241,14 +257,14 @@ fn scenario(c: &KubeCluster, net: &PodNetwork) -> Result<()> {
 
     // Deleting a pod: the ReplicaSet replaces it, its namespace goes away.
     let before = pod_namespaces(c)?;
-    assert_eq!(before.len(), 5, "namespaces of 2 echo + client + 2 broken pods: {before:?}");
+    assert_eq!(before.len(), 6, "namespaces of 2 echo, client, 3 broken pods: {before:?}");
     let t = Instant::now();
     c.kubectl_ok(&["delete", "pod", "-n", "shop", &echo_names[0], "--wait=true", "--timeout=60s"])?;
     eprintln!("FIGURE kubectl delete pod (until gone): {:.1} s", secs(t));
     let replaced = c.wait_pods_ready("shop", "app=echo", 2, Duration::from_secs(30))?;
     ensure!(!names(&replaced).contains(&echo_names[0]), "not replaced: {:?}", names(&replaced));
     let after = pod_namespaces(c)?;
-    assert_eq!(after.len(), 5, "{after:?}");
-    assert!(after.iter().filter(|n| before.contains(n)).count() == 4, "{before:?} -> {after:?}");
+    assert_eq!(after.len(), 6, "{after:?}");
+    assert!(after.iter().filter(|n| before.contains(n)).count() == 5, "{before:?} -> {after:?}");
     Ok(())
 }

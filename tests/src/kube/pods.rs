@@ -320,3 +320,25 @@ pub fn pod_ready(pod: &serde_json::Value) -> bool {
 pub fn pod_ip(pod: &serde_json::Value) -> Option<Ipv4Addr> {
     pod["status"]["podIP"].as_str()?.parse().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_network_ranges() {
+        let n = PodNetwork::new("10.101.7.9/16").unwrap();
+        assert_eq!(n.network, Ipv4Addr::new(10, 101, 0, 0));
+        assert_eq!(n.cidr(), "10.101.0.0/16");
+        assert_eq!(n.gateway(), Ipv4Addr::new(10, 101, 0, 1));
+        assert_eq!(n.dns, n.gateway());
+        assert!(n.contains(Ipv4Addr::new(10, 101, 255, 254)));
+        assert!(!n.contains(Ipv4Addr::new(10, 102, 0, 2)));
+        assert_eq!(PodNetwork::for_cluster(2).cidr(), "10.102.0.0/16");
+        let d = Ipv4Addr::new(10, 102, 0, 53);
+        assert_eq!(PodNetwork::for_cluster(2).with_dns(d).dns, d);
+        for bad in ["10.0.0.0", "10.0.0.0/30", "10.0.0.0/7", "x/16"] {
+            assert!(PodNetwork::new(bad).is_err(), "{bad}");
+        }
+    }
+}
