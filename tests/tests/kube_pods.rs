@@ -108,7 +108,36 @@ fn pods_are_processes_in_network_namespaces() -> Result<()> {
     let net = PodNetwork::for_cluster(1).with_dns(Ipv4Addr::new(10, 101, 0, 53));
     let c = KubeCluster::start_with_pods(&ns, "east", net.clone())?;
     eprintln!("FIGURE cluster with pods ready: {:.1} s", c.started_in().as_secs_f64());
-    if let Err(e) = scenario(&c, &net) {
+    // A resolver at that address in the cluster's namespace (standing in for fedgate's DNS):
+    // unbound with one name under cluster.local.
+    ns.ip(&["addr", "add", &format!("{}/32", net.dns), "dev", "lo"])?;
+    let dir = tempfile::tempdir()?;
+    let conf = dir.path().join("unbound.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  interface: {dns}\n  port: 53\n  do-daemonize: no\n  use-syslog: no\n  \
+             directory: \"{d}\"\n  chroot: \"\"\n  username: \"\"\n  pidfile: \"\"\n  do-ip6: no\n  \
+             access-control: {cidr} allow\n  local-zone: \".\" refuse\n  \
+             local-zone: \"cluster.local.\" static\n  \
+             local-data: \"probe.shop.svc.cluster.local. 60 IN A 192.0.2.77\"\n",
+            dns = net.dns,
+            d = dir.path().display(),
+            cidr = net.cidr(),
+        ),
+    )?;
+    let mut unbound = ns
+        .command("unbound")
+        .args(["-d", "-c"])
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting unbound")?;
+    let result = scenario(&c, &net);
+    let _ = unbound.kill();
+    let _ = unbound.wait();
+    if let Err(e) = result {
         eprintln!("{}", c.logs(60));
         return Err(e);
     }
@@ -200,6 +229,15 @@ fn scenario(c: &KubeCluster, net: &PodNetwork) -> Result<()> {
         resolv.contains("search shop.svc.cluster.local svc.cluster.local cluster.local"),
         "{resolv}"
     );
+    // The pod's resolver: the search path finds probe.shop.svc.cluster.local at that server.
+    let t = Instant::now();
+    let found = eventually("nslookup probe in a pod", Duration::from_secs(10), || {
+        let out = c.exec("shop", &echo_names[0], &["nslookup", "probe"])?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(text.contains("192.0.2.77").then_some(text))
+    })?;
+    assert!(found.contains("probe.shop.svc.cluster.local"), "{found}");
+    eprintln!("FIGURE nslookup through the pod's resolv.conf: {:.2} s", secs(t));
     let logs = c.pod_logs("shop", &echo_names[0])?;
     assert!(logs.contains(&format!("started {} {}", echo_names[0], ips[0])), "logs: {logs}");
 

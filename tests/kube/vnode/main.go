@@ -79,6 +79,7 @@ func run(c config) error {
 			return fmt.Errorf("--dns %q is not an IPv4 address", c.dns)
 		}
 	}
+	nw.reserve(dns)
 	if err := os.MkdirAll(c.stateDir, 0o755); err != nil {
 		return err
 	}

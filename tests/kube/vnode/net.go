@@ -85,6 +85,15 @@ func (p *podNet) allocate() (net.IP, error) {
 	return nil, fmt.Errorf("pod range %s is full", p.cidr)
 }
 
+// reserve keeps ip (e.g. the pods' DNS server's address) from being allocated to a pod.
+func (p *podNet) reserve(ip net.IP) {
+	if p.cidr.Contains(ip) {
+		p.mu.Lock()
+		p.used[binary.BigEndian.Uint32(ip.To4())-binary.BigEndian.Uint32(p.cidr.IP.To4())] = true
+		p.mu.Unlock()
+	}
+}
+
 func (p *podNet) release(ip net.IP) {
 	if ip == nil {
 		return
