@@ -38,7 +38,8 @@ use crate::netns::Netns;
 
 mod pods;
 pub use pods::{
-    KUBELET_PORT, POD_PROCESSES, PodNetwork, enable_forwarding, pod_ip, pod_ready, route_pod_range,
+    KUBELET_PORT, POD_PROCESSES, PodNetwork, connect_flat, enable_forwarding, pod_ip, pod_ready,
+    route_pod_range,
 };
 
 /// Environment variable naming the directory holding `kube-apiserver`, `etcd`, `kubectl`, `helm`

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use fedgate_e2e::eventually;
-use fedgate_e2e::kube::{KubeCluster, PodNetwork, pod_ip, pod_ready};
+use fedgate_e2e::kube::{KubeCluster, PodNetwork, connect_flat, pod_ip, pod_ready};
 use fedgate_e2e::netns::{Netns, reap_stale_namespaces, require_tools, run};
 
 const ECHO: &str = r#"
@@ -304,5 +304,105 @@ fn scenario(c: &KubeCluster, net: &PodNetwork) -> Result<()> {
     let after = pod_namespaces(c)?;
     assert_eq!(after.len(), 6, "{after:?}");
     assert!(after.iter().filter(|n| before.contains(n)).count() == 5, "{before:?} -> {after:?}");
+    Ok(())
+}
+
+/// One socat pod answering `<cluster> <peer address>` on TCP 42, and a client pod that sleeps.
+fn echo_and_client(cluster: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{ name: echo, namespace: shop, labels: {{ app: echo }} }}
+spec:
+  containers:
+  - name: main
+    image: ignored
+    command: [socat, "TCP-LISTEN:42,fork,reuseaddr", "SYSTEM:echo {cluster} $SOCAT_PEERADDR"]
+    readinessProbe: {{ tcpSocket: {{ port: 42 }}, periodSeconds: 1 }}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{ name: client, namespace: shop, labels: {{ app: client }} }}
+spec:
+  containers:
+  - {{ name: main, image: ignored, command: [sleep, "3600"] }}
+"#
+    )
+}
+
+/// Two clusters with pods, each in its own namespace, joined by a veth (netns::Pair). Gateway
+/// mode (the default): neither pod range is routed to the other cluster. Flat mode
+/// (`connect_flat`): a pod reaches the other cluster's pod IP directly, without NAT.
+#[test]
+fn pod_ranges_are_isolated_until_routed_flat() -> Result<()> {
+    require_tools();
+    let t0 = Instant::now();
+    let pair = fedgate_e2e::netns::Pair::new()?;
+    let (east_net, west_net) = (PodNetwork::for_cluster(1), PodNetwork::for_cluster(2));
+    let (east, west) = std::thread::scope(|s| {
+        let e = s.spawn(|| KubeCluster::start_with_pods(&pair.a, "east", east_net.clone()));
+        let w = s.spawn(|| KubeCluster::start_with_pods(&pair.b, "west", west_net.clone()));
+        (e.join().expect("east start panicked"), w.join().expect("west start panicked"))
+    });
+    let (east, west) = (east?, west?);
+    eprintln!(
+        "FIGURE two clusters with pods ready (in parallel): {:.1} / {:.1} s",
+        east.started_in().as_secs_f64(),
+        west.started_in().as_secs_f64()
+    );
+    let result = (|| -> Result<()> {
+        for (c, name) in [(&east, "east"), (&west, "west")] {
+            c.create_namespace("shop")?;
+            c.apply_yaml(&echo_and_client(name))?;
+        }
+        let mut ips = Vec::new();
+        for c in [&east, &west] {
+            let echo = c.wait_pods_ready("shop", "app=echo", 1, Duration::from_secs(60))?;
+            let client = c.wait_pods_ready("shop", "app=client", 1, Duration::from_secs(60))?;
+            ips.push((
+                pod_ip(&echo[0]).context("echo IP")?,
+                pod_ip(&client[0]).context("client IP")?,
+            ));
+        }
+        let [(east_echo, east_client), (west_echo, west_client)] = ips[..] else { unreachable!() };
+        assert!(east_net.contains(east_echo) && west_net.contains(west_echo), "{ips:?}");
+
+        let nc = |c: &KubeCluster, ip: Ipv4Addr| {
+            c.exec("shop", "client", &["sh", "-c", &format!("nc -w 2 {ip} 42 </dev/null")])
+        };
+        // Within a cluster: the pod's reply names the client's own pod address.
+        let out = nc(&east, east_echo)?;
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("east {east_client}\n"),
+            "{out:?}"
+        );
+        // Gateway mode: the other cluster's pod range is not routed.
+        for (c, ip) in [(&east, west_echo), (&west, east_echo)] {
+            let out = nc(c, ip)?;
+            assert!(!out.status.success() && out.stdout.is_empty(), "reached {ip}: {out:?}");
+        }
+        // Flat mode.
+        connect_flat((&pair.a, &east_net, pair.a_ip), (&pair.b, &west_net, pair.b_ip))?;
+        let out = nc(&east, west_echo)?;
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("west {east_client}\n"),
+            "{out:?}"
+        );
+        let out = nc(&west, east_echo)?;
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("east {west_client}\n"),
+            "{out:?}"
+        );
+        Ok(())
+    })();
+    if let Err(e) = result {
+        eprintln!("{}\n{}", east.logs(40), west.logs(40));
+        return Err(e);
+    }
+    eprintln!("FIGURE whole test: {:.1} s", secs(t0));
     Ok(())
 }

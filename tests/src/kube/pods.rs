@@ -94,6 +94,21 @@ pub fn route_pod_range(ns: &Netns, remote: &PodNetwork, via: Ipv4Addr) -> Result
     ns.ip(&["route", "replace", &remote.cidr(), "via", &via.to_string()]).map(drop)
 }
 
+/// Flat mode between two cluster namespaces joined by a link (`a_ip` is `a`'s address on it,
+/// `b_ip` `b`'s): forwarding on in both, each routes the other's pod range over the link, so
+/// pods of either cluster reach the other's pod IPs directly (no NAT: the source is the pod's
+/// own address). Without this ("gateway" mode, the default) no pod range is routed between
+/// clusters.
+pub fn connect_flat(
+    (a, a_pods, a_ip): (&Netns, &PodNetwork, Ipv4Addr),
+    (b, b_pods, b_ip): (&Netns, &PodNetwork, Ipv4Addr),
+) -> Result<()> {
+    enable_forwarding(a)?;
+    enable_forwarding(b)?;
+    route_pod_range(a, b_pods, b_ip)?;
+    route_pod_range(b, a_pods, a_ip)
+}
+
 impl KubeCluster {
     /// Starts kube-controller-manager, kube-scheduler and the vnode; waits for the node to be
     /// Ready and for the `default` ServiceAccount.
