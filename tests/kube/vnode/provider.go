@@ -65,6 +65,8 @@ type podState struct {
 	started     metav1.Time
 	ctrs        []*ctrState
 	deleted     bool
+	stop        chan struct{} // closed when the pod is being deleted: ends back-offs
+	stopOnce    sync.Once
 }
 
 type ctrState struct {
@@ -127,7 +129,7 @@ func (p *provider) CreatePod(ctx context.Context, pod *corev1.Pod) error {
 	}
 	netns, veth := p.net.names(string(pod.UID))
 	ps := &podState{
-		pod: pod.DeepCopy(), netns: netns, veth: veth, ip: ip, started: metav1.Now(),
+		pod: pod.DeepCopy(), netns: netns, veth: veth, ip: ip, started: metav1.Now(), stop: make(chan struct{}),
 		dir: filepath.Join(p.stateDir, fmt.Sprintf("%s_%s_%s", pod.Namespace, pod.Name, pod.UID)),
 	}
 	resolv := fmt.Sprintf("nameserver %s\nsearch %s.svc.%s svc.%s %s\noptions ndots:5\n",
@@ -218,6 +220,7 @@ func (p *provider) DeletePod(ctx context.Context, pod *corev1.Pod) error {
 func (p *provider) stopPod(ps *podState, grace time.Duration) {
 	p.mu.Lock()
 	ps.deleted = true
+	ps.stopOnce.Do(func() { close(ps.stop) })
 	for _, cs := range ps.ctrs {
 		if cs.pgid > 0 {
 			_ = syscall.Kill(-cs.pgid, syscall.SIGTERM)
@@ -423,7 +426,10 @@ func (p *provider) supervise(ps *podState, cs *ctrState) {
 			p.publish(ps)
 			p.mu.Unlock()
 		}
-		time.Sleep(backoff)
+		select {
+		case <-time.After(backoff):
+		case <-ps.stop:
+		}
 		backoff = min(backoff*2, 20*time.Second)
 		p.mu.Lock()
 		cs.status.RestartCount++
