@@ -13,9 +13,11 @@
 //! of its own network, see tests/tests/kube_netns.rs): they listen on the namespace's
 //! `127.0.0.1`, and `kubectl` and the harness's requests reach them through `ip netns exec`.
 //!
-//! There is no controller-manager or scheduler: Services do not get EndpointSlices by themselves
-//! (tests create them, which is what the discovery code reads), namespaces are never finalized
-//! after a delete, and Pods are never scheduled.
+//! Without pods (`start`, `start_in`) there is no controller-manager or scheduler: Services do
+//! not get EndpointSlices by themselves (tests create them, which is what the discovery code
+//! reads), namespaces are never finalized after a delete, and Pods are never scheduled.
+//! [`KubeCluster::start_with_pods`] adds kube-controller-manager, kube-scheduler and a
+//! `fedgate-vnode` node whose pods are host processes in network namespaces (`kube/pods.rs`).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
