@@ -52,9 +52,11 @@ impl PodNetwork {
         Ok(Self { network, prefix_len, dns: gateway, bridge: "fgpods0".into() })
     }
 
-    /// `10.<100+k>.0.0/16`: distinct ranges for clusters 0, 1, 2, ...
+    /// `10.<100+k>.0.0/16` for `k` < 100: distinct ranges for clusters 0, 1, 2, ... (clear of
+    /// `netns::Pair`'s `10.250.x.y` and the Service range `10.96.0.0/16`).
     pub fn for_cluster(k: u8) -> Self {
-        Self::new(&format!("10.{}.0.0/16", 100 + u16::from(k).min(150))).expect("valid CIDR")
+        assert!(k < 100, "PodNetwork::for_cluster({k}): k must be < 100");
+        Self::new(&format!("10.{}.0.0/16", 100 + u16::from(k))).expect("valid CIDR")
     }
 
     /// The same range with another nameserver for the pods.
