@@ -363,12 +363,11 @@ fn pod_ranges_are_isolated_until_routed_flat() -> Result<()> {
     let t0 = Instant::now();
     let pair = fedgate_e2e::netns::Pair::new()?;
     let (east_net, west_net) = (PodNetwork::for_cluster(1), PodNetwork::for_cluster(2));
-    let (east, west) = std::thread::scope(|s| {
-        let e = s.spawn(|| KubeCluster::start_with_pods(&pair.a, "east", east_net.clone()));
-        let w = s.spawn(|| KubeCluster::start_with_pods(&pair.b, "west", west_net.clone()));
-        (e.join().expect("east start panicked"), w.join().expect("west start panicked"))
-    });
-    let (east, west) = (east?, west?);
+    let (east, west) = KubeCluster::start_pair_with_pods(
+        &pair,
+        ["east", "west"],
+        [east_net.clone(), west_net.clone()],
+    )?;
     eprintln!(
         "FIGURE two clusters with pods ready (in parallel): {:.1} / {:.1} s",
         east.started_in().as_secs_f64(),

@@ -232,6 +232,25 @@ impl KubeCluster {
         }
     }
 
+    /// Two clusters with pods side by side (one thread each): `names[0]` with `nets[0]` in
+    /// `pair.a`, `names[1]` with `nets[1]` in `pair.b`. Gateway mode: see [`connect_flat`] for
+    /// flat.
+    pub fn start_pair_with_pods(
+        pair: &crate::netns::Pair,
+        names: [&str; 2],
+        nets: [PodNetwork; 2],
+    ) -> Result<(KubeCluster, KubeCluster)> {
+        let [na, nb] = nets;
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| KubeCluster::start_with_pods(&pair.a, names[0], na));
+            let b = s.spawn(|| KubeCluster::start_with_pods(&pair.b, names[1], nb));
+            (a.join(), b.join())
+        });
+        let a = a.map_err(|_| anyhow::anyhow!("starting {} panicked", names[0]))??;
+        let b = b.map_err(|_| anyhow::anyhow!("starting {} panicked", names[1]))??;
+        Ok((a, b))
+    }
+
     /// The pod network of a cluster started with [`start_with_pods`](Self::start_with_pods).
     pub fn pod_network(&self) -> Option<&PodNetwork> {
         self.pods.as_ref()
