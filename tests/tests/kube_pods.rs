@@ -216,6 +216,8 @@ fn scenario(c: &KubeCluster, net: &PodNetwork) -> Result<()> {
     let t = Instant::now();
     assert_eq!(c.exec_ok("shop", &echo_names[0], &["sh", "-c", "echo ok"])?, "ok\n");
     eprintln!("FIGURE kubectl exec: {:.2} s", secs(t));
+    let out = c.exec_with_stdin("shop", &echo_names[0], &["sh", "-c", "cat; echo done"], "in\n")?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "in\ndone\n", "{out:?}");
     let out = c.exec("shop", &echo_names[0], &["sh", "-c", "exit 3"])?;
     assert_eq!(out.status.code(), Some(3), "exit code of exec: {out:?}");
     let addr = c.exec_ok("shop", &echo_names[0], &["ip", "-4", "-o", "addr", "show", "eth0"])?;

@@ -330,6 +330,19 @@ impl KubeCluster {
         self.kubectl(&args)
     }
 
+    /// `kubectl exec -i` with `stdin` fed to the command; returns kubectl's output.
+    pub fn exec_with_stdin(
+        &self,
+        ns: &str,
+        pod: &str,
+        cmd: &[&str],
+        stdin: &str,
+    ) -> Result<Output> {
+        let mut args = vec!["exec", "-i", "-n", ns, pod, "--"];
+        args.extend_from_slice(cmd);
+        self.kubectl_with_stdin(&args, Some(stdin))
+    }
+
     /// [`exec`](Self::exec) that fails unless the command exits 0; returns its stdout.
     pub fn exec_ok(&self, ns: &str, pod: &str, cmd: &[&str]) -> Result<String> {
         check_output(
