@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Builds the real Kubernetes binaries the e2e tests run -- kube-apiserver, kubectl and etcd --
+# Builds the real Kubernetes binaries the e2e tests run -- kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl and etcd --
 # from the Go module proxy, through the wrapper module in tests/kube (see docs/testing-kube.md).
 #
-# Output: $FEDGATE_KUBE_BIN_DIR, default ~/.cache/fedgate/kube/<k8s version>/bin/{kube-apiserver,etcd,kubectl,helm}
-# (helm from its own module, tests/kube/helm, for the deploy tests' `helm lint`/`helm template`).
+# Output: $FEDGATE_KUBE_BIN_DIR, default ~/.cache/fedgate/kube/<k8s version>/bin/{kube-apiserver,
+# kube-controller-manager,kube-scheduler,etcd,kubectl,helm,fedgate-vnode}
+# (helm from its own module, tests/kube/helm, for the deploy tests' `helm lint`/`helm template`;
+# fedgate-vnode, the test clusters' virtual-kubelet node, from tests/kube/vnode).
 # Idempotent: stamps (hash of go.mod, go.sum, this script and the Go version) next to the binaries
 # makes a warm run return at once; after a change the Go build cache makes the rebuild incremental.
 # A cold build compiles ~2,400 packages: about 11 minutes on 2 cores. Progress is printed.
@@ -29,7 +32,7 @@ etcd_version=$(awk '$1 == "go.etcd.io/etcd/server/v3" && $2 ~ /^v/ { print $2; e
 
 cache_root=${XDG_CACHE_HOME:-$HOME/.cache}/fedgate/kube
 bin_dir=${FEDGATE_KUBE_BIN_DIR:-$cache_root/$kube_version/bin}
-binaries=(kube-apiserver kubectl etcd)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd)
 
 # The version ldflags kube's own build (hack/lib/version.sh) sets: without them the binaries
 # report v0.0.0-master and kubectl warns about version skew.
@@ -56,6 +59,11 @@ go_version=$(go env GOVERSION)
 stamp_of() { cat "$1/go.mod" "$1/go.sum" "$self" <(echo "$go_version $2") | sha256sum | cut -d' ' -f1; }
 kube_stamp=$(stamp_of "$mod_dir" "$ldflags")
 helm_stamp=$(stamp_of "$helm_dir" "$helm_ldflags")
+# fedgate-vnode, the test clusters' node (pods as host processes), from its own module
+# tests/kube/vnode: the stamp covers its Go sources as well.
+vnode_dir="$mod_dir/vnode"
+vnode_ldflags="-s -w"
+vnode_stamp=$(cat "$vnode_dir"/*.go <(stamp_of "$vnode_dir" "$vnode_ldflags") | sha256sum | cut -d' ' -f1)
 
 # up_to_date <stamp file> <stamp> <binaries...>
 up_to_date() {
@@ -70,11 +78,12 @@ mkdir -p "$bin_dir"
 exec 9>"$bin_dir/.lock"
 flock 9 || die "cannot lock $bin_dir/.lock"
 
-kube_ok=0 helm_ok=0
+kube_ok=0 helm_ok=0 vnode_ok=0
 up_to_date .stamp-kube "$kube_stamp" "${binaries[@]}" && kube_ok=1
 up_to_date .stamp-helm "$helm_stamp" helm && helm_ok=1
-if [ $kube_ok = 1 ] && [ $helm_ok = 1 ]; then
-  log "up to date: kube-apiserver/kubectl $kube_version, etcd $etcd_version, helm $helm_version in $bin_dir"
+up_to_date .stamp-vnode "$vnode_stamp" fedgate-vnode && vnode_ok=1
+if [ $kube_ok = 1 ] && [ $helm_ok = 1 ] && [ $vnode_ok = 1 ]; then
+  log "up to date: kube-apiserver/controller-manager/scheduler/kubectl $kube_version, etcd $etcd_version, helm $helm_version, fedgate-vnode in $bin_dir"
   exit 0
 fi
 
@@ -121,7 +130,8 @@ if [ $kube_ok = 0 ]; then
   log "building kube-apiserver + kubectl $kube_version and etcd $etcd_version with $go_version into $bin_dir"
   log "(a cold build compiles ~2,400 packages, about 11 minutes on 2 cores; re-runs are incremental)"
   compile "$mod_dir" "$ldflags" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/server/v3
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/server/v3
   # The etcd server module root is etcd's main package: go names its binary after the module
   # ("v3" suffix dropped), i.e. "server".
   mv "$out/server" "$out/etcd"
@@ -142,4 +152,11 @@ if [ $helm_ok = 0 ]; then
   echo "$helm_stamp" > "$bin_dir/.stamp-helm"
   "$bin_dir/helm" version --short
 fi
-log "done: $(cd "$bin_dir" && ls -1 "${binaries[@]}" helm | tr '\n' ' ')"
+if [ $vnode_ok = 0 ]; then
+  log "building fedgate-vnode (module tests/kube/vnode, virtual-kubelet) into $bin_dir"
+  compile "$vnode_dir" "$vnode_ldflags" .
+  [ -x "$out/vnode" ] || die "go build produced no vnode"
+  mv -f "$out/vnode" "$bin_dir/fedgate-vnode"
+  echo "$vnode_stamp" > "$bin_dir/.stamp-vnode"
+fi
+log "done: $(cd "$bin_dir" && ls -1 "${binaries[@]}" helm fedgate-vnode | tr '\n' ' ')"

@@ -3,10 +3,12 @@
 # Real clients and servers: dig (bind9-dnsutils), curl, iperf3, unbound, ip (iproute2), python3;
 # Debian's Chromium (+ chromedriver) for the dashboard's browser test, driven by playwright-core
 # from tests/browser (npm ci below; it never downloads a browser of its own); setpriv
-# (util-linux) for the demo test, which runs `fedgate demo` as nobody.
+# (util-linux) for the demo test, which runs `fedgate demo` as nobody; socat and nc
+# (netcat-openbsd), run as the commands of the test clusters' pods (fedgate-vnode ignores images:
+# a pod's command is a host program; nslookup comes with bind9-dnsutils).
 set -euo pipefail
 
-packages=(bind9-dnsutils curl iperf3 iproute2 unbound python3 procps util-linux chromium chromium-driver)
+packages=(bind9-dnsutils curl iperf3 iproute2 unbound python3 procps util-linux chromium chromium-driver socat netcat-openbsd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -13,9 +13,11 @@
 //! of its own network, see tests/tests/kube_netns.rs): they listen on the namespace's
 //! `127.0.0.1`, and `kubectl` and the harness's requests reach them through `ip netns exec`.
 //!
-//! There is no controller-manager or scheduler: Services do not get EndpointSlices by themselves
-//! (tests create them, which is what the discovery code reads), namespaces are never finalized
-//! after a delete, and Pods are never scheduled.
+//! Without pods (`start`, `start_in`) there is no controller-manager or scheduler: Services do
+//! not get EndpointSlices by themselves (tests create them, which is what the discovery code
+//! reads), namespaces are never finalized after a delete, and Pods are never scheduled.
+//! [`KubeCluster::start_with_pods`] adds kube-controller-manager, kube-scheduler and a
+//! `fedgate-vnode` node whose pods are host processes in network namespaces (`kube/pods.rs`).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -35,6 +37,12 @@ use rustls_pki_types::{CertificateDer, ServerName};
 
 use crate::check_output;
 use crate::netns::Netns;
+
+mod pods;
+pub use pods::{
+    KUBELET_PORT, POD_PROCESSES, PodNetwork, connect_flat, enable_forwarding, pod_ip, pod_ready,
+    route_pod_range,
+};
 
 /// Environment variable naming the directory holding `kube-apiserver`, `etcd`, `kubectl`, `helm`
 /// (default: `~/.cache/fedgate/kube/<version>/bin`, where `scripts/build-kube.sh` builds them).
@@ -182,10 +190,20 @@ struct ClusterPki {
     serving_key_pem: String,
     service_account_key_pem: String,
     service_account_public_pem: String,
+    /// With pods: the vnode's kubelet serving pair (for the node address) and the apiserver's
+    /// kubelet client pair, both from the cluster CA.
+    kubelet: Option<KubeletPki>,
+}
+
+struct KubeletPki {
+    serving_cert_pem: String,
+    serving_key_pem: String,
+    client_cert_pem: String,
+    client_key_pem: String,
 }
 
 impl ClusterPki {
-    fn new(name: &str) -> Result<Self> {
+    fn new(name: &str, node_ip: Option<Ipv4Addr>) -> Result<Self> {
         let ca_key = KeyPair::generate().context("generating the CA key")?;
         let mut ca_params = CertificateParams::default();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -220,12 +238,39 @@ impl ClusterPki {
         let cert = params.signed_by(&key, &ca).context("signing the apiserver certificate")?;
 
         let sa_key = KeyPair::generate().context("generating the service-account key")?;
+        let kubelet = match node_ip {
+            None => None,
+            Some(ip) => {
+                let serving_key = KeyPair::generate()?;
+                let mut params = CertificateParams::default();
+                params.distinguished_name.push(DnType::CommonName, "fedgate-vnode");
+                params.key_usages =
+                    vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+                params.subject_alt_names = vec![SanType::IpAddress(IpAddr::V4(ip))];
+                let serving = params.signed_by(&serving_key, &ca)?;
+                let client_key = KeyPair::generate()?;
+                let mut params = CertificateParams::default();
+                params.distinguished_name.push(DnType::CommonName, "kube-apiserver-kubelet-client");
+                params.distinguished_name.push(DnType::OrganizationName, "system:masters");
+                params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+                let client = params.signed_by(&client_key, &ca)?;
+                Some(KubeletPki {
+                    serving_cert_pem: serving.pem(),
+                    serving_key_pem: serving_key.serialize_pem(),
+                    client_cert_pem: client.pem(),
+                    client_key_pem: client_key.serialize_pem(),
+                })
+            }
+        };
         Ok(Self {
             ca_pem: ca.pem(),
             serving_cert_pem: cert.pem(),
             serving_key_pem: key.serialize_pem(),
             service_account_key_pem: sa_key.serialize_pem(),
             service_account_public_pem: sa_key.public_key_pem(),
+            kubelet,
         })
     }
 }
@@ -245,6 +290,10 @@ pub struct KubeCluster {
     started_in: Duration,
     /// The network namespace both processes run in (`None`: the host's).
     netns: Option<String>,
+    /// [`start_with_pods`](Self::start_with_pods): the pod network, and kube-controller-manager,
+    /// kube-scheduler and fedgate-vnode (in that order; the vnode is stopped first).
+    pods: Option<PodNetwork>,
+    pod_procs: Vec<(&'static str, Child)>,
     dir: tempfile::TempDir,
 }
 
@@ -280,7 +329,7 @@ impl KubeCluster {
         name: &str,
         pick: impl FnMut() -> Result<[u16; 3]>,
     ) -> Result<KubeCluster> {
-        Self::start_impl(name, None, pick)
+        Self::start_impl(name, None, pick, None)
     }
 
     /// Starts etcd and kube-apiserver inside the network namespace `ns`, on the namespace's
@@ -290,13 +339,35 @@ impl KubeCluster {
     /// The processes also die with the namespace's guard. Needs root (and `curl` for the
     /// harness's own requests).
     pub fn start_in(ns: &Netns, name: &str) -> Result<KubeCluster> {
-        Self::start_impl(name, Some(ns.name.clone()), || Ok(NETNS_PORTS))
+        Self::start_impl(name, Some(ns.name.clone()), || Ok(NETNS_PORTS), None)
+    }
+
+    /// [`start_in`](Self::start_in) plus what runs pods: the ServiceAccount admission plugin on,
+    /// kube-controller-manager (all controllers: Deployments, ReplicaSets, EndpointSlices,
+    /// ServiceAccounts, namespaces, garbage collection, ...), kube-scheduler, and one node,
+    /// `fedgate-vnode` ([`node_name`](Self::node_name)), whose pods are host processes in
+    /// network namespaces of their own with addresses from `pods` (see docs/testing-kube.md,
+    /// "Pods"). The pods' bridge, holding [`PodNetwork::gateway`], lives in `ns`: pods reach
+    /// `ns`'s addresses and each other, and processes in `ns` reach the pods; nothing routes
+    /// the pod range elsewhere unless a test does ([`route_pod_range`]). Returns once the node
+    /// is Ready and the `default` namespace has its `default` ServiceAccount.
+    pub fn start_with_pods(ns: &Netns, name: &str, pods: PodNetwork) -> Result<KubeCluster> {
+        let started = Instant::now();
+        let mut c = Self::start_impl(name, Some(ns.name.clone()), || Ok(NETNS_PORTS), Some(pods))?;
+        if let Err(e) = c.start_pod_processes() {
+            let logs = c.logs(60);
+            c.stop();
+            bail!("starting the pod processes of kube cluster {name}: {e:#}\n{logs}");
+        }
+        c.started_in = started.elapsed();
+        Ok(c)
     }
 
     fn start_impl(
         name: &str,
         netns: Option<String>,
         mut pick: impl FnMut() -> Result<[u16; 3]>,
+        pods: Option<PodNetwork>,
     ) -> Result<KubeCluster> {
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
             bail!("cluster name {name:?} must be non-empty ASCII letters, digits and '-'");
@@ -310,7 +381,7 @@ impl KubeCluster {
             .prefix(&format!("fedgate-kube-{name}-"))
             .tempdir()
             .context("creating the cluster's temporary directory")?;
-        let pki = ClusterPki::new(name)?;
+        let pki = ClusterPki::new(name, pods.as_ref().map(PodNetwork::gateway))?;
         let files = ClusterFiles::write(dir.path(), &pki)?;
         let token = format!("{:032x}", rand::random::<u128>());
         std::fs::write(
@@ -330,6 +401,8 @@ impl KubeCluster {
             kubectl,
             started_in: Duration::ZERO,
             netns,
+            pods,
+            pod_procs: Vec::new(),
             dir,
         };
         let mut attempt = 1;
@@ -412,10 +485,24 @@ impl KubeCluster {
                 "--service-account-signing-key-file={}",
                 files.service_account_key.display()
             ))
-            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
+            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"));
+        if self.pods.is_some() {
+            // The vnode's kubelet API (logs, exec): reached at the node's InternalIP with a
+            // client certificate from the cluster CA, its serving certificate verified.
+            apiserver
+                .arg(format!(
+                    "--kubelet-client-certificate={}",
+                    files.kubelet_client_cert.display()
+                ))
+                .arg(format!("--kubelet-client-key={}", files.kubelet_client_key.display()))
+                .arg(format!("--kubelet-certificate-authority={}", files.ca.display()))
+                .arg("--kubelet-preferred-address-types=InternalIP");
+        } else {
             // No controller-manager creates the `default` ServiceAccount, so the ServiceAccount
             // admission plugin would refuse every Pod.
-            .arg("--disable-admission-plugins=ServiceAccount")
+            apiserver.arg("--disable-admission-plugins=ServiceAccount");
+        }
+        apiserver
             // Start-up: API priority and fairness bootstraps its own objects and controllers,
             // which one test client does not need.
             .arg("--enable-priority-and-fairness=false")
@@ -473,10 +560,15 @@ impl KubeCluster {
         }
     }
 
-    /// Fails when etcd or the apiserver has exited.
+    /// Fails when etcd, the apiserver or one of the pod processes has exited.
     fn check_alive(&mut self) -> Result<()> {
         for (what, child) in [("etcd", &mut self.etcd), ("kube-apiserver", &mut self.apiserver)] {
             if let Some(status) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("{what} exited with {status}");
+            }
+        }
+        for (what, child) in &mut self.pod_procs {
+            if let Some(status) = child.try_wait().ok().flatten() {
                 bail!("{what} exited with {status}");
             }
         }
@@ -671,10 +763,15 @@ impl KubeCluster {
         self.api_target().get(path, token, REQUEST_TIMEOUT)
     }
 
-    /// The logs of etcd and the apiserver (last `lines` lines of each).
+    /// The logs of etcd and the apiserver, and with pods of kube-controller-manager,
+    /// kube-scheduler and fedgate-vnode (last `lines` lines of each).
     pub fn logs(&self, lines: usize) -> String {
         let mut out = String::new();
-        for f in ["etcd.log", "kube-apiserver.log"] {
+        let mut files = vec!["etcd.log", "kube-apiserver.log"];
+        if self.pods.is_some() {
+            files.extend(POD_PROCESSES.iter().map(|p| p.1));
+        }
+        for f in files {
             let path = self.dir.path().join(f);
             out.push_str(&format!(
                 "--- {} of cluster {} ({}) ---\n{}\n",
@@ -725,6 +822,7 @@ impl KubeCluster {
     }
 
     fn stop(&mut self) {
+        self.stop_pod_processes();
         for child in [self.apiserver.take(), self.etcd.take()].into_iter().flatten() {
             let mut child = child;
             let _ = child.kill();
@@ -735,7 +833,9 @@ impl KubeCluster {
 
 impl Drop for KubeCluster {
     fn drop(&mut self) {
-        // Neither process forks, so killing the two children is killing the whole cluster.
+        // etcd and the apiserver do not fork, so killing the two children is killing them; the
+        // vnode is stopped with SIGTERM first (it kills its pods and removes their namespaces),
+        // and any pod namespace left is deleted with its processes (`stop_pod_processes`).
         // They stay in the test's process group so that a Ctrl-C in a terminal reaches them too.
         self.stop();
         if std::thread::panicking() {
@@ -861,6 +961,11 @@ struct ClusterFiles {
     service_account_key: PathBuf,
     service_account_public: PathBuf,
     tokens: PathBuf,
+    /// Written only for a cluster with pods.
+    kubelet_serving_cert: PathBuf,
+    kubelet_serving_key: PathBuf,
+    kubelet_client_cert: PathBuf,
+    kubelet_client_key: PathBuf,
 }
 
 impl ClusterFiles {
@@ -872,6 +977,10 @@ impl ClusterFiles {
             service_account_key: dir.join("service-account.key"),
             service_account_public: dir.join("service-account.pub"),
             tokens: dir.join("tokens.csv"),
+            kubelet_serving_cert: dir.join("kubelet.crt"),
+            kubelet_serving_key: dir.join("kubelet.key"),
+            kubelet_client_cert: dir.join("apiserver-kubelet-client.crt"),
+            kubelet_client_key: dir.join("apiserver-kubelet-client.key"),
         };
         for (path, pem) in [
             (&files.ca, &pki.ca_pem),
@@ -881,6 +990,16 @@ impl ClusterFiles {
             (&files.service_account_public, &pki.service_account_public_pem),
         ] {
             std::fs::write(path, pem).with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(k) = &pki.kubelet {
+            for (path, pem) in [
+                (&files.kubelet_serving_cert, &k.serving_cert_pem),
+                (&files.kubelet_serving_key, &k.serving_key_pem),
+                (&files.kubelet_client_cert, &k.client_cert_pem),
+                (&files.kubelet_client_key, &k.client_key_pem),
+            ] {
+                std::fs::write(path, pem).with_context(|| format!("writing {}", path.display()))?;
+            }
         }
         Ok(files)
     }
