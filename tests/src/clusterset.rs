@@ -5,11 +5,14 @@
 //!
 //! Layout, for cluster `k` (0-based) of a set numbered `n`:
 //!
-//! - namespace `fg-<pid>-cs<n>-<k>`: etcd and kube-apiserver on its `127.0.0.1`
-//!   ([`KubeCluster::start_in`]); the gateway (tunnel on the underlay address `:15443`, DNS on
-//!   the pod bridge's address `:53`, admin on `127.0.0.1:15000`, ClusterSetIPs from
-//!   [`VIP_RANGE`], routed to `lo`); the pod bridge `pods0` with the first address of the
-//!   cluster's pod range [`pod_cidr`]`(k)` (the pods' default gateway), IP forwarding on;
+//! - namespace `fg-<pid>-cs<n>-<k>`: etcd and kube-apiserver on its `127.0.0.1`; with
+//!   [`Options::pods`], kube-controller-manager, kube-scheduler and a `fedgate-vnode` node
+//!   whose pods are processes in network namespaces of their own on the pod bridge
+//!   ([`KubeCluster::start_with_pods`], [`PodNetwork::for_cluster`]`(k)`: `10.<100 + k>.0.0/16`,
+//!   the bridge holding its first address, the pods' default gateway and resolver); the
+//!   gateway (tunnel on the underlay address `:15443`, DNS on the pod bridge's address `:53`,
+//!   admin on `127.0.0.1:15000`, ClusterSetIPs from [`VIP_RANGE`], routed to `lo` so that pods
+//!   reach them); IP forwarding on;
 //! - namespace `fg-<pid>-cs<n>-u`: the underlay, a bridge joining one veth per cluster
 //!   (`10.252.<n>.<k + 1>/24` on the cluster's `eth0`).
 //!
@@ -31,6 +34,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 use crate::Pki;
 use crate::kube::{KubeCluster, use_kube_source};
+use crate::kube::{PodNetwork, enable_forwarding, route_pod_range};
 use crate::netns::{Netns, NsGateway, ns_spec, reap_stale_namespaces, require_tools};
 
 /// ClusterSetIPs of every cluster's gateway (each cluster's own copy, inside its namespace;
@@ -40,18 +44,6 @@ pub const VIP_RANGE: &str = "10.99.0.0/24";
 pub const TUNNEL_PORT: u16 = 15443;
 /// How long the gateways may take to connect to each other once started.
 const PEERS_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
-/// The pod bridge inside each cluster's namespace.
-pub const POD_BRIDGE: &str = "pods0";
-
-/// The pod range of cluster `k`: `10.<100 + k>.0.0/16`.
-pub fn pod_cidr(k: usize) -> String {
-    format!("10.{}.0.0/16", 100 + k)
-}
-
-/// The pod bridge's address in cluster `k` (the pods' default gateway and DNS server).
-pub fn pod_gateway(k: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 100 + k as u8, 0, 1)
-}
 
 /// How the clusters' pod networks relate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,12 +66,15 @@ impl Network {
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Cluster ids, in order (at most 50).
+    /// Cluster ids, in order (at most 99).
     pub names: Vec<String>,
     pub clusterset: String,
     pub network: Network,
     /// Extra YAML appended to every gateway's config.
     pub gateway_extra: String,
+    /// Whether each cluster runs pods: kube-controller-manager, kube-scheduler and a node
+    /// (`fedgate-vnode`) whose pods are processes in network namespaces on the pod bridge.
+    pub pods: bool,
 }
 
 /// One cluster of the set. Fields drop in order: gateway, control plane, then the namespace.
@@ -97,13 +92,18 @@ pub struct Member {
 }
 
 impl Member {
+    /// The cluster's pod range, bridge and pods' resolver.
+    pub fn pods(&self) -> PodNetwork {
+        PodNetwork::for_cluster(self.index as u8)
+    }
+
     pub fn pod_cidr(&self) -> String {
-        pod_cidr(self.index)
+        self.pods().cidr()
     }
 
     /// The address pods resolve names at: the gateway's DNS.
     pub fn dns(&self) -> SocketAddr {
-        SocketAddr::from((pod_gateway(self.index), 53))
+        SocketAddr::from((self.pods().dns, 53))
     }
 }
 
@@ -122,8 +122,8 @@ impl ClusterSet {
     /// them for a gateway (deploy/'s CRDs and RBAC) and starts every gateway.
     pub fn start(opts: &Options) -> Result<Self> {
         require_tools();
-        if opts.names.is_empty() || opts.names.len() > 50 {
-            bail!("a clusterset needs 1 to 50 clusters, not {}", opts.names.len());
+        if opts.names.is_empty() || opts.names.len() > 99 {
+            bail!("a clusterset needs 1 to 99 clusters, not {}", opts.names.len());
         }
         reap_stale_namespaces();
         let started = Instant::now();
@@ -158,17 +158,14 @@ impl ClusterSet {
             underlay.ip(&["link", "set", &port, "up"])?;
             ns.ip(&["addr", "add", &format!("{underlay_ip}/24"), "dev", "eth0"])?;
             ns.ip(&["link", "set", "eth0", "up"])?;
-            ns.ip(&["link", "add", POD_BRIDGE, "type", "bridge"])?;
-            ns.ip(&["addr", "add", &format!("{}/16", pod_gateway(k)), "dev", POD_BRIDGE])?;
-            ns.ip(&["link", "set", POD_BRIDGE, "up"])?;
             ns.ip(&["route", "add", "local", VIP_RANGE, "dev", "lo"])?;
-            crate::netns::run(ns.command("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]))?;
+            enable_forwarding(&ns)?;
             nets.push((name.clone(), ns, underlay_ip));
         }
         if opts.network == Network::Flat {
             for (k, (_, ns, _)) in nets.iter().enumerate() {
                 for (j, (_, _, via)) in nets.iter().enumerate().filter(|(j, _)| *j != k) {
-                    ns.ip(&["route", "add", &pod_cidr(j), "via", &via.to_string()])?;
+                    route_pod_range(ns, &PodNetwork::for_cluster(j as u8), *via)?;
                 }
             }
         }
@@ -177,11 +174,24 @@ impl ClusterSet {
         let planes: Vec<Result<(KubeCluster, PathBuf)>> = std::thread::scope(|s| {
             let handles: Vec<_> = nets
                 .iter()
-                .map(|(name, ns, _)| {
+                .enumerate()
+                .map(|(k, (name, ns, _))| {
+                    let pods = opts.pods;
                     s.spawn(move || {
-                        let k = KubeCluster::start_in(ns, name)?;
-                        let kc = k.prepare_for_gateway()?;
-                        Ok((k, kc))
+                        let net = PodNetwork::for_cluster(k as u8);
+                        let cluster = if pods {
+                            KubeCluster::start_with_pods(ns, name, net)?
+                        } else {
+                            // No node: the bridge only gives the gateway's DNS its address.
+                            let cluster = KubeCluster::start_in(ns, name)?;
+                            ns.ip(&["link", "add", &net.bridge, "type", "bridge"])?;
+                            let gateway = format!("{}/{}", net.gateway(), net.prefix_len);
+                            ns.ip(&["addr", "add", &gateway, "dev", &net.bridge])?;
+                            ns.ip(&["link", "set", &net.bridge, "up"])?;
+                            cluster
+                        };
+                        let kc = cluster.prepare_for_gateway()?;
+                        Ok((cluster, kc))
                     })
                 })
                 .collect();
@@ -206,7 +216,7 @@ impl ClusterSet {
                 extra.push_str("traffic:\n  network: flat\n");
             }
             let mut spec = ns_spec(&name, &opts.clusterset, underlay_ip, &others, &extra);
-            spec.dns = SocketAddr::from((pod_gateway(k), 53));
+            spec.dns = SocketAddr::from((PodNetwork::for_cluster(k as u8).dns, 53));
             spec.vip_range = VIP_RANGE.to_owned();
             let tls = pki.issue(&name, &tmp.path().join(format!("certs-{name}")))?;
             let gateway = NsGateway::prepare(&ns, tmp.path(), spec, tls)?;

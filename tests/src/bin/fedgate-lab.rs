@@ -47,6 +47,7 @@ fn main() -> Result<()> {
         clusterset: args.clusterset.clone(),
         network,
         gateway_extra: String::new(),
+        pods: true,
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     // Signals first: a Ctrl-C while the clusters start must still tear them down.
