@@ -126,22 +126,52 @@ fn curl_in(ns: &Netns, url: &str) -> Result<String> {
 }
 
 /// The listening sockets of namespace `ns` that are reachable over its veth address `veth`
-/// (bound to it or to a wildcard), as `proto address`.
+/// (bound to it or to a wildcard), as `proto address process`.
 fn exposed_on_veth(ns: &Netns, veth: std::net::Ipv4Addr) -> Result<Vec<String>> {
-    let out = run(ns.command("ss").arg("-Htuln"))?;
+    let out = run(ns.command("ss").arg("-Htulnp"))?;
     let mut exposed = Vec::new();
     for line in out.lines() {
         let cols: Vec<&str> = line.split_whitespace().collect();
-        let [proto, _state, _recv, _send, local, ..] = cols[..] else {
-            bail!("unexpected `ss -Htuln` line in {}: {line:?}", ns.name);
+        let [proto, _state, _recv, _send, local, _peer, ref rest @ ..] = cols[..] else {
+            bail!("unexpected `ss -Htulnp` line in {}: {line:?}", ns.name);
         };
         let (host, _port) = local.rsplit_once(':').context("ss local address")?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host == veth.to_string() || matches!(host, "0.0.0.0" | "*" | "::") {
-            exposed.push(format!("{proto} {local}"));
+            // users:(("fedgate",pid=..,fd=..)): the process name.
+            let process = rest.join(" ");
+            let process = process.split('"').nth(1).unwrap_or("?");
+            exposed.push(format!("{proto} {local} {process}"));
         }
     }
+    exposed.sort();
     Ok(exposed)
+}
+
+/// What a gateway with `threads` data-plane threads may expose on the veth at `ip`: its tunnel
+/// port (a socket per thread when there are several) and, with several threads, a socket per
+/// thread on an ephemeral port that its data lanes dial from (fedgate_tunnel's steer module);
+/// nothing else. Returns what is wrong, if anything.
+fn exposure_problem(exposed: &[String], ip: std::net::Ipv4Addr, threads: usize) -> Option<String> {
+    let tunnel = format!("udp {ip}:15443 fedgate");
+    let tunnel_sockets = exposed.iter().filter(|e| **e == tunnel).count();
+    let want_tunnel = if threads >= 2 { threads.min(64) } else { 1 };
+    if tunnel_sockets != want_tunnel {
+        return Some(format!("{tunnel_sockets} tunnel sockets, want {want_tunnel}"));
+    }
+    let mut dialing = 0;
+    for e in exposed.iter().filter(|e| **e != tunnel) {
+        let fields: Vec<&str> = e.split(' ').collect();
+        let port: u16 = fields[1].rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0);
+        if fields[0] != "udp" || fields[2] != "fedgate" || port < 1024 {
+            return Some(format!("{e} is exposed"));
+        }
+        dialing += 1;
+    }
+    let want_dialing = if threads >= 2 { threads.min(64) } else { 0 };
+    (dialing != want_dialing).then(|| {
+        format!("{dialing} dialing sockets, want {want_dialing} (one per data-plane thread)")
+    })
 }
 
 /// Whether `peer` shows as connected in `gw`'s `/debug/peers`.
@@ -352,9 +382,14 @@ fn kube_clusters_in_their_own_namespaces_export_import_conflict_restart_and_unex
     let _backend = net.server(&net.a, &["http", POD_EAST, &BACKEND_PORT.to_string(), www])?;
 
     // Of everything listening in a cluster's namespace (etcd, apiserver, gateway admin, DNS,
-    // ClusterSetIPs, the backend), only the tunnel's UDP port is on the veth.
+    // ClusterSetIPs, the backend), only the gateway's UDP sockets are on the veth: the tunnel
+    // port and its data lanes' dialing sockets. The gateways run the default thread count.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(256));
     for (ns, ip) in [(&net.a, net.a_ip), (&net.b, net.b_ip)] {
-        assert_eq!(exposed_on_veth(ns, ip)?, [format!("udp {ip}:15443")], "{}", ns.name);
+        let exposed = exposed_on_veth(ns, ip)?;
+        if let Some(problem) = exposure_problem(&exposed, ip, threads) {
+            panic!("{}: {problem}; on the veth: {exposed:?}", ns.name);
+        }
     }
 
     // 1. kubectl creates Service + EndpointSlice + ServiceExport in east; west imports it.
