@@ -96,6 +96,8 @@ impl Drop for Netns {
             let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        // A pod's resolv.conf (tests/kube/vnode); absent for other namespaces.
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.name));
     }
 }
 

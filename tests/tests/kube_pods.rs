@@ -78,6 +78,55 @@ spec:
   - { name: main, image: ignored, command: [sh, -c, "echo crash-run; exit 7"] }
 "#;
 
+/// A StatefulSet of one `sleep` pod behind a headless Service (MCS headless exports use the
+/// slice's per-endpoint hostnames).
+const STATEFUL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: { name: db, namespace: shop }
+spec:
+  clusterIP: None
+  selector: { app: db }
+  ports: [{ port: 5432 }]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: { name: db, namespace: shop }
+spec:
+  serviceName: db
+  replicas: 1
+  selector: { matchLabels: { app: db } }
+  template:
+    metadata: { labels: { app: db } }
+    spec:
+      containers:
+      - { name: main, image: ignored, command: [sleep, "3600"] }
+"#;
+
+/// A pod whose exec readinessProbe passes while `flag` (a host file) exists, and its Service.
+fn gated_yaml(flag: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{ name: gated, namespace: shop, labels: {{ app: gated }} }}
+spec:
+  containers:
+  - name: main
+    image: ignored
+    command: [sleep, "3600"]
+    readinessProbe: {{ exec: {{ command: [test, -e, "{flag}"] }}, periodSeconds: 1 }}
+---
+apiVersion: v1
+kind: Service
+metadata: {{ name: gated, namespace: shop }}
+spec:
+  selector: {{ app: gated }}
+  ports: [{{ port: 80 }}]
+"#
+    )
+}
+
 fn secs(since: Instant) -> f64 {
     since.elapsed().as_secs_f64()
 }
@@ -240,6 +289,50 @@ fn scenario(c: &KubeCluster, net: &PodNetwork) -> Result<()> {
     let logs = c.pod_logs("shop", &echo_names[0])?;
     assert!(logs.contains(&format!("started {} {}", echo_names[0], ips[0])), "logs: {logs}");
 
+    // Readiness drives the EndpointSlice: an exec probe that passes while a file exists.
+    let flag = std::env::temp_dir().join(format!("fedgate-ready-{}", std::process::id()));
+    let _ = std::fs::remove_file(&flag);
+    c.apply_yaml(&gated_yaml(&flag.display().to_string()))?;
+    let slice_ready = |want: bool| {
+        eventually(&format!("gated's endpoint ready={want}"), Duration::from_secs(20), || {
+            let list = c
+                .get_json(&[
+                    "endpointslices",
+                    "-n",
+                    "shop",
+                    "-l",
+                    "kubernetes.io/service-name=gated",
+                ])?
+                .unwrap_or_default();
+            let ready = &list["items"][0]["endpoints"][0]["conditions"]["ready"];
+            Ok((ready.as_bool() == Some(want)).then_some(()))
+        })
+    };
+    let gated = c.wait_pod("shop", "gated", Duration::from_secs(30), "running", |p| {
+        p["status"]["phase"] == "Running"
+    })?;
+    assert!(!pod_ready(&gated), "ready without its file: {}", gated["status"]);
+    slice_ready(false)?;
+    std::fs::write(&flag, "")?;
+    let t = Instant::now();
+    slice_ready(true)?;
+    eprintln!("FIGURE exec readiness probe passes -> endpoint ready: {:.1} s", secs(t));
+    std::fs::remove_file(&flag)?;
+    slice_ready(false)?;
+
+    // A StatefulSet behind a headless Service: pod db-0, its slice endpoint named db-0.
+    c.apply_yaml(STATEFUL)?;
+    let db = c.wait_pods_ready("shop", "app=db", 1, Duration::from_secs(30))?;
+    assert_eq!(names(&db), ["db-0"]);
+    let db_ip = pod_ip(&db[0]).context("db-0 IP")?.to_string();
+    eventually("db's slice with hostname db-0", Duration::from_secs(20), || {
+        let list = c
+            .get_json(&["endpointslices", "-n", "shop", "-l", "kubernetes.io/service-name=db"])?
+            .unwrap_or_default();
+        let e = &list["items"][0]["endpoints"][0];
+        Ok((e["hostname"] == "db-0" && e["addresses"][0] == db_ip.as_str()).then_some(()))
+    })?;
+
     // Pods whose command cannot start: failed / waiting with the reason; the node goes on.
     c.apply_yaml(BROKEN)?;
     let failed = c.wait_pod("shop", "missing-binary", Duration::from_secs(30), "Failed", |p| {
@@ -296,15 +389,19 @@ fn scenario(c: &KubeCluster, net: &PodNetwork) -> Result<()> {
 
     // Deleting a pod: the ReplicaSet replaces it, its namespace goes away.
     let before = pod_namespaces(c)?;
-    assert_eq!(before.len(), 6, "namespaces of 2 echo, client, 3 broken pods: {before:?}");
+    assert_eq!(
+        before.len(),
+        8,
+        "namespaces of 2 echo, gated, db-0, client, 3 broken pods: {before:?}"
+    );
     let t = Instant::now();
     c.kubectl_ok(&["delete", "pod", "-n", "shop", &echo_names[0], "--wait=true", "--timeout=60s"])?;
     eprintln!("FIGURE kubectl delete pod (until gone): {:.1} s", secs(t));
     let replaced = c.wait_pods_ready("shop", "app=echo", 2, Duration::from_secs(30))?;
     ensure!(!names(&replaced).contains(&echo_names[0]), "not replaced: {:?}", names(&replaced));
     let after = pod_namespaces(c)?;
-    assert_eq!(after.len(), 6, "{after:?}");
-    assert!(after.iter().filter(|n| before.contains(n)).count() == 5, "{before:?} -> {after:?}");
+    assert_eq!(after.len(), 8, "{after:?}");
+    assert!(after.iter().filter(|n| before.contains(n)).count() == 7, "{before:?} -> {after:?}");
 
     // Garbage collection and the namespace controller: deleting the Deployment removes its
     // ReplicaSet's pods; deleting the namespace deletes every pod in it and then finishes.
@@ -324,7 +421,7 @@ fn scenario(c: &KubeCluster, net: &PodNetwork) -> Result<()> {
         Ok(c.get_json(&["namespace", "shop"])?.is_none().then_some(()))
     })?;
     eprintln!(
-        "FIGURE kubectl delete namespace (4 pods in it): pods gone {pods_gone:.1} s, namespace gone {:.1} s",
+        "FIGURE kubectl delete namespace (6 pods in it): pods gone {pods_gone:.1} s, namespace gone {:.1} s",
         secs(t)
     );
     let left = pod_namespaces(c)?;

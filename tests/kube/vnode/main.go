@@ -66,6 +66,8 @@ func run(c config) error {
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer cancel()
 
+	// nodeutil.NewNode makes a default client from $KUBECONFIG before our option replaces it.
+	_ = os.Setenv("KUBECONFIG", c.kubeconfig)
 	nw, err := newPodNet(c.podCIDR, c.bridge, c.netnsPrefix)
 	if err != nil {
 		return err

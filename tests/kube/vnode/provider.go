@@ -363,7 +363,9 @@ func (p *provider) supervise(ps *podState, cs *ctrState) {
 		}
 		cmd, exited, err := p.start(ps, cs)
 		now := metav1.Now()
+		name := fmt.Sprintf("%s/%s[%s]", ps.pod.Namespace, ps.pod.Name, cs.spec.Name)
 		if err != nil {
+			log.L.Warnf("container %s cannot start: %v", name, err)
 			term := &corev1.ContainerStateTerminated{ExitCode: 128, Reason: "StartError", Message: err.Error(), StartedAt: now, FinishedAt: now}
 			cs.status.Ready, cs.status.Started = false, ptr(false)
 			if policy == corev1.RestartPolicyNever {
@@ -378,6 +380,7 @@ func (p *provider) supervise(ps *podState, cs *ctrState) {
 			p.publish(ps)
 			p.mu.Unlock()
 		} else {
+			log.L.Infof("container %s started: pid %d", name, cmd.Process.Pid)
 			cs.everRan = true
 			cs.status.State = corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}}
 			cs.status.Started = ptr(true)
@@ -405,6 +408,7 @@ func (p *provider) supervise(ps *podState, cs *ctrState) {
 			if code != 0 {
 				reason = "Error"
 			}
+			log.L.Infof("container %s exited with %d", name, code)
 			p.mu.Lock()
 			cs.pgid = 0
 			term := &corev1.ContainerStateTerminated{ExitCode: int32(code), Reason: reason, StartedAt: now, FinishedAt: metav1.Now(), ContainerID: cs.status.ContainerID}

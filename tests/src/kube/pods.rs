@@ -226,7 +226,6 @@ impl KubeCluster {
             for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
                 if name.starts_with(&prefix) {
                     drop(Netns { name: name.to_owned() });
-                    let _ = std::fs::remove_dir_all(format!("/etc/netns/{name}"));
                 }
             }
         }
