@@ -260,9 +260,11 @@ impl TunnelEndpoint {
             match crate::steer::bind_group(settings.listen, settings.socket_buffer, threads) {
                 Ok(sockets) => sockets,
                 Err(e) => {
+                    // A port in use fails here too, with its own error.
+                    let single = bind_udp(settings.listen, settings.socket_buffer)?;
                     tracing::warn!(error = %e, "one UDP socket for every data-plane thread: \
                         packets are read on the first and handed to the others");
-                    vec![bind_udp(settings.listen, settings.socket_buffer)?]
+                    vec![single]
                 }
             }
         } else {
