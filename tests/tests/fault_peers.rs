@@ -523,19 +523,33 @@ impl Drop for SinkBackend {
     }
 }
 
-/// Data cannot starve the export exchange. Bravo exports a backend that accepts connections
-/// and never reads; eight clients push through alpha's ClusterSetIP until every buffer on the
-/// way is full (the streams' flow-control credit, the QUIC connection's, both kernels'), and
-/// stay blocked for three leases (3 s each). Alpha's heartbeats to bravo must still get
-/// through: bravo never lets alpha's lease lapse and keeps alpha's export. (One QUIC
+/// Data cannot starve the export exchange, in either direction. One gateway exports a backend
+/// that accepts connections and never reads; eight clients push through the other's
+/// ClusterSetIP until every buffer on the way is full (the streams' flow-control credit, the
+/// QUIC connection's, both kernels'), and stay blocked for three leases (3 s each). The
+/// writers' gateway's heartbeats must still get through: the sink's gateway never lets its
+/// lease lapse and keeps its export. (One QUIC
 /// connection carrying both would hold the exchange's messages behind the data: a slow
 /// backend in one cluster would withdraw another cluster's services.)
 #[test]
 fn data_streams_blocked_on_a_slow_backend_do_not_starve_the_peer_exchange() -> Result<()> {
+    // Alpha (the lower id) dials: first its streams, then bravo's, which go on the lanes
+    // alpha dialed (with several threads from ports of their own).
+    starve_test(false)?;
+    starve_test(true)
+}
+
+/// [`data_streams_blocked_on_a_slow_backend_do_not_starve_the_peer_exchange`] with the data
+/// flowing from the dialing gateway (`reverse` false) or from the accepting one.
+fn starve_test(reverse: bool) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let block = AddrBlock::unique();
     let gateways = start_gateways(tmp.path(), block, &["alpha", "bravo"], "3s", |_| {})?;
-    let [alpha, bravo] = &gateways[..] else { unreachable!() };
+    let [alpha, bravo] = match &gateways[..] {
+        [a, b] if !reverse => [a, b],
+        [a, b] => [b, a],
+        _ => unreachable!(),
+    };
     let sink_addr = block.addr(62, 7102);
     let _sink = SinkBackend::start(sink_addr)?;
     export_backend(bravo, "sink", sink_addr)?;
@@ -543,8 +557,8 @@ fn data_streams_blocked_on_a_slow_backend_do_not_starve_the_peer_exchange() -> R
     let echo_addr = block.addr(63, 7103);
     let _echo = Backend::start(echo_addr, "alpha-1", 128)?;
     export_backend(alpha, "echo", echo_addr)?;
-    let ip = wait_vip(alpha, "fault", "sink", &["bravo"], PROPAGATION)?;
-    wait_vip(bravo, "fault", "echo", &["alpha"], PROPAGATION)?;
+    let ip = wait_vip(alpha, "fault", "sink", &[bravo.spec.id.as_str()], PROPAGATION)?;
+    wait_vip(bravo, "fault", "echo", &[alpha.spec.id.as_str()], PROPAGATION)?;
     let vip = SocketAddr::new(ip.parse()?, 80);
     let expiries_before = faults::metric(bravo, "fedgate_peer_lease_expiries_total", &[])?;
 
@@ -577,7 +591,9 @@ fn data_streams_blocked_on_a_slow_backend_do_not_starve_the_peer_exchange() -> R
     while blocked.elapsed() < Duration::from_secs(10) {
         assert!(
             find_import(&bravo.json("/debug/imports")?, "fault", "echo").is_some(),
-            "bravo withdrew alpha's export {:?} into the blocked transfer",
+            "{} withdrew {}'s export {:?} into the blocked transfer",
+            bravo.spec.id,
+            alpha.spec.id,
             blocked.elapsed()
         );
         looks += 1;
@@ -590,18 +606,21 @@ fn data_streams_blocked_on_a_slow_backend_do_not_starve_the_peer_exchange() -> R
     }
     let expiries = faults::metric(bravo, "fedgate_peer_lease_expiries_total", &[])?;
     eprintln!(
-        "8 writers pushed {:.1} MB into a backend that never reads; bravo kept alpha's \
-         export at {looks} looks; lease expiries at bravo {} -> {}",
+        "8 writers pushed {:.1} MB from {} into a backend of {} that never reads; it kept the \
+         writers' gateway's export at {looks} looks; lease expiries there {} -> {}",
         pushed as f64 / 1e6,
+        alpha.spec.id,
+        bravo.spec.id,
         expiries_before.abs(),
         expiries.abs()
     );
     // Everything on the way was full: far more than one connection's window went in.
     assert!(pushed > 64 << 20, "only {pushed} bytes went in: the paths never filled");
-    assert_eq!(expiries, expiries_before, "bravo let alpha's lease lapse");
+    assert_eq!(expiries, expiries_before, "{} let {}'s lease lapse", bravo.spec.id, alpha.spec.id);
     assert!(
         !bravo.log_text().contains("peer silent past its lease"),
-        "bravo logged a lapsed lease"
+        "{} logged a lapsed lease",
+        bravo.spec.id
     );
     Ok(())
 }

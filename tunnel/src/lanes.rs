@@ -85,9 +85,9 @@ pub(crate) struct Accepted {
 }
 
 impl Accepted {
-    /// Serves lane `index` of `peer`'s replica at `conn`'s remote address (already verified)
-    /// until it closes: its streams accepted on `runtime`, the thread its task was placed on.
-    pub(crate) fn serve(
+    /// Serves lane `index` of one of `peer`'s replicas (`conn` already verified) until it
+    /// closes: its streams accepted on `runtime`, the thread its task was placed on.
+    pub(crate) async fn serve(
         &self,
         peer: ClusterId,
         conn: quinn::Connection,
@@ -95,20 +95,46 @@ impl Accepted {
         shard: usize,
         runtime: Option<Handle>,
     ) {
-        let remote = conn.remote_address();
+        let from = conn.remote_address();
+        let remote = replica_of(&self.shared, &peer, from).await;
         let lane = Lane { remote, index, shard, conn: conn.clone() };
         if keep(&self.shared, &peer, lane).is_err() {
-            tracing::warn!(%peer, %remote, "too many lanes with this peer's identity; refusing");
+            tracing::warn!(%peer, %from, "too many lanes with this peer's identity; refusing");
             conn.close(VarInt::from_u32(CLOSE_TOO_MANY), b"too many connections of this identity");
             return;
         }
-        tracing::debug!(%peer, %remote, lane = index, shard, "lane accepted");
+        tracing::debug!(%peer, %from, replica = %remote, lane = index, shard, "lane accepted");
         let (shared, routes, shutdown) =
             (self.shared.clone(), self.routes.clone(), self.shutdown.clone());
         crate::runtime::spawn_on(runtime.as_ref(), async move {
             carry(&shared, &peer, &conn, routes, None, &shutdown, || b"gateway shutting down")
                 .await;
         });
+    }
+}
+
+/// How long an accepted lane waits for its replica's first connection to be listed: the
+/// dialer opens lanes once that connection's handshake is confirmed, which can be a moment
+/// before this side has handed the connection to its peer task.
+const REPLICA_WAIT: Duration = Duration::from_secs(1);
+
+/// The address of the replica a lane arriving `from` belongs to: the dialer's first
+/// connection from the same IP (a dialer with several threads dials its lanes from ports of
+/// their own, `crate::steer`); `from` itself when that connection comes from the same port,
+/// or when none or several of the replica's connections come from that IP (behind one NAT
+/// address, for example). A lane not matched to its replica still works; only streams this
+/// side opens do not use it, they go on the replica's first connection.
+async fn replica_of(shared: &Shared, peer: &ClusterId, from: SocketAddr) -> SocketAddr {
+    let deadline = tokio::time::Instant::now() + REPLICA_WAIT;
+    loop {
+        if let Some(replica) = shared.replica_at(peer, from.ip()) {
+            return replica;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::debug!(%peer, %from, "no single replica connection from this lane's address");
+            return from;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -332,6 +332,20 @@ impl Shared {
     }
 
     /// Forgets a lane that ended.
+    /// The address of `peer`'s replica whose first connection comes from `ip`, when exactly
+    /// one does: an accepted lane's replica (a dialer with several threads dials its lanes
+    /// from other ports than its first connection's, `crate::steer`).
+    pub(crate) fn replica_at(&self, peer: &ClusterId, ip: std::net::IpAddr) -> Option<SocketAddr> {
+        self.with(peer, |s| {
+            let mut at = s.live.iter().map(|l| l.conn.remote_address()).filter(|a| a.ip() == ip);
+            match (at.next(), at.next()) {
+                (Some(one), None) => Some(one),
+                _ => None,
+            }
+        })
+        .flatten()
+    }
+
     pub(crate) fn remove_lane(&self, peer: &ClusterId, conn: &quinn::Connection) {
         self.with(peer, |s| s.lanes.retain(|l| l.conn.stable_id() != conn.stable_id()));
     }

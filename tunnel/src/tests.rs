@@ -114,12 +114,13 @@ async fn wait_until(
 async fn with_several_threads_each_has_a_lane_and_streams_stay_on_their_thread() {
     let pki = TestPki::new("demo");
     let stop = CancellationToken::new();
+    let west_shards = shards(2, &stop);
     let mut west = start_replica(
         &pki,
         "west",
         &pki.issue("west"),
         &[("east", vec![SocketAddr::from(([127, 0, 0, 1], 9))])],
-        shards(2, &stop),
+        west_shards.clone(),
     );
     let east_shards = shards(3, &stop);
     let east = start_replica(
@@ -157,6 +158,26 @@ async fn with_several_threads_each_has_a_lane_and_streams_stay_on_their_thread()
         let shard = runtime.spawn(async { crate::runtime::current_shard() }).await.expect("task");
         assert_eq!(shard, Some(k % 2), "stream opened on east's thread {k}");
     }
+
+    // The other way: a stream west (the acceptor) opens on its thread 1 travels on the lane
+    // west runs there, lane 2, which east runs on its thread 1; not on the first connection
+    // (east's thread 0). east dialed its lanes from ports of their own (crate::steer), so
+    // west matched them to east's replica by address.
+    let mut east = east;
+    let handle = west.handle.clone();
+    let (mut send, _recv, _) = west_shards[1]
+        .spawn(async move { handle.open_stream(&id("east")).await })
+        .await
+        .expect("task")
+        .expect("stream opens");
+    send.write_all(b"y").await.expect("write");
+    let mut incoming =
+        tokio::time::timeout(WAIT, east.data.recv()).await.expect("in time").expect("stream");
+    let mut byte = [0u8; 1];
+    incoming.recv.read_exact(&mut byte).await.expect("read");
+    let runtime = incoming.runtime.take().expect("the accepting runtime");
+    let shard = runtime.spawn(async { crate::runtime::current_shard() }).await.expect("task");
+    assert_eq!(shard, Some(1), "west's stream from its thread 1 went on east's thread {shard:?}");
 
     // The lanes end with the replica's first connection, at both ends.
     east.stop().await;
