@@ -7,8 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build-kube.sh
-cargo build -q -p fedgate -p fedgate-e2e --bin fedgate-lab
+cargo build -q -p fedgate
+cargo build -q -p fedgate-e2e --bin fedgate-lab
 if [ "$(id -u)" -ne 0 ]; then
+  # Network namespaces, veths and bridges need root.
+  command -v sudo >/dev/null || { echo "lab.sh: run as root (network namespaces need it)" >&2; exit 1; }
   exec sudo --preserve-env=PATH,HOME,XDG_CACHE_HOME,FEDGATE_KUBE_BIN_DIR ./target/debug/fedgate-lab "$@"
 fi
 exec ./target/debug/fedgate-lab "$@"

@@ -582,7 +582,7 @@ async fn handle_incoming(
         return;
     };
     if lane > 0 {
-        lanes.serve(peer, conn, lane, shard, settings.shards.get(shard).cloned()).await;
+        lanes.serve(peer, conn, lane, shard, settings.shards.get(shard).cloned());
         return;
     }
     // A gateway with a higher cluster id dials too when none of our replicas' connections

@@ -9,7 +9,7 @@
 //! exchange, counts for the peer's lease and readiness, and its end ends the replica. It
 //! carries no data while a data lane is up: data streams share a connection's flow-control
 //! credit and send buffer, and a few streams into a slow backend fill both, which would hold
-//! the exchange's heartbeats back until the peer's lease lapsed (tests/fault_peers.rs,
+//! the exchange's heartbeats back until the peer's lease lapsed (tests/fault_starve.rs,
 //! docs/decisions.md, session 16). Lanes 1… carry data streams only. The dialer opens lane
 //! `k` (k ≥ 1) once lane 0 is up, with its driver on its thread `k - 1`, and names the lane in
 //! the first destination connection id it sends ([`lane_cid`]; the Initial packets are keyed
@@ -74,6 +74,9 @@ pub(crate) struct Lane {
     /// The data-plane thread its connection's task runs on.
     pub shard: usize,
     pub conn: quinn::Connection,
+    /// This side dialed it. Streams this side opens prefer such lanes: a peer's lanes accepted
+    /// here may belong to its fallback connection, which is cut as soon as ours is up.
+    pub dialed: bool,
 }
 
 /// What the acceptor needs to serve lanes peers open to it.
@@ -86,8 +89,10 @@ pub(crate) struct Accepted {
 
 impl Accepted {
     /// Serves lane `index` of one of `peer`'s replicas (`conn` already verified) until it
-    /// closes: its streams accepted on `runtime`, the thread its task was placed on.
-    pub(crate) async fn serve(
+    /// closes: its streams accepted on `runtime`, the thread its task was placed on. The lane
+    /// is filed under its replica ([`file_lane`]) beside that, so that its streams are
+    /// accepted at once.
+    pub(crate) fn serve(
         &self,
         peer: ClusterId,
         conn: quinn::Connection,
@@ -96,14 +101,18 @@ impl Accepted {
         runtime: Option<Handle>,
     ) {
         let from = conn.remote_address();
-        let remote = replica_of(&self.shared, &peer, from).await;
-        let lane = Lane { remote, index, shard, conn: conn.clone() };
+        let filed = self.shared.replica_at(&peer, from.ip());
+        let lane =
+            Lane { remote: filed.unwrap_or(from), index, shard, conn: conn.clone(), dialed: false };
         if keep(&self.shared, &peer, lane).is_err() {
             tracing::warn!(%peer, %from, "too many lanes with this peer's identity; refusing");
             conn.close(VarInt::from_u32(CLOSE_TOO_MANY), b"too many connections of this identity");
             return;
         }
-        tracing::debug!(%peer, %from, replica = %remote, lane = index, shard, "lane accepted");
+        tracing::debug!(%peer, %from, replica = ?filed, lane = index, shard, "lane accepted");
+        if filed.is_none() {
+            tokio::spawn(file_lane(self.shared.clone(), peer.clone(), conn.clone()));
+        }
         let (shared, routes, shutdown) =
             (self.shared.clone(), self.routes.clone(), self.shutdown.clone());
         crate::runtime::spawn_on(runtime.as_ref(), async move {
@@ -118,24 +127,23 @@ impl Accepted {
 /// before this side has handed the connection to its peer task.
 const REPLICA_WAIT: Duration = Duration::from_secs(1);
 
-/// The address of the replica a lane arriving `from` belongs to: the dialer's first
-/// connection from the same IP (a dialer with several threads dials its lanes from ports of
-/// their own, `crate::steer`); `from` itself when that connection comes from the same port,
-/// or when none or several of the replica's connections come from that IP (behind one NAT
-/// address, for example). A lane not matched to its replica still works; only streams this
-/// side opens do not use it, they go on the replica's first connection.
-async fn replica_of(shared: &Shared, peer: &ClusterId, from: SocketAddr) -> SocketAddr {
+/// Files an accepted lane under its replica once that replica's first connection is listed:
+/// the one from the same IP (a dialer with several threads dials its lanes from ports of their
+/// own, `crate::steer`). Gives up after [`REPLICA_WAIT`], or when none or several of the
+/// replica's connections come from that IP (behind one NAT address, for example): the lane
+/// still carries the dialer's streams, only streams this side opens do not use it, they go on
+/// the replica's first connection.
+async fn file_lane(shared: Arc<Shared>, peer: ClusterId, conn: quinn::Connection) {
+    let from = conn.remote_address();
     let deadline = tokio::time::Instant::now() + REPLICA_WAIT;
-    loop {
-        if let Some(replica) = shared.replica_at(peer, from.ip()) {
-            return replica;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            tracing::debug!(%peer, %from, "no single replica connection from this lane's address");
-            return from;
-        }
+    while tokio::time::Instant::now() < deadline && conn.close_reason().is_none() {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Some(replica) = shared.replica_at(&peer, from.ip()) {
+            shared.refile_lane(&peer, &conn, replica);
+            return;
+        }
     }
+    tracing::debug!(%peer, %from, "no single replica connection from this lane's address");
 }
 
 /// Keeps `lane` among the peer's lanes, closing the one it replaces.
@@ -255,8 +263,13 @@ impl LaneTask {
             conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"lane no longer needed");
             return None;
         }
-        let lane =
-            Lane { remote: self.target, index: self.index, shard: self.shard, conn: conn.clone() };
+        let lane = Lane {
+            remote: self.target,
+            index: self.index,
+            shard: self.shard,
+            conn: conn.clone(),
+            dialed: true,
+        };
         if keep(&self.ctx.shared, &peer, lane).is_err() {
             conn.close(VarInt::from_u32(CLOSE_TOO_MANY), b"lane not kept");
             return None;

@@ -346,6 +346,21 @@ impl Shared {
         .flatten()
     }
 
+    /// Files the accepted lane `conn` under the replica at `replica` ([`Self::replica_at`]).
+    pub(crate) fn refile_lane(
+        &self,
+        peer: &ClusterId,
+        conn: &quinn::Connection,
+        replica: SocketAddr,
+    ) {
+        self.with(peer, |s| {
+            if let Some(lane) = s.lanes.iter_mut().find(|l| l.conn.stable_id() == conn.stable_id())
+            {
+                lane.remote = replica;
+            }
+        });
+    }
+
     pub(crate) fn remove_lane(&self, peer: &ClusterId, conn: &quinn::Connection) {
         self.with(peer, |s| s.lanes.retain(|l| l.conn.stable_id() != conn.stable_id()));
     }
@@ -432,7 +447,7 @@ impl PeerHandle {
     ) -> Result<(quinn::SendStream, quinn::RecvStream, usize), TunnelError> {
         let now = Instant::now();
         let shard = crate::runtime::current_shard();
-        let mut candidates: Vec<(u8, quinn::Connection, usize)> = self
+        let mut candidates: Vec<(u8, quinn::Connection, usize, Option<quinn::Connection>)> = self
             .shared
             .with(peer, |s| {
                 s.live
@@ -442,17 +457,26 @@ impl PeerHandle {
                         // data lanes (crate::lanes); its first connection, which carries
                         // the export exchange, only while it has none.
                         let remote = l.conn.remote_address();
-                        let mut data = s
+                        // Lanes this side dialed first (crate::lanes::Lane::dialed).
+                        let data = s
                             .lanes
                             .iter()
                             .filter(|x| x.remote == remote && x.conn.close_reason().is_none());
-                        let lane = match shard {
-                            Some(shard) => {
-                                data.clone().find(|x| x.shard == shard).or_else(|| data.next())
+                        let lane = [true, false].into_iter().find_map(|dialed| {
+                            let mut mine = data.clone().filter(|x| x.dialed == dialed);
+                            match shard {
+                                Some(shard) => {
+                                    mine.clone().find(|x| x.shard == shard).or_else(|| mine.next())
+                                }
+                                None => mine.next(),
                             }
-                            None => data.next(),
+                        });
+                        // A lane that closes as the stream opens (replaced, or its replica's
+                        // first connection ended) leaves the first connection to try.
+                        let (conn, first) = match lane {
+                            Some(x) => (x.conn.clone(), Some(l.conn.clone())),
+                            None => (l.conn.clone(), None),
                         };
-                        let conn = lane.map_or_else(|| l.conn.clone(), |x| x.conn.clone());
                         // Served replicas first, then ones that have not sent their exports
                         // yet (just started), then draining and suspect ones.
                         let rank = if l.draining.load(Ordering::Relaxed)
@@ -462,7 +486,7 @@ impl PeerHandle {
                         } else {
                             u8::from(!l.synced.load(Ordering::Relaxed))
                         };
-                        (rank, conn, l.conn.stable_id())
+                        (rank, conn, l.conn.stable_id(), first)
                     })
                     .collect()
             })
@@ -473,12 +497,14 @@ impl PeerHandle {
         let turn = self.shared.next.fetch_add(1, Ordering::Relaxed) % candidates.len();
         candidates.rotate_left(turn);
         // Stable: the rotation stays within each group.
-        candidates.sort_by_key(|(rank, _, _)| *rank);
+        candidates.sort_by_key(|(rank, _, _, _)| *rank);
         let mut last = None;
-        for (_, conn, replica) in candidates {
-            match streams::open(&conn, peer, KIND_DATA).await {
-                Ok((send, recv)) => return Ok((send, recv, replica)),
-                Err(e) => last = Some(e),
+        for (_, conn, replica, first) in candidates {
+            for conn in std::iter::once(conn).chain(first) {
+                match streams::open(&conn, peer, KIND_DATA).await {
+                    Ok((send, recv)) => return Ok((send, recv, replica)),
+                    Err(e) => last = Some(e),
+                }
             }
         }
         Err(last.unwrap_or_else(|| TunnelError::NotConnected(peer.clone())))
