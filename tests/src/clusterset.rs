@@ -26,7 +26,7 @@
 //! namespaces with every process left in them.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
@@ -70,7 +70,8 @@ pub struct Options {
     pub names: Vec<String>,
     pub clusterset: String,
     pub network: Network,
-    /// Extra YAML appended to every gateway's config.
+    /// Extra YAML appended to every gateway's config (in flat mode without a `traffic:`
+    /// block: the set adds one).
     pub gateway_extra: String,
     /// Whether each cluster runs pods: kube-controller-manager, kube-scheduler and a node
     /// (`fedgate-vnode`) whose pods are processes in network namespaces on the pod bridge.
@@ -111,10 +112,10 @@ impl Member {
 pub struct ClusterSet {
     pub members: Vec<Member>,
     pub network: Network,
-    /// Set number `n` (in namespace names and the underlay subnet).
-    pub number: u32,
-    pub underlay: Netns,
-    tmp: tempfile::TempDir,
+    /// Held for its guard: the underlay namespace goes with the set.
+    _underlay: Netns,
+    /// Held for its guard: certificates and gateway configs.
+    _tmp: tempfile::TempDir,
 }
 
 impl ClusterSet {
@@ -231,7 +232,7 @@ impl ClusterSet {
                 ns,
             });
         }
-        let mut set = Self { members, network: opts.network, number, underlay, tmp };
+        let mut set = Self { members, network: opts.network, _underlay: underlay, _tmp: tmp };
         for m in &mut set.members {
             m.gateway.launch()?;
         }
@@ -256,13 +257,5 @@ impl ClusterSet {
             started.elapsed().as_secs_f64()
         );
         Ok(set)
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.tmp.path()
-    }
-
-    pub fn member(&self, name: &str) -> Result<&Member> {
-        self.members.iter().find(|m| m.name == name).with_context(|| format!("no cluster {name}"))
     }
 }

@@ -133,6 +133,17 @@ impl Ctx<'_> {
         })
     }
 
+    /// [`Self::await_import`] until the ServiceImport has IPs.
+    fn await_import_ips(&self, i: usize) -> Result<Value> {
+        self.await_import(i, |si| {
+            si["spec"]["ips"]
+                .as_array()
+                .is_some_and(|ips| !ips.is_empty())
+                .then_some(())
+                .ok_or_else(|| "no IPs".to_owned())
+        })
+    }
+
     fn await_no_import(&self, i: usize) -> Result<()> {
         let what = format!("no ServiceImport {}/{HELLO} in {}", self.ns, self.c(i).name);
         eventually(&what, WAIT, || Ok(self.get(i, IMPORTS, HELLO)?.is_none().then_some(())))
@@ -147,6 +158,21 @@ impl Ctx<'_> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        Ok(())
+    }
+
+    /// c1's ServiceImport exists, and a second passed: an export made now is the younger
+    /// (the conflict resolution policy prefers the oldest).
+    fn await_older_import(&self) -> Result<()> {
+        self.await_import(0, |_| Ok(()))?;
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(())
+    }
+
+    /// Both clusters' ServiceExports have `Conflict=True`.
+    fn await_conflict_on_both(&self) -> Result<()> {
+        self.await_export_condition(0, "Conflict", "True")?;
+        self.await_export_condition(1, "Conflict", "True")?;
         Ok(())
     }
 
@@ -310,6 +336,15 @@ fn nslookup_addresses(out: &str) -> Vec<String> {
     addrs
 }
 
+/// Runs `nslookup` command `cmd` in cluster `i` until it answers exactly `want` (sorted).
+fn await_addresses(ctx: &Ctx, i: usize, cmd: &str, want: &[String]) -> Result<()> {
+    ctx.await_exec(i, cmd, |out| {
+        let got = nslookup_addresses(out);
+        (got == want).then_some(()).ok_or_else(|| format!("addresses {got:?}, want {want:?}"))
+    })?;
+    Ok(())
+}
+
 /// (port, target without the final dot) of the SRV lines of an `nslookup -type=SRV` answer:
 /// `<name>\tservice = <priority> <weight> <port> <target>`.
 fn srv_records(out: &str) -> Vec<(u16, String)> {
@@ -363,13 +398,7 @@ fn accessible_through_dns(ctx: &Ctx) -> Result<()> {
 fn clusterip_dns_resolves_clusterset_ip(ctx: &Ctx) -> Result<()> {
     set_up(ctx, &Setup::default())?;
     ctx.export(0, "")?;
-    let si = ctx.await_import(0, |si| {
-        si["spec"]["ips"]
-            .as_array()
-            .is_some_and(|ips| !ips.is_empty())
-            .then_some(())
-            .ok_or_else(|| "no IPs".to_owned())
-    })?;
+    let si = ctx.await_import_ips(0)?;
     // c1's ClusterSetIP, answered in every cluster (fedgate's gateways allocate the same one
     // where their ranges are the same: docs/mcs-semantics.md).
     let ip = si["spec"]["ips"][0].as_str().context("ips[0]")?.to_owned();
@@ -419,10 +448,7 @@ fn headless_dns_endpoints(ctx: &Ctx) -> Result<()> {
     want.sort();
     let cmd = format!("nslookup {HELLO}.{}.svc.clusterset.local", ctx.ns);
     for i in 0..ctx.set.members.len() {
-        ctx.await_exec(i, &cmd, |out| {
-            let got = nslookup_addresses(out);
-            (got == want).then_some(()).ok_or_else(|| format!("addresses {got:?}, want {want:?}"))
-        })?;
+        await_addresses(ctx, i, &cmd, &want)?;
     }
     Ok(())
 }
@@ -471,12 +497,7 @@ fn headless_statefulset_hostname(ctx: &Ctx) -> Result<()> {
                 .collect();
             want.sort();
             let cmd = format!("nslookup {host}.{cluster}.{HELLO}.{}.svc.clusterset.local", ctx.ns);
-            ctx.await_exec(i, &cmd, |out| {
-                let got = nslookup_addresses(out);
-                (got == want)
-                    .then_some(())
-                    .ok_or_else(|| format!("addresses {got:?}, want {want:?}"))
-            })?;
+            await_addresses(ctx, i, &cmd, &want)?;
         }
     }
     Ok(())
@@ -565,16 +586,14 @@ fn conflicting_labels(ctx: &Ctx) -> Result<()> {
         "spec:\n  exportedLabels: { dummy-label: \"true\" }\n  exportedAnnotations: { dummy-annotation: \"true\" }\n",
     )?;
     // c1's export is the oldest: its labels win.
-    ctx.await_import(0, |_| Ok(()))?;
-    std::thread::sleep(Duration::from_secs(1));
+    ctx.await_older_import()?;
     second_exporter(
         ctx,
         false,
         HELLO_PORTS,
         "spec:\n  exportedLabels: { dummy-label2: \"true\" }\n  exportedAnnotations: { dummy-annotation2: \"true\" }\n",
     )?;
-    ctx.await_export_condition(0, "Conflict", "True")?;
-    ctx.await_export_condition(1, "Conflict", "True")?;
+    ctx.await_conflict_on_both()?;
     ctx.await_import(0, |si| {
         let (labels, annotations) =
             (names(&si["metadata"]["labels"]), names(&si["metadata"]["annotations"]));
@@ -588,11 +607,17 @@ fn conflicting_labels(ctx: &Ctx) -> Result<()> {
 }
 
 fn clusterip_import_created_and_deleted(ctx: &Ctx) -> Result<()> {
-    set_up(ctx, &Setup::default())?;
+    import_created_and_deleted(ctx, &Setup::default(), "ClusterSetIP")
+}
+
+/// Exports c1's `hello` (set up as `setup` says): a ServiceImport of type `kind` appears in
+/// every cluster; unexported, it goes from every cluster.
+fn import_created_and_deleted(ctx: &Ctx, setup: &Setup, kind: &str) -> Result<()> {
+    set_up(ctx, setup)?;
     ctx.export(0, "")?;
     for i in 0..ctx.set.members.len() {
         let si = ctx.await_import(i, |_| Ok(()))?;
-        if si["spec"]["type"] != "ClusterSetIP" {
+        if si["spec"]["type"] != kind {
             bail!("ServiceImport in {} has type {}", ctx.c(i).name, si["spec"]["type"]);
         }
     }
@@ -622,13 +647,7 @@ fn session_affinity_matches(ctx: &Ctx) -> Result<()> {
 fn ip_allocated(ctx: &Ctx) -> Result<()> {
     set_up(ctx, &Setup::default())?;
     ctx.export(0, "")?;
-    let si = ctx.await_import(0, |si| {
-        si["spec"]["ips"]
-            .as_array()
-            .is_some_and(|ips| !ips.is_empty())
-            .then_some(())
-            .ok_or_else(|| "no IPs".to_owned())
-    })?;
+    let si = ctx.await_import_ips(0)?;
     let ip = si["spec"]["ips"][0].as_str().context("ips[0]")?;
     ip.parse::<std::net::IpAddr>().with_context(|| format!("{ip:?} is not a valid IP"))?;
     Ok(())
@@ -652,6 +671,15 @@ fn import_ports(si: &Value) -> Vec<(String, String, u64)> {
     ports
 }
 
+/// c1's ServiceImport until its ports are `want`.
+fn await_import_ports(ctx: &Ctx, want: &[(String, String, u64)]) -> Result<()> {
+    ctx.await_import(0, |si| {
+        let got = import_ports(si);
+        (got == want).then_some(()).ok_or_else(|| format!("ports {got:?}, want {want:?}"))
+    })?;
+    Ok(())
+}
+
 fn ports_of(list: &[(&str, &str, u64)]) -> Vec<(String, String, u64)> {
     let mut v: Vec<(String, String, u64)> =
         list.iter().map(|(n, p, port)| ((*n).to_owned(), (*p).to_owned(), *port)).collect();
@@ -663,10 +691,7 @@ fn ports_match(ctx: &Ctx) -> Result<()> {
     set_up(ctx, &Setup::default())?;
     ctx.export(0, "")?;
     let want = ports_of(&[("tcp", "TCP", 42), ("udp", "UDP", 42)]);
-    ctx.await_import(0, |si| {
-        let got = import_ports(si);
-        (got == want).then_some(()).ok_or_else(|| format!("ports {got:?}, want {want:?}"))
-    })?;
+    await_import_ports(ctx, &want)?;
     Ok(())
 }
 
@@ -680,43 +705,23 @@ fn union_of_ports(ctx: &Ctx) -> Result<()> {
         "",
     )?;
     let want = ports_of(&[("tcp", "TCP", 42), ("udp", "UDP", 42), ("stcp", "SCTP", 142)]);
-    ctx.await_import(0, |si| {
-        let got = import_ports(si);
-        (got == want).then_some(()).ok_or_else(|| format!("ports {got:?}, want {want:?}"))
-    })?;
+    await_import_ports(ctx, &want)?;
     Ok(())
 }
 
 fn conflicting_ports(ctx: &Ctx) -> Result<()> {
     set_up(ctx, &Setup::default())?;
     ctx.export(0, "")?;
-    ctx.await_import(0, |_| Ok(()))?;
-    std::thread::sleep(Duration::from_secs(1));
+    ctx.await_older_import()?;
     second_exporter(ctx, false, "  - { name: tcp, port: 43, protocol: TCP }\n", "")?;
-    ctx.await_export_condition(0, "Conflict", "True")?;
-    ctx.await_export_condition(1, "Conflict", "True")?;
+    ctx.await_conflict_on_both()?;
     let want = ports_of(&[("tcp", "TCP", 42), ("udp", "UDP", 42)]);
-    ctx.await_import(0, |si| {
-        let got = import_ports(si);
-        (got == want).then_some(()).ok_or_else(|| format!("ports {got:?}, want {want:?}"))
-    })?;
+    await_import_ports(ctx, &want)?;
     Ok(())
 }
 
 fn headless_import_created_and_deleted(ctx: &Ctx) -> Result<()> {
-    set_up(ctx, &Setup { headless: true, ..Setup::default() })?;
-    ctx.export(0, "")?;
-    for i in 0..ctx.set.members.len() {
-        let si = ctx.await_import(i, |_| Ok(()))?;
-        if si["spec"]["type"] != "Headless" {
-            bail!("ServiceImport in {} has type {}", ctx.c(i).name, si["spec"]["type"]);
-        }
-    }
-    ctx.unexport(0)?;
-    for i in 0..ctx.set.members.len() {
-        ctx.await_no_import(i)?;
-    }
-    Ok(())
+    import_created_and_deleted(ctx, &Setup { headless: true, ..Setup::default() }, "Headless")
 }
 
 fn headless_no_ip(ctx: &Ctx) -> Result<()> {
@@ -760,11 +765,9 @@ fn external_name_invalid(ctx: &Ctx) -> Result<()> {
 fn conflicting_headlessness(ctx: &Ctx) -> Result<()> {
     set_up(ctx, &Setup::default())?;
     ctx.export(0, "")?;
-    ctx.await_import(0, |_| Ok(()))?;
-    std::thread::sleep(Duration::from_secs(1));
+    ctx.await_older_import()?;
     second_exporter(ctx, true, HELLO_PORTS, "")?;
-    ctx.await_export_condition(0, "Conflict", "True")?;
-    ctx.await_export_condition(1, "Conflict", "True")?;
+    ctx.await_conflict_on_both()?;
     for i in 0..ctx.set.members.len() {
         let si = ctx.await_import(i, |_| Ok(()))?;
         if si["spec"]["type"] != "ClusterSetIP" {

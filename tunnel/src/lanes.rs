@@ -41,10 +41,10 @@ use crate::tls::Credentials;
 /// The most lanes per replica: lane numbers at or above it are refused.
 pub const MAX_LANES: u8 = 64;
 /// First bytes of a destination connection id that names a lane: `f`, `g`, the lane number.
-const MARKER: [u8; 2] = *b"fg";
+pub(crate) const MARKER: [u8; 2] = *b"fg";
 /// Length of such an id: long enough to be unguessable after the marker (RFC 9000 §7.2 asks
 /// for at least 8 bytes), and distinct from quinn's own 20-byte random ids.
-const LANE_CID_LEN: usize = 18;
+pub(crate) const LANE_CID_LEN: usize = 18;
 
 /// A first destination connection id naming `lane`: the marker, the lane, random bytes.
 pub(crate) fn lane_cid(lane: u8) -> ConnectionId {

@@ -29,7 +29,9 @@ use crate::endpoint::TunnelError;
 /// 3-byte nonce and a 5-byte signature).
 pub(crate) const CID_LEN: u8 = 8;
 /// Length of a lane's first destination connection id ([`crate::lanes`]).
-const LANE_CID_LEN: u8 = 18;
+const LANE_CID_LEN: u8 = crate::lanes::LANE_CID_LEN as u8;
+/// Its first two bytes.
+const MARKER: [u8; 2] = crate::lanes::MARKER;
 
 // Classic BPF opcodes (linux/filter.h, linux/bpf_common.h).
 const LD_B_ABS: u16 = 0x30;
@@ -66,7 +68,7 @@ pub(crate) fn program(threads: u32) -> Vec<sock_filter> {
         // 10: a lane's first id: `f`, `g`, lane.
         op(JEQ_K, 0, 7, u32::from(LANE_CID_LEN)), // to 18
         op(LD_H_ABS, 0, 0, 6),
-        op(JEQ_K, 0, 5, u32::from(u16::from_be_bytes(*b"fg"))), // to 18
+        op(JEQ_K, 0, 5, u32::from(u16::from_be_bytes(MARKER))), // to 18
         op(LD_B_ABS, 0, 0, 8),
         op(JEQ_K, 3, 0, 0), // lane 0: to 18
         op(SUB_K, 0, 0, 1),
@@ -88,7 +90,7 @@ fn pick(datagram: &[u8], threads: usize) -> usize {
     } else {
         match byte(5) {
             Some(CID_LEN) => byte(6).map(|b| usize::from(b) % threads),
-            Some(LANE_CID_LEN) if datagram.get(6..8) == Some(b"fg") => match byte(8) {
+            Some(LANE_CID_LEN) if datagram.get(6..8) == Some(&MARKER[..]) => match byte(8) {
                 Some(0) | None => Some(0),
                 Some(lane) => Some(usize::from(lane - 1) % threads),
             },
@@ -206,10 +208,7 @@ mod tests {
     }
 
     fn lane_id(lane: u8) -> Vec<u8> {
-        let mut id = b"fg".to_vec();
-        id.push(lane);
-        id.extend_from_slice(&[3; 15]);
-        id
+        crate::lanes::lane_cid(lane).to_vec()
     }
 
     #[test]

@@ -110,6 +110,29 @@ async fn wait_until(
     got.clone()
 }
 
+/// Opens a stream to `peer` from data-plane thread `shard` of `from`, writes a byte, takes the
+/// stream at the peer's `incoming` and returns the data-plane thread the peer accepted it on.
+async fn accepting_shard(
+    from: &PeerHandle,
+    shard: &tokio::runtime::Handle,
+    peer: &'static str,
+    incoming: &mut mpsc::Receiver<IncomingStream>,
+) -> Option<usize> {
+    let handle = from.clone();
+    let (mut send, _recv, _) = shard
+        .spawn(async move { handle.open_stream(&id(peer)).await })
+        .await
+        .expect("task")
+        .expect("stream opens");
+    send.write_all(b"x").await.expect("write");
+    let mut stream =
+        tokio::time::timeout(WAIT, incoming.recv()).await.expect("in time").expect("stream");
+    let mut byte = [0u8; 1];
+    stream.recv.read_exact(&mut byte).await.expect("read");
+    let runtime = stream.runtime.take().expect("the accepting runtime");
+    runtime.spawn(async { crate::runtime::current_shard() }).await.expect("task")
+}
+
 #[tokio::test]
 async fn with_several_threads_each_has_a_lane_and_streams_stay_on_their_thread() {
     let pki = TestPki::new("demo");
@@ -143,20 +166,8 @@ async fn with_several_threads_each_has_a_lane_and_streams_stay_on_their_thread()
     // A stream opened on east's thread k travels on lane k + 1, which west runs on its thread
     // k mod 2: the incoming stream says so, and a task there sees that thread.
     for (k, shard) in east_shards.iter().enumerate() {
-        let handle = east.handle.clone();
-        let (mut send, _recv, _) = shard
-            .spawn(async move { handle.open_stream(&id("west")).await })
-            .await
-            .expect("task")
-            .expect("stream opens");
-        send.write_all(b"x").await.expect("write");
-        let mut incoming =
-            tokio::time::timeout(WAIT, west.data.recv()).await.expect("in time").expect("stream");
-        let mut byte = [0u8; 1];
-        incoming.recv.read_exact(&mut byte).await.expect("read");
-        let runtime = incoming.runtime.take().expect("the accepting runtime");
-        let shard = runtime.spawn(async { crate::runtime::current_shard() }).await.expect("task");
-        assert_eq!(shard, Some(k % 2), "stream opened on east's thread {k}");
+        let accepted = accepting_shard(&east.handle, shard, "west", &mut west.data).await;
+        assert_eq!(accepted, Some(k % 2), "stream opened on east's thread {k}");
     }
 
     // The other way: a stream west (the acceptor) opens on its thread 1 travels on the lane
@@ -164,19 +175,7 @@ async fn with_several_threads_each_has_a_lane_and_streams_stay_on_their_thread()
     // (east's thread 0). east dialed its lanes from ports of their own (crate::steer), so
     // west matched them to east's replica by address.
     let mut east = east;
-    let handle = west.handle.clone();
-    let (mut send, _recv, _) = west_shards[1]
-        .spawn(async move { handle.open_stream(&id("east")).await })
-        .await
-        .expect("task")
-        .expect("stream opens");
-    send.write_all(b"y").await.expect("write");
-    let mut incoming =
-        tokio::time::timeout(WAIT, east.data.recv()).await.expect("in time").expect("stream");
-    let mut byte = [0u8; 1];
-    incoming.recv.read_exact(&mut byte).await.expect("read");
-    let runtime = incoming.runtime.take().expect("the accepting runtime");
-    let shard = runtime.spawn(async { crate::runtime::current_shard() }).await.expect("task");
+    let shard = accepting_shard(&west.handle, &west_shards[1], "east", &mut east.data).await;
     assert_eq!(shard, Some(1), "west's stream from its thread 1 went on east's thread {shard:?}");
 
     // The lanes end with the replica's first connection, at both ends.

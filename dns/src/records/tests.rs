@@ -81,8 +81,9 @@ impl World {
         }
     }
 
-    fn names(&self, svc: &ImportedService) -> NameMap {
-        let cx = ImportContext {
+    /// The context the records are built in.
+    fn cx(&self) -> ImportContext<'_> {
+        ImportContext {
             ttl: 5,
             local_cluster: Some(&self.local),
             client_labels: &self.client,
@@ -91,23 +92,16 @@ impl World {
             unreachable: &self.unreachable,
             vips: &self.vips,
             flat: &self.flat,
-        };
-        import_names(svc, &cx)
+        }
+    }
+
+    fn names(&self, svc: &ImportedService) -> NameMap {
+        import_names(svc, &self.cx())
     }
 
     /// The PTR targets a service asks for, as sorted `(address, target)` strings.
     fn ptrs(&self, svc: &ImportedService) -> Vec<(String, String)> {
-        let cx = ImportContext {
-            ttl: 5,
-            local_cluster: Some(&self.local),
-            client_labels: &self.client,
-            priority: &self.priority,
-            localities: &self.localities,
-            unreachable: &self.unreachable,
-            vips: &self.vips,
-            flat: &self.flat,
-        };
-        sorted_ptrs(&import_records(svc, &cx).ptrs)
+        sorted_ptrs(&import_records(svc, &self.cx()).ptrs)
     }
 }
 

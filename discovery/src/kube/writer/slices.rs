@@ -44,26 +44,44 @@ pub(super) fn cluster_slices(
             labels.insert(LABEL_SERVICE_NAME.to_owned(), json!(key.name));
             labels.insert(LABEL_SOURCE_CLUSTER.to_owned(), json!(cluster));
             labels.insert(LABEL_SLICE_MANAGED_BY.to_owned(), json!(MANAGED_BY));
-            let body = json!({
-                "apiVersion": "discovery.k8s.io/v1",
-                "kind": "EndpointSlice",
-                "metadata": {"name": name, "namespace": key.namespace, "labels": labels},
-                "addressType": family,
-                "ports": ports.iter().map(|(n, proto, port)| {
-                    let mut p = json!({"protocol": proto});
-                    if let Some(n) = n { p["name"] = json!(n); }
-                    if let Some(port) = port { p["port"] = json!(port); }
-                    p
-                }).collect::<Vec<_>>(),
-                "endpoints": chunk.iter().map(|e| endpoint_json(e)).collect::<Vec<_>>(),
+            let ports = ports.iter().map(|(n, proto, port)| {
+                let mut p = json!({"protocol": proto});
+                if let Some(n) = n {
+                    p["name"] = json!(n);
+                }
+                if let Some(port) = port {
+                    p["port"] = json!(port);
+                }
+                p
             });
-            out.push((
-                ObjRef { kind: WriteKind::EndpointSlice, namespace: key.namespace.clone(), name },
-                DesiredObject { body, status: None },
-            ));
+            out.push(slice_object(key, name, labels, family, ports.collect(), chunk));
         }
     }
     out
+}
+
+/// An EndpointSlice `name` in `key`'s namespace: `labels`, address `family`, `ports` (as
+/// JSON) and the endpoints of `chunk`.
+fn slice_object(
+    key: &ServiceKey,
+    name: String,
+    labels: serde_json::Map<String, Value>,
+    family: &str,
+    ports: Vec<Value>,
+    chunk: &[&Endpoint],
+) -> (ObjRef, DesiredObject) {
+    let body = json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": key.namespace, "labels": labels},
+        "addressType": family,
+        "ports": ports,
+        "endpoints": chunk.iter().map(|e| endpoint_json(e)).collect::<Vec<_>>(),
+    });
+    (
+        ObjRef { kind: WriteKind::EndpointSlice, namespace: key.namespace.clone(), name },
+        DesiredObject { body, status: None },
+    )
 }
 
 pub(super) fn endpoint_json(e: &Endpoint) -> Value {
@@ -197,20 +215,10 @@ pub(super) fn derived_direct_slices(
             labels.insert(LABEL_KUBE_SERVICE_NAME.to_owned(), json!(service));
             labels.insert(LABEL_SLICE_MANAGED_BY.to_owned(), json!(MANAGED_BY));
             labels.insert(LABEL_SOURCE_CLUSTER.to_owned(), json!(cluster.as_str()));
-            let body = json!({
-                "apiVersion": "discovery.k8s.io/v1",
-                "kind": "EndpointSlice",
-                "metadata": {"name": name, "namespace": key.namespace, "labels": labels},
-                "addressType": family,
-                "ports": ports.iter().map(|(n, proto, port)| {
-                    json!({"name": n, "protocol": proto, "port": port})
-                }).collect::<Vec<_>>(),
-                "endpoints": chunk.iter().map(|e| endpoint_json(e)).collect::<Vec<_>>(),
-            });
-            out.push((
-                ObjRef { kind: WriteKind::EndpointSlice, namespace: key.namespace.clone(), name },
-                DesiredObject { body, status: None },
-            ));
+            let ports = ports
+                .iter()
+                .map(|(n, proto, port)| json!({"name": n, "protocol": proto, "port": port}));
+            out.push(slice_object(key, name, labels, family, ports.collect(), chunk));
         }
     }
     out
