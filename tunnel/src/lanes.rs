@@ -185,12 +185,14 @@ pub(crate) fn shard_of(index: u8, threads: usize) -> usize {
 
 /// Keeps the data lanes (1…, one per data-plane thread, at least one) of the dialed replica
 /// `target` while `token` lives (lane 0's connection is up): one task per lane, each dialing
-/// with backoff.
+/// with backoff. A lane that gets a stateless reset cancels `restarted`: the replica's
+/// process is gone, lane 0 with it, and its lanes are dialed again once lane 0 is.
 pub(crate) fn dial_lanes(
     ctx: &PeerContext,
     credentials: &Arc<Credentials>,
     target: SocketAddr,
     token: &CancellationToken,
+    restarted: &CancellationToken,
 ) {
     let threads = ctx.settings.shards.len();
     let lanes = threads.clamp(1, usize::from(MAX_LANES - 1));
@@ -203,6 +205,7 @@ pub(crate) fn dial_lanes(
             index,
             shard: shard_of(index, threads),
             token: token.clone(),
+            restarted: restarted.clone(),
         };
         tokio::spawn(task.run());
     }
@@ -215,6 +218,7 @@ struct LaneTask {
     index: u8,
     shard: usize,
     token: CancellationToken,
+    restarted: CancellationToken,
 }
 
 impl LaneTask {
@@ -286,6 +290,10 @@ impl LaneTask {
         };
         carry(&self.ctx.shared, &peer, &conn, self.ctx.routes.clone(), runtime, &self.token, why)
             .await;
+        if matches!(conn.close_reason(), Some(quinn::ConnectionError::Reset)) {
+            tracing::info!(%peer, target = %self.target, lane = self.index, "a data lane got a stateless reset: the replica restarted; redialing it");
+            self.restarted.cancel();
+        }
         Some(started.elapsed())
     }
 }

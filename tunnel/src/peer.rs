@@ -40,6 +40,10 @@ pub(crate) const CLOSE_WRONG_DIRECTION: u32 = 2;
 pub(crate) const CLOSE_TOO_MANY: u32 = 3;
 pub(crate) const CLOSE_ADDRESS_GONE: u32 = 4;
 pub(crate) const CLOSE_DUPLICATE: u32 = 5;
+/// The dialer closes a replica's first connection when one of its lanes got a stateless reset
+/// (the replica restarted; the close goes to the old process's address, where the new one
+/// answers it with a reset too).
+pub(crate) const CLOSE_RESTARTED: u32 = 6;
 
 /// A working connection to one replica of a peer, as handed out by
 /// [`PeerHandle::connections`].

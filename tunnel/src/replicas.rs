@@ -19,8 +19,8 @@ use crate::metrics::{
     PEER_UNEXPECTED_INSTANCES_TOTAL, PEERS_CONNECTED,
 };
 use crate::peer::{
-    CLOSE_ADDRESS_GONE, CLOSE_DUPLICATE, CLOSE_REPLACED, CLOSE_SHUTDOWN, CLOSE_TOO_MANY,
-    MAX_CONNECTIONS_PER_PEER, RESOLVE_INTERVAL, Shared, disconnect_reason,
+    CLOSE_ADDRESS_GONE, CLOSE_DUPLICATE, CLOSE_REPLACED, CLOSE_RESTARTED, CLOSE_SHUTDOWN,
+    CLOSE_TOO_MANY, MAX_CONNECTIONS_PER_PEER, RESOLVE_INTERVAL, Shared, disconnect_reason,
 };
 use crate::streams::{self, Routes};
 use crate::tls::{Credentials, RejectionSink, client_crypto};
@@ -220,8 +220,9 @@ async fn run_acceptor(ctx: PeerContext, mut accepted: mpsc::Receiver<quinn::Conn
 enum Served {
     /// It never counted as up (refused after the handshake, or gone before confirmed).
     NeverUp(Option<quinn::ConnectionError>),
-    /// It was up for this long.
-    Ended(Duration),
+    /// It was up for this long; `restarted`: it ended by a stateless reset (its own or a
+    /// lane's), so the replica is back already.
+    Ended { up: Duration, restarted: bool },
 }
 
 /// Serves one connection until it closes or `token` is cancelled: its incoming streams, and
@@ -280,14 +281,27 @@ async fn serve(
     // The dialer keeps a lane per further data-plane thread while this connection is up.
     let lanes = token.child_token();
     let _lanes_end = lanes.clone().drop_guard();
+    // Cancelled by a lane that got a stateless reset: the replica restarted.
+    let restarted = CancellationToken::new();
     if let Some(credentials) = credentials {
-        crate::lanes::dial_lanes(ctx, credentials, conn.remote_address(), &lanes);
+        crate::lanes::dial_lanes(ctx, credentials, conn.remote_address(), &lanes, &restarted);
     }
 
     // Cancelled without shutdown: an accepted connection was replaced by a newer one from
     // the same replica; a dialed one's address no longer resolves.
     let mut label = None;
+    let mut text = None;
     tokio::select! {
+        // A data lane of this replica got a stateless reset, so the process we connected to
+        // is gone and this connection is dead too; it would only learn that from its own
+        // next packet's reset (heartbeats are seconds apart), meanwhile counting the replica
+        // up while its lanes, redialed to the new process, would be cut again when it ends
+        // (tests/fault_peers.rs). End it now: the dial task redials at once.
+        _ = restarted.cancelled() => {
+            label = Some("reset");
+            text = Some("the replica restarted: one of its data lanes got a stateless reset".to_owned());
+            conn.close(VarInt::from_u32(CLOSE_RESTARTED), b"the peer restarted");
+        }
         _ = token.cancelled() => {
             let (code, why): (u32, &[u8]) = if ctx.shutdown.is_cancelled() {
                 (CLOSE_SHUTDOWN, b"gateway shutting down")
@@ -304,7 +318,7 @@ async fn serve(
     streams.abort();
     let reason = conn.close_reason();
     let label = label.unwrap_or_else(|| disconnect_reason(reason.as_ref()));
-    let text = reason.as_ref().map(ToString::to_string);
+    let text = text.or_else(|| reason.as_ref().map(ToString::to_string));
     let n = ctx.shared.remove(&peer, &conn, text.clone());
     metrics::gauge!(PEER_REPLICAS_CONNECTED, "peer" => peer.to_string()).set(n as f64);
     if n == 0 {
@@ -312,7 +326,7 @@ async fn serve(
     }
     metrics::counter!(PEER_DISCONNECTS_TOTAL, "reason" => label).increment(1);
     tracing::info!(reason = text.as_deref().unwrap_or("local"), replicas = n, "peer disconnected");
-    Served::Ended(started.elapsed())
+    Served::Ended { up: started.elapsed(), restarted: label == "reset" }
 }
 
 /// Dials one replica address: dial with backoff, serve the connection, dial again.
@@ -374,9 +388,9 @@ impl DialTask {
                     }
                     delay = Some(self.backoff.fail());
                 }
-                Served::Ended(up) => {
+                Served::Ended { up, restarted } => {
                     self.last_logged_error = None;
-                    if up >= BACKOFF_MAX {
+                    if up >= BACKOFF_MAX || restarted {
                         self.backoff.reset();
                     } else {
                         // A connection that keeps dying young is retried with backoff.
