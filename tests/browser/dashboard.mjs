@@ -222,6 +222,18 @@ try {
     [...document.querySelectorAll('[data-cluster]')].map((e) => `${e.dataset.cluster}: ${e.innerText.replace(/\s+/g, ' ').trim()}`));
   for (const t of clusterTexts) log(`  ${t}`);
 
+  // Every endpoint row names the path a connection takes: `local` for this cluster's
+  // endpoints, `tunnel` for the others' (no peer is on a flat network here).
+  const statuses = await clusterStatuses(page);
+  const localId = Object.keys(statuses).find((c) => statuses[c] === 'local');
+  await waitFor('endpoint rows, each with its path', 15000, async () => {
+    const rows = await page.evaluate(() => [...document.querySelectorAll('[data-testid="endpoints"] tr[data-endpoint]')]
+      .map((r) => ({ cluster: r.dataset.endpoint.split('/')[0], path: r.querySelector('td[data-path]')?.dataset.path ?? null })));
+    const ok = rows.length > 0 && rows.some((r) => r.cluster !== localId)
+      && rows.every((r) => r.path === (r.cluster === localId ? 'local' : 'tunnel'));
+    return { ok, seen: JSON.stringify(rows.slice(0, 10)) };
+  });
+
   if (failArgv) {
     const before = await failoverEntries(page, opts.service);
     if (before === null) throw new Error('no failover list on the page (an element with data-testid="failovers")');
