@@ -93,13 +93,32 @@ impl Ctx<'_> {
         check: impl Fn(&str) -> Result<(), String>,
     ) -> Result<String> {
         let what = format!("`{command}` in {}'s request pod", self.c(i).name);
-        eventually(&what, WAIT, || {
+        let result = eventually(&what, WAIT, || {
             let out = self.exec(i, command)?;
             match check(&out) {
                 Ok(()) => Ok(Some(out)),
                 Err(why) => bail!("{why}; output:\n{out}"),
             }
-        })
+        });
+        // A lookup that failed: what dig sees now, with each try's time and rcode.
+        if result.is_err()
+            && let Some(name) =
+                command.strip_prefix("nslookup ").and_then(|a| a.split(' ').next_back())
+        {
+            let dig = self
+                .exec(
+                    i,
+                    &format!(
+                        "dig +tries=2 +time=2 {name} 2>&1; dig +tries=1 +time=2 +tcp {name} 2>&1"
+                    ),
+                )
+                .unwrap_or_else(|e| format!("{e:#}"));
+            eprintln!(
+                "    after the failed lookup, dig in {}'s request pod:\n{dig}",
+                self.c(i).name
+            );
+        }
+        result
     }
 
     fn export(&self, i: usize, extra_spec: &str) -> Result<()> {
@@ -975,6 +994,9 @@ fn report_dir() -> PathBuf {
 
 /// Runs every spec against a fresh clusterset in `network` mode; writes the report; fails
 /// when a spec expected in this mode failed.
+/// Lines of each gateway's log printed after a spec expected to pass failed.
+const LOG_TAIL: usize = 150;
+
 fn run_all(network: Network) -> Result<()> {
     // One clusterset at a time: two of them (four control planes with their controllers,
     // nodes and gateways) on two cores would turn the suite's 20 s waits into the test.
@@ -1004,6 +1026,17 @@ fn run_all(network: Network) -> Result<()> {
         );
         if let Some(e) = &error {
             eprintln!("    {e}");
+            if expected {
+                for m in &set.members {
+                    let log = m.gateway.gw.log_text();
+                    let lines: Vec<&str> = log.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(LOG_TAIL)..].join("\n");
+                    eprintln!(
+                        "    --- the last {LOG_TAIL} lines of {}'s gateway log ---\n{tail}",
+                        m.name
+                    );
+                }
+            }
         }
         outcomes.push(Outcome { spec, expected, secs, error });
         // Namespaces are not waited for: the next spec uses a new one.
