@@ -6,7 +6,7 @@
 # shellcheck source=bench/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
-gateway() { # id ip tunnel-port peer-id peer-ip peer-port vip-octet [maxUdpPayloadSize] [dataPlaneThreads] [busyPoll]
+gateway() { # id ip tunnel-port peer-id peer-ip peer-port vip-octet [maxUdpPayloadSize] [dataPlaneThreads] [busyPoll] [socketBufferSize]
   local d=$work/$1
   mkdir -p "$d/cluster"
   cat >"$d/gateway.yaml" <<YAML
@@ -14,7 +14,7 @@ cluster: { id: $1, clusterset: bench, locality: { region: r-$1, zone: z-$1 } }
 discovery: { source: file, file: { dir: ./cluster }, peerLeaseDuration: 15s }
 peers: [ { id: $4, address: "$5:$6" } ]
 tls: { cert: $C/$1.crt, key: $C/$1.key, ca: $C/ca.crt }
-tunnel: { listen: "$2:$3"${8:+, maxUdpPayloadSize: $8} }
+tunnel: { listen: "$2:$3"${8:+, maxUdpPayloadSize: $8}${11:+, socketBufferSize: ${11}} }
 dns: { listen: "$2:$(free_udp)", upstream: [ "127.0.0.1:9" ], ttl: 5s }
 front: { mode: vip, clusterSetIPRange: 127.2.$7.0/24 }
 admin: { listen: "$2:$(free_tcp)" }

@@ -3,7 +3,7 @@
 # loopback, in one invocation: 1 KB round trips (rr.py) through each path in ITER interleaved
 # rounds, printing per path the medians of p50 and p99, the proxies' CPU per round trip
 # (schedstat of every thread) and context switches per round trip.
-#   PAIRS="name=BINARY,MAX_UDP_PAYLOAD,ENV=VAL:ENV2=VAL,DATA_PLANE_THREADS,BUSY_POLL ..."  one fedgate
+#   PAIRS="name=BINARY,MAX_UDP_PAYLOAD,ENV=VAL:ENV2=VAL,DATA_PLANE_THREADS,BUSY_POLL,SOCKET_BUFFER ..."  one fedgate
 #   pair per entry (empty fields: the defaults)
 #   PAIRS="old=/tmp/fedgate-old, new=target/release/fedgate," ITER=8 bench/tunnel/rr-compare.sh
 #   PAIRS="w1=target/release/fedgate,,TOKIO_WORKER_THREADS=1" bench/tunnel/rr-compare.sh
@@ -44,10 +44,10 @@ C=$work/certs; for c in a b; do cat "$C/$c.crt" "$C/$c.key" >"$C/$c.pem"; done
 declare -A HOST PIDS IP
 ids=(a b c d e f g h i j); n=0
 for spec in ${PAIRS:-base=$bin0,}; do
-  name=${spec%%=*}; rest=${spec#*=}; IFS=, read -r bin payload envs threads busy <<<"$rest"; bin=$(realpath "$bin")
+  name=${spec%%=*}; rest=${spec#*=}; IFS=, read -r bin payload envs threads busy sockbuf <<<"$rest"; bin=$(realpath "$bin")
   a=${ids[$((2*n))]}; b=${ids[$((2*n+1))]}; ipa=127.0.0.$((50+2*n)); ipb=127.0.0.$((51+2*n))
   ta=$(free_udp); tb=$(free_udp)
-  gateway $a $ipa $ta $b $ipb $tb $((50+2*n)) "$payload" "$threads" "$busy"; gateway $b $ipb $tb $a $ipa $ta $((51+2*n)) "$payload" "$threads" "$busy"
+  gateway $a $ipa $ta $b $ipb $tb $((50+2*n)) "$payload" "$threads" "$busy" "$sockbuf"; gateway $b $ipb $tb $a $ipa $ta $((51+2*n)) "$payload" "$threads" "$busy" "$sockbuf"
   bench_export "$work/$b"
   PP=""; for g in $a $b; do (cd $work/$g && exec env RUST_LOG=warn ${envs//:/ } "$bin" run --config gateway.yaml) >$work/$g.log 2>&1 & pids+=($!); PP="$PP $!"; done
   adm=$(awk -F'"' '/^admin:/ {print $2}' $work/$a/gateway.yaml); VIP=""
