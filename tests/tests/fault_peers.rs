@@ -78,7 +78,7 @@ impl ClientLoop {
     /// Waits (bounded) for the first successful request started at or after `from`; returns
     /// its end.
     fn first_success_after(&self, from: Instant, timeout: Duration) -> Result<Instant> {
-        eventually("a successful request through alpha", timeout, || {
+        eventually("a successful request", timeout, || {
             Ok(self
                 .snapshot()
                 .iter()
@@ -89,7 +89,7 @@ impl ClientLoop {
 
     /// Waits (bounded) until at least `n` requests started at or after `from` have finished.
     fn wait_requests_after(&self, from: Instant, n: usize, timeout: Duration) -> Result<()> {
-        eventually(&format!("{n} requests through alpha"), timeout, || {
+        eventually(&format!("{n} requests"), timeout, || {
             Ok((self.snapshot().iter().filter(|s| s.start >= from).count() >= n).then_some(()))
         })
     }
@@ -197,45 +197,66 @@ const RESTART_RECOVERY: Duration = Duration::from_secs(10);
 /// bravo's import (same ClusterSetIP) at every look during the outage; requests succeed again
 /// within [`RESTART_RECOVERY`] of bravo's restart, and every one of the next
 /// [`AFTER_RECOVERY`] does. Failures during the outage are counted and printed: with the only
-/// exporter dead the design promises none.
+/// exporter dead the design promises none. Alpha has the lower id, so it dials bravo: this is
+/// the restart of a replica this side dialed.
 #[test]
 fn a_killed_exporter_restarted_within_its_lease_keeps_its_import_and_recovers() -> Result<()> {
+    killed_exporter_restarted(1)
+}
+
+/// The same with the roles swapped: alpha (the only exporter, and the side that dials) is
+/// killed and restarted while the client loop runs through bravo, whose connections to alpha
+/// were accepted. The restarted alpha dials again from the same address, and its new lanes
+/// must replace the dead ones before bravo puts a stream on them.
+#[test]
+fn a_killed_dialing_exporter_restarted_within_its_lease_recovers_at_the_acceptor() -> Result<()> {
+    killed_exporter_restarted(0)
+}
+
+/// Gateways alpha and bravo; `exporter` (0 or 1) exports fault/web, the other one takes the
+/// client loop; the exporter is killed, stays dead for 3 s and restarts.
+fn killed_exporter_restarted(exporter: usize) -> Result<()> {
+    let client = 1 - exporter;
     let tmp = tempfile::tempdir()?;
     let block = AddrBlock::unique();
     let mut gateways = start_gateways(tmp.path(), block, &["alpha", "bravo"], "15s", |_| {})?;
+    let (ex, cl) = (gateways[exporter].spec.id.clone(), gateways[client].spec.id.clone());
     let backend_addr = block.addr(60, 7100);
-    let _backend = Backend::start(backend_addr, "bravo-1", 128)?;
-    export_backend(&gateways[1], "web", backend_addr)?;
-    let ip = wait_vip(&gateways[0], "fault", "web", &["bravo"], PROPAGATION)?;
+    let _backend = Backend::start(backend_addr, &format!("{ex}-1"), 128)?;
+    export_backend(&gateways[exporter], "web", backend_addr)?;
+    let ip = wait_vip(&gateways[client], "fault", "web", &[ex.as_str()], PROPAGATION)?;
     let vip = SocketAddr::new(ip.parse()?, 80);
-    eventually("a first round trip through alpha", PROPAGATION, || Ok(round_trip(vip).ok()))?;
+    eventually(&format!("a first round trip through {cl}"), PROPAGATION, || {
+        Ok(round_trip(vip).ok())
+    })?;
 
     let clients = ClientLoop::start(vip);
     let started = Instant::now();
     clients.wait_requests_after(started, 20, Duration::from_secs(10))?;
 
     let killed = Instant::now();
-    gateways[1].kill();
-    // Dead for 3 s: alpha must keep the import the whole time (the lease is 15 s).
+    gateways[exporter].kill();
+    // Dead for 3 s: the client's gateway must keep the import the whole time (the lease is
+    // 15 s).
     let mut looks = 0;
     while killed.elapsed() < Duration::from_secs(3) {
-        let now = imported_ip(&gateways[0], "fault", "web", &["bravo"])?;
+        let now = imported_ip(&gateways[client], "fault", "web", &[ex.as_str()])?;
         assert_eq!(
             now.as_deref(),
             Some(ip.as_str()),
-            "alpha withdrew or renumbered bravo's import {:?} after the kill, within the lease",
+            "{cl} withdrew or renumbered {ex}'s import {:?} after the kill, within the lease",
             killed.elapsed()
         );
         looks += 1;
         std::thread::sleep(Duration::from_millis(200));
     }
-    gateways[1].start()?;
+    gateways[exporter].start()?;
     let restarted = Instant::now();
     let recovered =
         clients.first_success_after(restarted, RESTART_RECOVERY).with_context(|| {
-            format!("requests through alpha still fail {RESTART_RECOVERY:?} after bravo restarted")
+            format!("requests through {cl} still fail {RESTART_RECOVERY:?} after {ex} restarted")
         })?;
-    let after = imported_ip(&gateways[0], "fault", "web", &["bravo"])?;
+    let after = imported_ip(&gateways[client], "fault", "web", &[ex.as_str()])?;
     assert_eq!(after.as_deref(), Some(ip.as_str()), "the import and its ClusterSetIP stayed");
     clients.wait_requests_after(recovered, AFTER_RECOVERY, Duration::from_secs(60))?;
     let samples = clients.finish();
@@ -243,7 +264,7 @@ fn a_killed_exporter_restarted_within_its_lease_keeps_its_import_and_recovers() 
     assert_no_failures(&samples, started, killed, "before the kill");
     let (total, failed, first, slowest) = phase(&samples, killed, recovered);
     eprintln!(
-        "bravo restarted {:?} after the kill; import kept at {looks} looks; during the \
+        "{ex} restarted {:?} after the kill; import kept at {looks} looks; during the \
          outage {failed} of {total} requests failed (slowest {slowest:?}, first errors \
          {first:?}); first success {:?} after the restart",
         restarted - killed,
