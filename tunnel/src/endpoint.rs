@@ -541,14 +541,15 @@ fn peer_of(conn: &quinn::Connection, settings: &TunnelSettings) -> Option<Cluste
 async fn handle_incoming(
     incoming: quinn::Incoming,
     settings: TunnelSettings,
-    accepted: Arc<HashMap<ClusterId, mpsc::Sender<quinn::Connection>>>,
+    accepted: Arc<HashMap<ClusterId, mpsc::Sender<crate::lanes::AcceptedConnection>>>,
     sink: Arc<RejectionSink>,
     lanes: crate::lanes::Accepted,
 ) {
     let remote = incoming.remote_address();
     // The dialer names the lane in its first destination connection id; the connection's task
     // goes to that lane's data-plane thread (lane 0, and any other dialer: the first).
-    let lane = crate::lanes::lane_of(&incoming.orig_dst_cid());
+    let cid = incoming.orig_dst_cid();
+    let (lane, group) = (crate::lanes::lane_of(&cid), crate::lanes::group_of(&cid));
     let shard = match lane {
         0 => 0,
         k => crate::lanes::shard_of(k, settings.shards.len()),
@@ -582,13 +583,13 @@ async fn handle_incoming(
         return;
     };
     if lane > 0 {
-        lanes.serve(peer, conn, lane, shard, settings.shards.get(shard).cloned());
+        lanes.serve(peer, conn, lane, group, shard, settings.shards.get(shard).cloned());
         return;
     }
     // A gateway with a higher cluster id dials too when none of our replicas' connections
     // reaches it (its fallback, crate::replicas::FALLBACK_AFTER): accepted like any other.
     if let Some(tx) = accepted.get(&peer) {
-        let _ = tx.send(conn).await;
+        let _ = tx.send((conn, group)).await;
     }
 }
 

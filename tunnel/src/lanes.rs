@@ -15,8 +15,9 @@
 //! the first destination connection id it sends ([`lane_cid`]; the Initial packets are keyed
 //! with it, so it cannot be rewritten on the way); the acceptor places the connection's task
 //! on its thread `(k - 1) mod threads` before the handshake and, once the peer's certificate
-//! is verified, serves it here. A dialer that names no lane (an older gateway) only ever has
-//! lane 0, which then carries data too.
+//! is verified, serves it here, filed under the replica whose lane 0 named the same [`Group`]
+//! (replicas behind one NAT address share an IP, not a group). A dialer that names no lane (an
+//! older gateway) only ever has lane 0, which then carries data too.
 //!
 //! New data streams prefer the lane on the caller's thread ([`crate::PeerHandle::open_stream`]),
 //! then any other data lane of the replica, and fall back to lane 0 only while the replica has
@@ -45,16 +46,53 @@ pub(crate) const MARKER: [u8; 2] = *b"fg";
 /// Length of such an id: long enough to be unguessable after the marker (RFC 9000 §7.2 asks
 /// for at least 8 bytes), and distinct from quinn's own 20-byte random ids.
 pub(crate) const LANE_CID_LEN: usize = 18;
+/// Length of a lane group: the bytes after the lane number that every lane of one replica
+/// connection shares.
+pub(crate) const GROUP_LEN: usize = 8;
 
-/// A first destination connection id naming `lane`: the marker, the lane, random bytes.
-pub(crate) fn lane_cid(lane: u8) -> ConnectionId {
+/// The lanes of one replica connection, as the dialer names them in every lane's first id
+/// (lane 0 included): random, drawn for each dial of lane 0. The acceptor files a lane under
+/// the replica connection whose lane 0 carried the same group, which works where a replica's
+/// address cannot tell (several replicas behind one NAT address).
+pub(crate) type Group = [u8; GROUP_LEN];
+
+/// A replica's first connection as the endpoint accepted it, with the lane group its first id
+/// named, on its way to the peer's task.
+pub(crate) type AcceptedConnection = (quinn::Connection, Option<Group>);
+
+/// A new random group for a dial of lane 0.
+pub(crate) fn new_group() -> Group {
+    let mut group = [0u8; GROUP_LEN];
+    // Fails only where the system has no random source; lanes are then filed by address.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut group);
+    group
+}
+
+/// A first destination connection id naming `lane` of `group`: the marker, the lane, the
+/// group, random bytes.
+pub(crate) fn lane_cid(lane: u8, group: &Group) -> ConnectionId {
     let mut bytes = [0u8; LANE_CID_LEN];
     bytes[..2].copy_from_slice(&MARKER);
     bytes[2] = lane;
+    bytes[3..3 + GROUP_LEN].copy_from_slice(group);
     // Fails only where the system has no random source; the id is then less random, not
     // wrong (the lane is still named).
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes[3..]);
+    let _ = ring::rand::SecureRandom::fill(
+        &ring::rand::SystemRandom::new(),
+        &mut bytes[3 + GROUP_LEN..],
+    );
     ConnectionId::new(&bytes)
+}
+
+/// The group a first destination connection id names ([`lane_cid`]); `None` for any other id
+/// (a dialer that names no lanes). Pure.
+pub(crate) fn group_of(cid: &ConnectionId) -> Option<Group> {
+    match cid.as_ref() {
+        [b'f', b'g', lane, rest @ ..] if cid.len() == LANE_CID_LEN && *lane < MAX_LANES => {
+            rest.get(..GROUP_LEN)?.try_into().ok()
+        }
+        _ => None,
+    }
 }
 
 /// The lane a first destination connection id names; 0 when it names none (a dialer with one
@@ -97,11 +135,12 @@ impl Accepted {
         peer: ClusterId,
         conn: quinn::Connection,
         index: u8,
+        group: Option<Group>,
         shard: usize,
         runtime: Option<Handle>,
     ) {
         let from = conn.remote_address();
-        let filed = self.shared.replica_at(&peer, from.ip());
+        let filed = self.shared.replica_of_lane(&peer, group, from.ip());
         let lane =
             Lane { remote: filed.unwrap_or(from), index, shard, conn: conn.clone(), dialed: false };
         if keep(&self.shared, &peer, lane).is_err() {
@@ -111,7 +150,7 @@ impl Accepted {
         }
         tracing::debug!(%peer, %from, replica = ?filed, lane = index, shard, "lane accepted");
         if filed.is_none() {
-            tokio::spawn(file_lane(self.shared.clone(), peer.clone(), conn.clone()));
+            tokio::spawn(file_lane(self.shared.clone(), peer.clone(), conn.clone(), group));
         }
         let (shared, routes, shutdown) =
             (self.shared.clone(), self.routes.clone(), self.shutdown.clone());
@@ -128,17 +167,23 @@ impl Accepted {
 const REPLICA_WAIT: Duration = Duration::from_secs(1);
 
 /// Files an accepted lane under its replica once that replica's first connection is listed:
-/// the one from the same IP (a dialer with several threads dials its lanes from ports of their
-/// own, `crate::steer`). Gives up after [`REPLICA_WAIT`], or when none or several of the
-/// replica's connections come from that IP (behind one NAT address, for example): the lane
-/// still carries the dialer's streams, only streams this side opens do not use it, they go on
-/// the replica's first connection.
-async fn file_lane(shared: Arc<Shared>, peer: ClusterId, conn: quinn::Connection) {
+/// the one whose first id named the same group ([`Group`]), else (a dialer that names no
+/// group) the one from the same IP (a dialer with several threads dials its lanes from ports
+/// of their own, `crate::steer`). Gives up after [`REPLICA_WAIT`], or, without a group, when
+/// none or several of the replica's connections come from that IP (behind one NAT address,
+/// for example): the lane still carries the dialer's streams, only streams this side opens
+/// do not use it, they go on the replica's first connection.
+async fn file_lane(
+    shared: Arc<Shared>,
+    peer: ClusterId,
+    conn: quinn::Connection,
+    group: Option<Group>,
+) {
     let from = conn.remote_address();
     let deadline = tokio::time::Instant::now() + REPLICA_WAIT;
     while tokio::time::Instant::now() < deadline && conn.close_reason().is_none() {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        if let Some(replica) = shared.replica_at(&peer, from.ip()) {
+        if let Some(replica) = shared.replica_of_lane(&peer, group, from.ip()) {
             shared.refile_lane(&peer, &conn, replica);
             return;
         }
@@ -193,6 +238,7 @@ pub(crate) fn dial_lanes(
     target: SocketAddr,
     token: &CancellationToken,
     restarted: &CancellationToken,
+    group: Group,
 ) {
     let threads = ctx.settings.shards.len();
     let lanes = threads.clamp(1, usize::from(MAX_LANES - 1));
@@ -206,6 +252,7 @@ pub(crate) fn dial_lanes(
             shard: shard_of(index, threads),
             token: token.clone(),
             restarted: restarted.clone(),
+            group,
         };
         tokio::spawn(task.run());
     }
@@ -219,6 +266,7 @@ struct LaneTask {
     shard: usize,
     token: CancellationToken,
     restarted: CancellationToken,
+    group: Group,
 }
 
 impl LaneTask {
@@ -228,7 +276,7 @@ impl LaneTask {
         loop {
             let dialed = tokio::select! {
                 _ = self.token.cancelled() => return,
-                d = dial(&self.ctx, &self.credentials, self.target, None, Some((self.index, self.shard))) => d,
+                d = dial(&self.ctx, &self.credentials, self.target, None, Some((self.index, self.shard)), &self.group) => d,
             };
             let up = match dialed {
                 Ok(conn) => self.serve(conn).await,
@@ -304,22 +352,28 @@ mod tests {
 
     #[test]
     fn lane_ids_name_their_lane_and_nothing_else_does() {
-        for lane in [1, 2, 63] {
-            let cid = lane_cid(lane);
+        let group = new_group();
+        for lane in [0, 1, 2, 63] {
+            let cid = lane_cid(lane, &group);
             assert_eq!(cid.len(), LANE_CID_LEN);
             assert_eq!(lane_of(&cid), lane);
+            assert_eq!(group_of(&cid), Some(group), "lane {lane}");
         }
-        // The random part differs between dials.
-        assert_ne!(lane_cid(1), lane_cid(1));
+        // The random part differs between dials, and so do groups.
+        assert_ne!(lane_cid(1, &group), lane_cid(1, &group));
+        assert_ne!(new_group(), new_group());
+        assert_eq!(group_of(&ConnectionId::new(&[0x66; 20])), None);
         // quinn's own ids (20 random bytes), ids that happen to start with the marker but have
         // another length, and lanes out of range all mean lane 0.
         assert_eq!(lane_of(&ConnectionId::new(&[0x66; 20])), 0);
         let mut short = [0u8; 8];
         short[..3].copy_from_slice(b"fg\x01");
         assert_eq!(lane_of(&ConnectionId::new(&short)), 0);
+        assert_eq!(group_of(&ConnectionId::new(&short)), None);
         let mut big = [0u8; LANE_CID_LEN];
         big[..3].copy_from_slice(&[b'f', b'g', MAX_LANES]);
         assert_eq!(lane_of(&ConnectionId::new(&big)), 0);
+        assert_eq!(group_of(&ConnectionId::new(&big)), None);
         assert_eq!(lane_of(&ConnectionId::new(&[])), 0);
     }
 }

@@ -157,6 +157,9 @@ struct Live {
     synced: Arc<AtomicBool>,
     /// Until when data streams avoid it (a stream on it went unanswered).
     suspect_until: Option<Instant>,
+    /// The lane group its dialer named ([`crate::lanes::Group`]): accepted lanes with the same
+    /// group belong to it.
+    group: Option<crate::lanes::Group>,
 }
 
 /// One peer: its working connections and what we know of its addresses.
@@ -266,6 +269,7 @@ impl Shared {
         peer: &ClusterId,
         conn: &quinn::Connection,
         direction: &'static str,
+        group: Option<crate::lanes::Group>,
     ) -> usize {
         let n = self
             .with(peer, |s| {
@@ -276,6 +280,7 @@ impl Shared {
                     draining: Arc::new(AtomicBool::new(false)),
                     synced: Arc::new(AtomicBool::new(false)),
                     suspect_until: None,
+                    group,
                 });
                 s.last_error = None;
                 if let Some(addr) = s.targets.get_mut(&conn.remote_address()) {
@@ -336,11 +341,22 @@ impl Shared {
     }
 
     /// Forgets a lane that ended.
-    /// The address of `peer`'s replica whose first connection comes from `ip`, when exactly
-    /// one does: an accepted lane's replica (a dialer with several threads dials its lanes
-    /// from other ports than its first connection's, `crate::steer`).
-    pub(crate) fn replica_at(&self, peer: &ClusterId, ip: std::net::IpAddr) -> Option<SocketAddr> {
+    /// The address of `peer`'s replica an accepted lane belongs to: the one whose first
+    /// connection named the lane's `group`, when the lane names one (none yet: `None`, the
+    /// caller looks again); else the one whose first connection comes from `ip`, when exactly
+    /// one does (a dialer with several threads dials its lanes from other ports than its first
+    /// connection's, `crate::steer`).
+    pub(crate) fn replica_of_lane(
+        &self,
+        peer: &ClusterId,
+        group: Option<crate::lanes::Group>,
+        ip: std::net::IpAddr,
+    ) -> Option<SocketAddr> {
         self.with(peer, |s| {
+            if let Some(group) = group {
+                let l = s.live.iter().find(|l| l.group == Some(group))?;
+                return Some(l.conn.remote_address());
+            }
             let mut at = s.live.iter().map(|l| l.conn.remote_address()).filter(|a| a.ip() == ip);
             match (at.next(), at.next()) {
                 (Some(one), None) => Some(one),
@@ -350,7 +366,7 @@ impl Shared {
         .flatten()
     }
 
-    /// Files the accepted lane `conn` under the replica at `replica` ([`Self::replica_at`]).
+    /// Files the accepted lane `conn` under the replica at `replica` ([`Self::replica_of_lane`]).
     pub(crate) fn refile_lane(
         &self,
         peer: &ClusterId,

@@ -51,7 +51,9 @@ pub(crate) struct PeerContext {
 pub(crate) struct PeerTask {
     pub ctx: PeerContext,
     pub credentials: Arc<Credentials>,
-    pub accepted: mpsc::Receiver<quinn::Connection>,
+    /// Connections the endpoint accepted from this peer's replicas, with the lane group their
+    /// first id named.
+    pub accepted: mpsc::Receiver<crate::lanes::AcceptedConnection>,
 }
 
 impl PeerTask {
@@ -160,12 +162,15 @@ async fn resolve_all(
 
 /// Accepts the peer's connections: one per replica address, all kept; a new one from the
 /// address of an old one replaces it.
-async fn run_acceptor(ctx: PeerContext, mut accepted: mpsc::Receiver<quinn::Connection>) {
+async fn run_acceptor(
+    ctx: PeerContext,
+    mut accepted: mpsc::Receiver<crate::lanes::AcceptedConnection>,
+) {
     let mut by_address: HashMap<SocketAddr, (quinn::Connection, CancellationToken)> =
         HashMap::new();
     let mut warned_excess = false;
     loop {
-        let conn = tokio::select! {
+        let (conn, group) = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
             conn = accepted.recv() => match conn {
                 Some(conn) => conn,
@@ -209,7 +214,7 @@ async fn run_acceptor(ctx: PeerContext, mut accepted: mpsc::Receiver<quinn::Conn
         let span = tracing::info_span!("replica", address = %remote);
         tokio::spawn(
             async move {
-                let _ = serve(&ctx, conn, "accept", token, None).await;
+                let _ = serve(&ctx, conn, "accept", token, None, group).await;
             }
             .instrument(span),
         );
@@ -227,13 +232,15 @@ enum Served {
 
 /// Serves one connection until it closes or `token` is cancelled: its incoming streams, and
 /// its place among the peer's working connections while it is up. A dialed connection counts
-/// as up once the acceptor confirmed the handshake.
+/// as up once the acceptor confirmed the handshake. `group`: the lane group its first id
+/// named (ours when we dialed it: our lanes name it too).
 async fn serve(
     ctx: &PeerContext,
     conn: quinn::Connection,
     direction: &'static str,
     token: CancellationToken,
     credentials: Option<&Arc<Credentials>>,
+    group: Option<crate::lanes::Group>,
 ) -> Served {
     let peer = ctx.peer.id.clone();
     let streams = crate::runtime::spawn_on(
@@ -271,7 +278,7 @@ async fn serve(
         }
     }
     let started = Instant::now();
-    let n = ctx.shared.add(&peer, &conn, direction);
+    let n = ctx.shared.add(&peer, &conn, direction, group);
     metrics::counter!(PEER_CONNECTIONS_TOTAL, "direction" => direction).increment(1);
     metrics::gauge!(PEER_REPLICAS_CONNECTED, "peer" => peer.to_string()).set(n as f64);
     if n == 1 {
@@ -283,8 +290,17 @@ async fn serve(
     let _lanes_end = lanes.clone().drop_guard();
     // Cancelled by a lane that got a stateless reset: the replica restarted.
     let restarted = CancellationToken::new();
-    if let Some(credentials) = credentials {
-        crate::lanes::dial_lanes(ctx, credentials, conn.remote_address(), &lanes, &restarted);
+    if let Some(credentials) = credentials
+        && let Some(group) = group
+    {
+        crate::lanes::dial_lanes(
+            ctx,
+            credentials,
+            conn.remote_address(),
+            &lanes,
+            &restarted,
+            group,
+        );
     }
 
     // Cancelled without shutdown: an accepted connection was replaced by a newer one from
@@ -360,9 +376,12 @@ impl DialTask {
                     _ = alone_for(&self.ctx, FALLBACK_AFTER) => {}
                 }
             }
+            // Drawn for each dial: lanes of this connection name it, so that the acceptor
+            // files them under it (crate::lanes::Group).
+            let group = crate::lanes::new_group();
             let conn = tokio::select! {
                 _ = token.cancelled() => return,
-                conn = self.try_dial() => conn,
+                conn = self.try_dial(&group) => conn,
             };
             let conn = match conn {
                 Ok(conn) => conn,
@@ -372,9 +391,15 @@ impl DialTask {
                     continue;
                 }
             };
-            let served =
-                serve(&self.ctx, conn.clone(), "dial", self.token.clone(), Some(&self.credentials))
-                    .await;
+            let served = serve(
+                &self.ctx,
+                conn.clone(),
+                "dial",
+                self.token.clone(),
+                Some(&self.credentials),
+                Some(group),
+            )
+            .await;
             self.last_rtt = Some(conn.rtt());
             if self.token.is_cancelled() {
                 return;
@@ -401,8 +426,11 @@ impl DialTask {
         }
     }
 
-    async fn try_dial(&mut self) -> Result<quinn::Connection, TunnelError> {
-        dial(&self.ctx, &self.credentials, self.target, self.last_rtt, None).await
+    async fn try_dial(
+        &mut self,
+        group: &crate::lanes::Group,
+    ) -> Result<quinn::Connection, TunnelError> {
+        dial(&self.ctx, &self.credentials, self.target, self.last_rtt, None, group).await
     }
 
     /// Records `e` in the status, and logs it when it differs from the last one logged.
@@ -421,13 +449,15 @@ impl DialTask {
 /// Dials `target`, a replica of the context's peer, and completes the handshake. `lane`: the
 /// lane number to name in the first destination connection id and the data-plane thread to
 /// place the connection's task on ([`crate::lanes`]); `None`: lane 0, on the first thread.
-/// `last_rtt`: the previous connection's RTT, the first estimate of this one.
+/// The id names `group` too. `last_rtt`: the previous connection's RTT, the first estimate of
+/// this one.
 pub(crate) async fn dial(
     ctx: &PeerContext,
     credentials: &Arc<Credentials>,
     target: SocketAddr,
     last_rtt: Option<Duration>,
     lane: Option<(u8, usize)>,
+    group: &crate::lanes::Group,
 ) -> Result<quinn::Connection, TunnelError> {
     let peer = ctx.peer.id.clone();
     let address = target.to_string();
@@ -451,13 +481,9 @@ pub(crate) async fn dial(
         transport.initial_rtt(rtt);
     }
     config.transport_config(Arc::new(transport));
-    let shard = match lane {
-        Some((index, shard)) => {
-            config.initial_dst_cid_provider(Arc::new(move || crate::lanes::lane_cid(index)));
-            shard
-        }
-        None => 0,
-    };
+    let (index, shard) = lane.unwrap_or((0, 0));
+    let group = *group;
+    config.initial_dst_cid_provider(Arc::new(move || crate::lanes::lane_cid(index, &group)));
     // quinn instruments the connection's driver task with the span current at this call
     // and enters it at every poll. Here that would be this task's span, which is enabled
     // at the default `info` level, so every packet would pay the subscriber's enter, exit

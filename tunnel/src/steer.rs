@@ -9,7 +9,7 @@
 //!   ([`ShardCids`]). Short-header packets (1-RTT, nearly all traffic) and long-header packets
 //!   to such an id go to that socket.
 //! - A peer's first packets carry the id the dialer chose. A lane names itself there (`fg`,
-//!   lane, random: [`crate::lanes`]): lane `k` goes to thread `(k - 1) mod threads`. Anything
+//!   lane, group, random: [`crate::lanes`]): lane `k` goes to thread `(k - 1) mod threads`. Anything
 //!   else (lane 0, a dialer that names no lane, junk) goes to the first socket.
 //!
 //! A datagram too short for the offsets the program reads lands on the first socket (classic
@@ -208,7 +208,7 @@ mod tests {
     }
 
     fn lane_id(lane: u8) -> Vec<u8> {
-        crate::lanes::lane_cid(lane).to_vec()
+        crate::lanes::lane_cid(lane, &crate::lanes::new_group()).to_vec()
     }
 
     #[test]

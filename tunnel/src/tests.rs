@@ -189,6 +189,70 @@ async fn with_several_threads_each_has_a_lane_and_streams_stay_on_their_thread()
     stop.cancel();
 }
 
+/// Two replicas of east behind one address (as behind a NAT: both come from 127.0.0.1), each
+/// with two threads, dial west. West cannot tell their lanes apart by address; it files them by
+/// the lane group each replica's first connection named, so a stream west opens on its thread
+/// 1 goes on that replica's lane 2 (east's thread 1), never on a replica's first connection
+/// (its thread 0, which carries the export exchange).
+#[tokio::test]
+async fn lanes_of_replicas_behind_one_address_are_filed_under_their_own_replica() {
+    let pki = TestPki::new("demo");
+    let stop = CancellationToken::new();
+    let west_shards = shards(2, &stop);
+    let west = start_replica(
+        &pki,
+        "west",
+        &pki.issue("west"),
+        &[("east", vec![SocketAddr::from(([127, 0, 0, 1], 9))])],
+        west_shards.clone(),
+    );
+    let identity = pki.issue("east");
+    let peers = [("west", vec![west.address])];
+    let mut east = [
+        start_replica(&pki, "east", &identity, &peers, shards(2, &stop)),
+        start_replica(&pki, "east", &identity, &peers, shards(2, &stop)),
+    ];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while west.handle.replicas(&id("east")) < 2 || west.handle.lanes(&id("east")) < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "replicas and lanes never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Filing happens beside serving (within a second of a lane's arrival).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut seen = [0usize; 2];
+    for n in 0..4 {
+        let handle = west.handle.clone();
+        let (mut send, _recv, _) = west_shards[1]
+            .spawn(async move { handle.open_stream(&id("east")).await })
+            .await
+            .expect("task")
+            .expect("stream opens");
+        send.write_all(b"x").await.expect("write");
+        let [a, b] = &mut east;
+        let (replica, mut stream) = tokio::time::timeout(WAIT, async {
+            tokio::select! {
+                s = a.data.recv() => (0, s.expect("stream")),
+                s = b.data.recv() => (1, s.expect("stream")),
+            }
+        })
+        .await
+        .expect("a replica took the stream in time");
+        let mut byte = [0u8; 1];
+        stream.recv.read_exact(&mut byte).await.expect("read");
+        let runtime = stream.runtime.take().expect("the accepting runtime");
+        let shard = runtime.spawn(async { crate::runtime::current_shard() }).await.expect("task");
+        assert_eq!(shard, Some(1), "stream {n} went to replica {replica}'s thread {shard:?}");
+        seen[replica] += 1;
+    }
+    assert!(seen.iter().all(|&n| n > 0), "the streams took turns over both replicas: {seen:?}");
+    let [a, b] = east;
+    a.stop().await;
+    b.stop().await;
+    west.stop().await;
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn a_connection_is_published_routes_streams_by_kind_and_is_withdrawn_when_lost() {
     let pki = TestPki::new("demo");
