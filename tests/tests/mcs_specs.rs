@@ -992,11 +992,11 @@ fn report_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("mcs-specs")
 }
 
-/// Runs every spec against a fresh clusterset in `network` mode; writes the report; fails
-/// when a spec expected in this mode failed.
 /// Lines of each gateway's log printed after a spec expected to pass failed.
 const LOG_TAIL: usize = 150;
 
+/// Runs every spec against a fresh clusterset in `network` mode; writes the report; fails
+/// when a spec expected in this mode failed.
 fn run_all(network: Network) -> Result<()> {
     // One clusterset at a time: two of them (four control planes with their controllers,
     // nodes and gateways) on two cores would turn the suite's 20 s waits into the test.
