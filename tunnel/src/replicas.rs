@@ -342,7 +342,9 @@ async fn serve(
     }
     metrics::counter!(PEER_DISCONNECTS_TOTAL, "reason" => label).increment(1);
     tracing::info!(reason = text.as_deref().unwrap_or("local"), replicas = n, "peer disconnected");
-    Served::Ended { up: started.elapsed(), restarted: label == "reset" }
+    let restarted =
+        restarted.is_cancelled() || matches!(reason, Some(quinn::ConnectionError::Reset));
+    Served::Ended { up: started.elapsed(), restarted }
 }
 
 /// Dials one replica address: dial with backoff, serve the connection, dial again.

@@ -33,15 +33,19 @@ const LANE_CID_LEN: u8 = crate::lanes::LANE_CID_LEN as u8;
 /// Its first two bytes.
 const MARKER: [u8; 2] = crate::lanes::MARKER;
 
-// Classic BPF opcodes (linux/filter.h, linux/bpf_common.h).
-const LD_B_ABS: u16 = 0x30;
-const LD_H_ABS: u16 = 0x28;
-const JSET_K: u16 = 0x45;
-const JEQ_K: u16 = 0x15;
-const SUB_K: u16 = 0x14;
-const MOD_K: u16 = 0x94;
-const RET_A: u16 = 0x16;
-const RET_K: u16 = 0x06;
+// Classic BPF opcodes, composed from libc's class, size, mode, operation and source bits
+// (linux/filter.h, linux/bpf_common.h); every one fits the 16-bit code field.
+const fn code(bits: u32) -> u16 {
+    bits as u16
+}
+const LD_B_ABS: u16 = code(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS);
+const LD_H_ABS: u16 = code(libc::BPF_LD | libc::BPF_H | libc::BPF_ABS);
+const JSET_K: u16 = code(libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K);
+const JEQ_K: u16 = code(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K);
+const SUB_K: u16 = code(libc::BPF_ALU | libc::BPF_SUB | libc::BPF_K);
+const MOD_K: u16 = code(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K);
+const RET_A: u16 = code(libc::BPF_RET | libc::BPF_A);
+const RET_K: u16 = code(libc::BPF_RET | libc::BPF_K);
 
 fn op(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
     sock_filter { code, jt, jf, k }
