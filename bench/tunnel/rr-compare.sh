@@ -8,12 +8,16 @@
 #   PAIRS="old=/tmp/fedgate-old, new=target/release/fedgate," ITER=8 bench/tunnel/rr-compare.sh
 #   PAIRS="w1=target/release/fedgate,,TOKIO_WORKER_THREADS=1" bench/tunnel/rr-compare.sh
 #   RR_GAP=MICROSECONDS  idle time between round trips (default 0: back to back)
+#   DELAY_MS=10      each pair's gateways reach each other through a relay that delays every
+#                    datagram by that much each way (a long path; tunnel/examples/udp_delay.rs,
+#                    built if DELAY_BIN is not given)
 #   HAPROXY_GLOBAL="busy-polling"  one more line for the haproxy configs' global section
 #   PRE_IPERF=3  an iperf3 run of that many seconds through each path before its round trips
 #   SYSC="name ..."  instead: syscall counts (perf trace -s) of those paths over 10 000 round
 #                    trips, written to /tmp/sysc.NAME (SYSC_TRACE="": every call, with times)
 #   IPERF="name ..." instead: ITER interleaved iperf3 runs (IPERF_SECS, 5) through those paths,
-#                    printing Gb/s and the proxies' CPU seconds per GB (IPERF_P streams, 1)
+#                    printing Gb/s, the proxies' CPU seconds per GB and their resident memory
+#                    half-way through (IPERF_P streams, 1)
 #   STAT="name ..."  instead: perf stat (task clock, context switches, migrations) of those
 #                    paths around 10 000 round trips, written to /tmp/stat.NAME
 #   SCHED="name ..." instead: perf sched latency (wake-up to run delay per task) over 10 000
@@ -38,6 +42,10 @@ SRV=127.0.1.22; ECHO_PORT=$(free_tcp)
 python3 "$here/echo.py" "$SRV" "$ECHO_PORT" & pids+=($!)
 IPERF_PORT=$(free_tcp); iperf3 -s -B "$SRV" -p "$IPERF_PORT" >/dev/null 2>&1 & pids+=($!)
 bin0=${FEDGATE_BIN:-$root/target/release/fedgate}
+if [[ -n ${DELAY_MS:-} ]]; then
+  DELAY_BIN=${DELAY_BIN:-$root/target/release/examples/udp_delay}
+  [[ -x $DELAY_BIN ]] || (cd "$root" && cargo build --release -q -p fedgate-tunnel --features test-util --example udp_delay)
+fi
 "$bin0" certs ca --clusterset bench --out "$work/certs" >/dev/null
 for c in a b c d e f g h i j; do "$bin0" certs issue --ca "$work/certs" --cluster "$c" --out "$work/certs" >/dev/null; done
 C=$work/certs; for c in a b; do cat "$C/$c.crt" "$C/$c.key" >"$C/$c.pem"; done
@@ -47,7 +55,15 @@ for spec in ${PAIRS:-base=$bin0,}; do
   name=${spec%%=*}; rest=${spec#*=}; IFS=, read -r bin payload envs threads busy sockbuf <<<"$rest"; bin=$(realpath "$bin")
   a=${ids[$((2*n))]}; b=${ids[$((2*n+1))]}; ipa=127.0.0.$((50+2*n)); ipb=127.0.0.$((51+2*n))
   ta=$(free_udp); tb=$(free_udp)
-  gateway $a $ipa $ta $b $ipb $tb $((50+2*n)) "$payload" "$threads" "$busy" "$sockbuf"; gateway $b $ipb $tb $a $ipa $ta $((51+2*n)) "$payload" "$threads" "$busy" "$sockbuf"
+  # Each gateway reaches the other directly, or with DELAY_MS through a relay that delays
+  # each direction by that much (tunnel/examples/udp_delay.rs).
+  pa=$ipa; pta=$ta; pb=$ipb; ptb=$tb
+  if [[ -n ${DELAY_MS:-} ]]; then
+    pa=127.0.0.$((150+2*n)); pta=$(free_udp); pb=127.0.0.$((151+2*n)); ptb=$(free_udp)
+    "$DELAY_BIN" "$pb:$ptb" "$ipb:$tb" "$DELAY_MS" >$work/delay-$a.log 2>&1 & pids+=($!)
+    "$DELAY_BIN" "$pa:$pta" "$ipa:$ta" "$DELAY_MS" >$work/delay-$b.log 2>&1 & pids+=($!)
+  fi
+  gateway $a $ipa $ta $b $pb $ptb $((50+2*n)) "$payload" "$threads" "$busy" "$sockbuf"; gateway $b $ipb $tb $a $pa $pta $((51+2*n)) "$payload" "$threads" "$busy" "$sockbuf"
   bench_export "$work/$b"
   PP=""; for g in $a $b; do (cd $work/$g && exec env RUST_LOG=warn ${envs//:/ } "$bin" run --config gateway.yaml) >$work/$g.log 2>&1 & pids+=($!); PP="$PP $!"; done
   adm=$(awk -F'"' '/^admin:/ {print $2}' $work/$a/gateway.yaml); VIP=""
@@ -66,6 +82,8 @@ HOST[direct]="$SRV $ECHO_PORT"; PIDS[direct]="$$"; IP[direct]="$SRV $IPERF_PORT"
 HOST[haproxy]="$H1 $HE1"; IP[haproxy]="$H1 $HI1"
 # Context switches and CPU ns of the given pids, summed over all their threads.
 csw() { local t=0 p f; for p in "$@"; do for f in /proc/$p/task/*/status; do t=$((t + $(awk '/ctxt_switches/ {s+=$2} END {print s}' $f))); done; done; echo $t; }
+# Resident memory of the given pids in MB, summed (the direct path's "pid" is this script).
+rss_mb() { local t=0 p; for p in "$@"; do t=$((t + $(awk '/^VmRSS/ {print $2}' /proc/$p/status))); done; echo $((t / 1024)); }
 cpu_ns() { local t=0 p f; for p in "$@"; do for f in /proc/$p/task/*/schedstat; do t=$((t + $(cut -d' ' -f1 $f))); done; done; echo $t; }
 # pre_iperf NAME: with PRE_IPERF=SECONDS, an iperf3 run through path NAME first.
 pre_iperf() {
@@ -101,9 +119,11 @@ fi
 if [[ -n ${IPERF:-} ]]; then
   for it in $(seq $ITER); do for nm in $IPERF; do set -- ${IP[$nm]}
     c0=$(cpu_ns ${PIDS[$nm]})
-    gbps=$(iperf3 -c $1 -p $2 -t ${IPERF_SECS:-5} -P ${IPERF_P:-1} -J | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9, 2))')
+    iperf3 -c $1 -p $2 -t ${IPERF_SECS:-5} -P ${IPERF_P:-1} -J >$work/iperf.json & ip=$!
+    sleep $(( ${IPERF_SECS:-5} / 2 )); rss=$(rss_mb ${PIDS[$nm]}); wait $ip
+    gbps=$(python3 -c 'import json,sys; print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9, 2))' <$work/iperf.json)
     c1=$(cpu_ns ${PIDS[$nm]})
-    echo "$nm $gbps Gb/s, proxies' CPU s per GB $(python3 -c "print(round(($c1-$c0)/1e9/($gbps*${IPERF_SECS:-5}/8), 2))")"
+    echo "$nm $gbps Gb/s, proxies' CPU s per GB $(python3 -c "print(round(($c1-$c0)/1e9/($gbps*${IPERF_SECS:-5}/8), 2))"), RSS mid-run $rss MB"
   done; done; exit 0
 fi
 if [[ -n ${STAT:-} ]]; then

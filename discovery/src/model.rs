@@ -486,6 +486,11 @@ pub struct ReplicaStatus {
     /// streams only).
     #[serde(default)]
     pub lanes: usize,
+    /// The lanes' send windows together: each follows its path (twice the bandwidth-delay
+    /// product it measures, at least 1 MiB, at most the configured window); `None` while not
+    /// connected.
+    #[serde(default)]
+    pub send_window_bytes: Option<u64>,
     /// Seconds since it was last heard from (the lease age: the peer's exports stay while
     /// any replica is heard from within the lease).
     pub last_seen_secs: Option<f64>,

@@ -42,7 +42,8 @@ pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(1);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Per-stream receive window: one proxied TCP connection may have this much in flight.
 pub const DEFAULT_STREAM_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
-/// Per-connection receive window (and send window): all streams to one peer together.
+/// Per-connection receive window: all streams to one peer together. Also lane 0's send window
+/// and the most a data lane's send window grows to (it follows the path: `crate::sendwin`).
 pub const DEFAULT_CONNECTION_RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
 /// Concurrent bidirectional streams a peer may open (≈ proxied connections per peer).
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 4096;
@@ -374,6 +375,7 @@ impl TunnelEndpoint {
             shared: self.shared.clone(),
             routes: self.routes.clone(),
             shutdown: shutdown.clone(),
+            send_window: u64::from(self.settings.connection_receive_window),
         };
 
         tracing::info!(address = %self.address, local = %self.settings.local, peers = self.settings.peers.len(), sockets = self.endpoints.len(), "tunnel listening");

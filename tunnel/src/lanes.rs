@@ -26,6 +26,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use fedgate_discovery::model::ClusterId;
@@ -115,6 +116,8 @@ pub(crate) struct Lane {
     /// This side dialed it. Streams this side opens prefer such lanes: a peer's lanes accepted
     /// here may belong to its fallback connection, which is cut as soon as ours is up.
     pub dialed: bool,
+    /// Its send window as [`crate::sendwin`] last set it.
+    pub send_window: Arc<AtomicU64>,
 }
 
 /// What the acceptor needs to serve lanes peers open to it.
@@ -123,6 +126,9 @@ pub(crate) struct Accepted {
     pub shared: Arc<Shared>,
     pub routes: Routes,
     pub shutdown: CancellationToken,
+    /// The configured send window: the most a lane's window follows its path to
+    /// ([`crate::sendwin`]).
+    pub send_window: u64,
 }
 
 impl Accepted {
@@ -141,8 +147,15 @@ impl Accepted {
     ) {
         let from = conn.remote_address();
         let filed = self.shared.replica_of_lane(&peer, group, from.ip());
-        let lane =
-            Lane { remote: filed.unwrap_or(from), index, shard, conn: conn.clone(), dialed: false };
+        let window = Arc::new(AtomicU64::new(0));
+        let lane = Lane {
+            remote: filed.unwrap_or(from),
+            index,
+            shard,
+            conn: conn.clone(),
+            dialed: false,
+            send_window: window.clone(),
+        };
         if keep(&self.shared, &peer, lane).is_err() {
             tracing::warn!(%peer, %from, "too many lanes with this peer's identity; refusing");
             conn.close(VarInt::from_u32(CLOSE_TOO_MANY), b"too many connections of this identity");
@@ -154,9 +167,10 @@ impl Accepted {
         }
         let (shared, routes, shutdown) =
             (self.shared.clone(), self.routes.clone(), self.shutdown.clone());
+        let window = (self.send_window, window);
         crate::runtime::spawn_on(runtime.as_ref(), async move {
-            carry(&shared, &peer, &conn, routes, None, &shutdown, || b"gateway shutting down")
-                .await;
+            let why = || -> &'static [u8] { b"gateway shutting down" };
+            carry(&shared, &peer, &conn, routes, None, window, &shutdown, why).await;
         });
     }
 }
@@ -199,14 +213,18 @@ fn keep(shared: &Shared, peer: &ClusterId, lane: Lane) -> Result<(), TooManyLane
     Ok(())
 }
 
-/// Carries a kept lane: accepts its streams (on `runtime`, else here) until it closes or
-/// `stop` is cancelled, which closes it with `why()`; then forgets it.
+/// Carries a kept lane: accepts its streams (on `runtime`, else here) and keeps its send
+/// window following its path up to `send_window.0`, shown in `send_window.1`
+/// ([`crate::sendwin`]), until it closes or `stop` is cancelled, which closes it with
+/// `why()`; then forgets it.
+#[allow(clippy::too_many_arguments)]
 async fn carry(
     shared: &Shared,
     peer: &ClusterId,
     conn: &quinn::Connection,
     routes: Routes,
     runtime: Option<&Handle>,
+    send_window: (u64, Arc<AtomicU64>),
     stop: &CancellationToken,
     why: impl FnOnce() -> &'static [u8],
 ) {
@@ -214,11 +232,16 @@ async fn carry(
         runtime,
         streams::accept_streams(conn.clone(), peer.clone(), routes),
     );
+    let window = crate::runtime::spawn_on(
+        runtime,
+        crate::sendwin::follow_path(conn.clone(), send_window.0, send_window.1),
+    );
     tokio::select! {
         _ = stop.cancelled() => conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), why()),
         _ = conn.closed() => {}
     }
     streams.abort();
+    window.abort();
     shared.remove_lane(peer, conn);
 }
 
@@ -315,12 +338,14 @@ impl LaneTask {
             conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"lane no longer needed");
             return None;
         }
+        let shown = Arc::new(AtomicU64::new(0));
         let lane = Lane {
             remote: self.target,
             index: self.index,
             shard: self.shard,
             conn: conn.clone(),
             dialed: true,
+            send_window: shown.clone(),
         };
         if keep(&self.ctx.shared, &peer, lane).is_err() {
             conn.close(VarInt::from_u32(CLOSE_TOO_MANY), b"lane not kept");
@@ -336,8 +361,9 @@ impl LaneTask {
                 b"the replica's first connection ended"
             }
         };
-        carry(&self.ctx.shared, &peer, &conn, self.ctx.routes.clone(), runtime, &self.token, why)
-            .await;
+        let window = (u64::from(self.ctx.settings.connection_receive_window), shown);
+        let routes = self.ctx.routes.clone();
+        carry(&self.ctx.shared, &peer, &conn, routes, runtime, window, &self.token, why).await;
         if matches!(conn.close_reason(), Some(quinn::ConnectionError::Reset)) {
             tracing::info!(%peer, target = %self.target, lane = self.index, "a data lane got a stateless reset: the replica restarted; redialing it");
             self.restarted.cancel();

@@ -18,6 +18,7 @@ pub mod peer;
 pub mod reload;
 pub(crate) mod replicas;
 pub mod runtime;
+mod sendwin;
 mod socket;
 mod steer;
 pub mod streams;

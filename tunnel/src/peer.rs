@@ -141,6 +141,9 @@ pub struct ReplicaLink {
     /// Its data connections (lanes 1…, `crate::lanes`): one per data-plane thread of the
     /// dialer.
     pub lanes: usize,
+    /// The send windows of those lanes together ([`crate::sendwin`]: each follows its path);
+    /// `None` while not connected.
+    pub send_window_bytes: Option<u64>,
     /// Whether it announced draining (data streams avoid it).
     pub draining: bool,
     /// Why the last attempt to this address failed (dialed replicas).
@@ -393,6 +396,10 @@ impl Shared {
     }
 
     fn status(&self, id: &ClusterId, s: &PeerState) -> LinkStatus {
+        // A data lane of replica connection `l`, still open.
+        let lane_of = |x: &crate::lanes::Lane, l: &Live| {
+            x.remote == l.conn.remote_address() && x.conn.close_reason().is_none()
+        };
         let now = Instant::now();
         let mut replicas: Vec<ReplicaLink> = s
             .live
@@ -404,13 +411,14 @@ impl Shared {
                 rtt_ms: Some(l.conn.rtt().as_secs_f64() * 1000.0),
                 path_mtu: Some(l.conn.stats().path.current_mtu),
                 connected_secs: Some(now.duration_since(l.since).as_secs_f64()),
-                lanes: s
-                    .lanes
-                    .iter()
-                    .filter(|x| {
-                        x.remote == l.conn.remote_address() && x.conn.close_reason().is_none()
-                    })
-                    .count(),
+                lanes: s.lanes.iter().filter(|x| lane_of(x, l)).count(),
+                send_window_bytes: Some(
+                    s.lanes
+                        .iter()
+                        .filter(|x| lane_of(x, l))
+                        .map(|x| x.send_window.load(Ordering::Relaxed))
+                        .sum(),
+                ),
                 draining: l.draining.load(Ordering::Relaxed),
                 last_error: None,
             })
@@ -425,6 +433,7 @@ impl Shared {
                     path_mtu: None,
                     connected_secs: None,
                     lanes: 0,
+                    send_window_bytes: None,
                     draining: false,
                     last_error: error.clone(),
                 });

@@ -421,3 +421,83 @@ async fn the_higher_id_dials_when_no_connection_reaches_it() {
     east.stop().await;
     west.stop().await;
 }
+
+/// Sends 32 MB from east to west on a data stream, east dialing west through `relay` (a
+/// long path) or directly; returns the largest send window east's lanes to west showed
+/// meanwhile ([`crate::peer::ReplicaLink::send_window_bytes`]).
+async fn largest_send_window(delay: Option<Duration>) -> u64 {
+    const CHUNK: usize = 64 * 1024;
+    const TOTAL: usize = 32 << 20;
+    let pki = TestPki::new("demo");
+    let stop = CancellationToken::new();
+    // west never reaches east (nothing listens at port 9): east dials, through the relay.
+    let unreachable = SocketAddr::from(([127, 0, 0, 1], 9));
+    let mut west = start_replica(
+        &pki,
+        "west",
+        &pki.issue("west"),
+        &[("east", vec![unreachable])],
+        shards(1, &stop),
+    );
+    let relay = delay.map(|d| {
+        crate::testing::DelayRelay::start(SocketAddr::from(([127, 0, 0, 1], 0)), west.address, d)
+            .expect("relay binds")
+    });
+    let to_west = relay.as_ref().map_or(west.address, crate::testing::DelayRelay::address);
+    let east = start_replica(
+        &pki,
+        "east",
+        &pki.issue("east"),
+        &[("west", vec![to_west])],
+        shards(1, &stop),
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while east.handle.lanes(&id("west")) < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "east's data lane never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut send, _recv, _) = east.handle.open_stream(&id("west")).await.expect("stream opens");
+    let sender = tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![0x5a; CHUNK]);
+        for _ in 0..TOTAL / CHUNK {
+            send.write_chunk(chunk.clone()).await.expect("write");
+        }
+        send.finish().expect("finish");
+        send
+    });
+    let mut stream =
+        tokio::time::timeout(WAIT, west.data.recv()).await.expect("in time").expect("stream");
+    let receiver = tokio::spawn(async move {
+        let mut got = 0;
+        while let Some(chunk) = stream.recv.read_chunk(CHUNK, true).await.expect("read") {
+            got += chunk.bytes.len();
+        }
+        got
+    });
+    let mut largest = 0;
+    while !receiver.is_finished() {
+        let status = east.handle.link_status(&id("west")).expect("west is a peer");
+        let windows = status.replicas.iter().filter_map(|r| r.send_window_bytes);
+        largest = largest.max(windows.sum::<u64>());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(receiver.await.expect("receiver"), TOTAL, "west received everything");
+    drop(sender.await.expect("sender"));
+    east.stop().await;
+    west.stop().await;
+    stop.cancel();
+    largest
+}
+
+/// A data lane's send window follows its path (crate::sendwin): at the 1 MiB floor on
+/// loopback, where a larger one would only hold data in memory, and grown past it on a path
+/// of 50 ms round trips, where 1 MiB would cap the lane at 20 MB/s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lanes_send_window_follows_its_path() {
+    let floor = crate::sendwin::MIN_SEND_WINDOW;
+    let short = largest_send_window(None).await;
+    let long = largest_send_window(Some(Duration::from_millis(25))).await;
+    eprintln!("largest send window: loopback {short}, 50 ms round trips {long}");
+    assert_eq!(short, floor, "loopback: the window stays at its floor");
+    assert!(long >= 2 * floor, "50 ms round trips: the window grew to {long} only");
+}

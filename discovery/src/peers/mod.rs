@@ -110,6 +110,8 @@ pub struct TransportReplica {
     pub connected_secs: Option<f64>,
     /// Connections beyond the first (lanes).
     pub lanes: usize,
+    /// The lanes' send windows together (each follows its path); `None` while not connected.
+    pub send_window_bytes: Option<u64>,
     pub last_error: Option<String>,
 }
 

@@ -117,6 +117,7 @@ pub(super) fn merge(
                 path_mtu: r.path_mtu,
                 connected_secs: r.connected_secs,
                 lanes: r.lanes,
+                send_window_bytes: r.send_window_bytes,
                 last_seen_secs: ago(session.last_seen),
                 exports_version: session.exports_version,
                 last_error: session.last_error.or(r.last_error),

@@ -32,6 +32,7 @@ pub const DRAINING: &str = "fedgate_draining";
 pub const PEER_UP: &str = "fedgate_peer_up";
 pub const PEER_RTT_SECONDS: &str = "fedgate_peer_rtt_seconds";
 pub const PEER_PATH_MTU_BYTES: &str = "fedgate_peer_path_mtu_bytes";
+pub const PEER_SEND_WINDOW_BYTES: &str = "fedgate_peer_send_window_bytes";
 pub const PEER_REPLICA_UP: &str = "fedgate_peer_replica_up";
 pub const PEER_REPLICA_LEASE_AGE_SECONDS: &str = "fedgate_peer_replica_lease_age_seconds";
 pub const PEER_REPLICAS_EXPECTED: &str = "fedgate_peer_replicas_expected";
@@ -164,6 +165,14 @@ pub fn describe() {
         "Largest UDP payload the QUIC connection to a peer uses now, as found by path MTU \
          discovery (up to tunnel.maxUdpPayloadSize), by peer; keeps its last value while the \
          peer is down."
+    );
+    describe_gauge!(
+        PEER_SEND_WINDOW_BYTES,
+        Unit::Bytes,
+        "Send windows of the data connections (lanes) to a peer's connected replicas together, \
+         by peer: each follows its path (twice the bandwidth-delay product it measures, at \
+         least 1 MiB, at most the configured window); keeps its last value while the peer is \
+         down."
     );
     describe_histogram!(
         CONNECT_DURATION_SECONDS,
@@ -303,14 +312,24 @@ pub fn set_draining(draining: bool) {
     gauge!(DRAINING).set(if draining { 1.0 } else { 0.0 });
 }
 
-/// Sets the peer gauges from one peer's status: up, and the RTT and path MTU while connected.
-pub fn set_peer(peer: &str, up: bool, rtt: Option<Duration>, path_mtu: Option<u16>) {
+/// Sets the peer gauges from one peer's status: up, and the RTT, path MTU and send window
+/// while connected.
+pub fn set_peer(
+    peer: &str,
+    up: bool,
+    rtt: Option<Duration>,
+    path_mtu: Option<u16>,
+    send_window: Option<u64>,
+) {
     gauge!(PEER_UP, "peer" => peer.to_owned()).set(if up { 1.0 } else { 0.0 });
     if let Some(rtt) = rtt {
         gauge!(PEER_RTT_SECONDS, "peer" => peer.to_owned()).set(rtt.as_secs_f64());
     }
     if let Some(mtu) = path_mtu {
         gauge!(PEER_PATH_MTU_BYTES, "peer" => peer.to_owned()).set(f64::from(mtu));
+    }
+    if let Some(window) = send_window {
+        gauge!(PEER_SEND_WINDOW_BYTES, "peer" => peer.to_owned()).set(window as f64);
     }
 }
 

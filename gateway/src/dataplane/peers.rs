@@ -23,7 +23,8 @@ pub struct PeerTunnel {
 
 impl PeerTunnel {
     /// Wraps `handle` and `sessions`, and keeps the peer gauges (`fedgate_peer_up`,
-    /// `fedgate_peer_rtt_seconds`, `fedgate_peer_path_mtu_bytes`) in step with the sessions'
+    /// `fedgate_peer_rtt_seconds`, `fedgate_peer_path_mtu_bytes`,
+    /// `fedgate_peer_send_window_bytes`) in step with the sessions'
     /// status until they are gone. Needs a Tokio runtime.
     pub fn new(handle: PeerHandle, sessions: PeersHandle) -> Arc<Self> {
         let status = sessions.status();
@@ -33,13 +34,15 @@ impl PeerTunnel {
 }
 
 /// What the peer gauges show for one peer. Up means connected and not draining, as for
-/// [`Tunnel::is_connected`]; RTT and path MTU only while connected.
+/// [`Tunnel::is_connected`]; RTT, path MTU and send window only while connected (the send
+/// window: every connected replica's lanes together).
 #[derive(Debug, PartialEq)]
 struct PeerGauge<'a> {
     peer: &'a str,
     up: bool,
     rtt: Option<Duration>,
     path_mtu: Option<u16>,
+    send_window: Option<u64>,
 }
 
 fn peer_gauges(status: &[PeerStatus]) -> Vec<PeerGauge<'_>> {
@@ -53,6 +56,13 @@ fn peer_gauges(status: &[PeerStatus]) -> Vec<PeerGauge<'_>> {
                 .filter(|ms| s.connected && ms.is_finite() && *ms >= 0.0)
                 .map(|ms| Duration::from_secs_f64(ms / 1000.0)),
             path_mtu: s.path_mtu.filter(|_| s.connected),
+            send_window: s
+                .replicas
+                .iter()
+                .filter(|r| r.connected)
+                .filter_map(|r| r.send_window_bytes)
+                .reduce(u64::saturating_add)
+                .filter(|_| s.connected),
         })
         .collect()
 }
@@ -64,7 +74,7 @@ async fn record_peer_gauges(mut status: watch::Receiver<Arc<Vec<PeerStatus>>>) {
     loop {
         let current = status.borrow_and_update().clone();
         for g in peer_gauges(&current) {
-            metrics::set_peer(g.peer, g.up, g.rtt, g.path_mtu);
+            metrics::set_peer(g.peer, g.up, g.rtt, g.path_mtu, g.send_window);
         }
         record_replicas(&current, &mut replicas_seen);
         if status.changed().await.is_err() {
@@ -186,8 +196,31 @@ mod tests {
                 up,
                 rtt: rtt_ns.map(Duration::from_nanos),
                 path_mtu: s.connected.then_some(1452),
+                send_window: None,
             }];
             assert_eq!(got, want, "{what}");
         }
+    }
+
+    #[test]
+    fn the_send_window_gauge_adds_up_the_connected_replicas() {
+        use fedgate_discovery::model::ReplicaStatus;
+        let replica = |address: &str, connected: bool, window: Option<u64>| ReplicaStatus {
+            address: address.to_owned(),
+            connected,
+            send_window_bytes: window,
+            ..ReplicaStatus::default()
+        };
+        let mut s = status("west", true, false, Some(1.0));
+        s.replicas = vec![
+            replica("10.0.0.1:15443", true, Some(1 << 20)),
+            replica("10.0.0.2:15443", true, Some(3 << 20)),
+            // A replica that went away keeps no window.
+            replica("10.0.0.3:15443", false, Some(8 << 20)),
+            replica("10.0.0.4:15443", true, None),
+        ];
+        assert_eq!(peer_gauges(std::slice::from_ref(&s))[0].send_window, Some(4 << 20));
+        s.connected = false;
+        assert_eq!(peer_gauges(std::slice::from_ref(&s))[0].send_window, None);
     }
 }

@@ -102,6 +102,7 @@ impl ControlConnector for TunnelConnector {
                         path_mtu: r.path_mtu,
                         connected_secs: r.connected_secs,
                         lanes: r.lanes,
+                        send_window_bytes: r.send_window_bytes,
                         last_error: r.last_error,
                     })
                     .collect(),
