@@ -66,6 +66,24 @@ impl Drop for SinkBackend {
     }
 }
 
+/// Connects to `vip`, retrying while it is refused: the ClusterSetIP's listener is bound a
+/// moment after the import is listed in `/debug/imports` (under a loaded full suite, long
+/// enough for a connect to be refused once).
+fn connect(vip: SocketAddr) -> Result<std::net::TcpStream> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        match std::net::TcpStream::connect_timeout(&vip, REQUEST_TIMEOUT) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
 /// Data cannot starve the export exchange, in either direction. One gateway exports a backend
 /// that accepts connections and never reads; eight clients push through the other's
 /// ClusterSetIP until every buffer on the way is full (the streams' flow-control credit, the
@@ -111,7 +129,7 @@ fn starve_test(reverse: bool) -> Result<()> {
             let stop = stop.clone();
             std::thread::spawn(move || -> Result<u64> {
                 use std::io::Write;
-                let mut s = std::net::TcpStream::connect_timeout(&vip, REQUEST_TIMEOUT)?;
+                let mut s = connect(vip)?;
                 s.set_write_timeout(Some(Duration::from_millis(500)))?;
                 let chunk = vec![0x5a_u8; 256 * 1024];
                 let mut pushed = 0u64;
