@@ -255,7 +255,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         }
     });
 
-    // DNS and the data plane read the import snapshot.
+    // DNS and the data plane read the import snapshot (DNS as the data plane serves it).
     let priority: Vec<String> =
         cfg.traffic.failover_priority.iter().map(|p| p.to_string()).collect();
     let mut dns_settings = DnsSettings::new(cfg.dns.listen);
@@ -278,8 +278,6 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
             Upstream::Address(a) => fedgate_dns::Upstream::Address(*a),
         })
         .collect();
-    let dns = DnsServer::new(dns_settings, import_rx.clone(), cluster_rx.clone())?
-        .with_complete(imports.subscribe_complete());
 
     let mut dp_settings = DataPlaneSettings::new(id.clone(), locality);
     dp_settings.failover_priority = priority;
@@ -301,7 +299,7 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
     dp_settings.ready = ready.clone();
     // Entered: the listeners of the first snapshot, their accept loops and the stream
     // forwarder belong to the data-plane thread.
-    let dataplane = {
+    let mut dataplane = {
         let _in = data.handle().enter();
         let mut dataplane = DataPlane::with_health(
             dp_settings,
@@ -312,6 +310,10 @@ pub async fn build(cfg: Config, metrics: Option<PrometheusHandle>) -> anyhow::Re
         dataplane.serve_tunnel(incoming_rx);
         dataplane
     };
+    // DNS answers from the snapshots as the data plane serves them: a ClusterSetIP once its
+    // listener is bound, completeness once the snapshot it refers to is.
+    let (served, complete) = dataplane.served_snapshots(imports.subscribe_complete());
+    let dns = DnsServer::new(dns_settings, served, cluster_rx.clone())?.with_complete(complete);
     let front = match (&writer, &front_kube) {
         (Some(w), Some(f)) => {
             Some(Box::pin(dataplane.front_listeners(f.pod_ip, w.front_routes())) as _)

@@ -357,6 +357,17 @@ pub struct DataPlane {
     health: HealthChecker,
     listeners: listeners::Listeners,
     incoming: Option<mpsc::Receiver<Incoming>>,
+    served: Served,
+}
+
+/// What the data plane publishes for DNS in front mode `vip` ([`DataPlane::served_snapshots`]):
+/// each import snapshot once its listeners are in place, and the import set's completeness
+/// once the snapshot it refers to is.
+struct Served {
+    snapshot: watch::Sender<Arc<ImportSnapshot>>,
+    complete: watch::Sender<bool>,
+    /// The import set's completeness as discovery publishes it, forwarded to `complete`.
+    complete_in: Option<watch::Receiver<bool>>,
 }
 
 impl DataPlane {
@@ -430,15 +441,42 @@ impl DataPlane {
                 shared.probe_passed(address);
             }
         }));
+        let snap = shared.snapshot.borrow().clone();
         if shared.settings.vip_listeners {
-            let snap = shared.snapshot.borrow().clone();
             listeners.reconcile(&snap, &shared);
             // A listener of the first snapshot that cannot bind fails start-up.
             if let Some(e) = listeners.take_startup_failure() {
                 return Err(e);
             }
         }
-        Ok(Self { shared, health, listeners, incoming: None })
+        let served = Served {
+            snapshot: watch::channel(snap).0,
+            complete: watch::channel(false).0,
+            complete_in: None,
+        };
+        Ok(Self { shared, health, listeners, incoming: None, served })
+    }
+
+    /// The import snapshots, and whether the import set is complete (`complete`, as discovery
+    /// publishes it), as DNS should answer from them. In front mode `vip` each snapshot comes
+    /// once the listeners of its ClusterSetIPs and endpoint VIPs are bound (or their bind
+    /// failed and waits for a retry), and completeness once the snapshot current when it
+    /// turned true has: a name is not answered with an address that refuses connections for
+    /// the moment its listener takes to bind, and a name of the complete set is never answered
+    /// NXDOMAIN because its snapshot was not yet applied. In other front modes, the two
+    /// receivers as they come. Call before [`run`](Self::run).
+    pub fn served_snapshots(
+        &mut self,
+        complete: watch::Receiver<bool>,
+    ) -> (watch::Receiver<Arc<ImportSnapshot>>, watch::Receiver<bool>) {
+        if !self.shared.settings.vip_listeners {
+            return (self.shared.snapshot.clone(), complete);
+        }
+        // Looked at once when `run` starts, whatever it says then.
+        let mut complete = complete;
+        complete.mark_changed();
+        self.served.complete_in = Some(complete);
+        (self.served.snapshot.subscribe(), self.served.complete.subscribe())
     }
 
     /// Serves the data streams peers open to this gateway: the receiver whose sender was
@@ -483,7 +521,7 @@ impl DataPlane {
     /// Serves until `shutdown`, then drains: stops accepting, waits for open connections
     /// (at most `drain_duration`) and returns.
     pub async fn run(self, shutdown: CancellationToken) -> DrainOutcome {
-        let Self { shared, health, mut listeners, incoming } = self;
+        let Self { shared, health, mut listeners, incoming, mut served } = self;
         let tasks = CancellationToken::new();
         let health_task = tokio::spawn(health.run(tasks.clone()));
         let acceptor_task = incoming
@@ -503,6 +541,23 @@ impl DataPlane {
                         }
                         let snap = snapshots.borrow_and_update().clone();
                         listeners.reconcile(&snap, &shared);
+                        served.snapshot.send_replace(snap);
+                    }
+                    r = changed(&mut served.complete_in) => {
+                        let Some(complete_in) = served.complete_in.as_mut().filter(|_| r) else {
+                            // Discovery is gone: nothing completes any more.
+                            served.complete_in = None;
+                            continue;
+                        };
+                        let complete = *complete_in.borrow_and_update();
+                        // The snapshot discovery published before it said complete: served
+                        // first, so DNS applies it before it answers NXDOMAIN for unknown names.
+                        if snapshots.has_changed().unwrap_or(false) {
+                            let snap = snapshots.borrow_and_update().clone();
+                            listeners.reconcile(&snap, &shared);
+                            served.snapshot.send_replace(snap);
+                        }
+                        served.complete.send_replace(complete);
                     }
                     _ = retry.tick(), if listeners.has_failed() => listeners.retry(&shared),
                 }
@@ -521,6 +576,14 @@ impl DataPlane {
             let _ = t.await;
         }
         outcome
+    }
+}
+
+/// Waits until `rx` has a new value (true) or its sender is gone (false); never with none.
+async fn changed(rx: &mut Option<watch::Receiver<bool>>) -> bool {
+    match rx {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 
