@@ -370,6 +370,20 @@ struct Served {
     complete_in: Option<watch::Receiver<bool>>,
 }
 
+impl Served {
+    /// Binds the listeners of the newest snapshot in `snapshots`, then serves it.
+    fn apply(
+        &self,
+        snapshots: &mut watch::Receiver<Arc<ImportSnapshot>>,
+        listeners: &mut listeners::Listeners,
+        shared: &Arc<Shared>,
+    ) {
+        let snap = snapshots.borrow_and_update().clone();
+        listeners.reconcile(&snap, shared);
+        self.snapshot.send_replace(snap);
+    }
+}
+
 impl DataPlane {
     /// Builds the data plane and binds the listeners of the current snapshot. `peers` is the
     /// tunnel with the peer sessions (`None`: no peers, local endpoints only). Returns the
@@ -539,9 +553,7 @@ impl DataPlane {
                             shutdown.cancelled().await;
                             break;
                         }
-                        let snap = snapshots.borrow_and_update().clone();
-                        listeners.reconcile(&snap, &shared);
-                        served.snapshot.send_replace(snap);
+                        served.apply(&mut snapshots, &mut listeners, &shared);
                     }
                     r = changed(&mut served.complete_in) => {
                         let Some(complete_in) = served.complete_in.as_mut().filter(|_| r) else {
@@ -553,9 +565,7 @@ impl DataPlane {
                         // The snapshot discovery published before it said complete: served
                         // first, so DNS applies it before it answers NXDOMAIN for unknown names.
                         if snapshots.has_changed().unwrap_or(false) {
-                            let snap = snapshots.borrow_and_update().clone();
-                            listeners.reconcile(&snap, &shared);
-                            served.snapshot.send_replace(snap);
+                            served.apply(&mut snapshots, &mut listeners, &shared);
                         }
                         served.complete.send_replace(complete);
                     }

@@ -708,6 +708,52 @@ async fn proxies_through_a_real_quic_stream_with_half_close_and_reset() {
     accept.abort();
 }
 
+/// A data plane started on `snap` whose snapshots and completeness (starting at `complete`)
+/// are taken as DNS takes them ([`DataPlane::served_snapshots`]).
+struct ServedPlane {
+    snapshots: watch::Sender<Arc<ImportSnapshot>>,
+    _cluster: watch::Sender<Arc<ClusterState>>,
+    complete_tx: watch::Sender<bool>,
+    served: watch::Receiver<Arc<ImportSnapshot>>,
+    complete: watch::Receiver<bool>,
+    debug: DebugHandle,
+    shutdown: CancellationToken,
+    task: JoinHandle<DrainOutcome>,
+}
+
+fn start_served(snap: ImportSnapshot, cluster: ClusterState, complete: bool) -> ServedPlane {
+    let (snapshots, snap_rx) = watch::channel(Arc::new(snap));
+    let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster));
+    let (mut dp, _health) =
+        DataPlane::with_tunnel(settings("east", "us", "us-a"), snap_rx, cluster_rx, None).unwrap();
+    let (complete_tx, complete_rx) = watch::channel(complete);
+    let (served, complete) = dp.served_snapshots(complete_rx);
+    let debug = dp.debug_handle();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(dp.run(shutdown.clone()));
+    ServedPlane {
+        snapshots,
+        _cluster: cluster_tx,
+        complete_tx,
+        served,
+        complete,
+        debug,
+        shutdown,
+        task,
+    }
+}
+
+impl ServedPlane {
+    async fn wait_complete(&mut self) {
+        tokio::time::timeout(WAIT, self.complete.wait_for(|c| *c)).await.unwrap().unwrap();
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+}
+
 /// DNS answers from the snapshots as the data plane serves them (front mode `vip`): a
 /// snapshot reaches DNS only once its ClusterSetIP listeners are bound, so a name is never
 /// answered with an address that refuses connections; and completeness only once the
@@ -720,47 +766,30 @@ async fn dns_gets_a_snapshot_once_its_listeners_are_bound_and_completeness_after
     let (p1, p2) = (free_port(vip), free_port(vip));
     let mut empty = snapshot(vip, p1, &[], &[]);
     empty.services.clear();
-    let (snapshots, snap_rx) = watch::channel(Arc::new(empty));
-    let (_cluster, cluster_rx) = watch::channel(Arc::new(cluster_state(p1, &[a])));
-    let (mut dp, _health) =
-        DataPlane::with_tunnel(settings("east", "us", "us-a"), snap_rx, cluster_rx, None).unwrap();
-    let (complete_tx, complete_rx) = watch::channel(false);
-    let (mut served, mut complete) = dp.served_snapshots(complete_rx);
-    let debug = dp.debug_handle();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(dp.run(shutdown.clone()));
-    assert!(!*complete.borrow(), "not complete before discovery says so");
+    let mut dp = start_served(empty, cluster_state(p1, &[a]), false);
+    assert!(!*dp.complete.borrow(), "not complete before discovery says so");
 
     // The import appears. The moment DNS sees it, its ClusterSetIP is listening.
-    snapshots.send_replace(Arc::new(snapshot(vip, p1, &[("east", &[a])], &[])));
-    tokio::time::timeout(WAIT, served.changed()).await.unwrap().unwrap();
-    assert_eq!(served.borrow_and_update().services.len(), 1);
-    assert_eq!(debug.listeners().bound, vec![SocketAddr::new(vip, p1)]);
+    dp.snapshots.send_replace(Arc::new(snapshot(vip, p1, &[("east", &[a])], &[])));
+    tokio::time::timeout(WAIT, dp.served.changed()).await.unwrap().unwrap();
+    assert_eq!(dp.served.borrow_and_update().services.len(), 1);
+    assert_eq!(dp.debug.listeners().bound, vec![SocketAddr::new(vip, p1)]);
     assert_eq!(request(SocketAddr::new(vip, p1), "1").await.unwrap(), "a:1");
 
     // Discovery publishes a snapshot and at once says the set is complete. DNS learns it is
     // complete only after that snapshot, with its listener bound.
-    snapshots.send_replace(Arc::new(snapshot(vip, p2, &[("east", &[a])], &[])));
-    complete_tx.send_replace(true);
-    tokio::time::timeout(WAIT, complete.wait_for(|c| *c)).await.unwrap().unwrap();
-    let port = served.borrow().services.values().next().map(|s| s.ports[0].port.port);
+    dp.snapshots.send_replace(Arc::new(snapshot(vip, p2, &[("east", &[a])], &[])));
+    dp.complete_tx.send_replace(true);
+    dp.wait_complete().await;
+    let port = dp.served.borrow().services.values().next().map(|s| s.ports[0].port.port);
     assert_eq!(port, Some(p2), "complete came before the snapshot it refers to");
-    assert_eq!(debug.listeners().bound, vec![SocketAddr::new(vip, p2)]);
-    shutdown.cancel();
-    task.await.unwrap();
+    assert_eq!(dp.debug.listeners().bound, vec![SocketAddr::new(vip, p2)]);
+    dp.stop().await;
 
     // A set that was complete before the data plane started is complete for DNS too.
-    let (_snapshots, snap_rx) = watch::channel(Arc::new(snapshot(vip, p1, &[], &[])));
-    let (_cluster, cluster_rx) = watch::channel(Arc::new(cluster_state(p1, &[a])));
-    let (mut dp, _health) =
-        DataPlane::with_tunnel(settings("east", "us", "us-a"), snap_rx, cluster_rx, None).unwrap();
-    let (_complete_tx, complete_rx) = watch::channel(true);
-    let (_served, mut complete) = dp.served_snapshots(complete_rx);
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(dp.run(shutdown.clone()));
-    tokio::time::timeout(WAIT, complete.wait_for(|c| *c)).await.unwrap().unwrap();
-    shutdown.cancel();
-    task.await.unwrap();
+    let mut dp = start_served(snapshot(vip, p1, &[], &[]), cluster_state(p1, &[a]), true);
+    dp.wait_complete().await;
+    dp.stop().await;
 }
 
 #[tokio::test]
