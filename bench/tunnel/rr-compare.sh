@@ -17,7 +17,8 @@
 #                    trips, written to /tmp/sysc.NAME (SYSC_TRACE="": every call, with times)
 #   IPERF="name ..." instead: ITER interleaved iperf3 runs (IPERF_SECS, 5) through those paths,
 #                    printing Gb/s, the proxies' CPU seconds per GB and their resident memory
-#                    half-way through (IPERF_P streams, 1)
+#                    half-way through (IPERF_P streams, 1); IPERF_STAT="perf events": their counts
+#                    in both proxies per GB moved
 #   STAT="name ..."  instead: perf stat (task clock, context switches, migrations) of those
 #                    paths around 10 000 round trips, written to /tmp/stat.NAME
 #   SCHED="name ..." instead: perf sched latency (wake-up to run delay per task) over 10 000
@@ -120,10 +121,15 @@ if [[ -n ${IPERF:-} ]]; then
   for it in $(seq $ITER); do for nm in $IPERF; do set -- ${IP[$nm]}
     c0=$(cpu_ns ${PIDS[$nm]})
     iperf3 -c $1 -p $2 -t ${IPERF_SECS:-5} -P ${IPERF_P:-1} -J >$work/iperf.json & ip=$!
+    [[ -z ${IPERF_STAT:-} ]] || perf stat -x, -e "$IPERF_STAT" -p "$(echo ${PIDS[$nm]} | tr ' ' ,)" \
+      -o $work/iperf.stat -- sleep $(( ${IPERF_SECS:-5} - 1 )) >/dev/null 2>&1 &
     sleep $(( ${IPERF_SECS:-5} / 2 )); rss=$(rss_mb ${PIDS[$nm]}); wait $ip
     gbps=$(python3 -c 'import json,sys; print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9, 2))' <$work/iperf.json)
     c1=$(cpu_ns ${PIDS[$nm]})
     echo "$nm $gbps Gb/s, proxies' CPU s per GB $(python3 -c "print(round(($c1-$c0)/1e9/($gbps*${IPERF_SECS:-5}/8), 2))"), RSS mid-run $rss MB"
+    # IPERF_STAT=EVENTS: perf stat of both proxies over all but the last second, per GB moved.
+    [[ -z ${IPERF_STAT:-} ]] || awk -F, -v gb="$(python3 -c "print($gbps*(${IPERF_SECS:-5}-1)/8)")" \
+      '$1 ~ /^[0-9]/ {printf "    %s %.0f per GB\n", $3, $1/gb}' $work/iperf.stat
   done; done; exit 0
 fi
 if [[ -n ${STAT:-} ]]; then

@@ -7,6 +7,7 @@
 //! exports, imports, leases or the exchange (discovery's peer sessions run over it, wired by
 //! the gateway), depends on discovery only for `ClusterId`, and never on the gateway.
 
+mod coalesce;
 pub mod endpoint;
 pub mod expiry;
 pub mod identity;
