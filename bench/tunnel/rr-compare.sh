@@ -18,7 +18,8 @@
 #   IPERF="name ..." instead: ITER interleaved iperf3 runs (IPERF_SECS, 5) through those paths,
 #                    printing Gb/s, the proxies' CPU seconds per GB and their resident memory
 #                    half-way through (IPERF_P streams, 1); IPERF_STAT="perf events": their counts
-#                    in both proxies per GB moved
+#                    in both proxies per GB moved; IPERF_PROF=PREFIX: perf record of both proxies
+#                    during each run, to PREFIX.NAME.ITERATION
 #   STAT="name ..."  instead: perf stat (task clock, context switches, migrations) of those
 #                    paths around 10 000 round trips, written to /tmp/stat.NAME
 #   SCHED="name ..." instead: perf sched latency (wake-up to run delay per task) over 10 000
@@ -123,6 +124,8 @@ if [[ -n ${IPERF:-} ]]; then
     iperf3 -c $1 -p $2 -t ${IPERF_SECS:-5} -P ${IPERF_P:-1} -J >$work/iperf.json & ip=$!
     [[ -z ${IPERF_STAT:-} ]] || perf stat -x, -e "$IPERF_STAT" -p "$(echo ${PIDS[$nm]} | tr ' ' ,)" \
       -o $work/iperf.stat -- sleep $(( ${IPERF_SECS:-5} - 1 )) >/dev/null 2>&1 &
+    [[ -z ${IPERF_PROF:-} ]] || perf record -q -F ${PERF_FREQ:-999} ${PERF_G:--g} -p "$(echo ${PIDS[$nm]} | tr ' ' ,)" \
+      -o "$IPERF_PROF.$nm.$it" -- sleep $(( ${IPERF_SECS:-5} - 1 )) >/dev/null 2>&1 &
     sleep $(( ${IPERF_SECS:-5} / 2 )); rss=$(rss_mb ${PIDS[$nm]}); wait $ip
     gbps=$(python3 -c 'import json,sys; print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9, 2))' <$work/iperf.json)
     c1=$(cpu_ns ${PIDS[$nm]})
