@@ -225,15 +225,9 @@ impl Out {
         self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Sends the held batch, if any. `WouldBlock`: it is still held; any other error: it is
-    /// dropped (QUIC resends what was in it, as for a datagram lost on the wire).
-    fn flush(&self, pending: &mut Pending) -> io::Result<()> {
-        let Some(transmit) = pending.transmit() else { return Ok(()) };
-        let sent = self.send(&transmit);
-        if !matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-            pending.clear();
-        }
-        sent
+    /// Sends what is held ([`Pending::flush`]).
+    fn flush(&self) -> io::Result<()> {
+        self.pending().flush(&mut |t| self.send_cut(t))
     }
 }
 
@@ -254,8 +248,7 @@ async fn flusher(out: Arc<Out>) {
             if out.closed.load(Ordering::Acquire) {
                 return;
             }
-            let sent = out.flush(&mut out.pending());
-            match sent {
+            match out.flush() {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let writable =
                         std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)).await;
@@ -285,32 +278,11 @@ impl AsyncUdpSocket for TunnelSocket {
             return self.out.send_cut(transmit);
         }
         let limit = self.out.inner.max_transmit_segments();
-        let mut pending = self.out.pending();
-        if !pending.is_empty() && !pending.fits(transmit, limit) {
-            // WouldBlock: still held; quinn retries this transmit when there is room, after it.
-            self.out.flush(&mut pending)?;
-        }
-        if pending.is_empty() {
-            if !Pending::starts(transmit, limit) {
-                drop(pending);
-                return self.out.send_cut(transmit);
-            }
-            pending.push(transmit);
+        let wake = self.out.pending().offer(transmit, limit, &mut |t| self.out.send_cut(t))?;
+        if wake {
             self.out.wake.notify_one();
-            return Ok(());
         }
-        pending.push(transmit);
-        if pending.can_grow(limit) {
-            return Ok(());
-        }
-        match self.out.flush(&mut pending) {
-            // The transmit is held: the flusher sends it when there is room.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.out.wake.notify_one();
-                Ok(())
-            }
-            sent => sent,
-        }
+        Ok(())
     }
 
     fn poll_recv(
