@@ -19,6 +19,16 @@ use serde_json::Value;
 
 const CLUSTERSET: &str = "kube-e2e";
 const WAIT: Duration = Duration::from_secs(20);
+
+/// ServiceImport `ns/name` (of `resource`, e.g. [`IMPORTS`]) once its status is written: the
+/// writer creates the object and then writes its status subresource in a second call, so a
+/// read in between sees the spec without `status.clusters`.
+fn import_with_status(k: &KubeCluster, resource: &str, ns: &str, name: &str) -> Result<Value> {
+    eventually(&format!("ServiceImport {ns}/{name} with its status"), WAIT, || {
+        Ok(k.get_json(&[resource, "-n", ns, name])?
+            .filter(|si| si["status"]["clusters"].is_array()))
+    })
+}
 const SA: &str = fedgate_e2e::kube::GATEWAY_SERVICE_ACCOUNT;
 
 fn repo() -> PathBuf {
@@ -159,9 +169,7 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
 
     // a ServiceImport and east's EndpointSlice in both clusters (exporters import too)
     for (k, ips_from) in [(&west_k, &gws[1]), (&east_k, &gws[0])] {
-        let si = eventually("ServiceImport shop/web", WAIT, || {
-            k.get_json(&[IMPORTS, "-n", "shop", "web"])
-        })?;
+        let si = import_with_status(k, IMPORTS, "shop", "web")?;
         assert_eq!(si["spec"]["type"], "ClusterSetIP");
         assert_eq!(si["spec"]["ports"][0]["port"], 80);
         assert_eq!(si["status"]["clusters"], serde_json::json!([{"cluster": "east"}]), "{si}");
@@ -198,9 +206,7 @@ fn exports_become_imports_in_every_cluster_and_survive_a_restart_in_place() -> R
         None,
     ))?;
     west_k.export("shop", "api")?;
-    let si = eventually("west's export imported in east", WAIT, || {
-        east_k.get_json(&[IMPORTS, "-n", "shop", "api"])
-    })?;
+    let si = import_with_status(&east_k, IMPORTS, "shop", "api")?;
     assert_eq!(si["status"]["clusters"], serde_json::json!([{"cluster": "west"}]), "{si}");
     let slices = eventually("west's slice in east", WAIT, || {
         let s = imported_slices(&east_k, "shop", "api")?;
@@ -524,9 +530,8 @@ fn a_cluster_serving_only_v1alpha1_is_read_and_written_in_v1alpha1() -> Result<(
             .contains(&("Ready".into(), "True".into(), "Exported".into()))
             .then_some(()))
     })?;
-    let si = eventually("v1alpha1 ServiceImport", WAIT, || {
-        k.get_json(&["serviceimports.v1alpha1.multicluster.x-k8s.io", "-n", "shop", "api"])
-    })?;
+    let si =
+        import_with_status(&k, "serviceimports.v1alpha1.multicluster.x-k8s.io", "shop", "api")?;
     assert_eq!(si["apiVersion"], "multicluster.x-k8s.io/v1alpha1");
     assert_eq!(si["status"]["clusters"], serde_json::json!([{"cluster": "alpha"}]));
     Ok(())

@@ -7,7 +7,7 @@
 //!   hole (upstream: quinn-rs/quinn#2201, open; the PR that would have cut them in quinn-udp,
 //!   #2653, was closed unmerged). Drop the cutting when quinn caps or cuts its batches;
 //! - join quinn's batches of at most 10 datagrams into GSO sends of up to 64 KiB
-//!   ([`crate::coalesce`]: a third of the sends in a bulk transfer at 1452 bytes, 15 % less CPU
+//!   ([`crate::coalesce`]: a third of the sends in a bulk transfer at 1452 bytes, 13 % less CPU
 //!   per GB through a gateway pair). A transmit of whole datagrams that leaves room is held;
 //!   the next one joins it or, if it cannot, sends it first; a short datagram ends the batch; a
 //!   flusher task sends what is still held right after quinn's connection task yields. A lone
