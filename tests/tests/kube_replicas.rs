@@ -202,8 +202,11 @@ fn two_replicas_elect_one_writer_and_the_other_takes_over_in_place() -> Result<(
         None,
     ))?;
     b_k.export("shop", "api")?;
+    // The object, then its status in a second write (as above): wait for both.
     let api = eventually("shop/api imported into a by a-2", WAIT, || {
-        Ok(a_k.get_json(&[IMPORTS, "-n", "shop", "api"])?.filter(|si| si["spec"]["ips"].is_array()))
+        Ok(a_k
+            .get_json(&[IMPORTS, "-n", "shop", "api"])?
+            .filter(|si| si["spec"]["ips"].is_array() && si["status"]["clusters"].is_array()))
     })
     .with_context(|| format!("{}\n--- b ---\n{}", a2.log_text(), b.log_text()))?;
     assert_eq!(api["status"]["clusters"], serde_json::json!([{"cluster": "b"}]), "{api}");
