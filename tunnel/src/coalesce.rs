@@ -9,7 +9,8 @@
 //! join a held batch, and when a batch must go. The socket ([`crate::socket`]) holds a batch
 //! while it can still grow and sends it when the next transmit does not fit, when it is full,
 //! when it ends on a short datagram (the end of a burst), or, at the latest, when its flusher
-//! task runs: right after the connection task that filled it yields.
+//! task runs: once the connection task that filled it has yielded twice. [`Pending::offer`] and
+//! [`Pending::flush`] make every decision; the socket only supplies the send.
 //!
 //! What it saves was measured in `bench/` (docs/benchmarks.md, session 19): this is the
 //! hand-written part the house rule allows for a gain of at least 10 % on a headline figure.

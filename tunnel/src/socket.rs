@@ -10,7 +10,7 @@
 //!   ([`crate::coalesce`]: a third of the sends in a bulk transfer at 1452 bytes, 13 % less CPU
 //!   per GB through a gateway pair). A transmit of whole datagrams that leaves room is held;
 //!   the next one joins it or, if it cannot, sends it first; a short datagram ends the batch; a
-//!   flusher task sends what is still held right after quinn's connection task yields. A lone
+//!   flusher task sends what is still held once quinn's connection task has yielded twice. A lone
 //!   datagram (request/response traffic, ACKs on their own) is never held;
 //! - count junk datagrams at the tunnel port ([`crate::junk`]), sends that found the socket
 //!   buffer full, and sends and datagrams sent.
@@ -238,7 +238,7 @@ impl Out {
 /// Why twice: quinn's connection task sends at most 20 datagrams per turn and then yields; the
 /// flusher, woken during that turn, runs after it, and by yielding once more lets the next turn
 /// add its datagrams too (batches of up to 40 instead of 20 at 1452 bytes: 1.46–1.49 CPU s/GB
-/// against 1.60–1.62 in `quic_ceiling`, docs/benchmarks.md session 19).
+/// against 1.60–2.26 in `quic_ceiling`, three runs each, docs/benchmarks.md session 19).
 async fn flusher(out: Arc<Out>) {
     let mut poller = out.inner.clone().create_io_poller();
     loop {

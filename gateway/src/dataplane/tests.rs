@@ -126,6 +126,13 @@ fn locality(region: &str, zone: &str) -> Locality {
     Locality { region: Some(region.into()), zone: Some(zone.into()), labels: BTreeMap::new() }
 }
 
+/// A snapshot with no imports (as [`snapshot`] makes it, its services removed).
+fn no_imports(vip: IpAddr, svc_port: u16) -> ImportSnapshot {
+    let mut empty = snapshot(vip, svc_port, &[], &[]);
+    empty.services.clear();
+    empty
+}
+
 /// An import of `shop/web` on `vip:svc_port` with the given clusters' endpoints.
 pub(super) fn snapshot(
     vip: IpAddr,
@@ -428,9 +435,7 @@ async fn fails_over_when_the_first_endpoint_refuses_and_follows_snapshots() {
     // Same tier, so failovers are the connections whose first attempt hit the closed port.
     assert!(counters.get(metrics::FAILOVERS_TOTAL, &["from_tier=0", "to_tier=0"]) >= 3);
     // The service goes away: its listener closes.
-    let mut empty = snapshot(vip, p, &[], &[]);
-    empty.services.clear();
-    dp.snapshots.send_replace(Arc::new(empty));
+    dp.snapshots.send_replace(Arc::new(no_imports(vip, p)));
     let target = SocketAddr::new(vip, p);
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -764,9 +769,7 @@ async fn dns_gets_a_snapshot_once_its_listeners_are_bound_and_completeness_after
     let (a, _sa) = echo_server("a").await;
     let vip = random_loopback();
     let (p1, p2) = (free_port(vip), free_port(vip));
-    let mut empty = snapshot(vip, p1, &[], &[]);
-    empty.services.clear();
-    let mut dp = start_served(empty, cluster_state(p1, &[a]), false);
+    let mut dp = start_served(no_imports(vip, p1), cluster_state(p1, &[a]), false);
     assert!(!*dp.complete.borrow(), "not complete before discovery says so");
 
     // The import appears. The moment DNS sees it, its ClusterSetIP is listening.
@@ -797,9 +800,13 @@ async fn listeners_follow_snapshots_incrementally() {
     let (a, _sa) = echo_server("a").await;
     let vip = random_loopback();
     let (p1, p2) = (free_port(vip), free_port(vip));
-    let mut empty = snapshot(vip, p1, &[], &[]);
-    empty.services.clear();
-    let dp = start(settings("east", "us", "us-a"), empty, cluster_state(p1, &[a]), None, None);
+    let dp = start(
+        settings("east", "us", "us-a"),
+        no_imports(vip, p1),
+        cluster_state(p1, &[a]),
+        None,
+        None,
+    );
     assert!(dp.debug.listeners().bound.is_empty());
     // The import appears: its ClusterSetIP port is bound.
     dp.snapshots.send_replace(Arc::new(snapshot(vip, p1, &[("east", &[a])], &[])));
