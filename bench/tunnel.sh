@@ -144,14 +144,6 @@ cpu_ticks() {
 }
 # Datagrams the kernel dropped for a full UDP receive buffer (this network namespace).
 udp_drops() { awk '/^Udp:/ { if (h) { print $6; exit } h = 1 }' /proc/net/snmp; }
-wait_tcp() { # host port what
-  for _ in $(seq 1 150); do
-    python3 -c "import socket,sys; socket.create_connection(('$1',$2),timeout=0.5).close()" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "$3 did not come up on $1:$2" >&2
-  exit 1
-}
 
 # --- servers -------------------------------------------------------------------------------
 SRV=127.0.1.22

@@ -51,6 +51,16 @@ metadata: { name: bench, namespace: bench }
 YAML
 }
 
+# wait_tcp HOST PORT WHAT: waits up to 15 s until HOST:PORT accepts a TCP connection, else exits.
+wait_tcp() {
+  for _ in $(seq 1 150); do
+    python3 -c "import socket,sys; socket.create_connection(('$1',$2),timeout=0.5).close()" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "$3 did not come up on $1:$2" >&2
+  exit 1
+}
+
 # stunnel_service NAME client|server ACCEPT CONNECT CERT-NAME: one service section of an
 # stunnel4 config: mutual TLS with $C/CERT-NAME.{crt,key}, peers verified against $C/ca.crt.
 stunnel_service() {

@@ -21,14 +21,20 @@
 #                    in both proxies per GB moved; IPERF_PROF=PREFIX: perf record of both proxies
 #                    during each run, to PREFIX.NAME.ITERATION
 #   STAT="name ..."  instead: perf stat (task clock, context switches, migrations) of those
-#                    paths around 10 000 round trips, written to /tmp/stat.NAME
+#                    paths around 10 000 round trips, written to /tmp/stat.NAME (STAT_EVENTS:
+#                    other events; STAT_ALL=1: counted system-wide, not in the proxies only)
+#   STUNNEL=1        the stunnel4 chain as a third baseline path, named stunnel (its threads
+#                    live as long as their connection, so its csw/rr and cpu/rr read 0)
 #   SCHED="name ..." instead: perf sched latency (wake-up to run delay per task) over 10 000
-#                    round trips through those paths, system-wide, data in /tmp/sched.NAME
+#                    round trips through those paths, system-wide, data in /tmp/sched.NAME, and
+#                    per hop (sched-steps.py): each process's work per hop, wake-up delays on
+#                    the waker's CPU and on another, wake-ups per round trip
 #   PROF=name        instead: perf record of that path over 30 000 round trips (PERF_OUT)
 #   SEQ="name ..."   instead: round trips before and after one iperf3 run, in sequence
 #   IDLE=SECONDS     instead: context switches per second of every path's threads (by thread
 #                    name, both proxies summed) over that many idle seconds
-# Needs haproxy, iperf3 and, for SYSC/PROF, perf (Debian: haproxy iperf3 linux-perf).
+# Needs haproxy, iperf3 and, for SYSC/PROF, perf (Debian: haproxy iperf3 linux-perf); stunnel4
+# for STUNNEL=1.
 set -euo pipefail
 for tool in haproxy iperf3; do
   command -v $tool >/dev/null || { echo "rr-compare.sh: $tool not found (Debian: apt-get install haproxy iperf3; bench/tunnel.sh installs them)" >&2; exit 1; }
@@ -82,6 +88,16 @@ haproxy -db -f $work/haproxy-client.cfg >/dev/null 2>&1 & pids+=($!); PIDS[hapro
 sleep 1
 HOST[direct]="$SRV $ECHO_PORT"; PIDS[direct]="$$"; IP[direct]="$SRV $IPERF_PORT"
 HOST[haproxy]="$H1 $HE1"; IP[haproxy]="$H1 $HI1"
+# STUNNEL=1: the stunnel4 chain too, as bench/tunnel.sh runs it.
+if [[ -n ${STUNNEL:-} ]]; then
+  STUNNEL_BIN=$(command -v stunnel4 || command -v stunnel) || { echo "rr-compare.sh: stunnel4 not found (Debian: apt-get install stunnel4)" >&2; exit 1; }
+  S1=127.0.0.31; S2=127.0.0.32; SI1=$(free_tcp); SE1=$(free_tcp); SI2=$(free_tcp); SE2=$(free_tcp)
+  stunnel_configs
+  "$STUNNEL_BIN" "$work/stunnel-server.conf" >/dev/null 2>&1 & pids+=($!); PIDS[stunnel]="$!"
+  "$STUNNEL_BIN" "$work/stunnel-client.conf" >/dev/null 2>&1 & pids+=($!); PIDS[stunnel]="${PIDS[stunnel]} $!"
+  wait_tcp "$S1" "$SE1" "stunnel client"; wait_tcp "$S2" "$SE2" "stunnel server"
+  HOST[stunnel]="$S1 $SE1"; IP[stunnel]="$S1 $SI1"
+fi
 # Context switches and CPU ns of the given pids, summed over all their threads.
 csw() { local t=0 p f; for p in "$@"; do for f in /proc/$p/task/*/status; do t=$((t + $(awk '/ctxt_switches/ {s+=$2} END {print s}' $f))); done; done; echo $t; }
 # Resident memory of the given pids in MB, summed (the direct path's "pid" is this script).
@@ -93,7 +109,7 @@ pre_iperf() {
   set -- ${IP[$1]}
   iperf3 -c $1 -p $2 -t $PRE_IPERF >/dev/null || echo "iperf3 through $1:$2 failed"
 }
-names=(direct haproxy); for spec in ${PAIRS:-base=}; do names+=(${spec%%=*}); done
+names=(direct haproxy ${STUNNEL:+stunnel}); for spec in ${PAIRS:-base=}; do names+=(${spec%%=*}); done
 if [[ -n ${IDLE:-} ]]; then
   sleep 3
   snap() { local p f; for p in $(for nm in "${names[@]}"; do [[ $nm == direct ]] || echo ${PIDS[$nm]}; done); do
@@ -138,14 +154,18 @@ fi
 if [[ -n ${STAT:-} ]]; then
   for nm in $STAT; do pp=$(echo ${PIDS[$nm]} | tr ' ' ',')
   pre_iperf $nm
-  perf stat -e task-clock,user_time,system_time,context-switches,cpu-migrations -p $pp -o /tmp/stat.$nm -- sleep 5 >/dev/null 2>&1 & sleep 0.3
-  python3 $here/rr.py ${HOST[$nm]} 10000 0; wait $!; echo "== $nm"; grep -E "clock|_time|switch|migr" /tmp/stat.$nm; done; exit 0
+  # STAT_EVENTS: other events; STAT_ALL=1: counted on every CPU (all processes), not the proxies'.
+  if [[ -n ${STAT_ALL:-} ]]; then scope=(-a); else scope=(-p "$pp"); fi
+  perf stat -e "${STAT_EVENTS:-task-clock,user_time,system_time,context-switches,cpu-migrations}" "${scope[@]}" -o /tmp/stat.$nm -- sleep 5 >/dev/null 2>&1 & sleep 0.3
+  python3 $here/rr.py ${HOST[$nm]} 10000 0; wait $!; echo "== $nm"; grep -vE "^#|^$|Performance counter|seconds" /tmp/stat.$nm; done; exit 0
 fi
 if [[ -n ${SCHED:-} ]]; then
   for nm in $SCHED; do
   perf sched record -q -o /tmp/sched.$nm -- sleep 3 >/dev/null 2>&1 & sleep 0.3
   python3 $here/rr.py ${HOST[$nm]} 10000 0 >/dev/null; wait $!
-  echo "== $nm"; perf sched latency -i /tmp/sched.$nm 2>/dev/null | grep -E "Task|fedgate-data|haproxy|python3"; done; exit 0
+  echo "== $nm"; perf sched latency -i /tmp/sched.$nm 2>/dev/null | grep -E "Task|fedgate-data|haproxy|stunnel|python3"
+  case $nm in direct) procs=python3;; haproxy) procs=python3,haproxy;; stunnel) procs=python3,stunnel4;; *) procs=python3,fedgate;; esac
+  perf script -i /tmp/sched.$nm 2>/dev/null | python3 $here/sched-steps.py $procs 10000; done; exit 0
 fi
 if [[ -n ${PROF:-} ]]; then
   pp=$(echo ${PIDS[$PROF]} | tr ' ' ',')
