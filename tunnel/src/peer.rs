@@ -404,23 +404,23 @@ impl Shared {
         let mut replicas: Vec<ReplicaLink> = s
             .live
             .iter()
-            .map(|l| ReplicaLink {
-                address: l.conn.remote_address(),
-                connected: true,
-                direction: l.direction,
-                rtt_ms: Some(l.conn.rtt().as_secs_f64() * 1000.0),
-                path_mtu: Some(l.conn.stats().path.current_mtu),
-                connected_secs: Some(now.duration_since(l.since).as_secs_f64()),
-                lanes: s.lanes.iter().filter(|x| lane_of(x, l)).count(),
-                send_window_bytes: Some(
-                    s.lanes
-                        .iter()
-                        .filter(|x| lane_of(x, l))
-                        .map(|x| x.send_window.load(Ordering::Relaxed))
-                        .sum(),
-                ),
-                draining: l.draining.load(Ordering::Relaxed),
-                last_error: None,
+            .map(|l| {
+                let (lanes, window) =
+                    s.lanes.iter().filter(|x| lane_of(x, l)).fold((0, 0), |(n, w), x| {
+                        (n + 1, w + x.send_window.load(Ordering::Relaxed))
+                    });
+                ReplicaLink {
+                    address: l.conn.remote_address(),
+                    connected: true,
+                    direction: l.direction,
+                    rtt_ms: Some(l.conn.rtt().as_secs_f64() * 1000.0),
+                    path_mtu: Some(l.conn.stats().path.current_mtu),
+                    connected_secs: Some(now.duration_since(l.since).as_secs_f64()),
+                    lanes,
+                    send_window_bytes: Some(window),
+                    draining: l.draining.load(Ordering::Relaxed),
+                    last_error: None,
+                }
             })
             .collect();
         for (addr, error) in &s.targets {
