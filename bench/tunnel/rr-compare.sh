@@ -24,7 +24,9 @@
 #                    paths around 10 000 round trips, written to /tmp/stat.NAME (STAT_EVENTS:
 #                    other events; STAT_ALL=1: counted system-wide, not in the proxies only)
 #   STUNNEL=1        the stunnel4 chain as a third baseline path, named stunnel (its threads
-#                    live as long as their connection, so its csw/rr and cpu/rr read 0)
+#                    live as long as their connection, so the counts read from /proc, csw/rr,
+#                    cpu/rr and IPERF's CPU s per GB, read 0 for it; IPERF_STAT, STAT and SCHED
+#                    count it)
 #   SCHED="name ..." instead: perf sched latency (wake-up to run delay per task) over 10 000
 #                    round trips through those paths, system-wide, data in /tmp/sched.NAME, and
 #                    per hop (sched-steps.py): each process's work per hop, wake-up delays on
@@ -161,7 +163,7 @@ if [[ -n ${STAT:-} ]]; then
 fi
 if [[ -n ${SCHED:-} ]]; then
   for nm in $SCHED; do
-  perf sched record -q -o /tmp/sched.$nm -- sleep 3 >/dev/null 2>&1 & sleep 0.3
+  perf sched record -q -o /tmp/sched.$nm -- sleep 4 >/dev/null 2>&1 & sleep 0.3
   python3 $here/rr.py ${HOST[$nm]} 10000 0 >/dev/null; wait $!
   echo "== $nm"; perf sched latency -i /tmp/sched.$nm 2>/dev/null | grep -E "Task|fedgate-data|haproxy|stunnel|python3"
   case $nm in direct) procs=python3;; haproxy) procs=python3,haproxy;; stunnel) procs=python3,stunnel4;; *) procs=python3,fedgate;; esac
