@@ -19,6 +19,7 @@ use serde_json::Value;
 
 const CLUSTERSET: &str = "kube-e2e";
 const WAIT: Duration = Duration::from_secs(20);
+const SA: &str = fedgate_e2e::kube::GATEWAY_SERVICE_ACCOUNT;
 
 /// ServiceImport `ns/name` (of `resource`, e.g. [`IMPORTS`]) once its status is written: the
 /// writer creates the object and then writes its status subresource in a second call, so a
@@ -29,7 +30,6 @@ fn import_with_status(k: &KubeCluster, resource: &str, ns: &str, name: &str) -> 
             .filter(|si| si["status"]["clusters"].is_array()))
     })
 }
-const SA: &str = fedgate_e2e::kube::GATEWAY_SERVICE_ACCOUNT;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -25,7 +25,7 @@ pub const PEER_UNEXPECTED_INSTANCES_TOTAL: &str = "fedgate_peer_unexpected_insta
 /// the network interface or its queue is slower than the data plane.
 pub const SOCKET_FULL_TOTAL: &str = "fedgate_tunnel_socket_full_total";
 /// UDP sends from the tunnel port, and the datagrams in them: their ratio is the mean GSO batch
-/// (up to 45 datagrams at a 1500-byte path in bulk transfers, 1 for request/response traffic).
+/// (at most 64 datagrams, quinn-udp's GSO limit; 1 for request/response traffic).
 pub const UDP_SENDS_TOTAL: &str = "fedgate_tunnel_udp_sends_total";
 /// Datagrams sent from the tunnel port (see [`UDP_SENDS_TOTAL`]).
 pub const UDP_DATAGRAMS_SENT_TOTAL: &str = "fedgate_tunnel_udp_datagrams_sent_total";

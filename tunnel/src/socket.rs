@@ -120,6 +120,10 @@ struct Out {
     /// UDP sends made and datagrams in them (GSO batches count each of their datagrams).
     sends: AtomicU64,
     datagrams: AtomicU64,
+    /// The same two as metrics, registered once: a lookup by name on every send is work the
+    /// send path need not do (the recorder is installed before any socket exists).
+    sends_metric: metrics::Counter,
+    datagrams_metric: metrics::Counter,
 }
 
 impl TunnelSocket {
@@ -136,6 +140,8 @@ impl TunnelSocket {
             closed: AtomicBool::new(false),
             sends: AtomicU64::new(0),
             datagrams: AtomicU64::new(0),
+            sends_metric: metrics::counter!(crate::metrics::UDP_SENDS_TOTAL),
+            datagrams_metric: metrics::counter!(crate::metrics::UDP_DATAGRAMS_SENT_TOTAL),
         });
         // Without a runtime to run the flusher on, quinn's batches are sent as they come.
         let coalesce = tokio::runtime::Handle::try_current().is_ok();
@@ -187,8 +193,8 @@ impl Out {
                 } as u64;
                 self.sends.fetch_add(1, Ordering::Relaxed);
                 self.datagrams.fetch_add(datagrams, Ordering::Relaxed);
-                metrics::counter!(crate::metrics::UDP_SENDS_TOTAL).increment(1);
-                metrics::counter!(crate::metrics::UDP_DATAGRAMS_SENT_TOTAL).increment(datagrams);
+                self.sends_metric.increment(1);
+                self.datagrams_metric.increment(datagrams);
             }
         }
         sent
